@@ -1,0 +1,41 @@
+# The front door: `make demo` trains, evaluates and samples the default small MoR model;
+# `make test` runs the test suite. Both create or reuse .venv.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export DS_ACCELERATOR ?= cpu
+export WANDB_MODE ?= offline
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export OMP_NUM_THREADS ?= 2
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export MEGAMOR_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
+
+.PHONY: venv test demo bench lint clean
+
+# The stamp is rebuilt when setup.py or the constraints change.
+$(VENV)/.installed: setup.py constraints.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: venv
+	$(VPY) -m megamor.demo $(DEMO_ARGS)
+
+bench: venv
+	$(VPY) evals/bench_model.py
+
+lint: venv
+	$(VPY) -m ruff check megamor tests evals data_prep launch
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,164 @@
+"""The model's typed configuration and the checks that reject impossible shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megamor.config import ConfigError, key, load_config
+
+SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTERS = ("none", "expert_choice", "token_choice")
+KV_MODES = ("recursion_wise", "shared")
+
+
+@dataclass
+class RouterConfig:
+    type: str = "none"  # none | expert_choice | token_choice
+    # Expert choice: fraction of each sequence's tokens kept at recursion step r (non-increasing).
+    # None means the paper's default (N_r - r) / N_r.
+    capacity: Optional[list[float]] = None
+    activation: str = "sigmoid"  # sigmoid | tanh (gate = alpha * activation(router logit))
+    alpha: Optional[float] = None  # None: 0.1 for expert choice, 1.0 for token choice
+    network: str = "linear"  # linear | mlp
+    mlp_hidden: int = 0  # hidden width of the mlp router; 0 means d_model // 4
+    aux_bce_coef: float = 0.001  # expert choice: BCE(selected) so a threshold decides causally
+    z_loss_coef: float = 0.0
+    causal_threshold: float = 0.5  # expert choice at eval/decoding: sigmoid(logit) > threshold
+    balancing: str = "loss"  # token choice: loss | loss_free
+    balance_coef: float = 0.1  # token choice, balancing=loss
+    bias_update_rate: float = 0.001  # token choice, balancing=loss_free
+
+    def validate(self, path: str) -> None:
+        if self.type not in ROUTERS:
+            raise ConfigError(key(path, "type"), f"must be one of {ROUTERS}, got {self.type!r}")
+        if self.activation not in ("sigmoid", "tanh"):
+            raise ConfigError(key(path, "activation"), f"must be sigmoid or tanh, got {self.activation!r}")
+        if self.network not in ("linear", "mlp"):
+            raise ConfigError(key(path, "network"), f"must be linear or mlp, got {self.network!r}")
+        if self.balancing not in ("loss", "loss_free"):
+            raise ConfigError(key(path, "balancing"), f"must be loss or loss_free, got {self.balancing!r}")
+        if self.capacity is not None:
+            caps = list(self.capacity)
+            if any(not (0.0 < c <= 1.0) for c in caps):
+                raise ConfigError(key(path, "capacity"), f"each capacity must be in (0, 1], got {caps}")
+            if any(b > a for a, b in zip(caps, caps[1:])):
+                raise ConfigError(key(path, "capacity"), f"capacities must be non-increasing, got {caps}")
+        if not (0.0 < self.causal_threshold < 1.0):
+            raise ConfigError(key(path, "causal_threshold"), "must be in (0, 1)")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(key(path, "alpha"), "must be positive")
+
+    @property
+    def gate_scale(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return 0.1 if self.type == "expert_choice" else 1.0
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 512
+    n_layers: int = 8  # layers of the virtual (unrolled) stack
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    d_ff: int = 1536
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    sharing: str = "none"  # none | cycle | sequence | middle_cycle | middle_sequence
+    num_recursions: int = 1
+    router: RouterConfig = field(default_factory=RouterConfig)
+    kv_mode: str = "recursion_wise"  # recursion_wise | shared (recursive KV sharing)
+    attn_impl: str = "auto"  # auto (flash-attn on GPU when installed, else sdpa) | sdpa
+
+    def validate(self, path: str = "") -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(key(path, name), "must be positive")
+        if self.d_model % self.n_heads:
+            raise ConfigError(key(path, "n_heads"), f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(key(path, "n_heads"), "head dim d_model/n_heads must be even (RoPE)")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(key(path, "n_kv_heads"), f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.sharing not in SHARING:
+            raise ConfigError(key(path, "sharing"), f"must be one of {SHARING}, got {self.sharing!r}")
+        if self.kv_mode not in KV_MODES:
+            raise ConfigError(key(path, "kv_mode"), f"must be one of {KV_MODES}, got {self.kv_mode!r}")
+        if self.attn_impl not in ("auto", "sdpa"):
+            raise ConfigError(key(path, "attn_impl"), "must be auto or sdpa")
+        nr = self.num_recursions
+        if nr < 1:
+            raise ConfigError(key(path, "num_recursions"), "must be >= 1")
+        if self.sharing == "none" and nr != 1:
+            raise ConfigError(key(path, "num_recursions"), "sharing 'none' needs num_recursions 1")
+        if self.sharing != "none":
+            if nr < 2:
+                raise ConfigError(key(path, "num_recursions"), f"sharing {self.sharing!r} needs num_recursions >= 2")
+            middle = self.n_layers - 2 if self.sharing.startswith("middle") else self.n_layers
+            if middle <= 0 or middle % nr:
+                what = "n_layers - 2" if self.sharing.startswith("middle") else "n_layers"
+                raise ConfigError(
+                    key(path, "n_layers"),
+                    f"{what} = {middle} must be a positive multiple of num_recursions {nr} for sharing {self.sharing!r}",
+                )
+        r = self.router
+        if r.type != "none" and self.sharing == "none":
+            raise ConfigError(key(path, "router.type"), f"router {r.type!r} needs a sharing strategy with num_recursions >= 2")
+        if r.capacity is not None and r.type == "expert_choice" and len(r.capacity) != nr:
+            raise ConfigError(key(path, "router.capacity"), f"needs {nr} entries (one per recursion), got {len(r.capacity)}")
+        if self.kv_mode == "shared" and self.sharing not in ("cycle", "middle_cycle"):
+            raise ConfigError(key(path, "kv_mode"), "recursive KV sharing needs sharing cycle or middle_cycle")
+
+    # -- derived shape -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def num_unique_layers(self) -> int:
+        if self.sharing == "none":
+            return self.n_layers
+        if self.sharing.startswith("middle"):
+            return 2 + (self.n_layers - 2) // self.num_recursions
+        return self.n_layers // self.num_recursions
+
+    @property
+    def capacities(self) -> list[float]:
+        nr = self.num_recursions
+        if self.router.capacity is not None:
+            return [float(c) for c in self.router.capacity]
+        return [(nr - r) / nr for r in range(nr)]
+
+    def layer_plan(self) -> tuple[list[int], list[list[int]], list[int]]:
+        """Physical layer index of every virtual layer, as (prelude, recursion steps, coda).
+
+        The middle of the virtual stack is cut into num_recursions equal contiguous steps;
+        a router (if any) decides per step which tokens run it. For cycle sharing each step is
+        the same block of physical layers; for sequence sharing each physical layer is
+        repeated num_recursions times in a row (so a step is a contiguous slice of that).
+        """
+        L, nr = self.n_layers, self.num_recursions
+        if self.sharing == "none":
+            return list(range(L)), [], []
+        middle_only = self.sharing.startswith("middle")
+        first = 1 if middle_only else 0
+        m = L - 2 if middle_only else L
+        base = m // nr
+        if self.sharing.endswith("cycle"):
+            virtual = [first + (i % base) for i in range(m)]
+        else:  # sequence
+            virtual = [first + (i // nr) for i in range(m)]
+        steps = [virtual[r * m // nr : (r + 1) * m // nr] for r in range(nr)]
+        if middle_only:
+            return [0], steps, [first + base]
+        return [], steps, []
+
+
+def load_model_config(*paths: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+    return load_config(ModelConfig, *paths, overrides=overrides or [])

@@ -1,0 +1,28 @@
+"""Shared test settings: offline, CPU-only, deterministic, and the shared datasets folder."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports torch/deepspeed/wandb/datasets.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from megamor.env import shared_data_dir  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+@pytest.fixture
+def data_dir():
+    """The shared offline datasets; tests needing them skip (never in CI: .ci/run checks)."""
+    d = shared_data_dir()
+    if not d.is_dir():
+        pytest.skip(f"shared datasets not found at {d} (set MEGAMOR_DATA_DIR)")
+    return d
