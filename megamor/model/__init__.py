@@ -1,0 +1,18 @@
+"""The MoR language model: config, model, decoding, FLOPs."""
+
+from megamor.model.config import ModelConfig, RouterConfig, load_model_config
+from megamor.model.generate import GenerationOutput, generate
+from megamor.model.kv_cache import KVCache
+from megamor.model.mor import LMOutput, MoRLM, RouterStats
+
+__all__ = [
+    "GenerationOutput",
+    "KVCache",
+    "LMOutput",
+    "ModelConfig",
+    "MoRLM",
+    "RouterConfig",
+    "RouterStats",
+    "generate",
+    "load_model_config",
+]

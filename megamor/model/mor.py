@@ -1,0 +1,353 @@
+"""The Mixture-of-Recursions language model, top to bottom.
+
+    tokens -> embedding -> prelude layers -> recursion step 1..N_r -> coda layers -> norm -> logits
+
+Vanilla (no sharing) is all prelude. With sharing, the middle of the virtual stack is cut into
+N_r recursion steps whose layers are the same module objects (`ModelConfig.layer_plan`).
+
+A recursion step runs only on the tokens routed to it: their hidden states are gathered into a
+left-aligned [B, n] batch in positional order, the step's layers run on that (causal attention
+among them, RoPE at their original positions), and the results are scattered back. Tokens not
+selected keep their hidden state. With a router, a selected token's update is gated:
+
+    h <- h + g * (step(h) - h),      g = alpha * sigmoid(router logit)   (expert choice)
+
+i.e. g scales the step's residual update (not the step's whole output). This is how the
+router receives the language-model gradient.
+
+Routing modes: training uses expert choice's top-k over each sequence (the paper's); with
+`causal_routing=True` (evaluation, decoding) it thresholds the router instead, so no token's
+computation depends on later tokens, on padding or on other rows of the batch.
+
+No parallelism lives here. The trainer may install an activation-checkpoint function
+(`enable_activation_checkpointing`) that wraps every layer application.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from megamor.model.config import ModelConfig
+from megamor.model.kv_cache import KVCache
+from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
+from megamor.model.routers import (
+    ExpertChoiceRouter,
+    TokenChoiceRouter,
+    expert_choice_aux_losses,
+    expert_choice_select,
+    gate_activation,
+    token_choice_aux_losses,
+)
+
+CheckpointFn = Callable[..., object]
+
+
+@dataclass
+class RouterStats:
+    tokens_per_step: list[int]  # valid tokens that ran each recursion step (whole batch)
+    depth: Tensor  # [B, T] recursion steps each token ran (0 for padding)
+    total_tokens: int  # valid tokens in the batch
+
+    @property
+    def mean_depth(self) -> float:
+        return sum(self.tokens_per_step) / max(1, self.total_tokens)
+
+    @property
+    def selected_fraction(self) -> list[float]:
+        return [n / max(1, self.total_tokens) for n in self.tokens_per_step]
+
+
+@dataclass
+class LMOutput:
+    logits: Optional[Tensor]
+    loss: Optional[Tensor]  # LM cross-entropy, mean over targets != -100
+    aux_loss: Tensor  # router losses times their coefficients: add to loss for training
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted, for logging
+    stats: Optional[RouterStats] = None
+
+
+def left_align(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices [B, n] of selected tokens, in positional order, padded on the right with
+    (distinct) unselected positions; and the slot validity [B, n]."""
+    counts = selected.sum(1)
+    n = int(counts.max())
+    order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]
+    slots = torch.arange(n, device=selected.device).unsqueeze(0) < counts.unsqueeze(1)
+    return order, slots
+
+
+class MoRLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.prelude, self.steps, self.coda = cfg.layer_plan()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # One module per physical layer; recursion steps refer to them by index.
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_unique_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        rtype = cfg.router.type
+        self.routers = nn.ModuleList(ExpertChoiceRouter(cfg) for _ in self.steps) if rtype == "expert_choice" else None
+        self.depth_router = TokenChoiceRouter(cfg) if rtype == "token_choice" else None
+        self._checkpoint_fn: Optional[CheckpointFn] = None
+        self._sites = self._number_sites()
+        self.reset_parameters()
+
+    # -- construction -----------------------------------------------------------------
+    def _number_sites(self) -> dict[str, list]:
+        """Virtual-layer ids of every layer application, and for KV sharing the site whose
+        keys/values a later recursion reuses (the first application of the same layer)."""
+        v = 0
+        prelude = list(range(v, v + len(self.prelude)))
+        v += len(self.prelude)
+        steps = []
+        for step in self.steps:
+            steps.append(list(range(v, v + len(step))))
+            v += len(step)
+        coda = list(range(v, v + len(self.coda)))
+        source: dict[int, int] = {}
+        if self.cfg.kv_mode == "shared":
+            first: dict[int, int] = {}
+            for layer_ids, site_ids in zip(self.steps, steps):
+                for phys, site in zip(layer_ids, site_ids):
+                    if phys in first:
+                        source[site] = first[phys]
+                    else:
+                        first[phys] = site
+        return {"prelude": prelude, "steps": steps, "coda": coda, "kv_source": source}  # type: ignore[dict-item]
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # Residual-branch outputs scaled down by the depth of the unrolled stack (GPT-2 style).
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def enable_activation_checkpointing(self, checkpoint_fn: Optional[CheckpointFn] = None) -> None:
+        """Recompute each layer application (unique layers and every recursion step) in the
+        backward pass. The function is called as fn(layer, x, meta, rope, context) and must
+        return layer(x, meta, rope, context); default: torch's non-reentrant checkpoint."""
+        self._checkpoint_fn = checkpoint_fn or (lambda f, *a: checkpoint(f, *a, use_reentrant=False))
+
+    def disable_activation_checkpointing(self) -> None:
+        self._checkpoint_fn = None
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        causal_routing: bool = False,
+        position_ids: Optional[Tensor] = None,
+        doc_ids: Optional[Tensor] = None,
+        return_logits: bool = True,
+        kv_cache: Optional[KVCache] = None,
+    ) -> LMOutput:
+        B, T = input_ids.shape
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if position_ids is None:
+            position_ids = self._positions(B, T, valid, kv_cache, input_ids.device)
+        meta = TokenMeta(
+            position_ids,
+            valid,
+            doc_ids,
+            causal_exact=valid is None and doc_ids is None and kv_cache is None,
+        )
+        cos, sin = self.rope(position_ids)
+        active = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        shared: dict[int, KVBlock] = {}
+
+        h = self.embed_tokens(input_ids)
+        for phys, site in zip(self.prelude, self._sites["prelude"]):
+            h = self._apply(phys, site, h, meta, (cos, sin), kv_cache, shared)
+
+        aux: dict[str, Tensor] = {}
+        tokens_per_step: list[int] = []
+        depth = torch.zeros(B, T, dtype=torch.long, device=h.device)
+        tc_choice = tc_gate = None
+        for r, (layer_ids, site_ids) in enumerate(zip(self.steps, self._sites["steps"])):
+            selected, gate = active, None
+            if self.routers is not None:
+                logits = self.routers[r](h)
+                selected = expert_choice_select(
+                    logits, active, self.cfg.capacities[r], causal_routing, self.cfg.router.causal_threshold
+                )
+                gate = gate_activation(self.cfg.router, logits)
+                if self.training and not causal_routing:
+                    bce, z = expert_choice_aux_losses(logits, active, selected)
+                    aux["router_bce"] = aux.get("router_bce", 0) + bce
+                    aux["router_z"] = aux.get("router_z", 0) + z
+            elif self.depth_router is not None:
+                if r == 0:
+                    track = self.training and not causal_routing and self.cfg.router.balancing == "loss_free"
+                    tc_choice, probs, logits = self.depth_router(h, active, track)
+                    tc_gate = self.cfg.router.gate_scale * probs.gather(-1, tc_choice.unsqueeze(-1)).squeeze(-1)
+                    if self.training and not causal_routing:
+                        aux["router_balance"], aux["router_z"] = token_choice_aux_losses(tc_choice, probs, logits, active)
+                selected, gate = active & (tc_choice >= r), tc_gate
+            h = self._run_step(layer_ids, site_ids, h, selected, gate, meta, (cos, sin), kv_cache, shared)
+            depth += selected.long()
+            tokens_per_step.append(int(selected.sum()))
+            active = selected
+
+        for phys, site in zip(self.coda, self._sites["coda"]):
+            h = self._apply(phys, site, h, meta, (cos, sin), kv_cache, shared)
+        h = self.norm(h)
+
+        logits = self.lm_head(h) if (return_logits or targets is not None) else None
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        n_valid = int(valid.sum()) if valid is not None else B * T
+        stats = RouterStats(tokens_per_step, depth if valid is None else depth * valid, n_valid)
+        return LMOutput(
+            logits=logits if return_logits else None,
+            loss=loss,
+            aux_loss=self._weighted_aux(aux, h),
+            aux_losses={k: v.detach() for k, v in aux.items()},
+            stats=stats,
+        )
+
+    def _positions(
+        self, B: int, T: int, valid: Optional[Tensor], cache: Optional[KVCache], device: torch.device
+    ) -> Tensor:
+        if valid is not None:
+            start = cache.next_position.unsqueeze(1) if cache is not None else 0
+            pos = start + valid.long().cumsum(1) - 1
+            pos = pos.clamp(min=0)
+            if cache is not None:
+                cache.next_position = cache.next_position + valid.long().sum(1)
+            return pos
+        start = cache.next_position.unsqueeze(1) if cache is not None else torch.zeros(B, 1, dtype=torch.long, device=device)
+        if cache is not None:
+            cache.next_position = cache.next_position + T
+        return start + torch.arange(T, device=device).unsqueeze(0)
+
+    def _weighted_aux(self, aux: dict[str, Tensor], like: Tensor) -> Tensor:
+        r = self.cfg.router
+        coefs = {
+            "router_bce": r.aux_bce_coef,
+            "router_z": r.z_loss_coef,
+            "router_balance": r.balance_coef if r.balancing == "loss" else 0.0,
+        }
+        total = like.new_zeros((), dtype=torch.float32)
+        for name, value in aux.items():
+            if coefs[name]:
+                total = total + coefs[name] * value
+        return total
+
+    def _run_step(
+        self,
+        layer_ids: list[int],
+        site_ids: list[int],
+        h: Tensor,
+        selected: Tensor,
+        gate: Optional[Tensor],
+        meta: TokenMeta,
+        rope: tuple[Tensor, Tensor],
+        cache: Optional[KVCache],
+        shared: dict[int, KVBlock],
+    ) -> Tensor:
+        if not bool(selected.any()):
+            return h  # nobody runs this step (decoding, or a threshold nobody passed)
+        if meta.valid is None and bool(selected.all()):
+            x, sub_meta, sub_rope, idx, slots = h, meta, rope, None, None
+        else:
+            idx, slots = left_align(selected)
+            x = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            sub_meta = meta.take(idx, slots)
+            g = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+            sub_rope = (g(rope[0]), g(rope[1]))
+        y = x
+        for phys, site in zip(layer_ids, site_ids):
+            y = self._apply(phys, site, y, sub_meta, sub_rope, cache, shared)
+        if gate is not None:
+            g_sel = gate if idx is None else gate.gather(1, idx)
+            y = x + g_sel.unsqueeze(-1).to(x.dtype) * (y - x)
+        if idx is None:
+            return y
+        # Padding slots point at unselected tokens: write their old value back.
+        y = torch.where(slots.unsqueeze(-1), y, x)
+        return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), y)
+
+    def _apply(
+        self,
+        phys: int,
+        site: int,
+        x: Tensor,
+        meta: TokenMeta,
+        rope: tuple[Tensor, Tensor],
+        cache: Optional[KVCache],
+        shared: dict[int, KVBlock],
+    ) -> Tensor:
+        layer = self.layers[phys]
+        source = self._sites["kv_source"].get(site)
+        context: Optional[KVBlock] = None
+        if source is not None:  # recursive KV sharing: reuse the first recursion's keys/values
+            context = cache.get(source) if cache is not None else shared[source]
+        elif cache is not None:
+            k, v = layer.kv_for(x, rope)
+            context = cache.append(site, k, v, meta)
+        if self._checkpoint_fn is not None and torch.is_grad_enabled():
+            out, kv = self._checkpoint_fn(layer, x, meta, rope, context)
+        else:
+            out, kv = layer(x, meta, rope, context)
+        if cache is None and source is None and self.cfg.kv_mode == "shared":
+            shared[site] = kv
+        return out
+
+    # -- token-choice loss-free balancing ------------------------------------------------
+    def loss_free_load(self) -> Optional[Tensor]:
+        """Per-depth token counts since the last bias update (all-reduce over DP, then
+        `update_loss_free_bias`). None unless token choice with loss-free balancing."""
+        if self.depth_router is None or self.cfg.router.balancing != "loss_free":
+            return None
+        return self.depth_router.load.clone()
+
+    def update_loss_free_bias(self, load: Optional[Tensor] = None) -> None:
+        if self.depth_router is not None and self.cfg.router.balancing == "loss_free":
+            self.depth_router.update_bias(load, self.cfg.router.bias_update_rate)
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False, unique: bool = True) -> int:
+        """Parameter count. unique=False counts shared layers once per application (the
+        size of the equivalent unrolled model). Tied embeddings count once."""
+        layer_params = [sum(p.numel() for p in layer.parameters()) for layer in self.layers]
+        seen = {id(p) for layer in self.layers for p in layer.parameters()}
+        rest = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values() if id(p) not in seen)
+        if unique:
+            layers = sum(layer_params)
+        else:
+            layers = sum(layer_params[i] for i in self.prelude + [j for s in self.steps for j in s] + self.coda)
+        total = layers + rest
+        if non_embedding:
+            total -= self.embed_tokens.weight.numel()
+            if not self.cfg.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    # -- decoding -----------------------------------------------------------------------
+    def new_kv_cache(self, batch_size: int) -> KVCache:
+        return KVCache(batch_size, device=self.embed_tokens.weight.device)
+
+    def generate(self, prompts, max_new_tokens: int, **kw):
+        from megamor.model.generate import generate
+
+        return generate(self, prompts, max_new_tokens, **kw)

@@ -1,0 +1,106 @@
+"""Routers that decide which tokens run each recursion step.
+
+Expert choice (one router per step): at step r every candidate token gets a score; training
+keeps the top-k_r per sequence (k_r = max(1, int(c_r * T))), evaluation and decoding keep the
+tokens whose sigmoid(logit) exceeds a threshold, which the auxiliary BCE loss trains the router
+to reproduce, so a decision depends on the token's own hidden state only (causal).
+
+Token choice (one router at the first shared step): each token picks its depth once, as the
+argmax over N_r depths; causal by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megamor.model.config import ModelConfig, RouterConfig
+
+
+def router_network(cfg: ModelConfig, out_dim: int) -> nn.Module:
+    r = cfg.router
+    if r.network == "linear":
+        return nn.Linear(cfg.d_model, out_dim, bias=False)
+    hidden = r.mlp_hidden or cfg.d_model // 4
+    return nn.Sequential(nn.Linear(cfg.d_model, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out_dim, bias=False))
+
+
+def gate_activation(r: RouterConfig, logits: Tensor) -> Tensor:
+    act = torch.sigmoid(logits) if r.activation == "sigmoid" else torch.tanh(logits)
+    return r.gate_scale * act
+
+
+class ExpertChoiceRouter(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.net = router_network(cfg, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Router logits [B, T] (fp32)."""
+        return self.net(h).squeeze(-1).float()
+
+
+def expert_choice_select(
+    logits: Tensor, candidates: Tensor, capacity: float, causal: bool, threshold: float
+) -> Tensor:
+    """Tokens [B, T] (bool) that run this step, chosen among `candidates`."""
+    if capacity >= 1.0:
+        return candidates
+    if causal:
+        return candidates & (torch.sigmoid(logits) > threshold)
+    T = logits.shape[1]
+    k = max(1, int(capacity * T))
+    masked = logits.masked_fill(~candidates, float("-inf"))
+    top = masked.topk(k, dim=1).indices
+    chosen = torch.zeros_like(candidates).scatter_(1, top, True)
+    return chosen & candidates  # rows with fewer than k candidates keep all of them
+
+
+def expert_choice_aux_losses(logits: Tensor, candidates: Tensor, selected: Tensor) -> tuple[Tensor, Tensor]:
+    """(BCE towards the selection, z-loss), both means over candidate tokens."""
+    x = logits[candidates]
+    if x.numel() == 0:
+        zero = logits.sum() * 0
+        return zero, zero
+    bce = F.binary_cross_entropy_with_logits(x, selected[candidates].float())
+    return bce, x.pow(2).mean()
+
+
+class TokenChoiceRouter(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_depths = cfg.num_recursions
+        self.net = router_network(cfg, cfg.num_recursions)
+        # Loss-free balancing: a bias used only for the depth choice, updated outside autograd.
+        self.register_buffer("bias", torch.zeros(cfg.num_recursions))
+        self.register_buffer("load", torch.zeros(cfg.num_recursions), persistent=False)
+
+    def forward(self, h: Tensor, valid: Tensor, track_load: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(depth index [B, T] in 0..N_r-1, probabilities [B, T, N_r], logits [B, T, N_r])."""
+        logits = self.net(h).float()
+        probs = logits.softmax(-1)
+        choice = (probs + self.bias).argmax(-1)
+        if track_load:
+            with torch.no_grad():
+                self.load += F.one_hot(choice[valid], self.num_depths).sum(0).to(self.load.dtype)
+        return choice, probs, logits
+
+    @torch.no_grad()
+    def update_bias(self, load: Optional[Tensor], rate: float) -> None:
+        """b_i += u * sign(mean_load - load_i); `load` may be all-reduced over data parallel."""
+        load = self.load if load is None else load.to(self.load)
+        self.bias += rate * torch.sign(load.mean() - load)
+        self.load.zero_()
+
+
+def token_choice_aux_losses(choice: Tensor, probs: Tensor, logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(Switch-style balancing loss N * sum_i f_i P_i, router z-loss), over valid tokens."""
+    n = probs.shape[-1]
+    p = probs[valid]
+    f = F.one_hot(choice[valid], n).float().mean(0)
+    balance = n * (f * p.mean(0)).sum()
+    z = torch.logsumexp(logits[valid], -1).pow(2).mean()
+    return balance, z
