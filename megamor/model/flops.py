@@ -1,0 +1,105 @@
+"""FLOPs of a forward pass as a function of how many tokens ran each recursion step.
+
+Counted per sequence of `seq_len` tokens: 2 FLOPs per multiply-add of every matmul a token
+actually goes through (so a recursion step costs only for the tokens routed to it), plus the
+attention score and value matmuls. Norms, activations and softmax are not counted (the usual
+convention; FlopCounterMode does not count them either).
+
+`causal=True` counts only the attention entries a causal mask keeps (the useful work, as the
+paper and MFU use); `causal=False` counts the full square the kernels execute, which is what
+`torch.utils.flop_counter.FlopCounterMode` reports. Training costs 3x the forward pass;
+with activation recomputation the hardware does 4x.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from megamor.model.config import ModelConfig
+
+
+def _linear_params(cfg: ModelConfig, with_kv: bool = True) -> int:
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + (2 * d * cfg.n_kv_heads * hd if with_kv else 0)
+    return attn + 3 * d * cfg.d_ff
+
+
+def _attention(cfg: ModelConfig, n_q: float, n_k: float, causal: bool, self_attn: bool) -> float:
+    width = cfg.n_heads * cfg.head_dim
+    if causal:
+        pairs = n_q * (n_q + 1) / 2 if self_attn else n_q * n_k / 2
+    else:
+        pairs = n_q * n_k
+    return 4.0 * width * pairs  # QK^T and AV, 2 FLOPs per multiply-add each
+
+
+def default_tokens_per_step(cfg: ModelConfig, seq_len: int) -> list[float]:
+    """Expected tokens per step: expert choice's capacities; token choice assuming uniform
+    depths; recursion without a router: everything."""
+    nr = len(cfg.layer_plan()[1])
+    if cfg.router.type == "expert_choice":
+        return [seq_len if c >= 1 else max(1, int(c * seq_len)) for c in cfg.capacities]
+    if cfg.router.type == "token_choice":
+        return [seq_len * (nr - r) / nr for r in range(nr)]
+    return [float(seq_len)] * nr
+
+
+def router_flops(cfg: ModelConfig, seq_len: int) -> float:
+    r, d, nr = cfg.router, cfg.d_model, cfg.num_recursions
+    out = {"expert_choice": 1, "token_choice": nr}.get(r.type, 0)
+    if out == 0:
+        return 0.0
+    hidden = r.mlp_hidden or d // 4
+    per_token = 2 * (d * out if r.network == "linear" else d * hidden + hidden * out)
+    applications = nr if r.type == "expert_choice" else 1  # expert-choice routers score every token
+    return float(applications * per_token * seq_len)
+
+
+def forward_flops(
+    cfg: ModelConfig,
+    seq_len: int,
+    tokens_per_step: Optional[Sequence[float]] = None,
+    causal: bool = True,
+) -> float:
+    """Forward FLOPs for one sequence of seq_len tokens given the tokens that ran each step."""
+    prelude, steps, coda = cfg.layer_plan()
+    T = float(seq_len)
+    counts = list(tokens_per_step) if tokens_per_step is not None else default_tokens_per_step(cfg, seq_len)
+    if len(counts) != len(steps):
+        raise ValueError(f"tokens_per_step needs {len(steps)} entries, got {len(counts)}")
+    full_layer = 2 * T * _linear_params(cfg) + _attention(cfg, T, T, causal, True)
+    total = (len(prelude) + len(coda)) * full_layer
+    seen: set[int] = set()
+    first_count: dict[int, float] = {}
+    for layer_ids, n in zip(steps, counts):
+        for phys in layer_ids:
+            shared = cfg.kv_mode == "shared" and phys in seen
+            if shared:  # queries only, attending to the first recursion's keys/values
+                total += 2 * n * _linear_params(cfg, with_kv=False) + _attention(cfg, n, first_count[phys], causal, False)
+            else:
+                total += 2 * n * _linear_params(cfg) + _attention(cfg, n, n, causal, True)
+                first_count.setdefault(phys, n)
+            seen.add(phys)
+    total += router_flops(cfg, seq_len)
+    total += 2 * T * cfg.d_model * cfg.vocab_size  # LM head
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, tokens_per_step: Optional[Sequence[float]] = None, causal: bool = True) -> float:
+    return forward_flops(cfg, seq_len, tokens_per_step, causal) / seq_len
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> float:
+    """Expected KV-cache bytes per cached token during decoding (bf16 by default)."""
+    prelude, steps, coda = cfg.layer_plan()
+    per_site = 2 * cfg.n_kv_heads * cfg.head_dim * bytes_per_value
+    fractions = [n / 1024 for n in default_tokens_per_step(cfg, 1024)]
+    sites = float(len(prelude) + len(coda))
+    seen: set[int] = set()
+    for layer_ids, frac in zip(steps, fractions):
+        for phys in layer_ids:
+            if cfg.kv_mode == "shared" and phys in seen:
+                continue  # reads the first recursion's cache
+            seen.add(phys)
+            sites += frac
+    return sites * per_site
