@@ -87,13 +87,13 @@ def stream(
         trace.prompt_depths = [out.stats.depth[i, mask[i]].tolist() for i in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits = out.logits[:, -1]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, gen)
         tokens = torch.where(finished, torch.full_like(nxt, -1), nxt)
         if eos_id is not None:
             finished = finished | (nxt == eos_id)
         yield StepOutput(tokens.tolist(), finished.tolist())
-        if bool(finished.all()):
+        if bool(finished.all()) or step == max_new_tokens - 1:
             return
         if use_cache:
             out = model(nxt.unsqueeze(1), causal_routing=True, kv_cache=cache)

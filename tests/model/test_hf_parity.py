@@ -1,0 +1,35 @@
+"""The vanilla model equals Hugging Face LlamaForCausalLM holding the same weights."""
+
+import pytest
+import torch
+
+from megamor.model import MoRLM
+from megamor.model.hf import llama_config, model_config_from_llama, to_llama_state_dict
+
+from .helpers import tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vanilla_logits_match_llama(tied):
+    torch.manual_seed(0)
+    cfg = tiny_config(n_layers=3, n_heads=4, n_kv_heads=2, tie_embeddings=tied, rope_theta=500.0)
+    ours = MoRLM(cfg).eval()
+    ref = transformers.LlamaForCausalLM(llama_config(cfg)).eval()
+    result = ref.load_state_dict(to_llama_state_dict(cfg, ours.state_dict()), strict=False)
+    assert not result.unexpected_keys
+    assert set(result.missing_keys) <= ({"lm_head.weight"} if tied else set())
+    x = torch.randint(0, cfg.vocab_size, (3, 50))
+    with torch.no_grad():
+        a = ours(x).logits
+        b = ref(x).logits
+    assert (a - b).abs().max().item() <= 1e-4
+    # And the padded-batch path (explicit masks) agrees with HF's attention_mask handling.
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, 40:] = False
+    with torch.no_grad():
+        a = ours(x, attention_mask=mask).logits
+        b = ref(x, attention_mask=mask.long()).logits
+    assert (a[mask] - b[mask]).abs().max().item() <= 1e-4
+    assert model_config_from_llama(ref.config).d_model == cfg.d_model

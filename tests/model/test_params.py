@@ -1,0 +1,50 @@
+"""Parameter counts against the paper's table, and physical sharing."""
+
+import pytest
+import torch
+
+from megamor.env import repo_root
+from megamor.model import load_model_config
+from megamor.model.summary import summarize
+
+from .helpers import mor
+
+PAPER_NON_EMBEDDING = {  # mor-reference.md
+    "135m/vanilla": 106e6,
+    "360m/vanilla": 315e6,
+    "730m/vanilla": 654e6,
+    "1_7b/vanilla": 1.61e9,
+    "360m/recursive_2": 167e6,
+    "360m/mor_expert_3": 118e6,
+    "360m/recursive_4": 98e6,
+}
+
+
+@pytest.mark.parametrize("name,expected", sorted(PAPER_NON_EMBEDDING.items()))
+def test_paper_parameter_counts(name, expected):
+    cfg = load_model_config(repo_root() / "configs" / "model" / f"{name}.yaml")
+    got = summarize(cfg, 2048)["non_embedding"]
+    assert abs(got - expected) / expected < 0.01, (name, got)
+
+
+@pytest.mark.parametrize("sharing", ["cycle", "sequence", "middle_cycle", "middle_sequence"])
+def test_sharing_is_physical(sharing):
+    nr = 2
+    m = mor("none", sharing=sharing, nr=nr)
+    cfg = m.cfg
+    assert len(m.layers) == cfg.num_unique_layers
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    assert len(ptrs) == len(set(ptrs))  # no parameter is a copy of another
+    per_layer = sum(p.numel() for p in m.layers[0].parameters())
+    assert m.num_params() == m.num_params(unique=False) - (cfg.n_layers - cfg.num_unique_layers) * per_layer
+    # Every virtual layer refers to a physical one; each physical layer is used.
+    prelude, steps, coda = cfg.layer_plan()
+    used = prelude + [i for s in steps for i in s] + coda
+    assert len(used) == cfg.n_layers and set(used) == set(range(cfg.num_unique_layers))
+
+
+def test_tied_embeddings_share_storage():
+    m = mor("none", sharing="cycle", nr=2)
+    assert m.lm_head.weight.data_ptr() == m.embed_tokens.weight.data_ptr()
+    total = sum(p.numel() for p in m.parameters())  # parameters() yields tied ones once
+    assert m.num_params() == total

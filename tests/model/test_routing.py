@@ -1,0 +1,107 @@
+"""Expert-choice and token-choice routing: compute on gathered tokens equals dense references."""
+
+import pytest
+import torch
+
+from megamor.model import MoRLM
+
+from .helpers import mor, tiny_config
+from .reference import dense_expert_choice_logits
+
+
+@pytest.mark.parametrize("sharing,nr", [("middle_cycle", 3), ("cycle", 2), ("middle_sequence", 2)])
+def test_gather_compute_scatter_equals_dense_reference(sharing, nr):
+    m = mor("expert_choice", sharing=sharing, nr=nr)
+    m.train()
+    x = torch.randint(0, m.cfg.vocab_size, (3, 30))
+    with torch.no_grad():
+        out = m(x)
+        ref = dense_expert_choice_logits(m, x, m.cfg.capacities)
+    assert (out.logits - ref).abs().max().item() <= 1e-5
+    # Top-k per sequence: step r ran exactly k_r tokens of each of the 3 sequences.
+    ks = [30 if c >= 1 else max(1, int(c * 30)) for c in m.cfg.capacities]
+    assert out.stats.tokens_per_step == [3 * k for k in ks]
+    assert ks[-1] < 30  # routing really dropped tokens
+
+
+def test_capacity_one_equals_recursive_model_with_gating():
+    m = mor("expert_choice", nr=3, router={"type": "expert_choice", "capacity": [1.0, 1.0, 1.0]})
+    x = torch.randint(0, m.cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        got = m(x).logits
+        # The recursive model (same layers, no router), with each step's update gated by hand.
+        h = m.embed_tokens(x)
+        pos = torch.arange(20).expand(2, 20)
+        rope = m.rope(pos)
+        from megamor.model.layers import TokenMeta
+
+        meta = TokenMeta(pos, causal_exact=True)
+        prelude, steps, coda = m.cfg.layer_plan()
+        for i in prelude:
+            h, _ = m.layers[i](h, meta, rope)
+        for r, ids in enumerate(steps):
+            g = 0.1 * torch.sigmoid(m.routers[r](h)).unsqueeze(-1)
+            y = h
+            for i in ids:
+                y, _ = m.layers[i](y, meta, rope)
+            h = h + g * (y - h)
+        for i in coda:
+            h, _ = m.layers[i](h, meta, rope)
+        ref = m.lm_head(m.norm(h))
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_hierarchical_filtering_and_depth_stats():
+    m = mor("expert_choice", nr=3)
+    x = torch.randint(0, m.cfg.vocab_size, (2, 30))
+    out = m(x)
+    d = out.stats.depth
+    # depth counts steps run: each token ran step 0, then a prefix of the later steps.
+    assert d.min() >= 1 and d.max() == 3
+    assert sorted(out.stats.tokens_per_step, reverse=True) == out.stats.tokens_per_step
+    assert abs(out.stats.mean_depth - d.float().mean().item()) < 1e-6
+    assert set(out.aux_losses) == {"router_bce", "router_z"}
+
+
+def test_router_receives_gradient_through_gate():
+    m = mor("expert_choice", nr=2)
+    x = torch.randint(0, m.cfg.vocab_size, (2, 16))
+    out = m(x, targets=x)
+    out.loss.backward()  # LM loss only: no aux term
+    for r in m.routers:
+        assert r.net.weight.grad is not None and r.net.weight.grad.abs().sum() > 0
+
+
+def test_aux_losses_weighted_by_config():
+    m = mor("expert_choice", nr=2, router={"type": "expert_choice", "aux_bce_coef": 0.5, "z_loss_coef": 0.25})
+    out = m(torch.randint(0, 211, (2, 16)))
+    expected = 0.5 * out.aux_losses["router_bce"] + 0.25 * out.aux_losses["router_z"]
+    assert torch.allclose(out.aux_loss.detach(), expected)
+
+
+def test_token_choice_runs_only_active_tokens_and_balances():
+    m = mor("token_choice", sharing="cycle", nr=3, router={"type": "token_choice", "balancing": "loss"})
+    x = torch.randint(0, m.cfg.vocab_size, (2, 40))
+    out = m(x)
+    n = out.stats.tokens_per_step
+    assert n[0] == 80 and n[0] >= n[1] >= n[2]
+    assert "router_balance" in out.aux_losses and out.aux_loss.item() > 0
+    # Dense check: zeroing the hidden update of inactive tokens is what gathering does.
+    assert (out.stats.depth >= 1).all()
+
+
+def test_token_choice_loss_free_bias_update():
+    m = mor("token_choice", sharing="cycle", nr=3, router={"type": "token_choice", "balancing": "loss_free", "bias_update_rate": 0.01})
+    m.train()
+    m(torch.randint(0, 211, (2, 40)))
+    load = m.loss_free_load()
+    assert load is not None and load.sum().item() == 80
+    before = m.depth_router.bias.clone()
+    m.update_loss_free_bias(load)
+    delta = m.depth_router.bias - before
+    expected = 0.01 * torch.sign(load.mean() - load)
+    assert torch.allclose(delta, expected)
+    assert m.depth_router.load.sum() == 0  # reset after the update
+    # Balancing by bias adds no loss term.
+    assert "router_balance" in m(torch.randint(0, 211, (1, 8))).aux_losses
+    assert m._weighted_aux({"router_balance": torch.tensor(5.0)}, torch.zeros(1)).item() == 0
