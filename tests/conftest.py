@@ -26,3 +26,22 @@ def data_dir():
     if not d.is_dir():
         pytest.skip(f"shared datasets not found at {d} (set MEGAMOR_DATA_DIR)")
     return d
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path_factory):
+    """A real local SLURM cluster (munge, slurmctld, two slurmd). CI installs the packages
+    and sets MEGAMOR_REQUIRE_SLURM=1, so there a missing install fails instead of skipping."""
+    from megamor.testing.slurm import LocalSlurm, available
+
+    reason = available()
+    if reason:
+        if os.environ.get("MEGAMOR_REQUIRE_SLURM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
