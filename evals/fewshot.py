@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Few-shot evaluation on local task files (HellaSwag, PIQA, ARC-e/c, WinoGrande, LAMBADA, BoolQ, OpenBookQA).
+
+    python evals/fewshot.py --checkpoint run/ --tokenizer tok.model --tasks hellaswag,piqa \
+        --num-fewshot 0 --limit 500 --out results/fewshot.json      # also writes results/fewshot.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megamor.eval.cli import add_model_args, build_scorer, set_threads, write_json
+from megamor.eval.harness import evaluate, markdown_table
+from megamor.eval.tasks import PAPER_TASKS, TASKS, get_task
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help=f"comma-separated, from {', '.join(TASKS)} (default: the paper's)")
+    p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH", help="read TASK from PATH (same format)")
+    p.add_argument("--data-dir", type=Path, default=None, help="datasets folder (default $MEGAMOR_DATA_DIR)")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1234, help="k-shot sampling seed")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--no-prefix", action="store_true", help="do not start each request with EOS")
+    p.add_argument("--log-samples", action="store_true", help="per-example log-likelihoods in the JSON")
+    p.add_argument("--out", help="results JSON (a markdown table is written beside it)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    set_threads()
+    files = dict(kv.split("=", 1) for kv in args.task_file)
+    tasks = [get_task(t.strip(), path=files.get(t.strip())) for t in args.tasks.split(",") if t.strip()]
+    scorer, tok, meta = build_scorer(args)
+    results = evaluate(scorer, tok, tasks, num_fewshot=args.num_fewshot, seed=args.seed, limit=args.limit, data_dir=args.data_dir, add_prefix=not args.no_prefix)
+    payload = {
+        "results": {k: v.to_dict(args.log_samples) for k, v in results.items()},
+        "checkpoint": str(args.checkpoint),
+        "meta": meta,
+        "config": {k: v for k, v in vars(args).items() if k not in ("checkpoint",)},
+    }
+    write_json(args.out, payload)
+    table = markdown_table(results)
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(table)
+    print(table, file=sys.stderr)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Perplexity of raw text files or validation token shards.
+
+    python evals/perplexity.py --checkpoint run/ --tokenizer tok.model \
+        --text ../shared/data/wikitext-2-raw/wiki.test.raw --split wikitext            # disjoint windows
+    python evals/perplexity.py --checkpoint run/ --text file.txt --stride 512         # sliding windows
+    python evals/perplexity.py --checkpoint run/ --shards data/val --shard-split val   # token shards
+
+Reports token NLL/perplexity, bits per byte, byte and word perplexity (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megamor.eval.cli import add_model_args, build_scorer, set_threads, write_json
+from megamor.eval.perplexity import load_shard_tokens, perplexity_of_texts, perplexity_of_tokens, read_texts
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", nargs="+", help=".txt (optionally .bz2/.gz/.xz) or .jsonl files")
+    src.add_argument("--shards", nargs="+", help="token shard files (.npy), or folders of <split>-NNNNN.npy shards")
+    p.add_argument("--split", default="file", choices=["file", "wikitext", "blank"], help="documents in a .txt: whole file, WikiText articles, blank-line blocks")
+    p.add_argument("--text-key", default="text", help="field holding the text in .jsonl files")
+    p.add_argument("--shard-split", default="val", help="shard name prefix inside a shard folder")
+    p.add_argument("--stride", type=int, default=None, help="tokens each window advances (default: max length, i.e. disjoint windows)")
+    p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
+    p.add_argument("--max-tokens", type=int, default=None, help="only the first N shard tokens")
+    p.add_argument("--out", help="write the JSON here too")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    set_threads()
+    scorer, tok, meta = build_scorer(args)
+    if args.text:
+        docs = read_texts(args.text, split=args.split, text_key=args.text_key)[: args.max_docs]
+        res = perplexity_of_texts(scorer, tok, docs, stride=args.stride)
+    else:
+        tokens = load_shard_tokens(args.shards, split=args.shard_split)[: args.max_tokens]
+        res = perplexity_of_tokens(scorer, tokens, tok.eos_id, stride=args.stride, tok=tok)
+    payload = {"perplexity": res.to_dict(), "source": args.text or args.shards, "checkpoint": str(args.checkpoint), "meta": meta}
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

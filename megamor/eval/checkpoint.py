@@ -1,0 +1,255 @@
+"""Loading a model to evaluate, and finding the checkpoints of a run.
+
+`load_model(source)` is the one seam every entry point goes through. It accepts
+- an `nn.Module` (returned as is),
+- a consolidated file: `torch.save({"model": state_dict, "config": model-config dict,
+  optional "step"/"tokens"/"flops" or "meta": {...}})` (what `python -m megamor.export` writes),
+- a Hugging Face export folder (`config.json` of a Llama model + weights; vanilla models only),
+- a run folder: its newest complete checkpoint.
+DeepSpeed checkpoint tags inside a run folder are recognised but must be consolidated first
+(`python -m megamor.export`); loading them directly is the extension point for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+CONSOLIDATED_SUFFIXES = (".pt", ".pth", ".bin")
+_STEP_RE = re.compile(r"(?:step|global_step|iter)[_\-]?(\d+)", re.IGNORECASE)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or run folder that cannot be evaluated; the message says why and where."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    run: str
+    kind: str  # consolidated | hf | deepspeed
+    step: Optional[int] = None
+    meta: dict[str, Any] = field(default_factory=dict)  # tokens, flops, ... when the checkpoint records them
+
+    @property
+    def name(self) -> str:
+        return f"{self.run}@{self.step}" if self.step is not None else f"{self.run}:{self.path.name}"
+
+    def fingerprint(self) -> str:
+        """Changes when the checkpoint's bytes change (path, size and mtime of its files)."""
+        files = [self.path] if self.path.is_file() else sorted(p for p in self.path.rglob("*") if p.is_file())
+        h = hashlib.sha256(str(self.path.resolve()).encode())
+        for p in files:
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes: DDP/DeepSpeed `module.`, torch.compile `_orig_mod.`, and a
+    `model.` that every key carries (a wrapper module)."""
+    out = {}
+    for k, v in sd.items():
+        for pre in ("module.", "_orig_mod."):
+            while k.startswith(pre):
+                k = k[len(pre) :]
+        out[k] = v
+    if out and all(k.startswith("model.") for k in out):
+        out = {k[len("model.") :]: v for k, v in out.items()}
+    return out
+
+
+def _model_config(cfg: Any, where: Path):
+    from megamor.config import from_node
+    from megamor.model import ModelConfig
+
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: 'config' must be a model-config dict, got {type(cfg).__name__}")
+    if "vocab_size" not in cfg and isinstance(cfg.get("model"), dict):
+        cfg = cfg["model"]  # a whole experiment config
+    return from_node(ModelConfig, cfg, prefix="config")
+
+
+def build_model(cfg: Any, state_dict: dict[str, torch.Tensor], where: Path):
+    from megamor.model import MoRLM
+
+    model = MoRLM(_model_config(cfg, where))
+    sd = _strip_prefixes(state_dict)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if model.cfg.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: state dict does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model
+
+
+def read_meta(obj: dict[str, Any], path: Path) -> dict[str, Any]:
+    meta = dict(obj.get("meta") or obj.get("metadata") or {})
+    for k in ("step", "tokens", "flops"):
+        if k in obj and k not in meta:
+            meta[k] = obj[k]
+    if "step" not in meta:
+        m = _STEP_RE.search(path.name)
+        if m:
+            meta["step"] = int(m.group(1))
+    return meta
+
+
+def load_consolidated(path: Path):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {e}") from e
+    if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: not a consolidated megamor checkpoint (needs 'model' and 'config' keys, found {keys})")
+    return build_model(obj["config"], obj["model"], path), read_meta(obj, path)
+
+
+def is_hf_export(path: Path) -> bool:
+    cfg = path / "config.json"
+    return path.is_dir() and cfg.is_file() and (any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file())
+
+
+def load_hf(path: Path):
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:  # pragma: no cover - transformers is a dev extra
+        raise CheckpointError(f"{path}: loading a Hugging Face export needs `transformers`") from e
+    from megamor.model.hf import from_llama_state_dict, model_config_from_llama
+
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    if getattr(hf.config, "model_type", None) != "llama":
+        raise CheckpointError(f"{path}: only Llama-architecture exports map onto megamor models, got {hf.config.model_type!r}")
+    cfg = model_config_from_llama(hf.config)
+    return build_model(cfg, from_llama_state_dict(hf.state_dict()), path), {}
+
+
+def load_model(source: Any, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+    """The model (in eval mode) from any supported source; see the module docstring."""
+    model, _ = load_model_and_meta(source, device, dtype)
+    return model
+
+
+def load_model_and_meta(source: Any, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+    if isinstance(source, torch.nn.Module):
+        model, meta = source, {}
+    elif isinstance(source, CheckpointInfo):
+        model, meta = _load_path(source.path), dict(source.meta)
+        meta.setdefault("step", source.step)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if path.is_dir() and not is_hf_export(path):
+            newest = list_checkpoints(path)[-1]
+            return load_model_and_meta(newest, device, dtype)
+        model, meta = _load_path(path)
+    model = move(model, device, dtype)
+    model.eval()
+    return model, meta
+
+
+def move(model: torch.nn.Module, device: str | torch.device, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """model.to(device, dtype), a no-op when nothing changes."""
+    device = torch.device(device)
+    params = list(model.parameters()) + list(model.buffers())
+    if all(p.device.type == device.type and (device.index is None or p.device == device) for p in params) and (
+        dtype is None or all(p.dtype == dtype for p in model.parameters())
+    ):
+        return model
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+    # nn.Module._apply called explicitly: MoRLM defines its own `_apply` (a layer helper),
+    # which shadows the one `Module.to` relies on.
+    torch.nn.Module._apply(model, convert)
+    return model
+
+
+def _load_path(path: Path):
+    if path.is_file():
+        return load_consolidated(path)
+    if is_hf_export(path):
+        return load_hf(path)
+    if is_deepspeed_tag(path):
+        raise CheckpointError(
+            f"{path}: a DeepSpeed checkpoint tag; consolidate it first with `python -m megamor.export {path}` "
+            "(direct loading of DeepSpeed tags is not implemented yet)"
+        )
+    raise CheckpointError(f"{path}: not a checkpoint file, Hugging Face export or DeepSpeed tag")
+
+
+# -- run folders ----------------------------------------------------------------------
+COMPLETE_MARKERS = ("COMPLETE", "complete", ".complete", "DONE")
+
+
+def is_deepspeed_tag(path: Path) -> bool:
+    return path.is_dir() and (any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("*zero_pp_rank_*")))
+
+
+def _is_complete_tag(path: Path) -> bool:
+    return any((path / m).exists() for m in COMPLETE_MARKERS)
+
+
+def _peek_meta(path: Path) -> dict[str, Any]:
+    """Step/tokens/FLOPs of a consolidated file without building the model: a sidecar
+    `<file>.json` when present, else the file's own metadata."""
+    side = path.with_suffix(path.suffix + ".json")
+    if side.is_file():
+        return json.loads(side.read_text())
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return read_meta({}, path)
+    return read_meta(obj, path) if isinstance(obj, dict) else {}
+
+
+def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
+    """Every evaluable checkpoint of a run folder, oldest step first.
+
+    Looks at consolidated files (`*.pt`, `*.pth`, `*.bin`) and Hugging Face export folders in
+    the folder and in its `checkpoints/`, `export/`, `exports/` subfolders. Raises
+    CheckpointError when there is none (DeepSpeed tags without a completeness marker, or not
+    yet consolidated, are named in the message)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder not found: {run}")
+    found: list[CheckpointInfo] = []
+    pending: list[str] = []
+    for d in [run] + [run / s for s in ("checkpoints", "export", "exports") if (run / s).is_dir()]:
+        for p in sorted(d.iterdir()):
+            if p.is_file() and p.suffix in CONSOLIDATED_SUFFIXES and p.name != "pytorch_model.bin":
+                meta = _peek_meta(p)
+                found.append(CheckpointInfo(p, run.name, "consolidated", meta.get("step"), meta))
+            elif p.is_dir() and is_hf_export(p):
+                m = _STEP_RE.search(p.name)
+                found.append(CheckpointInfo(p, run.name, "hf", int(m.group(1)) if m else None))
+            elif p.is_dir() and is_deepspeed_tag(p):
+                pending.append(f"{p.name} ({'complete, not consolidated' if _is_complete_tag(p) else 'incomplete: no completeness marker'})")
+    if not found:
+        extra = f"; DeepSpeed tags found: {', '.join(pending)} - consolidate with `python -m megamor.export`" if pending else ""
+        raise CheckpointError(f"{run}: no complete checkpoint to evaluate{extra}")
+    found.sort(key=lambda c: (c.step is None, c.step if c.step is not None else 0, c.path.name))
+    return found
+
+
+def find_tokenizer(source: Any) -> Optional[Path]:
+    """A tokenizer stored beside a checkpoint (tokenizer.model or tokenizer/ in its folder or the run folder)."""
+    if isinstance(source, (torch.nn.Module, type(None))):
+        return None
+    p = Path(source.path if isinstance(source, CheckpointInfo) else source)
+    for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent]:
+        for cand in (d / "tokenizer.model", d / "tokenizer"):
+            if cand.exists():
+                return cand
+    return None

@@ -1,0 +1,158 @@
+"""lm-evaluation-harness model "megamor": any megamor checkpoint behind lm-eval's `LM` API.
+
+Python:
+    from megamor.eval.lm_eval_adapter import MegamorLM
+    lm = MegamorLM(model=model_or_checkpoint_path, tokenizer=tok_or_path, batch_size=16)
+    lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=TaskManager(include_path="evals/tasks"))
+Command line (lm-eval does not discover plugins, so a wrapper imports this module first):
+    python evals/lm_eval_megamor.py --model megamor --model_args checkpoint=run/,tokenizer=tok.model \
+        --include_path evals/tasks --tasks megamor_hellaswag
+
+Scoring goes through the same `Scorer` as the built-in harness (causal routing, right
+padding, content-ordered batches), and tokenization through lm-eval's own
+`TemplateLM._encode_pair` with `tok_encode` prepending EOS (the document-start token), so
+the two paths give the same numbers (tests/eval/test_lm_eval_parity.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+import lm_eval.models  # noqa: F401 - populate lm-eval's registry before adding to it
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from .checkpoint import find_tokenizer, load_model
+from .perplexity import rolling_requests
+from .scoring import Scorer
+from .tokenizer import EvalTokenizer, load_tokenizer
+
+
+def _bool(x: Any) -> bool:
+    return x if isinstance(x, bool) else str(x).lower() in ("1", "true", "yes")
+
+
+@register_model("megamor")
+class MegamorLM(TemplateLM):
+    def __init__(
+        self,
+        checkpoint: Optional[str] = None,
+        tokenizer: Optional[str | EvalTokenizer] = None,
+        model: Optional[torch.nn.Module | str] = None,
+        batch_size: int | str = 16,
+        max_batch_tokens: Optional[int | str] = None,
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+        max_length: Optional[int | str] = None,
+        add_prefix: bool | str = True,
+        max_gen_toks: int | str = 256,
+        progress: bool | str = False,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        source = model if model is not None else checkpoint
+        if source is None:
+            raise ValueError("megamor: pass checkpoint=<file|run folder|HF export> (or model=<nn.Module>)")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(source, device=device)
+        if tokenizer is None:
+            tokenizer = find_tokenizer(source)
+            if tokenizer is None:
+                raise ValueError("megamor: pass tokenizer=<sentencepiece .model or folder>; none found beside the checkpoint")
+        self.tok: EvalTokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str,)) or hasattr(tokenizer, "__fspath__") else tokenizer
+        if batch_size == "auto":
+            batch_size = 16
+        self.scorer = Scorer(
+            self.model,
+            batch_size=int(batch_size),
+            max_batch_tokens=int(max_batch_tokens) if max_batch_tokens else None,
+            max_length=int(max_length) if max_length else None,
+            dtype=dtype,
+            pad_id=self.tok.eos_id,
+            progress=_bool(progress),
+        )
+        self.add_prefix = _bool(add_prefix)
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = torch.device(device)
+
+    # -- tokenization (lm-eval calls these) ---------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.scorer.max_length
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tok, "path", "megamor-tokenizer"))
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs: Any) -> list[int]:
+        ids = self.tok.encode(string)
+        if self.add_prefix and add_special_tokens is not False:
+            ids = [self.tok.eos_id] + ids
+        return ids
+
+    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+        return self.tok.decode(tokens)
+
+    # -- the three request types --------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        results = self.scorer.loglikelihood(pairs)
+        for (key, _, _), res in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, res)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Disjoint windows of max_length, the first conditioned on EOS (lm-eval's definition)."""
+        reqs, owner = [], []
+        for i, (string,) in enumerate(r.args for r in requests):
+            for w in rolling_requests(self.tok.encode(string), self.tok.eos_id, self.max_length):
+                reqs.append(w)
+                owner.append(i)
+        scored = self.scorer.score_requests(reqs, desc="loglikelihood_rolling")
+        totals = [0.0] * len(requests)
+        for i, s in zip(owner, scored):
+            totals[i] += s.total
+        for r, t in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (r.args[0],), t)
+        return totals
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled with do_sample/temperature) decoding with the model's KV cache,
+        cut at the first `until` string."""
+        args = [r.args for r in requests]
+        out: list[Optional[str]] = [None] * len(args)
+        groups: dict[str, list[int]] = {}  # requests with the same generation settings decode together
+        for i, (_, kw) in enumerate(args):
+            groups.setdefault(repr(sorted((kw or {}).items())), []).append(i)
+        bs = self.scorer.batch_size
+        for idx in groups.values():
+            kw = dict(args[idx[0]][1] or {})
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
+            budget = max(1, self.max_length - max_new)
+            for start in range(0, len(idx), bs):
+                chunk = idx[start : start + bs]
+                prompts = [self.tok_encode(args[i][0])[-budget:] for i in chunk]
+                gen = self.model.generate(prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id)
+                for i, toks in zip(chunk, gen.tokens):
+                    text = self.tok.decode([t for t in toks if t != self.tok.eos_id])
+                    for u in until:
+                        if u and u in text:
+                            text = text.split(u)[0]
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", args[i], text)
+        return out  # type: ignore[return-value]

@@ -1,0 +1,44 @@
+"""Evaluation tasks read from local files in their native formats.
+
+    from megamor.eval.tasks import get_task
+    task = get_task("arc_easy")                 # default file under $MEGAMOR_DATA_DIR
+    task = get_task("arc_easy", path="x.jsonl")  # any file in the same format
+    docs = task.load()
+
+Adding a task:
+1. a reader `read(path) -> list[dict]` that keeps the native fields, adds `_src`
+   ("file:line") and raises `TaskDataError(path, line, reason)` on bad input;
+2. a `Task` subclass (see base.py) with `name`, `kind`, `metrics`, `default_file` and the
+   prompt hooks `doc_to_text` / `doc_to_choices` / `doc_to_target`;
+3. an entry in TASKS below;
+4. for lm-eval, `evals/tasks/megamor_<name>.yaml` with the same prompt in Jinja and a
+   `custom_dataset` line (see evals/tasks/megamor_tasks.py); the parity test compares them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .arc import ARCChallenge, ARCEasy, OpenBookQA
+from .base import Doc, Task, TaskDataError
+from .boolq import BoolQ
+from .hellaswag import HellaSwag
+from .lambada import Lambada
+from .piqa import PIQA
+from .winogrande import WinoGrande
+
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (HellaSwag, PIQA, ARCEasy, ARCChallenge, WinoGrande, Lambada, BoolQ, OpenBookQA)
+}
+# The paper's few-shot suite (MMLU aside).
+PAPER_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")
+
+
+def get_task(name: str, path: Optional[str | Path] = None, fewshot_path: Optional[str | Path] = None) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name](path=Path(path) if path else None, fewshot_path=Path(fewshot_path) if fewshot_path else None)
+
+
+__all__ = ["Doc", "Task", "TaskDataError", "TASKS", "PAPER_TASKS", "get_task"]
