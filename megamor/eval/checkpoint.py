@@ -143,8 +143,10 @@ def load_model_and_meta(source: Any, device: str | torch.device = "cpu", dtype: 
     if isinstance(source, torch.nn.Module):
         model, meta = source, {}
     elif isinstance(source, CheckpointInfo):
-        model, meta = _load_path(source.path), dict(source.meta)
-        meta.setdefault("step", source.step)
+        model, meta = _load_path(source.path)
+        meta = {**source.meta, **meta}
+        if meta.get("step") is None:
+            meta["step"] = source.step
     else:
         path = Path(source)
         if not path.exists():

@@ -1,0 +1,99 @@
+"""Checkpoint loading: consolidated files, run folders, HF exports, wrapper prefixes, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from megamor.eval.checkpoint import CheckpointError, find_tokenizer, list_checkpoints, load_model, load_model_and_meta
+
+
+def same_logits(a, b):
+    x = torch.randint(0, a.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.equal(a(x, causal_routing=True).logits, b(x, causal_routing=True).logits)
+
+
+def test_consolidated_file_roundtrip(mor_model, mor_checkpoint):
+    model, meta = load_model_and_meta(mor_checkpoint)
+    assert not model.training and meta["step"] == 40
+    assert same_logits(model, mor_model)
+    assert load_model(mor_model) is mor_model
+
+
+def test_prefixed_state_dict_and_experiment_config(mor_model, tmp_path):
+    sd = {"module." + k: v for k, v in mor_model.state_dict().items() if k != "lm_head.weight"}  # tied head omitted
+    p = tmp_path / "step_000120.pt"
+    torch.save({"model": sd, "config": {"model": dataclasses.asdict(mor_model.cfg), "train": {}}}, p)
+    model, meta = load_model_and_meta(p)
+    assert meta["step"] == 120 and same_logits(model, mor_model)
+
+
+def test_run_folder_lists_checkpoints_by_step(mor_model, tmp_path, spm_path):
+    run = tmp_path / "run1"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = dataclasses.asdict(mor_model.cfg)
+    for step in (200, 50, 1000):
+        torch.save({"model": mor_model.state_dict(), "config": cfg, "meta": {"step": step, "tokens": step * 1024}}, run / "checkpoints" / f"ckpt-{step}.pt")
+    (run / "tokenizer.model").write_bytes(spm_path.read_bytes())
+    cks = list_checkpoints(run)
+    assert [c.step for c in cks] == [50, 200, 1000] and cks[0].meta["tokens"] == 50 * 1024
+    _, meta = load_model_and_meta(run)  # a run folder means its newest checkpoint
+    assert meta["step"] == 1000
+    assert find_tokenizer(cks[0]) == run / "tokenizer.model"
+
+
+def test_run_folder_without_complete_checkpoint(tmp_path):
+    run = tmp_path / "run2"
+    tag = run / "global_step100"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"run2: no complete checkpoint to evaluate; DeepSpeed tags found: global_step100 \(incomplete"):
+        list_checkpoints(run)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_model(run)
+    with pytest.raises(CheckpointError, match="run folder not found"):
+        list_checkpoints(tmp_path / "missing")
+
+
+def test_bad_files(tmp_path, mor_model):
+    p = tmp_path / "x.pt"
+    torch.save({"state": 1}, p)
+    with pytest.raises(CheckpointError, match="not a consolidated megamor checkpoint"):
+        load_model(p)
+    p.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read as a torch checkpoint"):
+        load_model(p)
+    cfg = dataclasses.asdict(mor_model.cfg)
+    cfg["d_model"] = 32
+    torch.save({"model": mor_model.state_dict(), "config": cfg}, p)
+    with pytest.raises(Exception):
+        load_model(p)
+    cfg = dataclasses.asdict(mor_model.cfg)
+    cfg["sharing"] = "bogus"
+    torch.save({"model": mor_model.state_dict(), "config": cfg}, p)
+    with pytest.raises(Exception, match="config.sharing"):
+        load_model(p)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_model(tmp_path / "nope.pt")
+
+
+def test_hf_export_of_a_vanilla_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megamor.model import MoRLM
+    from megamor.model.hf import llama_config, to_llama_state_dict
+
+    import sys, pathlib  # noqa: E401
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from conftest import small_config
+
+    torch.manual_seed(1)
+    m = MoRLM(small_config(sharing="none", num_recursions=1, router=type(small_config().router)()))
+    hf = transformers.LlamaForCausalLM(llama_config(m.cfg))
+    hf.load_state_dict(to_llama_state_dict(m.cfg, m.state_dict()), strict=False)
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf")
+    assert same_logits(loaded, m)
