@@ -1,0 +1,78 @@
+"""Atomic file writes: write a hidden temp file beside the target, fsync, rename over it.
+
+A reader therefore sees either nothing or a complete file under the final name; a killed
+writer leaves only a `.NAME.tmp-*` file, which never matches a final name and is swept later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def temp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and TMP_MARK in path.name
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Rename a finished (already fsynced) temp file to its final name."""
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+@contextmanager
+def atomic_open(final: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    final = Path(final)
+    tmp = temp_path(final)
+    f = open(tmp, mode)
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        commit(tmp, final)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+def remove_temps(folder: Path, prefix: str = "") -> int:
+    """Delete leftover temp files (from killed writers) whose final name starts with prefix."""
+    n = 0
+    if not folder.is_dir():
+        return 0
+    for p in folder.iterdir():
+        if is_temp(p) and p.name[1:].startswith(prefix):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n

@@ -1,0 +1,91 @@
+"""The data section of an experiment config.
+
+`validate` (called by megamor.config when loading) checks values only; `check_paths` reads the
+shard folders and should run on every rank before distributed start-up, so a typo fails in
+seconds with the key that holds it (e.g. data.train[0]) instead of after the launcher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from megamor.config import ConfigError, key
+from megamor.data.errors import DataError
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # shard folders (tokenize_and_shard outputs)
+    train_weights: Optional[list[float]] = None  # blending weights; None: proportional to size
+    valid: list[str] = field(default_factory=list)  # folders whose `valid_split` is evaluated
+    train_split: str = "train"
+    valid_split: str = "valid"
+    seq_len: int = 2048
+    seed: int = 1234  # the global sample order is a function of this seed and the data
+    document_masking: bool = False  # batches carry position_ids and doc_ids (reset per document)
+    tokenizer: Optional[str] = None  # if set, must be the tokenizer the shards were made with
+
+    def validate(self, path: str = "") -> None:
+        if not self.train:
+            raise ConfigError(key(path, "train"), "needs at least one shard folder")
+        if self.seq_len < 1:
+            raise ConfigError(key(path, "seq_len"), f"must be >= 1, got {self.seq_len}")
+        if self.seed < 0:
+            raise ConfigError(key(path, "seed"), f"must be >= 0, got {self.seed}")
+        if self.train_weights is not None:
+            w = list(self.train_weights)
+            if len(w) != len(self.train):
+                raise ConfigError(key(path, "train_weights"), f"has {len(w)} entries for {len(self.train)} train folders")
+            for i, x in enumerate(w):
+                if not (math.isfinite(x) and x > 0):
+                    raise ConfigError(f"{key(path, 'train_weights')}[{i}]", f"must be a positive number, got {x}")
+        for name in ("train_split", "valid_split"):
+            if not getattr(self, name):
+                raise ConfigError(key(path, name), "must not be empty")
+
+    def check_paths(self, prefix: str = "data") -> dict[str, Any]:
+        """Check every folder holds a finished shard set with the needed split, all made with
+        one tokenizer; returns that tokenizer's manifest entry (vocab_size, eos_id, ...)."""
+        from megamor.data.manifest import load_manifest
+
+        tokenizer: dict[str, Any] | None = None
+        first = ""
+        entries = [("train", i, p, self.train_split) for i, p in enumerate(self.train)]
+        entries += [("valid", i, p, self.valid_split) for i, p in enumerate(self.valid)]
+        for field_name, i, p, split in entries:
+            k = f"{key(prefix, field_name)}[{i}]"
+            folder = Path(p)
+            if not folder.is_dir():
+                raise ConfigError(k, f"shard folder {p} not found")
+            try:
+                m = load_manifest(folder)
+            except DataError as e:
+                raise ConfigError(k, str(e)) from None
+            s = m["splits"].get(split)
+            if s is None:
+                raise ConfigError(k, f"{p} has no split {split!r} (has {list(m['splits'])})")
+            if s["tokens"] < self.seq_len + 1:
+                what = "train" if field_name == "train" else "evaluate"
+                raise ConfigError(k, f"split {split!r} of {p} has {s['tokens']} tokens, fewer than seq_len+1 = "
+                                     f"{self.seq_len + 1}: nothing to {what}")
+            if tokenizer is None:
+                tokenizer, first = m["tokenizer"], k
+            elif m["tokenizer"]["hash"] != tokenizer["hash"]:
+                raise ConfigError(k, f"{p} was tokenized with another tokenizer than {first} "
+                                     f"({m['tokenizer']['hash'][:12]} vs {tokenizer['hash'][:12]})")
+        assert tokenizer is not None
+        if self.tokenizer is not None:
+            from megamor.data.tokenizer import Tokenizer
+
+            k = key(prefix, "tokenizer")
+            try:
+                tok = Tokenizer.load(self.tokenizer)
+            except (FileNotFoundError, OSError, RuntimeError) as e:
+                raise ConfigError(k, f"{self.tokenizer}: {e}") from None
+            if tok.content_hash != tokenizer["hash"]:
+                raise ConfigError(k, f"{self.tokenizer} (hash {tok.content_hash[:12]}) is not the tokenizer the shards "
+                                     f"were made with (hash {tokenizer['hash'][:12]})")
+        return tokenizer
