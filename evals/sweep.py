@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Evaluate every checkpoint of some runs on some tasks; cached, so a rerun only does new work.
+
+    python evals/sweep.py runs/mor_a runs/vanilla_b --tasks hellaswag,piqa --limit 500 \
+        --ppl wikitext2=../shared/data/wikitext-2-raw/wiki.test.raw --ppl-split wikitext \
+        --tokenizer tok.model --out sweeps/s1
+    # -> sweeps/s1/results.csv, results.md, plots/<task>_<metric>.png (vs step, tokens, FLOPs)
+
+Job arrays (slurm/eval_sweep.sbatch): `--list` prints the checkpoints (one per line, index
+first); `--index I` evaluates only checkpoint I and writes no report; `--report-only` builds
+the table and plots from the cache without loading any model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megamor.eval.cli import set_threads
+from megamor.eval.sweep import Sweep, SweepConfig, discover
+from megamor.eval.tasks import PAPER_TASKS
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", help="run folders (every checkpoint) and/or checkpoint files")
+    p.add_argument("--out", required=True, help="sweep folder: cache/, results.csv, results.md, plots/")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated few-shot tasks ('' for none)")
+    p.add_argument("--ppl", action="append", default=[], metavar="NAME=FILE", help="perplexity on a text file")
+    p.add_argument("--ppl-split", default="file", choices=["file", "wikitext", "blank"])
+    p.add_argument("--ppl-max-docs", type=int, default=None)
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step, when checkpoints do not record tokens")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="print the checkpoints and exit")
+    mode.add_argument("--index", type=int, default=None, help="evaluate only this checkpoint (job-array task id)")
+    mode.add_argument("--report-only", action="store_true", help="table and plots from the cache; load no model")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    set_threads()
+    ckpts = discover(a.sources)
+    if a.list:
+        for i, c in enumerate(ckpts):
+            print(i, c.path)
+        return {"checkpoints": len(ckpts)}
+    cfg = SweepConfig(
+        tasks=[t.strip() for t in a.tasks.split(",") if t.strip()], ppl=dict(kv.split("=", 1) for kv in a.ppl),
+        ppl_split=a.ppl_split, ppl_max_docs=a.ppl_max_docs, stride=a.stride, num_fewshot=a.num_fewshot, limit=a.limit,
+        seed=a.seed, tokenizer=a.tokenizer, data_dir=a.data_dir, batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens,
+        max_length=a.max_length, device=a.device, dtype=a.dtype, tokens_per_step=a.tokens_per_step,
+    )
+    sweep = Sweep(cfg, a.out)
+    summary: dict = {}
+    if a.index is not None:
+        if not 0 <= a.index < len(ckpts):
+            sys.exit(f"--index {a.index} out of range: {len(ckpts)} checkpoints")
+        ckpts = [ckpts[a.index]]
+    if not a.report_only:
+        sweep.run(ckpts, progress=not a.no_progress)
+        summary.update(computed=sweep.computed, reused=sweep.reused, models_loaded=sweep.models_loaded)
+    if a.index is None:
+        summary.update(sweep.report(ckpts, plots=not a.no_plots))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
