@@ -1,0 +1,76 @@
+"""Depth analysis: per-token depth and loss against a direct forward pass, renderings, statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megamor.env import repo_root
+from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak. <b>Café</b> naïve — 日本語."
+
+
+def test_trace_matches_a_direct_forward(mor_model, tok):
+    tr = trace_depth(mor_model, tok, TEXT)
+    ids = [tok.eos_id] + tok.encode(TEXT)
+    with torch.no_grad():
+        out = mor_model(torch.tensor(ids)[None], causal_routing=True)
+    assert tr.depth.tolist() == out.stats.depth[0, 1:].tolist()
+    ref = F.cross_entropy(out.logits[0, 1:-1].double(), torch.tensor(ids[2:]), reduction="none").numpy()
+    np.testing.assert_allclose(tr.loss[:-1], ref, rtol=1e-5)
+    assert np.isnan(tr.loss[-1])
+    assert "".join(tr.pieces) == TEXT  # pieces (byte-fallback runs merged) reassemble the text
+    assert set(tr.depth.tolist()) == {1, 2}  # the trained router sends only some tokens deeper
+
+
+def test_windows_and_batching_do_not_change_depth(mor_model, tok):
+    long = TEXT * 6
+    a = trace_depth(mor_model, tok, long, max_length=40, batch_size=1)
+    b = trace_depth(mor_model, tok, long, max_length=40, batch_size=8)
+    assert len(a.depth) == len(tok.encode(long)) > 120
+    assert (a.depth == b.depth).all()
+    np.testing.assert_allclose(a.loss, b.loss, atol=1e-4)
+
+
+def test_renderings(mor_model, tok):
+    tr = trace_depth(mor_model, tok, TEXT)
+    term = render_terminal(tr, legend=False)
+    assert "\x1b[" in term and re.sub(r"\x1b\[[0-9;]*m", "", term).rstrip("\n") == TEXT
+    page = render_html([tr])
+    spans = re.findall(r'<span class="tok d(\d)" title="depth (\d)[^"]*">', page)
+    assert [int(d) for d, _ in spans] == tr.depth.tolist()  # the legend spans have no title
+    assert "&lt;b&gt;Caf" in page and "<b>Caf" not in page
+
+
+def test_statistics_and_plots(mor_model, tok, tmp_path):
+    trs = [trace_depth(mor_model, tok, TEXT), trace_depth(mor_model, tok, TEXT.upper())]
+    st = depth_statistics(trs)
+    depth = np.concatenate([t.depth for t in trs])
+    assert st.tokens == len(depth) and sum(st.depth_counts) == len(depth)
+    assert st.step_fraction == pytest.approx([(depth >= r).mean() for r in (1, 2)])
+    assert sum(b["tokens"] for b in st.freq_bins) == len(depth)
+    assert sum(b["tokens"] for b in st.loss_bins) == sum(int((~np.isnan(t.loss)).sum()) for t in trs)
+    means = [b["mean_depth"] for b in st.freq_bins]
+    assert all(1 <= m <= 2 for m in means)
+    pngs = write_depth_plots(st, tmp_path)
+    assert sorted(p.name for p in pngs) == ["depth_histogram.png", "depth_vs_frequency.png", "depth_vs_loss.png"]
+    assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_cli(mor_checkpoint, spm_path, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("depth_cli", repo_root() / "evals" / "depth.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cli.main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--text", TEXT, "--html", str(tmp_path / "d.html"),
+              "--plots", str(tmp_path / "p"), "--json", str(tmp_path / "s.json"), "--per-token"])
+    assert "\x1b[" in capsys.readouterr().out
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["stats"]["num_recursions"] == 2 and "".join(data["traces"][0]["pieces"]) == TEXT
+    assert (tmp_path / "d.html").is_file() and (tmp_path / "p" / "depth_histogram.png").is_file()
