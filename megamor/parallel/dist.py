@@ -1,0 +1,85 @@
+"""Starting and stopping the process group, and the few collectives the trainer uses.
+
+The backend follows the device: NCCL on CUDA, gloo on CPU (DeepSpeed with
+DS_ACCELERATOR=cpu). DeepSpeed's `init_distributed` is used so its `comm` layer and the
+torch.distributed default group are the same group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megamor.parallel.env import LaunchEnv, resolve_launch_env
+
+
+def default_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[LaunchEnv, torch.device]:
+    """Map the launcher's variables, pick the device, start the default process group."""
+    import deepspeed
+
+    env = resolve_launch_env()
+    device = default_device(env.local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+    return env, device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM, group: Any = None) -> torch.Tensor:
+    """In-place all-reduce; a no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s object on every rank (pickled; for small things like paths and decisions)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Optional[Any]] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+

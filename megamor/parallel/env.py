@@ -1,0 +1,97 @@
+"""Which process am I? One answer for every launcher.
+
+torchrun and the deepspeed launcher set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT. `srun` running one task per GPU sets SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS
+instead; a plain `python -m ...` sets nothing. `resolve_launch_env()` fills the torch.distributed
+variables for all three cases (without starting anything), so the rest of the code reads one
+set of variables.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import MutableMapping, Optional
+
+DEFAULT_SLURM_PORT_BASE = 20000
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torch (torchrun / deepspeed launcher) | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list ("n[1-3],m" -> "n1"), via scontrol when present."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        hosts = out.stdout.split()
+        if hosts:
+            return hosts[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    # Fallback parser for the common "prefix[a-b,c]" form.
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        return prefix + rest.rstrip("]").split(",")[0].split("-")[0]
+    return head
+
+
+def resolve_launch_env(env: Optional[MutableMapping[str, str]] = None) -> LaunchEnv:
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in `env` (default os.environ)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torch"
+        env.setdefault("LOCAL_RANK", env.get("LOCAL_RANK", "0"))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and env.get("SLURM_STEP_ID") is not None:
+        # srun, one task per process. (Inside an sbatch script without srun, SLURM_PROCID is 0
+        # and SLURM_NTASKS the allocation's task count: SLURM_STEP_ID tells a real step.)
+        launcher = "slurm"
+        env["RANK"] = env["SLURM_PROCID"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        if "MASTER_ADDR" not in env:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+            env["MASTER_ADDR"] = first_slurm_host(nodelist)
+        if "MASTER_PORT" not in env:
+            # Same on every task without talking: derived from the job id.
+            env["MASTER_PORT"] = str(DEFAULT_SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 10000)
+    else:
+        launcher = "single"
+        env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = "0", "0", "1"
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    return LaunchEnv(
+        rank=int(env["RANK"]),
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        world_size=int(env["WORLD_SIZE"]),
+        master_addr=env["MASTER_ADDR"],
+        master_port=int(env["MASTER_PORT"]),
+        launcher=launcher,
+    )
+
+
+def peek_world_size(env: Optional[MutableMapping[str, str]] = None) -> int:
+    """The world size the launcher asks for, read without changing anything."""
+    env = dict(os.environ if env is None else env)
+    return resolve_launch_env(env).world_size

@@ -1,0 +1,70 @@
+"""python -m megamor.train --config configs/experiments/X.yaml [key=value ...]
+
+Runs as one plain process, under torchrun, under the deepspeed launcher, or under srun (one
+task per process). The whole config is loaded and checked (unknown keys, batch sizes that do
+not divide over the world size, data paths, tokenizer) before any process group starts.
+Exit codes: see megamor/train/signals.py (0 done, 1 failed, 2 bad config, 75 stopped by a
+signal after a complete checkpoint: rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from megamor.config import ConfigError
+from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m megamor.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later ones override)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.max_steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
+    args = parse_args(argv)
+    from megamor.parallel.env import peek_world_size
+    from megamor.train.config import check_before_launch, load_experiment, to_yaml
+
+    try:
+        cfg = load_experiment(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        tokenizer = check_before_launch(cfg, peek_world_size())
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"megamor.train: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from megamor.parallel import dist as pdist
+    from megamor.train.trainer import Trainer
+
+    env, device = pdist.init_distributed()
+    try:
+        return Trainer(cfg, env, device, tokenizer).setup().fit()
+    except Exception:
+        print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    finally:
+        pdist.shutdown()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

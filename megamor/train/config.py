@@ -1,0 +1,322 @@
+"""The experiment config: one typed tree holding everything a training run needs.
+
+    name, run_dir, seed
+    model      ModelConfig   (from `model_config: path.yaml`, then `model:` keys on top)
+    data       DataConfig
+    batch      global / micro batch sizes (accumulation is derived from the world size)
+    optim      AdamW hyper-parameters and implementation
+    schedule   warmup-stable-decay (the paper's) or cosine
+    deepspeed  ZeRO stage, precision, raw DeepSpeed keys
+    trainer    steps, activation checkpointing, non-finite handling, MFU peak
+    checkpoint every / keep-last / resume
+    eval       validation every M steps
+    logging    console + metrics.jsonl cadence
+    wandb      online / offline / disabled
+
+Everything that can be checked without starting processes is checked by `load_experiment`
+(values, unknown keys) and `check_before_launch` (world-size divisibility, data paths,
+tokenizer vs vocabulary): a ConfigError names the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from megamor.config import ConfigError, from_node, key, merge_sources
+from megamor.data.config import DataConfig
+from megamor.env import repo_root
+from megamor.model.config import ModelConfig
+
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("wsd", "cosine", "constant")
+OPTIM_IMPLS = ("auto", "torch", "torch_fused", "deepspeed_fused")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class BatchConfig:
+    global_batch_size: int = 512  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+
+    def validate(self, path: str) -> None:
+        for name in ("global_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(key(path, name), "must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                key(path, "global_batch_size"),
+                f"{self.global_batch_size} is not divisible by micro_batch_size {self.micro_batch_size}",
+            )
+
+    def accumulation_steps(self, dp_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * dp_size)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0  # global norm; 0 disables
+    # auto: torch AdamW (fused kernels on CUDA, no JIT build); deepspeed_fused: DeepSpeed's
+    # FusedAdam (JIT-compiled on first use unless prebuilt).
+    impl: str = "auto"
+
+    def validate(self, path: str) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(key(path, "lr"), f"must be a positive number, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(key(path, "betas"), f"must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise ConfigError(key(path, "eps"), "must be positive")
+        if self.weight_decay < 0:
+            raise ConfigError(key(path, "weight_decay"), "must be >= 0")
+        if self.grad_clip < 0:
+            raise ConfigError(key(path, "grad_clip"), "must be >= 0 (0 disables clipping)")
+        if self.impl not in OPTIM_IMPLS:
+            raise ConfigError(key(path, "impl"), f"must be one of {OPTIM_IMPLS}, got {self.impl!r}")
+
+
+@dataclass
+class ScheduleConfig:
+    type: str = "wsd"  # wsd (warmup-stable-decay, the paper's) | cosine | constant
+    warmup_steps: Optional[int] = None  # overrides warmup_fraction
+    warmup_fraction: float = 0.05
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to min_lr_ratio * lr
+    decay_shape: str = "linear"  # wsd decay: linear | cosine
+    min_lr_ratio: float = 0.0
+
+    def validate(self, path: str) -> None:
+        if self.type not in SCHEDULES:
+            raise ConfigError(key(path, "type"), f"must be one of {SCHEDULES}, got {self.type!r}")
+        if self.decay_shape not in ("linear", "cosine"):
+            raise ConfigError(key(path, "decay_shape"), f"must be linear or cosine, got {self.decay_shape!r}")
+        for name in ("warmup_fraction", "decay_fraction", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(key(path, name), f"must be in [0, 1], got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(key(path, "warmup_steps"), "must be >= 0")
+
+    def warmup(self, max_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round(self.warmup_fraction * max_steps))
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 1
+    precision: str = "bf16"  # fp32 | bf16 (bf16 keeps fp32 master weights in the optimizer)
+    # Raw DeepSpeed config keys, merged last (e.g. {"zero_optimization": {"overlap_comm": true}}).
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(key(path, "zero_stage"), f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(key(path, "precision"), f"must be one of {PRECISIONS}, got {self.precision!r}")
+        for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer"):
+            if k in self.config:
+                raise ConfigError(key(path, f"config.{k}"), "is set by megamor (batch.* / optim.*), not here")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: Optional[int] = None  # optimizer steps; or give max_tokens
+    max_tokens: Optional[int] = None  # converted to steps of global_batch_size * seq_len tokens
+    activation_checkpointing: bool = False  # recompute every layer application (non-reentrant)
+    max_consecutive_nonfinite: int = 5  # non-finite losses skip the step; this many in a row abort
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
+    device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once at start
+
+    def validate(self, path: str) -> None:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ConfigError(key(path, "max_steps"), "give exactly one of trainer.max_steps and trainer.max_tokens")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(key(path, "max_steps"), "must be >= 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(key(path, "max_tokens"), "must be >= 1")
+        if self.max_consecutive_nonfinite < 1:
+            raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # 0: only at the end (and on a stop signal)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    resume: bool = True  # start from the newest complete checkpoint in run_dir/checkpoints
+    save_final: bool = True
+
+    def validate(self, path: str) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(key(path, "every_steps"), "must be >= 0")
+        if self.keep_last < 1:
+            raise ConfigError(key(path, "keep_last"), "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 500  # validation loss every M steps (0: only at the end)
+    max_batches: Optional[int] = 50  # per validation folder; None: the whole split
+    micro_batch_size: Optional[int] = None  # default batch.micro_batch_size
+    causal_routing: bool = True  # expert choice: also report the loss with causal (threshold) routing
+    at_end: bool = True
+
+    def validate(self, path: str) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(key(path, "every_steps"), "must be >= 0")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(key(path, "max_batches"), "must be >= 1 (or null for the whole split)")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # metrics to console, metrics.jsonl and W&B every N steps
+    progress_bar: bool = True  # only drawn when stderr is a terminal
+
+    def validate(self, path: str) -> None:
+        if self.log_every < 1:
+            raise ConfigError(key(path, "log_every"), "must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    mode: Optional[str] = None  # online | offline | disabled; None: $WANDB_MODE, else disabled
+    project: str = "megamor"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # default: the experiment name
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self, path: str) -> None:
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            raise ConfigError(key(path, "mode"), f"must be one of {WANDB_MODES}, got {self.mode!r}")
+
+    def resolved_mode(self) -> str:
+        mode = self.mode or os.environ.get("WANDB_MODE") or "disabled"
+        return mode if mode in WANDB_MODES else "disabled"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "run"
+    run_dir: Optional[str] = None  # default runs/<name>; checkpoints, metrics, W&B live here
+    seed: int = 1234  # model initialisation (the data order has its own data.seed)
+    model_config: Optional[str] = None  # a configs/model/*.yaml; `model:` keys are applied on top
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, path: str = "") -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(key(path, "name"), f"must be a non-empty name without '/', got {self.name!r}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(key(path, "data.seq_len"), f"{self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        steps = self.max_steps
+        warm = self.schedule.warmup(steps)
+        decay = int(round(self.schedule.decay_fraction * steps)) if self.schedule.type == "wsd" else 0
+        if warm + decay > steps:
+            raise ConfigError(key(path, "schedule.warmup_steps"), f"warmup {warm} + decay {decay} steps exceed the {steps} training steps")
+
+    # -- derived ----------------------------------------------------------------------
+    @property
+    def max_steps(self) -> int:
+        if self.trainer.max_steps is not None:
+            return self.trainer.max_steps
+        per_step = self.batch.global_batch_size * self.data.seq_len
+        return max(1, -(-int(self.trainer.max_tokens or 0) // per_step))
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    @property
+    def eval_micro_batch_size(self) -> int:
+        return self.eval.micro_batch_size or self.batch.micro_batch_size
+
+
+# -- loading ------------------------------------------------------------------------------
+def resolve_path(p: str, what: str) -> Path:
+    """A relative path is taken from the working directory, else from the repository root."""
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    alt = repo_root() / path
+    if alt.exists():
+        return alt
+    raise ConfigError(what, f"file not found: {p} (looked in {Path.cwd()} and {repo_root()})")
+
+
+def merge_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
+    """The untyped experiment node: YAML files, overrides, and the model file under `model:`."""
+    node = merge_sources(config_paths, overrides)
+    model_file = node.get("model_config") if OmegaConf.is_dict(node) else None
+    if model_file:
+        base = merge_sources([resolve_path(str(model_file), "model_config")])
+        node.model = OmegaConf.merge(base, node.get("model") or {})
+    return node
+
+
+def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Typed, validated config. Raises ConfigError naming the key."""
+    if isinstance(config_paths, (str, Path)):
+        config_paths = [config_paths]
+    return from_node(ExperimentConfig, merge_experiment(config_paths, overrides))
+
+
+def experiment_from_dict(d: dict[str, Any]) -> ExperimentConfig:
+    return from_node(ExperimentConfig, OmegaConf.create(d))
+
+
+def to_container(cfg: ExperimentConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# -- checks that need the launch environment or the file system ----------------------------
+def check_world(cfg: ExperimentConfig, world_size: int) -> int:
+    """The gradient-accumulation steps for this world size (data parallel = world)."""
+    b = cfg.batch
+    if world_size < 1:
+        raise ConfigError("batch", f"world size must be >= 1, got {world_size}")
+    if b.global_batch_size % (b.micro_batch_size * world_size):
+        raise ConfigError(
+            "batch.global_batch_size",
+            f"{b.global_batch_size} is not divisible by micro_batch_size {b.micro_batch_size} x "
+            f"data-parallel size {world_size} = {b.micro_batch_size * world_size}",
+        )
+    return b.accumulation_steps(world_size)
+
+
+def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """Every check that can fail before a process group exists. Returns the shards' tokenizer
+    entry (hash, vocab_size, eos_id, ...)."""
+    check_world(cfg, world_size)
+    tokenizer = cfg.data.check_paths("data")
+    vocab = int(tokenizer.get("vocab_size", 0))
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's vocabulary {vocab}")
+    run = cfg.run_path
+    probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise ConfigError("run_dir", f"{run}: {probe} is not writable")
+    return tokenizer

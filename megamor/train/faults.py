@@ -1,0 +1,59 @@
+"""Fault injection for tests of crash safety: real failures at chosen moments.
+
+MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
+    sigkill_after_step=K     SIGKILL this process right after optimizer step K
+    sigkill_during_save=K    SIGKILL after the checkpoint of step K is on disk but before
+                             its completeness marker (a crash mid-save)
+    nan_loss_at_step=K[:K2]  make the loss of steps K..K2 non-finite (on every rank)
+    rank=R                   only rank R does the sigkill faults (default: all ranks)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Optional
+
+ENV = "MEGAMOR_FAULTS"
+
+
+@dataclass
+class Faults:
+    sigkill_after_step: Optional[int] = None
+    sigkill_during_save: Optional[int] = None
+    nan_from: Optional[int] = None
+    nan_to: Optional[int] = None
+    rank: Optional[int] = None
+
+    @classmethod
+    def from_env(cls) -> "Faults":
+        f = cls()
+        for item in filter(None, os.environ.get(ENV, "").split(",")):
+            name, _, value = item.partition("=")
+            if name == "sigkill_after_step":
+                f.sigkill_after_step = int(value)
+            elif name == "sigkill_during_save":
+                f.sigkill_during_save = int(value)
+            elif name == "nan_loss_at_step":
+                lo, _, hi = value.partition(":")
+                f.nan_from, f.nan_to = int(lo), int(hi or lo)
+            elif name == "rank":
+                f.rank = int(value)
+            else:
+                raise ValueError(f"{ENV}: unknown fault {name!r}")
+        return f
+
+    def _mine(self, rank: int) -> bool:
+        return self.rank is None or self.rank == rank
+
+    def after_step(self, step: int, rank: int) -> None:
+        if self.sigkill_after_step == step and self._mine(rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def during_save(self, step: int, rank: int) -> None:
+        if self.sigkill_during_save == step and self._mine(rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def nan_loss(self, step: int) -> bool:
+        return self.nan_from is not None and self.nan_from <= step <= (self.nan_to or self.nan_from)

@@ -1,0 +1,152 @@
+"""Where metrics go (rank 0 only): the console (a progress bar on terminals), metrics.jsonl
+in the run folder (one JSON object per logged step or evaluation), and W&B.
+
+W&B runs online, offline (files under run_dir/wandb, `wandb sync` later) or disabled. The run
+id is created once and kept in run_dir/wandb_id (and in every checkpoint), so a resumed run
+continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from megamor.data.atomic import atomic_open
+from megamor.train.config import ExperimentConfig
+
+WANDB_ID_FILE = "wandb_id"
+METRICS_FILE = "metrics.jsonl"
+
+
+def wandb_run_id(run_dir: Path, from_checkpoint: Optional[str]) -> str:
+    path = run_dir / WANDB_ID_FILE
+    if from_checkpoint:
+        run_id = from_checkpoint
+    elif path.is_file() and path.read_text().strip():
+        run_id = path.read_text().strip()
+    else:
+        import secrets
+
+        run_id = secrets.token_hex(4)
+    if not path.is_file() or path.read_text().strip() != run_id:
+        with atomic_open(path, "w") as f:
+            f.write(run_id + "\n")
+    return run_id
+
+
+def _fmt_si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
+    parts = [f"step {step}/{max_steps}"]
+    if "train/loss" in m:
+        parts.append(f"loss {m['train/loss']:.4f}")
+    if "train/lr" in m:
+        parts.append(f"lr {m['train/lr']:.2e}")
+    if m.get("train/grad_norm") is not None:
+        parts.append(f"gnorm {m['train/grad_norm']:.3f}")
+    if "perf/tokens_per_s" in m:
+        parts.append(f"{_fmt_si(m['perf/tokens_per_s'])} tok/s")
+    if m.get("perf/mfu") is not None:
+        parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
+    if "router/mean_depth" in m:
+        sel = "/".join(f"{m[k]:.2f}" for k in sorted(m) if k.startswith("router/selected_frac_r"))
+        parts.append(f"depth {m['router/mean_depth']:.2f} (sel {sel})")
+    if m.get("train/skipped_steps"):
+        parts.append(f"skipped {m['train/skipped_steps']}")
+    if "perf/peak_mem_gb" in m:
+        parts.append(f"mem {m['perf/peak_mem_gb']:.2f}GB")
+    return " | ".join(parts)
+
+
+class RunLogger:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, enabled: bool, start_step: int, wandb_id: Optional[str],
+                 config_dict: dict[str, Any]):
+        self.enabled = enabled
+        self.max_steps = cfg.max_steps
+        self.wandb = None
+        self.bar = None
+        self.jsonl = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / METRICS_FILE, "a", buffering=1)
+        if cfg.logging.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.max_steps, initial=start_step, dynamic_ncols=True, desc=cfg.name)
+        mode = cfg.wandb.resolved_mode()
+        if mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=cfg.wandb.name or cfg.name,
+                group=cfg.wandb.group,
+                tags=list(cfg.wandb.tags) or None,
+                id=wandb_id,
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode,
+                config=config_dict,
+            )
+
+    @property
+    def wandb_dir(self) -> Optional[str]:
+        return getattr(self.wandb, "dir", None) if self.wandb is not None else None
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def log(self, step: int, metrics: dict[str, Any], histograms: Optional[dict[str, tuple[list, list]]] = None,
+            console: bool = True) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        record = {"step": step, "time": time.time(), **clean}
+        if histograms:
+            record.update({f"{k}/counts": list(c) for k, (c, _) in histograms.items()})
+        assert self.jsonl is not None
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            import numpy as np
+            import wandb
+
+            payload: dict[str, Any] = {k: v for k, v in metrics.items() if v is not None}
+            for k, (counts, edges) in (histograms or {}).items():
+                payload[k] = wandb.Histogram(np_histogram=(np.asarray(counts, dtype=float), np.asarray(edges, dtype=float)))
+            self.wandb.log(payload, step=step)
+        if console and any(k.startswith("train/") for k in metrics):
+            self.print(format_line(step, self.max_steps, metrics))
+        elif console:
+            self.print(f"step {step}: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,120 @@
+"""Training metrics: MoR-aware FLOPs, MFU/HFU, throughput, memory, router statistics.
+
+FLOPs are counted from what actually ran: each micro-batch's per-recursion token counts
+(`out.stats.tokens_per_step`) go through the model's `forward_flops`, so a recursion step
+costs only for the tokens routed to it. Training = 3 x forward (MFU, useful work); with
+activation recomputation the hardware also redoes the forward: 4 x (HFU).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megamor.model.config import ModelConfig
+from megamor.model.flops import forward_flops
+
+# Dense bf16 peak per device (TFLOP/s), by substring of torch.cuda.get_device_name().
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "A10G": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "V100": 125.0,
+}
+
+
+def batch_forward_flops(cfg: ModelConfig, batch: int, seq_len: int, tokens_per_step: list[int]) -> float:
+    """Forward FLOPs of a micro-batch, from the tokens (whole batch) that ran each step."""
+    if not tokens_per_step:
+        return batch * forward_flops(cfg, seq_len, [])
+    per_seq = [n / batch for n in tokens_per_step]
+    return batch * forward_flops(cfg, seq_len, per_seq)
+
+
+def measure_cpu_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 4) -> float:
+    """This machine's matmul rate (a proxy for its peak) with the current thread count."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    dt = time.perf_counter() - t
+    return 2 * n**3 * reps / dt / 1e12
+
+
+def peak_tflops(device: torch.device, precision: str, configured: Optional[float], probe_cpu: bool) -> Optional[float]:
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tf if precision == "bf16" else tf / 2  # tf32-ish; fp32 MFU is rarely quoted
+        return None
+    if probe_cpu:
+        return measure_cpu_tflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+@dataclass
+class StepTimer:
+    """Wall time of a step split into data loading and the rest."""
+
+    start: float = field(default_factory=time.perf_counter)
+    data: float = 0.0
+
+    def data_section(self) -> "_Section":
+        return _Section(self)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class _Section:
+    def __init__(self, timer: StepTimer):
+        self.timer = timer
+
+    def __enter__(self) -> None:
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.data += time.perf_counter() - self.t
+
+
+@dataclass
+class WindowStats:
+    """Sums over the steps since the last log line (rank 0 holds the global, reduced values)."""
+
+    steps: int = 0
+    loss: float = 0.0
+    tokens: float = 0.0
+    flops: float = 0.0  # model FLOPs (3 x forward), all ranks
+    time: float = 0.0
+    data_time: float = 0.0
+    skipped: int = 0
+    grad_norm: float = 0.0
+    grad_norm_steps: int = 0
+    aux: dict[str, float] = field(default_factory=dict)
+    tokens_per_step: list[float] = field(default_factory=list)  # routed tokens per recursion
+    depth_hist: Optional[torch.Tensor] = None  # token counts by depth 0..N_r
+
+    def add_routing(self, tokens_per_step: list[float], depth_hist: torch.Tensor) -> None:
+        if not self.tokens_per_step:
+            self.tokens_per_step = [0.0] * len(tokens_per_step)
+        self.tokens_per_step = [a + b for a, b in zip(self.tokens_per_step, tokens_per_step)]
+        self.depth_hist = depth_hist.clone() if self.depth_hist is None else self.depth_hist + depth_hist

@@ -1,0 +1,80 @@
+"""AdamW with parameter groups, and a step that can be skipped.
+
+Groups: weight decay for matrices; none for norms, biases (any 1-D parameter) and the token
+embedding (tied to the LM head when tie_embeddings), unless optim.decay_embeddings.
+
+Skipping: a non-finite loss must not reach the weights or the Adam moments. DeepSpeed only
+skips steps on its own for fp16 (and ZeRO-1/2 with some bf16 settings), so the check is made
+here, in the optimizer DeepSpeed wraps: the trainer sets `skip_next_step` (agreed by all
+ranks) before `engine.step()`, and `step()` then leaves parameters, moments and the Adam step
+count untouched. DeepSpeed still clears the gradients as usual. This works for every ZeRO
+stage because each one ends in the client optimizer's `step()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from megamor.train.config import OptimConfig
+
+NO_DECAY = "no_decay"
+DECAY = "decay"
+
+
+class SkippableStep:
+    """Mixin for a torch optimizer: `skip_next_step = True` turns the next step() into a no-op."""
+
+    skip_next_step: bool = False
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.skip_next_step:
+            return None
+        return super().step(closure)  # type: ignore[misc]
+
+
+def skippable(cls: type) -> type:
+    return type(f"Skippable{cls.__name__}", (SkippableStep, cls), {})
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Two groups (decay / no decay), each parameter once even when tied or shared."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim < 2 or (id(p) in embedding_ids and not cfg.decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": DECAY},
+        {"params": no_decay, "weight_decay": 0.0, "name": NO_DECAY},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def group_hparams(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-group settings to re-apply after loading a checkpoint (see checkpoint.py)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in groups]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    impl = cfg.impl
+    if impl == "auto":
+        impl = "torch_fused" if device.type == "cuda" else "torch"
+    if impl == "deepspeed_fused":
+        from deepspeed.ops.adam import FusedAdam
+
+        return skippable(FusedAdam)(groups, adam_w_mode=True, **kw)
+    if impl == "torch_fused":
+        return skippable(torch.optim.AdamW)(groups, fused=True, **kw)
+    return skippable(torch.optim.AdamW)(groups, foreach=device.type == "cuda", **kw)
