@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megamor.data.cli import main_guard  # noqa: E402
+from megamor.data.cli import main_guard
 
 
 def main() -> int:

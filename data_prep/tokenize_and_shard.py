@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megamor.data.cli import add_input_args, main_guard, read_options  # noqa: E402
+from megamor.data.cli import add_input_args, main_guard, read_options
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ _EXPORTS = {
     "OutputExistsError": "megamor.data.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = tuple(sorted(_EXPORTS))
 
 
 def __getattr__(name: str) -> Any:

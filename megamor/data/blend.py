@@ -11,7 +11,7 @@ fresh permutation per epoch: within an epoch of a source no window repeats or is
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from megamor.data.readers import ReadOptions
 from megamor.data.sources import TXT_MODES

@@ -20,7 +20,14 @@ from megamor.data.atomic import remove_temps, write_json
 from megamor.data.errors import DataError
 from megamor.data.manifest import FORMAT, MANIFEST, PLAN, VERSION
 from megamor.data.readers import ReadStats
-from megamor.data.shards import NpyStreamWriter, docs_name, npy_size, shard_name, shard_sizes, write_npy
+from megamor.data.shards import (
+    NpyStreamWriter,
+    docs_name,
+    npy_size,
+    shard_name,
+    shard_sizes,
+    write_npy,
+)
 from megamor.data.sources import Unit
 from megamor.data.tokenize_units import SPLITS, part_paths, read_done
 from megamor.data.tokenizer import file_sha256
@@ -84,7 +91,7 @@ class _SplitWriter:
         docs_sha = write_npy(self.out / docs_name(self.split, self.k), docs, np.dtype(np.int64))
         self.meta.append({
             "file": final.name, "docs_file": docs_name(self.split, self.k), "tokens": n,
-            "documents": int(len(docs)), "sha256": sha, "docs_sha256": docs_sha,
+            "documents": len(docs), "sha256": sha, "docs_sha256": docs_sha,
         })
         self.writer = None
 

@@ -14,8 +14,9 @@ tokens)). A state saved in the middle of a global batch resumes only under the s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -19,9 +19,10 @@ import multiprocessing as mp
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from megamor.data.atomic import remove_temps, write_json
 from megamor.data.errors import DataError, OutputExistsError
@@ -103,17 +104,23 @@ def make_plan(inputs: Sequence[str], tok: Tokenizer, s: ShardSettings, hf_split:
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What makes an existing plan or manifest another run than `new` (a plan), for the error."""
     diffs = []
-    for k in ("tokenizer", "dtype", "settings", "sources"):
-        if k == "tokenizer" and old.get(k, {}).get("hash") == new[k]["hash"]:
-            continue
-        if k == "settings":
-            for sk, v in new[k].items():
-                if old.get(k, {}).get(sk) != v:
-                    diffs.append(f"settings.{sk}: {old.get(k, {}).get(sk)!r} -> {v!r}")
-        elif old.get(k) != new[k]:
-            diffs.append(f"{k} differ")
-    return "; ".join(diffs) or "different run fingerprint"
+    if old.get("tokenizer", {}).get("hash") != new["tokenizer"]["hash"]:
+        diffs.append("another tokenizer")
+    if old.get("dtype") != new["dtype"]:
+        diffs.append(f"dtype: {old.get('dtype')} -> {new['dtype']}")
+    old_settings = old.get("settings", {})
+    for k, v in new["settings"].items():
+        if k in old_settings and old_settings[k] != v:
+            diffs.append(f"settings.{k}: {old_settings[k]!r} -> {v!r}")
+
+    def files(d: dict[str, Any]) -> list[tuple[Any, Any]]:
+        return [(s.get("path"), s.get("size")) for s in d.get("sources", [])]
+
+    if files(old) != files(new):
+        diffs.append("other input files")
+    return "; ".join(diffs) or "the input files were modified since"
 
 
 def _clean(out: Path) -> None:

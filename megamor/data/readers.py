@@ -16,8 +16,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from megamor.data.errors import DataError
 from megamor.data.sources import Source, Unit, load_hf
@@ -43,7 +44,7 @@ class ReadStats:
     input_bytes: int = 0
     bad_line_examples: list[str] = field(default_factory=list)
 
-    def add(self, other: "ReadStats") -> None:
+    def add(self, other: ReadStats) -> None:
         for k in ("documents", "empty_skipped", "bad_lines_skipped", "blank_lines", "replaced_chars", "input_bytes"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         room = MAX_EXAMPLES - len(self.bad_line_examples)
@@ -53,7 +54,7 @@ class ReadStats:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReadStats":
+    def from_dict(cls, d: dict[str, Any]) -> ReadStats:
         return cls(**d)
 
 

@@ -10,9 +10,10 @@ order gives the same token stream however the work was spread.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from megamor.data.errors import DataError
 

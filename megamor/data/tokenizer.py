@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
@@ -34,7 +34,7 @@ class Tokenizer:
         self.content_hash = file_sha256(self.path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """`path` is a .model file or a folder holding tokenizer.model."""
         p = Path(path)
         if p.is_dir():

@@ -11,17 +11,22 @@ result depends on the thread count, which is therefore a fixed setting, not the 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
+import io
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
-from megamor.data.atomic import commit, fsync_dir, temp_path, write_json
+from megamor.data.atomic import atomic_open, fsync_dir, write_json
 from megamor.data.errors import DataError, OutputExistsError
 from megamor.data.readers import ReadOptions, ReadStats, iter_documents
 from megamor.data.sources import plan_units, resolve_sources
-from megamor.data.tokenizer import INFO_FILE, MODEL_FILE, VOCAB_FILE, Tokenizer, file_sha256
+from megamor.data.tokenizer import (
+    INFO_FILE,
+    MODEL_FILE,
+    VOCAB_FILE,
+    Tokenizer,
+    file_sha256,
+)
 
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 16384  # longer lines are cut into pieces for training only
@@ -59,7 +64,7 @@ def train_tokenizer(
     sample_fraction: float = 1.0,
     seed: int = 0,
     num_threads: int = 8,
-    read: ReadOptions = ReadOptions(),
+    read: ReadOptions | None = None,
     hf_split: str = "train",
     allow_empty_inputs: bool = False,
     soft_vocab_limit: bool = False,
@@ -67,6 +72,8 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Writes tokenizer.model, tokenizer.vocab and tokenizer_info.json (last) into out_dir."""
     import sentencepiece as spm
+
+    read = read or ReadOptions()
 
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"model_type must be bpe or unigram, got {model_type!r}")
@@ -85,40 +92,39 @@ def train_tokenizer(
     stats = ReadStats()
     t0 = time.time()
     spm.set_random_generator_seed(seed)
-    work = Path(tempfile.mkdtemp(prefix=".train-", dir=out))
+    model = io.BytesIO()  # not model_prefix: the proto would record a (temp) path, breaking determinism
     try:
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=_sentences(inputs, read, stats, sample_fraction, seed, hf_split, allow_empty_inputs),
-                model_prefix=str(work / "tokenizer"),
-                vocab_size=vocab_size,
-                model_type=model_type,
-                character_coverage=character_coverage,
-                input_sentence_size=max_sentences,
-                shuffle_input_sentence=True,
-                max_sentence_length=MAX_SENTENCE_BYTES,
-                byte_fallback=True,
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                split_digits=True,
-                allow_whitespace_only_pieces=True,
-                user_defined_symbols=["\n"],
-                unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=PAD,
-                num_threads=num_threads,
-                hard_vocab_limit=not soft_vocab_limit,
-                minloglevel=2,
-            )
-        except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small corpus
-            hint = " (lower --vocab-size, or pass --soft-vocab-limit)" if "Vocabulary size" in str(e) else ""
-            raise DataError(f"sentencepiece training failed: {e}{hint}") from None
-        if stats.documents == 0:
-            raise DataError(f"no documents found in {list(inputs)}")
-        for name in (MODEL_FILE, VOCAB_FILE):
-            tmp = temp_path(out / name)
-            shutil.move(str(work / name), tmp)
-            commit(tmp, out / name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(inputs, read, stats, sample_fraction, seed, hf_split, allow_empty_inputs),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"],
+            unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+            num_threads=num_threads,
+            hard_vocab_limit=not soft_vocab_limit,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small corpus
+        hint = " (lower --vocab-size, or pass --soft-vocab-limit)" if "Vocabulary size" in str(e) else ""
+        raise DataError(f"sentencepiece training failed: {e}{hint}") from None
+    if stats.documents == 0:
+        raise DataError(f"no documents found in {list(inputs)}")
+    with atomic_open(out / MODEL_FILE, "wb") as f:
+        f.write(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with atomic_open(out / VOCAB_FILE, "w") as f:  # piece<TAB>score, one line per id ("\n" written escaped)
+        for i in range(sp.get_piece_size()):
+            f.write(f"{sp.id_to_piece(i).replace(chr(10), chr(92) + 'n')}\t{sp.get_score(i):g}\n")
     tok = Tokenizer(out / MODEL_FILE)
     info = {
         "format": "megamor-tokenizer",

@@ -78,7 +78,7 @@ def run_tool(script: str, *args: str, check: bool = True, timeout: float = 120) 
     return p
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """Every file of a folder (recursively) by relative name, except run reports."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith("report")}
+def outputs(folder: Path) -> dict[str, bytes]:
+    """The output of a tokenize_and_shard run: shards, document indexes and the manifest."""
+    files = sorted(folder.glob("*.npy")) + [folder / "manifest.json"]
+    return {p.name: p.read_bytes() for p in files}

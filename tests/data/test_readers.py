@@ -17,8 +17,9 @@ from megamor.data.text import decode_utf8
 BIG = 1 << 62
 
 
-def read_all(paths, opts=ReadOptions(), unit_bytes=BIG, allow_empty=False):
-    sources, skipped = resolve_sources([str(p) for p in paths], allow_empty=allow_empty)
+def read_all(paths, opts=None, unit_bytes=BIG, allow_empty=False):
+    opts = opts or ReadOptions()
+    sources, _ = resolve_sources([str(p) for p in paths], allow_empty=allow_empty)
     stats = ReadStats()
     docs = []
     for u in plan_units(sources, opts.txt_mode, unit_bytes, BIG):
@@ -138,8 +139,7 @@ def test_byte_range_units_cover_every_line_once(tmp_path, mode, suffix):
     texts = [t if t.strip() else "x" for t in texts]
     p = tmp_path / f"in{suffix}"
     with open(p, "w", newline="") as f:
-        for i, t in enumerate(texts):
-            f.write((json.dumps({"text": t}) if mode == "jsonl" else t) + ("\r\n" if i % 3 == 0 else "\n"))
+        f.writelines((json.dumps({"text": t}) if mode == "jsonl" else t) + ("\r\n" if i % 3 == 0 else "\n") for i, t in enumerate(texts))
     opts = ReadOptions(txt_mode="line")
     want, _ = read_all([p], opts)
     assert want == texts
@@ -160,7 +160,7 @@ def test_compressed_and_parquet_match_jsonl(tmp_path):
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
     pq.write_table(pa.table({"text": texts, "id": list(range(300))}), tmp_path / "a.parquet", row_group_size=64)
     for name in ("a.jsonl.gz", "a.jsonl.zst", "a.parquet"):
-        docs, st = read_all([tmp_path / name])
+        docs, _ = read_all([tmp_path / name])
         assert docs == texts, name
     sources, _ = resolve_sources([str(tmp_path / "a.parquet")])
     assert len(plan_units(sources, "paragraph", BIG, BIG)) == 5  # one unit per row group
