@@ -6,7 +6,9 @@ Python:
     lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=TaskManager(include_path="evals/tasks"))
 Command line (lm-eval does not discover plugins, so a wrapper imports this module first):
     python evals/lm_eval_megamor.py --model megamor --model_args checkpoint=run/,tokenizer=tok.model \
-        --include_path evals/tasks --tasks megamor_hellaswag
+        --batch_size 32 --include_path evals/tasks --tasks megamor_hellaswag
+(lm-eval passes --batch_size and --device itself; model_args takes checkpoint, tokenizer,
+dtype, max_length, max_batch_tokens, add_prefix, max_gen_toks, progress.)
 
 Scoring goes through the same `Scorer` as the built-in harness (causal routing, right
 padding, content-ordered batches), and tokenization through lm-eval's own
@@ -55,7 +57,8 @@ class MegamorLM(TemplateLM):
         source = model if model is not None else checkpoint
         if source is None:
             raise ValueError("megamor: pass checkpoint=<file|run folder|HF export> (or model=<nn.Module>)")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI defaults to cuda
         self.model = load_model(source, device=device)
         if tokenizer is None:
             tokenizer = find_tokenizer(source)
