@@ -134,6 +134,11 @@ def finalize(out_dir: str | Path, keep_parts: bool = False) -> dict[str, Any]:
     """Check every unit is done, write the shards, then the manifest (last); returns it."""
     out = Path(out_dir)
     plan = load_plan(out)
+    done = out / MANIFEST
+    if done.is_file():
+        manifest = json.loads(done.read_text())
+        if manifest.get("run_fingerprint") == plan["run_fingerprint"]:
+            return manifest  # already merged
     parts = out / "parts"
     units = [Unit(**u) for u in plan["units"]]
     results, missing = [], []

@@ -59,6 +59,9 @@ class TrainLoader:
         for f, s in zip(cfg.train, self.sources):
             if len(s) == 0:
                 raise DataError(f"{f}: split {cfg.train_split!r} has fewer than seq_len+1 = {cfg.seq_len + 1} tokens")
+        hashes = {s.shards.tokenizer["hash"] for s in self.sources}
+        if len(hashes) > 1:
+            raise DataError(f"the train folders {cfg.train} were made with {len(hashes)} different tokenizers")
         counts = [len(s) for s in self.sources]
         weights = list(cfg.train_weights) if cfg.train_weights else [float(c) for c in counts]
         self.order = GlobalOrder(counts, weights, cfg.seed)
@@ -99,6 +102,11 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             yield self.next_batch()
+
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        """The shards' tokenizer entry: hash, vocab_size, bos_id, eos_id, pad_id, unk_id."""
+        return dict(self.sources[0].shards.tokenizer)
 
     # -- progress ----------------------------------------------------------------------------
     @property

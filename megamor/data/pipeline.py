@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megamor.data.atomic import remove_temps, write_json
+from megamor.data.atomic import is_temp, remove_temps, write_json
 from megamor.data.errors import DataError, OutputExistsError
 from megamor.data.finalize import finalize
 from megamor.data.manifest import MANIFEST, PLAN, REPORT, canonical_hash
@@ -134,6 +134,14 @@ def _clean(out: Path) -> None:
     remove_temps(out)
 
 
+def _foreign(out: Path) -> list[str]:
+    """Entries a tokenize_and_shard run would not have written (other tasks of an array may be
+    creating plan.json or parts/ right now: those are not foreign)."""
+    ours = ("parts", *OUR_FILES)
+    return sorted(p.name for p in out.iterdir()
+                  if not (p.name in ours or is_temp(p) or p.name.startswith(("train-", "valid-", "report"))))
+
+
 def prepare_output(out: Path, plan: dict[str, Any], overwrite: bool) -> bool:
     """Make `out` ready for this plan; True if it already holds this run's finished output."""
     out.mkdir(parents=True, exist_ok=True)
@@ -149,9 +157,9 @@ def prepare_output(out: Path, plan: dict[str, Any], overwrite: bool) -> bool:
         if old.get("fingerprint") != plan["fingerprint"]:
             raise OutputExistsError(f"{out} holds an unfinished run with other inputs or settings "
                                     f"({_differences(old, plan)}); pass --overwrite to replace it")
-    elif not overwrite and any(out.iterdir()):
-        raise OutputExistsError(f"{out} is not empty and is not a tokenize_and_shard folder; "
-                                "choose an empty folder or pass --overwrite")
+    elif not overwrite and _foreign(out):
+        raise OutputExistsError(f"{out} is not empty and is not a tokenize_and_shard folder (holds "
+                                f"{', '.join(_foreign(out)[:3])}); choose an empty folder or pass --overwrite")
     if overwrite:
         _clean(out)
     if not old_plan.is_file() or overwrite:
@@ -204,6 +212,8 @@ def tokenize_and_shard(
     t0 = time.time()
     out = Path(out_dir)
     tok = Tokenizer.load(tokenizer)
+    if tok.eos_id < 0:
+        raise DataError(f"{tok.path}: the tokenizer has no EOS piece, which separates documents in the shards")
     plan = make_plan(inputs, tok, s, hf_split, allow_empty_inputs)
     for p in plan["skipped_empty_inputs"]:
         log(f"warning: skipping empty input {p}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from megamor.data.dataset import ShardSet
@@ -35,3 +36,30 @@ def test_errors_exit_1_with_one_line(tmp_path):
     assert p.returncode == 1 and f"{bad}:2: not JSON" in p.stderr and "Traceback" not in p.stderr
     p = run_tool("merge_shards.py", str(tmp_path / "nothing"), check=False)
     assert p.returncode == 1 and "no plan" in p.stderr
+
+
+def test_slurm_array_script_tasks_then_merge(tmp_path, small_books):
+    """slurm/tokenize_array.sbatch as SLURM runs it (array tasks, then merge) equals one run."""
+    import os
+    import subprocess
+
+    from megamor.data.demo_corpus import write_demo_corpus
+    from megamor.data.tokenizer_train import train_tokenizer
+
+    from .conftest import REPO, outputs
+
+    write_demo_corpus(tmp_path / "demo.jsonl", seed=2, target_bytes=300_000)
+    inputs = [small_books[1], str(tmp_path / "demo.jsonl")]
+    tok = train_tokenizer(inputs, tmp_path / "tok", vocab_size=800, num_threads=2)
+    args = [*inputs, "--tokenizer", str(tok.path), "--out", str(tmp_path / "arr"), "--unit-mb", "0.1"]
+    script = str(REPO / "slurm" / "tokenize_array.sbatch")
+    env = {**os.environ, "PYTHON": sys.executable, "MEGAMOR_ROOT": str(REPO), "NUM_TASKS": "3", "SLURM_CPUS_PER_TASK": "1"}
+    for i in (1, 0, 2):
+        p = subprocess.run(["bash", script, *args], env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, capture_output=True, text=True, check=False)
+        assert p.returncode == 0 and f"task {i} of 3 done" in p.stderr, p.stderr
+    p = subprocess.run(["bash", script, "merge", str(tmp_path / "arr")], env=env, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    run_tool("tokenize_and_shard.py", *args[:-4], "--out", str(tmp_path / "single"), "--workers", "1")
+    assert outputs(tmp_path / "arr") == outputs(tmp_path / "single")
+    p = subprocess.run(["bash", script, "merge", str(tmp_path / "arr")], env=env, capture_output=True, text=True, check=False)
+    assert p.returncode == 0  # merging a finished folder is a no-op

@@ -169,6 +169,12 @@ def test_output_folder_of_another_run_is_refused(reference, mixed_inputs, tokeni
         tokenize_and_shard(mixed_inputs, foreign, tokenizer_dir, settings, **QUIET)
     with pytest.raises(DataError, match="overwrite with --num-tasks"):
         tokenize_and_shard(mixed_inputs, out, tokenizer_dir, settings, num_tasks=2, overwrite=True, **QUIET)
+    # What another array task may be writing at the same moment is not foreign.
+    racing = tmp_path / "racing"
+    (racing / "parts").mkdir(parents=True)
+    (racing / ".plan.json.tmp-99-abcdef12").write_text("{")
+    r = tokenize_and_shard(mixed_inputs, racing, tokenizer_dir, settings, num_tasks=2, task_index=0, **QUIET)
+    assert r.units_done > 0
 
 
 def test_bad_input_counts_reach_the_manifest(tmp_path, tokenizer_dir):
