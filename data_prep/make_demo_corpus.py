@@ -2,7 +2,7 @@
 invented world, questions on them, arithmetic and sequences, as jsonl ({"text", "kind",
 "answers"}: answers are the character spans of looked-up or computed tokens).
 
-  python data_prep/make_demo_corpus.py --out data/demo/demo_corpus.jsonl --mb 4
+  python data_prep/make_demo_corpus.py --out out/demo/demo_corpus.jsonl --mb 4
 """
 
 from __future__ import annotations

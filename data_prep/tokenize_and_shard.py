@@ -4,8 +4,8 @@ Rerunning an interrupted run keeps finished work; the same inputs give byte-iden
 whatever --workers, --num-tasks or --unit-mb. On a SLURM array, run every task with
 --num-tasks N --task-index $SLURM_ARRAY_TASK_ID into one shared --out, then merge_shards.py.
 
-  python data_prep/tokenize_and_shard.py data/demo/demo_corpus.jsonl \\
-      --tokenizer data/demo/tokenizer --out data/demo/shards --workers 2
+  python data_prep/tokenize_and_shard.py out/demo/demo_corpus.jsonl \\
+      --tokenizer out/demo/tokenizer --out out/demo/shards --workers 2
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main() -> int:
     p.add_argument("--unit-rows", type=int, default=100_000, help="work unit size for HF datasets (no effect on output)")
     p.add_argument("--num-tasks", type=int, default=1, help="number of tasks sharing the work (job array)")
     p.add_argument("--task-index", type=int, default=0, help="this task, in [0, num_tasks)")
-    p.add_argument("--overwrite", action="store_true", help="replace another run's output in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's output in --out (an identical finished run is kept)")
     p.add_argument("--keep-parts", action="store_true", help="keep the per-unit intermediate files")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args()

@@ -3,7 +3,7 @@
 Writes OUT/tokenizer.model, OUT/tokenizer.vocab and OUT/tokenizer_info.json (settings, content
 hash, special ids: unk=0 bos=1 eos=2 pad=3).
 
-  python data_prep/train_tokenizer.py data/demo/demo_corpus.jsonl --out data/demo/tokenizer --vocab-size 2048
+  python data_prep/train_tokenizer.py out/demo/demo_corpus.jsonl --out out/demo/tokenizer --vocab-size 2048
 """
 
 from __future__ import annotations

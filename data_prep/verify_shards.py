@@ -1,7 +1,7 @@
 """Check shard folders against their manifests (sizes, sha256, token ids < vocab, document
 index); print the first problem with its file and offset and exit 1, or OK.
 
-  python data_prep/verify_shards.py data/demo/shards
+  python data_prep/verify_shards.py out/demo/shards
 """
 
 from __future__ import annotations

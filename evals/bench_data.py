@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def child_baseline(files: list[str], tokenizer: str) -> dict:
 def child_shard(files: list[str], tokenizer: str, out: str, workers: int) -> dict:
     from megamor.data.pipeline import ShardSettings, tokenize_and_shard
 
+    shutil.rmtree(out, ignore_errors=True)  # an identical finished run would be a no-op
     c0 = _cpu_seconds()
     r = tokenize_and_shard(files, out, tokenizer, ShardSettings(), workers=workers, overwrite=True,
                            progress=False, log=lambda m: None)

@@ -146,10 +146,11 @@ def prepare_output(out: Path, plan: dict[str, Any], overwrite: bool) -> bool:
     """Make `out` ready for this plan; True if it already holds this run's finished output."""
     out.mkdir(parents=True, exist_ok=True)
     manifest, old_plan = out / MANIFEST, out / PLAN
-    if manifest.is_file() and not overwrite:
+    if manifest.is_file():
         old = json.loads(manifest.read_text())
         if old.get("run_fingerprint") == plan["run_fingerprint"]:
-            return True
+            return True  # this very run finished earlier (even with overwrite: nothing to replace)
+    if manifest.is_file() and not overwrite:
         raise OutputExistsError(f"{out} holds another run's manifest ({_differences(old, plan)}); "
                                 "pass --overwrite to replace it")
     if old_plan.is_file() and not overwrite:

@@ -50,3 +50,17 @@ def test_answers_are_correct_and_marked():
 
 def np_diff(xs):
     return [b - a for a, b in zip(xs, xs[1:])]
+
+
+def test_prepare_demo_data_builds_then_reuses(tmp_path):
+    from megamor.data.dataset import ShardSet
+    from megamor.data.demo_data import prepare_demo_data
+
+    d = prepare_demo_data(tmp_path, mb=0.5, vocab_size=1024, log=lambda m: None)
+    n = ShardSet(d.shards, "train").num_tokens
+    assert n > 100_000 and ShardSet(d.shards, "valid").num_tokens > 0
+    stamps = {p: p.stat().st_mtime_ns for p in (d.corpus, d.tokenizer, d.shards / "train-00000.npy")}
+    again = prepare_demo_data(tmp_path, mb=0.5, vocab_size=1024, log=lambda m: None)
+    assert again == d and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    bigger = prepare_demo_data(tmp_path, mb=0.6, vocab_size=1024, log=lambda m: None)
+    assert ShardSet(bigger.shards, "train").num_tokens > n
