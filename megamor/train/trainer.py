@@ -18,6 +18,7 @@ model is built plainly and activation checkpointing is switched on from here.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -55,6 +56,9 @@ from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest
 
 TRAINER_STATE = "trainer_state.pt"
+
+# DeepSpeed 0.19 calls collectives torch 2.13 deprecates, once per call: one line per step.
+warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,6 +113,7 @@ class Trainer:
         plan = self._plan_resume()
         torch.manual_seed(cfg.seed)
         model = fix_module_apply(MoRLM(cfg.model))
+        self.n_params = (model.num_params(), model.num_params(non_embedding=True))  # before ZeRO-3 partitions them
         if cfg.trainer.activation_checkpointing:
             model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
@@ -128,10 +133,8 @@ class Trainer:
         self.peak_tflops = peak_tflops(self.device, cfg.deepspeed.precision, cfg.trainer.peak_tflops,
                                        cfg.trainer.device_tflops_probe)
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
-        n_params = self.model.num_params()
         self.logger.print(
-            f"megamor: {cfg.name} | {n_params / 1e6:.2f}M params ({self.model.num_params(non_embedding=True) / 1e6:.2f}M "
-            f"non-embedding) | world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
+            f"megamor: {cfg.name} | {self.n_params[0] / 1e6:.2f}M params ({self.n_params[1] / 1e6:.2f}M non-embedding) | world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
