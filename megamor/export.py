@@ -1,0 +1,121 @@
+"""python -m megamor.export RUN_DIR [--tag step_00001000] [--out DIR]
+
+Turns a training checkpoint (any ZeRO stage; ZeRO-3 shards are consolidated with DeepSpeed's
+zero_to_fp32) into a self-contained folder:
+
+    DIR/megamor.pt         fp32 {"model": state dict, "config": model config, "step", "tokens", "flops"}
+    DIR/megamor.pt.json    the same metadata, readable without torch
+    DIR/config.json        Hugging Face config: LlamaConfig for vanilla models (load with
+                           transformers.LlamaForCausalLM.from_pretrained(DIR)); for MoR models
+                           {"model_type": "megamor", "megamor": {...}} (load with load_exported)
+    DIR/model.safetensors  the weights, Llama names for vanilla models, megamor names for MoR
+    DIR/tokenizer.model    when the run's tokenizer is known
+
+Default DIR: RUN_DIR/export/<tag>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megamor.data.atomic import write_json
+from megamor.model.config import ModelConfig
+
+CONSOLIDATED = "megamor.pt"
+MOR_MODEL_TYPE = "megamor"
+
+
+def _is_vanilla(cfg: ModelConfig) -> bool:
+    return cfg.sharing == "none" and cfg.router.type == "none"
+
+
+def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Optional[Path]:
+    for cand in ([Path(cfg_data.tokenizer)] if cfg_data.tokenizer else []) + [run_dir / "tokenizer", run_dir / "tokenizer.model"]:
+        p = cand / "tokenizer.model" if cand.is_dir() else cand
+        if p.is_file():
+            return p
+    return None
+
+
+def export(run_dir: str | Path, out: Optional[str | Path] = None, tag: Optional[str] = None) -> Path:
+    from safetensors.torch import save_file
+
+    from megamor.model.hf import llama_config, to_llama_state_dict
+    from megamor.train.checkpoint import consolidated_state_dict, experiment_of, resolve_tag
+
+    ref = resolve_tag(run_dir, tag)
+    exp = experiment_of(ref)
+    cfg = exp.model
+    run = ref.root.parent
+    out_dir = Path(out) if out else run / "export" / ref.tag
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    sd = consolidated_state_dict(ref)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
+    meta = {"step": ref.step, "tokens": ref.meta.get("tokens"), "flops": ref.meta.get("flops"), "source": str(ref.path),
+            "run": exp.name}
+    torch.save({"model": sd, "config": dataclasses.asdict(cfg), **meta}, out_dir / CONSOLIDATED)
+    write_json(out_dir / f"{CONSOLIDATED}.json", meta)
+
+    if _is_vanilla(cfg):
+        llama_config(cfg).save_pretrained(out_dir)
+        weights = to_llama_state_dict(cfg, sd)
+    else:
+        write_json(out_dir / "config.json", {"model_type": MOR_MODEL_TYPE, "architectures": ["MoRLM"],
+                                             "megamor": dataclasses.asdict(cfg), **meta})
+        weights = sd
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tok = _find_tokenizer(exp.data, run)
+    if tok is not None:
+        shutil.copy2(tok, out_dir / "tokenizer.model")
+    return out_dir
+
+
+def load_exported(path: str | Path):
+    """(MoRLM, ModelConfig) from an export folder (vanilla or MoR) or its megamor.pt."""
+    from megamor.config import from_node
+    from megamor.model import MoRLM
+    from megamor.train.compat import fix_module_apply
+
+    p = Path(path)
+    f = p / CONSOLIDATED if p.is_dir() else p
+    obj = torch.load(f, map_location="cpu", weights_only=True)
+    cfg = from_node(ModelConfig, obj["config"], prefix="config")
+    model = fix_module_apply(MoRLM(cfg))
+    missing, unexpected = model.load_state_dict(obj["model"], strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"{f}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), cfg
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megamor.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run folder (newest complete checkpoint) or a checkpoint tag folder")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: the newest complete)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export/<tag>)")
+    args = p.parse_args(argv)
+    from megamor.train.checkpoint import CheckpointError
+
+    try:
+        out = export(args.run_dir, args.out, args.tag)
+    except CheckpointError as e:
+        print(f"megamor.export: {e}", file=sys.stderr)
+        return 1
+    info = json.loads((out / f"{CONSOLIDATED}.json").read_text())
+    print(f"exported step {info['step']} of {info['run']} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
