@@ -38,12 +38,6 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _peak_rss_mib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024
-
-
 def child_baseline(files: list[str], tokenizer: str) -> dict:
     """Plain sentencepiece: paragraphs of the normalised books, encoded one by one."""
     import sentencepiece as spm
@@ -69,11 +63,44 @@ def child_shard(files: list[str], tokenizer: str, out: str, workers: int) -> dic
     return {"seconds": r.seconds, "cpu_seconds": _cpu_seconds() - c0, "tokens": tokens}
 
 
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _hwm_mib(pid: int) -> float:
+    """Peak RSS of a process since its exec (VmHWM; ru_maxrss would include the forking parent's)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def run_child(args: list[str]) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False)
+    """Run one measurement in a fresh process, sampling the peak RSS of it and its workers."""
+    p = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    peak: dict[int, float] = {}
+    while p.poll() is None:
+        for pid in _tree(p.pid):
+            peak[pid] = max(peak.get(pid, 0.0), _hwm_mib(pid))
+        time.sleep(0.02)
+    out, err = p.communicate()
     if p.returncode:
-        raise RuntimeError(p.stderr)
-    return json.loads(p.stdout.strip().splitlines()[-1])
+        raise RuntimeError(err)
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_mib"] = max(peak.values(), default=0.0)
+    return res
 
 
 def bench_loader(shards: str, seq_len: int, micro: int, steps: int, masking: bool) -> float:
@@ -122,7 +149,6 @@ def main() -> int:
             res = child_baseline(rest, tokenizer)
         else:
             res = child_shard(rest[2:], tokenizer, rest[0], int(rest[1]))
-        res["peak_rss_mib"] = _peak_rss_mib()
         print(json.dumps(res))
         return 0
 

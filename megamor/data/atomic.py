@@ -38,31 +38,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def commit(tmp: Path, final: Path) -> None:
-    """Rename a finished (already fsynced) temp file to its final name."""
+def commit(tmp: Path, final: Path, durable: bool = True) -> None:
+    """Rename a finished (already fsynced, if durable) temp file to its final name."""
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    if durable:
+        fsync_dir(final.parent)
 
 
 @contextmanager
-def atomic_open(final: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_open(final: str | Path, mode: str = "wb", durable: bool = True) -> Iterator[IO[Any]]:
+    """durable=False skips fsync: still atomic for readers and against a killed process, but not
+    against power loss; for intermediate files whose reuse is checked anyway."""
     final = Path(final)
     tmp = temp_path(final)
     f = open(tmp, mode)
     try:
         yield f
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
         f.close()
-        commit(tmp, final)
+        commit(tmp, final, durable)
     except BaseException:
         f.close()
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_open(path, "w") as f:
+def write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
+    with atomic_open(path, "w", durable) as f:
         json.dump(obj, f, indent=1, sort_keys=False)
         f.write("\n")
 

@@ -33,7 +33,7 @@ from megamor.data.tokenize_units import SPLITS, part_paths, read_done
 from megamor.data.tokenizer import file_sha256
 
 _DOC_CHUNK = 1 << 20
-_TOKEN_CHUNK = 1 << 23
+_TOKEN_CHUNK = 1 << 21
 
 
 def load_plan(out_dir: Path) -> dict[str, Any]:
@@ -110,20 +110,21 @@ def _write_split(out: Path, parts: Path, units: list[Unit], results: list[dict],
             if res[split]["tokens"] == 0:
                 continue
             tok_path, len_path = part_paths(parts, unit, split)
-            tokens = np.memmap(tok_path, dtype=dtype, mode="r")
-            lens = np.memmap(len_path, dtype=np.int64, mode="r")
-            t = 0
-            for d in range(0, len(lens), _DOC_CHUNK):
-                chunk = np.asarray(lens[d : d + _DOC_CHUNK])
-                ends = np.cumsum(chunk)
-                starts = pos + t + np.concatenate([[0], ends[:-1]])
-                span = int(ends[-1])
-                for c in range(0, span, _TOKEN_CHUNK):
-                    piece = np.asarray(tokens[t + c : t + min(c + _TOKEN_CHUNK, span)])
-                    w.add(piece, starts if c == 0 else np.zeros(0, np.int64))
-                t += span
+            # Plain chunked reads, not memmap: mapped pages would count as resident memory.
+            with open(tok_path, "rb") as tf, open(len_path, "rb") as lf:
+                t = 0
+                while True:
+                    chunk = np.fromfile(lf, dtype=np.int64, count=_DOC_CHUNK)
+                    if not len(chunk):
+                        break
+                    ends = np.cumsum(chunk)
+                    starts = pos + t + np.concatenate([[0], ends[:-1]])
+                    span = int(ends[-1])
+                    for c in range(0, span, _TOKEN_CHUNK):
+                        piece = np.fromfile(tf, dtype=dtype, count=min(_TOKEN_CHUNK, span - c))
+                        w.add(piece, starts if c == 0 else np.zeros(0, np.int64))
+                    t += span
             pos += t
-            del tokens, lens
     except BaseException:
         w.abort()
         raise

@@ -82,7 +82,7 @@ def line_number(path: str, offset: int) -> int:
     return n
 
 
-_BLOCK = 1 << 22
+_BLOCK = 1 << 20
 
 
 class _LineBlocks:
