@@ -208,6 +208,8 @@ def _iter_jsonl(source: Source, unit: Unit, opts: ReadOptions, stats: ReadStats)
             lineno += 1
             line_offset = offset
             offset += len(raw) + 1
+            if line_offset == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM
+                raw = raw[3:]
             if not raw.strip():
                 stats.blank_lines += 1
                 continue

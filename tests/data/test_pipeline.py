@@ -203,6 +203,21 @@ def test_valid_split_is_by_document_and_keeps_duplicates_together(tmp_path, toke
     assert r.manifest["splits"]["valid"]["documents"] == len(valid)
 
 
+def test_documents_longer_than_a_shard(tmp_path, small_books, tokenizer_dir):
+    """Whole-file documents spanning many shards: shards without a document start verify, read back."""
+    from megamor.data.verify import verify_shards
+
+    out = tmp_path / "long"
+    tokenize_and_shard(small_books, out, tokenizer_dir, ShardSettings(shard_tokens=20_000, valid_fraction=0.0,
+                       read=ReadOptions(txt_mode="file")), **QUIET)
+    m = json.loads((out / "manifest.json").read_text())
+    docs_per_shard = [s["documents"] for s in m["splits"]["train"]["shards"]]
+    assert len(docs_per_shard) > 10 and docs_per_shard.count(0) > 8 and sum(docs_per_shard) == 2
+    verify_shards(out)
+    tok = Tokenizer.load(tokenizer_dir)
+    assert shard_documents(out, "train", tok) == expected_documents(small_books, ReadOptions(txt_mode="file"))
+
+
 def test_token_dtype_by_vocab_size():
     assert token_dtype(2000) == np.uint16 and token_dtype(65535) == np.uint16
     assert token_dtype(65536) == np.uint32 and token_dtype(128_256) == np.uint32

@@ -126,6 +126,13 @@ def test_bad_jsonl_lines_skipped_under_flag(tmp_path):
     assert st.bad_line_examples[0].startswith(f"{p}:3: not JSON") and st.bad_line_examples[1].startswith(f"{p}:8: no field")
 
 
+def test_jsonl_with_bom_and_crlf(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')
+    docs, _ = read_all([p])
+    assert docs == ["first", "second"]
+
+
 def test_nested_text_field(tmp_path):
     p = _jsonl(tmp_path, [json.dumps({"meta": {"body": "deep"}})])
     docs, _ = read_all([p], ReadOptions(text_field="meta.body"))
