@@ -37,7 +37,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batch-tokens", type=int, default=None)
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])

@@ -3,11 +3,12 @@
 `load_model(source)` is the one seam every entry point goes through. It accepts
 - an `nn.Module` (returned as is),
 - a consolidated file: `torch.save({"model": state_dict, "config": model-config dict,
-  optional "step"/"tokens"/"flops" or "meta": {...}})` (what `python -m megamor.export` writes),
-- a Hugging Face export folder (`config.json` of a Llama model + weights; vanilla models only),
+  optional "step"/"tokens"/"flops" or "meta": {...}})`, e.g. `megamor.pt` of an export,
+- an export folder of `python -m megamor.export` (its `megamor.pt`), or a Hugging Face
+  Llama folder (`config.json` + weights; vanilla models only),
+- a DeepSpeed checkpoint tag of a training run (`checkpoints/step_NNNNNNNN/` with its
+  COMPLETE marker; any ZeRO stage, consolidated in memory by megamor.train.checkpoint),
 - a run folder: its newest complete checkpoint.
-DeepSpeed checkpoint tags inside a run folder are recognised but must be consolidated first
-(`python -m megamor.export`); loading them directly is the extension point for training.
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ def load_model_and_meta(source: Any, device: str | torch.device = "cpu", dtype: 
         path = Path(source)
         if not path.exists():
             raise CheckpointError(f"checkpoint not found: {path}")
-        if path.is_dir() and not is_hf_export(path):
-            newest = list_checkpoints(path)[-1]
-            return load_model_and_meta(newest, device, dtype)
+        if path.is_dir() and describe(path, path.name) is None:
+            if is_deepspeed_tag(path):  # a tag that describe() refused: say why
+                raise CheckpointError(f"{path}: an incomplete DeepSpeed checkpoint (no COMPLETE marker, or its files changed size)")
+            return load_model_and_meta(list_checkpoints(path)[-1], device, dtype)
         model, meta = _load_path(path)
     model = move(model, device, dtype)
     model.eval()
@@ -181,26 +183,44 @@ def move(model: torch.nn.Module, device: str | torch.device, dtype: Optional[tor
 def _load_path(path: Path):
     if path.is_file():
         return load_consolidated(path)
+    if (path / EXPORT_FILE).is_file():
+        return load_consolidated(path / EXPORT_FILE)
+    if is_deepspeed_tag(path):
+        return load_deepspeed_tag(path)
     if is_hf_export(path):
         return load_hf(path)
-    if is_deepspeed_tag(path):
-        raise CheckpointError(
-            f"{path}: a DeepSpeed checkpoint tag; consolidate it first with `python -m megamor.export {path}` "
-            "(direct loading of DeepSpeed tags is not implemented yet)"
-        )
-    raise CheckpointError(f"{path}: not a checkpoint file, Hugging Face export or DeepSpeed tag")
+    raise CheckpointError(f"{path}: not a checkpoint file, export folder, Hugging Face folder or DeepSpeed tag")
 
 
-# -- run folders ----------------------------------------------------------------------
-COMPLETE_MARKERS = ("COMPLETE", "complete", ".complete", "DONE")
+# -- DeepSpeed tags of a training run (layout: megamor/train/checkpoint.py) ----------------
+EXPORT_FILE = "megamor.pt"  # what `python -m megamor.export` writes into an export folder
 
 
 def is_deepspeed_tag(path: Path) -> bool:
     return path.is_dir() and (any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("*zero_pp_rank_*")))
 
 
-def _is_complete_tag(path: Path) -> bool:
-    return any((path / m).exists() for m in COMPLETE_MARKERS)
+def _complete_meta(path: Path) -> Optional[dict[str, Any]]:
+    """The COMPLETE marker's metadata when the tag is complete and intact, else None."""
+    from megamor.train.checkpoint import read_complete
+
+    return read_complete(path)
+
+
+def load_deepspeed_tag(path: Path):
+    from megamor.train.checkpoint import CheckpointError as TrainCheckpointError
+    from megamor.train.checkpoint import consolidated_state_dict, experiment_of, resolve_tag
+
+    if _complete_meta(path) is None:
+        raise CheckpointError(f"{path}: an incomplete DeepSpeed checkpoint (no COMPLETE marker, or its files changed size)")
+    try:
+        ref = resolve_tag(path)
+        cfg = experiment_of(ref).model
+        sd = consolidated_state_dict(ref)
+    except TrainCheckpointError as e:
+        raise CheckpointError(str(e)) from e
+    meta = {k: ref.meta.get(k) for k in ("step", "tokens", "flops") if ref.meta.get(k) is not None}
+    return build_model(cfg, sd, path), meta
 
 
 def _peek_meta(path: Path) -> dict[str, Any]:
@@ -216,13 +236,37 @@ def _peek_meta(path: Path) -> dict[str, Any]:
     return read_meta(obj, path) if isinstance(obj, dict) else {}
 
 
+def describe(path: Path, run: str) -> Optional[CheckpointInfo]:
+    """A CheckpointInfo for anything evaluable at `path`, None otherwise (incomplete tags too)."""
+    if path.is_file() and path.suffix in CONSOLIDATED_SUFFIXES and path.name != "pytorch_model.bin":
+        meta = _peek_meta(path)
+        return CheckpointInfo(path, run, "consolidated", meta.get("step"), meta)
+    if not path.is_dir():
+        return None
+    if (path / EXPORT_FILE).is_file():
+        meta = _peek_meta(path / EXPORT_FILE)
+        return CheckpointInfo(path, run, "export", meta.get("step"), meta)
+    if is_deepspeed_tag(path):
+        meta = _complete_meta(path)
+        if meta is None:
+            return None
+        return CheckpointInfo(path, run, "deepspeed", meta.get("step"), {k: meta.get(k) for k in ("step", "tokens", "flops") if meta.get(k) is not None})
+    if is_hf_export(path):
+        m = _STEP_RE.search(path.name)
+        return CheckpointInfo(path, run, "hf", int(m.group(1)) if m else None)
+    return None
+
+
+_PREFERENCE = {"export": 0, "consolidated": 1, "hf": 2, "deepspeed": 3}  # cheapest to load first
+
+
 def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     """Every evaluable checkpoint of a run folder, oldest step first.
 
-    Looks at consolidated files (`*.pt`, `*.pth`, `*.bin`) and Hugging Face export folders in
-    the folder and in its `checkpoints/`, `export/`, `exports/` subfolders. Raises
-    CheckpointError when there is none (DeepSpeed tags without a completeness marker, or not
-    yet consolidated, are named in the message)."""
+    Looks in the folder and its `checkpoints/`, `export/`, `exports/` subfolders for
+    consolidated files (`*.pt`, `*.pth`, `*.bin`), export folders, Hugging Face folders and
+    complete DeepSpeed tags. When one step exists in several forms, the cheapest to load is
+    kept (an export over its DeepSpeed tag). Raises CheckpointError when there is none."""
     run = Path(run_dir)
     if not run.is_dir():
         raise CheckpointError(f"run folder not found: {run}")
@@ -230,27 +274,40 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     pending: list[str] = []
     for d in [run] + [run / s for s in ("checkpoints", "export", "exports") if (run / s).is_dir()]:
         for p in sorted(d.iterdir()):
-            if p.is_file() and p.suffix in CONSOLIDATED_SUFFIXES and p.name != "pytorch_model.bin":
-                meta = _peek_meta(p)
-                found.append(CheckpointInfo(p, run.name, "consolidated", meta.get("step"), meta))
-            elif p.is_dir() and is_hf_export(p):
-                m = _STEP_RE.search(p.name)
-                found.append(CheckpointInfo(p, run.name, "hf", int(m.group(1)) if m else None))
+            info = describe(p, run.name)
+            if info is not None:
+                found.append(info)
             elif p.is_dir() and is_deepspeed_tag(p):
-                pending.append(f"{p.name} ({'complete, not consolidated' if _is_complete_tag(p) else 'incomplete: no completeness marker'})")
-    if not found:
-        extra = f"; DeepSpeed tags found: {', '.join(pending)} - consolidate with `python -m megamor.export`" if pending else ""
+                pending.append(p.name)
+    by_step: dict[Any, CheckpointInfo] = {}
+    for c in found:
+        key = c.step if c.step is not None else str(c.path)
+        if key not in by_step or _PREFERENCE[c.kind] < _PREFERENCE[by_step[key].kind]:
+            by_step[key] = c
+    out = list(by_step.values())
+    if not out:
+        extra = f"; incomplete DeepSpeed tags (no COMPLETE marker or damaged): {', '.join(pending)}" if pending else ""
         raise CheckpointError(f"{run}: no complete checkpoint to evaluate{extra}")
-    found.sort(key=lambda c: (c.step is None, c.step if c.step is not None else 0, c.path.name))
-    return found
+    out.sort(key=lambda c: (c.step is None, c.step if c.step is not None else 0, c.path.name))
+    return out
 
 
 def find_tokenizer(source: Any) -> Optional[Path]:
-    """A tokenizer stored beside a checkpoint (tokenizer.model or tokenizer/ in its folder or the run folder)."""
+    """A tokenizer stored with a checkpoint: tokenizer.model or tokenizer/ in its folder, its
+    parents (run folder), or the training config's `data.tokenizer` of a DeepSpeed tag."""
     if isinstance(source, (torch.nn.Module, type(None))):
         return None
     p = Path(source.path if isinstance(source, CheckpointInfo) else source)
-    for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent]:
+    if is_deepspeed_tag(p) and (p / "experiment.yaml").is_file():
+        try:
+            from omegaconf import OmegaConf
+
+            tok = OmegaConf.load(p / "experiment.yaml").get("data", {}).get("tokenizer")
+            if tok and Path(tok).exists():
+                return Path(tok)
+        except Exception:
+            pass
+    for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent, p.parent.parent.parent]:
         for cand in (d / "tokenizer.model", d / "tokenizer"):
             if cand.exists():
                 return cand

@@ -22,7 +22,7 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = True)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default fp32)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
-    g.add_argument("--max-batch-tokens", type=int, default=None, help="cap on rows x longest row per batch")
+    g.add_argument("--max-batch-tokens", type=int, default=16384, help="cap on rows x longest row per batch (bounds the logits memory)")
     g.add_argument("--max-length", type=int, default=None, help="context length (default: the model's max_seq_len)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 

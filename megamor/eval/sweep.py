@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .checkpoint import CheckpointError, CheckpointInfo, find_tokenizer, list_checkpoints, load_model_and_meta
+from .checkpoint import CheckpointError, CheckpointInfo, describe, find_tokenizer, list_checkpoints, load_model_and_meta
 from .scoring import Scorer
 from .tokenizer import load_tokenizer
 
@@ -68,20 +68,14 @@ def item_key(task_id: str, spec: dict[str, Any]) -> str:
 
 
 def discover(sources: Sequence[str | Path]) -> list[CheckpointInfo]:
-    """Run folders (every checkpoint in each) and checkpoint files / exports, in a stable order."""
+    """Run folders (every checkpoint in each) and single checkpoints (files, export folders,
+    DeepSpeed tags), in a stable order."""
     out: list[CheckpointInfo] = []
     for s in map(Path, sources):
-        if s.is_file():
-            from .checkpoint import _peek_meta
-
-            meta = _peek_meta(s)
-            out.append(CheckpointInfo(s, s.parent.name, "consolidated", meta.get("step"), meta))
-        elif s.is_dir():
-            from .checkpoint import is_hf_export
-
-            out.extend([CheckpointInfo(s, s.parent.name, "hf")] if is_hf_export(s) else list_checkpoints(s))
-        else:
+        if not s.exists():
             raise CheckpointError(f"not found: {s}")
+        info = describe(s, s.parent.parent.name if s.parent.name in ("checkpoints", "export", "exports") else s.parent.name)
+        out.extend([info] if info is not None else list_checkpoints(s))
     return out
 
 

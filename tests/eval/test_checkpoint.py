@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,15 +46,65 @@ def test_run_folder_lists_checkpoints_by_step(mor_model, tmp_path, spm_path):
     assert find_tokenizer(cks[0]) == run / "tokenizer.model"
 
 
-def test_run_folder_without_complete_checkpoint(tmp_path):
-    run = tmp_path / "run2"
-    tag = run / "global_step100"
-    tag.mkdir(parents=True)
-    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"run2: no complete checkpoint to evaluate; DeepSpeed tags found: global_step100 \(incomplete"):
+class Zero0Engine:
+    """Stands in for a DeepSpeed engine at ZeRO-0: writes the model-states file of DeepSpeed's
+    layout (`<tag>/mp_rank_00_model_states.pt` with the state dict under "module")."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest=False):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), **client_state}, d / "mp_rank_00_model_states.pt")
+
+
+def training_run(tmp_path, model, spm_path, steps=(100, 200)) -> Path:
+    """A run folder as the trainer writes it (megamor.train.checkpoint.CheckpointManager)."""
+    from megamor.train.checkpoint import CheckpointManager
+    from megamor.train.config import ExperimentConfig, to_yaml
+
+    run = tmp_path / "runs" / "exp1"
+    exp = ExperimentConfig(name="exp1", run_dir=str(run), model=model.cfg)
+    exp.data.seq_len = 128
+    exp.data.train = [str(tmp_path)]  # never read: evaluation only needs the model config
+    exp.trainer.max_steps = 200
+    exp.data.tokenizer = str(spm_path)
+    mgr = CheckpointManager(run, keep_last=5)
+    for step in steps:
+        mgr.save(Zero0Engine(model), step, {}, to_yaml(exp), {"tokens": step * 1024, "zero_stage": 0, "dp_size": 1})
+    return run
+
+
+def test_deepspeed_run_folder(tmp_path, mor_model, spm_path):
+    run = training_run(tmp_path, mor_model, spm_path)
+    cks = list_checkpoints(run)
+    assert [(c.kind, c.step, c.meta["tokens"]) for c in cks] == [("deepspeed", 100, 102400), ("deepspeed", 200, 204800)]
+    model, meta = load_model_and_meta(run)  # the newest complete tag
+    assert meta["step"] == 200 and meta["tokens"] == 204800 and same_logits(model, mor_model)
+    assert find_tokenizer(cks[0]) == spm_path  # from the run's experiment.yaml
+
+    # after `python -m megamor.export`, the export of a step is preferred over its DeepSpeed tag
+    from megamor.export import export
+
+    out = export(run)
+    assert out == run / "export" / "step_00000200"
+    cks = list_checkpoints(run)
+    assert [(c.kind, c.step) for c in cks] == [("deepspeed", 100), ("export", 200)]
+    model, meta = load_model_and_meta(cks[-1])
+    assert meta["step"] == 200 and same_logits(model, mor_model)
+
+
+def test_run_folder_without_complete_checkpoint(tmp_path, mor_model, spm_path):
+    run = training_run(tmp_path, mor_model, spm_path, steps=(100,))
+    tag = run / "checkpoints" / "step_00000100"
+    (tag / "COMPLETE").unlink()  # a save cut short: the marker is written last
+    with pytest.raises(CheckpointError, match=r"exp1: no complete checkpoint to evaluate; incomplete DeepSpeed tags .*: step_00000100"):
         list_checkpoints(run)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         load_model(run)
+    with pytest.raises(CheckpointError, match="incomplete DeepSpeed checkpoint"):
+        load_model(tag)
     with pytest.raises(CheckpointError, match="run folder not found"):
         list_checkpoints(tmp_path / "missing")
 
