@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 from megamor.data.demo_corpus import write_demo_corpus
 from megamor.data.pipeline import ShardSettings, tokenize_and_shard

@@ -35,15 +35,6 @@ class Source:
     hf_config: str = ""
     hf_split: str = "train"
 
-    def describe(self) -> dict[str, Any]:
-        """What the manifest records about the source (no mtime: it must not change outputs)."""
-        d = {"kind": self.kind, "path": self.path, "bytes": self.size}
-        if self.compression:
-            d["compression"] = self.compression
-        if self.kind in ("hf", "hf_disk"):
-            d.update(config=self.hf_config, split=self.hf_split)
-        return d
-
     def identity(self) -> dict[str, Any]:
         """What decides whether a rerun is the same run (includes mtime)."""
         return asdict(self)

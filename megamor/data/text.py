@@ -32,15 +32,6 @@ def to_utf8(text: str) -> tuple[bytes, str, int]:
         return fixed.encode("utf-8"), fixed, n
 
 
-def strip_line_end(line: bytes) -> bytes:
-    """A line without its LF or CRLF ending."""
-    if line.endswith(b"\r\n"):
-        return line[:-2]
-    if line.endswith(b"\n"):
-        return line[:-1]
-    return line
-
-
 def normalize_text_file(text: str) -> str:
     """Whole-file normalisation for txt 'file' mode (same rules as the line readers)."""
     if text.startswith(BOM):

@@ -7,7 +7,6 @@ positions that follow an EOS), and the split's token/document totals.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from megamor.data.errors import ShardError
 from megamor.data.manifest import load_manifest
 from megamor.data.shards import open_npy
+from megamor.data.tokenizer import file_sha256
 
 _CHUNK = 1 << 24
 
@@ -32,14 +32,6 @@ class VerifyReport:
         return f"{self.folder}: OK ({self.shards} shards; {parts})"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
-
-
 def verify_shards(folder: str | Path, check_hashes: bool = True) -> VerifyReport:
     folder = Path(folder)
     m = load_manifest(folder)
@@ -54,7 +46,7 @@ def verify_shards(folder: str | Path, check_hashes: bool = True) -> VerifyReport
             path = folder / s["file"]
             where = f"{path}"
             tokens = open_npy(path, dtype, s["tokens"])
-            if check_hashes and _sha256(path) != s["sha256"]:
+            if check_hashes and file_sha256(path) != s["sha256"]:
                 raise ShardError(f"{where}: sha256 differs from the manifest (corrupted or replaced)")
             eos_pos = []
             for c in range(0, len(tokens), _CHUNK):
@@ -67,7 +59,7 @@ def verify_shards(folder: str | Path, check_hashes: bool = True) -> VerifyReport
                 eos_pos.append(np.flatnonzero(chunk == eos) + c)
             docs_path = folder / s["docs_file"]
             docs = np.asarray(open_npy(docs_path, np.dtype(np.int64), s["documents"], "document index"))
-            if check_hashes and _sha256(docs_path) != s["docs_sha256"]:
+            if check_hashes and file_sha256(docs_path) != s["docs_sha256"]:
                 raise ShardError(f"{docs_path}: sha256 differs from the manifest (corrupted or replaced)")
             e = np.concatenate(eos_pos) if eos_pos else np.zeros(0, np.int64)
             expected = e + 1
