@@ -36,6 +36,8 @@ def test_errors_exit_1_with_one_line(tmp_path):
     assert p.returncode == 1 and f"{bad}:2: not JSON" in p.stderr and "Traceback" not in p.stderr
     p = run_tool("merge_shards.py", str(tmp_path / "nothing"), check=False)
     assert p.returncode == 1 and "no plan" in p.stderr
+    p = run_tool("train_tokenizer.py", "hf:someone/uncached-corpus", "--out", str(tmp_path / "h"), check=False)
+    assert p.returncode == 1 and "hf:someone/uncached-corpus: cannot load" in p.stderr and "offline" in p.stderr
 
 
 def test_slurm_array_script_tasks_then_merge(tmp_path, small_books):
