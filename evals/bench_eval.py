@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--examples", type=int, default=200, help="per task; 0 = the whole task")
     p.add_argument("--ppl-tokens", type=int, default=65536, help="WikiText-2 test tokens for perplexity; 0 = skip")
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     device = default_device(a.device)
     if a.checkpoint:

@@ -34,7 +34,7 @@ class CheckpointError(RuntimeError):
 class CheckpointInfo:
     path: Path
     run: str
-    kind: str  # consolidated | hf | deepspeed
+    kind: str  # consolidated | export | hf | deepspeed
     step: Optional[int] = None
     meta: dict[str, Any] = field(default_factory=dict)  # tokens, flops, ... when the checkpoint records them
 
@@ -127,6 +127,15 @@ def load_hf(path: Path):
         raise CheckpointError(f"{path}: loading a Hugging Face export needs `transformers`") from e
     from megamor.model.hf import from_llama_state_dict, model_config_from_llama
 
+    info = json.loads((path / "config.json").read_text())
+    if info.get("model_type") == "megamor":  # a MoR export (megamor names) without its megamor.pt
+        from safetensors.torch import load_file
+
+        sd: dict[str, torch.Tensor] = {}
+        for f in sorted(path.glob("*.safetensors")):
+            sd.update(load_file(str(f)))
+        meta = {k: info.get(k) for k in ("step", "tokens", "flops") if info.get(k) is not None}
+        return build_model(info["megamor"], sd, path), meta
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     if getattr(hf.config, "model_type", None) != "llama":
         raise CheckpointError(f"{path}: only Llama-architecture exports map onto megamor models, got {hf.config.model_type!r}")

@@ -150,7 +150,8 @@ class MegamorLM(TemplateLM):
             for start in range(0, len(idx), bs):
                 chunk = idx[start : start + bs]
                 prompts = [self.tok_encode(args[i][0])[-budget:] for i in chunk]
-                gen = self.model.generate(prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id)
+                with self.scorer.autocast():
+                    gen = self.model.generate(prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id)
                 for i, toks in zip(chunk, gen.tokens):
                     text = self.tok.decode([t for t in toks if t != self.tok.eos_id])
                     for u in until:

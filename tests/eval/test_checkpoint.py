@@ -148,3 +148,13 @@ def test_hf_export_of_a_vanilla_model(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     loaded = load_model(tmp_path / "hf")
     assert same_logits(loaded, m)
+
+
+def test_mor_export_folder_without_consolidated_file(tmp_path, mor_model, spm_path):
+    """An export folder's safetensors + config.json alone (megamor.pt deleted) still loads."""
+    from megamor.export import export
+
+    out = export(training_run(tmp_path, mor_model, spm_path, steps=(100,)))
+    (out / "megamor.pt").unlink()
+    model, meta = load_model_and_meta(out)
+    assert meta["step"] == 100 and same_logits(model, mor_model)
