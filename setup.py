@@ -17,6 +17,7 @@ setup(
         "tqdm",
         "rich",
         "zstandard",
+        "pyarrow",
         "matplotlib",
     ],
     extras_require={
