@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         limit = a.examples or None
         evaluate_task(scorer, tok, name, limit=4)  # warm-up (and task file read into the page cache)
         before = (scorer.tokens_run, scorer.tokens_scored)
-        res, wall, cpu = timed(lambda: evaluate_task(scorer, tok, name, limit=limit))
+        res, wall, cpu = timed(lambda name=name, limit=limit: evaluate_task(scorer, tok, name, limit=limit))
         n_req = sum(len(s["loglikelihoods"]) for s in res.samples)
         run_tok = scorer.tokens_run - before[0]
         rows.append({"bench": f"fewshot {name}", "n": res.n, "requests": n_req, "wall_s": wall, "cpu_s": cpu, "examples_per_s": res.n / wall,
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         text = (shared_data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text()
         ids = torch.tensor(tok.encode(text)[: a.ppl_tokens]).numpy()
         for stride in (None, a.max_length // 2):
-            res, wall, cpu = timed(lambda: perplexity_of_tokens(scorer, ids, tok.eos_id, stride=stride))
+            res, wall, cpu = timed(lambda stride=stride: perplexity_of_tokens(scorer, ids, tok.eos_id, stride=stride))
             rows.append({"bench": f"perplexity stride {stride or a.max_length}", "n": res.tokens, "wall_s": wall, "cpu_s": cpu,
                          "tokens_per_s": res.tokens / wall, "model_tokens_per_s": res.tokens_run / wall, "token_nll": res.token_nll})
             print(json.dumps(rows[-1]), file=sys.stderr)

@@ -84,7 +84,10 @@ def build_model(cfg: Any, state_dict: dict[str, torch.Tensor], where: Path):
 
     model = MoRLM(_model_config(cfg, where))
     sd = _strip_prefixes(state_dict)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{where}: state dict does not match the config: {str(e).splitlines()[-1].strip()}") from e
     if model.cfg.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:

@@ -120,7 +120,7 @@ def test_bad_files(tmp_path, mor_model):
     cfg = dataclasses.asdict(mor_model.cfg)
     cfg["d_model"] = 32
     torch.save({"model": mor_model.state_dict(), "config": cfg}, p)
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError, match=r"x.pt: state dict does not match the config: .*size mismatch"):
         load_model(p)
     cfg = dataclasses.asdict(mor_model.cfg)
     cfg["sharing"] = "bogus"

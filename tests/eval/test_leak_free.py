@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from megamor.eval.harness import encode_pair
 from megamor.eval.scoring import Scorer, ScoreRequest
