@@ -175,21 +175,8 @@ def load_model_and_meta(source: Any, device: str | torch.device = "cpu", dtype: 
 
 
 def move(model: torch.nn.Module, device: str | torch.device, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
-    """model.to(device, dtype), a no-op when nothing changes."""
-    device = torch.device(device)
-    params = list(model.parameters()) + list(model.buffers())
-    if all(p.device.type == device.type and (device.index is None or p.device == device) for p in params) and (
-        dtype is None or all(p.dtype == dtype for p in model.parameters())
-    ):
-        return model
-
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
-
-    # nn.Module._apply called explicitly: MoRLM defines its own `_apply` (a layer helper),
-    # which shadows the one `Module.to` relies on.
-    torch.nn.Module._apply(model, convert)
-    return model
+    """model.to(device, dtype): floating-point tensors take the dtype, integer buffers stay."""
+    return model.to(device=torch.device(device), dtype=dtype) if dtype is not None else model.to(torch.device(device))
 
 
 def _load_path(path: Path):

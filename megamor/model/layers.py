@@ -36,16 +36,19 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables indexed by absolute position (rotate-half convention of HF Llama)."""
+    """cos/sin tables indexed by absolute position (rotate-half convention of HF Llama).
+
+    Frequencies are recomputed in fp32 on every call rather than kept in a buffer, so casting
+    the model to bf16 (`.to`, DeepSpeed) never rounds them."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.max_seq_len = max_seq_len
+        self.head_dim, self.theta, self.max_seq_len = head_dim, theta, max_seq_len
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, n, hd/2]
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        freqs = positions.float().unsqueeze(-1) * inv_freq  # [B, n, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 

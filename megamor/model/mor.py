@@ -176,7 +176,7 @@ class MoRLM(nn.Module):
 
         h = self.embed_tokens(input_ids)
         for phys, site in zip(self.prelude, self._sites["prelude"]):
-            h = self._apply(phys, site, h, meta, (cos, sin), kv_cache, shared)
+            h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
 
         aux: dict[str, Tensor] = {}
         tokens_per_step: list[int] = []
@@ -208,7 +208,7 @@ class MoRLM(nn.Module):
             active = selected
 
         for phys, site in zip(self.coda, self._sites["coda"]):
-            h = self._apply(phys, site, h, meta, (cos, sin), kv_cache, shared)
+            h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
         h = self.norm(h)
 
         logits = self.lm_head(h) if (return_logits or targets is not None) else None
@@ -277,7 +277,7 @@ class MoRLM(nn.Module):
             sub_rope = (g(rope[0]), g(rope[1]))
         y = x
         for phys, site in zip(layer_ids, site_ids):
-            y = self._apply(phys, site, y, sub_meta, sub_rope, cache, shared)
+            y = self._apply_layer(phys, site, y, sub_meta, sub_rope, cache, shared)
         if gate is not None:
             g_sel = gate if idx is None else gate.gather(1, idx)
             y = x + g_sel.unsqueeze(-1).to(x.dtype) * (y - x)
@@ -287,7 +287,7 @@ class MoRLM(nn.Module):
         y = torch.where(slots.unsqueeze(-1), y, x)
         return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), y)
 
-    def _apply(
+    def _apply_layer(
         self,
         phys: int,
         site: int,

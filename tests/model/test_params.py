@@ -48,3 +48,14 @@ def test_tied_embeddings_share_storage():
     assert m.lm_head.weight.data_ptr() == m.embed_tokens.weight.data_ptr()
     total = sum(p.numel() for p in m.parameters())  # parameters() yields tied ones once
     assert m.num_params() == total
+
+
+def test_module_conversions_work():
+    m = mor("expert_choice")
+    m.to(torch.bfloat16)
+    assert m.embed_tokens.weight.dtype == torch.bfloat16
+    cos, _ = m.rope(torch.arange(4096).unsqueeze(0))
+    assert cos.dtype == torch.float32  # RoPE tables stay fp32 in a bf16 model
+    m.float()
+    out = m(torch.randint(0, 211, (1, 8)))
+    assert out.logits.dtype == torch.float32
