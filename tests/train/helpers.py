@@ -1,0 +1,84 @@
+"""Launching real training runs from tests, and reading what they logged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megamor.env import repo_root
+from megamor.parallel.env import free_port
+from megamor.parallel.launch import deepspeed_command, torchrun_command
+
+
+def train_env(tmp: Path, extra: Optional[dict] = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TMPDIR=str(tmp),
+        WANDB_MODE=env.get("WANDB_MODE", "offline"),
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
+        TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(repo_root() / ".cache" / "torch_extensions")),
+    )
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_STEP_ID", "MEGAMOR_FAULTS"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    proc: subprocess.CompletedProcess
+
+    @property
+    def rc(self) -> int:
+        return self.proc.returncode
+
+    @property
+    def output(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+    def records(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def losses(self) -> dict[int, float]:
+        """step -> train loss; a step logged twice (rerun after a crash) keeps the last value."""
+        return {r["step"]: r["train/loss"] for r in self.records() if "train/loss" in r}
+
+
+def train_command(config: Path, run_dir: Path, overrides: Sequence[str], nproc: int, launcher: str, tmp: Path) -> list[str]:
+    args = ["--config", str(config), f"run_dir={run_dir}", *overrides]
+    if launcher == "python":
+        assert nproc == 1
+        return [sys.executable, "-m", "megamor.train", *args]
+    if launcher == "deepspeed":
+        return deepspeed_command(nproc, args, master_port=free_port())
+    return torchrun_command(nproc, args, log_dir=tmp / "torchrun-logs")
+
+
+def launch(config: Path, run_dir: Path, overrides: Sequence[str] = (), nproc: int = 1, launcher: str = "torchrun",
+           env: Optional[dict] = None, timeout: float = 300) -> Run:
+    tmp = run_dir.parent / f".tmp-{run_dir.name}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    if launcher == "torchrun" and nproc == 1:
+        launcher = "python"
+    cmd = train_command(config, run_dir, overrides, nproc, launcher, tmp)
+    proc = subprocess.run(cmd, cwd=repo_root(), env=train_env(tmp, env), capture_output=True, text=True, timeout=timeout)
+    return Run(run_dir, proc)
+
+
+def assert_ok(run: Run) -> None:
+    assert run.rc == 0, f"training failed (rc {run.rc}):\n{run.output[-4000:]}"
+
+
+def rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
+    return max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)

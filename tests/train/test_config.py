@@ -1,0 +1,126 @@
+"""Config loading and every check that must fail before a process group starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.distributed as dist
+
+from megamor.config import ConfigError
+from megamor.env import repo_root
+from megamor.parallel.env import resolve_launch_env
+from megamor.train.__main__ import main
+from megamor.train.config import check_before_launch, check_world, load_experiment
+from megamor.train.ds_config import deepspeed_config
+from megamor.train.signals import EXIT_CONFIG
+from tests.train.helpers import train_env
+
+EXPERIMENTS = sorted((repo_root() / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_shipped_experiment_configs_load(path):
+    cfg = load_experiment([path], ["data.train=[somewhere]"])
+    assert cfg.max_steps >= 1
+    ds = deepspeed_config(cfg, dp_size=cfg.batch.global_batch_size // cfg.batch.micro_batch_size)
+    assert ds["gradient_accumulation_steps"] == 1
+
+
+def test_model_config_file_then_model_keys_on_top():
+    cfg = load_experiment([], ["model_config=configs/model/33m/mor_expert_3.yaml", "model.d_model=256",
+                               "trainer.max_steps=10", "data.train=[x]"])
+    assert cfg.model.router.type == "expert_choice" and cfg.model.num_recursions == 3
+    assert cfg.model.d_model == 256 and cfg.model.n_layers == 8  # file value kept
+
+
+@pytest.mark.parametrize("override, key", [
+    ("bogus=1", "bogus"),
+    ("model.not_a_field=3", "model.not_a_field"),
+    ("optim.lr=fast", "optim.lr"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("batch.micro_batch_size=3", "batch.global_batch_size"),
+    ("schedule.type=linear", "schedule.type"),
+    ("model.n_heads=5", "model.n_heads"),
+    ("data.seq_len=4096", "data.seq_len"),
+    ("deepspeed.config.train_batch_size=4", "deepspeed.config.train_batch_size"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_experiment([], ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8", override])
+    assert e.value.key == key, str(e.value)
+
+
+def test_batch_must_divide_over_the_world():
+    cfg = load_experiment([], ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8",
+                               "batch.micro_batch_size=2"])
+    assert check_world(cfg, 2) == 2
+    with pytest.raises(ConfigError) as e:
+        check_world(cfg, 3)
+    assert e.value.key == "batch.global_batch_size" and "data-parallel size 3" in str(e.value)
+
+
+def test_missing_data_path_and_small_vocabulary(tiny_config, tmp_path):
+    cfg = load_experiment([tiny_config], ["data.train=[/nonexistent/shards]"])
+    with pytest.raises(ConfigError) as e:
+        check_before_launch(cfg, 1)
+    assert e.value.key == "data.train[0]"
+    cfg = load_experiment([tiny_config], ["model.vocab_size=100"])
+    with pytest.raises(ConfigError) as e:
+        check_before_launch(cfg, 1)
+    assert e.value.key == "model.vocab_size"
+
+
+@pytest.mark.parametrize("override, world, key", [
+    ("oops=1", "1", "oops"),
+    ("batch.micro_batch_size=4", "3", "batch.global_batch_size"),  # 8 % (4 x 3)
+    ("data.valid=[/nowhere]", "1", "data.valid[0]"),
+])
+def test_cli_rejects_bad_config_before_distributed_start(tiny_config, tmp_path, monkeypatch, capsys, override, world, key):
+    # WORLD_SIZE=3 with no peers: starting a process group would hang, so returning at all
+    # proves the check ran first.
+    for k, v in {"RANK": "0", "WORLD_SIZE": world, "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["--config", str(tiny_config), f"run_dir={tmp_path / 'run'}", override])
+    assert rc == EXIT_CONFIG
+    assert f"config key '{key}'" in capsys.readouterr().err
+    assert not dist.is_initialized()
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_subprocess_exit_code(tiny_config, tmp_path):
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "megamor.train", "--config", str(tiny_config), "trainer.max_step=3"],
+                       cwd=repo_root(), env=train_env(tmp_path, {"WORLD_SIZE": "2", "RANK": "0"}), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == EXIT_CONFIG, r.stderr
+    assert "config key 'trainer.max_step'" in r.stderr
+    assert time.time() - t < 60
+
+
+def test_print_config_resolves_everything(tiny_config, capsys):
+    assert main(["--config", str(tiny_config), "--print-config", "optim.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.01" in out and "router:" in out
+
+
+# -- launch environment -------------------------------------------------------------------
+def test_srun_variables_map_to_torch_distributed():
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu-node7", "PATH": ""}
+    le = resolve_launch_env(env)
+    assert (le.rank, le.local_rank, le.world_size, le.launcher) == (3, 1, 4, "slurm")
+    assert env["RANK"] == "3" and env["WORLD_SIZE"] == "4" and env["LOCAL_RANK"] == "1"
+    assert env["MASTER_ADDR"] == "gpu-node7" and env["MASTER_PORT"] == str(20000 + 1234)
+
+
+def test_torchrun_variables_win_and_batch_shell_is_single():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}
+    assert resolve_launch_env(env).launcher == "torch"
+    # Inside an sbatch script (no srun step): SLURM_PROCID is set but this is one process.
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9"}
+    le = resolve_launch_env(batch)
+    assert (le.world_size, le.launcher) == (1, "single")

@@ -1,0 +1,192 @@
+"""Real training runs of a tiny MoR model (expert choice, 2 recursions, activation
+checkpointing on, fp32) on DeepSpeed/gloo: equivalence across ZeRO stages and process counts,
+and crash/preemption safety. Every run is `python -m megamor.train` under a real launcher.
+
+Uninterrupted runs are made once per module and shared by the tests that compare with them.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from megamor.env import repo_root
+from megamor.train.checkpoint import MARKER, list_complete, newest_complete, tag_for
+from megamor.train.signals import EXIT_PREEMPTED
+from tests.train.helpers import Run, assert_ok, launch, rel_diff, train_command, train_env
+from tests.train.wandb_records import history, run_id
+
+STEPS = range(1, 21)
+TOL_PARALLEL = 1e-4  # 2 processes vs 1, fp32 (issue 4); observed ~1e-7
+TOL_RESUME = 1e-6  # resumed vs uninterrupted
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_config, tmp_path_factory):
+    """name -> Run, launched on first use: the uninterrupted references."""
+    base = tmp_path_factory.mktemp("runs")
+    specs = {
+        # one process, no ZeRO: the reference
+        "ref": (1, "python", ["deepspeed.zero_stage=0"]),
+        # two processes, each ZeRO stage, three launchers between them
+        "zero1": (2, "deepspeed", ["deepspeed.zero_stage=1"]),
+        "zero2": (2, "torchrun", ["deepspeed.zero_stage=2"]),
+        "zero3": (2, "torchrun", ["deepspeed.zero_stage=3"]),
+    }
+    cache: dict[str, Run] = {}
+
+    def get(name: str) -> Run:
+        if name not in cache:
+            nproc, launcher, overrides = specs[name]
+            run = launch(tiny_config, base / name, overrides, nproc=nproc, launcher=launcher)
+            assert_ok(run)
+            cache[name] = run
+        return cache[name]
+
+    get.base = base  # type: ignore[attr-defined]
+    return get
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_processes_match_one(runs, stage):
+    ref, run = runs("ref"), runs(f"zero{stage}")
+    assert sorted(run.losses()) == list(STEPS)
+    assert rel_diff(run.losses(), ref.losses(), STEPS) <= TOL_PARALLEL
+    assert f"ZeRO-{stage} fp32" in run.output and "world 2" in run.output
+    # The run logged router statistics and validation, and ended with a complete checkpoint.
+    last = [r for r in run.records() if "train/loss" in r][-1]
+    assert last["router/selected_frac_r1"] == 1.0 and last["router/selected_frac_r2"] == 0.5
+    assert last["router/mean_depth"] == pytest.approx(1.5)
+    assert "train/router_bce" in last and last["perf/tokens_per_s"] > 0
+    assert any("val/loss" in r and "val/loss_causal" in r for r in run.records())
+    assert newest_complete(run.run_dir).step == 20
+    assert [c.step for c in list_complete(run.run_dir)] == [15, 20]  # keep_last 2
+
+
+def test_sigkill_then_resume_same_layout_and_wandb_id(runs, tiny_config):
+    """ZeRO-2, 2 processes, SIGKILL right after step 12 (checkpoints at 5 and 10)."""
+    run_dir = runs.base / "kill_zero2"
+    common = ["deepspeed.zero_stage=2", "wandb.mode=offline"]
+    killed = launch(tiny_config, run_dir, common, nproc=2, env={"MEGAMOR_FAULTS": "sigkill_after_step=12"})
+    assert killed.rc != 0
+    assert sorted(killed.losses())[-1] == 12
+    assert [c.step for c in list_complete(run_dir)] == [5, 10]
+    resumed = launch(tiny_config, run_dir, common, nproc=2)
+    assert_ok(resumed)
+    assert "resumed from step 10" in resumed.output
+    after = resumed.losses()  # steps 11-12 were redone; the last value of each step counts
+    assert rel_diff(after, runs("zero2").losses(), range(11, 21)) <= TOL_RESUME
+
+    # W&B (offline): both attempts log to the same run id, and the rows hold the metrics.
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2
+    run_id_file = (run_dir / "wandb_id").read_text().strip()
+    assert {d.name.rsplit("-", 1)[-1] for d in wandb_runs} == {run_id_file}  # offline-run-<time>-<id>
+    log = next(wandb_runs[-1].glob("run-*.wandb"))
+    assert run_id(log) == run_id_file
+    rows = history(log)
+    logged = {r["_step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert sorted(logged) == list(range(11, 21))
+    assert all(logged[s] == pytest.approx(after[s], rel=1e-6) for s in logged)
+    assert any("router/depth_hist" in k for r in rows for k in r)
+
+
+@pytest.mark.parametrize("stage, before, after", [(3, 2, 1), (1, 1, 2)])
+def test_sigkill_then_resume_with_another_dp_size(runs, tiny_config, stage, before, after):
+    """Resharding through a DeepSpeed universal checkpoint (ZeRO 1-3)."""
+    run_dir = runs.base / f"reshard_zero{stage}_{before}to{after}"
+    common = [f"deepspeed.zero_stage={stage}"]
+    killed = launch(tiny_config, run_dir, common, nproc=before, env={"MEGAMOR_FAULTS": "sigkill_after_step=12"})
+    assert killed.rc != 0 and newest_complete(run_dir).step == 10
+    resumed = launch(tiny_config, run_dir, common, nproc=after)
+    assert_ok(resumed)
+    assert "converting to a universal checkpoint" in resumed.output and "resumed from step 10" in resumed.output
+    assert not (run_dir / "checkpoints" / "universal" / tag_for(10)).exists()  # pruned with its source
+    uninterrupted = runs(f"zero{stage}")  # 2 processes throughout
+    assert rel_diff(resumed.losses(), uninterrupted.losses(), range(11, 21)) <= TOL_RESUME
+
+
+def test_killed_during_save_falls_back_to_previous_checkpoint(runs, tiny_config):
+    run_dir = runs.base / "kill_in_save"
+    common = ["deepspeed.zero_stage=2"]
+    killed = launch(tiny_config, run_dir, common, nproc=1, env={"MEGAMOR_FAULTS": "sigkill_during_save=10"})
+    assert killed.rc == -signal.SIGKILL
+    partial = run_dir / "checkpoints" / tag_for(10)
+    assert partial.is_dir() and any(partial.glob("*optim_states.pt")) and not (partial / MARKER).exists()
+    assert newest_complete(run_dir).step == 5
+    resumed = launch(tiny_config, run_dir, common, nproc=1)
+    assert_ok(resumed)
+    assert "resumed from step 5" in resumed.output
+    assert rel_diff(resumed.losses(), runs("ref").losses(), range(6, 21)) <= TOL_RESUME
+    assert [c.step for c in list_complete(run_dir)] == [15, 20]
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.is_file() and f'"step": {step},' in metrics.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_sigterm_plain_process_saves_and_exits_75(runs, tiny_config):
+    run_dir = runs.base / "sigterm_plain"
+    cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "checkpoint.every_steps=0"], 1, "python",
+                        runs.base)
+    proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(runs.base), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    ref = newest_complete(run_dir)
+    last_step = max(Run(run_dir, None).losses())  # type: ignore[arg-type]
+    assert ref is not None and ref.step == last_step >= 3
+    assert "stop requested (signal 15)" in out
+
+
+def test_sigusr1_to_one_rank_stops_every_rank(runs, tiny_config):
+    """Only rank 1 gets the signal; the per-step all-reduce makes both ranks save and exit 75."""
+    run_dir = runs.base / "sigusr1_one_rank"
+    cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "checkpoint.every_steps=0",
+                                               "deepspeed.zero_stage=3"], 2, "torchrun", runs.base)
+    proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(runs.base), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(run_dir, 3, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megamor.train" in " ".join(p.cmdline())]
+    by_rank = {int(p.environ()["RANK"]): p for p in workers}
+    by_rank[1].send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    ref = newest_complete(run_dir)
+    assert ref is not None and ref.step == max(Run(run_dir, None).losses()) >= 3  # type: ignore[arg-type]
+    assert ref.meta["dp_world_size"] == 2 and len(list(ref.path.glob("*optim_states.pt"))) == 2
+    assert "stop requested (signal on another rank)" in out  # rank 0 learnt it from the all-reduce
+    assert "exitcode  : 75" in out or "exitcode: 75" in out  # torchrun's report of its workers
+
+
+def test_nonfinite_losses_are_skipped_then_abort(runs, tiny_config):
+    short = ["trainer.max_steps=8", "checkpoint.every_steps=0", "trainer.max_consecutive_nonfinite=3"]
+    skipped = launch(tiny_config, runs.base / "nan_skip", short, env={"MEGAMOR_FAULTS": "nan_loss_at_step=3:4"})
+    assert_ok(skipped)
+    recs = [r for r in skipped.records() if "train/loss" in r]
+    assert [r["train/skipped_steps"] for r in recs] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert recs[2]["train/loss"] is None and all(r["train/loss"] is not None for r in recs[4:])
+    assert "non-finite loss, step skipped" in skipped.output
+    # Skipped steps never reached AdamW: 8 steps, 6 updates in the saved optimizer state.
+    optim = next(newest_complete(skipped.run_dir).path.glob("*optim_states.pt"))
+    state = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    assert {int(s["step"]) for s in state["state"].values()} == {6}
+
+    aborted = launch(tiny_config, runs.base / "nan_abort", short, env={"MEGAMOR_FAULTS": "nan_loss_at_step=3:8"})
+    assert aborted.rc == 1
+    assert "3 non-finite losses in a row (steps 3-5); aborting" in aborted.output
