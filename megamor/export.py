@@ -84,13 +84,12 @@ def load_exported(path: str | Path):
     """(MoRLM, ModelConfig) from an export folder (vanilla or MoR) or its megamor.pt."""
     from megamor.config import from_node
     from megamor.model import MoRLM
-    from megamor.train.compat import fix_module_apply
-
+    
     p = Path(path)
     f = p / CONSOLIDATED if p.is_dir() else p
     obj = torch.load(f, map_location="cpu", weights_only=True)
     cfg = from_node(ModelConfig, obj["config"], prefix="config")
-    model = fix_module_apply(MoRLM(cfg))
+    model = MoRLM(cfg)
     missing, unexpected = model.load_state_dict(obj["model"], strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

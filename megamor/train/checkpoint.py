@@ -328,11 +328,10 @@ def load_model_from_run(run_dir: str | Path, tag: Optional[str] = None, device: 
     """(MoRLM in eval mode with fp32 weights, its ModelConfig) from a run folder or tag folder,
     any ZeRO stage. No process group needed."""
     from megamor.model import MoRLM
-    from megamor.train.compat import fix_module_apply
-
+    
     ref = resolve_tag(run_dir, tag)
     cfg = experiment_of(ref).model
-    model = fix_module_apply(MoRLM(cfg))
+    model = MoRLM(cfg)
     sd = consolidated_state_dict(ref)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]

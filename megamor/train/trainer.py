@@ -39,7 +39,6 @@ from megamor.train.checkpoint import (
     restore_optimizer_hparams,
     set_rng_state,
 )
-from megamor.train.compat import fix_module_apply
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.ds_config import deepspeed_config
 from megamor.train.faults import Faults
@@ -116,7 +115,7 @@ class Trainer:
             # on x86; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
-        model = fix_module_apply(MoRLM(cfg.model))
+        model = MoRLM(cfg.model)
         self.n_params = (model.num_params(), model.num_params(non_embedding=True))  # before ZeRO-3 partitions them
         if cfg.trainer.activation_checkpointing:
             model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
