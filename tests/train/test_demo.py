@@ -1,0 +1,29 @@
+"""`make demo` end to end, shortened to a few training steps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from megamor.env import repo_root
+from megamor.train.checkpoint import newest_complete
+from tests.train.helpers import train_env
+
+
+def test_demo_pipeline_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = train_env(tmp_path, {"OMP_NUM_THREADS": "2"})
+    r = subprocess.run([sys.executable, "-m", "megamor.demo", "--out", str(out), "--steps", "4"], cwd=repo_root(),
+                       env=env, capture_output=True, text=True, timeout=600)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-4000:]
+    for what in ("1/4 demo corpus", "2/4 tokenizer", "3/4 tokenize and shard", "4/4 train", "validation loss",
+                 "== samples", "== written"):
+        assert what in text, what
+    assert newest_complete(out / "run").step == 4
+    sample_lines = text.split("== samples")[1].split("== written")[0].strip().splitlines()[1:]
+    assert len(sample_lines) == 3 and all(any(c in line for c in "₀₁₂₃") for line in sample_lines)
+    # A second run reuses everything and only re-samples.
+    r2 = subprocess.run([sys.executable, "-m", "megamor.demo", "--out", str(out), "--steps", "4"], cwd=repo_root(),
+                        env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0 and "1/4 demo corpus" not in r2.stdout and "nothing to do" in r2.stdout + r2.stderr
