@@ -180,7 +180,7 @@ class CheckpointManager:
                     obj = {**obj, "rng": rng}
                 with atomic_open(path / name, "wb") as f:
                     torch.save(obj, f)
-        _sync_filesystem()
+        _fsync_tree(path)
         pdist.barrier()  # every rank's shards are on disk
         if self.fault_hook is not None:
             self.fault_hook(step)
@@ -207,10 +207,22 @@ class CheckpointManager:
                 shutil.rmtree(self.root / UNIVERSAL / d.name, ignore_errors=True)
 
 
-def _sync_filesystem() -> None:
-    """Flush this node's written shards before the marker can claim they exist."""
-    if hasattr(os, "sync"):
-        os.sync()
+def _fsync_tree(folder: Path) -> None:
+    """Flush the tag's files to stable storage before the marker can claim they exist (a
+    machine crash must not leave a marker over data still in the page cache). Every rank
+    runs it: each flushes what its own node wrote."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 # -- resuming -----------------------------------------------------------------------------

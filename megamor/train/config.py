@@ -319,4 +319,30 @@ def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any
     probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise ConfigError("run_dir", f"{run}: {probe} is not writable")
+    if cfg.checkpoint.resume:
+        check_resumable(cfg)
     return tokenizer
+
+
+def check_resumable(cfg: ExperimentConfig) -> None:
+    """The model of the checkpoint this run would resume must be the configured one."""
+    import dataclasses
+
+    from megamor.train.checkpoint import CONFIG_FILE, newest_complete
+
+    ref = newest_complete(cfg.run_path)
+    if ref is None or not (ref.path / CONFIG_FILE).is_file():
+        return
+    saved = load_experiment([ref.path / CONFIG_FILE]).model
+
+    def flat(d: dict, prefix: str = "model") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
+        return out
+
+    now, then = flat(dataclasses.asdict(cfg.model)), flat(dataclasses.asdict(saved))
+    for k in now:
+        if now[k] != then.get(k) and not k.endswith(".attn_impl"):
+            raise ConfigError(k, f"is {now[k]!r} but the checkpoint to resume ({ref.path}) was trained with "
+                                 f"{then.get(k)!r}; use another run_dir, or checkpoint.resume=false to start over")

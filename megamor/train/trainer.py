@@ -107,6 +107,7 @@ class Trainer:
     # -- set-up -----------------------------------------------------------------------
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        self.stop_request.install()  # a signal during set-up stops the run after its first step
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         plan = self._plan_resume()
@@ -360,11 +361,11 @@ class Trainer:
         cfg = self.cfg
         if self.step >= self.max_steps:
             self.logger.print(f"already trained for {self.step} >= {self.max_steps} steps; nothing to do")
+            self.stop_request.uninstall()
             self.logger.close()
             return EXIT_OK
         window = WindowStats()
         exit_code = EXIT_OK
-        self.stop_request.install()
         try:
             while self.step < self.max_steps:
                 r = self.train_step()

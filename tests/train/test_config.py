@@ -124,3 +124,22 @@ def test_torchrun_variables_win_and_batch_shell_is_single():
     batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9"}
     le = resolve_launch_env(batch)
     assert (le.world_size, le.launcher) == (1, "single")
+
+
+def test_resuming_with_another_model_is_refused_before_launch(tiny_config, tmp_path):
+    """A run folder holding a checkpoint of another model shape: ConfigError naming the key."""
+    from megamor.train.checkpoint import CONFIG_FILE, MARKER, tag_for
+    from megamor.train.config import to_yaml
+
+    cfg = load_experiment([tiny_config], [f"run_dir={tmp_path}"])
+    tag = tmp_path / "checkpoints" / tag_for(5)
+    tag.mkdir(parents=True)
+    (tag / CONFIG_FILE).write_text(to_yaml(cfg))
+    (tag / MARKER).write_text('{"step": 5, "files": {}}')
+    check_before_launch(cfg, 1)  # same model: fine
+    wider = load_experiment([tiny_config], [f"run_dir={tmp_path}", "model.d_model=128"])
+    with pytest.raises(ConfigError) as e:
+        check_before_launch(wider, 1)
+    assert e.value.key == "model.d_model" and "checkpoint.resume=false" in str(e.value)
+    check_before_launch(load_experiment([tiny_config], [f"run_dir={tmp_path}", "model.d_model=128",
+                                                        "checkpoint.resume=false"]), 1)
