@@ -29,11 +29,11 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
+import torch
 
-from megamor.env import repo_root  # noqa: E402
-from megamor.model import ModelConfig, MoRLM, load_model_config  # noqa: E402
-from megamor.train.metrics import batch_forward_flops, peak_tflops  # noqa: E402
+from megamor.env import repo_root
+from megamor.model import ModelConfig, MoRLM, load_model_config
+from megamor.train.metrics import batch_forward_flops, peak_tflops
 
 CPU_VARIANTS = ["vanilla", "recursive_3", "mor_expert_3"]
 
@@ -113,7 +113,7 @@ def train_steps(name: str, engine, cfg: ModelConfig, x: torch.Tensor, steps: int
 def run(args: argparse.Namespace) -> dict:
     from megamor.parallel.dist import init_distributed
 
-    env, device = init_distributed()
+    _, device = init_distributed()
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     peak = peak_tflops(device, args.precision, args.peak_tflops, probe_cpu=True)
@@ -166,9 +166,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(res: dict) -> str:
     lines = [
-        f"Device: {res['device']}; peak {res['peak_tflops']:.3g} TFLOP/s ({'timed matmul' if 'CPU' in res['device'] else 'datasheet'}); "
-        f"{res['precision']}, ZeRO-{res['zero_stage']}, batch {res['micro_batch']} x {res['seq_len']} tokens, "
-        f"median of {res['steps']} steps x {res['rounds']} rounds; torch {res['torch']}.",
+        (f"Device: {res['device']}; peak {res['peak_tflops']:.3g} TFLOP/s ({'timed matmul' if 'CPU' in res['device'] else 'datasheet'}); "
+         f"{res['precision']}, ZeRO-{res['zero_stage']}, batch {res['micro_batch']} x {res['seq_len']} tokens, "
+         f"median of {res['steps']} steps x {res['rounds']} rounds; torch {res['torch']}."),
         "",
         "| model | params (M) | step (s) | tokens/s | CPU-time tokens/s | TFLOP/step | MFU | megamor / HF |",
         "|---|---|---|---|---|---|---|---|",

@@ -24,8 +24,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megamor.env import repo_root
 
@@ -41,7 +41,7 @@ SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 def _run(cmd: Sequence[str], what: str) -> None:
     print(f"\n== {what}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t = time.time()
-    r = subprocess.run(list(cmd), cwd=repo_root())
+    r = subprocess.run(list(cmd), cwd=repo_root(), check=False)
     if r.returncode != 0:
         raise SystemExit(f"megamor.demo: '{what}' failed with exit code {r.returncode}")
     print(f"   ({time.time() - t:.1f}s)", flush=True)
@@ -60,7 +60,7 @@ def prepare_data(data: Path, workers: int) -> tuple[Path, Path]:
     return tok, shards
 
 
-def train(run_dir: Path, shards: Path, tok: Path, steps: Optional[int]) -> None:
+def train(run_dir: Path, shards: Path, tok: Path, steps: int | None) -> None:
     args = ["--config", CONFIG, f"run_dir={run_dir}", f"data.train=[{shards}]", f"data.valid=[{shards}]",
             f"data.tokenizer={tok}"]
     if steps is not None:
@@ -112,7 +112,7 @@ def _render(tok, ids: list[int], depths: list[int], n_rec: int, colour: bool) ->
     return "".join(f"{p}{str(d).translate(SUBSCRIPT)}" for p, d in zip(pieces, depths)).replace("\n", "⏎")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megamor.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything goes here (default runs/demo)")

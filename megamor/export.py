@@ -22,7 +22,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -37,7 +37,7 @@ def _is_vanilla(cfg: ModelConfig) -> bool:
     return cfg.sharing == "none" and cfg.router.type == "none"
 
 
-def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Optional[Path]:
+def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Path | None:
     for cand in ([Path(cfg_data.tokenizer)] if cfg_data.tokenizer else []) + [run_dir / "tokenizer", run_dir / "tokenizer.model"]:
         p = cand / "tokenizer.model" if cand.is_dir() else cand
         if p.is_file():
@@ -45,11 +45,15 @@ def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Optional[Path]:
     return None
 
 
-def export(run_dir: str | Path, out: Optional[str | Path] = None, tag: Optional[str] = None) -> Path:
+def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None) -> Path:
     from safetensors.torch import save_file
 
     from megamor.model.hf import llama_config, to_llama_state_dict
-    from megamor.train.checkpoint import consolidated_state_dict, experiment_of, resolve_tag
+    from megamor.train.checkpoint import (
+        consolidated_state_dict,
+        experiment_of,
+        resolve_tag,
+    )
 
     ref = resolve_tag(run_dir, tag)
     exp = experiment_of(ref)
@@ -97,7 +101,7 @@ def load_exported(path: str | Path):
     return model.eval(), cfg
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megamor.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder (newest complete checkpoint) or a checkpoint tag folder")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -79,7 +79,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def all_gather_object(obj: Any) -> list[Any]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
-    out: list[Optional[Any]] = [None] * dist.get_world_size()
+    out: list[Any | None] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 

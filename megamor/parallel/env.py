@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import MutableMapping, Optional
 
 DEFAULT_SLURM_PORT_BASE = 20000
 
@@ -55,7 +55,7 @@ def first_slurm_host(nodelist: str) -> str:
     return head
 
 
-def resolve_launch_env(env: Optional[MutableMapping[str, str]] = None) -> LaunchEnv:
+def resolve_launch_env(env: MutableMapping[str, str] | None = None) -> LaunchEnv:
     """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in `env` (default os.environ)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -91,7 +91,7 @@ def resolve_launch_env(env: Optional[MutableMapping[str, str]] = None) -> Launch
     )
 
 
-def peek_world_size(env: Optional[MutableMapping[str, str]] = None) -> int:
+def peek_world_size(env: MutableMapping[str, str] | None = None) -> int:
     """The world size the launcher asks for, read without changing anything."""
     env = dict(os.environ if env is None else env)
     return resolve_launch_env(env).world_size

@@ -11,14 +11,14 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 TRAIN_MODULE = "megamor.train"
 
 
 def torchrun_command(nproc_per_node: int, args: Sequence[str], module: str = TRAIN_MODULE, nnodes: int = 1,
-                     rdzv_endpoint: Optional[str] = None, log_dir: Optional[str | Path] = None,
+                     rdzv_endpoint: str | None = None, log_dir: str | Path | None = None,
                      python: str = sys.executable) -> list[str]:
     """torchrun (as `python -m torch.distributed.run`). Several nodes: run it once per node with
     the same rdzv_endpoint (host:port of the first node)."""
@@ -34,8 +34,8 @@ def torchrun_command(nproc_per_node: int, args: Sequence[str], module: str = TRA
     return cmd + ["-m", module, *args]
 
 
-def deepspeed_command(num_gpus: int, args: Sequence[str], module: str = TRAIN_MODULE, hostfile: Optional[str | Path] = None,
-                      master_port: Optional[int] = None, python: str = sys.executable) -> list[str]:
+def deepspeed_command(num_gpus: int, args: Sequence[str], module: str = TRAIN_MODULE, hostfile: str | Path | None = None,
+                      master_port: int | None = None, python: str = sys.executable) -> list[str]:
     """The deepspeed launcher. With a hostfile it starts `slots` processes on every host (over
     pdsh/ssh); without one, num_gpus processes here."""
     cmd = [python, "-m", "deepspeed.launcher.runner"]
@@ -48,7 +48,7 @@ def deepspeed_command(num_gpus: int, args: Sequence[str], module: str = TRAIN_MO
     return cmd + ["--module", module, *args]
 
 
-def slurm_hosts(nodelist: Optional[str] = None) -> list[str]:
+def slurm_hosts(nodelist: str | None = None) -> list[str]:
     nodelist = nodelist or os.environ.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise RuntimeError("not inside a SLURM allocation (SLURM_JOB_NODELIST is unset)")
@@ -72,7 +72,7 @@ def _gpus_here() -> int:
         return 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megamor.parallel.launch")
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("hostfile", help="write a DeepSpeed hostfile from the SLURM allocation")

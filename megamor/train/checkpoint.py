@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
-def step_of(tag: str) -> Optional[int]:
+def step_of(tag: str) -> int | None:
     if not tag.startswith(TAG_PREFIX):
         return None
     try:
@@ -93,7 +93,7 @@ def _file_sizes(folder: Path) -> dict[str, int]:
     }
 
 
-def read_complete(tag_dir: Path) -> Optional[dict[str, Any]]:
+def read_complete(tag_dir: Path) -> dict[str, Any] | None:
     """The marker's metadata if the tag is complete and intact, else None."""
     marker = tag_dir / MARKER
     if not marker.is_file():
@@ -124,7 +124,7 @@ def list_complete(run_dir: str | Path) -> list[CheckpointRef]:
     return sorted(out, key=lambda c: c.step)
 
 
-def newest_complete(run_dir: str | Path) -> Optional[CheckpointRef]:
+def newest_complete(run_dir: str | Path) -> CheckpointRef | None:
     found = list_complete(run_dir)
     return found[-1] if found else None
 
@@ -161,7 +161,7 @@ class CheckpointManager:
         self.fault_hook = fault_hook  # testing: called between the shards and the marker
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any], config_yaml: str, meta: dict[str, Any],
-             extra_files: Optional[dict[str, Any]] = None) -> Path:
+             extra_files: dict[str, Any] | None = None) -> Path:
         """Every rank calls this. `client_state` goes into DeepSpeed's checkpoint (plus every
         rank's RNG states); `extra_files` (name -> object) are torch.saved by rank 0 beside it."""
         tag = tag_for(step)
@@ -237,7 +237,7 @@ class ResumePlan:
         return self.ref.tag
 
 
-def plan_resume(run_dir: str | Path, dp_size: int, zero_stage: int, precision: str) -> Optional[ResumePlan]:
+def plan_resume(run_dir: str | Path, dp_size: int, zero_stage: int, precision: str) -> ResumePlan | None:
     """How to resume this run (rank 0 decides; broadcast the result), or None for a fresh start."""
     ref = newest_complete(run_dir)
     if ref is None:
@@ -267,7 +267,7 @@ def ensure_universal(ref: CheckpointRef) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ref.path),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
@@ -294,7 +294,7 @@ def restore_optimizer_hparams(engine: Any, group_hparams: list[dict[str, Any]]) 
 
 
 # -- loading weights without an engine (export, evaluation) ---------------------------------
-def resolve_tag(run_or_ckpt: str | Path, tag: Optional[str] = None) -> CheckpointRef:
+def resolve_tag(run_or_ckpt: str | Path, tag: str | None = None) -> CheckpointRef:
     """A run folder (newest complete tag, or `tag`), its checkpoints/ folder, or a tag folder."""
     p = Path(run_or_ckpt)
     if read_complete(p) is not None and step_of(p.name) is not None:
@@ -316,7 +316,9 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a tag, whatever its ZeRO stage (zero_to_fp32 for
     partitioned states; ZeRO-0 from the model-states file)."""
     if any(ref.path.glob("*optim_states.pt")) and ref.meta.get("zero_stage", 0) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
     else:
@@ -336,7 +338,7 @@ def experiment_of(ref: CheckpointRef):
     return load_experiment([cfg_file])
 
 
-def load_model_from_run(run_dir: str | Path, tag: Optional[str] = None, device: str | torch.device = "cpu"):
+def load_model_from_run(run_dir: str | Path, tag: str | None = None, device: str | torch.device = "cpu"):
     """(MoRLM in eval mode with fp32 weights, its ModelConfig) from a run folder or tag folder,
     any ZeRO stage. No process group needed."""
     from megamor.model import MoRLM

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -88,7 +89,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     type: str = "wsd"  # wsd (warmup-stable-decay, the paper's) | cosine | constant
-    warmup_steps: Optional[int] = None  # overrides warmup_fraction
+    warmup_steps: int | None = None  # overrides warmup_fraction
     warmup_fraction: float = 0.05
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to min_lr_ratio * lr
     decay_shape: str = "linear"  # wsd decay: linear | cosine
@@ -108,7 +109,7 @@ class ScheduleConfig:
     def warmup(self, max_steps: int) -> int:
         if self.warmup_steps is not None:
             return self.warmup_steps
-        return int(round(self.warmup_fraction * max_steps))
+        return round(self.warmup_fraction * max_steps)
 
 
 @dataclass
@@ -130,11 +131,11 @@ class DeepSpeedSection:
 
 @dataclass
 class TrainerConfig:
-    max_steps: Optional[int] = None  # optimizer steps; or give max_tokens
-    max_tokens: Optional[int] = None  # converted to steps of global_batch_size * seq_len tokens
+    max_steps: int | None = None  # optimizer steps; or give max_tokens
+    max_tokens: int | None = None  # converted to steps of global_batch_size * seq_len tokens
     activation_checkpointing: bool = False  # recompute every layer application (non-reentrant)
     max_consecutive_nonfinite: int = 5  # non-finite losses skip the step; this many in a row abort
-    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
     device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once at start
 
     def validate(self, path: str) -> None:
@@ -165,8 +166,8 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 500  # validation loss every M steps (0: only at the end)
-    max_batches: Optional[int] = 50  # per validation folder; None: the whole split
-    micro_batch_size: Optional[int] = None  # default batch.micro_batch_size
+    max_batches: int | None = 50  # per validation folder; None: the whole split
+    micro_batch_size: int | None = None  # default batch.micro_batch_size
     causal_routing: bool = True  # expert choice: also report the loss with causal (threshold) routing
     at_end: bool = True
 
@@ -189,11 +190,11 @@ class LoggingConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Optional[str] = None  # online | offline | disabled; None: $WANDB_MODE, else disabled
+    mode: str | None = None  # online | offline | disabled; None: $WANDB_MODE, else disabled
     project: str = "megamor"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # default: the experiment name
-    group: Optional[str] = None
+    entity: str | None = None
+    name: str | None = None  # default: the experiment name
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def validate(self, path: str) -> None:
@@ -208,9 +209,9 @@ class WandbConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "run"
-    run_dir: Optional[str] = None  # default runs/<name>; checkpoints, metrics, W&B live here
+    run_dir: str | None = None  # default runs/<name>; checkpoints, metrics, W&B live here
     seed: int = 1234  # model initialisation (the data order has its own data.seed)
-    model_config: Optional[str] = None  # a configs/model/*.yaml; `model:` keys are applied on top
+    model_config: str | None = None  # a configs/model/*.yaml; `model:` keys are applied on top
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -230,7 +231,7 @@ class ExperimentConfig:
             raise ConfigError(key(path, "data.seq_len"), f"{self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
         steps = self.max_steps
         warm = self.schedule.warmup(steps)
-        decay = int(round(self.schedule.decay_fraction * steps)) if self.schedule.type == "wsd" else 0
+        decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
         if warm + decay > steps:
             raise ConfigError(key(path, "schedule.warmup_steps"), f"warmup {warm} + decay {decay} steps exceed the {steps} training steps")
 

@@ -13,21 +13,20 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
-from typing import Optional
 
 ENV = "MEGAMOR_FAULTS"
 
 
 @dataclass
 class Faults:
-    sigkill_after_step: Optional[int] = None
-    sigkill_during_save: Optional[int] = None
-    nan_from: Optional[int] = None
-    nan_to: Optional[int] = None
-    rank: Optional[int] = None
+    sigkill_after_step: int | None = None
+    sigkill_during_save: int | None = None
+    nan_from: int | None = None
+    nan_to: int | None = None
+    rank: int | None = None
 
     @classmethod
-    def from_env(cls) -> "Faults":
+    def from_env(cls) -> Faults:
         f = cls()
         for item in filter(None, os.environ.get(ENV, "").split(",")):
             name, _, value = item.partition("=")

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megamor.data.atomic import atomic_open
 from megamor.train.config import ExperimentConfig
@@ -23,7 +23,7 @@ WANDB_ID_FILE = "wandb_id"
 METRICS_FILE = "metrics.jsonl"
 
 
-def wandb_run_id(run_dir: Path, from_checkpoint: Optional[str]) -> str:
+def wandb_run_id(run_dir: Path, from_checkpoint: str | None) -> str:
     path = run_dir / WANDB_ID_FILE
     if from_checkpoint:
         run_id = from_checkpoint
@@ -69,7 +69,7 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
 
 
 class RunLogger:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, enabled: bool, start_step: int, wandb_id: Optional[str],
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, enabled: bool, start_step: int, wandb_id: str | None,
                  config_dict: dict[str, Any]):
         self.enabled = enabled
         self.max_steps = cfg.max_steps
@@ -103,7 +103,7 @@ class RunLogger:
             )
 
     @property
-    def wandb_dir(self) -> Optional[str]:
+    def wandb_dir(self) -> str | None:
         return getattr(self.wandb, "dir", None) if self.wandb is not None else None
 
     def print(self, text: str) -> None:
@@ -119,7 +119,7 @@ class RunLogger:
             self.bar.n = step
             self.bar.refresh()
 
-    def log(self, step: int, metrics: dict[str, Any], histograms: Optional[dict[str, tuple[list, list]]] = None,
+    def log(self, step: int, metrics: dict[str, Any], histograms: dict[str, tuple[list, list]] | None = None,
             console: bool = True) -> None:
         if not self.enabled:
             return

@@ -11,7 +11,6 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -54,7 +53,7 @@ def measure_cpu_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, trials
     return 2 * n**3 * reps / best / 1e12
 
 
-def peak_tflops(device: torch.device, precision: str, configured: Optional[float], probe_cpu: bool) -> Optional[float]:
+def peak_tflops(device: torch.device, precision: str, configured: float | None, probe_cpu: bool) -> float | None:
     if configured:
         return configured
     if device.type == "cuda":
@@ -81,7 +80,7 @@ class StepTimer:
     start: float = field(default_factory=time.perf_counter)
     data: float = 0.0
 
-    def data_section(self) -> "_Section":
+    def data_section(self) -> _Section:
         return _Section(self)
 
     def elapsed(self) -> float:
@@ -114,7 +113,7 @@ class WindowStats:
     grad_norm_steps: int = 0
     aux: dict[str, float] = field(default_factory=dict)
     tokens_per_step: list[float] = field(default_factory=list)  # routed tokens per recursion
-    depth_hist: Optional[torch.Tensor] = None  # token counts by depth 0..N_r
+    depth_hist: torch.Tensor | None = None  # token counts by depth 0..N_r
 
     def add_routing(self, tokens_per_step: list[float], depth_hist: torch.Tensor) -> None:
         if not self.tokens_per_step:

@@ -13,7 +13,8 @@ stage because each one ends in the client optimizer's `step()`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def group_hparams(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
-    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    kw = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     impl = cfg.impl
     if impl == "auto":
         impl = "torch_fused" if device.type == "cuda" else "torch"

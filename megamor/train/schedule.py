@@ -26,8 +26,8 @@ class LRSchedule:
     min_ratio: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg: ScheduleConfig, peak: float, total_steps: int) -> "LRSchedule":
-        decay = int(round(cfg.decay_fraction * total_steps)) if cfg.type == "wsd" else 0
+    def from_config(cls, cfg: ScheduleConfig, peak: float, total_steps: int) -> LRSchedule:
+        decay = round(cfg.decay_fraction * total_steps) if cfg.type == "wsd" else 0
         return cls(peak, total_steps, cfg.warmup(total_steps), decay, cfg.type, cfg.decay_shape, cfg.min_lr_ratio)
 
     def factor(self, step: int) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Optional
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -31,18 +30,18 @@ class StopRequest:
     """Installs handlers for STOP_SIGNALS; `requested` turns true on the first one."""
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         for s in STOP_SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -52,7 +51,7 @@ class StopRequest:
             signal.signal(s, h)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -21,7 +21,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -73,7 +73,7 @@ class StepResult:
     flops: float
     data_time: float
     time: float
-    grad_norm: Optional[float]
+    grad_norm: float | None
     aux: dict[str, float]
     tokens_per_step: list[float]
     depth_hist: torch.Tensor
@@ -101,11 +101,11 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.flops_total = 0.0
-        self.wandb_id: Optional[str] = None
+        self.wandb_id: str | None = None
         self.last_saved_step = -1
 
     # -- set-up -----------------------------------------------------------------------
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         cfg = self.cfg
         self.stop_request.install()  # a signal during set-up stops the run after its first step
         if self.is_main:
@@ -145,7 +145,7 @@ class Trainer:
         )
         return self
 
-    def _plan_resume(self) -> Optional[ResumePlan]:
+    def _plan_resume(self) -> ResumePlan | None:
         if not self.cfg.checkpoint.resume:
             return None
         ds = self.cfg.deepspeed
@@ -197,7 +197,6 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         timer = StepTimer()
-        cfg = self.cfg
         with timer.data_section():
             micro = [self.loader.next_batch() for _ in range(self.gas)]
         counts = [int((mb["targets"] != -100).sum()) for mb in micro]
@@ -210,7 +209,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         nonfinite = torch.zeros((), device=self.device)
         aux_names: list[str] = []
-        aux_sum: Optional[torch.Tensor] = None
+        aux_sum: torch.Tensor | None = None
         routed = torch.zeros(nr, device=self.device)
         depth_hist = torch.zeros(nr + 1, device=self.device)
         flops = 0.0

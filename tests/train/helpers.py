@@ -6,16 +6,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megamor.env import repo_root
 from megamor.parallel.env import free_port
 from megamor.parallel.launch import deepspeed_command, torchrun_command
 
 
-def train_env(tmp: Path, extra: Optional[dict] = None) -> dict[str, str]:
+def train_env(tmp: Path, extra: dict | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         DS_ACCELERATOR="cpu",
@@ -66,13 +66,13 @@ def train_command(config: Path, run_dir: Path, overrides: Sequence[str], nproc: 
 
 
 def launch(config: Path, run_dir: Path, overrides: Sequence[str] = (), nproc: int = 1, launcher: str = "torchrun",
-           env: Optional[dict] = None, timeout: float = 300) -> Run:
+           env: dict | None = None, timeout: float = 300) -> Run:
     tmp = run_dir.parent / f".tmp-{run_dir.name}"
     tmp.mkdir(parents=True, exist_ok=True)
     if launcher == "torchrun" and nproc == 1:
         launcher = "python"
     cmd = train_command(config, run_dir, overrides, nproc, launcher, tmp)
-    proc = subprocess.run(cmd, cwd=repo_root(), env=train_env(tmp, env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=repo_root(), env=train_env(tmp, env), capture_output=True, text=True, check=False, timeout=timeout)
     return Run(run_dir, proc)
 
 

@@ -14,7 +14,7 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = train_env(tmp_path, {"OMP_NUM_THREADS": "2"})
     r = subprocess.run([sys.executable, "-m", "megamor.demo", "--out", str(out), "--steps", "4"], cwd=repo_root(),
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, text=True, check=False, timeout=600)
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-4000:]
     for what in ("1/4 demo corpus", "2/4 tokenizer", "3/4 tokenize and shard", "4/4 train", "validation loss",
@@ -25,5 +25,5 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     assert len(sample_lines) == 3 and all(any(c in line for c in "₀₁₂₃") for line in sample_lines)
     # A second run reuses everything and only re-samples.
     r2 = subprocess.run([sys.executable, "-m", "megamor.demo", "--out", str(out), "--steps", "4"], cwd=repo_root(),
-                        env=env, capture_output=True, text=True, timeout=600)
+                        env=env, capture_output=True, text=True, check=False, timeout=600)
     assert r2.returncode == 0 and "1/4 demo corpus" not in r2.stdout and "nothing to do" in r2.stdout + r2.stderr
