@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             line += f"; with causal routing (as in decoding) {val['val/loss_causal']:.4f}"
         print(f"\n== {line}")
     show_samples(run_dir, tok)
+    from megamor.train.checkpoint import newest_complete
+
+    ref = newest_complete(run_dir)
+    export_pt = run_dir / "export" / (ref.tag if ref else "step_N") / "megamor.pt"
     wandb_dirs = sorted((run_dir / "wandb").glob("offline-run-*")) if (run_dir / "wandb").is_dir() else []
     print(f"""
 == written (in {time.time() - t0:.0f}s)
@@ -147,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics (one JSON a line)   {run_dir / 'metrics.jsonl'}
     checkpoints                 {run_dir / 'checkpoints'}
     W&B (offline)               {wandb_dirs[-1] if wandb_dirs else run_dir / 'wandb'}   (`wandb sync` to upload)
-  next: python -m megamor.export {run_dir}      (consolidated weights + HF-style folder)
-        python -m megamor.eval ... (see README: evaluation)""")
+  next: python -m megamor.export {run_dir}      (consolidated weights + HF-style folder), then e.g.
+        python evals/depth.py --checkpoint {export_pt} --tokenizer {tok} --text "Q: What is the capital of Stougel?"
+        (README: evaluation)""")
     return 0
 
 
