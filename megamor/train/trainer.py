@@ -18,6 +18,7 @@ model is built plainly and activation checkpointing is switched on from here.
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,16 +135,30 @@ class Trainer:
         if self.is_main:
             with atomic_open(self.run_dir / "config.yaml", "w") as f:
                 f.write(to_yaml(cfg))
+            self._keep_tokenizer()
         self.peak_tflops = peak_tflops(self.device, cfg.deepspeed.precision, cfg.trainer.peak_tflops,
                                        cfg.trainer.device_tflops_probe)
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
         self.logger.print(
-            f"megamor: {cfg.name} | {self.n_params[0] / 1e6:.2f}M params ({self.n_params[1] / 1e6:.2f}M non-embedding) | world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
+            f"megamor: {cfg.name} | {self.n_params[0] / 1e6:.2f}M params ({self.n_params[1] / 1e6:.2f}M non-embedding) | "
+            f"world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
         )
         return self
+
+    def _keep_tokenizer(self) -> None:
+        """A copy of the tokenizer in the run folder, so evaluation and export find it."""
+        src = self.cfg.data.tokenizer
+        if not src:
+            return
+        src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
+        dst = self.run_dir / "tokenizer"
+        dst.mkdir(exist_ok=True)
+        for name in ("tokenizer.model", "tokenizer.vocab", "tokenizer_info.json"):
+            if (src_dir / name).is_file():
+                shutil.copy2(src_dir / name, dst / name)
 
     def _plan_resume(self) -> ResumePlan | None:
         if not self.cfg.checkpoint.resume:

@@ -21,6 +21,7 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
                  "== samples", "== written"):
         assert what in text, what
     assert newest_complete(out / "run").step == 4
+    assert (out / "run" / "tokenizer" / "tokenizer.model").is_file()  # kept with the run for eval/export
     sample_lines = text.split("== samples")[1].split("== written")[0].strip().splitlines()[1:]
     assert len(sample_lines) == 3 and all(any(c in line for c in "₀₁₂₃") for line in sample_lines)
     # A second run reuses everything and only re-samples.
