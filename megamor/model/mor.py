@@ -26,7 +26,6 @@ No parallelism lives here. The trainer may install an activation-checkpoint func
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -49,28 +48,47 @@ from megamor.model.routers import (
 CheckpointFn = Callable[..., object]
 
 
-@dataclass
-class RouterStats:
-    tokens_per_step: list[int]  # valid tokens that ran each recursion step (whole batch)
-    depth: Tensor  # [B, T] recursion steps each token ran (0 for padding)
-    total_tokens: int  # valid tokens in the batch
+class _AttrDict(dict):
+    """A dict with attribute access. Model outputs are dicts so that DeepSpeed ZeRO-3 (which
+    hooks the tensors of a module's outputs) can see every tensor inside them."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class RouterStats(_AttrDict):
+    """tokens_per_step: list[int], valid tokens that ran each recursion step (whole batch);
+    depth: [B, T] recursion steps each token ran (0 for padding); total_tokens: valid tokens."""
+
+    def __init__(self, tokens_per_step: list[int], depth: Tensor, total_tokens: int):
+        super().__init__(tokens_per_step=tokens_per_step, depth=depth, total_tokens=total_tokens)
 
     @property
     def mean_depth(self) -> float:
-        return sum(self.tokens_per_step) / max(1, self.total_tokens)
+        return sum(self["tokens_per_step"]) / max(1, self["total_tokens"])
 
     @property
     def selected_fraction(self) -> list[float]:
-        return [n / max(1, self.total_tokens) for n in self.tokens_per_step]
+        return [n / max(1, self["total_tokens"]) for n in self["tokens_per_step"]]
 
 
-@dataclass
-class LMOutput:
-    logits: Optional[Tensor]
-    loss: Optional[Tensor]  # LM cross-entropy, mean over targets != -100
-    aux_loss: Tensor  # router losses times their coefficients: add to loss for training
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted, for logging
-    stats: Optional[RouterStats] = None
+class LMOutput(_AttrDict):
+    """logits [B, T, V] or None; loss: LM cross-entropy, mean over targets != -100 (or None);
+    aux_loss: router losses times their coefficients (add to loss for training); aux_losses:
+    unweighted, detached, for logging; stats: RouterStats."""
+
+    def __init__(
+        self,
+        logits: Optional[Tensor],
+        loss: Optional[Tensor],
+        aux_loss: Tensor,
+        aux_losses: Optional[dict[str, Tensor]] = None,
+        stats: Optional[RouterStats] = None,
+    ):
+        super().__init__(logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses or {}, stats=stats)
 
 
 def left_align(selected: Tensor) -> tuple[Tensor, Tensor]:

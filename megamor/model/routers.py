@@ -88,6 +88,15 @@ class TokenChoiceRouter(nn.Module):
                 self.load += F.one_hot(choice[valid], self.num_depths).sum(0).to(self.load.dtype)
         return choice, probs, logits
 
+    def _apply(self, fn, recurse: bool = True):
+        # Keep the balancing bias and load counts in fp32 when the model is cast to bf16:
+        # updates of +-0.001 vanish in bf16 once the bias reaches ~0.25.
+        kept = {name: self._buffers[name] for name in ("bias", "load")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
     @torch.no_grad()
     def update_bias(self, load: Optional[Tensor], rate: float) -> None:
         """b_i += u * sign(mean_load - load_i); `load` may be all-reduced over data parallel."""

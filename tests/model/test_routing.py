@@ -105,3 +105,13 @@ def test_token_choice_loss_free_bias_update():
     # Balancing by bias adds no loss term.
     assert "router_balance" in m(torch.randint(0, 211, (1, 8))).aux_losses
     assert m._weighted_aux({"router_balance": torch.tensor(5.0)}, torch.zeros(1)).item() == 0
+
+
+def test_loss_free_bias_stays_fp32_under_bf16_cast():
+    m = mor("token_choice", sharing="cycle", nr=3, router={"type": "token_choice", "balancing": "loss_free"})
+    m.depth_router.bias.fill_(0.3)
+    m.to(torch.bfloat16)
+    assert m.embed_tokens.weight.dtype == torch.bfloat16
+    assert m.depth_router.bias.dtype == torch.float32
+    m.update_loss_free_bias(torch.tensor([1.0, 2.0, 3.0]))
+    assert m.depth_router.bias[0].item() == pytest.approx(0.301, abs=1e-6)  # lost in bf16
