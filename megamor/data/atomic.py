@@ -25,7 +25,8 @@ def is_temp(path: Path) -> bool:
     return path.name.startswith(".") and TMP_MARK in path.name
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to stable storage (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some filesystems do not allow opening a directory
@@ -42,7 +43,7 @@ def commit(tmp: Path, final: Path, durable: bool = True) -> None:
     """Rename a finished (already fsynced, if durable) temp file to its final name."""
     os.replace(tmp, final)
     if durable:
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
 
 
 @contextmanager

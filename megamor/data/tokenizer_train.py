@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megamor.data.atomic import atomic_open, fsync_dir, write_json
+from megamor.data.atomic import atomic_open, fsync_path, write_json
 from megamor.data.errors import DataError, OutputExistsError
 from megamor.data.readers import ReadOptions, ReadStats, iter_documents
 from megamor.data.sources import plan_units, resolve_sources
@@ -138,5 +138,5 @@ def train_tokenizer(
         "seconds": round(time.time() - t0, 2),
     }
     write_json(out / INFO_FILE, info)
-    fsync_dir(out)
+    fsync_path(out)
     return tok

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megamor.data.atomic import atomic_open, write_json
+from megamor.data.atomic import atomic_open, fsync_path, write_json
 from megamor.parallel import dist as pdist
 
 CHECKPOINTS = "checkpoints"
@@ -213,16 +213,7 @@ def _fsync_tree(folder: Path) -> None:
     runs it: each flushes what its own node wrote."""
     for p in folder.rglob("*"):
         if p.is_file():
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            fsync_path(p)
 
 
 # -- resuming -----------------------------------------------------------------------------
