@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .checkpoint import find_tokenizer, load_model_and_meta
+from .checkpoint import CheckpointError, find_tokenizer, load_model_and_meta
 from .scoring import Scorer
 from .tokenizer import EvalTokenizer, load_tokenizer
 
@@ -41,7 +42,11 @@ def tokenizer_for(source: Any, path: Optional[str]) -> EvalTokenizer:
 def build_scorer(args: argparse.Namespace, source: Any = None) -> tuple[Scorer, EvalTokenizer, dict]:
     source = source if source is not None else args.checkpoint
     device = default_device(args.device)
-    model, meta = load_model_and_meta(source, device=device)
+    try:
+        model, meta = load_model_and_meta(source, device=device)
+    except CheckpointError as e:  # a missing, damaged or unsafe checkpoint: bad input, exit 2
+        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     tok = tokenizer_for(source, args.tokenizer)
     if tok.vocab_size > model.cfg.vocab_size:
         raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")

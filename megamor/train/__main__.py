@@ -45,11 +45,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     from megamor.parallel import dist as pdist
-    from megamor.train.trainer import Trainer
+    from megamor.train.checkpoint import CheckpointSaveError, NoValidCheckpointError, UnsafeCheckpointError
+    from megamor.train.trainer import NonFiniteLossError, Trainer
 
     env, device = pdist.init_distributed()
     try:
         return Trainer(cfg, env, device, tokenizer).setup().fit()
+    except (NoValidCheckpointError, UnsafeCheckpointError) as e:  # the run folder is bad input: refuse
+        if env.rank == 0 or isinstance(e, UnsafeCheckpointError):
+            print(f"megamor.train: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except (CheckpointSaveError, NonFiniteLossError) as e:
+        if env.rank == 0:
+            print(f"megamor.train: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     except Exception:
         print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
