@@ -46,7 +46,7 @@ from megamor.parallel import dist as pdist
 from megamor.train import integrity
 from megamor.train.integrity import MARKER, check_tag, quarantine, warn
 from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
-from megamor.train.save_errors import CheckpointSaveError, os_error_line, python_file_saves
+from megamor.train.save_errors import CheckpointSaveError, os_error_in, os_error_line, python_file_saves
 from megamor.train.safe_load import load as safe_load
 
 CHECKPOINTS = "checkpoints"
@@ -240,7 +240,8 @@ class CheckpointManager:
         try:
             result = fn()
         except Exception as e:  # noqa: BLE001 - every rank must learn of any rank's failure
-            error = os_error_line(e, path) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+            os_err = os_error_in(e)
+            error = os_error_line(os_err, path) if os_err else f"{type(e).__name__}: {e}"
         results = pdist.all_gather_object((result, error))
         errors = [e for _, e in results if e]
         if errors:

@@ -40,8 +40,21 @@ def _save_via_python(obj: Any, f: Any, *args: Any, **kw: Any) -> None:
     try:
         with open(f, "wb") as fh:
             _original_save(obj, fh, *args, **kw)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, os.fspath(f)) from None
+    except Exception as e:
+        cause = os_error_in(e)  # torch's zip writer re-raises a failed write as "unexpected pos"
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, os.fspath(f)) from None
+
+
+def os_error_in(e: BaseException | None) -> OSError | None:
+    """The OSError among an exception and its context chain, if any."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, OSError) and e.errno:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 @contextmanager
