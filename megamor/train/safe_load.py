@@ -69,7 +69,9 @@ def load(f: Any, map_location: Any = "cpu", **kw: Any) -> Any:
         with torch.serialization.safe_globals(safe_globals()):
             return _original_load(f, map_location=map_location, weights_only=True, **kw)
     except pickle.UnpicklingError as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        first = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        if not first:  # not a disallowed object but unreadable bytes: the caller says "damaged"
+            raise
         raise UnsafeCheckpointError(
             f"{_describe(f)}: refused to load: it holds objects the weights-only loader does not allow "
             f"(possibly planted code){': ' + first if first else ''}") from None
