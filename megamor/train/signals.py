@@ -7,8 +7,9 @@ only some of them (SLURM signals every task, torchrun forwards to its workers, a
 
 Exit codes (`python -m megamor.train`), for launchers and sbatch scripts:
     0   finished (max steps reached, final checkpoint saved)
-    1   failed (an exception, or too many non-finite losses in a row)
-    2   bad configuration (before any process group started)
+    1   failed (an exception, too many non-finite steps in a row, a checkpoint write failed)
+    2   bad configuration (before any process group started), or a run folder that cannot be
+        trusted (tags exist but none validates; a file the weights-only loader refuses)
     75  stopped by SIGTERM/SIGUSR1 after saving a complete checkpoint: rerun the same
         command to resume (EX_TEMPFAIL; slurm/train.sbatch requeues on it)
 """
