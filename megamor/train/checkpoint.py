@@ -422,7 +422,7 @@ def resolve_tag(run_or_ckpt: str | Path, tag: str | None = None, verify: str = "
     """A run folder (newest complete tag, or `tag`), its checkpoints/ folder, or a tag folder;
     checked (sizes, and content hashes with verify="hash") before anything is loaded."""
     p = Path(run_or_ckpt)
-    if step_of(p.name) is not None and (p / MARKER).is_file():
+    if step_of(p.name) is not None and p.is_dir():  # a tag folder
         d = p
     else:
         run = p.parent if p.name == CHECKPOINTS else p

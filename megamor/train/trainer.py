@@ -55,7 +55,7 @@ from megamor.train.metrics import (
 )
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.safe_load import load as safe_load
-from megamor.train.safe_load import safe_torch_load
+from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest
 
@@ -184,11 +184,11 @@ class Trainer:
                       f"{self.dp}, ZeRO-{ds.zero_stage}: converting to a universal checkpoint", flush=True)
                 try:
                     ensure_universal(plan.ref)
-                except CheckpointError as e:
-                    error = str(e)
+                except (CheckpointError, UnsafeCheckpointError) as e:
+                    error = (isinstance(e, UnsafeCheckpointError), str(e))
             error = pdist.broadcast_object(error)
-            if error:
-                raise CheckpointError(error)
+            if error:  # every rank raises the same error (exit 2 for a refused file)
+                raise (UnsafeCheckpointError if error[0] else CheckpointError)(error[1])
         return plan
 
     def _resume(self, plan: ResumePlan) -> None:
