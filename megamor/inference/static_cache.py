@@ -1,0 +1,143 @@
+"""Preallocated per-site KV storage for the decoding engine.
+
+One tensor pair per attention site that owns keys/values (sites that reuse another site's
+keys under recursive KV sharing own none), shaped [slots, capacity, Hkv, hd]. Each request
+slot writes its tokens' keys at the next free index of that site, so a site only ever holds
+the tokens that ran it: with recursion-wise caching a deep recursion step's site holds the
+few tokens routed that deep, and its capacity starts at the step's share of `max_len`
+(the router's capacity c_r) instead of the full length.
+
+The host keeps every slot's fill level per site (it learns which tokens ran a site from the
+routing it reads back anyway), so writes never concatenate and attention reads only up to
+the longest fill among the rows in the batch. A site grows (doubling, one copy) only when a
+slot would overflow it, which is rare once capacities are calibrated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megamor.model.layers import KVBlock, TokenMeta
+
+
+class StaticKVCache:
+    def __init__(
+        self,
+        site_shares: dict[int, float],
+        slots: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        margin: int = 16,
+    ):
+        """site_shares: fraction of a sequence each owning site is expected to hold (1.0 for
+        prelude/coda and full-capacity steps, c_r for routed steps)."""
+        self.slots, self.max_len = slots, max_len
+        self.kv_shape = (n_kv_heads, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+        self.fill: dict[int, np.ndarray] = {}
+        for site, share in site_shares.items():
+            cap = min(max_len, math.ceil(share * max_len) + margin)
+            self.k[site] = self._alloc(cap)
+            self.v[site] = self._alloc(cap)
+            self.fill[site] = np.zeros(slots, dtype=np.int64)
+
+    def _alloc(self, cap: int) -> Tensor:
+        return torch.zeros(self.slots, cap, *self.kv_shape, dtype=self.dtype, device=self.device)
+
+    def capacity(self, site: int) -> int:
+        return self.k[site].shape[1]
+
+    def _ensure(self, site: int, need: int) -> None:
+        cap = self.capacity(site)
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap)
+        for store in (self.k, self.v):
+            grown = self._alloc(new_cap)
+            grown[:, :cap] = store[site]
+            store[site] = grown
+
+    # -- writes ------------------------------------------------------------------------
+    def write_token(self, site: int, rows: np.ndarray, rows_t: Tensor, k: Tensor, v: Tensor) -> None:
+        """Append one token per row: k, v [m, Hkv, 1, hd] for slots `rows` (host and device)."""
+        fill = self.fill[site]
+        at = fill[rows]
+        self._ensure(site, int(at.max()) + 1)
+        at_t = torch.from_numpy(at).to(self.device, non_blocking=True)
+        self.k[site][rows_t, at_t] = k[:, :, 0].to(self.dtype)
+        self.v[site][rows_t, at_t] = v[:, :, 0].to(self.dtype)
+        fill[rows] = at + 1
+
+    def write_prefill(self, site: int, rows: Sequence[int], k: Tensor, v: Tensor, valid: Tensor) -> None:
+        """Store a prefill's keys/values [n, Hkv, T, hd] for fresh slots `rows`, keeping only
+        the valid entries of each row, in positional order (the order they arrive in)."""
+        n, _, T, _ = k.shape
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid first
+        counts = valid.sum(1).cpu().numpy()
+        self._ensure(site, T)
+        idx = order[:, :, None, None].expand(-1, -1, *self.kv_shape)
+        rows_t = torch.as_tensor(list(rows), device=self.device)
+        self.k[site][rows_t, :T] = k.transpose(1, 2).gather(1, idx).to(self.dtype)
+        self.v[site][rows_t, :T] = v.transpose(1, 2).gather(1, idx).to(self.dtype)
+        self.fill[site][list(rows)] = counts
+
+    def release(self, slot: int) -> None:
+        for fill in self.fill.values():
+            fill[slot] = 0
+
+    # -- reads -------------------------------------------------------------------------
+    def view(self, site: int, rows: np.ndarray, rows_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(k, v [m, Hkv, L, hd], mask [m, 1, 1, L]) of slots `rows`, L = their longest fill."""
+        fill = self.fill[site][rows]
+        L = int(fill.max())
+        k = self.k[site][rows_t, :L].transpose(1, 2)
+        v = self.v[site][rows_t, :L].transpose(1, 2)
+        lens = torch.from_numpy(fill).to(self.device, non_blocking=True)
+        mask = torch.arange(L, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
+        return k, v, mask[:, None, None, :]
+
+    # -- accounting ----------------------------------------------------------------------
+    def bytes_per_token(self) -> int:
+        return 2 * self.kv_shape[0] * self.kv_shape[1] * torch.empty((), dtype=self.dtype).element_size()
+
+    def tokens_held(self) -> dict[int, int]:
+        """Tokens stored per owning site, over all slots."""
+        return {site: int(f.sum()) for site, f in self.fill.items()}
+
+    def nbytes(self) -> int:
+        """Bytes of keys+values of the tokens held (what the cache really needs)."""
+        return sum(self.tokens_held().values()) * self.bytes_per_token()
+
+    def reserved_bytes(self) -> int:
+        """Bytes allocated (capacities x slots)."""
+        return sum(t.numel() * t.element_size() for store in (self.k, self.v) for t in store.values())
+
+
+class PrefillRecorder:
+    """Stands in for `KVCache` during a prefill through `MoRLM.forward`: it hands each site
+    the keys/values of this call (a prefill starts from empty caches) and records them, so
+    the engine can copy them into its static storage. Prefill therefore runs the model's own
+    forward pass, the same computation `generate()` does."""
+
+    def __init__(self, batch_size: int, device: torch.device | str):
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.entries: dict[int, KVBlock] = {}
+
+    def append(self, site: int, k: Tensor, v: Tensor, meta: TokenMeta) -> KVBlock:
+        valid = meta.valid if meta.valid is not None else torch.ones_like(meta.positions, dtype=torch.bool)
+        block = KVBlock(k, v, TokenMeta(meta.positions, valid, meta.doc_ids))
+        self.entries[site] = block
+        return block
+
+    def get(self, site: int) -> Optional[KVBlock]:
+        return self.entries.get(site)
