@@ -75,3 +75,4 @@ def test_cli_from_hf_llama(tmp_path):
                           "sharing=middle_cycle", "num_recursions=4"], capture_output=True, text=True, timeout=300)
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode == 2 and last.startswith("megamor.convert: configuration error: config key 'model.n_layers'")
+
