@@ -1,7 +1,7 @@
 """Preallocated per-site KV storage for the decoding engine.
 
 One tensor pair per attention site that owns keys/values (sites that reuse another site's
-keys under recursive KV sharing own none), shaped [slots, capacity, Hkv, hd]. Each request
+keys under recursive KV sharing own none), shaped [slots, Hkv, capacity, hd]. Each request
 slot writes its tokens' keys at the next free index of that site, so a site only ever holds
 the tokens that ran it: with recursion-wise caching a deep recursion step's site holds the
 few tokens routed that deep, and its capacity starts at the step's share of `max_len`
@@ -52,10 +52,10 @@ class StaticKVCache:
             self.fill[site] = np.zeros(slots, dtype=np.int64)
 
     def _alloc(self, cap: int) -> Tensor:
-        return torch.zeros(self.slots, cap, *self.kv_shape, dtype=self.dtype, device=self.device)
+        return torch.zeros(self.slots, self.kv_shape[0], cap, self.kv_shape[1], dtype=self.dtype, device=self.device)
 
     def capacity(self, site: int) -> int:
-        return self.k[site].shape[1]
+        return self.k[site].shape[2]
 
     def _ensure(self, site: int, need: int) -> None:
         cap = self.capacity(site)
@@ -64,7 +64,7 @@ class StaticKVCache:
         new_cap = max(need, 2 * cap)
         for store in (self.k, self.v):
             grown = self._alloc(new_cap)
-            grown[:, :cap] = store[site]
+            grown[:, :, :cap] = store[site]
             store[site] = grown
 
     # -- writes ------------------------------------------------------------------------
@@ -74,8 +74,8 @@ class StaticKVCache:
         at = fill[rows]
         self._ensure(site, int(at.max()) + 1)
         at_t = torch.from_numpy(at).to(self.device, non_blocking=True)
-        self.k[site][rows_t, at_t] = k[:, :, 0].to(self.dtype)
-        self.v[site][rows_t, at_t] = v[:, :, 0].to(self.dtype)
+        self.k[site][rows_t, :, at_t] = k[:, :, 0].to(self.dtype)
+        self.v[site][rows_t, :, at_t] = v[:, :, 0].to(self.dtype)
         fill[rows] = at + 1
 
     def write_prefill(self, site: int, rows: Sequence[int], k: Tensor, v: Tensor, valid: Tensor) -> None:
@@ -85,10 +85,10 @@ class StaticKVCache:
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid first
         counts = valid.sum(1).cpu().numpy()
         self._ensure(site, T)
-        idx = order[:, :, None, None].expand(-1, -1, *self.kv_shape)
+        idx = order[:, None, :, None].expand(-1, self.kv_shape[0], -1, self.kv_shape[1])
         rows_t = torch.as_tensor(list(rows), device=self.device)
-        self.k[site][rows_t, :T] = k.transpose(1, 2).gather(1, idx).to(self.dtype)
-        self.v[site][rows_t, :T] = v.transpose(1, 2).gather(1, idx).to(self.dtype)
+        self.k[site][rows_t, :, :T] = k.gather(2, idx).to(self.dtype)
+        self.v[site][rows_t, :, :T] = v.gather(2, idx).to(self.dtype)
         self.fill[site][list(rows)] = counts
 
     def release(self, slot: int) -> None:
@@ -100,8 +100,13 @@ class StaticKVCache:
         """(k, v [m, Hkv, L, hd], mask [m, 1, 1, L]) of slots `rows`, L = their longest fill."""
         fill = self.fill[site][rows]
         L = int(fill.max())
-        k = self.k[site][rows_t, :L].transpose(1, 2)
-        v = self.v[site][rows_t, :L].transpose(1, 2)
+        first = int(rows[0])
+        if int(rows[-1]) - first + 1 == len(rows) and bool((rows[1:] > rows[:-1]).all()):
+            k = self.k[site][first : first + len(rows), :, :L]  # a contiguous run of slots: a view, no copy
+            v = self.v[site][first : first + len(rows), :, :L]
+        else:
+            k = self.k[site][rows_t, :, :L]
+            v = self.v[site][rows_t, :, :L]
         lens = torch.from_numpy(fill).to(self.device, non_blocking=True)
         mask = torch.arange(L, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
         return k, v, mask[:, None, None, :]

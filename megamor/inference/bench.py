@@ -1,0 +1,229 @@
+"""Decoding benchmark: the engine on vanilla / recursive / MoR-expert / MoR-token models of one
+size, against Hugging Face `generate` (LlamaForCausalLM with the vanilla weights; dynamic and
+static cache) and megamor's plain `generate()`, in one run so the ratios compare like with like.
+
+MoR routers are calibrated to their capacities on sample tokens first (megamor.inference.
+calibrate): random routers would send every token one way. Every part runs under its own time
+limit; a part that runs out is reported as such and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from megamor.data.atomic import atomic_open
+from megamor.inference.calibrate import calibrate_routers
+from megamor.inference.engine import Engine
+from megamor.model import MoRLM, load_model_config
+
+VARIANTS = ("vanilla", "recursive_3", "mor_expert_3", "mor_token_3")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Result:
+    name: str
+    tokens_per_s: Optional[float] = None
+    seconds: Optional[float] = None
+    kv_held_mb: Optional[float] = None
+    kv_reserved_mb: Optional[float] = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class PartTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    def on_alarm(signum, frame):
+        raise PartTimeout()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def build(size: str, variant: str, device: torch.device, dtype: torch.dtype, calib: torch.Tensor, seed: int) -> MoRLM:
+    torch.manual_seed(seed)
+    model = MoRLM(load_model_config(Path("configs/model") / size / f"{variant}.yaml")).eval()
+    if model.routers is not None or model.depth_router is not None:
+        calibrate_routers(model, calib)
+    return model.to(device=device, dtype=dtype)
+
+
+def bench_engine(model: MoRLM, prompts: list[list[int]], new: int) -> Result:
+    device = model.embed_tokens.weight.device
+
+    def run(n: int) -> Engine:
+        eng = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + n)
+        for p in prompts:
+            eng.submit(p, n)
+        peak = 0
+        while not eng.idle():
+            eng.step()
+            peak = max(peak, eng.cache.nbytes())
+        eng.peak_bytes = peak  # type: ignore[attr-defined]
+        return eng
+
+    run(4)  # warm-up
+    holder: dict = {}
+    secs = _timed(lambda: holder.update(eng=run(new)), device)
+    eng = holder["eng"]
+    fed = len(prompts) * (new - 1)
+    shares = [round(n / max(1, fed), 3) for n in eng.tokens_per_step_total.tolist()]
+    return Result("", len(prompts) * new / secs, secs, eng.peak_bytes / 2**20, eng.cache.reserved_bytes() / 2**20,
+                  extra={"decode shares per step": shares})
+
+
+def bench_generate(model: MoRLM, prompts: list[list[int]], new: int) -> Result:
+    device = model.embed_tokens.weight.device
+    model.generate(prompts, 4)
+    secs = _timed(lambda: model.generate(prompts, new), device)
+    return Result("", len(prompts) * new / secs, secs)
+
+
+def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: Optional[str]) -> Result:
+    from transformers import LlamaForCausalLM
+
+    from megamor.model.hf import llama_config, to_llama_state_dict
+
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    hf_cfg = llama_config(model.cfg)
+    hf_cfg._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(to_llama_state_dict(model.cfg, model.state_dict()), strict=False)
+    hf = hf.to(device=device, dtype=dtype).eval()
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(do_sample=False, min_new_tokens=new, max_new_tokens=new, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    if cache:
+        kw["cache_implementation"] = cache
+    with torch.no_grad():
+        hf.generate(ids, **{**kw, "min_new_tokens": 4, "max_new_tokens": 4})
+        secs = _timed(lambda: hf.generate(ids, **kw), device)
+    return Result("", len(prompts) * new / secs, secs)
+
+
+def run_all(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    g = torch.Generator().manual_seed(0)
+    cfg0 = load_model_config(Path("configs/model") / args.size / "vanilla.yaml")
+    prompts = torch.randint(1, cfg0.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    calib = torch.randint(1, cfg0.vocab_size, (8, 256), generator=g)
+    rows: list[Result] = []
+    started = time.perf_counter()
+
+    def part(name: str, fn: Callable[[], Result]) -> None:
+        left = args.total_timeout - (time.perf_counter() - started)
+        if left <= 5:
+            rows.append(Result(name, note="skipped: total time limit reached"))
+            return
+        try:
+            with time_limit(min(args.part_timeout, left)):
+                res = fn()
+            res.name = name
+        except PartTimeout:
+            res = Result(name, note=f"timed out after {min(args.part_timeout, left):.0f} s")
+        rows.append(res)
+        print(f"  {name}: {res.tokens_per_s and round(res.tokens_per_s, 1)} tokens/s {res.note}", file=sys.stderr, flush=True)
+
+    models: dict[str, MoRLM] = {}
+    for v in args.variants:
+        models[v] = build(args.size, v, device, dtype, calib, seed=1)
+        params = models[v].num_params() / 1e6
+        part(f"engine {v} ({params:.1f}M unique params)", lambda v=v: bench_engine(models[v], prompts, args.new_tokens))
+    if "vanilla" in models:
+        van = models["vanilla"]
+        if not args.no_hf:
+            part("HF generate, dynamic cache (vanilla)", lambda: bench_hf(van, prompts, args.new_tokens, None))
+            part("HF generate, static cache (vanilla)", lambda: bench_hf(van, prompts, args.new_tokens, "static"))
+        part("megamor generate() (vanilla)", lambda: bench_generate(van, prompts, args.new_tokens))
+    return report(args, rows, device, time.perf_counter() - started)
+
+
+def report(args: argparse.Namespace, rows: list[Result], device: torch.device, wall: float) -> str:
+    def find(prefix: str) -> Optional[float]:
+        return next((r.tokens_per_s for r in rows if r.name.startswith(prefix) and r.tokens_per_s), None)
+
+    base = find("engine vanilla")
+    hf = find("HF generate, dynamic")
+    hf_static = find("HF generate, static")
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    lines = [
+        f"device: {dev}; torch {torch.__version__}; {args.dtype}; size {args.size}; batch {args.batch}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, greedy; wall {wall:.0f} s",
+        f"command: python evals/bench_decode.py {' '.join(sys.argv[1:])}",
+        "",
+        "| run | tokens/s | vs engine vanilla | vs HF dynamic | vs HF static | KV held (peak) MiB | KV reserved MiB | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        def ratio(b):
+            return f"{r.tokens_per_s / b:.2f}x" if (r.tokens_per_s and b) else "-"
+
+        tps = f"{r.tokens_per_s:.1f}" if r.tokens_per_s else "-"
+        held = f"{r.kv_held_mb:.1f}" if r.kv_held_mb is not None else "-"
+        res = f"{r.kv_reserved_mb:.1f}" if r.kv_reserved_mb is not None else "-"
+        note = "; ".join([r.note] + [f"{k} {v}" for k, v in r.extra.items()]).strip("; ")
+        lines.append(f"| {r.name} | {tps} | {ratio(base)} | {ratio(hf)} | {ratio(hf_static)} | {held} | {res} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python evals/bench_decode.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="33m", help="configs/model/<size>/ (33m, 135m, 360m, ...)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--part-timeout", type=float, default=120.0, help="seconds per measured part")
+    p.add_argument("--total-timeout", type=float, default=450.0, help="seconds for the whole run (parts after it are skipped)")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    p.add_argument("--out", default=None, help="also write the markdown table here (atomically)")
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    text = run_all(args)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(args.out, "w") as f:
+            f.write(text)
+    return 0
