@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from megamor.data.atomic import atomic_open
-from megamor.inference.calibrate import calibrate_routers
+from megamor.inference.calibrate import calibrate_decoding
 from megamor.inference.engine import Engine
 from megamor.model import MoRLM, load_model_config
 
@@ -72,12 +72,16 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def build(size: str, variant: str, device: torch.device, dtype: torch.dtype, calib: torch.Tensor, seed: int) -> MoRLM:
+def build(size: str, variant: str, device: torch.device, dtype: torch.dtype, calib: list[list[int]], calib_new: int,
+          seed: int) -> MoRLM:
+    """A randomly initialised model of configs/model/<size>/<variant>.yaml; routers calibrated
+    on the engine's decoding of `calib` prompts (not the measured ones)."""
     torch.manual_seed(seed)
-    model = MoRLM(load_model_config(Path("configs/model") / size / f"{variant}.yaml")).eval()
+    model = MoRLM(load_model_config(Path(size) / f"{variant}.yaml")).eval()
+    model = model.to(device=device, dtype=dtype)
     if model.routers is not None or model.depth_router is not None:
-        calibrate_routers(model, calib)
-    return model.to(device=device, dtype=dtype)
+        calibrate_decoding(model, calib, calib_new)
+    return model
 
 
 def bench_engine(model: MoRLM, prompts: list[list[int]], new: int) -> Result:
@@ -99,9 +103,9 @@ def bench_engine(model: MoRLM, prompts: list[list[int]], new: int) -> Result:
     secs = _timed(lambda: holder.update(eng=run(new)), device)
     eng = holder["eng"]
     fed = len(prompts) * (new - 1)
-    shares = [round(n / max(1, fed), 3) for n in eng.tokens_per_step_total.tolist()]
+    shares = [round(n / max(1, fed), 2) for n in eng.tokens_per_step_total.tolist()]
     return Result("", len(prompts) * new / secs, secs, eng.peak_bytes / 2**20, eng.cache.reserved_bytes() / 2**20,
-                  extra={"decode shares per step": shares})
+                  extra={"decoded share per recursion": shares} if shares else {})
 
 
 def bench_generate(model: MoRLM, prompts: list[list[int]], new: int) -> Result:
@@ -136,9 +140,9 @@ def run_all(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     g = torch.Generator().manual_seed(0)
-    cfg0 = load_model_config(Path("configs/model") / args.size / "vanilla.yaml")
+    cfg0 = load_model_config(Path(args.size) / f"{args.variants[0]}.yaml")
     prompts = torch.randint(1, cfg0.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
-    calib = torch.randint(1, cfg0.vocab_size, (8, 256), generator=g)
+    calib = torch.randint(1, cfg0.vocab_size, (2 * args.batch, args.prompt_len), generator=g).tolist()
     rows: list[Result] = []
     started = time.perf_counter()
 
@@ -158,7 +162,7 @@ def run_all(args: argparse.Namespace) -> str:
 
     models: dict[str, MoRLM] = {}
     for v in args.variants:
-        models[v] = build(args.size, v, device, dtype, calib, seed=1)
+        models[v] = build(args.size, v, device, dtype, calib, min(args.new_tokens, 32), seed=1)
         params = models[v].num_params() / 1e6
         part(f"engine {v} ({params:.1f}M unique params)", lambda v=v: bench_engine(models[v], prompts, args.new_tokens))
     if "vanilla" in models:
@@ -201,7 +205,7 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python evals/bench_decode.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="33m", help="configs/model/<size>/ (33m, 135m, 360m, ...)")
+    p.add_argument("--size", default="33m", help="configs/model/<size>/ (33m, 135m, 360m, ...) or a folder of <variant>.yaml")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
@@ -213,6 +217,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--out", default=None, help="also write the markdown table here (atomically)")
     args = p.parse_args(argv)
+    if not Path(args.size).is_dir():
+        args.size = str(Path("configs/model") / args.size)
+    if not Path(args.size).is_dir():
+        p.error(f"--size: no folder {args.size}")
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     return args

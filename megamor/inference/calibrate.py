@@ -9,6 +9,11 @@ therefore calibrate on sample tokens first:
 - token choice: the router's depth-choice bias (the loss-free balancing bias) is set so the
   share of tokens choosing depth >= r+1 is c_r.
 
+`calibrate_routers` calibrates on whole sequences (a forward pass); `calibrate_decoding` on
+what the routers see while the engine decodes (generated tokens differ from sample text, and a
+random model's greedy continuations differ most), a few rounds so each step's candidates
+reflect the earlier steps' calibration.
+
 Expert-choice calibration replaces each router's last linear map with one that has a bias, so
 the calibrated model is for benchmarking; its state dict no longer matches the config.
 """
@@ -72,15 +77,75 @@ def calibrate_routers(model: MoRLM, tokens: Tensor, capacities: Optional[list[fl
             model(tokens, causal_routing=True)
             handle.remove()
             probs = seen[0].float().softmax(-1).reshape(-1, cfg.num_recursions)
-            target = torch.tensor([caps[k] - (caps[k + 1] if k + 1 < len(caps) else 0.0) for k in range(len(caps))])
-            bias = torch.zeros(cfg.num_recursions)
-            step = 0.1
-            for _ in range(400):  # sign updates with a shrinking step (loss-free balancing's rule)
-                got = torch.bincount((probs + bias).argmax(-1), minlength=cfg.num_recursions).float() / probs.shape[0]
-                bias += step * torch.sign(target - got)
-                step *= 0.985
-            model.depth_router.bias.copy_(bias.to(model.depth_router.bias))
+            model.depth_router.bias.copy_(_token_choice_bias(probs, caps).to(model.depth_router.bias))
         stats = model(tokens, causal_routing=True).stats
         return [n / max(1, stats.total_tokens) for n in stats.tokens_per_step]
     finally:
         model.train(was_training)
+
+
+def _token_choice_bias(probs: Tensor, caps: list[float]) -> Tensor:
+    """The depth-choice bias that gives share caps[k] of tokens depth >= k+1 (sign updates
+    with a shrinking step, loss-free balancing's rule)."""
+    n = probs.shape[-1]
+    target = torch.tensor([caps[k] - (caps[k + 1] if k + 1 < n else 0.0) for k in range(n)])
+    bias, step = torch.zeros(n), 0.1
+    for _ in range(400):
+        got = torch.bincount((probs + bias).argmax(-1), minlength=n).float() / probs.shape[0]
+        bias += step * torch.sign(target - got)
+        step *= 0.985
+    return bias
+
+
+@torch.no_grad()
+def calibrate_decoding(model: MoRLM, prompts: list[list[int]], new_tokens: int, rounds: int = 3,
+                       capacities: Optional[list[float]] = None) -> list[float]:
+    """Calibrate in place on the engine's decoding of `prompts`; returns the share of decoded
+    tokens that ran each step in a final run."""
+    from megamor.inference.engine import Engine
+
+    cfg = model.cfg
+    caps = capacities or cfg.capacities
+
+    def decode(hook_target: Optional[nn.Module] = None, seen: Optional[list] = None) -> list[float]:
+        handles = []
+        if hook_target is not None:
+            modules = hook_target if isinstance(hook_target, nn.ModuleList) else [hook_target]
+            for i, mod in enumerate(modules):
+                def hook(m, inp, out, i=i):
+                    if out.dim() >= 2 and out.shape[1] == 1:  # decoding steps (one token per row), not prefill
+                        seen[i].append(out.detach().float().reshape(out.shape[0], -1))
+                handles.append(mod.register_forward_hook(hook))
+        try:
+            eng = Engine(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + new_tokens)
+            for p in prompts:
+                eng.submit(p, new_tokens)
+            eng.run()
+        finally:
+            for h in handles:
+                h.remove()
+        fed = max(1, len(prompts) * (new_tokens - 1))
+        return [n / fed for n in eng.tokens_per_step_total.tolist()]
+
+    if model.routers is not None:
+        thr_logit = math.log(cfg.router.causal_threshold / (1 - cfg.router.causal_threshold))
+        for router in model.routers:
+            if _last_linear(router)[2].bias is None:
+                _with_bias(router, 0.0)
+        for _ in range(rounds):
+            seen: list[list[Tensor]] = [[] for _ in model.routers]
+            decode(model.routers, seen)
+            for r, router in enumerate(model.routers):
+                if caps[r] >= 1.0 or not seen[r]:
+                    continue
+                logits = torch.cat(seen[r]).flatten()
+                share = min(1.0, caps[r] / (caps[r - 1] if r > 0 else 1.0))
+                lin = _last_linear(router)[2]
+                lin.bias += thr_logit - torch.quantile(logits, 1.0 - share).item()
+    elif model.depth_router is not None:
+        for _ in range(rounds):
+            seen = [[]]
+            decode(model.depth_router.net, seen)
+            probs = torch.cat(seen[0]).softmax(-1)
+            model.depth_router.bias.copy_(_token_choice_bias(probs, caps).to(model.depth_router.bias))
+    return decode()
