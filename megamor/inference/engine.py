@@ -6,6 +6,11 @@ model's forward for all of them), then advances every running request by one tok
 `decode_step`, where the tokens of all requests that need recursion r run together. A request
 leaves when it produces EOS or its token budget, and its slot goes to the next in the queue.
 
+Two decoding paths: the dynamic one (`decode_step`: each recursion step runs exactly the rows
+routed to it, read back per step) and, with `static=True`, the fixed-shape `GraphStep` (no
+host-device synchronisation inside the step, a CUDA graph on GPU; buckets per recursion step,
+falling back to the dynamic path for a step whose routing overflows them).
+
 Sampling is `megamor.model.generate.sample_next` (greedy, temperature, top-k, top-p); a seeded
 request samples from its own generator, so its output does not depend on what it was batched
 with. Greedy fp32 output equals `generate()` on each request alone (tested).
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megamor.inference.graph_step import GraphStep
 from megamor.inference.static_cache import PrefillRecorder, StaticKVCache
 from megamor.inference.step import decode_step
 from megamor.model.generate import GenerationOutput, _left_pad, sample_next
@@ -69,9 +75,13 @@ def _site_shares(model: MoRLM) -> dict[int, float]:
 
 
 class Engine:
-    def __init__(self, model: MoRLM, max_batch: int = 32, max_len: Optional[int] = None, kv_dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: MoRLM, max_batch: int = 32, max_len: Optional[int] = None, kv_dtype: Optional[torch.dtype] = None,
+                 static: bool = False, buckets: Optional[list[int]] = None, cuda_graph: Optional[bool] = None,
+                 compile: bool = False):
         """max_batch: concurrent requests (cache slots); max_len: prompt + generated tokens a
-        request is expected to reach (sizes the caches; they grow if exceeded)."""
+        request is expected to reach (sizes the caches; they grow if exceeded). static: use the
+        fixed-shape step (buckets: rows per recursion step; cuda_graph: default on CUDA; compile:
+        torch.compile it)."""
         self.model = model.eval()
         cfg = model.cfg
         w = model.embed_tokens.weight
@@ -85,6 +95,9 @@ class Engine:
         self._next_id = 0
         self.steps_run = 0
         self.tokens_per_step_total = np.zeros(len(model.steps), dtype=np.int64)
+        self.graph_step = GraphStep(model, self.cache, buckets, cuda_graph, compile) if static else None
+        self.static_steps = 0  # decoding steps taken by the static step
+        self.overflow_steps = 0  # of which redone on the dynamic path (bucket or capacity overflow)
 
     # -- queue ---------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], max_new_tokens: int, **sampling) -> Request:
@@ -121,9 +134,9 @@ class Engine:
         self.steps_run += 1
         return events
 
-    def _emit(self, reqs: list[Request], logits: Tensor) -> list[TokenEvent]:
+    def _emit(self, reqs: list[Request], logits: Tensor, greedy: Optional[list[int]] = None) -> list[TokenEvent]:
         if all(r.temperature <= 0 for r in reqs):
-            nxt = logits.argmax(-1).tolist()
+            nxt = greedy if greedy is not None else logits.argmax(-1).tolist()
         else:
             nxt = [int(sample_next(logits[i : i + 1], r.temperature, r.top_k, r.top_p, r.generator)[0])
                    for i, r in enumerate(reqs)]
@@ -157,6 +170,33 @@ class Engine:
         return self._emit(reqs, out.logits[:, -1])
 
     def _decode(self, reqs: list[Request]) -> list[TokenEvent]:
+        if self.graph_step is None:
+            return self._decode_dynamic(reqs)
+        gs, S = self.graph_step, self.max_batch
+        tok, pos, act = np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, bool)
+        slots = [r.slot for r in reqs]
+        tok[slots] = [r.tokens[-1] for r in reqs]
+        pos[slots] = [r.position for r in reqs]
+        act[slots] = True
+        gs.tokens.copy_(torch.from_numpy(tok))
+        gs.positions.copy_(torch.from_numpy(pos))
+        gs.active.copy_(torch.from_numpy(act))
+        snap = self.cache.snapshot_dev()
+        self.static_steps += 1
+        logits, packed = gs.run()
+        self.cache.device_changed()
+        p = packed.cpu().numpy()  # the step's one read-back: tokens, depths, overflow, counts
+        if p[2 * S]:
+            self.cache.restore_dev(snap)
+            self.overflow_steps += 1
+            return self._decode_dynamic(reqs)
+        self.tokens_per_step_total += p[2 * S + 1 :]
+        for r in reqs:
+            r.depths.append(int(p[S + r.slot]))
+            r.position += 1
+        return self._emit(reqs, logits[slots], [int(p[s]) for s in slots])
+
+    def _decode_dynamic(self, reqs: list[Request]) -> list[TokenEvent]:
         slots = np.array([r.slot for r in reqs], dtype=np.int64)
         tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)
         positions = torch.tensor([r.position for r in reqs], device=self.device)
@@ -180,12 +220,13 @@ class Engine:
 
 
 def engine_generate(model: MoRLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_batch: Optional[int] = None,
-                    max_len: Optional[int] = None, seed: Optional[int] = None, **sampling) -> GenerationOutput:
+                    max_len: Optional[int] = None, seed: Optional[int] = None, static: bool = False,
+                    **sampling) -> GenerationOutput:
     """`generate()`'s interface on the engine: every prompt becomes a request (prompt i seeded
     with seed + i when seed is given); at most max_batch run at once."""
     was_training = model.training
     longest = max(len(p) for p in prompts) + max_new_tokens
-    eng = Engine(model, max_batch or len(prompts), max_len or longest)
+    eng = Engine(model, max_batch or len(prompts), max_len or longest, static=static)
     try:
         reqs = [eng.submit(p, max_new_tokens, seed=None if seed is None else seed + i, **sampling) for i, p in enumerate(prompts)]
         eng.run()

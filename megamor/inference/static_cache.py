@@ -11,6 +11,9 @@ The host keeps every slot's fill level per site (it learns which tokens ran a si
 routing it reads back anyway), so writes never concatenate and attention reads only up to
 the longest fill among the rows in the batch. A site grows (doubling, one copy) only when a
 slot would overflow it, which is rare once capacities are calibrated.
+
+The static-shape step (`graph_step`, CUDA graphs) keeps the fill levels on the device instead;
+`fill` (host) and `fill_dev` (device) are synchronised lazily, whichever side changed last.
 """
 
 from __future__ import annotations
@@ -44,12 +47,48 @@ class StaticKVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
-        self.fill: dict[int, np.ndarray] = {}
+        self._fill: dict[int, np.ndarray] = {}
+        self._fill_dev: dict[int, Tensor] = {}
+        self._stale = ""  # "host" or "dev": which copy of the fill levels is out of date
+        self.generation = 0  # bumps when storage is reallocated (captured graphs must be redone)
         for site, share in site_shares.items():
             cap = min(max_len, math.ceil(share * max_len) + margin)
             self.k[site] = self._alloc(cap)
             self.v[site] = self._alloc(cap)
-            self.fill[site] = np.zeros(slots, dtype=np.int64)
+            self._fill[site] = np.zeros(slots, dtype=np.int64)
+            self._fill_dev[site] = torch.zeros(slots, dtype=torch.long, device=self.device)
+
+    # -- fill levels, host and device ------------------------------------------------------
+    @property
+    def fill(self) -> dict[int, np.ndarray]:
+        """Host fill levels (read back from the device if the device changed them last)."""
+        if self._stale == "host":
+            for site, f in self._fill_dev.items():
+                self._fill[site][:] = f.cpu().numpy()
+            self._stale = ""
+        return self._fill
+
+    def host_changed(self) -> None:
+        self._stale = "dev"
+
+    @property
+    def fill_dev(self) -> dict[int, Tensor]:
+        if self._stale == "dev":
+            for site, f in self._fill.items():
+                self._fill_dev[site].copy_(torch.from_numpy(f))
+            self._stale = ""
+        return self._fill_dev
+
+    def device_changed(self) -> None:
+        self._stale = "host"
+
+    def snapshot_dev(self) -> dict[int, Tensor]:
+        return {s: f.clone() for s, f in self.fill_dev.items()}
+
+    def restore_dev(self, snap: dict[int, Tensor]) -> None:
+        for s, f in snap.items():
+            self._fill_dev[s].copy_(f)
+        self._stale = "host"
 
     def _alloc(self, cap: int) -> Tensor:
         return torch.zeros(self.slots, self.kv_shape[0], cap, self.kv_shape[1], dtype=self.dtype, device=self.device)
@@ -62,6 +101,7 @@ class StaticKVCache:
         if need <= cap:
             return
         new_cap = max(need, 2 * cap)
+        self.generation += 1
         for store in (self.k, self.v):
             grown = self._alloc(new_cap)
             grown[:, :, :cap] = store[site]
@@ -77,6 +117,7 @@ class StaticKVCache:
         self.k[site][rows_t, :, at_t] = k[:, :, 0].to(self.dtype)
         self.v[site][rows_t, :, at_t] = v[:, :, 0].to(self.dtype)
         fill[rows] = at + 1
+        self.host_changed()
 
     def write_prefill(self, site: int, rows: Sequence[int], k: Tensor, v: Tensor, valid: Tensor) -> None:
         """Store a prefill's keys/values [n, Hkv, T, hd] for fresh slots `rows`, keeping only
@@ -90,10 +131,12 @@ class StaticKVCache:
         self.k[site][rows_t, :, :T] = k.gather(2, idx).to(self.dtype)
         self.v[site][rows_t, :, :T] = v.gather(2, idx).to(self.dtype)
         self.fill[site][list(rows)] = counts
+        self.host_changed()
 
     def release(self, slot: int) -> None:
         for fill in self.fill.values():
             fill[slot] = 0
+        self.host_changed()
 
     # -- reads -------------------------------------------------------------------------
     def view(self, site: int, rows: np.ndarray, rows_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -65,3 +65,26 @@ def test_eos_sampling_and_streaming():
     x = engine_generate(model, [[1, 2], [7, 8, 9]], 6, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     y = engine_generate(model, [[1, 2]], 6, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     assert x.tokens[0] == y.tokens[0]
+
+
+@pytest.mark.parametrize("variant,kv", CASES)
+@pytest.mark.parametrize("buckets", ["default", "tiny"])
+def test_static_step_equals_generate_alone(variant, kv, buckets):
+    """The fixed-shape (CUDA-graph) step: same tokens; with tight buckets ([3, 2, 1] rows for
+    3 slots) some steps run bucketed, others overflow and are redone on the dynamic path."""
+    model = _model(variant, kv)
+    reqs = _requests(7, seed=1)
+    tiny = [3, 2, 1][: len(model.steps)] if buckets == "tiny" else None
+    eng = Engine(model, max_batch=3, max_len=12, static=True, buckets=tiny)
+    handles = [eng.submit(p, n) for p, n in reqs]
+    eng.run()
+    for (prompt, n), h in zip(reqs, handles):
+        ref = model.generate([prompt], n)
+        assert h.tokens == ref.tokens[0], (prompt, n)
+        assert h.depths == ref.depths[0]
+    if buckets == "tiny" and model.steps:
+        assert eng.overflow_steps < eng.static_steps  # bucketed steps ran
+        if variant == "recursive":  # every token runs every step: 3 rows overflow a 2-row bucket
+            assert eng.overflow_steps > 0
+    if buckets == "default":
+        assert eng.static_steps > 10
