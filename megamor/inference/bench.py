@@ -84,28 +84,41 @@ def build(size: str, variant: str, device: torch.device, dtype: torch.dtype, cal
     return model
 
 
-def bench_engine(model: MoRLM, prompts: list[list[int]], new: int) -> Result:
-    device = model.embed_tokens.weight.device
+def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool, compile: bool = False,
+                 slack: float = 1.25) -> Result:
+    """One untimed run (warm-up: CUDA graph capture, compilation; measures peak KV bytes and
+    routing shares), then the timed run."""
+    from megamor.inference.graph_step import default_buckets
 
-    def run(n: int) -> Engine:
-        eng = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + n)
+    device = model.embed_tokens.weight.device
+    S = len(prompts)
+    buckets = default_buckets(model, S, slack) if static else None
+
+    def run(track: bool) -> Engine:
+        eng = Engine(model, max_batch=S, max_len=len(prompts[0]) + new, static=static, buckets=buckets, compile=compile)
         for p in prompts:
-            eng.submit(p, n)
+            eng.submit(p, new)
         peak = 0
         while not eng.idle():
             eng.step()
-            peak = max(peak, eng.cache.nbytes())
+            if track:
+                peak = max(peak, eng.cache.nbytes())
         eng.peak_bytes = peak  # type: ignore[attr-defined]
         return eng
 
-    run(4)  # warm-up
+    first = run(track=True)
     holder: dict = {}
-    secs = _timed(lambda: holder.update(eng=run(new)), device)
+    secs = _timed(lambda: holder.update(eng=run(track=False)), device)
     eng = holder["eng"]
-    fed = len(prompts) * (new - 1)
-    shares = [round(n / max(1, fed), 2) for n in eng.tokens_per_step_total.tolist()]
-    return Result("", len(prompts) * new / secs, secs, eng.peak_bytes / 2**20, eng.cache.reserved_bytes() / 2**20,
-                  extra={"decoded share per recursion": shares} if shares else {})
+    fed = S * (new - 1)
+    extra: dict = {}
+    shares = [round(n / max(1, fed), 2) for n in first.tokens_per_step_total.tolist()]
+    if shares:
+        extra["decoded share per recursion"] = shares
+    if static:
+        extra["buckets"] = buckets
+        extra["overflow steps"] = f"{eng.overflow_steps}/{eng.static_steps}"
+    return Result("", S * new / secs, secs, first.peak_bytes / 2**20, eng.cache.reserved_bytes() / 2**20, extra=extra)
 
 
 def bench_generate(model: MoRLM, prompts: list[list[int]], new: int) -> Result:
@@ -164,7 +177,10 @@ def run_all(args: argparse.Namespace) -> str:
     for v in args.variants:
         models[v] = build(args.size, v, device, dtype, calib, min(args.new_tokens, 32), seed=1)
         params = models[v].num_params() / 1e6
-        part(f"engine {v} ({params:.1f}M unique params)", lambda v=v: bench_engine(models[v], prompts, args.new_tokens))
+        for mode in args.modes:
+            part(f"engine {mode} {v} ({params:.1f}M unique params)",
+                 lambda v=v, mode=mode: bench_engine(models[v], prompts, args.new_tokens, mode == "static", args.compile,
+                                                     args.bucket_slack))
     if "vanilla" in models:
         van = models["vanilla"]
         if not args.no_hf:
@@ -178,7 +194,10 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
     def find(prefix: str) -> Optional[float]:
         return next((r.tokens_per_s for r in rows if r.name.startswith(prefix) and r.tokens_per_s), None)
 
-    base = find("engine vanilla")
+    def base_of(name: str) -> Optional[float]:  # engine vanilla in the same mode
+        mode = name.split()[1] if name.startswith("engine ") else args.modes[0]
+        return find(f"engine {mode} vanilla")
+
     hf = find("HF generate, dynamic")
     hf_static = find("HF generate, static")
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
@@ -187,7 +206,7 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
         f"{args.new_tokens} new tokens, greedy; wall {wall:.0f} s",
         f"command: python evals/bench_decode.py {' '.join(sys.argv[1:])}",
         "",
-        "| run | tokens/s | vs engine vanilla | vs HF dynamic | vs HF static | KV held (peak) MiB | KV reserved MiB | notes |",
+        "| run | tokens/s | vs engine vanilla (same mode) | vs HF dynamic | vs HF static | KV held (peak) MiB | KV reserved MiB | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -198,7 +217,7 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
         held = f"{r.kv_held_mb:.1f}" if r.kv_held_mb is not None else "-"
         res = f"{r.kv_reserved_mb:.1f}" if r.kv_reserved_mb is not None else "-"
         note = "; ".join([r.note] + [f"{k} {v}" for k, v in r.extra.items()]).strip("; ")
-        lines.append(f"| {r.name} | {tps} | {ratio(base)} | {ratio(hf)} | {ratio(hf_static)} | {held} | {res} | {note} |")
+        lines.append(f"| {r.name} | {tps} | {ratio(base_of(r.name))} | {ratio(hf)} | {ratio(hf_static)} | {held} | {res} | {note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,12 +234,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--part-timeout", type=float, default=120.0, help="seconds per measured part")
     p.add_argument("--total-timeout", type=float, default=450.0, help="seconds for the whole run (parts after it are skipped)")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    p.add_argument("--modes", nargs="+", choices=["static", "dynamic"], default=None,
+                   help="engine step: static (fixed shapes; a CUDA graph on GPU) and/or dynamic; default both")
+    p.add_argument("--compile", action="store_true", help="torch.compile the static step")
+    p.add_argument("--bucket-slack", type=float, default=1.25, help="static step: rows per recursion = c_r x batch x slack")
     p.add_argument("--out", default=None, help="also write the markdown table here (atomically)")
     args = p.parse_args(argv)
     if not Path(args.size).is_dir():
         args.size = str(Path("configs/model") / args.size)
     if not Path(args.size).is_dir():
         p.error(f"--size: no folder {args.size}")
+    args.modes = args.modes or ["static", "dynamic"]
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
