@@ -31,3 +31,34 @@ def test_hf_loaded_mor_equals_megamor(variant, kv, tmp_path):
     want = ours.generate([prompt], 10).tokens[0]
     got = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, attention_mask=torch.ones(1, 7, dtype=torch.long))
     assert got[0, len(prompt):].tolist() == want
+
+
+@torch.no_grad()
+def test_export_cli_writes_a_transformers_folder(tmp_path):
+    """`python -m megamor.export RUN` on a run folder: the MoR folder loads with
+    AutoModelForCausalLM(trust_remote_code=True) and the modeling files never import megamor."""
+    import os
+    import subprocess
+    import sys
+
+    from megamor.env import repo_root
+    from megamor.train.checkpoint import CheckpointManager
+    from megamor.train.config import ExperimentConfig, to_yaml
+    from tests.eval.test_checkpoint import Zero0Engine
+
+    ours = _model("mor_token", "shared")
+    run = tmp_path / "runs" / "exp"
+    exp = ExperimentConfig(name="exp", run_dir=str(run), model=ours.cfg)
+    exp.data.seq_len, exp.data.train, exp.trainer.max_steps = 64, [str(tmp_path)], 10
+    CheckpointManager(run, keep_last=2).save(Zero0Engine(ours), 10, {}, to_yaml(exp), {"tokens": 10, "zero_stage": 0, "dp_size": 1})
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "megamor.export", str(run), "--out", str(out)], cwd=repo_root(),
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo_root())})
+    assert r.returncode == 0, r.stderr
+    for name in ("modeling_megamor.py", "configuration_megamor.py"):
+        assert "megamor." not in "".join(line for line in (out / name).read_text().splitlines(True)
+                                         if line.startswith(("import", "from")))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    x = torch.randint(1, 200, (2, 30), generator=torch.Generator().manual_seed(1))
+    assert (hf(x).logits - ours(x, causal_routing=True).logits).abs().max().item() <= 1e-5
+    assert hf.config.num_hidden_layers == ours.cfg.n_layers and hf.config.megamor["router"]["type"] == "token_choice"
