@@ -85,9 +85,9 @@ def build(size: str, variant: str, device: torch.device, dtype: torch.dtype, cal
 
 
 def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool, compile: bool = False,
-                 slack: float = 1.25) -> Result:
+                 slack: float = 1.25, repeats: int = 1) -> Result:
     """One untimed run (warm-up: CUDA graph capture, compilation; measures peak KV bytes and
-    routing shares), then the timed run."""
+    routing shares), then the timed runs (median)."""
     from megamor.inference.graph_step import default_buckets
 
     device = model.embed_tokens.weight.device
@@ -108,7 +108,8 @@ def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool,
 
     first = run(track=True)
     holder: dict = {}
-    secs = _timed(lambda: holder.update(eng=run(track=False)), device)
+    times = sorted(_timed(lambda: holder.update(eng=run(track=False)), device) for _ in range(repeats))
+    secs = times[len(times) // 2]
     eng = holder["eng"]
     fed = S * (new - 1)
     extra: dict = {}
@@ -121,14 +122,15 @@ def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool,
     return Result("", S * new / secs, secs, first.peak_bytes / 2**20, eng.cache.reserved_bytes() / 2**20, extra=extra)
 
 
-def bench_generate(model: MoRLM, prompts: list[list[int]], new: int) -> Result:
+def bench_generate(model: MoRLM, prompts: list[list[int]], new: int, repeats: int = 1) -> Result:
     device = model.embed_tokens.weight.device
     model.generate(prompts, 4)
-    secs = _timed(lambda: model.generate(prompts, new), device)
+    times = sorted(_timed(lambda: model.generate(prompts, new), device) for _ in range(repeats))
+    secs = times[len(times) // 2]
     return Result("", len(prompts) * new / secs, secs)
 
 
-def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: Optional[str]) -> Result:
+def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: Optional[str], repeats: int = 1) -> Result:
     from transformers import LlamaForCausalLM
 
     from megamor.model.hf import llama_config, to_llama_state_dict
@@ -145,7 +147,8 @@ def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: Optional[s
         kw["cache_implementation"] = cache
     with torch.no_grad():
         hf.generate(ids, **{**kw, "min_new_tokens": 4, "max_new_tokens": 4})
-        secs = _timed(lambda: hf.generate(ids, **kw), device)
+        times = sorted(_timed(lambda: hf.generate(ids, **kw), device) for _ in range(repeats))
+    secs = times[len(times) // 2]
     return Result("", len(prompts) * new / secs, secs)
 
 
@@ -155,7 +158,11 @@ def run_all(args: argparse.Namespace) -> str:
     g = torch.Generator().manual_seed(0)
     cfg0 = load_model_config(Path(args.size) / f"{args.variants[0]}.yaml")
     prompts = torch.randint(1, cfg0.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
-    calib = torch.randint(1, cfg0.vocab_size, (2 * args.batch, args.prompt_len), generator=g).tolist()
+    # Routers are calibrated on the measured prompts' own decoding (greedy decoding is
+    # deterministic), so the timed runs route at the capacities; --calibrate-on other uses fresh
+    # prompts instead (a random model's shares then drift, see the notes column).
+    calib = prompts if args.calibrate_on == "same" else torch.randint(1, cfg0.vocab_size, (2 * args.batch, args.prompt_len),
+                                                                          generator=g).tolist()
     rows: list[Result] = []
     started = time.perf_counter()
 
@@ -175,18 +182,18 @@ def run_all(args: argparse.Namespace) -> str:
 
     models: dict[str, MoRLM] = {}
     for v in args.variants:
-        models[v] = build(args.size, v, device, dtype, calib, min(args.new_tokens, 32), seed=1)
+        models[v] = build(args.size, v, device, dtype, calib, args.new_tokens, seed=1)
         params = models[v].num_params() / 1e6
         for mode in args.modes:
             part(f"engine {mode} {v} ({params:.1f}M unique params)",
                  lambda v=v, mode=mode: bench_engine(models[v], prompts, args.new_tokens, mode == "static", args.compile,
-                                                     args.bucket_slack))
+                                                     args.bucket_slack, args.repeats))
     if "vanilla" in models:
         van = models["vanilla"]
         if not args.no_hf:
-            part("HF generate, dynamic cache (vanilla)", lambda: bench_hf(van, prompts, args.new_tokens, None))
-            part("HF generate, static cache (vanilla)", lambda: bench_hf(van, prompts, args.new_tokens, "static"))
-        part("megamor generate() (vanilla)", lambda: bench_generate(van, prompts, args.new_tokens))
+            part("HF generate, dynamic cache (vanilla)", lambda: bench_hf(van, prompts, args.new_tokens, None, args.repeats))
+            part("HF generate, static cache (vanilla)", lambda: bench_hf(van, prompts, args.new_tokens, "static", args.repeats))
+        part("megamor generate() (vanilla)", lambda: bench_generate(van, prompts, args.new_tokens, args.repeats))
     return report(args, rows, device, time.perf_counter() - started)
 
 
@@ -203,7 +210,8 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [
         f"device: {dev}; torch {torch.__version__}; {args.dtype}; size {args.size}; batch {args.batch}, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, greedy; wall {wall:.0f} s",
+        f"{args.new_tokens} new tokens, greedy; median of {args.repeats}; routers calibrated on {args.calibrate_on} prompts; "
+        f"wall {wall:.0f} s",
         f"command: python evals/bench_decode.py {' '.join(sys.argv[1:])}",
         "",
         "| run | tokens/s | vs engine vanilla (same mode) | vs HF dynamic | vs HF static | KV held (peak) MiB | KV reserved MiB | notes |",
@@ -237,6 +245,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=["static", "dynamic"], default=None,
                    help="engine step: static (fixed shapes; a CUDA graph on GPU) and/or dynamic; default both")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per part (median)")
+    p.add_argument("--calibrate-on", choices=["same", "other"], default="same", help="router calibration prompts")
     p.add_argument("--bucket-slack", type=float, default=1.25, help="static step: rows per recursion = c_r x batch x slack")
     p.add_argument("--out", default=None, help="also write the markdown table here (atomically)")
     args = p.parse_args(argv)

@@ -100,7 +100,9 @@ class StaticKVCache:
         cap = self.capacity(site)
         if need <= cap:
             return
-        new_cap = max(need, 2 * cap)
+        # Grow by a quarter (a routed step rarely overshoots its share by much), and never past
+        # max_len unless a request really is longer.
+        new_cap = max(need, min(max(self.max_len, need), cap + max(16, cap // 4)))
         self.generation += 1
         for store in (self.k, self.v):
             grown = self._alloc(new_cap)
