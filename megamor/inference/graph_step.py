@@ -71,13 +71,13 @@ class GraphStep:
             k, v = attn.project_kv(xn, cos, sin)
             fill = cache.fill_dev[site]
             cap = cache.capacity(site)
-            at = fill[idx]
-            overflow |= (write & (at >= cap)).any()
-            at = at.clamp(max=cap - 1)
+            level = fill[idx]
+            overflow |= (write & (level >= cap)).any()
+            at = level.clamp(max=cap - 1)  # a full slot that does not write keeps its last entry
             for store, new in ((cache.k[site], k), (cache.v[site], v)):
                 old = store[idx, :, at]
                 store[idx, :, at] = torch.where(write[:, None, None], new[:, :, 0].to(store.dtype), old)
-            fill[idx] = at + write.long()
+            fill[idx] = level + write.long()
             source = site
         store_k, store_v = cache.k[source], cache.v[source]
         if rows is not None:

@@ -32,3 +32,24 @@ def test_static_step_traces_as_one_graph(variant, kv):
     assert torch.equal(packed_t, packed_e)
     assert torch.allclose(logits_t, logits_e, atol=1e-6, rtol=0)
     assert packed_e[2 * 3].item() == 0  # no overflow: the bucketed path really ran
+
+
+@torch.no_grad()
+def test_full_slot_that_does_not_write_keeps_its_entries():
+    """A slot whose site is exactly full and whose token does not run that site this step (or a
+    free slot during CUDA-graph warm-up) keeps its fill level and its last key."""
+    model = _model("mor_expert", "recursion_wise")
+    eng = Engine(model, max_batch=2, max_len=16, static=True)
+    eng.submit([1, 2, 3], 4)
+    eng.step()
+    gs, cache = eng.graph_step, eng.cache
+    site = model._sites["prelude"][0]
+    cap = cache.capacity(site)
+    cache.fill_dev[site][1] = cap
+    last = cache.k[site][1, :, cap - 1].clone()
+    gs.active.copy_(torch.tensor([True, False]))
+    gs.tokens.copy_(torch.tensor([5, 0]))
+    gs.positions.copy_(torch.tensor([3, 0]))
+    gs.step_fn()
+    assert int(cache.fill_dev[site][1]) == cap and int(cache.fill_dev[site][0]) == 4
+    assert torch.equal(cache.k[site][1, :, cap - 1], last)
