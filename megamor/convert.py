@@ -25,8 +25,8 @@ import argparse
 import copy
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -13,8 +13,6 @@ prefix each step (megamor.inference holds the routing-aware KV caches).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -216,7 +214,6 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
-        B, T = input_ids.shape
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         hd = self.m["d_model"] // self.m["n_heads"]
@@ -259,7 +256,7 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
             return h, site + len(layer_ids)
         idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]
         slots = torch.arange(n, device=h.device).unsqueeze(0) < selected.sum(1, keepdim=True)
-        take = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+        take = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         x = take(h)
         y, site = self._run_layers(layer_ids, site, x, pos.gather(1, idx), slots, (take(rope[0]), take(rope[1])), kv)
         if gate is not None:

@@ -15,9 +15,9 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -33,10 +33,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @dataclass
 class Result:
     name: str
-    tokens_per_s: Optional[float] = None
-    seconds: Optional[float] = None
-    kv_held_mb: Optional[float] = None
-    kv_reserved_mb: Optional[float] = None
+    tokens_per_s: float | None = None  # wall clock
+    seconds: float | None = None
+    tokens_per_cpu_s: float | None = None  # per CPU second of this process (steadier on a shared CPU)
+    kv_held_mb: float | None = None
+    kv_reserved_mb: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -64,12 +65,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process)."""
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _result(n_tokens: int, times: list[tuple[float, float]], **kw) -> Result:
+    wall = sorted(t[0] for t in times)[len(times) // 2]
+    cpu = sorted(t[1] for t in times)[len(times) // 2]
+    return Result("", n_tokens / wall, wall, tokens_per_cpu_s=n_tokens / max(cpu, 1e-9), **kw)
 
 
 def build(size: str, variant: str, device: torch.device, dtype: torch.dtype, calib: list[list[int]], calib_new: int,
@@ -108,8 +116,7 @@ def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool,
 
     first = run(track=True)
     holder: dict = {}
-    times = sorted(_timed(lambda: holder.update(eng=run(track=False)), device) for _ in range(repeats))
-    secs = times[len(times) // 2]
+    times = [_timed(lambda: holder.update(eng=run(track=False)), device) for _ in range(repeats)]
     eng = holder["eng"]
     fed = S * (new - 1)
     extra: dict = {}
@@ -119,18 +126,17 @@ def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool,
     if static:
         extra["buckets"] = buckets
         extra["overflow steps"] = f"{eng.overflow_steps}/{eng.static_steps}"
-    return Result("", S * new / secs, secs, first.peak_bytes / 2**20, eng.cache.reserved_bytes() / 2**20, extra=extra)
+    return _result(S * new, times, kv_held_mb=first.peak_bytes / 2**20, kv_reserved_mb=eng.cache.reserved_bytes() / 2**20,
+                   extra=extra)
 
 
 def bench_generate(model: MoRLM, prompts: list[list[int]], new: int, repeats: int = 1) -> Result:
     device = model.embed_tokens.weight.device
     model.generate(prompts, 4)
-    times = sorted(_timed(lambda: model.generate(prompts, new), device) for _ in range(repeats))
-    secs = times[len(times) // 2]
-    return Result("", len(prompts) * new / secs, secs)
+    return _result(len(prompts) * new, [_timed(lambda: model.generate(prompts, new), device) for _ in range(repeats)])
 
 
-def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: Optional[str], repeats: int = 1) -> Result:
+def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: str | None, repeats: int = 1) -> Result:
     from transformers import LlamaForCausalLM
 
     from megamor.model.hf import llama_config, to_llama_state_dict
@@ -142,14 +148,14 @@ def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: Optional[s
     hf.load_state_dict(to_llama_state_dict(model.cfg, model.state_dict()), strict=False)
     hf = hf.to(device=device, dtype=dtype).eval()
     ids = torch.tensor(prompts, device=device)
-    kw = dict(do_sample=False, min_new_tokens=new, max_new_tokens=new, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    kw = {"do_sample": False, "min_new_tokens": new, "max_new_tokens": new, "attention_mask": torch.ones_like(ids),
+          "pad_token_id": 0}
     if cache:
         kw["cache_implementation"] = cache
     with torch.no_grad():
         hf.generate(ids, **{**kw, "min_new_tokens": 4, "max_new_tokens": 4})
-        times = sorted(_timed(lambda: hf.generate(ids, **kw), device) for _ in range(repeats))
-    secs = times[len(times) // 2]
-    return Result("", len(prompts) * new / secs, secs)
+        times = [_timed(lambda: hf.generate(ids, **kw), device) for _ in range(repeats)]
+    return _result(len(prompts) * new, times)
 
 
 def run_all(args: argparse.Namespace) -> str:
@@ -198,10 +204,17 @@ def run_all(args: argparse.Namespace) -> str:
 
 
 def report(args: argparse.Namespace, rows: list[Result], device: torch.device, wall: float) -> str:
-    def find(prefix: str) -> Optional[float]:
-        return next((r.tokens_per_s for r in rows if r.name.startswith(prefix) and r.tokens_per_s), None)
+    # Ratios: per CPU second on a CPU (shared machines: wall time mostly measures the neighbours),
+    # per wall second on a GPU.
+    on_cpu = device.type == "cpu"
 
-    def base_of(name: str) -> Optional[float]:  # engine vanilla in the same mode
+    def metric(r: Result) -> float | None:
+        return r.tokens_per_cpu_s if on_cpu else r.tokens_per_s
+
+    def find(prefix: str) -> float | None:
+        return next((metric(r) for r in rows if r.name.startswith(prefix) and metric(r)), None)
+
+    def base_of(name: str) -> float | None:  # engine vanilla in the same mode
         mode = name.split()[1] if name.startswith("engine ") else args.modes[0]
         return find(f"engine {mode} vanilla")
 
@@ -209,27 +222,33 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
     hf_static = find("HF generate, static")
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [
-        f"device: {dev}; torch {torch.__version__}; {args.dtype}; size {args.size}; batch {args.batch}, prompt {args.prompt_len}, "
+        (f"device: {dev}; torch {torch.__version__}; {args.dtype}; size {args.size}; batch {args.batch}, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, greedy; median of {args.repeats}; routers calibrated on {args.calibrate_on} prompts; "
-        f"wall {wall:.0f} s",
+        f"wall {wall:.0f} s"),
         f"command: python evals/bench_decode.py {' '.join(sys.argv[1:])}",
         "",
-        "| run | tokens/s | vs engine vanilla (same mode) | vs HF dynamic | vs HF static | KV held (peak) MiB | KV reserved MiB | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"ratios from {'tokens per CPU second' if on_cpu else 'tokens per second'}",
+        "",
+        ("| run | tokens/s | tokens/CPU-s | vs engine vanilla (same mode) | vs HF dynamic | vs HF static | KV held (peak) MiB "
+        "| KV reserved MiB | notes |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
-        def ratio(b):
-            return f"{r.tokens_per_s / b:.2f}x" if (r.tokens_per_s and b) else "-"
 
+    def ratio(r: Result, b: float | None) -> str:
+        m = metric(r)
+        return f"{m / b:.2f}x" if (m and b) else "-"
+
+    for r in rows:
         tps = f"{r.tokens_per_s:.1f}" if r.tokens_per_s else "-"
+        tpc = f"{r.tokens_per_cpu_s:.1f}" if r.tokens_per_cpu_s else "-"
         held = f"{r.kv_held_mb:.1f}" if r.kv_held_mb is not None else "-"
         res = f"{r.kv_reserved_mb:.1f}" if r.kv_reserved_mb is not None else "-"
         note = "; ".join([r.note] + [f"{k} {v}" for k, v in r.extra.items()]).strip("; ")
-        lines.append(f"| {r.name} | {tps} | {ratio(base_of(r.name))} | {ratio(hf)} | {ratio(hf_static)} | {held} | {res} | {note} |")
+        lines.append(f"| {r.name} | {tps} | {tpc} | {ratio(r, base_of(r.name))} | {ratio(r, hf)} | {ratio(r, hf_static)} | {held} | {res} | {note} |")
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python evals/bench_decode.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="33m", help="configs/model/<size>/ (33m, 135m, 360m, ...) or a folder of <variant>.yaml")
@@ -260,7 +279,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     text = run_all(args)
     print(text)

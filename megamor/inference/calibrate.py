@@ -21,7 +21,6 @@ the calibrated model is for benchmarking; its state dict no longer matches the c
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +47,7 @@ def _with_bias(router: nn.Module, bias: float) -> None:
 
 
 @torch.no_grad()
-def calibrate_routers(model: MoRLM, tokens: Tensor, capacities: Optional[list[float]] = None) -> list[float]:
+def calibrate_routers(model: MoRLM, tokens: Tensor, capacities: list[float] | None = None) -> list[float]:
     """Calibrate in place on tokens [B, T]; returns the share of tokens that runs each step
     afterwards (measured with causal routing on the same tokens)."""
     cfg = model.cfg
@@ -62,7 +61,7 @@ def calibrate_routers(model: MoRLM, tokens: Tensor, capacities: Optional[list[fl
                 if caps[r] >= 1.0:
                     continue
                 seen: list[Tensor] = []
-                handle = router.register_forward_hook(lambda m, i, o: seen.append(o))
+                handle = router.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o))
                 depth = model(tokens, causal_routing=True).stats.depth
                 handle.remove()
                 candidates = depth >= r  # a token reached step r's router iff it ran step r-1
@@ -99,7 +98,7 @@ def _token_choice_bias(probs: Tensor, caps: list[float]) -> Tensor:
 
 @torch.no_grad()
 def calibrate_decoding(model: MoRLM, prompts: list[list[int]], new_tokens: int, rounds: int = 3,
-                       capacities: Optional[list[float]] = None) -> list[float]:
+                       capacities: list[float] | None = None) -> list[float]:
     """Calibrate in place on the engine's decoding of `prompts`; returns the share of decoded
     tokens that ran each step in a final run."""
     from megamor.inference.engine import Engine
@@ -107,7 +106,7 @@ def calibrate_decoding(model: MoRLM, prompts: list[list[int]], new_tokens: int, 
     cfg = model.cfg
     caps = capacities or cfg.capacities
 
-    def decode(hook_target: Optional[nn.Module] = None, seen: Optional[list] = None) -> list[float]:
+    def decode(hook_target: nn.Module | None = None, seen: list | None = None) -> list[float]:
         handles = []
         if hook_target is not None:
             modules = hook_target if isinstance(hook_target, nn.ModuleList) else [hook_target]

@@ -19,8 +19,8 @@ with. Greedy fp32 output equals `generate()` on each request alone (tested).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,11 +37,11 @@ from megamor.model.mor import MoRLM
 class Request:
     prompt: list[int]
     max_new_tokens: int
-    eos_id: Optional[int] = None
+    eos_id: int | None = None
     temperature: float = 0.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
     id: int = -1
     # filled while decoding
     tokens: list[int] = field(default_factory=list)
@@ -50,7 +50,7 @@ class Request:
     done: bool = False
     slot: int = -1
     position: int = 0
-    generator: Optional[torch.Generator] = None
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -75,8 +75,8 @@ def _site_shares(model: MoRLM) -> dict[int, float]:
 
 
 class Engine:
-    def __init__(self, model: MoRLM, max_batch: int = 32, max_len: Optional[int] = None, kv_dtype: Optional[torch.dtype] = None,
-                 static: bool = False, buckets: Optional[list[int]] = None, cuda_graph: Optional[bool] = None,
+    def __init__(self, model: MoRLM, max_batch: int = 32, max_len: int | None = None, kv_dtype: torch.dtype | None = None,
+                 static: bool = False, buckets: list[int] | None = None, cuda_graph: bool | None = None,
                  compile: bool = False):
         """max_batch: concurrent requests (cache slots); max_len: prompt + generated tokens a
         request is expected to reach (sizes the caches; they grow if exceeded). static: use the
@@ -134,7 +134,7 @@ class Engine:
         self.steps_run += 1
         return events
 
-    def _emit(self, reqs: list[Request], logits: Tensor, greedy: Optional[list[int]] = None) -> list[TokenEvent]:
+    def _emit(self, reqs: list[Request], logits: Tensor, greedy: list[int] | None = None) -> list[TokenEvent]:
         if all(r.temperature <= 0 for r in reqs):
             nxt = greedy if greedy is not None else logits.argmax(-1).tolist()
         else:
@@ -219,8 +219,8 @@ class Engine:
             pass
 
 
-def engine_generate(model: MoRLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_batch: Optional[int] = None,
-                    max_len: Optional[int] = None, seed: Optional[int] = None, static: bool = False,
+def engine_generate(model: MoRLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_batch: int | None = None,
+                    max_len: int | None = None, seed: int | None = None, static: bool = False,
                     **sampling) -> GenerationOutput:
     """`generate()`'s interface on the engine: every prompt becomes a request (prompt i seeded
     with seed + i when seed is given); at most max_batch run at once."""

@@ -21,7 +21,6 @@ the engine reads back one small tensor per step. On CUDA, `GraphStep` captures t
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -40,8 +39,8 @@ def default_buckets(model: MoRLM, slots: int, slack: float = 1.25) -> list[int]:
 
 
 class GraphStep:
-    def __init__(self, model: MoRLM, cache: StaticKVCache, buckets: Optional[list[int]] = None,
-                 cuda_graph: Optional[bool] = None, compile: bool = False):
+    def __init__(self, model: MoRLM, cache: StaticKVCache, buckets: list[int] | None = None,
+                 cuda_graph: bool | None = None, compile: bool = False):
         """cuda_graph: capture and replay (default: on CUDA); compile: torch.compile the step
         first (fuses its small kernels; one graph, no breaks: tested)."""
         self.model, self.cache = model, cache
@@ -53,11 +52,11 @@ class GraphStep:
         self.use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
         self._graph = None
         self._graph_generation = -1
-        self._out: Optional[tuple[Tensor, Tensor]] = None
+        self._out: tuple[Tensor, Tensor] | None = None
         self._fn = torch.compile(self.step_fn, fullgraph=True, dynamic=False) if compile else self.step_fn
 
     # -- the step -------------------------------------------------------------------------
-    def _attend(self, phys: int, site: int, x: Tensor, rows: Optional[Tensor], write: Tensor, cos: Tensor, sin: Tensor,
+    def _attend(self, phys: int, site: int, x: Tensor, rows: Tensor | None, write: Tensor, cos: Tensor, sin: Tensor,
                 overflow: Tensor) -> Tensor:
         model, cache = self.model, self.cache
         layer = model.layers[phys]

@@ -19,7 +19,7 @@ The static-shape step (`graph_step`, CUDA graphs) keeps the fill levels on the d
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ class StaticKVCache:
     def write_prefill(self, site: int, rows: Sequence[int], k: Tensor, v: Tensor, valid: Tensor) -> None:
         """Store a prefill's keys/values [n, Hkv, T, hd] for fresh slots `rows`, keeping only
         the valid entries of each row, in positional order (the order they arrive in)."""
-        n, _, T, _ = k.shape
+        T = k.shape[2]
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid first
         counts = valid.sum(1).cpu().numpy()
         self._ensure(site, T)
@@ -189,5 +189,5 @@ class PrefillRecorder:
         self.entries[site] = block
         return block
 
-    def get(self, site: int) -> Optional[KVBlock]:
+    def get(self, site: int) -> KVBlock | None:
         return self.entries.get(site)

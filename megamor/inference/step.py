@@ -34,7 +34,7 @@ class _Rows:
     def __init__(self, host: np.ndarray, dev: Tensor):
         self.host, self.dev = host, dev
 
-    def take(self, local: np.ndarray, local_t: Tensor) -> "_Rows":
+    def take(self, local: np.ndarray, local_t: Tensor) -> _Rows:
         return _Rows(self.host[local], self.dev[local_t])
 
 

@@ -10,7 +10,6 @@ import torch
 
 from megamor.inference import Engine, engine_generate
 from megamor.model import MoRLM
-
 from tests.model.helpers import mor, tiny_config
 
 VARIANTS = {

@@ -6,6 +6,8 @@ import torch
 
 from megamor.convert import convert, target_config
 from megamor.model import MoRLM
+
+
 def test_trainer_starts_from_converted_weights(tiny_config, tmp_path):
     """`trainer.init_from` loads megamor.convert's output at step 0 (lr ~0: the weights stay)."""
     from megamor.convert import save
