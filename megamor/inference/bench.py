@@ -183,6 +183,9 @@ def run_all(args: argparse.Namespace) -> str:
             res.name = name
         except PartTimeout:
             res = Result(name, note=f"timed out after {min(args.part_timeout, left):.0f} s")
+        except Exception as e:  # one broken part (e.g. a CUDA graph capture) must not lose the others
+            msg = str(e).splitlines()[0][:160] if str(e) else ""
+            res = Result(name, note=f"failed: {type(e).__name__}: {msg}".replace("|", "/"))
         rows.append(res)
         print(f"  {name}: {res.tokens_per_s and round(res.tokens_per_s, 1)} tokens/s {res.note}", file=sys.stderr, flush=True)
 

@@ -31,6 +31,14 @@ def test_hf_loaded_mor_equals_megamor(variant, kv, tmp_path):
     want = ours.generate([prompt], 10).tokens[0]
     got = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, attention_mask=torch.ones(1, 7, dtype=torch.long))
     assert got[0, len(prompt):].tolist() == want
+    # A left-padded batch (as a tokenizer pads for generation): each row as megamor alone.
+    short = [3, 4, 5]
+    ids = torch.tensor([[0] * (len(prompt) - len(short)) + short, prompt])
+    mask = (torch.arange(len(prompt)) >= len(prompt) - len(short)).long().unsqueeze(0)
+    mask = torch.cat([mask, torch.ones(1, len(prompt), dtype=torch.long)])
+    got = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert got[0, len(prompt):].tolist() == ours.generate([short], 6).tokens[0]
+    assert got[1, len(prompt):].tolist() == want[:6]
 
 
 @torch.no_grad()

@@ -36,8 +36,11 @@ def test_engine_equals_generate_alone(variant, kv):
     model = _model(variant, kv)
     reqs = _requests(9)
     eng = Engine(model, max_batch=3, max_len=12)  # fewer slots than requests; caches must grow
-    handles = [eng.submit(p, n) for p, n in reqs]
+    handles = [eng.submit(p, n) for p, n in reqs[:5]]
     seen_running = set()
+    for _ in range(3):
+        eng.step()
+    handles += [eng.submit(p, n) for p, n in reqs[5:]]  # joining while others decode
     while not eng.idle():
         eng.step()
         seen_running.add(len(eng.running))
