@@ -9,10 +9,11 @@ from megamor.inference import Engine
 from .test_engine import _model, _requests
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("variant,kv", [("mor_expert", "recursion_wise"), ("mor_token", "recursion_wise"), ("mor_expert", "shared")])
-def test_kv_bytes_equal_routed_token_counts(variant, kv):
+def test_kv_bytes_equal_routed_token_counts(variant, kv, static):
     model = _model(variant, kv)
-    eng = Engine(model, max_batch=4, max_len=128)
+    eng = Engine(model, max_batch=4, max_len=128, static=static)
     handles = [eng.submit(p, 40) for p, _ in _requests(4, seed=2)]
     for _ in range(12):
         eng.step()
