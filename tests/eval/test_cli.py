@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import lm_eval.evaluator
@@ -65,10 +67,7 @@ def test_lm_eval_command_line(mor_checkpoint, spm_path, tmp_path, monkeypatch, d
     assert res["results"]["megamor_winogrande"]["sample_len"] == 4 and "acc,none" in res["results"]["megamor_winogrande"]
 
 
-def run_entry(name: str, *args: str) -> "subprocess.CompletedProcess":
-    import os
-    import subprocess
-
+def run_entry(name: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(repo_root())}
     return subprocess.run([sys.executable, str(repo_root() / "evals" / f"{name}.py"), *args], capture_output=True,
                           text=True, env=env, timeout=300)
