@@ -4,7 +4,7 @@
     python evals/perplexity.py --checkpoint run/ --tokenizer tok.model \
         --text ../shared/data/wikitext-2-raw/wiki.test.raw --split wikitext            # disjoint windows
     python evals/perplexity.py --checkpoint run/ --text file.txt --stride 512         # sliding windows
-    python evals/perplexity.py --checkpoint run/ --shards data/val --shard-split val   # token shards
+    python evals/perplexity.py --checkpoint run/ --shards data/shards               # valid-NNNNN.npy token shards
 
 Reports token NLL/perplexity, bits per byte, byte and word perplexity (JSON). The context
 defaults to the one the model was trained with (the run's data.seq_len). Bad input (an empty
@@ -31,7 +31,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoding", default="utf-8", help="encoding of the --text files")
     p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,
                    help="bytes that do not decode: an error naming the file and byte offset (strict), or replaced/dropped")
-    p.add_argument("--shard-split", default="val", help="shard name prefix inside a shard folder")
+    p.add_argument("--shard-split", default="valid", help="shard name prefix inside a shard folder (tokenize_and_shard writes valid-NNNNN.npy)")
     p.add_argument("--stride", type=int, default=None, help="tokens each window advances (default: max length, i.e. disjoint windows)")
     p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
     p.add_argument("--max-tokens", type=int, default=None, help="only the first N shard tokens")

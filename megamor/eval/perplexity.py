@@ -191,7 +191,7 @@ def read_texts(paths: Iterable[str | Path], split: str = "file", text_key: str =
     return docs
 
 
-def load_shard_tokens(paths: Sequence[str | Path], split: str = "val") -> np.ndarray:
+def load_shard_tokens(paths: Sequence[str | Path], split: str = "valid") -> np.ndarray:
     """One token stream from shard files and/or folders of `<split>-NNNNN.npy` shards (in order)."""
     arrays = []
     for p in map(Path, paths):

@@ -117,3 +117,14 @@ def test_output_folders_are_created(mor_checkpoint, spm_path, tmp_path, data_dir
     load("perplexity").main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--text", str(text),
                              "--out", str(deep / "ppl" / "p.json"), "--no-progress"])
     assert (deep / "ppl" / "p.json").is_file()
+
+
+def test_perplexity_reads_tokenize_and_shard_valid_shards_by_default(mor_checkpoint, spm_path, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "valid-00000.npy", rng.integers(4, 200, 300).astype(np.uint16))  # as data_prep names them
+    np.save(tmp_path / "valid-00000.docs.npy", np.array([0], dtype=np.int64))
+    res = load("perplexity").main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--shards",
+                                   str(tmp_path), "--no-progress"])["perplexity"]
+    assert res["tokens"] == 300
