@@ -26,7 +26,10 @@ from megamor.inference.calibrate import calibrate_decoding
 from megamor.inference.engine import Engine
 from megamor.model import MoRLM, load_model_config
 
-VARIANTS = ("vanilla", "recursive_3", "mor_expert_3", "mor_token_3")
+VARIANTS = ("vanilla", "recursive_3", "mor_expert_3", "mor_token_3", "vanilla_eq")
+# vanilla_eq: the vanilla shape with as many layers as recursive_3 has unique ones, i.e. the
+# vanilla model with the shared variants' parameter count (vanilla has their unrolled compute).
+EQUAL_PARAMS_OF = "recursive_3"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -82,10 +85,15 @@ def _result(n_tokens: int, times: list[tuple[float, float]], **kw) -> Result:
 
 def build(size: str, variant: str, device: torch.device, dtype: torch.dtype, calib: list[list[int]], calib_new: int,
           seed: int) -> MoRLM:
-    """A randomly initialised model of configs/model/<size>/<variant>.yaml; routers calibrated
-    on the engine's decoding of `calib` prompts (not the measured ones)."""
+    """A randomly initialised model of <size>/<variant>.yaml; routers calibrated on the engine's
+    decoding of the `calib` prompts."""
     torch.manual_seed(seed)
-    model = MoRLM(load_model_config(Path(size) / f"{variant}.yaml")).eval()
+    if variant == "vanilla_eq":
+        cfg = load_model_config(Path(size) / "vanilla.yaml")
+        cfg.n_layers = load_model_config(Path(size) / f"{EQUAL_PARAMS_OF}.yaml").num_unique_layers
+    else:
+        cfg = load_model_config(Path(size) / f"{variant}.yaml")
+    model = MoRLM(cfg).eval()
     model = model.to(device=device, dtype=dtype)
     if model.routers is not None or model.depth_router is not None:
         calibrate_decoding(model, calib, calib_new)
@@ -162,7 +170,7 @@ def run_all(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     g = torch.Generator().manual_seed(0)
-    cfg0 = load_model_config(Path(args.size) / f"{args.variants[0]}.yaml")
+    cfg0 = load_model_config(Path(args.size) / "vanilla.yaml")
     prompts = torch.randint(1, cfg0.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
     # Routers are calibrated on the measured prompts' own decoding (greedy decoding is
     # deterministic), so the timed runs route at the capacities; --calibrate-on other uses fresh
@@ -183,7 +191,7 @@ def run_all(args: argparse.Namespace) -> str:
             res.name = name
         except PartTimeout:
             res = Result(name, note=f"timed out after {min(args.part_timeout, left):.0f} s")
-        except Exception as e:  # one broken part (e.g. a CUDA graph capture) must not lose the others
+        except Exception as e:  # noqa: BLE001 -- one broken part (a CUDA graph capture, say) must not lose the rest
             msg = str(e).splitlines()[0][:160] if str(e) else ""
             res = Result(name, note=f"failed: {type(e).__name__}: {msg}".replace("|", "/"))
         rows.append(res)

@@ -40,7 +40,8 @@ def test_bench_decode_runs_at_tiny_size(tmp_path):
     assert main(["--size", str(d), "--device", "cpu", "--batch", "2", "--prompt-len", "4", "--new-tokens", "6",
                  "--out", str(out)]) == 0
     text = out.read_text()
-    engines = [f"engine {mode} {v}" for mode in ("static", "dynamic") for v in ("vanilla", "recursive_3", "mor_expert_3", "mor_token_3")]
+    variants = ("vanilla", "recursive_3", "mor_expert_3", "mor_token_3", "vanilla_eq")
+    engines = [f"engine {mode} {v}" for mode in ("static", "dynamic") for v in variants]
     for name in engines + ["HF generate, dynamic cache", "HF generate, static cache", "megamor generate()"]:
         row = next(line for line in text.splitlines() if line.startswith(f"| {name}"))
         assert "timed out" not in row and row.split("|")[2].strip() != "-", row
