@@ -110,12 +110,24 @@ class StaticKVCache:
             store[site] = grown
 
     # -- writes ------------------------------------------------------------------------
-    def write_token(self, site: int, rows: np.ndarray, rows_t: Tensor, k: Tensor, v: Tensor) -> None:
+    def _to_device(self, values: np.ndarray, memo: dict | None) -> Tensor:
+        """Host ints on the device; `memo` reuses one copy for equal values within a step (the
+        sites of one layer group share fill levels, so a step copies a few arrays, not one per
+        layer)."""
+        key = values.tobytes()
+        if memo is not None and key in memo:
+            return memo[key]
+        t = torch.from_numpy(values).to(self.device, non_blocking=True)
+        if memo is not None:
+            memo[key] = t
+        return t
+
+    def write_token(self, site: int, rows: np.ndarray, rows_t: Tensor, k: Tensor, v: Tensor, memo: dict | None = None) -> None:
         """Append one token per row: k, v [m, Hkv, 1, hd] for slots `rows` (host and device)."""
         fill = self.fill[site]
         at = fill[rows]
         self._ensure(site, int(at.max()) + 1)
-        at_t = torch.from_numpy(at).to(self.device, non_blocking=True)
+        at_t = self._to_device(at, memo)
         self.k[site][rows_t, :, at_t] = k[:, :, 0].to(self.dtype)
         self.v[site][rows_t, :, at_t] = v[:, :, 0].to(self.dtype)
         fill[rows] = at + 1
@@ -141,7 +153,7 @@ class StaticKVCache:
         self.host_changed()
 
     # -- reads -------------------------------------------------------------------------
-    def view(self, site: int, rows: np.ndarray, rows_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def view(self, site: int, rows: np.ndarray, rows_t: Tensor, memo: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(k, v [m, Hkv, L, hd], mask [m, 1, 1, L]) of slots `rows`, L = their longest fill."""
         fill = self.fill[site][rows]
         L = int(fill.max())
@@ -152,9 +164,14 @@ class StaticKVCache:
         else:
             k = self.k[site][rows_t, :, :L]
             v = self.v[site][rows_t, :, :L]
-        lens = torch.from_numpy(fill).to(self.device, non_blocking=True)
-        mask = torch.arange(L, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
-        return k, v, mask[:, None, None, :]
+        key = ("mask", fill.tobytes())
+        if memo is not None and key in memo:
+            return k, v, memo[key]
+        lens = self._to_device(fill, memo)
+        mask = (torch.arange(L, device=self.device).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+        if memo is not None:
+            memo[key] = mask
+        return k, v, mask
 
     # -- accounting ----------------------------------------------------------------------
     def bytes_per_token(self) -> int:

@@ -39,7 +39,7 @@ class _Rows:
 
 
 def _apply_layer(model: MoRLM, cache: StaticKVCache, phys: int, site: int, x: Tensor, rows: _Rows,
-                 cos: Tensor, sin: Tensor) -> Tensor:
+                 cos: Tensor, sin: Tensor, memo: dict) -> Tensor:
     layer = model.layers[phys]
     attn = layer.self_attn
     m = x.shape[0]
@@ -48,9 +48,9 @@ def _apply_layer(model: MoRLM, cache: StaticKVCache, phys: int, site: int, x: Te
     source = model._sites["kv_source"].get(site)
     if source is None:
         k, v = attn.project_kv(xn, cos, sin)
-        cache.write_token(site, rows.host, rows.dev, k, v)
+        cache.write_token(site, rows.host, rows.dev, k, v, memo)
         source = site
-    k, v, mask = cache.view(source, rows.host, rows.dev)
+    k, v, mask = cache.view(source, rows.host, rows.dev, memo)
     out = sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=False)
     h = x + attn.o_proj(out.transpose(1, 2).reshape(m, 1, attn.n_heads * attn.head_dim))
     return h + layer.mlp(layer.post_attention_layernorm(h))
@@ -63,10 +63,11 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
     device = tokens.device
     m = len(slots)
     rows = _Rows(slots, torch.from_numpy(slots).to(device, non_blocking=True))
+    memo: dict = {}  # host->device copies of fill levels, shared by the sites of a layer group
     cos, sin = model.rope(positions.unsqueeze(1))
     h = model.embed_tokens(tokens).unsqueeze(1)  # [m, 1, d]
     for phys, site in zip(model.prelude, model._sites["prelude"]):
-        h = _apply_layer(model, cache, phys, site, h, rows, cos, sin)
+        h = _apply_layer(model, cache, phys, site, h, rows, cos, sin, memo)
 
     depth = np.zeros(m, dtype=np.int64)
     tokens_per_step: list[int] = []
@@ -101,7 +102,7 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
         y = hc
         sub_rows, sub_cos, sub_sin = rows.take(active, active_t), cos[active_t], sin[active_t]
         for phys, site in zip(layer_ids, site_ids):
-            y = _apply_layer(model, cache, phys, site, y, sub_rows, sub_cos, sub_sin)
+            y = _apply_layer(model, cache, phys, site, y, sub_rows, sub_cos, sub_sin, memo)
         if gate is not None:
             y = hc + gate.unsqueeze(-1).to(hc.dtype) * (y - hc)
         h = h.index_copy(0, active_t, y)
@@ -109,6 +110,6 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
     tokens_per_step += [0] * (len(model.steps) - len(tokens_per_step))
 
     for phys, site in zip(model.coda, model._sites["coda"]):
-        h = _apply_layer(model, cache, phys, site, h, rows, cos, sin)
+        h = _apply_layer(model, cache, phys, site, h, rows, cos, sin, memo)
     logits = model.lm_head(model.norm(h))[:, 0]
     return StepResult(logits, depth, tokens_per_step)
