@@ -190,7 +190,7 @@ def run_all(args: argparse.Namespace) -> str:
                 res = fn()
             res.name = name
         except PartTimeout:
-            res = Result(name, note=f"timed out after {min(args.part_timeout, left):.0f} s")
+            res = Result(name, note=f"timed out after {min(args.part_timeout, left):g} s")
         except Exception as e:  # noqa: BLE001 -- one broken part (a CUDA graph capture, say) must not lose the rest
             msg = str(e).splitlines()[0][:160] if str(e) else ""
             res = Result(name, note=f"failed: {type(e).__name__}: {msg}".replace("|", "/"))
@@ -199,7 +199,18 @@ def run_all(args: argparse.Namespace) -> str:
 
     models: dict[str, MoRLM] = {}
     for v in args.variants:
-        models[v] = build(args.size, v, device, dtype, calib, args.new_tokens, seed=1)
+        left = args.total_timeout - (time.perf_counter() - started)
+        try:  # building and calibrating count against the limits too
+            if left <= 5:
+                raise PartTimeout()
+            with time_limit(min(args.part_timeout, left)):
+                models[v] = build(args.size, v, device, dtype, calib, args.new_tokens, seed=1)
+        except PartTimeout:
+            rows.append(Result(f"engine {v}", note="skipped: building/calibrating ran out of time"))
+            continue
+        except Exception as e:  # noqa: BLE001 -- report it, measure the other variants
+            rows.append(Result(f"engine {v}", note=f"failed to build: {type(e).__name__}: {str(e)[:160]}".replace("|", "/")))
+            continue
         params = models[v].num_params() / 1e6
         for mode in args.modes:
             part(f"engine {mode} {v} ({params:.1f}M unique params)",
