@@ -120,6 +120,10 @@ class Trainer:
             torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)
+        if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
+            from megamor.train.init_from import load_init_weights
+
+            load_init_weights(model, cfg.trainer.init_from)
         self.n_params = ParamCounts.of(model)  # before ZeRO-3 partitions them
         if cfg.trainer.activation_checkpointing:
             model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
