@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.train.checkpoint import CheckpointSaveError, NoValidCheckpointError, UnsafeCheckpointError
     from megamor.train.trainer import NonFiniteLossError, Trainer
 
-    env, device = pdist.init_distributed()
+    env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
     try:
         return Trainer(cfg, env, device, tokenizer).setup().fit()
     except (NoValidCheckpointError, UnsafeCheckpointError) as e:  # the run folder is bad input: refuse
