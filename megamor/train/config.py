@@ -137,8 +137,12 @@ class TrainerConfig:
     max_consecutive_nonfinite: int = 5  # non-finite losses skip the step; this many in a row abort
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
     device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once at start
+    compile: str = "auto"  # torch.compile each layer: auto (on for CUDA, off for CPU) | true | false
 
     def validate(self, path: str) -> None:
+        self.compile = str(self.compile).lower()
+        if self.compile not in ("auto", "true", "false"):
+            raise ConfigError(key(path, "compile"), f"must be auto, true or false, got {self.compile!r}")
         if (self.max_steps is None) == (self.max_tokens is None):
             raise ConfigError(key(path, "max_steps"), "give exactly one of trainer.max_steps and trainer.max_tokens")
         if self.max_steps is not None and self.max_steps < 1:
