@@ -31,7 +31,6 @@ from megamor.data.loader import build_eval_sets, build_train_loader, iter_eval_b
 from megamor.model import MoRLM
 from megamor.parallel import dist as pdist
 from megamor.parallel.env import LaunchEnv
-from megamor.train.compile import compile_layers, compile_wanted
 from megamor.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -43,6 +42,7 @@ from megamor.train.checkpoint import (
 )
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.ds_config import deepspeed_config
+from megamor.train.engine import prepare_model
 from megamor.train.faults import Faults
 from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import (
@@ -120,17 +120,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)
         self.n_params = (model.num_params(), model.num_params(non_embedding=True))  # before ZeRO-3 partitions them
-        if cfg.trainer.activation_checkpointing:
-            model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
-        self.compiled = compile_wanted(cfg.trainer.compile, self.device)
-        if self.compiled:
-            compile_layers(model)  # per layer, in place: a shared block compiles once
-        if cfg.deepspeed.zero_stage == 3:
-            # The loss reads the LM head's weight outside the head's own forward: ZeRO-3 must
-            # gather it for the whole forward of the model.
-            from deepspeed.zero import register_external_parameter
-
-            register_external_parameter(model, model.lm_head.weight)
+        self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.group_hparams = group_hparams(self.optimizer.param_groups)
         import deepspeed
