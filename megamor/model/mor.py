@@ -19,6 +19,12 @@ Routing modes: training uses expert choice's top-k over each sequence (the paper
 `causal_routing=True` (evaluation, decoding) it thresholds the router instead, so no token's
 computation depends on later tokens, on padding or on other rows of the batch.
 
+The gathered length n is taken from shapes where routing fixes it (all tokens; k_r in expert
+choice's training top-k), so a training forward never waits for the device and compiles
+whole; token choice and causal routing read it from the device (`bucket_length`). Router
+statistics stay on the device. With targets and `return_logits=False`, the loss is
+`self.lm_loss` (chunked: no [B, T, V] logits; `megamor.model.loss`).
+
 No parallelism lives here. The trainer may install an activation-checkpoint function
 (`enable_activation_checkpointing`) that wraps every layer application.
 """
@@ -276,7 +282,7 @@ class MoRLM(nn.Module):
         if targets is not None:
             # Without logits the loss never materialises them (chunked, fp32 accumulation).
             loss = cross_entropy_from_logits(logits, targets) if logits is not None else self.lm_loss(h, self.lm_head.weight, targets)
-        n_valid = valid.sum() if valid is not None else torch.tensor(B * T, device=h.device)
+        n_valid = valid.sum() if valid is not None else torch.full((), B * T, device=h.device)  # no host copy
         routed_t = torch.stack(routed) if routed else torch.zeros(0, dtype=torch.long, device=h.device)
         stats = RouterStats(routed_t, depth if valid is None else depth * valid, n_valid)
         return LMOutput(

@@ -77,3 +77,22 @@ def test_compile_config_key(value, ok):
     else:
         with pytest.raises(ConfigError, match="trainer.compile"):
             cfg.validate("trainer")
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
+def test_compiled_layers_compose_with_activation_checkpointing(router):
+    """Checkpointing wraps the compiled layer: the recompute runs it again, grads unchanged.
+    (aot_eager: dynamo + AOT autograd without inductor's codegen, so it costs seconds.)"""
+    eager = mor(router, nr=2).train()
+    compiled = copy.deepcopy(eager)
+    compiled.enable_activation_checkpointing()
+    compile_layers(compiled, backend="aot_eager")
+    x = torch.randint(0, eager.cfg.vocab_size, (2, 31))
+    losses = []
+    for m in (eager, compiled):
+        out = m(x[:, :-1], targets=x[:, 1:], return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        losses.append(out.loss.item())
+    assert abs(losses[0] - losses[1]) <= TOL
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert (a.grad - b.grad).abs().max().item() <= TOL
