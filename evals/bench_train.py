@@ -46,7 +46,7 @@ import torch
 from megamor.env import repo_root
 from megamor.model import ModelConfig, MoRLM, load_model_config
 from megamor.model.flops import forward_flops
-from megamor.train.metrics import measure_cpu_tflops
+from megamor.train.metrics import cached_cpu_tflops
 
 GPU_PEAK_TFLOPS = 989.0
 
@@ -304,7 +304,7 @@ def run(a: argparse.Namespace) -> dict:
     _, device = init_distributed()
     if device.type == "cpu":
         torch.set_flush_denormal(True)
-    peak = a.peak_tflops or (GPU_PEAK_TFLOPS if device.type == "cuda" else measure_cpu_tflops(torch.bfloat16 if a.precision == "bf16" else torch.float32))
+    peak = a.peak_tflops or (GPU_PEAK_TFLOPS if device.type == "cuda" else cached_cpu_tflops(a.precision))
     if a.tiny:
         plan = {"33m": (3, 2, 0.6 * a.budget)}
     else:
@@ -443,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(res)
     print(md)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text("# Training speed (evals/bench_train.py)\n\n" + md + "\n")
-        a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        from megamor.eval.cli import write_text  # atomic, folder created
+
+        write_text(a.out, "# Training speed (evals/bench_train.py)\n\n" + md + "\n")
+        write_text(a.out.with_suffix(".json"), json.dumps(res, indent=1))
     return 0
 
 

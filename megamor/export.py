@@ -66,7 +66,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
     meta = {"step": ref.step, "tokens": ref.meta.get("tokens"), "flops": ref.meta.get("flops"), "source": str(ref.path),
-            "run": exp.name}
+            "run": exp.name, "seq_len": exp.data.seq_len}
     torch.save({"model": sd, "config": dataclasses.asdict(cfg), **meta}, out_dir / CONSOLIDATED)
     write_json(out_dir / f"{CONSOLIDATED}.json", meta)
 

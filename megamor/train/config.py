@@ -136,7 +136,8 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # recompute every layer application (non-reentrant)
     max_consecutive_nonfinite: int = 5  # non-finite losses skip the step; this many in a row abort
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
-    device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once at start
+    device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once per machine (cached)
+    verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
     compile: str = "auto"  # torch.compile each layer: auto (on for CUDA, off for CPU) | true | false
 
     def validate(self, path: str) -> None:
