@@ -9,6 +9,10 @@ again; a layer shared by several recursion steps is one module and compiles once
 shape. Routing, gathering and the loss stay eager: they hold no data-dependent host reads in
 training (`megamor.model.mor`), so the compiled layers are fed without waiting for the device.
 
+Composes with ZeRO 0-3 and with activation checkpointing, but not with both ZeRO-3 and
+checkpointing at once (tested on CPU: dynamo traces ZeRO-3's release hook inside the recompute
+and fails), so `auto` leaves that combination eager.
+
 Shapes, hence compile counts. A layer sees [B, n, D] with n = the sequence length for
 unrouted layers, and for recursion steps:
   - expert choice in training: n = k_r = max(1, int(c_r * T)), fixed by the config: exactly
@@ -30,11 +34,13 @@ from torch import nn
 RECOMPILE_LIMIT = 64
 
 
-def compile_wanted(setting: str, device: torch.device) -> bool:
+def compile_wanted(setting: str, device: torch.device, zero_stage: int = 0, checkpointing: bool = False) -> bool:
     """`trainer.compile`: auto = on for CUDA, off elsewhere (inductor on CPU compiles slowly
-    and gains little for small models); true / false force it."""
+    and gains little for small models) and off for ZeRO-3 with activation checkpointing
+    (dynamo then traces into ZeRO-3's parameter-release hook and fails; the config check
+    refuses `true` there); true / false force it."""
     if setting == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" and not (zero_stage == 3 and checkpointing)
     return setting == "true"
 
 

@@ -239,6 +239,10 @@ class ExperimentConfig:
         decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
         if warm + decay > steps:
             raise ConfigError(key(path, "schedule.warmup_steps"), f"warmup {warm} + decay {decay} steps exceed the {steps} training steps")
+        if self.trainer.compile == "true" and self.deepspeed.zero_stage == 3 and self.trainer.activation_checkpointing:
+            # Dynamo traces into ZeRO-3's parameter-release hook inside the checkpointed layer and fails.
+            raise ConfigError(key(path, "trainer.compile"), "true is not supported with deepspeed.zero_stage 3 and "
+                              "trainer.activation_checkpointing (use auto, which compiles only where it works, or false)")
 
     # -- derived ----------------------------------------------------------------------
     @property

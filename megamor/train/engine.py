@@ -15,7 +15,7 @@ def prepare_model(model: MoRLM, cfg: ExperimentConfig, device: torch.device) -> 
     registration the chunked loss needs. Returns whether the layers were compiled."""
     if cfg.trainer.activation_checkpointing:
         model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
-    compiled = compile_wanted(cfg.trainer.compile, device)
+    compiled = compile_wanted(cfg.trainer.compile, device, cfg.deepspeed.zero_stage, cfg.trainer.activation_checkpointing)
     if compiled:
         compile_layers(model)  # per layer, in place: a shared block compiles once
     if cfg.deepspeed.zero_stage == 3:

@@ -63,6 +63,9 @@ def test_expert_choice_training_forward_compiles_fullgraph():
 def test_compile_setting():
     assert compile_wanted("auto", torch.device("cuda")) and not compile_wanted("auto", torch.device("cpu"))
     assert compile_wanted("true", torch.device("cpu")) and not compile_wanted("false", torch.device("cuda"))
+    # ZeRO-3 + activation checkpointing + compile fails inside DeepSpeed's hooks: auto leaves it eager.
+    assert not compile_wanted("auto", torch.device("cuda"), zero_stage=3, checkpointing=True)
+    assert compile_wanted("auto", torch.device("cuda"), zero_stage=3) and compile_wanted("auto", torch.device("cuda"), 2, True)
 
 
 @pytest.mark.parametrize("value,ok", [("auto", True), ("True", True), ("false", True), ("fast", False)])
@@ -96,3 +99,15 @@ def test_compiled_layers_compose_with_activation_checkpointing(router):
     assert abs(losses[0] - losses[1]) <= TOL
     for a, b in zip(eager.parameters(), compiled.parameters()):
         assert (a.grad - b.grad).abs().max().item() <= TOL
+
+
+def test_compile_true_with_zero3_and_checkpointing_is_refused():
+    from megamor.config import ConfigError
+    from megamor.train.config import load_experiment
+
+    base = ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8", "deepspeed.zero_stage=3",
+            "trainer.activation_checkpointing=true"]
+    with pytest.raises(ConfigError) as e:
+        load_experiment([], base + ["trainer.compile=true"])
+    assert e.value.key == "trainer.compile"
+    assert load_experiment([], base).trainer.compile == "auto"  # auto stays eager there
