@@ -35,9 +35,11 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -57,7 +59,7 @@ ROWS = [  # (variant, compiled)
     ("hf_llama", True), ("vanilla", False), ("recursive", True), ("mor_expert", False), ("mor_token", False),
     ("mor_expert_off", False),
 ]
-TINY = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128)
+TINY = {"vocab_size": 512, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128}
 
 
 @dataclass
@@ -200,8 +202,7 @@ def plain_row(part: str, size: str, variant: str, compiled: bool, cfg: ModelConf
 
     step = make_step(variant, model, x, lambda loss: loss.backward(), opt_step, autocast=a.precision == "bf16")
     measure(row, step, device, cfg, B, T, a.warmup, a.steps, budget)
-    del model, opt, step
-    return row
+    return row  # model and optimizer go with this frame; the next row collects them
 
 
 def deepspeed_row(size: str, variant: str, compiled: bool, cfg: ModelConfig, device: torch.device,
@@ -234,7 +235,6 @@ def deepspeed_row(size: str, variant: str, compiled: bool, cfg: ModelConfig, dev
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
     step = make_step(variant, engine, x, engine.backward, engine.step, autocast=False)  # DeepSpeed casts to bf16
     measure(row, step, device, exp.model, B, T, a.warmup, a.steps, budget)
-    del engine, model, opt, step
     return row
 
 
@@ -260,7 +260,7 @@ def lm_head_rows(size: str, cfg: ModelConfig, device: torch.device, B: int, T: i
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         row = Row("lm_head", f"{size} LM head [{B}x{T}, V={cfg.vocab_size}]", name)
 
-        def step() -> None:
+        def step(fn=fn, h=h, w=w) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
                 loss = fn(h, w)
             loss.backward()
@@ -324,7 +324,7 @@ def run(a: argparse.Namespace) -> dict:
                 continue
             cfg = model_config(size, variant, nr, a.seq_len, a.tiny)
             rows.append(guarded(label, Row(size, f"{size}/{variant}", "compiled" if compiled else "eager"), t_start,
-                                lambda: plain_row(size, size, variant, compiled, cfg, device, B, a.seq_len, a, budget)))
+                                partial(plain_row, size, size, variant, compiled, cfg, device, B, a.seq_len, a, budget)))
     sizes = list(plan)
     if "trainer" in a.parts:
         size = sizes[0]
@@ -338,7 +338,7 @@ def run(a: argparse.Namespace) -> dict:
             cfg = model_config(size, variant, nr, a.seq_len, a.tiny)
             compiled = device.type == "cuda" or a.tiny
             rows.append(guarded(label, Row("trainer", f"{size}/{variant}", "deepspeed"), t_start,
-                                lambda: deepspeed_row(size, variant, compiled, cfg, device, B, a.seq_len, a, budget)))
+                                partial(deepspeed_row, size, variant, compiled, cfg, device, B, a.seq_len, a, budget)))
     if "lm_head" in a.parts:
         size = sizes[0]
         nr, B, _ = plan[size]
@@ -394,10 +394,10 @@ def ratios(res: dict) -> list[str]:
 def markdown(res: dict) -> str:
     peak_src = "datasheet" if "CPU" not in res["device"] else "timed matmul"
     lines = [
-        f"Device: {res['device']}; peak {res['peak_tflops']:.3g} TFLOP/s ({peak_src}); torch {res['torch']}; "
-        f"{res['precision']} (autocast over fp32 weights in the plain loop); seq {res['seq_len']}; "
-        f"{res['warmup']} warm-up + median of {res['steps']} timed steps; compile backend {res['backend']}; "
-        f"{res['elapsed_s']:.0f} s of a {res['budget_s']:.0f} s budget.",
+        (f"Device: {res['device']}; peak {res['peak_tflops']:.3g} TFLOP/s ({peak_src}); torch {res['torch']}; "
+         f"{res['precision']} (autocast over fp32 weights in the plain loop); seq {res['seq_len']}; "
+         f"{res['warmup']} warm-up + median of {res['steps']} timed steps; compile backend {res['backend']}; "
+         f"{res['elapsed_s']:.0f} s of a {res['budget_s']:.0f} s budget."),
         "",
         "| part | model | mode | params (M) | step (s) | tokens/s | MFU | peak mem (GB) | warm-up (s) | tokens per recursion step |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",

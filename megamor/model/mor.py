@@ -35,14 +35,13 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megamor.model.config import ModelConfig
 from megamor.model.kv_cache import KVCache
-from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
+from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
 from megamor.model.routers import (
     ExpertChoiceRouter,
     TokenChoiceRouter,

@@ -55,7 +55,7 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
 def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     """Compile every layer of `model.layers` in place; returns how many were compiled."""
     raise_recompile_limit()
-    layers = getattr(model, "layers")
+    layers = model.layers
     for layer in layers:
         layer.compile(**compile_kwargs)
     return len(layers)

@@ -21,7 +21,9 @@ def prepare_model(model: MoRLM, cfg: ExperimentConfig, device: torch.device) -> 
     if cfg.deepspeed.zero_stage == 3:
         # The loss reads the LM head's weight outside the head's own forward: ZeRO-3 must
         # gather it for the whole forward of the model.
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+        from deepspeed.runtime.zero.partition_parameters import (
+            register_external_parameter,
+        )
 
         register_external_parameter(model, model.lm_head.weight)
     return compiled

@@ -13,8 +13,8 @@ aten = torch.ops.aten
 
 
 class HostReads(TorchDispatchMode):
-    READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-             aten.one_hot.default, aten.unique_consecutive.default}
+    READS = frozenset({aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+             aten.one_hot.default, aten.unique_consecutive.default})
 
     def __init__(self):
         super().__init__()
