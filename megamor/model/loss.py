@@ -56,7 +56,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits, lse, picked, valid = _chunk_terms(hc, weight, tc)
             loss_sum = loss_sum + ((lse - picked) * valid).sum()
             # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_targets, 0 for ignored rows.
-            d = torch.exp(logits.sub_(lse.unsqueeze(1)))
+            d = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place: one [chunk, V] fp32 block
             d.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
             d.mul_((valid.float() * inv).unsqueeze(1))
             d = d.to(hc.dtype)  # the gradient matmuls run in the compute dtype too
