@@ -144,7 +144,8 @@ class Trainer:
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
         self.logger.print(
             f"megamor: {cfg.name} | {self.n_params.describe()} | "
-            f"world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
+            f"world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}"
+            f"{' compiled' if self.compiled else ''} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
