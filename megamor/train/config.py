@@ -139,6 +139,9 @@ class TrainerConfig:
     device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once per machine (cached)
     verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
     compile: str = "auto"  # torch.compile each layer: auto (on for CUDA, off for CPU) | true | false
+    # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
+    # export folder); its model config must equal `model`. Ignored when resuming a checkpoint.
+    init_from: str | None = None
 
     def validate(self, path: str) -> None:
         self.compile = str(self.compile).lower()
@@ -152,6 +155,8 @@ class TrainerConfig:
             raise ConfigError(key(path, "max_tokens"), "must be >= 1")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
 
 
 @dataclass
@@ -331,6 +336,10 @@ def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any
         raise ConfigError("run_dir", f"{run}: {probe} is not writable")
     if cfg.checkpoint.resume:
         check_resumable(cfg)
+    if cfg.trainer.init_from:
+        from megamor.train.init_from import check_init_from
+
+        check_init_from(cfg.trainer.init_from, cfg.model)
     return tokenizer
 
 

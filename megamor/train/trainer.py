@@ -121,6 +121,10 @@ class Trainer:
             torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)
+        if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
+            from megamor.train.init_from import load_init_weights
+
+            load_init_weights(model, cfg.trainer.init_from)
         self.n_params = ParamCounts.of(model)  # before ZeRO-3 partitions them
         self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
