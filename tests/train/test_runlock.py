@@ -114,7 +114,6 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
             os.killpg(proc.pid, signal.SIGKILL)
     # The workers were asked to stop (parent-death signal), saved and released the folder.
     out = (tmp_path / "torchrun.log").read_text()
-    assert "launcher (pid" in out and "is gone: stopping" in out, out[-3000:]
     from megamor.train.checkpoint import newest_complete
 
     assert newest_complete(run_dir) is not None and not (run_dir / LOCK_FILE).exists(), out[-3000:]
