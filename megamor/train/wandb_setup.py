@@ -61,4 +61,5 @@ def init_run(mode: str, init_timeout: float | None, warn: Callable[[str], None],
         why = " ".join(str(e).split())[:200]
         warn(f"WARNING: W&B online start failed ({type(e).__name__}: {why}); logging offline to "
              f"{kwargs.get('dir')}/wandb instead (upload later with `wandb sync`)")
+        wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
         return wandb.init(mode="offline", **kwargs)
