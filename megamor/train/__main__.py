@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             try:
                 lock.acquire()
-            except RunLockedError as e:
+            except (RunLockedError, OSError) as e:  # every rank must hear of it, not only rank 0
                 refused = str(e)
         refused = pdist.broadcast_object(refused)
         if refused:
