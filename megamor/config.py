@@ -58,7 +58,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         raise ConfigFileError(path, f"must be a mapping of `key: value` lines, not {kind}")
     try:
         node = OmegaConf.load(path)
-    except Exception as e:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
         raise ConfigFileError(path, f"cannot parse YAML: {' '.join(str(e).split())}") from None
     base = node.pop("base", None) if OmegaConf.is_dict(node) else None
     if base is None:
@@ -78,12 +78,12 @@ def merge_sources(yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str
 
 def parse_override(item: str) -> Any:
     """One `dotted.key=value` override as a node; a ConfigError naming it if it does not parse."""
-    name, eq, value = item.partition("=")
+    name, eq, _ = item.partition("=")
     if not eq or not name.strip():
         raise ConfigError(item, "an override must look like key=value")
     try:
         return OmegaConf.from_dotlist([item])
-    except Exception as e:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
         why = " ".join(str(e).split())
         raise ConfigError(name, f"cannot parse the override {item!r} ({why}); lists look like key=[a,b], "
                                 "quote values with spaces or brackets") from None
