@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_launcher(resolve_launch_env(dict(os.environ)).launcher)
     from megamor.train.trainer import Trainer
 
-    env, device = pdist.init_distributed()
+    env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
     lock = RunLock(cfg.run_path)
     try:
         refused = None

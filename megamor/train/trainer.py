@@ -29,7 +29,9 @@ import torch
 from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_eval_sets, build_train_loader, iter_eval_batches
 from megamor.model import MoRLM
+from megamor.model.summary import ParamCounts
 from megamor.parallel import dist as pdist
+from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
 from megamor.train.checkpoint import (
     CheckpointError,
@@ -120,7 +122,11 @@ class Trainer:
             torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)
-        self.n_params = (model.num_params(), model.num_params(non_embedding=True))  # before ZeRO-3 partitions them
+        if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
+            from megamor.train.init_from import load_init_weights
+
+            load_init_weights(model, cfg.trainer.init_from)
+        self.n_params = ParamCounts.of(model)  # before ZeRO-3 partitions them
         if cfg.trainer.activation_checkpointing:
             model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
@@ -128,7 +134,8 @@ class Trainer:
         import deepspeed
 
         ds_cfg = deepspeed_config(cfg, self.dp, load_universal=bool(plan and plan.universal))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg)
+        with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury the banner
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg)
         self.model: MoRLM = self.engine.module
         self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size, self.rank, self.dp)
         if plan is not None:
@@ -142,7 +149,7 @@ class Trainer:
                                        cfg.trainer.device_tflops_probe)
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
         self.logger.print(
-            f"megamor: {cfg.name} | {self.n_params[0] / 1e6:.2f}M params ({self.n_params[1] / 1e6:.2f}M non-embedding) | "
+            f"megamor: {cfg.name} | {self.n_params.describe()} | "
             f"world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
