@@ -56,7 +56,7 @@ from megamor.train.metrics import (
 )
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.schedule import LRSchedule
-from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest
+from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -84,7 +84,8 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any]):
+    def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any],
+                 stop_request: StopRequest | None = None):
         self.cfg = cfg
         self.env = env
         self.device = device
@@ -96,7 +97,7 @@ class Trainer:
         self.max_steps = cfg.max_steps
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.max_steps)
         self.faults = Faults.from_env()
-        self.stop_request = StopRequest()
+        self.stop_request = stop_request or StopRequest()  # __main__ installs it before the process group
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last,
                                       fault_hook=lambda step: self.faults.during_save(step, self.rank))
         # Progress (restored on resume).
@@ -111,7 +112,8 @@ class Trainer:
     # -- set-up -----------------------------------------------------------------------
     def setup(self) -> Trainer:
         cfg = self.cfg
-        self.stop_request.install()  # a signal during set-up stops the run after its first step
+        self.stop_request.install()  # a signal during set-up stops the run before its first step
+        self.faults.at_setup(self.rank)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         plan = self._plan_resume()
@@ -333,6 +335,10 @@ class Trainer:
                 it = iter_eval_batches(es.dataset, bs, cfg.eval.max_batches, self.rank, self.dp, cfg.data.document_masking)
                 first = None
                 for _ in range(rounds):
+                    self.faults.before_eval_batch(self.rank)
+                    if self._stop_agreed():  # a long validation pass yields to a stop signal
+                        self.engine.train()
+                        raise StopRequested
                     batch = next(it, None)
                     real = batch is not None
                     batch = batch if real else first
@@ -356,6 +362,19 @@ class Trainer:
         results["val/ppl"] = math.exp(min(results["val/loss"], 50.0))
         self.engine.train()
         return results
+
+    def _stop_agreed(self) -> bool:
+        """One small all-reduce: did any rank get a stop signal?"""
+        flag = torch.tensor([1.0 if self.stop_request.requested else 0.0], device=self.device)
+        return bool(pdist.all_reduce_(flag).item() > 0)
+
+    def _stop(self, where: str = "") -> int:
+        sig = self.stop_request.signum
+        self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
+                          f"{self.step}{where}: saving and exiting with {EXIT_PREEMPTED}")
+        if self.last_saved_step != self.step and self.step > 0:
+            self.save()
+        return EXIT_PREEMPTED
 
     # -- checkpointing -------------------------------------------------------------------
     def save(self) -> Path:
@@ -394,6 +413,8 @@ class Trainer:
         window = WindowStats()
         exit_code = EXIT_OK
         try:
+            if self._stop_agreed():  # a signal during set-up
+                return self._stop()
             while self.step < self.max_steps:
                 r = self.train_step()
                 self.step += 1
@@ -423,18 +444,15 @@ class Trainer:
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     self.logger.log(self.step, self.evaluate())
                 if r.stop:
-                    sig = self.stop_request.signum
-                    self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
-                                      f"{self.step}: saving and exiting with {EXIT_PREEMPTED}")
-                    if self.last_saved_step != self.step:
-                        self.save()
-                    exit_code = EXIT_PREEMPTED
+                    exit_code = self._stop()
                     break
             else:
                 if cfg.eval.at_end and (not cfg.eval.every_steps or self.step % cfg.eval.every_steps):
                     self.logger.log(self.step, self.evaluate())
                 if cfg.checkpoint.save_final and self.last_saved_step != self.step:
                     self.save()
+        except StopRequested:  # agreed during validation
+            exit_code = self._stop(" during validation")
         finally:
             self.stop_request.uninstall()
             self.logger.close()
