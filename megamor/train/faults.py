@@ -7,7 +7,10 @@ MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
     nan_loss_at_step=K[:K2]  make the loss of steps K..K2 non-finite (on every rank)
     inf_grad_at_step=K[:K2]  keep the loss of steps K..K2 finite but make every gradient
                              non-finite (what a corrupted weight or an overflow does)
-    rank=R                   only rank R does the sigkill faults (default: all ranks)
+    signal_at_eval_batch=K:SIG  send signal SIG (TERM, INT, USR1) to this process before its
+                             K-th validation batch of the run (a stop during validation)
+    signal_at_setup=SIG      send signal SIG to this process as set-up starts
+    rank=R                   only rank R does the sigkill and signal faults (default: all ranks)
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class Faults:
     inf_from: int | None = None
     inf_to: int | None = None
     rank: int | None = None
+    eval_signal_batch: int | None = None
+    eval_signal: int | None = None
+    setup_signal: int | None = None
+    _eval_batches: int = 0
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -47,6 +54,11 @@ class Faults:
             elif name == "inf_grad_at_step":
                 lo, _, hi = value.partition(":")
                 f.inf_from, f.inf_to = int(lo), int(hi or lo)
+            elif name == "signal_at_eval_batch":
+                k, _, sig = value.partition(":")
+                f.eval_signal_batch, f.eval_signal = int(k), _signum(sig)
+            elif name == "signal_at_setup":
+                f.setup_signal = _signum(value)
             elif name == "rank":
                 f.rank = int(value)
             else:
@@ -69,6 +81,19 @@ class Faults:
 
     def inf_grad(self, step: int) -> bool:
         return self.inf_from is not None and self.inf_from <= step <= (self.inf_to or self.inf_from)
+
+    def at_setup(self, rank: int) -> None:
+        if self.setup_signal is not None and self._mine(rank):
+            os.kill(os.getpid(), self.setup_signal)
+
+    def before_eval_batch(self, rank: int) -> None:
+        self._eval_batches += 1
+        if self.eval_signal is not None and self._eval_batches == self.eval_signal_batch and self._mine(rank):
+            os.kill(os.getpid(), self.eval_signal)
+
+
+def _signum(name: str) -> int:
+    return int(getattr(signal, "SIG" + name.upper().removeprefix("SIG")))
 
 
 class _InfGrad(torch.autograd.Function):
