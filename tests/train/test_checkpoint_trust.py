@@ -79,8 +79,8 @@ def test_no_valid_tag_refuses_names_each_and_keeps_their_files(base, tiny_config
 
     refused = launch(tiny_config, run_dir, COMMON)
     assert refused.rc == 2, refused.output[-3000:]
-    line = next(ln for ln in refused.output.splitlines() if ln.startswith("megamor.train:"))
-    assert "no checkpoint validates" in line and "checkpoint.resume=false" in line
+    line = next(ln for ln in refused.output.splitlines() if "no checkpoint validates" in ln)
+    assert line.startswith("megamor.train:") and "checkpoint.resume=false" in line
     assert f"{tag_for(6)} (no COMPLETE marker" in line
     assert f"{tag_for(4)} ({FILE_KINDS['optim']} has 1000 bytes" in line
     assert "Traceback" not in refused.output
@@ -200,8 +200,8 @@ def small_fs(tmp_path):
 def test_disk_full_during_save_names_the_file_and_keeps_previous_tags(tiny_config, small_fs):
     run = launch(tiny_config, small_fs / "run", COMMON)
     assert run.rc == 1, run.output[-3000:]
-    line = next(ln for ln in run.output.splitlines() if ln.startswith("megamor.train:"))
-    assert f"saving {tag_for(6)} failed: {small_fs / 'run' / CHECKPOINTS / tag_for(6)}/" in line
+    line = next(ln for ln in run.output.splitlines() if "No space left" in ln)
+    assert line.startswith("megamor.train: ") and f"saving {tag_for(6)} failed: {small_fs / 'run' / CHECKPOINTS / tag_for(6)}/" in line
     assert "No space left on device (ENOSPC)" in line and "previous checkpoints are kept" in line
     assert "Traceback" not in run.output
     ck = small_fs / "run" / CHECKPOINTS
