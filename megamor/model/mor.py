@@ -101,6 +101,12 @@ def left_align(selected: Tensor) -> tuple[Tensor, Tensor]:
     return order, slots
 
 
+def plain_lm_loss(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """Cross entropy of the LM head's logits, mean over targets != -100 (the default `lm_loss`)."""
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
 class MoRLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -119,6 +125,9 @@ class MoRLM(nn.Module):
         self.routers = nn.ModuleList(ExpertChoiceRouter(cfg) for _ in self.steps) if rtype == "expert_choice" else None
         self.depth_router = TokenChoiceRouter(cfg) if rtype == "token_choice" else None
         self._checkpoint_fn: Optional[CheckpointFn] = None
+        # lm_loss(h [B,T,D] after the final norm, LM head weight, targets [B,T]) -> mean loss.
+        # Replaceable from outside (tensor parallelism installs a vocab-parallel one).
+        self.lm_loss: Callable[[Tensor, Tensor, Tensor], Tensor] = plain_lm_loss
         self._sites = self._number_sites()
         self.reset_parameters()
 
@@ -229,10 +238,8 @@ class MoRLM(nn.Module):
             h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
         h = self.norm(h)
 
-        logits = self.lm_head(h) if (return_logits or targets is not None) else None
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        logits = self.lm_head(h) if return_logits else None
+        loss = self.lm_loss(h, self.lm_head.weight, targets) if targets is not None else None
         n_valid = int(valid.sum()) if valid is not None else B * T
         stats = RouterStats(tokens_per_step, depth if valid is None else depth * valid, n_valid)
         return LMOutput(

@@ -95,3 +95,17 @@ def peek_world_size(env: MutableMapping[str, str] | None = None) -> int:
     """The world size the launcher asks for, read without changing anything."""
     env = dict(os.environ if env is None else env)
     return resolve_launch_env(env).world_size
+
+
+def peek_local_world_size(env: MutableMapping[str, str] | None = None) -> int | None:
+    """Processes on this node as the launcher says (torchrun's LOCAL_WORLD_SIZE, srun's
+    SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE like "2(x2)"), or None when unknown."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    if env.get("SLURM_STEP_ID") is not None and "SLURM_PROCID" in env:
+        raw = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+        counts = {int(part.split("(")[0]) for part in raw.split(",") if part.split("(")[0].isdigit()}
+        if len(counts) == 1:
+            return counts.pop()
+    return None

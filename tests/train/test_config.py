@@ -25,7 +25,7 @@ EXPERIMENTS = sorted((repo_root() / "configs" / "experiments").glob("*.yaml"))
 def test_shipped_experiment_configs_load(path):
     cfg = load_experiment([path], ["data.train=[somewhere]"])
     assert cfg.max_steps >= 1
-    ds = deepspeed_config(cfg, dp_size=cfg.batch.global_batch_size // cfg.batch.micro_batch_size)
+    ds = deepspeed_config(cfg, world_size=cfg.batch.global_batch_size // cfg.batch.micro_batch_size)
     assert ds["gradient_accumulation_steps"] == 1
 
 
