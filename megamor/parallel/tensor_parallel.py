@@ -118,6 +118,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight_shard: Tensor, vocab_start: int, group):
         super().__init__()
         self.weight = _mark(nn.Parameter(weight_shard), 0)
+        self.weight.is_embedding = True  # type: ignore[attr-defined]  # optimizer: no weight decay
         self.vocab_start, self.group = vocab_start, group
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -267,6 +268,8 @@ def merge_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         return dict(shards[0])
     out: dict[str, Tensor] = {}
     for name, t in shards[0].items():
+        if any(name not in s for s in shards):
+            continue  # a tied alias (lm_head.weight) some consolidations drop: the loaders re-tie it
         dim = shard_dim(name)
         out[name] = t if dim is None else torch.cat([s[name] for s in shards], dim=dim)
     return out
