@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -39,20 +38,10 @@ def free_port() -> int:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First hostname of a SLURM node list ("n[1-3],m" -> "n1"), via scontrol when present."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        hosts = out.stdout.split()
-        if hosts:
-            return hosts[0]
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    # Fallback parser for the common "prefix[a-b,c]" form.
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        return prefix + rest.rstrip("]").split(",")[0].split("-")[0]
-    return head
+    """First hostname of a SLURM node list ("n[1-3],m" -> "n1")."""
+    from megamor.parallel.launch import slurm_hosts
+
+    return slurm_hosts(nodelist)[0]
 
 
 def resolve_launch_env(env: MutableMapping[str, str] | None = None) -> LaunchEnv:

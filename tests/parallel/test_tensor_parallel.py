@@ -129,3 +129,32 @@ def test_mpu_groups_contiguous_tp_strided_dp(tmp_path):
     assert [g["tp_sum"] for g in got] == [1, 1, 5, 5]  # the collectives really ran in those groups
     assert [g["dp_sum"] for g in got] == [2, 4, 2, 4]
     assert [g["tp_rank"] for g in got] == [0, 1, 0, 1] and [g["dp_rank"] for g in got] == [0, 0, 1, 1]
+
+
+def _decode_and_score(model: MoRLM) -> dict:
+    from megamor.eval.scoring import Scorer
+
+    model.eval()
+    prompts = [[5, 17, 40, 99], [7, 8]]
+    greedy = model.generate(prompts, max_new_tokens=6).tokens
+    sampled = model.generate(prompts, max_new_tokens=6, temperature=1.0, top_k=20, seed=3).tokens
+    lls = Scorer(model, batch_size=2).loglikelihood([([5, 17, 40], [99, 3]), ([7], [8, 9, 10])])
+    return {"greedy": greedy, "sampled": sampled, "lls": lls}
+
+
+def _decode_worker(rank: int, world: int, result_dir: str) -> None:
+    from megamor.parallel.tensor_parallel import apply_tensor_parallel
+
+    res = _decode_and_score(apply_tensor_parallel(_build("mor_expert")))
+    torch.save(res, f"{result_dir}/decode{rank}.pt")
+
+
+def test_generate_and_scoring_run_with_tp2(tmp_path):
+    """Decoding (KV cache, causal routing) and the evaluation scorer see gathered logits."""
+    run_distributed(_decode_worker, world_size=2, args=(str(tmp_path),))
+    ref = _decode_and_score(_build("mor_expert"))
+    for rank in range(2):
+        r = torch.load(tmp_path / f"decode{rank}.pt")
+        assert r["greedy"] == ref["greedy"] and r["sampled"] == ref["sampled"]
+        for (lp, greedy), (lp_ref, greedy_ref) in zip(r["lls"], ref["lls"]):
+            assert abs(lp - lp_ref) <= 1e-4 and greedy == greedy_ref
