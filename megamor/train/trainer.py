@@ -18,6 +18,7 @@ model is built plainly and activation checkpointing is switched on from here.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -430,6 +431,7 @@ class Trainer:
                                       f"{self.step}: saving and exiting with {EXIT_PREEMPTED}")
                     if self.last_saved_step != self.step:
                         self.save()
+                    self._record_exit_status(EXIT_PREEMPTED)
                     exit_code = EXIT_PREEMPTED
                     break
             else:
@@ -441,6 +443,16 @@ class Trainer:
             self.stop_request.uninstall()
             self.logger.close()
         return exit_code
+
+    def _record_exit_status(self, code: int) -> None:
+        """Rank 0 writes the exit status to $MEGAMOR_EXIT_FILE before any rank may exit. Under
+        `srun --kill-on-bad-exit` the first rank to exit 75 gets the others killed, so srun's own
+        status can hide the stop; slurm/train.sbatch reads this file to decide on a requeue."""
+        path = os.environ.get("MEGAMOR_EXIT_FILE")
+        if path and self.is_main:
+            with atomic_open(Path(path), "w") as f:
+                f.write(f"{code}\n")
+        pdist.barrier()
 
     def _accumulate(self, w: WindowStats, r: StepResult) -> None:
         w.steps += 1
