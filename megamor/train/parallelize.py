@@ -55,7 +55,7 @@ def parallelize(model: nn.Module, layout: Layout, activation_checkpointing: bool
     if zero_stage == 3:
         # The loss reads the LM head's weight outside the head's own forward: ZeRO-3 must gather
         # it for the whole model's forward instead of only around the head.
-        from deepspeed.zero import register_external_parameter
+        import deepspeed
 
-        register_external_parameter(model, model.lm_head.weight)
+        deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
     return model
