@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.parallel import dist as pdist
     from megamor.train.trainer import Trainer
 
-    env, device = pdist.init_distributed()
+    env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
     try:
         return Trainer(cfg, env, device, tokenizer).setup().fit()
     except Exception:

@@ -150,7 +150,11 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # recompute every layer application (non-reentrant)
     max_consecutive_nonfinite: int = 5  # non-finite losses skip the step; this many in a row abort
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
-    device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once at start
+    device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once per machine (cached)
+    verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
+    # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
+    # export folder); its model config must equal `model`. Ignored when resuming a checkpoint.
+    init_from: str | None = None
 
     def validate(self, path: str) -> None:
         if (self.max_steps is None) == (self.max_tokens is None):
@@ -161,6 +165,8 @@ class TrainerConfig:
             raise ConfigError(key(path, "max_tokens"), "must be >= 1")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
 
 
 @dataclass
@@ -364,6 +370,10 @@ def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any
     if cfg.checkpoint.resume:
         check_resumable(cfg)
         check_resume_layout(cfg, world_size)
+    if cfg.trainer.init_from:
+        from megamor.train.init_from import check_init_from
+
+        check_init_from(cfg.trainer.init_from, cfg.model)
     return tokenizer
 
 

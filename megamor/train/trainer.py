@@ -30,7 +30,9 @@ import torch
 from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_eval_sets, build_train_loader, iter_eval_batches
 from megamor.model import MoRLM
+from megamor.model.summary import ParamCounts
 from megamor.parallel import dist as pdist
+from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
 from megamor.train.checkpoint import (
     CheckpointError,
@@ -123,15 +125,20 @@ class Trainer:
         self.layout = build_layout(self.tp, self.world, self.rank)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
-        self.n_params = (model.num_params(), model.num_params(non_embedding=True))  # before TP/ZeRO-3 split them
+        if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
+            from megamor.train.init_from import load_init_weights
+
+            load_init_weights(model, cfg.trainer.init_from)
+        self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
         parallelize(model, self.layout, cfg.trainer.activation_checkpointing, cfg.deepspeed.zero_stage)
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.group_hparams = group_hparams(self.optimizer.param_groups)
         import deepspeed
 
         ds_cfg = deepspeed_config(cfg, self.world, load_universal=bool(plan and plan.universal))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
-                                                    mpu=self.layout.mpu)
+        with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury the banner
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
+                                                        mpu=self.layout.mpu)
         self.model: MoRLM = self.engine.module
         # The ranks of a TP group read the same batches: the loader only knows the DP grid.
         self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
@@ -147,8 +154,9 @@ class Trainer:
                                        cfg.trainer.device_tflops_probe)
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
         self.logger.print(
-            f"megamor: {cfg.name} | {self.n_params[0] / 1e6:.2f}M params ({self.n_params[1] / 1e6:.2f}M non-embedding) | "
-            f"world {self.world}" + (f" = tensor {self.tp} x data {self.dp}" if self.tp > 1 else "") + f" | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
+            f"megamor: {cfg.name} | {self.n_params.describe()} | "
+            f"world {self.world}" + (f" = tensor {self.tp} x data {self.dp}" if self.tp > 1 else "")
+            + f" | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
