@@ -25,7 +25,8 @@ EXPERIMENTS = sorted((repo_root() / "configs" / "experiments").glob("*.yaml"))
 def test_shipped_experiment_configs_load(path):
     cfg = load_experiment([path], ["data.train=[somewhere]"])
     assert cfg.max_steps >= 1
-    ds = deepspeed_config(cfg, world_size=cfg.batch.global_batch_size // cfg.batch.micro_batch_size)
+    # One micro-batch per data-parallel rank; each DP rank is parallel.tensor processes.
+    ds = deepspeed_config(cfg, world_size=cfg.batch.global_batch_size // cfg.batch.micro_batch_size * cfg.parallel.tensor)
     assert ds["gradient_accumulation_steps"] == 1
 
 
