@@ -380,7 +380,7 @@ def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any
 def check_resume_layout(cfg: ExperimentConfig, world_size: int) -> None:
     """Tensor-parallel checkpoints resume only at the TP x DP layout they were saved with: their
     per-TP-rank files hold other slices of every matrix than another TP size would need (export
-    merges them into one model; fine-tune from that to change TP)."""
+    merges them into one model; `trainer.init_from` starts a new run from that at another TP)."""
     from megamor.train.checkpoint import newest_complete
 
     ref = newest_complete(cfg.run_path)
@@ -390,8 +390,8 @@ def check_resume_layout(cfg: ExperimentConfig, world_size: int) -> None:
     dp_then, dp_now = ref.meta.get("dp_world_size"), world_size // tp_now
     if tp_then != tp_now:
         raise ConfigError("parallel.tensor", f"is {tp_now} but the checkpoint to resume ({ref.path}) was saved with "
-                                             f"parallel.tensor={tp_then}; resume with parallel.tensor={tp_then}, or "
-                                             "export it (python -m megamor.export) and start a new run from the export")
+                                             f"parallel.tensor={tp_then}; resume with parallel.tensor={tp_then}, or start a "
+                                             f"new run_dir with trainer.init_from={cfg.run_path} (weights only)")
     if tp_now > 1 and dp_then is not None and dp_then != dp_now:
         raise ConfigError("parallel.tensor", f"{ref.path} was saved with tensor {tp_then} x data {dp_then}; this launch "
                                              f"is tensor {tp_now} x data {dp_now}: a tensor-parallel run resumes only "
