@@ -109,6 +109,12 @@ def test_tp2_sigkill_resume_then_export_merges_shards(runs, tiny_config, tmp_pat
     assert again.rc == EXIT_CONFIG
     assert "parallel.tensor" in again.output and "is 1 but" in again.output and "parallel.tensor=2" in again.output
 
+    # The documented way to another TP size: a new run initialised from this one's (merged) weights.
+    moved = launch(tiny_config, runs.base / "from_tp2", ["deepspeed.zero_stage=1", "trainer.max_steps=2",
+                                                         f"trainer.init_from={run_dir}"], nproc=1)
+    assert_ok(moved)
+    assert moved.losses()[1] < runs("ref").losses()[1] - 0.5  # started from the trained weights, not afresh
+
     # The export (one model, shards merged) computes what the TP=2 model computes.
     out = tmp_path / "export"
     subprocess.run([sys.executable, "-m", "megamor.export", str(run_dir), "--out", str(out)], cwd=repo_root(),
