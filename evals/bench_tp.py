@@ -46,8 +46,8 @@ def memory_table(config: str, gpus: int = 8) -> list[str]:
     rows = [f"| TP x DP ({gpus} GPUs) | params/rank | weights | grads | optimizer | activations (ckpt off / on) | total (ckpt off / on) |",
             "|---|---|---|---|---|---|---|"]
     for tp in (1, 2, 4):
-        kw = dict(tp=tp, dp=gpus // tp, zero_stage=2, precision="bf16", micro_batch=exp.batch.micro_batch_size,
-                  seq_len=exp.data.seq_len)
+        kw = {"tp": tp, "dp": gpus // tp, "zero_stage": 2, "precision": "bf16", "micro_batch": exp.batch.micro_batch_size,
+                  "seq_len": exp.data.seq_len}
         off = rank_memory(exp.model, **kw, activation_checkpointing=False)
         on = rank_memory(exp.model, **kw, activation_checkpointing=True)
         rows.append(f"| {tp} x {gpus // tp} | {off['params_per_rank'] / 1e6:.0f}M | {off['params'] / GiB:.2f} GiB | "

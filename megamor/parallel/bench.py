@@ -44,11 +44,12 @@ def layout_step_worker(rank: int, world: int, model_cfg: dict, tp: int, micro: i
     """run_distributed target: times `steps` training steps; rank 0 writes a JSON line to out."""
     import json
 
-    from megamor.model import ModelConfig, MoRLM
+    from omegaconf import OmegaConf
+
     from megamor.config import from_node
+    from megamor.model import ModelConfig, MoRLM
     from megamor.parallel.tensor_parallel import apply_tensor_parallel
     from megamor.train.parallelize import build_layout
-    from omegaconf import OmegaConf
 
     torch.manual_seed(0)
     cfg = from_node(ModelConfig, OmegaConf.create(model_cfg))

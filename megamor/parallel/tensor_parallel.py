@@ -23,7 +23,6 @@ uses it to count each shard once) and `tp_dim` (the sharded dimension, for conso
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -209,7 +208,7 @@ def _shard(weight: Tensor, dim: int, rank: int, size: int) -> Tensor:
     return weight.detach().chunk(size, dim=dim)[rank].clone().contiguous()
 
 
-def apply_tensor_parallel(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Shard `model` across the ranks of `group` (default: the world) in place."""
     size = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -247,7 +246,7 @@ def is_tensor_parallel(param: Tensor) -> bool:
 
 
 @torch.no_grad()
-def gather_full_state_dict(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> dict[str, Tensor]:
+def gather_full_state_dict(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, Tensor]:
     """The unsharded state dict (every rank gets it): shards are all-gathered along tp_dim."""
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under both names
     out: dict[str, Tensor] = {}

@@ -9,9 +9,9 @@ from tests.model.helpers import tiny_config
 
 
 @pytest.mark.parametrize("kw", [
-    dict(sharing="middle_cycle", num_recursions=3, n_layers=8, router={"type": "expert_choice"}),
-    dict(sharing="cycle", num_recursions=2, n_layers=4, router={"type": "token_choice", "network": "mlp"}),
-    dict(n_layers=3, tie_embeddings=False),
+    {"sharing": "middle_cycle", "num_recursions": 3, "n_layers": 8, "router": {"type": "expert_choice"}},
+    {"sharing": "cycle", "num_recursions": 2, "n_layers": 4, "router": {"type": "token_choice", "network": "mlp"}},
+    {"n_layers": 3, "tie_embeddings": False},
 ])
 def test_param_counts_match_the_model(kw):
     model = MoRLM(tiny_config(vocab_size=222, **kw))

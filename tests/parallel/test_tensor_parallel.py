@@ -13,11 +13,11 @@ from tests.model.helpers import tiny_config
 
 VOCAB = 222  # no other dimension of the tiny model has this size: a [.., 222] tensor is full logits
 CASES = {
-    "mor_expert": dict(sharing="middle_cycle", num_recursions=3, n_layers=8, router={"type": "expert_choice"}),
-    "mor_token_kvshare": dict(sharing="cycle", num_recursions=2, n_layers=4,
-                              router={"type": "token_choice", "balancing": "loss_free"}, kv_mode="shared"),
-    "recursive": dict(sharing="middle_cycle", num_recursions=2, n_layers=6),
-    "vanilla": dict(n_layers=3, tie_embeddings=False),
+    "mor_expert": {"sharing": "middle_cycle", "num_recursions": 3, "n_layers": 8, "router": {"type": "expert_choice"}},
+    "mor_token_kvshare": {"sharing": "cycle", "num_recursions": 2, "n_layers": 4,
+                              "router": {"type": "token_choice", "balancing": "loss_free"}, "kv_mode": "shared"},
+    "recursive": {"sharing": "middle_cycle", "num_recursions": 2, "n_layers": 6},
+    "vanilla": {"n_layers": 3, "tie_embeddings": False},
 }
 
 
@@ -68,7 +68,10 @@ def _run(model: MoRLM, watch: bool = False) -> dict:
 
 
 def _tp_worker(rank: int, world: int, case: str, result_dir: str) -> None:
-    from megamor.parallel.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
+    from megamor.parallel.tensor_parallel import (
+        apply_tensor_parallel,
+        gather_full_state_dict,
+    )
 
     model = apply_tensor_parallel(_build(case))
     res = _run(model, watch=True)
