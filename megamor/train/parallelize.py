@@ -1,5 +1,5 @@
-"""Parallelism applied to a built model from outside (torchitan-style): process groups, tensor
-parallelism, activation checkpointing, and what ZeRO-3 needs to know.
+"""Parallelism applied to a built model from outside (torchtitan-style): the tensor x data
+process groups and tensor parallelism.
 
 The model code holds none of this; the trainer calls `build_layout` once the process group
 exists and `parallelize` on the freshly built (full, seeded) model before DeepSpeed wraps it.
@@ -47,15 +47,9 @@ def build_layout(tensor: int, world: int, rank: int) -> Layout:
     return Layout(world, tensor, mpu.dp_size, mpu.get_model_parallel_rank(), mpu.get_data_parallel_rank(), mpu)
 
 
-def parallelize(model: nn.Module, layout: Layout, activation_checkpointing: bool, zero_stage: int) -> nn.Module:
+def parallelize(model: nn.Module, layout: Layout) -> nn.Module:
+    """Tensor parallelism on the freshly built (full, seeded) model; activation checkpointing,
+    compile and the ZeRO-3 registration follow in megamor.train.engine.prepare_model."""
     if layout.tp > 1:
         apply_tensor_parallel(model, layout.tp_group)
-    if activation_checkpointing:
-        model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
-    if zero_stage == 3:
-        # The loss reads the LM head's weight outside the head's own forward: ZeRO-3 must gather
-        # it for the whole model's forward instead of only around the head.
-        import deepspeed
-
-        deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
     return model

@@ -45,19 +45,20 @@ from megamor.train.checkpoint import (
 )
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.ds_config import deepspeed_config
+from megamor.train.engine import prepare_model
 from megamor.train.faults import Faults
 from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import (
     StepTimer,
     WindowStats,
-    batch_forward_flops,
     peak_memory_bytes,
     peak_tflops,
+    step_flops,
 )
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
 from megamor.train.schedule import LRSchedule
-from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest
+from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -85,7 +86,8 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any]):
+    def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any],
+                 stop_request: StopRequest | None = None):
         self.cfg = cfg
         self.env = env
         self.device = device
@@ -99,7 +101,7 @@ class Trainer:
         self.max_steps = cfg.max_steps
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.max_steps)
         self.faults = Faults.from_env()
-        self.stop_request = StopRequest()
+        self.stop_request = stop_request or StopRequest()  # __main__ installs it before the process group
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last,
                                       fault_hook=lambda step: self.faults.during_save(step, self.rank))
         # Progress (restored on resume).
@@ -114,7 +116,8 @@ class Trainer:
     # -- set-up -----------------------------------------------------------------------
     def setup(self) -> Trainer:
         cfg = self.cfg
-        self.stop_request.install()  # a signal during set-up stops the run after its first step
+        self.stop_request.install()  # a signal during set-up stops the run before its first step
+        self.faults.at_setup(self.rank)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         plan = self._plan_resume()
@@ -130,7 +133,8 @@ class Trainer:
 
             load_init_weights(model, cfg.trainer.init_from)
         self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
-        parallelize(model, self.layout, cfg.trainer.activation_checkpointing, cfg.deepspeed.zero_stage)
+        parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
+        self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.group_hparams = group_hparams(self.optimizer.param_groups)
         import deepspeed
@@ -156,7 +160,8 @@ class Trainer:
         self.logger.print(
             f"megamor: {cfg.name} | {self.n_params.describe()} | "
             f"world {self.world}" + (f" = tensor {self.tp} x data {self.dp}" if self.tp > 1 else "")
-            + f" | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
+            + f" | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}"
+            f"{' compiled' if self.compiled else ''} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
@@ -241,9 +246,9 @@ class Trainer:
         nonfinite = torch.zeros((), device=self.device)
         aux_names: list[str] = []
         aux_sum: torch.Tensor | None = None
-        routed = torch.zeros(nr, device=self.device)
+        routed_micro: list[torch.Tensor] = []  # per micro-batch [N_r], on the device until the step's end
         depth_hist = torch.zeros(nr + 1, device=self.device)
-        flops = 0.0
+        shapes: list[tuple[int, int]] = []
         for i, mb in enumerate(micro):
             with timer.data_section():
                 mb = self._to_device(mb)
@@ -267,12 +272,16 @@ class Trainer:
                 aux_sum = torch.zeros(len(aux_names), device=self.device)
             if aux_names:
                 aux_sum += torch.stack([out.aux_losses[k].detach().float().reshape(()) for k in aux_names])
+            # Router statistics stay on the device (no host read inside the step's passes).
             st = out.stats
-            B, T = mb["input_ids"].shape
+            shapes.append(tuple(mb["input_ids"].shape))  # type: ignore[arg-type]
             if st is not None and nr:
-                routed += torch.tensor(st.tokens_per_step, dtype=torch.float32, device=self.device)
-                depth_hist += torch.bincount(st.depth.reshape(-1), minlength=nr + 1)[: nr + 1].float()
-            flops += 3.0 * batch_forward_flops(self.model.cfg, B, T, st.tokens_per_step if st is not None else [])
+                routed_micro.append(st.routed.float())
+                d = st.depth.reshape(-1)
+                depth_hist.index_add_(0, d, torch.ones_like(d, dtype=depth_hist.dtype))
+
+        flops = step_flops(self.model.cfg, shapes, routed_micro)  # the step's one host read of routing
+        routed = torch.stack(routed_micro).sum(0) if routed_micro else torch.zeros(nr, device=self.device)
 
         stop_flag = 1.0 if self.stop_request.requested else 0.0
         parts = [loss_sum.reshape(1), nonfinite.reshape(1), torch.tensor([stop_flag, flops], device=self.device)]
@@ -343,6 +352,10 @@ class Trainer:
                                        cfg.data.document_masking)
                 first = None
                 for _ in range(rounds):
+                    self.faults.before_eval_batch(self.rank)
+                    if self._stop_agreed():  # a long validation pass yields to a stop signal
+                        self.engine.train()
+                        raise StopRequested
                     batch = next(it, None)
                     real = batch is not None
                     batch = batch if real else first
@@ -366,6 +379,20 @@ class Trainer:
         results["val/ppl"] = math.exp(min(results["val/loss"], 50.0))
         self.engine.train()
         return results
+
+    def _stop_agreed(self) -> bool:
+        """One small all-reduce: did any rank get a stop signal?"""
+        flag = torch.tensor([1.0 if self.stop_request.requested else 0.0], device=self.device)
+        return bool(pdist.all_reduce_(flag).item() > 0)
+
+    def _stop(self, where: str = "") -> int:
+        sig = self.stop_request.signum
+        self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
+                          f"{self.step}{where}: saving and exiting with {EXIT_PREEMPTED}")
+        if self.last_saved_step != self.step and self.step > 0:
+            self.save()
+        self._record_exit_status(EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
 
     # -- checkpointing -------------------------------------------------------------------
     def save(self) -> Path:
@@ -405,6 +432,8 @@ class Trainer:
         window = WindowStats()
         exit_code = EXIT_OK
         try:
+            if self._stop_agreed():  # a signal during set-up
+                return self._stop()
             while self.step < self.max_steps:
                 r = self.train_step()
                 self.step += 1
@@ -434,19 +463,15 @@ class Trainer:
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     self.logger.log(self.step, self.evaluate())
                 if r.stop:
-                    sig = self.stop_request.signum
-                    self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
-                                      f"{self.step}: saving and exiting with {EXIT_PREEMPTED}")
-                    if self.last_saved_step != self.step:
-                        self.save()
-                    self._record_exit_status(EXIT_PREEMPTED)
-                    exit_code = EXIT_PREEMPTED
+                    exit_code = self._stop()
                     break
             else:
                 if cfg.eval.at_end and (not cfg.eval.every_steps or self.step % cfg.eval.every_steps):
                     self.logger.log(self.step, self.evaluate())
                 if cfg.checkpoint.save_final and self.last_saved_step != self.step:
                     self.save()
+        except StopRequested:  # agreed during validation
+            exit_code = self._stop(" during validation")
         finally:
             self.stop_request.uninstall()
             self.logger.close()

@@ -83,9 +83,9 @@ def _tp_worker(rank: int, world: int, case: str, result_dir: str) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tp2_matches_single_process(case, tmp_path):
     run_distributed(_tp_worker, world_size=2, args=(case, str(tmp_path)))
-    ref = _run(_build(case))
+    ref = _run(_build(case), watch=True)
     reference_model = _build(case)
-    assert any(s[-1:] == (VOCAB,) for s in ref["shapes"] | {tuple(ref["logits"].shape)})  # the check can fail
+    assert any(VOCAB in s for s in ref["shapes"])  # the detector fires on one process's full-vocabulary loss
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.allclose(r["loss"], ref["loss"], rtol=1e-6, atol=1e-6)
