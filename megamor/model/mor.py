@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from megamor.model.config import ModelConfig
 from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
+from megamor.model.router_health import step_health
 from megamor.model.routers import (
     ExpertChoiceRouter,
     TokenChoiceRouter,
@@ -119,6 +120,9 @@ class MoRLM(nn.Module):
         self.routers = nn.ModuleList(ExpertChoiceRouter(cfg) for _ in self.steps) if rtype == "expert_choice" else None
         self.depth_router = TokenChoiceRouter(cfg) if rtype == "token_choice" else None
         self._checkpoint_fn: Optional[CheckpointFn] = None
+        # Set from outside (validation, analysis): stats["router_trace"] then holds each routed
+        # expert-choice step's (step, logits, candidates, selected).
+        self.record_router = False
         self._sites = self._number_sites()
         self.reset_parameters()
 
@@ -200,6 +204,9 @@ class MoRLM(nn.Module):
         tokens_per_step: list[int] = []
         depth = torch.zeros(B, T, dtype=torch.long, device=h.device)
         tc_choice = tc_gate = None
+        health: dict[str, Tensor] = {}
+        trace: list[tuple[int, Tensor, Tensor, Tensor]] = []
+        n_bce = 0
         for r, (layer_ids, site_ids) in enumerate(zip(self.steps, self._sites["steps"])):
             selected, gate = active, None
             if self.routers is not None:
@@ -208,10 +215,16 @@ class MoRLM(nn.Module):
                     logits, active, self.cfg.capacities[r], causal_routing, self.cfg.router.causal_threshold
                 )
                 gate = gate_activation(self.cfg.router, logits)
+                rc = self.cfg.router
                 if self.training and not causal_routing:
-                    bce, z = expert_choice_aux_losses(logits, active, selected)
-                    aux["router_bce"] = aux.get("router_bce", 0) + bce
+                    bce, z = expert_choice_aux_losses(logits, active, selected, rc.bce_label_smoothing)
+                    if rc.bce_full_capacity_steps or self.cfg.capacities[r] < 1.0:
+                        aux["router_bce"] = aux.get("router_bce", 0) + bce
+                        n_bce += 1
                     aux["router_z"] = aux.get("router_z", 0) + z
+                    health.update(step_health(r, logits, active, selected))
+                if self.record_router and self.cfg.capacities[r] < 1.0:
+                    trace.append((r, logits.detach(), active, selected))
             elif self.depth_router is not None:
                 if r == 0:
                     track = self.training and not causal_routing and self.cfg.router.balancing == "loss_free"
@@ -225,6 +238,8 @@ class MoRLM(nn.Module):
             tokens_per_step.append(int(selected.sum()))
             active = selected
 
+        if n_bce:
+            aux["router_bce"] = aux["router_bce"] / n_bce  # a mean over steps: comparable across N_r
         for phys, site in zip(self.coda, self._sites["coda"]):
             h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
         h = self.norm(h)
@@ -235,11 +250,13 @@ class MoRLM(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         n_valid = int(valid.sum()) if valid is not None else B * T
         stats = RouterStats(tokens_per_step, depth if valid is None else depth * valid, n_valid)
+        if self.record_router:
+            stats["router_trace"] = trace
         return LMOutput(
             logits=logits if return_logits else None,
             loss=loss,
             aux_loss=self._weighted_aux(aux, h),
-            aux_losses={k: v.detach() for k, v in aux.items()},
+            aux_losses={**{k: v.detach() for k, v in aux.items()}, **health},
             stats=stats,
         )
 

@@ -59,13 +59,20 @@ def expert_choice_select(
     return chosen & candidates  # rows with fewer than k candidates keep all of them
 
 
-def expert_choice_aux_losses(logits: Tensor, candidates: Tensor, selected: Tensor) -> tuple[Tensor, Tensor]:
-    """(BCE towards the selection, z-loss), both means over candidate tokens."""
+def expert_choice_aux_losses(
+    logits: Tensor, candidates: Tensor, selected: Tensor, smoothing: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """(BCE towards the selection, z-loss), both means over candidate tokens. With smoothing
+    eps the targets are eps / 1-eps: the BCE's minimum sits at |logit| = log((1-eps)/eps)
+    instead of at infinity (see evals/results/router.md)."""
     x = logits[candidates]
     if x.numel() == 0:
         zero = logits.sum() * 0
         return zero, zero
-    bce = F.binary_cross_entropy_with_logits(x, selected[candidates].float())
+    target = selected[candidates].float()
+    if smoothing:
+        target = target * (1.0 - 2.0 * smoothing) + smoothing
+    bce = F.binary_cross_entropy_with_logits(x, target)
     return bce, x.pow(2).mean()
 
 
