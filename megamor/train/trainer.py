@@ -52,6 +52,7 @@ from megamor.train.metrics import (
     peak_tflops,
 )
 from megamor.train.optim import build_optimizer, group_hparams
+from megamor.train.router_eval import RouterValidation
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest
 
@@ -307,6 +308,7 @@ class Trainer:
         bs = cfg.eval_micro_batch_size
         results: dict[str, float] = {}
         totals = {suffix: [0.0, 0.0] for suffix, _ in modes}
+        router_val = RouterValidation(self.model, self.device)
         for idx, es in enumerate(build_eval_sets(cfg.data)):
             label = Path(es.name).name or f"valid{idx}"
             if len(cfg.data.valid) > 1:
@@ -319,6 +321,7 @@ class Trainer:
                 sums = torch.zeros(2, dtype=torch.float64, device=self.device)
                 it = iter_eval_batches(es.dataset, bs, cfg.eval.max_batches, self.rank, self.dp, cfg.data.document_masking)
                 first = None
+                router_val.start(causal)
                 for _ in range(rounds):
                     batch = next(it, None)
                     real = batch is not None
@@ -333,6 +336,8 @@ class Trainer:
                     if real:
                         n = float((b["targets"] != -100).sum())
                         sums += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=self.device)
+                        router_val.update(out, b["targets"], causal)
+                router_val.stop()
                 pdist.all_reduce_(sums)
                 s, n = sums.tolist()
                 results[f"val/{label}/loss{suffix}"] = s / max(n, 1.0)
@@ -341,6 +346,7 @@ class Trainer:
         for suffix, (s, n) in totals.items():
             results[f"val/loss{suffix}"] = s / max(n, 1.0)
         results["val/ppl"] = math.exp(min(results["val/loss"], 50.0))
+        results.update(router_val.results())
         self.engine.train()
         return results
 
