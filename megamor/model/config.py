@@ -31,6 +31,9 @@ class RouterConfig:
     # Expert choice: also train the BCE at steps with capacity 1 (every candidate selected:
     # an all-ones target that the causal routing never uses). True is the paper's behaviour.
     bce_full_capacity_steps: bool = True
+    # Expert choice: the gate's scale alpha becomes a learned scalar per step (initialised to
+    # alpha), so the LM can ask for a larger update without saturating the sigmoid.
+    learn_alpha: bool = False
     causal_threshold: float = 0.5  # expert choice at eval/decoding: sigmoid(logit) > threshold
     balancing: str = "loss"  # token choice: loss | loss_free
     balance_coef: float = 0.1  # token choice, balancing=loss

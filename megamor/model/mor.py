@@ -42,7 +42,6 @@ from megamor.model.routers import (
     TokenChoiceRouter,
     expert_choice_aux_losses,
     expert_choice_select,
-    gate_activation,
     token_choice_aux_losses,
 )
 
@@ -154,7 +153,9 @@ class MoRLM(nn.Module):
         # Residual-branch outputs scaled down by the depth of the unrolled stack (GPT-2 style).
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.startswith("routers.") and name.endswith(".alpha"):  # router.learn_alpha
+                nn.init.constant_(p, self.cfg.router.gate_scale)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, out_std)
@@ -214,7 +215,7 @@ class MoRLM(nn.Module):
                 selected = expert_choice_select(
                     logits, active, self.cfg.capacities[r], causal_routing, self.cfg.router.causal_threshold
                 )
-                gate = gate_activation(self.cfg.router, logits)
+                gate = self.routers[r].gate(logits)
                 rc = self.cfg.router
                 if self.training and not causal_routing:
                     bce, z = expert_choice_aux_losses(logits, active, selected, rc.bce_label_smoothing)

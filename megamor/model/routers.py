@@ -37,6 +37,15 @@ class ExpertChoiceRouter(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.net = router_network(cfg, 1)
+        self.cfg = cfg.router
+        # A learned gate scale (router.learn_alpha): 0-dim, so no weight decay.
+        self.alpha = nn.Parameter(torch.tensor(float(cfg.router.gate_scale))) if cfg.router.learn_alpha else None
+
+    def gate(self, logits: Tensor) -> Tensor:
+        if self.alpha is None:
+            return gate_activation(self.cfg, logits)
+        act = torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits)
+        return self.alpha.float() * act
 
     def forward(self, h: Tensor) -> Tensor:
         """Router logits [B, T] (fp32)."""
