@@ -38,8 +38,9 @@ class ExpertChoiceRouter(nn.Module):
         super().__init__()
         self.net = router_network(cfg, 1)
         self.cfg = cfg.router
-        # A learned gate scale (router.learn_alpha): 0-dim, so no weight decay.
-        self.alpha = nn.Parameter(torch.tensor(float(cfg.router.gate_scale))) if cfg.router.learn_alpha else None
+        # A learned gate scale (router.learn_alpha): shape [1] (1-D: no weight decay; DeepSpeed
+        # cannot broadcast 0-dim bf16 parameters).
+        self.alpha = nn.Parameter(torch.full((1,), float(cfg.router.gate_scale))) if cfg.router.learn_alpha else None
 
     def gate(self, logits: Tensor) -> Tensor:
         if self.alpha is None:
