@@ -62,7 +62,7 @@ def test_label_smoothing_puts_the_bce_minimum_at_a_finite_logit():
 def test_router_bce_is_a_mean_over_steps(full):
     """The logged and trained BCE is the mean of the per-step BCEs (it was their sum, so its
     scale grew with N_r); steps at capacity 1 count only with bce_full_capacity_steps."""
-    m = mor("expert_choice", nr=3, router={"type": "expert_choice", "bce_full_capacity_steps": full})
+    m = mor("expert_choice", nr=3, router={"type": "expert_choice", "bce_full_capacity_steps": full, "bce_label_smoothing": 0.0})
     m.train()
     out = m(torch.randint(0, 211, (2, 24)))
     per_step = [out.aux_losses[f"router_health/r{r}/bce"] for r in (1, 2, 3)]
@@ -74,7 +74,7 @@ def test_learned_alpha_starts_at_alpha_and_learns():
     m = mor("expert_choice", nr=2, router={"type": "expert_choice", "alpha": 0.1, "learn_alpha": True})
     alphas = [r.alpha for r in m.routers]
     assert all(a.item() == pytest.approx(0.1) for a in alphas)
-    fixed = mor("expert_choice", nr=2, router={"type": "expert_choice", "alpha": 0.1})
+    fixed = mor("expert_choice", nr=2, router={"type": "expert_choice", "alpha": 0.1, "learn_alpha": False})
     fixed.load_state_dict({k: v for k, v in m.state_dict().items() if not k.endswith(".alpha")})
     x = torch.randint(0, 211, (2, 16))
     assert torch.allclose(m(x).logits, fixed(x).logits, atol=1e-6)  # same function at init
