@@ -33,20 +33,30 @@ def gate_activation(r: RouterConfig, logits: Tensor) -> Tensor:
     return r.gate_scale * act
 
 
+class GateScale(nn.Module):
+    """A learned gate scale (router.learn_alpha), shape [1]: 1-D, so no weight decay; a module
+    of its own so that ZeRO-3 gathers it when called (DeepSpeed cannot broadcast 0-dim bf16)."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha)))
+
+    def forward(self, act: Tensor) -> Tensor:
+        return self.alpha.float() * act
+
+
 class ExpertChoiceRouter(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.net = router_network(cfg, 1)
         self.cfg = cfg.router
-        # A learned gate scale (router.learn_alpha): shape [1] (1-D: no weight decay; DeepSpeed
-        # cannot broadcast 0-dim bf16 parameters).
-        self.alpha = nn.Parameter(torch.full((1,), float(cfg.router.gate_scale))) if cfg.router.learn_alpha else None
+        self.scale = GateScale(cfg.router.gate_scale) if cfg.router.learn_alpha else None
 
     def gate(self, logits: Tensor) -> Tensor:
-        if self.alpha is None:
+        """g = alpha * activation(logit), alpha fixed (router.alpha) or learned."""
+        if self.scale is None:
             return gate_activation(self.cfg, logits)
-        act = torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits)
-        return self.alpha.float() * act
+        return self.scale(torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits))
 
     def forward(self, h: Tensor) -> Tensor:
         """Router logits [B, T] (fp32)."""

@@ -72,7 +72,7 @@ def test_router_bce_is_a_mean_over_steps(full):
 
 def test_learned_alpha_starts_at_alpha_and_learns():
     m = mor("expert_choice", nr=2, router={"type": "expert_choice", "alpha": 0.1, "learn_alpha": True})
-    alphas = [r.alpha for r in m.routers]
+    alphas = [r.scale.alpha for r in m.routers]
     assert all(a.item() == pytest.approx(0.1) for a in alphas)
     fixed = mor("expert_choice", nr=2, router={"type": "expert_choice", "alpha": 0.1, "learn_alpha": False})
     fixed.load_state_dict({k: v for k, v in m.state_dict().items() if not k.endswith(".alpha")})
