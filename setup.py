@@ -13,6 +13,7 @@ setup(
         "sentencepiece>=0.2",
         "wandb>=0.17",
         "omegaconf>=2.3",
+        "pyyaml",  # megamor.config reads YAML itself to reject empty and non-mapping files
         "numpy",
         "tqdm",
         "rich",

@@ -27,7 +27,11 @@ def main() -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (default 64Mi)")
-    p.add_argument("--valid-fraction", type=float, default=0.005, help="share of documents in the valid split")
+    p.add_argument("--valid-fraction", type=float, default=None,
+                   help="share of documents (chosen by a hash of their text) in the valid split (default 0.005)")
+    p.add_argument("--valid-files", default="", metavar="A.txt,B.txt",
+                   help="comma-separated input files (or folders) held out whole as the valid split, "
+                        "instead of --valid-fraction; each must also be given as an input")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/valid split by document")
     p.add_argument("--unit-mb", type=float, default=64, help="work unit size for splittable files (no effect on output)")
     p.add_argument("--unit-rows", type=int, default=100_000, help="work unit size for HF datasets (no effect on output)")
@@ -40,8 +44,13 @@ def main() -> int:
     a = p.parse_args()
     from megamor.data.pipeline import ShardSettings, tokenize_and_shard
 
-    settings = ShardSettings(shard_tokens=a.shard_tokens, valid_fraction=a.valid_fraction, split_seed=a.split_seed,
-                             read=read_options(a), unit_bytes=max(1, int(a.unit_mb * 2**20)), unit_rows=a.unit_rows)
+    valid_files = tuple(f for f in a.valid_files.split(",") if f)
+    if valid_files and a.valid_fraction is not None:
+        p.error("give --valid-fraction or --valid-files, not both")
+    valid_fraction = 0.0 if valid_files else (0.005 if a.valid_fraction is None else a.valid_fraction)
+    settings = ShardSettings(shard_tokens=a.shard_tokens, valid_fraction=valid_fraction, split_seed=a.split_seed,
+                             read=read_options(a), unit_bytes=max(1, int(a.unit_mb * 2**20)), unit_rows=a.unit_rows,
+                             valid_files=valid_files)
     tokenize_and_shard(a.inputs, a.out, a.tokenizer, settings, workers=a.workers, num_tasks=a.num_tasks,
                        task_index=a.task_index, overwrite=a.overwrite, allow_empty_inputs=a.allow_empty_inputs,
                        hf_split=a.hf_split, keep_parts=a.keep_parts, progress=not a.no_progress)

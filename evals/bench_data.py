@@ -212,8 +212,9 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+        from megamor.eval.cli import write_text
+
+        write_text(a.out, text)
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 
 from megamor.env import shared_data_dir
 from megamor.eval.checkpoint import load_model
-from megamor.eval.cli import default_device, tokenizer_for
+from megamor.eval.cli import default_device, tokenizer_for, write_text
 from megamor.eval.harness import evaluate_task
 from megamor.eval.perplexity import perplexity_of_tokens
 from megamor.eval.scoring import Scorer
@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['bench']} | {r['n']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {eps} | {tps:,.0f} |")
     payload = {"env": env, "rows": rows}
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(payload, f, indent=2)
+        write_text(a.out, json.dumps(payload, indent=2))
     return payload
 
 

@@ -203,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(res)
     print(md)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("# Training throughput (evals/bench_train.py)\n\n" + md + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        from megamor.eval.cli import write_text
+
+        write_text(args.out, "# Training throughput (evals/bench_train.py)\n\n" + md + "\n")
+        write_text(args.out.with_suffix(".json"), json.dumps(res, indent=1))
     return 0
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from megamor.eval.checkpoint import load_model
-from megamor.eval.cli import default_device, set_threads, tokenizer_for
+from megamor.eval.checkpoint import load_model_and_meta
+from megamor.eval.cli import default_device, run_main, set_threads, tokenizer_for, write_text
 from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
-from megamor.eval.tasks.base import open_text
+from megamor.eval.text_input import read_text, require_text
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -28,7 +27,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--text", action="append", help="a text to analyse (repeatable)")
     src.add_argument("--file", nargs="+", help="text files (one text per file)")
     p.add_argument("--max-tokens", type=int, default=None, help="per text")
-    p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's)")
+    p.add_argument("--max-length", type=int, default=None, help="window length (default: the run's data.seq_len, else the model's max_seq_len)")
     p.add_argument("--html", help="write an HTML rendering here")
     p.add_argument("--plots", help="folder for depth_histogram.png, depth_vs_frequency.png, depth_vs_loss.png")
     p.add_argument("--json", help="write statistics (and per-token traces with --per-token) here")
@@ -40,10 +39,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     set_threads()
-    model = load_model(a.checkpoint, device=default_device(a.device))
+    texts = a.text or [require_text(f, read_text(f)) for f in a.file]
+    model, meta = load_model_and_meta(a.checkpoint, device=default_device(a.device))
+    max_length = a.max_length or meta.get("seq_len")  # default: the context it was trained with
     tok = tokenizer_for(a.checkpoint, a.tokenizer)
-    texts = a.text or [open_text(f).read() for f in a.file]
-    traces = [trace_depth(model, tok, t, max_length=a.max_length, max_tokens=a.max_tokens) for t in texts]
+    traces = [trace_depth(model, tok, t, max_length=max_length, max_tokens=a.max_tokens) for t in texts]
     if not a.quiet:
         for tr in traces:
             sys.stdout.write(render_terminal(tr))
@@ -52,15 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
     if a.per_token:
         payload["traces"] = [t.to_dict() for t in traces]
     if a.html:
-        Path(a.html).write_text(render_html(traces))
+        write_text(a.html, render_html(traces))
     if a.plots:
         payload["plots"] = [str(p) for p in write_depth_plots(stats, a.plots)]
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(payload, indent=2))
+        write_text(a.json, json.dumps(payload, indent=2))
     print(json.dumps({k: v for k, v in stats.to_dict().items() if k not in ("freq_bins", "loss_bins")}, indent=2))
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megamor.eval.cli import add_model_args, build_scorer, set_threads, write_json
+from megamor.eval.cli import add_model_args, build_scorer, run_main, set_threads, write_json, write_text
 from megamor.eval.harness import evaluate, markdown_table
 from megamor.eval.tasks import PAPER_TASKS, TASKS, get_task
 
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(args.out, payload)
     table = markdown_table(results)
     if args.out:
-        Path(args.out).with_suffix(".md").write_text(table)
+        write_text(Path(args.out).with_suffix(".md"), table)
     print(table, file=sys.stderr)
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

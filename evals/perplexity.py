@@ -4,17 +4,20 @@
     python evals/perplexity.py --checkpoint run/ --tokenizer tok.model \
         --text ../shared/data/wikitext-2-raw/wiki.test.raw --split wikitext            # disjoint windows
     python evals/perplexity.py --checkpoint run/ --text file.txt --stride 512         # sliding windows
-    python evals/perplexity.py --checkpoint run/ --shards data/val --shard-split val   # token shards
+    python evals/perplexity.py --checkpoint run/ --shards data/shards               # valid-NNNNN.npy token shards
 
-Reports token NLL/perplexity, bits per byte, byte and word perplexity (JSON).
+Reports token NLL/perplexity, bits per byte, byte and word perplexity (JSON). The context
+defaults to the one the model was trained with (the run's data.seq_len). Bad input (an empty
+or undecodable file, a missing checkpoint) prints one `error:` line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from megamor.eval.cli import add_model_args, build_scorer, set_threads, write_json
+from megamor.eval.cli import add_model_args, build_scorer, run_main, set_threads, write_json
 from megamor.eval.perplexity import load_shard_tokens, perplexity_of_texts, perplexity_of_tokens, read_texts
+from megamor.eval.text_input import ENCODING_ERRORS
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -25,7 +28,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--shards", nargs="+", help="token shard files (.npy), or folders of <split>-NNNNN.npy shards")
     p.add_argument("--split", default="file", choices=["file", "wikitext", "blank"], help="documents in a .txt: whole file, WikiText articles, blank-line blocks")
     p.add_argument("--text-key", default="text", help="field holding the text in .jsonl files")
-    p.add_argument("--shard-split", default="val", help="shard name prefix inside a shard folder")
+    p.add_argument("--encoding", default="utf-8", help="encoding of the --text files")
+    p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,
+                   help="bytes that do not decode: an error naming the file and byte offset (strict), or replaced/dropped")
+    p.add_argument("--shard-split", default="valid", help="shard name prefix inside a shard folder (tokenize_and_shard writes valid-NNNNN.npy)")
     p.add_argument("--stride", type=int, default=None, help="tokens each window advances (default: max length, i.e. disjoint windows)")
     p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
     p.add_argument("--max-tokens", type=int, default=None, help="only the first N shard tokens")
@@ -36,9 +42,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     set_threads()
+    if args.text:  # read (and check) the text before loading a model
+        docs = read_texts(args.text, split=args.split, text_key=args.text_key, encoding=args.encoding,
+                          errors=args.encoding_errors)[: args.max_docs]
     scorer, tok, meta = build_scorer(args)
     if args.text:
-        docs = read_texts(args.text, split=args.split, text_key=args.text_key)[: args.max_docs]
         res = perplexity_of_texts(scorer, tok, docs, stride=args.stride)
     else:
         tokens = load_shard_tokens(args.shards, split=args.shard_split)[: args.max_tokens]
@@ -49,4 +57,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

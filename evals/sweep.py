@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from megamor.eval.cli import set_threads
+from megamor.eval.cli import run_main, set_threads
 from megamor.eval.sweep import Sweep, SweepConfig, discover
 from megamor.eval.tasks import PAPER_TASKS
 
@@ -81,4 +81,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -30,6 +31,15 @@ class ConfigError(ValueError):
         super().__init__(f"config key '{key}': {reason}")
 
 
+class ConfigFileError(ConfigError):
+    """A config file that is not a usable YAML mapping; names the file instead of a key."""
+
+    def __init__(self, path: Path, reason: str):
+        self.key = str(path)
+        self.reason = reason
+        ValueError.__init__(self, f"config file {path}: {reason}")
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     path = path.resolve()
     if path in seen:
@@ -37,9 +47,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:  # syntax errors carry line numbers in their message
+        raise ConfigFileError(path, f"cannot parse YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        raise ConfigFileError(path, "is empty (no keys): give the settings as `key: value` lines")
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"the single value {data!r}"
+        raise ConfigFileError(path, f"must be a mapping of `key: value` lines, not {kind}")
+    try:
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors carry line numbers in their message
-        raise ConfigError("<file>", f"{path}: cannot parse YAML: {e}") from e
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
+        raise ConfigFileError(path, f"cannot parse YAML: {' '.join(str(e).split())}") from None
     base = node.pop("base", None) if OmegaConf.is_dict(node) else None
     if base is None:
         return node
@@ -51,12 +71,22 @@ def merge_sources(yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str
     node = OmegaConf.create({})
     for p in yaml_paths:
         node = OmegaConf.merge(node, _read_yaml(Path(p)))
-    if overrides:
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(item, "an override must look like key=value")
-        node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
+    for item in overrides:
+        node = OmegaConf.merge(node, parse_override(item))
     return node
+
+
+def parse_override(item: str) -> Any:
+    """One `dotted.key=value` override as a node; a ConfigError naming it if it does not parse."""
+    name, eq, _ = item.partition("=")
+    if not eq or not name.strip():
+        raise ConfigError(item, "an override must look like key=value")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise ConfigError(name, f"cannot parse the override {item!r} ({why}); lists look like key=[a,b], "
+                                "quote values with spaces or brackets") from None
 
 
 def from_node(schema: type[T], node: Any, prefix: str = "") -> T:
@@ -65,11 +95,14 @@ def from_node(schema: type[T], node: Any, prefix: str = "") -> T:
         typed = OmegaConf.merge(OmegaConf.structured(schema), node)
         obj = OmegaConf.to_object(typed)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        if prefix and key != "?":
-            key = f"{prefix}.{key}"
+        local = getattr(e, "full_key", None) or "?"
+        full = f"{prefix}.{local}" if prefix and local != "?" else local
         msg = str(e).splitlines()[0]
-        raise ConfigError(key, msg) from None
+        if "is not a ListConfig" in msg:  # a scalar where the schema wants a list
+            got = OmegaConf.select(node, local, default=None) if OmegaConf.is_config(node) and local != "?" else None
+            shown = got if got is not None else "..."
+            msg = f"must be a list, e.g. {full}=[{shown}]" + (f" (got the single value {got!r})" if got is not None else "")
+        raise ConfigError(full, msg) from None
     validate_tree(obj, prefix)
     return obj  # type: ignore[return-value]
 

@@ -7,7 +7,11 @@ zero_to_fp32) into a self-contained folder:
     DIR/megamor.pt.json    the same metadata, readable without torch
     DIR/config.json        Hugging Face config: LlamaConfig for vanilla models (load with
                            transformers.LlamaForCausalLM.from_pretrained(DIR)); for MoR models
-                           {"model_type": "megamor", "megamor": {...}} (load with load_exported)
+                           {"model_type": "megamor", "megamor": {...}, "auto_map": ...}: load with
+                           AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+                           (or megamor's load_exported)
+    DIR/configuration_megamor.py, DIR/modeling_megamor.py   MoR models: the self-contained
+                           transformers code (no megamor import needed)
     DIR/model.safetensors  the weights, Llama names for vanilla models, megamor names for MoR
     DIR/tokenizer.model    when the run's tokenizer is known
 
@@ -66,7 +70,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
     meta = {"step": ref.step, "tokens": ref.meta.get("tokens"), "flops": ref.meta.get("flops"), "source": str(ref.path),
-            "run": exp.name}
+            "run": exp.name, "seq_len": exp.data.seq_len}
     torch.save({"model": sd, "config": dataclasses.asdict(cfg), **meta}, out_dir / CONSOLIDATED)
     write_json(out_dir / f"{CONSOLIDATED}.json", meta)
 
@@ -74,8 +78,9 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         llama_config(cfg).save_pretrained(out_dir)
         weights = to_llama_state_dict(cfg, sd)
     else:
-        write_json(out_dir / "config.json", {"model_type": MOR_MODEL_TYPE, "architectures": ["MoRLM"],
-                                             "megamor": dataclasses.asdict(cfg), **meta})
+        from megamor.hf.remote_code import write_remote_code
+
+        write_remote_code(out_dir, cfg, **meta)  # AutoModelForCausalLM(..., trust_remote_code=True)
         weights = sd
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tok = _find_tokenizer(exp.data, run)

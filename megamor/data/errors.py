@@ -12,7 +12,7 @@ class ShardError(DataError):
 
 
 class OutputExistsError(DataError):
-    """The output folder holds another run's files; pass overwrite to replace them."""
+    """The output folder holds another run's files; pass --overwrite to replace them."""
 
 
 class DataStateError(DataError):

@@ -46,6 +46,9 @@ class ShardSettings:
     read: ReadOptions = field(default_factory=ReadOptions)
     unit_bytes: int = 1 << 26  # work-unit size for splittable files; does not change the output
     unit_rows: int = 100_000  # work-unit size for HF datasets; does not change the output
+    # Input files (or folders) held out whole as the valid split: every document of a listed file
+    # is a valid document, whatever valid_fraction decides for the other files' documents.
+    valid_files: tuple[str, ...] = ()
 
     def check(self) -> None:
         if self.shard_tokens < 1:
@@ -56,10 +59,29 @@ class ShardSettings:
             raise DataError("unit_bytes and unit_rows must be >= 1")
 
     def output_settings(self) -> dict[str, Any]:
-        return {
+        out = {
             "shard_tokens": self.shard_tokens, "valid_fraction": self.valid_fraction, "split_seed": self.split_seed,
             **asdict(self.read),
         }
+        if self.valid_files:  # only when used: folders made before the option keep their fingerprint
+            out["valid_files"] = sorted(str(Path(f).expanduser().resolve()) for f in self.valid_files)
+        return out
+
+
+def held_out_sources(valid_files: Sequence[str], sources: Sequence[Source], hf_split: str) -> set[int]:
+    """Indices of the sources that --valid-files names (files, or folders of them); every name
+    must be one of the inputs."""
+    paths = {s.path: i for i, s in enumerate(sources)}
+    held: set[int] = set()
+    for spec in valid_files:
+        named, _ = resolve_sources([spec], hf_split=hf_split, allow_empty=True)
+        for src in named:
+            if src.path not in paths:
+                raise DataError(f"--valid-files: {src.path} is not one of the inputs (give it as an input too)")
+            held.add(paths[src.path])
+    if held and len(held) == len(sources):
+        raise DataError("--valid-files names every input: nothing would be left for the train split")
+    return held
 
 
 @dataclass
@@ -84,6 +106,7 @@ class ShardResult:
 
 def make_plan(inputs: Sequence[str], tok: Tokenizer, s: ShardSettings, hf_split: str, allow_empty: bool) -> dict[str, Any]:
     sources, skipped = resolve_sources(inputs, hf_split=hf_split, allow_empty=allow_empty)
+    held = held_out_sources(s.valid_files, sources, hf_split)
     units = plan_units(sources, s.read.txt_mode, s.unit_bytes, s.unit_rows)
     dtype = token_dtype(tok.vocab_size).name
     tok_info = {k: v for k, v in tok.info().items() if k != "path"}
@@ -98,6 +121,7 @@ def make_plan(inputs: Sequence[str], tok: Tokenizer, s: ShardSettings, hf_split:
         "settings": {**s.output_settings(), "unit_bytes": s.unit_bytes, "unit_rows": s.unit_rows},
         "tokenizer": {**tok_info, "path": str(tok.path)},
         "units": [asdict(u) for u in units],
+        "held_out_sources": sorted(held),
         "skipped_empty_inputs": skipped,
     }
     return plan
@@ -229,8 +253,9 @@ def tokenize_and_shard(
     for u in mine:  # temp files of this task's units left by a killed earlier attempt
         remove_temps(parts, prefix=u.name + ".")
     todo = [u for u in mine if read_done(parts, u, plan["fingerprint"], plan["dtype"]) is None]
+    held = set(plan["held_out_sources"])
     jobs = [UnitJob(str(parts), plan["fingerprint"], str(tok.path), plan["dtype"], tok.eos_id, s.read,
-                    s.valid_fraction, s.split_seed, sources[u.source], u) for u in todo]
+                    s.valid_fraction, s.split_seed, sources[u.source], u, valid_source=u.source in held) for u in todo]
     jobs.sort(key=lambda j: (-j.unit.size, j.unit.index))  # big units first: better balance
     compressed = any(sources[u.source].compression for u in todo)
     total = None if compressed else sum(u.size for u in todo)
@@ -321,7 +346,7 @@ def summary_lines(res: ShardResult, num_tasks: int = 1, task_index: int = 0) -> 
             lines.append(f"{split}: {d['tokens']} tokens, {d['documents']} documents, {len(d['shards'])} shards")
         if res.manifest["settings"]["valid_fraction"] > 0 and res.manifest["splits"]["valid"]["documents"] == 0:
             lines.append("warning: the valid split is empty (too few documents for valid_fraction; "
-                         "for .txt books try txt_mode=paragraph)")
+                         "for .txt books try --txt-mode paragraph, or --valid-files)")
     else:
         lines.append(f"task {task_index} of {num_tasks} done; run merge_shards.py {res.out_dir} once all tasks finished")
     return lines

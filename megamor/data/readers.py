@@ -6,7 +6,8 @@ Document rules:
   normalisation (BOM, CRLF, invalid UTF-8).
 - .jsonl: one JSON object per line, text in `text_field` (dotted path allowed). Whitespace-only
   lines are ignored. A line that is not JSON or lacks the field is an error naming file:line,
-  or is skipped and counted when `skip_bad_lines` is set.
+  or is skipped and counted when `skip_bad_lines` is set (--skip-bad-lines).
+- A truncated or corrupt .gz/.zst stream is an error naming the file and the first line not read.
 - .parquet / HF datasets: the `text_field` column; null counts as an empty document.
 Whitespace-only documents are skipped and counted everywhere.
 """
@@ -58,15 +59,84 @@ class ReadStats:
         return cls(**d)
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file (one or more frames). A file that ends inside a
+    frame raises EOFError, as gzip does; zstandard's stream_reader would just stop there."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._raw = open(path, "rb")
+        self._dobj: Any = None  # None between frames
+        self._pending = b""  # compressed bytes not yet fed
+        self._out = memoryview(b"")  # decompressed bytes not yet returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not len(self._out):
+            if not self._pending:
+                self._pending = self._raw.read(1 << 16)
+                if not self._pending:
+                    if self._dobj is not None:
+                        raise EOFError("compressed file ended before the end of its last zstd frame")
+                    return 0
+            if self._dobj is None:
+                self._dobj = self._new()
+            data, self._pending = self._pending, b""
+            self._out = memoryview(self._dobj.decompress(data))
+            if self._dobj.eof:  # frame done; what follows is the next frame
+                self._pending, self._dobj = self._dobj.unused_data, None
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _stream_problem(source: Source, e: BaseException) -> str:
+    """What is wrong with a file whose read failed (a truncated download, a corrupt archive)."""
+    if isinstance(e, EOFError):
+        return f"the {source.compression} stream is truncated (the file ends before its end-of-stream marker)"
+    if source.compression:
+        return f"corrupt {source.compression} data ({type(e).__name__}: {e})"
+    return f"cannot read ({type(e).__name__}: {e})"
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a failing read of a (compressed) input raises."""
+    import zlib
+
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
 def open_binary(source: Source) -> IO[bytes]:
     if source.compression == "gz":
         return gzip.open(source.path, "rb")
     if source.compression == "zst":
-        import zstandard
-
-        raw = open(source.path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+        return io.BufferedReader(_ZstdFrames(source.path), 1 << 20)
     return open(source.path, "rb", buffering=1 << 20)
+
+
+def read_whole(source: Source) -> bytes:
+    """All (decompressed) bytes of a source; a truncated or corrupt file is a DataError naming it."""
+    try:
+        with open_binary(source) as f:
+            return f.read()
+    except read_errors() as e:
+        raise DataError(f"{source.path}: {_stream_problem(source, e)}") from None
 
 
 def line_number(path: str, offset: int) -> int:
@@ -95,6 +165,8 @@ class _LineBlocks:
     def __init__(self, source: Source, unit: Unit, stats: ReadStats):
         self.source, self.unit, self.stats = source, unit, stats
         self.first_line_known = unit.start == 0  # else line numbers are computed on demand
+        self.lines_yielded = 0  # complete lines handed out (for the line of a read error)
+        self._error: BaseException | None = None
 
     def _span(self, f: IO[bytes]) -> tuple[int, int]:
         u = self.unit
@@ -112,6 +184,33 @@ class _LineBlocks:
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         """Yields (byte offset, block); a block ends with a newline except perhaps the last."""
+        try:
+            yield from self._blocks()
+        except read_errors() as e:
+            line = self.lines_yielded + 1
+            where = f"{self.source.path}:{line}" if self.first_line_known else self.source.path
+            raise DataError(f"{where}: {_stream_problem(self.source, e)}; the text read stops in line {line}") from None
+
+    def _read(self, f: IO[bytes], want: int) -> bytes:
+        """Up to `want` bytes. A read error after some bytes came is raised at the next call, so
+        every complete line before a truncation is handed out and the error names the right line."""
+        if self._error is not None:
+            raise self._error
+        parts, n = [], 0
+        try:
+            while n < want:
+                chunk = f.read1(want - n)  # type: ignore[attr-defined]  # what is decompressed so far
+                if not chunk:
+                    break
+                parts.append(chunk)
+                n += len(chunk)
+        except read_errors() as e:
+            if not parts:
+                raise
+            self._error = e
+        return b"".join(parts)
+
+    def _blocks(self) -> Iterator[tuple[int, bytes]]:
         with open_binary(self.source) as f:
             start, end = self._span(f)
             if end >= 0:  # _span moved the file position
@@ -119,10 +218,11 @@ class _LineBlocks:
             pos, carry = start, b""
             while True:
                 want = _BLOCK if end < 0 else min(_BLOCK, end - pos - len(carry))
-                data = f.read(want) if want > 0 else b""
+                data = self._read(f, want) if want > 0 else b""
                 if not data:
                     if carry:
                         self.stats.input_bytes += len(carry)
+                        self.lines_yielded += 1
                         yield pos, carry
                     return
                 data = carry + data
@@ -132,6 +232,7 @@ class _LineBlocks:
                     continue
                 block, carry = data[:cut], data[cut:]
                 self.stats.input_bytes += len(block)
+                self.lines_yielded += block.count(b"\n")
                 yield pos, block
                 pos += len(block)
 
@@ -160,8 +261,7 @@ def _emit(text: str, stats: ReadStats) -> str | None:
 
 def _iter_txt(source: Source, unit: Unit, opts: ReadOptions, stats: ReadStats) -> Iterator[str]:
     if opts.txt_mode == "file":
-        with open_binary(source) as f:
-            data = f.read()
+        data = read_whole(source)
         stats.input_bytes += len(data)
         doc = _emit(normalize_text_file(_decode(data, stats)), stats)
         if doc is not None:
@@ -232,7 +332,7 @@ def _iter_jsonl(source: Source, unit: Unit, opts: ReadOptions, stats: ReadStats)
             if problem:
                 if not opts.skip_bad_lines:
                     where = blocks.where(line_offset, lineno, exact=True)
-                    raise DataError(f"{where}: {problem} (pass skip_bad_lines to skip such lines)")
+                    raise DataError(f"{where}: {problem} (pass --skip-bad-lines to skip such lines)")
                 stats.bad_lines_skipped += 1
                 if len(stats.bad_line_examples) < MAX_EXAMPLES:
                     stats.bad_line_examples.append(f"{blocks.where(line_offset, lineno)}: {problem}")
@@ -245,14 +345,22 @@ def _iter_jsonl(source: Source, unit: Unit, opts: ReadOptions, stats: ReadStats)
 def _column_values(source: Source, unit: Unit, opts: ReadOptions) -> Iterator[tuple[str, Any]]:
     """Yields (location for errors, value)."""
     if source.kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(source.path)
         if opts.text_field not in pf.schema_arrow.names:
             raise DataError(f"{source.path}: no column {opts.text_field!r} (columns: {pf.schema_arrow.names})")
         for g in range(unit.start, unit.end):
+            batches = pf.iter_batches(batch_size=2048, row_groups=[g], columns=[opts.text_field])
             row = 0
-            for batch in pf.iter_batches(batch_size=2048, row_groups=[g], columns=[opts.text_field]):
+            while True:
+                try:  # a damaged row group: one line naming it, not pyarrow's traceback
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except (OSError, pa.ArrowException) as e:
+                    raise DataError(f"{source.path} row group {g}: cannot read ({type(e).__name__}: {e})") from None
                 for v in batch.column(0).to_pylist():
                     yield f"row group {g} row {row}", v
                     row += 1

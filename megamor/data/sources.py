@@ -82,7 +82,7 @@ def _file_source(p: Path, allow_empty: bool) -> Source | None:
     if st.st_size == 0:
         if allow_empty:
             return None
-        raise DataError(f"{p}: input file is empty (a failed download?); pass allow_empty_inputs to skip it")
+        raise DataError(f"{p}: input file is empty (a failed download?); pass --allow-empty-inputs to skip it")
     return Source(kind=kind, path=str(p), compression=comp, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 

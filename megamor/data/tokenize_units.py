@@ -42,6 +42,7 @@ class UnitJob:
     split_seed: int
     source: Source
     unit: Unit
+    valid_source: bool = False  # a --valid-files input: all its documents are valid documents
 
 
 def is_valid_doc(text_bytes: bytes, seed: int, valid_fraction: float) -> bool:
@@ -152,7 +153,8 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
 
     def encode(batch: list[str], keys: list[bytes]) -> None:
         for text_bytes, ids in zip(keys, tok.encode_batch(batch)):
-            split = "valid" if is_valid_doc(text_bytes, job.split_seed, job.valid_fraction) else "train"
+            held = job.valid_source or is_valid_doc(text_bytes, job.split_seed, job.valid_fraction)
+            split = "valid" if held else "train"
             outs[split].add(ids, job.eos_id)
         tokens = sum(o.tokens + len(o.buf) for o in outs.values())
         _report(stats.input_bytes - reported[0], tokens - reported[1])

@@ -41,7 +41,17 @@ def keep_document(text_bytes: bytes, seed: int, fraction: float) -> bool:
 
 
 def _sentences(inputs: Sequence[str], opts: ReadOptions, stats: ReadStats, sample_fraction: float, seed: int,
-               hf_split: str, allow_empty: bool) -> Iterator[str]:
+               hf_split: str, allow_empty: bool, failure: list[DataError]) -> Iterator[str]:
+    """Lines for sentencepiece. A DataError ends the stream and is kept in `failure`: raised
+    through sentencepiece it would come back as a multi-line RuntimeError."""
+    try:
+        yield from _read_sentences(inputs, opts, stats, sample_fraction, seed, hf_split, allow_empty)
+    except DataError as e:
+        failure.append(e)
+
+
+def _read_sentences(inputs: Sequence[str], opts: ReadOptions, stats: ReadStats, sample_fraction: float, seed: int,
+                    hf_split: str, allow_empty: bool) -> Iterator[str]:
     sources, _ = resolve_sources(inputs, hf_split=hf_split, allow_empty=allow_empty)
     for unit in plan_units(sources, opts.txt_mode, _WHOLE, _WHOLE):
         for doc in iter_documents(sources[unit.source], unit, opts, stats):
@@ -82,7 +92,7 @@ def train_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MODEL_FILE).exists() and not overwrite:
-        raise OutputExistsError(f"{out / MODEL_FILE} already exists; pass overwrite to replace it")
+        raise OutputExistsError(f"{out / MODEL_FILE} already exists; pass --overwrite to replace it")
     settings = dict(
         vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
         max_sentences=max_sentences, sample_fraction=sample_fraction, seed=seed, num_threads=num_threads,
@@ -92,10 +102,11 @@ def train_tokenizer(
     stats = ReadStats()
     t0 = time.time()
     spm.set_random_generator_seed(seed)
+    failure: list[DataError] = []
     model = io.BytesIO()  # not model_prefix: the proto would record a (temp) path, breaking determinism
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(inputs, read, stats, sample_fraction, seed, hf_split, allow_empty_inputs),
+            sentence_iterator=_sentences(inputs, read, stats, sample_fraction, seed, hf_split, allow_empty_inputs, failure),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -115,8 +126,12 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small corpus
+        if failure:
+            raise failure[0] from None
         hint = " (lower --vocab-size, or pass --soft-vocab-limit)" if "Vocabulary size" in str(e) else ""
         raise DataError(f"sentencepiece training failed: {e}{hint}") from None
+    if failure:
+        raise failure[0]
     if stats.documents == 0:
         raise DataError(f"no documents found in {list(inputs)}")
     with atomic_open(out / MODEL_FILE, "wb") as f:

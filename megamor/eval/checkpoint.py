@@ -97,7 +97,7 @@ def build_model(cfg: Any, state_dict: dict[str, torch.Tensor], where: Path):
 
 def read_meta(obj: dict[str, Any], path: Path) -> dict[str, Any]:
     meta = dict(obj.get("meta") or obj.get("metadata") or {})
-    for k in ("step", "tokens", "flops"):
+    for k in ("step", "tokens", "flops", "seq_len"):
         if k in obj and k not in meta:
             meta[k] = obj[k]
     if "step" not in meta:
@@ -137,7 +137,7 @@ def load_hf(path: Path):
         sd: dict[str, torch.Tensor] = {}
         for f in sorted(path.glob("*.safetensors")):
             sd.update(load_file(str(f)))
-        meta = {k: info.get(k) for k in ("step", "tokens", "flops") if info.get(k) is not None}
+        meta = {k: info.get(k) for k in ("step", "tokens", "flops", "seq_len") if info.get(k) is not None}
         return build_model(info["megamor"], sd, path), meta
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     if getattr(hf.config, "model_type", None) != "llama":
@@ -214,11 +214,13 @@ def load_deepspeed_tag(path: Path):
         raise CheckpointError(f"{path}: an incomplete DeepSpeed checkpoint (no COMPLETE marker, or its files changed size)")
     try:
         ref = resolve_tag(path)
-        cfg = experiment_of(ref).model
+        exp = experiment_of(ref)
         sd = consolidated_state_dict(ref)
     except TrainCheckpointError as e:
         raise CheckpointError(str(e)) from e
+    cfg = exp.model
     meta = {k: ref.meta.get(k) for k in ("step", "tokens", "flops") if ref.meta.get(k) is not None}
+    meta["seq_len"] = exp.data.seq_len  # the context it was trained with: evaluation's default
     return build_model(cfg, sd, path), meta
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from .checkpoint import find_tokenizer, load_model_and_meta
-from .scoring import Scorer
+from megamor.data.atomic import atomic_open
+
+from .checkpoint import CheckpointError, find_tokenizer, load_model_and_meta
+from .scoring import Scorer, model_max_length
 from .tokenizer import EvalTokenizer, load_tokenizer
 
 
@@ -23,7 +26,9 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = True)
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default fp32)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     g.add_argument("--max-batch-tokens", type=int, default=16384, help="cap on rows x longest row per batch (bounds the logits memory)")
-    g.add_argument("--max-length", type=int, default=None, help="context length (default: the model's max_seq_len)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="context length (default: the run's data.seq_len, the context the model was trained with; "
+                        "else the model's max_seq_len)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -45,11 +50,12 @@ def build_scorer(args: argparse.Namespace, source: Any = None) -> tuple[Scorer, 
     tok = tokenizer_for(source, args.tokenizer)
     if tok.vocab_size > model.cfg.vocab_size:
         raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    max_length, meta["context_from"] = context_length(args.max_length, meta, model)
     scorer = Scorer(
         model,
         batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens,
-        max_length=args.max_length,
+        max_length=max_length,
         device=device,
         dtype=args.dtype,
         pad_id=tok.eos_id,
@@ -58,12 +64,42 @@ def build_scorer(args: argparse.Namespace, source: Any = None) -> tuple[Scorer, 
     return scorer, tok, meta
 
 
+def context_length(given: Optional[int], meta: dict, model: torch.nn.Module) -> tuple[int, str]:
+    """The evaluation context and where it came from: --max-length, else the sequence length the
+    checkpoint was trained with (data.seq_len, recorded in run folders, tags and exports), else
+    the model's max_seq_len."""
+    if given:
+        return given, "--max-length"
+    if meta.get("seq_len"):
+        return int(meta["seq_len"]), "data.seq_len of the training run"
+    return model_max_length(model), "model.max_seq_len"
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """An output file, atomically, its folder created first (a missing --out/--html folder is fine)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(p, "w") as f:
+        f.write(text)
+
+
 def write_json(path: Optional[str], payload: dict) -> None:
     text = json.dumps(payload, indent=2, default=str)
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+        write_text(path, text + "\n")
     print(text)
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run an evals/ entry point: bad input (a file, line or checkpoint named on the command line)
+    prints one `error:` line and exits 2, nothing evaluated; other failures keep their traceback."""
+    from .tasks.base import TaskDataError
+
+    try:
+        main()
+    except (TaskDataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def set_threads() -> None:

@@ -26,7 +26,7 @@ import lm_eval.models  # noqa: F401 - populate lm-eval's registry before adding 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .checkpoint import find_tokenizer, load_model
+from .checkpoint import find_tokenizer, load_model_and_meta
 from .perplexity import rolling_requests
 from .scoring import Scorer
 from .tokenizer import EvalTokenizer, load_tokenizer
@@ -59,7 +59,7 @@ class MegamorLM(TemplateLM):
             raise ValueError("megamor: pass checkpoint=<file|run folder|HF export> (or model=<nn.Module>)")
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI defaults to cuda
-        self.model = load_model(source, device=device)
+        self.model, meta = load_model_and_meta(source, device=device)
         if tokenizer is None:
             tokenizer = find_tokenizer(source)
             if tokenizer is None:
@@ -71,7 +71,7 @@ class MegamorLM(TemplateLM):
             self.model,
             batch_size=int(batch_size),
             max_batch_tokens=int(max_batch_tokens) if max_batch_tokens else None,
-            max_length=int(max_length) if max_length else None,
+            max_length=int(max_length) if max_length else meta.get("seq_len"),  # default: the trained context
             dtype=dtype,
             pad_id=self.tok.eos_id,
             progress=_bool(progress),

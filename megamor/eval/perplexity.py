@@ -160,22 +160,26 @@ def split_wikitext_articles(text: str) -> list[str]:
     return docs
 
 
-def read_texts(paths: Iterable[str | Path], split: str = "file", text_key: str = "text") -> list[str]:
+def read_texts(paths: Iterable[str | Path], split: str = "file", text_key: str = "text", encoding: str = "utf-8",
+               errors: str = "strict") -> list[str]:
     """Documents from .txt files (split: file = one doc per file, wikitext = per article,
-    blank = per blank-line paragraph block) or .jsonl files (one doc per line's `text_key`)."""
-    from .tasks.base import TaskDataError, iter_jsonl, open_text
+    blank = per blank-line paragraph block) or .jsonl files (one doc per line's `text_key`).
+    A file with no text, or text that does not decode, is a TaskDataError naming it."""
+    from .tasks.base import TaskDataError, iter_jsonl
+    from .text_input import read_text, require_text
 
     docs: list[str] = []
     for p in paths:
         p = Path(p)
         if ".jsonl" in p.name:
+            n = len(docs)
             for lineno, obj in iter_jsonl(p):
                 if not isinstance(obj.get(text_key), str):
                     raise TaskDataError(p, lineno, f"missing string field {text_key!r}")
                 docs.append(obj[text_key])
+            require_text(p, "".join(docs[n:]))
             continue
-        with open_text(p) as f:
-            text = f.read()
+        text = require_text(p, read_text(p, encoding, errors))
         if split == "file":
             docs.append(text)
         elif split == "wikitext":
@@ -187,7 +191,7 @@ def read_texts(paths: Iterable[str | Path], split: str = "file", text_key: str =
     return docs
 
 
-def load_shard_tokens(paths: Sequence[str | Path], split: str = "val") -> np.ndarray:
+def load_shard_tokens(paths: Sequence[str | Path], split: str = "valid") -> np.ndarray:
     """One token stream from shard files and/or folders of `<split>-NNNNN.npy` shards (in order)."""
     arrays = []
     for p in map(Path, paths):

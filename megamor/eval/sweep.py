@@ -129,7 +129,7 @@ class Sweep:
         if tok_path is None:
             raise CheckpointError(f"{ck.path}: no tokenizer given and none stored beside the checkpoint")
         tok = load_tokenizer(tok_path)
-        scorer = Scorer(model, batch_size=self.cfg.batch_size, max_batch_tokens=self.cfg.max_batch_tokens, max_length=self.cfg.max_length,
+        scorer = Scorer(model, batch_size=self.cfg.batch_size, max_batch_tokens=self.cfg.max_batch_tokens, max_length=self.cfg.max_length or meta.get("seq_len"),
                         device=device, dtype=self.cfg.dtype, pad_id=tok.eos_id, progress=progress)
         base = {"checkpoint": str(ck.path), "run": ck.run, "step": meta.get("step", ck.step), "fingerprint": fp,
                 "tokens": meta.get("tokens"), "flops": meta.get("flops"), "train_flops_per_token": _train_flops_per_token(model)}

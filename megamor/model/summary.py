@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,20 +19,43 @@ from megamor.model.flops import flops_per_token, kv_cache_bytes_per_token
 from megamor.model.mor import MoRLM
 
 
+@dataclass(frozen=True)
+class ParamCounts:
+    """total: the parameters a token at full depth is run through, a shared layer counted once
+    per application (the size of the unrolled model); unique: what is stored and trained;
+    non_embedding: unique, without the embedding and an untied output head."""
+
+    total: int
+    unique: int
+    non_embedding: int
+
+    @classmethod
+    def of(cls, model: MoRLM) -> ParamCounts:
+        return cls(model.num_params(unique=False), model.num_params(), model.num_params(non_embedding=True))
+
+    def describe(self) -> str:
+        """For banners: e.g. '33.0M params in use (18.6M unique, shared across recursions), 14.4M non-embedding unique'."""
+        if self.total == self.unique:
+            return f"{_fmt_params(self.total)} params ({_fmt_params(self.non_embedding)} non-embedding)"
+        return (f"{_fmt_params(self.total)} params in use ({_fmt_params(self.unique)} unique, shared across "
+                f"recursions), {_fmt_params(self.non_embedding)} non-embedding unique")
+
+
 def summarize(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     with torch.device("meta"):
         model = MoRLM(cfg)
+    counts = ParamCounts.of(model)
     return {
-        "total": model.num_params(unique=False),
-        "unique": model.num_params(),
-        "non_embedding": model.num_params(non_embedding=True),
+        "total": counts.total,
+        "unique": counts.unique,
+        "non_embedding": counts.non_embedding,
         "gflops_per_token": flops_per_token(cfg, seq_len) / 1e9,
         "kv_bytes_per_token": kv_cache_bytes_per_token(cfg),
     }
 
 
 def _fmt_params(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
 def main(argv: list[str] | None = None) -> int:

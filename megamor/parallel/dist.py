@@ -24,21 +24,25 @@ def default_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> tuple[LaunchEnv, torch.device]:
-    """Map the launcher's variables, pick the device, start the default process group."""
+def init_distributed(timeout_minutes: float = 30.0, verbose: bool = False) -> tuple[LaunchEnv, torch.device]:
+    """Map the launcher's variables, pick the device, start the default process group
+    (DeepSpeed's start-up noise quieted unless `verbose` or MEGAMOR_DS_VERBOSE=1)."""
     import deepspeed
+
+    from megamor.parallel.ds_noise import quiet_deepspeed
 
     env = resolve_launch_env()
     device = default_device(env.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            rank=env.rank,
-            world_size=env.world_size,
-        )
+        with quiet_deepspeed(verbose):
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+                rank=env.rank,
+                world_size=env.world_size,
+            )
     return env, device
 
 

@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from megamor.config import ConfigError
-from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED
+from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StopRequest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,15 +45,39 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     from megamor.parallel import dist as pdist
+    from megamor.parallel.env import resolve_launch_env
+    from megamor.parallel.orphan import exit_with_launcher
+    from megamor.train.runlock import RunLock, RunLockedError
+
+    # From here on every phase answers a stop signal (save + 75) and follows the launcher.
+    stop = StopRequest().install()
+    exit_with_launcher(resolve_launch_env(dict(os.environ)).launcher)
     from megamor.train.trainer import Trainer
 
-    env, device = pdist.init_distributed()
+    env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
+    lock = RunLock(cfg.run_path)
     try:
-        return Trainer(cfg, env, device, tokenizer).setup().fit()
+        refused = None
+        if env.rank == 0:
+            try:
+                lock.acquire()
+            except (RunLockedError, OSError) as e:  # every rank must hear of it, not only rank 0
+                refused = str(e)
+        refused = pdist.broadcast_object(refused)
+        if refused:
+            if env.rank == 0:
+                print(f"megamor.train: {refused}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        return Trainer(cfg, env, device, tokenizer, stop_request=stop).setup().fit()
+    except KeyboardInterrupt:  # a second SIGINT: the user abandons the save
+        print(f"megamor.train: rank {env.rank}: interrupted twice, stopped without a checkpoint", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     except Exception:
         print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
+        lock.release()
+        stop.uninstall()
         pdist.shutdown()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,7 @@ class ScheduleConfig:
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to min_lr_ratio * lr
     decay_shape: str = "linear"  # wsd decay: linear | cosine
     min_lr_ratio: float = 0.0
+    allow_change: bool = False  # resume even if max_steps/max_tokens/schedule changed (schedule rebuilt)
 
     def validate(self, path: str) -> None:
         if self.type not in SCHEDULES:
@@ -118,6 +120,7 @@ class DeepSpeedSection:
     precision: str = "bf16"  # fp32 | bf16 (bf16 keeps fp32 master weights in the optimizer)
     # Raw DeepSpeed config keys, merged last (e.g. {"zero_optimization": {"overlap_comm": true}}).
     config: dict[str, Any] = field(default_factory=dict)
+    check_keys: bool = True  # reject keys of `config` DeepSpeed does not know (typos are silently ignored there)
 
     def validate(self, path: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -127,6 +130,10 @@ class DeepSpeedSection:
         for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer"):
             if k in self.config:
                 raise ConfigError(key(path, f"config.{k}"), "is set by megamor (batch.* / optim.*), not here")
+        if self.check_keys:
+            from megamor.train.ds_keys import check_deepspeed_keys
+
+            check_deepspeed_keys(self.config, key(path, "config"))
 
 
 @dataclass
@@ -136,17 +143,28 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # recompute every layer application (non-reentrant)
     max_consecutive_nonfinite: int = 5  # non-finite losses skip the step; this many in a row abort
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
-    device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once at start
+    device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once per machine (cached)
+    verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
+    # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
+    # export folder); its model config must equal `model`. Ignored when resuming a checkpoint.
+    init_from: str | None = None
 
     def validate(self, path: str) -> None:
-        if (self.max_steps is None) == (self.max_tokens is None):
-            raise ConfigError(key(path, "max_steps"), "give exactly one of trainer.max_steps and trainer.max_tokens")
+        if self.max_steps is None and self.max_tokens is None:
+            raise ConfigError(key(path, "max_steps"), "the run's length is not set: add trainer.max_steps=N "
+                                                      "or trainer.max_tokens=N")
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ConfigError(key(path, "max_steps"), f"both trainer.max_steps ({self.max_steps}) and trainer.max_tokens "
+                                                      f"({self.max_tokens}) are set: give one, e.g. add "
+                                                      "trainer.max_tokens=null to train for max_steps")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(key(path, "max_steps"), "must be >= 1")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(key(path, "max_tokens"), "must be >= 1")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
 
 
 @dataclass
@@ -191,6 +209,7 @@ class LoggingConfig:
 @dataclass
 class WandbConfig:
     mode: str | None = None  # online | offline | disabled; None: $WANDB_MODE, else disabled
+    init_timeout: float | None = None  # seconds to reach the server (None: W&B's 90); then offline
     project: str = "megamor"
     entity: str | None = None
     name: str | None = None  # default: the experiment name
@@ -201,8 +220,13 @@ class WandbConfig:
         if self.mode is not None and self.mode not in WANDB_MODES:
             raise ConfigError(key(path, "mode"), f"must be one of {WANDB_MODES}, got {self.mode!r}")
 
+        if self.init_timeout is not None and self.init_timeout <= 0:
+            raise ConfigError(key(path, "init_timeout"), "must be positive (seconds)")
+
     def resolved_mode(self) -> str:
+        """A mode set in a config or override wins; else $WANDB_MODE (W&B's aliases too); else disabled."""
         mode = self.mode or os.environ.get("WANDB_MODE") or "disabled"
+        mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
         return mode if mode in WANDB_MODES else "disabled"
 
 
@@ -267,11 +291,24 @@ def resolve_path(p: str, what: str) -> Path:
 def merge_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
     """The untyped experiment node: YAML files, overrides, and the model file under `model:`."""
     node = merge_sources(config_paths, overrides)
+    _override_wins_length(node, overrides)
     model_file = node.get("model_config") if OmegaConf.is_dict(node) else None
     if model_file:
         base = merge_sources([resolve_path(str(model_file), "model_config")])
         node.model = OmegaConf.merge(base, node.get("model") or {})
     return node
+
+
+LENGTH_KEYS = ("trainer.max_steps", "trainer.max_tokens")
+
+
+def _override_wins_length(node: Any, overrides: Sequence[str]) -> None:
+    """`trainer.max_steps=N` on the command line replaces a file's max_tokens (and vice versa):
+    the two are alternatives, so the override clears the other unless it is overridden too."""
+    given = {item.partition("=")[0].strip() for item in overrides}
+    for mine, other in (LENGTH_KEYS, LENGTH_KEYS[::-1]):
+        if mine in given and other not in given and OmegaConf.select(node, mine, default=None) is not None:
+            OmegaConf.update(node, other, None, merge=False)
 
 
 def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -320,8 +357,15 @@ def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any
     probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise ConfigError("run_dir", f"{run}: {probe} is not writable")
+    from megamor.train.wandb_setup import check_credentials
+
+    check_credentials(cfg.wandb.resolved_mode())
     if cfg.checkpoint.resume:
         check_resumable(cfg)
+    if cfg.trainer.init_from:
+        from megamor.train.init_from import check_init_from
+
+        check_init_from(cfg.trainer.init_from, cfg.model)
     return tokenizer
 
 
@@ -334,7 +378,8 @@ def check_resumable(cfg: ExperimentConfig) -> None:
     ref = newest_complete(cfg.run_path)
     if ref is None or not (ref.path / CONFIG_FILE).is_file():
         return
-    saved = load_experiment([ref.path / CONFIG_FILE]).model
+    saved_cfg = load_experiment([ref.path / CONFIG_FILE])
+    saved = saved_cfg.model
 
     def flat(d: dict, prefix: str = "model") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -347,3 +392,9 @@ def check_resumable(cfg: ExperimentConfig) -> None:
         if now[k] != then.get(k) and not k.endswith(".attn_impl"):
             raise ConfigError(k, f"is {now[k]!r} but the checkpoint to resume ({ref.path}) was trained with "
                                  f"{then.get(k)!r}; use another run_dir, or checkpoint.resume=false to start over")
+    from megamor.parallel.env import resolve_launch_env
+    from megamor.train.schedule_change import check_schedule_change
+
+    note = check_schedule_change(cfg, saved_cfg, ref.step, str(ref.path))
+    if note and resolve_launch_env(dict(os.environ)).rank == 0:
+        print(note, file=sys.stderr, flush=True)

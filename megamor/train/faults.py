@@ -5,7 +5,10 @@ MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
     sigkill_during_save=K    SIGKILL after the checkpoint of step K is on disk but before
                              its completeness marker (a crash mid-save)
     nan_loss_at_step=K[:K2]  make the loss of steps K..K2 non-finite (on every rank)
-    rank=R                   only rank R does the sigkill faults (default: all ranks)
+    signal_at_eval_batch=K:SIG  send signal SIG (TERM, INT, USR1) to this process before its
+                             K-th validation batch of the run (a stop during validation)
+    signal_at_setup=SIG      send signal SIG to this process as set-up starts
+    rank=R                   only rank R does the sigkill and signal faults (default: all ranks)
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ class Faults:
     nan_from: int | None = None
     nan_to: int | None = None
     rank: int | None = None
+    eval_signal_batch: int | None = None
+    eval_signal: int | None = None
+    setup_signal: int | None = None
+    _eval_batches: int = 0
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -37,6 +44,11 @@ class Faults:
             elif name == "nan_loss_at_step":
                 lo, _, hi = value.partition(":")
                 f.nan_from, f.nan_to = int(lo), int(hi or lo)
+            elif name == "signal_at_eval_batch":
+                k, _, sig = value.partition(":")
+                f.eval_signal_batch, f.eval_signal = int(k), _signum(sig)
+            elif name == "signal_at_setup":
+                f.setup_signal = _signum(value)
             elif name == "rank":
                 f.rank = int(value)
             else:
@@ -56,3 +68,16 @@ class Faults:
 
     def nan_loss(self, step: int) -> bool:
         return self.nan_from is not None and self.nan_from <= step <= (self.nan_to or self.nan_from)
+
+    def at_setup(self, rank: int) -> None:
+        if self.setup_signal is not None and self._mine(rank):
+            os.kill(os.getpid(), self.setup_signal)
+
+    def before_eval_batch(self, rank: int) -> None:
+        self._eval_batches += 1
+        if self.eval_signal is not None and self._eval_batches == self.eval_signal_batch and self._mine(rank):
+            os.kill(os.getpid(), self.eval_signal)
+
+
+def _signum(name: str) -> int:
+    return int(getattr(signal, "SIG" + name.upper().removeprefix("SIG")))

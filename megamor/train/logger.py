@@ -86,10 +86,13 @@ class RunLogger:
             self.bar = tqdm(total=self.max_steps, initial=start_step, dynamic_ncols=True, desc=cfg.name)
         mode = cfg.wandb.resolved_mode()
         if mode != "disabled":
-            import wandb
+            from megamor.train.wandb_setup import init_run
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(
+            self.wandb = init_run(
+                mode,
+                cfg.wandb.init_timeout,
+                self.print,
                 project=cfg.wandb.project,
                 entity=cfg.wandb.entity,
                 name=cfg.wandb.name or cfg.name,
@@ -98,7 +101,6 @@ class RunLogger:
                 id=wandb_id,
                 resume="allow",
                 dir=str(run_dir),
-                mode=mode,
                 config=config_dict,
             )
 

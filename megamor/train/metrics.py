@@ -8,11 +8,17 @@ activation recomputation the hardware also redoes the forward: 4 x (HFU).
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from megamor.data.atomic import write_json
 
 from megamor.model.config import ModelConfig
 from megamor.model.flops import forward_flops
@@ -53,7 +59,57 @@ def measure_cpu_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, trials
     return 2 * n**3 * reps / best / 1e12
 
 
-def peak_tflops(device: torch.device, precision: str, configured: float | None, probe_cpu: bool) -> float | None:
+PEAK_CACHE_FILE = "peak_tflops.json"
+
+
+def cache_dir() -> Path:
+    """$MEGAMOR_CACHE_DIR, else $XDG_CACHE_HOME/megamor, else ~/.cache/megamor."""
+    if os.environ.get("MEGAMOR_CACHE_DIR"):
+        return Path(os.environ["MEGAMOR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megamor"
+
+
+def cpu_peak_key(precision: str) -> str:
+    """What the measured CPU matmul rate depends on: CPU model, cores, threads, torch, precision."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{model} | {os.cpu_count()} cores | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+            f"{precision}")
+
+
+def cached_cpu_tflops(precision: str, folder: Path | None = None) -> float:
+    """The CPU peak for MFU, measured once per machine (and thread count, torch version,
+    precision) and kept in peak_tflops.json: a re-measured peak moved MFU by half from run to
+    run. Delete the entry (or the file) to measure again."""
+    path = (folder or cache_dir()) / PEAK_CACHE_FILE
+    key = cpu_peak_key(precision)
+    try:
+        cache = json.loads(path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):  # missing or unreadable: measure and rewrite
+        cache = {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("tflops"), (int, float)) and entry["tflops"] > 0:
+        return float(entry["tflops"])
+    tf = measure_cpu_tflops(torch.bfloat16 if precision == "bf16" else torch.float32, trials=7)
+    cache[key] = {"tflops": tf, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, cache)
+    except OSError:  # a read-only home: the figure is still right for this run
+        pass
+    return tf
+
+
+def peak_tflops(device: torch.device, precision: str, configured: float | None, probe_cpu: bool,
+                cache_folder: Path | None = None) -> float | None:
     if configured:
         return configured
     if device.type == "cuda":
@@ -63,7 +119,7 @@ def peak_tflops(device: torch.device, precision: str, configured: float | None, 
                 return tf if precision == "bf16" else tf / 2  # tf32-ish; fp32 MFU is rarely quoted
         return None
     if probe_cpu:
-        return measure_cpu_tflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+        return cached_cpu_tflops(precision, cache_folder)
     return None
 
 

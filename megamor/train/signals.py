@@ -1,15 +1,25 @@
-"""Stop requests from the outside world (SIGTERM, SIGUSR1), turned into a clean stop.
+"""Stop requests from the outside world (SIGTERM, SIGUSR1, SIGINT), turned into a clean stop.
 
-A handler only raises a flag; the trainer folds the flag into the per-step all-reduce it does
-anyway, so every rank sees the same decision at the same step even when the signal reached
-only some of them (SLURM signals every task, torchrun forwards to its workers, an operator may
-`kill` one process). The run then saves a complete checkpoint and exits with EXIT_PREEMPTED.
+A handler only raises a flag; the trainer folds the flag into an all-reduce, so every rank
+sees the same decision at the same point even when the signal reached only some of them
+(SLURM signals every task, torchrun forwards to its workers, an operator may `kill` one
+process). The flag is agreed on:
+  - before the first optimizer step (a signal during set-up: nothing new to save),
+  - at every optimizer step's end (inside the per-step all-reduce),
+  - before every validation batch (one small all-reduce each), so a long validation pass is
+    cut short instead of finishing first.
+The run then saves a complete checkpoint (unless the newest one is already this step's) and
+exits with EXIT_PREEMPTED. The handlers are installed before the process group starts, so no
+phase of a run dies on these signals without an answer.
+
+SIGINT (Ctrl-C) is a stop request like SIGTERM: save, exit 75. A second SIGINT raises
+KeyboardInterrupt at once (no checkpoint; exit 1) for when the save itself must be abandoned.
 
 Exit codes (`python -m megamor.train`), for launchers and sbatch scripts:
     0   finished (max steps reached, final checkpoint saved)
     1   failed (an exception, or too many non-finite losses in a row)
-    2   bad configuration (before any process group started)
-    75  stopped by SIGTERM/SIGUSR1 after saving a complete checkpoint: rerun the same
+    2   bad configuration, or the run folder is locked by another trainer (nothing started)
+    75  stopped by SIGTERM/SIGUSR1/SIGINT after saving a complete checkpoint: rerun the same
         command to resume (EX_TEMPFAIL; slurm/train.sbatch requeues on it)
 """
 
@@ -23,7 +33,11 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopRequested(Exception):
+    """Raised out of validation when the ranks agreed to stop; the trainer saves and exits 75."""
 
 
 class StopRequest:
@@ -40,10 +54,13 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
+        elif signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt("second SIGINT: stopping without a checkpoint")
 
     def install(self) -> StopRequest:
         for s in STOP_SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
+            if s not in self._previous:
+                self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def uninstall(self) -> None:

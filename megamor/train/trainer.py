@@ -29,7 +29,9 @@ import torch
 from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_eval_sets, build_train_loader, iter_eval_batches
 from megamor.model import MoRLM
+from megamor.model.summary import ParamCounts
 from megamor.parallel import dist as pdist
+from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
 from megamor.train.checkpoint import (
     CheckpointError,
@@ -54,7 +56,7 @@ from megamor.train.metrics import (
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.router_eval import RouterValidation
 from megamor.train.schedule import LRSchedule
-from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest
+from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -82,7 +84,8 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any]):
+    def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any],
+                 stop_request: StopRequest | None = None):
         self.cfg = cfg
         self.env = env
         self.device = device
@@ -94,7 +97,7 @@ class Trainer:
         self.max_steps = cfg.max_steps
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.max_steps)
         self.faults = Faults.from_env()
-        self.stop_request = StopRequest()
+        self.stop_request = stop_request or StopRequest()  # __main__ installs it before the process group
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last,
                                       fault_hook=lambda step: self.faults.during_save(step, self.rank))
         # Progress (restored on resume).
@@ -109,7 +112,8 @@ class Trainer:
     # -- set-up -----------------------------------------------------------------------
     def setup(self) -> Trainer:
         cfg = self.cfg
-        self.stop_request.install()  # a signal during set-up stops the run after its first step
+        self.stop_request.install()  # a signal during set-up stops the run before its first step
+        self.faults.at_setup(self.rank)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         plan = self._plan_resume()
@@ -119,7 +123,11 @@ class Trainer:
             torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)
-        self.n_params = (model.num_params(), model.num_params(non_embedding=True))  # before ZeRO-3 partitions them
+        if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
+            from megamor.train.init_from import load_init_weights
+
+            load_init_weights(model, cfg.trainer.init_from)
+        self.n_params = ParamCounts.of(model)  # before ZeRO-3 partitions them
         if cfg.trainer.activation_checkpointing:
             model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
@@ -127,7 +135,8 @@ class Trainer:
         import deepspeed
 
         ds_cfg = deepspeed_config(cfg, self.dp, load_universal=bool(plan and plan.universal))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg)
+        with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury the banner
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg)
         self.model: MoRLM = self.engine.module
         self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size, self.rank, self.dp)
         if plan is not None:
@@ -141,7 +150,7 @@ class Trainer:
                                        cfg.trainer.device_tflops_probe)
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
         self.logger.print(
-            f"megamor: {cfg.name} | {self.n_params[0] / 1e6:.2f}M params ({self.n_params[1] / 1e6:.2f}M non-embedding) | "
+            f"megamor: {cfg.name} | {self.n_params.describe()} | "
             f"world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
@@ -323,6 +332,10 @@ class Trainer:
                 first = None
                 router_val.start(causal)
                 for _ in range(rounds):
+                    self.faults.before_eval_batch(self.rank)
+                    if self._stop_agreed():  # a long validation pass yields to a stop signal
+                        self.engine.train()
+                        raise StopRequested
                     batch = next(it, None)
                     real = batch is not None
                     batch = batch if real else first
@@ -349,6 +362,19 @@ class Trainer:
         results.update(router_val.results())
         self.engine.train()
         return results
+
+    def _stop_agreed(self) -> bool:
+        """One small all-reduce: did any rank get a stop signal?"""
+        flag = torch.tensor([1.0 if self.stop_request.requested else 0.0], device=self.device)
+        return bool(pdist.all_reduce_(flag).item() > 0)
+
+    def _stop(self, where: str = "") -> int:
+        sig = self.stop_request.signum
+        self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
+                          f"{self.step}{where}: saving and exiting with {EXIT_PREEMPTED}")
+        if self.last_saved_step != self.step and self.step > 0:
+            self.save()
+        return EXIT_PREEMPTED
 
     # -- checkpointing -------------------------------------------------------------------
     def save(self) -> Path:
@@ -387,6 +413,8 @@ class Trainer:
         window = WindowStats()
         exit_code = EXIT_OK
         try:
+            if self._stop_agreed():  # a signal during set-up
+                return self._stop()
             while self.step < self.max_steps:
                 r = self.train_step()
                 self.step += 1
@@ -416,18 +444,15 @@ class Trainer:
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     self.logger.log(self.step, self.evaluate())
                 if r.stop:
-                    sig = self.stop_request.signum
-                    self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
-                                      f"{self.step}: saving and exiting with {EXIT_PREEMPTED}")
-                    if self.last_saved_step != self.step:
-                        self.save()
-                    exit_code = EXIT_PREEMPTED
+                    exit_code = self._stop()
                     break
             else:
                 if cfg.eval.at_end and (not cfg.eval.every_steps or self.step % cfg.eval.every_steps):
                     self.logger.log(self.step, self.evaluate())
                 if cfg.checkpoint.save_final and self.last_saved_step != self.step:
                     self.save()
+        except StopRequested:  # agreed during validation
+            exit_code = self._stop(" during validation")
         finally:
             self.stop_request.uninstall()
             self.logger.close()

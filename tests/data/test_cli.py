@@ -65,3 +65,37 @@ def test_slurm_array_script_tasks_then_merge(tmp_path, small_books):
     assert outputs(tmp_path / "arr") == outputs(tmp_path / "single")
     p = subprocess.run(["bash", script, "merge", str(tmp_path / "arr")], env=env, capture_output=True, text=True, check=False)
     assert p.returncode == 0  # merging a finished folder is a no-op
+
+
+def test_truncated_gz_input_is_one_line_naming_file_and_line(tmp_path, tokenizer_dir):
+    import gzip
+
+    rows = "".join(json.dumps({"text": f"line {i} " * 8}) + "\n" for i in range(20_000)).encode()
+    whole = gzip.compress(rows)
+    p = tmp_path / "corpus.jsonl.gz"
+    p.write_bytes(whole[: len(whole) // 2])
+    for tool, extra in (("train_tokenizer.py", ["--out", str(tmp_path / "tok"), "--vocab-size", "300"]),
+                        ("tokenize_and_shard.py", ["--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "sh"),
+                                                   "--workers", "1", "--no-progress"])):
+        r = run_tool(tool, str(p), *extra, check=False)
+        assert r.returncode == 1, r.stderr
+        assert "Traceback" not in r.stderr and "EOFError" not in r.stderr
+        err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and err[0].startswith(f"error: {p}:") and "gz stream is truncated" in err[0], r.stderr
+
+
+def test_valid_files_flag(tmp_path, tokenizer_dir):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("first book.\n\nits second paragraph.\n")
+    b.write_text("held-out book.\n\nmore of it.\n")
+    out = tmp_path / "sh"
+    run_tool("tokenize_and_shard.py", str(a), str(b), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+             "--txt-mode", "file", "--valid-files", str(b), "--workers", "1", "--no-progress")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["train"]["documents"] == 1 and m["splits"]["valid"]["documents"] == 1
+    r = run_tool("tokenize_and_shard.py", str(a), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "x"),
+                 "--valid-files", str(b), "--no-progress", check=False)
+    assert r.returncode == 1 and f"--valid-files: {b} is not one of the inputs" in r.stderr
+    r = run_tool("tokenize_and_shard.py", str(a), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "y"),
+                 "--valid-files", str(a), "--valid-fraction", "0.1", check=False)
+    assert r.returncode == 2 and "not both" in r.stderr

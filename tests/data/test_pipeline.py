@@ -246,3 +246,23 @@ def test_memory_stays_bounded_as_input_grows(tmp_path, tokenizer_dir, small_book
     assert tokens > 2_500_000
     # Holding the tokens as a Python list would cost ~8 bytes x tokens (> 20 MiB) more; allow 12.
     assert rss[10] - rss[1] < 12, rss
+
+
+def test_valid_files_hold_out_whole_books(tmp_path, small_books, tokenizer_dir):
+    """--txt-mode file + --valid-files: each book is one document, the named book is the valid split."""
+    shakespeare, frankenstein = small_books
+    opts = ReadOptions(txt_mode="file")
+    r = tokenize_and_shard(small_books, tmp_path / "o", tokenizer_dir,
+                           ShardSettings(valid_fraction=0.0, read=opts, valid_files=(frankenstein,)), **QUIET)
+    tok = Tokenizer(Path(tokenizer_dir) / "tokenizer.model")
+    train_doc, valid_doc = expected_documents([shakespeare], opts), expected_documents([frankenstein], opts)
+    assert len(train_doc) == len(valid_doc) == 1
+    for split, doc in (("train", train_doc[0]), ("valid", valid_doc[0])):
+        assert r.manifest["splits"][split]["documents"] == 1
+        tokens = np.concatenate([np.load(p) for p in sorted((tmp_path / "o").glob(f"{split}-*.npy"))
+                                 if not p.name.endswith(".docs.npy")])
+        assert tokens.tolist() == tok.encode(doc) + [tok.eos_id]  # the whole book, then EOS
+    assert r.manifest["settings"]["valid_files"] == [str(Path(frankenstein).resolve())]
+    with pytest.raises(DataError, match="names every input"):
+        tokenize_and_shard([frankenstein], tmp_path / "p", tokenizer_dir,
+                           ShardSettings(valid_files=(frankenstein,)), **QUIET)

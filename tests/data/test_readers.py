@@ -204,3 +204,73 @@ def test_assign_units_partitions_work():
         assert max(loads) - min(loads) <= 1000  # greedy largest-first balance
     with pytest.raises(DataError):
         assign_units(units, 3, 3)
+
+
+def _rows(n: int) -> bytes:
+    return "".join(json.dumps({"text": f"row {i}: " + "lorem ipsum " * (i % 7 + 1)}) + "\n" for i in range(n)).encode()
+
+
+def _lines_before_cut(truncated: bytes, decompress) -> int:
+    """Independent reference: complete lines in what the truncated stream still decodes to."""
+    return decompress(truncated).count(b"\n")
+
+
+@pytest.mark.parametrize("comp", ["gz", "zst"])
+def test_truncated_compressed_input_names_file_and_line(tmp_path, comp):
+    import zlib
+
+    import zstandard
+
+    raw = _rows(20_000)
+    if comp == "gz":
+        whole = gzip.compress(raw)
+        decode = lambda b: zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(b)  # noqa: E731
+    else:
+        whole = zstandard.ZstdCompressor().compress(raw)
+        decode = lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b)  # noqa: E731
+    cut = whole[: len(whole) * 2 // 3]
+    p = tmp_path / f"corpus.jsonl.{comp}"
+    p.write_bytes(cut)
+    line = _lines_before_cut(cut, decode) + 1
+    assert 1000 < line < 20_000
+    with pytest.raises(DataError, match=rf"^{p}:{line}: the {comp} stream is truncated"):
+        read_all([p])
+    with pytest.raises(DataError, match=rf"^{p}:{line}: the {comp} stream is truncated"):
+        read_all([p], ReadOptions(skip_bad_lines=True))  # a cut last line is not a "bad line" to skip
+    t = tmp_path / f"book.txt.{comp}"
+    t.write_bytes(cut)
+    with pytest.raises(DataError, match=rf"^{t}: the {comp} stream is truncated"):
+        read_all([t], ReadOptions(txt_mode="file"))
+
+
+def test_multi_frame_zst_reads_every_frame(tmp_path):
+    import zstandard
+
+    raw = _rows(3000)
+    half = raw.index(b"\n", len(raw) // 2) + 1
+    c = zstandard.ZstdCompressor()
+    p = tmp_path / "two_frames.jsonl.zst"
+    p.write_bytes(c.compress(raw[:half]) + c.compress(raw[half:]))
+    docs, _ = read_all([p])
+    assert docs == [json.loads(line)["text"] for line in raw.decode().splitlines()]
+
+
+def test_truncated_parquet_names_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(5000)]}), p)
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(DataError, match=rf"^{p}: not a readable parquet file"):
+        read_all([p])
+
+
+def test_hints_name_the_cli_flags(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="pass --allow-empty-inputs to skip it"):
+        resolve_sources([str(empty)])
+    bad = _jsonl(tmp_path, ['{"text": "ok"}', "{oops"])
+    with pytest.raises(DataError, match=r"in.jsonl:2: not JSON .*\(pass --skip-bad-lines to skip such lines\)"):
+        read_all([bad])

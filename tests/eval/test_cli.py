@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import lm_eval.evaluator
@@ -63,3 +65,66 @@ def test_lm_eval_command_line(mor_checkpoint, spm_path, tmp_path, monkeypatch, d
     mod.cli_evaluate()
     res = json.loads(next((tmp_path / "lm").rglob("results_*.json")).read_text())
     assert res["results"]["megamor_winogrande"]["sample_len"] == 4 and "acc,none" in res["results"]["megamor_winogrande"]
+
+
+def run_entry(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(repo_root())}
+    return subprocess.run([sys.executable, str(repo_root() / "evals" / f"{name}.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_perplexity_bad_text_is_one_line_exit_2(mor_checkpoint, spm_path, tmp_path):
+    """An empty file is not "perplexity 1.0 over 0 tokens"; non-UTF-8 bytes are not a traceback."""
+    empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
+    empty.write_text("")
+    latin.write_bytes(b"ok\nna\xefve\n")
+    for path, message in ((empty, f"error: {empty}: no text to evaluate"),
+                          (latin, f"error: {latin}:2: not valid utf-8 at byte offset 5")):
+        r = run_entry("perplexity", "--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--text", str(path))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[0]] and r.stderr.startswith(message), r.stderr
+
+
+def test_perplexity_context_defaults_to_the_trained_seq_len(mor_model, spm_path, tmp_path):
+    from megamor.export import export
+
+    from .test_checkpoint import training_run
+
+    run = training_run(tmp_path, mor_model, spm_path)  # trained at data.seq_len 128; model max_seq_len 256
+    assert mor_model.cfg.max_seq_len == 256
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    ppl = load("perplexity")
+    for source in (run, export(run)):
+        out = ppl.main(["--checkpoint", str(source), "--tokenizer", str(spm_path), "--text", str(text), "--no-progress"])
+        assert out["perplexity"]["max_length"] == 128 and out["meta"]["context_from"] == "data.seq_len of the training run"
+    out = ppl.main(["--checkpoint", str(run), "--tokenizer", str(spm_path), "--text", str(text), "--no-progress",
+                    "--max-length", "64"])
+    assert out["perplexity"]["max_length"] == 64
+
+
+def test_output_folders_are_created(mor_checkpoint, spm_path, tmp_path, data_dir):
+    deep = tmp_path / "not" / "yet"
+    load("depth").main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--text", "The cat sat.",
+                        "--quiet", "--html", str(deep / "h" / "x.html"), "--json", str(deep / "j" / "s.json"),
+                        "--plots", str(deep / "p")])
+    assert (deep / "h" / "x.html").is_file() and (deep / "j" / "s.json").is_file() and (deep / "p").is_dir()
+    load("fewshot").main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--tasks", "arc_easy",
+                          "--limit", "2", "--data-dir", str(data_dir), "--out", str(deep / "f" / "r.json"), "--no-progress"])
+    assert (deep / "f" / "r.json").is_file() and (deep / "f" / "r.md").is_file()
+    text = tmp_path / "t.txt"
+    text.write_text("Some words to score.")
+    load("perplexity").main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--text", str(text),
+                             "--out", str(deep / "ppl" / "p.json"), "--no-progress"])
+    assert (deep / "ppl" / "p.json").is_file()
+
+
+def test_perplexity_reads_tokenize_and_shard_valid_shards_by_default(mor_checkpoint, spm_path, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "valid-00000.npy", rng.integers(4, 200, 300).astype(np.uint16))  # as data_prep names them
+    np.save(tmp_path / "valid-00000.docs.npy", np.array([0], dtype=np.int64))
+    res = load("perplexity").main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--shards",
+                                   str(tmp_path), "--no-progress"])["perplexity"]
+    assert res["tokens"] == 300

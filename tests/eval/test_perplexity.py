@@ -140,3 +140,28 @@ def test_read_texts_splits(tmp_path):
     j = tmp_path / "d.jsonl"
     j.write_text('{"text": "a b"}\n{"text": "c"}\n')
     assert read_texts([j]) == ["a b", "c"]
+
+
+def test_read_texts_refuses_empty_and_undecodable_files(tmp_path):
+    from megamor.eval.tasks.base import TaskDataError
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(TaskDataError, match=rf"^{empty}: no text to evaluate"):
+        read_texts([empty])
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\n")
+    with pytest.raises(TaskDataError, match=rf"^{blank}: no text"):
+        read_texts([blank], split="blank")
+    latin = tmp_path / "latin1.txt"
+    data = "first line\ncaf\u00e9 au lait\n".encode("latin-1")
+    latin.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(TaskDataError, match=rf"^{latin}:2: not valid utf-8 at byte offset {offset} .*--encoding"):
+        read_texts([latin])
+    assert read_texts([latin], encoding="latin-1") == ["first line\ncaf\u00e9 au lait\n"]
+    assert read_texts([latin], errors="replace") == ["first line\ncaf\ufffd au lait\n"]
+    bad_jsonl = tmp_path / "d.jsonl"
+    bad_jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(TaskDataError, match=rf"^{bad_jsonl}:2: not valid UTF-8"):
+        read_texts([bad_jsonl])

@@ -59,3 +59,41 @@ def test_module_conversions_work():
     m.float()
     out = m(torch.randint(0, 211, (1, 8)))
     assert out.logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("router_type,sharing", [("expert_choice", "middle_cycle"), ("token_choice", "cycle"),
+                                                 ("none", "sequence")])
+def test_total_counts_each_layer_application(router_type, sharing):
+    """Independent reference: run a forward and count how often each physical layer is called."""
+    from megamor.model.summary import ParamCounts
+
+    m = mor(router_type, sharing=sharing, nr=3)
+    calls = [0] * len(m.layers)
+    for i, layer in enumerate(m.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    x = torch.randint(0, m.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m(x)  # training-mode routing: every step runs on its top-k tokens
+    size = [sum(p.numel() for p in layer.parameters()) for layer in m.layers]
+    outside = sum(p.numel() for p in m.parameters()) - sum(size)
+    counts = ParamCounts.of(m)
+    assert all(c >= 1 for c in calls) and sum(calls) == m.cfg.n_layers
+    assert counts.total == outside + sum(c * s for c, s in zip(calls, size))
+    assert counts.unique == sum(p.numel() for p in m.parameters())
+    assert counts.total > counts.unique
+
+
+def test_banner_gives_total_and_unique():
+    from megamor.model.summary import ParamCounts
+
+    cfg = load_model_config(repo_root() / "configs" / "model" / "33m" / "mor_expert_3.yaml")
+    with torch.device("meta"):
+        from megamor.model import MoRLM
+
+        c = ParamCounts.of(MoRLM(cfg))
+    assert (round(c.total / 1e5), round(c.unique / 1e5)) == (330, 186)  # the 33M model, 18.6M stored
+    assert c.describe() == "33.0M params in use (18.6M unique, shared across recursions), 14.4M non-embedding unique"
+    vanilla = load_model_config(repo_root() / "configs" / "model" / "33m" / "vanilla.yaml")
+    with torch.device("meta"):
+        v = ParamCounts.of(MoRLM(vanilla))
+    assert v.describe() == "33.0M params (28.8M non-embedding)"

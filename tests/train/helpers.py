@@ -82,3 +82,18 @@ def assert_ok(run: Run) -> None:
 
 def rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None:
+    """Until metrics.jsonl holds `step` (fails if the process ends first)."""
+    import time
+
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.is_file() and f'"step": {step},' in metrics.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (rc {proc.returncode})")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")

@@ -129,3 +129,24 @@ def test_faults_parse():
         del os.environ["MEGAMOR_FAULTS"]
     assert f.sigkill_after_step == 12 and f.rank == 1
     assert [f.nan_loss(s) for s in (2, 3, 4, 5)] == [False, True, True, False]
+
+
+# -- MFU peak ---------------------------------------------------------------------------------------
+def test_cpu_peak_is_measured_once_and_cached(tmp_path):
+    import json as _json
+
+    from megamor.train.metrics import PEAK_CACHE_FILE, cpu_peak_key, peak_tflops
+
+    cpu = torch.device("cpu")
+    first = peak_tflops(cpu, "fp32", None, True, cache_folder=tmp_path)
+    cache = _json.loads((tmp_path / PEAK_CACHE_FILE).read_text())
+    assert list(cache) == [cpu_peak_key("fp32")] and cache[cpu_peak_key("fp32")]["tflops"] == first > 0
+    assert all(peak_tflops(cpu, "fp32", None, True, cache_folder=tmp_path) == first for _ in range(3))
+    # the figure comes from the file, not a new timing: a planted value is what every run uses
+    cache[cpu_peak_key("fp32")]["tflops"] = 123.0
+    (tmp_path / PEAK_CACHE_FILE).write_text(_json.dumps(cache))
+    assert peak_tflops(cpu, "fp32", None, True, cache_folder=tmp_path) == 123.0
+    assert peak_tflops(cpu, "fp32", 7.5, True, cache_folder=tmp_path) == 7.5  # trainer.peak_tflops wins
+    (tmp_path / PEAK_CACHE_FILE).write_text("{not json")  # a damaged cache is measured again and rewritten
+    assert peak_tflops(cpu, "fp32", None, True, cache_folder=tmp_path) > 0
+    assert cpu_peak_key("fp32") in _json.loads((tmp_path / PEAK_CACHE_FILE).read_text())

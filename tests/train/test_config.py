@@ -143,3 +143,91 @@ def test_resuming_with_another_model_is_refused_before_launch(tiny_config, tmp_p
     assert e.value.key == "model.d_model" and "checkpoint.resume=false" in str(e.value)
     check_before_launch(load_experiment([tiny_config], [f"run_dir={tmp_path}", "model.d_model=128",
                                                         "checkpoint.resume=false"]), 1)
+
+
+# -- the front door: files, overrides, lists, raw DeepSpeed keys, run length ---------------
+@pytest.mark.parametrize("text, reason", [
+    ("", "is empty"),
+    ("# nothing but a comment\n", "is empty"),
+    ("- trainer\n- data\n", "not a list"),
+    ("42\n", "not the single value 42"),
+])
+def test_config_file_must_be_a_mapping(tmp_path, capsys, text, reason):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    rc = main(["--config", str(path), "trainer.max_steps=3", "data.train=[x]"])
+    assert rc == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and reason in err, err
+
+
+def test_malformed_override_is_one_line_exit_2(tiny_config, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "megamor.train", "--config", str(tiny_config), "data.train=[a"],
+                       cwd=repo_root(), env=train_env(tmp_path), capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == EXIT_CONFIG, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config key 'data.train'" in lines[0] and "'data.train=[a'" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("override, key, says", [
+    ("model.router.capacity=0.5", "model.router.capacity", "must be a list, e.g. model.router.capacity=[0.5]"),
+    ("deepspeed.config.zero_optimisation.stage=3", "deepspeed.config.zero_optimisation", "did you mean zero_optimization"),
+    ("deepspeed.config.zero_optimization.overlap_com=true", "deepspeed.config.zero_optimization.overlap_com",
+     "did you mean overlap_comm"),
+    ("deepspeed.config.bf16.enable=true", "deepspeed.config.bf16.enable", "did you mean enabled"),
+])
+def test_scalar_lists_and_unknown_deepspeed_keys_name_their_key(override, key, says):
+    with pytest.raises(ConfigError) as e:
+        load_experiment([], ["trainer.max_steps=10", "data.train=[x]", override])
+    assert e.value.key == key and says in str(e.value), str(e.value)
+
+
+def test_known_deepspeed_keys_pass_and_the_check_can_be_skipped():
+    base = ["trainer.max_steps=10", "data.train=[x]"]
+    load_experiment([], base + ["deepspeed.config.zero_optimization.overlap_comm=true",
+                                "deepspeed.config.activation_checkpointing.partition_activations=true"])
+    cfg = load_experiment([], base + ["deepspeed.check_keys=false", "deepspeed.config.brand_new_key=1"])
+    assert deepspeed_config(cfg, 1)["brand_new_key"] == 1
+
+
+def test_run_length_override_replaces_the_files_other_length():
+    paper = repo_root() / "configs" / "experiments" / "360m.yaml"
+    assert load_experiment([paper]).trainer.max_tokens  # the file gives tokens
+    cfg = load_experiment([paper], ["trainer.max_steps=40"])
+    assert (cfg.trainer.max_steps, cfg.trainer.max_tokens, cfg.max_steps) == (40, None, 40)
+    with pytest.raises(ConfigError) as e:  # both on the command line: say what to type
+        load_experiment([paper], ["trainer.max_steps=40", "trainer.max_tokens=1000"])
+    assert "add trainer.max_tokens=null" in str(e.value)
+
+
+# -- W&B before launch ----------------------------------------------------------------------
+def test_shipped_configs_leave_the_wandb_mode_to_the_environment(monkeypatch):
+    for path in EXPERIMENTS:
+        cfg = load_experiment([path], ["data.train=[x]"])
+        if path.stem == "demo":  # the demo writes an offline W&B run on purpose, never online
+            assert cfg.wandb.mode == "offline"
+            continue
+        assert cfg.wandb.mode is None, path
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        assert cfg.wandb.resolved_mode() == "offline"
+    cfg = load_experiment([EXPERIMENTS[0]], ["data.train=[x]", "wandb.mode=disabled"])
+    assert cfg.wandb.resolved_mode() == "disabled"  # written explicitly: wins over the environment
+
+
+def test_online_without_credentials_fails_before_launch(tiny_config, tmp_path, monkeypatch, capsys):
+    for k, v in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                 "HOME": str(tmp_path), "NETRC": str(tmp_path / "netrc"), "WANDB_MODE": "online"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / "netrc").write_text("machine example.com login user password secret\n")
+    argv = ["--config", str(tiny_config), f"run_dir={tmp_path / 'run'}", "batch.micro_batch_size=1",
+            "batch.global_batch_size=3", "wandb.mode=null"]
+    assert main(argv) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config key 'wandb.mode'" in err and "api.wandb.ai" in err, err
+    assert not dist.is_initialized()
+    # `wandb login` (a netrc entry for the server) is enough to pass this check
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    from megamor.train.wandb_setup import credentials_found
+
+    assert credentials_found()

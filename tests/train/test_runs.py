@@ -216,3 +216,19 @@ def test_token_choice_loss_free_bias_is_updated_from_global_load(runs, tiny_conf
     # 3 updates of +-0.001 per depth (sign of mean load - load; 2 depths never tie here): an odd sum.
     assert torch.allclose(bias.abs(), torch.full_like(bias, 0.001)) or torch.allclose(bias.abs(), torch.full_like(bias, 0.003))
     assert bias.sum().abs() < 1e-6
+
+
+def test_startup_banner_quiet_deepspeed_and_cached_peak(tiny_config, tmp_path):
+    """The banner gives total and unique parameters; DeepSpeed's start-up noise is hidden unless
+    MEGAMOR_DS_VERBOSE=1; the CPU MFU peak is measured once into the cache folder."""
+    over = ["trainer.max_steps=1", "checkpoint.save_final=false", "eval.at_end=false", "trainer.device_tflops_probe=true"]
+    env = {"MEGAMOR_CACHE_DIR": str(tmp_path / "cache")}
+    quiet = launch(tiny_config, tmp_path / "quiet", over, env=env)
+    assert_ok(quiet)
+    banner = next(line for line in quiet.output.splitlines() if line.startswith("megamor: tiny |"))
+    assert "params in use (" in banner and "unique, shared across recursions)" in banner and "non-embedding unique" in banner
+    assert "untested optimizer" not in quiet.output and "built successfully" not in quiet.output, quiet.output
+    assert (tmp_path / "cache" / "peak_tflops.json").is_file()
+    loud = launch(tiny_config, tmp_path / "loud", over, env={**env, "MEGAMOR_DS_VERBOSE": "1"})
+    assert_ok(loud)
+    assert "untested optimizer" in loud.output  # the filter, not DeepSpeed, is what hid it

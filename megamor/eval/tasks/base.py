@@ -56,19 +56,32 @@ def read_lines(path: str | Path) -> list[str]:
         return f.read().split("\n")
 
 
+def _decoded_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a UTF-8 file; bytes that are not UTF-8 are a TaskDataError
+    naming the line (a text-mode reader decodes ahead, so its errors cannot say which line)."""
+    p = Path(path)
+    open_text(p).close()  # a missing file: the usual message
+    opener = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}.get(p.suffix, open)
+    with opener(p, "rb") as f:  # type: ignore[operator]
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskDataError(path, lineno, f"not valid UTF-8 at byte {e.start} of the line ({e.reason})") from None
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Doc]]:
     """(1-based line number, object) for each non-blank line; bad JSON names file:line."""
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TaskDataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise TaskDataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def require(obj: Doc, fields: dict[str, type | tuple[type, ...]], path: str | Path, lineno: int) -> None:

@@ -1,0 +1,141 @@
+"""python -m megamor.convert SOURCE --out DIR [--init stepwise|average|lower] [key=value ...]
+
+Up-training: builds a recursive or MoR model from a pretrained vanilla model (a megamor run
+folder, checkpoint, export folder or megamor.pt, or a Hugging Face Llama folder), initialising
+its shared layers as Relaxed Recursive Transformers (Bae et al. 2024) do. The target is the
+source's shape with the `key=value` model overrides applied (e.g. sharing=middle_cycle
+num_recursions=3 router.type=expert_choice); its unrolled stack has the source's n_layers, so
+virtual layer i sits where source layer i sat. A shared layer's "tied" source layers are the
+virtual positions it is applied at.
+
+    stepwise  the j-th shared layer takes source layer j*N_r of the shared span (every N_r-th)
+    average   each shared layer is the mean of its tied source layers
+    lower     the j-th shared layer takes source layer j of the shared span (the lowest ones)
+
+Unshared layers (the first/last of middle_* sharing), embeddings, final norm and head are
+copied; routers start from megamor's initialisation (seed --seed). Writes DIR/megamor.pt
+(+ .json), loadable everywhere a megamor checkpoint is: evaluation, megamor.export, and the
+trainer's `trainer.init_from=DIR/megamor.pt` (start training from these weights at step 0).
+Exit codes: 0 done, 1 unreadable source, 2 bad arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from megamor.config import ConfigError, from_node, merge_sources
+from megamor.model.config import ModelConfig
+from megamor.model.mor import MoRLM
+
+STRATEGIES = ("stepwise", "average", "lower")
+
+
+def layer_sources(cfg: ModelConfig, strategy: str) -> dict[int, list[int]]:
+    """Source layers (of a vanilla stack of cfg.n_layers) each physical layer is built from;
+    several mean an average."""
+    if strategy not in STRATEGIES:
+        raise ConfigError("--init", f"must be one of {STRATEGIES}, got {strategy!r}")
+    prelude, steps, coda = cfg.layer_plan()
+    virtual = prelude + [p for s in steps for p in s] + coda
+    tied: dict[int, list[int]] = {}
+    for pos, phys in enumerate(virtual):
+        tied.setdefault(phys, []).append(pos)
+    out = {p: tied[p] for p in prelude + coda}
+    shared = list(dict.fromkeys(p for s in steps for p in s))  # in order of first application
+    start, nr = len(prelude), cfg.num_recursions
+    for j, phys in enumerate(shared):
+        if strategy == "average":
+            out[phys] = tied[phys]
+        elif strategy == "stepwise":
+            out[phys] = [start + j * nr]
+        else:
+            out[phys] = [start + j]
+    return out
+
+
+def target_config(source: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge(OmegaConf.create(dataclasses.asdict(source)), merge_sources([], overrides))
+    cfg = from_node(ModelConfig, node, prefix="model")
+    if cfg.n_layers != source.n_layers:
+        raise ConfigError("model.n_layers", f"the unrolled stack must keep the source's {source.n_layers} layers, got {cfg.n_layers}")
+    if cfg.sharing == "none":
+        raise ConfigError("model.sharing", "converting needs a sharing strategy (e.g. sharing=middle_cycle num_recursions=3)")
+    for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff"):
+        if getattr(cfg, name) != getattr(source, name):
+            raise ConfigError(f"model.{name}", f"must stay the source's {getattr(source, name)} (layers are copied)")
+    return cfg
+
+
+@torch.no_grad()
+def convert(source: MoRLM, cfg: ModelConfig, strategy: str, seed: int = 0) -> MoRLM:
+    """A new model of config `cfg` initialised from the vanilla `source`."""
+    if source.cfg.sharing != "none":
+        raise ConfigError("SOURCE", f"the source must be a vanilla model (sharing none), got sharing {source.cfg.sharing!r}")
+    torch.manual_seed(seed)
+    model = MoRLM(copy.deepcopy(cfg))
+    src_layers = source.layers
+    for phys, srcs in layer_sources(cfg, strategy).items():
+        target = model.layers[phys].state_dict()
+        for name in target:
+            target[name] = torch.stack([src_layers[s].state_dict()[name].float() for s in srcs]).mean(0)
+        model.layers[phys].load_state_dict(target)
+    model.embed_tokens.weight.copy_(source.embed_tokens.weight)
+    model.norm.weight.copy_(source.norm.weight)
+    if not cfg.tie_embeddings:
+        model.lm_head.weight.copy_(source.lm_head.weight)
+    return model
+
+
+def save(model: MoRLM, out: Path, **meta) -> Path:
+    from megamor.data.atomic import atomic_open, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    path = out / "megamor.pt"
+    with atomic_open(path, "wb") as f:
+        torch.save({"model": sd, "config": dataclasses.asdict(model.cfg), "step": 0, **meta}, f)
+    write_json(out / "megamor.pt.json", {"step": 0, **meta})
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megamor.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="vanilla model: run folder, checkpoint, export folder, megamor.pt or HF Llama folder")
+    p.add_argument("--out", required=True, help="output folder (megamor.pt is written there)")
+    p.add_argument("--init", default="stepwise", help=f"shared-layer initialisation: {', '.join(STRATEGIES)}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the routers' initialisation")
+    p.add_argument("overrides", nargs="*", help="target model keys, e.g. sharing=middle_cycle num_recursions=3 router.type=expert_choice")
+    args = p.parse_intermixed_args(argv)
+    from megamor.eval.checkpoint import CheckpointError, load_model
+
+    try:
+        source = load_model(args.source, dtype=torch.float32)
+    except CheckpointError as e:
+        print(f"megamor.convert: {e}", file=sys.stderr)
+        return 1
+    try:
+        cfg = target_config(source.cfg, args.overrides)
+        model = convert(source, cfg, args.init, args.seed)
+    except ConfigError as e:
+        print(f"megamor.convert: configuration error: {e}", file=sys.stderr)
+        return 2
+    path = save(model, Path(args.out), source=str(args.source), init=args.init)
+    print(f"megamor.convert: {args.init} init, {model.num_params() / 1e6:.2f}M unique params "
+          f"(source {source.num_params() / 1e6:.2f}M) -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

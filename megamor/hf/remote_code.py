@@ -1,0 +1,60 @@
+"""Make an export folder loadable by `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` for MoR models: config.json with an auto_map, plus the two
+self-contained python files next to the weights (model.safetensors, megamor names)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+from megamor.data.atomic import write_json
+from megamor.model.config import ModelConfig
+
+HERE = Path(__file__).parent
+FILES = ("configuration_megamor.py", "modeling_megamor.py")
+MODEL_TYPE = "megamor"
+
+
+def hf_config_dict(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": ["MegamorForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_megamor.MegamorConfig",
+            "AutoModelForCausalLM": "modeling_megamor.MegamorForCausalLM",
+        },
+        "megamor": dataclasses.asdict(cfg),
+        "dtype": "float32",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": False,
+        **extra,
+    }
+
+
+def write_remote_code(out_dir: str | Path, cfg: ModelConfig, **extra: Any) -> None:
+    """config.json and the modeling files (weights are written by the caller)."""
+    out = Path(out_dir)
+    for name in FILES:
+        tmp = out / f".{name}.tmp"
+        shutil.copyfile(HERE / name, tmp)
+        tmp.replace(out / name)
+    write_json(out / "config.json", hf_config_dict(cfg, **extra))
+
+
+def save_model_folder(model, out_dir: str | Path) -> Path:
+    """An in-memory MoRLM as a transformers-loadable folder (what megamor.export writes for a
+    checkpoint): config.json, the modeling files and model.safetensors."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    write_remote_code(out, model.cfg)
+    tmp = out / ".model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    return out

@@ -1,0 +1,235 @@
+"""The decoding engine: a FIFO request queue, a fixed number of cache slots, batched prefill
+of admitted requests, and continuous depth-wise batching of the decoding steps.
+
+Each `step()` admits queued requests into free slots (one left-padded prefill through the
+model's forward for all of them), then advances every running request by one token with
+`decode_step`, where the tokens of all requests that need recursion r run together. A request
+leaves when it produces EOS or its token budget, and its slot goes to the next in the queue.
+
+Two decoding paths: the dynamic one (`decode_step`: each recursion step runs exactly the rows
+routed to it, read back per step) and, with `static=True`, the fixed-shape `GraphStep` (no
+host-device synchronisation inside the step, a CUDA graph on GPU; buckets per recursion step,
+falling back to the dynamic path for a step whose routing overflows them).
+
+Sampling is `megamor.model.generate.sample_next` (greedy, temperature, top-k, top-p); a seeded
+request samples from its own generator, so its output does not depend on what it was batched
+with. Greedy fp32 output equals `generate()` on each request alone (tested).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megamor.inference.graph_step import GraphStep
+from megamor.inference.static_cache import PrefillRecorder, StaticKVCache
+from megamor.inference.step import decode_step
+from megamor.model.generate import GenerationOutput, _left_pad, sample_next
+from megamor.model.mor import MoRLM
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    eos_id: int | None = None
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    id: int = -1
+    # filled while decoding
+    tokens: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)  # depth of each generated token when fed back
+    prompt_depths: list[int] = field(default_factory=list)
+    done: bool = False
+    slot: int = -1
+    position: int = 0
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One generated token (what streaming yields)."""
+
+    request: int
+    token: int
+    finished: bool
+
+
+def _site_shares(model: MoRLM) -> dict[int, float]:
+    """Expected fraction of a sequence each key/value-owning site holds."""
+    sites = model._sites
+    shares = {s: 1.0 for s in sites["prelude"] + sites["coda"]}
+    caps = model.cfg.capacities if model.routers is not None or model.depth_router is not None else None
+    for r, site_ids in enumerate(sites["steps"]):
+        for s in site_ids:
+            if s not in sites["kv_source"]:
+                shares[s] = caps[r] if caps is not None else 1.0
+    return shares
+
+
+class Engine:
+    def __init__(self, model: MoRLM, max_batch: int = 32, max_len: int | None = None, kv_dtype: torch.dtype | None = None,
+                 static: bool = False, buckets: list[int] | None = None, cuda_graph: bool | None = None,
+                 compile: bool = False):
+        """max_batch: concurrent requests (cache slots); max_len: prompt + generated tokens a
+        request is expected to reach (sizes the caches; they grow if exceeded). static: use the
+        fixed-shape step (buckets: rows per recursion step; cuda_graph: default on CUDA; compile:
+        torch.compile it)."""
+        self.model = model.eval()
+        cfg = model.cfg
+        w = model.embed_tokens.weight
+        self.device = w.device
+        self.max_batch = max_batch
+        self.cache = StaticKVCache(_site_shares(model), max_batch, max_len or cfg.max_seq_len, cfg.n_kv_heads,
+                                   cfg.head_dim, kv_dtype or w.dtype, self.device)
+        self.queue: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.free = list(range(max_batch))
+        self._next_id = 0
+        self.steps_run = 0
+        self.tokens_per_step_total = np.zeros(len(model.steps), dtype=np.int64)
+        self.graph_step = GraphStep(model, self.cache, buckets, cuda_graph, compile) if static else None
+        self.static_steps = 0  # decoding steps taken by the static step
+        self.overflow_steps = 0  # of which redone on the dynamic path (bucket or capacity overflow)
+
+    # -- queue ---------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, **sampling) -> Request:
+        if len(prompt) == 0:
+            raise ValueError("every prompt needs at least one token (e.g. BOS)")
+        req = Request(list(prompt), max_new_tokens, id=self._next_id, **sampling)
+        if req.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
+        self._next_id += 1
+        if max_new_tokens <= 0:
+            req.done = True
+        else:
+            self.queue.append(req)
+        return req
+
+    def idle(self) -> bool:
+        return not self.queue and not self.running
+
+    # -- one engine step -----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        decoding = sorted(self.running)  # requests that already hold a token to feed back
+        if decoding:
+            events += self._decode([self.running[s] for s in decoding])
+        admitted = []
+        while self.queue and self.free:
+            req = self.queue.popleft()
+            req.slot = self.free.pop(0)
+            self.running[req.slot] = req
+            admitted.append(req)
+        if admitted:
+            events += self._prefill(admitted)
+        self.steps_run += 1
+        return events
+
+    def _emit(self, reqs: list[Request], logits: Tensor, greedy: list[int] | None = None) -> list[TokenEvent]:
+        if all(r.temperature <= 0 for r in reqs):
+            nxt = greedy if greedy is not None else logits.argmax(-1).tolist()
+        else:
+            nxt = [int(sample_next(logits[i : i + 1], r.temperature, r.top_k, r.top_p, r.generator)[0])
+                   for i, r in enumerate(reqs)]
+        events = []
+        for req, t in zip(reqs, nxt):
+            req.tokens.append(t)
+            if len(req.tokens) >= req.max_new_tokens or (req.eos_id is not None and t == req.eos_id):
+                self._finish(req)
+            events.append(TokenEvent(req.id, t, req.done))
+        return events
+
+    def _finish(self, req: Request) -> None:
+        req.done = True
+        del self.running[req.slot]
+        self.cache.release(req.slot)
+        self.free.append(req.slot)
+        self.free.sort()
+        req.slot = -1
+
+    def _prefill(self, reqs: list[Request]) -> list[TokenEvent]:
+        ids, mask = _left_pad([r.prompt for r in reqs], 0, self.device)
+        rec = PrefillRecorder(len(reqs), self.device)
+        out = self.model(ids, attention_mask=mask, causal_routing=True, kv_cache=rec)
+        slots = [r.slot for r in reqs]
+        for site, block in rec.entries.items():
+            self.cache.write_prefill(site, slots, block.k, block.v, block.meta.valid)
+        depth = out.stats.depth
+        for i, r in enumerate(reqs):
+            r.prompt_depths = depth[i, mask[i]].tolist()
+            r.position = len(r.prompt)
+        return self._emit(reqs, out.logits[:, -1])
+
+    def _decode(self, reqs: list[Request]) -> list[TokenEvent]:
+        if self.graph_step is None:
+            return self._decode_dynamic(reqs)
+        gs, S = self.graph_step, self.max_batch
+        tok, pos, act = np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, bool)
+        slots = [r.slot for r in reqs]
+        tok[slots] = [r.tokens[-1] for r in reqs]
+        pos[slots] = [r.position for r in reqs]
+        act[slots] = True
+        gs.tokens.copy_(torch.from_numpy(tok))
+        gs.positions.copy_(torch.from_numpy(pos))
+        gs.active.copy_(torch.from_numpy(act))
+        snap = self.cache.snapshot_dev()
+        self.static_steps += 1
+        logits, packed = gs.run()
+        self.cache.device_changed()
+        p = packed.cpu().numpy()  # the step's one read-back: tokens, depths, overflow, counts
+        if p[2 * S]:
+            self.cache.restore_dev(snap)
+            self.overflow_steps += 1
+            return self._decode_dynamic(reqs)
+        self.tokens_per_step_total += p[2 * S + 1 :]
+        for r in reqs:
+            r.depths.append(int(p[S + r.slot]))
+            r.position += 1
+        return self._emit(reqs, logits[slots], [int(p[s]) for s in slots])
+
+    def _decode_dynamic(self, reqs: list[Request]) -> list[TokenEvent]:
+        slots = np.array([r.slot for r in reqs], dtype=np.int64)
+        tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)
+        positions = torch.tensor([r.position for r in reqs], device=self.device)
+        res = decode_step(self.model, self.cache, slots, tokens, positions)
+        if res.tokens_per_step:
+            self.tokens_per_step_total += np.asarray(res.tokens_per_step, dtype=np.int64)
+        for r, d in zip(reqs, res.depth.tolist()):
+            r.depths.append(d)
+            r.position += 1
+        return self._emit(reqs, res.logits)
+
+    # -- conveniences ----------------------------------------------------------------------
+    def stream(self) -> Iterator[TokenEvent]:
+        """Run until every submitted request is done, yielding tokens as they are made."""
+        while not self.idle():
+            yield from self.step()
+
+    def run(self) -> None:
+        for _ in self.stream():
+            pass
+
+
+def engine_generate(model: MoRLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_batch: int | None = None,
+                    max_len: int | None = None, seed: int | None = None, static: bool = False,
+                    **sampling) -> GenerationOutput:
+    """`generate()`'s interface on the engine: every prompt becomes a request (prompt i seeded
+    with seed + i when seed is given); at most max_batch run at once."""
+    was_training = model.training
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    eng = Engine(model, max_batch or len(prompts), max_len or longest, static=static)
+    try:
+        reqs = [eng.submit(p, max_new_tokens, seed=None if seed is None else seed + i, **sampling) for i, p in enumerate(prompts)]
+        eng.run()
+    finally:
+        model.train(was_training)
+    return GenerationOutput([r.tokens for r in reqs], [r.depths for r in reqs], [r.prompt_depths for r in reqs])

@@ -1,0 +1,171 @@
+"""A static-shape decoding step with no host-device synchronisation, capturable as a CUDA graph.
+
+Every cache slot runs every step (free slots are masked), so all shapes are fixed:
+
+- a key/value write goes to index `fill[slot]` of its site, read from the device-side fill
+  levels; slots that do not write keep their old values (`torch.where`), and fills advance on
+  the device;
+- attention reads a site's whole capacity with a length mask;
+- recursion step r runs on a fixed bucket of `buckets[r]` rows: the rows whose token runs step
+  r are moved to the front (top-k on the selection), so with buckets sized to the capacities
+  c_r x slots an early-exiting token frees its share of compute (depth-wise batching). If more
+  tokens than a bucket holds, or than a site's capacity holds, run a step, the step raises an
+  `overflow` flag; the engine then restores the fills and redoes that step on the exact
+  dynamic path (which grows the caches), so results never depend on bucket sizes.
+
+The step also returns greedy next tokens, depths and per-step counts packed into one tensor, so
+the engine reads back one small tensor per step. On CUDA, `GraphStep` captures the step once
+(per cache allocation) and replays it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from megamor.inference.static_cache import StaticKVCache
+from megamor.model.layers import apply_rope, sdpa
+from megamor.model.mor import MoRLM
+
+
+def default_buckets(model: MoRLM, slots: int, slack: float = 1.25) -> list[int]:
+    """Rows each recursion step runs per step: its capacity share of the slots, with slack."""
+    routed = model.routers is not None or model.depth_router is not None
+    caps = model.cfg.capacities if routed else [1.0] * len(model.steps)
+    return [slots if c >= 1.0 else min(slots, math.ceil(c * slots * slack) + 1) for c in caps]
+
+
+class GraphStep:
+    def __init__(self, model: MoRLM, cache: StaticKVCache, buckets: list[int] | None = None,
+                 cuda_graph: bool | None = None, compile: bool = False):
+        """cuda_graph: capture and replay (default: on CUDA); compile: torch.compile the step
+        first (fuses its small kernels; one graph, no breaks: tested)."""
+        self.model, self.cache = model, cache
+        S, dev = cache.slots, cache.device
+        self.buckets = buckets or default_buckets(model, S)
+        self.tokens = torch.zeros(S, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(S, dtype=torch.long, device=dev)
+        self.active = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+        self._graph = None
+        self._graph_generation = -1
+        self._out: tuple[Tensor, Tensor] | None = None
+        self._fn = torch.compile(self.step_fn, fullgraph=True, dynamic=False) if compile else self.step_fn
+
+    # -- the step -------------------------------------------------------------------------
+    def _attend(self, phys: int, site: int, x: Tensor, rows: Tensor | None, write: Tensor, cos: Tensor, sin: Tensor,
+                overflow: Tensor) -> Tensor:
+        model, cache = self.model, self.cache
+        layer = model.layers[phys]
+        attn = layer.self_attn
+        m = x.shape[0]
+        xn = layer.input_layernorm(x)
+        q = apply_rope(attn.q_proj(xn).view(m, 1, attn.n_heads, attn.head_dim).transpose(1, 2), cos, sin)
+        source = model._sites["kv_source"].get(site)
+        idx = rows if rows is not None else torch.arange(cache.slots, device=x.device)
+        if source is None:
+            k, v = attn.project_kv(xn, cos, sin)
+            fill = cache.fill_dev[site]
+            cap = cache.capacity(site)
+            level = fill[idx]
+            overflow |= (write & (level >= cap)).any()
+            at = level.clamp(max=cap - 1)  # a full slot that does not write keeps its last entry
+            for store, new in ((cache.k[site], k), (cache.v[site], v)):
+                old = store[idx, :, at]
+                store[idx, :, at] = torch.where(write[:, None, None], new[:, :, 0].to(store.dtype), old)
+            fill[idx] = level + write.long()
+            source = site
+        store_k, store_v = cache.k[source], cache.v[source]
+        if rows is not None:
+            store_k, store_v = store_k[rows], store_v[rows]
+        lens = cache.fill_dev[source][idx]
+        mask = torch.arange(store_k.shape[2], device=x.device).unsqueeze(0) < lens.unsqueeze(1)
+        mask = mask | (lens == 0).unsqueeze(1)  # rows with nothing cached (free slots): any finite output
+        out = sdpa(q, store_k.to(q.dtype), store_v.to(q.dtype), mask[:, None, None, :], is_causal=False)
+        h = x + attn.o_proj(out.transpose(1, 2).reshape(m, 1, attn.n_heads * attn.head_dim))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def step_fn(self) -> tuple[Tensor, Tensor]:
+        """(logits [S, V], packed [S + S + 1 + N_r]: greedy next tokens, depths, overflow flag,
+        tokens per recursion step)."""
+        model, S = self.model, self.cache.slots
+        cfg = model.cfg
+        active = self.active
+        overflow = torch.zeros((), dtype=torch.bool, device=active.device)
+        cos, sin = model.rope(self.positions.unsqueeze(1))
+        h = model.embed_tokens(self.tokens).unsqueeze(1)
+        for phys, site in zip(model.prelude, model._sites["prelude"]):
+            h = self._attend(phys, site, h, None, active, cos, sin, overflow)
+        depth = torch.zeros(S, dtype=torch.long, device=active.device)
+        counts = []
+        cand, tc_choice, tc_gate = active, None, None
+        for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model._sites["steps"])):
+            gate = None
+            sel = cand
+            if model.routers is not None:
+                logits = model.routers[r](h)[:, 0]
+                gate = model.routers[r].gate(logits)  # fixed or learned alpha (router.learn_alpha)
+                if cfg.capacities[r] < 1.0:
+                    sel = cand & (torch.sigmoid(logits) > cfg.router.causal_threshold)
+            elif model.depth_router is not None:
+                if r == 0:
+                    ones = torch.ones(S, 1, dtype=torch.bool, device=h.device)
+                    choice, probs, _ = model.depth_router(h, ones, False)
+                    tc_choice = choice[:, 0]
+                    tc_gate = cfg.router.gate_scale * probs.gather(-1, choice.unsqueeze(-1))[:, 0, 0]
+                sel, gate = cand & (tc_choice >= r), tc_gate
+            K = self.buckets[r]
+            if K >= S:
+                rows, valid = None, sel
+                x = h
+            else:  # the rows that run step r first (distinct indices), a fixed number of them
+                rows = torch.topk(sel.to(torch.float32), K).indices
+                valid = sel[rows]
+                overflow |= sel.sum() > K
+                x = h[rows]
+            c, s_ = (cos, sin) if rows is None else (cos[rows], sin[rows])
+            y = x
+            for phys, site in zip(layer_ids, site_ids):
+                y = self._attend(phys, site, y, rows, valid, c, s_, overflow)
+            if gate is not None:
+                g = gate if rows is None else gate[rows]
+                y = x + g[:, None, None].to(x.dtype) * (y - x)
+            y = torch.where(valid[:, None, None], y, x)
+            h = y if rows is None else h.index_copy(0, rows, y)
+            depth = depth + sel.long()
+            counts.append(sel.sum().reshape(1))
+            cand = sel
+        for phys, site in zip(model.coda, model._sites["coda"]):
+            h = self._attend(phys, site, h, None, active, cos, sin, overflow)
+        logits = model.lm_head(model.norm(h))[:, 0]
+        packed = torch.cat([logits.argmax(-1), depth, overflow.long().reshape(1)] + counts)
+        return logits, packed
+
+    # -- running it ------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self) -> tuple[Tensor, Tensor]:
+        if not self.use_graph:
+            return self._fn()
+        if self._graph is None or self._graph_generation != self.cache.generation:
+            self._capture()
+        self._graph.replay()
+        return self._out  # type: ignore[return-value]
+
+    def _capture(self) -> None:
+        """Warm up and capture with every slot inactive (the step then changes nothing)."""
+        saved = self.active.clone()
+        self.active.zero_()
+        _ = self.cache.fill_dev  # bring device fills up to date before capturing reads of them
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._out = self._fn()
+        self._graph_generation = self.cache.generation
+        self.active.copy_(saved)

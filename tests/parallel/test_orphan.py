@@ -1,0 +1,76 @@
+"""A launched worker follows its launcher: SIGTERM at once when it dies, SIGKILL after a grace period."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+CHILD = """
+import signal, sys, time
+from megamor.parallel.orphan import exit_with_launcher
+mode, marker = sys.argv[1], sys.argv[2]
+def on_term(*_):
+    open(marker, "w").write("term")
+    if mode == "clean":
+        sys.exit(75)
+signal.signal(signal.SIGTERM, on_term)
+exit_with_launcher("torch", grace_s=2.0)
+print("armed", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+# The launcher: starts the worker in a new session (as torchrun does) and prints its pid.
+PARENT = """
+import subprocess, sys, time
+p = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]], start_new_session=True,
+                     stdout=subprocess.PIPE, text=True)
+assert p.stdout.readline().strip() == "armed"
+print(p.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _run(tmp_path, mode: str) -> str:
+    """Kill the launcher; wait for its worker to be gone; what the worker's SIGTERM handler recorded."""
+    marker = tmp_path / f"{mode}.marker"
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, mode, str(marker)], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    worker = int(parent.stdout.readline())
+    t0 = time.time()
+    parent.kill()
+    parent.wait()
+    while not _gone(worker) and time.time() - t0 < 20:
+        time.sleep(0.05)
+    assert _gone(worker), "the worker outlived its launcher"
+    return marker.read_text() if marker.exists() else ""
+
+
+def test_worker_stops_cleanly_when_its_launcher_is_killed(tmp_path):
+    marker = _run(tmp_path, "clean")
+    assert marker == "term"  # it was asked to stop (SIGTERM), and did
+
+
+def test_worker_ignoring_the_stop_is_killed_after_the_grace(tmp_path):
+    marker = _run(tmp_path, "stubborn")
+    assert marker == "term"  # asked first, then killed: it would never have exited by itself
+
+
+def test_plain_process_is_not_watched():
+    from megamor.parallel.orphan import exit_with_launcher
+
+    assert exit_with_launcher("single") is False
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

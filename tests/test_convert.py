@@ -1,0 +1,78 @@
+"""Up-training: recursive/MoR models initialised from a vanilla model (stepwise, average,
+lower), from megamor checkpoints and Hugging Face Llama folders, through the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megamor.convert import convert, layer_sources, target_config
+from megamor.model import MoRLM
+from megamor.model.hf import llama_config, to_llama_state_dict
+from tests.model.helpers import tiny_config
+
+
+def _vanilla(n_layers: int = 8, seed: int = 0) -> MoRLM:
+    torch.manual_seed(seed)
+    return MoRLM(tiny_config(n_layers=n_layers)).eval()
+
+
+def _layer(model: MoRLM, i: int) -> dict[str, torch.Tensor]:
+    return model.layers[i].state_dict()
+
+
+def test_sources_follow_the_paper():
+    cfg = target_config(_vanilla().cfg, ["sharing=middle_cycle", "num_recursions=3"])
+    # 8 layers: layer 0, then 6 middle layers = 2 shared layers x 3 recursions, then layer 7.
+    assert layer_sources(cfg, "stepwise") == {0: [0], 3: [7], 1: [1], 2: [4]}
+    assert layer_sources(cfg, "lower") == {0: [0], 3: [7], 1: [1], 2: [2]}
+    assert layer_sources(cfg, "average") == {0: [0], 3: [7], 1: [1, 3, 5], 2: [2, 4, 6]}
+    seq = target_config(_vanilla(6).cfg, ["sharing=sequence", "num_recursions=2"])
+    assert layer_sources(seq, "average") == {0: [0, 1], 1: [2, 3], 2: [4, 5]}
+    assert layer_sources(seq, "stepwise") == {0: [0], 1: [2], 2: [4]}
+
+
+@pytest.mark.parametrize("strategy", ["stepwise", "average", "lower"])
+def test_converted_parameters(strategy):
+    src = _vanilla()
+    cfg = target_config(src.cfg, ["sharing=middle_cycle", "num_recursions=3", "router.type=expert_choice"])
+    out = convert(src, cfg, strategy)
+    assert out.cfg.num_recursions == 3 and out.routers is not None
+    assert torch.equal(out.embed_tokens.weight, src.embed_tokens.weight)
+    assert torch.equal(out.norm.weight, src.norm.weight)
+    for name, t in _layer(out, 0).items():
+        assert torch.equal(t, _layer(src, 0)[name])
+        assert torch.equal(_layer(out, 3)[name], _layer(src, 7)[name])
+    name = "self_attn.q_proj.weight"
+    want = {"stepwise": (_layer(src, 1)[name], _layer(src, 4)[name]),
+            "lower": (_layer(src, 1)[name], _layer(src, 2)[name]),
+            "average": ((_layer(src, 1)[name] + _layer(src, 3)[name] + _layer(src, 5)[name]) / 3,
+                        (_layer(src, 2)[name] + _layer(src, 4)[name] + _layer(src, 6)[name]) / 3)}[strategy]
+    assert torch.allclose(_layer(out, 1)[name], want[0], atol=1e-7, rtol=0)
+    assert torch.allclose(_layer(out, 2)[name], want[1], atol=1e-7, rtol=0)
+    assert out.num_params() < src.num_params()
+
+
+def test_cli_from_hf_llama(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    src = _vanilla()
+    hf = transformers.LlamaForCausalLM(llama_config(src.cfg))
+    hf.load_state_dict(to_llama_state_dict(src.cfg, src.state_dict()), strict=False)
+    hf.save_pretrained(tmp_path / "llama")
+    r = subprocess.run([sys.executable, "-m", "megamor.convert", str(tmp_path / "llama"), "--out", str(tmp_path / "mor"),
+                        "--init", "lower", "sharing=middle_cycle", "num_recursions=3", "router.type=token_choice"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    from megamor.eval.checkpoint import load_model
+
+    mor = load_model(tmp_path / "mor" / "megamor.pt")
+    assert mor.cfg.router.type == "token_choice"
+    assert torch.equal(mor.layers[2].mlp.up_proj.weight, src.layers[2].mlp.up_proj.weight)
+    bad = subprocess.run([sys.executable, "-m", "megamor.convert", str(tmp_path / "llama"), "--out", str(tmp_path / "x"),
+                          "sharing=middle_cycle", "num_recursions=4"], capture_output=True, text=True, timeout=300, check=False)
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith("megamor.convert: configuration error: config key 'model.n_layers'")
+

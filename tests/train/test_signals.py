@@ -1,0 +1,50 @@
+"""Stop signals in every phase of a real run: set-up, validation (cut short, ranks agree), SIGINT."""
+
+from __future__ import annotations
+
+import signal
+
+from megamor.train.checkpoint import list_complete, newest_complete
+from megamor.train.signals import EXIT_PREEMPTED, StopRequest
+from tests.train.helpers import launch
+
+
+def test_second_sigint_abandons_the_save():
+    stop = StopRequest().install()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("a second SIGINT must interrupt at once")
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigint_on_one_rank_during_validation_saves_and_exits_75(tiny_config, tmp_path):
+    """Rank 1 alone gets SIGINT at its 3rd validation batch of step 4 (the whole split, hundreds
+    of batches): both ranks agree before the next batch, save step 4 and exit 75, without
+    finishing validation or training step 5."""
+    run_dir = tmp_path / "run"
+    run = launch(tiny_config, run_dir, ["trainer.max_steps=100000", "checkpoint.every_steps=0", "eval.every_steps=4",
+                                        "eval.max_batches=null", "eval.causal_routing=false"],
+                 nproc=2, env={"MEGAMOR_FAULTS": "signal_at_eval_batch=3:INT,rank=1"}, timeout=240)
+    out = run.output
+    assert "exitcode  : 75" in out or "exitcode: 75" in out, out[-3000:]
+    assert "stop requested (signal on another rank) at step 4 during validation" in out
+    assert "KeyboardInterrupt" not in out and "failed:" not in out  # torchrun's own report is its ChildFailedError
+    assert [c.step for c in list_complete(run_dir)] == [4]
+    assert max(run.losses()) == 4
+    assert not any("val/loss" in r for r in run.records())  # validation was cut short, not finished
+
+
+def test_signal_during_setup_stops_before_the_first_step(tiny_config, tmp_path):
+    run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=100000"],
+                 env={"MEGAMOR_FAULTS": "signal_at_setup=TERM"}, timeout=240)
+    assert run.rc == EXIT_PREEMPTED, run.output[-3000:]
+    assert "stop requested (signal 15) at step 0" in run.output
+    assert run.losses() == {} and newest_complete(run.run_dir) is None  # nothing trained, nothing to save
