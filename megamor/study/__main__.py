@@ -4,7 +4,7 @@ Trains every variant x seed of the study at its FLOP (or token) budget, one afte
 evaluates each and writes the report (table + plots). Rerunning resumes an unfinished run
 from its newest checkpoint and recomputes nothing that is done.
 
-  --plan     print each run's budget (FLOPs per token, steps, tokens) and exit
+  --plan     prepare raw-text data (if the study has some), print each run's budget and exit
   --index I  train and evaluate run I only (a SLURM array task; see slurm/study.sbatch)
   --report   only write the report from the results present
   --submit   prepare the data, then submit the runs as a SLURM job array and the report as a
@@ -50,17 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.study.plan import plan_runs
 
     try:
-        study = load_study(args.config, args.overrides)
+        try:
+            study = load_study(args.config, args.overrides)
+        except (TypeError, KeyError) as e:  # OmegaConf merging an override of the wrong shape
+            raise ConfigError("overrides", f"{' '.join(args.overrides)}: {e}") from None
         if args.index is not None and not is_prepared(study):
             raise ConfigError("data", f"not prepared under {data_paths(study)[0].parent}: run "
                                       f"`{_command(args)} --plan` (or --submit) first")
-        shards, tok = data_paths(study) if args.report else prepare(study)
-        runs = plan_runs(study, shards, tok)
+        shards, tok = data_paths(study)
+        runs = plan_runs(study, shards, tok)  # every run's config checked before any work
+        if not args.report and not (args.plan and study.data.shards):  # --plan needs no ready shards
+            prepare(study)
         if args.index is not None and not 0 <= args.index < len(runs):
             raise ConfigError("--index", f"{args.index} is out of range: the study has {len(runs)} runs (0-{len(runs) - 1})")
     except (ConfigError, FileNotFoundError) as e:
         print(f"megamor.study: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except RuntimeError as e:  # data preparation failed (its own message is above)
+        print(f"megamor.study: {e}", file=sys.stderr)
+        return 1
 
     from megamor.study.report import write_report
     from megamor.study.run import RunFailed, is_done, run_one
