@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.study.run import RunFailed, is_done, run_one
 
     if args.plan:
-        print(f"{'#':>3} {'run':<24} {'GFLOPs/token':>13} {'steps':>7} {'tokens':>13} {'FLOPs':>10}  done")
+        print(f"{'#':>3} {'run':<28} {'GFLOPs/token':>13} {'steps':>7} {'tokens':>13} {'FLOPs':>10}  done")
         for r in runs:
-            print(f"{r.index:>3} {r.name:<24} {r.forward_flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
+            print(f"{r.index:>3} {r.name:<28} {r.forward_flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
                   f"{r.budget.tokens:>13,} {r.budget.flops:>10.3e}  {'yes' if is_done(r) else 'no'}")
         return 0
     if args.submit:

@@ -89,7 +89,7 @@ def test_record_router_traces_routed_steps():
     out = m(torch.randint(0, 211, (2, 24)))
     steps = [t[0] for t in out.stats["router_trace"]]
     assert steps == [1, 2]  # capacity-1 step 0 routes nothing
-    r, logits, cand, sel = out.stats["router_trace"][0]
+    _, _, cand, sel = out.stats["router_trace"][0]
     assert sel.sum().item() == 2 * int(24 * 2 / 3) and bool((sel <= cand).all())
     m.record_router = False
     assert "router_trace" not in m(torch.randint(0, 211, (2, 24))).stats
