@@ -110,12 +110,13 @@ def _plots(study: StudyConfig, results: list[dict[str, Any]], out: Path) -> list
             rs = [r for r in results if r["variant"] == name and r.get("depth_counts")]
             counts = np.sum([np.asarray(r["depth_counts"], dtype=float) for r in rs], axis=0)
             share = counts / max(1.0, counts.sum())
-            a1.bar(np.arange(len(share)) + i * width, share, width, label=name, color=colours[name])
+            a1.bar(np.arange(len(share)) + (i - (len(routed) - 1) / 2) * width, share, width, label=name, color=colours[name])
             bins = rs[0].get("depth_loss_bins") or []
             if bins:
                 a2.plot([(b["lo"] + b["hi"]) / 2 for b in bins], [b["mean_depth"] for b in bins], marker="o",
                         color=colours[name], label=f"{name} (rho {rs[0].get('corr_depth_loss', math.nan):.2f})")
         a1.set_xlabel("recursion depth")
+        a1.set_xticks(range(max(len(r.get("depth_counts") or []) for r in results)))
         a1.set_ylabel("share of validation tokens")
         a1.legend(fontsize=7)
         a2.set_xlabel("next-token loss (nats)")
