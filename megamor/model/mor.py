@@ -19,6 +19,12 @@ Routing modes: training uses expert choice's top-k over each sequence (the paper
 `causal_routing=True` (evaluation, decoding) it thresholds the router instead, so no token's
 computation depends on later tokens, on padding or on other rows of the batch.
 
+The gathered length n is taken from shapes where routing fixes it (all tokens; k_r in expert
+choice's training top-k), so a training forward never waits for the device and compiles
+whole; token choice and causal routing read it from the device (`bucket_length`). Router
+statistics stay on the device. With targets and `return_logits=False`, the loss is
+`self.lm_loss` (chunked: no [B, T, V] logits; `megamor.model.loss`).
+
 No parallelism lives here. The trainer may install an activation-checkpoint function
 (`enable_activation_checkpointing`) that wraps every layer application.
 """
@@ -29,13 +35,13 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megamor.model.config import ModelConfig
 from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
+from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
 from megamor.model.router_health import step_health
 from megamor.model.routers import (
     ExpertChoiceRouter,
@@ -43,9 +49,11 @@ from megamor.model.routers import (
     expert_choice_aux_losses,
     expert_choice_select,
     token_choice_aux_losses,
+    top_k_size,
 )
 
 CheckpointFn = Callable[..., object]
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class _AttrDict(dict):
@@ -60,19 +68,31 @@ class _AttrDict(dict):
 
 
 class RouterStats(_AttrDict):
-    """tokens_per_step: list[int], valid tokens that ran each recursion step (whole batch);
-    depth: [B, T] recursion steps each token ran (0 for padding); total_tokens: valid tokens."""
+    """Router statistics of one forward pass, as device tensors (reading them is the caller's
+    choice; the forward pass never waits for the device).
 
-    def __init__(self, tokens_per_step: list[int], depth: Tensor, total_tokens: int):
-        super().__init__(tokens_per_step=tokens_per_step, depth=depth, total_tokens=total_tokens)
+    routed: [N_r] valid tokens that ran each recursion step (whole batch); depth: [B, T]
+    recursion steps each token ran (0 for padding); valid_tokens: scalar, valid tokens.
+    `tokens_per_step` / `total_tokens` give the same as Python numbers (they synchronise)."""
+
+    def __init__(self, routed: Tensor, depth: Tensor, valid_tokens: Tensor):
+        super().__init__(routed=routed, depth=depth, valid_tokens=valid_tokens)
+
+    @property
+    def tokens_per_step(self) -> list[int]:
+        return [int(n) for n in self["routed"].tolist()]
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self["valid_tokens"])
 
     @property
     def mean_depth(self) -> float:
-        return sum(self["tokens_per_step"]) / max(1, self["total_tokens"])
+        return sum(self.tokens_per_step) / max(1, self.total_tokens)
 
     @property
     def selected_fraction(self) -> list[float]:
-        return [n / max(1, self["total_tokens"]) for n in self["tokens_per_step"]]
+        return [n / max(1, self.total_tokens) for n in self.tokens_per_step]
 
 
 class LMOutput(_AttrDict):
@@ -91,13 +111,22 @@ class LMOutput(_AttrDict):
         super().__init__(logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses or {}, stats=stats)
 
 
-def left_align(selected: Tensor) -> tuple[Tensor, Tensor]:
+BUCKETS = 32
+
+
+def bucket_length(n: int, T: int) -> int:
+    """A data-dependent gather length rounded up to a multiple of ceil(T / BUCKETS) (at most T):
+    at most BUCKETS distinct lengths per sequence length, at most T / BUCKETS padding slots."""
+    q = -(-T // BUCKETS)
+    return min(T, -(-n // q) * q)
+
+
+def left_align(selected: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Indices [B, n] of selected tokens, in positional order, padded on the right with
-    (distinct) unselected positions; and the slot validity [B, n]."""
-    counts = selected.sum(1)
-    n = int(counts.max())
+    (distinct) unselected positions; and the slot validity [B, n]. n must be at least every
+    row's count of selected tokens (and at most T)."""
     order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]
-    slots = torch.arange(n, device=selected.device).unsqueeze(0) < counts.unsqueeze(1)
+    slots = torch.arange(n, device=selected.device).unsqueeze(0) < selected.sum(1, keepdim=True)
     return order, slots
 
 
@@ -118,6 +147,9 @@ class MoRLM(nn.Module):
         rtype = cfg.router.type
         self.routers = nn.ModuleList(ExpertChoiceRouter(cfg) for _ in self.steps) if rtype == "expert_choice" else None
         self.depth_router = TokenChoiceRouter(cfg) if rtype == "token_choice" else None
+        # The LM loss, callable(h [B, T, D], weight [V, D], targets [B, T]) -> mean; tensor
+        # parallelism replaces it from outside with a vocab-parallel one.
+        self.lm_loss: LossFn = chunked_cross_entropy
         self._checkpoint_fn: Optional[CheckpointFn] = None
         # Set from outside (validation, analysis): stats["router_trace"] then holds each routed
         # expert-choice step's (step, logits, candidates, selected).
@@ -201,10 +233,17 @@ class MoRLM(nn.Module):
         for phys, site in zip(self.prelude, self._sites["prelude"]):
             h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
 
+        # Steps run on gathered tokens. `length` is how many slots each row needs: known from
+        # shapes alone where routing fixes it (the whole sequence; expert choice's top-k in
+        # training), so the forward pass never waits for the device; otherwise read once from
+        # the device (token choice: once per forward; causal expert choice: per step).
         aux: dict[str, Tensor] = {}
-        tokens_per_step: list[int] = []
+        routed: list[Tensor] = []
         depth = torch.zeros(B, T, dtype=torch.long, device=h.device)
-        tc_choice = tc_gate = None
+        everyone = valid is None  # every token runs the step: no gather at all
+        length: Optional[int] = T
+        exact = kv_cache is None  # a decoding cache stores exactly the slots that ran
+        tc_choice = tc_gate = tc_lengths = None
         health: dict[str, Tensor] = {}
         trace: list[tuple[int, Tensor, Tensor, Tensor]] = []
         n_bce = 0
@@ -212,19 +251,21 @@ class MoRLM(nn.Module):
             selected, gate = active, None
             if self.routers is not None:
                 logits = self.routers[r](h)
-                selected = expert_choice_select(
-                    logits, active, self.cfg.capacities[r], causal_routing, self.cfg.router.causal_threshold
-                )
+                capacity = self.cfg.capacities[r]
+                selected = expert_choice_select(logits, active, capacity, causal_routing, self.cfg.router.causal_threshold)
                 gate = self.routers[r].gate(logits)
+                if capacity < 1.0:
+                    everyone = False
+                    length = top_k_size(capacity, T) if (exact and not causal_routing) else None
                 rc = self.cfg.router
                 if self.training and not causal_routing:
                     bce, z = expert_choice_aux_losses(logits, active, selected, rc.bce_label_smoothing)
-                    if rc.bce_full_capacity_steps or self.cfg.capacities[r] < 1.0:
+                    if rc.bce_full_capacity_steps or capacity < 1.0:
                         aux["router_bce"] = aux.get("router_bce", 0) + bce
                         n_bce += 1
                     aux["router_z"] = aux.get("router_z", 0) + z
                     health.update(step_health(r, logits, active, selected))
-                if self.record_router and self.cfg.capacities[r] < 1.0:
+                if self.record_router and capacity < 1.0:
                     trace.append((r, logits.detach(), active, selected))
             elif self.depth_router is not None:
                 if r == 0:
@@ -233,10 +274,16 @@ class MoRLM(nn.Module):
                     tc_gate = self.cfg.router.gate_scale * probs.gather(-1, tc_choice.unsqueeze(-1)).squeeze(-1)
                     if self.training and not causal_routing:
                         aux["router_balance"], aux["router_z"] = token_choice_aux_losses(tc_choice, probs, logits, active)
+                    tc_lengths = self._token_choice_lengths(tc_choice, active, bucket=exact)
                 selected, gate = active & (tc_choice >= r), tc_gate
-            h = self._run_step(layer_ids, site_ids, h, selected, gate, meta, (cos, sin), kv_cache, shared)
+                if r > 0:
+                    everyone, length = False, tc_lengths[r]
+            if length is None:  # data-dependent: one read of the device
+                n = int(selected.sum(1).max())
+                length = bucket_length(n, T) if exact and n else n
+            h = self._run_step(layer_ids, site_ids, h, selected, gate, everyone, length, meta, (cos, sin), kv_cache, shared)
             depth += selected.long()
-            tokens_per_step.append(int(selected.sum()))
+            routed.append(selected.sum())
             active = selected
 
         if n_bce:
@@ -245,21 +292,30 @@ class MoRLM(nn.Module):
             h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
         h = self.norm(h)
 
-        logits = self.lm_head(h) if (return_logits or targets is not None) else None
+        logits = self.lm_head(h) if return_logits else None
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        n_valid = int(valid.sum()) if valid is not None else B * T
-        stats = RouterStats(tokens_per_step, depth if valid is None else depth * valid, n_valid)
+            # Without logits the loss never materialises them (chunked, fp32 accumulation).
+            loss = cross_entropy_from_logits(logits, targets) if logits is not None else self.lm_loss(h, self.lm_head.weight, targets)
+        n_valid = valid.sum() if valid is not None else torch.full((), B * T, device=h.device)  # no host copy
+        routed_t = torch.stack(routed) if routed else torch.zeros(0, dtype=torch.long, device=h.device)
+        stats = RouterStats(routed_t, depth if valid is None else depth * valid, n_valid)
         if self.record_router:
             stats["router_trace"] = trace
         return LMOutput(
-            logits=logits if return_logits else None,
+            logits=logits,
             loss=loss,
             aux_loss=self._weighted_aux(aux, h),
             aux_losses={**{k: v.detach() for k, v in aux.items()}, **health},
             stats=stats,
         )
+
+    def _token_choice_lengths(self, choice: Tensor, active: Tensor, bucket: bool) -> list[int]:
+        """Slots per row at every step, from one read of the device: the largest row's count
+        of tokens whose chosen depth reaches the step (bucketed unless decoding)."""
+        T = choice.shape[1]
+        reach = torch.stack([(active & (choice >= r)).sum(1).max() for r in range(len(self.steps))])
+        return [bucket_length(n, T) if bucket and n else n for n in reach.tolist()]
 
     def _positions(
         self, B: int, T: int, valid: Optional[Tensor], cache: Optional[KVCache], device: torch.device
@@ -296,17 +352,21 @@ class MoRLM(nn.Module):
         h: Tensor,
         selected: Tensor,
         gate: Optional[Tensor],
+        everyone: bool,
+        length: int,
         meta: TokenMeta,
         rope: tuple[Tensor, Tensor],
         cache: Optional[KVCache],
         shared: dict[int, KVBlock],
     ) -> Tensor:
-        if not bool(selected.any()):
+        """One recursion step on the selected tokens: gather `length` slots per row, run the
+        step's layers, gate the update, scatter back. everyone: all tokens, no gather."""
+        if length == 0:
             return h  # nobody runs this step (decoding, or a threshold nobody passed)
-        if meta.valid is None and bool(selected.all()):
+        if everyone:
             x, sub_meta, sub_rope, idx, slots = h, meta, rope, None, None
         else:
-            idx, slots = left_align(selected)
+            idx, slots = left_align(selected, length)
             x = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
             sub_meta = meta.take(idx, slots)
             g = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731

@@ -29,19 +29,22 @@ HEALTH_PREFIX = "router_health"
 
 def step_health(r: int, logits: Tensor, candidates: Tensor, selected: Tensor) -> dict[str, Tensor]:
     """Health statistics of recursion step r (0-based; named r+1) over its candidate tokens.
-    Keys are `router_health/r{r+1}/<stat>`; every key is present even with no candidates."""
-    x = logits.detach().float()[candidates]
-    name = f"{HEALTH_PREFIX}/r{r + 1}"
-    if x.numel() == 0:
-        zero = logits.new_zeros((), dtype=torch.float32)
-        return {f"{name}/{k}": zero for k in ("logit_mean", "logit_std", "logit_max_abs", "saturated", "bce")}
+    Keys are `router_health/r{r+1}/<stat>`; all are 0 without candidates. Masked reductions
+    (no boolean indexing): fixed shapes, no host sync."""
+    x = logits.detach().float()
+    w = candidates.float()
+    n = w.sum().clamp(min=1.0)
+    mean = (x * w).sum() / n
+    var = (((x - mean) ** 2) * w).sum() / n
     s = torch.sigmoid(x)
+    sat = ((s < SATURATION_EPS) | (s > 1 - SATURATION_EPS)).float()
+    name = f"{HEALTH_PREFIX}/r{r + 1}"
     return {
-        f"{name}/logit_mean": x.mean(),
-        f"{name}/logit_std": x.std(unbiased=False),
-        f"{name}/logit_max_abs": x.abs().max(),
-        f"{name}/saturated": ((s < SATURATION_EPS) | (s > 1 - SATURATION_EPS)).float().mean(),
-        f"{name}/bce": F.binary_cross_entropy_with_logits(x, selected[candidates].float()),
+        f"{name}/logit_mean": mean,
+        f"{name}/logit_std": var.sqrt(),
+        f"{name}/logit_max_abs": (x.abs() * w).amax(),
+        f"{name}/saturated": (sat * w).sum() / n,
+        f"{name}/bce": F.binary_cross_entropy_with_logits(x, selected.float(), weight=w, reduction="sum") / n,
     }
 
 

@@ -63,6 +63,11 @@ class ExpertChoiceRouter(nn.Module):
         return self.net(h).squeeze(-1).float()
 
 
+def top_k_size(capacity: float, seq_len: int) -> int:
+    """Tokens per sequence that expert choice keeps in training at this capacity."""
+    return seq_len if capacity >= 1.0 else max(1, int(capacity * seq_len))
+
+
 def expert_choice_select(
     logits: Tensor, candidates: Tensor, capacity: float, causal: bool, threshold: float
 ) -> Tensor:
@@ -71,8 +76,7 @@ def expert_choice_select(
         return candidates
     if causal:
         return candidates & (torch.sigmoid(logits) > threshold)
-    T = logits.shape[1]
-    k = max(1, int(capacity * T))
+    k = top_k_size(capacity, logits.shape[1])
     masked = logits.masked_fill(~candidates, float("-inf"))
     top = masked.topk(k, dim=1).indices
     chosen = torch.zeros_like(candidates).scatter_(1, top, True)
@@ -82,18 +86,17 @@ def expert_choice_select(
 def expert_choice_aux_losses(
     logits: Tensor, candidates: Tensor, selected: Tensor, smoothing: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """(BCE towards the selection, z-loss), both means over candidate tokens. With smoothing
-    eps the targets are eps / 1-eps: the BCE's minimum sits at |logit| = log((1-eps)/eps)
-    instead of at infinity (see evals/results/router.md)."""
-    x = logits[candidates]
-    if x.numel() == 0:
-        zero = logits.sum() * 0
-        return zero, zero
-    target = selected[candidates].float()
+    """(BCE towards the selection, z-loss), both means over candidate tokens (0 if none).
+    Masked means rather than boolean indexing: no data-dependent shapes, no host sync. With
+    smoothing eps the targets are eps / 1-eps: the BCE's minimum sits at |logit| =
+    log((1-eps)/eps) instead of at infinity (see evals/results/router.md)."""
+    w = candidates.float()
+    n = w.sum().clamp(min=1.0)
+    target = selected.float()
     if smoothing:
         target = target * (1.0 - 2.0 * smoothing) + smoothing
-    bce = F.binary_cross_entropy_with_logits(x, target)
-    return bce, x.pow(2).mean()
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=w, reduction="sum") / n
+    return bce, (logits.pow(2) * w).sum() / n
 
 
 class TokenChoiceRouter(nn.Module):
@@ -112,7 +115,7 @@ class TokenChoiceRouter(nn.Module):
         choice = (probs + self.bias).argmax(-1)
         if track_load:
             with torch.no_grad():
-                self.load += F.one_hot(choice[valid], self.num_depths).sum(0).to(self.load.dtype)
+                self.load += depth_counts(choice, valid, self.num_depths).to(self.load.dtype)
         return choice, probs, logits
 
     def _apply(self, fn, recurse: bool = True):
@@ -132,11 +135,20 @@ class TokenChoiceRouter(nn.Module):
         self.load.zero_()
 
 
+def depth_counts(choice: Tensor, valid: Tensor, num_depths: int) -> Tensor:
+    """Valid tokens [num_depths] that chose each depth (fixed shapes: no host sync, unlike
+    boolean indexing or F.one_hot, which checks its input's range on the host)."""
+    hits = choice.unsqueeze(-1) == torch.arange(num_depths, device=choice.device)
+    return (hits & valid.unsqueeze(-1)).flatten(0, -2).sum(0)
+
+
 def token_choice_aux_losses(choice: Tensor, probs: Tensor, logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """(Switch-style balancing loss N * sum_i f_i P_i, router z-loss), over valid tokens."""
     n = probs.shape[-1]
-    p = probs[valid]
-    f = F.one_hot(choice[valid], n).float().mean(0)
-    balance = n * (f * p.mean(0)).sum()
-    z = torch.logsumexp(logits[valid], -1).pow(2).mean()
+    w = valid.float().unsqueeze(-1)
+    count = w.sum().clamp(min=1.0)
+    f = depth_counts(choice, valid, n).float() / count
+    p_mean = (probs * w).flatten(0, -2).sum(0) / count
+    balance = n * (f * p_mean).sum()
+    z = (torch.logsumexp(logits, -1).pow(2) * w.squeeze(-1)).sum() / count
     return balance, z

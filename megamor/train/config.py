@@ -145,11 +145,15 @@ class TrainerConfig:
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
     device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once per machine (cached)
     verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
+    compile: str = "auto"  # torch.compile each layer: auto (on for CUDA, off for CPU) | true | false
     # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
     # export folder); its model config must equal `model`. Ignored when resuming a checkpoint.
     init_from: str | None = None
 
     def validate(self, path: str) -> None:
+        self.compile = str(self.compile).lower()
+        if self.compile not in ("auto", "true", "false"):
+            raise ConfigError(key(path, "compile"), f"must be auto, true or false, got {self.compile!r}")
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError(key(path, "max_steps"), "the run's length is not set: add trainer.max_steps=N "
                                                       "or trainer.max_tokens=N")
@@ -258,6 +262,10 @@ class ExperimentConfig:
         decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
         if warm + decay > steps:
             raise ConfigError(key(path, "schedule.warmup_steps"), f"warmup {warm} + decay {decay} steps exceed the {steps} training steps")
+        if self.trainer.compile == "true" and self.deepspeed.zero_stage == 3 and self.trainer.activation_checkpointing:
+            # Dynamo traces into ZeRO-3's parameter-release hook inside the checkpointed layer and fails.
+            raise ConfigError(key(path, "trainer.compile"), "true is not supported with deepspeed.zero_stage 3 and "
+                              "trainer.activation_checkpointing (use auto, which compiles only where it works, or false)")
 
     # -- derived ----------------------------------------------------------------------
     @property

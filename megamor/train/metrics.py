@@ -1,8 +1,8 @@
 """Training metrics: MoR-aware FLOPs, MFU/HFU, throughput, memory, router statistics.
 
 FLOPs are counted from what actually ran: each micro-batch's per-recursion token counts
-(`out.stats.tokens_per_step`) go through the model's `forward_flops`, so a recursion step
-costs only for the tokens routed to it. Training = 3 x forward (MFU, useful work); with
+(`out.stats.routed`, kept on the device and read once per optimizer step by `step_flops`) go
+through the model's `forward_flops`, so a recursion step costs only for the tokens routed to it. Training = 3 x forward (MFU, useful work); with
 activation recomputation the hardware also redoes the forward: 4 x (HFU).
 """
 
@@ -42,6 +42,14 @@ def batch_forward_flops(cfg: ModelConfig, batch: int, seq_len: int, tokens_per_s
         return batch * forward_flops(cfg, seq_len, [])
     per_seq = [n / batch for n in tokens_per_step]
     return batch * forward_flops(cfg, seq_len, per_seq)
+
+
+def step_flops(cfg: ModelConfig, shapes: list[tuple[int, int]], routed: list[torch.Tensor]) -> float:
+    """Training FLOPs (3 x forward) of an optimizer step's micro-batches: shapes [(B, T)] and
+    each micro-batch's routed counts [N_r] (device tensors; empty list without recursion),
+    read from the device in one transfer."""
+    counts = torch.stack(routed).tolist() if routed else [[] for _ in shapes]
+    return sum(3.0 * batch_forward_flops(cfg, B, T, n) for (B, T), n in zip(shapes, counts))
 
 
 def measure_cpu_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, trials: int = 3, reps: int = 3) -> float:

@@ -32,6 +32,10 @@ class RouterValidation:
         """Before a validation pass: the top-k pass of expert choice records router logits."""
         self.model.record_router = self.expert and not causal
 
+    def wants_logits(self, causal: bool) -> bool:
+        """This pass's per-token losses feed the depth-loss correlation (logits needed)."""
+        return self.has_depth and (causal or not self.expert)
+
     def stop(self) -> None:
         self.model.record_router = False
 
@@ -40,7 +44,7 @@ class RouterValidation:
         if self.expert and not causal:
             for r, logits, cand, sel in out.stats.get("router_trace", []):
                 self.agree[self.routed_steps.index(r)] += agreement_counts(logits, cand, sel, self.threshold)
-        if self.has_depth and (causal or not self.expert) and out.logits is not None:
+        if self.wants_logits(causal) and out.logits is not None:
             mask = targets != -100
             loss = F.cross_entropy(out.logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
             x, y = out.stats.depth[mask].double(), loss[mask].double()

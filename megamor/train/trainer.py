@@ -44,14 +44,15 @@ from megamor.train.checkpoint import (
 )
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.ds_config import deepspeed_config
+from megamor.train.engine import prepare_model
 from megamor.train.faults import Faults
 from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import (
     StepTimer,
     WindowStats,
-    batch_forward_flops,
     peak_memory_bytes,
     peak_tflops,
+    step_flops,
 )
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.router_eval import RouterValidation
@@ -128,8 +129,7 @@ class Trainer:
 
             load_init_weights(model, cfg.trainer.init_from)
         self.n_params = ParamCounts.of(model)  # before ZeRO-3 partitions them
-        if cfg.trainer.activation_checkpointing:
-            model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
+        self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.group_hparams = group_hparams(self.optimizer.param_groups)
         import deepspeed
@@ -151,7 +151,8 @@ class Trainer:
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
         self.logger.print(
             f"megamor: {cfg.name} | {self.n_params.describe()} | "
-            f"world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
+            f"world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}"
+            f"{' compiled' if self.compiled else ''} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
@@ -235,14 +236,15 @@ class Trainer:
         nonfinite = torch.zeros((), device=self.device)
         aux_names: list[str] = []
         aux_sum: torch.Tensor | None = None
-        routed = torch.zeros(nr, device=self.device)
+        routed_micro: list[torch.Tensor] = []  # per micro-batch [N_r], on the device until the step's end
         depth_hist = torch.zeros(nr + 1, device=self.device)
-        flops = 0.0
+        shapes: list[tuple[int, int]] = []
         for i, mb in enumerate(micro):
             with timer.data_section():
                 mb = self._to_device(mb)
             out = self.engine(
-                mb["input_ids"], targets=mb["targets"], position_ids=mb.get("position_ids"), doc_ids=mb.get("doc_ids")
+                mb["input_ids"], targets=mb["targets"], position_ids=mb.get("position_ids"), doc_ids=mb.get("doc_ids"),
+                return_logits=False,
             )
             lm = out.loss
             if inject_nan:
@@ -260,12 +262,16 @@ class Trainer:
                 aux_sum = torch.zeros(len(aux_names), device=self.device)
             if aux_names:
                 aux_sum += torch.stack([out.aux_losses[k].detach().float().reshape(()) for k in aux_names])
+            # Router statistics stay on the device (no host read inside the step's passes).
             st = out.stats
-            B, T = mb["input_ids"].shape
+            shapes.append(tuple(mb["input_ids"].shape))  # type: ignore[arg-type]
             if st is not None and nr:
-                routed += torch.tensor(st.tokens_per_step, dtype=torch.float32, device=self.device)
-                depth_hist += torch.bincount(st.depth.reshape(-1), minlength=nr + 1)[: nr + 1].float()
-            flops += 3.0 * batch_forward_flops(self.model.cfg, B, T, st.tokens_per_step if st is not None else [])
+                routed_micro.append(st.routed.float())
+                d = st.depth.reshape(-1)
+                depth_hist.index_add_(0, d, torch.ones_like(d, dtype=depth_hist.dtype))
+
+        flops = step_flops(self.model.cfg, shapes, routed_micro)  # the step's one host read of routing
+        routed = torch.stack(routed_micro).sum(0) if routed_micro else torch.zeros(nr, device=self.device)
 
         stop_flag = 1.0 if self.stop_request.requested else 0.0
         parts = [loss_sum.reshape(1), nonfinite.reshape(1), torch.tensor([stop_flag, flops], device=self.device)]
@@ -345,7 +351,8 @@ class Trainer:
                     first = first or batch
                     b = self._to_device(batch)
                     out = self.engine(b["input_ids"], targets=b["targets"], position_ids=b.get("position_ids"),
-                                      doc_ids=b.get("doc_ids"), causal_routing=causal)
+                                      doc_ids=b.get("doc_ids"), causal_routing=causal,
+                                      return_logits=router_val.wants_logits(causal))
                     if real:
                         n = float((b["targets"] != -100).sum())
                         sums += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=self.device)

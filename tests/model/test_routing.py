@@ -116,3 +116,32 @@ def test_loss_free_bias_stays_fp32_under_bf16_cast():
     assert m.depth_router.bias.dtype == torch.float32
     m.update_loss_free_bias(torch.tensor([1.0, 2.0, 3.0]))
     assert m.depth_router.bias[0].item() == pytest.approx(0.301, abs=1e-6)  # lost in bf16
+
+
+@pytest.mark.parametrize("router,causal", [("token_choice", False), ("expert_choice", True)])
+def test_bucketed_gather_lengths_change_nothing(monkeypatch, router, causal):
+    """Padding a data-dependent gathered length up to its bucket adds slots that are computed
+    and discarded: outputs and gradients equal those of the exact length."""
+    import megamor.model.mor as mor_module
+
+    m = mor(router, nr=3).train()
+    x = torch.randint(0, m.cfg.vocab_size, (3, 40))
+    results = []
+    for buckets in (4, 40):  # 40 buckets of 1 token: the exact length
+        monkeypatch.setattr(mor_module, "BUCKETS", buckets)
+        m.zero_grad()
+        out = m(x, targets=x, causal_routing=causal)
+        out.loss.backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (la, ga), (lb, gb) = results
+    assert (la - lb).abs().max().item() <= 1e-5
+    assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(ga, gb))
+
+
+def test_bucket_length_rule():
+    from megamor.model.mor import bucket_length
+
+    T = 2048  # buckets of 64 tokens
+    assert [bucket_length(n, T) for n in (0, 1, 64, 65, 2000, 2048)] == [0, 64, 64, 128, 2048, 2048]
+    assert len({bucket_length(n, T) for n in range(1, T + 1)}) == 32
+    assert [bucket_length(n, 20) for n in (1, 7, 20)] == [1, 7, 20]  # T <= 32: exact
