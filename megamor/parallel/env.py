@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -39,20 +38,10 @@ def free_port() -> int:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First hostname of a SLURM node list ("n[1-3],m" -> "n1"), via scontrol when present."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        hosts = out.stdout.split()
-        if hosts:
-            return hosts[0]
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    # Fallback parser for the common "prefix[a-b,c]" form.
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        return prefix + rest.rstrip("]").split(",")[0].split("-")[0]
-    return head
+    """First hostname of a SLURM node list ("n[1-3],m" -> "n1")."""
+    from megamor.parallel.launch import slurm_hosts
+
+    return slurm_hosts(nodelist)[0]
 
 
 def resolve_launch_env(env: MutableMapping[str, str] | None = None) -> LaunchEnv:
@@ -95,3 +84,17 @@ def peek_world_size(env: MutableMapping[str, str] | None = None) -> int:
     """The world size the launcher asks for, read without changing anything."""
     env = dict(os.environ if env is None else env)
     return resolve_launch_env(env).world_size
+
+
+def peek_local_world_size(env: MutableMapping[str, str] | None = None) -> int | None:
+    """Processes on this node as the launcher says (torchrun's LOCAL_WORLD_SIZE, srun's
+    SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE like "2(x2)"), or None when unknown."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    if env.get("SLURM_STEP_ID") is not None and "SLURM_PROCID" in env:
+        raw = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+        counts = {int(part.split("(")[0]) for part in raw.split(",") if part.split("(")[0].isdigit()}
+        if len(counts) == 1:
+            return counts.pop()
+    return None

@@ -48,12 +48,68 @@ def deepspeed_command(num_gpus: int, args: Sequence[str], module: str = TRAIN_MO
     return cmd + ["--module", module, *args]
 
 
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets: "a[1-2,4],b3" -> ["a[1-2,4]", "b3"]."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0:
+            raise ValueError(f"unbalanced ']' in SLURM node list {text!r}")
+        cur += ch
+    if depth:
+        raise ValueError(f"unbalanced '[' in SLURM node list {text!r}")
+    return [p for p in parts + [cur] if p]
+
+
+def _range_values(spec: str, where: str) -> list[str]:
+    """ "01-03,07" -> ["01", "02", "03", "07"] (zero padding kept: width of the range's start)."""
+    out = []
+    for item in spec.split(","):
+        lo, _, hi = item.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"bad range {item!r} in SLURM node list {where!r}")
+        if not hi:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {item!r} in SLURM node list {where!r}")
+        out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list, expanded as `scontrol show hostnames` does:
+    "gpu[01-03,07]" -> gpu01 gpu02 gpu03 gpu07; "a[1-2],b3" -> a1 a2 b3; several bracket
+    groups in one name expand as a product ("r[1-2]n[1-2]" -> r1n1 r1n2 r2n1 r2n2)."""
+    hosts: list[str] = []
+    for item in _split_top(nodelist.strip()):
+        if "[" not in item:
+            hosts.append(item)
+            continue
+        prefix, rest = item.split("[", 1)
+        spec, suffix = rest.split("]", 1)
+        for v in _range_values(spec, nodelist):
+            hosts += expand_nodelist(prefix + v + suffix)
+    return hosts
+
+
 def slurm_hosts(nodelist: str | None = None) -> list[str]:
+    """The allocation's hosts, in order: scontrol when present (it knows every syntax), else
+    `expand_nodelist`."""
     nodelist = nodelist or os.environ.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise RuntimeError("not inside a SLURM allocation (SLURM_JOB_NODELIST is unset)")
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        if out.stdout.split():
+            return out.stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return expand_nodelist(nodelist)
 
 
 def write_hostfile(path: str | Path, hosts: Sequence[str], slots: int) -> Path:

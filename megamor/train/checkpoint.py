@@ -305,18 +305,41 @@ def resolve_tag(run_or_ckpt: str | Path, tag: str | None = None) -> CheckpointRe
 
 def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a tag, whatever its ZeRO stage (zero_to_fp32 for
-    partitioned states; ZeRO-0 from the model-states file)."""
-    if any(ref.path.glob("*optim_states.pt")) and ref.meta.get("zero_stage", 0) > 0:
+    partitioned states; ZeRO-0 from the model-states file). A tensor-parallel tag holds one
+    set of files per TP rank (mp_rank_XX): each is consolidated, then the shards are merged."""
+    tp = int(ref.meta.get("tensor_parallel", 1))
+    if tp > 1:
+        from megamor.parallel.tensor_parallel import merge_shards
+
+        return merge_shards([_tp_rank_state_dict(ref, r) for r in range(tp)])
+    return _tp_rank_state_dict(ref, 0)
+
+
+def _tp_rank_state_dict(ref: CheckpointRef, tp_rank: int) -> dict[str, torch.Tensor]:
+    mp = f"mp_rank_{tp_rank:02d}"
+    optim = sorted(ref.path.glob(f"*{mp}_optim_states.pt"))
+    if optim and ref.meta.get("zero_stage", 0) > 0:
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
         )
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+        if not any(ref.path.glob("*mp_rank_01_optim_states.pt")):  # no tensor parallelism
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+        else:
+            # zero_to_fp32 reads only mp_rank_00 files: show it this rank's files alone, under that name.
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix=".tp-merge-", dir=ref.root) as tmp:
+                view = Path(tmp) / ref.tag
+                view.mkdir()
+                for f in [ref.path / f"{mp}_model_states.pt", *optim]:
+                    (view / f.name.replace(mp, "mp_rank_00")).symlink_to(f.resolve())
+                sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ref.tag)
     else:
-        files = sorted(ref.path.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise CheckpointError(f"{ref.path}: no model states file")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        f = ref.path / f"{mp}_model_states.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{ref.path}: no model states file {f.name}")
+        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
     return {k: v.detach().float().clone() for k, v in sd.items()}
 
 

@@ -136,6 +136,20 @@ class DeepSpeedSection:
             check_deepspeed_keys(self.config, key(path, "config"))
 
 
+TP_ZERO_STAGES = (0, 1, 2)
+
+
+@dataclass
+class ParallelConfig:
+    # Tensor-parallel size: ranks [k*N, (k+1)*N) shard every layer (keep them inside one node);
+    # the data-parallel size is world / N.
+    tensor: int = 1
+
+    def validate(self, path: str) -> None:
+        if self.tensor < 1:
+            raise ConfigError(key(path, "tensor"), f"must be >= 1, got {self.tensor}")
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int | None = None  # optimizer steps; or give max_tokens
@@ -246,6 +260,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -257,6 +272,16 @@ class ExperimentConfig:
             raise ConfigError(key(path, "name"), f"must be a non-empty name without '/', got {self.name!r}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(key(path, "data.seq_len"), f"{self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        tp = self.parallel.tensor
+        if tp > 1:
+            from megamor.parallel.tensor_parallel import layout_errors
+
+            for k, msg in layout_errors(self.model, tp):
+                raise ConfigError(key(path, k), msg)
+            if self.deepspeed.zero_stage not in TP_ZERO_STAGES:
+                raise ConfigError(key(path, "deepspeed.zero_stage"),
+                                  f"ZeRO-{self.deepspeed.zero_stage} is not supported with parallel.tensor={tp}; "
+                                  f"tensor parallelism runs with ZeRO stages {TP_ZERO_STAGES}")
         steps = self.max_steps
         warm = self.schedule.warmup(steps)
         decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
@@ -339,23 +364,39 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 
 # -- checks that need the launch environment or the file system ----------------------------
-def check_world(cfg: ExperimentConfig, world_size: int) -> int:
-    """The gradient-accumulation steps for this world size (data parallel = world)."""
-    b = cfg.batch
+def data_parallel_size(cfg: ExperimentConfig, world_size: int, local_world_size: int | None = None) -> int:
+    """world / parallel.tensor; raises naming the numbers when the layout is impossible."""
+    tp = cfg.parallel.tensor
     if world_size < 1:
         raise ConfigError("batch", f"world size must be >= 1, got {world_size}")
-    if b.global_batch_size % (b.micro_batch_size * world_size):
+    if world_size % tp:
+        raise ConfigError("parallel.tensor", f"{tp} does not divide the world size {world_size} (processes launched)")
+    if local_world_size and tp > 1 and local_world_size % tp:
+        raise ConfigError("parallel.tensor", f"{tp} does not divide the {local_world_size} processes per node: a "
+                                             "tensor-parallel group would span nodes")
+    return world_size // tp
+
+
+def check_world(cfg: ExperimentConfig, world_size: int) -> int:
+    """The gradient-accumulation steps for this world size (data parallel = world / tensor)."""
+    b = cfg.batch
+    dp = data_parallel_size(cfg, world_size)
+    if b.global_batch_size % (b.micro_batch_size * dp):
         raise ConfigError(
             "batch.global_batch_size",
             f"{b.global_batch_size} is not divisible by micro_batch_size {b.micro_batch_size} x "
-            f"data-parallel size {world_size} = {b.micro_batch_size * world_size}",
+            f"data-parallel size {dp} = {b.micro_batch_size * dp}"
+            + (f" (world {world_size} / parallel.tensor {cfg.parallel.tensor})" if cfg.parallel.tensor > 1 else ""),
         )
-    return b.accumulation_steps(world_size)
+    return b.accumulation_steps(dp)
 
 
 def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     """Every check that can fail before a process group exists. Returns the shards' tokenizer
     entry (hash, vocab_size, eos_id, ...)."""
+    from megamor.parallel.env import peek_local_world_size
+
+    data_parallel_size(cfg, world_size, peek_local_world_size())
     check_world(cfg, world_size)
     tokenizer = cfg.data.check_paths("data")
     vocab = int(tokenizer.get("vocab_size", 0))
@@ -370,11 +411,33 @@ def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any
     check_credentials(cfg.wandb.resolved_mode())
     if cfg.checkpoint.resume:
         check_resumable(cfg)
+        check_resume_layout(cfg, world_size)
     if cfg.trainer.init_from:
         from megamor.train.init_from import check_init_from
 
         check_init_from(cfg.trainer.init_from, cfg.model)
     return tokenizer
+
+
+def check_resume_layout(cfg: ExperimentConfig, world_size: int) -> None:
+    """Tensor-parallel checkpoints resume only at the TP x DP layout they were saved with: their
+    per-TP-rank files hold other slices of every matrix than another TP size would need (export
+    merges them into one model; `trainer.init_from` starts a new run from that at another TP)."""
+    from megamor.train.checkpoint import newest_complete
+
+    ref = newest_complete(cfg.run_path)
+    if ref is None:
+        return
+    tp_then, tp_now = int(ref.meta.get("tensor_parallel", 1)), cfg.parallel.tensor
+    dp_then, dp_now = ref.meta.get("dp_world_size"), world_size // tp_now
+    if tp_then != tp_now:
+        raise ConfigError("parallel.tensor", f"is {tp_now} but the checkpoint to resume ({ref.path}) was saved with "
+                                             f"parallel.tensor={tp_then}; resume with parallel.tensor={tp_then}, or start a "
+                                             f"new run_dir with trainer.init_from={cfg.run_path} (weights only)")
+    if tp_now > 1 and dp_then is not None and dp_then != dp_now:
+        raise ConfigError("parallel.tensor", f"{ref.path} was saved with tensor {tp_then} x data {dp_then}; this launch "
+                                             f"is tensor {tp_now} x data {dp_now}: a tensor-parallel run resumes only "
+                                             f"with the same layout (launch {tp_then * dp_then} processes)")
 
 
 def check_resumable(cfg: ExperimentConfig) -> None:

@@ -16,8 +16,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: ExperimentConfig, dp_size: int, load_universal: bool = False) -> dict[str, Any]:
-    gas = check_world(cfg, dp_size)
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """world_size: all processes (DeepSpeed divides by the mpu's data-parallel size itself)."""
+    gas = check_world(cfg, world_size)
     zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
     ds: dict[str, Any] = {
         "train_batch_size": cfg.batch.global_batch_size,

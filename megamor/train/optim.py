@@ -43,6 +43,8 @@ def skippable(cls: type) -> type:
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Two groups (decay / no decay), each parameter once even when tied or shared."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # Embeddings replaced from outside (vocab-parallel shards) mark their weight instead.
+    embedding_ids |= {id(p) for p in model.parameters() if getattr(p, "is_embedding", False)}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +52,10 @@ class RouterValidation:
             self.moments += torch.stack([x.new_tensor(float(x.numel())), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(),
                                          (x * y).sum()])
 
-    def results(self) -> dict[str, float]:
-        """All-reduced metrics (every rank must call this)."""
-        pdist.all_reduce_(self.agree)
-        pdist.all_reduce_(self.moments)
+    def results(self, group: Any = None) -> dict[str, float]:
+        """Metrics all-reduced over `group` (data parallel; every rank of it must call this)."""
+        pdist.all_reduce_(self.agree, group=group)
+        pdist.all_reduce_(self.moments, group=group)
         out: dict[str, float] = {}
         for i, r in enumerate(self.routed_steps):
             p, rec = precision_recall(self.agree[i].cpu())

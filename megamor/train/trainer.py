@@ -18,6 +18,7 @@ model is built plainly and activation checkpointing is switched on from here.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from megamor.train.metrics import (
     step_flops,
 )
 from megamor.train.optim import build_optimizer, group_hparams
+from megamor.train.parallelize import build_layout, parallelize
 from megamor.train.router_eval import RouterValidation
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
@@ -90,9 +92,11 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.device = device
-        self.rank, self.dp = env.rank, env.world_size
+        self.rank, self.world = env.rank, env.world_size
+        self.tp = cfg.parallel.tensor
+        self.dp = self.world // self.tp  # data-parallel size (check_world rejects the rest)
         self.is_main = self.rank == 0
-        self.gas = check_world(cfg, self.dp)
+        self.gas = check_world(cfg, self.world)
         self.tokenizer_info = tokenizer_info
         self.run_dir = cfg.run_path
         self.max_steps = cfg.max_steps
@@ -122,23 +126,28 @@ class Trainer:
             # Denormal floats (tiny gradients, Adam moments early in training) run ~10x slower
             # on x86; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
+        self.layout = build_layout(self.tp, self.world, self.rank)
         torch.manual_seed(cfg.seed)
-        model = MoRLM(cfg.model)
+        model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
         if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
             from megamor.train.init_from import load_init_weights
 
             load_init_weights(model, cfg.trainer.init_from)
-        self.n_params = ParamCounts.of(model)  # before ZeRO-3 partitions them
+        self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
+        parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
         self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.group_hparams = group_hparams(self.optimizer.param_groups)
         import deepspeed
 
-        ds_cfg = deepspeed_config(cfg, self.dp, load_universal=bool(plan and plan.universal))
+        ds_cfg = deepspeed_config(cfg, self.world, load_universal=bool(plan and plan.universal))
         with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury the banner
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
+                                                        mpu=self.layout.mpu)
         self.model: MoRLM = self.engine.module
-        self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size, self.rank, self.dp)
+        # The ranks of a TP group read the same batches: the loader only knows the DP grid.
+        self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
+                                         self.layout.dp_rank, self.dp)
         if plan is not None:
             self._resume(plan)
         self.wandb_id = pdist.broadcast_object(wandb_run_id(self.run_dir, self.wandb_id) if self.is_main else None)
@@ -151,7 +160,8 @@ class Trainer:
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
         self.logger.print(
             f"megamor: {cfg.name} | {self.n_params.describe()} | "
-            f"world {self.dp} | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}"
+            f"world {self.world}" + (f" = tensor {self.tp} x data {self.dp}" if self.tp > 1 else "")
+            + f" | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}"
             f"{' compiled' if self.compiled else ''} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
@@ -212,7 +222,7 @@ class Trainer:
                                   f"{self.tokenizer_info['hash'][:12]}")
         self.loader.load_state_dict(state["data"])
         rng = state.get("rng") or []
-        if len(rng) == self.dp:
+        if len(rng) == self.world:  # one entry per global rank (same layout: check_resume_layout)
             set_rng_state(rng[self.rank])
         else:  # another DP size: per-rank streams cannot map; derive them from the seed and step
             torch.manual_seed(self.cfg.seed + 1000003 * self.step + self.rank)
@@ -226,7 +236,8 @@ class Trainer:
         with timer.data_section():
             micro = [self.loader.next_batch() for _ in range(self.gas)]
         counts = [int((mb["targets"] != -100).sum()) for mb in micro]
-        n_global = pdist.all_reduce_(torch.tensor([float(sum(counts))], device=self.device))
+        # Over the DP group: the ranks of a TP group hold the same tokens (count them once).
+        n_global = pdist.all_reduce_(torch.tensor([float(sum(counts))], device=self.device), group=self.layout.dp_group)
         n_global_f = max(1.0, float(n_global.item()))
         step_no = self.step + 1
         inject_nan = self.faults.nan_loss(step_no)
@@ -278,7 +289,12 @@ class Trainer:
         if aux_sum is not None:
             parts.append(aux_sum)
         parts += [routed, depth_hist]
+        # Over the world (a stop signal on any rank stops all); every TP rank counted the same
+        # tokens, so per-token sums are divided by the TP size.
         vec = pdist.all_reduce_(torch.cat(parts).double())
+        if self.tp > 1:
+            vec[0] /= self.tp
+            vec[3:] /= self.tp
         values = vec.tolist()
         loss = values[0] / n_global_f
         skipped = values[1] > 0 or not math.isfinite(loss)
@@ -296,7 +312,7 @@ class Trainer:
         if not skipped:
             load = self.model.loss_free_load()
             if load is not None:
-                self.model.update_loss_free_bias(pdist.all_reduce_(load.to(self.device)))
+                self.model.update_loss_free_bias(pdist.all_reduce_(load.to(self.device), group=self.layout.dp_group))
 
         grad_norm = None
         if not skipped:
@@ -334,7 +350,8 @@ class Trainer:
             rounds = -(-n_batches // self.dp)  # equal forward counts on every rank (ZeRO-3 gathers)
             for suffix, causal in modes:
                 sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-                it = iter_eval_batches(es.dataset, bs, cfg.eval.max_batches, self.rank, self.dp, cfg.data.document_masking)
+                it = iter_eval_batches(es.dataset, bs, cfg.eval.max_batches, self.layout.dp_rank, self.dp,
+                                       cfg.data.document_masking)
                 first = None
                 router_val.start(causal)
                 for _ in range(rounds):
@@ -358,7 +375,7 @@ class Trainer:
                         sums += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=self.device)
                         router_val.update(out, b["targets"], causal)
                 router_val.stop()
-                pdist.all_reduce_(sums)
+                pdist.all_reduce_(sums, group=self.layout.dp_group)  # a TP group's ranks saw the same batches
                 s, n = sums.tolist()
                 results[f"val/{label}/loss{suffix}"] = s / max(n, 1.0)
                 totals[suffix][0] += s
@@ -366,7 +383,7 @@ class Trainer:
         for suffix, (s, n) in totals.items():
             results[f"val/loss{suffix}"] = s / max(n, 1.0)
         results["val/ppl"] = math.exp(min(results["val/loss"], 50.0))
-        results.update(router_val.results())
+        results.update(router_val.results(group=self.layout.dp_group))
         self.engine.train()
         return results
 
@@ -381,6 +398,7 @@ class Trainer:
                           f"{self.step}{where}: saving and exiting with {EXIT_PREEMPTED}")
         if self.last_saved_step != self.step and self.step > 0:
             self.save()
+        self._record_exit_status(EXIT_PREEMPTED)
         return EXIT_PREEMPTED
 
     # -- checkpointing -------------------------------------------------------------------
@@ -399,6 +417,7 @@ class Trainer:
         meta = {
             "tokens": self.tokens,
             "dp_world_size": self.dp,
+            "tensor_parallel": self.tp,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "precision": self.cfg.deepspeed.precision,
             "flops": self.flops_total,
@@ -465,6 +484,16 @@ class Trainer:
             self.logger.close()
         return exit_code
 
+    def _record_exit_status(self, code: int) -> None:
+        """Rank 0 writes the exit status to $MEGAMOR_EXIT_FILE before any rank may exit. Under
+        `srun --kill-on-bad-exit` the first rank to exit 75 gets the others killed, so srun's own
+        status can hide the stop; slurm/train.sbatch reads this file to decide on a requeue."""
+        path = os.environ.get("MEGAMOR_EXIT_FILE")
+        if path and self.is_main:
+            with atomic_open(Path(path), "w") as f:
+                f.write(f"{code}\n")
+        pdist.barrier()
+
     def _accumulate(self, w: WindowStats, r: StepResult) -> None:
         w.steps += 1
         w.time += r.time
@@ -500,7 +529,7 @@ class Trainer:
         for k, v in w.aux.items():
             m[f"train/{k}"] = v / good if good else float("nan")
         if self.peak_tflops and w.time:
-            achieved = w.flops / w.time / self.dp / 1e12  # per device
+            achieved = w.flops / w.time / self.world / 1e12  # per device
             m["perf/mfu"] = achieved / self.peak_tflops
             hw = 4.0 / 3.0 if self.cfg.trainer.activation_checkpointing else 1.0
             m["perf/hfu"] = achieved * hw / self.peak_tflops

@@ -25,7 +25,8 @@ EXPERIMENTS = sorted((repo_root() / "configs" / "experiments").glob("*.yaml"))
 def test_shipped_experiment_configs_load(path):
     cfg = load_experiment([path], ["data.train=[somewhere]"])
     assert cfg.max_steps >= 1
-    ds = deepspeed_config(cfg, dp_size=cfg.batch.global_batch_size // cfg.batch.micro_batch_size)
+    # One micro-batch per data-parallel rank; each DP rank is parallel.tensor processes.
+    ds = deepspeed_config(cfg, world_size=cfg.batch.global_batch_size // cfg.batch.micro_batch_size * cfg.parallel.tensor)
     assert ds["gradient_accumulation_steps"] == 1
 
 
@@ -143,6 +144,40 @@ def test_resuming_with_another_model_is_refused_before_launch(tiny_config, tmp_p
     assert e.value.key == "model.d_model" and "checkpoint.resume=false" in str(e.value)
     check_before_launch(load_experiment([tiny_config], [f"run_dir={tmp_path}", "model.d_model=128",
                                                         "checkpoint.resume=false"]), 1)
+
+
+@pytest.mark.parametrize("overrides, world, key, words", [
+    (["parallel.tensor=2"], 3, "parallel.tensor", ["2 does not divide the world size 3"]),
+    (["parallel.tensor=4"], 4, "model.n_kv_heads", ["2 is not divisible", "parallel.tensor=4"]),
+    (["parallel.tensor=2", "model.n_heads=2", "model.n_kv_heads=1"], 2, "model.n_kv_heads", ["1 is not divisible"]),
+    (["parallel.tensor=2", "model.vocab_size=513"], 2, "model.vocab_size", ["513 is not divisible", "pad"]),
+    (["parallel.tensor=2", "deepspeed.zero_stage=3"], 2, "deepspeed.zero_stage", ["ZeRO-3", "(0, 1, 2)"]),
+    (["parallel.tensor=2", "batch.global_batch_size=6", "batch.micro_batch_size=2"], 8, "batch.global_batch_size",
+     ["data-parallel size 4", "world 8 / parallel.tensor 2"]),
+])
+def test_impossible_tensor_parallel_layouts_name_the_numbers(tiny_config, overrides, world, key, words):
+    with pytest.raises(ConfigError) as e:
+        cfg = load_experiment([tiny_config], overrides)
+        check_before_launch(cfg, world)
+    assert e.value.key == key, str(e.value)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_tensor_group_must_fit_in_a_node(tiny_config, monkeypatch):
+    cfg = load_experiment([tiny_config], ["parallel.tensor=4", "model.n_kv_heads=4"])
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as e:
+        check_before_launch(cfg, 8)
+    assert e.value.key == "parallel.tensor" and "4 does not divide the 2 processes per node" in str(e.value)
+
+
+def test_impossible_layout_exits_2_before_any_process_group(tiny_config, tmp_path, capsys):
+    rc = main(["--config", str(tiny_config), f"run_dir={tmp_path / 'run'}", "parallel.tensor=2"])  # one process
+    assert rc == EXIT_CONFIG and not dist.is_initialized()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parallel.tensor" in err[0] and "2 does not divide the world size 1" in err[0]
 
 
 # -- the front door: files, overrides, lists, raw DeepSpeed keys, run length ---------------

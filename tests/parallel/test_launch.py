@@ -1,0 +1,51 @@
+"""SLURM node lists -> hosts and hostfiles, and the launcher variables -> ranks (no cluster needed)."""
+
+import subprocess
+
+import pytest
+
+from megamor.parallel.env import peek_local_world_size, resolve_launch_env
+from megamor.parallel.launch import expand_nodelist, write_hostfile
+
+CASES = {
+    "gpu[01-03,07]": ["gpu01", "gpu02", "gpu03", "gpu07"],
+    "a[1-2],b3": ["a1", "a2", "b3"],
+    "node[098-101]": ["node098", "node099", "node100", "node101"],
+    "n7": ["n7"],
+    "r[1-2]n[08-09],login": ["r1n08", "r1n09", "r2n08", "r2n09", "login"],
+}
+
+
+@pytest.mark.parametrize("nodelist", sorted(CASES))
+def test_expand_nodelist(nodelist):
+    assert expand_nodelist(nodelist) == CASES[nodelist]
+
+
+def test_expand_nodelist_agrees_with_scontrol(slurm_cluster):
+    for nodelist, want in CASES.items():
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             env=slurm_cluster.env, check=True)
+        assert out.stdout.split() == want == expand_nodelist(nodelist)
+
+
+@pytest.mark.parametrize("bad", ["gpu[01-03", "gpu]1[", "gpu[a-b]", "gpu[5-2]"])
+def test_bad_nodelist_is_refused(bad):
+    with pytest.raises(ValueError, match="SLURM node list"):
+        expand_nodelist(bad)
+
+
+def test_hostfile(tmp_path):
+    path = write_hostfile(tmp_path / "hostfile", expand_nodelist("gpu[01-02]"), slots=8)
+    assert path.read_text() == "gpu01 slots=8\ngpu02 slots=8\n"
+
+
+def test_srun_variables_become_ranks_and_local_world():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[01-03,07]", "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+           "PATH": "/nonexistent"}  # no scontrol: the built-in parser answers
+    le = resolve_launch_env(env)
+    assert (le.rank, le.local_rank, le.world_size, le.launcher) == (5, 1, 8, "slurm")
+    assert le.master_addr == "gpu01" and le.master_port == 20000 + 1234
+    assert peek_local_world_size(env) == 2
+    assert peek_local_world_size({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}) == 4
+    assert peek_local_world_size({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2,1"}) is None
