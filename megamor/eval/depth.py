@@ -42,10 +42,14 @@ class DepthTrace:
     depth: np.ndarray  # [n] recursion steps each token's position ran
     loss: np.ndarray  # [n] NLL (nats) of the next token predicted at each position; nan for the last
     num_recursions: int
+    # Expert choice: {step (1-based): [causal & topk, causal, topk] token counts}, the causal
+    # choice against a top-k pass over the same windows (megamor.model.router_health)
+    agreement: dict[int, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"pieces": self.pieces, "ids": self.ids.tolist(), "depth": self.depth.tolist(),
-                "loss": [None if math.isnan(x) else round(float(x), 4) for x in self.loss], "num_recursions": self.num_recursions}
+                "loss": [None if math.isnan(x) else round(float(x), 4) for x in self.loss], "num_recursions": self.num_recursions,
+                "router_agreement": router_agreement([self])}
 
 
 def token_strings(tok: EvalTokenizer, ids: Sequence[int]) -> list[str]:
@@ -87,6 +91,7 @@ def trace_depth(
     depth = np.zeros(n, dtype=np.int64)
     loss = np.full(n, np.nan, dtype=np.float64)
     starts = list(range(0, n, L))
+    agreement: dict[int, list[float]] = {}
     was_training = model.training
     model.eval()
     try:
@@ -101,6 +106,7 @@ def trace_depth(
                 mask[r, :ln] = True
             padded = not bool(mask.all())
             out = model(x.to(device), attention_mask=mask.to(device) if padded else None, causal_routing=True)
+            _add_agreement(model, x.to(device), mask.to(device) if padded else None, agreement)
             lp = torch.log_softmax(out.logits.float(), -1).cpu()
             d = out.stats.depth.cpu()
             for r, (s, ln) in enumerate(zip(chunk, lens)):
@@ -115,7 +121,38 @@ def trace_depth(
     pieces = token_strings(tok, ids)
     if pieces[0].startswith(" ") and not text.startswith(" "):
         pieces[0] = pieces[0][1:]  # sentencepiece's dummy-prefix space
-    return DepthTrace(np.asarray(ids, dtype=np.int64), pieces, depth[1:], loss[1:], nr)
+    return DepthTrace(np.asarray(ids, dtype=np.int64), pieces, depth[1:], loss[1:], nr, agreement)
+
+
+def _add_agreement(model: torch.nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], acc: dict[int, list[float]]) -> None:
+    """Expert choice: a top-k pass over the same windows, counting where the causal choice agrees."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or cfg.router.type != "expert_choice" or not hasattr(model, "record_router"):
+        return
+    from megamor.model.router_health import agreement_counts
+
+    model.record_router = True
+    try:
+        out = model(x, attention_mask=mask, causal_routing=False, return_logits=False)
+    finally:
+        model.record_router = False
+    for r, logits, cand, sel in out.stats.get("router_trace", []):
+        c = agreement_counts(logits, cand, sel, cfg.router.causal_threshold).tolist()
+        acc[r + 1] = [a + b for a, b in zip(acc.get(r + 1, [0.0, 0.0, 0.0]), c)]
+
+
+def router_agreement(traces: Sequence[DepthTrace]) -> list[dict]:
+    """Per routed step: precision and recall of the causal choice against top-k."""
+    total: dict[int, list[float]] = {}
+    for t in traces:
+        for r, c in t.agreement.items():
+            total[r] = [a + b for a, b in zip(total.get(r, [0.0, 0.0, 0.0]), c)]
+    out = []
+    for r in sorted(total):
+        both, causal, top = total[r]
+        out.append({"step": r, "precision": both / causal if causal else float("nan"),
+                    "recall": both / top if top else float("nan"), "topk_tokens": int(top)})
+    return out
 
 
 # -- rendering -----------------------------------------------------------------------------
@@ -170,6 +207,7 @@ class DepthStats:
     loss_bins: list[dict] = field(default_factory=list)  # {lo, hi, tokens, mean_depth}: by next-token loss
     corr_depth_logfreq: float = float("nan")  # Spearman
     corr_depth_loss: float = float("nan")
+    router_agreement: list[dict] = field(default_factory=list)  # expert choice: causal vs top-k per step
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -207,6 +245,7 @@ def depth_statistics(traces: Sequence[DepthTrace], frequency: Optional[Counter] 
         tokens=len(depth),
         depth_counts=counts.tolist(),
         step_fraction=[float((depth >= r).mean()) for r in range(1, nr + 1)],
+        router_agreement=router_agreement(traces),
     )
     edges = 2.0 ** np.arange(0, math.ceil(math.log2(f.max())) + 2)
     stats.freq_bins = _bins(f, depth, edges)

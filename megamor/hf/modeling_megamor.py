@@ -111,10 +111,19 @@ def router_net(d: int, out: int, r: dict) -> nn.Module:
     return nn.Sequential(nn.Linear(d, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out, bias=False))
 
 
+class GateScale(nn.Module):
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha)))
+
+
 class ExpertRouter(nn.Module):
     def __init__(self, d: int, r: dict):
         super().__init__()
         self.net = router_net(d, 1, r)
+        # router.learn_alpha: a learned gate scale per step (megamor's routers.N.scale.alpha)
+        alpha = r.get("alpha")
+        self.scale = GateScale(alpha if alpha is not None else 0.1) if _get(r, "learn_alpha", False) else None
 
 
 class TokenRouter(nn.Module):
@@ -200,9 +209,10 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
     def _tied_weights_keys(self):  # transformers reads this to tie lm_head to the embedding
         return {"lm_head.weight": "embed_tokens.weight"} if self.config.tie_word_embeddings else {}
 
-    def _gate(self, logits: Tensor) -> Tensor:
+    def _gate(self, logits: Tensor, r: int) -> Tensor:
         act = torch.sigmoid(logits) if _get(self.r, "activation", "sigmoid") == "sigmoid" else torch.tanh(logits)
-        return self.gate_scale * act
+        scale = self.routers[r].scale
+        return (scale.alpha.float() if scale is not None else self.gate_scale) * act
 
     def _run_layers(self, layer_ids, site, h, pos, valid, rope, kv):
         for phys in layer_ids:
@@ -228,7 +238,7 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
                 logits = self.routers[r].net(h).squeeze(-1).float()
                 if self.capacities[r] < 1.0:
                     selected = active & (torch.sigmoid(logits) > thr)
-                gate = self._gate(logits)
+                gate = self._gate(logits, r)
             elif self.depth_router is not None:
                 if r == 0:
                     probs = self.depth_router.net(h).float().softmax(-1)

@@ -28,7 +28,6 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.model.layers import apply_rope, sdpa
 from megamor.model.mor import MoRLM
-from megamor.model.routers import gate_activation
 
 
 def default_buckets(model: MoRLM, slots: int, slack: float = 1.25) -> list[int]:
@@ -107,7 +106,7 @@ class GraphStep:
             sel = cand
             if model.routers is not None:
                 logits = model.routers[r](h)[:, 0]
-                gate = gate_activation(cfg.router, logits)
+                gate = model.routers[r].gate(logits)  # fixed or learned alpha (router.learn_alpha)
                 if cfg.capacities[r] < 1.0:
                     sel = cand & (torch.sigmoid(logits) > cfg.router.causal_threshold)
             elif model.depth_router is not None:

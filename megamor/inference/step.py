@@ -18,7 +18,6 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.model.layers import apply_rope, sdpa
 from megamor.model.mor import MoRLM
-from megamor.model.routers import gate_activation
 
 
 @dataclass
@@ -79,7 +78,7 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
         gate = None
         if model.routers is not None:
             logits = model.routers[r](hc)  # [a, 1]
-            gate = gate_activation(cfg.router, logits)
+            gate = model.routers[r].gate(logits)  # fixed or learned alpha (router.learn_alpha)
             if cfg.capacities[r] < 1.0:
                 keep = (torch.sigmoid(logits) > cfg.router.causal_threshold)[:, 0]
             else:

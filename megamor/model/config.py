@@ -23,8 +23,20 @@ class RouterConfig:
     alpha: Optional[float] = None  # None: 0.1 for expert choice, 1.0 for token choice
     network: str = "linear"  # linear | mlp
     mlp_hidden: int = 0  # hidden width of the mlp router; 0 means d_model // 4
-    aux_bce_coef: float = 0.001  # expert choice: BCE(selected) so a threshold decides causally
+    # Expert choice: BCE(selected) so a threshold decides causally. megamor's default router
+    # (0.01, label smoothing 0.1, learned alpha) keeps the logits bounded; the paper's is
+    # 0.001 with hard targets and a fixed alpha (configs/model/*/mor_expert_N_paper.yaml).
+    aux_bce_coef: float = 0.01
     z_loss_coef: float = 0.0
+    # Expert choice: BCE targets eps / 1-eps instead of 0 / 1, so the BCE no longer pulls the
+    # logits to +-inf (0.0 is the paper's; see evals/results/router.md).
+    bce_label_smoothing: float = 0.1
+    # Expert choice: also train the BCE at steps with capacity 1 (every candidate selected:
+    # an all-ones target that the causal routing never uses). True is the paper's behaviour.
+    bce_full_capacity_steps: bool = True
+    # Expert choice: the gate's scale alpha becomes a learned scalar per step (initialised to
+    # alpha), so the LM can ask for a larger update without saturating the sigmoid.
+    learn_alpha: bool = True
     causal_threshold: float = 0.5  # expert choice at eval/decoding: sigmoid(logit) > threshold
     balancing: str = "loss"  # token choice: loss | loss_free
     balance_coef: float = 0.1  # token choice, balancing=loss
@@ -45,6 +57,8 @@ class RouterConfig:
                 raise ConfigError(key(path, "capacity"), f"each capacity must be in (0, 1], got {caps}")
             if any(b > a for a, b in zip(caps, caps[1:])):
                 raise ConfigError(key(path, "capacity"), f"capacities must be non-increasing, got {caps}")
+        if not (0.0 <= self.bce_label_smoothing < 0.5):
+            raise ConfigError(key(path, "bce_label_smoothing"), f"must be in [0, 0.5), got {self.bce_label_smoothing}")
         if not (0.0 < self.causal_threshold < 1.0):
             raise ConfigError(key(path, "causal_threshold"), "must be in (0, 1)")
         if self.alpha is not None and self.alpha <= 0:

@@ -42,12 +42,12 @@ from megamor.model.config import ModelConfig
 from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
 from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
+from megamor.model.router_health import step_health
 from megamor.model.routers import (
     ExpertChoiceRouter,
     TokenChoiceRouter,
     expert_choice_aux_losses,
     expert_choice_select,
-    gate_activation,
     token_choice_aux_losses,
     top_k_size,
 )
@@ -151,6 +151,9 @@ class MoRLM(nn.Module):
         # parallelism replaces it from outside with a vocab-parallel one.
         self.lm_loss: LossFn = chunked_cross_entropy
         self._checkpoint_fn: Optional[CheckpointFn] = None
+        # Set from outside (validation, analysis): stats["router_trace"] then holds each routed
+        # expert-choice step's (step, logits, candidates, selected).
+        self.record_router = False
         self._sites = self._number_sites()
         self.reset_parameters()
 
@@ -182,7 +185,9 @@ class MoRLM(nn.Module):
         # Residual-branch outputs scaled down by the depth of the unrolled stack (GPT-2 style).
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.startswith("routers.") and name.endswith(".alpha"):  # router.learn_alpha
+                nn.init.constant_(p, self.cfg.router.gate_scale)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, out_std)
@@ -239,20 +244,29 @@ class MoRLM(nn.Module):
         length: Optional[int] = T
         exact = kv_cache is None  # a decoding cache stores exactly the slots that ran
         tc_choice = tc_gate = tc_lengths = None
+        health: dict[str, Tensor] = {}
+        trace: list[tuple[int, Tensor, Tensor, Tensor]] = []
+        n_bce = 0
         for r, (layer_ids, site_ids) in enumerate(zip(self.steps, self._sites["steps"])):
             selected, gate = active, None
             if self.routers is not None:
                 logits = self.routers[r](h)
                 capacity = self.cfg.capacities[r]
                 selected = expert_choice_select(logits, active, capacity, causal_routing, self.cfg.router.causal_threshold)
-                gate = gate_activation(self.cfg.router, logits)
+                gate = self.routers[r].gate(logits)
                 if capacity < 1.0:
                     everyone = False
                     length = top_k_size(capacity, T) if (exact and not causal_routing) else None
+                rc = self.cfg.router
                 if self.training and not causal_routing:
-                    bce, z = expert_choice_aux_losses(logits, active, selected)
-                    aux["router_bce"] = aux.get("router_bce", 0) + bce
+                    bce, z = expert_choice_aux_losses(logits, active, selected, rc.bce_label_smoothing)
+                    if rc.bce_full_capacity_steps or capacity < 1.0:
+                        aux["router_bce"] = aux.get("router_bce", 0) + bce
+                        n_bce += 1
                     aux["router_z"] = aux.get("router_z", 0) + z
+                    health.update(step_health(r, logits, active, selected))
+                if self.record_router and capacity < 1.0:
+                    trace.append((r, logits.detach(), active, selected))
             elif self.depth_router is not None:
                 if r == 0:
                     track = self.training and not causal_routing and self.cfg.router.balancing == "loss_free"
@@ -272,6 +286,8 @@ class MoRLM(nn.Module):
             routed.append(selected.sum())
             active = selected
 
+        if n_bce:
+            aux["router_bce"] = aux["router_bce"] / n_bce  # a mean over steps: comparable across N_r
         for phys, site in zip(self.coda, self._sites["coda"]):
             h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
         h = self.norm(h)
@@ -284,11 +300,13 @@ class MoRLM(nn.Module):
         n_valid = valid.sum() if valid is not None else torch.full((), B * T, device=h.device)  # no host copy
         routed_t = torch.stack(routed) if routed else torch.zeros(0, dtype=torch.long, device=h.device)
         stats = RouterStats(routed_t, depth if valid is None else depth * valid, n_valid)
+        if self.record_router:
+            stats["router_trace"] = trace
         return LMOutput(
             logits=logits,
             loss=loss,
             aux_loss=self._weighted_aux(aux, h),
-            aux_losses={k: v.detach() for k, v in aux.items()},
+            aux_losses={**{k: v.detach() for k, v in aux.items()}, **health},
             stats=stats,
         )
 

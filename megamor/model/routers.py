@@ -33,10 +33,30 @@ def gate_activation(r: RouterConfig, logits: Tensor) -> Tensor:
     return r.gate_scale * act
 
 
+class GateScale(nn.Module):
+    """A learned gate scale (router.learn_alpha), shape [1]: 1-D, so no weight decay; a module
+    of its own so that ZeRO-3 gathers it when called (DeepSpeed cannot broadcast 0-dim bf16)."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha)))
+
+    def forward(self, act: Tensor) -> Tensor:
+        return self.alpha.float() * act
+
+
 class ExpertChoiceRouter(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.net = router_network(cfg, 1)
+        self.cfg = cfg.router
+        self.scale = GateScale(cfg.router.gate_scale) if cfg.router.learn_alpha else None
+
+    def gate(self, logits: Tensor) -> Tensor:
+        """g = alpha * activation(logit), alpha fixed (router.alpha) or learned."""
+        if self.scale is None:
+            return gate_activation(self.cfg, logits)
+        return self.scale(torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits))
 
     def forward(self, h: Tensor) -> Tensor:
         """Router logits [B, T] (fp32)."""
@@ -63,12 +83,19 @@ def expert_choice_select(
     return chosen & candidates  # rows with fewer than k candidates keep all of them
 
 
-def expert_choice_aux_losses(logits: Tensor, candidates: Tensor, selected: Tensor) -> tuple[Tensor, Tensor]:
+def expert_choice_aux_losses(
+    logits: Tensor, candidates: Tensor, selected: Tensor, smoothing: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """(BCE towards the selection, z-loss), both means over candidate tokens (0 if none).
-    Masked means rather than boolean indexing: no data-dependent shapes, no host sync."""
+    Masked means rather than boolean indexing: no data-dependent shapes, no host sync. With
+    smoothing eps the targets are eps / 1-eps: the BCE's minimum sits at |logit| =
+    log((1-eps)/eps) instead of at infinity (see evals/results/router.md)."""
     w = candidates.float()
     n = w.sum().clamp(min=1.0)
-    bce = F.binary_cross_entropy_with_logits(logits, selected.float(), weight=w, reduction="sum") / n
+    target = selected.float()
+    if smoothing:
+        target = target * (1.0 - 2.0 * smoothing) + smoothing
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=w, reduction="sum") / n
     return bce, (logits.pow(2) * w).sum() / n
 
 

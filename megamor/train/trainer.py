@@ -59,6 +59,7 @@ from megamor.train.metrics import (
 )
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
+from megamor.train.router_eval import RouterValidation
 from megamor.train.safe_load import load as safe_load
 from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.train.schedule import LRSchedule
@@ -360,6 +361,7 @@ class Trainer:
         bs = cfg.eval_micro_batch_size
         results: dict[str, float] = {}
         totals = {suffix: [0.0, 0.0] for suffix, _ in modes}
+        router_val = RouterValidation(self.model, self.device)
         for idx, es in enumerate(build_eval_sets(cfg.data)):
             label = Path(es.name).name or f"valid{idx}"
             if len(cfg.data.valid) > 1:
@@ -373,6 +375,7 @@ class Trainer:
                 it = iter_eval_batches(es.dataset, bs, cfg.eval.max_batches, self.layout.dp_rank, self.dp,
                                        cfg.data.document_masking)
                 first = None
+                router_val.start(causal)
                 for _ in range(rounds):
                     self.faults.before_eval_batch(self.rank)
                     if self._stop_agreed():  # a long validation pass yields to a stop signal
@@ -387,10 +390,13 @@ class Trainer:
                     first = first or batch
                     b = self._to_device(batch)
                     out = self.engine(b["input_ids"], targets=b["targets"], position_ids=b.get("position_ids"),
-                                      doc_ids=b.get("doc_ids"), causal_routing=causal, return_logits=False)
+                                      doc_ids=b.get("doc_ids"), causal_routing=causal,
+                                      return_logits=router_val.wants_logits(causal))
                     if real:
                         n = float((b["targets"] != -100).sum())
                         sums += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=self.device)
+                        router_val.update(out, b["targets"], causal)
+                router_val.stop()
                 pdist.all_reduce_(sums, group=self.layout.dp_group)  # a TP group's ranks saw the same batches
                 s, n = sums.tolist()
                 results[f"val/{label}/loss{suffix}"] = s / max(n, 1.0)
@@ -399,6 +405,7 @@ class Trainer:
         for suffix, (s, n) in totals.items():
             results[f"val/loss{suffix}"] = s / max(n, 1.0)
         results["val/ppl"] = math.exp(min(results["val/loss"], 50.0))
+        results.update(router_val.results(group=self.layout.dp_group))
         self.engine.train()
         return results
 

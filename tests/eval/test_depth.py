@@ -74,3 +74,31 @@ def test_cli(mor_checkpoint, spm_path, tmp_path, capsys):
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["stats"]["num_recursions"] == 2 and "".join(data["traces"][0]["pieces"]) == TEXT
     assert (tmp_path / "d.html").is_file() and (tmp_path / "p" / "depth_histogram.png").is_file()
+
+
+def test_depth_analysis_reports_router_agreement(mor_model, tok):
+    """Expert choice: the trace counts, per routed step, where the causal choice agrees with a
+    top-k pass over the same windows; the statistics turn them into precision and recall."""
+    from megamor.eval.depth import depth_statistics, trace_depth
+    from megamor.model.router_health import agreement_counts
+
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    tr = trace_depth(mor_model, tok, text)
+    if mor_model.cfg.router.type != "expert_choice":
+        assert tr.agreement == {}
+        return
+    routed = [r + 1 for r, c in enumerate(mor_model.cfg.capacities) if c < 1.0]
+    assert sorted(tr.agreement) == routed
+    # the same counts from a direct top-k forward over the one window
+    ids = torch.tensor([[tok.eos_id] + tok.encode(text)])
+    mor_model.record_router = True
+    try:
+        out = mor_model(ids, causal_routing=False)
+    finally:
+        mor_model.record_router = False
+    for r, logits, cand, sel in out.stats["router_trace"]:
+        assert tr.agreement[r + 1] == agreement_counts(logits, cand, sel, mor_model.cfg.router.causal_threshold).tolist()
+    stats = depth_statistics([tr])
+    assert [a["step"] for a in stats.router_agreement] == routed
+    assert all(0.0 <= a["recall"] <= 1.0 for a in stats.router_agreement)
+    assert "router_agreement" in tr.to_dict()

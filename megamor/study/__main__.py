@@ -1,0 +1,120 @@
+"""python -m megamor.study configs/studies/X.yaml [key=value ...] [--plan | --index I | --report | --submit]
+
+Trains every variant x seed of the study at its FLOP (or token) budget, one after another,
+evaluates each and writes the report (table + plots). Rerunning resumes an unfinished run
+from its newest checkpoint and recomputes nothing that is done.
+
+  --plan     prepare raw-text data (if the study has some), print each run's budget and exit
+  --index I  train and evaluate run I only (a SLURM array task; see slurm/study.sbatch)
+  --report   only write the report from the results present
+  --submit   prepare the data, then submit the runs as a SLURM job array and the report as a
+             job that waits for it (extra sbatch options after --sbatch, e.g. --sbatch --partition=gpu)
+
+Exit codes: 0 done, 2 bad configuration, else the failing run's megamor.train exit code
+(75: stopped by a signal after a checkpoint; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+
+from megamor.config import ConfigError
+from megamor.train.signals import EXIT_CONFIG
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m megamor.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="configs/studies/<name>.yaml")
+    p.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[1] out_dir=/tmp/s")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--plan", action="store_true")
+    g.add_argument("--index", type=int, default=None)
+    g.add_argument("--report", action="store_true")
+    g.add_argument("--submit", action="store_true")
+    p.add_argument("--sbatch", nargs=argparse.REMAINDER, default=[], help="extra sbatch options (with --submit)")
+    return p.parse_args(argv)
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(["python -m megamor.study", shlex.quote(args.config), *map(shlex.quote, args.overrides)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megamor.study.config import load_study
+    from megamor.study.data import data_paths, is_prepared, prepare
+    from megamor.study.plan import plan_runs
+
+    try:
+        try:
+            study = load_study(args.config, args.overrides)
+        except (TypeError, KeyError) as e:  # OmegaConf merging an override of the wrong shape
+            raise ConfigError("overrides", f"{' '.join(args.overrides)}: {e}") from None
+        if args.index is not None and not is_prepared(study):
+            raise ConfigError("data", f"not prepared under {data_paths(study)[0].parent}: run "
+                                      f"`{_command(args)} --plan` (or --submit) first")
+        shards, tok = data_paths(study)
+        runs = plan_runs(study, shards, tok)  # every run's config checked before any work
+        if not args.report and not (args.plan and study.data.shards):  # --plan needs no ready shards
+            prepare(study)
+        if args.index is not None and not 0 <= args.index < len(runs):
+            raise ConfigError("--index", f"{args.index} is out of range: the study has {len(runs)} runs (0-{len(runs) - 1})")
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RuntimeError as e:  # data preparation failed (its own message is above)
+        print(f"megamor.study: {e}", file=sys.stderr)
+        return 1
+
+    from megamor.study.report import write_report
+    from megamor.study.run import RunFailed, is_done, run_one
+
+    if args.plan:
+        print(f"{'#':>3} {'run':<28} {'GFLOPs/token':>13} {'steps':>7} {'tokens':>13} {'FLOPs':>10}  done")
+        for r in runs:
+            print(f"{r.index:>3} {r.name:<28} {r.forward_flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
+                  f"{r.budget.tokens:>13,} {r.budget.flops:>10.3e}  {'yes' if is_done(r) else 'no'}")
+        return 0
+    if args.submit:
+        return submit(args, len(runs))
+    todo = runs if args.index is None else [runs[args.index]]
+    if not args.report:
+        for r in todo:
+            try:
+                run_one(study, r)
+            except RunFailed as e:
+                print(f"megamor.study: {e}", file=sys.stderr)
+                return e.rc
+        if args.index is not None:
+            return 0
+    import json
+
+    results = [json.loads(r.result_path.read_text()) for r in runs if is_done(r)]
+    pending = [r.name for r in runs if not is_done(r)]
+    path = write_report(study, results, pending, _command(args))
+    print(f"megamor.study: {len(results)}/{len(runs)} runs done; report: {path}")
+    return 0
+
+
+def submit(args: argparse.Namespace, n_runs: int) -> int:
+    base = ["sbatch", "--parsable", *args.sbatch]
+    cfg = [args.config, *args.overrides]
+    r = subprocess.run([*base, f"--array=0-{n_runs - 1}", "slurm/study.sbatch", *cfg], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"megamor.study: sbatch failed: {r.stderr.strip()}", file=sys.stderr)
+        return 1
+    job = r.stdout.strip().split(";")[0]
+    r2 = subprocess.run([*base, f"--dependency=afterany:{job}", "slurm/study.sbatch", *cfg], capture_output=True, text=True)
+    if r2.returncode != 0:
+        print(f"megamor.study: sbatch (report) failed: {r2.stderr.strip()}", file=sys.stderr)
+        return 1
+    print(f"megamor.study: submitted runs as array job {job} (0-{n_runs - 1}), report as job {r2.stdout.strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The study file: variants x seeds trained at one FLOP (or token) budget, then evaluated.
+
+    name: small_cpu
+    experiment: configs/experiments/demo.yaml     # base experiment of every run
+    overrides: [batch.global_batch_size=16]       # applied to every run
+    budget: {flops: 1.0e15, count: forward}       # or {tokens: 5000000}
+    seeds: [1, 2]
+    data: {text: [${oc.env:MEGAMOR_DATA_DIR}/gutenberg], vocab_size: 4096}
+    variants:
+      - {name: vanilla, model_config: configs/model/33m/vanilla.yaml, overrides: [model.d_model=128]}
+    eval: {fewshot_tasks: [piqa, arc_easy], fewshot_limit: 100}
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megamor.config import ConfigError, key, load_config
+
+BUDGET_COUNTS = ("forward", "training")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class BudgetConfig:
+    flops: Optional[float] = None  # per run; each variant's tokens = flops / FLOPs per token
+    tokens: Optional[int] = None  # or the same tokens for every variant (iso-data)
+    # forward: FLOPs of the forward pass (the paper's 16.5e18 at 360M is forward FLOPs x ~20B
+    # tokens); training: 3 x forward.
+    count: str = "forward"
+
+    def validate(self, path: str) -> None:
+        if (self.flops is None) == (self.tokens is None):
+            raise ConfigError(key(path, "flops"), "give exactly one of budget.flops and budget.tokens")
+        if self.flops is not None and not self.flops > 0:
+            raise ConfigError(key(path, "flops"), f"must be positive, got {self.flops}")
+        if self.tokens is not None and self.tokens < 1:
+            raise ConfigError(key(path, "tokens"), f"must be >= 1, got {self.tokens}")
+        if self.count not in BUDGET_COUNTS:
+            raise ConfigError(key(path, "count"), f"must be one of {BUDGET_COUNTS}, got {self.count!r}")
+
+
+@dataclass
+class VariantConfig:
+    name: str = ""
+    model_config: str = ""  # a configs/model/*.yaml
+    overrides: list[str] = field(default_factory=list)  # experiment keys, e.g. model.router.alpha=1.0
+
+    def validate(self, path: str) -> None:
+        if not _NAME.match(self.name or ""):
+            raise ConfigError(key(path, "name"), f"must be a plain name (letters, digits, _ . -), got {self.name!r}")
+        if not self.model_config:
+            raise ConfigError(key(path, "model_config"), "is required")
+        for o in self.overrides:
+            if "=" not in o:
+                raise ConfigError(key(path, "overrides"), f"{o!r} must look like key=value")
+
+
+@dataclass
+class StudyDataConfig:
+    # Raw text (files or folders: .txt/.jsonl/.parquet; other extensions are read as .txt),
+    # prepared once into OUT/data/{tokenizer,shards}. Or give ready `shards` (+ `tokenizer`).
+    text: list[str] = field(default_factory=list)
+    vocab_size: int = 4096
+    valid_fraction: float = 0.02
+    txt_mode: str = "paragraph"
+    shards: Optional[str] = None
+    tokenizer: Optional[str] = None
+
+    def validate(self, path: str) -> None:
+        if not self.text and not self.shards:
+            raise ConfigError(key(path, "text"), "give raw text files (data.text) or prepared shards (data.shards)")
+        if self.shards and not self.tokenizer:
+            raise ConfigError(key(path, "tokenizer"), "prepared shards need their tokenizer")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(key(path, "valid_fraction"), f"must be in (0, 1), got {self.valid_fraction}")
+
+
+@dataclass
+class StudyEvalConfig:
+    val_max_batches: int = 20  # validation windows: the first val_max_batches x val_batch_size
+    val_batch_size: int = 8
+    fewshot_tasks: list[str] = field(default_factory=list)  # megamor.eval task names
+    fewshot_limit: Optional[int] = 100  # examples per task
+    num_fewshot: int = 0
+    fewshot_data_dir: Optional[str] = None  # default $MEGAMOR_DATA_DIR
+    depth_plots: bool = True  # per run: depth histogram, depth vs loss (validation tokens)
+
+    def validate(self, path: str) -> None:
+        if self.val_max_batches < 1 or self.val_batch_size < 1:
+            raise ConfigError(key(path, "val_max_batches"), "val_max_batches and val_batch_size must be >= 1")
+        if self.fewshot_limit is not None and self.fewshot_limit < 1:
+            raise ConfigError(key(path, "fewshot_limit"), "must be >= 1 (or null for every example)")
+
+
+@dataclass
+class StudyConfig:
+    name: str = ""
+    experiment: str = ""  # base experiment YAML of every run
+    overrides: list[str] = field(default_factory=list)  # experiment keys for every run
+    out_dir: Optional[str] = None  # default runs/studies/<name>
+    report_dir: Optional[str] = None  # table + plots; default out_dir
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    nproc: int = 1  # processes per run (torchrun when > 1)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    data: StudyDataConfig = field(default_factory=StudyDataConfig)
+    variants: list[VariantConfig] = field(default_factory=list)
+    eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)
+
+    def validate(self, path: str = "") -> None:
+        if not _NAME.match(self.name or ""):
+            raise ConfigError(key(path, "name"), f"must be a plain name (letters, digits, _ . -), got {self.name!r}")
+        if not self.experiment:
+            raise ConfigError(key(path, "experiment"), "is required (the base experiment YAML of every run)")
+        if not self.variants:
+            raise ConfigError(key(path, "variants"), "list at least one variant")
+        for i, v in enumerate(self.variants):  # list items are not reached by validate_tree
+            v.validate(key(path, f"variants[{i}]"))
+        names = [v.name for v in self.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(key(path, "variants"), f"duplicate variant names: {dup}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(key(path, "seeds"), f"must be distinct and non-empty, got {list(self.seeds)}")
+        if self.nproc < 1:
+            raise ConfigError(key(path, "nproc"), "must be >= 1")
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path("runs") / "studies" / self.name
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.report_dir) if self.report_dir else self.out_path
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    return load_config(StudyConfig, path, overrides=overrides or [])

@@ -1,0 +1,78 @@
+"""The study's data, prepared once: a tokenizer and train/valid shards from raw text.
+
+Runs the same data_prep commands a user would (printed as they run); each step is skipped
+when its output exists, so rerunning a study costs nothing here. Text files with an extension
+the readers do not know (WikiText's .raw) are linked in as .txt.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from megamor.config import ConfigError
+from megamor.env import repo_root
+from megamor.study.config import StudyConfig
+
+KNOWN = (".txt", ".jsonl", ".gz", ".zst", ".parquet")
+
+
+def data_paths(study: StudyConfig) -> tuple[Path, Path]:
+    """(shards, tokenizer) folders the runs train on."""
+    d = study.data
+    if d.shards:
+        return Path(d.shards).resolve(), Path(d.tokenizer or "").resolve()
+    root = study.out_path.resolve() / "data"
+    return root / "shards", root / "tokenizer"
+
+
+def is_prepared(study: StudyConfig) -> bool:
+    shards, tok = data_paths(study)
+    return (shards / "manifest.json").is_file() and (tok / "tokenizer.model").is_file()
+
+
+def _text_folder(study: StudyConfig, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, item in enumerate(study.data.text):
+        src = Path(os.path.expandvars(item)).expanduser()
+        if not src.exists():
+            raise ConfigError(f"data.text[{i}]", f"not found: {item}")
+        files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+        for f in files:
+            if f.name.upper().startswith(("LICENSE", "README")):
+                continue
+            name = f.name if f.name.endswith(KNOWN) else f"{f.stem}.txt"
+            link = folder / f"{i:02d}_{name}"
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    return folder
+
+
+def _run(cmd: list[str]) -> None:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    r = subprocess.run(cmd, cwd=repo_root(), check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"data preparation failed (exit {r.returncode}): {' '.join(cmd)}")
+
+
+def prepare(study: StudyConfig) -> tuple[Path, Path]:
+    shards, tok = data_paths(study)
+    if study.data.shards:
+        for p, what in ((shards / "manifest.json", "data.shards"), (tok, "data.tokenizer")):
+            if not p.exists():
+                raise ConfigError(what, f"not found: {p}")
+        return shards, tok
+    d = study.data
+    py = sys.executable
+    if not (tok / "tokenizer.model").is_file() or not (shards / "manifest.json").is_file():
+        text = _text_folder(study, shards.parent / "text")
+    if not (tok / "tokenizer.model").is_file():
+        _run([py, "data_prep/train_tokenizer.py", str(text), "--out", str(tok), "--vocab-size", str(d.vocab_size),
+              "--txt-mode", d.txt_mode, "--num-threads", "1"])
+    if not (shards / "manifest.json").is_file():
+        _run([py, "data_prep/tokenize_and_shard.py", str(text), "--tokenizer", str(tok), "--out", str(shards),
+              "--workers", "1", "--txt-mode", d.txt_mode, "--valid-fraction", str(d.valid_fraction), "--no-progress"])
+    return shards, tok

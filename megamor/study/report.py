@@ -1,0 +1,152 @@
+"""The study's report: a markdown table (mean and spread over seeds per variant) and plots.
+
+    report.md                 the table, the budget, the command, runs still pending
+    val_loss_vs_flops.png     validation loss (top-k routing) against FLOPs, one line per run
+    depth_histograms.png      share of validation tokens at each depth, per variant
+    depth_vs_loss.png         mean depth against next-token loss, per variant
+    results.json              every run's result
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from megamor.data.atomic import atomic_open, write_json
+from megamor.study.config import StudyConfig
+
+COLUMNS = [  # (header, result key, format)
+    ("N_r", "num_recursions", "{:.0f}"),
+    ("params (non-emb)", "params_non_embedding", "{:,.0f}"),
+    ("tokens", "tokens", "{:,.0f}"),
+    ("FLOPs", "flops", "{:.3g}"),
+    ("val loss (top-k)", "val_loss", "{:.4f}"),
+    ("val loss (causal)", "val_loss_causal", "{:.4f}"),
+    ("few-shot avg", "fewshot_avg", "{:.4f}"),
+    ("mean depth", "mean_depth", "{:.3f}"),
+    ("router recall (min step)", "router_recall_min", "{:.3f}"),
+    ("router precision (min step)", "router_precision_min", "{:.3f}"),
+    ("corr(depth, loss)", "corr_depth_loss", "{:.3f}"),
+]
+SPREAD = {"val_loss", "val_loss_causal", "fewshot_avg", "mean_depth", "router_recall_min", "router_precision_min",
+          "corr_depth_loss"}
+
+
+def _num(x: Any) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+def summarize(values: Sequence[Any]) -> tuple[float, float]:
+    """(mean, sample standard deviation; nan with one seed) over the finite values."""
+    xs = [v for v in (_num(x) for x in values) if math.isfinite(v)]
+    if not xs:
+        return math.nan, math.nan
+    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan)
+
+
+def _cell(fmt: str, mean: float, sd: float, spread: bool) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    s = fmt.format(mean)
+    return f"{s} ± {fmt.format(sd)}" if spread and math.isfinite(sd) else s
+
+
+def table(study: StudyConfig, results: list[dict[str, Any]]) -> str:
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["variant"], []).append(r)
+    head = "| variant | seeds | " + " | ".join(h for h, _, _ in COLUMNS) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(COLUMNS)]
+    for v in study.variants:
+        rs = by.get(v.name, [])
+        if not rs:
+            lines.append(f"| {v.name} | 0 |" + " pending |" * len(COLUMNS))
+            continue
+        cells = []
+        for _, k, fmt in COLUMNS:
+            m, sd = summarize([r.get(k) for r in rs])
+            cells.append(_cell(fmt, m, sd, k in SPREAD))
+        lines.append(f"| {v.name} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(study: StudyConfig, results: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    colours = {v.name: f"C{i % 10}" for i, v in enumerate(study.variants)}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in sorted(results, key=lambda r: (r["variant"], r["seed"])):
+        curve = r.get("val_curve") or []
+        if curve:
+            xs, ys = zip(*curve)
+            first = r["seed"] == min(x["seed"] for x in results if x["variant"] == r["variant"])
+            ax.plot(xs, ys, marker="o", ms=3, color=colours.get(r["variant"]), label=r["variant"] if first else None)
+    ax.set_xlabel(f"FLOPs ({study.budget.count})")
+    ax.set_ylabel("validation loss (top-k routing)")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "val_loss_vs_flops.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    routed = [v.name for v in study.variants if any(r["variant"] == v.name and r.get("depth_counts") for r in results)]
+    if routed:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        width = 0.8 / len(routed)
+        for i, name in enumerate(routed):
+            rs = [r for r in results if r["variant"] == name and r.get("depth_counts")]
+            counts = np.sum([np.asarray(r["depth_counts"], dtype=float) for r in rs], axis=0)
+            share = counts / max(1.0, counts.sum())
+            a1.bar(np.arange(len(share)) + (i - (len(routed) - 1) / 2) * width, share, width, label=name, color=colours[name])
+            bins = rs[0].get("depth_loss_bins") or []
+            if bins:
+                a2.plot([(b["lo"] + b["hi"]) / 2 for b in bins], [b["mean_depth"] for b in bins], marker="o",
+                        color=colours[name], label=f"{name} (rho {rs[0].get('corr_depth_loss', math.nan):.2f})")
+        a1.set_xlabel("recursion depth")
+        a1.set_xticks(range(max(len(r.get("depth_counts") or []) for r in results)))
+        a1.set_ylabel("share of validation tokens")
+        a1.legend(fontsize=7)
+        a2.set_xlabel("next-token loss (nats)")
+        a2.set_ylabel("mean depth")
+        a2.grid(alpha=0.3)
+        a2.legend(fontsize=7)
+        a1.set_title("depth histogram (causal routing)", fontsize=9)
+        a2.set_title("depth against token loss (first seed)", fontsize=9)
+        fig.tight_layout()
+        written.append(out / "depth.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: list[str], command: str) -> Path:
+    out = study.report_path
+    out.mkdir(parents=True, exist_ok=True)
+    b = study.budget
+    budget = f"{b.flops:.3g} FLOPs ({b.count}) per run" if b.flops is not None else f"{b.tokens:,} tokens per run"
+    text = [f"# Study `{study.name}`", "", f"Budget: {budget}; seeds {list(study.seeds)}; `±` is the standard "
+            "deviation over seeds. Validation loss on the same windows with top-k routing (training's) and causal "
+            "routing (evaluation's); router recall/precision: the causal choice against top-k, worst routed step; "
+            "corr(depth, loss): Spearman over validation tokens, causal routing.", "",
+            f"Command: `{command}`", "", table(study, results)]
+    if pending:
+        text += ["", f"Pending runs: {', '.join(pending)}"]
+    plots = _plots(study, results, out) if results else []
+    text += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    with atomic_open(out / "report.md", "w") as f:
+        f.write("\n".join(text) + "\n")
+    write_json(out / "results.json", {"study": study.name, "results": results, "pending": pending})
+    return out / "report.md"

@@ -1,0 +1,111 @@
+"""One study run: train (a real `python -m megamor.train` process, resumed from its newest
+checkpoint when rerun), evaluate, and write `study_result.json` atomically. A run whose
+result file exists is done: nothing is recomputed."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from megamor.data.atomic import write_json
+from megamor.env import repo_root
+from megamor.parallel.launch import torchrun_command
+from megamor.study.config import StudyConfig
+from megamor.study.plan import RunSpec
+from megamor.train.checkpoint import newest_complete
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, run: RunSpec, rc: int):
+        self.rc = rc
+        super().__init__(f"run {run.name}: megamor.train exited with {rc}; rerun the study to resume it")
+
+
+def is_done(run: RunSpec) -> bool:
+    return run.result_path.is_file()
+
+
+def is_trained(run: RunSpec) -> bool:
+    ref = newest_complete(run.run_dir)
+    return ref is not None and ref.step >= run.budget.steps
+
+
+def train_command(study: StudyConfig, run: RunSpec) -> list[str]:
+    args = ["--config", str(run.config), *run.overrides]
+    if study.nproc > 1:
+        return torchrun_command(study.nproc, args, log_dir=run.run_dir / "torchrun-logs")
+    return [sys.executable, "-m", "megamor.train", *args]
+
+
+def train(study: StudyConfig, run: RunSpec) -> float:
+    """Train (or resume) until the run's final checkpoint exists; seconds spent."""
+    if is_trained(run):
+        return 0.0
+    cmd = train_command(study, run)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"\n== {run.name}: {run.budget.steps} steps, {run.budget.tokens:,} tokens, {run.budget.flops:.3e} FLOPs\n$ "
+          + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    t0 = time.time()
+    rc = subprocess.run(cmd, cwd=repo_root(), check=False).returncode
+    if rc != 0 or not is_trained(run):
+        raise RunFailed(run, rc if rc else 1)
+    return time.time() - t0
+
+
+def val_curve(run: RunSpec) -> list[list[float]]:
+    """[FLOPs, val loss] at every validation the trainer logged (FLOPs in the budget's count)."""
+    path = run.run_dir / "metrics.jsonl"
+    out: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if "val/loss" in rec:
+                out[int(rec["step"])] = float(rec["val/loss"])
+    per_step = run.budget.flops / run.budget.steps
+    return [[s * per_step, v] for s, v in sorted(out.items())]
+
+
+def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict[str, Any]:
+    import torch
+
+    from megamor.study.evaluate import depth_analysis, fewshot, validation
+    from megamor.train.checkpoint import load_model_from_run
+    from megamor.train.config import load_experiment
+
+    torch.manual_seed(run.seed)
+    exp = load_experiment([run.config], run.overrides)
+    model, _ = load_model_from_run(run.run_dir)
+    t0 = time.time()
+    res: dict[str, Any] = {
+        "run": run.name, "variant": run.variant, "seed": run.seed, "steps": run.budget.steps,
+        "tokens": run.budget.tokens, "flops": run.budget.flops, "flops_per_token": run.forward_flops_per_token,
+        "params": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
+        "num_recursions": model.cfg.num_recursions, "router": model.cfg.router.type, "kv_mode": model.cfg.kv_mode,
+        "train_seconds": train_seconds,
+    }
+    val, trace = validation(model, exp, study.eval)
+    res.update(val)
+    res.update(depth_analysis(trace, run.run_dir / "depth" if study.eval.depth_plots else None))
+    res.update(fewshot(model, Path(exp.data.tokenizer or ""), study.eval))
+    res["val_curve"] = val_curve(run)
+    res["eval_seconds"] = time.time() - t0
+    return res
+
+
+def run_one(study: StudyConfig, run: RunSpec) -> dict[str, Any]:
+    if is_done(run):
+        return json.loads(run.result_path.read_text())
+    seconds = train(study, run)
+    res = evaluate_run(study, run, seconds)
+    write_json(run.result_path, res)
+    print(f"== {run.name}: val loss {res['val_loss']:.4f} (causal {res['val_loss_causal']:.4f}) -> {run.result_path}",
+          flush=True)
+    return res

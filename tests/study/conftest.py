@@ -1,0 +1,65 @@
+"""A tiny study: two variants x one seed, a few steps each, on a slice of Tiny Shakespeare
+prepared by the study itself (tokenizer + shards)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megamor.env import shared_data_dir
+
+TINY_EXPERIMENT = """\
+name: tiny
+model:
+  vocab_size: 512
+  d_model: 64
+  n_heads: 4
+  n_kv_heads: 2
+  d_ff: 128
+  max_seq_len: 256
+data: {seq_len: 32}
+batch: {global_batch_size: 4, micro_batch_size: 2}
+optim: {lr: 3.0e-3}
+schedule: {warmup_steps: 0, decay_fraction: 0.0}
+trainer: {max_steps: 1, device_tflops_probe: false}
+deepspeed: {zero_stage: 0, precision: fp32}
+checkpoint: {every_steps: 2, keep_last: 2}
+eval: {every_steps: 2, max_batches: 1, at_end: true}
+logging: {log_every: 1, progress_bar: false}
+wandb: {mode: disabled}
+"""
+
+TINY_STUDY = """\
+name: tiny
+experiment: {experiment}
+out_dir: {out}
+seeds: [7]
+budget: {{flops: {flops}, count: forward}}
+data: {{text: [{text}], vocab_size: 512, valid_fraction: 0.05}}
+variants:
+  - {{name: vanilla, model_config: configs/model/33m/vanilla.yaml, overrides: [model.n_layers=4]}}
+  - name: mor2
+    model_config: configs/model/33m/mor_expert_2.yaml
+    overrides: [model.n_layers=4]
+eval: {{val_max_batches: 2, val_batch_size: 4, fewshot_tasks: [piqa], fewshot_limit: 4}}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
+    if not src.is_file():
+        pytest.skip(f"shared datasets not found at {shared_data_dir()} (set MEGAMOR_DATA_DIR)")
+    d = tmp_path_factory.mktemp("tiny_text")
+    (d / "shakespeare.raw").write_text(src.read_text()[:300_000])  # .raw: read as text by the study
+    return d / "shakespeare.raw"
+
+
+def write_study(folder: Path, text: Path, flops: float = 4.0e9) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    exp = folder / "tiny_experiment.yaml"
+    exp.write_text(TINY_EXPERIMENT)
+    path = folder / "tiny_study.yaml"
+    path.write_text(TINY_STUDY.format(experiment=exp, out=folder / "out", text=text, flops=flops))
+    return path

@@ -1,0 +1,89 @@
+"""The study end to end at a tiny size (two variants x one seed, a few steps each; real
+`python -m megamor.train` runs): killed mid-study it resumes without redoing finished runs;
+as a SLURM job array on the local cluster it produces the same report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megamor.env import repo_root
+from megamor.train.checkpoint import newest_complete
+from tests.study.conftest import write_study
+from tests.train.helpers import train_env
+
+
+def study_cmd(cfg: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megamor.study", str(cfg), *extra]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return train_env(tmp, {"WANDB_MODE": "disabled"})
+
+
+def _check_report(out: Path) -> None:
+    report = (out / "report.md").read_text()
+    assert "Pending" not in report
+    for v in ("| vanilla | 1 |", "| mor2 | 1 |"):
+        assert v in report
+    assert (out / "val_loss_vs_flops.png").stat().st_size > 0 and (out / "depth.png").stat().st_size > 0
+    results = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    mor = results["mor2"]
+    assert mor["router_agreement"] and 0.0 <= mor["router_recall_min"] <= 1.0
+    assert mor["val_loss_causal"] > 0 and mor["mean_depth"] > 1.0 and "corr_depth_loss" in mor
+    assert results["vanilla"]["tokens"] < mor["tokens"]  # MoR is cheaper per token: more tokens
+    assert "piqa" in mor["fewshot"] and len(mor["val_curve"]) >= 2
+
+
+def test_killed_study_resumes_without_redoing_finished_runs(tiny_text, tmp_path):
+    cfg = write_study(tmp_path, tiny_text)
+    out = tmp_path / "out"
+    first, second = out / "runs" / "vanilla-s7", out / "runs" / "mor2-s7"
+    proc = subprocess.Popen(study_cmd(cfg), cwd=repo_root(), env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while newest_complete(second) is None:  # the second run has a checkpoint: kill the lot
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "the study made no progress"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert (first / "study_result.json").is_file() and not (second / "study_result.json").is_file()
+    killed_at = newest_complete(second).step
+    kept = {p: p.stat().st_mtime_ns for p in (first / "study_result.json", first / "metrics.jsonl")}
+
+    r = subprocess.run(study_cmd(cfg), cwd=repo_root(), env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "== vanilla-s7" not in r.stdout  # the finished run was neither trained nor evaluated again
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert f"resumed from step {killed_at}" in r.stdout + r.stderr
+    _check_report(out)
+
+    # A third call recomputes nothing: no training process, same results.
+    before = (out / "results.json").read_text()
+    r = subprocess.run(study_cmd(cfg), cwd=repo_root(), env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "megamor.train" not in r.stdout and "2/2 runs done" in r.stdout
+    assert json.loads((out / "results.json").read_text())["results"] == json.loads(before)["results"]
+
+
+def test_study_as_slurm_job_array(slurm_cluster, tiny_text, tmp_path):
+    cfg = write_study(tmp_path, tiny_text, flops=2.5e8)
+    out = tmp_path / "out"
+    env = {**_env(tmp_path), **slurm_cluster.env, "PYTHON": sys.executable, "MEGAMOR_ROOT": str(repo_root())}
+    r = subprocess.run(study_cmd(cfg, "--submit", "--sbatch", "--ntasks=1", "--cpus-per-task=1", "--gpus-per-node=0",
+                                 f"--output={tmp_path}/slurm-%A_%a.out"),
+                       cwd=repo_root(), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report_job = int(r.stdout.strip().split("report as job ")[1].split(";")[0])
+    state = slurm_cluster.wait(report_job, timeout=900)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
+    assert state == "COMPLETED", logs[-4000:]
+    assert "run 0" in logs and "run 1" in logs  # one array task per run
+    _check_report(out)
