@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "rich",
         "zstandard",
+        "xxhash",  # checkpoint content hashes (megamor.train.integrity)
         "pyarrow",
         "matplotlib",
     ],

@@ -15,7 +15,9 @@ zero_to_fp32) into a self-contained folder:
     DIR/model.safetensors  the weights, Llama names for vanilla models, megamor names for MoR
     DIR/tokenizer.model    when the run's tokenizer is known
 
-Default DIR: RUN_DIR/export/<tag>.
+Default DIR: RUN_DIR/export/<tag>. The tag's files are checked against their content hashes
+and read with the weights-only loader. Exit 2 when the checkpoint is missing, damaged or
+holds anything but weights (a planted pickle payload is refused, never run).
 """
 
 from __future__ import annotations
@@ -113,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: the newest complete)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export/<tag>)")
     args = p.parse_args(argv)
-    from megamor.train.checkpoint import CheckpointError
+    from megamor.train.checkpoint import CheckpointError, UnsafeCheckpointError
 
     try:
         out = export(args.run_dir, args.out, args.tag)
-    except CheckpointError as e:
+    except (CheckpointError, UnsafeCheckpointError) as e:  # missing, damaged or unsafe: bad input
         print(f"megamor.export: {e}", file=sys.stderr)
-        return 1
+        return 2
     info = json.loads((out / f"{CONSOLIDATED}.json").read_text())
     print(f"exported step {info['step']} of {info['run']} to {out}")
     return 0

@@ -108,8 +108,13 @@ def read_meta(obj: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def load_consolidated(path: Path):
+    from megamor.train.safe_load import UnsafeCheckpointError
+    from megamor.train.safe_load import load as safe_load
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_load(path, map_location="cpu")
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {e}") from e
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
@@ -209,15 +214,16 @@ def _complete_meta(path: Path) -> Optional[dict[str, Any]]:
 def load_deepspeed_tag(path: Path):
     from megamor.train.checkpoint import CheckpointError as TrainCheckpointError
     from megamor.train.checkpoint import consolidated_state_dict, experiment_of, resolve_tag
+    from megamor.train.safe_load import UnsafeCheckpointError
 
     if _complete_meta(path) is None:
         raise CheckpointError(f"{path}: an incomplete DeepSpeed checkpoint (no COMPLETE marker, or its files changed size)")
     try:
         ref = resolve_tag(path)
         exp = experiment_of(ref)
-        sd = consolidated_state_dict(ref)
-    except TrainCheckpointError as e:
-        raise CheckpointError(str(e)) from e
+        sd = consolidated_state_dict(ref)  # weights-only loads (megamor.train.safe_load)
+    except (TrainCheckpointError, UnsafeCheckpointError) as e:
+        raise CheckpointError(str(e)) from None
     cfg = exp.model
     meta = {k: ref.meta.get(k) for k in ("step", "tokens", "flops") if ref.meta.get(k) is not None}
     meta["seq_len"] = exp.data.seq_len  # the context it was trained with: evaluation's default

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     # From here on every phase answers a stop signal (save + 75) and follows the launcher.
     stop = StopRequest().install()
     exit_with_launcher(resolve_launch_env(dict(os.environ)).launcher)
-    from megamor.train.trainer import Trainer
+    from megamor.train.checkpoint import CheckpointSaveError, NoValidCheckpointError, UnsafeCheckpointError
+    from megamor.train.trainer import NonFiniteLossError, Trainer
 
     env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
     lock = RunLock(cfg.run_path)
@@ -69,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"megamor.train: {refused}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
         return Trainer(cfg, env, device, tokenizer, stop_request=stop).setup().fit()
+    except (NoValidCheckpointError, UnsafeCheckpointError) as e:  # the run folder is bad input: refuse
+        if env.rank == 0 or isinstance(e, UnsafeCheckpointError):
+            print(f"megamor.train: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except (CheckpointSaveError, NonFiniteLossError) as e:
+        if env.rank == 0:
+            print(f"megamor.train: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     except KeyboardInterrupt:  # a second SIGINT: the user abandons the save
         print(f"megamor.train: rank {env.rank}: interrupted twice, stopped without a checkpoint", file=sys.stderr, flush=True)
         return EXIT_FAILED

@@ -5,13 +5,18 @@ Layout (run_dir/checkpoints/):
     step_00000500/            one DeepSpeed tag (engine.save_checkpoint: model + optimizer
         mp_rank_00_model_states.pt / zero_pp_rank_*   shards, client state)
         experiment.yaml       the resolved experiment config
-        COMPLETE              JSON: step, tokens, DP size, ZeRO stage, every file's size.
-                              Written last, atomically: a tag without it does not exist.
+        COMPLETE              JSON: step, tokens, DP size, ZeRO stage, every file's size and
+                              xxh3-128 content hash. Written last, atomically: a tag without
+                              it does not exist.
     latest                    the newest complete tag (DeepSpeed's convention, for its tools)
     universal/step_00000500/  a universal-checkpoint conversion, made on demand (DP size change)
+    quarantine/step_00000400/ a tag that failed validation, moved here untouched (+ a .json why)
 
 A run killed at any moment therefore resumes from the newest tag whose COMPLETE marker is
-present and whose files still have the recorded sizes; partial tags are ignored and swept.
+present and whose files still have the recorded sizes and hashes (`checkpoint.verify`, see
+megamor.train.integrity). A tag that fails is quarantined, never deleted, and the previous one
+is tried; when tags exist and none validates the trainer refuses to start over on its own.
+Pruning (keep_last) deletes only complete tags. Every load is weights-only (safe_load.py).
 
 Changing the data-parallel size on resume: ZeRO 1/2/3 optimizer state is partitioned per
 rank, so the newest tag is converted to a DeepSpeed universal checkpoint (ds_to_universal,
@@ -38,10 +43,14 @@ import torch
 
 from megamor.data.atomic import atomic_open, fsync_path, write_json
 from megamor.parallel import dist as pdist
+from megamor.train import integrity
+from megamor.train.integrity import MARKER, check_tag, quarantine, warn
+from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
+from megamor.train.save_errors import CheckpointSaveError, os_error_in, os_error_line, python_file_saves
+from megamor.train.safe_load import load as safe_load
 
 CHECKPOINTS = "checkpoints"
 UNIVERSAL = "universal"
-MARKER = "COMPLETE"
 CONFIG_FILE = "experiment.yaml"
 LATEST = "latest"
 TAG_PREFIX = "step_"
@@ -51,6 +60,13 @@ UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class NoValidCheckpointError(CheckpointError):
+    """Tags exist but none validates: the trainer refuses rather than start over (exit 2)."""
+
+
+__all__ = ["CheckpointSaveError", "UnsafeCheckpointError", "MARKER"]
 
 
 def tag_for(step: int) -> str:
@@ -93,20 +109,10 @@ def _file_sizes(folder: Path) -> dict[str, int]:
     }
 
 
-def read_complete(tag_dir: Path) -> dict[str, Any] | None:
-    """The marker's metadata if the tag is complete and intact, else None."""
-    marker = tag_dir / MARKER
-    if not marker.is_file():
-        return None
-    try:
-        meta = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    for name, size in meta.get("files", {}).items():
-        p = tag_dir / name
-        if not p.is_file() or p.stat().st_size != size:
-            return None
-    return meta
+def read_complete(tag_dir: Path, verify: str = "size") -> dict[str, Any] | None:
+    """The marker's metadata if the tag is complete and intact (sizes; hashes too with
+    verify="hash"), else None."""
+    return check_tag(tag_dir, verify)[0]
 
 
 def list_complete(run_dir: str | Path) -> list[CheckpointRef]:
@@ -130,14 +136,26 @@ def newest_complete(run_dir: str | Path) -> CheckpointRef | None:
 
 
 def _remove_tag(path: Path) -> None:
-    """Marker first, so a deletion cut short never leaves something that looks complete."""
+    """Only for complete tags beyond keep_last. Marker first, so a deletion cut short never
+    leaves something that looks complete."""
     (path / MARKER).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
+def tag_dirs(root: Path) -> list[Path]:
+    """Every step_* folder of checkpoints/, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.iterdir() if d.is_dir() and step_of(d.name) is not None),
+                  key=lambda d: step_of(d.name) or 0)
+
+
 # -- RNG states ---------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain types and tensors only (the weights-only loader reads it back)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -145,7 +163,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -153,7 +173,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- saving -------------------------------------------------------------------------------
 class CheckpointManager:
-    """Saves DeepSpeed tags with a completeness marker, keeps the last K, sweeps partial ones."""
+    """Saves DeepSpeed tags with a hashed completeness marker, keeps the last K complete ones,
+    quarantines partial ones."""
 
     def __init__(self, run_dir: str | Path, keep_last: int, fault_hook: Any = None):
         self.root = checkpoints_dir(run_dir)
@@ -163,48 +184,89 @@ class CheckpointManager:
     def save(self, engine: Any, step: int, client_state: dict[str, Any], config_yaml: str, meta: dict[str, Any],
              extra_files: dict[str, Any] | None = None) -> Path:
         """Every rank calls this. `client_state` goes into DeepSpeed's checkpoint (plus every
-        rank's RNG states); `extra_files` (name -> object) are torch.saved by rank 0 beside it."""
+        rank's RNG states); `extra_files` (name -> object) are torch.saved by rank 0 beside it.
+        A failed write (disk full, ...) raises CheckpointSaveError on every rank: no marker, no
+        pruning, the previous tags stay."""
         tag = tag_for(step)
         path = self.root / tag
-        if pdist.rank() == 0:
+        rank, world = pdist.rank(), pdist.world_size()
+        if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # a partial save of this step from a killed attempt
-                _remove_tag(path)
+            if path.exists():  # left by an earlier attempt (killed mid-save): keep it aside, not delete
+                quarantine(path, f"found in place of a new save of step {step} (an earlier attempt's)")
         pdist.barrier()
         rng = pdist.all_gather_object(rng_state())
         client_state = {**client_state, "rng": rng, **UNIVERSAL_INFO}
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        if pdist.rank() == 0:
+        self._agree(lambda: self._write_shards(engine, path, tag, client_state, extra_files, rng, rank), path)
+        _fsync_tree(path)
+        names = pdist.broadcast_object(integrity.tag_files(path) if rank == 0 else None)
+        mine = self._agree(lambda: {n: integrity.hash_file(path / n) for n in names if integrity.owner(n, world) == rank},
+                           path, gather=True)
+        hashes = {k: v for part in mine for k, v in part.items()}
+        if self.fault_hook is not None:
+            self.fault_hook(step)
+        self._agree(lambda: self._commit(path, tag, step, config_yaml, meta, hashes) if rank == 0 else None, path)
+        pdist.barrier()
+        return path
+
+    @staticmethod
+    def _write_shards(engine: Any, path: Path, tag: str, client_state: dict[str, Any],
+                      extra_files: dict[str, Any] | None, rng: list[Any], rank: int) -> None:
+        with python_file_saves():
+            engine.save_checkpoint(str(path.parent), tag=tag, client_state=client_state, save_latest=False)
+        if rank == 0:
             for name, obj in (extra_files or {}).items():
                 if isinstance(obj, dict) and "rng" not in obj:
                     obj = {**obj, "rng": rng}
                 with atomic_open(path / name, "wb") as f:
                     torch.save(obj, f)
-        _fsync_tree(path)
-        pdist.barrier()  # every rank's shards are on disk
-        if self.fault_hook is not None:
-            self.fault_hook(step)
-        if pdist.rank() == 0:
-            with atomic_open(path / CONFIG_FILE, "w") as f:
-                f.write(config_yaml)
-            write_json(path / MARKER, {**meta, "step": step, "time": time.time(), "files": _file_sizes(path)})
-            with atomic_open(self.root / LATEST, "w") as f:
-                f.write(tag)
-            self.prune(keep=path)
-        pdist.barrier()
-        return path
+
+    def _commit(self, path: Path, tag: str, step: int, config_yaml: str, meta: dict[str, Any],
+                hashes: dict[str, str]) -> None:
+        with atomic_open(path / CONFIG_FILE, "w") as f:
+            f.write(config_yaml)
+        hashes = {**hashes, CONFIG_FILE: integrity.hash_file(path / CONFIG_FILE)}
+        sizes = _file_sizes(path)
+        missing = sorted(set(sizes) - set(hashes))
+        if missing:
+            raise CheckpointError(f"{path}: files appeared while saving: {missing}")
+        write_json(path / MARKER, {**meta, "step": step, "time": time.time(), **integrity.marker_payload(sizes, hashes)})
+        integrity.write_latest(self.root, tag)
+        self.prune(keep=path)
+
+    def _agree(self, fn: Any, path: Path, gather: bool = False) -> Any:
+        """Run fn on every rank; an OSError on any rank becomes a CheckpointSaveError on all."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - every rank must learn of any rank's failure
+            os_err = os_error_in(e)
+            error = os_error_line(os_err, path) if os_err else f"{type(e).__name__}: {e}"
+        results = pdist.all_gather_object((result, error))
+        errors = [e for _, e in results if e]
+        if errors:
+            newest = newest_complete(self.root.parent)
+            kept = f"newest complete checkpoint: {newest.path}" if newest else "no complete checkpoint yet"
+            raise CheckpointSaveError(f"saving {path.name} failed: {errors[0]}; the previous checkpoints are kept "
+                                      f"({kept}); {path.name} has no COMPLETE marker and is never resumed")
+        return [r for r, _ in results] if gather else result
 
     def prune(self, keep: Path) -> None:
-        """Delete complete tags beyond the newest K and every partial tag (rank 0, after a save)."""
-        complete = [c.path for c in list_complete(self.root.parent)]
-        doomed = complete[: max(0, len(complete) - self.keep_last)]
-        for d in self.root.iterdir():
-            if d.is_dir() and step_of(d.name) is not None and read_complete(d) is None and d != keep:
-                doomed.append(d)
-        for d in doomed:
-            if d != keep:
-                _remove_tag(d)
-                shutil.rmtree(self.root / UNIVERSAL / d.name, ignore_errors=True)
+        """Rank 0, after a save: delete complete tags beyond the newest K; quarantine tags that
+        are not complete (a save killed midway), never delete them."""
+        complete, broken = [], []
+        for d in tag_dirs(self.root):
+            if d == keep:
+                continue
+            meta, why = check_tag(d, "size")
+            (complete if meta is not None else broken).append((d, why))
+        n_delete = max(0, len(complete) + 1 - self.keep_last)  # + the tag just saved
+        for d, _ in complete[:n_delete]:
+            _remove_tag(d)
+            shutil.rmtree(self.root / UNIVERSAL / d.name, ignore_errors=True)
+        for d, why in broken:
+            dest = quarantine(d, why or "failed validation")
+            warn(f"checkpoint {d.name}: {why}; moved to {dest}")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -228,11 +290,9 @@ class ResumePlan:
         return self.ref.tag
 
 
-def plan_resume(run_dir: str | Path, dp_size: int, zero_stage: int, precision: str) -> ResumePlan | None:
-    """How to resume this run (rank 0 decides; broadcast the result), or None for a fresh start."""
-    ref = newest_complete(run_dir)
-    if ref is None:
-        return None
+def plan_for(ref: CheckpointRef, dp_size: int, zero_stage: int, precision: str) -> ResumePlan:
+    """Load the tag directly (same layout, or replicated ZeRO-0 fp32), else through a universal
+    conversion."""
     m = ref.meta
     same_layout = m.get("dp_world_size") == dp_size and m.get("zero_stage") == zero_stage
     replicated = m.get("zero_stage") == 0 == zero_stage and m.get("precision") == "fp32" == precision
@@ -241,12 +301,80 @@ def plan_resume(run_dir: str | Path, dp_size: int, zero_stage: int, precision: s
     return ResumePlan(ref, ref.root / UNIVERSAL, universal=True)
 
 
+def plan_resume(run_dir: str | Path, dp_size: int, zero_stage: int, precision: str) -> ResumePlan | None:
+    """How to resume from the newest tag that passes the size check (one process, moves
+    nothing), or None. The trainer uses find_resumable, which also checks hashes."""
+    ref = newest_complete(run_dir)
+    return plan_for(ref, dp_size, zero_stage, precision) if ref is not None else None
+
+
+def find_resumable(run_dir: str | Path, verify: str) -> CheckpointRef | None:
+    """The newest tag that validates, or None when checkpoints/ holds no tag at all. Every rank
+    calls it: rank 0 checks markers and sizes and moves failed tags to quarantine/; with
+    verify="hash" the ranks share the hashing (each reads the files it would have written).
+    Raises NoValidCheckpointError when tags exist (or were quarantined) and none validates."""
+    root = checkpoints_dir(run_dir)
+    rank, world = pdist.rank(), pdist.world_size()
+    rejected: list[str] = []
+    while True:
+        ref = None
+        if rank == 0:
+            for d in reversed(tag_dirs(root)):
+                meta, why = check_tag(d, "size")
+                if meta is not None:
+                    ref = CheckpointRef(d, step_of(d.name) or 0, meta)
+                    break
+                rejected.append(_reject(d, why or "failed validation"))
+        ref = pdist.broadcast_object(ref)
+        if ref is None:
+            break
+        if verify != "hash":
+            return ref
+        names = [n for n in sorted(ref.meta["files"]) if integrity.owner(n, world) == rank]
+        whys = [w for w in pdist.all_gather_object(integrity.check_hashes(ref.path, ref.meta, names)) if w]
+        if not whys:
+            return ref
+        if rank == 0:
+            rejected.append(_reject(ref.path, whys[0]))
+    message = None
+    if rank == 0:
+        earlier = [f"{name} ({why})" for name, why in integrity.quarantined(root) if name not in {r.split(" ")[0] for r in rejected}]
+        if rejected or earlier:
+            message = (f"{root}: no checkpoint validates, refusing to start over on top of it: "
+                       + "; ".join(rejected + [f"quarantined earlier: {e}" for e in earlier])
+                       + f". The failed tags are kept in {integrity.quarantine_dir(root)}. To start over on purpose, rerun "
+                         "with checkpoint.resume=false (or use another run_dir)")
+    message = pdist.broadcast_object(message)
+    if message:
+        raise NoValidCheckpointError(message)
+    return None
+
+
+def _reject(tag_dir: Path, why: str) -> str:
+    """Rank 0: quarantine a tag that failed validation, warn, and describe it."""
+    dest = quarantine(tag_dir, why)
+    warn(f"checkpoint {tag_dir.name} failed validation: {why}; moved to {dest} (not deleted); trying the previous one")
+    return f"{tag_dir.name} ({why})"
+
+
+def set_aside_for_restart(run_dir: str | Path) -> list[Path]:
+    """Rank 0, checkpoint.resume=false: move the existing tags to quarantine/ so the new run's
+    tags never mix with (or prune) the old run's."""
+    moved = []
+    for d in tag_dirs(checkpoints_dir(run_dir)):
+        moved.append(quarantine(d, "set aside: the run was started over with checkpoint.resume=false"))
+    if moved:
+        warn(f"checkpoint.resume=false: {len(moved)} existing checkpoint(s) moved to {moved[0].parent} (not deleted)")
+    return moved
+
+
 def ensure_universal(ref: CheckpointRef) -> Path:
     """Convert a tag to a universal checkpoint once (rank 0 only); returns its folder."""
     out_root = ref.root / UNIVERSAL
     out = out_root / ref.tag
-    if (out / MARKER).is_file():
+    if check_tag(out, "hash")[0] is not None:
         return out
+    shutil.rmtree(out, ignore_errors=True)  # derived from the tag: a damaged conversion is redone
     src_stage = ref.meta.get("zero_stage")
     if src_stage == 0:
         raise CheckpointError(
@@ -256,17 +384,22 @@ def ensure_universal(ref: CheckpointRef) -> Path:
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = out_root / f".{ref.tag}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ref.path),
+    # Through megamor's wrapper: every torch.load in the conversion is weights-only.
+    cmd = [sys.executable, "-m", "megamor.train.safe_universal", "--input_folder", str(ref.path),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        if r.returncode == 2 and "refused to load" in tail:
+            raise UnsafeCheckpointError(tail.splitlines()[-1].removeprefix("megamor.train.safe_universal: "))
         raise CheckpointError(f"converting {ref.path} to a universal checkpoint failed:\n{tail}")
     (out_root / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass tags
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    write_json(out / MARKER, {"source": ref.tag, "time": time.time(), "files": _file_sizes(out)})
+    names = integrity.tag_files(out)
+    write_json(out / MARKER, {"source": ref.tag, "time": time.time(),
+                              **integrity.marker_payload(_file_sizes(out), {n: integrity.hash_file(out / n) for n in names})})
     return out
 
 
@@ -285,22 +418,25 @@ def restore_optimizer_hparams(engine: Any, group_hparams: list[dict[str, Any]]) 
 
 
 # -- loading weights without an engine (export, evaluation) ---------------------------------
-def resolve_tag(run_or_ckpt: str | Path, tag: str | None = None) -> CheckpointRef:
-    """A run folder (newest complete tag, or `tag`), its checkpoints/ folder, or a tag folder."""
+def resolve_tag(run_or_ckpt: str | Path, tag: str | None = None, verify: str = "hash") -> CheckpointRef:
+    """A run folder (newest complete tag, or `tag`), its checkpoints/ folder, or a tag folder;
+    checked (sizes, and content hashes with verify="hash") before anything is loaded."""
     p = Path(run_or_ckpt)
-    if read_complete(p) is not None and step_of(p.name) is not None:
-        return CheckpointRef(p, step_of(p.name) or 0, read_complete(p) or {})
-    run = p.parent if p.name == CHECKPOINTS else p
-    if tag is not None:
-        d = checkpoints_dir(run) / tag
-        meta = read_complete(d)
-        if meta is None:
-            raise CheckpointError(f"{d}: not a complete checkpoint (missing, partial, or damaged)")
-        return CheckpointRef(d, step_of(tag) or 0, meta)
-    ref = newest_complete(run)
-    if ref is None:
-        raise CheckpointError(f"{run}: no complete checkpoint in {checkpoints_dir(run)}")
-    return ref
+    if step_of(p.name) is not None and p.is_dir():  # a tag folder
+        d = p
+    else:
+        run = p.parent if p.name == CHECKPOINTS else p
+        if tag is None:
+            ref = newest_complete(run)
+            if ref is None:
+                raise CheckpointError(f"{run}: no complete checkpoint in {checkpoints_dir(run)}")
+            d = ref.path
+        else:
+            d = checkpoints_dir(run) / tag
+    meta, why = check_tag(d, verify)
+    if meta is None:
+        raise CheckpointError(f"{d}: not a usable checkpoint: {why or 'missing'}")
+    return CheckpointRef(d, step_of(d.name) or 0, meta)
 
 
 def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
@@ -323,23 +459,24 @@ def _tp_rank_state_dict(ref: CheckpointRef, tp_rank: int) -> dict[str, torch.Ten
             get_fp32_state_dict_from_zero_checkpoint,
         )
 
-        if not any(ref.path.glob("*mp_rank_01_optim_states.pt")):  # no tensor parallelism
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
-        else:
-            # zero_to_fp32 reads only mp_rank_00 files: show it this rank's files alone, under that name.
-            import tempfile
+        with safe_torch_load():  # zero_to_fp32 unpickles with weights_only=False itself
+            if not any(ref.path.glob("*mp_rank_01_optim_states.pt")):  # no tensor parallelism
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
+            else:
+                # zero_to_fp32 reads only mp_rank_00 files: show it this rank's files alone, under that name.
+                import tempfile
 
-            with tempfile.TemporaryDirectory(prefix=".tp-merge-", dir=ref.root) as tmp:
-                view = Path(tmp) / ref.tag
-                view.mkdir()
-                for f in [ref.path / f"{mp}_model_states.pt", *optim]:
-                    (view / f.name.replace(mp, "mp_rank_00")).symlink_to(f.resolve())
-                sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ref.tag)
+                with tempfile.TemporaryDirectory(prefix=".tp-merge-", dir=ref.root) as tmp:
+                    view = Path(tmp) / ref.tag
+                    view.mkdir()
+                    for f in [ref.path / f"{mp}_model_states.pt", *optim]:
+                        (view / f.name.replace(mp, "mp_rank_00")).symlink_to(f.resolve())
+                    sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ref.tag)
     else:
         f = ref.path / f"{mp}_model_states.pt"
         if not f.is_file():
             raise CheckpointError(f"{ref.path}: no model states file {f.name}")
-        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        sd = safe_load(f, map_location="cpu")["module"]
     return {k: v.detach().float().clone() for k, v in sd.items()}
 
 

@@ -191,8 +191,11 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: bool = True  # start from the newest complete checkpoint in run_dir/checkpoints
     save_final: bool = True
+    verify: str = "hash"  # before resuming: hash (every file's size and content hash) | size (sizes only)
 
     def validate(self, path: str) -> None:
+        if self.verify not in ("hash", "size"):
+            raise ConfigError(key(path, "verify"), f"must be hash or size, got {self.verify!r}")
         if self.every_steps < 0:
             raise ConfigError(key(path, "every_steps"), "must be >= 0")
         if self.keep_last < 1:

@@ -5,6 +5,8 @@ MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
     sigkill_during_save=K    SIGKILL after the checkpoint of step K is on disk but before
                              its completeness marker (a crash mid-save)
     nan_loss_at_step=K[:K2]  make the loss of steps K..K2 non-finite (on every rank)
+    inf_grad_at_step=K[:K2]  keep the loss of steps K..K2 finite but make every gradient
+                             non-finite (what a corrupted weight or an overflow does)
     signal_at_eval_batch=K:SIG  send signal SIG (TERM, INT, USR1) to this process before its
                              K-th validation batch of the run (a stop during validation)
     signal_at_setup=SIG      send signal SIG to this process as set-up starts
@@ -16,6 +18,9 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 ENV = "MEGAMOR_FAULTS"
 
@@ -26,6 +31,8 @@ class Faults:
     sigkill_during_save: int | None = None
     nan_from: int | None = None
     nan_to: int | None = None
+    inf_from: int | None = None
+    inf_to: int | None = None
     rank: int | None = None
     eval_signal_batch: int | None = None
     eval_signal: int | None = None
@@ -44,6 +51,9 @@ class Faults:
             elif name == "nan_loss_at_step":
                 lo, _, hi = value.partition(":")
                 f.nan_from, f.nan_to = int(lo), int(hi or lo)
+            elif name == "inf_grad_at_step":
+                lo, _, hi = value.partition(":")
+                f.inf_from, f.inf_to = int(lo), int(hi or lo)
             elif name == "signal_at_eval_batch":
                 k, _, sig = value.partition(":")
                 f.eval_signal_batch, f.eval_signal = int(k), _signum(sig)
@@ -69,6 +79,9 @@ class Faults:
     def nan_loss(self, step: int) -> bool:
         return self.nan_from is not None and self.nan_from <= step <= (self.nan_to or self.nan_from)
 
+    def inf_grad(self, step: int) -> bool:
+        return self.inf_from is not None and self.inf_from <= step <= (self.inf_to or self.inf_from)
+
     def at_setup(self, rank: int) -> None:
         if self.setup_signal is not None and self._mine(rank):
             os.kill(os.getpid(), self.setup_signal)
@@ -81,3 +94,19 @@ class Faults:
 
 def _signum(name: str) -> int:
     return int(getattr(signal, "SIG" + name.upper().removeprefix("SIG")))
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; the backward pass turns every gradient into inf/NaN."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g * float("inf")
+
+
+def poison_gradients(loss: torch.Tensor) -> torch.Tensor:
+    return _InfGrad.apply(loss)

@@ -39,6 +39,31 @@ def wandb_run_id(run_dir: Path, from_checkpoint: str | None) -> str:
     return run_id
 
 
+def cut_back_metrics(path: Path, step: int) -> int:
+    """Drop the rows of steps after `step` (the checkpoint this run resumes from; 0 for a fresh
+    start): those steps are about to be run again, and a plot must not show them twice. A torn
+    last line (a killed writer) goes too. Atomic; returns the number of rows dropped."""
+    if not path.is_file():
+        return 0
+    keep: list[str] = []
+    dropped = 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if row_step <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        with atomic_open(path, "w") as f:
+            f.writelines(keep)
+    return dropped
+
+
 def _fmt_si(x: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -79,6 +104,7 @@ class RunLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        cut_back_metrics(run_dir / METRICS_FILE, start_step)
         self.jsonl = open(run_dir / METRICS_FILE, "a", buffering=1)
         if cfg.logging.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm

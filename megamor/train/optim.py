@@ -9,6 +9,12 @@ here, in the optimizer DeepSpeed wraps: the trainer sets `skip_next_step` (agree
 ranks) before `engine.step()`, and `step()` then leaves parameters, moments and the Adam step
 count untouched. DeepSpeed still clears the gradients as usual. This works for every ZeRO
 stage because each one ends in the client optimizer's `step()`.
+
+Non-finite gradients with a finite loss (a corrupted weight, an overflow): DeepSpeed's ZeRO and
+bf16/fp16 optimizers detect them and skip the step themselves (engine.skipped_steps counts it).
+Without a wrapper (ZeRO-0 fp32) nothing checks, so the trainer sets `guard_nonfinite_grads`
+and step() then skips when any gradient is inf/NaN on any rank, and says so in
+`nonfinite_grads`.
 """
 
 from __future__ import annotations
@@ -29,11 +35,27 @@ class SkippableStep:
     """Mixin for a torch optimizer: `skip_next_step = True` turns the next step() into a no-op."""
 
     skip_next_step: bool = False
+    guard_nonfinite_grads: bool = False
+    nonfinite_grads: bool = False  # set by a step() the guard skipped; the trainer resets it
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         if self.skip_next_step:
             return None
+        if self.guard_nonfinite_grads and not self._grads_finite():
+            self.nonfinite_grads = True
+            return None
         return super().step(closure)  # type: ignore[misc]
+
+    def _grads_finite(self) -> bool:
+        from megamor.parallel import dist as pdist
+
+        params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
+        grads = [p.grad for p in params if p.grad is not None]
+        bad = torch.zeros(1, device=params[0].device if params else "cpu")
+        if grads:
+            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().reshape(1)
+        # Every rank must take the same decision (gradients differ under model parallelism).
+        return not bool(pdist.all_reduce_(bad, op=torch.distributed.ReduceOp.MAX).item())
 
 
 def skippable(cls: type) -> type:

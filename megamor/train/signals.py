@@ -17,8 +17,10 @@ KeyboardInterrupt at once (no checkpoint; exit 1) for when the save itself must 
 
 Exit codes (`python -m megamor.train`), for launchers and sbatch scripts:
     0   finished (max steps reached, final checkpoint saved)
-    1   failed (an exception, or too many non-finite losses in a row)
-    2   bad configuration, or the run folder is locked by another trainer (nothing started)
+    1   failed (an exception, too many non-finite steps in a row, a checkpoint write failed)
+    2   bad configuration, or the run folder is locked by another trainer (nothing started), or a
+        run folder that cannot be trusted (tags exist but none validates; a file the
+        weights-only loader refuses)
     75  stopped by SIGTERM/SIGUSR1/SIGINT after saving a complete checkpoint: rerun the same
         command to resume (EX_TEMPFAIL; slurm/train.sbatch requeues on it)
 """

@@ -39,14 +39,16 @@ from megamor.train.checkpoint import (
     CheckpointManager,
     ResumePlan,
     ensure_universal,
-    plan_resume,
+    find_resumable,
+    plan_for,
     restore_optimizer_hparams,
+    set_aside_for_restart,
     set_rng_state,
 )
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.ds_config import deepspeed_config
 from megamor.train.engine import prepare_model
-from megamor.train.faults import Faults
+from megamor.train.faults import Faults, poison_gradients
 from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import (
     StepTimer,
@@ -58,6 +60,8 @@ from megamor.train.metrics import (
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
 from megamor.train.router_eval import RouterValidation
+from megamor.train.safe_load import load as safe_load
+from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
 
@@ -84,6 +88,7 @@ class StepResult:
     aux: dict[str, float]
     tokens_per_step: list[float]
     depth_hist: torch.Tensor
+    skip_reason: str | None = None  # non-finite loss | non-finite gradients | non-finite gradient norm
 
 
 class Trainer:
@@ -144,6 +149,8 @@ class Trainer:
         with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury the banner
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
                                                         mpu=self.layout.mpu)
+        # No DeepSpeed wrapper checks gradients for overflow (ZeRO-0 fp32): our optimizer does.
+        self.optimizer.guard_nonfinite_grads = self.engine.optimizer is self.optimizer
         self.model: MoRLM = self.engine.module
         # The ranks of a TP group read the same batches: the loader only knows the DP grid.
         self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
@@ -183,10 +190,13 @@ class Trainer:
 
     def _plan_resume(self) -> ResumePlan | None:
         if not self.cfg.checkpoint.resume:
+            if self.is_main:
+                set_aside_for_restart(self.run_dir)
+            pdist.barrier()
             return None
         ds = self.cfg.deepspeed
-        plan = plan_resume(self.run_dir, self.dp, ds.zero_stage, ds.precision) if self.is_main else None
-        plan = pdist.broadcast_object(plan)
+        ref = find_resumable(self.run_dir, self.cfg.checkpoint.verify)  # collective; quarantines failures
+        plan = plan_for(ref, self.dp, ds.zero_stage, ds.precision) if ref is not None else None
         if plan is not None and plan.universal:
             error = None
             if self.is_main:
@@ -195,20 +205,21 @@ class Trainer:
                       f"{self.dp}, ZeRO-{ds.zero_stage}: converting to a universal checkpoint", flush=True)
                 try:
                     ensure_universal(plan.ref)
-                except CheckpointError as e:
-                    error = str(e)
+                except (CheckpointError, UnsafeCheckpointError) as e:
+                    error = (isinstance(e, UnsafeCheckpointError), str(e))
             error = pdist.broadcast_object(error)
-            if error:
-                raise CheckpointError(error)
+            if error:  # every rank raises the same error (exit 2 for a refused file)
+                raise (UnsafeCheckpointError if error[0] else CheckpointError)(error[1])
         return plan
 
     def _resume(self, plan: ResumePlan) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        with safe_torch_load():  # DeepSpeed unpickles with weights_only=False itself
+            load_path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
         restore_optimizer_hparams(self.engine, self.group_hparams)
-        state = torch.load(plan.ref.path / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = safe_load(plan.ref.path / TRAINER_STATE, map_location="cpu")
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -241,6 +252,7 @@ class Trainer:
         n_global_f = max(1.0, float(n_global.item()))
         step_no = self.step + 1
         inject_nan = self.faults.nan_loss(step_no)
+        inject_inf_grad = self.faults.inf_grad(step_no)
 
         nr = len(self.model.steps)
         loss_sum = torch.zeros((), device=self.device)
@@ -260,6 +272,8 @@ class Trainer:
             lm = out.loss
             if inject_nan:
                 lm = lm * float("nan")
+            if inject_inf_grad:
+                lm = poison_gradients(lm)
             # Mean over the global batch's tokens: DeepSpeed divides by accumulation steps and
             # averages over DP ranks, so scale this micro-batch's mean by its share.
             scale = counts[i] * self.gas * self.dp / n_global_f
@@ -305,10 +319,16 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.skip_next_step = skipped
+        self.optimizer.nonfinite_grads = False
+        ds_skipped = self.engine.skipped_steps
         try:
             self.engine.step()
         finally:
             self.optimizer.skip_next_step = False
+        why = "non-finite loss" if skipped else None
+        if not skipped and (self.engine.skipped_steps > ds_skipped or self.optimizer.nonfinite_grads):
+            # DeepSpeed's overflow check (ZeRO, bf16) or the ZeRO-0 guard (optim.py) skipped the update.
+            skipped, why = True, "non-finite gradients"
         if not skipped:
             load = self.model.loss_free_load()
             if load is not None:
@@ -318,13 +338,15 @@ class Trainer:
         if not skipped:
             g = self.engine.get_global_grad_norm()
             grad_norm = float(g) if g is not None else None
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                skipped, why, grad_norm = True, "non-finite gradient norm", None
         k = len(aux_names)
         n_micro = self.gas * self.dp
         aux = {name: values[4 + j] / n_micro for j, name in enumerate(aux_names)}
         routed_l = values[4 + k : 4 + k + nr]
         hist = torch.tensor(values[4 + k + nr :])
         return StepResult(loss, int(n_global_f), skipped, stop, values[3], timer.data, timer.elapsed(), grad_norm, aux,
-                          routed_l, hist)
+                          routed_l, hist, why)
 
     # -- validation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -450,14 +472,14 @@ class Trainer:
                 if r.skipped:
                     self.skipped_steps += 1
                     self.consecutive_nonfinite += 1
-                    self.logger.print(f"step {self.step}: non-finite loss, step skipped "
+                    self.logger.print(f"step {self.step}: {r.skip_reason}, step skipped "
                                       f"({self.consecutive_nonfinite} in a row, {self.skipped_steps} in total)")
                     if self.consecutive_nonfinite >= cfg.trainer.max_consecutive_nonfinite:
                         raise NonFiniteLossError(
-                            f"{self.consecutive_nonfinite} non-finite losses in a row (steps "
-                            f"{self.step - self.consecutive_nonfinite + 1}-{self.step}); aborting. The newest checkpoint "
-                            f"is step {self.last_saved_step if self.last_saved_step >= 0 else 'none'}: lower optim.lr or "
-                            "check the data, then rerun to resume.")
+                            f"{self.consecutive_nonfinite} non-finite steps in a row (steps "
+                            f"{self.step - self.consecutive_nonfinite + 1}-{self.step}, last: {r.skip_reason}); aborting. "
+                            f"{self._newest_good_checkpoint()}: lower optim.lr, check the data, or if the weights are "
+                            "damaged resume from an earlier tag (move the later ones aside).")
                 else:
                     self.consecutive_nonfinite = 0
                 if self.step % cfg.logging.log_every == 0 or self.step == self.max_steps:
@@ -466,7 +488,11 @@ class Trainer:
                 self.logger.advance(self.step)
                 self.faults.after_step(self.step, self.rank)
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                    self.save()
+                    if self.consecutive_nonfinite:  # do not let keep_last prune the last good tag for this state
+                        self.logger.print(f"step {self.step}: checkpoint deferred ({self.consecutive_nonfinite} "
+                                          "non-finite steps in a row)")
+                    else:
+                        self.save()
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     self.logger.log(self.step, self.evaluate())
                 if r.stop:
@@ -483,6 +509,15 @@ class Trainer:
             self.stop_request.uninstall()
             self.logger.close()
         return exit_code
+
+    def _newest_good_checkpoint(self) -> str:
+        """The newest checkpoint saved before the current run of non-finite steps began."""
+        from megamor.train.checkpoint import list_complete
+
+        before = self.step - self.consecutive_nonfinite
+        good = [c for c in list_complete(self.run_dir) if c.step <= before] if self.is_main else []
+        return f"The newest checkpoint from before these steps is {good[-1].path}" if good else \
+            "No checkpoint from before these steps exists"
 
     def _record_exit_status(self, code: int) -> None:
         """Rank 0 writes the exit status to $MEGAMOR_EXIT_FILE before any rank may exit. Under

@@ -18,6 +18,7 @@ import torch
 
 from megamor.env import repo_root
 from megamor.train.checkpoint import MARKER, list_complete, newest_complete, tag_for
+from megamor.train.safe_load import load as safe_load
 from megamor.train.signals import EXIT_PREEMPTED
 from tests.train.helpers import (
     Run,
@@ -191,12 +192,12 @@ def test_nonfinite_losses_are_skipped_then_abort(runs, tiny_config):
     assert "non-finite loss, step skipped" in skipped.output
     # Skipped steps never reached AdamW: 8 steps, 6 updates in the saved optimizer state.
     optim = next(newest_complete(skipped.run_dir).path.glob("*optim_states.pt"))
-    state = torch.load(optim, map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    state = safe_load(optim)["optimizer_state_dict"]["base_optimizer_state"]
     assert {int(s["step"]) for s in state["state"].values()} == {6}
 
     aborted = launch(tiny_config, runs.base / "nan_abort", short, env={"MEGAMOR_FAULTS": "nan_loss_at_step=3:8"})
     assert aborted.rc == 1
-    assert "3 non-finite losses in a row (steps 3-5); aborting" in aborted.output
+    assert "3 non-finite steps in a row (steps 3-5, last: non-finite loss); aborting" in aborted.output
 
 
 def test_token_choice_loss_free_bias_is_updated_from_global_load(runs, tiny_config):

@@ -1,0 +1,158 @@
+"""Is a checkpoint tag intact? Content hashes for the COMPLETE marker, checks, quarantine.
+
+The marker lists every file of a tag with its size and (since issue 8) an xxh3-128 hash of its
+bytes. `checkpoint.verify` picks the check made before resuming:
+    hash  every file's size and content hash (reads the whole tag once; default)
+    size  sizes only (a same-size corruption, e.g. a flipped byte, passes)
+A marker written before hashes existed is checked by size.
+
+A tag that fails is never deleted: it is moved to checkpoints/quarantine/<tag> with a
+<tag>.json beside it saying why, so a person can inspect or restore it (move it back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from megamor.data.atomic import atomic_open, write_json
+
+MARKER = "COMPLETE"
+QUARANTINE = "quarantine"
+HASH_NAME = "xxh3_128"
+BLOCK = 8 << 20  # streamed in 8 MiB blocks: bounded memory, few syscalls
+VERIFY_MODES = ("hash", "size")
+_RANK_RE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def hash_file(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def tag_files(folder: Path) -> list[str]:
+    """The files a marker covers: everything but the marker and hidden (temp) files."""
+    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MARKER and not p.name.startswith(".")]
+
+
+def owner(name: str, world: int) -> int:
+    """The rank that hashes a file: the DP rank in DeepSpeed's name (the rank that wrote it,
+    so its bytes are still in that node's page cache), else rank 0."""
+    m = _RANK_RE.search(Path(name).name)
+    return int(m.group(1)) % world if m else 0
+
+
+def read_marker(tag_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return None, "no COMPLETE marker (a save that did not finish)"
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"unreadable COMPLETE marker ({e})"
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        return None, "COMPLETE marker without a file list"
+    return meta, None
+
+
+def check_sizes(tag_dir: Path, meta: dict[str, Any]) -> str | None:
+    for name, size in meta["files"].items():
+        p = tag_dir / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} has {p.stat().st_size} bytes, the marker says {size}"
+    return None
+
+
+def check_hashes(tag_dir: Path, meta: dict[str, Any], names: list[str] | None = None) -> str | None:
+    """The first file (of `names`, default all) whose content hash differs from the marker's."""
+    hashes = meta.get("hashes") or {}
+    if meta.get("hash") != HASH_NAME:
+        return None  # an older marker: sizes only
+    for name in names if names is not None else sorted(hashes):
+        if name not in hashes:
+            continue
+        try:
+            got = hash_file(tag_dir / name)
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror})"
+        if got != hashes[name]:
+            return f"{name} does not match its content hash (corrupted since it was written)"
+    return None
+
+
+def check_tag(tag_dir: Path, verify: str = "size") -> tuple[dict[str, Any] | None, str | None]:
+    """(marker metadata, None) for an intact tag, else (None, why not). One process."""
+    meta, why = read_marker(tag_dir)
+    if meta is None:
+        return None, why
+    why = check_sizes(tag_dir, meta) or (check_hashes(tag_dir, meta) if verify == "hash" else None)
+    return (None, why) if why else (meta, None)
+
+
+def marker_payload(sizes: dict[str, int], hashes: dict[str, str]) -> dict[str, Any]:
+    return {"files": sizes, "hash": HASH_NAME, "hashes": hashes}
+
+
+# -- quarantine (rank 0 only) ----------------------------------------------------------------
+def quarantine_dir(ckpt_root: Path) -> Path:
+    return ckpt_root / QUARANTINE
+
+
+def quarantine(tag_dir: Path, reason: str) -> Path:
+    """Move a tag that failed validation out of the way, files untouched; returns where."""
+    qdir = quarantine_dir(tag_dir.parent)
+    qdir.mkdir(exist_ok=True)
+    dest = qdir / tag_dir.name
+    n = 1
+    while dest.exists() or dest.with_name(dest.name + ".json").exists():
+        dest = qdir / f"{tag_dir.name}.{n}"
+        n += 1
+    os.replace(tag_dir, dest)  # a rename: a writer still holding a file open writes into dest
+    write_json(qdir / f"{dest.name}.json", {"tag": tag_dir.name, "reason": reason, "time": time.time(),
+                                             "moved_from": str(tag_dir)})
+    # A universal conversion of this tag is derived from it: regenerated if the tag is restored.
+    shutil.rmtree(tag_dir.parent / "universal" / tag_dir.name, ignore_errors=True)
+    latest = tag_dir.parent / "latest"
+    if latest.is_file() and latest.read_text().strip() == tag_dir.name:
+        latest.unlink()
+    return dest
+
+
+def quarantined(ckpt_root: Path) -> list[tuple[str, str]]:
+    """(folder name, reason) of every quarantined tag."""
+    qdir = quarantine_dir(ckpt_root)
+    out = []
+    if qdir.is_dir():
+        for d in sorted(p for p in qdir.iterdir() if p.is_dir()):
+            why = "reason unknown"
+            try:
+                why = json.loads((qdir / f"{d.name}.json").read_text()).get("reason", why)
+            except (OSError, ValueError):
+                pass
+            out.append((d.name, why))
+    return out
+
+
+def warn(text: str) -> None:
+    print(f"megamor: warning: {text}", file=sys.stderr, flush=True)
+
+
+def write_latest(ckpt_root: Path, tag: str) -> None:
+    with atomic_open(ckpt_root / "latest", "w") as f:
+        f.write(tag)

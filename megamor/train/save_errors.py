@@ -1,0 +1,73 @@
+"""Checkpoint writes that fail with a clear line: which file, which error (ENOSPC, EDQUOT...).
+
+torch.save to a path writes through a C++ stream that loses errno (a full disk reads
+`basic_ios::clear: iostream error` or `unexpected pos`); to a Python file object the OSError
+comes back intact. `python_file_saves()` routes DeepSpeed's path saves through Python files
+while a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names the file and the error."""
+
+
+_original_save: Callable[..., Any] = torch.save
+_lock = threading.Lock()
+_depth = 0
+
+
+def os_error_line(e: OSError, where: Path) -> str:
+    name = errno.errorcode.get(e.errno or 0, "")
+    what = e.strerror or str(e)
+    return f"{e.filename or where}: {what}{f' ({name})' if name else ''}"
+
+
+def _save_via_python(obj: Any, f: Any, *args: Any, **kw: Any) -> None:
+    if not isinstance(f, (str, os.PathLike)):
+        return _original_save(obj, f, *args, **kw)
+    try:
+        with open(f, "wb") as fh:
+            _original_save(obj, fh, *args, **kw)
+    except Exception as e:
+        cause = os_error_in(e)  # torch's zip writer re-raises a failed write as "unexpected pos"
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, os.fspath(f)) from None
+
+
+def os_error_in(e: BaseException | None) -> OSError | None:
+    """The OSError among an exception and its context chain, if any."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, OSError) and e.errno:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+@contextmanager
+def python_file_saves() -> Iterator[None]:
+    global _depth
+    with _lock:
+        if _depth == 0:
+            torch.save = _save_via_python  # type: ignore[assignment]
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                torch.save = _original_save  # type: ignore[assignment]

@@ -1,0 +1,223 @@
+"""Runs you can trust (issue 8): a run folder is never silently replaced or deleted, a damaged
+tag is caught by its content hashes and kept aside, overflowing steps are counted and abort,
+no checkpoint file can run code, a full disk is named. Real runs (`python -m megamor.train`,
+tiny ZeRO-1 fp32 config), real files, a real size-limited filesystem.
+
+The shared starting point: a run of 8 planned steps killed after step 7, holding step_4 and
+step_6 (checkpoint every 2, keep_last 2) and metrics up to step 7.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamor.env import repo_root
+from megamor.train.checkpoint import (
+    CHECKPOINTS,
+    MARKER,
+    UnsafeCheckpointError,
+    ensure_universal,
+    list_complete,
+    resolve_tag,
+    tag_for,
+)
+from megamor.train.integrity import QUARANTINE, check_tag
+from tests.train.helpers import Run, assert_ok, launch, train_env
+from tests.train.trust_helpers import FILE_KINDS, flip_tensor_byte, plant_payload
+
+COMMON = ["trainer.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "eval.at_end=false"]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trust") / "base"
+    killed = launch(tiny_config, run_dir, COMMON, env={"MEGAMOR_FAULTS": "sigkill_after_step=7"})
+    assert killed.rc != 0 and max(killed.losses()) == 7
+    assert [c.step for c in list_complete(run_dir)] == [4, 6]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def resumed_at_4(base, tiny_config) -> dict[int, float]:
+    """Losses of steps 5-8 of a run resumed from step_4 on purpose (step_6 taken out by hand)."""
+    run_dir = copy_run(base, "on_purpose")
+    shutil.move(str(run_dir / CHECKPOINTS / tag_for(6)), str(run_dir.parent / "step6_taken_out"))
+    run = launch(tiny_config, run_dir, COMMON)
+    assert_ok(run)
+    assert "resumed from step 4" in run.output
+    return {s: run.losses()[s] for s in range(5, 9)}
+
+
+def copy_run(base: Path, name: str) -> Path:
+    dst = base.parent / name
+    shutil.copytree(base, dst)
+    return dst
+
+
+def files_of(tag: Path) -> set[str]:
+    return {p.name for p in tag.iterdir()}
+
+
+def train_rows(run: Run) -> list[int]:
+    return [r["step"] for r in run.records() if "train/loss" in r]
+
+
+# -- what was seen 1: no tag validates -> refuse, keep everything ------------------------------
+def test_no_valid_tag_refuses_names_each_and_keeps_their_files(base, tiny_config):
+    run_dir = copy_run(base, "none_valid")
+    ck = run_dir / CHECKPOINTS
+    (ck / tag_for(6) / MARKER).unlink()
+    with open(ck / tag_for(4) / FILE_KINDS["optim"], "r+b") as f:  # truncated
+        f.truncate(1000)
+    before = {t: files_of(ck / tag_for(t)) for t in (4, 6)}
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+
+    refused = launch(tiny_config, run_dir, COMMON)
+    assert refused.rc == 2, refused.output[-3000:]
+    line = next(ln for ln in refused.output.splitlines() if "no checkpoint validates" in ln)
+    assert line.startswith("megamor.train:") and "checkpoint.resume=false" in line
+    assert f"{tag_for(6)} (no COMPLETE marker" in line
+    assert f"{tag_for(4)} ({FILE_KINDS['optim']} has 1000 bytes" in line
+    assert "Traceback" not in refused.output
+    for t in (4, 6):  # quarantined with every file, nothing deleted
+        assert files_of(ck / QUARANTINE / tag_for(t)) == before[t]
+        assert not (ck / tag_for(t)).exists()
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # no step 1 written again
+
+    again = launch(tiny_config, run_dir, COMMON)  # the same command again: still refused
+    assert again.rc == 2 and "quarantined earlier" in again.output
+
+    fresh = launch(tiny_config, run_dir, [*COMMON, "checkpoint.resume=false"])  # starting over on purpose
+    assert_ok(fresh)
+    assert "resumed from" not in fresh.output
+    assert train_rows(fresh) == list(range(1, 9))  # one row per step, the old run's rows are gone
+    assert [c.step for c in list_complete(run_dir)] == [6, 8]
+    assert {files_of(ck / QUARANTINE / tag_for(t)) == before[t] for t in (4, 6)} == {True}
+
+
+def test_newest_marker_removed_resumes_previous_and_keeps_the_tag(base, tiny_config, resumed_at_4):
+    """Old code resumed from step 4 too but deleted the intact step_6 and logged steps 5-7 twice."""
+    run_dir = copy_run(base, "newest_marker_gone")
+    ck = run_dir / CHECKPOINTS
+    (ck / tag_for(6) / MARKER).unlink()
+    kept = files_of(ck / tag_for(6))
+    run = launch(tiny_config, run_dir, COMMON)
+    assert_ok(run)
+    assert "resumed from step 4" in run.output
+    assert f"checkpoint {tag_for(6)} failed validation: no COMPLETE marker" in run.output
+    assert files_of(ck / QUARANTINE / tag_for(6)) == kept
+    assert train_rows(run) == list(range(1, 9))  # metrics.jsonl: each step once
+    assert {s: run.losses()[s] for s in range(5, 9)} == resumed_at_4
+
+
+# -- what was seen 2: a same-size corruption is caught by the hash ------------------------------
+@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
+def test_same_size_corruption_is_caught_by_hash(base, tiny_config, resumed_at_4, kind):
+    run_dir = copy_run(base, f"flipped_{kind}")
+    victim = run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS[kind]
+    flip_tensor_byte(victim)
+    damaged = victim.read_bytes()
+    run = launch(tiny_config, run_dir, COMMON)
+    assert_ok(run)
+    assert f"{FILE_KINDS[kind]} does not match its content hash" in run.output
+    assert "resumed from step 4" in run.output
+    assert {s: run.losses()[s] for s in range(5, 9)} == resumed_at_4  # as if resumed there on purpose
+    assert (run_dir / CHECKPOINTS / QUARANTINE / tag_for(6) / FILE_KINDS[kind]).read_bytes() == damaged
+
+
+def test_size_only_verification_is_available(base, tiny_config):
+    run_dir = copy_run(base, "flipped_size_only")
+    flip_tensor_byte(run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS["trainer"])
+    assert check_tag(run_dir / CHECKPOINTS / tag_for(6), "size")[0] is not None
+    assert check_tag(run_dir / CHECKPOINTS / tag_for(6), "hash")[0] is None
+
+
+# -- what was seen 2 (cont.): overflowing steps are counted and abort ---------------------------
+@pytest.mark.parametrize("stage", [1, 0])  # 1: DeepSpeed's own overflow skip; 0: megamor's guard
+def test_every_step_overflowing_exits_1_naming_the_last_good_checkpoint(tiny_config, tmp_path, stage):
+    run = launch(tiny_config, tmp_path / "overflow", [*COMMON, f"deepspeed.zero_stage={stage}",
+                                                      "trainer.max_consecutive_nonfinite=3"],
+                 env={"MEGAMOR_FAULTS": "inf_grad_at_step=3:8"})
+    assert run.rc == 1, run.output[-3000:]
+    assert "3 non-finite steps in a row (steps 3-5, last: non-finite gradients); aborting" in run.output
+    assert f"newest checkpoint from before these steps is {tmp_path / 'overflow' / CHECKPOINTS / tag_for(2)}" in run.output
+    rows = [r for r in run.records() if "train/loss" in r]
+    assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 2]
+    assert [c.step for c in list_complete(run.run_dir)] == [2]  # step 4 (mid-streak) was not saved over it
+
+
+# -- what was seen 3: no checkpoint file runs code -------------------------------------------------
+@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
+def test_planted_payload_is_refused_on_resume(base, tiny_config, kind):
+    run_dir = copy_run(base, f"payload_{kind}")
+    sentinel = run_dir.parent / f"pwned_resume_{kind}"
+    plant_payload(run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS[kind], sentinel)
+    run = launch(tiny_config, run_dir, COMMON)
+    assert run.rc == 2, run.output[-3000:]
+    assert f"{FILE_KINDS[kind]}: refused to load" in run.output
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("kind", ["model", "optim"])
+def test_planted_payload_is_refused_by_export_conversion_and_evaluation(base, kind):
+    run_dir = copy_run(base, f"payload_tools_{kind}")
+    sentinel = run_dir.parent / f"pwned_tools_{kind}"
+    plant_payload(run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS[kind], sentinel)
+    env = train_env(run_dir.parent)
+    export = subprocess.run([sys.executable, "-m", "megamor.export", str(run_dir)], cwd=repo_root(), env=env,
+                            capture_output=True, text=True)
+    assert export.returncode == 2, export.stderr[-2000:]
+    assert f"{FILE_KINDS[kind]}: refused to load" in export.stderr
+    ppl = subprocess.run([sys.executable, "evals/perplexity.py", "--checkpoint", str(run_dir), "--text",
+                          str(repo_root() / "README.md"), "--max-docs", "1", "--no-progress"],
+                         cwd=repo_root(), env=env, capture_output=True, text=True)
+    assert ppl.returncode == 2 and "refused to load" in ppl.stderr, ppl.stderr[-2000:]
+    with pytest.raises(UnsafeCheckpointError, match=f"{FILE_KINDS[kind]}: refused to load"):
+        ensure_universal(resolve_tag(run_dir))  # ds_to_universal, through megamor's safe wrapper
+    assert not sentinel.exists()
+
+
+# -- disk full during a save -----------------------------------------------------------------------
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 6 MiB tmpfs: room for two tiny tags, not three."""
+    mnt = tmp_path / "small_fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_during_save_names_the_file_and_keeps_previous_tags(tiny_config, small_fs):
+    run = launch(tiny_config, small_fs / "run", COMMON)
+    assert run.rc == 1, run.output[-3000:]
+    line = next(ln for ln in run.output.splitlines() if "No space left" in ln)
+    assert line.startswith("megamor.train: ") and f"saving {tag_for(6)} failed: {small_fs / 'run' / CHECKPOINTS / tag_for(6)}/" in line
+    assert "No space left on device (ENOSPC)" in line and "previous checkpoints are kept" in line
+    assert "Traceback" not in run.output
+    ck = small_fs / "run" / CHECKPOINTS
+    assert [c.step for c in list_complete(small_fs / "run")] == [2, 4]  # nothing pruned
+    assert all(check_tag(ck / tag_for(s), "hash")[0] is not None for s in (2, 4))
+    assert not (ck / tag_for(6) / MARKER).exists()
+
+
+# -- two processes: each rank hashes its own shards ----------------------------------------------
+def test_two_process_corrupted_rank1_shard_is_caught(tiny_config, tmp_path):
+    run_dir = tmp_path / "two"
+    killed = launch(tiny_config, run_dir, COMMON, nproc=2, env={"MEGAMOR_FAULTS": "sigkill_after_step=7"})
+    assert killed.rc != 0 and [c.step for c in list_complete(run_dir)] == [4, 6]
+    shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    flip_tensor_byte(run_dir / CHECKPOINTS / tag_for(6) / shard)
+    run = launch(tiny_config, run_dir, COMMON, nproc=2)
+    assert_ok(run)
+    assert f"{shard} does not match its content hash" in run.output and "resumed from step 4" in run.output
+    assert (run_dir / CHECKPOINTS / QUARANTINE / tag_for(6) / shard).is_file()
