@@ -55,7 +55,9 @@ def test_param_groups_exclude_norms_biases_embeddings_and_count_tied_once():
     decay = {names[id(p)] for p in groups["decay"]["params"]}
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
     assert "embed_tokens.weight" in no_decay  # tied with lm_head: one tensor, one group
-    assert all("norm" in n for n in no_decay - {"embed_tokens.weight"})
+    # 1-D parameters: norm weights and the learned expert-choice gate scales (router.learn_alpha)
+    assert all("norm" in n or n.endswith("scale.alpha") for n in no_decay - {"embed_tokens.weight"})
+    assert any(n.endswith("scale.alpha") for n in no_decay)
     assert any("q_proj" in n for n in decay) and any("routers" in n for n in decay)
     n_total = len({id(p) for p in model.parameters()})
     assert len(decay) + len(no_decay) == n_total
