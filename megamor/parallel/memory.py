@@ -36,6 +36,8 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
         hidden = r.mlp_hidden or d // 4
         per = d * outs if r.network == "linear" else d * hidden + hidden * outs
         replicated += count * per
+        if r.type == "expert_choice" and r.learn_alpha:
+            replicated += count  # one learned gate scale per recursion step
     return sharded, replicated
 
 
