@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from megamor.train.patching import ReentrantPatch
 
 # Set for subprocesses (ds_to_universal): torch then forces weights_only=True at every load.
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -49,8 +50,6 @@ def safe_globals() -> list[Any]:
             *dtypes]
 
 
-_lock = threading.Lock()
-_depth = 0
 _original_load: Callable[..., Any] = torch.load
 
 
@@ -83,21 +82,12 @@ def _forced_load(f: Any, map_location: Any = None, pickle_module: Any = None, **
     return load(f, map_location=map_location, **kw)
 
 
-@contextmanager
-def safe_torch_load() -> Iterator[None]:
+_LOAD_PATCH = ReentrantPatch(torch, "load", _forced_load)
+
+
+def safe_torch_load() -> AbstractContextManager[None]:
     """Within the block, every `torch.load` (DeepSpeed's too) is weights-only. Re-entrant."""
-    global _depth
-    with _lock:
-        if _depth == 0:
-            torch.load = _forced_load  # type: ignore[assignment]
-        _depth += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                torch.load = _original_load  # type: ignore[assignment]
+    return _LOAD_PATCH.active()
 
 
 def file_error(path: Path, e: BaseException) -> str:

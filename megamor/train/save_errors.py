@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from megamor.train.patching import ReentrantPatch
 
 
 class CheckpointSaveError(RuntimeError):
@@ -24,8 +25,6 @@ class CheckpointSaveError(RuntimeError):
 
 
 _original_save: Callable[..., Any] = torch.save
-_lock = threading.Lock()
-_depth = 0
 
 
 def os_error_line(e: OSError, where: Path) -> str:
@@ -57,17 +56,9 @@ def os_error_in(e: BaseException | None) -> OSError | None:
     return None
 
 
-@contextmanager
-def python_file_saves() -> Iterator[None]:
-    global _depth
-    with _lock:
-        if _depth == 0:
-            torch.save = _save_via_python  # type: ignore[assignment]
-        _depth += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                torch.save = _original_save  # type: ignore[assignment]
+_SAVE_PATCH = ReentrantPatch(torch, "save", _save_via_python)
+
+
+def python_file_saves() -> AbstractContextManager[None]:
+    """Within the block, `torch.save` to a path (DeepSpeed's too) writes through a Python file."""
+    return _SAVE_PATCH.active()
