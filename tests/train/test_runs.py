@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -27,6 +25,7 @@ from tests.train.helpers import (
     rel_diff,
     train_command,
     train_env,
+    wait_for_step,
 )
 from tests.train.wandb_records import history, run_id
 
@@ -135,25 +134,13 @@ def test_killed_during_save_falls_back_to_previous_checkpoint(runs, tiny_config)
     assert [c.step for c in list_complete(run_dir)] == [15, 20]
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        if metrics.is_file() and f'"step": {step},' in metrics.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.communicate()}")
-        time.sleep(0.1)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
 def test_sigterm_plain_process_saves_and_exits_75(runs, tiny_config):
     run_dir = runs.base / "sigterm_plain"
     cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "checkpoint.every_steps=0"], 1, "python",
                         runs.base)
     proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(runs.base), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(run_dir, 3, proc)
+    wait_for_step(run_dir, 3, proc, timeout=120)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
@@ -170,7 +157,7 @@ def test_sigusr1_to_one_rank_stops_every_rank(runs, tiny_config):
                                                "deepspeed.zero_stage=3"], 2, "torchrun", runs.base)
     proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(runs.base), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(run_dir, 3, proc)
+    wait_for_step(run_dir, 3, proc, timeout=120)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megamor.train" in " ".join(p.cmdline())]
     by_rank = {int(p.environ()["RANK"]): p for p in workers}
     by_rank[1].send_signal(signal.SIGUSR1)
