@@ -312,10 +312,12 @@ def find_resumable(run_dir: str | Path, verify: str) -> CheckpointRef | None:
     """The newest tag that validates, or None when checkpoints/ holds no tag at all. Every rank
     calls it: rank 0 checks markers and sizes and moves failed tags to quarantine/; with
     verify="hash" the ranks share the hashing (each reads the files it would have written).
-    Raises NoValidCheckpointError when tags exist (or were quarantined) and none validates."""
+    Raises NoValidCheckpointError when tags exist (or were quarantined) and none validates,
+    unless no save ever finished there (integrity.never_completed): then None, a fresh start."""
     root = checkpoints_dir(run_dir)
     rank, world = pdist.rank(), pdist.world_size()
     rejected: list[str] = []
+    reasons: list[str] = []
     while True:
         ref = None
         if rank == 0:
@@ -324,7 +326,8 @@ def find_resumable(run_dir: str | Path, verify: str) -> CheckpointRef | None:
                 if meta is not None:
                     ref = CheckpointRef(d, step_of(d.name) or 0, meta)
                     break
-                rejected.append(_reject(d, why or "failed validation"))
+                reasons.append(why or "failed validation")
+                rejected.append(_reject(d, reasons[-1]))
         ref = pdist.broadcast_object(ref)
         if ref is None:
             break
@@ -335,9 +338,14 @@ def find_resumable(run_dir: str | Path, verify: str) -> CheckpointRef | None:
         if not whys:
             return ref
         if rank == 0:
+            reasons.append(whys[0])
             rejected.append(_reject(ref.path, whys[0]))
     message = None
-    if rank == 0:
+    if rank == 0 and integrity.never_completed(root, reasons):
+        if rejected:
+            warn(f"{root}: no save ever finished in this run folder ({'; '.join(rejected)}): starting from step 0; "
+                 f"the partial tags are kept in {integrity.quarantine_dir(root)}")
+    elif rank == 0:
         earlier = [f"{name} ({why})" for name, why in integrity.quarantined(root) if name not in {r.split(" ")[0] for r in rejected}]
         if rejected or earlier:
             message = (f"{root}: no checkpoint validates, refusing to start over on top of it: "
@@ -362,7 +370,7 @@ def set_aside_for_restart(run_dir: str | Path) -> list[Path]:
     tags never mix with (or prune) the old run's."""
     moved = []
     for d in tag_dirs(checkpoints_dir(run_dir)):
-        moved.append(quarantine(d, "set aside: the run was started over with checkpoint.resume=false"))
+        moved.append(quarantine(d, integrity.SET_ASIDE))
     if moved:
         warn(f"checkpoint.resume=false: {len(moved)} existing checkpoint(s) moved to {moved[0].parent} (not deleted)")
     return moved

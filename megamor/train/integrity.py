@@ -30,6 +30,8 @@ QUARANTINE = "quarantine"
 HASH_NAME = "xxh3_128"
 BLOCK = 8 << 20  # streamed in 8 MiB blocks: bounded memory, few syscalls
 VERIFY_MODES = ("hash", "size")
+UNFINISHED = "no COMPLETE marker (a save that did not finish)"
+SET_ASIDE = "set aside: the run was started over with checkpoint.resume=false"
 _RANK_RE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
@@ -59,7 +61,7 @@ def owner(name: str, world: int) -> int:
 def read_marker(tag_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     marker = tag_dir / MARKER
     if not marker.is_file():
-        return None, "no COMPLETE marker (a save that did not finish)"
+        return None, UNFINISHED
     try:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError) as e:
@@ -147,6 +149,22 @@ def quarantined(ckpt_root: Path) -> list[tuple[str, str]]:
                 pass
             out.append((d.name, why))
     return out
+
+
+def never_completed(ckpt_root: Path, reasons: list[str]) -> bool:
+    """True when no save in this run folder ever finished: every rejected tag (`reasons`) and
+    every earlier quarantined one lacks its COMPLETE marker (or was set aside on purpose).
+    Such a folder holds nothing to resume (e.g. a job killed during its very first save), so
+    starting from step 0 loses nothing; the partial tags stay in quarantine/."""
+    if not all(r == UNFINISHED for r in reasons):
+        return False
+    qdir = quarantine_dir(ckpt_root)
+    for name, why in quarantined(ckpt_root):
+        if why == SET_ASIDE:
+            continue
+        if why != UNFINISHED or (qdir / name / MARKER).exists():
+            return False
+    return True
 
 
 def warn(text: str) -> None:

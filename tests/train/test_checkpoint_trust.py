@@ -115,6 +115,23 @@ def test_newest_marker_removed_resumes_previous_and_keeps_the_tag(base, tiny_con
     assert {s: run.losses()[s] for s in range(5, 9)} == resumed_at_4
 
 
+def test_killed_during_the_first_save_starts_over_and_keeps_the_partial_tag(tiny_config, tmp_path):
+    """A job killed in its very first save (a SLURM requeue's usual case) has nothing to resume:
+    the rerun starts from step 0 by itself (the old code refused until checkpoint.resume=false)."""
+    run_dir = tmp_path / "first_save"
+    killed = launch(tiny_config, run_dir, COMMON, env={"MEGAMOR_FAULTS": "sigkill_during_save=2"})
+    assert killed.rc != 0 and list_complete(run_dir) == []
+    partial = files_of(run_dir / CHECKPOINTS / tag_for(2))
+    assert partial and MARKER not in partial
+
+    rerun = launch(tiny_config, run_dir, COMMON)
+    assert_ok(rerun)
+    assert "no save ever finished in this run folder" in rerun.output and "resumed from" not in rerun.output
+    assert train_rows(rerun) == list(range(1, 9))  # each step once: the killed attempt's rows are cut back
+    assert files_of(run_dir / CHECKPOINTS / QUARANTINE / tag_for(2)) == partial  # kept, not deleted
+    assert [c.step for c in list_complete(run_dir)] == [6, 8]
+
+
 # -- what was seen 2: a same-size corruption is caught by the hash ------------------------------
 @pytest.mark.parametrize("kind", sorted(FILE_KINDS))
 def test_same_size_corruption_is_caught_by_hash(base, tiny_config, resumed_at_4, kind):
