@@ -13,6 +13,8 @@ import torch
 from megamor.train import integrity
 from megamor.train.checkpoint import (
     CheckpointManager,
+    NoValidCheckpointError,
+    find_resumable,
     consolidated_state_dict,
     resolve_tag,
     rng_state,
@@ -80,6 +82,37 @@ def test_quarantine_never_overwrites(tmp_path):
     first = integrity.quarantine(d, "one")
     again = integrity.quarantine(real_tag(tmp_path, 2), "two")
     assert first.name == tag_for(2) and again.name == f"{tag_for(2)}.1" and first.is_dir() and again.is_dir()
+
+
+def partial_tag(run, step):
+    d = run / "checkpoints" / tag_for(step)
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    return d
+
+
+def test_a_folder_where_no_save_finished_starts_over_but_a_damaged_complete_tag_refuses(tmp_path):
+    run = tmp_path / "fresh"
+    partial_tag(run, 2)
+    assert find_resumable(run, "hash") is None  # nothing ever completed: step 0, tag kept aside
+    assert (run / "checkpoints" / integrity.QUARANTINE / tag_for(2) / "mp_rank_00_model_states.pt").is_file()
+    partial_tag(run, 2)  # killed in the first save again
+    assert find_resumable(run, "hash") is None
+
+    aside = tmp_path / "set_aside"  # started over on purpose, then killed in the new first save
+    integrity.quarantine(real_tag(aside, 4), integrity.SET_ASIDE)
+    partial_tag(aside, 2)
+    assert find_resumable(aside, "hash") is None
+
+    damaged = tmp_path / "damaged"  # a save that completed once and was damaged since: refuse
+    d = real_tag(damaged, 4)
+    (d / "experiment.yaml").write_text("name: u\n")
+    partial_tag(damaged, 6)
+    with pytest.raises(NoValidCheckpointError, match="does not match its content hash"):
+        find_resumable(damaged, "hash")
+    partial_tag(damaged, 8)  # the same folder later: the damaged tag quarantined earlier still counts
+    with pytest.raises(NoValidCheckpointError, match="quarantined earlier"):
+        find_resumable(damaged, "hash")
 
 
 def test_weights_only_loader_refuses_a_payload_and_names_the_file(tmp_path):
