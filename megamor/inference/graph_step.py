@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from megamor.inference.static_cache import StaticKVCache
-from megamor.model.layers import apply_rope, sdpa
+from megamor.inference.step import layer_attend_and_mlp, layer_query
 from megamor.model.mor import MoRLM
 
 
@@ -59,14 +59,11 @@ class GraphStep:
                 overflow: Tensor) -> Tensor:
         model, cache = self.model, self.cache
         layer = model.layers[phys]
-        attn = layer.self_attn
-        m = x.shape[0]
-        xn = layer.input_layernorm(x)
-        q = apply_rope(attn.q_proj(xn).view(m, 1, attn.n_heads, attn.head_dim).transpose(1, 2), cos, sin)
+        xn, q = layer_query(layer, x, cos, sin)
         source = model._sites["kv_source"].get(site)
         idx = rows if rows is not None else torch.arange(cache.slots, device=x.device)
         if source is None:
-            k, v = attn.project_kv(xn, cos, sin)
+            k, v = layer.self_attn.project_kv(xn, cos, sin)
             fill = cache.fill_dev[site]
             cap = cache.capacity(site)
             level = fill[idx]
@@ -83,9 +80,7 @@ class GraphStep:
         lens = cache.fill_dev[source][idx]
         mask = torch.arange(store_k.shape[2], device=x.device).unsqueeze(0) < lens.unsqueeze(1)
         mask = mask | (lens == 0).unsqueeze(1)  # rows with nothing cached (free slots): any finite output
-        out = sdpa(q, store_k.to(q.dtype), store_v.to(q.dtype), mask[:, None, None, :], is_causal=False)
-        h = x + attn.o_proj(out.transpose(1, 2).reshape(m, 1, attn.n_heads * attn.head_dim))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return layer_attend_and_mlp(layer, x, q, store_k, store_v, mask[:, None, None, :])
 
     def step_fn(self) -> tuple[Tensor, Tensor]:
         """(logits [S, V], packed [S + S + 1 + N_r]: greedy next tokens, depths, overflow flag,

@@ -37,22 +37,34 @@ class _Rows:
         return _Rows(self.host[local], self.dev[local_t])
 
 
+def layer_query(layer: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(normed input, rotated query [m, heads, 1, head_dim]) of one token per row at a layer;
+    shared by the dynamic step and the graph step (megamor.inference.graph_step)."""
+    attn = layer.self_attn
+    xn = layer.input_layernorm(x)
+    return xn, apply_rope(attn.q_proj(xn).view(x.shape[0], 1, attn.n_heads, attn.head_dim).transpose(1, 2), cos, sin)
+
+
+def layer_attend_and_mlp(layer: torch.nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """The rest of the layer for one token per row: attention over the cached k/v (mask by
+    fill level), output projection, residual, MLP."""
+    attn = layer.self_attn
+    out = sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=False)
+    h = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, attn.n_heads * attn.head_dim))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 def _apply_layer(model: MoRLM, cache: StaticKVCache, phys: int, site: int, x: Tensor, rows: _Rows,
                  cos: Tensor, sin: Tensor, memo: dict) -> Tensor:
     layer = model.layers[phys]
-    attn = layer.self_attn
-    m = x.shape[0]
-    xn = layer.input_layernorm(x)
-    q = apply_rope(attn.q_proj(xn).view(m, 1, attn.n_heads, attn.head_dim).transpose(1, 2), cos, sin)
+    xn, q = layer_query(layer, x, cos, sin)
     source = model._sites["kv_source"].get(site)
     if source is None:
-        k, v = attn.project_kv(xn, cos, sin)
+        k, v = layer.self_attn.project_kv(xn, cos, sin)
         cache.write_token(site, rows.host, rows.dev, k, v, memo)
         source = site
     k, v, mask = cache.view(source, rows.host, rows.dev, memo)
-    out = sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=False)
-    h = x + attn.o_proj(out.transpose(1, 2).reshape(m, 1, attn.n_heads * attn.head_dim))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return layer_attend_and_mlp(layer, x, q, k, v, mask)
 
 
 @torch.no_grad()

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from megamor.study.report import write_report
-    from megamor.study.run import RunFailed, is_done, run_one
+    from megamor.study.run import RunFailed, is_done, load_result, run_one
 
     if args.plan:
         print(f"{'#':>3} {'run':<28} {'GFLOPs/token':>13} {'steps':>7} {'tokens':>13} {'FLOPs':>10}  done")
@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 return e.rc
         if args.index is not None:
             return 0
-    import json
 
-    results = [json.loads(r.result_path.read_text()) for r in runs if is_done(r)]
+    results = [load_result(r) for r in runs if is_done(r)]
     pending = [r.name for r in runs if not is_done(r)]
     path = write_report(study, results, pending, _command(args))
     print(f"megamor.study: {len(results)}/{len(runs)} runs done; report: {path}")

@@ -30,9 +30,11 @@ COLUMNS = [  # (header, result key, format)
     ("router recall (min step)", "router_recall_min", "{:.3f}"),
     ("router precision (min step)", "router_precision_min", "{:.3f}"),
     ("corr(depth, loss)", "corr_depth_loss", "{:.3f}"),
+    ("max |logit| (training)", "router_max_abs_logit_run", "{:.3g}"),
+    ("saturated gates (last step)", "router_saturated_final", "{:.3f}"),
 ]
 SPREAD = {"val_loss", "val_loss_causal", "fewshot_avg", "mean_depth", "router_recall_min", "router_precision_min",
-          "corr_depth_loss"}
+          "corr_depth_loss", "router_saturated_final"}
 
 
 def _num(x: Any) -> float:
@@ -140,7 +142,9 @@ def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: lis
     text = [f"# Study `{study.name}`", "", f"Budget: {budget}; seeds {list(study.seeds)}; `±` is the standard "
             "deviation over seeds. Validation loss on the same windows with top-k routing (training's) and causal "
             "routing (evaluation's); router recall/precision: the causal choice against top-k, worst routed step; "
-            "corr(depth, loss): Spearman over validation tokens, causal routing.", "",
+            "corr(depth, loss): Spearman over validation tokens, causal routing; max |logit|: the largest router "
+            "logit of any step logged in training; saturated gates: share of candidates with sigmoid within 1e-3 of "
+            "0 or 1 at the last logged step (worst recursion step).", "",
             f"Command: `{command}`", "", table(study, results)]
     if pending:
         text += ["", f"Pending runs: {', '.join(pending)}"]

@@ -57,20 +57,38 @@ def train(study: StudyConfig, run: RunSpec) -> float:
     return time.time() - t0
 
 
-def val_curve(run: RunSpec) -> list[list[float]]:
-    """[FLOPs, val loss] at every validation the trainer logged (FLOPs in the budget's count)."""
+def metrics_records(run: RunSpec) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl rows (a line cut by a kill is skipped)."""
     path = run.run_dir / "metrics.jsonl"
-    out: dict[int, float] = {}
+    rows = []
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
-                rec = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if "val/loss" in rec:
-                out[int(rec["step"])] = float(rec["val/loss"])
+                continue
+    return rows
+
+
+def val_curve(run: RunSpec) -> list[list[float]]:
+    """[FLOPs, val loss] at every validation the trainer logged (FLOPs in the budget's count)."""
+    out = {int(r["step"]): float(r["val/loss"]) for r in metrics_records(run) if "val/loss" in r}
     per_step = run.budget.flops / run.budget.steps
     return [[s * per_step, v] for s, v in sorted(out.items())]
+
+
+def router_health_over_run(run: RunSpec) -> dict[str, Any]:
+    """Training-time router health from the logged rows (expert choice only): the largest
+    |logit| of any routed step over the whole run, and the share of saturated gates (worst
+    step) at the last logged row."""
+    prefix = "train/router_health/"
+    rows = [r for r in metrics_records(run) if any(k.startswith(prefix) for k in r)]
+    if not rows:
+        return {}
+    def worst(row: dict[str, Any], stat: str) -> float:
+        return max(float(v) for k, v in row.items() if k.startswith(prefix) and k.endswith("/" + stat))
+    return {"router_max_abs_logit_run": max(worst(r, "logit_max_abs") for r in rows),
+            "router_saturated_final": worst(rows[-1], "saturated")}
 
 
 def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict[str, Any]:
@@ -96,13 +114,23 @@ def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict
     res.update(depth_analysis(trace, run.run_dir / "depth" if study.eval.depth_plots else None))
     res.update(fewshot(model, Path(exp.data.tokenizer or ""), study.eval))
     res["val_curve"] = val_curve(run)
+    res.update(router_health_over_run(run))
     res["eval_seconds"] = time.time() - t0
+    return res
+
+
+def load_result(run: RunSpec) -> dict[str, Any]:
+    """A finished run's result; fields added since it was written that come from its logs
+    (router health over the run) are filled in, nothing is recomputed."""
+    res = json.loads(run.result_path.read_text())
+    if "router_max_abs_logit_run" not in res:
+        res.update(router_health_over_run(run))
     return res
 
 
 def run_one(study: StudyConfig, run: RunSpec) -> dict[str, Any]:
     if is_done(run):
-        return json.loads(run.result_path.read_text())
+        return load_result(run)
     seconds = train(study, run)
     res = evaluate_run(study, run, seconds)
     write_json(run.result_path, res)

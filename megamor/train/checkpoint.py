@@ -27,7 +27,6 @@ attempted through the universal path as well.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil

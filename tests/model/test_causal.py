@@ -74,7 +74,6 @@ def test_decoding_with_cache_reproduces_full_forward(router, sharing, kv):
         full = m(x, causal_routing=True)
         cache = m.new_kv_cache(2)
         step_logits = [m(x[:, :10], causal_routing=True, kv_cache=cache).logits]
-        depths = [None]
         for t in range(10, 30):
             out = m(x[:, t : t + 1], causal_routing=True, kv_cache=cache)
             step_logits.append(out.logits)

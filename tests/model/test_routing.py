@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from megamor.model import MoRLM
-
-from .helpers import mor, tiny_config
+from .helpers import mor
 from .reference import dense_expert_choice_logits
 
 

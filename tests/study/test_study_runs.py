@@ -38,6 +38,12 @@ def _check_report(out: Path) -> None:
     assert mor["val_loss_causal"] > 0 and mor["mean_depth"] > 1.0 and "corr_depth_loss" in mor
     assert results["vanilla"]["tokens"] < mor["tokens"]  # MoR is cheaper per token: more tokens
     assert "piqa" in mor["fewshot"] and len(mor["val_curve"]) >= 2
+    logged = [max(v for k, v in row.items() if k.startswith("train/router_health/") and k.endswith("logit_max_abs"))
+              for row in map(json.loads, (out / "runs" / "mor2-s7" / "metrics.jsonl").read_text().splitlines())
+              if "train/loss" in row]
+    assert mor["router_max_abs_logit_run"] == max(logged) > 0  # the run's maximum, from the training log
+    assert 0.0 <= mor["router_saturated_final"] <= 1.0 and "router_max_abs_logit_run" not in results["vanilla"]
+    assert "max |logit| (training)" in report
 
 
 def test_killed_study_resumes_without_redoing_finished_runs(tiny_text, tmp_path):
