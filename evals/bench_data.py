@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megamor.env import shared_data_dir  # noqa: E402
+from megamor.env import shared_data_dir
 
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s (H100/H200 SXM)
 
@@ -68,10 +69,8 @@ def _tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
+        with contextlib.suppress(OSError):  # the process ended meanwhile
             todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
     return out
 
 
@@ -184,29 +183,31 @@ def main() -> int:
         "## Data pipeline",
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"load average {load0:.1f} at start, {load1:.1f} at end (shared machine: compare ratios, not absolutes).  ",
-        f"Corpus: {len(files)} Gutenberg books, {mb:.2f} MB; tokenizer: BPE vocab {a.vocab_size} trained on it in {tok_s:.1f} s.  ",
-        f"Median of {a.repeats} interleaved runs. tokenize_and_shard times are end to end (plan, read, tokenize, "
-        "split, write parts, shards, sha256, manifest); the sentencepiece loop times encode calls only.",
+        (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+         f"Python {platform.python_version()}; load average {load0:.1f} at start, {load1:.1f} at end "
+         "(shared machine: compare ratios, not absolutes).  "),
+        (f"Corpus: {len(files)} Gutenberg books, {mb:.2f} MB; tokenizer: BPE vocab {a.vocab_size} "
+         f"trained on it in {tok_s:.1f} s.  "),
+        (f"Median of {a.repeats} interleaved runs. tokenize_and_shard times are end to end (plan, read, tokenize, "
+         "split, write parts, shards, sha256, manifest); the sentencepiece loop times encode calls only."),
         "",
-        "| run | wall s | input MB/s | tokens/s | wall vs loop | CPU s (all processes) | MB per CPU-s vs loop "
-        "| peak RSS MiB (largest process) |",
+        ("| run | wall s | input MB/s | tokens/s | wall vs loop | CPU s (all processes) | MB per CPU-s vs loop "
+         "| peak RSS MiB (largest process) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {n} | {s:.2f} | {m:.2f} | {t / 1e6:.2f} M | {r:.2f}x | {c:.2f} | {rc:.2f}x | {rss:.0f} |"
               for n, s, m, t, r, c, rc, rss in rows]
     lines += [
         "",
-        f"Loader, one rank, seq {a.seq_len}, micro-batch {a.micro_batch}, shuffled windows from memory-mapped shards "
-        "(page cache warm):",
+        (f"Loader, one rank, seq {a.seq_len}, micro-batch {a.micro_batch}, shuffled windows from memory-mapped "
+         "shards (page cache warm):"),
         "",
         "| loader | samples/s | tokens/s |",
         "|---|---:|---:|",
     ]
     lines += [f"| document_masking={m} | {s:,.0f} | {s * a.seq_len / 1e6:.1f} M |" for m, s in loader.items()]
-    lines += ["", f"Training the 135M models consumes per H200 at {a.mfu:.0%} MFU (training FLOPs/token from "
-              "megamor.model.flops, seq 2048, bf16 dense peak 989 TFLOP/s):", ""]
+    lines += ["", (f"Training the 135M models consumes per H200 at {a.mfu:.0%} MFU (training FLOPs/token from "
+                   "megamor.model.flops, seq 2048, bf16 dense peak 989 TFLOP/s):"), ""]
     lines += [f"- {n}: {s:,.0f} samples/s per GPU; the loader's margin is {loader[False] / s:,.0f}x "
               f"({loader[True] / s:,.0f}x with document masking)" for n, s in need]
     text = "\n".join(lines) + "\n"

@@ -46,7 +46,7 @@ def bench_training(cfg, seq_len: int, batch: int, repeats: int) -> None:
         out = model(x)
         flops = forward_flops(c, seq_len, [n / batch for n in out.stats.tokens_per_step])
 
-        def step():
+        def step(model=model):
             model.zero_grad(set_to_none=True)
             o = model(x, targets=x)
             (o.loss + o.aux_loss).backward()

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -72,8 +72,8 @@ class Row:
     flops: float = 0.0  # per step, 3 x forward
     tokens: int = 0  # per step
     warmup_s: float = 0.0
-    peak_gb: Optional[float] = None
-    tokens_per_step: Optional[list[int]] = None
+    peak_gb: float | None = None
+    tokens_per_step: list[int] | None = None
     note: str = ""
 
     @property
@@ -106,7 +106,7 @@ def fresh_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gb(device: torch.device) -> Optional[float]:
+def peak_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
@@ -143,7 +143,7 @@ def make_step(variant: str, model: Any, x: torch.Tensor, backward: Callable, opt
     """One training step; returns the routed token counts (device tensor) or None."""
     dev = x.device.type
 
-    def step() -> Optional[torch.Tensor]:
+    def step() -> torch.Tensor | None:
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
             if variant == "hf_llama":
                 loss, routed = model(input_ids=x, labels=x).loss, None  # HF shifts the labels itself
@@ -305,10 +305,7 @@ def run(a: argparse.Namespace) -> dict:
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     peak = a.peak_tflops or (GPU_PEAK_TFLOPS if device.type == "cuda" else cached_cpu_tflops(a.precision))
-    if a.tiny:
-        plan = {"33m": (3, 2, 0.6 * a.budget)}
-    else:
-        plan = {s: v for s, v in GPU_SIZES.items() if s in a.parts}
+    plan = {"33m": (3, 2, 0.6 * a.budget)} if a.tiny else {s: v for s, v in GPU_SIZES.items() if s in a.parts}
     rows: list[Row] = []
     skipped: list[str] = []
     for size, (nr, B, seconds) in plan.items():
@@ -357,7 +354,7 @@ def run(a: argparse.Namespace) -> dict:
 
 
 # -- report -----------------------------------------------------------------------------------
-def _find(rows: list[dict], part: str, model: str, mode: str) -> Optional[dict]:
+def _find(rows: list[dict], part: str, model: str, mode: str) -> dict | None:
     return next((r for r in rows if r["part"] == part and r["model"] == model and r["mode"] == mode and r["step_s"]), None)
 
 

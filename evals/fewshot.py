@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": {k: v.to_dict(args.log_samples) for k, v in results.items()},
         "checkpoint": str(args.checkpoint),
         "meta": meta,
-        "config": {k: v for k, v in vars(args).items() if k not in ("checkpoint",)},
+        "config": {k: v for k, v in vars(args).items() if k != "checkpoint"},
     }
     write_json(args.out, payload)
     table = markdown_table(results)

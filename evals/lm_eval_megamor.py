@@ -16,8 +16,9 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import megamor.eval.lm_eval_adapter  # noqa: E402,F401 - registers "megamor"
-from lm_eval.__main__ import cli_evaluate  # noqa: E402
+from lm_eval.__main__ import cli_evaluate
+
+import megamor.eval.lm_eval_adapter  # noqa: F401 - registers "megamor"
 
 if __name__ == "__main__":
     cli_evaluate()

@@ -12,8 +12,9 @@ A YAML file may start with `base: other.yaml` (relative to itself): that file is
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import OmegaConf

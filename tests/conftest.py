@@ -11,10 +11,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from megamor.env import shared_data_dir  # noqa: E402
+from megamor.env import shared_data_dir
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 

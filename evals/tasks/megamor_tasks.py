@@ -11,16 +11,16 @@ independently of megamor's Python prompts, and the parity test checks they agree
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 
+from megamor.env import shared_data_dir
 from megamor.eval.perplexity import read_texts
 from megamor.eval.tasks import get_task
-from megamor.env import shared_data_dir
 
 
-def _dataset(name: str, data_dir: Optional[str] = None, path: Optional[str] = None, **_: Any) -> dict[str, datasets.Dataset]:
+def _dataset(name: str, data_dir: str | None = None, path: str | None = None, **_: Any) -> dict[str, datasets.Dataset]:
     task = get_task(name, path=path)
     root = Path(data_dir) if data_dir else None
     out = {"test": datasets.Dataset.from_list(task.load(root))}
@@ -62,7 +62,7 @@ def openbookqa(**kw: Any):
     return _dataset("openbookqa", **kw)
 
 
-def wikitext(data_dir: Optional[str] = None, path: Optional[str] = None, **_: Any):
+def wikitext(data_dir: str | None = None, path: str | None = None, **_: Any):
     """WikiText-2 raw test, one doc per article (megamor.eval.perplexity.split_wikitext_articles)."""
     p = Path(path) if path else Path(data_dir or shared_data_dir()) / "wikitext-2-raw" / "wiki.test.raw"
     return {"test": datasets.Dataset.from_list([{"page": t} for t in read_texts([p], split="wikitext")])}

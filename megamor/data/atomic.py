@@ -52,16 +52,14 @@ def atomic_open(final: str | Path, mode: str = "wb", durable: bool = True) -> It
     against power loss; for intermediate files whose reuse is checked anyway."""
     final = Path(final)
     tmp = temp_path(final)
-    f = open(tmp, mode)
     try:
-        yield f
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-        f.close()
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
         commit(tmp, final, durable)
     except BaseException:
-        f.close()
         tmp.unlink(missing_ok=True)
         raise
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megamor.config import ConfigError, key
 from megamor.data.errors import DataError
@@ -19,14 +19,14 @@ from megamor.data.errors import DataError
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)  # shard folders (tokenize_and_shard outputs)
-    train_weights: Optional[list[float]] = None  # blending weights; None: proportional to size
+    train_weights: list[float] | None = None  # blending weights; None: proportional to size
     valid: list[str] = field(default_factory=list)  # folders whose `valid_split` is evaluated
     train_split: str = "train"
     valid_split: str = "valid"
     seq_len: int = 2048
     seed: int = 1234  # the global sample order is a function of this seed and the data
     document_masking: bool = False  # batches carry position_ids and doc_ids (reset per document)
-    tokenizer: Optional[str] = None  # if set, must be the tokenizer the shards were made with
+    tokenizer: str | None = None  # if set, must be the tokenizer the shards were made with
 
     def validate(self, path: str = "") -> None:
         if not self.train:

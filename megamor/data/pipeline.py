@@ -336,8 +336,8 @@ def _write_report(out: Path, res: ShardResult, workers: int, num_tasks: int, tas
 
 def summary_lines(res: ShardResult, num_tasks: int = 1, task_index: int = 0) -> list[str]:
     st = res.stats
-    lines = [f"{res.out_dir}: tokenized {res.units_done} units ({res.units_reused} reused) in {res.seconds:.1f}s, "
-             f"{res.mb_per_s:.2f} MB/s, {res.tokens_per_s / 1e6:.2f} M tokens/s"]
+    lines = [(f"{res.out_dir}: tokenized {res.units_done} units ({res.units_reused} reused) in {res.seconds:.1f}s, "
+              f"{res.mb_per_s:.2f} MB/s, {res.tokens_per_s / 1e6:.2f} M tokens/s")]
     lines.append(f"documents: {st.documents} kept, {st.empty_skipped} empty skipped, "
                  f"{st.bad_lines_skipped} bad lines skipped, {st.replaced_chars} invalid UTF-8 sequences replaced")
     lines += [f"  bad line: {e}" for e in st.bad_line_examples]

@@ -67,7 +67,7 @@ class _ZstdFrames(io.RawIOBase):
         import zstandard
 
         self._new = zstandard.ZstdDecompressor().decompressobj
-        self._raw = open(path, "rb")
+        self._raw = open(path, "rb")  # noqa: SIM115  a stream object: closed in close()
         self._dobj: Any = None  # None between frames
         self._pending = b""  # compressed bytes not yet fed
         self._out = memoryview(b"")  # decompressed bytes not yet returned

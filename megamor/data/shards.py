@@ -57,7 +57,7 @@ class NpyStreamWriter:
     def __init__(self, final: Path, dtype: np.dtype, n: int):
         self.final, self.dtype, self.n = final, np.dtype(dtype), n
         self.tmp = temp_path(final)
-        self.f: BinaryIO = open(self.tmp, "wb")
+        self.f: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115  written piece by piece; closed in close()/abort()
         self.sha = hashlib.sha256()
         self.written = 0
         self._put(npy_header(self.dtype, n))
@@ -107,7 +107,7 @@ def open_npy(path: Path, dtype: np.dtype, n: int, what: str = "shard") -> np.mem
         raise ShardError(f"{path}: {what} is {kind} ({size} bytes, manifest implies {expected})")
     try:
         arr = np.load(path, mmap_mode="r")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  numpy raises ValueError/OSError/EOFError/... on a corrupt header
         raise ShardError(f"{path}: {what} is corrupted (cannot read the .npy header: {e})") from None
     if arr.dtype != np.dtype(dtype) or arr.shape != (n,):
         raise ShardError(f"{path}: {what} holds {arr.dtype}{list(arr.shape)}, manifest says {np.dtype(dtype)}[{n}]")

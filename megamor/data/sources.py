@@ -149,7 +149,7 @@ def load_hf(source: Source):
     offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
         return datasets.load_dataset(source.path, source.hf_config or None, split=source.hf_split)
-    except Exception as e:  # datasets raises many types (ConnectionError, OfflineModeIsEnabled, ...)
+    except Exception as e:  # noqa: BLE001  datasets raises many types (ConnectionError, OfflineModeIsEnabled, ...)
         hint = (
             " The hub is unreachable in offline mode (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1)."
             if offline
@@ -182,7 +182,7 @@ def plan_units(sources: Sequence[Source], txt_mode: str, unit_bytes: int, unit_r
 
             try:
                 md = pq.ParquetFile(s.path).metadata
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  pyarrow raises ArrowInvalid, OSError, NotImplementedError, ...
                 raise DataError(f"{s.path}: not a readable parquet file ({e})") from None
             for g in range(md.num_row_groups):
                 add(i, g, g + 1, md.row_group(g).total_byte_size)

@@ -84,7 +84,8 @@ class _SplitOut:
     def __init__(self, final_tok: Path, final_len: Path, dtype: np.dtype):
         self.final = (final_tok, final_len)
         self.tmp = (temp_path(final_tok), temp_path(final_len))
-        self.f: tuple[BinaryIO, BinaryIO] = (open(self.tmp[0], "wb"), open(self.tmp[1], "wb"))
+        # written across add()/flush() calls; closed by the owner
+        self.f: tuple[BinaryIO, BinaryIO] = (open(self.tmp[0], "wb"), open(self.tmp[1], "wb"))  # noqa: SIM115
         self.dtype = dtype
         self.buf: list[int] = []
         self.lens: list[int] = []

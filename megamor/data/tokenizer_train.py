@@ -93,12 +93,12 @@ def train_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     if (out / MODEL_FILE).exists() and not overwrite:
         raise OutputExistsError(f"{out / MODEL_FILE} already exists; pass --overwrite to replace it")
-    settings = dict(
-        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
-        max_sentences=max_sentences, sample_fraction=sample_fraction, seed=seed, num_threads=num_threads,
-        text_field=read.text_field, txt_mode=read.txt_mode, skip_bad_lines=read.skip_bad_lines,
-        soft_vocab_limit=soft_vocab_limit,
-    )
+    settings = {
+        "vocab_size": vocab_size, "model_type": model_type, "character_coverage": character_coverage,
+        "max_sentences": max_sentences, "sample_fraction": sample_fraction, "seed": seed, "num_threads": num_threads,
+        "text_field": read.text_field, "txt_mode": read.txt_mode, "skip_bad_lines": read.skip_bad_lines,
+        "soft_vocab_limit": soft_vocab_limit,
+    }
     stats = ReadStats()
     t0 = time.time()
     spm.set_random_generator_seed(seed)

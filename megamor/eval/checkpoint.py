@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ class CheckpointInfo:
     path: Path
     run: str
     kind: str  # consolidated | export | hf | deepspeed
-    step: Optional[int] = None
+    step: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # tokens, flops, ... when the checkpoint records them
 
     @property
@@ -151,13 +151,13 @@ def load_hf(path: Path):
     return build_model(cfg, from_llama_state_dict(hf.state_dict()), path), {}
 
 
-def load_model(source: Any, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+def load_model(source: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """The model (in eval mode) from any supported source; see the module docstring."""
     model, _ = load_model_and_meta(source, device, dtype)
     return model
 
 
-def load_model_and_meta(source: Any, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+def load_model_and_meta(source: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     if isinstance(source, torch.nn.Module):
         model, meta = source, {}
     elif isinstance(source, CheckpointInfo):
@@ -179,7 +179,7 @@ def load_model_and_meta(source: Any, device: str | torch.device = "cpu", dtype: 
     return model, meta
 
 
-def move(model: torch.nn.Module, device: str | torch.device, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+def move(model: torch.nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """model.to(device, dtype): floating-point tensors take the dtype, integer buffers stay."""
     return model.to(device=torch.device(device), dtype=dtype) if dtype is not None else model.to(torch.device(device))
 
@@ -204,7 +204,7 @@ def is_deepspeed_tag(path: Path) -> bool:
     return path.is_dir() and (any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("*zero_pp_rank_*")))
 
 
-def _complete_meta(path: Path) -> Optional[dict[str, Any]]:
+def _complete_meta(path: Path) -> dict[str, Any] | None:
     """The COMPLETE marker's metadata when the tag is complete and intact, else None."""
     from megamor.train.checkpoint import read_complete
 
@@ -238,12 +238,12 @@ def _peek_meta(path: Path) -> dict[str, Any]:
         return json.loads(side.read_text())
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+    except Exception:  # noqa: BLE001  any unreadable file just has no metadata to peek at
         return read_meta({}, path)
     return read_meta(obj, path) if isinstance(obj, dict) else {}
 
 
-def describe(path: Path, run: str) -> Optional[CheckpointInfo]:
+def describe(path: Path, run: str) -> CheckpointInfo | None:
     """A CheckpointInfo for anything evaluable at `path`, None otherwise (incomplete tags too)."""
     if path.is_file() and path.suffix in CONSOLIDATED_SUFFIXES and path.name != "pytorch_model.bin":
         meta = _peek_meta(path)
@@ -299,7 +299,7 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return out
 
 
-def find_tokenizer(source: Any) -> Optional[Path]:
+def find_tokenizer(source: Any) -> Path | None:
     """A tokenizer stored with a checkpoint: tokenizer.model or tokenizer/ in its folder, its
     parents (run folder), or the training config's `data.tokenizer` of a DeepSpeed tag."""
     if isinstance(source, (torch.nn.Module, type(None))):
@@ -312,7 +312,7 @@ def find_tokenizer(source: Any) -> Optional[Path]:
             tok = OmegaConf.load(p / "experiment.yaml").get("data", {}).get("tokenizer")
             if tok and Path(tok).exists():
                 return Path(tok)
-        except Exception:
+        except Exception:  # noqa: BLE001, S110  best effort: a broken experiment.yaml falls back to the search below
             pass
     for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent, p.parent.parent.parent]:
         for cand in (d / "tokenizer.model", d / "tokenizer"):

@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -32,11 +33,11 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = True)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def default_device(device: Optional[str]) -> str:
+def default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def tokenizer_for(source: Any, path: Optional[str]) -> EvalTokenizer:
+def tokenizer_for(source: Any, path: str | None) -> EvalTokenizer:
     p = path or find_tokenizer(source)
     if p is None:
         raise SystemExit("no tokenizer given (--tokenizer) and none found beside the checkpoint")
@@ -64,7 +65,7 @@ def build_scorer(args: argparse.Namespace, source: Any = None) -> tuple[Scorer, 
     return scorer, tok, meta
 
 
-def context_length(given: Optional[int], meta: dict, model: torch.nn.Module) -> tuple[int, str]:
+def context_length(given: int | None, meta: dict, model: torch.nn.Module) -> tuple[int, str]:
     """The evaluation context and where it came from: --max-length, else the sequence length the
     checkpoint was trained with (data.seq_len, recorded in run folders, tags and exports), else
     the model's max_seq_len."""
@@ -83,7 +84,7 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
-def write_json(path: Optional[str], payload: dict) -> None:
+def write_json(path: str | None, payload: dict) -> None:
     text = json.dumps(payload, indent=2, default=str)
     if path:
         write_text(path, text + "\n")

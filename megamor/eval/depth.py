@@ -16,12 +16,13 @@ without context (the text's first window starts after EOS, the document-start to
 from __future__ import annotations
 
 import html
+import itertools
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,8 +79,8 @@ def token_strings(tok: EvalTokenizer, ids: Sequence[int]) -> list[str]:
 
 @torch.no_grad()
 def trace_depth(
-    model: torch.nn.Module, tok: EvalTokenizer, text: str, max_length: Optional[int] = None, batch_size: int = 8,
-    max_tokens: Optional[int] = None,
+    model: torch.nn.Module, tok: EvalTokenizer, text: str, max_length: int | None = None, batch_size: int = 8,
+    max_tokens: int | None = None,
 ) -> DepthTrace:
     ids = tok.encode(text)[:max_tokens]
     if not ids:
@@ -124,7 +125,7 @@ def trace_depth(
     return DepthTrace(np.asarray(ids, dtype=np.int64), pieces, depth[1:], loss[1:], nr, agreement)
 
 
-def _add_agreement(model: torch.nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor], acc: dict[int, list[float]]) -> None:
+def _add_agreement(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, acc: dict[int, list[float]]) -> None:
     """Expert choice: a top-k pass over the same windows, counting where the causal choice agrees."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or cfg.router.type != "expert_choice" or not hasattr(model, "record_router"):
@@ -182,8 +183,9 @@ def render_html(traces: Sequence[DepthTrace], title: str = "MoR recursion depth 
     legend = " ".join(f'<span class="tok d{d}">depth {d}</span>' for d in range(nr + 1))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>body{{font-family:monospace;max-width:60em;margin:2em auto;line-height:1.7}}"
-        f".tok{{white-space:pre-wrap;border-radius:2px}}{css}</style></head><body>",
+        (f"<title>{html.escape(title)}</title>"
+         "<style>body{font-family:monospace;max-width:60em;margin:2em auto;line-height:1.7}"
+         f".tok{{white-space:pre-wrap;border-radius:2px}}{css}</style></head><body>"),
         f"<h3>{html.escape(title)}</h3><p>{legend}</p>",
     ]
     for tr in traces:
@@ -223,14 +225,14 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def _bins(x: np.ndarray, depth: np.ndarray, edges: np.ndarray) -> list[dict]:
     out = []
-    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
         sel = (x >= lo) & ((x < hi) if i < len(edges) - 2 else (x <= hi))
         if sel.any():
             out.append({"lo": float(lo), "hi": float(hi), "tokens": int(sel.sum()), "mean_depth": float(depth[sel].mean())})
     return out
 
 
-def depth_statistics(traces: Sequence[DepthTrace], frequency: Optional[Counter] = None, n_loss_bins: int = 10) -> DepthStats:
+def depth_statistics(traces: Sequence[DepthTrace], frequency: Counter | None = None, n_loss_bins: int = 10) -> DepthStats:
     """Depth histogram, fraction per recursion step, and mean depth against token frequency
     (counts over `frequency`, default: over the traced texts) and against next-token loss."""
     nr = max(t.num_recursions for t in traces)

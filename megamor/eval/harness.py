@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from .metrics import argmax_first, mean, mean_stderr, perplexity_of_mean_ll, perplexity_stderr
 from .scoring import Scorer
@@ -31,7 +32,7 @@ from .tasks import Doc, Task, get_task
 from .tokenizer import EvalTokenizer
 
 
-def encode_pair(tok: EvalTokenizer, context: str, continuation: str, prefix_id: Optional[int]) -> tuple[list[int], list[int]]:
+def encode_pair(tok: EvalTokenizer, context: str, continuation: str, prefix_id: int | None) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) with lm-eval's boundary rules (see module docstring)."""
     if context == "":
         cont = tok.encode(continuation)
@@ -121,10 +122,10 @@ def evaluate_task(
     *,
     num_fewshot: int = 0,
     seed: int = 1234,
-    limit: Optional[int] = None,
-    data_dir: Optional[Path] = None,
+    limit: int | None = None,
+    data_dir: Path | None = None,
     add_prefix: bool = True,
-    docs: Optional[Sequence[Doc]] = None,
+    docs: Sequence[Doc] | None = None,
 ) -> TaskResult:
     task = get_task(task) if isinstance(task, str) else task
     t0 = time.perf_counter()
@@ -148,8 +149,8 @@ def evaluate(
     *,
     num_fewshot: int | dict[str, int] = 0,
     seed: int = 1234,
-    limit: Optional[int] = None,
-    data_dir: Optional[Path] = None,
+    limit: int | None = None,
+    data_dir: Path | None = None,
     add_prefix: bool = True,
 ) -> dict[str, TaskResult]:
     out = {}
@@ -168,7 +169,7 @@ def markdown_table(results: dict[str, TaskResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict[str, TaskResult], out: Path, extra: Optional[dict] = None, with_samples: bool = False) -> None:
+def write_results(results: dict[str, TaskResult], out: Path, extra: dict | None = None, with_samples: bool = False) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": {k: v.to_dict(with_samples) for k, v in results.items()}, **(extra or {})}
     out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -18,11 +18,10 @@ the two paths give the same numbers (tests/eval/test_lm_eval_parity.py).
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import torch
+from typing import Any
 
 import lm_eval.models  # noqa: F401 - populate lm-eval's registry before adding to it
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -40,14 +39,14 @@ def _bool(x: Any) -> bool:
 class MegamorLM(TemplateLM):
     def __init__(
         self,
-        checkpoint: Optional[str] = None,
-        tokenizer: Optional[str | EvalTokenizer] = None,
-        model: Optional[torch.nn.Module | str] = None,
+        checkpoint: str | None = None,
+        tokenizer: str | EvalTokenizer | None = None,
+        model: torch.nn.Module | str | None = None,
         batch_size: int | str = 16,
-        max_batch_tokens: Optional[int | str] = None,
-        device: Optional[str] = None,
-        dtype: Optional[str] = None,
-        max_length: Optional[int | str] = None,
+        max_batch_tokens: int | str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | str | None = None,
         add_prefix: bool | str = True,
         max_gen_toks: int | str = 256,
         progress: bool | str = False,
@@ -97,7 +96,7 @@ class MegamorLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return str(getattr(self.tok, "path", "megamor-tokenizer"))
 
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs: Any) -> list[int]:
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         ids = self.tok.encode(string)
         if self.add_prefix and add_special_tokens is not False:
             ids = [self.tok.eos_id] + ids
@@ -135,7 +134,7 @@ class MegamorLM(TemplateLM):
         """Greedy (or sampled with do_sample/temperature) decoding with the model's KV cache,
         cut at the first `until` string."""
         args = [r.args for r in requests]
-        out: list[Optional[str]] = [None] * len(args)
+        out: list[str | None] = [None] * len(args)
         groups: dict[str, list[int]] = {}  # requests with the same generation settings decode together
         for i, (_, kw) in enumerate(args):
             groups.setdefault(repr(sorted((kw or {}).items())), []).append(i)

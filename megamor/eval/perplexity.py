@@ -21,9 +21,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from .scoring import Scorer, ScoreRequest
 from .tokenizer import EvalTokenizer
 
 
-def window_spans(n_tokens: int, max_length: int, stride: Optional[int] = None) -> list[tuple[int, int, int]]:
+def window_spans(n_tokens: int, max_length: int, stride: int | None = None) -> list[tuple[int, int, int]]:
     """(first stream index read, b, n_score) per window; the window's request is
     stream[start : b + 1] and it scores tokens [b - n_score, b)."""
     stride = max_length if stride is None else stride
@@ -45,7 +45,7 @@ def window_spans(n_tokens: int, max_length: int, stride: Optional[int] = None) -
     return spans
 
 
-def rolling_requests(tokens: Sequence[int] | np.ndarray, prefix_id: int, max_length: int, stride: Optional[int] = None) -> list[ScoreRequest]:
+def rolling_requests(tokens: Sequence[int] | np.ndarray, prefix_id: int, max_length: int, stride: int | None = None) -> list[ScoreRequest]:
     stream = np.concatenate([np.asarray([prefix_id], dtype=np.int64), np.asarray(tokens, dtype=np.int64)])
     return [ScoreRequest(stream[s : b + 1], k) for s, b, k in window_spans(len(stream) - 1, max_length, stride)]
 
@@ -86,7 +86,7 @@ class PerplexityResult:
 
 
 def score_token_docs(
-    scorer: Scorer, docs: Sequence[Sequence[int] | np.ndarray], prefix_id: int, stride: Optional[int] = None, max_length: Optional[int] = None
+    scorer: Scorer, docs: Sequence[Sequence[int] | np.ndarray], prefix_id: int, stride: int | None = None, max_length: int | None = None
 ) -> tuple[list[float], int]:
     """Summed NLL per token document, and the number of windows."""
     L = max_length or scorer.max_length
@@ -103,7 +103,7 @@ def score_token_docs(
 
 
 def perplexity_of_texts(
-    scorer: Scorer, tok: EvalTokenizer, texts: Sequence[str], stride: Optional[int] = None, max_length: Optional[int] = None
+    scorer: Scorer, tok: EvalTokenizer, texts: Sequence[str], stride: int | None = None, max_length: int | None = None
 ) -> PerplexityResult:
     t0 = time.perf_counter()
     run0 = scorer.tokens_run
@@ -125,8 +125,8 @@ def perplexity_of_texts(
 
 
 def perplexity_of_tokens(
-    scorer: Scorer, tokens: np.ndarray, eos_id: int, stride: Optional[int] = None, max_length: Optional[int] = None,
-    tok: Optional[EvalTokenizer] = None,
+    scorer: Scorer, tokens: np.ndarray, eos_id: int, stride: int | None = None, max_length: int | None = None,
+    tok: EvalTokenizer | None = None,
 ) -> PerplexityResult:
     """A token stream (e.g. a validation shard: documents joined by EOS) scored as one document.
     With a tokenizer, bytes are counted on the decoded text (an estimate: decoding may not

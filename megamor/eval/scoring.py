@@ -11,8 +11,8 @@ does not depend on the batch it lands in (tests/eval/test_leak_free.py checks th
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,14 +33,14 @@ class ScoreRequest:
 class TokenScores:
     logprobs: np.ndarray  # float32 [n_score]: log p(target | prefix)
     greedy: np.ndarray  # bool [n_score]: the target is the argmax
-    depth: Optional[np.ndarray] = None  # int [n_score]: recursion depth of the token that made each prediction
+    depth: np.ndarray | None = None  # int [n_score]: recursion depth of the token that made each prediction
 
     @property
     def total(self) -> float:
         return float(self.logprobs.astype(np.float64).sum())
 
 
-def resolve_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     table = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -58,7 +58,7 @@ def _content_key(r: ScoreRequest) -> tuple[bytes, int]:
     return np.asarray(r.tokens, dtype=np.int64).tobytes(), r.n_score
 
 
-ForwardFn = Callable[[torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, Optional[torch.Tensor]]]
+ForwardFn = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class Scorer:
@@ -69,13 +69,13 @@ class Scorer:
         model: torch.nn.Module,
         *,
         batch_size: int = 16,
-        max_batch_tokens: Optional[int] = None,
-        max_length: Optional[int] = None,
-        device: Optional[str | torch.device] = None,
-        dtype: Optional[str | torch.dtype] = None,
+        max_batch_tokens: int | None = None,
+        max_length: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
         pad_id: int = 0,
         progress: bool = False,
-        forward: Optional[ForwardFn] = None,
+        forward: ForwardFn | None = None,
     ):
         self.model = model
         self.batch_size = batch_size
@@ -95,7 +95,7 @@ class Scorer:
         self.tokens_run = 0  # non-pad tokens run through the model
 
     # -- the seam --------------------------------------------------------------------------
-    def _model_forward(self, input_ids: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _model_forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.model(input_ids, attention_mask=mask, causal_routing=True, return_logits=True)
         stats = getattr(out, "stats", None)
         return out.logits, getattr(stats, "depth", None)
@@ -131,7 +131,7 @@ class Scorer:
         # same batches whatever order it came in (bitwise-equal scores from the harness and
         # from lm-eval, which orders requests its own way).
         order = sorted(range(len(requests)), key=lambda i: (-lengths[i], _content_key(requests[i])))
-        results: list[Optional[TokenScores]] = [None] * len(requests)
+        results: list[TokenScores | None] = [None] * len(requests)
         was_training = self.model.training
         self.model.eval()
         try:

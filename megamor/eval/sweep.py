@@ -20,9 +20,10 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from .checkpoint import CheckpointError, CheckpointInfo, describe, find_tokenizer, list_checkpoints, load_model_and_meta
 from .scoring import Scorer
@@ -37,19 +38,19 @@ class SweepConfig:
     tasks: list[str] = field(default_factory=lambda: ["hellaswag"])  # few-shot task names
     ppl: dict[str, str] = field(default_factory=dict)  # name -> text file, for perplexity
     ppl_split: str = "file"
-    ppl_max_docs: Optional[int] = None
-    stride: Optional[int] = None
+    ppl_max_docs: int | None = None
+    stride: int | None = None
     num_fewshot: int = 0
-    limit: Optional[int] = None
+    limit: int | None = None
     seed: int = 1234
-    tokenizer: Optional[str] = None
-    data_dir: Optional[str] = None
+    tokenizer: str | None = None
+    data_dir: str | None = None
     batch_size: int = 16
-    max_batch_tokens: Optional[int] = None
-    max_length: Optional[int] = None
-    device: Optional[str] = None
-    dtype: Optional[str] = None
-    tokens_per_step: Optional[int] = None  # x-axis "tokens" when checkpoints do not record it
+    max_batch_tokens: int | None = None
+    max_length: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    tokens_per_step: int | None = None  # x-axis "tokens" when checkpoints do not record it
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         """(task id, everything that changes its numbers) for every evaluation."""
@@ -100,7 +101,7 @@ class Sweep:
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{ck.run}-{ck.step if ck.step is not None else ck.path.stem}")
         return self.cache / f"{name}-{ck_id}" / f"{item_key(task_id, spec)}.json"
 
-    def cached(self, ck: CheckpointInfo, task_id: str, spec: dict, fingerprint: Optional[str] = None) -> Optional[dict]:
+    def cached(self, ck: CheckpointInfo, task_id: str, spec: dict, fingerprint: str | None = None) -> dict | None:
         p = self._entry(ck, task_id, spec)
         if not p.is_file():
             return None
@@ -184,13 +185,13 @@ class Sweep:
         return {"rows": len(rows), "missing": missing, "csv": str(self.out / "results.csv"), "md": str(self.out / "results.md"), "plots": [str(p) for p in pngs]}
 
 
-def _train_flops_per_token(model) -> Optional[float]:
+def _train_flops_per_token(model) -> float | None:
     """Training FLOPs per token (3x forward, the paper's counting) at the model's context length."""
     try:
         from megamor.model.flops import flops_per_token
 
         return 3.0 * flops_per_token(model.cfg, model.cfg.max_seq_len)
-    except Exception:
+    except Exception:  # noqa: BLE001  optional metadata: a model the FLOP counter cannot describe gets None
         return None
 
 

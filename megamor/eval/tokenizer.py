@@ -77,7 +77,7 @@ def load_tokenizer(path: str | Path) -> EvalTokenizer:
     try:
         from megamor.data.tokenizer import Tokenizer  # type: ignore[import-not-found]
     except ImportError:
-        Tokenizer = None  # noqa: N806 - the data package may not provide it yet
+        Tokenizer = None
     if Tokenizer is not None:
         try:
             return _MegamorTokenizer(Tokenizer.load(p))

@@ -167,7 +167,7 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         self.m, self.r = m, dict(m.get("router") or {})
         d, nr = m["d_model"], _get(m, "num_recursions", 1)
         self.prelude, self.steps, self.coda = layer_plan(m)
-        n_unique = len({i for i in self.prelude + self.coda} | {i for s in self.steps for i in s})
+        n_unique = len(set(self.prelude + self.coda) | {i for s in self.steps for i in s})
         self.embed_tokens = nn.Embedding(m["vocab_size"], d)
         self.layers = nn.ModuleList(Block(d, m["n_heads"], m["n_kv_heads"], m["d_ff"], m["norm_eps"]) for _ in range(n_unique))
         self.norm = RMSNorm(d, m["norm_eps"])
@@ -266,7 +266,10 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
             return h, site + len(layer_ids)
         idx = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :n]
         slots = torch.arange(n, device=h.device).unsqueeze(0) < selected.sum(1, keepdim=True)
-        take = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
         x = take(h)
         y, site = self._run_layers(layer_ids, site, x, pos.gather(1, idx), slots, (take(rope[0]), take(rope[1])), kv)
         if gate is not None:

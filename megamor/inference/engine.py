@@ -65,7 +65,7 @@ class TokenEvent:
 def _site_shares(model: MoRLM) -> dict[int, float]:
     """Expected fraction of a sequence each key/value-owning site holds."""
     sites = model._sites
-    shares = {s: 1.0 for s in sites["prelude"] + sites["coda"]}
+    shares = dict.fromkeys(sites["prelude"] + sites["coda"], 1.0)
     caps = model.cfg.capacities if model.routers is not None or model.depth_router is not None else None
     for r, site_ids in enumerate(sites["steps"]):
         for s in site_ids:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from megamor.config import ConfigError, key, load_config
 
@@ -18,9 +18,9 @@ class RouterConfig:
     type: str = "none"  # none | expert_choice | token_choice
     # Expert choice: fraction of each sequence's tokens kept at recursion step r (non-increasing).
     # None means the paper's default (N_r - r) / N_r.
-    capacity: Optional[list[float]] = None
+    capacity: list[float] | None = None
     activation: str = "sigmoid"  # sigmoid | tanh (gate = alpha * activation(router logit))
-    alpha: Optional[float] = None  # None: 0.1 for expert choice, 1.0 for token choice
+    alpha: float | None = None  # None: 0.1 for expert choice, 1.0 for token choice
     network: str = "linear"  # linear | mlp
     mlp_hidden: int = 0  # hidden width of the mlp router; 0 means d_model // 4
     # Expert choice: BCE(selected) so a threshold decides causally. megamor's default router
@@ -55,7 +55,7 @@ class RouterConfig:
             caps = list(self.capacity)
             if any(not (0.0 < c <= 1.0) for c in caps):
                 raise ConfigError(key(path, "capacity"), f"each capacity must be in (0, 1], got {caps}")
-            if any(b > a for a, b in zip(caps, caps[1:])):
+            if any(b > a for a, b in itertools.pairwise(caps)):
                 raise ConfigError(key(path, "capacity"), f"capacities must be non-increasing, got {caps}")
         if not (0.0 <= self.bce_label_smoothing < 0.5):
             raise ConfigError(key(path, "bce_label_smoothing"), f"must be in [0, 0.5), got {self.bce_label_smoothing}")

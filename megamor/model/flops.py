@@ -13,7 +13,7 @@ with activation recomputation the hardware does 4x.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from megamor.model.config import ModelConfig
 
@@ -26,10 +26,12 @@ def _linear_params(cfg: ModelConfig, with_kv: bool = True) -> int:
 
 def _attention(cfg: ModelConfig, n_q: float, n_k: float, causal: bool, self_attn: bool) -> float:
     width = cfg.n_heads * cfg.head_dim
-    if causal:
-        pairs = n_q * (n_q + 1) / 2 if self_attn else n_q * n_k / 2
-    else:
+    if not causal:
         pairs = n_q * n_k
+    elif self_attn:
+        pairs = n_q * (n_q + 1) / 2
+    else:
+        pairs = n_q * n_k / 2
     return 4.0 * width * pairs  # QK^T and AV, 2 FLOPs per multiply-add each
 
 
@@ -58,7 +60,7 @@ def router_flops(cfg: ModelConfig, seq_len: int) -> float:
 def forward_flops(
     cfg: ModelConfig,
     seq_len: int,
-    tokens_per_step: Optional[Sequence[float]] = None,
+    tokens_per_step: Sequence[float] | None = None,
     causal: bool = True,
 ) -> float:
     """Forward FLOPs for one sequence of seq_len tokens given the tokens that ran each step."""
@@ -85,7 +87,7 @@ def forward_flops(
     return total
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, tokens_per_step: Optional[Sequence[float]] = None, causal: bool = True) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, tokens_per_step: Sequence[float] | None = None, causal: bool = True) -> float:
     return forward_flops(cfg, seq_len, tokens_per_step, causal) / seq_len
 
 

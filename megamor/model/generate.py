@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,9 +29,9 @@ class StepOutput:
 def sample_next(
     logits: Tensor,
     temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Next token ids [B] from last-position logits [B, V]. temperature 0 = greedy."""
     if temperature <= 0:
@@ -68,12 +68,12 @@ def stream(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    eos_id: Optional[int] = None,
-    seed: Optional[int] = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
     use_cache: bool = True,
-    trace: Optional[GenerationOutput] = None,
+    trace: GenerationOutput | None = None,
 ) -> Iterator[StepOutput]:
     """Yield one StepOutput per decoding step. `use_cache=False` recomputes the whole prefix
     every step (the reference the caches are checked against)."""

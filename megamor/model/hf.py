@@ -59,7 +59,7 @@ def to_llama_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dic
 
 
 def from_llama_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {(k[len("model.") :] if k.startswith("model.") else k): v for k, v in state.items()}
+    return {(k.removeprefix("model.")): v for k, v in state.items()}
 
 
 def model_config_from_llama(hf: Any) -> ModelConfig:

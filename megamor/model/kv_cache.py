@@ -11,8 +11,6 @@ did not run the site are marked invalid and masked out (a batch of one stores on
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -48,7 +46,7 @@ class KVCache:
         self.entries[site] = new
         return new
 
-    def get(self, site: int) -> Optional[KVBlock]:
+    def get(self, site: int) -> KVBlock | None:
         return self.entries.get(site)
 
     def nbytes(self, valid_only: bool = True) -> int:

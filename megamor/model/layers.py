@@ -8,7 +8,6 @@ plain causal self-attention over contiguous tokens, it takes the fast `is_causal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from megamor.model.config import ModelConfig
 
 try:  # optional GPU kernel
     from flash_attn import flash_attn_func  # type: ignore
-except Exception:  # pragma: no cover - not installable on CPU machines
+except Exception:  # noqa: BLE001  # pragma: no cover - a broken CUDA build raises OSError/RuntimeError, not ImportError
     flash_attn_func = None
 
 
@@ -73,11 +72,11 @@ class TokenMeta:
     """
 
     positions: Tensor
-    valid: Optional[Tensor] = None
-    doc_ids: Optional[Tensor] = None
+    valid: Tensor | None = None
+    doc_ids: Tensor | None = None
     causal_exact: bool = False
 
-    def take(self, idx: Tensor, valid: Optional[Tensor]) -> "TokenMeta":
+    def take(self, idx: Tensor, valid: Tensor | None) -> TokenMeta:
         """The meta of tokens gathered at idx [B, n]: left-aligned, in positional order, and
         never a slot that was invalid here (the router masks those out before gathering)."""
         pos = self.positions.gather(1, idx)
@@ -98,7 +97,7 @@ class KVBlock:
     meta: TokenMeta
 
 
-def attention_mask(q: TokenMeta, kv: TokenMeta) -> Optional[Tensor]:
+def attention_mask(q: TokenMeta, kv: TokenMeta) -> Tensor | None:
     """Boolean [B, 1, nq, nk] mask, or None when a plain causal mask is exact."""
     if q is kv and q.causal_exact:
         return None
@@ -113,7 +112,7 @@ def attention_mask(q: TokenMeta, kv: TokenMeta) -> Optional[Tensor]:
     return allowed.unsqueeze(1)
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> Tensor:
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
     if (
         flash_attn_func is not None
         and q.is_cuda
@@ -151,7 +150,7 @@ class Attention(nn.Module):
         x: Tensor,
         meta: TokenMeta,
         rope: tuple[Tensor, Tensor],
-        context: Optional[KVBlock] = None,
+        context: KVBlock | None = None,
     ) -> tuple[Tensor, KVBlock]:
         """Attend from x's tokens. context: keys/values to attend to instead of x's own
         (a decoding cache that already holds x's keys, or a shared first-recursion KV).
@@ -191,7 +190,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(
-        self, x: Tensor, meta: TokenMeta, rope: tuple[Tensor, Tensor], context: Optional[KVBlock] = None
+        self, x: Tensor, meta: TokenMeta, rope: tuple[Tensor, Tensor], context: KVBlock | None = None
     ) -> tuple[Tensor, KVBlock]:
         a, kv = self.self_attn(self.input_layernorm(x), meta, rope, context)
         h = x + a

@@ -17,8 +17,6 @@ ignore) -> scalar mean over the non-ignored targets.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,7 +74,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
-def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: Optional[int] = None) -> Tensor:
+def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int | None = None) -> Tensor:
     """Mean cross-entropy of the logits h @ weight.T against targets (-100 = ignored).
 
     h [B, T, D] (after the final norm), weight [V, D], targets [B, T]. fp32 accumulation;
@@ -93,7 +91,7 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_toke
     return _apply(h2, weight, t2, chunk, None)
 
 
-def _apply(h: Tensor, weight: Tensor, targets: Tensor, chunk: int, dtype: Optional[torch.dtype]) -> Tensor:
+def _apply(h: Tensor, weight: Tensor, targets: Tensor, chunk: int, dtype: torch.dtype | None) -> Tensor:
     if dtype is not None:  # autograd casts the gradients back to h's and weight's dtypes
         h, weight = h.to(dtype), weight.to(dtype)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
@@ -105,7 +103,7 @@ def _apply(h: Tensor, weight: Tensor, targets: Tensor, chunk: int, dtype: Option
     return total / (targets != IGNORE_INDEX).sum().float()
 
 
-def cross_entropy_from_logits(logits: Tensor, targets: Tensor, chunk_tokens: Optional[int] = None) -> Tensor:
+def cross_entropy_from_logits(logits: Tensor, targets: Tensor, chunk_tokens: int | None = None) -> Tensor:
     """Mean cross-entropy of given logits [B, T, V] (-100 = ignored), upcast to fp32 one chunk
     of tokens at a time rather than all at once (the whole saving without autograd; with
     autograd each chunk's fp32 log-softmax is kept for backward)."""

@@ -32,7 +32,7 @@ No parallelism lives here. The trainer may install an activation-checkpoint func
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -102,11 +102,11 @@ class LMOutput(_AttrDict):
 
     def __init__(
         self,
-        logits: Optional[Tensor],
-        loss: Optional[Tensor],
+        logits: Tensor | None,
+        loss: Tensor | None,
         aux_loss: Tensor,
-        aux_losses: Optional[dict[str, Tensor]] = None,
-        stats: Optional[RouterStats] = None,
+        aux_losses: dict[str, Tensor] | None = None,
+        stats: RouterStats | None = None,
     ):
         super().__init__(logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses or {}, stats=stats)
 
@@ -150,7 +150,7 @@ class MoRLM(nn.Module):
         # The LM loss, callable(h [B, T, D], weight [V, D], targets [B, T]) -> mean; tensor
         # parallelism replaces it from outside with a vocab-parallel one.
         self.lm_loss: LossFn = chunked_cross_entropy
-        self._checkpoint_fn: Optional[CheckpointFn] = None
+        self._checkpoint_fn: CheckpointFn | None = None
         # Set from outside (validation, analysis): stats["router_trace"] then holds each routed
         # expert-choice step's (step, logits, candidates, selected).
         self.record_router = False
@@ -194,7 +194,7 @@ class MoRLM(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def enable_activation_checkpointing(self, checkpoint_fn: Optional[CheckpointFn] = None) -> None:
+    def enable_activation_checkpointing(self, checkpoint_fn: CheckpointFn | None = None) -> None:
         """Recompute each layer application (unique layers and every recursion step) in the
         backward pass. The function is called as fn(layer, x, meta, rope, context) and must
         return layer(x, meta, rope, context); default: torch's non-reentrant checkpoint."""
@@ -207,13 +207,13 @@ class MoRLM(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        targets: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
+        targets: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         causal_routing: bool = False,
-        position_ids: Optional[Tensor] = None,
-        doc_ids: Optional[Tensor] = None,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
         return_logits: bool = True,
-        kv_cache: Optional[KVCache] = None,
+        kv_cache: KVCache | None = None,
     ) -> LMOutput:
         B, T = input_ids.shape
         valid = attention_mask.bool() if attention_mask is not None else None
@@ -241,7 +241,7 @@ class MoRLM(nn.Module):
         routed: list[Tensor] = []
         depth = torch.zeros(B, T, dtype=torch.long, device=h.device)
         everyone = valid is None  # every token runs the step: no gather at all
-        length: Optional[int] = T
+        length: int | None = T
         exact = kv_cache is None  # a decoding cache stores exactly the slots that ran
         tc_choice = tc_gate = tc_lengths = None
         health: dict[str, Tensor] = {}
@@ -318,7 +318,7 @@ class MoRLM(nn.Module):
         return [bucket_length(n, T) if bucket and n else n for n in reach.tolist()]
 
     def _positions(
-        self, B: int, T: int, valid: Optional[Tensor], cache: Optional[KVCache], device: torch.device
+        self, B: int, T: int, valid: Tensor | None, cache: KVCache | None, device: torch.device
     ) -> Tensor:
         if valid is not None:
             start = cache.next_position.unsqueeze(1) if cache is not None else 0
@@ -351,12 +351,12 @@ class MoRLM(nn.Module):
         site_ids: list[int],
         h: Tensor,
         selected: Tensor,
-        gate: Optional[Tensor],
+        gate: Tensor | None,
         everyone: bool,
         length: int,
         meta: TokenMeta,
         rope: tuple[Tensor, Tensor],
-        cache: Optional[KVCache],
+        cache: KVCache | None,
         shared: dict[int, KVBlock],
     ) -> Tensor:
         """One recursion step on the selected tokens: gather `length` slots per row, run the
@@ -390,12 +390,12 @@ class MoRLM(nn.Module):
         x: Tensor,
         meta: TokenMeta,
         rope: tuple[Tensor, Tensor],
-        cache: Optional[KVCache],
+        cache: KVCache | None,
         shared: dict[int, KVBlock],
     ) -> Tensor:
         layer = self.layers[phys]
         source = self._sites["kv_source"].get(site)
-        context: Optional[KVBlock] = None
+        context: KVBlock | None = None
         if source is not None:  # recursive KV sharing: reuse the first recursion's keys/values
             context = cache.get(source) if cache is not None else shared[source]
         elif cache is not None:
@@ -410,14 +410,14 @@ class MoRLM(nn.Module):
         return out
 
     # -- token-choice loss-free balancing ------------------------------------------------
-    def loss_free_load(self) -> Optional[Tensor]:
+    def loss_free_load(self) -> Tensor | None:
         """Per-depth token counts since the last bias update (all-reduce over DP, then
         `update_loss_free_bias`). None unless token choice with loss-free balancing."""
         if self.depth_router is None or self.cfg.router.balancing != "loss_free":
             return None
         return self.depth_router.load.clone()
 
-    def update_loss_free_bias(self, load: Optional[Tensor] = None) -> None:
+    def update_loss_free_bias(self, load: Tensor | None = None) -> None:
         if self.depth_router is not None and self.cfg.router.balancing == "loss_free":
             self.depth_router.update_bias(load, self.cfg.router.bias_update_rate)
 

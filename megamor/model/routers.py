@@ -11,8 +11,6 @@ argmax over N_r depths; causal by construction.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -128,7 +126,7 @@ class TokenChoiceRouter(nn.Module):
         return self
 
     @torch.no_grad()
-    def update_bias(self, load: Optional[Tensor], rate: float) -> None:
+    def update_bias(self, load: Tensor | None, rate: float) -> None:
         """b_i += u * sign(mean_load - load_i); `load` may be all-reduced over data parallel."""
         load = self.load if load is None else load.to(self.load)
         self.bias += rate * torch.sign(load.mean() - load)

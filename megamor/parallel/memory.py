@@ -62,10 +62,7 @@ def rank_memory(cfg: ModelConfig, tp: int, dp: int, zero_stage: int, precision: 
     scale = w / 2
     per_app = tokens * cfg.d_model * (10 + 24 / tp) * scale
     apps = _applications(cfg)
-    if activation_checkpointing:
-        acts = apps * tokens * cfg.d_model * w + per_app
-    else:
-        acts = apps * per_app
+    acts = apps * tokens * cfg.d_model * w + per_app if activation_checkpointing else apps * per_app
     acts += 2 * tokens * cfg.vocab_size / tp * 4  # fp32 logits + saved softmax of the vocab-parallel loss
     total = params + grads + optimizer + acts
     return {"params": params, "grads": grads, "optimizer": optimizer, "activations": acts, "total": total,

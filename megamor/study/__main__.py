@@ -102,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 def submit(args: argparse.Namespace, n_runs: int) -> int:
     base = ["sbatch", "--parsable", *args.sbatch]
     cfg = [args.config, *args.overrides]
-    r = subprocess.run([*base, f"--array=0-{n_runs - 1}", "slurm/study.sbatch", *cfg], capture_output=True, text=True)
+    r = subprocess.run([*base, f"--array=0-{n_runs - 1}", "slurm/study.sbatch", *cfg],
+                       capture_output=True, text=True, check=False)
     if r.returncode != 0:
         print(f"megamor.study: sbatch failed: {r.stderr.strip()}", file=sys.stderr)
         return 1
     job = r.stdout.strip().split(";")[0]
-    r2 = subprocess.run([*base, f"--dependency=afterany:{job}", "slurm/study.sbatch", *cfg], capture_output=True, text=True)
+    r2 = subprocess.run([*base, f"--dependency=afterany:{job}", "slurm/study.sbatch", *cfg],
+                        capture_output=True, text=True, check=False)
     if r2.returncode != 0:
         print(f"megamor.study: sbatch (report) failed: {r2.stderr.strip()}", file=sys.stderr)
         return 1

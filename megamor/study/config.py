@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from megamor.config import ConfigError, key, load_config
 
@@ -26,8 +25,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass
 class BudgetConfig:
-    flops: Optional[float] = None  # per run; each variant's tokens = flops / FLOPs per token
-    tokens: Optional[int] = None  # or the same tokens for every variant (iso-data)
+    flops: float | None = None  # per run; each variant's tokens = flops / FLOPs per token
+    tokens: int | None = None  # or the same tokens for every variant (iso-data)
     # forward: FLOPs of the forward pass (the paper's 16.5e18 at 360M is forward FLOPs x ~20B
     # tokens); training: 3 x forward.
     count: str = "forward"
@@ -67,8 +66,8 @@ class StudyDataConfig:
     vocab_size: int = 4096
     valid_fraction: float = 0.02
     txt_mode: str = "paragraph"
-    shards: Optional[str] = None
-    tokenizer: Optional[str] = None
+    shards: str | None = None
+    tokenizer: str | None = None
 
     def validate(self, path: str) -> None:
         if not self.text and not self.shards:
@@ -84,9 +83,9 @@ class StudyEvalConfig:
     val_max_batches: int = 20  # validation windows: the first val_max_batches x val_batch_size
     val_batch_size: int = 8
     fewshot_tasks: list[str] = field(default_factory=list)  # megamor.eval task names
-    fewshot_limit: Optional[int] = 100  # examples per task
+    fewshot_limit: int | None = 100  # examples per task
     num_fewshot: int = 0
-    fewshot_data_dir: Optional[str] = None  # default $MEGAMOR_DATA_DIR
+    fewshot_data_dir: str | None = None  # default $MEGAMOR_DATA_DIR
     depth_plots: bool = True  # per run: depth histogram, depth vs loss (validation tokens)
 
     def validate(self, path: str) -> None:
@@ -101,8 +100,8 @@ class StudyConfig:
     name: str = ""
     experiment: str = ""  # base experiment YAML of every run
     overrides: list[str] = field(default_factory=list)  # experiment keys for every run
-    out_dir: Optional[str] = None  # default runs/studies/<name>
-    report_dir: Optional[str] = None  # table + plots; default out_dir
+    out_dir: str | None = None  # default runs/studies/<name>
+    report_dir: str | None = None  # table + plots; default out_dir
     seeds: list[int] = field(default_factory=lambda: [1234])
     nproc: int = 1  # processes per run (torchrun when > 1)
     budget: BudgetConfig = field(default_factory=BudgetConfig)

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def summarize(values: Sequence[Any]) -> tuple[float, float]:
 
 def _cell(fmt: str, mean: float, sd: float, spread: bool) -> str:
     if not math.isfinite(mean):
-        return "–"
+        return "–"  # noqa: RUF001  en dash: the "no value" cell of the report
     s = fmt.format(mean)
     return f"{s} ± {fmt.format(sd)}" if spread and math.isfinite(sd) else s
 
@@ -139,12 +140,13 @@ def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: lis
     out.mkdir(parents=True, exist_ok=True)
     b = study.budget
     budget = f"{b.flops:.3g} FLOPs ({b.count}) per run" if b.flops is not None else f"{b.tokens:,} tokens per run"
-    text = [f"# Study `{study.name}`", "", f"Budget: {budget}; seeds {list(study.seeds)}; `±` is the standard "
+    text = [f"# Study `{study.name}`", "", (
+            f"Budget: {budget}; seeds {list(study.seeds)}; `±` is the standard "
             "deviation over seeds. Validation loss on the same windows with top-k routing (training's) and causal "
             "routing (evaluation's); router recall/precision: the causal choice against top-k, worst routed step; "
             "corr(depth, loss): Spearman over validation tokens, causal routing; max |logit|: the largest router "
             "logit of any step logged in training; saturated gates: share of candidates with sigmoid within 1e-3 of "
-            "0 or 1 at the last logged step (worst recursion step).", "",
+            "0 or 1 at the last logged step (worst recursion step)."), "",
             f"Command: `{command}`", "", table(study, results)]
     if pending:
         text += ["", f"Pending runs: {', '.join(pending)}"]

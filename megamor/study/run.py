@@ -53,7 +53,7 @@ def train(study: StudyConfig, run: RunSpec) -> float:
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=repo_root(), check=False).returncode
     if rc != 0 or not is_trained(run):
-        raise RunFailed(run, rc if rc else 1)
+        raise RunFailed(run, rc or 1)
     return time.time() - t0
 
 

@@ -18,13 +18,17 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 
 
-def available() -> Optional[str]:
+def available() -> str | None:
     """None when a local cluster can start here, else the reason it cannot."""
     missing = [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
     if missing:
@@ -55,7 +59,7 @@ class LocalSlurm:
         self._pids: list[Path] = []
 
     # -- lifecycle --------------------------------------------------------------------
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -153,7 +157,7 @@ class LocalSlurm:
     def _wait_idle(self, timeout: float = 30) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env)
+            r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env, check=False)
             states = r.stdout.split()
             if r.returncode == 0 and states and all(s == "idle" for s in states):
                 return
@@ -161,16 +165,18 @@ class LocalSlurm:
         raise RuntimeError(f"local SLURM nodes did not become idle: {self.log_tail()}")
 
     # -- jobs -------------------------------------------------------------------------
-    def sbatch(self, args: Sequence[str], env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None) -> int:
+    def sbatch(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
         r = subprocess.run(
-            ["sbatch", "--parsable", *args], capture_output=True, text=True, env={**self.env, **(env or {})}, cwd=cwd
+            ["sbatch", "--parsable", *args], capture_output=True, text=True, env={**self.env, **(env or {})}, cwd=cwd,
+            check=False,
         )
         if r.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {r.stderr.strip()}")
         return int(r.stdout.strip().split(";")[0])
 
     def job_state(self, job: int) -> dict[str, str]:
-        r = subprocess.run(["scontrol", "-o", "show", "job", str(job)], capture_output=True, text=True, env=self.env)
+        r = subprocess.run(["scontrol", "-o", "show", "job", str(job)], capture_output=True, text=True, env=self.env,
+                           check=False)
         fields = {}
         for tok in r.stdout.split():
             if "=" in tok:

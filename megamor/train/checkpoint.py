@@ -45,8 +45,8 @@ from megamor.parallel import dist as pdist
 from megamor.train import integrity
 from megamor.train.integrity import MARKER, check_tag, quarantine, warn
 from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
-from megamor.train.save_errors import CheckpointSaveError, os_error_in, os_error_line, python_file_saves
 from megamor.train.safe_load import load as safe_load
+from megamor.train.save_errors import CheckpointSaveError, os_error_in, os_error_line, python_file_saves
 
 CHECKPOINTS = "checkpoints"
 UNIVERSAL = "universal"
@@ -65,7 +65,7 @@ class NoValidCheckpointError(CheckpointError):
     """Tags exist but none validates: the trainer refuses rather than start over (exit 2)."""
 
 
-__all__ = ["CheckpointSaveError", "UnsafeCheckpointError", "MARKER"]
+__all__ = ["MARKER", "CheckpointSaveError", "UnsafeCheckpointError"]
 
 
 def tag_for(step: int) -> str:

@@ -16,18 +16,20 @@ from typing import Any
 
 from megamor.config import ConfigError
 
-TOP_LEVEL = frozenset("""
-train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler
-fp16 bf16 bfloat16 amp torch_autocast gradient_clipping prescale_gradients gradient_predivide_factor
-gradient_allreduce_op communication_data_type seq_parallel_communication_data_type sparse_gradients
-zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer steps_per_print dump_state
-wall_clock_breakdown memory_breakdown disable_allgather disable_python_gc dataloader_drop_last
-activation_checkpointing flops_profiler tensorboard wandb csv_monitor comet comms_logger elasticity
-checkpoint data_types aio autotuning compression_training data_efficiency curriculum_learning
-sparse_attention pipeline progressive_layer_drop eigenvalue quantize_training nebula hybrid_engine
-compile tensor_parallel timers graph_harvesting use_data_before_expert_parallelism use_node_local_storage
-expert_parallel managed_gradient_accumulation log_level weight_quantization
-""".split())
+TOP_LEVEL = frozenset([
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "communication_data_type",
+    "seq_parallel_communication_data_type", "sparse_gradients", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print", "dump_state",
+    "wall_clock_breakdown", "memory_breakdown", "disable_allgather", "disable_python_gc", "dataloader_drop_last",
+    "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger",
+    "elasticity", "checkpoint", "data_types", "aio", "autotuning", "compression_training", "data_efficiency",
+    "curriculum_learning", "sparse_attention", "pipeline", "progressive_layer_drop", "eigenvalue",
+    "quantize_training", "nebula", "hybrid_engine", "compile", "tensor_parallel", "timers", "graph_harvesting",
+    "use_data_before_expert_parallelism", "use_node_local_storage", "expert_parallel",
+    "managed_gradient_accumulation", "log_level", "weight_quantization",
+])
 
 # Sections DeepSpeed parses with a pydantic schema: their field names and aliases.
 SECTIONS: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {

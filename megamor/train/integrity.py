@@ -12,6 +12,7 @@ A tag that fails is never deleted: it is moved to checkpoints/quarantine/<tag> w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -143,10 +144,8 @@ def quarantined(ckpt_root: Path) -> list[tuple[str, str]]:
     if qdir.is_dir():
         for d in sorted(p for p in qdir.iterdir() if p.is_dir()):
             why = "reason unknown"
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 why = json.loads((qdir / f"{d.name}.json").read_text()).get("reason", why)
-            except (OSError, ValueError):
-                pass
             out.append((d.name, why))
     return out
 

@@ -105,7 +105,8 @@ class RunLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         cut_back_metrics(run_dir / METRICS_FILE, start_step)
-        self.jsonl = open(run_dir / METRICS_FILE, "a", buffering=1)
+        # appended to for the whole run; closed in close()
+        self.jsonl = open(run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115
         if cfg.logging.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from megamor.data.atomic import write_json
-
 from megamor.model.config import ModelConfig
 from megamor.model.flops import forward_flops
 

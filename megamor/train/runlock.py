@@ -14,6 +14,7 @@ MEGAMOR_LOCK_HEARTBEAT_S and MEGAMOR_LOCK_STALE_S override the defaults (5 s, 60
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -23,8 +24,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megamor.data.atomic import atomic_open
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 LOCK_FILE = "trainer.lock"
 HEARTBEAT_S = 5.0
@@ -134,10 +139,8 @@ class RunLock:
             return  # another starter moved it first
         moved = read_holder(aside)
         if moved is not None and moved.token != old.token:  # we moved a fresh lock taken meanwhile: put it back
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(aside, self.path)
-            except FileExistsError:
-                pass
             aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)  # a stale lock is garbage: nothing else refers to it
@@ -170,7 +173,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         self.holder = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -29,6 +29,10 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -70,7 +74,7 @@ class StopRequest:
             signal.signal(s, h)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def __enter__(self) -> StopRequest:
+    def __enter__(self) -> Self:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -60,8 +60,8 @@ from megamor.train.metrics import (
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
 from megamor.train.router_eval import RouterValidation
-from megamor.train.safe_load import load as safe_load
 from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
+from megamor.train.safe_load import load as safe_load
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -49,7 +50,7 @@ def test_answers_are_correct_and_marked():
 
 
 def np_diff(xs):
-    return [b - a for a, b in zip(xs, xs[1:])]
+    return [b - a for a, b in itertools.pairwise(xs)]
 
 
 def test_prepare_demo_data_builds_then_reuses(tmp_path):

@@ -75,7 +75,7 @@ def test_mid_batch_state_resumes_only_with_the_same_layout(shakespeare_shards):
     c = build_train_loader(cfg, 8, 2, 0, 2)
     c.load_state_dict(state)
     assert all(torch.equal(c.next_batch()["input_ids"], e) for e in expected[1:])
-    with pytest.raises(DataStateError, match="middle of a global batch|micro-batches into a global batch"):
+    with pytest.raises(DataStateError, match=r"middle of a global batch|micro-batches into a global batch"):
         build_train_loader(cfg, 8, 4, 0, 2).load_state_dict(state)
 
 
@@ -129,11 +129,11 @@ def test_state_mismatches_are_clear_errors(shakespeare_shards, frankenstein_shar
     state = a.state_dict()
     with pytest.raises(DataStateError, match=r"fingerprint mismatch.*data.train\[0\]"):
         build_train_loader(cfg_for(frankenstein_shards), 8, 8, 0, 1).load_state_dict(state)
-    with pytest.raises(DataStateError, match="fingerprint mismatch.*1 train sources then, 2 now"):
+    with pytest.raises(DataStateError, match=r"fingerprint mismatch.*1 train sources then, 2 now"):
         build_train_loader(cfg_for(shakespeare_shards, frankenstein_shards), 8, 8, 0, 1).load_state_dict(state)
-    with pytest.raises(DataStateError, match="data.seed is 5 but the checkpoint was made with 1234"):
+    with pytest.raises(DataStateError, match=r"data\.seed is 5 but the checkpoint was made with 1234"):
         build_train_loader(cfg_for(shakespeare_shards, seed=5), 8, 8, 0, 1).load_state_dict(state)
-    with pytest.raises(DataStateError, match="data.seq_len is 32"):
+    with pytest.raises(DataStateError, match=r"data\.seq_len is 32"):
         build_train_loader(cfg_for(shakespeare_shards, seq_len=32), 8, 8, 0, 1).load_state_dict(state)
     with pytest.raises(DataError, match="multiple of dp_world_size 3"):
         build_train_loader(cfg_for(shakespeare_shards), 8, 2, 0, 3)

@@ -67,11 +67,11 @@ def test_empty_documents_skipped_and_counted(tmp_path):
 
 
 def test_missing_and_empty_inputs(tmp_path):
-    with pytest.raises(DataError, match="nope.txt: input not found"):
+    with pytest.raises(DataError, match=r"nope\.txt: input not found"):
         resolve_sources([str(tmp_path / "nope.txt")])
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    with pytest.raises(DataError, match="empty.jsonl: input file is empty"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: input file is empty"):
         resolve_sources([str(empty)])
     good = tmp_path / "good.txt"
     good.write_text("hello\n")
@@ -80,7 +80,7 @@ def test_missing_and_empty_inputs(tmp_path):
     with pytest.raises(DataError, match="no non-empty inputs"):
         resolve_sources([str(empty)], allow_empty=True)
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="x.csv: unsupported input type"):
+    with pytest.raises(DataError, match=r"x\.csv: unsupported input type"):
         resolve_sources([str(tmp_path / "x.csv")])
 
 

@@ -22,7 +22,7 @@ def test_ids_and_files(tokenizer_dir):
     tok = Tokenizer.load(tokenizer_dir)
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
     assert tok.vocab_size == 2000
-    assert tok.sp.piece_to_id("\n") not in (tok.unk_id,) and tok.id_to_piece(tok.sp.piece_to_id("\n")) == "\n"
+    assert tok.sp.piece_to_id("\n") != tok.unk_id and tok.id_to_piece(tok.sp.piece_to_id("\n")) == "\n"
     assert tok.content_hash == hashlib.sha256((tokenizer_dir / MODEL_FILE).read_bytes()).hexdigest()
     assert Tokenizer.load(tokenizer_dir / MODEL_FILE).content_hash == tok.content_hash
     info = json.loads((tokenizer_dir / INFO_FILE).read_text())
@@ -61,7 +61,7 @@ def test_training_is_deterministic_and_refuses_overwrite(tmp_path, small_books, 
 def test_training_errors_are_clear(tmp_path):
     p = tmp_path / "tiny.txt"
     p.write_text("just a few words here\n")
-    with pytest.raises(DataError, match="Vocabulary size too high.*--soft-vocab-limit"):
+    with pytest.raises(DataError, match=r"Vocabulary size too high.*--soft-vocab-limit"):
         train_tokenizer([str(p)], tmp_path / "t", vocab_size=5000)
     tok = train_tokenizer([str(p)], tmp_path / "t", vocab_size=5000, soft_vocab_limit=True)
     assert tok.vocab_size < 5000

@@ -75,7 +75,7 @@ def test_corrupted_shard_is_named(shards):
 
 def test_missing_shard_and_manifest(shards):
     (shards / "valid-00000.npy").unlink()
-    with pytest.raises(ShardError, match="valid-00000.npy.*missing"):
+    with pytest.raises(ShardError, match=r"valid-00000\.npy.*missing"):
         verify_shards(shards)
     (shards / "manifest.json").unlink()
     with pytest.raises(ShardError, match="no manifest"):

@@ -79,13 +79,13 @@ def tok(spm_path: Path) -> SentencePieceTokenizer:
 def small_config(**over):
     from megamor.model import ModelConfig, RouterConfig
 
-    kw = dict(
-        vocab_size=VOCAB, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256,
-        sharing="middle_cycle", num_recursions=2,
+    kw = {
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 192,
+        "max_seq_len": 256, "sharing": "middle_cycle", "num_recursions": 2,
         # A strong BCE coefficient so that, after a few dozen steps, the causal threshold
         # router already keeps about the capacity (1/2) at step 2, as a trained model does.
-        router=RouterConfig(type="expert_choice", aux_bce_coef=0.1),
-    )
+        "router": RouterConfig(type="expert_choice", aux_bce_coef=0.1),
+    }
     kw.update(over)
     return ModelConfig(**kw)
 

@@ -125,7 +125,7 @@ def test_bad_files(tmp_path, mor_model):
     cfg = dataclasses.asdict(mor_model.cfg)
     cfg["sharing"] = "bogus"
     torch.save({"model": mor_model.state_dict(), "config": cfg}, p)
-    with pytest.raises(Exception, match="config.sharing"):
+    with pytest.raises(Exception, match=r"config\.sharing"):
         load_model(p)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_model(tmp_path / "nope.pt")
@@ -133,10 +133,11 @@ def test_bad_files(tmp_path, mor_model):
 
 def test_hf_export_of_a_vanilla_model(tmp_path):
     transformers = pytest.importorskip("transformers")
+    import pathlib
+    import sys
+
     from megamor.model import MoRLM
     from megamor.model.hf import llama_config, to_llama_state_dict
-
-    import sys, pathlib  # noqa: E401
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     from conftest import small_config

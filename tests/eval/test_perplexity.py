@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from megamor.eval.perplexity import count_words, perplexity_of_texts, perplexity_of_tokens, read_texts, split_wikitext_articles, window_spans
+from megamor.eval.perplexity import (
+    count_words,
+    perplexity_of_texts,
+    perplexity_of_tokens,
+    read_texts,
+    split_wikitext_articles,
+    window_spans,
+)
 from megamor.eval.scoring import Scorer
 
 L = 64  # window length (the model allows 256): several windows per document

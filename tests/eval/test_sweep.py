@@ -16,6 +16,11 @@ from megamor.eval.checkpoint import CheckpointError
 from megamor.eval.sweep import Sweep, SweepConfig, discover
 
 
+def _read_csv(path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def save(model, path, step, scale=0.0):
     sd = {k: v + scale * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +53,7 @@ def test_sweep_caches_and_reports(runs, tmp_path, data_dir):
     assert (s.computed, s.reused, s.models_loaded) == (6, 0, 3)
     rep = s.report(ckpts)
     assert rep["rows"] == 3 * (3 + 3) and not rep["missing"]  # piqa: acc/acc_norm/acc_bytes; ppl: 3 metrics
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = _read_csv(out / "results.csv")
     acc = {(r["run"], r["step"]): float(r["value"]) for r in rows if r["metric"] == "acc"}
     assert set(acc) == {("mor_a", "10"), ("mor_a", "20"), ("mor_b", "15")}
     assert all(r["tokens"] and r["flops"] for r in rows)
@@ -64,7 +69,7 @@ def test_sweep_caches_and_reports(runs, tmp_path, data_dir):
     assert (s2.computed, s2.reused, s2.models_loaded) == (0, 6, 0)
     s2.report(ckpts)
     assert (out / "results.csv").is_file() and (out / "plots" / "piqa_acc.png").is_file()
-    assert list(csv.DictReader(open(out / "results.csv"))) == rows
+    assert _read_csv(out / "results.csv") == rows
 
     # a new checkpoint, and a rewritten one: only they are evaluated
     save(_model(a), a / "checkpoints" / "step_30.pt", 30)
@@ -94,7 +99,7 @@ def load_cli():
 
 
 def test_job_array_mode_and_report_only(runs, tmp_path, data_dir, capsys):
-    a, b, text = runs
+    a, b, _text = runs
     cli = load_cli()
     args = [str(a), str(b), "--out", str(tmp_path / "sw"), "--tasks", "winogrande", "--limit", "4", "--data-dir", str(data_dir), "--no-progress"]
     assert cli.main(args + ["--list"]) == {"checkpoints": 3}
@@ -140,7 +145,7 @@ def test_slurm_job_array(slurm_cluster, runs, tmp_path, data_dir):
             logs = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
             raise AssertionError(f"no report after 300 s; job {job}\n{logs}\n{slurm_cluster.log_tail()}")
         time.sleep(1)
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = _read_csv(out / "results.csv")
     assert sorted((r["run"], r["step"]) for r in rows) == [("mor_a", "10"), ("mor_a", "20"), ("mor_b", "15")]
     for i in range(3):
         assert "array task" in (tmp_path / f"eval-{i}.out").read_text()

@@ -83,7 +83,7 @@ def test_hellaswag_original_jsonl_matches_lm_eval_preprocessing(tmp_path):
 
 # -- bad input ---------------------------------------------------------------------------
 def test_missing_task_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="task file not found: .*nope.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"task file not found: .*nope\.jsonl"):
         get_task("piqa", path=tmp_path / "nope.jsonl").load()
     with pytest.raises(KeyError, match="unknown task 'hellaswagg'"):
         get_task("hellaswagg")

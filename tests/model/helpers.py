@@ -9,7 +9,8 @@ from megamor.model import ModelConfig, MoRLM, RouterConfig
 
 def tiny_config(**kw) -> ModelConfig:
     router = kw.pop("router", None)
-    base = dict(vocab_size=211, d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
+    base = {"vocab_size": 211, "d_model": 64, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
+            "max_seq_len": 128}
     base.update(kw)
     cfg = ModelConfig(**base)
     if router is not None:

@@ -34,3 +34,6 @@ def test_checkpointing_is_exact(router, kv):
     m.enable_activation_checkpointing()  # the default (non-reentrant torch checkpoint)
     loss_c, grads_c = run()
     assert torch.equal(loss_a, loss_c)
+    assert grads_a.keys() == grads_c.keys()
+    for n in grads_a:
+        assert torch.allclose(grads_a[n], grads_c[n], atol=1e-6, rtol=1e-5), n

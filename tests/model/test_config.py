@@ -1,8 +1,8 @@
 import pytest
 
 from megamor.config import ConfigError, load_config
-from megamor.model import ModelConfig, load_model_config
 from megamor.env import repo_root
+from megamor.model import ModelConfig, load_model_config
 
 
 def _expect(key: str, text: str, **overrides):

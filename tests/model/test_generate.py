@@ -48,7 +48,7 @@ def test_sampling_filters():
     assert p[1] < 0.6 and p[1] + p[2] > 0.9
     picks = {sample_next(logits, 1.0, top_p=0.6, generator=g).item() for _ in range(200)}
     assert picks == {1, 2}  # the smallest set reaching 0.6 holds tokens 1 and 2
-    seeded = [m for m in (mor("expert_choice", seed=6).eval(),)][0]
+    seeded = mor("expert_choice", seed=6).eval()
     a = seeded.generate([[1, 2]], 6, temperature=1.0, seed=7).tokens
     b = seeded.generate([[1, 2]], 6, temperature=1.0, seed=7).tokens
     assert a == b

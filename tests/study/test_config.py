@@ -25,7 +25,7 @@ def test_bad_study_config_exits_2_naming_the_key(tmp_path, override, key):
         cfg.write_text(cfg.read_text().replace(override.split(": ")[1], "configs/model/33m/nope.yaml"))
         override = "seeds=[7]"
     r = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg), override, "--plan"], cwd=repo_root(),
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 2, r.stdout + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("megamor.study: configuration error") and key in lines[0], r.stderr

@@ -78,7 +78,7 @@ def test_compile_config_key(value, ok):
         cfg.validate("trainer")
         assert cfg.compile == value.lower()
     else:
-        with pytest.raises(ConfigError, match="trainer.compile"):
+        with pytest.raises(ConfigError, match=r"trainer\.compile"):
             cfg.validate("trainer")
 
 
@@ -126,7 +126,7 @@ def test_compiled_layers_compose_with_deepspeed_engines(tmp_path):
     from tests.train.helpers import train_env
 
     run = subprocess.run([sys.executable, "-m", "tests.train.compile_engines"], cwd=repo_root(), env=train_env(tmp_path),
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(run.stdout.strip().splitlines()[-1])
     for stage in (1, 2):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -37,7 +38,7 @@ def test_wsd_is_a_trapezoid():
     assert s.lr_at(50) == 1.0 and s.lr_at(80) == 1.0  # stable until the last 20 steps
     assert s.lr_at(90) == pytest.approx(0.5) and s.lr_at(100) == pytest.approx(0.0)
     lrs = [s.lr_at(i) for i in range(80, 101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_cosine_and_floor():
@@ -115,7 +116,7 @@ def test_zero0_bf16_cannot_reshard_and_says_why(tmp_path):
     fake_tag(tmp_path, 10, dp=2, zero=0, precision="bf16")
     plan = plan_resume(tmp_path, 1, 0, "bf16")
     assert plan.universal
-    with pytest.raises(CheckpointError, match="cannot be resharded.*same data-parallel size"):
+    with pytest.raises(CheckpointError, match=r"cannot be resharded.*same data-parallel size"):
         ensure_universal(plan.ref)
     fake_tag(tmp_path / "b", 10, dp=2, zero=0, precision="fp32")
     assert plan_resume(tmp_path / "b", 1, 0, "fp32").universal is False  # replicated: loads directly

@@ -14,8 +14,8 @@ from megamor.train import integrity
 from megamor.train.checkpoint import (
     CheckpointManager,
     NoValidCheckpointError,
-    find_resumable,
     consolidated_state_dict,
+    find_resumable,
     resolve_tag,
     rng_state,
     set_rng_state,
@@ -130,7 +130,7 @@ def test_weights_only_loader_refuses_a_payload_and_names_the_file(tmp_path):
 def test_consolidation_of_a_zero0_tag_refuses_a_payload(tmp_path):
     sentinel = tmp_path / "pwned"
     real_tag(tmp_path, 2, payload=Payload(sentinel))
-    with pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt: refused to load"):
+    with pytest.raises(UnsafeCheckpointError, match=r"mp_rank_00_model_states\.pt: refused to load"):
         consolidated_state_dict(resolve_tag(tmp_path))
     assert not sentinel.exists()
     real_tag(tmp_path / "ok", 2)

@@ -26,7 +26,7 @@ def test_extending_a_finished_wsd_run_says_what_the_lr_does():
     same = load_experiment([], BASE + ["trainer.max_steps=40", "optim.lr=1e-3"])  # peak lr alone: not the shape
     assert check_schedule_change(same, then, 40, "x") is None
     other = load_experiment([], BASE + ["trainer.max_steps=40", "schedule.decay_fraction=0.5"])
-    with pytest.raises(ConfigError, match="schedule.decay_fraction 0.2 -> 0.5"):
+    with pytest.raises(ConfigError, match=r"schedule\.decay_fraction 0\.2 -> 0\.5"):
         check_schedule_change(other, then, 20, "x")
 
 

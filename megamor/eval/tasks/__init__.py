@@ -18,7 +18,6 @@ Adding a task:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from .arc import ARCChallenge, ARCEasy, OpenBookQA
 from .base import Doc, Task, TaskDataError
@@ -35,10 +34,10 @@ TASKS: dict[str, type[Task]] = {
 PAPER_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")
 
 
-def get_task(name: str, path: Optional[str | Path] = None, fewshot_path: Optional[str | Path] = None) -> Task:
+def get_task(name: str, path: str | Path | None = None, fewshot_path: str | Path | None = None) -> Task:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name](path=Path(path) if path else None, fewshot_path=Path(fewshot_path) if fewshot_path else None)
 
 
-__all__ = ["Doc", "Task", "TaskDataError", "TASKS", "PAPER_TASKS", "get_task"]
+__all__ = ["PAPER_TASKS", "TASKS", "Doc", "Task", "TaskDataError", "get_task"]

@@ -21,9 +21,10 @@ import gzip
 import io
 import json
 import lzma
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from megamor.env import shared_data_dir
 
@@ -33,7 +34,7 @@ Doc = dict[str, Any]
 class TaskDataError(ValueError):
     """Malformed task input. The message starts with `file:line:` when a line is to blame."""
 
-    def __init__(self, path: str | Path, line: Optional[int], reason: str):
+    def __init__(self, path: str | Path, line: int | None, reason: str):
         self.path, self.line, self.reason = str(path), line, reason
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {reason}")
@@ -121,8 +122,8 @@ class Task:
     in TASKS, and (for lm-eval) add a YAML in evals/tasks/ with the same prompt.
     """
 
-    path: Optional[Path] = None  # the eval file; None: `default_file` under the data dir
-    fewshot_path: Optional[Path] = None  # None: `default_fewshot_file`, else the eval docs themselves
+    path: Path | None = None  # the eval file; None: `default_file` under the data dir
+    fewshot_path: Path | None = None  # None: `default_fewshot_file`, else the eval docs themselves
 
     name = "task"
     kind = "multiple_choice"  # multiple_choice | partial | loglikelihood
@@ -133,10 +134,10 @@ class Task:
     fewshot_delimiter = "\n\n"
 
     # -- files ----------------------------------------------------------------------------
-    def eval_file(self, data_dir: Optional[Path] = None) -> Path:
+    def eval_file(self, data_dir: Path | None = None) -> Path:
         return Path(self.path) if self.path else (data_dir or shared_data_dir()) / self.default_file
 
-    def fewshot_file(self, data_dir: Optional[Path] = None) -> Optional[Path]:
+    def fewshot_file(self, data_dir: Path | None = None) -> Path | None:
         if self.fewshot_path:
             return Path(self.fewshot_path)
         if self.default_fewshot_file:
@@ -144,10 +145,10 @@ class Task:
             return p if p.is_file() else None
         return None
 
-    def load(self, data_dir: Optional[Path] = None) -> list[Doc]:
+    def load(self, data_dir: Path | None = None) -> list[Doc]:
         return self.read(self.eval_file(data_dir))
 
-    def load_fewshot(self, data_dir: Optional[Path] = None) -> Optional[list[Doc]]:
+    def load_fewshot(self, data_dir: Path | None = None) -> list[Doc] | None:
         """The pool k-shot examples are drawn from; None means the eval docs (minus the doc itself)."""
         p = self.fewshot_file(data_dir)
         return self.read(p) if p is not None else None
