@@ -102,6 +102,9 @@ class StudyConfig:
     overrides: list[str] = field(default_factory=list)  # experiment keys for every run
     out_dir: str | None = None  # default runs/studies/<name>
     report_dir: str | None = None  # table + plots; default out_dir
+    # the variant the report's paired table compares every other one with, seed by seed
+    # (default: the first variant); the pairing cancels what a seed does to every variant alike
+    reference: str | None = None
     seeds: list[int] = field(default_factory=lambda: [1234])
     nproc: int = 1  # processes per run (torchrun when > 1)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -122,6 +125,8 @@ class StudyConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(key(path, "variants"), f"duplicate variant names: {dup}")
+        if self.reference is not None and self.reference not in names:
+            raise ConfigError(key(path, "reference"), f"{self.reference!r} is not a variant; variants: {names}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(key(path, "seeds"), f"must be distinct and non-empty, got {list(self.seeds)}")
         if self.nproc < 1:

@@ -58,7 +58,7 @@ def _cell(fmt: str, mean: float, sd: float, spread: bool) -> str:
     if not math.isfinite(mean):
         return "–"  # noqa: RUF001  en dash: the "no value" cell of the report
     s = fmt.format(mean)
-    return f"{s} ± {fmt.format(sd)}" if spread and math.isfinite(sd) else s
+    return f"{s} ± {fmt.replace('+', '').format(sd)}" if spread and math.isfinite(sd) else s
 
 
 def table(study: StudyConfig, results: list[dict[str, Any]]) -> str:
@@ -77,6 +77,33 @@ def table(study: StudyConfig, results: list[dict[str, Any]]) -> str:
             m, sd = summarize([r.get(k) for r in rs])
             cells.append(_cell(fmt, m, sd, k in SPREAD))
         lines.append(f"| {v.name} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PAIRED = [("val loss (top-k)", "val_loss"), ("val loss (causal)", "val_loss_causal"), ("few-shot avg", "fewshot_avg")]
+
+
+def paired_table(study: StudyConfig, results: list[dict[str, Any]]) -> str:
+    """Each variant minus the reference variant, seed by seed (same seed: same data order and
+    validation windows), then mean ± standard deviation of those differences, and how many
+    seeds the variant is lower (better loss) in."""
+    ref = study.reference or study.variants[0].name
+    val = {(r["variant"], r["seed"]): r for r in results}
+    head = f"| variant - {ref} | seeds | " + " | ".join(h for h, _ in PAIRED) + " | lower loss (top-k) in |"
+    lines = [head, "|---|---:|" + "---:|" * (len(PAIRED) + 1)]
+    for v in study.variants:
+        if v.name == ref:
+            continue
+        seeds = [s for s in study.seeds if (v.name, s) in val and (ref, s) in val]
+        if not seeds:
+            continue
+        cells = []
+        for _, k in PAIRED:
+            diffs = [_num(val[(v.name, s)].get(k)) - _num(val[(ref, s)].get(k)) for s in seeds]
+            m, sd = summarize(diffs)
+            cells.append(_cell("{:+.4f}", m, sd, True))
+        lower = sum(_num(val[(v.name, s)].get("val_loss")) < _num(val[(ref, s)].get("val_loss")) for s in seeds)
+        lines.append(f"| {v.name} | {len(seeds)} | " + " | ".join(cells) + f" | {lower}/{len(seeds)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +175,10 @@ def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: lis
             "logit of any step logged in training; saturated gates: share of candidates with sigmoid within 1e-3 of "
             "0 or 1 at the last logged step (worst recursion step)."), "",
             f"Command: `{command}`", "", table(study, results)]
+    if len(study.variants) > 1 and results:
+        note = ("Paired by seed (each seed's difference from the reference variant, then mean ± standard deviation "
+                "over seeds; negative: lower than the reference):")
+        text += ["", note, "", paired_table(study, results)]
     if pending:
         text += ["", f"Pending runs: {', '.join(pending)}"]
     plots = _plots(study, results, out) if results else []

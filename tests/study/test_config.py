@@ -17,6 +17,7 @@ from tests.study.conftest import write_study
     ("seeds=[1,1]", "seeds"),
     ("model_config: configs/model/33m/vanilla.yaml", "model_config"),  # (edited in the file: a missing file)
     ("variants=5", "variants"),  # an override of the wrong shape
+    ("reference=nope", "reference"),  # not a variant
 ])
 def test_bad_study_config_exits_2_naming_the_key(tmp_path, override, key):
     cfg = write_study(tmp_path, tmp_path / "text.raw")

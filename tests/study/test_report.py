@@ -1,0 +1,47 @@
+"""The study report's tables from given results (no training): mean ± spread over seeds, and
+differences from the reference variant paired seed by seed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from megamor.study.config import StudyConfig, VariantConfig
+from megamor.study.report import paired_table, summarize, table
+
+
+def _study(reference: str | None = None) -> StudyConfig:
+    return StudyConfig(name="t", experiment="e.yaml", seeds=[1, 2, 3], reference=reference,
+                       variants=[VariantConfig(name=n, model_config="m.yaml") for n in ("base", "a", "b")])
+
+
+def _result(variant: str, seed: int, loss: float) -> dict:
+    return {"variant": variant, "seed": seed, "val_loss": loss, "val_loss_causal": loss + 0.01}
+
+
+# seed effects (+0.0, +0.3, -0.2) shared by every variant; "a" is 0.05 lower than base in every seed
+SEED = {1: 0.0, 2: 0.3, 3: -0.2}
+RESULTS = [_result(v, s, 5.0 + d + SEED[s]) for v, d in (("base", 0.0), ("a", -0.05), ("b", 0.02)) for s in SEED]
+
+
+def test_paired_differences_cancel_the_seed_effect():
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in paired_table(_study(), RESULTS).splitlines()[2:]}
+    assert set(rows) == {"a", "b"}  # the reference itself has no row
+    assert "| -0.0500 ± 0.0000 | -0.0500 ± 0.0000 |" in rows["a"] and rows["a"].endswith("| 3/3 |")
+    assert "| +0.0200 ± 0.0000 |" in rows["b"] and rows["b"].endswith("| 0/3 |")
+    # unpaired, the seed effect swamps the 0.05: the spread over seeds is ~0.25
+    m, sd = summarize([r["val_loss"] for r in RESULTS if r["variant"] == "a"])
+    assert m == pytest.approx(4.9833, abs=1e-4) and sd > 0.2
+    assert "4.9833 ± 0.2517" in table(_study(), RESULTS)
+
+
+def test_paired_table_uses_the_named_reference_and_only_seeds_both_have():
+    partial = [r for r in RESULTS if not (r["variant"] == "b" and r["seed"] == 3)]
+    lines = paired_table(_study(reference="b"), partial).splitlines()
+    assert lines[0].startswith("| variant - b |")
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in lines[2:]}
+    assert set(rows) == {"base", "a"}
+    assert "| 2 | -0.0200 ± 0.0000 |" in rows["base"]  # seeds 1 and 2 only
+    assert "| 2 | -0.0700 ± 0.0000 |" in rows["a"]
+    assert math.isnan(summarize([None, "x"])[0])
