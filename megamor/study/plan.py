@@ -33,7 +33,10 @@ def data_overrides(shards: Path, tokenizer: Path) -> list[str]:
 
 
 def _experiment(study: StudyConfig, v: VariantConfig, seed: int, extra: list[str]) -> tuple[list[str], ExperimentConfig]:
-    ov = [f"model_config={v.model_config}", *study.overrides, *v.overrides, f"seed={seed}", f"data.seed={seed}", *extra]
+    # W&B: one group per study, the variant and seed as tags (a study's overrides may replace them)
+    tracking = [f"wandb.group={study.name}", f"wandb.tags=[{v.name},seed{seed}]"]
+    ov = [f"model_config={v.model_config}", *tracking, *study.overrides, *v.overrides, f"seed={seed}",
+          f"data.seed={seed}", *extra]
     return ov, load_experiment([study.experiment], ov)
 
 

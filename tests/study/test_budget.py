@@ -70,6 +70,7 @@ def test_paper_360m_budgets_match_an_independent_count(tmp_path):
         steps = max(1, round(16.5e18 / fpt / per_step))
         assert (run.budget.steps, run.budget.tokens) == (steps, steps * per_step), run.name
         assert exp.max_steps == steps
+        assert exp.wandb.group == "paper_360m" and exp.wandb.tags == [run.variant, f"seed{run.seed}"]
         assert abs(run.budget.flops - 16.5e18) / 16.5e18 < per_step * fpt / 16.5e18  # within one step
     # every variant kind was checked: vanilla, recursive, MoR expert, MoR token, KV sharing
     assert kinds >= {("none", False, "recursion_wise"), ("none", True, "recursion_wise"),
