@@ -24,7 +24,7 @@ class RouterConfig:
     network: str = "linear"  # linear | mlp
     mlp_hidden: int = 0  # hidden width of the mlp router; 0 means d_model // 4
     # Expert choice: BCE(selected) so a threshold decides causally. megamor's default router
-    # (0.01, label smoothing 0.1, learned alpha) keeps the logits bounded; the paper's is
+    # (0.01, label smoothing 0.1, fixed alpha) keeps the logits bounded; the paper's is
     # 0.001 with hard targets and a fixed alpha (configs/model/*/mor_expert_N_paper.yaml).
     aux_bce_coef: float = 0.01
     z_loss_coef: float = 0.0
@@ -35,8 +35,10 @@ class RouterConfig:
     # an all-ones target that the causal routing never uses). True is the paper's behaviour.
     bce_full_capacity_steps: bool = True
     # Expert choice: the gate's scale alpha becomes a learned scalar per step (initialised to
-    # alpha), so the LM can ask for a larger update without saturating the sigmoid.
-    learn_alpha: bool = True
+    # alpha), so the LM can ask for a larger update without saturating the sigmoid. Off by
+    # default: trained longer, the LM shrinks the deeper steps' alphas towards 0, switching
+    # the recursion off (evals/results/study_small_cpu/findings.md).
+    learn_alpha: bool = False
     causal_threshold: float = 0.5  # expert choice at eval/decoding: sigmoid(logit) > threshold
     balancing: str = "loss"  # token choice: loss | loss_free
     balance_coef: float = 0.1  # token choice, balancing=loss

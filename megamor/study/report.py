@@ -31,11 +31,11 @@ COLUMNS = [  # (header, result key, format)
     ("router recall (min step)", "router_recall_min", "{:.3f}"),
     ("router precision (min step)", "router_precision_min", "{:.3f}"),
     ("corr(depth, loss)", "corr_depth_loss", "{:.3f}"),
-    ("max |logit| (training)", "router_max_abs_logit_run", "{:.3g}"),
+    ("max \\|logit\\| (training)", "router_max_abs_logit_run", "{:.3g}"),
     ("saturated gates (last step)", "router_saturated_final", "{:.3f}"),
 ]
 SPREAD = {"val_loss", "val_loss_causal", "fewshot_avg", "mean_depth", "router_recall_min", "router_precision_min",
-          "corr_depth_loss", "router_saturated_final"}
+          "corr_depth_loss", "router_max_abs_logit_run", "router_saturated_final"}
 
 
 def _num(x: Any) -> float:

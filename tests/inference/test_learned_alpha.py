@@ -1,4 +1,4 @@
-"""A learned gate scale (router.learn_alpha, the expert-choice default) is used by every
+"""A learned gate scale (router.learn_alpha, an expert-choice option) is used by every
 decoding path: the engine's steps and the transformers remote code give megamor's outputs
 for a model whose alphas were moved far from their initial value."""
 

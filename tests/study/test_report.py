@@ -45,3 +45,13 @@ def test_paired_table_uses_the_named_reference_and_only_seeds_both_have():
     assert "| 2 | -0.0200 ± 0.0000 |" in rows["base"]  # seeds 1 and 2 only
     assert "| 2 | -0.0700 ± 0.0000 |" in rows["a"]
     assert math.isnan(summarize([None, "x"])[0])
+
+
+def test_every_table_row_has_as_many_cells_as_its_header():
+    import re
+
+    results = [{**r, "router_max_abs_logit_run": 12.0, "router_saturated_final": 0.01} for r in RESULTS]
+    for text in (table(_study(), results), paired_table(_study(), results)):
+        lines = text.strip().splitlines()
+        cells = [len(re.findall(r"(?<!\\)\|", ln)) for ln in lines]  # unescaped pipes delimit cells
+        assert len(set(cells)) == 1, lines

@@ -43,7 +43,7 @@ def _check_report(out: Path) -> None:
               if "train/loss" in row]
     assert mor["router_max_abs_logit_run"] == max(logged) > 0  # the run's maximum, from the training log
     assert 0.0 <= mor["router_saturated_final"] <= 1.0 and "router_max_abs_logit_run" not in results["vanilla"]
-    assert "max |logit| (training)" in report
+    assert "max \\|logit\\| (training)" in report  # escaped: a bare | would split the table's column
 
 
 def test_killed_study_resumes_without_redoing_finished_runs(tiny_text, tmp_path):

@@ -27,7 +27,7 @@ from megamor.train.schedule import LRSchedule
 
 def tiny_mor() -> MoRLM:
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=16,
-                      sharing="middle_cycle", num_recursions=2, router=RouterConfig(type="expert_choice"))
+                      sharing="middle_cycle", num_recursions=2, router=RouterConfig(type="expert_choice", learn_alpha=True))
     return MoRLM(cfg)
 
 
