@@ -38,12 +38,13 @@ PROMPTS = [
 SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 
 
-def _run(cmd: Sequence[str], what: str) -> None:
+def _run(cmd: Sequence[str], what: str, on_config_error: str = "") -> None:
     print(f"\n== {what}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t = time.time()
     r = subprocess.run(list(cmd), cwd=repo_root(), check=False)
     if r.returncode != 0:
-        raise SystemExit(f"megamor.demo: '{what}' failed with exit code {r.returncode}")
+        hint = f"; {on_config_error}" if r.returncode == 2 and on_config_error else ""
+        raise SystemExit(f"megamor.demo: '{what}' failed with exit code {r.returncode}{hint}")
     print(f"   ({time.time() - t:.1f}s)", flush=True)
 
 
@@ -65,7 +66,9 @@ def train(run_dir: Path, shards: Path, tok: Path, steps: int | None) -> None:
             f"data.tokenizer={tok}"]
     if steps is not None:
         args.append(f"trainer.max_steps={steps}")
-    _run([sys.executable, "-m", "megamor.train", *args], "4/4 train the small MoR model (Ctrl-C safe: rerun resumes)")
+    _run([sys.executable, "-m", "megamor.train", *args], "4/4 train the small MoR model (Ctrl-C safe: rerun resumes)",
+         # e.g. a demo run left by an older megamor whose defaults differ
+         on_config_error="to start the demo over, run `make demo DEMO_ARGS=--fresh` (deletes the demo folder)")
 
 
 def _last_validation(run_dir: Path) -> dict:
