@@ -10,19 +10,35 @@ from tests.train.helpers import launch
 
 
 def test_second_sigint_abandons_the_save():
-    stop = StopRequest().install()
+    # Start from Python's default handler whatever this process inherited (a job started in the
+    # background by a non-interactive shell, or under nohup, inherits SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.signum == signal.SIGINT
+        stop = StopRequest().install()
         try:
             signal.raise_signal(signal.SIGINT)
-        except KeyboardInterrupt:
-            pass
-        else:
-            raise AssertionError("a second SIGINT must interrupt at once")
+            assert stop.signum == signal.SIGINT
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass
+            else:
+                raise AssertionError("a second SIGINT must interrupt at once")
+        finally:
+            stop.uninstall()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
     finally:
-        stop.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, inherited)
+
+
+def test_uninstall_restores_an_ignored_sigint():
+    """Under nohup SIGINT is ignored; after the trainer it must be ignored again."""
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        StopRequest().install().uninstall()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_sigint_on_one_rank_during_validation_saves_and_exits_75(tiny_config, tmp_path):
