@@ -179,6 +179,10 @@ def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: lis
         note = ("Paired by seed (each seed's difference from the reference variant, then mean ± standard deviation "
                 "over seeds; negative: lower than the reference):")
         text += ["", note, "", paired_table(study, results)]
+    learned = [r for r in sorted(results, key=lambda r: (r["variant"], r["seed"])) if r.get("gate_scales")]
+    if learned:
+        text += ["", "Learned gate scales at the end of training (router.learn_alpha; recursion steps 1, 2, ...):", ""]
+        text += [f"- {r['run']}: " + " / ".join(f"{a:.3f}" for a in r["gate_scales"]) for r in learned]
     if pending:
         text += ["", f"Pending runs: {', '.join(pending)}"]
     plots = _plots(study, results, out) if results else []

@@ -87,8 +87,17 @@ def router_health_over_run(run: RunSpec) -> dict[str, Any]:
         return {}
     def worst(row: dict[str, Any], stat: str) -> float:
         return max(float(v) for k, v in row.items() if k.startswith(prefix) and k.endswith("/" + stat))
-    return {"router_max_abs_logit_run": max(worst(r, "logit_max_abs") for r in rows),
+    series = [[int(r["step"]), worst(r, "logit_max_abs")] for r in rows]
+    return {"router_max_abs_logit_run": max(v for _, v in series), "router_max_abs_logit_series": series,
             "router_saturated_final": worst(rows[-1], "saturated")}
+
+
+def gate_scales(model: Any) -> list[float] | None:
+    """The learned gate scale of each recursion step (router.learn_alpha), else None."""
+    routers = getattr(model, "routers", None)
+    if routers is None or any(getattr(r, "scale", None) is None for r in routers):
+        return None
+    return [float(r.scale.alpha) for r in routers]
 
 
 def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict[str, Any]:
@@ -113,6 +122,7 @@ def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict
     res.update(val)
     res.update(depth_analysis(trace, run.run_dir / "depth" if study.eval.depth_plots else None))
     res.update(fewshot(model, Path(exp.data.tokenizer or ""), study.eval))
+    res["gate_scales"] = gate_scales(model)
     res["val_curve"] = val_curve(run)
     res.update(router_health_over_run(run))
     res["eval_seconds"] = time.time() - t0
@@ -123,8 +133,12 @@ def load_result(run: RunSpec) -> dict[str, Any]:
     """A finished run's result; fields added since it was written that come from its logs
     (router health over the run) are filled in, nothing is recomputed."""
     res = json.loads(run.result_path.read_text())
-    if "router_max_abs_logit_run" not in res:
+    if "router_max_abs_logit_series" not in res:
         res.update(router_health_over_run(run))
+    if "gate_scales" not in res:  # read from the final checkpoint (weights only), not recomputed
+        from megamor.train.checkpoint import load_model_from_run
+
+        res["gate_scales"] = gate_scales(load_model_from_run(run.run_dir)[0]) if res.get("router") == "expert_choice" else None
     return res
 
 

@@ -17,7 +17,7 @@ def _study(reference: str | None = None) -> StudyConfig:
 
 
 def _result(variant: str, seed: int, loss: float) -> dict:
-    return {"variant": variant, "seed": seed, "val_loss": loss, "val_loss_causal": loss + 0.01}
+    return {"run": f"{variant}-s{seed}", "variant": variant, "seed": seed, "val_loss": loss, "val_loss_causal": loss + 0.01}
 
 
 # seed effects (+0.0, +0.3, -0.2) shared by every variant; "a" is 0.05 lower than base in every seed
@@ -55,3 +55,27 @@ def test_every_table_row_has_as_many_cells_as_its_header():
         lines = text.strip().splitlines()
         cells = [len(re.findall(r"(?<!\\)\|", ln)) for ln in lines]  # unescaped pipes delimit cells
         assert len(set(cells)) == 1, lines
+
+
+def test_gate_scales_are_read_from_the_model_and_listed_in_the_report(tmp_path):
+    from megamor.model import MoRLM
+    from megamor.model.config import ModelConfig, RouterConfig
+    from megamor.study.report import write_report
+    from megamor.study.run import gate_scales
+
+    def model(learn: bool) -> MoRLM:
+        return MoRLM(ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=64,
+                                 max_seq_len=16, sharing="middle_cycle", num_recursions=2,
+                                 router=RouterConfig(type="expert_choice", learn_alpha=learn)))
+
+    learned = model(True)
+    for r, a in zip(learned.routers, (0.3, 0.02)):
+        r.scale.alpha.data.fill_(a)
+    assert gate_scales(learned) == pytest.approx([0.3, 0.02])
+    assert gate_scales(model(False)) is None
+    study = _study()
+    study.report_dir = str(tmp_path)
+    study.budget.tokens = 1000
+    results = [{**r, "gate_scales": [0.3, 0.02] if r["variant"] == "a" else None} for r in RESULTS]
+    text = write_report(study, results, [], "cmd").read_text()
+    assert "- a-s1: 0.300 / 0.020" in text and "base-s1:" not in text
