@@ -80,10 +80,10 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         llama_config(cfg).save_pretrained(out_dir)
         weights = to_llama_state_dict(cfg, sd)
     else:
-        from megamor.hf.remote_code import write_remote_code
+        from megamor.hf.remote_code import hf_weights, write_remote_code
 
         write_remote_code(out_dir, cfg, **meta)  # AutoModelForCausalLM(..., trust_remote_code=True)
-        weights = sd
+        weights = hf_weights(sd, cfg)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tok = _find_tokenizer(exp.data, run)
     if tok is not None:

@@ -138,7 +138,7 @@ def _add_agreement(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor |
     finally:
         model.record_router = False
     for r, logits, cand, sel in out.stats.get("router_trace", []):
-        c = agreement_counts(logits, cand, sel, cfg.router.causal_threshold).tolist()
+        c = agreement_counts(logits, cand, sel, model.routers[r].threshold).tolist()
         acc[r + 1] = [a + b for a, b in zip(acc.get(r + 1, [0.0, 0.0, 0.0]), c)]
 
 

@@ -5,13 +5,15 @@ Written by megamor into every MoR export folder and loaded with
 imports megamor, so a user needs only torch and transformers. Parameter names are megamor's.
 
 It runs megamor's evaluation/decoding forward (causal routing: expert choice keeps a token at
-step r when sigmoid(router logit) > causal_threshold; token choice picks each token's depth
+step r when its router logit exceeds the router's `threshold`, trained with the model; token choice picks each token's depth
 once), so its logits equal megamor's. A recursion step runs only on the tokens routed to it,
 gathered left-aligned at their original positions. `generate()` works; it recomputes the
 prefix each step (megamor.inference holds the routing-aware KV caches).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,14 @@ class ExpertRouter(nn.Module):
         # router.learn_alpha: a learned gate scale per step (megamor's routers.N.scale.alpha)
         alpha = r.get("alpha")
         self.scale = GateScale(alpha if alpha is not None else 0.1) if _get(r, "learn_alpha", False) else None
+        # The causal rule's cut on the logit (megamor's routers.N.threshold; exports from before
+        # it was learned keep the fixed logit(causal_threshold), set by _init_weights).
+        self.register_buffer("threshold", torch.full((1,), causal_logit(r)))
+
+
+def causal_logit(r: dict) -> float:
+    p = _get(r, "causal_threshold", 0.5)
+    return math.log(p / (1.0 - p))
 
 
 class TokenRouter(nn.Module):
@@ -158,6 +168,8 @@ class MegamorPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, 0.0, std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, ExpertRouter):
+            module.threshold.fill_(causal_logit(dict((self.config.megamor or {}).get("router") or {})))
 
 
 class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
@@ -231,13 +243,12 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         kv: dict[int, tuple] = {}
         h, site = self._run_layers(self.prelude, 0, self.embed_tokens(input_ids), pos, valid, rope, kv)
         active, choice, tc_gate = valid, None, None
-        thr = _get(self.r, "causal_threshold", 0.5)
         for r, layer_ids in enumerate(self.steps):
             selected, gate = active, None
             if self.routers is not None:
                 logits = self.routers[r].net(h).squeeze(-1).float()
                 if self.capacities[r] < 1.0:
-                    selected = active & (torch.sigmoid(logits) > thr)
+                    selected = active & (logits > self.routers[r].threshold)
                 gate = self._gate(logits, r)
             elif self.depth_router is not None:
                 if r == 0:

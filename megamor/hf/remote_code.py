@@ -43,6 +43,13 @@ def write_remote_code(out_dir: str | Path, cfg: ModelConfig, **extra: Any) -> No
     write_json(out / "config.json", hf_config_dict(cfg, **extra))
 
 
+def hf_weights(sd: dict, cfg) -> dict:
+    """The tensors the transformers model holds: a tied lm_head is the embedding, and the
+    learned threshold's update count (training state) has no place there."""
+    return {k: v for k, v in sd.items()
+            if not k.endswith(".threshold_updates") and not (cfg.tie_embeddings and k == "lm_head.weight")}
+
+
 def save_model_folder(model, out_dir: str | Path) -> Path:
     """An in-memory MoRLM as a transformers-loadable folder (what megamor.export writes for a
     checkpoint): config.json, the modeling files and model.safetensors."""
@@ -50,9 +57,7 @@ def save_model_folder(model, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+    sd = {k: v.detach().float().contiguous() for k, v in hf_weights(model.state_dict(), model.cfg).items()}
     write_remote_code(out, model.cfg)
     tmp = out / ".model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt"})

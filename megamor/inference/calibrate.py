@@ -4,8 +4,9 @@ A randomly initialised (or briefly trained) router sends nearly every token one 
 causal rule, which makes MoR's decoding look like a vanilla or a one-layer model. Benchmarks
 therefore calibrate on sample tokens first:
 
-- expert choice: router r gets an additive logit bias so that, among the tokens that ran step
-  r-1, the share with sigmoid(logit) > causal_threshold is c_r / c_{r-1} (overall share c_r);
+- expert choice: router r's causal threshold (its `threshold` buffer, a logit) is set so that,
+  among the tokens that ran step r-1, the share with logit > threshold is c_r / c_{r-1}
+  (overall share c_r);
 - token choice: the router's depth-choice bias (the loss-free balancing bias) is set so the
   share of tokens choosing depth >= r+1 is c_r.
 
@@ -14,36 +15,16 @@ what the routers see while the engine decodes (generated tokens differ from samp
 random model's greedy continuations differ most), a few rounds so each step's candidates
 reflect the earlier steps' calibration.
 
-Expert-choice calibration replaces each router's last linear map with one that has a bias, so
-the calibrated model is for benchmarking; its state dict no longer matches the config.
+Calibration changes only buffers (thresholds, the depth-choice bias): the state dict keeps its
+keys, and a trained model's own thresholds are overwritten (benchmarking only).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor, nn
 
 from megamor.model.mor import MoRLM
-
-
-def _last_linear(router_net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
-    if isinstance(router_net, nn.Linear):
-        raise TypeError("pass the router module, not its net")
-    net = router_net.net
-    if isinstance(net, nn.Linear):
-        return router_net, "net", net
-    return net, str(len(net) - 1), net[-1]
-
-
-def _with_bias(router: nn.Module, bias: float) -> None:
-    parent, name, lin = _last_linear(router)
-    new = nn.Linear(lin.in_features, lin.out_features, bias=True, device=lin.weight.device, dtype=lin.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(lin.weight)
-        new.bias.fill_(bias if lin.bias is None else float(lin.bias[0]) + bias)
-    setattr(parent, name, new)
 
 
 @torch.no_grad()
@@ -56,7 +37,6 @@ def calibrate_routers(model: MoRLM, tokens: Tensor, capacities: list[float] | No
     model.eval()
     try:
         if model.routers is not None:
-            thr_logit = math.log(cfg.router.causal_threshold / (1 - cfg.router.causal_threshold))
             for r, router in enumerate(model.routers):
                 if caps[r] >= 1.0:
                     continue
@@ -68,8 +48,8 @@ def calibrate_routers(model: MoRLM, tokens: Tensor, capacities: list[float] | No
                 prev = caps[r - 1] if r > 0 else 1.0
                 share = min(1.0, caps[r] / prev)
                 logits = seen[0][candidates].float()
-                cut = torch.quantile(logits, 1.0 - share).item() if logits.numel() else 0.0
-                _with_bias(router, thr_logit - cut)
+                if logits.numel():
+                    router.threshold.fill_(torch.quantile(logits, 1.0 - share).item())
         elif model.depth_router is not None:
             seen = []
             handle = model.depth_router.net.register_forward_hook(lambda m, i, o: seen.append(o))
@@ -127,10 +107,6 @@ def calibrate_decoding(model: MoRLM, prompts: list[list[int]], new_tokens: int, 
         return [n / fed for n in eng.tokens_per_step_total.tolist()]
 
     if model.routers is not None:
-        thr_logit = math.log(cfg.router.causal_threshold / (1 - cfg.router.causal_threshold))
-        for router in model.routers:
-            if _last_linear(router)[2].bias is None:
-                _with_bias(router, 0.0)
         for _ in range(rounds):
             seen: list[list[Tensor]] = [[] for _ in model.routers]
             decode(model.routers, seen)
@@ -139,8 +115,7 @@ def calibrate_decoding(model: MoRLM, prompts: list[list[int]], new_tokens: int, 
                     continue
                 logits = torch.cat(seen[r]).flatten()
                 share = min(1.0, caps[r] / (caps[r - 1] if r > 0 else 1.0))
-                lin = _last_linear(router)[2]
-                lin.bias += thr_logit - torch.quantile(logits, 1.0 - share).item()
+                router.threshold.fill_(torch.quantile(logits, 1.0 - share).item())
     elif model.depth_router is not None:
         for _ in range(rounds):
             seen = [[]]

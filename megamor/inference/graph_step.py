@@ -103,7 +103,7 @@ class GraphStep:
                 logits = model.routers[r](h)[:, 0]
                 gate = model.routers[r].gate(logits)  # fixed or learned alpha (router.learn_alpha)
                 if cfg.capacities[r] < 1.0:
-                    sel = cand & (torch.sigmoid(logits) > cfg.router.causal_threshold)
+                    sel = cand & (logits > model.routers[r].threshold)
             elif model.depth_router is not None:
                 if r == 0:
                     ones = torch.ones(S, 1, dtype=torch.bool, device=h.device)

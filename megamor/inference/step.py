@@ -91,7 +91,7 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
         if model.routers is not None:
             logits = model.routers[r](hc)  # [a, 1]
             gate = model.routers[r].gate(logits)  # fixed or learned alpha (router.learn_alpha)
-            keep = (torch.sigmoid(logits) > cfg.router.causal_threshold)[:, 0] if cfg.capacities[r] < 1.0 else None
+            keep = (logits > model.routers[r].threshold)[:, 0] if cfg.capacities[r] < 1.0 else None
         elif model.depth_router is not None:
             if r == 0:  # each token picks its depth once, from the first shared step's input
                 tc_choice, probs, _ = model.depth_router(h, torch.ones(m, 1, dtype=torch.bool, device=device), False)

@@ -39,7 +39,15 @@ class RouterConfig:
     # default: trained longer, the LM shrinks the deeper steps' alphas towards 0, switching
     # the recursion off (evals/results/study_small_cpu/findings.md).
     learn_alpha: bool = False
-    causal_threshold: float = 0.5  # expert choice at eval/decoding: sigmoid(logit) > threshold
+    # Expert choice at evaluation and decoding: a token runs step r when its logit exceeds the
+    # router's threshold. learn_threshold: the threshold tracks training's top-k boundary (the
+    # logit midway between each sequence's k-th and (k+1)-th token, averaged; an EMA with this
+    # momentum per micro-batch, averaged over ranks every step), starting from
+    # logit(causal_threshold). Off, it stays at logit(causal_threshold): the paper's
+    # sigmoid > 0.5. It cannot change training (a buffer, no gradient).
+    causal_threshold: float = 0.5
+    learn_threshold: bool = True
+    threshold_momentum: float = 0.99
     balancing: str = "loss"  # token choice: loss | loss_free
     balance_coef: float = 0.1  # token choice, balancing=loss
     bias_update_rate: float = 0.001  # token choice, balancing=loss_free
@@ -63,6 +71,8 @@ class RouterConfig:
             raise ConfigError(key(path, "bce_label_smoothing"), f"must be in [0, 0.5), got {self.bce_label_smoothing}")
         if not (0.0 < self.causal_threshold < 1.0):
             raise ConfigError(key(path, "causal_threshold"), "must be in (0, 1)")
+        if not (0.0 <= self.threshold_momentum < 1.0):
+            raise ConfigError(key(path, "threshold_momentum"), f"must be in [0, 1), got {self.threshold_momentum}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(key(path, "alpha"), "must be positive")
 

@@ -16,8 +16,9 @@ i.e. g scales the step's residual update (not the step's whole output). This is 
 router receives the language-model gradient.
 
 Routing modes: training uses expert choice's top-k over each sequence (the paper's); with
-`causal_routing=True` (evaluation, decoding) it thresholds the router instead, so no token's
-computation depends on later tokens, on padding or on other rows of the batch.
+`causal_routing=True` (evaluation, decoding) it thresholds the router instead (each router's
+`threshold`, learned from training's top-k boundary by default), so no token's computation
+depends on later tokens, on padding or on other rows of the batch.
 
 The gathered length n is taken from shapes where routing fixes it (all tokens; k_r in expert
 choice's training top-k), so a training forward never waits for the device and compiles
@@ -47,7 +48,6 @@ from megamor.model.routers import (
     ExpertChoiceRouter,
     TokenChoiceRouter,
     expert_choice_aux_losses,
-    expert_choice_select,
     token_choice_aux_losses,
     top_k_size,
 )
@@ -252,7 +252,7 @@ class MoRLM(nn.Module):
             if self.routers is not None:
                 logits = self.routers[r](h)
                 capacity = self.cfg.capacities[r]
-                selected = expert_choice_select(logits, active, capacity, causal_routing, self.cfg.router.causal_threshold)
+                selected = self.routers[r].select(logits, active, capacity, causal_routing, self.training)
                 gate = self.routers[r].gate(logits)
                 if capacity < 1.0:
                     everyone = False
@@ -420,6 +420,20 @@ class MoRLM(nn.Module):
     def update_loss_free_bias(self, load: Tensor | None = None) -> None:
         if self.depth_router is not None and self.cfg.router.balancing == "loss_free":
             self.depth_router.update_bias(load, self.cfg.router.bias_update_rate)
+
+    # -- expert choice's learned causal threshold ------------------------------------------
+    def router_thresholds(self) -> Tensor | None:
+        """Each expert-choice router's threshold [N_r] (fp32; average over data parallel ranks
+        and write back with `set_router_thresholds`, so every rank routes alike). None unless
+        expert choice with router.learn_threshold."""
+        if self.routers is None or not self.cfg.router.learn_threshold:
+            return None
+        return torch.cat([router.threshold for router in self.routers])
+
+    @torch.no_grad()
+    def set_router_thresholds(self, values: Tensor) -> None:
+        for router, v in zip(self.routers or [], values.unbind()):
+            router.threshold.copy_(v)
 
     # -- bookkeeping --------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False, unique: bool = True) -> int:

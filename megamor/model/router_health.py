@@ -48,10 +48,11 @@ def step_health(r: int, logits: Tensor, candidates: Tensor, selected: Tensor) ->
     }
 
 
-def agreement_counts(logits: Tensor, candidates: Tensor, topk: Tensor, threshold: float) -> Tensor:
+def agreement_counts(logits: Tensor, candidates: Tensor, topk: Tensor, threshold: Tensor | float) -> Tensor:
     """[causal & topk, causal, topk] token counts (float64) of one routed step: the causal
-    choice is candidates & sigmoid(logit) > threshold, compared with the top-k selection."""
-    causal = candidates & (torch.sigmoid(logits.float()) > threshold)
+    choice is candidates & logit > threshold (the router's `threshold`, a logit), compared
+    with the top-k selection."""
+    causal = candidates & (logits.float() > threshold)
     top = topk & candidates
     return torch.stack([(causal & top).sum(), causal.sum(), top.sum()]).double()
 

@@ -2,14 +2,21 @@
 
 Expert choice (one router per step): at step r every candidate token gets a score; training
 keeps the top-k_r per sequence (k_r = max(1, int(c_r * T))), evaluation and decoding keep the
-tokens whose sigmoid(logit) exceeds a threshold, which the auxiliary BCE loss trains the router
-to reproduce, so a decision depends on the token's own hidden state only (causal).
+tokens whose logit exceeds the router's threshold, so a decision depends on the token's own
+hidden state only (causal). The auxiliary BCE trains the logits to separate the top-k tokens;
+the threshold is either fixed (logit(causal_threshold); the paper's sigmoid > 0.5) or, with
+router.learn_threshold, a running average of where training's top-k cut each sequence, so the
+causal rule keeps about what top-k keeps even when the logits drift off 0 (the fixed cut then
+misses tokens: evals/results/study_small_cpu/findings.md). The threshold is a buffer, outside
+autograd: it cannot change training.
 
 Token choice (one router at the first shared step): each token picks its depth once, as the
 argmax over N_r depths; causal by construction.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +50,35 @@ class GateScale(nn.Module):
         return self.alpha.float() * act
 
 
-class ExpertChoiceRouter(nn.Module):
+class Fp32Buffers(nn.Module):
+    """Keeps the buffers named in `fp32_buffers` in fp32 when the model is cast (bf16): running
+    statistics updated in small steps (+-0.001 balancing bias, an EMA) stall in bf16."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {name: self._buffers[name] for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+class ExpertChoiceRouter(Fp32Buffers):
+    fp32_buffers = ("threshold", "threshold_updates")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.net = router_network(cfg, 1)
         self.cfg = cfg.router
         self.scale = GateScale(cfg.router.gate_scale) if cfg.router.learn_alpha else None
+        # The causal rule's cut on the logit, and how many top-k boundaries it has averaged.
+        self.register_buffer("threshold", torch.full((1,), logit(cfg.router.causal_threshold)))
+        self.register_buffer("threshold_updates", torch.zeros(1))
 
     def gate(self, logits: Tensor) -> Tensor:
         """g = alpha * activation(logit), alpha fixed (router.alpha) or learned."""
@@ -60,25 +90,57 @@ class ExpertChoiceRouter(nn.Module):
         """Router logits [B, T] (fp32)."""
         return self.net(h).squeeze(-1).float()
 
+    def select(self, logits: Tensor, candidates: Tensor, capacity: float, causal: bool, track: bool) -> Tensor:
+        """Tokens [B, T] (bool) that run this step, chosen among `candidates`: top-k per row
+        (training) or logit > threshold (causal). `track`: fold this top-k boundary into the
+        learned threshold."""
+        if capacity >= 1.0:
+            return candidates
+        if causal:
+            return candidates & (logits > self.threshold)
+        selected, boundary, has = expert_choice_top_k(logits, candidates, top_k_size(capacity, logits.shape[1]))
+        if track and self.cfg.learn_threshold:
+            self.track_boundary(boundary, has)
+        return selected
+
+    @torch.no_grad()
+    def track_boundary(self, boundary: Tensor, has: Tensor) -> None:
+        """threshold <- mean boundary of the rows that have one: a plain running mean over the
+        first 1 / (1 - momentum) updates (no lingering start value), an EMA after. Device
+        tensors only: no host sync."""
+        w = has.float()
+        n = w.sum()
+        mean = (boundary.float().nan_to_num(0.0, 0.0, 0.0) * w).sum() / n.clamp(min=1.0)
+        found = (n > 0).float()
+        rate = torch.clamp(1.0 / (self.threshold_updates + 1.0), min=1.0 - self.cfg.threshold_momentum) * found
+        self.threshold += rate * (mean - self.threshold)
+        self.threshold_updates += found
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Checkpoints from before the learned threshold: their causal rule was the fixed cut.
+        for name in self.fp32_buffers:
+            state_dict.setdefault(prefix + name, self._buffers[name].detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
 
 def top_k_size(capacity: float, seq_len: int) -> int:
     """Tokens per sequence that expert choice keeps in training at this capacity."""
     return seq_len if capacity >= 1.0 else max(1, int(capacity * seq_len))
 
 
-def expert_choice_select(
-    logits: Tensor, candidates: Tensor, capacity: float, causal: bool, threshold: float
-) -> Tensor:
-    """Tokens [B, T] (bool) that run this step, chosen among `candidates`."""
-    if capacity >= 1.0:
-        return candidates
-    if causal:
-        return candidates & (torch.sigmoid(logits) > threshold)
-    k = top_k_size(capacity, logits.shape[1])
+def expert_choice_top_k(logits: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(selected [B, T] bool, boundary [B], has_boundary [B] bool): the top-k candidates of each
+    row, and the logit midway between the k-th and the (k+1)-th candidate, where top-k cut the
+    row (the k-th itself when nothing follows; none when a row has fewer than k candidates)."""
     masked = logits.masked_fill(~candidates, float("-inf"))
-    top = masked.topk(k, dim=1).indices
-    chosen = torch.zeros_like(candidates).scatter_(1, top, True)
-    return chosen & candidates  # rows with fewer than k candidates keep all of them
+    vals, idx = masked.topk(min(k + 1, logits.shape[1]), dim=1)
+    chosen = torch.zeros_like(candidates).scatter_(1, idx[:, :k], True)
+    kth = vals[:, k - 1]
+    nxt = vals[:, k] if vals.shape[1] > k else kth
+    nxt = torch.where(torch.isfinite(nxt), nxt, kth)
+    has = torch.isfinite(kth)
+    boundary = torch.where(has, (kth + nxt) / 2, torch.zeros_like(kth))
+    return chosen & candidates, boundary, has  # rows with fewer than k candidates keep all of them
 
 
 def expert_choice_aux_losses(
@@ -97,7 +159,9 @@ def expert_choice_aux_losses(
     return bce, (logits.pow(2) * w).sum() / n
 
 
-class TokenChoiceRouter(nn.Module):
+class TokenChoiceRouter(Fp32Buffers):
+    fp32_buffers = ("bias", "load")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_depths = cfg.num_recursions
@@ -115,15 +179,6 @@ class TokenChoiceRouter(nn.Module):
             with torch.no_grad():
                 self.load += depth_counts(choice, valid, self.num_depths).to(self.load.dtype)
         return choice, probs, logits
-
-    def _apply(self, fn, recurse: bool = True):
-        # Keep the balancing bias and load counts in fp32 when the model is cast to bf16:
-        # updates of +-0.001 vanish in bf16 once the bias reaches ~0.25.
-        kept = {name: self._buffers[name] for name in ("bias", "load")}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            self._buffers[name] = old.to(self._buffers[name].device)
-        return self
 
     @torch.no_grad()
     def update_bias(self, load: Tensor | None, rate: float) -> None:

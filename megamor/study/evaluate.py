@@ -49,7 +49,7 @@ def validation(model: torch.nn.Module, exp: ExperimentConfig, ev: StudyEvalConfi
                 sums[mode][1] += int(mask.sum())
                 if not causal:
                     for r, logits, cand, sel in out.stats.get("router_trace", []):
-                        c = agreement_counts(logits, cand, sel, cfg.router.causal_threshold)
+                        c = agreement_counts(logits, cand, sel, model.routers[r].threshold)
                         agree[r] = agree.get(r, torch.zeros(3, dtype=torch.float64)) + c
                 else:
                     depths.append(out.stats.depth[mask].numpy())

@@ -183,6 +183,12 @@ def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: lis
     if learned:
         text += ["", "Learned gate scales at the end of training (router.learn_alpha; recursion steps 1, 2, ...):", ""]
         text += [f"- {r['run']}: " + " / ".join(f"{a:.3f}" for a in r["gate_scales"]) for r in learned]
+    thresholds = [r for r in sorted(results, key=lambda r: (r["variant"], r["seed"])) if r.get("causal_thresholds")]
+    if thresholds:
+        note = ("Causal thresholds at the end of training (a logit per routed step; 0 is sigmoid 0.5, the fixed "
+                "rule; router.learn_threshold tracks training's top-k boundary):")
+        text += ["", note, ""]
+        text += [f"- {r['run']}: " + " / ".join(f"{a:+.2f}" for a in r["causal_thresholds"]) for r in thresholds]
     if pending:
         text += ["", f"Pending runs: {', '.join(pending)}"]
     plots = _plots(study, results, out) if results else []

@@ -100,6 +100,14 @@ def gate_scales(model: Any) -> list[float] | None:
     return [float(r.scale.alpha) for r in routers]
 
 
+def causal_thresholds(model: Any) -> list[float] | None:
+    """Each routed expert-choice step's causal threshold (a logit; learned or fixed), else None."""
+    routers = getattr(model, "routers", None)
+    if routers is None:
+        return None
+    return [float(r.threshold) for r, c in zip(routers, model.cfg.capacities) if c < 1.0]
+
+
 def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict[str, Any]:
     import torch
 
@@ -123,6 +131,7 @@ def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict
     res.update(depth_analysis(trace, run.run_dir / "depth" if study.eval.depth_plots else None))
     res.update(fewshot(model, Path(exp.data.tokenizer or ""), study.eval))
     res["gate_scales"] = gate_scales(model)
+    res["causal_thresholds"] = causal_thresholds(model)
     res["val_curve"] = val_curve(run)
     res.update(router_health_over_run(run))
     res["eval_seconds"] = time.time() - t0
@@ -135,10 +144,12 @@ def load_result(run: RunSpec) -> dict[str, Any]:
     res = json.loads(run.result_path.read_text())
     if "router_max_abs_logit_series" not in res:
         res.update(router_health_over_run(run))
-    if "gate_scales" not in res:  # read from the final checkpoint (weights only), not recomputed
+    if ("gate_scales" not in res or "causal_thresholds" not in res) and res.get("router") == "expert_choice":
         from megamor.train.checkpoint import load_model_from_run
 
-        res["gate_scales"] = gate_scales(load_model_from_run(run.run_dir)[0]) if res.get("router") == "expert_choice" else None
+        model = load_model_from_run(run.run_dir)[0]  # the final checkpoint (weights only), nothing recomputed
+        res.setdefault("gate_scales", gate_scales(model))
+        res.setdefault("causal_thresholds", causal_thresholds(model))
     return res
 
 

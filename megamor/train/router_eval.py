@@ -1,7 +1,7 @@
 """Router health on validation, accumulated over batches and reduced over ranks once.
 
 - agreement (expert choice), on the top-k pass: per routed step, precision and recall of the
-  causal choice (sigmoid > threshold, what evaluation and decoding use) against top-k;
+  causal choice (logit > the router's threshold, what evaluation and decoding use) against top-k;
 - depth vs loss, on the causal pass (the only pass for other routers): Pearson correlation
   of a token's recursion depth and its next-token loss (sums that all-reduce exactly).
 """
@@ -25,7 +25,6 @@ class RouterValidation:
         self.expert = cfg.router.type == "expert_choice"
         self.routed_steps = [r for r, c in enumerate(cfg.capacities) if c < 1.0] if self.expert else []
         self.has_depth = len(model.steps) > 0 and cfg.router.type != "none"
-        self.threshold = cfg.router.causal_threshold
         self.agree = torch.zeros(max(1, len(self.routed_steps)), 3, dtype=torch.float64, device=device)
         self.moments = torch.zeros(6, dtype=torch.float64, device=device)  # n, sx, sy, sxx, syy, sxy
 
@@ -44,7 +43,7 @@ class RouterValidation:
     def update(self, out, targets: torch.Tensor, causal: bool) -> None:
         if self.expert and not causal:
             for r, logits, cand, sel in out.stats.get("router_trace", []):
-                self.agree[self.routed_steps.index(r)] += agreement_counts(logits, cand, sel, self.threshold)
+                self.agree[self.routed_steps.index(r)] += agreement_counts(logits, cand, sel, self.model.routers[r].threshold)
         if self.wants_logits(causal) and out.logits is not None:
             mask = targets != -100
             loss = F.cross_entropy(out.logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")

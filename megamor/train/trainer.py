@@ -303,13 +303,24 @@ class Trainer:
         if aux_sum is not None:
             parts.append(aux_sum)
         parts += [routed, depth_hist]
+        # Expert choice's learned causal thresholds: each rank tracked its own micro-batches;
+        # the average over ranks goes back into every rank's routers (they route alike).
+        thresholds = self.model.router_thresholds()
+        n_thr = 0 if thresholds is None else thresholds.numel()
+        if thresholds is not None:
+            parts.append(thresholds.float())
         # Over the world (a stop signal on any rank stops all); every TP rank counted the same
         # tokens, so per-token sums are divided by the TP size.
         vec = pdist.all_reduce_(torch.cat(parts).double())
         if self.tp > 1:
             vec[0] /= self.tp
             vec[3:] /= self.tp
+        if thresholds is not None:
+            vec[vec.numel() - n_thr :] /= self.dp
+            self.model.set_router_thresholds(vec[vec.numel() - n_thr :])
         values = vec.tolist()
+        thr_values = values[len(values) - n_thr :]
+        values = values[: len(values) - n_thr]
         loss = values[0] / n_global_f
         skipped = values[1] > 0 or not math.isfinite(loss)
         stop = values[2] > 0
@@ -343,6 +354,9 @@ class Trainer:
         k = len(aux_names)
         n_micro = self.gas * self.dp
         aux = {name: values[4 + j] / n_micro for j, name in enumerate(aux_names)}
+        for r, v in enumerate(thr_values):  # the causal cut after this step (a logit)
+            if self.model.cfg.capacities[r] < 1.0:
+                aux[f"router_health/r{r + 1}/threshold"] = v
         routed_l = values[4 + k : 4 + k + nr]
         hist = torch.tensor(values[4 + k + nr :])
         return StepResult(loss, int(n_global_f), skipped, stop, values[3], timer.data, timer.elapsed(), grad_norm, aux,

@@ -97,7 +97,7 @@ def test_depth_analysis_reports_router_agreement(mor_model, tok):
     finally:
         mor_model.record_router = False
     for r, logits, cand, sel in out.stats["router_trace"]:
-        assert tr.agreement[r + 1] == agreement_counts(logits, cand, sel, mor_model.cfg.router.causal_threshold).tolist()
+        assert tr.agreement[r + 1] == agreement_counts(logits, cand, sel, mor_model.routers[r].threshold).tolist()
     stats = depth_statistics([tr])
     assert [a["step"] for a in stats.router_agreement] == routed
     assert all(0.0 <= a["recall"] <= 1.0 for a in stats.router_agreement)

@@ -38,11 +38,13 @@ def test_agreement_precision_recall():
     logits = torch.tensor([[3.0, -2.0, 1.0, -1.0, 0.5, 4.0]])
     cand = torch.tensor([[True, True, True, True, True, False]])
     topk = torch.tensor([[True, True, False, False, True, False]])
-    # causal: sigmoid > 0.5 among candidates -> positions 0, 2, 4 (5 is no candidate)
-    c = agreement_counts(logits, cand, topk, 0.5)
+    # causal: logit > 0 (sigmoid > 0.5) among candidates -> positions 0, 2, 4 (5 is no candidate)
+    c = agreement_counts(logits, cand, topk, 0.0)
     assert c.tolist() == [2.0, 3.0, 3.0]
     p, r = precision_recall(c)
     assert (p, r) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    # a learned threshold (a logit, here a tensor as the routers hold it): logit > -2.5 -> 0-4
+    assert agreement_counts(logits, cand, topk, torch.tensor([-2.5])).tolist() == [3.0, 5.0, 3.0]
     assert math.isnan(precision_recall(torch.tensor([0.0, 0.0, 5.0]))[0])
 
 

@@ -79,3 +79,21 @@ def test_gate_scales_are_read_from_the_model_and_listed_in_the_report(tmp_path):
     results = [{**r, "gate_scales": [0.3, 0.02] if r["variant"] == "a" else None} for r in RESULTS]
     text = write_report(study, results, [], "cmd").read_text()
     assert "- a-s1: 0.300 / 0.020" in text and "base-s1:" not in text
+
+
+def test_causal_thresholds_are_read_from_the_model_and_listed_in_the_report(tmp_path):
+    from megamor.model import MoRLM
+    from megamor.model.config import ModelConfig, RouterConfig
+    from megamor.study.report import write_report
+    from megamor.study.run import causal_thresholds
+
+    m = MoRLM(ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=16,
+                          sharing="middle_cycle", num_recursions=2, router=RouterConfig(type="expert_choice")))
+    m.routers[1].threshold.fill_(-1.25)
+    assert causal_thresholds(m) == [-1.25]  # routed steps only (step 1 runs every token)
+    study = _study()
+    study.report_dir = str(tmp_path)
+    study.budget.tokens = 1000
+    results = [{**r, "causal_thresholds": [-1.25] if r["variant"] == "b" else None} for r in RESULTS]
+    text = write_report(study, results, [], "cmd").read_text()
+    assert "- b-s2: -1.25" in text and "a-s1: -" not in text

@@ -18,7 +18,7 @@ COMMON = [f"trainer.max_steps={STEPS}", "optim.lr=1e-2", "schedule.type=constant
           "logging.log_every=5"]
 PAPER = ["model.router.alpha=0.1", "model.router.aux_bce_coef=0.001", "model.router.z_loss_coef=0.0",
          "model.router.bce_label_smoothing=0.0", "model.router.bce_full_capacity_steps=true",
-         "model.router.learn_alpha=false"]
+         "model.router.learn_alpha=false", "model.router.learn_threshold=false"]
 
 
 def _max_logit(records: list[dict]) -> tuple[float, list[float]]:

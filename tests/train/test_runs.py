@@ -74,6 +74,15 @@ def test_two_processes_match_one(runs, stage):
     assert any("val/loss" in r and "val/loss_causal" in r for r in run.records())
     assert newest_complete(run.run_dir).step == 20
     assert [c.step for c in list_complete(run.run_dir)] == [15, 20]  # keep_last 2
+    # The learned causal threshold: each rank averaged its own micro-batches' top-k boundaries,
+    # the ranks' averages were averaged every step: over these 80 micro-batches (still the
+    # running-mean phase) that is the one-process mean; saved as logged.
+    from megamor.train.checkpoint import load_model_from_run
+
+    got, want = load_model_from_run(run.run_dir)[0].routers[1], load_model_from_run(ref.run_dir)[0].routers[1]
+    assert got.threshold.item() == pytest.approx(want.threshold.item(), abs=1e-4)
+    assert got.threshold.item() == pytest.approx(last["train/router_health/r2/threshold"], abs=1e-6)
+    assert got.threshold.item() != 0.0 and "train/router_health/r1/threshold" not in last  # step 1 is not routed
 
 
 def test_sigkill_then_resume_same_layout_and_wandb_id(runs, tiny_config):
