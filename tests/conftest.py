@@ -28,6 +28,15 @@ def data_dir():
     return d
 
 
+@pytest.fixture(scope="session")
+def tinyshakespeare():
+    """Path of the shared Tiny Shakespeare text (skips, as `data_dir`, where the datasets are absent)."""
+    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
+    if not src.is_file():
+        pytest.skip(f"shared datasets not found at {shared_data_dir()} (set MEGAMOR_DATA_DIR)")
+    return src
+
+
 @pytest.fixture
 def slurm_cluster(tmp_path_factory):
     """A real local SLURM cluster (munge, slurmctld, two slurmd). CI installs the packages

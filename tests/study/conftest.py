@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from megamor.env import shared_data_dir
-
 TINY_EXPERIMENT = """\
 name: tiny
 model:
@@ -47,12 +45,9 @@ eval: {{val_max_batches: 2, val_batch_size: 4, fewshot_tasks: [piqa], fewshot_li
 
 
 @pytest.fixture(scope="session")
-def tiny_text(tmp_path_factory) -> Path:
-    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
-    if not src.is_file():
-        pytest.skip(f"shared datasets not found at {shared_data_dir()} (set MEGAMOR_DATA_DIR)")
+def tiny_text(tmp_path_factory, tinyshakespeare) -> Path:
     d = tmp_path_factory.mktemp("tiny_text")
-    (d / "shakespeare.raw").write_text(src.read_text()[:300_000])  # .raw: read as text by the study
+    (d / "shakespeare.raw").write_text(tinyshakespeare.read_text()[:300_000])  # .raw: read as text by the study
     return d / "shakespeare.raw"
 
 

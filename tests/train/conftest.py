@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megamor.env import repo_root, shared_data_dir
+from megamor.env import repo_root
 
 # Tiny MoR: expert choice, middle-cycle, 2 recursions, activation checkpointing on, fp32.
 TINY_YAML = """\
@@ -43,11 +43,9 @@ wandb: {{mode: disabled}}
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
+def tiny_data(tmp_path_factory, tinyshakespeare) -> Path:
     """Tokenizer (vocab 512) + shards of Tiny Shakespeare, made by the data_prep CLIs (~2 s)."""
-    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
-    if not src.is_file():
-        pytest.skip(f"shared datasets not found at {shared_data_dir()} (set MEGAMOR_DATA_DIR)")
+    src = tinyshakespeare
     d = tmp_path_factory.mktemp("tiny_data")
     py, root = sys.executable, repo_root()
     subprocess.run([py, "data_prep/train_tokenizer.py", str(src), "--out", str(d / "tok"), "--vocab-size", "512",

@@ -84,8 +84,9 @@ def rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)
 
 
-def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None:
-    """Until metrics.jsonl holds `step` (fails if the process ends first)."""
+def wait_for_step(run_dir: Path, step: int, proc=None, timeout: float = 180, status=None) -> None:
+    """Until metrics.jsonl holds `step`; fails if the process `proc` ends first or at the
+    timeout, with `status()` (e.g. a SLURM job's state and log) in the message."""
     import time
 
     deadline = time.time() + timeout
@@ -93,7 +94,12 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 180) -> None:
     while time.time() < deadline:
         if metrics.is_file() and f'"step": {step},' in metrics.read_text():
             return
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise AssertionError(f"run ended early (rc {proc.returncode})")
         time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
+    raise AssertionError(f"step {step} not reached in {timeout}s" + (f": {status()}" if status else ""))
+
+
+def slurm_status(cluster, job: str, log: Path):
+    """For wait_for_step: the job's state and its output so far."""
+    return lambda: f"{cluster.job_state(job)}\n{log.read_text() if log.exists() else ''}"

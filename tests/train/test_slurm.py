@@ -3,11 +3,9 @@ makes every rank save and exit 75, the script requeues the job, the rerun resume
 
 from __future__ import annotations
 
-import time
-
 from megamor.env import repo_root
 from megamor.train.checkpoint import list_complete, newest_complete
-from tests.train.helpers import train_env
+from tests.train.helpers import slurm_status, train_env, wait_for_step
 
 
 def test_sbatch_requeues_on_usr1_and_resumes(slurm_cluster, tiny_config, tmp_path):
@@ -20,11 +18,7 @@ def test_sbatch_requeues_on_usr1_and_resumes(slurm_cluster, tiny_config, tmp_pat
          "slurm/train.sbatch", str(tiny_config), f"run_dir={run_dir}", "trainer.max_steps=40",
          "checkpoint.every_steps=0", "deepspeed.zero_stage=2"],
         env=env, cwd=repo_root())
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 180
-    while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
-        assert time.time() < deadline, f"no progress: {slurm_cluster.job_state(job)}\n{log.read_text() if log.exists() else ''}"
-        time.sleep(0.2)
+    wait_for_step(run_dir, 3, timeout=180, status=slurm_status(slurm_cluster, job, log))
     slurm_cluster.signal(job, "USR1", batch_only=False)  # to every task, as --signal=USR1@300 does
     state = slurm_cluster.wait(job, timeout=300)
     out = log.read_text()

@@ -16,7 +16,7 @@ from megamor.env import repo_root
 from megamor.testing.distributed import run_distributed
 from megamor.train.checkpoint import list_complete, newest_complete
 from megamor.train.signals import EXIT_CONFIG
-from tests.train.helpers import Run, assert_ok, launch, rel_diff, train_env
+from tests.train.helpers import Run, assert_ok, launch, rel_diff, slurm_status, train_env, wait_for_step
 
 STEPS = range(1, 21)
 TOL_PARALLEL = 1e-4  # TP=2 x DP=2 vs 1 process, fp32 (issue 10); observed ~1e-7
@@ -141,7 +141,6 @@ def test_tp2_sigkill_resume_then_export_merges_shards(runs, tiny_config, tmp_pat
 def test_sbatch_two_nodes_tp_inside_nodes_requeues_on_usr1(runs, slurm_cluster, tiny_config, tmp_path):
     """2 virtual nodes x 2 tasks: TP=2 inside each node, DP=2 across them. USR1 mid-run: every
     rank saves, the script requeues, the rerun resumes; the losses equal an uninterrupted run's."""
-    import time
 
     run_dir = tmp_path / "run"
     log = tmp_path / "job.out"
@@ -150,11 +149,7 @@ def test_sbatch_two_nodes_tp_inside_nodes_requeues_on_usr1(runs, slurm_cluster, 
         ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={log}",
          "slurm/train.sbatch", str(tiny_config), f"run_dir={run_dir}", *TP2, "deepspeed.zero_stage=2"],
         env=env, cwd=repo_root())
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
-        assert time.time() < deadline, f"no progress: {slurm_cluster.job_state(job)}\n{log.read_text() if log.exists() else ''}"
-        time.sleep(0.2)
+    wait_for_step(run_dir, 3, timeout=240, status=slurm_status(slurm_cluster, job, log))
     slurm_cluster.signal(job, "USR1", batch_only=False)
     state = slurm_cluster.wait(job, timeout=400)
     out = log.read_text()
