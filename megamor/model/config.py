@@ -45,8 +45,9 @@ class RouterConfig:
     # momentum per micro-batch, averaged over ranks every step), starting from
     # logit(causal_threshold). Off, it stays at logit(causal_threshold): the paper's
     # sigmoid > 0.5. It cannot change training (a buffer, no gradient). Short memory on
-    # purpose: with Adam a linear router's logits move by tenths per step even at small lr, and
-    # 0.99 lagged the final weights' boundary by up to 0.4 (study_small_cpu/findings.md).
+    # purpose: the router's logits keep moving to the end of a run, and 0.99 (~50 steps of memory
+    # in the CPU studies) left the final threshold up to 0.4 above the final weights' boundary
+    # (evals/results/study_small_cpu/findings.md).
     causal_threshold: float = 0.5
     learn_threshold: bool = True
     threshold_momentum: float = 0.9
