@@ -32,19 +32,23 @@ from tests.train.wandb_records import history, run_id
 STEPS = range(1, 21)
 TOL_PARALLEL = 1e-4  # 2 processes vs 1, fp32 (issue 4); observed ~1e-7
 TOL_RESUME = 1e-6  # resumed vs uninterrupted
+# The learned causal threshold stays in its running-mean phase (the first 1/(1-0.99) = 100
+# updates per rank) over these 20 steps, where 2 ranks' averaged means equal one process's.
+RUNNING_MEAN_THRESHOLD = "model.router.threshold_momentum=0.99"
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_config, tmp_path_factory):
     """name -> Run, launched on first use: the uninterrupted references."""
     base = tmp_path_factory.mktemp("runs")
+    mean = RUNNING_MEAN_THRESHOLD
     specs = {
         # one process, no ZeRO: the reference
-        "ref": (1, "python", ["deepspeed.zero_stage=0"]),
+        "ref": (1, "python", ["deepspeed.zero_stage=0", mean]),
         # two processes, each ZeRO stage, three launchers between them
-        "zero1": (2, "deepspeed", ["deepspeed.zero_stage=1"]),
-        "zero2": (2, "torchrun", ["deepspeed.zero_stage=2"]),
-        "zero3": (2, "torchrun", ["deepspeed.zero_stage=3"]),
+        "zero1": (2, "deepspeed", ["deepspeed.zero_stage=1", mean]),
+        "zero2": (2, "torchrun", ["deepspeed.zero_stage=2", mean]),
+        "zero3": (2, "torchrun", ["deepspeed.zero_stage=3", mean]),
     }
     cache: dict[str, Run] = {}
 
@@ -75,8 +79,8 @@ def test_two_processes_match_one(runs, stage):
     assert newest_complete(run.run_dir).step == 20
     assert [c.step for c in list_complete(run.run_dir)] == [15, 20]  # keep_last 2
     # The learned causal threshold: each rank averaged its own micro-batches' top-k boundaries,
-    # the ranks' averages were averaged every step: over these 80 micro-batches (still the
-    # running-mean phase) that is the one-process mean; saved as logged.
+    # the ranks' averages were averaged every step: over these 80 micro-batches (the running-mean
+    # phase, see `runs`) that is the one-process mean; saved as logged.
     from megamor.train.checkpoint import load_model_from_run
 
     got, want = load_model_from_run(run.run_dir)[0].routers[1], load_model_from_run(ref.run_dir)[0].routers[1]
@@ -88,7 +92,7 @@ def test_two_processes_match_one(runs, stage):
 def test_sigkill_then_resume_same_layout_and_wandb_id(runs, tiny_config):
     """ZeRO-2, 2 processes, SIGKILL right after step 12 (checkpoints at 5 and 10)."""
     run_dir = runs.base / "kill_zero2"
-    common = ["deepspeed.zero_stage=2", "wandb.mode=offline"]
+    common = ["deepspeed.zero_stage=2", "wandb.mode=offline", RUNNING_MEAN_THRESHOLD]
     killed = launch(tiny_config, run_dir, common, nproc=2, env={"MEGAMOR_FAULTS": "sigkill_after_step=12"})
     assert killed.rc != 0
     assert max(killed.losses()) == 12
@@ -98,6 +102,12 @@ def test_sigkill_then_resume_same_layout_and_wandb_id(runs, tiny_config):
     assert "resumed from step 10" in resumed.output
     after = resumed.losses()  # steps 11-12 were redone; the last value of each step counts
     assert rel_diff(after, runs("zero2").losses(), range(11, 21)) <= TOL_RESUME
+    # the learned causal threshold and its update count came back from step 10's checkpoint
+    from megamor.train.checkpoint import load_model_from_run
+
+    got, want = (load_model_from_run(d)[0].routers[1] for d in (run_dir, runs("zero2").run_dir))
+    assert got.threshold_updates.item() == want.threshold_updates.item() == 40  # per rank: 20 steps x 2 micro-batches
+    assert got.threshold.item() == pytest.approx(want.threshold.item(), abs=1e-6)
 
     # W&B (offline): both attempts log to the same run id, and the rows hold the metrics.
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
