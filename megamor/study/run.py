@@ -97,7 +97,7 @@ def gate_scales(model: Any) -> list[float] | None:
     routers = getattr(model, "routers", None)
     if routers is None or any(getattr(r, "scale", None) is None for r in routers):
         return None
-    return [float(r.scale.alpha) for r in routers]
+    return [float(r.scale.alpha.detach()) for r in routers]
 
 
 def causal_thresholds(model: Any) -> list[float] | None:

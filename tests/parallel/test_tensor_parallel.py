@@ -83,7 +83,8 @@ def _tp_worker(rank: int, world: int, case: str, result_dir: str) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tp2_matches_single_process(case, tmp_path):
     run_distributed(_tp_worker, world_size=2, args=(case, str(tmp_path)))
-    ref = _run(_build(case), watch=True)
+    ran = _build(case)
+    ref = _run(ran, watch=True)
     reference_model = _build(case)
     assert any(VOCAB in s for s in ref["shapes"])  # the detector fires on one process's full-vocabulary loss
     for rank in range(2):
@@ -105,8 +106,13 @@ def test_tp2_matches_single_process(case, tmp_path):
                 dim = 0 if g.shape[1] == want.shape[1] else 1
                 want = want.chunk(2, dim=dim)[rank]
             assert torch.allclose(g, want, atol=1e-6, rtol=1e-4), name
+        tracked = {n: t for n, t in ran.state_dict().items() if n.endswith((".threshold", ".threshold_updates"))}
         for name, t in reference_model.state_dict().items():
-            assert torch.equal(r["full"][name], t), name  # consolidation restores the full weights
+            if name in tracked:  # expert choice's learned threshold moved in the training forward, as in one process
+                assert torch.allclose(r["full"][name], tracked[name], atol=1e-5), name
+                assert not torch.equal(tracked[name], t) or name.startswith("routers.0."), name
+            else:
+                assert torch.equal(r["full"][name], t), name  # consolidation restores the full weights
 
 
 def _mpu_worker(rank: int, world: int, result_dir: str) -> None:
