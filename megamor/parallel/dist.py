@@ -7,8 +7,12 @@ torch.distributed default group are the same group.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
+import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -47,8 +51,33 @@ def init_distributed(timeout_minutes: float = 30.0, verbose: bool = False) -> tu
 
 
 def shutdown() -> None:
+    """Destroy every process group and drop DeepSpeed's cached world group, so that the gloo
+    groups nothing else holds are freed (their worker threads joined) while Python is alive."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and getattr(groups, "_WORLD_GROUP", None) is not None:
+        groups._WORLD_GROUP = None
+    gc.collect()
+
+
+def exit_without_finalizing(code: int) -> None:
+    """End a finished process with `code`: flush, run the atexit handlers (W&B, logging), then
+    os._exit, skipping the interpreter's finalization. Process groups still referenced from C++
+    (the default gloo group always is) keep native worker threads until then, and tearing them
+    down under a finalizing interpreter can abort a run that has already finished (SIGABRT,
+    "terminate called without an active exception", seen on rank 1 of 2-rank CPU runs after
+    the last checkpoint); the launcher would then report a failure for a complete run."""
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken stream: nothing left to save
+                pass
+        os._exit(code)
 
 
 def rank() -> int:

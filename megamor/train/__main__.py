@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
     lock = RunLock(cfg.run_path)
+    trainer = None
     try:
         refused = None
         if env.rank == 0:
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             if env.rank == 0:
                 print(f"megamor.train: {refused}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
-        return Trainer(cfg, env, device, tokenizer, stop_request=stop).setup().fit()
+        trainer = Trainer(cfg, env, device, tokenizer, stop_request=stop)
+        return trainer.setup().fit()
     except (NoValidCheckpointError, UnsafeCheckpointError) as e:  # the run folder is bad input: refuse
         if env.rank == 0 or isinstance(e, UnsafeCheckpointError):
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
+        if trainer is not None:
+            trainer.close()
         lock.release()
         stop.uninstall()
         pdist.shutdown()
@@ -100,4 +104,6 @@ def _cuda_available() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megamor.parallel.dist import exit_without_finalizing
+
+    exit_without_finalizing(main())

@@ -10,6 +10,8 @@ MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
     signal_at_eval_batch=K:SIG  send signal SIG (TERM, INT, USR1) to this process before its
                              K-th validation batch of the run (a stop during validation)
     signal_at_setup=SIG      send signal SIG to this process as set-up starts
+    abort_in_teardown        SIGABRT while the interpreter finalizes, after the run is over
+                             (what a native library's teardown can do to a finished run)
     rank=R                   only rank R does the sigkill and signal faults (default: all ranks)
 """
 
@@ -37,6 +39,7 @@ class Faults:
     eval_signal_batch: int | None = None
     eval_signal: int | None = None
     setup_signal: int | None = None
+    abort_in_teardown: bool = False
     _eval_batches: int = 0
 
     @classmethod
@@ -59,6 +62,8 @@ class Faults:
                 f.eval_signal_batch, f.eval_signal = int(k), _signum(sig)
             elif name == "signal_at_setup":
                 f.setup_signal = _signum(value)
+            elif name == "abort_in_teardown":
+                f.abort_in_teardown = True
             elif name == "rank":
                 f.rank = int(value)
             else:
@@ -83,6 +88,8 @@ class Faults:
         return self.inf_from is not None and self.inf_from <= step <= (self.inf_to or self.inf_from)
 
     def at_setup(self, rank: int) -> None:
+        if self.abort_in_teardown and self._mine(rank):
+            _TEARDOWN.append(_AbortWhenCollected())
         if self.setup_signal is not None and self._mine(rank):
             os.kill(os.getpid(), self.setup_signal)
 
@@ -90,6 +97,17 @@ class Faults:
         self._eval_batches += 1
         if self.eval_signal is not None and self._eval_batches == self.eval_signal_batch and self._mine(rank):
             os.kill(os.getpid(), self.eval_signal)
+
+
+class _AbortWhenCollected:
+    """Aborts the process when collected: held by a module global, that is as the interpreter
+    clears the modules while it finalizes."""
+
+    def __del__(self, abort=os.abort) -> None:  # `os` may already be cleared then
+        abort()
+
+
+_TEARDOWN: list[_AbortWhenCollected] = []
 
 
 def _signum(name: str) -> int:

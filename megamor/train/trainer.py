@@ -524,6 +524,16 @@ class Trainer:
             self.logger.close()
         return exit_code
 
+    def close(self) -> None:
+        """Release the DeepSpeed engine: its gradient hooks tie parameters, optimizer and
+        process groups into a cycle through C++ autograd nodes that no garbage collection
+        frees, so without this they live until the interpreter shuts down."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.destroy()
+        for name in ("model", "optimizer", "loader"):
+            self.__dict__.pop(name, None)
+
     def _newest_good_checkpoint(self) -> str:
         """The newest checkpoint saved before the current run of non-finite steps began."""
         from megamor.train.checkpoint import list_complete
