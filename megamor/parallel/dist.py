@@ -8,6 +8,7 @@ torch.distributed default group are the same group.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import gc
 import logging
@@ -73,10 +74,8 @@ def exit_without_finalizing(code: int) -> None:
         logging.shutdown()
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing to save
                 stream.flush()
-            except (OSError, ValueError):  # a closed or broken stream: nothing left to save
-                pass
         os._exit(code)
 
 
