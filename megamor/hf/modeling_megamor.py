@@ -223,6 +223,8 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
 
     def _gate(self, logits: Tensor, r: int) -> Tensor:
         act = torch.sigmoid(logits) if _get(self.r, "activation", "sigmoid") == "sigmoid" else torch.tanh(logits)
+        if _get(self.r, "gate_straight_through", False):  # forward value 1 (megamor's router.gate_straight_through)
+            act = torch.ones_like(act)
         scale = self.routers[r].scale
         return (scale.alpha.float() if scale is not None else self.gate_scale) * act
 

@@ -39,6 +39,10 @@ class RouterConfig:
     # default: trained longer, the LM shrinks the deeper steps' alphas towards 0, switching
     # the recursion off (evals/results/study_small_cpu/findings.md).
     learn_alpha: bool = False
+    # Expert choice: the gate's forward value is alpha for every selected token (what the
+    # paper's saturated sigmoid gives), its gradient that of alpha * activation(logit), so the
+    # router still learns from the LM loss (straight-through).
+    gate_straight_through: bool = False
     # Expert choice at evaluation and decoding: a token runs step r when its logit exceeds the
     # router's threshold. learn_threshold: the threshold tracks training's top-k boundary (the
     # logit midway between each sequence's k-th and (k+1)-th token, averaged; an EMA with this
@@ -78,6 +82,8 @@ class RouterConfig:
             raise ConfigError(key(path, "threshold_momentum"), f"must be in [0, 1), got {self.threshold_momentum}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(key(path, "alpha"), "must be positive")
+        if self.gate_straight_through and self.type != "expert_choice":
+            raise ConfigError(key(path, "gate_straight_through"), "applies to expert choice only")
 
     @property
     def gate_scale(self) -> float:

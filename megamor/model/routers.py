@@ -33,9 +33,17 @@ def router_network(cfg: ModelConfig, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(cfg.d_model, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out_dim, bias=False))
 
 
-def gate_activation(r: RouterConfig, logits: Tensor) -> Tensor:
+def activation(r: RouterConfig, logits: Tensor) -> Tensor:
+    """The gate's shape: sigmoid or tanh of the logit; with router.gate_straight_through its
+    forward value is 1 (the gradient stays the activation's)."""
     act = torch.sigmoid(logits) if r.activation == "sigmoid" else torch.tanh(logits)
-    return r.gate_scale * act
+    if r.gate_straight_through:
+        return act + (1.0 - act).detach()
+    return act
+
+
+def gate_activation(r: RouterConfig, logits: Tensor) -> Tensor:
+    return r.gate_scale * activation(r, logits)
 
 
 class GateScale(nn.Module):
@@ -84,7 +92,7 @@ class ExpertChoiceRouter(Fp32Buffers):
         """g = alpha * activation(logit), alpha fixed (router.alpha) or learned."""
         if self.scale is None:
             return gate_activation(self.cfg, logits)
-        return self.scale(torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits))
+        return self.scale(activation(self.cfg, logits))
 
     def forward(self, h: Tensor) -> Tensor:
         """Router logits [B, T] (fp32)."""

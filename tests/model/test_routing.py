@@ -49,6 +49,40 @@ def test_capacity_one_equals_recursive_model_with_gating():
     assert (got - ref).abs().max().item() <= 1e-5
 
 
+def test_straight_through_gate_is_alpha_forward_and_sigmoid_backward():
+    from megamor.model.config import RouterConfig
+    from megamor.model.routers import gate_activation
+
+    logits = torch.tensor([-3.0, -0.2, 0.0, 1.5, 4.0], requires_grad=True)
+    g = gate_activation(RouterConfig(type="expert_choice", gate_straight_through=True), logits)
+    assert torch.allclose(g, torch.full_like(g, 0.1), atol=1e-7, rtol=0)
+    g.sum().backward()
+    s = torch.sigmoid(logits.detach())
+    assert torch.allclose(logits.grad, 0.1 * s * (1 - s), atol=1e-7, rtol=0)
+
+
+def test_straight_through_model_gates_every_selected_token_by_alpha():
+    """Capacity one: the model equals the recursive stack with the constant gate 0.1, and the
+    routers still get the LM loss's gradient."""
+    m = mor("expert_choice", nr=2, router={"type": "expert_choice", "capacity": [1.0, 1.0],
+                                           "gate_straight_through": True})
+    x = torch.randint(0, m.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        got = m(x).logits
+    # The soft-gated model with the same weights and its router logits forced to +60 by hand
+    # (sigmoid = 1 in fp32: the gate is alpha = 0.1).
+    soft = mor("expert_choice", nr=2, router={"type": "expert_choice", "capacity": [1.0, 1.0]})
+    soft.load_state_dict(m.state_dict())
+    for r in soft.routers:
+        r.forward = lambda h: torch.full(h.shape[:-1], 60.0)
+    with torch.no_grad():
+        assert (soft(x).logits - got).abs().max().item() <= 1e-5
+    out = m(x, targets=x)
+    out.loss.backward()
+    for r in m.routers:
+        assert r.net.weight.grad is not None and r.net.weight.grad.abs().sum() > 0
+
+
 def test_hierarchical_filtering_and_depth_stats():
     m = mor("expert_choice", nr=3)
     x = torch.randint(0, m.cfg.vocab_size, (2, 30))
