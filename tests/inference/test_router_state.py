@@ -1,5 +1,6 @@
 """Router state beyond the router's weights is used by every decoding path: a learned gate
-scale (router.learn_alpha) and a learned causal threshold (router.learn_threshold). For a
+scale (router.learn_alpha), a learned causal threshold (router.learn_threshold) and the
+straight-through gate (router.gate_straight_through). For a
 model whose alphas or thresholds were moved far from their initial values, the engine (dynamic
 and static caches) and the transformers remote code give megamor's outputs."""
 
@@ -37,7 +38,22 @@ def _thresholds(kv: str):
     return m
 
 
-MODELS = {"learned_alpha": _learned_alpha, "thresholds": _thresholds}
+def _straight_through(kv: str):
+    return mor("expert_choice", kv_mode=kv, router={"type": "expert_choice", "gate_straight_through": True},
+               init_std=0.5).eval()
+
+
+MODELS = {"learned_alpha": _learned_alpha, "thresholds": _thresholds, "straight_through": _straight_through}
+
+
+@torch.no_grad()
+def test_straight_through_gate_changes_the_model():
+    m = _straight_through("recursion_wise")
+    x = torch.randint(1, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    a = m(x, causal_routing=True).logits
+    for r in m.routers:
+        r.cfg.gate_straight_through = False  # the routers share the model's RouterConfig
+    assert (a - m(x, causal_routing=True).logits).abs().max().item() > 1e-3
 
 
 @torch.no_grad()
