@@ -40,8 +40,11 @@ class RouterConfig:
     # the recursion off (evals/results/study_small_cpu/findings.md).
     learn_alpha: bool = False
     # Expert choice: the gate's forward value is alpha for every selected token (what the
-    # paper's saturated sigmoid gives), its gradient that of alpha * activation(logit), so the
-    # router still learns from the LM loss (straight-through).
+    # paper's saturated sigmoid gives its positive tokens), its gradient that of
+    # alpha * activation(logit), so the router still learns from the LM loss (straight-through).
+    # megamor's default: on in configs/model/*/mor_expert_N.yaml, where it beat both the soft gate
+    # and the paper's settings (evals/results/study_small_cpu/findings.md). False here so that a
+    # config written before it existed (a run folder's config.yaml) keeps its soft gate.
     gate_straight_through: bool = False
     # Expert choice at evaluation and decoding: a token runs step r when its logit exceeds the
     # router's threshold. learn_threshold: the threshold tracks training's top-k boundary (the
