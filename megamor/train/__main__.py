@@ -87,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
-        if trainer is not None:
-            trainer.close()
         lock.release()
         stop.uninstall()
+        if trainer is not None:
+            try:
+                trainer.close()
+            except Exception as e:  # noqa: BLE001  releasing memory must not hide the run's own exit code
+                print(f"megamor.train: rank {env.rank}: releasing the engine failed: {e!r}", file=sys.stderr, flush=True)
         pdist.shutdown()
 
 

@@ -12,7 +12,7 @@ MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
     signal_at_setup=SIG      send signal SIG to this process as set-up starts
     abort_in_teardown        SIGABRT while the interpreter finalizes, after the run is over
                              (what a native library's teardown can do to a finished run)
-    rank=R                   only rank R does the sigkill and signal faults (default: all ranks)
+    rank=R                   only rank R does the sigkill, signal and abort faults (default: all ranks)
 """
 
 from __future__ import annotations
