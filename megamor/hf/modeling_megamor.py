@@ -222,9 +222,12 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         return {"lm_head.weight": "embed_tokens.weight"} if self.config.tie_word_embeddings else {}
 
     def _gate(self, logits: Tensor, r: int) -> Tensor:
-        act = torch.sigmoid(logits) if _get(self.r, "activation", "sigmoid") == "sigmoid" else torch.tanh(logits)
         if _get(self.r, "gate_straight_through", False):  # forward value 1 (megamor's router.gate_straight_through)
-            act = torch.ones_like(act)
+            act = torch.ones_like(logits)
+        elif _get(self.r, "activation", "sigmoid") == "sigmoid":
+            act = torch.sigmoid(logits)
+        else:
+            act = torch.tanh(logits)
         scale = self.routers[r].scale
         return (scale.alpha.float() if scale is not None else self.gate_scale) * act
 

@@ -46,23 +46,22 @@ def _straight_through(kv: str):
 MODELS = {"learned_alpha": _learned_alpha, "thresholds": _thresholds, "straight_through": _straight_through}
 
 
+def _soft_gate(router) -> None:
+    router.cfg.gate_straight_through = False  # the routers share the model's RouterConfig
+
+
+def _alpha_01(router) -> None:
+    router.scale.alpha.fill_(0.1)
+
+
+@pytest.mark.parametrize("which,undo", [("straight_through", _soft_gate), ("learned_alpha", _alpha_01)])
 @torch.no_grad()
-def test_straight_through_gate_changes_the_model():
-    m = _straight_through("recursion_wise")
+def test_router_state_changes_the_model(which, undo):
+    m = MODELS[which]("recursion_wise")
     x = torch.randint(1, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     a = m(x, causal_routing=True).logits
     for r in m.routers:
-        r.cfg.gate_straight_through = False  # the routers share the model's RouterConfig
-    assert (a - m(x, causal_routing=True).logits).abs().max().item() > 1e-3
-
-
-@torch.no_grad()
-def test_learned_alpha_changes_the_model():
-    m = _learned_alpha("recursion_wise")
-    x = torch.randint(1, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    a = m(x, causal_routing=True).logits
-    for r in m.routers:
-        r.scale.alpha.fill_(0.1)
+        undo(r)
     assert (a - m(x, causal_routing=True).logits).abs().max().item() > 1e-3
 
 
