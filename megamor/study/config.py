@@ -9,6 +9,14 @@
     variants:
       - {name: vanilla, model_config: configs/model/33m/vanilla.yaml, overrides: [model.d_model=128]}
     eval: {fewshot_tasks: [piqa, arc_easy], fewshot_limit: 100}
+
+Several budgets (a scaling study) instead of `budget`: each with its own experiment overrides
+(a wider model at a bigger budget) and optionally a subset of the variants; runs go to
+OUT/runs/<budget>/<variant>-s<seed>, named <variant>@<budget>-s<seed>:
+
+    budgets:
+      - {name: 1x, flops: 8.0e12}
+      - {name: 3x, flops: 2.4e13, overrides: [model.d_model=256], variants: [vanilla, mor]}
 """
 
 from __future__ import annotations
@@ -31,8 +39,12 @@ class BudgetConfig:
     # tokens); training: 3 x forward.
     count: str = "forward"
 
-    def validate(self, path: str) -> None:
-        if (self.flops is None) == (self.tokens is None):
+    @property
+    def is_set(self) -> bool:
+        return self.flops is not None or self.tokens is not None
+
+    def validate(self, path: str) -> None:  # unset (neither) is allowed here: a study may give `budgets`
+        if self.flops is not None and self.tokens is not None:
             raise ConfigError(key(path, "flops"), "give exactly one of budget.flops and budget.tokens")
         if self.flops is not None and not self.flops > 0:
             raise ConfigError(key(path, "flops"), f"must be positive, got {self.flops}")
@@ -40,6 +52,25 @@ class BudgetConfig:
             raise ConfigError(key(path, "tokens"), f"must be >= 1, got {self.tokens}")
         if self.count not in BUDGET_COUNTS:
             raise ConfigError(key(path, "count"), f"must be one of {BUDGET_COUNTS}, got {self.count!r}")
+
+
+@dataclass
+class StudyBudgetConfig(BudgetConfig):
+    """One budget of a scaling study (`budgets:`)."""
+
+    name: str = ""  # the run folder OUT/runs/<name>/ and the run names' @<name>
+    overrides: list[str] = field(default_factory=list)  # experiment keys of this budget's runs (its width)
+    variants: list[str] | None = None  # the variants trained at this budget (default: every one)
+
+    def validate(self, path: str) -> None:
+        if not _NAME.match(self.name or ""):
+            raise ConfigError(key(path, "name"), f"must be a plain name (letters, digits, _ . -), got {self.name!r}")
+        if not self.is_set:
+            raise ConfigError(key(path, "flops"), "give exactly one of flops and tokens")
+        super().validate(path)
+        for o in self.overrides:
+            if "=" not in o:
+                raise ConfigError(key(path, "overrides"), f"{o!r} must look like key=value")
 
 
 @dataclass
@@ -108,6 +139,7 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [1234])
     nproc: int = 1  # processes per run (torchrun when > 1)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    budgets: list[StudyBudgetConfig] = field(default_factory=list)  # several budgets instead of `budget`
     data: StudyDataConfig = field(default_factory=StudyDataConfig)
     variants: list[VariantConfig] = field(default_factory=list)
     eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)
@@ -131,6 +163,47 @@ class StudyConfig:
             raise ConfigError(key(path, "seeds"), f"must be distinct and non-empty, got {list(self.seeds)}")
         if self.nproc < 1:
             raise ConfigError(key(path, "nproc"), "must be >= 1")
+        self._validate_budgets(path, names)
+
+    def _validate_budgets(self, path: str, variants: list[str]) -> None:
+        if not self.budgets:
+            if not self.budget.is_set:
+                raise ConfigError(key(path, "budget.flops"), "give exactly one of budget.flops and budget.tokens "
+                                                             "(or a `budgets` list)")
+            return
+        if self.budget.is_set:
+            raise ConfigError(key(path, "budgets"), "give either `budget` (one) or `budgets` (several), not both")
+        for i, b in enumerate(self.budgets):
+            p = key(path, f"budgets[{i}]")
+            b.validate(p)
+            unknown = [v for v in b.variants or [] if v not in variants]
+            if unknown or b.variants == []:
+                raise ConfigError(key(p, "variants"), f"{unknown or '[]'}: list variants of the study; variants: {variants}")
+        names = [b.name for b in self.budgets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(key(path, "budgets"), f"duplicate budget names: {dup}")
+        counts = sorted({b.count for b in self.budgets})
+        if len(counts) > 1:
+            raise ConfigError(key(path, "budgets"), f"every budget must count FLOPs the same way, got {counts}")
+        if self.reference is not None and any(b.variants and self.reference not in b.variants for b in self.budgets):
+            missing = [b.name for b in self.budgets if b.variants and self.reference not in b.variants]
+            raise ConfigError(key(path, "reference"), f"{self.reference!r} is not trained at budgets {missing}")
+
+    def run_budgets(self) -> list[StudyBudgetConfig]:
+        """The budgets in run order; a single-budget study's one budget has the name "" (its
+        runs keep the OUT/runs/<variant>-s<seed> layout)."""
+        if self.budgets:
+            return list(self.budgets)
+        b = self.budget
+        return [StudyBudgetConfig(flops=b.flops, tokens=b.tokens, count=b.count)]
+
+    def budget_variants(self, budget: StudyBudgetConfig) -> list[VariantConfig]:
+        return [v for v in self.variants if budget.variants is None or v.name in budget.variants]
+
+    @property
+    def count(self) -> str:
+        return self.run_budgets()[0].count
 
     @property
     def out_path(self) -> Path:

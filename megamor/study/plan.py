@@ -1,4 +1,7 @@
-"""The runs of a study: every variant x seed, in a stable order (the SLURM array index)."""
+"""The runs of a study: every budget x seed x variant, in a stable order (the SLURM array
+index): budget by budget (as listed), and within a budget seed-major (every variant of the
+first seed, then the next seed), so a study stopped part-way has complete paired seeds at its
+first budget first."""
 
 from __future__ import annotations
 
@@ -7,14 +10,14 @@ from pathlib import Path
 
 from megamor.model.flops import flops_per_token
 from megamor.study.budget import RunBudget, run_budget
-from megamor.study.config import StudyConfig, VariantConfig
+from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
 from megamor.train.config import ExperimentConfig, load_experiment
 
 
 @dataclass
 class RunSpec:
     index: int
-    name: str  # <variant>-s<seed>
+    name: str  # <variant>-s<seed>; <variant>@<budget>-s<seed> in a study with several budgets
     variant: str
     seed: int
     run_dir: Path
@@ -22,6 +25,7 @@ class RunSpec:
     overrides: list[str]  # everything that makes this run this run (passed to megamor.train)
     budget: RunBudget
     forward_flops_per_token: float
+    budget_name: str = ""  # "" in a single-budget study
 
     @property
     def result_path(self) -> Path:
@@ -32,28 +36,42 @@ def data_overrides(shards: Path, tokenizer: Path) -> list[str]:
     return [f"data.train=[{shards}]", f"data.valid=[{shards}]", f"data.tokenizer={tokenizer}"]
 
 
-def _experiment(study: StudyConfig, v: VariantConfig, seed: int, extra: list[str]) -> tuple[list[str], ExperimentConfig]:
-    # W&B: one group per study, the variant and seed as tags (a study's overrides may replace them)
-    tracking = [f"wandb.group={study.name}", f"wandb.tags=[{v.name},seed{seed}]"]
-    ov = [f"model_config={v.model_config}", *tracking, *study.overrides, *v.overrides, f"seed={seed}",
-          f"data.seed={seed}", *extra]
+def _experiment(study: StudyConfig, budget: StudyBudgetConfig, v: VariantConfig, seed: int,
+                extra: list[str]) -> tuple[list[str], ExperimentConfig]:
+    # W&B: one group per study, the variant, seed (and budget) as tags (a study's overrides may
+    # replace them). Order: the study's, the budget's (its width), the variant's overrides.
+    tags = [v.name, f"seed{seed}", *([budget.name] if budget.name else [])]
+    tracking = [f"wandb.group={study.name}", f"wandb.tags=[{','.join(tags)}]"]
+    ov = [f"model_config={v.model_config}", *tracking, *study.overrides, *budget.overrides, *v.overrides,
+          f"seed={seed}", f"data.seed={seed}", *extra]
     return ov, load_experiment([study.experiment], ov)
+
+
+def run_name(variant: str, seed: int, budget: str = "") -> str:
+    return f"{variant}@{budget}-s{seed}" if budget else f"{variant}-s{seed}"
+
+
+def run_dir(out: Path, variant: str, seed: int, budget: str = "") -> Path:
+    """OUT/runs/<variant>-s<seed> (one budget: the layout studies have always had), else
+    OUT/runs/<budget>/<variant>-s<seed>."""
+    leaf = f"{variant}-s{seed}"
+    return out / "runs" / budget / leaf if budget else out / "runs" / leaf
 
 
 def plan_runs(study: StudyConfig, shards: Path, tokenizer: Path) -> list[RunSpec]:
     """Resolve every run's experiment config (checked now, before anything starts) and budget."""
     runs: list[RunSpec] = []
-    out = study.out_path / "runs"
-    for v in study.variants:
+    for budget in study.run_budgets():
         for seed in study.seeds:
-            name = f"{v.name}-s{seed}"
-            run_dir = out / name
-            base = [f"name={name}", f"run_dir={run_dir}", *data_overrides(shards, tokenizer),
-                    "trainer.max_tokens=null", "trainer.max_steps=1"]
-            ov, cfg = _experiment(study, v, seed, base)
-            b = run_budget(study.budget, cfg.model, cfg.data.seq_len, cfg.batch.global_batch_size)
-            ov = ov[:-1] + [f"trainer.max_steps={b.steps}"]
-            load_experiment([study.experiment], ov)  # the final config must be valid too (schedule vs steps)
-            runs.append(RunSpec(len(runs), name, v.name, seed, run_dir, Path(study.experiment), ov, b,
-                                flops_per_token(cfg.model, cfg.data.seq_len)))
+            for v in study.budget_variants(budget):
+                name = run_name(v.name, seed, budget.name)
+                folder = run_dir(study.out_path, v.name, seed, budget.name)
+                base = [f"name={name}", f"run_dir={folder}", *data_overrides(shards, tokenizer),
+                        "trainer.max_tokens=null", "trainer.max_steps=1"]
+                ov, cfg = _experiment(study, budget, v, seed, base)
+                b = run_budget(budget, cfg.model, cfg.data.seq_len, cfg.batch.global_batch_size)
+                ov = ov[:-1] + [f"trainer.max_steps={b.steps}"]
+                load_experiment([study.experiment], ov)  # the final config must be valid too (schedule vs steps)
+                runs.append(RunSpec(len(runs), name, v.name, seed, folder, Path(study.experiment), ov, b,
+                                    flops_per_token(cfg.model, cfg.data.seq_len), budget.name))
     return runs

@@ -120,7 +120,7 @@ def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict
     model, _ = load_model_from_run(run.run_dir)
     t0 = time.time()
     res: dict[str, Any] = {
-        "run": run.name, "variant": run.variant, "seed": run.seed, "steps": run.budget.steps,
+        "run": run.name, "variant": run.variant, "seed": run.seed, "budget": run.budget_name, "steps": run.budget.steps,
         "tokens": run.budget.tokens, "flops": run.budget.flops, "flops_per_token": run.forward_flops_per_token,
         "params": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
         "num_recursions": model.cfg.num_recursions, "router": model.cfg.router.type, "kv_mode": model.cfg.kv_mode,
@@ -142,6 +142,7 @@ def load_result(run: RunSpec) -> dict[str, Any]:
     """A finished run's result; fields added since it was written that come from its logs
     (router health over the run) are filled in, nothing is recomputed."""
     res = json.loads(run.result_path.read_text())
+    res.setdefault("budget", run.budget_name)  # results written before studies had several budgets
     if "router_max_abs_logit_series" not in res:
         res.update(router_health_over_run(run))
     if ("gate_scales" not in res or "causal_thresholds" not in res) and res.get("router") == "expert_choice":

@@ -44,6 +44,14 @@ eval: {{val_max_batches: 2, val_batch_size: 4, fewshot_tasks: [piqa], fewshot_li
 """
 
 
+# The same study at two budgets; the bigger one trains a wider model and only some variants.
+TINY_BUDGETS = """\
+budgets:
+  - {{name: small, flops: {flops}}}
+  - {{name: big, flops: {big}, overrides: [model.d_model=96, model.d_ff=192], variants: [vanilla, mor2]}}
+"""
+
+
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory, tinyshakespeare) -> Path:
     d = tmp_path_factory.mktemp("tiny_text")
@@ -51,10 +59,17 @@ def tiny_text(tmp_path_factory, tinyshakespeare) -> Path:
     return d / "shakespeare.raw"
 
 
-def write_study(folder: Path, text: Path, flops: float = 4.0e9) -> Path:
+def write_study(folder: Path, text: Path, flops: float = 4.0e9, budgets: float | None = None,
+                seeds: str = "[7]") -> Path:
+    """The tiny study file; `budgets`: the second budget's FLOPs, giving a `budgets:` list
+    (small at `flops`, big at `budgets`) instead of the single `budget`."""
     folder.mkdir(parents=True, exist_ok=True)
     exp = folder / "tiny_experiment.yaml"
     exp.write_text(TINY_EXPERIMENT)
     path = folder / "tiny_study.yaml"
-    path.write_text(TINY_STUDY.format(experiment=exp, out=folder / "out", text=text, flops=flops))
+    text_ = TINY_STUDY.format(experiment=exp, out=folder / "out", text=text, flops=flops)
+    text_ = text_.replace("seeds: [7]", f"seeds: {seeds}")
+    if budgets is not None:
+        text_ = text_.replace(f"budget: {{flops: {flops}, count: forward}}\n", TINY_BUDGETS.format(flops=flops, big=budgets))
+    path.write_text(text_)
     return path

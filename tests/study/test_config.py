@@ -18,15 +18,44 @@ from tests.study.conftest import write_study
     ("model_config: configs/model/33m/vanilla.yaml", "model_config"),  # (edited in the file: a missing file)
     ("variants=5", "variants"),  # an override of the wrong shape
     ("reference=nope", "reference"),  # not a variant
+    ("budget.flops=null", "budget.flops"),  # no budget at all
 ])
 def test_bad_study_config_exits_2_naming_the_key(tmp_path, override, key):
-    cfg = write_study(tmp_path, tmp_path / "text.raw")
+    _check_exits_2(tmp_path, override, key, budgets=None)
+
+
+BIG = "flops: 8000000000.0"  # the second budget's, as write_study writes it
+
+
+@pytest.mark.parametrize("old,new,override,key", [  # an edit of the study file and/or an override
+    ("", "", "budget.flops=1e9", "budgets"),  # `budget` and `budgets` both
+    ("name: small", "name: a/b", "", "budgets[0].name"),
+    (BIG, "flops: -1", "", "budgets[1].flops"),
+    (BIG + ", ", "", "", "budgets[1].flops"),  # neither flops nor tokens
+    (BIG, BIG + ", tokens: 100", "", "budgets[1].flops"),  # both
+    ("variants: [vanilla, mor2]", "variants: [vanilla, nope]", "", "budgets[1].variants"),
+    ("variants: [vanilla, mor2]", "variants: []", "", "budgets[1].variants"),
+    ("name: big", "name: small", "", "budgets"),  # duplicate names: their runs would share folders
+    ("name: big", "name: big, count: training", "", "budgets"),  # one FLOPs axis for the report
+    ("[model.d_model=96", "[d_model", "", "budgets[1].overrides"),
+    ("model.d_model=96", "model.d_modl=96", "", "model.d_modl"),  # an experiment key that does not exist
+    ("variants: [vanilla, mor2]", "variants: [vanilla]", "reference=mor2", "reference"),  # not trained at `big`
+])
+def test_bad_budgets_exit_2_naming_the_key(tmp_path, old, new, override, key):
+    _check_exits_2(tmp_path, override, key, budgets=8.0e9, edit=(old, new))
+
+
+def _check_exits_2(tmp_path, override, key, budgets, edit=("", "")):
+    cfg = write_study(tmp_path, tmp_path / "text.raw", budgets=budgets)
+    if edit[0]:
+        assert edit[0] in cfg.read_text()
+        cfg.write_text(cfg.read_text().replace(edit[0], edit[1], 1))
     (tmp_path / "text.raw").write_text("Some text.\n\nMore text here.\n" * 200)
     if override.startswith("model_config:"):
         cfg.write_text(cfg.read_text().replace(override.split(": ")[1], "configs/model/33m/nope.yaml"))
         override = "seeds=[7]"
-    r = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg), override, "--plan"], cwd=repo_root(),
+    r = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg), *override.split(), "--plan"], cwd=repo_root(),
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 2, r.stdout + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("megamor.study: configuration error") and key in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("megamor.study: configuration error") and f"'{key}'" in lines[0], r.stderr
