@@ -27,7 +27,7 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -54,16 +54,21 @@ class SavedTensorMeter:
 
     # -- hooks -----------------------------------------------------------------------------
     def _pack(self, t: Tensor) -> Tensor:
-        if not (t.is_leaf and t.requires_grad) and t.device.type != "meta" and _storage_key(t) not in self._excluded:
-            self._saved.append(weakref.ref(t))
-        return t
+        if (t.is_leaf and t.requires_grad) or t.device.type == "meta" or _storage_key(t) in self._excluded:
+            return t
+        # A detached alias (same storage, no copy): autograd holds it exactly as long as it holds
+        # the saved tensor, and, unlike the tensor itself, it has no grad_fn, so a saved output
+        # does not hold its own graph in a reference cycle (a dropped graph is freed at once).
+        alias = t.detach()
+        self._saved.append(weakref.ref(alias))
+        return alias
 
     @staticmethod
     def _unpack(t: Tensor) -> Tensor:
         return t
 
     # -- context ---------------------------------------------------------------------------
-    def __enter__(self) -> SavedTensorMeter:
+    def __enter__(self) -> Self:
         if not self.enabled:
             return self
         src = self._exclude_src

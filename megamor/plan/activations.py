@@ -92,10 +92,24 @@ def default_step_lengths(cfg: ModelConfig, seq_len: int) -> list[int]:
     return [seq_len] * nr
 
 
-def _gathered(cfg: ModelConfig, seq_len: int, lengths: Sequence[int]) -> list[bool]:
+def observed_step_lengths(cfg: ModelConfig, depth: Sequence[Sequence[int]] | object, seq_len: int) -> list[int]:
+    """The gathered slots per row a forward used, from its `stats.depth` [B, T] (what to give
+    `ActivationSpec.step_lengths` to compare with a measured forward of token choice)."""
+    import torch
+
+    d = torch.as_tensor(depth)
+    lengths = default_step_lengths(cfg, seq_len)
+    if cfg.router.type == "token_choice":
+        for r in range(1, len(lengths)):
+            n = int((d > r).sum(1).max())
+            lengths[r] = bucket_length(n, seq_len) if n else 0
+    return lengths
+
+
+def _gathered(cfg: ModelConfig, n_steps: int) -> list[bool]:
     """Whether each step gathers (False: every token runs it in place, as in mor.py)."""
     out, everyone = [], True
-    for r, n in enumerate(lengths):
+    for r in range(n_steps):
         if cfg.router.type == "expert_choice" and cfg.capacities[r] < 1.0:
             everyone = False
         if cfg.router.type == "token_choice" and r > 0:
@@ -183,12 +197,14 @@ class _Walk:
             h, _tag = self.layer(h, T, "rope", None)
         rtype = cfg.router.type
         first_kv: dict[int, tuple[str, int]] = {}
-        gathered = _gathered(cfg, T, lengths)
+        gathered = _gathered(cfg, len(steps))
         for r, (layer_ids, n) in enumerate(zip(steps, lengths)):
             if rtype == "expert_choice":
                 self.expert_router(h, r, T, n if cfg.capacities[r] < 1.0 else None)
             elif rtype == "token_choice" and r == 0:
                 self.token_router(h, T)
+            if n == 0:  # nobody runs this step: mor.py returns h untouched
+                continue
             gate = rtype != "none"
             if gathered[r]:
                 x, rope = f"step{r}.x", f"step{r}.rope"
