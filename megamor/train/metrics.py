@@ -13,8 +13,10 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,22 +53,57 @@ def step_flops(cfg: ModelConfig, shapes: list[tuple[int, int]], routed: list[tor
     return sum(3.0 * batch_forward_flops(cfg, B, T, n) for (B, T), n in zip(shapes, counts))
 
 
-def measure_cpu_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, trials: int = 3, reps: int = 3) -> float:
-    """This machine's matmul rate with the current thread count, best of a few trials: the
-    CPU stand-in for a datasheet peak (so CPU MFU reads "share of what matmul achieves here")."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(trials):
-        t = time.perf_counter()
-        for _ in range(reps):
+def _best_matmul_rate(dtype: torch.dtype, sizes: tuple[int, ...], budget_s: float, min_timings: int) -> float:
+    """Best FLOP/s of single timed matmuls: each timing is short (a few ms), so on a busy
+    machine some of them run while this process has the cores, and the best is the rate the
+    hardware gives, not the share a loaded scheduler left over."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype)
+        b = torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up (kernel selection, page faults)
+        end = time.perf_counter() + budget_s / len(sizes)
+        k = 0
+        while k < min_timings or time.perf_counter() < end:
+            t = time.perf_counter()
             a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 * reps / best / 1e12
+            best = max(best, 2 * n**3 / max(time.perf_counter() - t, 1e-9))
+            k += 1
+    return best
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def measure_cpu_tflops(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] = (256, 512, 1024),
+                       budget_s: float = 1.0, min_timings: int = 5) -> float:
+    """This machine's matmul peak with the current thread count: the CPU stand-in for a
+    datasheet peak (so CPU MFU reads "share of what matmul achieves here").
+
+    The larger of (a) the best single timed matmul with all threads and (b) one thread's best
+    times the threads that have a core each. A loaded machine rarely leaves every thread
+    running at once for a whole matmul, so (a) alone read 3-7x low with other jobs running
+    (this made a cached peak 5x too low and MFU print 515%); one thread gets its turns, so (b)
+    reads the same busy or idle. Matmul throughput scales with cores, which makes (b) the peak
+    the cores can reach."""
+    threads = torch.get_num_threads()
+    rate = _best_matmul_rate(dtype, sizes, budget_s / 2 if threads > 1 else budget_s, min_timings)
+    if threads > 1:
+        try:
+            torch.set_num_threads(1)
+            single = _best_matmul_rate(dtype, sizes, budget_s / 2, min_timings)
+        finally:
+            torch.set_num_threads(threads)
+        rate = max(rate, single * min(threads, usable_cores()))
+    return rate / 1e12
 
 
 PEAK_CACHE_FILE = "peak_tflops.json"
+PEAK_METHOD = 2  # entries measured by an older method (no "method", or lower) are measured again
 
 
 def cache_dir() -> Path:
@@ -90,23 +127,34 @@ def cpu_peak_key(precision: str) -> str:
             f"{precision}")
 
 
-def cached_cpu_tflops(precision: str, folder: Path | None = None) -> float:
-    """The CPU peak for MFU, measured once per machine (and thread count, torch version,
-    precision) and kept in peak_tflops.json: a re-measured peak moved MFU by half from run to
-    run. Delete the entry (or the file) to measure again."""
-    path = (folder or cache_dir()) / PEAK_CACHE_FILE
-    key = cpu_peak_key(precision)
+def _read_cache(path: Path) -> dict[str, Any]:
     try:
         cache = json.loads(path.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
+        return cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):  # missing or unreadable: measure and rewrite
-        cache = {}
+        return {}
+
+
+def cached_cpu_tflops(precision: str, folder: Path | None = None, remeasure: bool = False) -> float:
+    """The CPU peak for MFU, measured once per machine (and thread count, torch version,
+    precision) and kept in peak_tflops.json: a re-measured peak moved MFU by half from run to
+    run. The file keeps the best figure ever measured, so a measurement on a busy machine can
+    raise it but never lower it; `remeasure` (an MFU above 100% proved it too low) measures
+    again. Delete the entry (or the file) to start over."""
+    path = (folder or cache_dir()) / PEAK_CACHE_FILE
+    key = cpu_peak_key(precision)
+    cache = _read_cache(path)
     entry = cache.get(key)
+    old = 0.0
     if isinstance(entry, dict) and isinstance(entry.get("tflops"), (int, float)) and entry["tflops"] > 0:
-        return float(entry["tflops"])
-    tf = measure_cpu_tflops(torch.bfloat16 if precision == "bf16" else torch.float32, trials=7)
-    cache[key] = {"tflops": tf, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        old = float(entry["tflops"])
+        if not remeasure and entry.get("method", 1) >= PEAK_METHOD:
+            return old
+    tf = measure_cpu_tflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    if tf <= old:
+        return old
+    cache = _read_cache(path)  # another rank or run may have written meanwhile
+    cache[key] = {"tflops": tf, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": PEAK_METHOD}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, cache)
@@ -117,17 +165,61 @@ def cached_cpu_tflops(precision: str, folder: Path | None = None) -> float:
 
 def peak_tflops(device: torch.device, precision: str, configured: float | None, probe_cpu: bool,
                 cache_folder: Path | None = None) -> float | None:
-    if configured:
-        return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tf in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tf if precision == "bf16" else tf / 2  # tf32-ish; fp32 MFU is rarely quoted
-        return None
-    if probe_cpu:
-        return cached_cpu_tflops(precision, cache_folder)
-    return None
+    return PeakFlops.resolve(device, precision, configured, probe_cpu, cache_folder).tflops
+
+
+@dataclass
+class PeakFlops:
+    """The per-device peak MFU divides by, and where it came from: `configured`
+    (trainer.peak_tflops), `datasheet` (a known GPU) or `measured` (the CPU matmul probe)."""
+
+    tflops: float | None
+    source: str = "none"
+    precision: str = "fp32"
+    cache_folder: Path | None = None
+    remeasured: bool = False
+    warned: bool = False
+
+    @classmethod
+    def resolve(cls, device: torch.device, precision: str, configured: float | None, probe_cpu: bool,
+                cache_folder: Path | None = None) -> PeakFlops:
+        if configured:
+            return cls(float(configured), "configured", precision, cache_folder)
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            for key, tf in GPU_PEAK_TFLOPS.items():
+                if key in name:  # fp32: tf32-ish; fp32 MFU is rarely quoted
+                    return cls(tf if precision == "bf16" else tf / 2, "datasheet", precision, cache_folder)
+            return cls(None)
+        if probe_cpu:
+            return cls(cached_cpu_tflops(precision, cache_folder), "measured", precision, cache_folder)
+        return cls(None)
+
+    def utilisation(self, achieved_tflops: float, hardware_factor: float = 1.0,
+                    warn: Callable[[str], None] | None = None) -> tuple[float, float] | None:
+        """(MFU, HFU) of a per-device rate of model FLOPs; hardware_factor: hardware FLOPs per
+        model FLOP (4/3 with activation recomputation). Hardware FLOPs above the peak prove the
+        peak wrong: a measured one is measured again (once per run); what is still above 100%
+        is printed as 100% with one warning, never more."""
+        if not self.tflops:
+            return None
+        hw = achieved_tflops * hardware_factor
+        if hw > self.tflops and self.source == "measured" and not self.remeasured:
+            self.remeasured = True
+            before = self.tflops
+            self.tflops = max(before, cached_cpu_tflops(self.precision, self.cache_folder, remeasure=True))
+            if warn is not None:
+                warn(f"perf: {hw:.3g} TFLOP/s per device ran, above the cached CPU peak {before:.3g} TFLOP/s "
+                     f"(measured on a busy machine?); measured again: {self.tflops:.3g} TFLOP/s")
+        mfu, hfu = achieved_tflops / self.tflops, hw / self.tflops
+        if hfu > 1.0:
+            if warn is not None and not self.warned:
+                warn(f"perf: {hw:.3g} TFLOP/s per device is above the {self.source} peak {self.tflops:.3g} TFLOP/s "
+                     f"(HFU {100 * hfu:.0f}%): MFU/HFU are shown as at most 100%; set trainer.peak_tflops to this "
+                     "device's real peak")
+            self.warned = True
+            mfu, hfu = min(mfu, 1.0), 1.0
+        return mfu, hfu
 
 
 def peak_memory_bytes(device: torch.device) -> int:
