@@ -27,7 +27,8 @@ statistics stay on the device. With targets and `return_logits=False`, the loss 
 `self.lm_loss` (chunked: no [B, T, V] logits; `megamor.model.loss`).
 
 No parallelism lives here. The trainer may install an activation-checkpoint function
-(`enable_activation_checkpointing`) that wraps every layer application.
+(`enable_activation_checkpointing`) that wraps every layer application, and sequence
+parallelism replaces `seq_layout` (how the residual stream is laid out along the sequence).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megamor.model.config import ModelConfig
+from megamor.model.generate import generate
 from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
 from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
@@ -111,6 +113,24 @@ class LMOutput(_AttrDict):
         super().__init__(logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses or {}, stats=stats)
 
 
+class SequenceLayout:
+    """Where the residual stream's tokens live. This default: every token on this process.
+    Sequence parallelism (`megamor.parallel.sequence_parallel`) installs one whose residual
+    stream holds a contiguous 1/N of every sequence: `full` then all-gathers it and `local`
+    takes this process's slice of a tensor every process holds whole; gathered lengths are
+    rounded up to a multiple of `multiple` so that routed tokens split evenly too."""
+
+    multiple = 1
+
+    def full(self, x: Tensor) -> Tensor:
+        """[B, n_local, ...] -> [B, n, ...]."""
+        return x
+
+    def local(self, x: Tensor) -> Tensor:
+        """[B, n, ...] (the same on every process) -> this process's [B, n_local, ...]."""
+        return x
+
+
 BUCKETS = 32
 
 
@@ -150,6 +170,7 @@ class MoRLM(nn.Module):
         # The LM loss, callable(h [B, T, D], weight [V, D], targets [B, T]) -> mean; tensor
         # parallelism replaces it from outside with a vocab-parallel one.
         self.lm_loss: LossFn = chunked_cross_entropy
+        self.seq_layout = SequenceLayout()
         self._checkpoint_fn: CheckpointFn | None = None
         # Set from outside (validation, analysis): stats["router_trace"] then holds each routed
         # expert-choice step's (step, logits, candidates, selected).
@@ -363,11 +384,16 @@ class MoRLM(nn.Module):
         step's layers, gate the update, scatter back. everyone: all tokens, no gather."""
         if length == 0:
             return h  # nobody runs this step (decoding, or a threshold nobody passed)
+        # Under sequence parallelism h is this process's slice of the sequence: the routed
+        # tokens are gathered from the full stream and their slots split across processes.
+        lay = self.seq_layout
         if everyone:
-            x, sub_meta, sub_rope, idx, slots = h, meta, rope, None, None
+            x, sub_meta, sub_rope, idx, slots, full = h, meta, rope, None, None, h
         else:
+            full = lay.full(h)
+            length = min(full.shape[1], -(-length // lay.multiple) * lay.multiple)
             idx, slots = left_align(selected, length)
-            x = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            x = lay.local(full.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))
             sub_meta = meta.take(idx, slots)
             g = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
             sub_rope = (g(rope[0]), g(rope[1]))
@@ -375,13 +401,13 @@ class MoRLM(nn.Module):
         for phys, site in zip(layer_ids, site_ids):
             y = self._apply_layer(phys, site, y, sub_meta, sub_rope, cache, shared)
         if gate is not None:
-            g_sel = gate if idx is None else gate.gather(1, idx)
+            g_sel = lay.local(gate if idx is None else gate.gather(1, idx))
             y = x + g_sel.unsqueeze(-1).to(x.dtype) * (y - x)
         if idx is None:
             return y
         # Padding slots point at unselected tokens: write their old value back.
-        y = torch.where(slots.unsqueeze(-1), y, x)
-        return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), y)
+        y = torch.where(lay.local(slots).unsqueeze(-1), y, x)
+        return lay.local(full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), lay.full(y)))
 
     def _apply_layer(
         self,
@@ -458,6 +484,4 @@ class MoRLM(nn.Module):
         return KVCache(batch_size, device=self.embed_tokens.weight.device)
 
     def generate(self, prompts, max_new_tokens: int, **kw):
-        from megamor.model.generate import generate
-
         return generate(self, prompts, max_new_tokens, **kw)

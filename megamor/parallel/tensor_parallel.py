@@ -12,7 +12,9 @@
   forward (decoding, scoring) all-gathers the logits.
 Norms and routers stay replicated: every TP rank sees the same tokens and the same (all-reduced)
 hidden states, so they receive identical gradients and routing decisions agree across ranks
-without communication.
+without communication. `megamor.parallel.sequence_parallel` splits them along the sequence
+instead (parallel.sequence); the layers here then leave their communication to its hooks
+(`sequence_parallel = True`).
 
 Shards are cut from the full weights, so a model built with one seed is the same function at
 any TP size. Sharded parameters carry `model_parallel = True` (DeepSpeed's gradient clipping
@@ -28,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from megamor.parallel.sequence_parallel import gather_to_tp, reduce_scatter_from_tp
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -60,7 +64,8 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T, W sharded along output features."""
+    """y_local = x W_local^T, W sharded along output features. Under sequence parallelism x
+    arrives all-gathered (whose backward already reduce-scatters the input gradient)."""
 
     def __init__(self, weight_shard: Tensor, group):
         super().__init__()
@@ -68,13 +73,15 @@ class ColumnParallelLinear(nn.Module):
         self.weight.model_parallel = True  # type: ignore[attr-defined]
         self.weight.tp_dim = 0  # type: ignore[attr-defined]
         self.group = group
+        self.sequence_parallel = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(_CopyToTP.apply(x, self.group), self.weight)
+        return F.linear(x if self.sequence_parallel else _CopyToTP.apply(x, self.group), self.weight)
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_local W_local^T, W sharded along input features."""
+    """y = sum over ranks of x_local W_local^T, W sharded along input features. Under sequence
+    parallelism the partial sums leave unreduced (the block's hook reduce-scatters them)."""
 
     def __init__(self, weight_shard: Tensor, group):
         super().__init__()
@@ -82,9 +89,11 @@ class RowParallelLinear(nn.Module):
         self.weight.model_parallel = True  # type: ignore[attr-defined]
         self.weight.tp_dim = 1  # type: ignore[attr-defined]
         self.group = group
+        self.sequence_parallel = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return _ReduceFromTP.apply(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        return y if self.sequence_parallel else _ReduceFromTP.apply(y, self.group)
 
 
 class _GatherFromTP(torch.autograd.Function):
@@ -112,19 +121,23 @@ def _mark(p: nn.Parameter, dim: int) -> nn.Parameter:
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + V/tp) of the embedding; ids outside the range contribute zeros and
-    one all-reduce sums the ranks' contributions."""
+    one all-reduce sums the ranks' contributions (a reduce-scatter along the sequence under
+    sequence parallelism: each rank keeps its slice of the residual stream)."""
 
     def __init__(self, weight_shard: Tensor, vocab_start: int, group):
         super().__init__()
         self.weight = _mark(nn.Parameter(weight_shard), 0)
         self.weight.is_embedding = True  # type: ignore[attr-defined]  # optimizer: no weight decay
         self.vocab_start, self.group = vocab_start, group
+        self.sequence_parallel = False
 
     def forward(self, ids: Tensor) -> Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_from_tp(out, self.group)
         return _ReduceFromTP.apply(out, self.group)
 
 
@@ -136,9 +149,11 @@ class VocabParallelLMHead(nn.Module):
         super().__init__()
         self.weight = weight  # the embedding's shard when tied
         self.group = group
+        self.sequence_parallel = False  # h is this rank's sequence slice: all-gather it first
 
     def forward(self, h: Tensor) -> Tensor:
-        return _GatherFromTP.apply(F.linear(_CopyToTP.apply(h, self.group), self.weight), self.group)
+        h = gather_to_tp(h, self.group) if self.sequence_parallel else _CopyToTP.apply(h, self.group)
+        return _GatherFromTP.apply(F.linear(h, self.weight), self.group)
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -175,10 +190,13 @@ class _VocabParallelCE(torch.autograd.Function):
         return g, None, None, None
 
 
-def vocab_parallel_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, vocab_start: int, group) -> Tensor:
-    """The `MoRLM.lm_loss` of a tensor-parallel model: h [B, T, D] (replicated), weight this
-    rank's [V/tp, D] rows, targets [B, T] (-100 ignored) -> mean loss, equal on every rank."""
-    logits = F.linear(_CopyToTP.apply(h, group), weight).float()
+def vocab_parallel_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, vocab_start: int, group,
+                                 sequence_parallel: bool = False) -> Tensor:
+    """The `MoRLM.lm_loss` of a tensor-parallel model: h [B, T, D] (replicated; with
+    sequence_parallel this rank's [B, T/tp, D] slice, all-gathered here), weight this rank's
+    [V/tp, D] rows, targets [B, T] (-100 ignored) -> mean loss, equal on every rank."""
+    h = gather_to_tp(h, group) if sequence_parallel else _CopyToTP.apply(h, group)
+    logits = F.linear(h, weight).float()
     return _VocabParallelCE.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), vocab_start, group)
 
 

@@ -144,10 +144,16 @@ class ParallelConfig:
     # Tensor-parallel size: ranks [k*N, (k+1)*N) shard every layer (keep them inside one node);
     # the data-parallel size is world / N.
     tensor: int = 1
+    # Megatron-style sequence parallelism inside each TP group: norms, residual stream and router
+    # inputs hold T/N tokens per rank between TP regions (megamor.parallel.sequence_parallel).
+    sequence: bool = False
 
     def validate(self, path: str) -> None:
         if self.tensor < 1:
             raise ConfigError(key(path, "tensor"), f"must be >= 1, got {self.tensor}")
+        if self.sequence and self.tensor == 1:
+            raise ConfigError(key(path, "sequence"), "true needs parallel.tensor > 1 (got parallel.tensor=1): "
+                              "sequence parallelism splits the sequence across a tensor-parallel group")
 
 
 @dataclass
@@ -285,6 +291,9 @@ class ExperimentConfig:
                 raise ConfigError(key(path, "deepspeed.zero_stage"),
                                   f"ZeRO-{self.deepspeed.zero_stage} is not supported with parallel.tensor={tp}; "
                                   f"tensor parallelism runs with ZeRO stages {TP_ZERO_STAGES}")
+            if self.parallel.sequence and self.data.seq_len % tp:
+                raise ConfigError(key(path, "data.seq_len"), f"{self.data.seq_len} is not divisible by parallel.tensor={tp} "
+                                  "(parallel.sequence=true splits every sequence across the tensor-parallel group)")
         steps = self.max_steps
         warm = self.schedule.warmup(steps)
         decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0

@@ -131,7 +131,7 @@ class Trainer:
             # Denormal floats (tiny gradients, Adam moments early in training) run ~10x slower
             # on x86; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
-        self.layout = build_layout(self.tp, self.world, self.rank)
+        self.layout = build_layout(self.tp, self.world, self.rank, cfg.parallel.sequence)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
         if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
@@ -168,6 +168,7 @@ class Trainer:
         self.logger.print(
             f"megamor: {cfg.name} | {self.n_params.describe()} | "
             f"world {self.world}" + (f" = tensor {self.tp} x data {self.dp}" if self.tp > 1 else "")
+            + (" + sequence parallel" if self.layout.sequence else "")
             + f" | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}"
             f"{' compiled' if self.compiled else ''} | "
             f"global batch {cfg.batch.global_batch_size} = {cfg.batch.micro_batch_size} x {self.gas} accum x {self.dp} | "

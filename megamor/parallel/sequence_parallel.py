@@ -1,0 +1,221 @@
+"""Megatron-style sequence parallelism on top of tensor parallelism, applied from outside.
+
+`apply_sequence_parallel(model, group)` (after `apply_tensor_parallel` with the same group)
+splits the residual stream along the sequence across the TP group: between tensor-parallel
+regions every rank holds tokens [r T/N, (r+1) T/N) of every sequence, so the norms, the
+residual adds, the router networks and the saved activations of all of them cost 1/N per rank.
+
+The boundaries (forward / backward):
+- embedding: the vocab-parallel partial sums are reduce-scattered along the sequence (instead
+  of all-reduced) / all-gather;
+- attention and MLP of every layer application: all-gather of the normed input before the
+  column-parallel projections / reduce-scatter of its gradient; reduce-scatter of the
+  row-parallel partial output / all-gather. Attention itself sees the whole sequence (and the
+  whole TokenMeta: positions for RoPE, validity, document ids), as without SP;
+- routers: each rank computes its tokens' logits (the router network runs on the local slice)
+  and only the logits are all-gathered ([B, T] or [B, T, N_r], tiny), so expert choice's
+  per-sequence top-k, token choice's argmax, the causal threshold, the auxiliary losses and
+  the learned-threshold / balancing statistics are computed on the full sequence, identically
+  on every rank: routing is exactly the one-process routing;
+- a recursion step over routed tokens (`MoRLM._run_step` through `model.seq_layout`): the step
+  all-gathers the residual stream, gathers its routed tokens into [B, n] slots (n rounded up
+  to a multiple of N with padding slots, which attention masks and the scatter drops), keeps
+  this rank's n/N slots, runs the step's layers sequence-parallel on those, then all-gathers
+  the slots, scatters them into the full stream at their positions and keeps this rank's
+  slice. The full stream is transient (gather/scatter save only indices), and only routed
+  tokens enter the step's layers;
+- loss and logits: the final norm runs on the slice; the vocab-parallel loss (or head)
+  all-gathers the normed hidden states first / reduce-scatter.
+
+Gradients: a tensor every rank holds whole carries its full gradient on every rank (the
+replicated router, gate and scatter computations run identically everywhere), so the
+"replicated" gathers backward to a slice and the splits backward to an all-gather; a gather
+feeding column-parallel projections backward to a reduce-scatter (Megatron's rule). The
+weights used on sequence slices (every RMSNorm, the router networks) receive partial
+gradients per rank: a gradient hook all-reduces them over the TP group before DeepSpeed sees
+them, so they stay identical across the group. The gate scale (router.learn_alpha) acts on
+the gathered logits and already gets the full gradient.
+
+Not for decoding: a KV-cache forward feeds one token at a time; decode with the TP-only model
+(the weights are the same: SP adds no parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+SEQ_DIM = 1
+
+
+def _all_gather(x: Tensor, group) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def _reduce_scatter(x: Tensor, group) -> Tensor:
+    size = dist.get_world_size(group)
+    if x.shape[SEQ_DIM] % size:
+        raise ValueError(f"sequence parallelism: length {x.shape[SEQ_DIM]} is not divisible by the TP size {size}")
+    chunks = [c.contiguous() for c in x.chunk(size, dim=SEQ_DIM)]
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)
+    return out
+
+
+def _split(x: Tensor, group) -> Tensor:
+    size = dist.get_world_size(group)
+    if x.shape[SEQ_DIM] % size:
+        raise ValueError(f"sequence parallelism: length {x.shape[SEQ_DIM]} is not divisible by the TP size {size}")
+    return x.chunk(size, dim=SEQ_DIM)[dist.get_rank(group)].contiguous()
+
+
+class _GatherToTP(torch.autograd.Function):
+    """All-gather along the sequence into a tensor-parallel region; reduce-scatter backward
+    (each rank's column-parallel shard contributes part of the input gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return _all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _reduce_scatter(grad, ctx.group), None
+
+
+class _ReduceScatterFromTP(torch.autograd.Function):
+    """Sum of the row-parallel partial outputs, this rank's sequence slice of it; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return _reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_gather(grad, ctx.group), None
+
+
+class _GatherReplicated(torch.autograd.Function):
+    """All-gather along the sequence into a computation every rank runs identically; backward:
+    this rank's slice of the (full, identical) gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return _all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _split(grad, ctx.group), None
+
+
+class _Split(torch.autograd.Function):
+    """This rank's sequence slice of a tensor every rank holds whole; all-gather backward (the
+    whole tensor's gradient, on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return _split(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_gather(grad, ctx.group), None
+
+
+def gather_to_tp(x: Tensor, group) -> Tensor:
+    return _GatherToTP.apply(x, group)
+
+
+def reduce_scatter_from_tp(x: Tensor, group) -> Tensor:
+    return _ReduceScatterFromTP.apply(x, group)
+
+
+class ShardedSequence:
+    """`MoRLM.seq_layout` under sequence parallelism (see `megamor.model.mor.SequenceLayout`)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.multiple = dist.get_world_size(group)
+
+    def full(self, x: Tensor) -> Tensor:
+        return _GatherReplicated.apply(x, self.group)
+
+    def local(self, x: Tensor) -> Tensor:
+        return _Split.apply(x, self.group)
+
+
+def _all_reduce_grad(group):
+    def hook(grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    return hook
+
+
+def _gather_input_hook(group):
+    def pre(module: nn.Module, args: tuple) -> tuple:
+        return (gather_to_tp(args[0], group), *args[1:])
+
+    return pre
+
+
+def _scatter_output_hook(group):
+    def post(module: nn.Module, args: tuple, out):
+        if isinstance(out, tuple):
+            return (reduce_scatter_from_tp(out[0], group), *out[1:])
+        return reduce_scatter_from_tp(out, group)
+
+    return post
+
+
+def _gather_logits_hook(group):
+    def post(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return _GatherReplicated.apply(out, group)
+
+    return post
+
+
+def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Turn a tensor-parallel model (`apply_tensor_parallel(model, group)`) sequence-parallel
+    in place. State-dict keys and parameters are unchanged (hooks and flags only), so
+    checkpoints, consolidation and exports are the TP model's."""
+    size = dist.get_world_size(group)
+    if getattr(model, "tensor_parallel_size", 1) != size or size == 1:
+        raise ValueError(f"sequence parallelism needs a tensor-parallel model of size {size} > 1 (apply_tensor_parallel first)")
+    synced: dict[int, nn.Parameter] = {}
+    for layer in model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            block.register_forward_pre_hook(_gather_input_hook(group))
+            block.register_forward_hook(_scatter_output_hook(group))
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, layer.self_attn.o_proj):
+            proj.sequence_parallel = True  # the hooks do their communication
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            synced[id(norm.weight)] = norm.weight
+    synced[id(model.norm.weight)] = model.norm.weight
+    routers = list(model.routers or []) + ([model.depth_router] if model.depth_router is not None else [])
+    for router in routers:
+        router.net.register_forward_hook(_gather_logits_hook(group))
+        for p in router.net.parameters():
+            synced[id(p)] = p
+    for p in synced.values():
+        p.register_hook(_all_reduce_grad(group))
+        p.sequence_parallel = True  # type: ignore[attr-defined]
+    model.embed_tokens.sequence_parallel = True
+    model.lm_head.sequence_parallel = True
+    model.lm_loss.keywords["sequence_parallel"] = True  # the vocab-parallel loss (functools.partial)
+    model.seq_layout = ShardedSequence(group)
+    model.sequence_parallel = True
+    return model
+
+
+def sequence_length_error(seq_len: int, tp: int) -> str | None:
+    if seq_len % tp:
+        return f"{seq_len} is not divisible by parallel.tensor={tp} (parallel.sequence splits every sequence across the TP group)"
+    return None
