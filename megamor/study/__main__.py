@@ -74,10 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.study.run import RunFailed, is_done, load_result, run_one
 
     if args.plan:
-        print(f"{'#':>3} {'run':<28} {'GFLOPs/token':>13} {'steps':>7} {'tokens':>13} {'FLOPs':>10}  done")
-        for r in runs:
+        from megamor.study.timing import estimate_minutes
+
+        est = estimate_minutes(runs)
+        print(f"{'#':>3} {'run':<28} {'GFLOPs/token':>13} {'steps':>7} {'tokens':>13} {'FLOPs':>10} {'minutes':>8}  done")
+        for r, m in zip(runs, est):
+            mins = f"{m:8.1f}" if m is not None else f"{'?':>8}"
             print(f"{r.index:>3} {r.name:<28} {r.forward_flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
-                  f"{r.budget.tokens:>13,} {r.budget.flops:>10.3e}  {'yes' if is_done(r) else 'no'}")
+                  f"{r.budget.tokens:>13,} {r.budget.flops:>10.3e} {mins}  {'yes' if is_done(r) else 'no'}")
+        left = [m for r, m in zip(runs, est) if not is_done(r)]
+        if any(m is not None for m in left):
+            print(f"runs left: {len(left)}, ~{sum(m or 0.0 for m in left) / 60:.1f} h at the speed of the finished runs "
+                  "(minutes: measured for finished runs, else estimated from their seconds per FLOP)")
         return 0
     if args.submit:
         return submit(args, len(runs))

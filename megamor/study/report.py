@@ -122,7 +122,7 @@ def _plots(study: StudyConfig, results: list[dict[str, Any]], out: Path) -> list
             xs, ys = zip(*curve)
             first = r["seed"] == min(x["seed"] for x in results if x["variant"] == r["variant"])
             ax.plot(xs, ys, marker="o", ms=3, color=colours.get(r["variant"]), label=r["variant"] if first else None)
-    ax.set_xlabel(f"FLOPs ({study.budget.count})")
+    ax.set_xlabel(f"FLOPs ({study.count})")
     ax.set_ylabel("validation loss (top-k routing)")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
@@ -163,6 +163,10 @@ def _plots(study: StudyConfig, results: list[dict[str, Any]], out: Path) -> list
 
 
 def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: list[str], command: str) -> Path:
+    if study.budgets:  # several budgets: the scaling report (megamor.study.scaling)
+        from megamor.study.scaling import write_scaling_report
+
+        return write_scaling_report(study, results, pending, command)
     out = study.report_path
     out.mkdir(parents=True, exist_ok=True)
     b = study.budget

@@ -1,0 +1,201 @@
+"""The report of a study with several budgets (a scaling study):
+
+    report.md               the budgets; per variant and budget: validation loss, the paired
+                            difference from the reference, how that difference changes from the
+                            first budget (seed by seed), corr(depth, loss); then each budget's
+                            own tables (megamor.study.report's)
+    val_loss_vs_flops.png   final validation loss against the budget's FLOPs, one line per
+                            variant (mean over seeds, bars: standard deviation)
+    <budget>/               each budget's validation curves and depth plots
+    results.json            every run's result (with its budget)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from megamor.data.atomic import atomic_open, write_json
+from megamor.study.config import StudyBudgetConfig, StudyConfig
+from megamor.study.report import _cell, _num, _plots, paired_table, summarize, table
+
+Results = list[dict[str, Any]]
+
+
+def budget_view(study: StudyConfig, b: StudyBudgetConfig) -> StudyConfig:
+    """The study as if it had only budget `b` (and the variants trained at it)."""
+    return dataclasses.replace(study, budgets=[b], variants=study.budget_variants(b))
+
+
+def _by_budget(study: StudyConfig, results: Results) -> dict[str, Results]:
+    return {b.name: [r for r in results if r.get("budget") == b.name] for b in study.run_budgets()}
+
+
+def _reference(study: StudyConfig) -> str:
+    return study.reference or study.variants[0].name
+
+
+def loss_table(study: StudyConfig, results: Results, key: str = "val_loss", fmt: str = "{:.4f}") -> str:
+    """Rows: variants; columns: budgets; cells: mean ± sd over seeds (seeds done)."""
+    by = _by_budget(study, results)
+    budgets = study.run_budgets()
+    lines = ["| variant | " + " | ".join(f"{b.name} ({_flops(b)})" for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    for v in study.variants:
+        cells = []
+        for b in budgets:
+            if b.variants is not None and v.name not in b.variants:
+                cells.append("not run")
+                continue
+            vals = [r.get(key) for r in by[b.name] if r["variant"] == v.name]
+            m, sd = summarize(vals)
+            n = sum(math.isfinite(_num(x)) for x in vals)
+            cells.append(f"{_cell(fmt, m, sd, True)} (n={n})" if n else ("pending" if not vals else "–"))  # noqa: RUF001
+        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _flops(b: StudyBudgetConfig) -> str:
+    return f"{b.flops:.3g} FLOPs" if b.flops is not None else f"{b.tokens:,} tokens"
+
+
+def paired_gaps(study: StudyConfig, results: Results, key: str = "val_loss") -> dict[tuple[str, str], dict[int, float]]:
+    """{(budget, variant): {seed: variant minus reference}} for the seeds both have."""
+    ref = _reference(study)
+    val = {(r.get("budget"), r["variant"], r["seed"]): _num(r.get(key)) for r in results}
+    out: dict[tuple[str, str], dict[int, float]] = {}
+    for b in study.run_budgets():
+        for v in study.budget_variants(b):
+            if v.name == ref:
+                continue
+            gaps = {s: val[(b.name, v.name, s)] - val[(b.name, ref, s)] for s in study.seeds
+                    if (b.name, v.name, s) in val and (b.name, ref, s) in val}
+            gaps = {s: g for s, g in gaps.items() if math.isfinite(g)}
+            if gaps:
+                out[(b.name, v.name)] = gaps
+    return out
+
+
+def gap_table(study: StudyConfig, results: Results) -> str:
+    """Per variant and budget: the paired difference from the reference (mean ± sd over seeds,
+    lower in k/n seeds), and its change from the first budget, paired by seed (the same seed
+    gives every budget the same data order; a seed missing at either budget is left out)."""
+    ref = _reference(study)
+    gaps = paired_gaps(study, results)
+    budgets = study.run_budgets()
+    first = budgets[0].name
+    head = [f"{b.name}: {{v}} - {ref}" for b in budgets] + [f"{b.name} minus {first}" for b in budgets[1:]]
+    lines = ["| variant | " + " | ".join(h.format(v="variant") for h in head) + " |", "|---|" + "---:|" * len(head)]
+    for v in study.variants:
+        if v.name == ref:
+            continue
+        cells = []
+        for b in budgets:
+            g = gaps.get((b.name, v.name))
+            if not g:
+                cells.append("–")  # noqa: RUF001
+                continue
+            m, sd = summarize(list(g.values()))
+            lower = sum(x < 0 for x in g.values())
+            cells.append(f"{_cell('{:+.4f}', m, sd, True)} ({lower}/{len(g)} lower)")
+        base = gaps.get((first, v.name), {})
+        for b in budgets[1:]:
+            g = gaps.get((b.name, v.name), {})
+            both = sorted(set(base) & set(g))
+            if not both:
+                cells.append("–")  # noqa: RUF001
+                continue
+            m, sd = summarize([g[s] - base[s] for s in both])
+            cells.append(f"{_cell('{:+.4f}', m, sd, True)} (n={len(both)})")
+        if any(c != "–" for c in cells):  # noqa: RUF001
+            lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def budgets_table(study: StudyConfig, results: Results, pending: list[str]) -> str:
+    by = _by_budget(study, results)
+    lines = ["| budget | FLOPs per run | overrides | variants | runs done | pending |", "|---|---:|---|---|---:|---:|"]
+    for b in study.run_budgets():
+        names = [v.name for v in study.budget_variants(b)]
+        n_pending = sum(p.split("@", 1)[-1].rsplit("-s", 1)[0] == b.name for p in pending)
+        lines.append(f"| {b.name} | {_flops(b)} ({b.count}) | {' '.join(f'`{o}`' for o in b.overrides) or '–'} | "  # noqa: RUF001
+                     f"{', '.join(names)} | {len(by[b.name])} | {n_pending} |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_plot(study: StudyConfig, results: Results, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = _by_budget(study, results)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, v in enumerate(study.variants):
+        xs, ys, es, ns = [], [], [], []
+        for b in study.run_budgets():
+            rs = [r for r in by[b.name] if r["variant"] == v.name and math.isfinite(_num(r.get("val_loss")))]
+            if not rs:
+                continue
+            m, sd = summarize([r["val_loss"] for r in rs])
+            xs.append(summarize([r["flops"] for r in rs])[0])
+            ys.append(m)
+            es.append(sd if math.isfinite(sd) else 0.0)
+            ns.append(len(rs))
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, color=f"C{i % 10}",
+                        label=f"{v.name} (seeds: {'/'.join(map(str, ns))})")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"FLOPs per run ({study.count})")
+    ax.set_ylabel("final validation loss (top-k routing)")
+    ax.set_title(f"{study.name}: mean over seeds, bars: standard deviation", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_scaling_report(study: StudyConfig, results: Results, pending: list[str], command: str) -> Path:
+    out = study.report_path
+    out.mkdir(parents=True, exist_ok=True)
+    ref = _reference(study)
+    by = _by_budget(study, results)
+    text = [f"# Study `{study.name}`", "",
+            (f"Budgets (each run trains until it has spent its budget's FLOPs); seeds {list(study.seeds)}; `±` is the "
+            "standard deviation over the seeds done (n); validation loss on the same windows for every run of a budget "
+            "(top-k routing, training's)."), "", f"Command: `{command}`", "",
+            budgets_table(study, results, pending), "",
+            "## Validation loss (top-k) per budget", "", loss_table(study, results), "",
+            f"## Paired differences from {ref}, per budget", "",
+            (f"Each seed's difference from `{ref}` at the same budget, then mean ± standard deviation over seeds "
+            "(negative: lower loss than the reference) and how many seeds it is lower in; the last columns: how that "
+            "difference changes from the first budget, seed by seed (negative: the variant gains on the reference "
+            "as the budget grows)."), "", gap_table(study, results), "",
+            "## corr(depth, loss) per budget", "",
+            "Spearman correlation of a validation token's depth (causal routing) with its loss:", "",
+            loss_table(study, results, "corr_depth_loss", "{:.3f}")]
+    if results:
+        text += ["", "![val_loss_vs_flops](val_loss_vs_flops.png)"]
+    for b in study.run_budgets():
+        view, rs = budget_view(study, b), by[b.name]
+        text += ["", f"## Budget {b.name}: {_flops(b)} ({b.count}) per run"
+                 + (f"; {' '.join(f'`{o}`' for o in b.overrides)}" if b.overrides else ""), ""]
+        if not rs:
+            text += ["No run of this budget has finished."]
+            continue
+        text += [table(view, rs), "", paired_table(view, rs)]
+        (out / b.name).mkdir(exist_ok=True)
+        plots = _plots(view, rs, out / b.name)
+        text += [""] + [f"![{b.name} {p.stem}]({b.name}/{p.name})" for p in plots]
+    if pending:
+        text += ["", f"Pending runs ({len(pending)}): {', '.join(pending)}"]
+    if results:
+        scaling_plot(study, results, out / "val_loss_vs_flops.png")
+    with atomic_open(out / "report.md", "w") as f:
+        f.write("\n".join(text) + "\n")
+    write_json(out / "results.json", {"study": study.name, "results": results, "pending": pending})
+    return out / "report.md"

@@ -1,0 +1,97 @@
+"""The report of a study with several budgets: per-budget paired differences and their change
+from the first budget, checked against numbers computed here; and a real tiny two-budget study
+(four `python -m megamor.train` runs of a few steps) whose report is built from its own runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megamor.env import repo_root
+from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
+from megamor.study.scaling import budgets_table, gap_table, loss_table, paired_gaps
+from tests.study.conftest import write_study
+from tests.train.helpers import train_env
+
+
+def _study() -> StudyConfig:
+    return StudyConfig(name="t", experiment="e.yaml", seeds=[1, 2, 3], reference="ref",
+                       budgets=[StudyBudgetConfig(name="1x", flops=1e12),
+                                StudyBudgetConfig(name="3x", flops=3e12, overrides=["model.d_model=256"]),
+                                StudyBudgetConfig(name="9x", flops=9e12, variants=["ref", "a"])],
+                       variants=[VariantConfig(name=n, model_config="m.yaml") for n in ("ref", "a", "b")])
+
+
+SEED = {1: 0.0, 2: 0.3, 3: -0.2}  # what a seed does to every variant alike
+LEVEL = {"1x": 5.0, "3x": 4.5, "9x": 4.0}
+# "a" is 0.05 below ref at 1x, 0.15 at 3x, 0.30 at 9x (its gap grows); "b" +0.02 at 1x and 3x
+GAP = {("1x", "a"): -0.05, ("3x", "a"): -0.15, ("9x", "a"): -0.30, ("1x", "b"): 0.02, ("3x", "b"): 0.02,
+       ("1x", "ref"): 0.0, ("3x", "ref"): 0.0, ("9x", "ref"): 0.0}
+
+
+def _results(skip: set[tuple[str, str, int]] = frozenset()) -> list[dict]:
+    return [{"run": f"{v}@{b}-s{s}", "budget": b, "variant": v, "seed": s, "flops": LEVEL[b] * 1e12,
+             "val_loss": LEVEL[b] + g + SEED[s]} for (b, v), g in GAP.items() for s in SEED if (b, v, s) not in skip]
+
+
+def _row(text: str, name: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_paired_gaps_per_budget_and_their_change_from_the_first_budget():
+    study = _study()
+    gaps = paired_gaps(study, _results())
+    assert gaps[("9x", "a")] == pytest.approx({1: -0.30, 2: -0.30, 3: -0.30})
+    assert ("9x", "b") not in gaps and ("1x", "ref") not in gaps
+    a = _row(gap_table(study, _results()), "a")
+    # 1x, 3x, 9x gaps, then 3x minus 1x and 9x minus 1x, seed by seed
+    assert a == ["-0.0500 ± 0.0000 (3/3 lower)", "-0.1500 ± 0.0000 (3/3 lower)", "-0.3000 ± 0.0000 (3/3 lower)",
+                 "-0.1000 ± 0.0000 (n=3)", "-0.2500 ± 0.0000 (n=3)"]
+    assert _row(gap_table(study, _results()), "b") == ["+0.0200 ± 0.0000 (0/3 lower)"] * 2 + ["–", "+0.0000 ± 0.0000 (n=3)", "–"]  # noqa: RUF001
+
+
+def test_a_seed_missing_at_one_budget_is_left_out_of_the_change_only_there():
+    study = _study()
+    results = _results(skip={("3x", "ref", 2)})  # seed 2 of the reference at 3x not finished
+    a = _row(gap_table(study, results), "a")
+    assert a[1] == "-0.1500 ± 0.0000 (2/2 lower)" and a[3] == "-0.1000 ± 0.0000 (n=2)" and a[4].endswith("(n=3)")
+    cells = _row(loss_table(study, results), "ref")
+    assert cells[1] == "4.4000 ± 0.1414 (n=2)"  # seeds 1 and 3: 4.5 and 4.3
+    assert _row(loss_table(study, results), "b")[2] == "not run"
+    pending = ["ref@3x-s2"]
+    row = _row(budgets_table(study, results, pending), "3x")
+    assert row[-2:] == ["8", "1"] and "`model.d_model=256`" in row
+
+
+def test_a_two_budget_study_trains_each_budget_at_its_width_and_reports_both(tiny_text, tmp_path):
+    cfg = write_study(tmp_path, tiny_text, budgets=8.0e9)
+    env = train_env(tmp_path, {"WANDB_MODE": "disabled"})
+    r = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg)], cwd=repo_root(), env=env,
+                       capture_output=True, text=True, timeout=1500, check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = tmp_path / "out"
+    order = [ln.split(":")[0][3:] for ln in r.stdout.splitlines() if ln.startswith("== ") and "steps" in ln]
+    assert order == ["vanilla@small-s7", "mor2@small-s7", "vanilla@big-s7", "mor2@big-s7"]
+    res = {(x["budget"], x["variant"]): x for x in json.loads((out / "results.json").read_text())["results"]}
+    assert set(res) == {(b, v) for b in ("small", "big") for v in ("vanilla", "mor2")}
+    for (b, v), x in res.items():
+        run = out / "runs" / b / f"{v}-s7"
+        assert (run / "study_result.json").is_file() and x["run"] == f"{v}@{b}-s7"
+        assert abs(x["flops"] - {"small": 4.0e9, "big": 8.0e9}[b]) / x["flops"] < 0.5  # within a step
+    for v in ("vanilla", "mor2"):  # the big budget trains the wider model (d_model 96 against 64)
+        assert res[("big", v)]["params_non_embedding"] > 2 * res[("small", v)]["params_non_embedding"]
+    report = (out / "report.md").read_text()
+    for b in ("small", "big"):
+        gap = res[(b, "mor2")]["val_loss"] - res[(b, "vanilla")]["val_loss"]
+        assert f"{gap:+.4f}" in _row(report.split("## Paired differences")[1], "mor2")[("small", "big").index(b)]
+        assert f"## Budget {b}:" in report and (out / b / "val_loss_vs_flops.png").stat().st_size > 0
+    assert (out / "val_loss_vs_flops.png").stat().st_size > 0 and "Pending" not in report
+    # --report alone rebuilds the same tables from the finished runs, training nothing
+    again = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg), "--report"], cwd=repo_root(), env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0 and "4/4 runs done" in again.stdout and "megamor.train" not in again.stdout
+    assert (out / "report.md").read_text().split("Command:")[1].split("\n", 1)[1] == report.split("Command:")[1].split("\n", 1)[1]
