@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from megamor.model.mor import MoRLM
+if TYPE_CHECKING:  # annotations only: mor.py imports this module for MoRLM.generate
+    from megamor.model.mor import MoRLM
 
 
 @dataclass
