@@ -1,34 +1,23 @@
-"""The training loop on a DeepSpeed engine.
+"""The training run on a DeepSpeed engine: set-up, resume, the loop, checkpoints, stopping.
 
-One optimizer step:
-  1. fetch this rank's micro-batches (accumulation = global / (micro x DP));
-  2. all-reduce the number of target tokens, so the loss is the mean over the *global* batch
-     (each micro-batch's mean is rescaled by its share; the result does not depend on how the
-     batch is split over ranks and micro-batches);
-  3. forward + backward each micro-batch through the engine (router losses added with their
-     configured weights);
-  4. one all-reduce of [loss, non-finite flag, stop request, FLOPs, router statistics]: every
-     rank takes the same decisions (skip a non-finite step, stop on a signal);
-  5. set the scheduled learning rate, `engine.step()` (clipping, ZeRO, AdamW), update the
-     token-choice loss-free bias.
-Then log / checkpoint / validate at their cadences. The loop never holds model code: the
-model is built plainly and activation checkpointing is switched on from here.
+The pieces live beside it: one optimizer step in step.py (global-token loss, router losses,
+the agreement all-reduce), validation in validation.py, what a log line says in step_log.py.
+The loop never holds model code: the model is built plainly and parallelism, activation
+checkpointing and compilation are applied from outside (parallelize.py, engine.py).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megamor.data.atomic import atomic_open
-from megamor.data.loader import build_eval_sets, build_train_loader, iter_eval_batches
+from megamor.data.loader import build_train_loader
 from megamor.model import MoRLM
 from megamor.model.summary import ParamCounts
 from megamor.parallel import dist as pdist
@@ -40,6 +29,7 @@ from megamor.train.checkpoint import (
     ResumePlan,
     ensure_universal,
     find_resumable,
+    list_complete,
     plan_for,
     restore_optimizer_hparams,
     set_aside_for_restart,
@@ -48,22 +38,19 @@ from megamor.train.checkpoint import (
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.ds_config import deepspeed_config
 from megamor.train.engine import prepare_model
-from megamor.train.faults import Faults, poison_gradients
+from megamor.train.faults import Faults
+from megamor.train.init_from import load_init_weights
 from megamor.train.logger import RunLogger, wandb_run_id
-from megamor.train.metrics import (
-    StepTimer,
-    WindowStats,
-    peak_memory_bytes,
-    peak_tflops,
-    step_flops,
-)
+from megamor.train.metrics import WindowStats, peak_tflops
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
-from megamor.train.router_eval import RouterValidation
 from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.train.safe_load import load as safe_load
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
+from megamor.train.step import TrainStep
+from megamor.train.step_log import accumulate, window_metrics
+from megamor.train.validation import Validation
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -73,22 +60,6 @@ warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is depre
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-@dataclass
-class StepResult:
-    loss: float
-    tokens: int
-    skipped: bool
-    stop: bool
-    flops: float
-    data_time: float
-    time: float
-    grad_norm: float | None
-    aux: dict[str, float]
-    tokens_per_step: list[float]
-    depth_hist: torch.Tensor
-    skip_reason: str | None = None  # non-finite loss | non-finite gradients | non-finite gradient norm
 
 
 class Trainer:
@@ -135,8 +106,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
         if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
-            from megamor.train.init_from import load_init_weights
-
             load_init_weights(model, cfg.trainer.init_from)
         self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
         parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
@@ -155,6 +124,10 @@ class Trainer:
         # The ranks of a TP group read the same batches: the loader only knows the DP grid.
         self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
                                          self.layout.dp_rank, self.dp)
+        self.train_step = TrainStep(self.engine, self.optimizer, self.loader, self.layout, self.schedule, self.faults,
+                                    self.stop_request, self.device, self.gas, self.tp, self.dp)
+        self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.faults,
+                                     self._stop_agreed)
         if plan is not None:
             self._resume(plan)
         self.wandb_id = pdist.broadcast_object(wandb_run_id(self.run_dir, self.wandb_id) if self.is_main else None)
@@ -239,190 +212,9 @@ class Trainer:
         else:  # another DP size: per-rank streams cannot map; derive them from the seed and step
             torch.manual_seed(self.cfg.seed + 1000003 * self.step + self.rank)
 
-    # -- one optimizer step -------------------------------------------------------------
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def train_step(self) -> StepResult:
-        timer = StepTimer()
-        with timer.data_section():
-            micro = [self.loader.next_batch() for _ in range(self.gas)]
-        counts = [int((mb["targets"] != -100).sum()) for mb in micro]
-        # Over the DP group: the ranks of a TP group hold the same tokens (count them once).
-        n_global = pdist.all_reduce_(torch.tensor([float(sum(counts))], device=self.device), group=self.layout.dp_group)
-        n_global_f = max(1.0, float(n_global.item()))
-        step_no = self.step + 1
-        inject_nan = self.faults.nan_loss(step_no)
-        inject_inf_grad = self.faults.inf_grad(step_no)
-
-        nr = len(self.model.steps)
-        loss_sum = torch.zeros((), device=self.device)
-        nonfinite = torch.zeros((), device=self.device)
-        aux_names: list[str] = []
-        aux_sum: torch.Tensor | None = None
-        routed_micro: list[torch.Tensor] = []  # per micro-batch [N_r], on the device until the step's end
-        depth_hist = torch.zeros(nr + 1, device=self.device)
-        shapes: list[tuple[int, int]] = []
-        for i, mb in enumerate(micro):
-            with timer.data_section():
-                mb = self._to_device(mb)
-            out = self.engine(
-                mb["input_ids"], targets=mb["targets"], position_ids=mb.get("position_ids"), doc_ids=mb.get("doc_ids"),
-                return_logits=False,
-            )
-            lm = out.loss
-            if inject_nan:
-                lm = lm * float("nan")
-            if inject_inf_grad:
-                lm = poison_gradients(lm)
-            # Mean over the global batch's tokens: DeepSpeed divides by accumulation steps and
-            # averages over DP ranks, so scale this micro-batch's mean by its share.
-            scale = counts[i] * self.gas * self.dp / n_global_f
-            self.engine.backward(lm * scale + out.aux_loss)
-            if i < self.gas - 1:
-                self.engine.step()  # DeepSpeed's accumulation bookkeeping; no optimizer step
-            loss_sum += lm.detach().float() * counts[i]
-            nonfinite += (~torch.isfinite(lm.detach())).float()
-            if not aux_names:
-                aux_names = sorted(out.aux_losses)
-                aux_sum = torch.zeros(len(aux_names), device=self.device)
-            if aux_names:
-                aux_sum += torch.stack([out.aux_losses[k].detach().float().reshape(()) for k in aux_names])
-            # Router statistics stay on the device (no host read inside the step's passes).
-            st = out.stats
-            shapes.append(tuple(mb["input_ids"].shape))  # type: ignore[arg-type]
-            if st is not None and nr:
-                routed_micro.append(st.routed.float())
-                d = st.depth.reshape(-1)
-                depth_hist.index_add_(0, d, torch.ones_like(d, dtype=depth_hist.dtype))
-
-        flops = step_flops(self.model.cfg, shapes, routed_micro)  # the step's one host read of routing
-        routed = torch.stack(routed_micro).sum(0) if routed_micro else torch.zeros(nr, device=self.device)
-
-        stop_flag = 1.0 if self.stop_request.requested else 0.0
-        parts = [loss_sum.reshape(1), nonfinite.reshape(1), torch.tensor([stop_flag, flops], device=self.device)]
-        if aux_sum is not None:
-            parts.append(aux_sum)
-        parts += [routed, depth_hist]
-        # Expert choice's learned causal thresholds: each rank tracked its own micro-batches;
-        # the average over ranks goes back into every rank's routers (they route alike).
-        thresholds = self.model.router_thresholds()
-        n_thr = 0 if thresholds is None else thresholds.numel()
-        if thresholds is not None:
-            parts.append(thresholds.float())
-        # Over the world (a stop signal on any rank stops all); every TP rank counted the same
-        # tokens, so per-token sums are divided by the TP size.
-        vec = pdist.all_reduce_(torch.cat(parts).double())
-        if self.tp > 1:
-            vec[0] /= self.tp
-            vec[3:] /= self.tp
-        if thresholds is not None:
-            vec[vec.numel() - n_thr :] /= self.dp
-            self.model.set_router_thresholds(vec[vec.numel() - n_thr :])
-        values = vec.tolist()
-        thr_values = values[len(values) - n_thr :]
-        values = values[: len(values) - n_thr]
-        loss = values[0] / n_global_f
-        skipped = values[1] > 0 or not math.isfinite(loss)
-        stop = values[2] > 0
-
-        # The step: every rank has the same `skipped` decision (see optim.SkippableStep).
-        lr = self.schedule.lr_at(step_no)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.skip_next_step = skipped
-        self.optimizer.nonfinite_grads = False
-        ds_skipped = self.engine.skipped_steps
-        try:
-            self.engine.step()
-        finally:
-            self.optimizer.skip_next_step = False
-        why = "non-finite loss" if skipped else None
-        if not skipped and (self.engine.skipped_steps > ds_skipped or self.optimizer.nonfinite_grads):
-            # DeepSpeed's overflow check (ZeRO, bf16) or the ZeRO-0 guard (optim.py) skipped the update.
-            skipped, why = True, "non-finite gradients"
-        if not skipped:
-            load = self.model.loss_free_load()
-            if load is not None:
-                self.model.update_loss_free_bias(pdist.all_reduce_(load.to(self.device), group=self.layout.dp_group))
-
-        grad_norm = None
-        if not skipped:
-            g = self.engine.get_global_grad_norm()
-            grad_norm = float(g) if g is not None else None
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                skipped, why, grad_norm = True, "non-finite gradient norm", None
-        k = len(aux_names)
-        n_micro = self.gas * self.dp
-        aux = {name: values[4 + j] / n_micro for j, name in enumerate(aux_names)}
-        for r, v in enumerate(thr_values):  # the causal cut after this step (a logit)
-            if self.model.cfg.capacities[r] < 1.0:
-                aux[f"router_health/r{r + 1}/threshold"] = v
-        routed_l = values[4 + k : 4 + k + nr]
-        hist = torch.tensor(values[4 + k + nr :])
-        return StepResult(loss, int(n_global_f), skipped, stop, values[3], timer.data, timer.elapsed(), grad_norm, aux,
-                          routed_l, hist, why)
-
     # -- validation -------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        cfg = self.cfg
-        if not cfg.data.valid:
-            return {}
-        self.engine.eval()
-        modes = [("", False)]
-        if cfg.eval.causal_routing and cfg.model.router.type == "expert_choice":
-            modes.append(("_causal", True))
-        bs = cfg.eval_micro_batch_size
-        results: dict[str, float] = {}
-        totals = {suffix: [0.0, 0.0] for suffix, _ in modes}
-        router_val = RouterValidation(self.model, self.device)
-        for idx, es in enumerate(build_eval_sets(cfg.data)):
-            label = Path(es.name).name or f"valid{idx}"
-            if len(cfg.data.valid) > 1:
-                label = f"{idx}_{label}"
-            n_batches = -(-len(es.dataset) // bs)
-            if cfg.eval.max_batches is not None:
-                n_batches = min(n_batches, cfg.eval.max_batches)
-            rounds = -(-n_batches // self.dp)  # equal forward counts on every rank (ZeRO-3 gathers)
-            for suffix, causal in modes:
-                sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-                it = iter_eval_batches(es.dataset, bs, cfg.eval.max_batches, self.layout.dp_rank, self.dp,
-                                       cfg.data.document_masking)
-                first = None
-                router_val.start(causal)
-                for _ in range(rounds):
-                    self.faults.before_eval_batch(self.rank)
-                    if self._stop_agreed():  # a long validation pass yields to a stop signal
-                        self.engine.train()
-                        raise StopRequested
-                    batch = next(it, None)
-                    real = batch is not None
-                    batch = batch if real else first
-                    if batch is None:  # this rank got no batch at all: any tokens will do
-                        batch = {"input_ids": torch.zeros(1, cfg.data.seq_len, dtype=torch.long),
-                                 "targets": torch.zeros(1, cfg.data.seq_len, dtype=torch.long)}
-                    first = first or batch
-                    b = self._to_device(batch)
-                    out = self.engine(b["input_ids"], targets=b["targets"], position_ids=b.get("position_ids"),
-                                      doc_ids=b.get("doc_ids"), causal_routing=causal,
-                                      return_logits=router_val.wants_logits(causal))
-                    if real:
-                        n = float((b["targets"] != -100).sum())
-                        sums += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=self.device)
-                        router_val.update(out, b["targets"], causal)
-                router_val.stop()
-                pdist.all_reduce_(sums, group=self.layout.dp_group)  # a TP group's ranks saw the same batches
-                s, n = sums.tolist()
-                results[f"val/{label}/loss{suffix}"] = s / max(n, 1.0)
-                totals[suffix][0] += s
-                totals[suffix][1] += n
-        for suffix, (s, n) in totals.items():
-            results[f"val/loss{suffix}"] = s / max(n, 1.0)
-        results["val/ppl"] = math.exp(min(results["val/loss"], 50.0))
-        results.update(router_val.results(group=self.layout.dp_group))
-        self.engine.train()
-        return results
+        return self.validation.run()
 
     def _stop_agreed(self) -> bool:
         """One small all-reduce: did any rank get a stop signal?"""
@@ -479,11 +271,11 @@ class Trainer:
             if self._stop_agreed():  # a signal during set-up
                 return self._stop()
             while self.step < self.max_steps:
-                r = self.train_step()
+                r = self.train_step(self.step + 1)
                 self.step += 1
                 self.tokens += r.tokens
                 self.flops_total += r.flops
-                self._accumulate(window, r)
+                accumulate(window, r)
                 if r.skipped:
                     self.skipped_steps += 1
                     self.consecutive_nonfinite += 1
@@ -532,13 +324,11 @@ class Trainer:
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.destroy()
-        for name in ("model", "optimizer", "loader"):
+        for name in ("model", "optimizer", "loader", "train_step", "validation"):
             self.__dict__.pop(name, None)
 
     def _newest_good_checkpoint(self) -> str:
         """The newest checkpoint saved before the current run of non-finite steps began."""
-        from megamor.train.checkpoint import list_complete
-
         before = self.step - self.consecutive_nonfinite
         good = [c for c in list_complete(self.run_dir) if c.step <= before] if self.is_main else []
         return f"The newest checkpoint from before these steps is {good[-1].path}" if good else \
@@ -554,52 +344,9 @@ class Trainer:
                 f.write(f"{code}\n")
         pdist.barrier()
 
-    def _accumulate(self, w: WindowStats, r: StepResult) -> None:
-        w.steps += 1
-        w.time += r.time
-        w.data_time += r.data_time
-        w.tokens += r.tokens
-        w.flops += r.flops
-        if r.skipped:
-            w.skipped += 1
-            return
-        w.loss += r.loss
-        if r.grad_norm is not None:
-            w.grad_norm += r.grad_norm
-            w.grad_norm_steps += 1
-        for k, v in r.aux.items():
-            w.aux[k] = w.aux.get(k, 0.0) + v
-        if r.tokens_per_step:
-            w.add_routing(r.tokens_per_step, r.depth_hist)
-
     def _log(self, w: WindowStats) -> None:
-        good = w.steps - w.skipped
-        m: dict[str, Any] = {
-            "train/loss": w.loss / good if good else float("nan"),
-            "train/lr": self.schedule.lr_at(self.step),
-            "train/grad_norm": w.grad_norm / w.grad_norm_steps if w.grad_norm_steps else None,
-            "train/tokens": self.tokens,
-            "train/skipped_steps": self.skipped_steps,
-            "perf/tokens_per_s": w.tokens / w.time if w.time else 0.0,
-            "perf/step_time_s": w.time / w.steps,
-            "perf/data_time_s": w.data_time / w.steps,
-            "perf/model_tflops_total": self.flops_total / 1e12,
-            "perf/peak_mem_gb": peak_memory_bytes(self.device) / 2**30,
-        }
-        for k, v in w.aux.items():
-            m[f"train/{k}"] = v / good if good else float("nan")
-        if self.peak_tflops and w.time:
-            achieved = w.flops / w.time / self.world / 1e12  # per device
-            m["perf/mfu"] = achieved / self.peak_tflops
-            hw = 4.0 / 3.0 if self.cfg.trainer.activation_checkpointing else 1.0
-            m["perf/hfu"] = achieved * hw / self.peak_tflops
-        hist = None
-        if w.tokens_per_step and w.depth_hist is not None:
-            total = float(w.depth_hist.sum()) or 1.0
-            for r, n in enumerate(w.tokens_per_step):
-                m[f"router/selected_frac_r{r + 1}"] = n / total
-            depths = torch.arange(len(w.depth_hist), dtype=torch.float64)
-            m["router/mean_depth"] = float((w.depth_hist.double() * depths).sum()) / total
-            edges = [d - 0.5 for d in range(len(w.depth_hist) + 1)]
-            hist = {"router/depth_hist": (w.depth_hist.tolist(), edges)}
+        m, hist = window_metrics(w, lr=self.schedule.lr_at(self.step), tokens=self.tokens,
+                                 skipped_steps=self.skipped_steps, flops_total=self.flops_total, device=self.device,
+                                 world=self.world, peak_tflops=self.peak_tflops,
+                                 activation_checkpointing=self.cfg.trainer.activation_checkpointing)
         self.logger.log(self.step, m, hist)
