@@ -13,16 +13,16 @@
     logging    console + metrics.jsonl cadence
     wandb      online / offline / disabled
 
-Everything that can be checked without starting processes is checked by `load_experiment`
-(values, unknown keys) and `check_before_launch` (world-size divisibility, data paths,
-tokenizer vs vocabulary): a ConfigError names the key.
+This module parses and validates: `load_experiment` checks values and unknown keys, a
+ConfigError names the key. Checks against the launch environment, the data and the run folder
+(resume compatibility, schedule change, TP/DP layout, init_from) are the trainer's preflight
+step (megamor/train/preflight.py), still before any process group starts.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,8 @@ from megamor.config import ConfigError, from_node, key, merge_sources
 from megamor.data.config import DataConfig
 from megamor.env import repo_root
 from megamor.model.config import ModelConfig
+from megamor.parallel.tensor_parallel import layout_errors
+from megamor.train.ds_keys import check_deepspeed_keys
 
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -131,8 +133,6 @@ class DeepSpeedSection:
             if k in self.config:
                 raise ConfigError(key(path, f"config.{k}"), "is set by megamor (batch.* / optim.*), not here")
         if self.check_keys:
-            from megamor.train.ds_keys import check_deepspeed_keys
-
             check_deepspeed_keys(self.config, key(path, "config"))
 
 
@@ -157,6 +157,19 @@ class ParallelConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # [a, b]: record a torch.profiler trace of optimizer steps a..b (1-based, inclusive) on every
+    # rank into RUN/profile/ (megamor/observe/profiler.py); []: off, nothing installed.
+    steps: list[int] = field(default_factory=list)
+    memory: bool = False  # also record allocations (and, on CUDA, an allocator snapshot)
+
+    def validate(self, path: str) -> None:
+        s = list(self.steps)
+        if s and (len(s) != 2 or s[0] < 1 or s[0] > s[1]):
+            raise ConfigError(key(path, "steps"), f"must be [a, b] with 1 <= a <= b (optimizer steps to profile), got {s}")
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int | None = None  # optimizer steps; or give max_tokens
     max_tokens: int | None = None  # converted to steps of global_batch_size * seq_len tokens
@@ -169,6 +182,7 @@ class TrainerConfig:
     # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
     # export folder); its model config must equal `model`. Ignored when resuming a checkpoint.
     init_from: str | None = None
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self, path: str) -> None:
         self.compile = str(self.compile).lower()
@@ -283,8 +297,6 @@ class ExperimentConfig:
             raise ConfigError(key(path, "data.seq_len"), f"{self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
         tp = self.parallel.tensor
         if tp > 1:
-            from megamor.parallel.tensor_parallel import layout_errors
-
             for k, msg in layout_errors(self.model, tp):
                 raise ConfigError(key(path, k), msg)
             if self.deepspeed.zero_stage not in TP_ZERO_STAGES:
@@ -295,6 +307,9 @@ class ExperimentConfig:
                 raise ConfigError(key(path, "data.seq_len"), f"{self.data.seq_len} is not divisible by parallel.tensor={tp} "
                                   "(parallel.sequence=true splits every sequence across the tensor-parallel group)")
         steps = self.max_steps
+        if self.trainer.profile.steps and self.trainer.profile.steps[1] > steps:
+            raise ConfigError(key(path, "trainer.profile.steps"), f"{list(self.trainer.profile.steps)} reaches past the "
+                              f"run's {steps} steps")
         warm = self.schedule.warmup(steps)
         decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
         if warm + decay > steps:
@@ -375,7 +390,7 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-# -- checks that need the launch environment or the file system ----------------------------
+# -- the layout over a world size (also used once processes run: ds_config, trainer) -------
 def data_parallel_size(cfg: ExperimentConfig, world_size: int, local_world_size: int | None = None) -> int:
     """world / parallel.tensor; raises naming the numbers when the layout is impossible."""
     tp = cfg.parallel.tensor
@@ -401,83 +416,3 @@ def check_world(cfg: ExperimentConfig, world_size: int) -> int:
             + (f" (world {world_size} / parallel.tensor {cfg.parallel.tensor})" if cfg.parallel.tensor > 1 else ""),
         )
     return b.accumulation_steps(dp)
-
-
-def check_before_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
-    """Every check that can fail before a process group exists. Returns the shards' tokenizer
-    entry (hash, vocab_size, eos_id, ...)."""
-    from megamor.parallel.env import peek_local_world_size
-
-    data_parallel_size(cfg, world_size, peek_local_world_size())
-    check_world(cfg, world_size)
-    tokenizer = cfg.data.check_paths("data")
-    vocab = int(tokenizer.get("vocab_size", 0))
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's vocabulary {vocab}")
-    run = cfg.run_path
-    probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise ConfigError("run_dir", f"{run}: {probe} is not writable")
-    from megamor.train.wandb_setup import check_credentials
-
-    check_credentials(cfg.wandb.resolved_mode())
-    if cfg.checkpoint.resume:
-        check_resumable(cfg)
-        check_resume_layout(cfg, world_size)
-    if cfg.trainer.init_from:
-        from megamor.train.init_from import check_init_from
-
-        check_init_from(cfg.trainer.init_from, cfg.model)
-    return tokenizer
-
-
-def check_resume_layout(cfg: ExperimentConfig, world_size: int) -> None:
-    """Tensor-parallel checkpoints resume only at the TP x DP layout they were saved with: their
-    per-TP-rank files hold other slices of every matrix than another TP size would need (export
-    merges them into one model; `trainer.init_from` starts a new run from that at another TP)."""
-    from megamor.train.checkpoint import newest_complete
-
-    ref = newest_complete(cfg.run_path)
-    if ref is None:
-        return
-    tp_then, tp_now = int(ref.meta.get("tensor_parallel", 1)), cfg.parallel.tensor
-    dp_then, dp_now = ref.meta.get("dp_world_size"), world_size // tp_now
-    if tp_then != tp_now:
-        raise ConfigError("parallel.tensor", f"is {tp_now} but the checkpoint to resume ({ref.path}) was saved with "
-                                             f"parallel.tensor={tp_then}; resume with parallel.tensor={tp_then}, or start a "
-                                             f"new run_dir with trainer.init_from={cfg.run_path} (weights only)")
-    if tp_now > 1 and dp_then is not None and dp_then != dp_now:
-        raise ConfigError("parallel.tensor", f"{ref.path} was saved with tensor {tp_then} x data {dp_then}; this launch "
-                                             f"is tensor {tp_now} x data {dp_now}: a tensor-parallel run resumes only "
-                                             f"with the same layout (launch {tp_then * dp_then} processes)")
-
-
-def check_resumable(cfg: ExperimentConfig) -> None:
-    """The model of the checkpoint this run would resume must be the configured one."""
-    import dataclasses
-
-    from megamor.train.checkpoint import CONFIG_FILE, newest_complete
-
-    ref = newest_complete(cfg.run_path)
-    if ref is None or not (ref.path / CONFIG_FILE).is_file():
-        return
-    saved_cfg = load_experiment([ref.path / CONFIG_FILE])
-    saved = saved_cfg.model
-
-    def flat(d: dict, prefix: str = "model") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
-        return out
-
-    now, then = flat(dataclasses.asdict(cfg.model)), flat(dataclasses.asdict(saved))
-    for k in now:
-        if now[k] != then.get(k) and not k.endswith(".attn_impl"):
-            raise ConfigError(k, f"is {now[k]!r} but the checkpoint to resume ({ref.path}) was trained with "
-                                 f"{then.get(k)!r}; use another run_dir, or checkpoint.resume=false to start over")
-    from megamor.parallel.env import resolve_launch_env
-    from megamor.train.schedule_change import check_schedule_change
-
-    note = check_schedule_change(cfg, saved_cfg, ref.step, str(ref.path))
-    if note and resolve_launch_env(dict(os.environ)).rank == 0:
-        print(note, file=sys.stderr, flush=True)
