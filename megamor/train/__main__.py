@@ -31,15 +31,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
     args = parse_args(argv)
+    # Imported here, not at the top: `--help` and argument errors answer without loading
+    # torch, DeepSpeed or the model (the same reason for the imports further down).
     from megamor.parallel.env import peek_world_size
-    from megamor.train.config import check_before_launch, load_experiment, to_yaml
+    from megamor.train.config import load_experiment, to_yaml
+    from megamor.train.preflight import preflight
 
     try:
         cfg = load_experiment(args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        tokenizer = check_before_launch(cfg, peek_world_size())
+        tokenizer = preflight(cfg, peek_world_size())  # every check possible before a process group
     except (ConfigError, FileNotFoundError) as e:
         print(f"megamor.train: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     # From here on every phase answers a stop signal (save + 75) and follows the launcher.
     stop = StopRequest().install()
     exit_with_launcher(resolve_launch_env(dict(os.environ)).launcher)
-    from megamor.train.checkpoint import CheckpointSaveError, NoValidCheckpointError, UnsafeCheckpointError
+    from megamor.runs.layout import NoValidCheckpointError
+    from megamor.runs.safe_load import UnsafeCheckpointError
+    from megamor.runs.save_errors import CheckpointSaveError
     from megamor.train.trainer import NonFiniteLossError, Trainer
 
     env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
@@ -107,6 +112,6 @@ def _cuda_available() -> bool:
 
 
 if __name__ == "__main__":
-    from megamor.parallel.dist import exit_without_finalizing
+    from megamor.parallel.dist import exit_without_finalizing  # lazy, as the imports in main()
 
     exit_without_finalizing(main())

@@ -10,11 +10,11 @@ import torch
 from megamor.config import ConfigError
 from megamor.model.config import ModelConfig
 from megamor.model.mor import MoRLM
+from megamor.runs.layout import CheckpointError
+from megamor.runs.load import load_model
 
 
 def _load(path: str) -> MoRLM:
-    from megamor.eval.checkpoint import CheckpointError, load_model
-
     try:
         return load_model(path, dtype=torch.float32)
     except CheckpointError as e:

@@ -11,12 +11,10 @@ from its first step (warmup and decay recomputed for the new total), and the jum
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from megamor.config import ConfigError
-
-if TYPE_CHECKING:
-    from megamor.train.config import ExperimentConfig
+from megamor.train.config import ExperimentConfig
+from megamor.train.schedule import LRSchedule
 
 IGNORED = ("allow_change",)
 
@@ -35,8 +33,6 @@ def schedule_diffs(now: ExperimentConfig, then: ExperimentConfig) -> list[tuple[
 
 def check_schedule_change(now: ExperimentConfig, then: ExperimentConfig, step: int, where: str) -> str | None:
     """None if nothing changed; the note to print if the change is allowed; ConfigError if not."""
-    from megamor.train.schedule import LRSchedule
-
     diffs = schedule_diffs(now, then)
     if not diffs:
         return None

@@ -23,18 +23,19 @@ from megamor.model.summary import ParamCounts
 from megamor.parallel import dist as pdist
 from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
-from megamor.train.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
+from megamor.runs.layout import TRAINER_STATE, CheckpointError
+from megamor.runs.resume import (
     ResumePlan,
     ensure_universal,
     find_resumable,
-    list_complete,
     plan_for,
     restore_optimizer_hparams,
     set_aside_for_restart,
-    set_rng_state,
 )
+from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
+from megamor.runs.safe_load import load as safe_load
+from megamor.runs.save import CheckpointManager, set_rng_state
+from megamor.runs.tags import list_complete
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.ds_config import deepspeed_config
 from megamor.train.engine import prepare_model
@@ -44,15 +45,11 @@ from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import WindowStats, peak_tflops
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
-from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
-from megamor.train.safe_load import load as safe_load
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
 from megamor.train.step import TrainStep
 from megamor.train.step_log import accumulate, window_metrics
 from megamor.train.validation import Validation
-
-TRAINER_STATE = "trainer_state.pt"
 
 # DeepSpeed 0.19 calls collectives torch 2.13 deprecates, once per call: one line per step.
 warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

@@ -50,7 +50,7 @@ def test_export_cli_writes_a_transformers_folder(tmp_path):
     import sys
 
     from megamor.env import repo_root
-    from megamor.train.checkpoint import CheckpointManager
+    from megamor.runs.save import CheckpointManager
     from megamor.train.config import ExperimentConfig, to_yaml
     from tests.eval.test_checkpoint import Zero0Engine
 

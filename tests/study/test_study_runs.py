@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from megamor.env import repo_root
-from megamor.train.checkpoint import newest_complete
+from megamor.runs.tags import newest_complete
 from tests.study.conftest import write_study
 from tests.train.helpers import train_env
 

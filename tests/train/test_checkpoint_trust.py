@@ -17,16 +17,11 @@ from pathlib import Path
 import pytest
 
 from megamor.env import repo_root
-from megamor.train.checkpoint import (
-    CHECKPOINTS,
-    MARKER,
-    UnsafeCheckpointError,
-    ensure_universal,
-    list_complete,
-    resolve_tag,
-    tag_for,
-)
-from megamor.train.integrity import QUARANTINE, check_tag
+from megamor.runs.integrity import MARKER, QUARANTINE, check_tag
+from megamor.runs.layout import CHECKPOINTS, tag_for
+from megamor.runs.resume import ensure_universal
+from megamor.runs.safe_load import UnsafeCheckpointError
+from megamor.runs.tags import list_complete, resolve_tag
 from tests.train.helpers import Run, assert_ok, launch, train_env
 from tests.train.trust_helpers import FILE_KINDS, flip_tensor_byte, plant_payload
 
@@ -130,6 +125,55 @@ def test_killed_during_the_first_save_starts_over_and_keeps_the_partial_tag(tiny
     assert train_rows(rerun) == list(range(1, 9))  # each step once: the killed attempt's rows are cut back
     assert files_of(run_dir / CHECKPOINTS / QUARANTINE / tag_for(2)) == partial  # kept, not deleted
     assert [c.step for c in list_complete(run_dir)] == [6, 8]
+
+
+def test_every_marker_lost_refuses_instead_of_starting_over(base, tiny_config):
+    """Issue 17: tags that all lack their marker (deleted, or lost in a copy) are not a failed
+    first save. The old code took them for one and trained from step 0 with exit 0; now the
+    run refuses (exit 2) like any folder whose tags fail, and the rerun keeps refusing."""
+    run_dir = copy_run(base, "every_marker_lost")
+    ck = run_dir / CHECKPOINTS
+    for t in (4, 6):
+        (ck / tag_for(t) / MARKER).unlink()
+    before = {t: files_of(ck / tag_for(t)) for t in (4, 6)}
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    for attempt in ("first", "again"):
+        refused = launch(tiny_config, run_dir, COMMON)
+        assert refused.rc == 2, (attempt, refused.output[-3000:])
+        line = next(ln for ln in refused.output.splitlines() if "no checkpoint validates" in ln)
+        assert f"{tag_for(4)} (no COMPLETE marker" in line and f"{tag_for(6)} (no COMPLETE marker" in line, line
+        assert "no save ever finished" not in refused.output and "Traceback" not in refused.output
+        assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing trained
+    assert {t: files_of(ck / QUARANTINE / tag_for(t)) for t in (4, 6)} == before
+
+
+def test_older_tag_without_marker_refuses_when_the_newest_save_was_killed(tiny_config, tmp_path):
+    """A folder whose newest tag is a killed save is a fresh start only if that was the first
+    save: here step_2 completed (its marker lost since), so the run refuses (old code: step 0)."""
+    run_dir = tmp_path / "older_tag"
+    killed = launch(tiny_config, run_dir, COMMON, env={"MEGAMOR_FAULTS": "sigkill_during_save=4"})
+    assert killed.rc != 0 and [c.step for c in list_complete(run_dir)] == [2]
+    (run_dir / CHECKPOINTS / tag_for(2) / MARKER).unlink()
+    refused = launch(tiny_config, run_dir, COMMON)
+    assert refused.rc == 2, refused.output[-3000:]
+    assert "refusing to start over" in refused.output and "no save ever finished" not in refused.output
+    assert not list_complete(run_dir) and (run_dir / CHECKPOINTS / QUARANTINE / tag_for(2)).is_dir()
+
+
+def test_first_save_killed_twice_starts_over_both_times(tiny_config, tmp_path):
+    """The partial tag of a start-over never counts against the next start: a rerun killed in
+    its own first save again still starts from step 0 (the sole tag is that run's first save)."""
+    run_dir = tmp_path / "twice"
+    env = {"MEGAMOR_FAULTS": "sigkill_during_save=2"}
+    assert launch(tiny_config, run_dir, COMMON, env=env).rc != 0
+    again = launch(tiny_config, run_dir, COMMON, env=env)  # starts over, then killed in its first save
+    assert again.rc != 0 and "no save ever finished in this run folder" in again.output
+    rerun = launch(tiny_config, run_dir, COMMON)
+    assert_ok(rerun)
+    assert "no save ever finished in this run folder" in rerun.output and "resumed from" not in rerun.output
+    assert train_rows(rerun) == list(range(1, 9))
+    assert [c.step for c in list_complete(run_dir)] == [6, 8]
+    assert {p.name for p in (run_dir / CHECKPOINTS / QUARANTINE).iterdir() if p.is_dir()} == {tag_for(2), f"{tag_for(2)}.1"}
 
 
 # -- what was seen 2: a same-size corruption is caught by the hash ------------------------------

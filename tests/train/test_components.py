@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from megamor.model import ModelConfig, MoRLM, RouterConfig
-from megamor.train.checkpoint import (
-    MARKER,
-    CheckpointError,
-    ensure_universal,
-    list_complete,
-    newest_complete,
-    plan_resume,
-    read_complete,
-    tag_for,
-)
+from megamor.runs.integrity import MARKER
+from megamor.runs.layout import CheckpointError, tag_for
+from megamor.runs.resume import ensure_universal, plan_resume
+from megamor.runs.tags import list_complete, newest_complete, read_complete
 from megamor.train.config import OptimConfig, ScheduleConfig
 from megamor.train.faults import Faults
 from megamor.train.optim import build_optimizer, param_groups

@@ -13,8 +13,9 @@ from megamor.config import ConfigError
 from megamor.env import repo_root
 from megamor.parallel.env import resolve_launch_env
 from megamor.train.__main__ import main
-from megamor.train.config import check_before_launch, check_world, load_experiment
+from megamor.train.config import check_world, load_experiment
 from megamor.train.ds_config import deepspeed_config
+from megamor.train.preflight import preflight
 from megamor.train.signals import EXIT_CONFIG
 from tests.train.helpers import train_env
 
@@ -66,11 +67,11 @@ def test_batch_must_divide_over_the_world():
 def test_missing_data_path_and_small_vocabulary(tiny_config, tmp_path):
     cfg = load_experiment([tiny_config], ["data.train=[/nonexistent/shards]"])
     with pytest.raises(ConfigError) as e:
-        check_before_launch(cfg, 1)
+        preflight(cfg, 1)
     assert e.value.key == "data.train[0]"
     cfg = load_experiment([tiny_config], ["model.vocab_size=100"])
     with pytest.raises(ConfigError) as e:
-        check_before_launch(cfg, 1)
+        preflight(cfg, 1)
     assert e.value.key == "model.vocab_size"
 
 
@@ -129,7 +130,8 @@ def test_torchrun_variables_win_and_batch_shell_is_single():
 
 def test_resuming_with_another_model_is_refused_before_launch(tiny_config, tmp_path):
     """A run folder holding a checkpoint of another model shape: ConfigError naming the key."""
-    from megamor.train.checkpoint import CONFIG_FILE, MARKER, tag_for
+    from megamor.runs.integrity import MARKER
+    from megamor.runs.layout import CONFIG_FILE, tag_for
     from megamor.train.config import to_yaml
 
     cfg = load_experiment([tiny_config], [f"run_dir={tmp_path}"])
@@ -137,12 +139,12 @@ def test_resuming_with_another_model_is_refused_before_launch(tiny_config, tmp_p
     tag.mkdir(parents=True)
     (tag / CONFIG_FILE).write_text(to_yaml(cfg))
     (tag / MARKER).write_text('{"step": 5, "files": {}}')
-    check_before_launch(cfg, 1)  # same model: fine
+    preflight(cfg, 1)  # same model: fine
     wider = load_experiment([tiny_config], [f"run_dir={tmp_path}", "model.d_model=128"])
     with pytest.raises(ConfigError) as e:
-        check_before_launch(wider, 1)
+        preflight(wider, 1)
     assert e.value.key == "model.d_model" and "checkpoint.resume=false" in str(e.value)
-    check_before_launch(load_experiment([tiny_config], [f"run_dir={tmp_path}", "model.d_model=128",
+    preflight(load_experiment([tiny_config], [f"run_dir={tmp_path}", "model.d_model=128",
                                                         "checkpoint.resume=false"]), 1)
 
 
@@ -158,7 +160,7 @@ def test_resuming_with_another_model_is_refused_before_launch(tiny_config, tmp_p
 def test_impossible_tensor_parallel_layouts_name_the_numbers(tiny_config, overrides, world, key, words):
     with pytest.raises(ConfigError) as e:
         cfg = load_experiment([tiny_config], overrides)
-        check_before_launch(cfg, world)
+        preflight(cfg, world)
     assert e.value.key == key, str(e.value)
     assert all(w in str(e.value) for w in words), str(e.value)
 
@@ -169,7 +171,7 @@ def test_tensor_group_must_fit_in_a_node(tiny_config, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(ConfigError) as e:
-        check_before_launch(cfg, 8)
+        preflight(cfg, 8)
     assert e.value.key == "parallel.tensor" and "4 does not divide the 2 processes per node" in str(e.value)
 
 

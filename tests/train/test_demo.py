@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from megamor.env import repo_root
-from megamor.train.checkpoint import newest_complete
+from megamor.runs.tags import newest_complete
 from tests.train.helpers import train_env
 
 

@@ -11,8 +11,8 @@ import torch
 
 from megamor.env import repo_root
 from megamor.export import load_exported
+from megamor.runs.load import load_model_from_run
 from megamor.testing.distributed import run_distributed
-from megamor.train.checkpoint import load_model_from_run
 from tests.train.helpers import assert_ok, launch, train_env
 
 X = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -48,7 +48,7 @@ def _train_zero3_and_save(rank: int, world: int, run_dir: str) -> None:
     import deepspeed
 
     from megamor.model import MoRLM
-    from megamor.train.checkpoint import CheckpointManager
+    from megamor.runs.save import CheckpointManager
     from megamor.train.config import experiment_from_dict, to_yaml
     from megamor.train.ds_config import deepspeed_config
     from megamor.train.optim import build_optimizer

@@ -12,7 +12,7 @@ def test_trainer_starts_from_converted_weights(tiny_config, tmp_path):
     """`trainer.init_from` loads megamor.convert's output at step 0 (lr ~0: the weights stay)."""
     from megamor.convert import save
     from megamor.model import ModelConfig
-    from megamor.train.checkpoint import load_model_from_run
+    from megamor.runs.load import load_model_from_run
     from tests.train.helpers import assert_ok, launch
 
     torch.manual_seed(0)

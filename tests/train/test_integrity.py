@@ -10,21 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from megamor.train import integrity
-from megamor.train.checkpoint import (
-    CheckpointManager,
-    NoValidCheckpointError,
-    consolidated_state_dict,
-    find_resumable,
-    resolve_tag,
-    rng_state,
-    set_rng_state,
-    tag_for,
-)
+from megamor.runs import integrity
+from megamor.runs.consolidate import consolidated_state_dict
+from megamor.runs.layout import NoValidCheckpointError, tag_for
+from megamor.runs.resume import find_resumable
+from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
+from megamor.runs.safe_load import load as safe_load
+from megamor.runs.save import CheckpointManager, rng_state, set_rng_state
+from megamor.runs.tags import resolve_tag
 from megamor.train.logger import cut_back_metrics
 from megamor.train.optim import skippable
-from megamor.train.safe_load import UnsafeCheckpointError, safe_torch_load
-from megamor.train.safe_load import load as safe_load
 from tests.train.trust_helpers import Payload
 
 
@@ -113,6 +108,18 @@ def test_a_folder_where_no_save_finished_starts_over_but_a_damaged_complete_tag_
     partial_tag(damaged, 8)  # the same folder later: the damaged tag quarantined earlier still counts
     with pytest.raises(NoValidCheckpointError, match="quarantined earlier"):
         find_resumable(damaged, "hash")
+
+
+def test_several_tags_without_marker_refuse_and_keep_refusing(tmp_path):
+    """Issue 17: only a sole first save may lack its marker; two such tags mean saves finished
+    here (markers lost): refuse, and again once they sit in quarantine/ (old code: step 0)."""
+    run = tmp_path / "lost"
+    partial_tag(run, 2)
+    partial_tag(run, 4)
+    with pytest.raises(NoValidCheckpointError, match="refusing to start over"):
+        find_resumable(run, "hash")
+    with pytest.raises(NoValidCheckpointError, match="quarantined earlier"):
+        find_resumable(run, "hash")
 
 
 def test_weights_only_loader_refuses_a_payload_and_names_the_file(tmp_path):

@@ -114,7 +114,7 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
             os.killpg(proc.pid, signal.SIGKILL)
     # The workers were asked to stop (parent-death signal), saved and released the folder.
     out = (tmp_path / "torchrun.log").read_text()
-    from megamor.train.checkpoint import newest_complete
+    from megamor.runs.tags import newest_complete
 
     assert newest_complete(run_dir) is not None and not (run_dir / LOCK_FILE).exists(), out[-3000:]
     RunLock(run_dir).acquire().release()

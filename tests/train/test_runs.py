@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from megamor.env import repo_root
-from megamor.train.checkpoint import MARKER, list_complete, newest_complete, tag_for
-from megamor.train.safe_load import load as safe_load
+from megamor.runs.integrity import MARKER
+from megamor.runs.layout import tag_for
+from megamor.runs.safe_load import load as safe_load
+from megamor.runs.tags import list_complete, newest_complete
 from megamor.train.signals import EXIT_PREEMPTED
 from tests.train.helpers import (
     Run,
@@ -81,7 +83,7 @@ def test_two_processes_match_one(runs, stage):
     # The learned causal threshold: each rank averaged its own micro-batches' top-k boundaries,
     # the ranks' averages were averaged every step: over these 80 micro-batches (the running-mean
     # phase, see `runs`) that is the one-process mean; saved as logged.
-    from megamor.train.checkpoint import load_model_from_run
+    from megamor.runs.load import load_model_from_run
 
     got, want = load_model_from_run(run.run_dir)[0].routers[1], load_model_from_run(ref.run_dir)[0].routers[1]
     assert got.threshold.item() == pytest.approx(want.threshold.item(), abs=1e-4)
@@ -103,7 +105,7 @@ def test_sigkill_then_resume_same_layout_and_wandb_id(runs, tiny_config):
     after = resumed.losses()  # steps 11-12 were redone; the last value of each step counts
     assert rel_diff(after, runs("zero2").losses(), range(11, 21)) <= TOL_RESUME
     # the learned causal threshold and its update count came back from step 10's checkpoint
-    from megamor.train.checkpoint import load_model_from_run
+    from megamor.runs.load import load_model_from_run
 
     got, want = (load_model_from_run(d)[0].routers[1] for d in (run_dir, runs("zero2").run_dir))
     assert got.threshold_updates.item() == want.threshold_updates.item() == 40  # per rank: 20 steps x 2 micro-batches
@@ -222,7 +224,7 @@ def test_nonfinite_losses_are_skipped_then_abort(runs, tiny_config):
 def test_token_choice_loss_free_bias_is_updated_from_global_load(runs, tiny_config):
     """Token choice with loss-free balancing, 2 ranks: the per-depth load is all-reduced and the
     bias moves after every optimizer step (and is saved with the model)."""
-    from megamor.train.checkpoint import load_model_from_run
+    from megamor.runs.load import load_model_from_run
 
     run = launch(tiny_config, runs.base / "token_choice", [
         "model.router.type=token_choice", "model.router.balancing=loss_free", "model.router.z_loss_coef=0.001",

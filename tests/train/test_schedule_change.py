@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from megamor.config import ConfigError
-from megamor.train.config import check_before_launch, load_experiment
+from megamor.train.config import load_experiment
+from megamor.train.preflight import preflight
 from megamor.train.schedule import LRSchedule
 from megamor.train.schedule_change import check_schedule_change
 from tests.train.helpers import assert_ok, launch
@@ -36,7 +37,7 @@ def test_real_resume_refused_then_allowed(tiny_config, tmp_path):
     assert_ok(launch(tiny_config, run_dir, common + ["trainer.max_steps=4"]))
     longer = load_experiment([tiny_config], [f"run_dir={run_dir}", *common, "trainer.max_steps=6"])
     with pytest.raises(ConfigError) as e:
-        check_before_launch(longer, 1)
+        preflight(longer, 1)
     assert e.value.key == "trainer.max_steps" and "step 4" in str(e.value)
 
     run = launch(tiny_config, run_dir, common + ["trainer.max_steps=6", "schedule.allow_change=true"])

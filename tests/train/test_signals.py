@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from megamor.train.checkpoint import list_complete, newest_complete
+from megamor.runs.tags import list_complete, newest_complete
 from megamor.train.signals import EXIT_PREEMPTED, StopRequest
 from tests.train.helpers import launch
 

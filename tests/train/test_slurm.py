@@ -4,7 +4,7 @@ makes every rank save and exit 75, the script requeues the job, the rerun resume
 from __future__ import annotations
 
 from megamor.env import repo_root
-from megamor.train.checkpoint import list_complete, newest_complete
+from megamor.runs.tags import list_complete, newest_complete
 from tests.train.helpers import slurm_status, train_env, wait_for_step
 
 

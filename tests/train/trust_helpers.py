@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from megamor.train import integrity
-from megamor.train.safe_load import load as safe_load
+from megamor.runs import integrity
+from megamor.runs.safe_load import load as safe_load
 
 # The file kinds of a ZeRO-1 tag, by what they hold.
 FILE_KINDS = {

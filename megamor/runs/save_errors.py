@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megamor.train.patching import ReentrantPatch
+from megamor.runs.patching import ReentrantPatch
 
 
 class CheckpointSaveError(RuntimeError):

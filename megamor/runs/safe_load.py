@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from megamor.train.patching import ReentrantPatch
+from megamor.runs.patching import ReentrantPatch
 
 # Set for subprocesses (ds_to_universal): torch then forces weights_only=True at every load.
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"

@@ -25,14 +25,14 @@ from typing import Any
 import xxhash
 
 from megamor.data.atomic import atomic_open, write_json
+from megamor.runs.layout import LATEST, MARKER, QUARANTINE, UNIVERSAL
 
-MARKER = "COMPLETE"
-QUARANTINE = "quarantine"
 HASH_NAME = "xxh3_128"
 BLOCK = 8 << 20  # streamed in 8 MiB blocks: bounded memory, few syscalls
 VERIFY_MODES = ("hash", "size")
 UNFINISHED = "no COMPLETE marker (a save that did not finish)"
 SET_ASIDE = "set aside: the run was started over with checkpoint.resume=false"
+STARTED_OVER = "started_over"  # key of a quarantine record: the run started from step 0 after this tag
 _RANK_RE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
@@ -50,6 +50,11 @@ def tag_files(folder: Path) -> list[str]:
     """The files a marker covers: everything but the marker and hidden (temp) files."""
     return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != MARKER and not p.name.startswith(".")]
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """The marker's file list: every covered file (see tag_files) with its size."""
+    return {name: (folder / name).stat().st_size for name in tag_files(folder)}
 
 
 def owner(name: str, world: int) -> int:
@@ -130,40 +135,67 @@ def quarantine(tag_dir: Path, reason: str) -> Path:
     write_json(qdir / f"{dest.name}.json", {"tag": tag_dir.name, "reason": reason, "time": time.time(),
                                              "moved_from": str(tag_dir)})
     # A universal conversion of this tag is derived from it: regenerated if the tag is restored.
-    shutil.rmtree(tag_dir.parent / "universal" / tag_dir.name, ignore_errors=True)
-    latest = tag_dir.parent / "latest"
+    shutil.rmtree(tag_dir.parent / UNIVERSAL / tag_dir.name, ignore_errors=True)
+    latest = tag_dir.parent / LATEST
     if latest.is_file() and latest.read_text().strip() == tag_dir.name:
         latest.unlink()
     return dest
 
 
-def quarantined(ckpt_root: Path) -> list[tuple[str, str]]:
-    """(folder name, reason) of every quarantined tag."""
+def quarantine_records(ckpt_root: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, its .json record) of every quarantined tag (an unreadable record: {})."""
     qdir = quarantine_dir(ckpt_root)
     out = []
     if qdir.is_dir():
         for d in sorted(p for p in qdir.iterdir() if p.is_dir()):
-            why = "reason unknown"
+            rec: dict[str, Any] = {}
             with contextlib.suppress(OSError, ValueError):
-                why = json.loads((qdir / f"{d.name}.json").read_text()).get("reason", why)
-            out.append((d.name, why))
+                loaded = json.loads((qdir / f"{d.name}.json").read_text())
+                rec = loaded if isinstance(loaded, dict) else {}
+            out.append((d.name, rec))
     return out
 
 
+def quarantined(ckpt_root: Path) -> list[tuple[str, str]]:
+    """(folder name, reason) of every quarantined tag."""
+    return [(name, rec.get("reason", "reason unknown")) for name, rec in quarantine_records(ckpt_root)]
+
+
 def never_completed(ckpt_root: Path, reasons: list[str]) -> bool:
-    """True when no save in this run folder ever finished: every rejected tag (`reasons`) and
-    every earlier quarantined one lacks its COMPLETE marker (or was set aside on purpose).
-    Such a folder holds nothing to resume (e.g. a job killed during its very first save), so
-    starting from step 0 loses nothing; the partial tags stay in quarantine/."""
+    """True when the run folder holds nothing but one first save that never finished (e.g. a
+    job killed during its very first save): starting from step 0 then loses nothing, and the
+    partial tag stays in quarantine/. `reasons`: why each tag was rejected just now (they are
+    in quarantine/ already).
+
+    Counted are the quarantined tags without a marker that were not set aside on purpose nor
+    already started over from (mark_started_over). Several such tags (markers lost in a copy
+    or deleted; an older tag than the one being saved), a quarantined tag with its marker, or
+    any other failure mean saves did finish here: False, the trainer refuses."""
     if not all(r == UNFINISHED for r in reasons):
         return False
     qdir = quarantine_dir(ckpt_root)
-    for name, why in quarantined(ckpt_root):
+    unfinished = 0
+    for name, rec in quarantine_records(ckpt_root):
+        why = rec.get("reason", "reason unknown")
         if why == SET_ASIDE:
             continue
-        if why != UNFINISHED or (qdir / name / MARKER).exists():
+        if (qdir / name / MARKER).exists():
             return False
-    return True
+        if rec.get(STARTED_OVER):
+            continue
+        if why != UNFINISHED:
+            return False
+        unfinished += 1
+    return unfinished <= 1
+
+
+def mark_started_over(ckpt_root: Path) -> None:
+    """Rank 0, after never_completed chose a fresh start: record on the partial tag that the run
+    started over from it, so it never counts against a later start (see never_completed)."""
+    qdir = quarantine_dir(ckpt_root)
+    for name, rec in quarantine_records(ckpt_root):
+        if rec.get("reason") == UNFINISHED and not rec.get(STARTED_OVER):
+            write_json(qdir / f"{name}.json", {**rec, STARTED_OVER: True})
 
 
 def warn(text: str) -> None:
@@ -171,5 +203,5 @@ def warn(text: str) -> None:
 
 
 def write_latest(ckpt_root: Path, tag: str) -> None:
-    with atomic_open(ckpt_root / "latest", "w") as f:
+    with atomic_open(ckpt_root / LATEST, "w") as f:
         f.write(tag)

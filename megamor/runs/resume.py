@@ -1,0 +1,195 @@
+"""Resuming a run: which tag, validated how, loaded directly or through a universal conversion.
+
+A run killed at any moment resumes from the newest tag whose COMPLETE marker is present and
+whose files still have the recorded sizes and hashes (`checkpoint.verify`). A tag that fails is
+quarantined, never deleted, and the previous one is tried; when tags exist and none validates
+the trainer refuses to start over on its own (NoValidCheckpointError, exit 2). The one
+exception is a folder where no save ever finished (integrity.never_completed).
+
+Changing the data-parallel size on resume: ZeRO 1/2/3 optimizer state is partitioned per
+rank, so the newest tag is converted to a DeepSpeed universal checkpoint (ds_to_universal,
+once, by rank 0, weights-only: safe_universal.py) and loaded with `load_universal`. ZeRO-0 in
+fp32 keeps the whole optimizer state in the model-states file and loads at any DP size
+directly. Changing the ZeRO stage is attempted through the universal path as well.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megamor.data.atomic import write_json
+from megamor.parallel import dist as pdist
+from megamor.runs import integrity
+from megamor.runs.integrity import check_tag, file_sizes, quarantine, warn
+from megamor.runs.layout import (
+    MARKER,
+    UNIVERSAL,
+    CheckpointError,
+    CheckpointRef,
+    NoValidCheckpointError,
+    checkpoints_dir,
+    step_of,
+    tag_dirs,
+)
+from megamor.runs.safe_load import UnsafeCheckpointError
+from megamor.runs.safe_universal import PROG as SAFE_UNIVERSAL
+from megamor.runs.tags import newest_complete
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    ref: CheckpointRef
+    load_dir: Path  # the folder holding the tag to load (the universal folder when converting)
+    universal: bool
+
+    @property
+    def tag(self) -> str:
+        return self.ref.tag
+
+
+def plan_for(ref: CheckpointRef, dp_size: int, zero_stage: int, precision: str) -> ResumePlan:
+    """Load the tag directly (same layout, or replicated ZeRO-0 fp32), else through a universal
+    conversion."""
+    m = ref.meta
+    same_layout = m.get("dp_world_size") == dp_size and m.get("zero_stage") == zero_stage
+    replicated = m.get("zero_stage") == 0 == zero_stage and m.get("precision") == "fp32" == precision
+    if same_layout or replicated:
+        return ResumePlan(ref, ref.root, universal=False)
+    return ResumePlan(ref, ref.root / UNIVERSAL, universal=True)
+
+
+def plan_resume(run_dir: str | Path, dp_size: int, zero_stage: int, precision: str) -> ResumePlan | None:
+    """How to resume from the newest tag that passes the size check (one process, moves
+    nothing), or None. The trainer uses find_resumable, which also checks hashes."""
+    ref = newest_complete(run_dir)
+    return plan_for(ref, dp_size, zero_stage, precision) if ref is not None else None
+
+
+def find_resumable(run_dir: str | Path, verify: str) -> CheckpointRef | None:
+    """The newest tag that validates, or None when checkpoints/ holds no tag at all. Every rank
+    calls it: rank 0 checks markers and sizes and moves failed tags to quarantine/; with
+    verify="hash" the ranks share the hashing (each reads the files it would have written).
+    Raises NoValidCheckpointError when tags exist (or were quarantined) and none validates,
+    unless the folder's only tag is a first save that never finished (integrity.never_completed):
+    then None, a fresh start."""
+    root = checkpoints_dir(run_dir)
+    rank, world = pdist.rank(), pdist.world_size()
+    rejected: list[str] = []
+    reasons: list[str] = []
+    while True:
+        ref = None
+        if rank == 0:
+            for d in reversed(tag_dirs(root)):
+                meta, why = check_tag(d, "size")
+                if meta is not None:
+                    ref = CheckpointRef(d, step_of(d.name) or 0, meta)
+                    break
+                reasons.append(why or "failed validation")
+                rejected.append(_reject(d, reasons[-1]))
+        ref = pdist.broadcast_object(ref)
+        if ref is None:
+            break
+        if verify != "hash":
+            return ref
+        names = [n for n in sorted(ref.meta["files"]) if integrity.owner(n, world) == rank]
+        whys = [w for w in pdist.all_gather_object(integrity.check_hashes(ref.path, ref.meta, names)) if w]
+        if not whys:
+            return ref
+        if rank == 0:
+            reasons.append(whys[0])
+            rejected.append(_reject(ref.path, whys[0]))
+    message = None
+    if rank == 0 and integrity.never_completed(root, reasons):
+        integrity.mark_started_over(root)
+        if rejected:
+            warn(f"{root}: no save ever finished in this run folder ({'; '.join(rejected)}): starting from step 0; "
+                 f"the partial tags are kept in {integrity.quarantine_dir(root)}")
+    elif rank == 0:
+        now = {r.split(" ")[0] for r in rejected}
+        earlier = [f"{name} ({rec.get('reason', 'reason unknown')})" for name, rec in integrity.quarantine_records(root)
+                   if name not in now and not rec.get(integrity.STARTED_OVER)]
+        if rejected or earlier:
+            message = (f"{root}: no checkpoint validates, refusing to start over on top of it: "
+                       + "; ".join(rejected + [f"quarantined earlier: {e}" for e in earlier])
+                       + f". The failed tags are kept in {integrity.quarantine_dir(root)}. To start over on purpose, rerun "
+                         "with checkpoint.resume=false (or use another run_dir)")
+    message = pdist.broadcast_object(message)
+    if message:
+        raise NoValidCheckpointError(message)
+    return None
+
+
+def _reject(tag_dir: Path, why: str) -> str:
+    """Rank 0: quarantine a tag that failed validation, warn, and describe it."""
+    dest = quarantine(tag_dir, why)
+    warn(f"checkpoint {tag_dir.name} failed validation: {why}; moved to {dest} (not deleted); trying the previous one")
+    return f"{tag_dir.name} ({why})"
+
+
+def set_aside_for_restart(run_dir: str | Path) -> list[Path]:
+    """Rank 0, checkpoint.resume=false: move the existing tags to quarantine/ so the new run's
+    tags never mix with (or prune) the old run's."""
+    moved = []
+    for d in tag_dirs(checkpoints_dir(run_dir)):
+        moved.append(quarantine(d, integrity.SET_ASIDE))
+    if moved:
+        warn(f"checkpoint.resume=false: {len(moved)} existing checkpoint(s) moved to {moved[0].parent} (not deleted)")
+    return moved
+
+
+def ensure_universal(ref: CheckpointRef) -> Path:
+    """Convert a tag to a universal checkpoint once (rank 0 only); returns its folder."""
+    out_root = ref.root / UNIVERSAL
+    out = out_root / ref.tag
+    if check_tag(out, "hash")[0] is not None:
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # derived from the tag: a damaged conversion is redone
+    src_stage = ref.meta.get("zero_stage")
+    if src_stage == 0:
+        raise CheckpointError(
+            f"{ref.path}: a ZeRO-0 {ref.meta.get('precision')} checkpoint cannot be resharded; resume with the same "
+            f"data-parallel size ({ref.meta.get('dp_world_size')}) and precision, or train with ZeRO 1-3 (or ZeRO-0 fp32)"
+        )
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = out_root / f".{ref.tag}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Through megamor's wrapper: every torch.load in the conversion is weights-only.
+    cmd = [sys.executable, "-m", SAFE_UNIVERSAL, "--input_folder", str(ref.path),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        if r.returncode == 2 and "refused to load" in tail:
+            raise UnsafeCheckpointError(tail.splitlines()[-1].removeprefix(f"{SAFE_UNIVERSAL}: "))
+        raise CheckpointError(f"converting {ref.path} to a universal checkpoint failed:\n{tail}")
+    (out_root / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass tags
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    names = integrity.tag_files(out)
+    write_json(out / MARKER, {"source": ref.tag, "time": time.time(),
+                              **integrity.marker_payload(file_sizes(out), {n: integrity.hash_file(out / n) for n in names})})
+    return out
+
+
+def restore_optimizer_hparams(engine: Any, group_hparams: list[dict[str, Any]]) -> None:
+    """Undo two DeepSpeed universal-load defects (0.19): every param group gets group 0's
+    hyper-parameters (weight decay on norms/embeddings), and torch AdamW's per-parameter `step`
+    tensors end up shared, so each optimizer step advances the count once per group."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for g, saved in zip(base.param_groups, group_hparams):
+        for k, v in saved.items():
+            if k != "lr":  # the trainer sets lr every step
+                g[k] = v
+    for st in base.state.values():
+        if isinstance(st.get("step"), torch.Tensor):
+            st["step"] = st["step"].clone()

@@ -1,0 +1,103 @@
+"""Preflight: every check of a launch that can fail before a process group starts.
+
+`python -m megamor.train` runs `preflight(cfg, world_size)` once, right after the config is
+parsed and validated (train/config.py) and before any process group or engine exists. A
+failure is a ConfigError: one line naming the key, exit 2.
+
+    launch      the TP x DP layout fits the world (and TP groups fit in a node), the batch
+                divides over it, data paths and the tokenizer's vocabulary, run_dir is
+                writable, W&B credentials for online mode
+    run folder  (checkpoint.resume) the checkpoint that would be resumed holds the configured
+                model, the same learning-rate schedule (or schedule.allow_change), the same
+                TP x DP layout for a tensor-parallel tag; trainer.init_from loads and holds
+                the configured model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from megamor.config import ConfigError
+from megamor.parallel.env import peek_local_world_size, resolve_launch_env
+from megamor.runs.layout import CONFIG_FILE, CheckpointRef
+from megamor.runs.tags import newest_complete
+from megamor.train.config import ExperimentConfig, check_world, data_parallel_size, load_experiment
+from megamor.train.init_from import check_init_from
+from megamor.train.schedule_change import check_schedule_change
+from megamor.train.wandb_setup import check_credentials
+
+
+def preflight(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """All checks before launch. Returns the shards' tokenizer entry (hash, vocab_size, ...)."""
+    tokenizer = check_launch(cfg, world_size)
+    check_run_folder(cfg, world_size)
+    return tokenizer
+
+
+def check_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """The launch environment and the files the config names (not the run folder's contents)."""
+    data_parallel_size(cfg, world_size, peek_local_world_size())
+    check_world(cfg, world_size)
+    tokenizer = cfg.data.check_paths("data")
+    vocab = int(tokenizer.get("vocab_size", 0))
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's vocabulary {vocab}")
+    run = cfg.run_path
+    probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise ConfigError("run_dir", f"{run}: {probe} is not writable")
+    check_credentials(cfg.wandb.resolved_mode())
+    return tokenizer
+
+
+def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:
+    """What the run folder (and trainer.init_from) must agree with before resuming or starting."""
+    if cfg.checkpoint.resume:
+        ref = newest_complete(cfg.run_path)
+        if ref is not None:
+            check_resumable(cfg, ref)
+            check_resume_layout(cfg, ref, world_size)
+    if cfg.trainer.init_from:
+        check_init_from(cfg.trainer.init_from, cfg.model)
+
+
+def check_resume_layout(cfg: ExperimentConfig, ref: CheckpointRef, world_size: int) -> None:
+    """Tensor-parallel checkpoints resume only at the TP x DP layout they were saved with: their
+    per-TP-rank files hold other slices of every matrix than another TP size would need (export
+    merges them into one model; `trainer.init_from` starts a new run from that at another TP)."""
+    tp_then, tp_now = int(ref.meta.get("tensor_parallel", 1)), cfg.parallel.tensor
+    dp_then, dp_now = ref.meta.get("dp_world_size"), world_size // tp_now
+    if tp_then != tp_now:
+        raise ConfigError("parallel.tensor", f"is {tp_now} but the checkpoint to resume ({ref.path}) was saved with "
+                                             f"parallel.tensor={tp_then}; resume with parallel.tensor={tp_then}, or start a "
+                                             f"new run_dir with trainer.init_from={cfg.run_path} (weights only)")
+    if tp_now > 1 and dp_then is not None and dp_then != dp_now:
+        raise ConfigError("parallel.tensor", f"{ref.path} was saved with tensor {tp_then} x data {dp_then}; this launch "
+                                             f"is tensor {tp_now} x data {dp_now}: a tensor-parallel run resumes only "
+                                             f"with the same layout (launch {tp_then * dp_then} processes)")
+
+
+def _flat(d: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out
+
+
+def check_resumable(cfg: ExperimentConfig, ref: CheckpointRef) -> None:
+    """The checkpoint this run would resume holds the configured model and schedule."""
+    if not (ref.path / CONFIG_FILE).is_file():
+        return
+    saved_cfg = load_experiment([ref.path / CONFIG_FILE])
+    now, then = _flat(dataclasses.asdict(cfg.model)), _flat(dataclasses.asdict(saved_cfg.model))
+    for k in now:
+        if now[k] != then.get(k) and not k.endswith(".attn_impl"):
+            raise ConfigError(k, f"is {now[k]!r} but the checkpoint to resume ({ref.path}) was trained with "
+                                 f"{then.get(k)!r}; use another run_dir, or checkpoint.resume=false to start over")
+    note = check_schedule_change(cfg, saved_cfg, ref.step, str(ref.path))
+    if note and resolve_launch_env(dict(os.environ)).rank == 0:
+        print(note, file=sys.stderr, flush=True)

@@ -1,0 +1,160 @@
+"""The package's import structure: no import circles, and the run-folder layer (megamor.runs)
+below training and evaluation.
+
+The graph is built from the source with ast: every `import megamor...` / `from megamor...
+import` of a module, at module level or inside a function (`if TYPE_CHECKING:` blocks
+excluded). A circle held apart by a function-level import is still a circle: the modules
+cannot be understood, or imported first, on their own.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import megamor
+
+PKG = Path(megamor.__file__).parent
+RUNS = "megamor.runs"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.Module, top_level_only: bool) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements of a module, `if TYPE_CHECKING:` blocks excluded; with
+    top_level_only, only those run when the module is imported (not inside functions)."""
+    out: list[ast.Import | ast.ImportFrom] = []
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.append(node)
+        elif isinstance(node, ast.If) and _is_type_checking(node):
+            todo += node.orelse
+        elif top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        else:
+            todo += list(ast.iter_child_nodes(node))
+    return out
+
+
+def imported_modules(name: str, path: Path, known: set[str], top_level_only: bool = False) -> set[str]:
+    """The megamor modules `name` imports at module level (a package import `from megamor.x
+    import y` counts as megamor.x, plus megamor.x.y when that is a module)."""
+    tree = ast.parse(path.read_text(), str(path))
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in _imports(tree, top_level_only):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+            for t in targets:
+                if t.startswith("megamor"):
+                    out.add(t)
+            continue
+        if node.level:  # relative import
+            base = name.split(".") if is_pkg else name.split(".")[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            mod = ".".join(base + ([node.module] if node.module else []))
+        else:
+            mod = node.module or ""
+        if not mod.startswith("megamor"):
+            continue
+        out.add(mod)
+        for a in node.names:
+            if f"{mod}.{a.name}" in known:
+                out.add(f"{mod}.{a.name}")
+    # Importing megamor.a.b runs megamor.a's __init__ first, unless the importer lives in
+    # megamor.a itself (a package is always initialised before its submodules run).
+    for m in list(out):
+        parts = m.split(".")
+        for i in range(2, len(parts)):
+            parent = ".".join(parts[:i])
+            if not (name == parent or name.startswith(parent + ".")):
+                out.add(parent)
+    return {m for m in out if m in known and m != name}
+
+
+def import_graph(top_level_only: bool = False) -> dict[str, set[str]]:
+    mods = all_modules()
+    known = set(mods)
+    return {name: imported_modules(name, path, known, top_level_only) for name, path in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (a -> b -> ... -> a), or None. Iterative DFS with colours."""
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(graph, white)
+    for start in sorted(graph):
+        if colour[start] != white:
+            continue
+        stack: list[tuple[str, list[str]]] = [(start, sorted(graph[start]))]
+        path = [start]
+        colour[start] = grey
+        while stack:
+            node, todo = stack[-1]
+            if not todo:
+                colour[node] = black
+                stack.pop()
+                path.pop()
+                continue
+            nxt = todo.pop()
+            if colour.get(nxt) == grey:
+                return path[path.index(nxt):] + [nxt]
+            if colour.get(nxt) == white:
+                colour[nxt] = grey
+                path.append(nxt)
+                stack.append((nxt, sorted(graph[nxt])))
+    return None
+
+
+def test_cycle_finder_finds_a_known_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_no_module_level_import_cycle():
+    cycle = find_cycle(import_graph(top_level_only=True))
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_run_folder_package_imports_neither_train_nor_eval():
+    graph = import_graph()  # function-level imports too: the layer never reaches up
+    mine = {m: deps for m, deps in graph.items() if m == RUNS or m.startswith(RUNS + ".")}
+    assert RUNS in mine and f"{RUNS}.load" in mine, f"{RUNS} is missing"
+    bad = {m: sorted(d for d in deps if d.startswith(("megamor.train", "megamor.eval"))) for m, deps in mine.items()}
+    assert not any(bad.values()), bad
+    allowed = ("megamor.runs", "megamor.model", "megamor.parallel", "megamor.data", "megamor.config", "megamor.env")
+    outside = {m: sorted(d for d in deps if not d.startswith(allowed)) for m, deps in mine.items()}
+    assert not any(outside.values()), outside
+
+
+@pytest.mark.parametrize("module", [RUNS, "megamor.train.trainer", "megamor.eval.checkpoint", "megamor.model.mor",
+                                    "megamor.model.generate", "megamor.train.config", "megamor.train.schedule"])
+def test_each_module_imports_first_in_a_fresh_interpreter(module):
+    """Imported first, alone: a circle that import order hides elsewhere fails here."""
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
