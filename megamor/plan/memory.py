@@ -35,15 +35,25 @@ PERSISTENCE_DEFAULT = 100_000  # DeepSpeed's stage3_param_persistence_threshold
 REDUCE_BUCKET_DEFAULT = 500_000_000  # DeepSpeed's reduce_bucket_size
 
 
+def meta_model(cfg: ModelConfig) -> MoRLM:
+    """The model built on the `meta` device (shapes only), once per config: ranking many
+    layouts, or a 1.7B model, builds it once (dataclasses are not hashable: keyed by repr)."""
+    key = repr(cfg)
+    model = _META.get(key)
+    if model is None:
+        with torch.device("meta"):
+            model = _META[key] = MoRLM(cfg)
+    return model
+
+
+_META: dict[str, MoRLM] = {}
+
+
 def param_numels(cfg: ModelConfig, tp: int = 1) -> list[int]:
     """Elements of every distinct parameter on one TP rank (tied weights once)."""
-    with torch.device("meta"):
-        model = MoRLM(cfg)
-    out = []
-    for name, p in model.named_parameters():  # remove_duplicate: a tied weight once
-        dim = shard_dim(name)
-        out.append(p.numel() // tp if dim is not None else p.numel())
-    return out
+    # named_parameters drops duplicates: a tied weight once.
+    return [p.numel() // tp if shard_dim(name) is not None else p.numel()
+            for name, p in meta_model(cfg).named_parameters()]
 
 
 @dataclass(frozen=True)

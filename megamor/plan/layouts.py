@@ -1,0 +1,47 @@
+"""Every layout a world size allows, the ones that fit, ranked by predicted throughput.
+
+Candidates: TP sizes that divide the world, stay inside one node and split the model (heads,
+KV heads, d_ff, vocabulary); ZeRO 0-3 (TP runs with 0-2); micro-batches that divide the global
+batch per data-parallel rank (powers of two and the largest); checkpointing off and on;
+sequence parallelism (with TP > 1) only when the config asks for it. Ranking: predicted
+tokens/day (megamor.plan.speed: the recompute's 4/3 and the exposed TP / DP traffic are what
+separate them), then fewer bytes per rank, then the larger micro-batch (fewer, larger kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megamor.config import ConfigError
+from megamor.plan.hardware import GPU
+from megamor.plan.planner import Layout, plan_layout
+from megamor.train.config import ExperimentConfig
+
+
+def candidate_layouts(exp: ExperimentConfig, world: int, gpus_per_node: int) -> list[Layout]:
+    sp = bool(getattr(exp.parallel, "sequence", False))
+    out = []
+    for tp in (t for t in (1, 2, 4, 8) if t <= min(world, gpus_per_node) and world % t == 0):
+        dp = world // tp
+        per_rank = exp.batch.global_batch_size // dp if exp.batch.global_batch_size % dp == 0 else 0
+        micros = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, per_rank) if m and per_rank % m == 0})
+        for zero in (0, 1, 2) if tp > 1 else (0, 1, 2, 3):
+            for micro in micros:
+                for ckpt in (False, True):
+                    out.append(Layout(world, tp, zero, micro, ckpt, sp and tp > 1))
+    return out
+
+
+def ranked_layouts(exp: ExperimentConfig, world: int, gpu: GPU, mfu: float, headroom: float,
+                   attention: str = "sdpa") -> list[dict[str, Any]]:
+    """Plans of the candidate layouts that fit, best first."""
+    plans = []
+    for layout in candidate_layouts(exp, world, gpu.gpus_per_node):
+        try:
+            plan = plan_layout(exp, layout, gpu, mfu, headroom, attention)
+        except ConfigError:  # this TP size cannot split the model, or the batch does not divide
+            continue
+        if plan["fits"]:
+            plans.append(plan)
+    plans.sort(key=lambda p: (-p["speed"]["tokens_per_day"], p["per_rank"]["total_bytes"], -p["layout"]["micro_batch"]))
+    return plans
