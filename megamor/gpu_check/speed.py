@@ -1,0 +1,238 @@
+"""The speed parts, each figure beside its target (GPU; bf16, dense datasheet peak).
+
+- train_<size> (135m, 360m, 1_7b): a plain training loop, as the trainer runs on one GPU without
+  DeepSpeed (per-layer torch.compile, bf16 autocast over fp32 weights, fused AdamW), on random
+  tokens at seq 2048: MFU of vanilla and MoR expert choice; the same MoR model with routing off
+  (capacity 1.0 at every step), whose time ratio against the FLOP ratio gives the realised share
+  of the FLOP saving; token choice against expert choice. FLOPs per step are 3 x forward from
+  the tokens each recursion step really ran (`megamor.model.flops`, `megamor.train.metrics`).
+- decode: tokens/s of the decoding engine's static step (a CUDA graph on GPU;
+  `megamor.inference.bench`) against Hugging Face `generate` with its dynamic cache on the
+  vanilla weights, and MoR expert-3 against vanilla, routers calibrated to their capacities.
+
+Under --tiny the same rows run eagerly on toy shapes on the CPU (the compile part checks the
+compiled path); MFU is then against a timed matmul and every target reads "n/a on CPU".
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+from megamor.gpu_check.common import (
+    ERROR,
+    MEASURE,
+    SKIPPED,
+    SPEED,
+    Context,
+    build_model,
+    model_config,
+    short_error,
+    sync,
+)
+from megamor.gpu_check.parts import DECODE_NAMES, SIZE_LABEL, TRAIN_ROWS
+
+# size -> (recursions, micro-batch, MFU target). Rows (parts.TRAIN_ROWS) run in priority order:
+# a row that would start too close to the part's limit is skipped, and the checks needing it say so.
+TRAIN_SIZES = {"135m": (3, 8, 0.35), "360m": (3, 8, 0.45), "1_7b": (2, 4, 0.55)}
+LABELS = {"vanilla": "vanilla", "mor_expert": "MoR expert", "mor_expert_off": "MoR expert, routing off",
+          "mor_token": "MoR token"}
+REALISED_TARGET = 0.90
+TOKEN_RATIO_TARGET = 1.1
+DECODE_HF_TARGET = 5.0
+DECODE_MOR_TARGET = 1.6
+DEFAULT_GPU_PEAK = 989.0  # H100/H200 dense bf16, when the device is not in metrics.GPU_PEAK_TFLOPS
+
+
+def peak(ctx: Context) -> tuple[float, str]:
+    from megamor.train.metrics import peak_tflops
+
+    tf = peak_tflops(ctx.device, "bf16", ctx.peak_tflops, probe_cpu=True)
+    if ctx.peak_tflops:
+        return tf, "--peak-tflops"
+    if tf is None:
+        return DEFAULT_GPU_PEAK, f"{torch.cuda.get_device_name(ctx.device)} not in metrics.GPU_PEAK_TFLOPS: 989 assumed"
+    return tf, "datasheet bf16 dense" if ctx.on_gpu else "timed bf16 matmul on this CPU"
+
+
+def _fresh(device: torch.device) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _row_config(size: str, row: str, nr: int, tiny: bool, seq: int):
+    variant = {"vanilla": "vanilla", "mor_expert": f"mor_expert_{nr}", "mor_expert_off": f"mor_expert_{nr}",
+               "mor_token": f"mor_token_{nr}"}[row]
+    extra = [f"max_seq_len={max(seq, 256)}"]
+    if row == "mor_expert_off":  # the same model with every token through every step
+        extra.append(f"router.capacity=[{','.join(['1.0'] * nr)}]")
+    return model_config(size, variant, tiny, extra)
+
+
+def measure_train(ctx: Context, cfg, B: int, T: int, warmup: int, steps: int) -> dict:
+    """Median step time of a compiled bf16-autocast AdamW loop, and the step's model FLOPs."""
+    from megamor.train.compile import compile_layers
+    from megamor.train.metrics import step_flops
+
+    dev = ctx.device
+    _fresh(dev)
+    model = build_model(cfg, dev).train()
+    if not ctx.tiny:  # --tiny: eager (the compile part checks the compiled path; CI time is short)
+        compile_layers(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.on_gpu)
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev)
+
+    def step() -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            out = model(x[:, :-1], targets=x[:, 1:], return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.stats.routed
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(dev)
+    warm = time.perf_counter() - t0
+    times: list[float] = []
+    routed = None
+    for i in range(steps):
+        if i >= 2 and ctx.left() < 10 + 2 * statistics.median(times):
+            break  # keep time to write the row
+        sync(dev)
+        t = time.perf_counter()
+        routed = step()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    flops = step_flops(cfg, [(B, T)], [routed] if routed is not None and routed.numel() else [])
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6
+    mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    counts = routed.tolist() if routed is not None and routed.numel() else []
+    return {"step_s": statistics.median(times), "steps_s": times, "flops": flops, "tokens": B * T, "warmup_s": warm,
+            "params_m": params, "peak_mem_gb": mem, "tokens_per_step": counts, "batch": B, "seq": T}
+
+
+def train(ctx: Context, size: str) -> None:
+    nr, B, mfu_target = TRAIN_SIZES[size]
+    rows = TRAIN_ROWS[size]
+    s = SIZE_LABEL[size]
+    B, T = (2, 64) if ctx.tiny else (B, 2048)
+    warmup, steps = (1, 3) if ctx.tiny else (3, 6)
+    tf, peak_src = peak(ctx)
+    mode = "eager (--tiny), bf16 autocast" if ctx.tiny else "compiled (inductor), bf16 autocast, fused AdamW"
+    got: dict[str, dict] = {}
+    why: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        name = f"{s} {LABELS[row]}"
+        # The first row always runs; later ones need room for a compile and a few steps.
+        need = 0 if i == 0 else (15 if ctx.tiny else 45)
+        if ctx.left() < need:
+            why[row] = f"skipped: {ctx.left():.0f} s left of the part's limit"
+            ctx.check(MEASURE, name, SKIPPED, note=why[row])
+            continue
+        try:
+            m = measure_train(ctx, _row_config(size, row, nr, ctx.tiny, T), B, T, warmup, steps)
+        except Exception as e:  # noqa: BLE001 -- an OOM or compile error is this row's, not the part's
+            why[row] = f"failed: {short_error(e)}"
+            ctx.check(MEASURE, name, ERROR, note=why[row])
+            continue
+        m["mfu"] = m["flops"] / m["step_s"] / (tf * 1e12)
+        got[row] = m
+        ctx.check(MEASURE, name, "", f"{m['step_s']:.4f} s/step, MFU {100 * m['mfu']:.1f}%", note=mode, value=m["mfu"],
+                  peak_tflops=tf, peak_source=peak_src, **m)
+
+    def need(*names: str) -> str | None:
+        missing = [n for n in names if n not in got]
+        return "; ".join(f"{LABELS[n]} row {why.get(n, 'missing')}" for n in missing) or None
+
+    for row, check in (("vanilla", f"MFU {s} vanilla"), ("mor_expert", f"MFU {s} MoR expert")):
+        target = f">= {100 * mfu_target:.0f}%"
+        if (reason := need(row)) is not None:
+            ctx.check(SPEED, check, ERROR if "failed" in reason else SKIPPED, target=target, note=reason)
+            continue
+        m = got[row]
+        ctx.speed(check, m["mfu"], f"{100 * m['mfu']:.1f}%", target, m["mfu"] >= mfu_target,
+                  f"{m['tokens'] / m['step_s']:,.0f} tokens/s, {m['flops'] / 1e12:.2f} TFLOP/step; peak {tf:.3g} TFLOP/s ({peak_src})")
+    if "mor_expert_off" in rows:
+        check, target = f"MoR realised FLOP saving {s}", f">= {100 * REALISED_TARGET:.0f}%"
+        if (reason := need("mor_expert", "mor_expert_off")) is not None:
+            ctx.check(SPEED, check, ERROR if "failed" in reason else SKIPPED, target=target, note=reason)
+        else:
+            e, off = got["mor_expert"], got["mor_expert_off"]
+            tr, fr = e["step_s"] / off["step_s"], e["flops"] / off["flops"]
+            real = (1 - tr) / (1 - fr)
+            ctx.speed(check, real, f"{100 * real:.0f}%", target, real >= REALISED_TARGET,
+                      f"time x{tr:.3f} for FLOPs x{fr:.3f} of the same model with routing off")
+    if "mor_token" in rows:
+        check, target = f"token / expert step time {s}", f"<= {TOKEN_RATIO_TARGET:g}x"
+        if (reason := need("mor_expert", "mor_token")) is not None:
+            ctx.check(SPEED, check, ERROR if "failed" in reason else SKIPPED, target=target, note=reason)
+        else:
+            e, tok = got["mor_expert"], got["mor_token"]
+            ratio = tok["step_s"] / e["step_s"]
+            per_flop = (tok["step_s"] / tok["flops"]) / (e["step_s"] / e["flops"])
+            ctx.speed(check, ratio, f"{ratio:.2f}x", target, ratio <= TOKEN_RATIO_TARGET,
+                      f"time per FLOP {per_flop:.2f}x")
+
+
+# -- decoding -------------------------------------------------------------------------------------
+def _decode_model(ctx: Context, variant: str, dtype: torch.dtype, prompts: list[list[int]], new: int):
+    from megamor.inference.calibrate import calibrate_decoding
+
+    model = build_model(model_config("135m", variant, ctx.tiny), ctx.device, dtype, seed=1).eval()
+    if model.routers is not None or model.depth_router is not None:
+        calibrate_decoding(model, prompts, new)  # random routers would send every token one way
+    return model
+
+
+def decode(ctx: Context) -> None:
+    from megamor.inference.bench import bench_engine, bench_hf
+
+    dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
+    batch, plen, new, repeats = (4, 16, 8, 1) if ctx.tiny else (16, 128, 64, 3)
+    g = torch.Generator().manual_seed(0)
+    vocab = model_config("135m", "vanilla", ctx.tiny).vocab_size
+    prompts = torch.randint(1, vocab, (batch, plen), generator=g).tolist()
+    # Tokens per wall second on a GPU; per CPU second on a (shared) CPU, as megamor.inference.bench.
+    rate = (lambda r: r.tokens_per_s) if ctx.on_gpu else (lambda r: r.tokens_per_cpu_s)
+    unit = "tokens/s" if ctx.on_gpu else "tokens/CPU-s"
+    step = "static step, CUDA graph" if ctx.on_gpu else "static step, no CUDA graph"
+    got: dict[str, float] = {}
+    runs = [("engine vanilla", "vanilla", lambda m: bench_engine(m, prompts, new, static=True, repeats=repeats)),
+            ("HF generate, dynamic cache (vanilla weights)", "vanilla", lambda m: bench_hf(m, prompts, new, None, repeats)),
+            ("engine MoR expert-3", "mor_expert_3", lambda m: bench_engine(m, prompts, new, static=True, repeats=repeats))]
+    models: dict[str, torch.nn.Module] = {}
+    for name, variant, fn in runs:
+        try:
+            if variant not in models:
+                models.clear()
+                gc.collect()
+                models[variant] = _decode_model(ctx, variant, dtype, prompts, new)
+            res = fn(models[variant])
+        except Exception as e:  # noqa: BLE001 -- reported; the other runs still count
+            ctx.check(MEASURE, name, ERROR, note=short_error(e))
+            continue
+        got[name] = rate(res)
+        extra = "; ".join(f"{k} {v}" for k, v in res.extra.items())
+        ctx.check(MEASURE, name, "", f"{got[name]:,.1f} {unit}", note=f"{step if name.startswith('engine') else 'eager'}"
+                  + (f"; {extra}" if extra else ""), value=got[name], tokens_per_s=res.tokens_per_s,
+                  tokens_per_cpu_s=res.tokens_per_cpu_s, seconds=res.seconds)
+    setup = f"135M, {batch} x {plen}-token prompts, {new} new tokens, greedy, {str(dtype).split('.')[-1]}, median of {repeats}"
+    pairs = ((DECODE_NAMES[0], "engine vanilla", "HF generate, dynamic cache (vanilla weights)", DECODE_HF_TARGET),
+             (DECODE_NAMES[1], "engine MoR expert-3", "engine vanilla", DECODE_MOR_TARGET))
+    for check, num, den, target in pairs:
+        if num not in got or den not in got:
+            ctx.check(SPEED, check, ERROR, target=f">= {target:g}x", note=f"needs the runs '{num}' and '{den}'")
+            continue
+        ratio = got[num] / got[den]
+        ctx.speed(check, ratio, f"{ratio:.2f}x", f">= {target:g}x", ratio >= target,
+                  f"{got[num]:,.1f} vs {got[den]:,.1f} {unit}; {setup}")
