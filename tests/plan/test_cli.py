@@ -122,11 +122,11 @@ def test_bad_arguments_are_one_line_too(config, capsys):
 def test_module_entry_point(config):
     """The real `python -m` entry point: JSON on stdout; an unknown GPU on one stderr line, exit 2."""
     ok = subprocess.run([sys.executable, "-m", "megamor.plan", "--config", config, "--world", "2", "--json"],
-                        capture_output=True, text=True, timeout=300)
+                        check=False, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "per_rank" in json.loads(ok.stdout)
     bad = subprocess.run([sys.executable, "-m", "megamor.plan", "--config", config, "--gpu", "tpu"],
-                         capture_output=True, text=True, timeout=300)
+                         check=False, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stdout == ""
     lines = [line for line in bad.stderr.splitlines() if "megamor.plan" in line]
     assert len(lines) == 1 and "unknown GPU" in lines[0]
