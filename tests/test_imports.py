@@ -152,8 +152,10 @@ def test_run_folder_package_imports_neither_train_nor_eval():
     assert not any(outside.values()), outside
 
 
-@pytest.mark.parametrize("module", [RUNS, "megamor.train.trainer", "megamor.eval.checkpoint", "megamor.model.mor",
-                                    "megamor.model.generate", "megamor.train.config", "megamor.train.schedule"])
+@pytest.mark.parametrize("module", [RUNS, "megamor.runs.load", "megamor.runs.resume", "megamor.train.trainer",
+                                    "megamor.train.preflight", "megamor.eval.checkpoint", "megamor.model.mor",
+                                    "megamor.model.generate", "megamor.train.config", "megamor.train.schedule",
+                                    "megamor.train.schedule_change", "megamor.train.init_from"])
 def test_each_module_imports_first_in_a_fresh_interpreter(module):
     """Imported first, alone: a circle that import order hides elsewhere fails here."""
     r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False)
