@@ -27,7 +27,11 @@ This is the forward's figure; the backward adds one region's recompute at a time
 (`recompute_bytes`), which the fit check adds on top.
 
 Tensor parallelism: q/k/v/out, the MLP and the logits are split over TP; norms, routers and the
-residual stream are replicated unless sequence parallelism is on (then they are split too).
+residual stream are replicated unless sequence parallelism is on (megamor.parallel.sequence_parallel).
+Then the norms' own tensors, the residual slices, the gate and the update hold T/TP tokens, but
+every column-parallel projection all-gathers its input and keeps that whole sequence (q, k and
+v each their own copy, gate and up theirs), and a routed step's gather keeps the all-gathered
+stream it picks rows from; its slots are padded to a multiple of TP.
 """
 
 from __future__ import annotations
@@ -129,15 +133,17 @@ class _Walk:
         self.app = 0
 
     # -- pieces --------------------------------------------------------------------------
-    def norm(self, x: str, n: int, tag: str, keep_output: bool = True) -> str:
+    def norm(self, x: str, n: int, tag: str, keep_output: bool = True, readers: int = 1) -> str:
+        """readers: the column-parallel projections reading the output (q/k/v: 3, gate/up: 2);
+        under sequence parallelism each all-gathers and keeps its own copy of the sequence."""
         d, w, s = self.cfg.d_model, self.w, self.s
         tokens = self.B * n / self.sp
         s.add(x if w == F32 else f"{tag}.x32", tokens * d * F32, "norms")
         s.add(f"{tag}.rsqrt", tokens * F32, "norms")
         s.add(f"{tag}.hn", tokens * d * w, "norms")
         y = f"{tag}.y"
-        if keep_output:
-            s.add(y, tokens * d * w, "norms")
+        if keep_output:  # what the next projections keep: under SP, all-gathered whole sequences
+            s.add(y, self.B * n * d * w * (readers if self.sp > 1 else 1), "norms")
         return y
 
     def attention(self, n: int, rope: str, tag: str, kv_source: tuple[str, int] | None) -> None:
@@ -172,9 +178,9 @@ class _Walk:
         if self.spec.checkpointing:
             self.s.add(x, self.B * n * self.cfg.d_model * self.w / self.sp, "checkpoint inputs")
             return f"{tag}.out_resid", tag
-        self.norm(x, n, f"{tag}.n1")
+        self.norm(x, n, f"{tag}.n1", readers=1 if kv_source else 3)
         self.attention(n, rope, tag, kv_source)
-        self.norm(f"{tag}.mid", n, f"{tag}.n2")
+        self.norm(f"{tag}.mid", n, f"{tag}.n2", readers=2)
         self.mlp(n, tag)
         return f"{tag}.out_resid", tag
 
@@ -206,6 +212,9 @@ class _Walk:
             if n == 0:  # nobody runs this step: mor.py returns h untouched
                 continue
             gate = rtype != "none"
+            sp = self.sp
+            if gathered[r] and sp > 1:  # SP pads the slots to a multiple of the TP size
+                n = -(-n // sp) * sp
             if gathered[r]:
                 x, rope = f"step{r}.x", f"step{r}.rope"
                 s.add(f"step{r}.idx", B * T * I64, "routing")  # argsort's [B, T], sliced
@@ -219,17 +228,18 @@ class _Walk:
                     first_kv[phys] = (tag, n)
             gate_src = f"router{r}.gate" if rtype == "expert_choice" else "router.gate"  # [B, T] fp32
             if gate:
-                s.add(f"step{r}.update", B * n * d * w / self.sp, "routing")  # y - x, saved by the gate's mul
+                s.add(f"step{r}.update", B * n * d * w / sp, "routing")  # y - x, saved by the gate's mul
                 if not gathered[r] and w == F32:  # the fp32 gate itself, unsqueezed
-                    s.add(gate_src, B * T * F32, "routing")
+                    s.add(gate_src, B * T * F32 / sp, "routing")
                 else:  # its gathered rows / compute-dtype copy
-                    s.add(f"step{r}.gate", B * n * w, "routing")
+                    s.add(f"step{r}.gate", B * n * w / sp, "routing")
             if gathered[r]:
-                # gather keeps its source: the hidden states and the gate it picks rows from.
-                s.add(h, B * T * d * w / self.sp, "routing")
+                # gather keeps its source: the hidden states (under SP, the all-gathered whole
+                # stream) and the gate it picks rows from.
+                s.add(h if sp == 1 else f"{h}.gathered", B * T * d * w, "routing")
                 if gate:
                     s.add(gate_src, B * T * F32, "routing")
-                s.add(f"step{r}.slots", B * n * BOOL, "routing")
+                s.add(f"step{r}.slots", B * n * BOOL / sp, "routing")
             h = f"step{r}.h"
         for _ in coda:
             h, _tag = self.layer(h, T, "rope", None)

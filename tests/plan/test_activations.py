@@ -1,6 +1,7 @@
 """The planner's activation bytes against the bytes a real forward saves for backward
 (SavedTensorMeter): vanilla, recursive, MoR expert and token choice, with and without
-activation checkpointing, fp32 and bf16, TP 1 and TP 2 (two gloo processes). The issue asks
+activation checkpointing, fp32 and bf16, TP 1 and TP 2 (two gloo processes), TP 2 with sequence
+parallelism. The issue asks
 for 15%; the walk of the forward is within a few percent, so 5% is held here."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ CASES = {
 }
 
 
-def _measure(case: str, checkpointing: bool, precision: str, tp_group=None) -> tuple[float, float]:
+def _measure(case: str, checkpointing: bool, precision: str, tp_group=None, sequence_parallel: bool = False) -> tuple[float, float]:
     """(measured bytes, planned bytes) of one training forward, as the trainer runs it."""
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=VOCAB, **CASES[case])
@@ -38,6 +39,10 @@ def _measure(case: str, checkpointing: bool, precision: str, tp_group=None) -> t
 
         apply_tensor_parallel(model, tp_group)
         tp = torch.distributed.get_world_size(tp_group)
+        if sequence_parallel:
+            from megamor.parallel.sequence_parallel import apply_sequence_parallel
+
+            apply_sequence_parallel(model, tp_group)
     model.to(torch.bfloat16 if precision == "bf16" else torch.float32).train()  # as DeepSpeed casts it
     if checkpointing:
         model.enable_activation_checkpointing()
@@ -46,7 +51,7 @@ def _measure(case: str, checkpointing: bool, precision: str, tp_group=None) -> t
     with SavedTensorMeter(exclude=model) as meter:
         out = model(x, targets=torch.roll(x, -1, 1), return_logits=False)
     lengths = observed_step_lengths(cfg, out.stats.depth, T)  # token choice: the routing it drew
-    spec = ActivationSpec(B, T, precision, checkpointing, tp=tp, step_lengths=lengths)
+    spec = ActivationSpec(B, T, precision, checkpointing, tp=tp, sequence_parallel=sequence_parallel, step_lengths=lengths)
     planned = activation_bytes(cfg, spec)["total"]
     (out.loss + out.aux_loss).backward()  # the graph the meter saw is a real, complete one
     return float(meter.bytes), planned
@@ -62,14 +67,16 @@ def test_plan_matches_the_meter_tp1(case, checkpointing, precision):
 
 def _tp_rank(rank: int, world: int) -> None:
     bad = []
-    for case, ckpt, precision in itertools.product(CASES, (False, True), ("bf16", "fp32")):
-        measured, planned = _measure(case, ckpt, precision, tp_group=torch.distributed.group.WORLD)
+    runs = [(*c, False) for c in itertools.product(CASES, (False, True), ("bf16", "fp32"))]
+    runs += [(case, ckpt, "bf16", True) for case, ckpt in itertools.product(CASES, (False, True))]  # + sequence parallel
+    for case, ckpt, precision, sp in runs:
+        measured, planned = _measure(case, ckpt, precision, torch.distributed.group.WORLD, sp)
         if abs(planned - measured) > TOLERANCE * measured:
-            bad.append(f"{case} ckpt={ckpt} {precision}: measured {measured:.0f}, planned {planned:.0f}")
+            bad.append(f"{case} ckpt={ckpt} {precision} sp={sp}: measured {measured:.0f}, planned {planned:.0f}")
     assert not bad, f"rank {rank}: " + "; ".join(bad)
 
 
-def test_plan_matches_the_meter_tp2():
+def test_plan_matches_the_meter_tp2_and_sequence_parallel():
     run_distributed(_tp_rank, world_size=2)
 
 
@@ -84,7 +91,8 @@ def test_checkpointing_and_tp_shrink_what_they_should():
     assert tp2["mlp"] == pytest.approx(plain["mlp"] / 2)
     # Norms are replicated without sequence parallelism (TP's loss also keeps the final norm's output).
     assert tp2["norms"] == plain["norms"] + 4 * 64 * cfg.d_model * 2
-    assert sp2["norms"] == pytest.approx(tp2["norms"] / 2)
+    # SP splits the norms' own tensors; the projections still keep whole gathered sequences.
+    assert sp2["norms"] < tp2["norms"] and sp2["total"] < tp2["total"]
     # The backward's recompute of one layer application is what a full-length one saves.
     assert 0 < recompute_bytes(cfg, ActivationSpec(4, 64, "bf16", checkpointing=True)) < plain["total"]
     # Twice the micro-batch, twice the bytes (up to the [V, D] loss buffer).
