@@ -1,6 +1,6 @@
 """The planner's parameter / gradient / optimizer bytes against real DeepSpeed engines built as
 the trainer builds them (ZeRO 0-3, bf16 and fp32, 1 and 2 gloo processes, TP 2): within 5% for
-parameters and optimizer states."""
+parameters and optimizer states, and for the activation bytes the engines' forward saves."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from megamor.model import MoRLM
+from megamor.observe.activation_memory import SavedTensorMeter
+from megamor.plan.activations import ActivationSpec, activation_bytes
 from megamor.plan.memory import ZeroSettings, kv_cache_bytes, model_state_bytes, param_numels
 from megamor.testing.distributed import run_distributed
 from tests.model.helpers import tiny_config
@@ -27,7 +29,8 @@ def _check(stage: int, precision: str, world: int, tp: int, raw: dict | None = N
     engine, exp = build_engine(cfg, stage, precision, world, tp=tp, raw=raw)
     train_step(engine, VOCAB)  # the optimizer states exist after the first step
     x = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(2))
-    out = engine(x[:, :-1], targets=x[:, 1:], return_logits=False)
+    with SavedTensorMeter(exclude=engine.module) as meter:  # as the trainer measures mem/activation_bytes
+        out = engine(x[:, :-1], targets=x[:, 1:], return_logits=False)
     engine.backward(out.loss + out.aux_loss)
     got = engine_bytes(engine)
     engine.step()
@@ -42,6 +45,9 @@ def _check(stage: int, precision: str, world: int, tp: int, raw: dict | None = N
     # this tiny model (one parameter = 10% of the model) rounds it up by up to ~15%.
     if stage != 1 and abs(plan["grads"] - got["grads"]) > 0.15 * got["grads"]:
         bad.append(f"{what} grads: engine {got['grads']}, plan {plan['grads']:.0f}")
+    acts = activation_bytes(cfg, ActivationSpec(2, 16, precision, tp=tp))["total"]
+    if abs(acts - meter.bytes) > TOLERANCE * meter.bytes:  # the engine's forward, not just the bare model's
+        bad.append(f"{what} activations: meter {meter.bytes}, plan {acts:.0f}")
     if plan["buffers"] != got["buffers"]:
         bad.append(f"{what} buffers: engine {got['buffers']}, plan {plan['buffers']:.0f}")
     del engine
