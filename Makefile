@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MEGAMOR_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo bench lint clean gpu-check gpu-wheels
 
 # The stamp is rebuilt when setup.py or the constraints change.
 $(VENV)/.installed: setup.py constraints.txt
@@ -33,6 +33,15 @@ demo: venv
 
 bench: venv
 	$(VPY) evals/bench_model.py
+
+# GPU acceptance: parity then speed, one markdown report (runs/gpu_check/report.md); on a CPU
+# use GPU_CHECK_ARGS=--tiny. On the GPU machine: evals/gpu_check_device.sh (after gpu-wheels).
+gpu-check: venv
+	$(VPY) -m megamor.gpu_check $(GPU_CHECK_ARGS)
+
+# Wheels the GPU machine's image lacks (omegaconf, deepspeed, pydantic, ...) into .whl/.
+gpu-wheels: venv
+	bash evals/gpu_wheels.sh $(VPY)
 
 lint: venv
 	$(VPY) -m ruff check megamor tests evals data_prep launch

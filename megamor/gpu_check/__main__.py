@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help=f"markdown report (default {DEFAULT_OUT}; .json and .log beside it)")
     p.add_argument("--only", action="append", default=[], metavar="PART[,PART]",
                    help=f"run only these parts (of: {', '.join(BY_NAME)})")
-    p.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS", help="override one part's time limit")
+    p.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS",
+                   help="one part's time limit, exactly (otherwise a part may also use what earlier parts left unused)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for the whole run (default {GPU_BUDGET_S:.0f}; --tiny {TINY_BUDGET_S:.0f}); later parts are skipped")
     p.add_argument("--device", default=None, help="default cuda; --tiny: cpu")
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise BadArgs(f"--only: unknown part {n!r} (parts: {', '.join(BY_NAME)})")
     a.parts = [part for part in PARTS if not names or part.name in names]
     a.limits = {part.name: part.limit_tiny if a.tiny else part.limit_gpu for part in PARTS}
+    a.fixed = set()  # parts whose limit the command line gave: they get exactly that
     for item in a.limit:
         name, eq, value = item.partition("=")
         if name not in BY_NAME or not eq:
@@ -71,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not seconds > 0:
             raise BadArgs(f"--limit {item!r}: seconds must be a positive number, got {value!r}")
         a.limits[name] = seconds
+        a.fixed.add(name)
     a.budget = a.budget if a.budget is not None else (TINY_BUDGET_S if a.tiny else GPU_BUDGET_S)
     if not a.budget > 0:
         raise BadArgs(f"--budget: must be positive, got {a.budget}")
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         child_args += ["--compile-backend", a.compile_backend]
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
-        results = run_all(a.parts, a.limits, a.budget, child_args, Path(work), log_path, a.device.startswith("cuda"))
+        results = run_all(a.parts, a.limits, a.budget, child_args, Path(work), log_path, a.device.startswith("cuda"),
+                          a.fixed)
     info = {"tiny": a.tiny, "commit": commit(), "command": f"{PROG} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)), "wall_s": time.time() - started,
             "budget_s": a.budget, "log": str(log_path), "limits": {p.name: a.limits[p.name] for p in a.parts}}

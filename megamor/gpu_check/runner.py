@@ -118,17 +118,26 @@ def skipped(part: Part, on_gpu: bool, note: str) -> PartResult:
     return PartResult(part, "skipped", note=note, records=_fill_missing(part, on_gpu, [], SKIPPED, note))
 
 
+def part_limit(own: float, left: float, later: float, fixed: bool) -> float:
+    """A part's limit: its own, plus what earlier parts left unused (the budget left beyond the
+    later parts' own limits) unless its limit was given on the command line; never past the
+    run's budget."""
+    return min(left, own if fixed else max(own, left - later))
+
+
 def run_all(parts: list[Part], limits: dict[str, float], budget: float, child_args: list[str], work: Path,
-            log_path: Path, on_gpu: bool, progress: IO[str] = sys.stderr) -> list[PartResult]:
+            log_path: Path, on_gpu: bool, fixed: set[str] = frozenset(), progress: IO[str] = sys.stderr
+            ) -> list[PartResult]:
     run_start = time.time()
     results: list[PartResult] = []
     with open(log_path, "a") as log:
-        for part in parts:
+        for i, part in enumerate(parts):
             left = budget - (time.time() - run_start)
             if left < MIN_START_S:
                 res = skipped(part, on_gpu, f"skipped: the run's {budget:.0f} s budget was spent")
             else:
-                limit = min(limits[part.name], left)
+                later = sum(limits[p.name] for p in parts[i + 1 :])
+                limit = part_limit(limits[part.name], left, later, part.name in fixed)
                 res = run_part(part, limit, child_args, work / f"{part.name}.jsonl", log, log_path, on_gpu)
             results.append(res)
             counts: dict[str, int] = {}

@@ -98,3 +98,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, says):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
     assert not (repo_root() / "report.txt").exists()
+
+
+def test_part_limits_take_unused_time_but_never_the_later_parts_or_past_the_budget():
+    from megamor.gpu_check.runner import part_limit
+
+    assert part_limit(60, left=470, later=410, fixed=False) == 60  # on schedule: its own limit
+    assert part_limit(60, left=500, later=410, fixed=False) == 90  # earlier parts finished early
+    assert part_limit(60, left=500, later=410, fixed=True) == 60  # --limit: exactly that
+    assert part_limit(60, left=440, later=410, fixed=False) == 60  # behind: later parts squeezed, not this one
+    assert part_limit(60, left=40, later=0, fixed=False) == 40  # never past the run's budget
+    # The GPU limits fit the 8 minutes the whole run may take.
+    assert sum(p.limit_gpu for p in PARTS) <= 8 * 60 - 10
