@@ -130,3 +130,17 @@ def test_module_entry_point(config):
     assert bad.returncode == 2 and bad.stdout == ""
     lines = [line for line in bad.stderr.splitlines() if "megamor.plan" in line]
     assert len(lines) == 1 and "unknown GPU" in lines[0]
+
+
+def test_the_1_7b_reference_layout(capsys):
+    """The shipped 1.7B config on its documented 32 GPUs (TP 2 x DP 16, ZeRO-1): it fits an
+    H100, and the parameters per rank agree with megamor.parallel.memory's independent count."""
+    from megamor.parallel.memory import param_counts
+
+    doc = _json(capsys, "configs/experiments/1_7b.yaml", "--world", "32", "--gpu", "h100")
+    exp = load_experiment(["configs/experiments/1_7b.yaml"])
+    sharded, replicated = param_counts(exp.model)
+    assert doc["per_rank"]["params_on_rank"] == sharded / 2 + replicated
+    assert doc["layout"]["tp"] == 2 and doc["layout"]["dp"] == 16 and doc["fits"]
+    assert doc["per_rank"]["optimizer_bytes"] == pytest.approx(12 * (sharded / 2 + replicated) / 16)
+    assert doc["layouts"] and doc["speed"]["tokens_per_day"] > 0
