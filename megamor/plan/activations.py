@@ -12,6 +12,7 @@ the backward. What each operation keeps (read from the model code, confirmed wit
   fp32 runs; a compute-dtype copy per call in bf16), and what SDPA keeps: q, k, v (repeated to
   all query heads by the sdpa path under GQA; flash-attn keeps the KV heads), the output and
   the fp32 log-sum-exp [B, H, N];
+  (with data.document_masking, the [B, 1, n, n] boolean mask and SDPA's copy of it);
 - SwiGLU: gate, silu(gate), up and their product ([N, d_ff] each);
 - recursion steps run on the routed tokens only: the gather's index, the gathered rows, the
   gated update (y - x) and the gate, the padding mask; expert choice keeps k_r = int(c_r T)
@@ -40,6 +41,7 @@ stream it picks rows from; its slots are padded to a multiple of TP.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +65,7 @@ class ActivationSpec:
     attention: str = "sdpa"  # sdpa (repeats KV heads under GQA) | flash (keeps KV heads)
     # Slots per row of every recursion step (the gathered length); None: expected routing.
     step_lengths: Sequence[int] | None = None
+    document_masking: bool = False  # data.document_masking: attention takes a [B, 1, n, n] mask
 
     @property
     def width(self) -> int:
@@ -170,6 +173,8 @@ class _Walk:
             s.add(f"{tag if repeat else kv_tag}.{t}", B * n_kv * kv_heads * hd * w, "attention")
         s.add(f"{tag}.out", B * n * self.hq * hd * w, "attention")
         s.add(f"{tag}.lse", B * n * self.hq * F32, "attention")
+        if self.spec.document_masking:  # the boolean mask and SDPA's copy of it (measured: 2 B n^2)
+            s.add(f"{tag}.mask", 2 * B * n * n * BOOL, "attention")
 
     def mlp(self, n: int, tag: str) -> None:
         for t in ("gate", "silu", "up", "prod"):
@@ -296,7 +301,6 @@ def recompute_bytes(cfg: ModelConfig, spec: ActivationSpec) -> float:
     recomputed: that application's saved tensors (the largest, a full-length one)."""
     if not spec.checkpointing:
         return 0.0
-    probe = _Walk(cfg, ActivationSpec(spec.micro_batch, spec.seq_len, spec.precision, False, spec.tp,
-                                      spec.sequence_parallel, spec.attention))
+    probe = _Walk(cfg, dataclasses.replace(spec, checkpointing=False, step_lengths=None))
     probe.layer("x", spec.seq_len, "rope", None)
     return probe.s.total

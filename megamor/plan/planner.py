@@ -74,7 +74,7 @@ def plan_layout(exp: ExperimentConfig, layout: Layout, gpu: GPU, mfu: float, hea
     states = model_state_bytes(cfg, precision, layout.tp, layout.dp, layout.zero_stage,
                                ZeroSettings.from_raw(exp.deepspeed.config))
     spec = ActivationSpec(layout.micro_batch, T, precision, layout.checkpointing, layout.tp,
-                          layout.sequence_parallel, attention)
+                          layout.sequence_parallel, attention, document_masking=exp.data.document_masking)
     acts = activation_bytes(cfg, spec)
     recompute = recompute_bytes(cfg, spec)
     total = states["params"] + states["grads"] + states["optimizer"] + states["buffers"] + acts["total"] + recompute

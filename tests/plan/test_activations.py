@@ -28,7 +28,8 @@ CASES = {
 }
 
 
-def _measure(case: str, checkpointing: bool, precision: str, tp_group=None, sequence_parallel: bool = False) -> tuple[float, float]:
+def _measure(case: str, checkpointing: bool, precision: str, tp_group=None, sequence_parallel: bool = False,
+             documents: bool = False) -> tuple[float, float]:
     """(measured bytes, planned bytes) of one training forward, as the trainer runs it."""
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=VOCAB, **CASES[case])
@@ -48,10 +49,15 @@ def _measure(case: str, checkpointing: bool, precision: str, tp_group=None, sequ
         model.enable_activation_checkpointing()
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, VOCAB, (B, T), generator=g)
+    kw = {}
+    if documents:  # data.document_masking: two documents per row, positions restart at the second
+        doc = (torch.arange(T) >= T // 3).long().expand(B, T).contiguous()
+        kw = {"doc_ids": doc, "position_ids": torch.where(doc == 0, torch.arange(T), torch.arange(T) - T // 3)}
     with SavedTensorMeter(exclude=model) as meter:
-        out = model(x, targets=torch.roll(x, -1, 1), return_logits=False)
+        out = model(x, targets=torch.roll(x, -1, 1), return_logits=False, **kw)
     lengths = observed_step_lengths(cfg, out.stats.depth, T)  # token choice: the routing it drew
-    spec = ActivationSpec(B, T, precision, checkpointing, tp=tp, sequence_parallel=sequence_parallel, step_lengths=lengths)
+    spec = ActivationSpec(B, T, precision, checkpointing, tp=tp, sequence_parallel=sequence_parallel, step_lengths=lengths,
+                          document_masking=documents)
     planned = activation_bytes(cfg, spec)["total"]
     (out.loss + out.aux_loss).backward()  # the graph the meter saw is a real, complete one
     return float(meter.bytes), planned
@@ -63,6 +69,13 @@ def _measure(case: str, checkpointing: bool, precision: str, tp_group=None, sequ
 def test_plan_matches_the_meter_tp1(case, checkpointing, precision):
     measured, planned = _measure(case, checkpointing, precision)
     assert planned == pytest.approx(measured, rel=TOLERANCE), (case, checkpointing, precision, measured, planned)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_matches_the_meter_with_document_masking(case, checkpointing):
+    measured, planned = _measure(case, checkpointing, "bf16", documents=True)
+    assert planned == pytest.approx(measured, rel=TOLERANCE), (case, checkpointing, measured, planned)
 
 
 def _tp_rank(rank: int, world: int) -> None:
