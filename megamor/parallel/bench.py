@@ -4,9 +4,14 @@
 One step = forward + backward of one micro-batch through the tensor-parallel model (the
 vocab-parallel loss included) + an all-reduce of every gradient over the data-parallel group
 (what DeepSpeed's ZeRO-0/1 reduction does, without DeepSpeed's start-up) + AdamW. Time inside
-torch.distributed collectives is summed by wrapping them, so "comm" counts both the TP
-all-reduces/all-gathers of every layer and the DP gradient reduction (wait time included: on an
-oversubscribed CPU a collective also waits for the slowest rank).
+torch.distributed collectives and in megamor.parallel.collectives (the functional ops the TP
+and SP layers use) is summed by wrapping them, so "comm" counts both the TP all-reduces /
+all-gathers / reduce-scatters of every layer and the DP gradient reduction (wait time included:
+on an oversubscribed CPU a collective also waits for the slowest rank).
+
+`activation_bytes_worker` measures the bytes one training forward keeps for its backward on
+each rank (megamor.observe.activation_memory.SavedTensorMeter), for TP with and without
+sequence parallelism.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ _WRAPPED = ("all_reduce", "all_gather", "reduce_scatter_tensor", "all_gather_int
 
 
 def _wrap_collectives() -> None:
-    for name in _WRAPPED:
-        fn = getattr(dist, name)
+    from megamor.parallel import collectives
+
+    for mod, name in [*((dist, n) for n in _WRAPPED),
+                      *((collectives, n) for n in ("all_reduce", "all_gather", "reduce_scatter"))]:
+        fn = getattr(mod, name)
         if getattr(fn, "_timed", False):
             continue
 
@@ -36,27 +44,55 @@ def _wrap_collectives() -> None:
                 _COMM["s"] += time.perf_counter() - t
 
         timed._timed = True  # type: ignore[attr-defined]
-        setattr(dist, name, timed)
+        setattr(mod, name, timed)
 
 
-def layout_step_worker(rank: int, world: int, model_cfg: dict, tp: int, micro: int, seq: int, steps: int,
-                       out: str) -> None:
-    """run_distributed target: times `steps` training steps; rank 0 writes a JSON line to out."""
-    import json
-
+def _build(model_cfg: dict, tp: int, world: int, rank: int, sp: bool, ckpt: bool = False, compile_layers: bool = False):
     from omegaconf import OmegaConf
 
     from megamor.config import from_node
     from megamor.model import ModelConfig, MoRLM
-    from megamor.parallel.tensor_parallel import apply_tensor_parallel
-    from megamor.train.parallelize import build_layout
+    from megamor.train.parallelize import build_layout, parallelize
 
     torch.manual_seed(0)
     cfg = from_node(ModelConfig, OmegaConf.create(model_cfg))
-    layout = build_layout(tp, world, rank)
-    model = MoRLM(cfg)
-    if tp > 1:
-        apply_tensor_parallel(model, layout.tp_group)
+    layout = build_layout(tp, world, rank, sequence=sp)
+    model = parallelize(MoRLM(cfg), layout)
+    if ckpt:
+        model.enable_activation_checkpointing()
+    if compile_layers:
+        from megamor.train.compile import compile_layers as compile_all
+
+        compile_all(model)
+    return cfg, layout, model
+
+
+def activation_bytes_worker(rank: int, world: int, model_cfg: dict, tp: int, sp: bool, ckpt: bool, micro: int,
+                            seq: int, out: str) -> None:
+    """run_distributed target: saved-for-backward bytes of one training forward on each rank
+    (max over ranks); rank 0 writes a JSON line to out."""
+    import json
+
+    from megamor.observe.activation_memory import SavedTensorMeter
+
+    cfg, _, model = _build(model_cfg, tp, world, rank, sp, ckpt)
+    x = torch.randint(0, cfg.vocab_size, (micro, seq + 1), generator=torch.Generator().manual_seed(1))
+    with SavedTensorMeter(exclude=model) as meter:
+        o = model(x[:, :-1], targets=x[:, 1:], return_logits=False)
+    (o.loss + o.aux_loss).backward()
+    b = torch.tensor([float(meter.bytes)], dtype=torch.float64)
+    dist.all_reduce(b, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        with open(out, "a") as f:
+            f.write(json.dumps({"tp": tp, "sp": sp, "ckpt": ckpt, "bytes": b.item()}) + "\n")
+
+
+def layout_step_worker(rank: int, world: int, model_cfg: dict, tp: int, micro: int, seq: int, steps: int,
+                       out: str, sp: bool = False, compile_layers: bool = False) -> None:
+    """run_distributed target: times `steps` training steps; rank 0 writes a JSON line to out."""
+    import json
+
+    cfg, layout, model = _build(model_cfg, tp, world, rank, sp, compile_layers=compile_layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     _wrap_collectives()
     g = torch.Generator().manual_seed(1000 + layout.dp_rank)  # TP ranks share a batch
@@ -80,7 +116,8 @@ def layout_step_worker(rank: int, world: int, model_cfg: dict, tp: int, micro: i
     dist.all_reduce(stats)  # mean over ranks
     stats /= world
     if rank == 0:
-        res: dict[str, Any] = {"tp": tp, "dp": world // tp, "world": world, "step_s": stats[0].item(),
+        res: dict[str, Any] = {"tp": tp, "dp": world // tp, "sp": sp, "compiled": compile_layers,
+                               "world": world, "step_s": stats[0].item(),
                                "comm_s": stats[1].item(), "tokens_per_step": micro * seq * (world // tp)}
         with open(out, "a") as f:
             f.write(json.dumps(res) + "\n")

@@ -46,30 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-SEQ_DIM = 1
-
-
-def _all_gather(x: Tensor, group) -> Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=SEQ_DIM)
-
-
-def _reduce_scatter(x: Tensor, group) -> Tensor:
-    size = dist.get_world_size(group)
-    if x.shape[SEQ_DIM] % size:
-        raise ValueError(f"sequence parallelism: length {x.shape[SEQ_DIM]} is not divisible by the TP size {size}")
-    chunks = [c.contiguous() for c in x.chunk(size, dim=SEQ_DIM)]
-    out = torch.empty_like(chunks[0])
-    dist.reduce_scatter(out, chunks, group=group)
-    return out
-
-
-def _split(x: Tensor, group) -> Tensor:
-    size = dist.get_world_size(group)
-    if x.shape[SEQ_DIM] % size:
-        raise ValueError(f"sequence parallelism: length {x.shape[SEQ_DIM]} is not divisible by the TP size {size}")
-    return x.chunk(size, dim=SEQ_DIM)[dist.get_rank(group)].contiguous()
+from megamor.parallel import collectives
+from megamor.parallel.collectives import TPGroup
 
 
 class _GatherToTP(torch.autograd.Function):
@@ -77,26 +55,26 @@ class _GatherToTP(torch.autograd.Function):
     (each rank's column-parallel shard contributes part of the input gradient)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _all_gather(x, group)
+    def forward(ctx, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return tp.gather(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _reduce_scatter(grad, ctx.group), None
+        return ctx.tp.reduce_scatter(grad), None
 
 
 class _ReduceScatterFromTP(torch.autograd.Function):
     """Sum of the row-parallel partial outputs, this rank's sequence slice of it; all-gather backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _reduce_scatter(x, group)
+    def forward(ctx, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return tp.reduce_scatter(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _all_gather(grad, ctx.group), None
+        return ctx.tp.gather(grad), None
 
 
 class _GatherReplicated(torch.autograd.Function):
@@ -104,13 +82,13 @@ class _GatherReplicated(torch.autograd.Function):
     this rank's slice of the (full, identical) gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _all_gather(x, group)
+    def forward(ctx, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return tp.gather(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _split(grad, ctx.group), None
+        return ctx.tp.split(grad), None
 
 
 class _Split(torch.autograd.Function):
@@ -118,65 +96,63 @@ class _Split(torch.autograd.Function):
     whole tensor's gradient, on every rank)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _split(x, group)
+    def forward(ctx, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return tp.split(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _all_gather(grad, ctx.group), None
+        return ctx.tp.gather(grad), None
 
 
-def gather_to_tp(x: Tensor, group) -> Tensor:
-    return _GatherToTP.apply(x, group)
+def gather_to_tp(x: Tensor, tp: TPGroup) -> Tensor:
+    return _GatherToTP.apply(x, tp)
 
 
-def reduce_scatter_from_tp(x: Tensor, group) -> Tensor:
-    return _ReduceScatterFromTP.apply(x, group)
+def reduce_scatter_from_tp(x: Tensor, tp: TPGroup) -> Tensor:
+    return _ReduceScatterFromTP.apply(x, tp)
 
 
 class ShardedSequence:
     """`MoRLM.seq_layout` under sequence parallelism (see `megamor.model.mor.SequenceLayout`)."""
 
-    def __init__(self, group):
-        self.group = group
-        self.multiple = dist.get_world_size(group)
+    def __init__(self, tp: TPGroup):
+        self.tp = tp
+        self.multiple = tp.size
 
     def full(self, x: Tensor) -> Tensor:
-        return _GatherReplicated.apply(x, self.group)
+        return _GatherReplicated.apply(x, self.tp)
 
     def local(self, x: Tensor) -> Tensor:
-        return _Split.apply(x, self.group)
+        return _Split.apply(x, self.tp)
 
 
 def _all_reduce_grad(group):
     def hook(grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=group)
-        return grad
+        return collectives.all_reduce(grad, group)
 
     return hook
 
 
-def _gather_input_hook(group):
+def _gather_input_hook(tp: TPGroup):
     def pre(module: nn.Module, args: tuple) -> tuple:
-        return (gather_to_tp(args[0], group), *args[1:])
+        return (gather_to_tp(args[0], tp), *args[1:])
 
     return pre
 
 
-def _scatter_output_hook(group):
+def _scatter_output_hook(tp: TPGroup):
     def post(module: nn.Module, args: tuple, out):
         if isinstance(out, tuple):
-            return (reduce_scatter_from_tp(out[0], group), *out[1:])
-        return reduce_scatter_from_tp(out, group)
+            return (reduce_scatter_from_tp(out[0], tp), *out[1:])
+        return reduce_scatter_from_tp(out, tp)
 
     return post
 
 
-def _gather_logits_hook(group):
+def _gather_logits_hook(tp: TPGroup):
     def post(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        return _GatherReplicated.apply(out, group)
+        return _GatherReplicated.apply(out, tp)
 
     return post
 
@@ -185,14 +161,15 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None = 
     """Turn a tensor-parallel model (`apply_tensor_parallel(model, group)`) sequence-parallel
     in place. State-dict keys and parameters are unchanged (hooks and flags only), so
     checkpoints, consolidation and exports are the TP model's."""
-    size = dist.get_world_size(group)
+    tp = TPGroup(group)
+    size = tp.size
     if getattr(model, "tensor_parallel_size", 1) != size or size == 1:
         raise ValueError(f"sequence parallelism needs a tensor-parallel model of size {size} > 1 (apply_tensor_parallel first)")
     synced: dict[int, nn.Parameter] = {}
     for layer in model.layers:
         for block in (layer.self_attn, layer.mlp):
-            block.register_forward_pre_hook(_gather_input_hook(group))
-            block.register_forward_hook(_scatter_output_hook(group))
+            block.register_forward_pre_hook(_gather_input_hook(tp))
+            block.register_forward_hook(_scatter_output_hook(tp))
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, layer.self_attn.o_proj):
             proj.sequence_parallel = True  # the hooks do their communication
@@ -201,7 +178,7 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None = 
     synced[id(model.norm.weight)] = model.norm.weight
     routers = list(model.routers or []) + ([model.depth_router] if model.depth_router is not None else [])
     for router in routers:
-        router.net.register_forward_hook(_gather_logits_hook(group))
+        router.net.register_forward_hook(_gather_logits_hook(tp))
         for p in router.net.parameters():
             synced[id(p)] = p
     for p in synced.values():
@@ -210,7 +187,7 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None = 
     model.embed_tokens.sequence_parallel = True
     model.lm_head.sequence_parallel = True
     model.lm_loss.keywords["sequence_parallel"] = True  # the vocab-parallel loss (functools.partial)
-    model.seq_layout = ShardedSequence(group)
+    model.seq_layout = ShardedSequence(tp)
     model.sequence_parallel = True
     return model
 

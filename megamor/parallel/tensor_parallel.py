@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megamor.parallel import collectives
+from megamor.parallel.collectives import TPGroup
 from megamor.parallel.sequence_parallel import gather_to_tp, reduce_scatter_from_tp
 
 
@@ -38,25 +40,21 @@ class _CopyToTP(torch.autograd.Function):
     """Identity forward; all-reduce of the input gradient backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
+    def forward(ctx, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
         return x
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return ctx.tp.all_reduce(grad), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     """All-reduce forward; identity backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        x = x.contiguous()
-        dist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x: Tensor, tp: TPGroup) -> Tensor:
+        return tp.all_reduce(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -100,17 +98,13 @@ class _GatherFromTP(torch.autograd.Function):
     """All-gather along the last dimension forward; this rank's slice of the gradient backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        size = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+    def forward(ctx, x: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        return collectives.all_gather(x, x.dim() - 1, tp.size, tp.group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        return grad.chunk(size, dim=-1)[rank].contiguous(), None
+        return grad.chunk(ctx.tp.size, dim=-1)[ctx.tp.rank].contiguous(), None
 
 
 def _mark(p: nn.Parameter, dim: int) -> nn.Parameter:
@@ -160,10 +154,9 @@ class _VocabParallelCE(torch.autograd.Function):
     """Mean cross entropy over targets != -100 from vocab-sharded fp32 logits [N, V/tp]."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, vocab_start: int, group) -> Tensor:
+    def forward(ctx, logits: Tensor, targets: Tensor, vocab_start: int, tp: TPGroup) -> Tensor:
         n_local = logits.shape[-1]
-        m = logits.max(dim=-1).values
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = tp.all_reduce(logits.max(dim=-1).values, "max")
         z = logits - m.unsqueeze(-1)
         local = targets - vocab_start
         mine = (local >= 0) & (local < n_local)
@@ -171,8 +164,7 @@ class _VocabParallelCE(torch.autograd.Function):
         target_logit = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
         exp = z.exp()
         sum_exp = exp.sum(-1)
-        both = torch.stack([target_logit, sum_exp])
-        dist.all_reduce(both, group=group)
+        both = tp.all_reduce(torch.stack([target_logit, sum_exp]))
         target_logit, sum_exp = both[0], both[1]
         valid = targets != -100
         count = valid.sum().clamp(min=1).to(logits.dtype)
@@ -190,7 +182,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return g, None, None, None
 
 
-def vocab_parallel_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, vocab_start: int, group,
+def vocab_parallel_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, vocab_start: int, group: TPGroup,
                                  sequence_parallel: bool = False) -> Tensor:
     """The `MoRLM.lm_loss` of a tensor-parallel model: h [B, T, D] (replicated; with
     sequence_parallel this rank's [B, T/tp, D] slice, all-gathered here), weight this rank's
@@ -228,8 +220,8 @@ def _shard(weight: Tensor, dim: int, rank: int, size: int) -> Tensor:
 
 def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Shard `model` across the ranks of `group` (default: the world) in place."""
-    size = dist.get_world_size(group)
-    rank = dist.get_rank(group)
+    tp = TPGroup(group)
+    size, rank = tp.size, tp.rank
     cfg = model.cfg
     errors = layout_errors(cfg, size)
     if errors:
@@ -240,21 +232,21 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = No
         attn, mlp = layer.self_attn, layer.mlp
         hd = attn.head_dim
         for proj in ("q_proj", "k_proj", "v_proj"):
-            setattr(attn, proj, ColumnParallelLinear(_shard(getattr(attn, proj).weight, 0, rank, size), group))
+            setattr(attn, proj, ColumnParallelLinear(_shard(getattr(attn, proj).weight, 0, rank, size), tp))
         # Heads are contiguous blocks of head_dim rows, so chunking rows keeps heads whole.
-        attn.o_proj = RowParallelLinear(_shard(attn.o_proj.weight, 1, rank, size), group)
+        attn.o_proj = RowParallelLinear(_shard(attn.o_proj.weight, 1, rank, size), tp)
         attn.n_heads //= size
         attn.n_kv_heads //= size
         assert attn.q_proj.weight.shape[0] == attn.n_heads * hd
-        mlp.gate_proj = ColumnParallelLinear(_shard(mlp.gate_proj.weight, 0, rank, size), group)
-        mlp.up_proj = ColumnParallelLinear(_shard(mlp.up_proj.weight, 0, rank, size), group)
-        mlp.down_proj = RowParallelLinear(_shard(mlp.down_proj.weight, 1, rank, size), group)
+        mlp.gate_proj = ColumnParallelLinear(_shard(mlp.gate_proj.weight, 0, rank, size), tp)
+        mlp.up_proj = ColumnParallelLinear(_shard(mlp.up_proj.weight, 0, rank, size), tp)
+        mlp.down_proj = RowParallelLinear(_shard(mlp.down_proj.weight, 1, rank, size), tp)
     start = rank * cfg.vocab_size // size
     tied = model.lm_head.weight is model.embed_tokens.weight
-    model.embed_tokens = VocabParallelEmbedding(_shard(model.embed_tokens.weight, 0, rank, size), start, group)
+    model.embed_tokens = VocabParallelEmbedding(_shard(model.embed_tokens.weight, 0, rank, size), start, tp)
     head = model.embed_tokens.weight if tied else _mark(nn.Parameter(_shard(model.lm_head.weight, 0, rank, size)), 0)
-    model.lm_head = VocabParallelLMHead(head, group)
-    model.lm_loss = functools.partial(vocab_parallel_cross_entropy, vocab_start=start, group=group)
+    model.lm_head = VocabParallelLMHead(head, tp)
+    model.lm_loss = functools.partial(vocab_parallel_cross_entropy, vocab_start=start, group=tp)
     model.tensor_parallel_size = size
     return model
 

@@ -9,6 +9,11 @@ again; a layer shared by several recursion steps is one module and compiles once
 shape. Routing, gathering and the loss stay eager: they hold no data-dependent host reads in
 training (`megamor.model.mor`), so the compiled layers are fed without waiting for the device.
 
+Tensor and sequence parallelism: their collectives are functional c10d ops inside autograd
+Functions and module hooks (`megamor.parallel.collectives`), which dynamo traces into the
+layer's graph (no graph break), so a TP(+SP) layer compiles whole, gradients included; `auto`
+compiles TP runs on CUDA as any other (tested equal to eager on CPU gloo, tests/train/test_compile.py).
+
 Composes with ZeRO 0-3 and with activation checkpointing, but not with both ZeRO-3 and
 checkpointing at once (tested on CPU: dynamo traces ZeRO-3's release hook inside the recompute
 and fails), so `auto` leaves that combination eager.

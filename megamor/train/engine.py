@@ -16,9 +16,6 @@ def prepare_model(model: MoRLM, cfg: ExperimentConfig, device: torch.device) -> 
     if cfg.trainer.activation_checkpointing:
         model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
     compiled = compile_wanted(cfg.trainer.compile, device, cfg.deepspeed.zero_stage, cfg.trainer.activation_checkpointing)
-    # Tensor-parallel layers call collectives inside autograd Functions; compiling them is
-    # untested, so `auto` leaves them eager (trainer.compile=true still forces it).
-    compiled = compiled and not (cfg.parallel.tensor > 1 and cfg.trainer.compile == "auto")
     if compiled:
         compile_layers(model)  # per layer, in place: a shared block compiles once
     if cfg.deepspeed.zero_stage == 3:

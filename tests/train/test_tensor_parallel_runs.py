@@ -2,6 +2,8 @@
 TP=2 x DP=2 with ZeRO-1/2 and recursion checkpointing follows the one-process loss curve and
 gradient norm; a TP run killed with SIGKILL resumes exactly; its export merges the TP shards
 into the same function the TP=2 model computes; resuming with another TP size is refused.
+Sequence parallelism (parallel.sequence) follows the same curve at TP=2 (ZeRO-1) and TP=2 x DP=2
+(ZeRO-2, killed and resumed exactly); its bad layouts exit 2 with one line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ STEPS = range(1, 21)
 TOL_PARALLEL = 1e-4  # TP=2 x DP=2 vs 1 process, fp32 (issue 10); observed ~1e-7
 TOL_RESUME = 1e-6
 TP2 = ["parallel.tensor=2"]
+SP = ["parallel.sequence=true"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +34,7 @@ def runs(tiny_config, tmp_path_factory):
         "ref": (1, ["deepspeed.zero_stage=1"]),  # one process (ZeRO-1 so it reports the grad norm)
         "tp2_zero1": (4, [*TP2, "deepspeed.zero_stage=1"]),
         "tp2_zero2": (4, [*TP2, "deepspeed.zero_stage=2"]),
+        "tp2_sp_zero1": (2, [*TP2, *SP, "deepspeed.zero_stage=1"]),
     }
     cache: dict[str, Run] = {}
 
@@ -163,3 +167,42 @@ def test_sbatch_two_nodes_tp_inside_nodes_requeues_on_usr1(runs, slurm_cluster, 
     losses = Run(run_dir, subprocess.CompletedProcess([], 0, "", "")).losses()
     assert rel_diff(losses, runs("tp2_zero2").losses(), range(stopped_at + 1, 21)) <= TOL_RESUME
     assert newest_complete(run_dir).step == 20
+
+
+def test_sequence_parallel_runs_follow_one_process_and_resume_exactly(runs, tiny_config):
+    """TP=2 + SP (2 processes, ZeRO-1) and TP=2 x DP=2 + SP (ZeRO-2, SIGKILLed after step 12,
+    resumed from step 10) follow the one-process losses; the resumed run repeats steps 11-12
+    of the killed one exactly."""
+    ref = runs("ref")
+    sp = runs("tp2_sp_zero1")
+    assert "world 2 = tensor 2 x data 1 + sequence parallel | ZeRO-1 fp32" in sp.output
+    assert sorted(sp.losses()) == list(STEPS) and rel_diff(sp.losses(), ref.losses(), STEPS) <= TOL_PARALLEL
+    g, g_ref = _grad_norms(sp), _grad_norms(ref)
+    assert rel_diff(g, g_ref, STEPS) <= TOL_PARALLEL  # norms/routers: gradients summed over the sequence slices
+    val, val_ref = ([r for r in x.records() if "val/loss" in r][-1] for x in (sp, ref))
+    assert val["val/loss_causal"] == pytest.approx(val_ref["val/loss_causal"], rel=1e-4)
+
+    run_dir = runs.base / "kill_tp2_sp"
+    common = [*TP2, *SP, "deepspeed.zero_stage=2"]
+    killed = launch(tiny_config, run_dir, common, nproc=4, env={"MEGAMOR_FAULTS": "sigkill_after_step=12"}, timeout=600)
+    assert killed.rc != 0 and max(killed.losses()) == 12
+    assert "world 4 = tensor 2 x data 2 + sequence parallel | ZeRO-2" in killed.output
+    assert rel_diff(killed.losses(), ref.losses(), range(1, 13)) <= TOL_PARALLEL
+    resumed = launch(tiny_config, run_dir, common, nproc=4, timeout=600)
+    assert_ok(resumed)
+    assert "resumed from step 10" in resumed.output
+    assert rel_diff(resumed.losses(), killed.losses(), (11, 12)) <= TOL_RESUME
+    assert rel_diff(resumed.losses(), ref.losses(), range(11, 21)) <= TOL_PARALLEL
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["parallel.sequence=true"], ["parallel.sequence", "parallel.tensor > 1", "parallel.tensor=1"]),
+    ([*TP2, *SP, "data.seq_len=31"], ["data.seq_len", "31 is not divisible by parallel.tensor=2", "parallel.sequence"]),
+])
+def test_bad_sequence_parallel_layout_exits_2_with_one_line(tiny_config, tmp_path, capsys, overrides, words):
+    from megamor.train.__main__ import main
+
+    rc = main(["--config", str(tiny_config), f"run_dir={tmp_path / 'run'}", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == EXIT_CONFIG and len(err) == 1, err
+    assert all(w in err[0] for w in words), err[0]
