@@ -126,7 +126,7 @@ def train(ctx: Context, size: str) -> None:
     B, T = (2, 64) if ctx.tiny else (B, 2048)
     warmup, steps = (1, 3) if ctx.tiny else (3, 6)
     tf, peak_src = peak(ctx)
-    mode = "eager (--tiny), bf16 autocast" if ctx.tiny else "compiled (inductor), bf16 autocast, fused AdamW"
+    mode = ("eager (--tiny)" if ctx.tiny else "compiled (inductor)") + ", bf16 autocast" + (", fused AdamW" if ctx.on_gpu else "")
     got: dict[str, dict] = {}
     why: dict[str, str] = {}
     for row in rows:
