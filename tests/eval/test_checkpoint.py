@@ -60,7 +60,7 @@ class Zero0Engine:
 
 
 def training_run(tmp_path, model, spm_path, steps=(100, 200)) -> Path:
-    """A run folder as the trainer writes it (megamor.train.checkpoint.CheckpointManager)."""
+    """A run folder as the trainer writes it (megamor.runs.save.CheckpointManager)."""
     from megamor.runs.save import CheckpointManager
     from megamor.train.config import ExperimentConfig, to_yaml
 
