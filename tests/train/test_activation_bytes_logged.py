@@ -18,8 +18,7 @@ def test_logged_activation_bytes_match_the_plan(tiny_config, tmp_path, checkpoin
     run = launch(tiny_config, tmp_path / "run", overrides)
     assert_ok(run)
     logged = [r["mem/activation_bytes"] for r in run.records() if "mem/activation_bytes" in r]
-    if not logged:  # remove once the trainer hands TrainStep a StepObserver with the meter on
-        pytest.skip("the trainer does not log mem/activation_bytes yet")
+    assert logged, "no record has mem/activation_bytes"
     exp = load_experiment([tiny_config], overrides)
     spec = ActivationSpec(exp.batch.micro_batch_size, exp.data.seq_len, exp.deepspeed.precision, checkpointing,
                           document_masking=exp.data.document_masking)
