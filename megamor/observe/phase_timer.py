@@ -68,6 +68,12 @@ class PhaseTimer:
     def step_done(self) -> None:
         self._steps += 1
 
+    def restart(self) -> None:
+        """Start the window now, dropping anything timed so far (e.g. set-up)."""
+        self._sums = dict.fromkeys(PHASES, 0.0)
+        self._events.clear()
+        self._steps, self._t0 = 0, time.perf_counter()
+
     def window(self) -> dict[str, float]:
         """time/* of the window since the last call (seconds per step), then starts a new one."""
         if self._events:

@@ -12,13 +12,16 @@ MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
     signal_at_setup=SIG      send signal SIG to this process as set-up starts
     abort_in_teardown        SIGABRT while the interpreter finalizes, after the run is over
                              (what a native library's teardown can do to a finished run)
-    rank=R                   only rank R does the sigkill, signal and abort faults (default: all ranks)
+    slow_forward=S           sleep S seconds before every forward pass (a slow node, for the
+                             straggler metrics)
+    rank=R                   only rank R does the sigkill, signal, abort and slow faults (default: all ranks)
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,7 @@ class Faults:
     eval_signal: int | None = None
     setup_signal: int | None = None
     abort_in_teardown: bool = False
+    slow_forward_s: float = 0.0
     _eval_batches: int = 0
 
     @classmethod
@@ -62,6 +66,8 @@ class Faults:
                 f.eval_signal_batch, f.eval_signal = int(k), _signum(sig)
             elif name == "signal_at_setup":
                 f.setup_signal = _signum(value)
+            elif name == "slow_forward":
+                f.slow_forward_s = float(value)
             elif name == "abort_in_teardown":
                 f.abort_in_teardown = True
             elif name == "rank":
@@ -80,6 +86,10 @@ class Faults:
     def during_save(self, step: int, rank: int) -> None:
         if self.sigkill_during_save == step and self._mine(rank):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_forward(self, rank: int) -> None:
+        if self.slow_forward_s and self._mine(rank):
+            time.sleep(self.slow_forward_s)
 
     def nan_loss(self, step: int) -> bool:
         return self.nan_from is not None and self.nan_from <= step <= (self.nan_to or self.nan_from)

@@ -71,6 +71,20 @@ def _fmt_si(x: float) -> str:
     return f"{x:.0f}"
 
 
+TIME_LABELS = (("data", "data"), ("forward", "fwd"), ("backward", "bwd"), ("optimizer", "opt"),
+               ("checkpoint", "ckpt"), ("eval", "eval"), ("other", "other"))
+
+
+def format_times(m: dict[str, Any]) -> str:
+    """`1.23s/step (data 0.01 fwd 0.30 bwd 0.60 opt 0.10 other 0.22)`: the phases that took time,
+    then the slowest rank when it is 10% behind the median."""
+    phases = " ".join(f"{label} {m[f'time/{k}']:.2f}" for k, label in TIME_LABELS if m.get(f"time/{k}", 0.0) >= 0.005)
+    text = f"{m['time/step']:.2f}s/step" + (f" ({phases})" if phases else "")
+    if m.get("time/straggler_ratio", 1.0) > 1.1:
+        text += f" slowest rank {m['time/straggler_rank']} x{m['time/straggler_ratio']:.2f}"
+    return text
+
+
 def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     parts = [f"step {step}/{max_steps}"]
     if "train/loss" in m:
@@ -82,7 +96,9 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     if "perf/tokens_per_s" in m:
         parts.append(f"{_fmt_si(m['perf/tokens_per_s'])} tok/s")
     if m.get("perf/mfu") is not None:
-        parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
+        parts.append(f"MFU {100 * min(m['perf/mfu'], 1.0):.1f}%")  # PeakFlops clamps already; never print more
+    if "time/step" in m:
+        parts.append(format_times(m))
     if "router/mean_depth" in m:
         sel = "/".join(f"{m[k]:.2f}" for k in sorted(m) if k.startswith("router/selected_frac_r"))
         parts.append(f"depth {m['router/mean_depth']:.2f} (sel {sel})")

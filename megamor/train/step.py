@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
 from megamor.train.faults import Faults, poison_gradients
 from megamor.train.metrics import StepTimer, step_flops
@@ -64,8 +65,11 @@ class TrainStep:
     """Runs optimizer steps; holds no progress (the Trainer counts steps and tokens)."""
 
     def __init__(self, engine: Any, optimizer: Any, loader: Any, layout: Any, schedule: LRSchedule, faults: Faults,
-                 stop_request: StopRequest, device: torch.device, gas: int, tp: int, dp: int):
+                 stop_request: StopRequest, device: torch.device, gas: int, tp: int, dp: int,
+                 observe: StepObserver | None = None):
         self.engine, self.optimizer, self.loader, self.layout = engine, optimizer, loader, layout
+        self.observe = observe or StepObserver(device, activation_meter=False)  # phase timers, profiler ranges
+        self.rank = pdist.rank()
         self.model = engine.module
         self.schedule, self.faults, self.stop_request = schedule, faults, stop_request
         self.device, self.gas = device, gas
@@ -74,7 +78,7 @@ class TrainStep:
     def __call__(self, step_no: int) -> StepResult:
         """Optimizer step `step_no` (1-based)."""
         timer = StepTimer()
-        with timer.data_section():
+        with timer.data_section(), self.observe.phase("data"):
             micro = [self.loader.next_batch() for _ in range(self.gas)]
         counts = [int((mb["targets"] != -100).sum()) for mb in micro]
         # Over the DP group: the ranks of a TP group hold the same tokens (count them once).
@@ -107,12 +111,14 @@ class TrainStep:
         p = _Passes(torch.zeros((), device=self.device), torch.zeros((), device=self.device),
                     torch.zeros(nr + 1, device=self.device))
         for i, mb in enumerate(micro):
-            with timer.data_section():
+            with timer.data_section(), self.observe.phase("data"):
                 mb = to_device(mb, self.device)
-            out = self.engine(
-                mb["input_ids"], targets=mb["targets"], position_ids=mb.get("position_ids"), doc_ids=mb.get("doc_ids"),
-                return_logits=False,
-            )
+            with self.observe.forward():
+                self.faults.before_forward(self.rank)
+                out = self.engine(
+                    mb["input_ids"], targets=mb["targets"], position_ids=mb.get("position_ids"),
+                    doc_ids=mb.get("doc_ids"), return_logits=False,
+                )
             lm = out.loss
             if inject_nan:
                 lm = lm * float("nan")
@@ -121,9 +127,10 @@ class TrainStep:
             # Mean over the global batch's tokens: DeepSpeed divides by accumulation steps and
             # averages over DP ranks, so scale this micro-batch's mean by its share.
             scale = counts[i] * self.gas * self.dp / n_global_f
-            self.engine.backward(lm * scale + out.aux_loss)
-            if i < self.gas - 1:
-                self.engine.step()  # DeepSpeed's accumulation bookkeeping; no optimizer step
+            with self.observe.phase("backward"):
+                self.engine.backward(lm * scale + out.aux_loss)
+                if i < self.gas - 1:
+                    self.engine.step()  # DeepSpeed's accumulation bookkeeping; no optimizer step
             p.loss_sum += lm.detach().float() * counts[i]
             p.nonfinite += (~torch.isfinite(lm.detach())).float()
             if not p.aux_names:
@@ -176,7 +183,8 @@ class TrainStep:
         self.optimizer.nonfinite_grads = False
         ds_skipped = self.engine.skipped_steps
         try:
-            self.engine.step()
+            with self.observe.phase("optimizer"):
+                self.engine.step()
         finally:
             self.optimizer.skip_next_step = False
         why = "non-finite loss" if skipped else None

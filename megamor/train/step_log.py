@@ -6,11 +6,12 @@ metric names are those of metrics.jsonl and W&B (train/, perf/, router/).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from megamor.train.metrics import WindowStats, peak_memory_bytes
+from megamor.train.metrics import PeakFlops, WindowStats, peak_memory_bytes
 from megamor.train.step import StepResult
 
 
@@ -34,10 +35,11 @@ def accumulate(w: WindowStats, r: StepResult) -> None:
 
 
 def window_metrics(w: WindowStats, *, lr: float, tokens: int, skipped_steps: int, flops_total: float,
-                   device: torch.device, world: int, peak_tflops: float | None,
-                   activation_checkpointing: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                   device: torch.device, world: int, peak: PeakFlops | None,
+                   activation_checkpointing: bool, warn: Callable[[str], None] | None = None,
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(scalar metrics, histograms or None) of one window; `tokens`, `skipped_steps` and
-    `flops_total` are the run's totals so far."""
+    `flops_total` are the run's totals so far. MFU/HFU never exceed 1 (PeakFlops.utilisation)."""
     good = w.steps - w.skipped
     m: dict[str, Any] = {
         "train/loss": w.loss / good if good else float("nan"),
@@ -53,11 +55,12 @@ def window_metrics(w: WindowStats, *, lr: float, tokens: int, skipped_steps: int
     }
     for k, v in w.aux.items():
         m[f"train/{k}"] = v / good if good else float("nan")
-    if peak_tflops and w.time:
+    if peak is not None and w.time:
         achieved = w.flops / w.time / world / 1e12  # per device
-        m["perf/mfu"] = achieved / peak_tflops
         hw = 4.0 / 3.0 if activation_checkpointing else 1.0  # recomputed forwards count as hardware FLOPs
-        m["perf/hfu"] = achieved * hw / peak_tflops
+        u = peak.utilisation(achieved, hw, warn)
+        if u is not None:
+            m["perf/mfu"], m["perf/hfu"] = u
     hist = None
     if w.tokens_per_step and w.depth_hist is not None:
         total = float(w.depth_hist.sum()) or 1.0

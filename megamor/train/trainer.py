@@ -20,6 +20,7 @@ from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_train_loader
 from megamor.model import MoRLM
 from megamor.model.summary import ParamCounts
+from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
 from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
@@ -42,7 +43,7 @@ from megamor.train.engine import prepare_model
 from megamor.train.faults import Faults
 from megamor.train.init_from import load_init_weights
 from megamor.train.logger import RunLogger, wandb_run_id
-from megamor.train.metrics import WindowStats, peak_tflops
+from megamor.train.metrics import PeakFlops, WindowStats
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
 from megamor.train.schedule import LRSchedule
@@ -121,8 +122,10 @@ class Trainer:
         # The ranks of a TP group read the same batches: the loader only knows the DP grid.
         self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
                                          self.layout.dp_rank, self.dp)
+        prof = cfg.trainer.profile  # phase timers always; the profiler only over trainer.profile.steps
+        self.observer = StepObserver(self.device, self.run_dir, self.rank, self.world, prof.steps, prof.memory, self.model)
         self.train_step = TrainStep(self.engine, self.optimizer, self.loader, self.layout, self.schedule, self.faults,
-                                    self.stop_request, self.device, self.gas, self.tp, self.dp)
+                                    self.stop_request, self.device, self.gas, self.tp, self.dp, self.observer)
         self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.faults,
                                      self._stop_agreed)
         if plan is not None:
@@ -132,8 +135,8 @@ class Trainer:
             with atomic_open(self.run_dir / "config.yaml", "w") as f:
                 f.write(to_yaml(cfg))
             self._keep_tokenizer()
-        self.peak_tflops = peak_tflops(self.device, cfg.deepspeed.precision, cfg.trainer.peak_tflops,
-                                       cfg.trainer.device_tflops_probe)
+        self.peak = PeakFlops.resolve(self.device, cfg.deepspeed.precision, cfg.trainer.peak_tflops,
+                                      cfg.trainer.device_tflops_probe)
         self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
         self.logger.print(
             f"megamor: {cfg.name} | {self.n_params.describe()} | "
@@ -211,7 +214,8 @@ class Trainer:
 
     # -- validation -------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        return self.validation.run()
+        with self.observer.phase("eval"):
+            return self.validation.run()
 
     def _stop_agreed(self) -> bool:
         """One small all-reduce: did any rank get a stop signal?"""
@@ -229,6 +233,10 @@ class Trainer:
 
     # -- checkpointing -------------------------------------------------------------------
     def save(self) -> Path:
+        with self.observer.phase("checkpoint"):
+            return self._save()
+
+    def _save(self) -> Path:
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -267,9 +275,12 @@ class Trainer:
         try:
             if self._stop_agreed():  # a signal during set-up
                 return self._stop()
+            self.observer.start()
             while self.step < self.max_steps:
+                self.observer.begin_step(self.step + 1)
                 r = self.train_step(self.step + 1)
                 self.step += 1
+                self.observer.end_step(self.step)
                 self.tokens += r.tokens
                 self.flops_total += r.flops
                 accumulate(window, r)
@@ -311,6 +322,7 @@ class Trainer:
             exit_code = self._stop(" during validation")
         finally:
             self.stop_request.uninstall()
+            self.observer.close()  # a run stopped inside trainer.profile.steps still leaves its trace
             self.logger.close()
         return exit_code
 
@@ -344,6 +356,7 @@ class Trainer:
     def _log(self, w: WindowStats) -> None:
         m, hist = window_metrics(w, lr=self.schedule.lr_at(self.step), tokens=self.tokens,
                                  skipped_steps=self.skipped_steps, flops_total=self.flops_total, device=self.device,
-                                 world=self.world, peak_tflops=self.peak_tflops,
+                                 world=self.world, peak=self.peak if self.is_main else None, warn=self.logger.print,
                                  activation_checkpointing=self.cfg.trainer.activation_checkpointing)
+        m.update(self.observer.window())  # time/*, straggler (one all-reduce), mem/activation_bytes
         self.logger.log(self.step, m, hist)

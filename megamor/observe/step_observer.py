@@ -1,0 +1,84 @@
+"""What the training loop measures about itself, behind one object the step code calls:
+
+    obs.begin_step(n)                         # the profiler starts at trainer.profile.steps[0]
+    with obs.phase("data"): ...               # timed (PhaseTimer) and named in a trace
+    with obs.forward(): out = engine(...)     # + the saved-for-backward bytes, once per window
+    with obs.phase("backward"): ...
+    obs.end_step(n)
+    metrics.update(obs.window())              # time/*, time/straggler_*, mem/activation_bytes
+    obs.close()                               # on the way out: the trace of what was recorded
+
+window() holds one collective (the straggler all-reduce): every rank calls it at the same point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megamor.observe.phase_timer import PhaseTimer
+from megamor.observe.profiler import StepProfiler
+
+
+class StepObserver:
+    def __init__(self, device: torch.device, run_dir: Path | None = None, rank: int = 0, world: int = 1,
+                 profile_steps: list[int] | tuple[int, ...] = (), profile_memory: bool = False, model: Any = None,
+                 activation_meter: bool = True):
+        self.rank, self.world, self.model = rank, world, model
+        self.timer = PhaseTimer(device)
+        self.profiler = StepProfiler(run_dir or Path("."), rank, list(profile_steps), profile_memory, device, model)
+        self._meter_cls = _meter_class() if activation_meter else None
+        self._measure_next = self._meter_cls is not None  # the window's first forward is measured
+        self.activation_bytes: int | None = None
+
+    def start(self) -> None:
+        """The loop begins: the first window starts now, not at set-up."""
+        self.timer.restart()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with self.profiler.phase(name), self.timer.phase(name):
+            yield
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        if not self._measure_next:
+            with self.phase("forward"):
+                yield
+            return
+        self._measure_next = False
+        meter = self._meter_cls(exclude=self.model)  # type: ignore[misc]
+        with self.phase("forward"), meter:
+            yield
+        self.activation_bytes = max(self.activation_bytes or 0, int(meter.bytes))
+
+    def begin_step(self, step_no: int) -> None:
+        self.profiler.begin_step(step_no)
+
+    def end_step(self, step_no: int) -> None:
+        self.timer.step_done()
+        self.profiler.end_step(step_no)
+
+    def window(self) -> dict[str, float]:
+        out: dict[str, float] = self.timer.window()
+        out.update(self.timer.straggler(self.rank, self.world))
+        if self.activation_bytes is not None:
+            out["mem/activation_bytes"] = self.activation_bytes
+        self.activation_bytes = None
+        self._measure_next = self._meter_cls is not None
+        return out
+
+    def close(self) -> list[Path]:
+        return self.profiler.close()
+
+
+def _meter_class() -> Any:
+    try:
+        from megamor.observe.activation_memory import SavedTensorMeter
+    except ImportError:  # the meter is optional
+        return None
+    return SavedTensorMeter
