@@ -33,10 +33,10 @@ vanilla model with the aot_eager backend): for compiled runs the figure is an up
 
 Tensor parallelism: q/k/v/out, the MLP and the logits are split over TP; norms, routers and the
 residual stream are replicated unless sequence parallelism is on (megamor.parallel.sequence_parallel).
-Then the norms' own tensors, the residual slices, the gate and the update hold T/TP tokens, but
-every column-parallel projection all-gathers its input and keeps that whole sequence (q, k and
-v each their own copy, gate and up theirs), and a routed step's gather keeps the all-gathered
-stream it picks rows from; its slots are padded to a multiple of TP.
+Then the norms' tensors, the residual slices, the gate and the update hold T/TP tokens: the
+column-parallel projections keep their input's local slice and all-gather it again in the
+backward (Megatron's rule), a routed step's take / put keep only the indices, and the slots are
+padded to a multiple of TP.
 """
 
 from __future__ import annotations
@@ -140,17 +140,15 @@ class _Walk:
         self.app = 0
 
     # -- pieces --------------------------------------------------------------------------
-    def norm(self, x: str, n: int, tag: str, keep_output: bool = True, readers: int = 1) -> str:
-        """readers: the column-parallel projections reading the output (q/k/v: 3, gate/up: 2);
-        under sequence parallelism each all-gathers and keeps its own copy of the sequence."""
+    def norm(self, x: str, n: int, tag: str, keep_output: bool = True) -> str:
         d, w, s = self.cfg.d_model, self.w, self.s
         tokens = self.B * n / self.sp
         s.add(x if w == F32 else f"{tag}.x32", tokens * d * F32, "norms")
         s.add(f"{tag}.rsqrt", tokens * F32, "norms")
         s.add(f"{tag}.hn", tokens * d * w, "norms")
         y = f"{tag}.y"
-        if keep_output:  # what the next projections keep: under SP, all-gathered whole sequences
-            s.add(y, self.B * n * d * w * (readers if self.sp > 1 else 1), "norms")
+        if keep_output:  # what the next projections keep (under SP its slice: they re-gather it backward)
+            s.add(y, tokens * d * w, "norms")
         return y
 
     def attention(self, n: int, rope: str, tag: str, kv_source: tuple[str, int] | None) -> None:
@@ -187,9 +185,9 @@ class _Walk:
         if self.spec.checkpointing:
             self.s.add(x, self.B * n * self.cfg.d_model * self.w / self.sp, "checkpoint inputs")
             return f"{tag}.out_resid", tag
-        self.norm(x, n, f"{tag}.n1", readers=1 if kv_source else 3)
+        self.norm(x, n, f"{tag}.n1")
         self.attention(n, rope, tag, kv_source)
-        self.norm(f"{tag}.mid", n, f"{tag}.n2", readers=2)
+        self.norm(f"{tag}.mid", n, f"{tag}.n2")
         self.mlp(n, tag)
         return f"{tag}.out_resid", tag
 
@@ -243,9 +241,11 @@ class _Walk:
                 else:  # its gathered rows / compute-dtype copy
                     s.add(f"step{r}.gate", B * n * w / sp, "routing")
             if gathered[r]:
-                # gather keeps its source: the hidden states (under SP, the all-gathered whole
-                # stream) and the gate it picks rows from.
-                s.add(h if sp == 1 else f"{h}.gathered", B * T * d * w, "routing")
+                # gather keeps its source: the hidden states (under SP only the indices: the
+                # gather from the all-gathered stream is an autograd function of its own) and the
+                # gate it picks rows from.
+                if sp == 1:
+                    s.add(h, B * T * d * w, "routing")
                 if gate:
                     s.add(gate_src, B * T * F32, "routing")
                 s.add(f"step{r}.slots", B * n * BOOL / sp, "routing")
