@@ -51,7 +51,9 @@ def timing_table(model_file: str, micro: int, seq: int, steps: int, compiled: bo
 
 def activation_table(model_file: str, micro: int, seq: int) -> list[str]:
     cfg = dataclasses.asdict(load_model_config(model_file))
-    rows = ["| layout | checkpointing | activation bytes / rank | vs TP=2 without SP |", "|---|---|---|---|"]
+    head = ("| layout | checkpointing | activation bytes / rank | vs TP=2 without SP | of which LM loss | "
+            "without the LM loss | vs TP=2 without SP |")
+    rows = [head, "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as d:
         out = f"{d}/act.jsonl"
         for ckpt in (False, True):
@@ -61,8 +63,10 @@ def activation_table(model_file: str, micro: int, seq: int) -> list[str]:
     for r in res:
         base = next(b for b in res if b["tp"] == 2 and not b["sp"] and b["ckpt"] == r["ckpt"])
         name = f"TP={r['tp']}" + (" + SP" if r["sp"] else "")
+        rest, base_rest = r["bytes"] - r["loss_bytes"], base["bytes"] - base["loss_bytes"]
         rows.append(f"| {name} | {'on' if r['ckpt'] else 'off'} | {r['bytes'] / 2**20:.1f} MiB | "
-                    f"{r['bytes'] / base['bytes']:.2f}x |")
+                    f"{r['bytes'] / base['bytes']:.2f}x | {r['loss_bytes'] / 2**20:.1f} MiB | {rest / 2**20:.1f} MiB | "
+                    f"{rest / base_rest:.2f}x |")
     return rows
 
 

@@ -87,7 +87,9 @@ class Engine:
         w = model.embed_tokens.weight
         self.device = w.device
         self.max_batch = max_batch
-        self.cache = StaticKVCache(_site_shares(model), max_batch, max_len or cfg.max_seq_len, cfg.n_kv_heads,
+        # KV heads of this process: a tensor-parallel model holds n_kv_heads / tp of them
+        kv_heads = model.layers[0].self_attn.n_kv_heads if len(model.layers) else cfg.n_kv_heads
+        self.cache = StaticKVCache(_site_shares(model), max_batch, max_len or cfg.max_seq_len, kv_heads,
                                    cfg.head_dim, kv_dtype or w.dtype, self.device)
         self.queue: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request

@@ -116,15 +116,20 @@ class LMOutput(_AttrDict):
 class SequenceLayout:
     """Where the residual stream's tokens live. This default: every token on this process.
     Sequence parallelism (`megamor.parallel.sequence_parallel`) installs one whose residual
-    stream holds a contiguous 1/N of every sequence: `full` then all-gathers it and `local`
-    takes this process's slice of a tensor every process holds whole; gathered lengths are
-    rounded up to a multiple of `multiple` so that routed tokens split evenly too."""
+    stream holds a contiguous 1/N of every sequence: `take` then gathers routed tokens from the
+    whole stream into this process's share of the slots, `put` writes slots back, `local` takes
+    this process's share of a tensor every process holds whole; gathered lengths are rounded up
+    to a multiple of `multiple` so that the slots split evenly."""
 
     multiple = 1
 
-    def full(self, x: Tensor) -> Tensor:
-        """[B, n_local, ...] -> [B, n, ...]."""
-        return x
+    def take(self, h: Tensor, idx: Tensor) -> Tensor:
+        """Rows idx [B, n] of the stream h -> slots [B, n_local, D]."""
+        return h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+
+    def put(self, h: Tensor, idx: Tensor, y: Tensor) -> Tensor:
+        """The stream h with rows idx replaced by the slots y."""
+        return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), y)
 
     def local(self, x: Tensor) -> Tensor:
         """[B, n, ...] (the same on every process) -> this process's [B, n_local, ...]."""
@@ -388,12 +393,11 @@ class MoRLM(nn.Module):
         # tokens are gathered from the full stream and their slots split across processes.
         lay = self.seq_layout
         if everyone:
-            x, sub_meta, sub_rope, idx, slots, full = h, meta, rope, None, None, h
+            x, sub_meta, sub_rope, idx, slots = h, meta, rope, None, None
         else:
-            full = lay.full(h)
-            length = min(full.shape[1], -(-length // lay.multiple) * lay.multiple)
+            length = min(selected.shape[1], -(-length // lay.multiple) * lay.multiple)
             idx, slots = left_align(selected, length)
-            x = lay.local(full.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])))
+            x = lay.take(h, idx)
             sub_meta = meta.take(idx, slots)
             g = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
             sub_rope = (g(rope[0]), g(rope[1]))
@@ -407,7 +411,7 @@ class MoRLM(nn.Module):
             return y
         # Padding slots point at unselected tokens: write their old value back.
         y = torch.where(lay.local(slots).unsqueeze(-1), y, x)
-        return lay.local(full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), lay.full(y)))
+        return lay.put(h, idx, y)
 
     def _apply_layer(
         self,

@@ -105,12 +105,89 @@ class _Split(torch.autograd.Function):
         return ctx.tp.gather(grad), None
 
 
+class _RegatherLinear(torch.autograd.Function):
+    """y = x_full W^T for a column-parallel projection whose input x_full is the all-gather of
+    `local`: keeps `local` (1/N of x_full) for backward and all-gathers it again for the weight
+    gradient. The input gradient flows to x_full (whose gather reduce-scatters it)."""
+
+    @staticmethod
+    def forward(ctx, full: Tensor, local: Tensor, weight: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        ctx.save_for_backward(local, weight)
+        return torch.nn.functional.linear(full, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        local, weight = ctx.saved_tensors
+        full = ctx.tp.gather(local)
+        grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(full.reshape(-1, full.shape[-1]))
+        return grad.matmul(weight), None, grad_w, None
+
+
+def column_linear(x: Tensor, weight: Tensor, tp: TPGroup) -> Tensor:
+    """A sequence-parallel column-parallel projection of x (all-gathered by the block's hook)."""
+    local = getattr(x, "sp_local", None)
+    if local is None:
+        return torch.nn.functional.linear(x, weight)
+    return _RegatherLinear.apply(x, local, weight, tp)
+
+
+def gather_for_columns(x: Tensor, tp: TPGroup) -> Tensor:
+    """x all-gathered along the sequence for column-parallel projections (`column_linear`),
+    which keep the local slice x for backward and gather it again there (Megatron's rule),
+    not the gathered copy. Compiled layers leave what to keep to AOT autograd's partitioner."""
+    full = gather_to_tp(x, tp)
+    if not torch.compiler.is_compiling():
+        full.sp_local = x
+    return full
+
+
 def gather_to_tp(x: Tensor, tp: TPGroup) -> Tensor:
     return _GatherToTP.apply(x, tp)
 
 
 def reduce_scatter_from_tp(x: Tensor, tp: TPGroup) -> Tensor:
     return _ReduceScatterFromTP.apply(x, tp)
+
+
+def _rows(idx: Tensor, d: int) -> Tensor:
+    return idx.unsqueeze(-1).expand(-1, -1, d)
+
+
+class _TakeRows(torch.autograd.Function):
+    """Routed rows idx [B, n] of the sequence-split stream -> this rank's n/N slots. Saves only
+    idx (a plain gather from the all-gathered stream would keep the whole stream for backward)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, idx: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp, ctx.length = tp, h.shape[1] * tp.size
+        ctx.save_for_backward(idx)
+        return tp.split(tp.gather(h).gather(1, _rows(idx, h.shape[-1])))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (idx,) = ctx.saved_tensors
+        g = ctx.tp.gather(grad)  # every slot's gradient, identical on every rank
+        full = g.new_zeros(g.shape[0], ctx.length, g.shape[-1]).scatter_add_(1, _rows(idx, g.shape[-1]), g)
+        return ctx.tp.split(full), None, None
+
+
+class _PutRows(torch.autograd.Function):
+    """The sequence-split stream with routed rows idx replaced by the slots y (each rank holding
+    n/N of them) -> this rank's slice again. Saves only idx."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, y: Tensor, idx: Tensor, tp: TPGroup) -> Tensor:
+        ctx.tp = tp
+        ctx.save_for_backward(idx)
+        return tp.split(tp.gather(h).scatter(1, _rows(idx, h.shape[-1]), tp.gather(y)))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (idx,) = ctx.saved_tensors
+        tp, rows = ctx.tp, _rows(idx, grad.shape[-1])
+        g = tp.gather(grad)
+        return tp.split(g.scatter(1, rows, 0.0)), tp.split(g.gather(1, rows)), None, None
 
 
 class ShardedSequence:
@@ -120,8 +197,11 @@ class ShardedSequence:
         self.tp = tp
         self.multiple = tp.size
 
-    def full(self, x: Tensor) -> Tensor:
-        return _GatherReplicated.apply(x, self.tp)
+    def take(self, h: Tensor, idx: Tensor) -> Tensor:
+        return _TakeRows.apply(h, idx, self.tp)
+
+    def put(self, h: Tensor, idx: Tensor, y: Tensor) -> Tensor:
+        return _PutRows.apply(h, y, idx, self.tp)
 
     def local(self, x: Tensor) -> Tensor:
         return _Split.apply(x, self.tp)
@@ -136,7 +216,7 @@ def _all_reduce_grad(group):
 
 def _gather_input_hook(tp: TPGroup):
     def pre(module: nn.Module, args: tuple) -> tuple:
-        return (gather_to_tp(args[0], tp), *args[1:])
+        return (gather_for_columns(args[0], tp), *args[1:])
 
     return pre
 

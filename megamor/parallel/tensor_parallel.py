@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from megamor.parallel import collectives
 from megamor.parallel.collectives import TPGroup
-from megamor.parallel.sequence_parallel import gather_to_tp, reduce_scatter_from_tp
+from megamor.parallel.sequence_parallel import column_linear, gather_for_columns, reduce_scatter_from_tp
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -74,7 +74,9 @@ class ColumnParallelLinear(nn.Module):
         self.sequence_parallel = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x if self.sequence_parallel else _CopyToTP.apply(x, self.group), self.weight)
+        if self.sequence_parallel:
+            return column_linear(x, self.weight, self.group)
+        return F.linear(_CopyToTP.apply(x, self.group), self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -146,8 +148,9 @@ class VocabParallelLMHead(nn.Module):
         self.sequence_parallel = False  # h is this rank's sequence slice: all-gather it first
 
     def forward(self, h: Tensor) -> Tensor:
-        h = gather_to_tp(h, self.group) if self.sequence_parallel else _CopyToTP.apply(h, self.group)
-        return _GatherFromTP.apply(F.linear(h, self.weight), self.group)
+        if self.sequence_parallel:
+            return _GatherFromTP.apply(column_linear(gather_for_columns(h, self.group), self.weight, self.group), self.group)
+        return _GatherFromTP.apply(F.linear(_CopyToTP.apply(h, self.group), self.weight), self.group)
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -187,8 +190,10 @@ def vocab_parallel_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, voc
     """The `MoRLM.lm_loss` of a tensor-parallel model: h [B, T, D] (replicated; with
     sequence_parallel this rank's [B, T/tp, D] slice, all-gathered here), weight this rank's
     [V/tp, D] rows, targets [B, T] (-100 ignored) -> mean loss, equal on every rank."""
-    h = gather_to_tp(h, group) if sequence_parallel else _CopyToTP.apply(h, group)
-    logits = F.linear(h, weight).float()
+    if sequence_parallel:
+        logits = column_linear(gather_for_columns(h, group), weight, group).float()
+    else:
+        logits = F.linear(_CopyToTP.apply(h, group), weight).float()
     return _VocabParallelCE.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), vocab_start, group)
 
 
