@@ -4,12 +4,14 @@ Candidates: TP sizes that divide the world, stay inside one node and split the m
 KV heads, d_ff, vocabulary); ZeRO 0-3 (TP runs with 0-2); micro-batches that divide the global
 batch per data-parallel rank (powers of two and the largest); checkpointing off and on;
 sequence parallelism (with TP > 1) only when the config asks for it. Ranking: predicted
-tokens/day (megamor.plan.speed: the recompute's 4/3 and the exposed TP / DP traffic are what
-separate them), then fewer bytes per rank, then the larger micro-batch (fewer, larger kernels).
+tokens/day in 1% steps (megamor.plan.speed: the recompute's 4/3 and the exposed TP / DP traffic
+are what separate them), then the larger micro-batch up to 16k tokens (fewer, larger kernels),
+then fewer bytes per rank.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from megamor.config import ConfigError
@@ -43,5 +45,19 @@ def ranked_layouts(exp: ExperimentConfig, world: int, gpu: GPU, mfu: float, head
             continue
         if plan["fits"]:
             plans.append(plan)
-    plans.sort(key=lambda p: (-p["speed"]["tokens_per_day"], p["per_rank"]["total_bytes"], -p["layout"]["micro_batch"]))
+    plans.sort(key=_rank_key)
     return plans
+
+
+# Tokens per micro-batch beyond which a larger micro-batch buys no matmul efficiency, only memory.
+SATURATION_TOKENS = 16384
+
+
+def _rank_key(plan: dict[str, Any]) -> tuple[int, int, float]:
+    """Throughput in 1% steps (closer than that the model cannot tell them apart), then the
+    larger micro-batch up to SATURATION_TOKENS (the model gives small ones no kernel-efficiency
+    penalty, real GPUs do), then fewer bytes per rank (headroom for the unmodelled)."""
+    bucket = round(math.log(plan["speed"]["tokens_per_day"]) / math.log(1.01))
+    lay = plan["layout"]
+    tokens = min(lay["micro_batch"] * plan["kv_cache"]["seq_len"], SATURATION_TOKENS)
+    return (-bucket, -tokens, plan["per_rank"]["total_bytes"])

@@ -3,6 +3,7 @@ input answered with one line and exit code 2."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_layouts_fit_and_are_ranked(config, capsys):
     layouts = doc["layouts"]
     assert layouts and all(p["fits"] for p in layouts)
     rates = [p["speed"]["tokens_per_day"] for p in layouts]
-    assert rates == sorted(rates, reverse=True)
+    assert all(b <= a * 1.01 for a, b in itertools.pairwise(rates))  # best first, to the model's 1% resolution
+    assert max(rates) <= rates[0] * 1.01
     assert {p["layout"]["tp"] for p in layouts} == {1, 2}  # 2 KV heads: TP 4 cannot split them
     # A GPU too small for anything: the config's layout does not fit, no layout is offered.
     tiny = _json(capsys, config, "--world", "4", "--gpu-mem-gib", "0.001", "--peak-tflops", "10")
