@@ -22,6 +22,10 @@ import subprocess
 import sys
 
 from megamor.config import ConfigError
+from megamor.study.config import load_study
+from megamor.study.data import data_paths, is_prepared, prepare
+from megamor.study.report import write_report
+from megamor.study.scaling import write_scaling_report
 from megamor.train.signals import EXIT_CONFIG
 
 
@@ -45,9 +49,7 @@ def _command(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megamor.study.config import load_study
-    from megamor.study.data import data_paths, is_prepared, prepare
-    from megamor.study.plan import plan_runs
+    from megamor.study.plan import plan_runs  # lazy, as run/timing below: they import torch (keeps `--help` fast)
 
     try:
         try:
@@ -70,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamor.study: {e}", file=sys.stderr)
         return 1
 
-    from megamor.study.report import write_report
     from megamor.study.run import RunFailed, is_done, load_result, run_one
 
     if args.plan:
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [load_result(r) for r in runs if is_done(r)]
     pending = [r.name for r in runs if not is_done(r)]
-    path = write_report(study, results, pending, _command(args))
+    write = write_scaling_report if study.budgets else write_report  # several budgets: the scaling report
+    path = write(study, results, pending, _command(args))
     print(f"megamor.study: {len(results)}/{len(runs)} runs done; report: {path}")
     return 0
 

@@ -20,7 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from megamor.data.loader import build_eval_batches
+from megamor.env import shared_data_dir
 from megamor.eval.depth import DepthTrace, depth_statistics, write_depth_plots
+from megamor.eval.harness import evaluate
+from megamor.eval.scoring import Scorer
+from megamor.eval.tokenizer import load_tokenizer
 from megamor.model.router_health import agreement_counts, precision_recall
 from megamor.study.config import StudyEvalConfig
 from megamor.train.config import ExperimentConfig
@@ -89,11 +93,6 @@ def depth_analysis(trace: DepthTrace, plots: Path | None) -> dict[str, Any]:
 def fewshot(model: torch.nn.Module, tokenizer_dir: Path, ev: StudyEvalConfig) -> dict[str, Any]:
     if not ev.fewshot_tasks:
         return {}
-    from megamor.env import shared_data_dir
-    from megamor.eval.harness import evaluate
-    from megamor.eval.scoring import Scorer
-    from megamor.eval.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer_dir)
     scorer = Scorer(model, batch_size=16, max_batch_tokens=8192, pad_id=tok.eos_id)
     data_dir = Path(ev.fewshot_data_dir) if ev.fewshot_data_dir else shared_data_dir()

@@ -163,10 +163,10 @@ def _plots(study: StudyConfig, results: list[dict[str, Any]], out: Path) -> list
 
 
 def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: list[str], command: str) -> Path:
-    if study.budgets:  # several budgets: the scaling report (megamor.study.scaling)
-        from megamor.study.scaling import write_scaling_report
-
-        return write_scaling_report(study, results, pending, command)
+    """The report of a one-budget study; megamor.study.scaling writes that of several budgets
+    (it builds on this module's tables, so the caller, megamor.study.__main__, picks one)."""
+    if study.budgets:
+        raise ValueError(f"study {study.name} has {len(study.budgets)} budgets: use megamor.study.scaling.write_scaling_report")
     out = study.report_path
     out.mkdir(parents=True, exist_ok=True)
     b = study.budget

@@ -12,12 +12,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megamor.data.atomic import write_json
 from megamor.env import repo_root
 from megamor.parallel.launch import torchrun_command
+from megamor.runs.load import load_model_from_run
+from megamor.runs.tags import newest_complete
 from megamor.study.config import StudyConfig
+from megamor.study.evaluate import depth_analysis, fewshot, validation
 from megamor.study.plan import RunSpec
-from megamor.train.checkpoint import newest_complete
+from megamor.train.config import load_experiment
 
 
 class RunFailed(RuntimeError):
@@ -109,12 +114,6 @@ def causal_thresholds(model: Any) -> list[float] | None:
 
 
 def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict[str, Any]:
-    import torch
-
-    from megamor.study.evaluate import depth_analysis, fewshot, validation
-    from megamor.train.checkpoint import load_model_from_run
-    from megamor.train.config import load_experiment
-
     torch.manual_seed(run.seed)
     exp = load_experiment([run.config], run.overrides)
     model, _ = load_model_from_run(run.run_dir)
@@ -146,8 +145,6 @@ def load_result(run: RunSpec) -> dict[str, Any]:
     if "router_max_abs_logit_series" not in res:
         res.update(router_health_over_run(run))
     if ("gate_scales" not in res or "causal_thresholds" not in res) and res.get("router") == "expert_choice":
-        from megamor.train.checkpoint import load_model_from_run
-
         model = load_model_from_run(run.run_dir)[0]  # the final checkpoint (weights only), nothing recomputed
         res.setdefault("gate_scales", gate_scales(model))
         res.setdefault("causal_thresholds", causal_thresholds(model))
