@@ -8,22 +8,27 @@ residual adds, the router networks and the saved activations of all of them cost
 The boundaries (forward / backward):
 - embedding: the vocab-parallel partial sums are reduce-scattered along the sequence (instead
   of all-reduced) / all-gather;
-- attention and MLP of every layer application: all-gather of the normed input before the
-  column-parallel projections / reduce-scatter of its gradient; reduce-scatter of the
-  row-parallel partial output / all-gather. Attention itself sees the whole sequence (and the
-  whole TokenMeta: positions for RoPE, validity, document ids), as without SP;
+- attention and MLP of every layer application (module hooks, so state-dict keys do not
+  change): all-gather of the normed input before the column-parallel projections /
+  reduce-scatter of its gradient; reduce-scatter of the row-parallel partial output /
+  all-gather. The projections keep the local slice for backward and all-gather it again there
+  (Megatron's trade: one more all-gather per projection in backward for 1/N of the saved
+  input). Attention itself sees the whole sequence (and the whole TokenMeta: positions for
+  RoPE, validity, document ids), as without SP;
 - routers: each rank computes its tokens' logits (the router network runs on the local slice)
   and only the logits are all-gathered ([B, T] or [B, T, N_r], tiny), so expert choice's
   per-sequence top-k, token choice's argmax, the causal threshold, the auxiliary losses and
   the learned-threshold / balancing statistics are computed on the full sequence, identically
   on every rank: routing is exactly the one-process routing;
-- a recursion step over routed tokens (`MoRLM._run_step` through `model.seq_layout`): the step
-  all-gathers the residual stream, gathers its routed tokens into [B, n] slots (n rounded up
-  to a multiple of N with padding slots, which attention masks and the scatter drops), keeps
-  this rank's n/N slots, runs the step's layers sequence-parallel on those, then all-gathers
-  the slots, scatters them into the full stream at their positions and keeps this rank's
-  slice. The full stream is transient (gather/scatter save only indices), and only routed
-  tokens enter the step's layers;
+- a recursion step over routed tokens (`MoRLM._run_step` through `model.seq_layout`): `take`
+  all-gathers the residual stream, gathers the routed tokens into [B, n] slots in positional
+  order (n rounded up to a multiple of N with padding slots, which attention masks and the
+  scatter drops) and keeps this rank's n/N slots; the step's layers run sequence-parallel on
+  those slots (attention all-gathers them, so each routed token attends to every earlier
+  routed token of its sequence, at its original RoPE position); `put` all-gathers the slots,
+  scatters them into the full stream at their positions and keeps this rank's slice. The full
+  stream is transient (take/put keep only the indices for backward), and only routed tokens
+  enter the step's layers;
 - loss and logits: the final norm runs on the slice; the vocab-parallel loss (or head)
   all-gathers the normed hidden states first / reduce-scatter.
 
@@ -37,7 +42,7 @@ them, so they stay identical across the group. The gate scale (router.learn_alph
 the gathered logits and already gets the full gradient.
 
 Not for decoding: a KV-cache forward feeds one token at a time; decode with the TP-only model
-(the weights are the same: SP adds no parameters).
+(the weights are the same: SP adds no parameters), which the decoding engine runs sharded.
 """
 
 from __future__ import annotations
