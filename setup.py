@@ -18,7 +18,7 @@ setup(
         "tqdm",
         "rich",
         "zstandard",
-        "xxhash",  # checkpoint content hashes (megamor.train.integrity)
+        "xxhash",  # checkpoint content hashes (megamor.runs.integrity)
         "pyarrow",
         "matplotlib",
     ],

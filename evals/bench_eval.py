@@ -26,12 +26,12 @@ import time
 import torch
 
 from megamor.env import shared_data_dir
-from megamor.eval.checkpoint import load_model
 from megamor.eval.cli import default_device, tokenizer_for, write_text
 from megamor.eval.harness import evaluate_task
 from megamor.eval.perplexity import perplexity_of_tokens
 from megamor.eval.scoring import Scorer
 from megamor.eval.tokenizer import SentencePieceTokenizer
+from megamor.runs.load import load_model
 
 
 def train_tokenizer(vocab_size: int, out: str) -> SentencePieceTokenizer:

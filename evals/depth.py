@@ -12,10 +12,10 @@ import argparse
 import json
 import sys
 
-from megamor.eval.checkpoint import load_model_and_meta
 from megamor.eval.cli import default_device, run_main, set_threads, tokenizer_for, write_text
 from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
 from megamor.eval.text_input import read_text, require_text
+from megamor.runs.load import load_model_and_meta
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

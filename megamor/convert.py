@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 
 from megamor.config import ConfigError, from_node, merge_sources
+from megamor.data.atomic import atomic_open, write_json
 from megamor.model.config import ModelConfig
 from megamor.model.mor import MoRLM
+from megamor.runs.layout import CheckpointError
+from megamor.runs.load import load_model
 
 STRATEGIES = ("stepwise", "average", "lower")
 
@@ -96,8 +99,6 @@ def convert(source: MoRLM, cfg: ModelConfig, strategy: str, seed: int = 0) -> Mo
 
 
 def save(model: MoRLM, out: Path, **meta) -> Path:
-    from megamor.data.atomic import atomic_open, write_json
-
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
@@ -118,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the routers' initialisation")
     p.add_argument("overrides", nargs="*", help="target model keys, e.g. sharing=middle_cycle num_recursions=3 router.type=expert_choice")
     args = p.parse_intermixed_args(argv)
-    from megamor.eval.checkpoint import CheckpointError, load_model
-
     try:
         source = load_model(args.source, dtype=torch.float32)
     except CheckpointError as e:

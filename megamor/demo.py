@@ -27,7 +27,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from megamor.data.tokenizer import Tokenizer
 from megamor.env import repo_root
+from megamor.runs.tags import newest_complete
 
 CONFIG = "configs/experiments/demo.yaml"
 PROMPTS = [
@@ -83,10 +85,9 @@ def _last_validation(run_dir: Path) -> dict:
 
 
 def show_samples(run_dir: Path, tok_dir: Path, max_new_tokens: int = 40) -> None:
-    import torch
+    import torch  # lazy, as the imports in _render: torch only once training is done (`--help` stays fast)
 
-    from megamor.data.tokenizer import Tokenizer
-    from megamor.train.checkpoint import load_model_from_run
+    from megamor.runs.load import load_model_from_run
 
     torch.manual_seed(0)
     model, cfg = load_model_from_run(run_dir)
@@ -141,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
             line += f"; with causal routing (as in decoding) {val['val/loss_causal']:.4f}"
         print(f"\n== {line}")
     show_samples(run_dir, tok)
-    from megamor.train.checkpoint import newest_complete
-
     ref = newest_complete(run_dir)
     export_pt = run_dir / "export" / (ref.tag if ref else "step_N") / "megamor.pt"
     wandb_dirs = sorted((run_dir / "wandb").glob("offline-run-*")) if (run_dir / "wandb").is_dir() else []

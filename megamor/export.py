@@ -31,9 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
+from megamor.config import from_node
 from megamor.data.atomic import write_json
+from megamor.hf.remote_code import hf_weights, write_remote_code
+from megamor.model import MoRLM
 from megamor.model.config import ModelConfig
+from megamor.model.hf import llama_config, to_llama_state_dict
+from megamor.runs.consolidate import consolidated_state_dict
+from megamor.runs.layout import CheckpointError
+from megamor.runs.safe_load import UnsafeCheckpointError
+from megamor.runs.tags import resolve_tag
+from megamor.train.config import load_tag_experiment
 
 CONSOLIDATED = "megamor.pt"
 MOR_MODEL_TYPE = "megamor"
@@ -52,17 +62,8 @@ def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Path | None:
 
 
 def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    from megamor.model.hf import llama_config, to_llama_state_dict
-    from megamor.train.checkpoint import (
-        consolidated_state_dict,
-        experiment_of,
-        resolve_tag,
-    )
-
     ref = resolve_tag(run_dir, tag)
-    exp = experiment_of(ref)
+    exp = load_tag_experiment(ref)
     cfg = exp.model
     run = ref.root.parent
     out_dir = Path(out) if out else run / "export" / ref.tag
@@ -80,8 +81,6 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         llama_config(cfg).save_pretrained(out_dir)
         weights = to_llama_state_dict(cfg, sd)
     else:
-        from megamor.hf.remote_code import hf_weights, write_remote_code
-
         write_remote_code(out_dir, cfg, **meta)  # AutoModelForCausalLM(..., trust_remote_code=True)
         weights = hf_weights(sd, cfg)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -93,9 +92,6 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
 
 def load_exported(path: str | Path):
     """(MoRLM, ModelConfig) from an export folder (vanilla or MoR) or its megamor.pt."""
-    from megamor.config import from_node
-    from megamor.model import MoRLM
-    
     p = Path(path)
     f = p / CONSOLIDATED if p.is_dir() else p
     obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -115,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: the newest complete)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export/<tag>)")
     args = p.parse_args(argv)
-    from megamor.train.checkpoint import CheckpointError, UnsafeCheckpointError
-
     try:
         out = export(args.run_dir, args.out, args.tag)
     except (CheckpointError, UnsafeCheckpointError) as e:  # missing, damaged or unsafe: bad input

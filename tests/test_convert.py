@@ -66,7 +66,7 @@ def test_cli_from_hf_llama(tmp_path):
                         "--init", "lower", "sharing=middle_cycle", "num_recursions=3", "router.type=token_choice"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
-    from megamor.eval.checkpoint import load_model
+    from megamor.runs.load import load_model
 
     mor = load_model(tmp_path / "mor" / "megamor.pt")
     assert mor.cfg.router.type == "token_choice"

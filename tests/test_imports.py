@@ -153,7 +153,7 @@ def test_run_folder_package_imports_neither_train_nor_eval():
 
 
 @pytest.mark.parametrize("module", [RUNS, "megamor.runs.load", "megamor.runs.resume", "megamor.train.trainer",
-                                    "megamor.train.preflight", "megamor.eval.checkpoint", "megamor.model.mor",
+                                    "megamor.train.preflight", "megamor.runs.find", "megamor.model.mor",
                                     "megamor.model.generate", "megamor.train.config", "megamor.train.schedule",
                                     "megamor.train.schedule_change", "megamor.train.init_from"])
 def test_each_module_imports_first_in_a_fresh_interpreter(module):

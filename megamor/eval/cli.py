@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from megamor.data.atomic import atomic_open
+from megamor.runs.find import find_tokenizer
+from megamor.runs.layout import CheckpointError
+from megamor.runs.load import load_model_and_meta
 
-from .checkpoint import CheckpointError, find_tokenizer, load_model_and_meta
 from .scoring import Scorer, model_max_length
 from .tokenizer import EvalTokenizer, load_tokenizer
 

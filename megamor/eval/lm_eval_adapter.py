@@ -25,7 +25,9 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .checkpoint import find_tokenizer, load_model_and_meta
+from megamor.runs.find import find_tokenizer
+from megamor.runs.load import load_model_and_meta
+
 from .perplexity import rolling_requests
 from .scoring import Scorer
 from .tokenizer import EvalTokenizer, load_tokenizer

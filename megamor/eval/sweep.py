@@ -25,7 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, CheckpointInfo, describe, find_tokenizer, list_checkpoints, load_model_and_meta
+from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints
+from megamor.runs.layout import CheckpointError
+from megamor.runs.load import load_model_and_meta
+
 from .scoring import Scorer
 from .tokenizer import load_tokenizer
 

@@ -8,8 +8,8 @@
     optim.py        AdamW parameter groups; a step that can be skipped (non-finite loss)
     schedule.py     warmup-stable-decay and cosine, pure functions of the step
     ds_config.py    the DeepSpeed config dict
-    checkpoint.py   the run-folder API under its old name (the code: megamor.runs, one layer
-                    below train/: save, integrity, quarantine, resume, load_model)
+    (checkpoints: megamor.runs, the run-folder layer below train/: save, integrity,
+    quarantine, resume, load_model)
     signals.py      SIGTERM/SIGUSR1 -> save and exit 75; the exit codes
     metrics.py      MoR-aware FLOPs, MFU/HFU, memory, router statistics
     logger.py       console, metrics.jsonl, W&B (run id kept across restarts)

@@ -35,6 +35,7 @@ from megamor.data.config import DataConfig
 from megamor.env import repo_root
 from megamor.model.config import ModelConfig
 from megamor.parallel.tensor_parallel import layout_errors
+from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
 from megamor.train.ds_keys import check_deepspeed_keys
 
 PRECISIONS = ("fp32", "bf16")
@@ -376,6 +377,14 @@ def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence
     if isinstance(config_paths, (str, Path)):
         config_paths = [config_paths]
     return from_node(ExperimentConfig, merge_experiment(config_paths, overrides))
+
+
+def load_tag_experiment(ref: CheckpointRef) -> ExperimentConfig:
+    """The typed experiment config a checkpoint tag was trained with (its experiment.yaml)."""
+    cfg_file = ref.path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{ref.path}: no {CONFIG_FILE}")
+    return load_experiment([cfg_file])
 
 
 def experiment_from_dict(d: dict[str, Any]) -> ExperimentConfig:

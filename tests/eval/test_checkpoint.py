@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamor.eval.checkpoint import CheckpointError, find_tokenizer, list_checkpoints, load_model, load_model_and_meta
+from megamor.runs.find import find_tokenizer, list_checkpoints
+from megamor.runs.layout import CheckpointError
+from megamor.runs.load import load_model, load_model_and_meta
 
 
 def same_logits(a, b):

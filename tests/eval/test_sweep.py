@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from megamor.env import repo_root
-from megamor.eval.checkpoint import CheckpointError
 from megamor.eval.sweep import Sweep, SweepConfig, discover
+from megamor.runs.layout import CheckpointError
 
 
 def _read_csv(path) -> list[dict[str, str]]:
@@ -86,7 +86,7 @@ def test_sweep_caches_and_reports(runs, tmp_path, data_dir):
 
 
 def _model(run):
-    from megamor.eval.checkpoint import load_model
+    from megamor.runs.load import load_model
 
     return load_model(run / "checkpoints" / "step_20.pt")
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megamor.env import repo_root
+from megamor.runs.tags import list_complete, newest_complete
 from megamor.testing.distributed import run_distributed
-from megamor.train.checkpoint import list_complete, newest_complete
 from megamor.train.signals import EXIT_CONFIG
 from tests.train.helpers import Run, assert_ok, launch, rel_diff, slurm_status, train_env, wait_for_step
 
@@ -85,10 +85,11 @@ def test_tp2_dp2_matches_one_process(runs, stage):
 def _tp_logits_worker(rank: int, world: int, tag_dir: str, out: str) -> None:
     from megamor.model import MoRLM
     from megamor.parallel.tensor_parallel import apply_tensor_parallel
-    from megamor.train.checkpoint import experiment_of, resolve_tag
+    from megamor.runs.tags import resolve_tag
+    from megamor.train.config import load_tag_experiment
 
     ref = resolve_tag(tag_dir)
-    model = apply_tensor_parallel(MoRLM(experiment_of(ref).model))
+    model = apply_tensor_parallel(MoRLM(load_tag_experiment(ref).model))
     sd = torch.load(ref.path / f"mp_rank_{rank:02d}_model_states.pt", map_location="cpu", weights_only=False)["module"]
     model.load_state_dict(sd, strict=True)
     model.eval()
@@ -131,7 +132,7 @@ def test_tp2_sigkill_resume_then_export_merges_shards(runs, tiny_config, tmp_pat
     x = torch.arange(2 * 32).reshape(2, 32) * 7 % 512
     with torch.no_grad():
         full, causal = model(x).logits, model(x, causal_routing=True).logits
-    from megamor.eval.checkpoint import load_model
+    from megamor.runs.load import load_model
 
     evaluated = load_model(run_dir)  # what evals/* load from a run folder: the merged model too
     with torch.no_grad():
