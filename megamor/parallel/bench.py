@@ -27,11 +27,13 @@ _COMM = {"s": 0.0}
 _WRAPPED = ("all_reduce", "all_gather", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast")
 
 
-def _wrap_collectives() -> None:
+def _wrap_collectives(functional: bool = True) -> None:
+    """functional=False: leave megamor.parallel.collectives alone (compiled layers trace them into
+    their graphs, where a Python timer would only time the tracing and break the graph)."""
     from megamor.parallel import collectives
 
     for mod, name in [*((dist, n) for n in _WRAPPED),
-                      *((collectives, n) for n in ("all_reduce", "all_gather", "reduce_scatter"))]:
+                      *((collectives, n) for n in ("all_reduce", "all_gather", "reduce_scatter") if functional)]:
         fn = getattr(mod, name)
         if getattr(fn, "_timed", False):
             continue
@@ -101,7 +103,7 @@ def layout_step_worker(rank: int, world: int, model_cfg: dict, tp: int, micro: i
 
     cfg, layout, model = _build(model_cfg, tp, world, rank, sp, compile_layers=compile_layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    _wrap_collectives()
+    _wrap_collectives(functional=not compile_layers)  # compiled: only the eager collectives are timed
     g = torch.Generator().manual_seed(1000 + layout.dp_rank)  # TP ranks share a batch
     times, comms = [], []
     for i in range(steps + 1):  # the first step warms up
