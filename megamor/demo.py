@@ -107,7 +107,7 @@ def show_samples(run_dir: Path, tok_dir: Path, max_new_tokens: int = 40) -> None
 def _render(tok, ids: list[int], depths: list[int], n_rec: int, colour: bool) -> str:
     import numpy as np
 
-    from megamor.eval.depth import DepthTrace, render_terminal, token_strings
+    from megamor.eval.depth import DepthTrace, render_terminal, token_strings  # lazy: imports torch
 
     pieces = token_strings(tok, ids)
     if colour:

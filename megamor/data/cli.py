@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from megamor.config import ConfigError
+from megamor.data.errors import DataError
 from megamor.data.readers import ReadOptions
 from megamor.data.sources import TXT_MODES
 
@@ -29,9 +31,6 @@ def read_options(a: argparse.Namespace) -> ReadOptions:
 
 def main_guard(fn: Callable[[], int | None]) -> None:
     """Run an entry point; known input problems print one line (no traceback) and exit 1."""
-    from megamor.config import ConfigError
-    from megamor.data.errors import DataError
-
     os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     try:
         sys.exit(fn() or 0)

@@ -14,6 +14,8 @@ from typing import Any
 
 from megamor.config import ConfigError, key
 from megamor.data.errors import DataError
+from megamor.data.manifest import load_manifest
+from megamor.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -49,8 +51,6 @@ class DataConfig:
     def check_paths(self, prefix: str = "data") -> dict[str, Any]:
         """Check every folder holds a finished shard set with the needed split, all made with
         one tokenizer; returns that tokenizer's manifest entry (vocab_size, eos_id, ...)."""
-        from megamor.data.manifest import load_manifest
-
         tokenizer: dict[str, Any] | None = None
         first = ""
         entries = [("train", i, p, self.train_split) for i, p in enumerate(self.train)]
@@ -78,8 +78,6 @@ class DataConfig:
                                      f"({m['tokenizer']['hash'][:12]} vs {tokenizer['hash'][:12]})")
         assert tokenizer is not None
         if self.tokenizer is not None:
-            from megamor.data.tokenizer import Tokenizer
-
             k = key(prefix, "tokenizer")
             try:
                 tok = Tokenizer.load(self.tokenizer)

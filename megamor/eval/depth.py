@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megamor.model.router_health import agreement_counts
+
 from .scoring import model_max_length
 from .tokenizer import EvalTokenizer
 
@@ -130,8 +132,6 @@ def _add_agreement(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor |
     cfg = getattr(model, "cfg", None)
     if cfg is None or cfg.router.type != "expert_choice" or not hasattr(model, "record_router"):
         return
-    from megamor.model.router_health import agreement_counts
-
     model.record_router = True
     try:
         out = model(x, attention_mask=mask, causal_routing=False, return_logits=False)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megamor.model.flops import flops_per_token
 from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model_and_meta
@@ -191,8 +192,6 @@ class Sweep:
 def _train_flops_per_token(model) -> float | None:
     """Training FLOPs per token (3x forward, the paper's counting) at the model's context length."""
     try:
-        from megamor.model.flops import flops_per_token
-
         return 3.0 * flops_per_token(model.cfg, model.cfg.max_seq_len)
     except Exception:  # noqa: BLE001  optional metadata: a model the FLOP counter cannot describe gets None
         return None

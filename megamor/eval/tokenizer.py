@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from megamor.data.tokenizer import Tokenizer
+
 
 @runtime_checkable
 class EvalTokenizer(Protocol):
@@ -75,15 +77,10 @@ def load_tokenizer(path: str | Path) -> EvalTokenizer:
     if not p.exists():
         raise FileNotFoundError(f"tokenizer not found: {p}")
     try:
-        from megamor.data.tokenizer import Tokenizer  # type: ignore[import-not-found]
-    except ImportError:
-        Tokenizer = None
-    if Tokenizer is not None:
-        try:
-            return _MegamorTokenizer(Tokenizer.load(p))
-        except Exception:
-            if p.is_dir():
-                raise
+        return _MegamorTokenizer(Tokenizer.load(p))
+    except Exception:
+        if p.is_dir():
+            raise
     if p.is_dir():
         models = sorted(p.glob("*.model"))
         if not models:

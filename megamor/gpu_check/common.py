@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megamor.env import repo_root
+
 # Record kinds: a parity or speed check (a row of the report's tables), a measurement (the raw
 # figures behind the speed checks), and meta (device and versions, written first by each part).
 PARITY, SPEED, MEASURE, META = "parity", "speed", "measure", "meta"
@@ -108,15 +110,14 @@ def read_records(path: Path) -> list[Record]:
 
 def model_config(size: str, variant: str, tiny: bool, overrides: list[str] | None = None):
     """configs/model/<size>/<variant>.yaml; --tiny shrinks it to TINY_OVERRIDES (same variant)."""
-    from megamor.env import repo_root
-    from megamor.model import load_model_config
+    from megamor.model import load_model_config  # lazy, as torch here: the parent (runner, report) stays torch-free
 
     path = repo_root() / "configs" / "model" / size / f"{variant}.yaml"
     return load_model_config(path, overrides=(TINY_OVERRIDES if tiny else []) + list(overrides or []))
 
 
 def build_model(cfg, device, dtype=None, seed: int = 0):
-    import torch
+    import torch  # lazy (see model_config)
 
     from megamor.model import MoRLM
 

@@ -34,6 +34,9 @@ from megamor.gpu_check.common import (
     sync,
 )
 from megamor.gpu_check.parts import BF16_STEPS, bf16_names, compile_names, engine_names, flash_names
+from megamor.inference import Engine
+from megamor.model import layers
+from megamor.train.compile import compile_layers, compile_wanted
 
 SIZE = "135m"  # parity models (full form): the smallest paper size, real layer shapes
 VARIANTS = ("vanilla", "mor_expert_3", "mor_token_3")  # parts.PARITY_VARIANTS, in order
@@ -54,7 +57,6 @@ FLASH_TOL = 2e-2  # bf16: max |logit difference| over max |logit|
 
 
 def flash(ctx: Context) -> None:
-    from megamor.model import layers
 
     names = flash_names(ctx.on_gpu)
     reason = None
@@ -108,7 +110,6 @@ def _train_step(model, x, opt) -> tuple[float, list[torch.Tensor], list[int]]:
 
 
 def compile_parity(ctx: Context) -> None:
-    from megamor.train.compile import compile_layers
 
     loss_tol, grad_tol = (1e-4, 1e-3) if ctx.on_gpu else (1e-5, 5e-5)
     B, T = (2, 512) if not ctx.tiny else (2, 32)
@@ -174,7 +175,6 @@ def _first_divergence(model, reqs, refs, handles) -> str | None:
 
 
 def engine(ctx: Context) -> None:
-    from megamor.inference import Engine
 
     slots = 3
     per_variant = 2 if ctx.on_gpu else 3
@@ -228,8 +228,6 @@ def bf16_training(ctx: Context) -> None:
     name = bf16_names(ctx.on_gpu)[0]
 
     def one() -> None:
-        from megamor.train.compile import compile_layers, compile_wanted
-
         cfg = model_config(SIZE, "mor_expert_3", ctx.tiny)
         model = build_model(cfg, ctx.device).train()  # fp32 weights, bf16 autocast: the plain loop's precision
         compiled = compile_wanted("auto", ctx.device)

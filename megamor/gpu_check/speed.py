@@ -34,6 +34,10 @@ from megamor.gpu_check.common import (
     sync,
 )
 from megamor.gpu_check.parts import DECODE_NAMES, SIZE_LABEL, TRAIN_ROWS
+from megamor.inference.bench import bench_engine, bench_hf
+from megamor.inference.calibrate import calibrate_decoding
+from megamor.train.compile import compile_layers
+from megamor.train.metrics import peak_tflops, step_flops
 
 # size -> (recursions, micro-batch, MFU target). Rows (parts.TRAIN_ROWS) run in priority order:
 # a row that would start too close to the part's limit is skipped, and the checks needing it say so.
@@ -48,7 +52,6 @@ DEFAULT_GPU_PEAK = 989.0  # H100/H200 dense bf16, when the device is not in metr
 
 
 def peak(ctx: Context) -> tuple[float, str]:
-    from megamor.train.metrics import peak_tflops
 
     tf = peak_tflops(ctx.device, "bf16", ctx.peak_tflops, probe_cpu=True)
     if ctx.peak_tflops:
@@ -77,9 +80,6 @@ def _row_config(size: str, row: str, nr: int, tiny: bool, seq: int):
 
 def measure_train(ctx: Context, cfg, B: int, T: int, warmup: int, steps: int) -> dict:
     """Median step time of a compiled bf16-autocast AdamW loop, and the step's model FLOPs."""
-    from megamor.train.compile import compile_layers
-    from megamor.train.metrics import step_flops
-
     dev = ctx.device
     _fresh(dev)
     model = build_model(cfg, dev).train()
@@ -184,7 +184,6 @@ def train(ctx: Context, size: str) -> None:
 
 # -- decoding -------------------------------------------------------------------------------------
 def _decode_model(ctx: Context, variant: str, dtype: torch.dtype, prompts: list[list[int]], new: int):
-    from megamor.inference.calibrate import calibrate_decoding
 
     model = build_model(model_config("135m", variant, ctx.tiny), ctx.device, dtype, seed=1).eval()
     if model.routers is not None or model.depth_router is not None:
@@ -195,7 +194,6 @@ def _decode_model(ctx: Context, variant: str, dtype: torch.dtype, prompts: list[
 
 
 def decode(ctx: Context) -> None:
-    from megamor.inference.bench import bench_engine, bench_hf
 
     dtype = torch.bfloat16 if ctx.on_gpu else torch.float32
     batch, plen, new, repeats = (4, 16, 8, 1) if ctx.tiny else (16, 128, 64, 3)

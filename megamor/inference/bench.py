@@ -24,7 +24,9 @@ import torch
 from megamor.data.atomic import atomic_open
 from megamor.inference.calibrate import calibrate_decoding
 from megamor.inference.engine import Engine
+from megamor.inference.graph_step import default_buckets
 from megamor.model import MoRLM, load_model_config
+from megamor.model.hf import llama_config, to_llama_state_dict
 
 VARIANTS = ("vanilla", "recursive_3", "mor_expert_3", "mor_token_3", "vanilla_eq")
 # vanilla_eq: the vanilla shape with as many layers as recursive_3 has unique ones, i.e. the
@@ -104,8 +106,6 @@ def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool,
                  slack: float = 1.25, repeats: int = 1) -> Result:
     """One untimed run (warm-up: CUDA graph capture, compilation; measures peak KV bytes and
     routing shares), then the timed runs (median)."""
-    from megamor.inference.graph_step import default_buckets
-
     device = model.embed_tokens.weight.device
     S = len(prompts)
     buckets = default_buckets(model, S, slack) if static else None
@@ -145,9 +145,7 @@ def bench_generate(model: MoRLM, prompts: list[list[int]], new: int, repeats: in
 
 
 def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: str | None, repeats: int = 1) -> Result:
-    from transformers import LlamaForCausalLM
-
-    from megamor.model.hf import llama_config, to_llama_state_dict
+    from transformers import LlamaForCausalLM  # lazy: only the Hugging Face baseline needs it
 
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     hf_cfg = llama_config(model.cfg)

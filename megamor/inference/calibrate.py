@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from megamor.inference.engine import Engine
 from megamor.model.mor import MoRLM
 
 
@@ -81,8 +82,6 @@ def calibrate_decoding(model: MoRLM, prompts: list[list[int]], new_tokens: int, 
                        capacities: list[float] | None = None) -> list[float]:
     """Calibrate in place on the engine's decoding of `prompts`; returns the share of decoded
     tokens that ran each step in a final run."""
-    from megamor.inference.engine import Engine
-
     cfg = model.cfg
     caps = capacities or cfg.capacities
 

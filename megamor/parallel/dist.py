@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv, resolve_launch_env
 
 
@@ -32,9 +33,7 @@ def default_device(local_rank: int) -> torch.device:
 def init_distributed(timeout_minutes: float = 30.0, verbose: bool = False) -> tuple[LaunchEnv, torch.device]:
     """Map the launcher's variables, pick the device, start the default process group
     (DeepSpeed's start-up noise quieted unless `verbose` or MEGAMOR_DS_VERBOSE=1)."""
-    import deepspeed
-
-    from megamor.parallel.ds_noise import quiet_deepspeed
+    import deepspeed  # lazy: a process group's start needs it, importing this module does not
 
     env = resolve_launch_env()
     device = default_device(env.local_rank)

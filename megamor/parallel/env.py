@@ -14,6 +14,8 @@ import socket
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
+from megamor.parallel.launch import slurm_hosts
+
 DEFAULT_SLURM_PORT_BASE = 20000
 
 
@@ -39,8 +41,6 @@ def free_port() -> int:
 
 def first_slurm_host(nodelist: str) -> str:
     """First hostname of a SLURM node list ("n[1-3],m" -> "n1")."""
-    from megamor.parallel.launch import slurm_hosts
-
     return slurm_hosts(nodelist)[0]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from megamor.data.atomic import atomic_open
 from megamor.train.config import ExperimentConfig
+from megamor.train.wandb_setup import init_run
 
 WANDB_ID_FILE = "wandb_id"
 METRICS_FILE = "metrics.jsonl"
@@ -129,8 +130,6 @@ class RunLogger:
             self.bar = tqdm(total=self.max_steps, initial=start_step, dynamic_ncols=True, desc=cfg.name)
         mode = cfg.wandb.resolved_mode()
         if mode != "disabled":
-            from megamor.train.wandb_setup import init_run
-
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = init_run(
                 mode,

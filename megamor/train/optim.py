@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from megamor.parallel import dist as pdist
 from megamor.train.config import OptimConfig
 
 NO_DECAY = "no_decay"
@@ -47,8 +48,6 @@ class SkippableStep:
         return super().step(closure)  # type: ignore[misc]
 
     def _grads_finite(self) -> bool:
-        from megamor.parallel import dist as pdist
-
         params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
         grads = [p.grad for p in params if p.grad is not None]
         bad = torch.zeros(1, device=params[0].device if params else "cpu")
@@ -86,7 +85,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
 
 
 def group_hparams(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-group settings to re-apply after loading a checkpoint (see checkpoint.py)."""
+    """The per-group settings to re-apply after loading a checkpoint (see megamor.runs.resume)."""
     return [{k: v for k, v in g.items() if k != "params"} for g in groups]
 
 
