@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from megamor.parallel.dist import all_reduce_
+
 PHASES = ("data", "forward", "backward", "optimizer", "checkpoint", "eval")
 DEVICE_PHASES = ("forward", "backward", "optimizer")  # CUDA events on CUDA
 LOCAL_PHASES = ("data", "forward")  # no collective inside (data parallel): the straggler's measure
@@ -97,8 +99,6 @@ class PhaseTimer:
         a slot per rank, so every rank calls it at the same point."""
         times = torch.zeros(world, dtype=torch.float64, device=self.device)
         times[rank] = self._local
-        from megamor.parallel.dist import all_reduce_
-
         values = all_reduce_(times).tolist()
         slowest = max(range(world), key=values.__getitem__)
         median = statistics.median(values)

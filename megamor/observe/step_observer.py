@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megamor.observe.activation_memory import SavedTensorMeter
 from megamor.observe.phase_timer import PhaseTimer
 from megamor.observe.profiler import StepProfiler
 
@@ -31,7 +32,7 @@ class StepObserver:
         self.rank, self.world, self.model = rank, world, model
         self.timer = PhaseTimer(device)
         self.profiler = StepProfiler(run_dir or Path("."), rank, list(profile_steps), profile_memory, device, model)
-        self._meter_cls = _meter_class() if activation_meter else None
+        self._meter_cls = SavedTensorMeter if activation_meter else None
         self._measure_next = self._meter_cls is not None  # the window's first forward is measured
         self.activation_bytes: int | None = None
 
@@ -75,10 +76,3 @@ class StepObserver:
     def close(self) -> list[Path]:
         return self.profiler.close()
 
-
-def _meter_class() -> Any:
-    try:
-        from megamor.observe.activation_memory import SavedTensorMeter
-    except ImportError:  # the meter is optional
-        return None
-    return SavedTensorMeter

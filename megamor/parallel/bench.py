@@ -16,12 +16,21 @@ sequence parallelism.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from megamor.config import from_node
+from megamor.model import ModelConfig, MoRLM
+from megamor.observe.activation_memory import SavedTensorMeter
+from megamor.parallel import collectives
+from megamor.train.compile import compile_layers as compile_all
+from megamor.train.parallelize import build_layout, parallelize
 
 _COMM = {"s": 0.0}
 _WRAPPED = ("all_reduce", "all_gather", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast")
@@ -30,8 +39,6 @@ _WRAPPED = ("all_reduce", "all_gather", "reduce_scatter_tensor", "all_gather_int
 def _wrap_collectives(functional: bool = True) -> None:
     """functional=False: leave megamor.parallel.collectives alone (compiled layers trace them into
     their graphs, where a Python timer would only time the tracing and break the graph)."""
-    from megamor.parallel import collectives
-
     for mod, name in [*((dist, n) for n in _WRAPPED),
                       *((collectives, n) for n in ("all_reduce", "all_gather", "reduce_scatter") if functional)]:
         fn = getattr(mod, name)
@@ -50,12 +57,6 @@ def _wrap_collectives(functional: bool = True) -> None:
 
 
 def _build(model_cfg: dict, tp: int, world: int, rank: int, sp: bool, ckpt: bool = False, compile_layers: bool = False):
-    from omegaconf import OmegaConf
-
-    from megamor.config import from_node
-    from megamor.model import ModelConfig, MoRLM
-    from megamor.train.parallelize import build_layout, parallelize
-
     torch.manual_seed(0)
     cfg = from_node(ModelConfig, OmegaConf.create(model_cfg))
     layout = build_layout(tp, world, rank, sequence=sp)
@@ -63,8 +64,6 @@ def _build(model_cfg: dict, tp: int, world: int, rank: int, sp: bool, ckpt: bool
     if ckpt:
         model.enable_activation_checkpointing()
     if compile_layers:
-        from megamor.train.compile import compile_layers as compile_all
-
         compile_all(model)
     return cfg, layout, model
 
@@ -73,9 +72,7 @@ def activation_bytes_worker(rank: int, world: int, model_cfg: dict, tp: int, sp:
                             seq: int, out: str) -> None:
     """run_distributed target: saved-for-backward bytes of one training forward on each rank
     (max over ranks); rank 0 writes a JSON line to out."""
-    import json
 
-    from megamor.observe.activation_memory import SavedTensorMeter
 
     cfg, _, model = _build(model_cfg, tp, world, rank, sp, ckpt)
     x = torch.randint(0, cfg.vocab_size, (micro, seq + 1), generator=torch.Generator().manual_seed(1))
@@ -99,7 +96,7 @@ def activation_bytes_worker(rank: int, world: int, model_cfg: dict, tp: int, sp:
 def layout_step_worker(rank: int, world: int, model_cfg: dict, tp: int, micro: int, seq: int, steps: int,
                        out: str, sp: bool = False, compile_layers: bool = False) -> None:
     """run_distributed target: times `steps` training steps; rank 0 writes a JSON line to out."""
-    import json
+
 
     cfg, layout, model = _build(model_cfg, tp, world, rank, sp, compile_layers=compile_layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -15,6 +15,8 @@ import sys
 from typing import NoReturn
 
 from megamor.config import ConfigError
+from megamor.plan.hardware import gpu_spec
+from megamor.plan.report import document, render
 
 EXIT_BAD_INPUT = 2
 
@@ -43,12 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # lazy: these import torch; `--help` and argument errors answer without it
     from megamor.model.summary import ParamCounts
-    from megamor.plan.hardware import gpu_spec
     from megamor.plan.layouts import ranked_layouts
     from megamor.plan.memory import meta_model
     from megamor.plan.planner import Layout, plan_layout
-    from megamor.plan.report import document
     from megamor.train.config import load_experiment
 
     if not (0.0 < args.mfu <= 1.0):
@@ -80,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
-        from megamor.plan.report import render
-
         print(render(doc, seq_len, global_batch, desc, args.top))
     return 0
 
