@@ -2,11 +2,16 @@
 
 Trains every variant x seed of the study at its FLOP (or token) budget, one after another,
 evaluates each and writes the report (table + plots). Rerunning resumes an unfinished run
-from its newest checkpoint and recomputes nothing that is done.
+from its newest checkpoint and recomputes nothing that is done. Several study processes may
+run at once (on one machine, or on machines sharing the folder): each takes a lock on a run
+(RUN/study.lock) and skips runs another live process holds. A finished run's result is kept
+beside the report (REPORT/run_results/), so a committed report keeps the study's progress
+when the run folders are gone.
 
   --plan     prepare raw-text data (if the study has some), print each run's budget and exit
   --index I  train and evaluate run I only (a SLURM array task; see slurm/study.sbatch)
   --report   only write the report from the results present
+  --time-limit MINUTES  start only runs whose estimated time fits in MINUTES from now
   --submit   prepare the data, then submit the runs as a SLURM job array and the report as a
              job that waits for it (extra sbatch options after --sbatch, e.g. --sbatch --partition=gpu)
 
@@ -20,13 +25,19 @@ import argparse
 import shlex
 import subprocess
 import sys
+import time
+from typing import TYPE_CHECKING
 
 from megamor.config import ConfigError
+from megamor.study import archive
 from megamor.study.config import load_study
 from megamor.study.data import data_paths, is_prepared, prepare
 from megamor.study.report import write_report
 from megamor.study.scaling import write_scaling_report
 from megamor.train.signals import EXIT_CONFIG
+
+if TYPE_CHECKING:  # plan imports torch, which `--help` need not load
+    from megamor.study.plan import RunSpec
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--index", type=int, default=None)
     g.add_argument("--report", action="store_true")
     g.add_argument("--submit", action="store_true")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="start no run whose estimated time (from the finished runs) would end more than MINUTES "
+                        "from now: on a machine or allocation that ends, a run cut short is lost with its folder")
     p.add_argument("--sbatch", nargs=argparse.REMAINDER, default=[], help="extra sbatch options (with --submit)")
     return p.parse_args(argv)
 
@@ -52,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.study.plan import plan_runs  # lazy, as run/timing below: they import torch (keeps `--help` fast)
 
     try:
+        if args.time_limit is not None and not args.time_limit > 0:
+            raise ConfigError("--time-limit", f"must be a positive number of minutes, got {args.time_limit}")
         try:
             study = load_study(args.config, args.overrides)
         except (TypeError, KeyError) as e:  # OmegaConf merging an override of the wrong shape
@@ -63,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = plan_runs(study, shards, tok)  # every run's config checked before any work
         if not args.report and not (args.plan and study.data.shards):  # --plan needs no ready shards
             prepare(study)
+        if not args.report and tok.exists():  # a kept result counts only for the run it was made for
+            for r in runs:
+                archive.check(r, tok)
         if args.index is not None and not 0 <= args.index < len(runs):
             raise ConfigError("--index", f"{args.index} is out of range: the study has {len(runs)} runs (0-{len(runs) - 1})")
     except (ConfigError, FileNotFoundError) as e:
@@ -72,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamor.study: {e}", file=sys.stderr)
         return 1
 
-    from megamor.study.run import RunFailed, is_done, load_result, run_one
+    from megamor.study.run import STUDY_LOCK, RunFailed, is_done, load_result, run_one
+    from megamor.train.runlock import RunLock, RunLockedError
 
     if args.plan:
         from megamor.study.timing import estimate_minutes
@@ -91,10 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.submit:
         return submit(args, len(runs))
     todo = runs if args.index is None else [runs[args.index]]
+    deadline = None if args.time_limit is None else time.time() + 60.0 * args.time_limit
     if not args.report:
         for r in todo:
+            if is_done(r):
+                run_one(study, r)  # loads it (and keeps a copy beside the report)
+                continue
+            late = too_late(runs, r, deadline)
+            if late:
+                print(f"megamor.study: {r.name} not started: {late}", flush=True)
+                continue
             try:
-                run_one(study, r)
+                with RunLock(r.run_dir, file=STUDY_LOCK, owner="study process"):
+                    run_one(study, r)
+            except RunLockedError as e:  # another study process has it: take the next run
+                print(f"megamor.study: {r.name} skipped: {e}", flush=True)
             except RunFailed as e:
                 print(f"megamor.study: {e}", file=sys.stderr)
                 return e.rc
@@ -107,6 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     path = write(study, results, pending, _command(args))
     print(f"megamor.study: {len(results)}/{len(runs)} runs done; report: {path}")
     return 0
+
+
+def too_late(runs: list[RunSpec], run: RunSpec, deadline: float | None) -> str | None:
+    """Why `run` should not start before `deadline` (None: it may start). A run with no
+    estimate yet (no run has finished) starts."""
+    if deadline is None:
+        return None
+    from megamor.study.timing import estimate_minutes
+
+    minutes = estimate_minutes(runs)[runs.index(run)]
+    left = (deadline - time.time()) / 60.0
+    if minutes is not None and minutes > left:
+        return f"its estimated {minutes:.0f} min exceed the {max(left, 0.0):.0f} min left of --time-limit"
+    return None
 
 
 def submit(args: argparse.Namespace, n_runs: int) -> int:

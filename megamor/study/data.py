@@ -1,12 +1,14 @@
 """The study's data, prepared once: a tokenizer and train/valid shards from raw text.
 
 Runs the same data_prep commands a user would (printed as they run); each step is skipped
-when its output exists, so rerunning a study costs nothing here. Text files with an extension
+when its output exists, so rerunning a study costs nothing here. Study processes started
+together take turns (a lock on OUT/data/.prepare.lock): the first prepares, the others reuse. Text files with an extension
 the readers do not know (WikiText's .raw) are linked in as .txt.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import subprocess
@@ -65,6 +67,17 @@ def prepare(study: StudyConfig) -> tuple[Path, Path]:
             if not p.exists():
                 raise ConfigError(what, f"not found: {p}")
         return shards, tok
+    # Several study processes may start at once: one prepares, the others wait, then find it done.
+    shards.parent.mkdir(parents=True, exist_ok=True)
+    with open(shards.parent / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _prepare_text(study, shards, tok)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare_text(study: StudyConfig, shards: Path, tok: Path) -> tuple[Path, Path]:
     d = study.data
     py = sys.executable
     if not (tok / "tokenizer.model").is_file() or not (shards / "manifest.json").is_file():

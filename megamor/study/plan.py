@@ -26,6 +26,7 @@ class RunSpec:
     budget: RunBudget
     forward_flops_per_token: float
     budget_name: str = ""  # "" in a single-budget study
+    kept_path: Path = Path()  # the copy of its result kept beside the report (megamor.study.archive)
 
     @property
     def result_path(self) -> Path:
@@ -51,6 +52,12 @@ def run_name(variant: str, seed: int, budget: str = "") -> str:
     return f"{variant}@{budget}-s{seed}" if budget else f"{variant}-s{seed}"
 
 
+def kept_result_path(report: Path, variant: str, seed: int, budget: str = "") -> Path:
+    """REPORT/run_results/[<budget>/]<variant>-s<seed>.json (committed with the report)."""
+    leaf = f"{variant}-s{seed}.json"
+    return report / "run_results" / budget / leaf if budget else report / "run_results" / leaf
+
+
 def run_dir(out: Path, variant: str, seed: int, budget: str = "") -> Path:
     """OUT/runs/<variant>-s<seed> (one budget: the layout studies have always had), else
     OUT/runs/<budget>/<variant>-s<seed>."""
@@ -73,5 +80,6 @@ def plan_runs(study: StudyConfig, shards: Path, tokenizer: Path) -> list[RunSpec
                 ov = ov[:-1] + [f"trainer.max_steps={b.steps}"]
                 load_experiment([study.experiment], ov)  # the final config must be valid too (schedule vs steps)
                 runs.append(RunSpec(len(runs), name, v.name, seed, folder, Path(study.experiment), ov, b,
-                                    flops_per_token(cfg.model, cfg.data.seq_len), budget.name))
+                                    flops_per_token(cfg.model, cfg.data.seq_len), budget.name,
+                                    kept_result_path(study.report_path, v.name, seed, budget.name)))
     return runs

@@ -1,6 +1,7 @@
 """One study run: train (a real `python -m megamor.train` process, resumed from its newest
-checkpoint when rerun), evaluate, and write `study_result.json` atomically. A run whose
-result file exists is done: nothing is recomputed."""
+checkpoint when rerun), evaluate, and write `study_result.json` atomically, with a copy kept
+beside the report (megamor.study.archive). A run with either file is done: nothing is
+recomputed, even when its run folder is gone."""
 
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ from megamor.env import repo_root
 from megamor.parallel.launch import torchrun_command
 from megamor.runs.load import load_model_from_run
 from megamor.runs.tags import newest_complete
+from megamor.study import archive
 from megamor.study.config import StudyConfig
+from megamor.study.data import data_paths
 from megamor.study.evaluate import depth_analysis, fewshot, validation
 from megamor.study.plan import RunSpec
 from megamor.train.config import load_experiment
+
+STUDY_LOCK = "study.lock"  # held by the study process training/evaluating the run (megamor.train.runlock)
 
 
 class RunFailed(RuntimeError):
@@ -32,7 +37,7 @@ class RunFailed(RuntimeError):
 
 
 def is_done(run: RunSpec) -> bool:
-    return run.result_path.is_file()
+    return run.result_path.is_file() or run.kept_path.is_file()
 
 
 def is_trained(run: RunSpec) -> bool:
@@ -138,8 +143,15 @@ def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict
 
 
 def load_result(run: RunSpec) -> dict[str, Any]:
-    """A finished run's result; fields added since it was written that come from its logs
-    (router health over the run) are filled in, nothing is recomputed."""
+    """A finished run's result: its run folder's, else the copy kept beside the report. Fields
+    added since it was written that come from its logs (router health over the run) are filled
+    in from the run folder, nothing is recomputed."""
+    if not run.result_path.is_file():
+        kept = archive.load(run)
+        if kept is None:
+            raise FileNotFoundError(f"run {run.name} has no result ({run.result_path} or {run.kept_path})")
+        kept.setdefault("budget", run.budget_name)
+        return kept
     res = json.loads(run.result_path.read_text())
     res.setdefault("budget", run.budget_name)  # results written before studies had several budgets
     if "router_max_abs_logit_series" not in res:
@@ -152,11 +164,16 @@ def load_result(run: RunSpec) -> dict[str, Any]:
 
 
 def run_one(study: StudyConfig, run: RunSpec) -> dict[str, Any]:
+    tokenizer = data_paths(study)[1]
     if is_done(run):
-        return load_result(run)
+        res = load_result(run)
+        if not run.kept_path.is_file():  # finished before results were kept beside the report
+            archive.save(run, res, tokenizer)
+        return res
     seconds = train(study, run)
     res = evaluate_run(study, run, seconds)
     write_json(run.result_path, res)
-    print(f"== {run.name}: val loss {res['val_loss']:.4f} (causal {res['val_loss_causal']:.4f}) -> {run.result_path}",
-          flush=True)
+    kept = archive.save(run, res, tokenizer)
+    print(f"== {run.name}: val loss {res['val_loss']:.4f} (causal {res['val_loss_causal']:.4f}) -> {run.result_path}, "
+          f"{kept}", flush=True)
     return res

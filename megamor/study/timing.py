@@ -13,10 +13,11 @@ from megamor.study.plan import RunSpec
 def measured_seconds(run: RunSpec) -> float | None:
     """Training + evaluation seconds of a finished run (None: not finished, or trained by an
     earlier call whose time was not recorded)."""
-    if not run.result_path.is_file():
+    path = run.result_path if run.result_path.is_file() else run.kept_path
+    if not path.is_file():
         return None
     try:
-        res = json.loads(run.result_path.read_text())
+        res = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     train = float(res.get("train_seconds") or 0.0)

@@ -1,4 +1,5 @@
-"""One trainer per run folder: a lock file with its holder and a heartbeat.
+"""One trainer per run folder: a lock file with its holder and a heartbeat. (The study runner
+takes the same kind of lock, `RUN/study.lock`, so that several study processes share out runs.)
 
 `RUN/trainer.lock` is created exclusively (O_EXCL) by rank 0 and holds JSON: host, pid,
 start time, heartbeat time and a random token. A thread rewrites the heartbeat every
@@ -93,9 +94,11 @@ def _env_float(name: str, default: float) -> float:
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path, heartbeat_s: float | None = None, stale_s: float | None = None):
+    def __init__(self, run_dir: str | Path, heartbeat_s: float | None = None, stale_s: float | None = None,
+                 file: str = LOCK_FILE, owner: str = "trainer"):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
+        self.path = self.run_dir / file
+        self.owner = owner  # who holds such locks, in messages
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else _env_float("MEGAMOR_LOCK_HEARTBEAT_S", HEARTBEAT_S)
         self.stale_s = stale_s if stale_s is not None else _env_float("MEGAMOR_LOCK_STALE_S", STALE_S)
         self.holder: Holder | None = None
@@ -120,7 +123,7 @@ class RunLock:
             self._thread = threading.Thread(target=self._beat, name="megamor-run-lock", daemon=True)
             self._thread.start()
             return self
-        raise RunLockedError(f"{self.path}: could not take the lock (other trainers keep starting on {self.run_dir})")
+        raise RunLockedError(f"{self.path}: could not take the lock (another {self.owner} keeps starting on {self.run_dir})")
 
     def _take_if_stale(self) -> None:
         old = read_holder(self.path)
@@ -130,9 +133,9 @@ class RunLock:
         reason = stale_reason(old, now, self.stale_s)
         if reason is None:
             raise RunLockedError(
-                f"run folder {self.run_dir} is in use by another trainer ({old.describe(now)}; {self.path}): stop it "
+                f"run folder {self.run_dir} is in use by another {self.owner} ({old.describe(now)}; {self.path}): stop it "
                 f"first or use another run_dir; if it is certainly gone, delete {self.path}")
-        aside = self.path.with_name(f".{LOCK_FILE}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+        aside = self.path.with_name(f".{self.path.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -144,7 +147,7 @@ class RunLock:
             aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)  # a stale lock is garbage: nothing else refers to it
-        print(f"megamor.train: replaced a stale lock {self.path} ({old.host} pid {old.pid}: {reason})",
+        print(f"megamor: replaced a stale lock {self.path} ({old.host} pid {old.pid}: {reason})",
               file=sys.stderr, flush=True)
 
     def _beat(self) -> None:
@@ -153,8 +156,8 @@ class RunLock:
             current = read_holder(self.path)
             if current is None or current.token != self.holder.token:
                 self.lost = True
-                print(f"megamor.train: WARNING: lost the run-folder lock {self.path} (now: "
-                      f"{current.describe(time.time()) if current else 'missing'}); another trainer may write this "
+                print(f"megamor: WARNING: lost the run-folder lock {self.path} (now: "
+                      f"{current.describe(time.time()) if current else 'missing'}); another {self.owner} may write this "
                       "run folder", file=sys.stderr, flush=True)
                 return
             self.holder.heartbeat = time.time()
@@ -162,7 +165,7 @@ class RunLock:
                 with atomic_open(self.path, "w", durable=False) as f:
                     f.write(json.dumps(asdict(self.holder)))
             except OSError as e:  # a full disk must not kill training; staleness shows in the file's age
-                print(f"megamor.train: WARNING: cannot refresh {self.path}: {e}", file=sys.stderr, flush=True)
+                print(f"megamor: WARNING: cannot refresh {self.path}: {e}", file=sys.stderr, flush=True)
 
     def release(self) -> None:
         self._stop.set()

@@ -80,6 +80,33 @@ def test_killed_study_resumes_without_redoing_finished_runs(tiny_text, tmp_path)
     assert r.returncode == 0 and "megamor.train" not in r.stdout and "2/2 runs done" in r.stdout
     assert json.loads((out / "results.json").read_text())["results"] == json.loads(before)["results"]
 
+    # The run folders gone (another session, another machine): the results kept beside the
+    # report still count, nothing is trained again and the report is the same.
+    assert sorted(p.name for p in (out / "run_results").iterdir()) == ["mor2-s7.json", "vanilla-s7.json"]
+    (out / "runs").rename(tmp_path / "runs_elsewhere")
+    r = subprocess.run(study_cmd(cfg), cwd=repo_root(), env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0 and "megamor.train" not in r.stdout and "2/2 runs done" in r.stdout, r.stdout + r.stderr
+    assert not (out / "runs").exists()
+    assert json.loads((out / "results.json").read_text())["results"] == json.loads(before)["results"]
+
+
+def test_two_study_processes_share_out_the_runs(tiny_text, tmp_path):
+    """Started together, each run is trained by exactly one of them (RUN/study.lock)."""
+    cfg = write_study(tmp_path, tiny_text, flops=2.5e8)
+    procs = [subprocess.Popen(study_cmd(cfg), cwd=repo_root(), env=_env(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    both = "\n".join(outs)
+    for run in ("vanilla-s7", "mor2-s7"):
+        assert both.count(f"== {run}: ") == 2, both[-4000:]  # trained once: its start line and its result line
+    assert "in use by another study process" in both  # the second process met the first one's lock
+    r = subprocess.run(study_cmd(cfg, "--report"), cwd=repo_root(), env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0 and "2/2 runs done" in r.stdout, r.stdout + r.stderr
+    assert not list((tmp_path / "out" / "runs").glob("*/study.lock"))  # released
+
 
 def test_study_as_slurm_job_array(slurm_cluster, tiny_text, tmp_path):
     cfg = write_study(tmp_path, tiny_text, flops=2.5e8)

@@ -4,16 +4,21 @@ finished runs of the same budget (a wider model runs at its own speed), else of 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 
+from megamor.env import repo_root
+from megamor.study.__main__ import too_late
 from megamor.study.config import load_study
 from megamor.study.plan import plan_runs
 from megamor.study.timing import estimate_minutes
 
 
 def test_estimates_use_the_same_budgets_finished_runs_first(tmp_path):
-    study = load_study("configs/studies/scaling_cpu.yaml", [f"out_dir={tmp_path}"])
+    study = load_study("configs/studies/scaling_cpu.yaml", [f"out_dir={tmp_path}", f"report_dir={tmp_path}/report"])
     runs = plan_runs(study, tmp_path / "shards", tmp_path / "tok")
     assert estimate_minutes(runs) == [None] * len(runs)  # nothing finished: nothing to go by
     done = {runs[0].index: (240.0, 15.0), runs[1].index: (300.0, 5.0)}  # two 1x runs: train, eval seconds
@@ -42,3 +47,35 @@ def test_estimates_use_the_same_budgets_finished_runs_first(tmp_path):
         if r.budget_name == "9x":
             all_rate = (255 / runs[0].budget.flops + 305 / runs[1].budget.flops + rate3) / 3
             assert est[r.index] == pytest.approx(all_rate * r.budget.flops / 60), r.name
+
+
+def test_a_result_kept_beside_the_report_counts_as_measured(tmp_path):
+    """A run whose folder is gone (another session trained it) still times the others."""
+    study = load_study("configs/studies/scaling_cpu.yaml", [f"out_dir={tmp_path}", f"report_dir={tmp_path}/report"])
+    runs = plan_runs(study, tmp_path / "shards", tmp_path / "tok")
+    runs[0].kept_path.parent.mkdir(parents=True)
+    runs[0].kept_path.write_text(json.dumps({"train_seconds": 300.0, "eval_seconds": 30.0}))
+    assert not runs[0].run_dir.exists()
+    est = estimate_minutes(runs)
+    assert est[0] == pytest.approx(330 / 60)
+    assert est[1] == pytest.approx(330 / runs[0].budget.flops * runs[1].budget.flops / 60)
+
+
+def test_time_limit_starts_only_runs_whose_estimate_fits(tmp_path):
+    study = load_study("configs/studies/scaling_cpu.yaml", [f"out_dir={tmp_path}", f"report_dir={tmp_path}/report"])
+    runs = plan_runs(study, tmp_path / "shards", tmp_path / "tok")
+    three = next(r for r in runs if r.budget_name == "3x")
+    now = time.time()
+    assert too_late(runs, three, now + 60) is None  # nothing finished: no estimate, it starts
+    runs[0].kept_path.parent.mkdir(parents=True)
+    runs[0].kept_path.write_text(json.dumps({"train_seconds": 300.0, "eval_seconds": 30.0}))
+    assert too_late(runs, runs[1], now + 10 * 60) is None  # ~5.5 min fit in 10
+    why = too_late(runs, three, now + 10 * 60)  # ~16.5 min (3x the FLOPs) do not
+    assert why is not None and "estimated 17 min" in why and "10 min left" in why
+    assert too_late(runs, three, None) is None  # no limit
+
+
+def test_a_bad_time_limit_is_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-m", "megamor.study", "configs/studies/scaling_cpu.yaml", "--time-limit", "0"],
+                       cwd=repo_root(), capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--time-limit" in r.stderr, r.stderr

@@ -1,0 +1,94 @@
+"""Results kept beside the report (megamor.study.archive): where they go, that a kept result
+counts the run as done only for the run it was made for (same overrides, same tokenizer), and
+that anything else is a configuration error naming the file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamor.config import ConfigError
+from megamor.env import repo_root
+from megamor.study import archive
+from megamor.study.config import load_study
+from megamor.study.plan import RunSpec, plan_runs
+from megamor.study.run import is_done, load_result
+
+
+def _runs(tmp: Path, *extra: str) -> list[RunSpec]:
+    study = load_study("configs/studies/scaling_cpu.yaml", [f"out_dir={tmp}/out", f"report_dir={tmp}/report", *extra])
+    return plan_runs(study, tmp / "shards", tmp / "tok")
+
+
+@pytest.fixture
+def tokenizer(tmp_path: Path) -> Path:
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.model").write_bytes(b"a sentencepiece model")
+    return tok
+
+
+def test_kept_results_live_in_the_report_folder_by_budget(tmp_path):
+    runs = _runs(tmp_path)
+    assert runs[0].kept_path == tmp_path / "report" / "run_results" / "1x" / "vanilla-s1.json"
+    assert len({r.kept_path for r in runs}) == len(runs)  # one file per run
+    single = plan_runs(load_study("configs/studies/small_cpu.yaml", [f"report_dir={tmp_path}/r"]), tmp_path, tmp_path)
+    assert single[0].kept_path == tmp_path / "r" / "run_results" / f"{single[0].variant}-s{single[0].seed}.json"
+
+
+def test_a_kept_result_makes_the_run_done_without_its_folder(tmp_path, tokenizer):
+    run = _runs(tmp_path)[2]
+    assert not is_done(run)
+    archive.save(run, {"run": run.name, "variant": run.variant, "val_loss": 4.5}, tokenizer)
+    assert is_done(run) and not run.run_dir.exists()
+    res = load_result(run)
+    assert res["val_loss"] == 4.5 and res["budget"] == "1x" and "identity" not in res
+    kept = json.loads(run.kept_path.read_text())["identity"]
+    assert not any(o.startswith(("run_dir=", "data.train=", "data.tokenizer=")) for o in kept["overrides"])
+    assert "model_config=configs/model/33m/mor_expert_3.yaml" in kept["overrides"]
+    archive.check(run, tokenizer)  # the same run: accepted
+
+
+def test_a_kept_result_from_other_settings_is_refused(tmp_path, tokenizer):
+    run = _runs(tmp_path)[2]
+    archive.save(run, {"val_loss": 4.5}, tokenizer)
+    changed = _runs(tmp_path, "overrides=[optim.lr=1.0e-3]")[2]  # the study file changed since
+    with pytest.raises(ConfigError) as e:
+        archive.check(changed, tokenizer)
+    assert str(run.kept_path) in str(e.value) and "optim.lr=1.0e-3" in str(e.value)
+
+    (tokenizer / "tokenizer.model").write_bytes(b"another tokenizer")  # the data were prepared differently
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        archive.check(run, tokenizer)
+
+
+def test_a_damaged_or_unidentified_kept_result_is_refused(tmp_path, tokenizer):
+    run = _runs(tmp_path)[0]
+    run.kept_path.parent.mkdir(parents=True)
+    run.kept_path.write_text('{"val_loss": 4.5}')
+    with pytest.raises(ConfigError, match="no identity record"):
+        archive.check(run, tokenizer)
+    run.kept_path.write_text('{"val_loss": 4.')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        archive.check(run, tokenizer)
+
+
+def test_the_study_command_refuses_a_mismatched_kept_result_in_one_line(tmp_path, tokenizer):
+    """Exit 2 before any work, naming the file."""
+    runs = _runs(tmp_path)
+    (tmp_path / "shards").mkdir()
+    archive.save(runs[0], {"val_loss": 4.5}, tokenizer)
+    kept = json.loads(runs[0].kept_path.read_text())
+    kept["identity"]["overrides"].append("optim.lr=9.0")
+    runs[0].kept_path.write_text(json.dumps(kept))
+    cmd = [sys.executable, "-m", "megamor.study", "configs/studies/scaling_cpu.yaml", f"out_dir={tmp_path}/out",
+           f"report_dir={tmp_path}/report", "data.text=[]", f"data.shards={tmp_path}/shards", f"data.tokenizer={tokenizer}",
+           "--plan"]
+    r = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(runs[0].kept_path) in lines[0] and "optim.lr=9.0" in lines[0]
