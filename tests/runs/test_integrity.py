@@ -1,5 +1,6 @@
-"""Checkpoint integrity pieces in one process: content hashes, quarantine instead of deletion,
-pruning, the weights-only loader, metrics cut back on resume, the non-finite gradient guard."""
+"""Checkpoint integrity pieces of megamor.runs in one process: content hashes, quarantine
+instead of deletion, pruning, the weights-only loader, RNG state. (End-to-end trust tests with
+real training runs: tests/train/test_checkpoint_trust.py.)"""
 
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.save import CheckpointManager, rng_state, set_rng_state
 from megamor.runs.tags import resolve_tag
-from megamor.train.logger import cut_back_metrics
-from megamor.train.optim import skippable
 from tests.train.trust_helpers import Payload
 
 
@@ -154,25 +153,3 @@ def test_rng_state_is_plain_and_round_trips_through_the_safe_loader(tmp_path):
     old = {"numpy": np.random.get_state()}  # checkpoints written before: numpy arrays, allow-listed
     torch.save(old, tmp_path / "old.pt")
     assert safe_load(tmp_path / "old.pt")["numpy"][0] == "MT19937"
-
-
-def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
-    p = tmp_path / "metrics.jsonl"
-    rows = [{"step": s, "train/loss": 1.0 / s} for s in range(1, 8)] + [{"step": 4, "val/loss": 2.0}]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "train/lo')  # torn last line
-    assert cut_back_metrics(p, 4) == 4
-    assert [json.loads(ln)["step"] for ln in p.read_text().splitlines()] == [1, 2, 3, 4, 4]
-    assert cut_back_metrics(p, 4) == 0
-
-
-def test_guard_skips_a_step_with_nonfinite_gradients_without_touching_state():
-    w = torch.nn.Parameter(torch.ones(3))
-    opt = skippable(torch.optim.AdamW)([w], lr=0.1)
-    opt.guard_nonfinite_grads = True
-    w.grad = torch.tensor([1.0, float("inf"), 0.0])
-    opt.step()
-    assert opt.nonfinite_grads and torch.equal(w.detach(), torch.ones(3)) and not opt.state
-    opt.nonfinite_grads = False
-    w.grad = torch.ones(3)
-    opt.step()
-    assert not opt.nonfinite_grads and not torch.equal(w.detach(), torch.ones(3))
