@@ -80,11 +80,21 @@ def metrics_records(run: RunSpec) -> list[dict[str, Any]]:
     return rows
 
 
-def val_curve(run: RunSpec) -> list[list[float]]:
-    """[FLOPs, val loss] at every validation the trainer logged (FLOPs in the budget's count)."""
-    out = {int(r["step"]): float(r["val/loss"]) for r in metrics_records(run) if "val/loss" in r}
+def logged_curve(run: RunSpec, key: str) -> list[list[float]]:
+    """[FLOPs, value] at every validation the trainer logged `key` (FLOPs in the budget's count)."""
+    out = {int(r["step"]): float(r[key]) for r in metrics_records(run) if r.get(key) is not None}  # null: not defined
     per_step = run.budget.flops / run.budget.steps
     return [[s * per_step, v] for s, v in sorted(out.items())]
+
+
+def val_curve(run: RunSpec) -> list[list[float]]:
+    return logged_curve(run, "val/loss")
+
+
+def corr_curve(run: RunSpec) -> list[list[float]]:
+    """The trainer's validation corr(depth, loss) over the run (Pearson, causal routing; routed
+    models only): whether depth follows difficulty more as training goes on."""
+    return logged_curve(run, "val/corr_depth_loss")
 
 
 def router_health_over_run(run: RunSpec) -> dict[str, Any]:
@@ -137,6 +147,7 @@ def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict
     res["gate_scales"] = gate_scales(model)
     res["causal_thresholds"] = causal_thresholds(model)
     res["val_curve"] = val_curve(run)
+    res["corr_curve"] = corr_curve(run)
     res.update(router_health_over_run(run))
     res["eval_seconds"] = time.time() - t0
     return res
@@ -156,6 +167,8 @@ def load_result(run: RunSpec) -> dict[str, Any]:
     res.setdefault("budget", run.budget_name)  # results written before studies had several budgets
     if "router_max_abs_logit_series" not in res:
         res.update(router_health_over_run(run))
+    if "corr_curve" not in res:
+        res["corr_curve"] = corr_curve(run)
     if ("gate_scales" not in res or "causal_thresholds" not in res) and res.get("router") == "expert_choice":
         model = load_model_from_run(run.run_dir)[0]  # the final checkpoint (weights only), nothing recomputed
         res.setdefault("gate_scales", gate_scales(model))
@@ -167,7 +180,7 @@ def run_one(study: StudyConfig, run: RunSpec) -> dict[str, Any]:
     tokenizer = data_paths(study)[1]
     if is_done(run):
         res = load_result(run)
-        if not run.kept_path.is_file():  # finished before results were kept beside the report
+        if run.result_path.is_file() and archive.load(run) != res:  # kept first, or fields added since
             archive.save(run, res, tokenizer)
         return res
     seconds = train(study, run)

@@ -114,6 +114,29 @@ def gap_table(study: StudyConfig, results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+CORR_AT = (0.1, 0.25, 0.5, 0.75, 1.0)  # fractions of a run at which its logged corr(depth, loss) is read
+
+
+def corr_over_training_table(study: StudyConfig, results: Results) -> str:
+    """Per routed variant and budget: the trainer's validation corr(depth, loss) at fractions
+    of the run (the logged validation nearest each, mean ± sd over seeds)."""
+    lines = ["| variant | budget | seeds | " + " | ".join(f"{f:.0%} of training" for f in CORR_AT) + " |",
+             "|---|---|---:|" + "---:|" * len(CORR_AT)]
+    for b in study.run_budgets():
+        for v in study.budget_variants(b):
+            curves = [r["corr_curve"] for r in results if r.get("budget") == b.name and r["variant"] == v.name
+                      and any(math.isfinite(_num(c)) for _, c in r.get("corr_curve") or [])]
+            if not curves:
+                continue
+            total = b.flops if b.flops is not None else max(x for c in curves for x, _ in c)
+            cells = []
+            for f in CORR_AT:
+                at = [min(c, key=lambda xy, f=f: abs(xy[0] / total - f))[1] for c in curves]
+                cells.append(_cell("{:+.3f}", *summarize(at), True))
+            lines.append(f"| {v.name} | {b.name} | {len(curves)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "No routed run has a logged corr(depth, loss) yet.\n"
+
+
 def budgets_table(study: StudyConfig, results: Results, pending: list[str]) -> str:
     by = _by_budget(study, results)
     lines = ["| budget | FLOPs per run | overrides | variants | runs done | pending |", "|---|---:|---|---|---:|---:|"]
@@ -177,7 +200,12 @@ def write_scaling_report(study: StudyConfig, results: Results, pending: list[str
             "as the budget grows)."), "", gap_table(study, results), "",
             "## corr(depth, loss) per budget", "",
             "Spearman correlation of a validation token's depth (causal routing) with its loss:", "",
-            loss_table(study, results, "corr_depth_loss", "{:.3f}")]
+            loss_table(study, results, "corr_depth_loss", "{:.3f}"), "",
+            "### corr(depth, loss) during training", "",
+            ("Pearson correlation of a validation token's depth with its loss, as the trainer logged it at each "
+             "validation (causal routing, `eval.max_batches` batches), read at fractions of each run (the nearest "
+             "validation): does depth follow difficulty more as a run trains?"), "",
+            corr_over_training_table(study, results)]
     if results:
         text += ["", "![val_loss_vs_flops](val_loss_vs_flops.png)"]
     for b in study.run_budgets():

@@ -12,7 +12,7 @@ import pytest
 
 from megamor.env import repo_root
 from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
-from megamor.study.scaling import budgets_table, gap_table, loss_table, paired_gaps
+from megamor.study.scaling import budgets_table, corr_over_training_table, gap_table, loss_table, paired_gaps
 from tests.study.conftest import write_study
 from tests.train.helpers import train_env
 
@@ -67,6 +67,27 @@ def test_a_seed_missing_at_one_budget_is_left_out_of_the_change_only_there():
     assert row[-2:] == ["8", "1"] and "`model.d_model=256`" in row
 
 
+def test_corr_over_training_is_read_at_fractions_of_each_run():
+    study = _study()
+    logged = (0.1, 0.2, 0.27, 0.5, 0.74, 1.0)  # fractions of the run with a validation: 25% reads 0.27, 75% 0.74
+
+    def curve(flops: float, slope: float) -> list[list[float]]:  # corr = slope x fraction of the run
+        return [[flops * f, slope * f] for f in logged]
+    results = [{"budget": "1x", "variant": "a", "seed": s, "corr_curve": curve(1e12, 0.1 * s)} for s in (1, 2, 3)]
+    results += [{"budget": "3x", "variant": "a", "seed": 1, "corr_curve": curve(3e12, 0.5)},
+                {"budget": "1x", "variant": "ref", "seed": 1, "corr_curve": []},  # not routed: no row
+                {"budget": "3x", "variant": "b", "seed": 1, "corr_curve": [[1e12, float("nan")]]}]
+    text = corr_over_training_table(study, results)
+    rows = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): [c.strip() for c in ln.strip("|").split("|")[2:]]
+            for ln in text.splitlines()[2:]}
+    assert set(rows) == {("a", "1x"), ("a", "3x")}
+    # 1x: the seeds' slopes 0.1, 0.2, 0.3: mean 0.2 x fraction, sd 0.1 x fraction
+    assert rows[("a", "1x")] == ["3", "+0.020 ± 0.010", "+0.054 ± 0.027", "+0.100 ± 0.050", "+0.148 ± 0.074",
+                                 "+0.200 ± 0.100"]
+    assert rows[("a", "3x")] == ["1", "+0.050", "+0.135", "+0.250", "+0.370", "+0.500"]  # fractions of 3x's own FLOPs
+    assert "No routed run" in corr_over_training_table(study, [])
+
+
 def test_a_two_budget_study_trains_each_budget_at_its_width_and_reports_both(tiny_text, tmp_path):
     cfg = write_study(tmp_path, tiny_text, budgets=8.0e9)
     env = train_env(tmp_path, {"WANDB_MODE": "disabled"})
@@ -90,6 +111,8 @@ def test_a_two_budget_study_trains_each_budget_at_its_width_and_reports_both(tin
         assert f"{gap:+.4f}" in _row(report.split("## Paired differences")[1], "mor2")[("small", "big").index(b)]
         assert f"## Budget {b}:" in report and (out / b / "val_loss_vs_flops.png").stat().st_size > 0
     assert (out / "val_loss_vs_flops.png").stat().st_size > 0 and "Pending" not in report
+    assert res[("small", "mor2")]["corr_curve"] and not res[("small", "vanilla")]["corr_curve"]
+    assert _row(report.split("during training")[1], "mor2")[0] == "small"
     # --report alone rebuilds the same tables from the finished runs, training nothing
     again = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg), "--report"], cwd=repo_root(), env=env,
                            capture_output=True, text=True, timeout=300, check=False)
