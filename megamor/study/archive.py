@@ -10,7 +10,9 @@ A copy is trusted only for the run it was made for: it records the run's experim
 (without the paths of this machine's data and run folder) and the SHA-256 of the tokenizer
 the run was trained with. A copy whose record differs from the run the study would train now
 (the study file changed, or the data were prepared differently) is a configuration error
-naming the file; it is never overwritten or ignored silently.
+naming the file; it is never overwritten or ignored silently. The base experiment and model
+files are recorded by name, not content: change those and the kept results no longer say what
+they trained (start a new study name or a new report folder instead).
 """
 
 from __future__ import annotations
