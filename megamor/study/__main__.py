@@ -16,7 +16,8 @@ when the run folders are gone.
              job that waits for it (extra sbatch options after --sbatch, e.g. --sbatch --partition=gpu)
 
 Exit codes: 0 done, 2 bad configuration, else the failing run's megamor.train exit code
-(75: stopped by a signal after a checkpoint; rerun to resume).
+(75: stopped by a signal after a checkpoint; rerun to resume). With --index, 75 also when
+another live study process still holds the run after waiting for its lock to go stale.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from megamor.study.config import load_study
 from megamor.study.data import data_paths, is_prepared, prepare
 from megamor.study.report import write_report
 from megamor.study.scaling import write_scaling_report
-from megamor.train.signals import EXIT_CONFIG
+from megamor.train.runlock import RunLock, RunLockedError
+from megamor.train.signals import EXIT_CONFIG, EXIT_PREEMPTED
 
 if TYPE_CHECKING:  # plan imports torch, which `--help` need not load
     from megamor.study.plan import RunSpec
@@ -92,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from megamor.study.run import STUDY_LOCK, RunFailed, is_done, load_result, run_one
-    from megamor.train.runlock import RunLock, RunLockedError
 
     if args.plan:
         from megamor.study.timing import estimate_minutes
@@ -121,14 +122,24 @@ def main(argv: list[str] | None = None) -> int:
             if late:
                 print(f"megamor.study: {r.name} not started: {late}", flush=True)
                 continue
+            lock = RunLock(r.run_dir, file=STUDY_LOCK, owner="study process")
             try:
-                with RunLock(r.run_dir, file=STUDY_LOCK, owner="study process"):
-                    run_one(study, r)
-            except RunLockedError as e:  # another study process has it: take the next run
-                print(f"megamor.study: {r.name} skipped: {e}", flush=True)
+                # --index (one SLURM array task, maybe requeued onto another node): the run is this
+                # process's to train, so wait for a dead holder's lock to go stale instead of skipping
+                acquire(lock, wait_s=2 * lock.stale_s + 10 if args.index is not None else 0.0)
+            except RunLockedError as e:
+                if args.index is not None:
+                    print(f"megamor.study: {r.name}: {e}", file=sys.stderr)
+                    return EXIT_PREEMPTED  # as megamor.train's 75: rerun later
+                print(f"megamor.study: {r.name} skipped: {e}", flush=True)  # another study process has it
+                continue
+            try:
+                run_one(study, r)
             except RunFailed as e:
                 print(f"megamor.study: {e}", file=sys.stderr)
                 return e.rc
+            finally:
+                lock.release()
         if args.index is not None:
             return 0
 
@@ -138,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     path = write(study, results, pending, _command(args))
     print(f"megamor.study: {len(results)}/{len(runs)} runs done; report: {path}")
     return 0
+
+
+def acquire(lock: RunLock, wait_s: float) -> None:
+    """Take `lock`, retrying for up to `wait_s` seconds while a live (or not yet stale) holder has it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock.acquire()
+            return
+        except RunLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(5.0, max(0.1, lock.stale_s / 4)))
 
 
 def too_late(runs: list[RunSpec], run: RunSpec, deadline: float | None) -> str | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from megamor.env import repo_root
 from megamor.runs.tags import newest_complete
+from megamor.train.runlock import RunLock
 from tests.study.conftest import write_study
 from tests.train.helpers import train_env
 
@@ -122,3 +123,45 @@ def test_study_as_slurm_job_array(slurm_cluster, tiny_text, tmp_path):
     assert state == "COMPLETED", logs[-4000:]
     assert "run 0" in logs and "run 1" in logs  # one array task per run
     _check_report(out)
+
+
+def _plant_lock(run_dir: Path, host: str) -> None:
+    """A study lock as a process on `host` writes it, with a fresh heartbeat."""
+    run_dir.mkdir(parents=True)
+    now = time.time()
+    (run_dir / "study.lock").write_text(json.dumps({"host": host, "pid": 1, "started": now, "heartbeat": now,
+                                                    "token": "planted"}))
+
+
+def test_a_run_held_by_another_node_is_skipped_but_index_waits_for_the_lock_to_go_stale(tiny_text, tmp_path):
+    """A requeued SLURM array task may land on another node while its killed predecessor's lock
+    is fresh: `--index` waits until the lock is stale and trains; the study loop skips the run."""
+    cfg = write_study(tmp_path, tiny_text, flops=2.5e8)
+    held = tmp_path / "out" / "runs" / "vanilla-s7"
+    _plant_lock(held, "another-node")
+    env = {**_env(tmp_path), "MEGAMOR_LOCK_STALE_S": "600"}
+    r = subprocess.run(study_cmd(cfg), cwd=repo_root(), env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "vanilla-s7 skipped" in r.stdout and "another-node" in r.stdout and "1/2 runs done" in r.stdout
+    assert not (held / "study_result.json").exists() and (tmp_path / "out" / "runs" / "mor2-s7" / "study_result.json").is_file()
+
+    env["MEGAMOR_LOCK_STALE_S"] = "4"  # the planted holder's heartbeat stops: stale after 4 s
+    t0 = time.time()
+    r = subprocess.run(study_cmd(cfg, "--index", "0"), cwd=repo_root(), env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "replaced a stale lock" in r.stderr and (held / "study_result.json").is_file() and time.time() - t0 > 4
+    assert not (held / "study.lock").exists()
+
+
+def test_index_gives_up_with_75_while_a_live_process_holds_the_run(tiny_text, tmp_path):
+    cfg = write_study(tmp_path, tiny_text, flops=2.5e8)
+    run_dir = tmp_path / "out" / "runs" / "vanilla-s7"
+    env = {**_env(tmp_path), "MEGAMOR_LOCK_STALE_S": "1"}
+    subprocess.run(study_cmd(cfg, "--plan"), cwd=repo_root(), env=env, capture_output=True, timeout=300, check=True)
+    with RunLock(run_dir, heartbeat_s=0.2, stale_s=1, file="study.lock", owner="study process"):  # this live process
+        r = subprocess.run(study_cmd(cfg, "--index", "0"), cwd=repo_root(), env=env, capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert r.returncode == 75, (r.stdout + r.stderr)[-3000:]
+    assert f"pid {os.getpid()}" in r.stderr and not (run_dir / "study_result.json").exists()
+    assert "megamor.train" not in r.stdout  # nothing was trained
