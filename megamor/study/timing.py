@@ -1,10 +1,11 @@
 """Run-time estimates for `--plan`: finished runs' measured time (training + evaluation),
-and for the others the seconds per FLOP of finished runs, from the same budget when there
-are some (a wider model runs at a different speed), else from every finished run."""
+and for the others the median seconds per FLOP of finished runs, from the same budget when
+there are some (a wider model runs at a different speed), else from every finished run."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 
 from megamor.study.plan import RunSpec
@@ -38,6 +39,6 @@ def estimate_minutes(runs: Sequence[RunSpec]) -> list[float | None]:
         s = seconds[r.index]
         rates = rate_budget.get(r.budget_name) or rate_all
         if s is None and rates:
-            s = sum(rates) / len(rates) * r.budget.flops
+            s = statistics.median(rates) * r.budget.flops  # median: a run paused for hours does not count
         out.append(None if s is None else s / 60.0)
     return out
