@@ -35,7 +35,7 @@ from megamor.study.config import load_study
 from megamor.study.data import data_paths, is_prepared, prepare
 from megamor.study.report import write_report
 from megamor.study.scaling import write_scaling_report
-from megamor.train.runlock import RunLock, RunLockedError
+from megamor.train.runlock import RunLock, RunLockedError, read_holder
 from megamor.train.signals import EXIT_CONFIG, EXIT_PREEMPTED
 
 if TYPE_CHECKING:  # plan imports torch, which `--help` need not load
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.index is not None:
                     print(f"megamor.study: {r.name}: {e}", file=sys.stderr)
                     return EXIT_PREEMPTED  # as megamor.train's 75: rerun later
-                print(f"megamor.study: {r.name} skipped: {e}", flush=True)  # another study process has it
+                holder = read_holder(lock.path)
+                who = holder.describe(time.time()) if holder else "its lock is being taken"
+                print(f"megamor.study: {r.name} skipped: another study process has it ({who}; {lock.path})", flush=True)
                 continue
             try:
                 run_one(study, r)

@@ -102,7 +102,7 @@ def test_two_study_processes_share_out_the_runs(tiny_text, tmp_path):
     both = "\n".join(outs)
     for run in ("vanilla-s7", "mor2-s7"):
         assert both.count(f"== {run}: ") == 2, both[-4000:]  # trained once: its start line and its result line
-    assert "in use by another study process" in both  # the second process met the first one's lock
+    assert "skipped: another study process has it" in both  # the second process met the first one's lock
     r = subprocess.run(study_cmd(cfg, "--report"), cwd=repo_root(), env=_env(tmp_path), capture_output=True, text=True,
                        timeout=300, check=False)
     assert r.returncode == 0 and "2/2 runs done" in r.stdout, r.stdout + r.stderr
