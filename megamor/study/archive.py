@@ -53,28 +53,34 @@ def save(run: RunSpec, result: dict[str, Any], tokenizer: Path) -> Path:
     return path
 
 
-def load(run: RunSpec) -> dict[str, Any] | None:
-    """The kept result of `run`, or None when there is none."""
-    path = run.kept_path
+def _read(path: Path) -> dict[str, Any] | None:
+    """The kept JSON object at `path`, None when there is no file; damaged JSON is a ConfigError."""
     if not path.is_file():
         return None
     try:
-        res = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(str(path), f"not valid JSON ({e}); restore it from git or delete it to train the run again") from None
-    res.pop("identity", None)
+    if not isinstance(record, dict):
+        raise ConfigError(str(path), "is not a JSON object; restore it from git or delete it to train the run again")
+    return record
+
+
+def load(run: RunSpec) -> dict[str, Any] | None:
+    """The kept result of `run`, or None when there is none."""
+    res = _read(run.kept_path)
+    if res is not None:
+        res.pop("identity", None)
     return res
 
 
 def check(run: RunSpec, tokenizer: Path) -> None:
     """Raise ConfigError when `run` has a kept result made for a different run."""
     path = run.kept_path
-    if not path.is_file():
+    record = _read(path)
+    if record is None:
         return
-    try:
-        kept = json.loads(path.read_text()).get("identity")
-    except json.JSONDecodeError as e:
-        raise ConfigError(str(path), f"not valid JSON ({e}); restore it from git or delete it to train the run again") from None
+    kept = record.get("identity")
     now = identity(run, tokenizer)
     if kept is None:
         raise ConfigError(str(path), "has no identity record: it cannot be matched to the run it claims to be")

@@ -77,6 +77,13 @@ def test_a_damaged_or_unidentified_kept_result_is_refused(tmp_path, tokenizer):
     run.kept_path.write_text('{"val_loss": 4.')
     with pytest.raises(ConfigError, match="not valid JSON"):
         archive.check(run, tokenizer)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        archive.load(run)
+    run.kept_path.write_text('[4.5]')  # valid JSON, not a result: a clear error, not an AttributeError
+    for read in (lambda: archive.check(run, tokenizer), lambda: archive.load(run)):
+        with pytest.raises(ConfigError, match="not a JSON object") as e:
+            read()
+        assert str(run.kept_path) in str(e.value)
 
 
 def test_the_study_command_refuses_a_mismatched_kept_result_in_one_line(tmp_path, tokenizer):
