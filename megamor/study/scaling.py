@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -80,29 +81,30 @@ def paired_gaps(study: StudyConfig, results: Results, key: str = "val_loss") -> 
 
 def gap_table(study: StudyConfig, results: Results) -> str:
     """Per variant and budget: the paired difference from the reference (mean ± sd over seeds,
-    lower in k/n seeds), and its change from the first budget, paired by seed (the same seed
-    gives every budget the same data order; a seed missing at either budget is left out)."""
+    lower in k/n seeds), and its change from one budget to the next and from the first budget to
+    each later one, paired by seed (the same seed gives every budget the same data order; a seed
+    missing at either budget is left out). Both changes, because the smallest budget is often
+    the noisiest: the step between the two largest is what says whether a gap still grows."""
     ref = _reference(study)
     gaps = paired_gaps(study, results)
-    budgets = study.run_budgets()
-    first = budgets[0].name
-    head = [f"{b.name}: {{v}} - {ref}" for b in budgets] + [f"{b.name} minus {first}" for b in budgets[1:]]
+    budgets = [b.name for b in study.run_budgets()]
+    changes = list(pairwise(budgets)) + [(budgets[0], b) for b in budgets[2:]]
+    head = [f"{b}: {{v}} - {ref}" for b in budgets] + [f"{hi} minus {lo}" for lo, hi in changes]
     lines = ["| variant | " + " | ".join(h.format(v="variant") for h in head) + " |", "|---|" + "---:|" * len(head)]
     for v in study.variants:
         if v.name == ref:
             continue
         cells = []
         for b in budgets:
-            g = gaps.get((b.name, v.name))
+            g = gaps.get((b, v.name))
             if not g:
                 cells.append("–")  # noqa: RUF001
                 continue
             m, sd = summarize(list(g.values()))
             lower = sum(x < 0 for x in g.values())
             cells.append(f"{_cell('{:+.4f}', m, sd, True)} ({lower}/{len(g)} lower)")
-        base = gaps.get((first, v.name), {})
-        for b in budgets[1:]:
-            g = gaps.get((b.name, v.name), {})
+        for lo, hi in changes:
+            base, g = gaps.get((lo, v.name), {}), gaps.get((hi, v.name), {})
             both = sorted(set(base) & set(g))
             if not both:
                 cells.append("–")  # noqa: RUF001
@@ -196,8 +198,8 @@ def write_scaling_report(study: StudyConfig, results: Results, pending: list[str
             f"## Paired differences from {ref}, per budget", "",
             (f"Each seed's difference from `{ref}` at the same budget, then mean ± standard deviation over seeds "
             "(negative: lower loss than the reference) and how many seeds it is lower in; the last columns: how that "
-            "difference changes from the first budget, seed by seed (negative: the variant gains on the reference "
-            "as the budget grows)."), "", gap_table(study, results), "",
+            "difference changes from one budget to the next and from the first, seed by seed (negative: the variant "
+            "gains on the reference as the budget grows)."), "", gap_table(study, results), "",
             "## corr(depth, loss) per budget", "",
             "Spearman correlation of a validation token's depth (causal routing) with its loss:", "",
             loss_table(study, results, "corr_depth_loss", "{:.3f}"), "",

@@ -48,17 +48,20 @@ def test_paired_gaps_per_budget_and_their_change_from_the_first_budget():
     assert gaps[("9x", "a")] == pytest.approx({1: -0.30, 2: -0.30, 3: -0.30})
     assert ("9x", "b") not in gaps and ("1x", "ref") not in gaps
     a = _row(gap_table(study, _results()), "a")
-    # 1x, 3x, 9x gaps, then 3x minus 1x and 9x minus 1x, seed by seed
+    # 1x, 3x, 9x gaps, then 3x minus 1x, 9x minus 3x and 9x minus 1x, seed by seed
+    table = gap_table(study, _results())
+    assert "| 3x minus 1x | 9x minus 3x | 9x minus 1x |" in table
     assert a == ["-0.0500 ± 0.0000 (3/3 lower)", "-0.1500 ± 0.0000 (3/3 lower)", "-0.3000 ± 0.0000 (3/3 lower)",
-                 "-0.1000 ± 0.0000 (n=3)", "-0.2500 ± 0.0000 (n=3)"]
-    assert _row(gap_table(study, _results()), "b") == ["+0.0200 ± 0.0000 (0/3 lower)"] * 2 + ["–", "+0.0000 ± 0.0000 (n=3)", "–"]  # noqa: RUF001
+                 "-0.1000 ± 0.0000 (n=3)", "-0.1500 ± 0.0000 (n=3)", "-0.2500 ± 0.0000 (n=3)"]
+    assert _row(table, "b") == ["+0.0200 ± 0.0000 (0/3 lower)"] * 2 + ["–", "+0.0000 ± 0.0000 (n=3)", "–", "–"]  # noqa: RUF001
 
 
 def test_a_seed_missing_at_one_budget_is_left_out_of_the_change_only_there():
     study = _study()
     results = _results(skip={("3x", "ref", 2)})  # seed 2 of the reference at 3x not finished
     a = _row(gap_table(study, results), "a")
-    assert a[1] == "-0.1500 ± 0.0000 (2/2 lower)" and a[3] == "-0.1000 ± 0.0000 (n=2)" and a[4].endswith("(n=3)")
+    assert a[1] == "-0.1500 ± 0.0000 (2/2 lower)" and a[3] == "-0.1000 ± 0.0000 (n=2)"
+    assert a[4] == "-0.1500 ± 0.0000 (n=2)" and a[5].endswith("(n=3)")  # 9x minus 3x lacks seed 2; 9x minus 1x has it
     cells = _row(loss_table(study, results), "ref")
     assert cells[1] == "4.4000 ± 0.1414 (n=2)"  # seeds 1 and 3: 4.5 and 4.3
     assert _row(loss_table(study, results), "b")[2] == "not run"
