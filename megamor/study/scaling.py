@@ -2,7 +2,8 @@
 
     report.md               the budgets; per variant and budget: validation loss, the paired
                             difference from the reference, how that difference changes from the
-                            first budget (seed by seed), corr(depth, loss); then each budget's
+                            first budget (seed by seed), the slope of log loss on log FLOPs,
+                            corr(depth, loss); then each budget's
                             own tables (megamor.study.report's)
     val_loss_vs_flops.png   final validation loss against the budget's FLOPs, one line per
                             variant (mean over seeds, bars: standard deviation)
@@ -116,6 +117,67 @@ def gap_table(study: StudyConfig, results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _log_slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of log(loss) on log(FLOPs): the local exponent b of loss ~ C^b."""
+    xs = [math.log(c) for c, _ in points]
+    ys = [math.log(loss) for _, loss in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else math.nan
+
+
+def scaling_exponents(study: StudyConfig, results: Results) -> dict[str, dict[int, tuple[float, float]]]:
+    """{variant: {seed: (its slope, the reference's slope over the same budgets)}} for the seeds
+    that have finished every budget the variant runs at (a slope over fewer budgets measures a
+    different stretch of a bending curve, so it is not mixed in). The reference's slope is nan
+    where it lacks one of those runs. Variants run at fewer than two budgets have none."""
+    ref = _reference(study)
+    point = {(r.get("budget"), r["variant"], r["seed"]): (_num(r.get("flops")), _num(r.get("val_loss")))
+             for r in results}
+    point = {k: (c, loss) for k, (c, loss) in point.items() if c > 0 and loss > 0}  # nan compares False
+    out: dict[str, dict[int, tuple[float, float]]] = {}
+    for v in study.variants:
+        budgets = [b.name for b in study.run_budgets() if v in study.budget_variants(b)]
+        if len(budgets) < 2:
+            continue
+        slopes = {}
+        for s in study.seeds:
+            if all((b, v.name, s) in point for b in budgets):
+                own = _log_slope([point[(b, v.name, s)] for b in budgets])
+                have_ref = all((b, ref, s) in point for b in budgets)
+                slopes[s] = (own, _log_slope([point[(b, ref, s)] for b in budgets]) if have_ref else math.nan)
+        if slopes:
+            out[v.name] = slopes
+    return out
+
+
+def exponent_table(study: StudyConfig, results: Results) -> str:
+    """Per variant: the slope of log(validation loss) against log(FLOPs) over its budgets (mean ±
+    sd over the seeds that finished all of them) and its difference from the reference's slope
+    over the same budgets, paired by seed (negative: the loss falls faster with compute than
+    the reference's, so the variant's lead grows or its deficit shrinks)."""
+    ref = _reference(study)
+    slopes = scaling_exponents(study, results)
+    lines = [f"| variant | budgets | seeds | slope of log(loss) on log(FLOPs) | slope - {ref}'s, paired | steeper in |",
+             "|---|---|---:|---:|---:|---:|"]
+    for v in study.variants:
+        if v.name not in slopes:
+            continue
+        per_seed = slopes[v.name]
+        budgets = ", ".join(b.name for b in study.run_budgets() if v in study.budget_variants(b))
+        own = _cell("{:+.4f}", *summarize([o for o, _ in per_seed.values()]), True)
+        diffs = [o - r for o, r in per_seed.values() if math.isfinite(r)]
+        if v.name == ref or not diffs:
+            diff, steeper = ("(reference)", "") if v.name == ref else ("–", "–")  # noqa: RUF001
+        else:
+            diff = _cell("{:+.4f}", *summarize(diffs), True)
+            steeper = f"{sum(d < 0 for d in diffs)}/{len(diffs)}"
+        lines.append(f"| {v.name} | {budgets} | {len(per_seed)} | {own} | {diff} | {steeper} |")
+    if len(lines) == 2:
+        return "No variant has finished runs at two or more budgets in the same seed yet.\n"
+    return "\n".join(lines) + "\n"
+
+
 CORR_AT = (0.1, 0.25, 0.5, 0.75, 1.0)  # fractions of a run at which its logged corr(depth, loss) is read
 
 
@@ -200,6 +262,11 @@ def write_scaling_report(study: StudyConfig, results: Results, pending: list[str
             "(negative: lower loss than the reference) and how many seeds it is lower in; the last columns: how that "
             "difference changes from one budget to the next and from the first, seed by seed (negative: the variant "
             "gains on the reference as the budget grows)."), "", gap_table(study, results), "",
+            "## How fast the loss falls with compute", "",
+            ("Each seed's least-squares slope of log(validation loss) against log(FLOPs) over the variant's budgets "
+             "(loss ~ C^slope; over seeds that finished all of them), and its difference from the reference's slope over "
+             "the same budgets in the same seed: negative means the variant's loss falls faster with compute."), "",
+            exponent_table(study, results), "",
             "## corr(depth, loss) per budget", "",
             "Spearman correlation of a validation token's depth (causal routing) with its loss:", "",
             loss_table(study, results, "corr_depth_loss", "{:.3f}"), "",

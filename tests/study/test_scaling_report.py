@@ -12,7 +12,15 @@ import pytest
 
 from megamor.env import repo_root
 from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
-from megamor.study.scaling import budgets_table, corr_over_training_table, gap_table, loss_table, paired_gaps
+from megamor.study.scaling import (
+    budgets_table,
+    corr_over_training_table,
+    exponent_table,
+    gap_table,
+    loss_table,
+    paired_gaps,
+    scaling_exponents,
+)
 from tests.study.conftest import write_study
 from tests.train.helpers import train_env
 
@@ -68,6 +76,34 @@ def test_a_seed_missing_at_one_budget_is_left_out_of_the_change_only_there():
     pending = ["ref@3x-s2"]
     row = _row(budgets_table(study, results, pending), "3x")
     assert row[-2:] == ["8", "1"] and "`model.d_model=256`" in row
+
+
+def test_the_slope_of_log_loss_on_log_flops_is_fitted_per_seed_and_paired_with_the_reference():
+    study = _study()
+    exponent = {"ref": -0.10, "a": -0.15, "b": -0.08}  # loss = A x seed factor x C^exponent
+    seed_factor = {1: 1.0, 2: 1.1, 3: 0.95}
+    flops = {"1x": 1e12, "3x": 3e12, "9x": 9e12}
+    results = [{"budget": b, "variant": v, "seed": s, "flops": flops[b] * (1.0 + 0.01 * s),
+                "val_loss": 5.0 * seed_factor[s] * (flops[b] * (1.0 + 0.01 * s) / 1e12) ** exponent[v]}
+               for v in exponent for b in flops for s in seed_factor if not (v == "b" and b == "9x")]
+    slopes = scaling_exponents(study, results)
+    for v, e in exponent.items():  # a pure power law: every seed's slope is its exponent, however the seed shifts it
+        assert [o for o, _ in slopes[v].values()] == pytest.approx([e] * 3)
+        assert [r for _, r in slopes[v].values()] == pytest.approx([exponent["ref"]] * 3)
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+            for ln in exponent_table(study, results).splitlines()[2:]}
+    assert rows["ref"] == ["1x, 3x, 9x", "3", "-0.1000 ± 0.0000", "(reference)", ""]
+    assert rows["a"] == ["1x, 3x, 9x", "3", "-0.1500 ± 0.0000", "-0.0500 ± 0.0000", "3/3"]
+    assert rows["b"] == ["1x, 3x", "3", "-0.0800 ± 0.0000", "+0.0200 ± 0.0000", "0/3"]  # b is not run at 9x
+
+    # a seed missing one of a variant's budgets is left out of that variant (and of the pairing)
+    gone = [r for r in results if (r["budget"], r["variant"], r["seed"]) not in {("9x", "a", 2), ("3x", "ref", 3)}]
+    slopes = scaling_exponents(study, gone)
+    assert sorted(slopes["a"]) == [1, 3] and sorted(slopes["ref"]) == [1, 2]
+    assert slopes["a"][3][1] != slopes["a"][3][1]  # nan: the reference lacks 3x in seed 3
+    row = next(ln for ln in exponent_table(study, gone).splitlines() if ln.startswith("| a |"))
+    assert row.split("|")[3].strip() == "2" and row.split("|")[5].strip() == "-0.0500" and row.split("|")[6].strip() == "1/1"
+    assert "No variant" in exponent_table(study, [r for r in results if r["budget"] == "1x"])
 
 
 def test_corr_over_training_is_read_at_fractions_of_each_run():
