@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.data.atomic import atomic_open, write_json
-from megamor.study.config import StudyBudgetConfig, StudyConfig
+from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
 from megamor.study.report import _cell, _num, _plots, paired_table, summarize, table
 
 Results = list[dict[str, Any]]
@@ -57,6 +57,10 @@ def loss_table(study: StudyConfig, results: Results, key: str = "val_loss", fmt:
             cells.append(f"{_cell(fmt, m, sd, True)} (n={n})" if n else ("pending" if not vals else "–"))  # noqa: RUF001
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _variant_budgets(study: StudyConfig, v: VariantConfig) -> list[StudyBudgetConfig]:
+    return [b for b in study.run_budgets() if b.variants is None or v.name in b.variants]
 
 
 def _flops(b: StudyBudgetConfig) -> str:
@@ -137,7 +141,7 @@ def scaling_exponents(study: StudyConfig, results: Results) -> dict[str, dict[in
     point = {k: (c, loss) for k, (c, loss) in point.items() if c > 0 and loss > 0}  # nan compares False
     out: dict[str, dict[int, tuple[float, float]]] = {}
     for v in study.variants:
-        budgets = [b.name for b in study.run_budgets() if v in study.budget_variants(b)]
+        budgets = [b.name for b in _variant_budgets(study, v)]
         if len(budgets) < 2:
             continue
         slopes = {}
@@ -164,14 +168,15 @@ def exponent_table(study: StudyConfig, results: Results) -> str:
         if v.name not in slopes:
             continue
         per_seed = slopes[v.name]
-        budgets = ", ".join(b.name for b in study.run_budgets() if v in study.budget_variants(b))
+        budgets = ", ".join(b.name for b in _variant_budgets(study, v))
         own = _cell("{:+.4f}", *summarize([o for o, _ in per_seed.values()]), True)
         diffs = [o - r for o, r in per_seed.values() if math.isfinite(r)]
-        if v.name == ref or not diffs:
-            diff, steeper = ("(reference)", "") if v.name == ref else ("–", "–")  # noqa: RUF001
+        if v.name == ref:
+            diff, steeper = "(reference)", ""
+        elif diffs:
+            diff, steeper = _cell("{:+.4f}", *summarize(diffs), True), f"{sum(d < 0 for d in diffs)}/{len(diffs)}"
         else:
-            diff = _cell("{:+.4f}", *summarize(diffs), True)
-            steeper = f"{sum(d < 0 for d in diffs)}/{len(diffs)}"
+            diff, steeper = "–", "–"  # noqa: RUF001
         lines.append(f"| {v.name} | {budgets} | {len(per_seed)} | {own} | {diff} | {steeper} |")
     if len(lines) == 2:
         return "No variant has finished runs at two or more budgets in the same seed yet.\n"
