@@ -183,6 +183,65 @@ def exponent_table(study: StudyConfig, results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _means(study: StudyConfig, results: Results) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(budget, variant): (mean FLOPs, mean validation loss)} over the seeds done."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        if math.isfinite(_num(r.get("val_loss"))) and _num(r.get("flops")) > 0:
+            runs.setdefault((r.get("budget"), r["variant"]), []).append(r)
+    return {k: (summarize([r["flops"] for r in rs])[0], summarize([r["val_loss"] for r in rs])[0])
+            for k, rs in runs.items()}
+
+
+def _flops_to_reach(curve: list[tuple[float, float]], loss: float) -> tuple[float, bool]:
+    """(FLOPs at which `curve`, piecewise linear in log FLOPs, reaches `loss`; whether that lies
+    outside the curve, extrapolated along its end segment). nan where that segment does not fall."""
+    i = next((k for k in range(len(curve) - 1) if curve[k + 1][1] <= loss), len(curve) - 2)
+    (c0, l0), (c1, l1) = curve[i], curve[i + 1]
+    if not l1 < l0:
+        return math.nan, False
+    at = math.exp(math.log(c0) + (l0 - loss) / (l0 - l1) * (math.log(c1) - math.log(c0)))
+    return at, not curve[-1][1] <= loss <= curve[0][1]
+
+
+def compute_multipliers(study: StudyConfig, results: Results) -> dict[tuple[str, str], tuple[float, bool]]:
+    """{(budget, variant): (the FLOPs at which the variant's mean loss curve over its budgets
+    reaches the reference's mean loss at that budget, over the variant's FLOPs there; whether
+    that point is extrapolated)}: how much compute the variant needs to match the reference
+    (above 1: more, below 1: less)."""
+    ref = _reference(study)
+    means = _means(study, results)
+    out: dict[tuple[str, str], tuple[float, bool]] = {}
+    for v in study.variants:
+        budgets = [b.name for b in _variant_budgets(study, v) if (b.name, v.name) in means]
+        if v.name == ref or len(budgets) < 2:
+            continue
+        curve = sorted(means[(b, v.name)] for b in budgets)
+        for b in budgets:
+            if (b, ref) in means:
+                at, extrapolated = _flops_to_reach(curve, means[(b, ref)][1])
+                out[(b, v.name)] = (at / means[(b, v.name)][0], extrapolated)
+    return out
+
+
+def multiplier_table(study: StudyConfig, results: Results) -> str:
+    """Rows: variants; columns: budgets; cells: compute_multipliers' ratio."""
+    mult = compute_multipliers(study, results)
+    budgets = [b.name for b in study.run_budgets()]
+    lines = ["| variant | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for v in study.variants:
+        if not any((b, v.name) in mult for b in budgets):
+            continue
+        cells = []
+        for b in budgets:
+            m, extrapolated = mult.get((b, v.name), (math.nan, False))
+            cells.append("–" if not math.isfinite(m) else f"{m:.2f}x" + (" (extrapolated)" if extrapolated else ""))  # noqa: RUF001
+        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return "No variant other than the reference has results at two or more budgets yet.\n"
+    return "\n".join(lines) + "\n"
+
+
 CORR_AT = (0.1, 0.25, 0.5, 0.75, 1.0)  # fractions of a run at which its logged corr(depth, loss) is read
 
 
@@ -272,6 +331,11 @@ def write_scaling_report(study: StudyConfig, results: Results, pending: list[str
              "(loss ~ C^slope; over seeds that finished all of them), and its difference from the reference's slope over "
              "the same budgets in the same seed: negative means the variant's loss falls faster with compute."), "",
             exponent_table(study, results), "",
+            f"### Compute to match {ref}", "",
+            (f"The FLOPs at which a variant's loss, interpolated linearly in log FLOPs between the means of its "
+             f"budgets, reaches `{ref}`'s mean loss at the budget, over the variant's FLOPs there: how much compute "
+             "the variant needs to match the reference (extrapolated: beyond the variant's measured budgets, along "
+             "its end segment)."), "", multiplier_table(study, results), "",
             "## corr(depth, loss) per budget", "",
             "Spearman correlation of a validation token's depth (causal routing) with its loss:", "",
             loss_table(study, results, "corr_depth_loss", "{:.3f}"), "",

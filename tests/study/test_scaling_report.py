@@ -5,6 +5,7 @@ from the first budget, checked against numbers computed here; and a real tiny tw
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -14,10 +15,12 @@ from megamor.env import repo_root
 from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
 from megamor.study.scaling import (
     budgets_table,
+    compute_multipliers,
     corr_over_training_table,
     exponent_table,
     gap_table,
     loss_table,
+    multiplier_table,
     paired_gaps,
     scaling_exponents,
 )
@@ -104,6 +107,31 @@ def test_the_slope_of_log_loss_on_log_flops_is_fitted_per_seed_and_paired_with_t
     row = next(ln for ln in exponent_table(study, gone).splitlines() if ln.startswith("| a |"))
     assert row.split("|")[3].strip() == "2" and row.split("|")[5].strip() == "-0.0500" and row.split("|")[6].strip() == "1/1"
     assert "No variant" in exponent_table(study, [r for r in results if r["budget"] == "1x"])
+
+
+def test_compute_to_match_the_reference_interpolates_each_variant_in_log_flops():
+    study = _study()
+    # loss falls 0.3 per 3x of FLOPs (straight in log FLOPs); "a" sits 0.2 above ref at every budget, so it needs
+    # 3^(0.2/0.3) = 2.08x ref's FLOPs; "b" (1x and 3x only) 0.15 below: 3^(-0.5) = 0.577x
+    offset = {"ref": 0.0, "a": 0.2, "b": -0.15}
+    flops = {"1x": 1e12, "3x": 3e12, "9x": 9e12}
+    results = [{"budget": bud, "variant": v, "seed": s, "flops": c,
+                "val_loss": 5.0 - 0.3 * math.log(c / 1e12, 3) + offset[v] + 0.01 * (s - 2)}
+               for v in offset for bud, c in flops.items() for s in (1, 2, 3) if not (v == "b" and bud == "9x")]
+    mult = compute_multipliers(study, results)
+    assert set(mult) == {(bud, "a") for bud in flops} | {("1x", "b"), ("3x", "b")}
+    for bud in flops:
+        assert mult[(bud, "a")][0] == pytest.approx(3 ** (2 / 3))
+        assert mult[(bud, "a")][1] == (bud == "9x")  # a reaches ref's 9x loss only past its own 9x point
+    assert mult[("1x", "b")] == (pytest.approx(3 ** -0.5), True) and mult[("3x", "b")] == (pytest.approx(3 ** -0.5), False)
+    assert _row(multiplier_table(study, results), "a") == ["2.08x", "2.08x", "2.08x (extrapolated)"]
+    assert _row(multiplier_table(study, results), "b") == ["0.58x (extrapolated)", "0.58x", "–"]  # noqa: RUF001
+
+    # a curve that does not fall where it must be read gives no number
+    flat = [r for r in results if r["variant"] != "a"] + [
+        {"budget": bud, "variant": "a", "seed": 1, "flops": c, "val_loss": 5.0} for bud, c in flops.items()]
+    assert _row(multiplier_table(study, flat), "a") == ["–", "–", "–"]  # noqa: RUF001
+    assert "No variant" in multiplier_table(study, [r for r in results if r["budget"] == "1x"])
 
 
 def test_corr_over_training_is_read_at_fractions_of_each_run():
