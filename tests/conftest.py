@@ -19,6 +19,10 @@ from megamor.env import shared_data_dir
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "launch: starts processes (training runs, SLURM daemons, process groups)")
+
+
 @pytest.fixture
 def data_dir():
     """The shared offline datasets; tests needing them skip (never in CI: .ci/run checks)."""

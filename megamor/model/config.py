@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,3 +201,15 @@ class ModelConfig:
 
 def load_model_config(*paths: str | Path, overrides: list[str] | None = None) -> ModelConfig:
     return load_config(ModelConfig, *paths, overrides=overrides or [])
+
+
+def flat_model_config(cfg: ModelConfig, prefix: str = "model") -> dict[str, object]:
+    """Every key of the config by its full dotted path (model.router.alpha: 0.1, ...)."""
+
+    def walk(d: dict, path: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in d.items():
+            out.update(walk(v, f"{path}.{k}") if isinstance(v, dict) else {f"{path}.{k}": v})
+        return out
+
+    return walk(dataclasses.asdict(cfg), prefix)

@@ -15,13 +15,13 @@ failure is a ConfigError: one line naming the key, exit 2.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from megamor.config import ConfigError
+from megamor.model.config import flat_model_config
 from megamor.parallel.env import peek_local_world_size, resolve_launch_env
 from megamor.runs.layout import CONFIG_FILE, CheckpointRef
 from megamor.runs.tags import newest_complete
@@ -81,19 +81,12 @@ def check_resume_layout(cfg: ExperimentConfig, ref: CheckpointRef, world_size: i
                                              f"with the same layout (launch {tp_then * dp_then} processes)")
 
 
-def _flat(d: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
-    return out
-
-
 def check_resumable(cfg: ExperimentConfig, ref: CheckpointRef) -> None:
     """The checkpoint this run would resume holds the configured model and schedule."""
     if not (ref.path / CONFIG_FILE).is_file():
         return
     saved_cfg = load_experiment([ref.path / CONFIG_FILE])
-    now, then = _flat(dataclasses.asdict(cfg.model)), _flat(dataclasses.asdict(saved_cfg.model))
+    now, then = flat_model_config(cfg.model), flat_model_config(saved_cfg.model)
     for k in now:
         if now[k] != then.get(k) and not k.endswith(".attn_impl"):
             raise ConfigError(k, f"is {now[k]!r} but the checkpoint to resume ({ref.path}) was trained with "

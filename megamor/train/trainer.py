@@ -103,8 +103,9 @@ class Trainer:
         self.layout = build_layout(self.tp, self.world, self.rank, cfg.parallel.sequence)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
+        init = None
         if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
-            load_init_weights(model, cfg.trainer.init_from)
+            init = load_init_weights(model, cfg.trainer.init_from)
         self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
         parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
         self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
@@ -148,6 +149,8 @@ class Trainer:
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
         )
+        if init is not None:
+            self.logger.print(f"megamor: {init.line()}")
         return self
 
     def _keep_tokenizer(self) -> None:
