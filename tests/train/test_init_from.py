@@ -18,7 +18,7 @@ from megamor.model import ModelConfig, MoRLM
 from megamor.model.config import load_model_config
 from megamor.train.init_from import check_init_from, config_differences, load_init_weights
 
-SHAPE = dict(vocab_size=512, d_model=64, n_layers=5, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
+SHAPE = {"vocab_size": 512, "d_model": 64, "n_layers": 5, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128, "max_seq_len": 64}
 RECIPE = ["sharing=middle_cycle", "num_recursions=3", "router.type=expert_choice"]  # the README's convert overrides
 MOR_EXPERT_3 = "configs/model/33m/mor_expert_3.yaml"
 
