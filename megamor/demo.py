@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megamor.data.tokenizer import Tokenizer
-from megamor.env import repo_root
+from megamor.env import repo_root, thread_defaults
 from megamor.runs.tags import newest_complete
 
 CONFIG = "configs/experiments/demo.yaml"
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("WANDB_MODE", "offline")
+    thread_defaults()  # for every step's process (they inherit it) and this one's sampling
     out = Path(args.out)
     if not out.is_absolute():
         out = repo_root() / out

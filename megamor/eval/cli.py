@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from megamor.data.atomic import atomic_open
+from megamor.env import thread_defaults
 from megamor.runs.find import find_tokenizer
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model_and_meta
@@ -106,6 +106,5 @@ def run_main(main: Callable[[], Any]) -> None:
 
 
 def set_threads() -> None:
-    n = os.environ.get("OMP_NUM_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
+    """Threads from OMP_NUM_THREADS, else the cores this process may use (megamor.env)."""
+    torch.set_num_threads(thread_defaults())
