@@ -90,12 +90,15 @@ def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> in
 def thread_defaults(environ: MutableMapping[str, str] | None = None, local_processes: int = 1,
                     root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
     """Fill OMP_WAIT_POLICY (PASSIVE) and OMP_NUM_THREADS (the usable cores shared among this
-    node's `local_processes`) where the user set neither; returns the thread count."""
+    node's `local_processes`) where the user set neither; returns the thread count.
+    MEGAMOR_THREAD_DEFAULTS=off leaves both to OpenMP (its spinning, torch's core count)."""
     env = os.environ if environ is None else environ
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    off = env.get("MEGAMOR_THREAD_DEFAULTS", "").strip().lower() in ("off", "0", "false", "no")
+    if not off:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     mine = max(1, usable_cpus(root, proc_cgroup) // max(1, local_processes))
     given = env.get("OMP_NUM_THREADS", "").strip()
-    if not given:
+    if not given and not off:
         env["OMP_NUM_THREADS"] = str(mine)
         return mine
     try:  # the outermost level of a nested setting such as "4,2"

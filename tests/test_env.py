@@ -62,6 +62,8 @@ def test_thread_defaults_fill_only_what_is_unset(tmp_path):
     assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice stands
     env = {"OMP_NUM_THREADS": ""}
     assert thread_defaults(env, root=root, proc_cgroup=proc) == want and env["OMP_NUM_THREADS"] == str(want)
+    env = {"MEGAMOR_THREAD_DEFAULTS": "off"}  # OpenMP's own behaviour (the benchmark's baseline)
+    assert thread_defaults(env, root=root, proc_cgroup=proc) == want and env == {"MEGAMOR_THREAD_DEFAULTS": "off"}
 
 
 def test_the_trainer_sets_them_before_torch_starts_its_threads():
