@@ -145,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.index is not None:
             return 0
 
-    results = [load_result(r) for r in runs if is_done(r)]
+    try:
+        results = [load_result(r) for r in runs if is_done(r)]
+    except ConfigError as e:  # a damaged kept result (--report reads them only here)
+        print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     pending = [r.name for r in runs if not is_done(r)]
     write = write_scaling_report if study.budgets else write_report  # several budgets: the scaling report
     path = write(study, results, pending, _command(args))
