@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.config import ConfigError, key
+from megamor.data.dataset import check_split
 from megamor.data.errors import DataError
 from megamor.data.manifest import load_manifest
 from megamor.data.tokenizer import Tokenizer
@@ -67,6 +68,10 @@ class DataConfig:
             s = m["splits"].get(split)
             if s is None:
                 raise ConfigError(k, f"{p} has no split {split!r} (has {list(m['splits'])})")
+            try:
+                check_split(folder, m, split)  # truncated shards: here, not after the process group starts
+            except DataError as e:
+                raise ConfigError(k, str(e)) from None
             if s["tokens"] < self.seq_len + 1:
                 what = "train" if field_name == "train" else "evaluate"
                 raise ConfigError(k, f"split {split!r} of {p} has {s['tokens']} tokens, fewer than seq_len+1 = "
