@@ -126,6 +126,9 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
         if key not in by_step or _PREFERENCE[c.kind] < _PREFERENCE[by_step[key].kind]:
             by_step[key] = c
     out = list(by_step.values())
+    if not out and not pending and not any((run / s).is_dir() for s in (CHECKPOINTS, "export", "exports")):
+        raise CheckpointError(f"{run}: not a checkpoint: neither a run folder (no checkpoints/) nor a checkpoint file "
+                              "(.pt/.pth/.bin), export folder (megamor.pt), Hugging Face folder or DeepSpeed tag")
     if not out:
         extra = f"; incomplete DeepSpeed tags (no COMPLETE marker or damaged): {', '.join(pending)}" if pending else ""
         raise CheckpointError(f"{run}: no complete checkpoint to evaluate{extra}")

@@ -123,11 +123,21 @@ def load_consolidated(path: Path):
     except UnsafeCheckpointError as e:
         raise CheckpointError(str(e)) from None
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {e}") from e
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"{path}: cannot read as a torch checkpoint: not a file written by torch.save") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {first}") from e
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: not a consolidated megamor checkpoint (needs 'model' and 'config' keys, found {keys})")
     return build_model(obj["config"], obj["model"], path), read_meta(obj, path)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load_hf(path: Path):

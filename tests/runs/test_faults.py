@@ -124,3 +124,19 @@ def test_a_killed_universal_conversion_names_the_signal(tmp_path):
     first = str(err).splitlines()[0]
     assert "killed by signal SIGKILL" in first and "return code -9" in first and str(tag) in first, str(err)
     assert not list((tmp_path / "checkpoints" / "universal").glob(".*"))  # its temp folder is removed
+
+
+# -- a source that is no checkpoint at all ------------------------------------------------------
+def test_convert_says_what_a_non_checkpoint_is_not(tmp_path, capsys):
+    from megamor.convert import main
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello")
+    for source, words in ((folder, "not a checkpoint: neither a run folder"),
+                          (folder / "a.txt", "cannot read as a torch checkpoint: not a file written by torch.save")):
+        assert main([str(source), "--out", str(tmp_path / "out"), "sharing=middle_cycle", "num_recursions=2"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"megamor.convert: {source}: {words}"), err
+        assert "to evaluate" not in err[0]
+    assert not (tmp_path / "out").exists()
