@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # From here on every phase answers a stop signal (save + 75) and follows the launcher.
     stop = StopRequest().install()
     exit_with_launcher(resolve_launch_env(dict(os.environ)).launcher)
-    from megamor.runs.layout import NoValidCheckpointError, QuarantineError
+    from megamor.runs.layout import CheckpointError, NoValidCheckpointError
     from megamor.runs.safe_load import UnsafeCheckpointError
     from megamor.runs.save_errors import CheckpointSaveError
     from megamor.train.trainer import NonFiniteLossError, Trainer
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0 or isinstance(e, UnsafeCheckpointError):
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    except (CheckpointSaveError, QuarantineError, NonFiniteLossError) as e:
+    except (CheckpointSaveError, CheckpointError, NonFiniteLossError) as e:  # raised on every rank alike
         if env.rank == 0:
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
