@@ -81,9 +81,16 @@ def child_follows_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     tied to the thread that starts the child: start it from a thread that lives as long as the
     process (the main thread)."""
     parent = os.getpid()
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:  # looked up here: the child between fork and exec should run as little as possible
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
 
     def arm() -> None:
-        set_parent_death_signal(sig)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:  # the parent died between fork and prctl: nothing will signal us
             os.kill(os.getpid(), sig)
 
