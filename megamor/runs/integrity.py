@@ -141,7 +141,7 @@ def quarantine(tag_dir: Path, reason: str) -> Path:
         write_json(record, {"tag": tag_dir.name, "reason": reason, "time": time.time(), "moved_from": str(tag_dir)})
         os.replace(tag_dir, dest)  # a rename: a writer still holding a file open writes into dest
     except OSError as e:
-        if record is not None and not (qdir / record.name.removesuffix(".json")).exists():
+        if record is not None and not dest.exists():
             record.unlink(missing_ok=True)  # the tag did not move: its record must not claim it did
         raise QuarantineError(f"cannot set aside {tag_dir} ({reason}): {os_error_line(e, qdir)}; nothing was moved; "
                               "free space (or fix the folder's permissions) and rerun") from None

@@ -198,8 +198,10 @@ def ensure_universal(ref: CheckpointRef) -> Path:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
         if r.returncode == 2 and "refused to load" in tail:
             raise UnsafeCheckpointError(tail.splitlines()[-1].removeprefix(f"{SAFE_UNIVERSAL}: "))
+        # Killed by a signal, its output ends wherever the kill found it (even "*** Done!"): not shown.
+        shown = f"; its last output:\n{tail}" if tail and r.returncode > 0 else ""
         raise CheckpointError(f"converting {ref.path} to a universal checkpoint failed: {exit_status(r.returncode)}"
-                              + (f"; its last output:\n{tail}" if tail else ""))
+                              f"{shown}")
     (out_root / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass tags
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
