@@ -27,6 +27,7 @@ from megamor.runs.layout import (
     MARKER,
     UNIVERSAL,
     CheckpointError,
+    QuarantineError,
     checkpoints_dir,
     os_error_line,
     tag_dirs,
@@ -162,7 +163,11 @@ class CheckpointManager:
             _remove_tag(d)
             shutil.rmtree(self.root / UNIVERSAL / d.name, ignore_errors=True)
         for d, why in broken:
-            dest = quarantine(d, why or "failed validation")
+            try:
+                dest = quarantine(d, why or "failed validation")
+            except QuarantineError as e:  # the new tag is complete: only the tidying failed (left for later)
+                warn(f"checkpoint {d.name}: {why}; left in place: {e}")
+                continue
             warn(f"checkpoint {d.name}: {why}; moved to {dest}")
 
 

@@ -139,3 +139,20 @@ def test_convert_says_what_a_non_checkpoint_is_not(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith(f"megamor.convert: {source}: {words}"), err
         assert "to evaluate" not in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_on_a_full_disk_leaves_a_partial_tag_in_place_with_a_warning(tiny_fs, capsys):
+    """After a complete save, tidying a partial tag that cannot be quarantined is no save error."""
+    from megamor.runs.save import CheckpointManager
+
+    run = tiny_fs / "run"
+    real_tag(run, 2)
+    partial = run / "checkpoints" / tag_for(3)
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    keep = real_tag(run, 4)
+    fill(tiny_fs)
+    CheckpointManager(run, keep_last=2).prune(keep=keep)
+    assert (partial / "mp_rank_00_model_states.pt").read_bytes() == b"half"
+    err = capsys.readouterr().err
+    assert f"checkpoint {tag_for(3)}: {integrity.UNFINISHED}; left in place: cannot set aside" in err and "ENOSPC" in err
