@@ -190,7 +190,7 @@ class Sweep:
 
 
 def _train_flops_per_token(model) -> float | None:
-    """Training FLOPs per token (3x forward, the paper's counting) at the model's context length."""
+    """Training FLOPs per token (3x forward, megamor's exact count, not the paper's) at the model's context length."""
     try:
         return 3.0 * flops_per_token(model.cfg, model.cfg.max_seq_len)
     except Exception:  # noqa: BLE001  optional metadata: a model the FLOP counter cannot describe gets None
