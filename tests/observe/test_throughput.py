@@ -77,6 +77,6 @@ def test_bench_model_grid_cli_writes_csv_and_markdown(tmp_path):
         assert [(r["model"], r["batch"]) for r in csv.DictReader(f)] == [
             ("routing off", "1"), ("MoR expert choice", "1"), ("routing off", "2"), ("MoR expert choice", "2")]
     assert "| MoR expert choice | forward | 32 | 2 |" in out.with_suffix(".md").read_text()
-    bad = subprocess.run(cmd[:4] + ["--seq-lens", "0,x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(cmd[:4] + ["--seq-lens", "0,x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "bench_model.py: error: --seq-lens must be a comma list of positive integers, not '0,x'"]
