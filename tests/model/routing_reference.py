@@ -32,7 +32,7 @@ VARIANTS = {
     "token": dict(router_type="token_choice", sharing="cycle"),
     "token_loss_free": dict(router_type="token_choice", sharing="cycle", router={"type": "token_choice", "balancing": "loss_free"}),
 }
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5], [17]]
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [3, 4, 5], [17], [40, 41, 42, 43, 44, 45]]
 
 
 def _floats(t: torch.Tensor) -> list:
@@ -73,14 +73,24 @@ def fingerprint(name: str) -> dict:
         out["topk_eval"] = {"logits_sum": o.logits.double().sum().item(), "depth": o.stats.depth.flatten().tolist(),
                             "agreement": [[r] + agreement_counts(lg, c, s, model.routers[r].threshold).tolist()
                                           for r, lg, c, s in o.stats.get("router_trace", [])]}
-        for key, kw in (("greedy", {}), ("sampled", {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "seed": 4}),
-                        ("nocache", {"use_cache": False})):
-            gen = generate(model, PROMPTS, 8, **kw)
-            out[f"generate_{key}"] = {"tokens": gen.tokens, "depths": gen.depths, "prompt_depths": gen.prompt_depths}
-        for static in (False, True):
-            gen = engine_generate(model, PROMPTS, 8, max_batch=2, static=static)
-            out[f"engine_{'static' if static else 'dynamic'}"] = {"tokens": gen.tokens, "depths": gen.depths,
-                                                                   "prompt_depths": gen.prompt_depths}
+    # Decoding, on the trained model and on a fresh one (whose routers still split tokens).
+    fresh = mor(seed=5, **VARIANTS[name]).eval()
+    for prefix, m in (("", model), ("fresh_", fresh)):
+        out.update(decode_outputs(m, prefix))
+    return out
+
+
+@torch.no_grad()
+def decode_outputs(model, prefix: str) -> dict:
+    out = {}
+    for key, kw in (("greedy", {}), ("sampled", {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "seed": 4}),
+                    ("nocache", {"use_cache": False})):
+        gen = generate(model, PROMPTS, 8, **kw)
+        out[f"{prefix}generate_{key}"] = {"tokens": gen.tokens, "depths": gen.depths, "prompt_depths": gen.prompt_depths}
+    for static in (False, True):
+        gen = engine_generate(model, PROMPTS, 8, max_batch=2, static=static)
+        out[f"{prefix}engine_{'static' if static else 'dynamic'}"] = {"tokens": gen.tokens, "depths": gen.depths,
+                                                                      "prompt_depths": gen.prompt_depths}
     return out
 
 
