@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megamor.inference.generate import GenerationOutput, left_pad, sample_next
 from megamor.inference.graph_step import GraphStep
 from megamor.inference.static_cache import PrefillRecorder, StaticKVCache
 from megamor.inference.step import decode_step
-from megamor.inference.generate import GenerationOutput, left_pad, sample_next
 from megamor.model.mor import MoRLM
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megamor.hf.remote_code import save_model_folder
+from megamor.inference.generate import generate
 from tests.inference.test_engine import CASES, _model
 
 transformers = pytest.importorskip("transformers")
@@ -28,7 +29,7 @@ def test_hf_loaded_mor_equals_megamor(variant, kv, tmp_path):
     b = hf(x, attention_mask=mask.long()).logits
     assert (a[mask] - b[mask]).abs().max().item() <= 1e-5
     prompt = [5, 6, 7, 8, 9, 10, 11]
-    want = ours.generate([prompt], 10).tokens[0]
+    want = generate(ours, [prompt], 10).tokens[0]
     got = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, attention_mask=torch.ones(1, 7, dtype=torch.long))
     assert got[0, len(prompt):].tolist() == want
     # A left-padded batch (as a tokenizer pads for generation): each row as megamor alone.
@@ -37,7 +38,7 @@ def test_hf_loaded_mor_equals_megamor(variant, kv, tmp_path):
     mask = (torch.arange(len(prompt)) >= len(prompt) - len(short)).long().unsqueeze(0)
     mask = torch.cat([mask, torch.ones(1, len(prompt), dtype=torch.long)])
     got = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert got[0, len(prompt):].tolist() == ours.generate([short], 6).tokens[0]
+    assert got[0, len(prompt):].tolist() == generate(ours, [short], 6).tokens[0]
     assert got[1, len(prompt):].tolist() == want[:6]
 
 

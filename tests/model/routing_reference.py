@@ -25,12 +25,12 @@ except ImportError:  # pragma: no cover - the code the reference was taken from
 
 PATH = Path(__file__).with_name("routing_reference.json")
 VARIANTS = {
-    "expert": dict(router_type="expert_choice"),
-    "expert_st_alpha_mlp": dict(router_type="expert_choice", kv_mode="shared", router={
+    "expert": {"router_type": "expert_choice"},
+    "expert_st_alpha_mlp": {"router_type": "expert_choice", "kv_mode": "shared", "router": {
         "type": "expert_choice", "gate_straight_through": True, "learn_alpha": True, "network": "mlp",
-        "activation": "tanh", "capacity": [1.0, 0.5, 0.25]}),
-    "token": dict(router_type="token_choice", sharing="cycle"),
-    "token_loss_free": dict(router_type="token_choice", sharing="cycle", router={"type": "token_choice", "balancing": "loss_free"}),
+        "activation": "tanh", "capacity": [1.0, 0.5, 0.25]}},
+    "token": {"router_type": "token_choice", "sharing": "cycle"},
+    "token_loss_free": {"router_type": "token_choice", "sharing": "cycle", "router": {"type": "token_choice", "balancing": "loss_free"}},
 }
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [3, 4, 5], [17], [40, 41, 42, 43, 44, 45]]
 
