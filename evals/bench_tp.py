@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 from megamor.model import load_model_config
-from megamor.plan.bench import activation_bytes_worker, layout_step_worker
 from megamor.parallel.memory import GiB, rank_memory
+from megamor.plan.bench import activation_bytes_worker, layout_step_worker
 from megamor.testing.distributed import run_distributed
 from megamor.train.config import load_experiment
 
