@@ -15,13 +15,9 @@ from pathlib import Path
 import torch
 
 from megamor.inference import engine_generate
+from megamor.inference.generate import generate  # megamor.model.generate when the reference was taken
 from megamor.model.router_health import agreement_counts
 from tests.model.helpers import mor
-
-try:  # after issue 28 decoding lives in megamor.inference
-    from megamor.inference.generate import generate
-except ImportError:  # pragma: no cover - the code the reference was taken from
-    from megamor.model.generate import generate
 
 PATH = Path(__file__).with_name("routing_reference.json")
 VARIANTS = {
