@@ -6,6 +6,7 @@ each other."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_an_injected_gate_changes_every_path_together(variant, tmp_path):
     kw = {"sharing": "cycle", "kv_mode": "shared"} if variant == "token_choice" else {}
     model = mor(variant, seed=2, init_std=0.5, **kw).eval()  # a large init: the gate decides the tokens
     save_model_folder(model, tmp_path / "hf")
-    assert (tmp_path / "hf" / "routing.py").read_bytes() == open(routing.__file__, "rb").read()
+    assert (tmp_path / "hf" / "routing.py").read_bytes() == Path(routing.__file__).read_bytes()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32).eval()
     assert type(hf.routing).__module__.startswith("transformers_modules")  # the shipped copy, not megamor's
 
