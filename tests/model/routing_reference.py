@@ -4,7 +4,9 @@ token-choice models (losses, aux losses, depths, thresholds, balancing bias), ca
 evaluation logits, router agreement counts, and decoding outputs (generate, the engine's
 dynamic and static steps).
 
-    PYTHONPATH=. python -m tests.model.routing_reference   # rewrites routing_reference.json
+    PYTHONPATH=OLD_SOURCE:. python -m tests.model.routing_reference   # rewrites routing_reference.json
+
+(taken with OLD_SOURCE = `git archive bb14d0e megamor`, the code before the refactor)
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from pathlib import Path
 import torch
 
 from megamor.inference import engine_generate
-from megamor.inference.generate import generate  # megamor.model.generate when the reference was taken
 from megamor.model.router_health import agreement_counts
 from tests.model.helpers import mor
+
+try:
+    from megamor.inference.generate import generate
+except ImportError:  # the code the reference was taken from (decoding then lived in megamor.model)
+    from megamor.model.generate import generate
 
 PATH = Path(__file__).with_name("routing_reference.json")
 VARIANTS = {
@@ -61,7 +67,7 @@ def fingerprint(name: str) -> dict:
         mask[1, :9] = False
         for key, kw in (("causal", {}), ("causal_padded", {"attention_mask": mask})):
             o = model(x, causal_routing=True, **kw)
-            out[key] = {"logits_head": _floats(o.logits[:, :, :6]), "logits_sum": o.logits.double().sum().item(),
+            out[key] = {"logits_last": _floats(o.logits[:, -1, :8]), "logits_sum": o.logits.double().sum().item(),
                         "depth": o.stats.depth.flatten().tolist()}
         model.record_router = True
         o = model(x, causal_routing=False)
@@ -96,5 +102,6 @@ def compute() -> dict:
 
 
 if __name__ == "__main__":
-    PATH.write_text(json.dumps(compute(), indent=0, sort_keys=True) + "\n")
+    data = compute()
+    PATH.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(data[k], sort_keys=True)}" for k in sorted(data)) + "\n}\n")
     print(PATH)
