@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from megamor.inference.generate import generate
 from megamor.model import MoRLM, load_model_config
 from megamor.model.flops import forward_flops
 from megamor.observe.throughput import MODES, grid_markdown, throughput_grid, write_grid_csv
@@ -85,7 +86,7 @@ def bench_decoding(cfg, prompt_len: int, new_tokens: int, batch: int) -> None:
         model = MoRLM(c).eval()
         prompts = torch.randint(0, c.vocab_size, (batch, prompt_len)).tolist()
         t0 = time.perf_counter()
-        model.generate(prompts, new_tokens, use_cache=use_cache)
+        generate(model, prompts, new_tokens, use_cache=use_cache)
         tps = batch * new_tokens / (time.perf_counter() - t0)
         base = base or tps
         name = "no cache (recompute prefix)" if not use_cache else kv.replace("_", "-") + " cache"

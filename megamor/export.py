@@ -10,8 +10,9 @@ zero_to_fp32) into a self-contained folder:
                            {"model_type": "megamor", "megamor": {...}, "auto_map": ...}: load with
                            AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
                            (or megamor's load_exported)
-    DIR/configuration_megamor.py, DIR/modeling_megamor.py   MoR models: the self-contained
-                           transformers code (no megamor import needed)
+    DIR/configuration_megamor.py, DIR/modeling_megamor.py, DIR/routing.py   MoR models: the
+                           self-contained transformers code (no megamor import needed;
+                           routing.py is megamor's routing policy)
     DIR/model.safetensors  the weights, Llama names for vanilla models, megamor names for MoR
     DIR/tokenizer.model    when the run's tokenizer is known
 

@@ -25,6 +25,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from megamor.inference.generate import generate
 from megamor.runs.find import find_tokenizer
 from megamor.runs.load import load_model_and_meta
 
@@ -152,7 +153,7 @@ class MegamorLM(TemplateLM):
                 chunk = idx[start : start + bs]
                 prompts = [self.tok_encode(args[i][0])[-budget:] for i in chunk]
                 with self.scorer.autocast():
-                    gen = self.model.generate(prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id)
+                    gen = generate(self.model, prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id)
                 for i, toks in zip(chunk, gen.tokens):
                     text = self.tok.decode([t for t in toks if t != self.tok.eos_id])
                     for u in until:

@@ -25,7 +25,7 @@ from megamor.eval.depth import DepthTrace, depth_statistics, write_depth_plots
 from megamor.eval.harness import evaluate
 from megamor.eval.scoring import Scorer
 from megamor.eval.tokenizer import load_tokenizer
-from megamor.model.router_health import agreement_counts, precision_recall
+from megamor.model.routing import precision_recall, trace_agreement
 from megamor.study.config import StudyEvalConfig
 from megamor.train.config import ExperimentConfig
 
@@ -52,8 +52,7 @@ def validation(model: torch.nn.Module, exp: ExperimentConfig, ev: StudyEvalConfi
                 sums[mode][0] += float(tok_loss[mask].sum())
                 sums[mode][1] += int(mask.sum())
                 if not causal:
-                    for r, logits, cand, sel in out.stats.get("router_trace", []):
-                        c = agreement_counts(logits, cand, sel, model.routers[r].threshold)
+                    for r, c in trace_agreement(model.routers, out.stats.get("router_trace", [])).items():
                         agree[r] = agree.get(r, torch.zeros(3, dtype=torch.float64)) + c
                 else:
                     depths.append(out.stats.depth[mask].numpy())
