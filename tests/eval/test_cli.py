@@ -85,7 +85,8 @@ def test_perplexity_bad_text_is_one_line_exit_2(mor_checkpoint, spm_path, tmp_pa
         assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[0]] and r.stderr.startswith(message), r.stderr
 
 
-def test_perplexity_context_defaults_to_the_trained_seq_len(mor_model, spm_path, tmp_path):
+def test_perplexity_context_defaults_to_the_models_max_seq_len(mor_model, spm_path, tmp_path):
+    """Not the training data.seq_len (issue 27): few-shot requests are longer than training windows."""
     from megamor.export import export
 
     from .test_checkpoint import training_run
@@ -97,7 +98,7 @@ def test_perplexity_context_defaults_to_the_trained_seq_len(mor_model, spm_path,
     ppl = load("perplexity")
     for source in (run, export(run)):
         out = ppl.main(["--checkpoint", str(source), "--tokenizer", str(spm_path), "--text", str(text), "--no-progress"])
-        assert out["perplexity"]["max_length"] == 128 and out["meta"]["context_from"] == "data.seq_len of the training run"
+        assert out["perplexity"]["max_length"] == 256 and out["meta"]["context_from"] == "model.max_seq_len"
     out = ppl.main(["--checkpoint", str(run), "--tokenizer", str(spm_path), "--text", str(text), "--no-progress",
                     "--max-length", "64"])
     assert out["perplexity"]["max_length"] == 64
