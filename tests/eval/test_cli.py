@@ -11,6 +11,7 @@ import sys
 import lm_eval.evaluator
 import pytest
 
+from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.env import repo_root
 
 
@@ -126,6 +127,8 @@ def test_perplexity_reads_tokenize_and_shard_valid_shards_by_default(mor_checkpo
     rng = np.random.default_rng(0)
     np.save(tmp_path / "valid-00000.npy", rng.integers(4, 200, 300).astype(np.uint16))  # as data_prep names them
     np.save(tmp_path / "valid-00000.docs.npy", np.array([0], dtype=np.int64))
-    res = load("perplexity").main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--shards",
-                                   str(tmp_path), "--no-progress"])["perplexity"]
+    args = ["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--shards", str(tmp_path), "--no-progress"]
+    with pytest.raises(TokenizerMismatchError, match="no readable manifest.json"):  # bare arrays: tokenizer unknown
+        load("perplexity").main(args)
+    res = load("perplexity").main([*args, "--allow-tokenizer-mismatch"])["perplexity"]
     assert res["tokens"] == 300
