@@ -12,6 +12,9 @@ prefix once. So the pipeline here is: normalizer Prepend("▁") + Replace(" ", "
 sentencepiece's identity normaliser with add_dummy_prefix does), no pre-tokenizer, the BPE or
 Unigram model over the sentencepiece pieces with byte fallback, and the matching decoder.
 The files are written only after they encode a sample text to the same ids as sentencepiece.
+One known difference, Unigram models only: text holding a control piece literally ("<s>",
+"</s>", "<pad>") encodes to that piece here (tokenizers' Unigram lattice cannot exclude it),
+to its characters in sentencepiece. BPE models (megamor's default) match on it too.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def test_perplexity_reads_tokenize_and_shard_valid_shards_by_default(mor_checkpo
     np.save(tmp_path / "valid-00000.npy", rng.integers(4, 200, 300).astype(np.uint16))  # as data_prep names them
     np.save(tmp_path / "valid-00000.docs.npy", np.array([0], dtype=np.int64))
     args = ["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--shards", str(tmp_path), "--no-progress"]
-    with pytest.raises(TokenizerMismatchError, match="no readable manifest.json"):  # bare arrays: tokenizer unknown
+    with pytest.raises(TokenizerMismatchError, match=r"no readable manifest\.json"):  # bare arrays: tokenizer unknown
         load("perplexity").main(args)
     res = load("perplexity").main([*args, "--allow-tokenizer-mismatch"])["perplexity"]
     assert res["tokens"] == 300
