@@ -38,7 +38,7 @@ def _problems(recorded: str | None, source: str, tok: Any, shards: Sequence[str 
     except TokenizerMismatchError as e:
         found.append(str(e))
     # Shards: against the checkpoint's record, else (as training's preflight) against the tokenizer.
-    reference, reference_as = (recorded, f"{source} was trained with") if recorded else (actual, f"{tok_name}")
+    reference, reference_as = (recorded, f"{source} was trained with") if recorded else (actual, tok_name)
     for folder in dict.fromkeys(shard_folder(s) for s in shards):
         try:
             shard_hash = load_manifest(folder)["tokenizer"]["hash"]

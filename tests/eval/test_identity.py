@@ -180,3 +180,16 @@ def test_export_records_and_checks_the_tokenizer(mor_model, spm_path, other_tok,
     with pytest.raises(TokenizerMismatchError, match=f"tokenizer {other_tok} .* is not the tokenizer"):
         export(run_b)
     assert main([str(run_b)]) == 2 and not (run_b / "export").exists()
+
+
+def test_lm_eval_command_line_mismatch_is_one_line(run, spm_path, other_tok, data_dir):
+    """The real wrapper script (lm-eval's CLI inside run_main): one `error:` line on stderr, exit 2."""
+    from .test_cli import run_entry
+
+    r = run_entry("lm_eval_megamor", "--model", "megamor", "--model_args", f"checkpoint={run},tokenizer={other_tok}",
+                  "--include_path", str(Path(__file__).parents[2] / "evals" / "tasks"), "--tasks", "megamor_piqa",
+                  "--limit", "2", "--metadata", json.dumps({"data_dir": str(data_dir)}))
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and re.search(mismatch(other_tok, run, spm_path, "allow_tokenizer_mismatch=true in --model_args"), errors[0])
+    assert "Traceback" not in r.stderr
