@@ -14,11 +14,15 @@ zero_to_fp32) into a self-contained folder:
                            self-contained transformers code (no megamor import needed;
                            routing.py is megamor's routing policy)
     DIR/model.safetensors  the weights, Llama names for vanilla models, megamor names for MoR
-    DIR/tokenizer.model    when the run's tokenizer is known
+    DIR/tokenizer.model    when the run's tokenizer is known (checked against the hash the
+                           checkpoint recorded), with tokenizer.json + tokenizer_config.json:
+                           AutoTokenizer.from_pretrained(DIR) loads it (built-in
+                           PreTrainedTokenizerFast, no remote code) and encodes as megamor does
 
 Default DIR: RUN_DIR/export/<tag>. The tag's files are checked against their content hashes
 and read with the weights-only loader. Exit 2 when the checkpoint is missing, damaged or
-holds anything but weights (a planted pickle payload is refused, never run).
+holds anything but weights (a planted pickle payload is refused, never run), or when the
+tokenizer found is not the one it was trained with.
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ from safetensors.torch import save_file
 
 from megamor.config import from_node
 from megamor.data.atomic import write_json
+from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, file_sha256
 from megamor.hf.remote_code import hf_weights, write_remote_code
+from megamor.hf.tokenizer_files import TokenizerFilesError, write_tokenizer_files
 from megamor.model import MoRLM
 from megamor.model.config import ModelConfig
 from megamor.model.hf import llama_config, to_llama_state_dict
 from megamor.runs.consolidate import consolidated_state_dict
 from megamor.runs.layout import CheckpointError
+from megamor.runs.load import trained_tokenizer_hash
 from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.tags import resolve_tag
 from megamor.train.config import load_tag_experiment
@@ -67,6 +74,10 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     exp = load_tag_experiment(ref)
     cfg = exp.model
     run = ref.root.parent
+    trained_hash = trained_tokenizer_hash(ref)
+    tok = _find_tokenizer(exp.data, run)
+    if tok is not None:  # the same identity check as training and evaluation, before anything is written
+        check_same_tokenizer(trained_hash, file_sha256(tok), f"{ref.path} was trained with", f"tokenizer {tok}")
     out_dir = Path(out) if out else run / "export" / ref.tag
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -74,7 +85,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
     meta = {"step": ref.step, "tokens": ref.meta.get("tokens"), "flops": ref.meta.get("flops"), "source": str(ref.path),
-            "run": exp.name, "seq_len": exp.data.seq_len}
+            "run": exp.name, "seq_len": exp.data.seq_len,
+            "tokenizer_hash": trained_hash or (file_sha256(tok) if tok is not None else None)}  # what evaluation checks
     torch.save({"model": sd, "config": dataclasses.asdict(cfg), **meta}, out_dir / CONSOLIDATED)
     write_json(out_dir / f"{CONSOLIDATED}.json", meta)
 
@@ -85,10 +97,24 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         write_remote_code(out_dir, cfg, **meta)  # AutoModelForCausalLM(..., trust_remote_code=True)
         weights = hf_weights(sd, cfg)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    tok = _find_tokenizer(exp.data, run)
     if tok is not None:
-        shutil.copy2(tok, out_dir / "tokenizer.model")
+        tmp = out_dir / ".tokenizer.model.tmp"
+        shutil.copy2(tok, tmp)
+        tmp.replace(out_dir / "tokenizer.model")
+        _write_hf_tokenizer(out_dir, cfg.max_seq_len)
     return out_dir
+
+
+def _write_hf_tokenizer(out_dir: Path, max_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json (megamor.hf.tokenizer_files); without the
+    `tokenizers` package (the [eval] extra) or for a model it cannot express, a note instead."""
+    try:
+        write_tokenizer_files(out_dir, out_dir / "tokenizer.model", max_length)
+    except ImportError as e:
+        print(f"megamor.export: note: no tokenizer.json written ({e.name} is not installed: pip install -e '.[eval]'); "
+              "AutoTokenizer will not load this folder", file=sys.stderr)
+    except TokenizerFilesError as e:
+        print(f"megamor.export: note: no tokenizer.json written: {e}", file=sys.stderr)
 
 
 def load_exported(path: str | Path):
@@ -114,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export(args.run_dir, args.out, args.tag)
-    except (CheckpointError, UnsafeCheckpointError) as e:  # missing, damaged or unsafe: bad input
+    except (CheckpointError, UnsafeCheckpointError, TokenizerMismatchError) as e:  # missing, damaged, unsafe, wrong tokenizer
         print(f"megamor.export: {e}", file=sys.stderr)
         return 2
     info = json.loads((out / f"{CONSOLIDATED}.json").read_text())

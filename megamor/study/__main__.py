@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             except RunFailed as e:
                 print(f"megamor.study: {e}", file=sys.stderr)
                 return e.rc
+            except ConfigError as e:  # e.g. evaluation data made with another tokenizer than the run's
+                print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+                return EXIT_CONFIG
             finally:
                 lock.release()
         if args.index is not None:
