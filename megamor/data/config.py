@@ -16,7 +16,7 @@ from megamor.config import ConfigError, key
 from megamor.data.dataset import check_split
 from megamor.data.errors import DataError
 from megamor.data.manifest import load_manifest
-from megamor.data.tokenizer import Tokenizer
+from megamor.data.tokenizer import Tokenizer, TokenizerMismatchError, check_same_tokenizer
 
 
 @dataclass
@@ -88,7 +88,8 @@ class DataConfig:
                 tok = Tokenizer.load(self.tokenizer)
             except (FileNotFoundError, OSError, RuntimeError) as e:
                 raise ConfigError(k, f"{self.tokenizer}: {e}") from None
-            if tok.content_hash != tokenizer["hash"]:
-                raise ConfigError(k, f"{self.tokenizer} (hash {tok.content_hash[:12]}) is not the tokenizer the shards "
-                                     f"were made with (hash {tokenizer['hash'][:12]})")
+            try:
+                check_same_tokenizer(tokenizer["hash"], tok.content_hash, "the shards were made with", str(self.tokenizer))
+            except TokenizerMismatchError as e:
+                raise ConfigError(k, str(e)) from None
         return tokenizer

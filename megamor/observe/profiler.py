@@ -12,9 +12,9 @@ stops inside the range (a signal, an error) exports what was recorded: the train
 `close()` on its way out. The files are written under a temporary name and renamed, so a
 reader never sees half a trace.
 
-The recursion ranges are added from outside the model: the model's `_run_step` (one recursion
-step: gather, the step's layers, scatter) is wrapped on the instance while profiling and
-restored after; the model itself holds no profiler code.
+The recursion ranges are added from outside the model, through its documented hook point
+`MoRLM.recursion_hook` (a context per recursion step: gather, the step's layers, scatter),
+set while profiling and restored after; the model itself holds no profiler code.
 """
 
 from __future__ import annotations
@@ -45,20 +45,13 @@ def memory_snapshot_path(run_dir: Path, rank: int) -> Path:
 def instrument_recursions(model: Any) -> Callable[[], None]:
     """Name each recursion step's forward `mor/recursion_{r}` (1-based) in profiler traces;
     returns the function that takes the ranges away again."""
-    sites = getattr(model, "_sites", {}).get("steps")
-    run_step = getattr(model, "_run_step", None)
-    if not sites or run_step is None:  # no recursion (a vanilla model), or another model
+    if not getattr(model, "steps", None) or not hasattr(model, "recursion_hook"):  # vanilla, or another model
         return lambda: None
-    step_of = {tuple(s): r for r, s in enumerate(sites)}
-
-    def named_step(layer_ids: Any, site_ids: Any, *args: Any, **kwargs: Any) -> Any:
-        with record_function(f"mor/recursion_{step_of.get(tuple(site_ids), -1) + 1}"):
-            return run_step(layer_ids, site_ids, *args, **kwargs)
-
-    model._run_step = named_step  # an instance attribute shadows the method
+    previous = model.recursion_hook
+    model.recursion_hook = lambda r: record_function(f"mor/recursion_{r + 1}")
 
     def restore() -> None:
-        model.__dict__.pop("_run_step", None)
+        model.recursion_hook = previous
 
     return restore
 

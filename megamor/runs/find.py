@@ -55,7 +55,7 @@ def is_deepspeed_tag(path: Path) -> bool:
 
 def read_meta(obj: dict[str, Any], path: Path) -> dict[str, Any]:
     meta = dict(obj.get("meta") or obj.get("metadata") or {})
-    for k in ("step", "tokens", "flops", "seq_len"):
+    for k in ("step", "tokens", "flops", "seq_len", "tokenizer_hash"):
         if k in obj and k not in meta:
             meta[k] = obj[k]
     if "step" not in meta:

@@ -136,7 +136,8 @@ def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict
     t0 = time.time()
     res: dict[str, Any] = {
         "run": run.name, "variant": run.variant, "seed": run.seed, "budget": run.budget_name, "steps": run.budget.steps,
-        "tokens": run.budget.tokens, "flops": run.budget.flops, "flops_per_token": run.forward_flops_per_token,
+        "tokens": run.budget.tokens, "flops": run.budget.flops, "flops_convention": study.flops.convention,
+        "flops_per_token": run.forward_flops_per_token,
         "params": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
         "num_recursions": model.cfg.num_recursions, "router": model.cfg.router.type, "kv_mode": model.cfg.kv_mode,
         "train_seconds": train_seconds,

@@ -18,6 +18,7 @@ import torch
 
 from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_train_loader
+from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer
 from megamor.model import MoRLM
 from megamor.model.summary import ParamCounts
 from megamor.observe.step_observer import StepObserver
@@ -201,10 +202,11 @@ class Trainer:
         self.flops_total = float(state.get("flops_total", 0.0))
         self.wandb_id = state.get("wandb_id")
         self.last_saved_step = self.step
-        saved_tok = state.get("tokenizer_hash")
-        if saved_tok and self.tokenizer_info.get("hash") and saved_tok != self.tokenizer_info["hash"]:
-            raise CheckpointError(f"{plan.ref.path}: trained with tokenizer {saved_tok[:12]}, the data now uses "
-                                  f"{self.tokenizer_info['hash'][:12]}")
+        try:
+            check_same_tokenizer(state.get("tokenizer_hash"), self.tokenizer_info.get("hash"),
+                                 f"{plan.ref.path} was trained with", "the data's tokenizer")
+        except TokenizerMismatchError as e:
+            raise CheckpointError(str(e)) from None
         self.loader.load_state_dict(state["data"])
         rng = state.get("rng") or []
         if len(rng) == self.world:  # one entry per global rank (same layout: check_resume_layout)

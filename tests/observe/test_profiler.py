@@ -52,7 +52,7 @@ def test_trace_of_steps_two_to_three(tmp_path):
     names = _names(trace_path(tmp_path, 0))
     assert {"step_2", "step_3", "data", "forward", "backward", "optimizer", "mor/recursion_1", "mor/recursion_2"} <= names
     assert "step_1" not in names and "step_4" not in names
-    assert "_run_step" not in m.__dict__  # the wrapper is gone after the range
+    assert m.recursion_hook is None  # the hook is gone after the range
     assert [p.name for p in (tmp_path / "profile").iterdir()] == ["rank0.pt.trace.json"]  # no temp file left
     # profiling changes nothing the model computes
     assert losses == _train(_model(), StepProfiler(tmp_path / "off", 0, [], False, CPU), 4)
@@ -64,7 +64,7 @@ def test_off_installs_nothing(tmp_path):
     a, b = prof.phase("forward"), prof.phase("backward")
     assert a is b and not prof.active
     _train(m, prof, 2)
-    assert prof.close() == [] and not (tmp_path / "profile").exists() and "_run_step" not in m.__dict__
+    assert prof.close() == [] and not (tmp_path / "profile").exists() and m.recursion_hook is None
 
 
 def test_close_mid_range_writes_what_was_recorded(tmp_path):
@@ -84,7 +84,7 @@ def test_recursion_ranges_are_removable_and_leave_outputs_alone():
     x = torch.randint(0, 128, (2, 16))
     ref = m(x).logits
     restore = instrument_recursions(m)
-    assert "_run_step" in m.__dict__
+    assert m.recursion_hook is not None
     assert torch.equal(m(x).logits, ref)
     restore()
-    assert "_run_step" not in m.__dict__
+    assert m.recursion_hook is None
