@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from megamor.train.runlock import LOCK_FILE, RunLock, RunLockedError, read_holder
+from megamor.train.runlock import LOCK_FILE, RunLock, RunLockedError, RunLockLostError, _proc_start, read_holder
 
 
-def _write_lock(run_dir, host, pid, heartbeat_age):
+def _write_lock(run_dir, host, pid, heartbeat_age, proc_start=None, token="someone"):
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid, "started": now - 100,
-                                                 "heartbeat": now - heartbeat_age, "token": "someone"}))
+    (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid, "started": now - 100, "proc_start": proc_start,
+                                                 "heartbeat": now - heartbeat_age, "token": token}))
 
 
 def _dead_pid() -> int:
@@ -60,6 +60,89 @@ def test_dead_pid_on_this_host_is_stale_at_once(tmp_path, capsys):
         pass
     assert "is gone" in capsys.readouterr().err
     assert not list(tmp_path.glob(f".{LOCK_FILE}.stale-*"))  # the stale lock moved aside was removed
+
+
+def test_paused_holder_on_this_host_keeps_the_lock_however_old_its_heartbeat(tmp_path, capsys):
+    """Issue 32: a SIGSTOPped trainer writes no heartbeat but is alive; taking its lock let two
+    trainers write one folder. Only a gone process frees a lock on this host."""
+    import signal
+
+    paused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        paused.send_signal(signal.SIGSTOP)
+        _write_lock(tmp_path, socket.gethostname(), paused.pid, heartbeat_age=10_000, proc_start=_proc_start(paused.pid))
+        with pytest.raises(RunLockedError, match=f"in use by another trainer .*pid {paused.pid}.*heartbeat 10000 s ago"):
+            RunLock(tmp_path, stale_s=1).acquire()
+        assert read_holder(tmp_path / LOCK_FILE).pid == paused.pid
+    finally:
+        paused.kill()
+        paused.wait()
+    with RunLock(tmp_path, stale_s=3600):  # gone: free at once
+        pass
+    assert f"its process {paused.pid} on this host is gone" in capsys.readouterr().err
+
+
+def test_reused_pid_on_this_host_is_stale(tmp_path, capsys):
+    """The lock's pid alive but started at another time than the holder: the holder is gone."""
+    import os
+
+    _write_lock(tmp_path, socket.gethostname(), os.getpid(), heartbeat_age=0, proc_start=_proc_start(os.getpid()) - 1)
+    with RunLock(tmp_path, stale_s=3600):
+        pass
+    assert "now belongs to another process" in capsys.readouterr().err
+
+
+def test_future_heartbeat_is_clock_skew_watched_for_a_bounded_time(tmp_path, capsys):
+    _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=-96_970_162)
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=1.0) as lock:
+        assert read_holder(lock.path).token == lock.holder.token
+    assert 1.0 <= time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert "96970162 s in the future" in err and "-96970162" not in err
+    assert "clock skew" in err and "replaced a stale lock" in err
+
+
+def test_future_heartbeat_that_keeps_changing_is_a_live_holder(tmp_path):
+    import threading
+
+    done = threading.Event()
+
+    def holder_on_a_fast_clock():
+        while not done.is_set():
+            _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=-3600)
+            done.wait(0.1)
+
+    t = threading.Thread(target=holder_on_a_fast_clock)
+    t.start()
+    try:
+        time.sleep(0.05)
+        with pytest.raises(RunLockedError) as e:
+            RunLock(tmp_path, stale_s=2.0).acquire()
+    finally:
+        done.set()
+        t.join()
+    assert "host elsewhere pid 7" in str(e.value) and "s in the future" in str(e.value) and "heartbeat -" not in str(e.value)
+
+
+def test_lock_path_that_is_a_directory_is_one_clear_error(tmp_path):
+    (tmp_path / LOCK_FILE).mkdir(parents=True)
+    lock = RunLock(tmp_path)
+    with pytest.raises(RunLockedError) as e:
+        lock.acquire()
+    assert str(e.value) == f"{tmp_path / LOCK_FILE} is a directory, not a lock file: move it out of the run folder"
+    lock.release()  # nothing held: nothing to read or remove
+    assert (tmp_path / LOCK_FILE).is_dir()
+
+
+def test_check_raises_once_another_trainer_holds_the_lock(tmp_path):
+    lock = RunLock(tmp_path, heartbeat_s=3600).acquire()
+    lock.check()  # still ours
+    _write_lock(tmp_path, "elsewhere", 1, heartbeat_age=0)
+    with pytest.raises(RunLockLostError, match="another trainer took this run folder's lock: host elsewhere pid 1"):
+        lock.check()
+    lock.release()
+    assert read_holder(tmp_path / LOCK_FILE).host == "elsewhere"
 
 
 def test_lock_taken_over_meanwhile_is_reported_lost(tmp_path):
