@@ -160,14 +160,17 @@ class ParallelConfig:
 @dataclass
 class ProfileConfig:
     # [a, b]: record a torch.profiler trace of optimizer steps a..b (1-based, inclusive) on every
-    # rank into RUN/profile/ (megamor/observe/profiler.py); []: off, nothing installed.
+    # rank into RUN/profile/ (megamor/observe/profiler.py); [a]: step a alone; []: off, nothing installed.
     steps: list[int] = field(default_factory=list)
     memory: bool = False  # also record allocations (and, on CUDA, an allocator snapshot)
 
     def validate(self, path: str) -> None:
         s = list(self.steps)
+        if len(s) == 1:  # what the loader suggests for `steps=5`: that step alone
+            s = self.steps = [s[0], s[0]]
         if s and (len(s) != 2 or s[0] < 1 or s[0] > s[1]):
-            raise ConfigError(key(path, "steps"), f"must be [a, b] with 1 <= a <= b (optimizer steps to profile), got {s}")
+            raise ConfigError(key(path, "steps"), f"must be [a, b] with 1 <= a <= b (optimizer steps to profile), or [a] "
+                                                  f"for step a alone, got {s}")
 
 
 @dataclass
