@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-from collections.abc import Iterator
 import datetime
 import gc
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch

@@ -148,8 +148,15 @@ class ParallelConfig:
     # Megatron-style sequence parallelism inside each TP group: norms, residual stream and router
     # inputs hold T/N tokens per rank between TP regions (megamor.parallel.sequence_parallel).
     sequence: bool = False
+    # Seconds a rank may wait at one place of the loop (a step, a save, validation) while another
+    # rank stopped answering or is elsewhere, before it exits 75 to be requeued
+    # (megamor/parallel/watchdog.py); 0: off, only the process group's 30 min timeout.
+    collective_timeout_s: float = 300.0
 
     def validate(self, path: str) -> None:
+        if not self.collective_timeout_s >= 0 or self.collective_timeout_s == float("inf"):
+            raise ConfigError(key(path, "collective_timeout_s"), f"must be seconds >= 0 (0: off), got "
+                                                                 f"{self.collective_timeout_s}")
         if self.tensor < 1:
             raise ConfigError(key(path, "tensor"), f"must be >= 1, got {self.tensor}")
         if self.sequence and self.tensor == 1:

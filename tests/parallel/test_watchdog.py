@@ -88,7 +88,7 @@ def test_frozen_peer_is_named_and_the_waiting_rank_exits_75(capsys):
 
 
 def test_live_peer_elsewhere_is_named():
-    server, port = _server()
+    _srv, port = _server()  # held: the store lives as long as this
     exits = Exits()
     w1 = Watchdog(1, 2, LIMIT, open_store("127.0.0.1", port, 1.0), exit_fn=exits)
     w0 = Watchdog(0, 2, LIMIT, open_store("127.0.0.1", port, 1.0), exit_fn=exits)
@@ -106,7 +106,7 @@ def test_live_peer_elsewhere_is_named():
 
 def test_slow_peers_at_the_same_place_are_waited_for(capsys):
     """Every rank alive and in the same phase (a long compile, a slow save): no exit, one warning."""
-    server, port = _server()
+    _srv, port = _server()  # held: the store lives as long as this
     exits = Exits()
     ws = [Watchdog(r, 2, LIMIT, open_store("127.0.0.1", port, 1.0), exit_fn=exits) for r in (0, 1)]
     for w in ws:
@@ -151,7 +151,7 @@ def test_store_host_frozen_is_reported():
 
 @pytest.mark.parametrize("world, limit", [(1, 20.0), (2, 0.0)])
 def test_single_process_or_limit_zero_starts_nothing(world, limit):
-    server, port = _server()
+    _srv, port = _server()
     w = Watchdog(0, world, limit, open_store("127.0.0.1", port, 1.0)).start()
     assert not w.enabled and w._thread is None
     w.at(1, "train step")

@@ -201,3 +201,64 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
 
     assert newest_complete(run_dir) is not None and not (run_dir / LOCK_FILE).exists(), out[-3000:]
     RunLock(run_dir).acquire().release()
+
+
+@pytest.mark.launch
+def test_trainer_whose_lock_was_taken_stops_before_writing_more(tiny_config, tmp_path):
+    """Another host's trainer takes the lock right after step 3 (a fault writes its lock file):
+    the trainer exits 2 with one line before the step-3 checkpoint, logs nothing more, writes no
+    trace and leaves the new holder's lock alone."""
+    from megamor.runs.tags import newest_complete
+    from megamor.train.signals import EXIT_CONFIG
+    from tests.train.helpers import launch
+
+    run = launch(tiny_config, tmp_path / "run", ["checkpoint.every_steps=3", "trainer.profile.steps=[2,10]"],
+                 env={"MEGAMOR_FAULTS": "lock_taken_after_step=3"})
+    assert run.rc == EXIT_CONFIG, run.output[-3000:]
+    lines = [ln for ln in run.output.splitlines() if "took this run folder's lock" in ln]
+    assert len(lines) == 1 and lines[0].startswith("megamor.train: another trainer took this run folder's lock: "
+                                                   "host elsewhere pid 1"), run.output[-3000:]
+    assert "Traceback" not in run.output
+    assert max(run.losses()) == 3 and newest_complete(run.run_dir) is None
+    assert not (run.run_dir / "profile").exists()
+    assert read_holder(run.run_dir / LOCK_FILE).token == "taken"
+
+
+@pytest.mark.launch
+def test_sigstopped_trainer_keeps_its_folder_and_a_second_one_is_refused(tiny_config, tmp_path):
+    """Issue 32's repro with a 2 s heartbeat limit: trainer A paused (SIGSTOP) past the limit; B
+    with the same command is refused (exit 2) instead of taking over; A continues and finishes.
+    One writer: every step logged once, nothing quarantined."""
+    import signal
+
+    from megamor.env import repo_root
+    from megamor.runs.tags import newest_complete
+    from megamor.train.signals import EXIT_CONFIG
+    from tests.train.helpers import Run, launch, train_command, train_env, wait_for_step
+
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_steps=30", "checkpoint.every_steps=5", "eval.at_end=false"]
+    short = {"MEGAMOR_LOCK_STALE_S": "2", "MEGAMOR_LOCK_HEARTBEAT_S": "0.5"}
+    a = subprocess.Popen(train_command(tiny_config, run_dir, overrides, 1, "python", tmp_path), cwd=repo_root(),
+                         env=train_env(tmp_path, short), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(run_dir, 6, a, timeout=240)
+        a.send_signal(signal.SIGSTOP)
+        time.sleep(5)  # > the 2 s limit: the old rule called this lock stale
+        b = launch(tiny_config, run_dir, overrides, env=short, timeout=240)
+        assert b.rc == EXIT_CONFIG, b.output[-3000:]
+        assert f"in use by another trainer (host {socket.gethostname()} pid {a.pid}" in b.output
+        assert "replaced a stale lock" not in b.output
+        a.send_signal(signal.SIGCONT)
+        out, _ = a.communicate(timeout=300)
+    finally:
+        if a.poll() is None:
+            a.send_signal(signal.SIGCONT)
+            a.kill()
+            a.wait()
+    assert a.returncode == 0, out[-3000:]
+    assert "lost the run-folder lock" not in out
+    steps = [r["step"] for r in Run(run_dir, None).records() if "train/loss" in r]  # type: ignore[arg-type]
+    assert steps == list(range(1, 31))
+    assert not (run_dir / "checkpoints" / "quarantine").exists()
+    assert newest_complete(run_dir).step == 30 and not (run_dir / LOCK_FILE).exists()

@@ -1,0 +1,55 @@
+"""The collective watchdog in a real 2-rank torchrun run: one rank frozen (SIGSTOP), the job
+ends within a minute instead of hanging for the process group's 30 min, and resumes exactly."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from megamor.env import repo_root
+
+from .helpers import Run, assert_ok, launch, train_command, train_env, wait_for_step
+
+STEPS = ["trainer.max_steps=14", "checkpoint.every_steps=4", "eval.at_end=false", "checkpoint.save_final=false"]
+
+
+@pytest.mark.launch
+def test_frozen_rank_ends_the_job_within_a_minute_and_the_run_resumes_exactly(tiny_config, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = train_command(tiny_config, run_dir, [*STEPS, "parallel.collective_timeout_s=20"], 2, "torchrun", tmp_path)
+    proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for_step(run_dir, 6, proc, timeout=300)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megamor.train" in " ".join(p.cmdline())]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=180)
+        ended = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            import os
+
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert ended < 60, f"the job took {ended:.0f} s to end:\n{out[-3000:]}"
+    lines = [ln for ln in out.splitlines() if "stopped answering" in ln]
+    assert len(lines) == 1, out[-3000:]
+    assert "rank 0: stuck for" in lines[0] and "rank 1 stopped answering" in lines[0] and "exiting 75" in lines[0]
+    assert "at step" in lines[0] and "all_reduce" in lines[0]
+    assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
+    assert not (run_dir / "trainer.lock").exists()  # freed for the requeued attempt
+    stalled = Run(run_dir, None).losses()  # type: ignore[arg-type]
+
+    resumed = launch(tiny_config, run_dir, STEPS, nproc=2)
+    assert_ok(resumed)
+    assert "resumed from step 4" in resumed.output or "resumed from step 8" in resumed.output
+    ref = launch(tiny_config, tmp_path / "ref", STEPS, nproc=2)
+    assert_ok(ref)
+    assert resumed.losses() == ref.losses() and len(ref.losses()) == 14
+    assert all(resumed.losses()[s] == v for s, v in stalled.items())  # the steps logged before the stall too
