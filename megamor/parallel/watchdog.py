@@ -216,8 +216,8 @@ class Watchdog:
             return None
         parts = []
         if silent:
-            parts.append(f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} stopped answering (no heartbeat for "
-                         f"{now - max(p.changed for p in silent.values()):.0f} s; last at "
+            parts.append(f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} stopped answering (no new heartbeat "
+                         f"for {now - max(p.changed for p in silent.values()):.0f} s; last heartbeat at "
                          + ", ".join(f"step {p.step} {p.phase}" for p in list(silent.values())[:3]) + ")")
         if away:
             parts.append(f"rank{'s' if len(away) > 1 else ''} {_ranks(away)} "

@@ -80,7 +80,7 @@ def test_frozen_peer_is_named_and_the_waiting_rank_exits_75(capsys):
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("megamor.train:")]
         assert len(lines) == 1, lines
         assert "rank 0: stuck for 2 s at step 13 in all_reduce (train step): rank 1 stopped answering" in lines[0]
-        assert "last at step 12 logging" in lines[0] and "exiting 75" in lines[0]
+        assert "last heartbeat at step 12 logging" in lines[0] and "exiting 75" in lines[0]
         assert peer.wait(timeout=10) == -signal.SIGKILL  # the frozen rank on this host does not linger
     finally:
         peer.kill()

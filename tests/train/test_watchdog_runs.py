@@ -14,7 +14,7 @@ from megamor.env import repo_root
 
 from .helpers import Run, assert_ok, launch, train_command, train_env, wait_for_step
 
-STEPS = ["trainer.max_steps=14", "checkpoint.every_steps=4", "eval.at_end=false", "checkpoint.save_final=false"]
+STEPS = ["trainer.max_steps=20", "checkpoint.every_steps=4", "eval.at_end=false", "checkpoint.save_final=false"]
 
 
 @pytest.mark.launch
@@ -24,7 +24,7 @@ def test_frozen_rank_ends_the_job_within_a_minute_and_the_run_resumes_exactly(ti
     proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        wait_for_step(run_dir, 6, proc, timeout=300)
+        wait_for_step(run_dir, 12, proc, timeout=300)  # a few heartbeats in
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megamor.train" in " ".join(p.cmdline())]
         rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
         rank1.send_signal(signal.SIGSTOP)
@@ -40,16 +40,17 @@ def test_frozen_rank_ends_the_job_within_a_minute_and_the_run_resumes_exactly(ti
     assert ended < 60, f"the job took {ended:.0f} s to end:\n{out[-3000:]}"
     lines = [ln for ln in out.splitlines() if "stopped answering" in ln]
     assert len(lines) == 1, out[-3000:]
-    assert "rank 0: stuck for" in lines[0] and "rank 1 stopped answering" in lines[0] and "exiting 75" in lines[0]
-    assert "at step" in lines[0] and "all_reduce" in lines[0]
+    line = lines[0]
+    assert "rank 0: stuck for" in line and "rank 1 stopped answering" in line and "exiting 75" in line, line
+    assert " at step " in line and "last heartbeat at step" in line and "last heartbeat at step 0 " not in line, line
     assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
     assert not (run_dir / "trainer.lock").exists()  # freed for the requeued attempt
     stalled = Run(run_dir, None).losses()  # type: ignore[arg-type]
 
     resumed = launch(tiny_config, run_dir, STEPS, nproc=2)
     assert_ok(resumed)
-    assert "resumed from step 4" in resumed.output or "resumed from step 8" in resumed.output
+    assert "resumed from step " in resumed.output
     ref = launch(tiny_config, tmp_path / "ref", STEPS, nproc=2)
     assert_ok(ref)
-    assert resumed.losses() == ref.losses() and len(ref.losses()) == 14
+    assert resumed.losses() == ref.losses() and len(ref.losses()) == 20
     assert all(resumed.losses()[s] == v for s, v in stalled.items())  # the steps logged before the stall too
