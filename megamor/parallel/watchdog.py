@@ -19,6 +19,8 @@ therefore runs a side thread that
         the newest complete checkpoint. Every live rank decides the same way on its own.
       * every rank answers and is at the same place (a long first step while compiling, a
         slow save on every rank): nothing is wrong with the peers; one warning, and it waits.
+A rank whose collective fails because another rank's process ended (it fired first, or died)
+follows with the same exit code and one line of its own (`peer_lost`, from megamor.train).
 The main thread is never interrupted from here: a rank that fires ends its process with
 os._exit, because its main thread is blocked inside a C++ collective that nothing else ends.
 A single process (world 1) has no peers to wait for: no thread is started.
@@ -41,6 +43,9 @@ from typing import Any
 from megamor.parallel import dist as pdist
 
 KEY = "megamor/watchdog/{rank}"
+# What a collective raises when another rank's process ended (gloo, NCCL): that rank's watchdog
+# fired first, or it died; this rank follows with the same exit instead of a traceback.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe")
 EXIT_STALLED = 75  # EX_TEMPFAIL, = megamor.train.signals.EXIT_PREEMPTED: requeue and resume
 
 
@@ -223,6 +228,18 @@ class Watchdog:
             parts.append(f"rank{'s' if len(away) > 1 else ''} {_ranks(away)} "
                          + ", ".join(f"at step {p.step} {p.phase}" for p in list(away.values())[:3]))
         return f"{here}: " + "; ".join(parts)
+
+    def peer_lost(self, error: BaseException) -> str | None:
+        """The one line for a collective of the loop that failed because another rank's process
+        ended (None for any other error, or outside the loop)."""
+        where = self._where
+        text = str(error)
+        if not self.enabled or where is None or not any(m in text for m in PEER_LOST):
+            return None
+        first = text.splitlines()[0] if text else type(error).__name__
+        return (f"rank {self.rank}: at step {where[0]} ({where[1]}) a collective failed because another rank's process "
+                f"ended ({first[:200]}); exiting {EXIT_STALLED} (the job is requeued and resumes from its newest "
+                "checkpoint)")
 
     def _collective(self, phase: str) -> str:
         coll = pdist.current_collective()

@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second SIGINT: the user abandons the save
         print(f"megamor.train: rank {env.rank}: interrupted twice, stopped without a checkpoint", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    except Exception:  # noqa: BLE001  top-level handler: report the traceback, exit EXIT_FAILED, release the lock
+    except Exception as e:  # noqa: BLE001  top-level handler: report the traceback, exit EXIT_FAILED, release the lock
+        lost = watchdog.peer_lost(e)
+        if lost:  # another rank ended mid-collective (its watchdog fired, or it died): follow it
+            print(f"megamor.train: {lost}", file=sys.stderr, flush=True)
+            write_exit_file(EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
         print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:

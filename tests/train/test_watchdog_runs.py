@@ -54,3 +54,33 @@ def test_frozen_rank_ends_the_job_within_a_minute_and_the_run_resumes_exactly(ti
     assert_ok(ref)
     assert resumed.losses() == ref.losses() and len(ref.losses()) == 20
     assert all(resumed.losses()[s] == v for s, v in stalled.items())  # the steps logged before the stall too
+
+
+@pytest.mark.launch
+def test_three_ranks_one_frozen_every_live_rank_exits_75_with_one_line(tiny_config, tmp_path):
+    """The others follow: ranks 0 and 1 both wait on frozen rank 2; each ends with one line and
+    exit 75 (its own watchdog, or the collective that failed when the first one left), no traceback."""
+    import re
+
+    run_dir = tmp_path / "run"
+    cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=1000", "checkpoint.every_steps=0", "batch.global_batch_size=6",
+                                               "parallel.collective_timeout_s=20"], 3, "torchrun", tmp_path)
+    proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for_step(run_dir, 8, proc, timeout=300)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megamor.train" in " ".join(p.cmdline())]
+        next(p for p in workers if p.environ().get("RANK") == "2").send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=180)
+        ended = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            import os
+
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert ended < 60, f"the job took {ended:.0f} s to end:\n{out[-3000:]}"
+    lines = [ln for ln in out.splitlines() if ln.startswith("megamor.train: rank") and "exiting 75" in ln]
+    assert sorted(ln.split()[2] for ln in lines) == ["0:", "1:"], out[-4000:]
+    assert not re.search(r"megamor\.train: rank \d failed", out), out[-4000:]
