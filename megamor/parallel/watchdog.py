@@ -59,6 +59,9 @@ class _Peer:
     value: str  # the last heartbeat read: "counter step phase host pid"
     changed: float  # monotonic time this rank saw it change (never another host's clock)
 
+    def describe(self) -> str:
+        return f"step {self.step} {self.phase}" if self.value else "no heartbeat yet"
+
     @property
     def step(self) -> str:
         return self.value.split(" ")[1] if self.value.count(" ") >= 4 else "?"
@@ -93,11 +96,11 @@ def open_store(addr: str, port: int, timeout_s: float) -> Any:
 
 class Watchdog:
     def __init__(self, rank: int, world: int, limit_s: float, store: Any, interval_s: float | None = None,
-                 exit_fn: Callable[[int], None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 exit_fn: Callable[[int], None] | None = None):
         self.rank, self.world, self.limit_s, self.store = rank, world, limit_s, store
         self.interval_s = interval_s if interval_s is not None else interval_for(limit_s)
         self.exit_fn = exit_fn or _hard_exit
-        self.clock = clock
+        self.clock = time.monotonic
         self.on_fire: list[Callable[[], None]] = []  # run before the exit (free the lock, the exit file)
         self.fired: str | None = None
         self._where: tuple[int, str, float] | None = None  # (step, phase, since): set by the main thread
@@ -119,9 +122,6 @@ class Watchdog:
     def at(self, step: int, phase: str) -> None:
         """The main thread is now at `phase` of optimizer step `step` (one tuple assignment)."""
         self._where = (step, phase, self.clock())
-
-    def idle(self) -> None:
-        self._where = None
 
     def start(self) -> Watchdog:
         if self.enabled and self._thread is None:
@@ -160,8 +160,14 @@ class Watchdog:
     def _read_peers(self, now: float) -> bool:
         """Update what this rank knows of the others; False if the store did not answer."""
         keys = [KEY.format(rank=r) for r in range(self.world) if r != self.rank]
+
+        def read() -> list[str]:  # a get of a missing key would wait: "" for a rank that never beat
+            if self.store.check(keys):
+                return [self.store.get(k).decode() for k in keys]
+            return [self.store.get(k).decode() if self.store.check([k]) else "" for k in keys]
+
         try:
-            values = self._bounded(lambda: [self.store.get(k).decode() for k in keys])
+            values = self._bounded(read)
         except Exception:  # noqa: BLE001  a timeout: the store's host (or this rank's link to it) is gone
             return False
         for r, value in zip((r for r in range(self.world) if r != self.rank), values):
@@ -222,11 +228,11 @@ class Watchdog:
         parts = []
         if silent:
             parts.append(f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} stopped answering (no new heartbeat "
-                         f"for {now - max(p.changed for p in silent.values()):.0f} s; last heartbeat at "
-                         + ", ".join(f"step {p.step} {p.phase}" for p in list(silent.values())[:3]) + ")")
+                         f"for {now - max(p.changed for p in silent.values()):.0f} s; last heartbeat: "
+                         + ", ".join(p.describe() for p in list(silent.values())[:3]) + ")")
         if away:
             parts.append(f"rank{'s' if len(away) > 1 else ''} {_ranks(away)} "
-                         + ", ".join(f"at step {p.step} {p.phase}" for p in list(away.values())[:3]))
+                         + ", ".join(f"at {p.describe()}" for p in list(away.values())[:3]))
         return f"{here}: " + "; ".join(parts)
 
     def peer_lost(self, error: BaseException) -> str | None:

@@ -80,7 +80,7 @@ def test_frozen_peer_is_named_and_the_waiting_rank_exits_75(capsys):
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("megamor.train:")]
         assert len(lines) == 1, lines
         assert "rank 0: stuck for 2 s at step 13 in all_reduce (train step): rank 1 stopped answering" in lines[0]
-        assert "last heartbeat at step 12 logging" in lines[0] and "exiting 75" in lines[0]
+        assert "last heartbeat: step 12 logging" in lines[0] and "exiting 75" in lines[0]
         assert peer.wait(timeout=10) == -signal.SIGKILL  # the frozen rank on this host does not linger
     finally:
         peer.kill()
@@ -102,6 +102,16 @@ def test_live_peer_elsewhere_is_named():
     assert w0.fired is not None and "rank 1 at step 12 checkpoint save" in w0.fired
     assert "stopped answering" not in w0.fired
     assert "train step (a collective inside DeepSpeed or the model)" in w0.fired
+
+
+def test_peer_that_never_beat_is_silent_not_a_dead_store():
+    _srv, port = _server()  # held: the store lives as long as this
+    w = Watchdog(0, 2, LIMIT, open_store("127.0.0.1", port, 30.0), exit_fn=Exits())
+    w.at(3, "train step")
+    w.start()
+    _wait_fired(w, 10 * LIMIT)
+    w.stop()
+    assert w.fired is not None and "rank 1 stopped answering" in w.fired and "last heartbeat: no heartbeat yet" in w.fired
 
 
 def test_slow_peers_at_the_same_place_are_waited_for(capsys):

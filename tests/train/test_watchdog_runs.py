@@ -42,7 +42,7 @@ def test_frozen_rank_ends_the_job_within_a_minute_and_the_run_resumes_exactly(ti
     assert len(lines) == 1, out[-3000:]
     line = lines[0]
     assert "rank 0: stuck for" in line and "rank 1 stopped answering" in line and "exiting 75" in line, line
-    assert " at step " in line and "last heartbeat at step" in line and "last heartbeat at step 0 " not in line, line
+    assert " at step " in line and "last heartbeat: step" in line and "last heartbeat: step 0 " not in line, line
     assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
     assert not (run_dir / "trainer.lock").exists()  # freed for the requeued attempt
     stalled = Run(run_dir, None).losses()  # type: ignore[arg-type]
