@@ -262,3 +262,18 @@ def test_sigstopped_trainer_keeps_its_folder_and_a_second_one_is_refused(tiny_co
     assert steps == list(range(1, 31))
     assert not (run_dir / "checkpoints" / "quarantine").exists()
     assert newest_complete(run_dir).step == 30 and not (run_dir / LOCK_FILE).exists()
+
+
+@pytest.mark.launch
+def test_trainer_lock_path_that_is_a_directory_exits_2_with_one_line(tiny_config, tmp_path):
+    """Issue 32: an IsADirectoryError traceback (from releasing the lock it never took)."""
+    from megamor.train.signals import EXIT_CONFIG
+    from tests.train.helpers import launch
+
+    (tmp_path / "run" / LOCK_FILE).mkdir(parents=True)
+    run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=2"])
+    assert run.rc == EXIT_CONFIG, run.output[-3000:]
+    lines = [ln for ln in run.output.splitlines() if LOCK_FILE in ln]
+    assert lines == [f"megamor.train: {tmp_path / 'run' / LOCK_FILE} is a directory, not a lock file: move it out of "
+                     "the run folder"], run.output[-3000:]
+    assert "Traceback" not in run.output and (tmp_path / "run" / LOCK_FILE).is_dir()
