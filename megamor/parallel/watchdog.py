@@ -89,7 +89,8 @@ def open_store(addr: str, port: int, timeout_s: float) -> Any:
         return dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
                              wait_for_workers=False)
     except Exception as e:  # noqa: BLE001  any failure to connect: run without (a warning says so)
-        print(f"megamor: watchdog: cannot reach the process group's store at {addr}:{port} ({e}); stalled "
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__  # torch appends C++ frames: one line
+        print(f"megamor: watchdog: cannot reach the process group's store at {addr}:{port} ({why}); stalled "
               "collectives are left to the process group's timeout", file=sys.stderr, flush=True)
         return None
 

@@ -166,3 +166,11 @@ def test_single_process_or_limit_zero_starts_nothing(world, limit):
     assert not w.enabled and w._thread is None
     w.at(1, "train step")
     assert w.diagnose() is None
+
+
+def test_unreachable_store_is_one_warning_line_and_no_watchdog(capsys):
+    port = free_port()  # nothing listens there
+    store = open_store("127.0.0.1", port, 1.0)
+    assert store is None and not Watchdog(0, 2, LIMIT, store).start().enabled
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("megamor: watchdog:")]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "frame #" not in lines[0]

@@ -274,6 +274,6 @@ def test_trainer_lock_path_that_is_a_directory_exits_2_with_one_line(tiny_config
     run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=2"])
     assert run.rc == EXIT_CONFIG, run.output[-3000:]
     lines = [ln for ln in run.output.splitlines() if LOCK_FILE in ln]
-    assert lines == [f"megamor.train: {tmp_path / 'run' / LOCK_FILE} is a directory, not a lock file: move it out of "
-                     "the run folder"], run.output[-3000:]
+    want = f"megamor.train: {tmp_path / 'run' / LOCK_FILE} is a directory, not a lock file: move it out of the run folder"
+    assert lines == [want], run.output[-3000:]
     assert "Traceback" not in run.output and (tmp_path / "run" / LOCK_FILE).is_dir()
