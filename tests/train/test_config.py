@@ -55,6 +55,17 @@ def test_bad_values_name_their_key(override, key):
     assert e.value.key == key, str(e.value)
 
 
+def test_profile_steps_scalar_suggests_a_list_that_is_accepted():
+    """Issue 32: `trainer.profile.steps=5` suggested `[5]`, which was itself rejected."""
+    base = ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8"]
+    with pytest.raises(ConfigError) as e:
+        load_experiment([], [*base, "trainer.profile.steps=5"])
+    assert e.value.key == "trainer.profile.steps" and "trainer.profile.steps=[5]" in str(e.value), str(e.value)
+    assert load_experiment([], [*base, "trainer.profile.steps=[5]"]).trainer.profile.steps == [5, 5]
+    with pytest.raises(ConfigError, match=r"or \[a\] for step a alone, got \[0, 0\]"):
+        load_experiment([], [*base, "trainer.profile.steps=[0]"])
+
+
 def test_batch_must_divide_over_the_world():
     cfg = load_experiment([], ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8",
                                "batch.micro_batch_size=2"])
