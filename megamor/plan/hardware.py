@@ -8,6 +8,7 @@ Links: NVLink per GPU in one direction inside a node, the network per GPU betwee
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megamor.config import ConfigError
@@ -55,6 +56,6 @@ def gpu_spec(name: str | None, memory_gib: float | None = None, peak_tflops: flo
     if memory_gib is None or peak_tflops is None:
         raise ConfigError("--gpu-mem-gib" if memory_gib is None else "--peak-tflops",
                           "a custom GPU needs both --gpu-mem-gib and --peak-tflops")
-    if memory_gib <= 0 or peak_tflops <= 0:
-        raise ConfigError("--gpu-mem-gib", f"memory and peak must be positive, got {memory_gib} GiB, {peak_tflops} TFLOP/s")
+    if not (math.isfinite(memory_gib) and math.isfinite(peak_tflops)) or memory_gib <= 0 or peak_tflops <= 0:
+        raise ConfigError("--gpu-mem-gib", f"memory and peak must be positive finite numbers, got {memory_gib} GiB, {peak_tflops} TFLOP/s")
     return GPU("custom", float(memory_gib), float(peak_tflops), float(peak_tflops))
