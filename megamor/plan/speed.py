@@ -90,7 +90,8 @@ def traffic_bytes(cfg: ModelConfig, s: StepShape, n_params: float, zero: ZeroSet
     """Bytes one rank sends per optimizer step: "dp" in all, split into "dp_gather" (parameter
     all-gathers), "dp_reduce" (gradient reductions) and "dp_first_gather" (ZeRO-3's first,
     unprefetched gather, summed over the micro-batches); "tp" over the TP group. ZeRO-3's
-    gathers are also given per micro-batch and pass: "z3_forward_gather", "z3_backward_gather"."""
+    gathers are also given per micro-batch and pass: "z3_forward_gather", "z3_backward_gather"
+    (with the checkpoint recompute's)."""
     zero = zero or ZeroSettings()
     w = 2 if s.precision == "bf16" else 4
     gas, ring = s.accumulation, _ring(s.dp)
@@ -107,7 +108,7 @@ def traffic_bytes(cfg: ModelConfig, s: StepShape, n_params: float, zero: ZeroSet
         z3 = zero3_traffic(cfg, s.checkpointing, zero)
         per = w * ring
         out["z3_forward_gather"] = z3.forward_elements * per
-        out["z3_backward_gather"] = z3.backward_elements * per
+        out["z3_backward_gather"] = (z3.recompute_elements + z3.backward_elements) * per
         out["dp_gather"] = gas * z3.gathered_elements * per
         out["dp_first_gather"] = gas * z3.first_elements * per
         out["dp_reduce"] = gas * z3.reduced_elements * per

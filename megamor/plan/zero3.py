@@ -9,8 +9,8 @@ module trace (default 1e9; the trace spans one forward and backward, `reset_step
 stays gathered from one micro-batch to the next). Parameters below
 `stage3_param_persistence_threshold` elements (1e5) are never partitioned, hence never gathered.
 The trainer registers the LM head's weight as an external parameter of the model itself
-(`megamor/train/engine.py`), so it is gathered by the model's own pre-forward hook and held until
-the model's backward ends.
+(`megamor/train/engine.py`), so the model's own hooks gather it first in each pass and hold it
+while the pass runs (and the embedding, the same tensor when tied, with it).
 
 For MoR this decides whether the shared block is gathered once per micro-batch or once per
 recursion: consecutive applications of a physical layer are one block's parameters apart, so the
@@ -37,11 +37,13 @@ from megamor.plan.memory import ZeroSettings, meta_model
 
 @dataclass(frozen=True)
 class Zero3Traffic:
-    """Parameter elements one micro-batch gathers (forward, backward incl. recompute), the
-    first gather of the forward (nothing runs before it to hide it), the elements whose
+    """Parameter elements one micro-batch gathers in the forward, in the checkpoint recompute
+    (during the backward pass; DeepSpeed counts it as forward fetches) and in the backward, the
+    first gathers of the forward (nothing runs before them to hide them), the elements whose
     gradients are reduce-scattered, and the most elements gathered at once."""
 
     forward_elements: float
+    recompute_elements: float
     backward_elements: float
     first_elements: float
     reduced_elements: float
@@ -49,13 +51,14 @@ class Zero3Traffic:
 
     @property
     def gathered_elements(self) -> float:
-        return self.forward_elements + self.backward_elements
+        return self.forward_elements + self.recompute_elements + self.backward_elements
 
 
 @dataclass(frozen=True)
 class _Call:
     params: tuple[str, ...]
     backward: bool
+    recompute: bool = False
 
 
 def _module_params(cfg: ModelConfig) -> tuple[dict[str, tuple[str, ...]], dict[str, int], str | None]:
@@ -109,7 +112,9 @@ def _forward(cfg: ModelConfig, modules: dict[str, tuple[str, ...]]) -> Iterator[
 def micro_batch_trace(cfg: ModelConfig, checkpointing: bool) -> list[_Call]:
     """Module calls of one forward and backward in the coordinator's order: the backward in
     reverse, and with checkpointing each layer application recomputed (forward order) right
-    before its backward."""
+    before its backward. torch's non-reentrant checkpoint stops the recompute once every tensor
+    the backward needs is back: the application's last projection (down_proj, whose output
+    nothing saves) is not run again (measured against DeepSpeed in tests/plan/test_zero3.py)."""
     modules, _numel, _head = _module_params(cfg)
     fwd = list(_forward(cfg, modules))
     calls = [_Call(keys, False) for _app, keys in fwd]
@@ -124,7 +129,7 @@ def micro_batch_trace(cfg: ModelConfig, checkpointing: bool) -> list[_Call]:
         while j > 0 and fwd[j - 1][0] == app:
             j -= 1
         region = [k for _a, k in fwd[j : i + 1]]
-        calls += [_Call(k, True) for k in region]  # the recompute: forward hooks, during the backward
+        calls += [_Call(k, True, recompute=True) for k in region[:-1]]
         calls += [_Call(k, True) for k in reversed(region)]
         i = j - 1
     return calls
@@ -145,33 +150,44 @@ _CACHE: dict[tuple[str, bool, ZeroSettings], Zero3Traffic] = {}
 
 def _replay(cfg: ModelConfig, checkpointing: bool, zero: ZeroSettings) -> Zero3Traffic:
     _modules, numel, head = _module_params(cfg)
-    calls = micro_batch_trace(cfg, checkpointing)
-    # The model's own pre-forward hook gathers the LM head's weight (an external parameter of
-    # the model) first; the model stays active, so it is held to the end of the backward.
-    pinned = {head} if head is not None else set()
     partitioned = {k for k, n in numel.items() if n >= zero.persistence_threshold}
+    trace = micro_batch_trace(cfg, checkpointing)
+    n_fwd = sum(not c.backward for c in trace)
+    # The model itself is a module of the trace, first in each pass, holding the LM head's
+    # weight (an external parameter) while the pass runs; at the end of the forward its release
+    # looks ahead from its own backward calls: one per output with a gradient (the loss, and the
+    # routers' auxiliary loss), each a fetch of the trace.
+    root = (head,) if head is not None else ()
+    outputs = 2 if cfg.router.type != "none" else 1
+    calls = [_Call(root, False), *trace[:n_fwd], *[_Call(root, True)] * outputs, *trace[n_fwd:]]
+    root_bwd = n_fwd + 1
     call_numel = [sum(numel[k] for k in c.params) for c in calls]
     live: set[str] = set()
-    fwd = bwd = 0.0
-    first = sum(numel[k] for k in pinned & partitioned)
-    live |= pinned & partitioned
-    fwd += first
-    peak = float(first)
+    held: set[str] = set()
+    fwd = rec = bwd = first = 0.0
+    peak = 0.0
     for i, call in enumerate(calls):
+        if i == root_bwd:  # the model's post-forward release
+            live -= {k for k in held if not _reused(k, calls, call_numel, i, zero.max_reuse_distance)}
         gathered = [k for k in call.params if k in partitioned and k not in live]
         n = sum(numel[k] for k in gathered)
-        if call.backward:
+        if call.recompute:
+            rec += n
+        elif call.backward:
             bwd += n
         else:
             fwd += n
-        if i == 0:
+        if i <= 1:  # the model's and the first module's gathers: nothing runs before them
             first += n
         live.update(gathered)
         peak = max(peak, sum(numel[k] for k in live))
+        if i == 0 or root_bwd <= i < root_bwd + outputs:
+            held = set(call.params) & live
+            continue
         for k in call.params:
-            if k in live and k not in pinned and not _reused(k, calls, call_numel, i + 1, zero.max_reuse_distance):
+            if k in live and k not in held and not _reused(k, calls, call_numel, i + 1, zero.max_reuse_distance):
                 live.discard(k)
-    return Zero3Traffic(fwd, bwd, first, float(sum(numel.values())), peak)
+    return Zero3Traffic(fwd, rec, bwd, first, float(sum(numel.values())), peak)
 
 
 def _reused(key: str, calls: list[_Call], call_numel: list[int], start: int, distance: int) -> bool:
