@@ -173,8 +173,13 @@ def test_shipped_layouts_are_the_planners_first_choice(capsys, config, world):
     assert z3[0]["speed"]["dp_traffic_bytes"] > doc["speed"]["dp_traffic_bytes"]
 
 
+# The tiny model's parameters are all below DeepSpeed's persistence threshold (1e5 elements),
+# which ZeRO-3 keeps whole on every rank: partition them all, as a large model's are.
+PARTITION_ALL = "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0"
+
+
 def _plan(config, capsys, *overrides, world="4", overlap=None):
-    argv = [config, *overrides, "--world", world, "--gpu", "h100"]
+    argv = [config, PARTITION_ALL, *overrides, "--world", world, "--gpu", "h100"]
     if overlap is not None:
         argv += ["--overlap", str(overlap)]
     return _json(capsys, *argv)
@@ -214,8 +219,8 @@ def test_reuse_switch_changes_the_planned_traffic(config, capsys):
     on = _plan(config, capsys, "deepspeed.zero_stage=3")
     off = _plan(config, capsys, "deepspeed.zero_stage=3", "deepspeed.config.zero_optimization.stage3_max_reuse_distance=0")
     exp = load_experiment([config])
-    a = zero3_traffic(exp.model, False, ZeroSettings())
-    b = zero3_traffic(exp.model, False, ZeroSettings(max_reuse_distance=0))
+    a = zero3_traffic(exp.model, False, ZeroSettings(persistence_threshold=0))
+    b = zero3_traffic(exp.model, False, ZeroSettings(persistence_threshold=0, max_reuse_distance=0))
     assert b.gathered_elements > a.gathered_elements
     assert off["speed"]["dp_gather_bytes"] / on["speed"]["dp_gather_bytes"] == pytest.approx(
         b.gathered_elements / a.gathered_elements)
