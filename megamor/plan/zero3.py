@@ -23,7 +23,10 @@ Replayed at the granularity of modules with parameters (norms, projections, rout
 order `MoRLM.forward` calls them. Not replayed: the prefetcher's own retention (a parameter the
 prefetch scan passes while it is gathered is kept to that use; the scan reaches at most
 `stage3_prefetch_bucket_size` elements of not-gathered parameters ahead), and key/value
-projections a shared-KV layer skips (counted as called).
+projections a shared-KV layer skips (counted as called). tests/plan/test_zero3.py holds the replay
+equal to the elements a real ZeRO-3 engine (2 gloo ranks, prefetching off) gathers per
+micro-batch, forward and backward, with the block reused, not reused and partly reused, with and
+without checkpointing.
 """
 
 from __future__ import annotations
@@ -94,8 +97,9 @@ def _forward(cfg: ModelConfig, modules: dict[str, tuple[str, ...]]) -> Iterator[
             yield app, keys
         app += 1
     for r, layer_ids in enumerate(steps):
-        routers = f"routers.{r}" if cfg.router.type == "expert_choice" else "depth_router" if r == 0 else None
-        if routers and cfg.router.type != "none":
+        rtype = cfg.router.type
+        routers = f"routers.{r}" if rtype == "expert_choice" else "depth_router" if rtype == "token_choice" and r == 0 else None
+        if routers:
             for keys in _under(modules, routers):
                 yield None, keys
         for phys in layer_ids:
