@@ -20,10 +20,13 @@ from tests.plan.engine_bytes import build_engine
 VOCAB = 256
 
 
-def _cfg(**kw):
-    # A cycle-shared block of 4 layers run twice between a prelude and a coda layer.
+def _cfg(router: str = "expert_choice"):
+    # A cycle-shared block of 4 layers run twice between a prelude and a coda layer ("vanilla":
+    # 10 layers, nothing shared).
+    if router == "vanilla":
+        return tiny_config(vocab_size=VOCAB, n_layers=10)
     return tiny_config(vocab_size=VOCAB, sharing="middle_cycle", num_recursions=2, n_layers=10,
-                       router={"type": "expert_choice"}, **kw)
+                       router={"type": router})
 
 
 def _raw(reuse: int) -> dict:
@@ -52,9 +55,9 @@ def _count_gathers(engine) -> dict[str, int]:
     return counts
 
 
-def _measure(rank: int, world: int, cases: list[tuple[int, bool]], out) -> None:
-    for reuse, ckpt in cases:
-        cfg = _cfg()
+def _measure(rank: int, world: int, cases: list[tuple[int, bool, str]], out) -> None:
+    for reuse, ckpt, router in cases:
+        cfg = _cfg(router)
         engine, _exp = build_engine(cfg, 3, "fp32", world, raw=_raw(reuse))
         if ckpt:
             engine.module.enable_activation_checkpointing()
@@ -67,13 +70,16 @@ def _measure(rank: int, world: int, cases: list[tuple[int, bool]], out) -> None:
             engine.backward(loss.loss + loss.aux_loss)
             engine.step()
         if rank == 0:
-            out.put((reuse, ckpt, dict(counts)))
+            out.put(((reuse, ckpt, router), dict(counts)))
         del engine
 
 
 # Reuse everywhere, nowhere, and in between (the block kept across recursions, part of the
 # forward into the backward; with checkpointing, part of the recompute).
-CASES = [(1_000_000_000, False), (0, False), (0, True), (1_000_000_000, True), (200_000, False), (100_000, True)]
+# Token choice and a vanilla model at a partial reuse too.
+CASES = [(1_000_000_000, False, "expert_choice"), (0, False, "expert_choice"), (0, True, "expert_choice"),
+         (1_000_000_000, True, "expert_choice"), (200_000, False, "expert_choice"), (100_000, True, "expert_choice"),
+         (200_000, False, "token_choice"), (200_000, False, "vanilla")]
 
 
 def _block_elements(cfg) -> tuple[int, int]:
@@ -94,16 +100,16 @@ def test_replay_matches_a_real_zero3_engine():
     run_distributed(_measure, world_size=2, args=(CASES, q))
     got = {}
     while not q.empty():
-        reuse, ckpt, counts = q.get()
-        got[(reuse, ckpt)] = counts
+        case, counts = q.get()
+        got[case] = counts
     assert set(got) == set(CASES)
-    for reuse, ckpt in CASES:
+    for reuse, ckpt, router in CASES:
         zero = ZeroSettings(persistence_threshold=0, max_reuse_distance=reuse, prefetch_bucket_size=0)
-        plan = zero3_traffic(_cfg(), ckpt, zero)
-        measured = got[(reuse, ckpt)]
+        plan = zero3_traffic(_cfg(router), ckpt, zero)
+        measured = got[(reuse, ckpt, router)]
         # DeepSpeed counts the checkpoint recompute's gathers as forward fetches.
         assert (plan.forward_elements + plan.recompute_elements, plan.backward_elements) == \
-            (measured["forward"], measured["backward"]), (reuse, ckpt, plan, measured)
+            (measured["forward"], measured["backward"]), (reuse, ckpt, router, plan, measured)
         assert (plan.recompute_elements > 0) == (ckpt and reuse < 1_000_000_000)
 
 
