@@ -42,7 +42,7 @@ ROWS = [  # (row, model config, extra overrides): the scaling study's 1x and 3x 
 def overrides(model_config: str, extra: list[str], steps: int, run_dir: Path, data: Path) -> list[str]:
     return [f"model_config={model_config}", *extra, f"run_dir={run_dir}", f"trainer.max_steps={steps}",
             f"data.train=[{data / 'shards'}]", f"data.valid=[{data / 'shards'}]", f"data.tokenizer={data / 'tokenizer'}",
-            "logging.log_every=10", "eval.every_steps=0", "eval.at_end=false", "checkpoint.every_steps=0",
+            "logging.every_steps=10", "eval.every_steps=0", "eval.at_end=false", "checkpoint.every_steps=0",
             "checkpoint.save_final=false", "wandb.mode=disabled"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from megamor.config import ConfigError, key, load_config
 
@@ -112,7 +113,10 @@ class ModelConfig:
     num_recursions: int = 1
     router: RouterConfig = field(default_factory=RouterConfig)
     kv_mode: str = "recursion_wise"  # recursion_wise | shared (recursive KV sharing)
-    attn_impl: str = "auto"  # auto (flash-attn on GPU when installed, else sdpa) | sdpa
+
+    # Keys older configs (and run folders) may hold that nothing reads any more.
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "attn_impl": "attention always goes through scaled_dot_product_attention (flash-attn when installed on a GPU)"}
 
     def validate(self, path: str = "") -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -128,8 +132,6 @@ class ModelConfig:
             raise ConfigError(key(path, "sharing"), f"must be one of {SHARING}, got {self.sharing!r}")
         if self.kv_mode not in KV_MODES:
             raise ConfigError(key(path, "kv_mode"), f"must be one of {KV_MODES}, got {self.kv_mode!r}")
-        if self.attn_impl not in ("auto", "sdpa"):
-            raise ConfigError(key(path, "attn_impl"), "must be auto or sdpa")
         nr = self.num_recursions
         if nr < 1:
             raise ConfigError(key(path, "num_recursions"), "must be >= 1")

@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 
+from megamor.cli import report
 from megamor.config import ConfigError
 from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StopRequest
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         tokenizer = preflight(cfg, peek_world_size())  # every check possible before a process group
     except (ConfigError, FileNotFoundError) as e:
-        print(f"megamor.train: configuration error: {e}", file=sys.stderr)
+        report("megamor.train", e, "configuration error")
         return EXIT_CONFIG
 
     from megamor.parallel import dist as pdist

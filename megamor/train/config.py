@@ -26,11 +26,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import OmegaConf
 
-from megamor.config import ConfigError, from_node, key, merge_sources
+from megamor.config import ConfigError, from_node, key, merge_config_nodes, merge_sources
 from megamor.data.config import DataConfig
 from megamor.env import repo_root
 from megamor.model.config import ModelConfig
@@ -240,12 +240,15 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10  # metrics to console, metrics.jsonl and W&B every N steps
+    every_steps: int = 10  # metrics to console, metrics.jsonl and W&B every N steps
     progress_bar: bool = True  # only drawn when stderr is a terminal
 
+    # every cadence is `every_steps` (checkpoint, eval, logging); the old name still loads
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"log_every": "every_steps"}
+
     def validate(self, path: str) -> None:
-        if self.log_every < 1:
-            raise ConfigError(key(path, "log_every"), "must be >= 1")
+        if self.every_steps < 1:
+            raise ConfigError(key(path, "every_steps"), "must be >= 1")
 
 
 @dataclass
@@ -351,12 +354,12 @@ def resolve_path(p: str, what: str) -> Path:
 
 def merge_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
     """The untyped experiment node: YAML files, overrides, and the model file under `model:`."""
-    node = merge_sources(config_paths, overrides)
+    node = merge_sources(config_paths, overrides, ExperimentConfig)
     _override_wins_length(node, overrides)
     model_file = node.get("model_config") if OmegaConf.is_dict(node) else None
     if model_file:
-        base = merge_sources([resolve_path(str(model_file), "model_config")])
-        node.model = OmegaConf.merge(base, node.get("model") or {})
+        path = resolve_path(str(model_file), "model_config")
+        node.model = merge_config_nodes(merge_sources([path], schema=ModelConfig), node.get("model") or {}, "model")
     return node
 
 

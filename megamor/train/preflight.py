@@ -95,7 +95,7 @@ def check_resumable(cfg: ExperimentConfig, ref: CheckpointRef) -> None:
     saved_cfg = load_experiment([ref.path / CONFIG_FILE])
     now, then = _flat(dataclasses.asdict(cfg.model)), _flat(dataclasses.asdict(saved_cfg.model))
     for k in now:
-        if now[k] != then.get(k) and not k.endswith(".attn_impl"):
+        if now[k] != then.get(k):
             raise ConfigError(k, f"is {now[k]!r} but the checkpoint to resume ({ref.path}) was trained with "
                                  f"{then.get(k)!r}; use another run_dir, or checkpoint.resume=false to start over")
     note = check_schedule_change(cfg, saved_cfg, ref.step, str(ref.path))
