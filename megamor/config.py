@@ -118,7 +118,7 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
     if not OmegaConf.is_dict(node):
         return []
     out = []
-    for k in node.keys():
+    for k in node:
         full = f"{prefix}.{k}" if prefix else str(k)
         out.append(full)
         child = node._get_node(k)

@@ -18,6 +18,7 @@ from megamor.config import ConfigError
 from megamor.plan.hardware import gpu_spec
 from megamor.plan.report import document, render
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m megamor.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], required=True, help="experiment YAML (repeatable)")
