@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.model import MoRLM, load_model_config
 from megamor.model.flops import forward_flops
 
@@ -85,7 +85,7 @@ def bench_decoding(cfg, prompt_len: int, new_tokens: int, batch: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/model/33m/mor_expert_3.yaml")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=2)

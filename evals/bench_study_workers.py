@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from megamor.cli import ArgumentParser
 from megamor.env import repo_root
 from megamor.model.flops import flops_per_token
 from megamor.train.config import load_experiment
@@ -66,7 +67,7 @@ def train_at_once(n: int, threads: int, ov: list[list[str]]) -> list[float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="the machine's cores")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--data", type=Path, default=Path("runs/studies/scaling_cpu/data"),

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from megamor.cli import ArgumentParser
 from megamor.eval.cli import default_device, run_main, set_threads, tokenizer_for, write_text
 from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
 from megamor.eval.text_input import read_text, require_text
@@ -19,7 +20,7 @@ from megamor.runs.load import load_model_and_meta
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tokenizer")
     p.add_argument("--device", default=None)

@@ -11,13 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from megamor.cli import ArgumentParser
 from megamor.eval.cli import add_model_args, build_scorer, run_main, set_threads, write_json, write_text
 from megamor.eval.harness import evaluate, markdown_table
 from megamor.eval.tasks import PAPER_TASKS, TASKS, get_task
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help=f"comma-separated, from {', '.join(TASKS)} (default: the paper's)")
     p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH", help="read TASK from PATH (same format)")

@@ -17,13 +17,14 @@ import argparse
 import json
 import sys
 
+from megamor.cli import ArgumentParser
 from megamor.eval.cli import run_main, set_threads
 from megamor.eval.sweep import Sweep, SweepConfig, discover
 from megamor.eval.tasks import PAPER_TASKS
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="run folders (every checkpoint) and/or checkpoint files")
     p.add_argument("--out", required=True, help="sweep folder: cache/, results.csv, results.md, plots/")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated few-shot tasks ('' for none)")

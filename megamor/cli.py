@@ -42,7 +42,10 @@ def fail(tool: str, message: str | BaseException, code: int = EXIT_BAD_INPUT, la
 def report(tool: str, message: str | BaseException, label: str = "error") -> None:
     from megamor.config import error_lines
 
-    lines = error_lines(message) if isinstance(message, BaseException) else [one_line(message)]
+    if isinstance(message, BaseException):
+        lines = error_lines(message) if hasattr(message, "errors") else [one_line(_describe(message))]
+    else:
+        lines = [one_line(message)]
     for line in lines:
         print(f"{tool}: {label}: {line}", file=sys.stderr, flush=True)
 
@@ -73,7 +76,7 @@ def run_main(main: Callable[[], Any], tool: str | None = None,
     try:
         rc = main()
     except bad_input_types() + bad_input as e:
-        fail(name, e if hasattr(e, "errors") else _describe(e))
+        fail(name, e)
     except KeyboardInterrupt:
         fail(name, "interrupted", EXIT_FAILED)
     raise SystemExit(rc if isinstance(rc, int) else EXIT_OK)

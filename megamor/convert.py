@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from megamor.cli import report
+from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError, from_node, merge_sources
 from megamor.data.atomic import atomic_open, write_json
 from megamor.model.config import ModelConfig
@@ -112,7 +112,7 @@ def save(model: MoRLM, out: Path, **meta) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.convert", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="vanilla model: run folder, checkpoint, export folder, megamor.pt or HF Llama folder")
     p.add_argument("--out", required=True, help="output folder (megamor.pt is written there)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from omegaconf import OmegaConf
 
 from megamor.config import ConfigError, key, load_config
 
@@ -43,10 +45,11 @@ class RouterConfig:
     # Expert choice: the gate's forward value is alpha for every selected token (what the
     # paper's saturated sigmoid gives its positive tokens), its gradient that of
     # alpha * activation(logit), so the router still learns from the LM loss (straight-through).
-    # megamor's default: on in configs/model/*/mor_expert_N.yaml, where it beat both the soft gate
-    # and the paper's settings (evals/results/study_small_cpu/findings.md). False here so that a
-    # config written before it existed (a run folder's config.yaml) keeps its soft gate.
-    gate_straight_through: bool = False
+    # On: it beat both the soft gate and the paper's settings
+    # (evals/results/study_small_cpu/findings.md). Other routers ignore it (validate sets it
+    # false). A stored config written before this default changed keeps its soft gate
+    # (STORED_DEFAULTS below).
+    gate_straight_through: bool = True
     # Expert choice at evaluation and decoding: a token runs step r when its logit exceeds the
     # router's threshold. learn_threshold: the threshold tracks training's top-k boundary (the
     # logit midway between each sequence's k-th and (k+1)-th token, averaged; an EMA with this
@@ -86,8 +89,8 @@ class RouterConfig:
             raise ConfigError(key(path, "threshold_momentum"), f"must be in [0, 1), got {self.threshold_momentum}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(key(path, "alpha"), "must be positive")
-        if self.gate_straight_through and self.type != "expert_choice":
-            raise ConfigError(key(path, "gate_straight_through"), "applies to expert choice only")
+        if self.type != "expert_choice":
+            self.gate_straight_through = False  # expert choice only; one value for every other router
 
     @property
     def gate_scale(self) -> float:
@@ -198,6 +201,24 @@ class ModelConfig:
         if middle_only:
             return [0], steps, [first + base]
         return [], steps, []
+
+
+# Code defaults that changed. A config megamor stored (a run folder's or checkpoint tag's
+# experiment.yaml, a megamor.pt, an export) holds every key the code had when it was written:
+# one without a key below was written before the default changed and keeps the value it was
+# trained with. User-written YAML gets today's defaults.
+STORED_DEFAULTS: dict[str, Any] = {"router.gate_straight_through": False}
+
+
+def with_stored_defaults(model: Any) -> Any:
+    """A stored model config (dict or node) with the keys of STORED_DEFAULTS it lacks filled in."""
+    node = OmegaConf.create(OmegaConf.to_container(model, resolve=False) if OmegaConf.is_config(model) else dict(model or {}))
+    for dotted, value in STORED_DEFAULTS.items():
+        parent, _, leaf = dotted.rpartition(".")
+        holder = OmegaConf.select(node, parent, default=None) if parent else node
+        if holder is None or (OmegaConf.is_dict(holder) and leaf not in holder):
+            OmegaConf.update(node, dotted, value, merge=True)
+    return node
 
 
 def load_model_config(*paths: str | Path, overrides: list[str] | None = None) -> ModelConfig:

@@ -6,13 +6,13 @@ device, so even the 1.7B configs cost no memory.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.env import repo_root
 from megamor.model.config import ModelConfig, load_model_config
 from megamor.model.flops import flops_per_token, kv_cache_bytes_per_token
@@ -59,7 +59,7 @@ def _fmt_params(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*", help="model YAML files (default: all of configs/model)")
     ap.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs (default 2048)")
     args = ap.parse_args(argv)

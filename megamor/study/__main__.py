@@ -29,7 +29,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from megamor.cli import report
+from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.study import archive
 from megamor.study.config import load_study
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # plan imports torch, which `--help` need not load
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megamor.study", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="configs/studies/<name>.yaml")
     p.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[1] out_dir=/tmp/s")

@@ -14,13 +14,13 @@ import os
 import sys
 import traceback
 
-from megamor.cli import report
+from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StopRequest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megamor.train", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later ones override)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from megamor.config import ConfigError, from_node, key, merge_config_nodes, merge_sources
 from megamor.data.config import DataConfig
 from megamor.env import repo_root
-from megamor.model.config import ModelConfig
+from megamor.model.config import ModelConfig, with_stored_defaults
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
 from megamor.train.ds_keys import check_deepspeed_keys
@@ -352,10 +352,15 @@ def resolve_path(p: str, what: str) -> Path:
     raise ConfigError(what, f"file not found: {p} (looked in {Path.cwd()} and {repo_root()})")
 
 
-def merge_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
-    """The untyped experiment node: YAML files, overrides, and the model file under `model:`."""
+def merge_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                     stored: bool = False) -> Any:
+    """The untyped experiment node: YAML files, overrides, and the model file under `model:`.
+    stored: the files are configs megamor saved (a run's experiment.yaml), whose missing keys
+    keep the defaults they were written with (model.config.STORED_DEFAULTS)."""
     node = merge_sources(config_paths, overrides, ExperimentConfig)
     _override_wins_length(node, overrides)
+    if stored and OmegaConf.is_dict(node):
+        node.model = with_stored_defaults(node.get("model"))
     model_file = node.get("model_config") if OmegaConf.is_dict(node) else None
     if model_file:
         path = resolve_path(str(model_file), "model_config")
@@ -387,7 +392,12 @@ def load_tag_experiment(ref: CheckpointRef) -> ExperimentConfig:
     cfg_file = ref.path / CONFIG_FILE
     if not cfg_file.is_file():
         raise CheckpointError(f"{ref.path}: no {CONFIG_FILE}")
-    return load_experiment([cfg_file])
+    return load_stored_experiment(cfg_file)
+
+
+def load_stored_experiment(path: str | Path) -> ExperimentConfig:
+    """A config megamor saved (a run folder's or tag's experiment.yaml), typed and validated."""
+    return from_node(ExperimentConfig, merge_experiment([path], stored=True))
 
 
 def experiment_from_dict(d: dict[str, Any]) -> ExperimentConfig:
