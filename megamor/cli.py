@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -61,6 +62,17 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(tool_name(self.prog), f"{message} (see --help)")
 
 
+def pairs(items: list[str], flag: str, what: str = "NAME=VALUE") -> dict[str, str]:
+    """`NAME=VALUE` arguments of a repeatable flag as a dict; BadInput naming the flag otherwise."""
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise BadInput(f"{flag} {item!r}: expected {what}")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def bad_input_types() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input in every tool (light modules only)."""
     from megamor.config import ConfigError
@@ -69,17 +81,50 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
 
 
 def run_main(main: Callable[[], Any], tool: str | None = None,
-             bad_input: tuple[type[BaseException], ...] = ()) -> None:
+             bad_input: tuple[type[BaseException], ...] = (), results_on_stdout: bool = True) -> None:
     """Run an entry point: bad input (see bad_input_types, plus `bad_input`) prints one
-    `tool: error:` line and exits 2; anything else keeps its traceback (exit 1)."""
+    `tool: error:` line and exits 2; anything else keeps its traceback (exit 1).
+    results_on_stdout: only what the tool writes to `results()` reaches stdout; everything
+    else printed there (DeepSpeed's and other libraries' lines) goes to stderr."""
     name = tool or tool_name()
     try:
-        rc = main()
+        if results_on_stdout:
+            with stdout_for_results():
+                rc = main()
+        else:
+            rc = main()
     except bad_input_types() + bad_input as e:
         fail(name, e)
     except KeyboardInterrupt:
         fail(name, "interrupted", EXIT_FAILED)
     raise SystemExit(rc if isinstance(rc, int) else EXIT_OK)
+
+
+_results: Any = None
+
+
+def results() -> Any:
+    """The stream for a tool's results (its JSON, its table): the real stdout."""
+    return _results if _results is not None else sys.stdout
+
+
+@contextmanager
+def stdout_for_results() -> Iterator[Any]:
+    """Point file descriptor 1 at stderr, so any library's output (Python or C) lands there,
+    and keep the real stdout as `results()`: `tool ... > out.json` holds only the results."""
+    global _results
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    _results = os.fdopen(saved, "w", encoding="utf-8")
+    try:
+        yield _results
+    finally:
+        _results.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        _results.close()
+        _results = None
 
 
 def _describe(e: BaseException) -> str:
@@ -90,6 +135,6 @@ def _describe(e: BaseException) -> str:
 
 def use_colour(stream: Any = None) -> bool:
     """ANSI colours only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
-    stream = stream if stream is not None else sys.stdout
+    stream = stream if stream is not None else results()
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")

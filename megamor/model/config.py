@@ -30,7 +30,7 @@ class RouterConfig:
     # (0.01, label smoothing 0.1, fixed alpha) keeps the logits bounded; the paper's is
     # 0.001 with hard targets and a fixed alpha (configs/model/*/mor_expert_N_paper.yaml).
     aux_bce_coef: float = 0.01
-    z_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0  # router z-loss (squared logits) coefficient
     # Expert choice: BCE targets eps / 1-eps instead of 0 / 1, so the BCE no longer pulls the
     # logits to +-inf (0.0 is the paper's; see evals/results/router.md).
     bce_label_smoothing: float = 0.1
@@ -60,8 +60,8 @@ class RouterConfig:
     # in the CPU studies) left the final threshold up to 0.4 above the final weights' boundary
     # (evals/results/study_small_cpu/findings.md).
     causal_threshold: float = 0.5
-    learn_threshold: bool = True
-    threshold_momentum: float = 0.9
+    learn_threshold: bool = True  # the causal threshold tracks training's top-k boundary (see causal_threshold)
+    threshold_momentum: float = 0.9  # EMA momentum of the learned threshold, per micro-batch
     balancing: str = "loss"  # token choice: loss | loss_free
     balance_coef: float = 0.1  # token choice, balancing=loss
     bias_update_rate: float = 0.001  # token choice, balancing=loss_free
@@ -101,19 +101,19 @@ class RouterConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8192
-    d_model: int = 512
+    vocab_size: int = 8192  # embedding rows; at least the tokenizer's vocabulary
+    d_model: int = 512  # hidden width
     n_layers: int = 8  # layers of the virtual (unrolled) stack
-    n_heads: int = 8
-    n_kv_heads: int = 8
-    d_ff: int = 1536
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    n_heads: int = 8  # attention heads (d_model / n_heads must be even for RoPE)
+    n_kv_heads: int = 8  # key/value heads (grouped-query attention when < n_heads)
+    d_ff: int = 1536  # SwiGLU feed-forward width
+    max_seq_len: int = 2048  # longest context (RoPE tables, KV caches)
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = True  # the output head shares the embedding matrix
+    init_std: float = 0.02  # std of the normal weight initialisation
     sharing: str = "none"  # none | cycle | sequence | middle_cycle | middle_sequence
-    num_recursions: int = 1
+    num_recursions: int = 1  # recursion steps N_r of the shared block (1 with sharing none)
     router: RouterConfig = field(default_factory=RouterConfig)
     kv_mode: str = "recursion_wise"  # recursion_wise | shared (recursive KV sharing)
 
