@@ -11,7 +11,6 @@ the datasets from $MEGAMOR_DATA_DIR; `--metadata '{"data_dir": "/path"}'` overri
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -20,21 +19,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megamor.cli import fail, tool_name
+from lm_eval.__main__ import cli_evaluate
 
-
-def one_line_argument_errors() -> None:
-    """lm-eval builds its own argparse parser: give it megamor's one-line error (exit 2)."""
-    def error(self: argparse.ArgumentParser, message: str) -> None:
-        fail(tool_name(), f"{message} (see --help)")
-
-    argparse.ArgumentParser.error = error  # type: ignore[method-assign, assignment]
-
+import megamor.eval.lm_eval_adapter  # noqa: F401 - registers "megamor"
+from megamor.cli import one_line_errors_everywhere, tool_name
 
 if __name__ == "__main__":
-    one_line_argument_errors()
-    from lm_eval.__main__ import cli_evaluate
-
-    import megamor.eval.lm_eval_adapter  # noqa: F401 - registers "megamor"
-
+    one_line_errors_everywhere(tool_name())  # lm-eval builds its own argparse parser
     cli_evaluate()

@@ -29,8 +29,8 @@ class BadInput(ValueError):
 
 def tool_name(prog: str | None = None) -> str:
     """`megamor.train` for `python -m megamor.train`, `fewshot.py` for a script."""
-    prog = prog or Path(sys.argv[0]).name
-    return prog.removeprefix("python -m ").strip()
+    prog = (prog or Path(sys.argv[0]).name).removeprefix("python -m ").removeprefix("python ").strip()
+    return Path(prog).name if "/" in prog else prog
 
 
 def fail(tool: str, message: str | BaseException, code: int = EXIT_BAD_INPUT, label: str = "error") -> NoReturn:
@@ -71,6 +71,16 @@ def pairs(items: list[str], flag: str, what: str = "NAME=VALUE") -> dict[str, st
             raise BadInput(f"{flag} {item!r}: expected {what}")
         out[name.strip()] = value.strip()
     return out
+
+
+def one_line_errors_everywhere(tool: str) -> None:
+    """Give parsers this process builds with plain argparse (a library's own command line, e.g.
+    lm-eval's or DeepSpeed's) the same one-line error and exit 2, named after `tool`."""
+
+    def error(self: argparse.ArgumentParser, message: str) -> NoReturn:
+        fail(tool, f"{message} (see --help)")
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign, assignment]
 
 
 def bad_input_types() -> tuple[type[BaseException], ...]:

@@ -59,7 +59,7 @@ def _fmt_params(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m megamor.model.summary", description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*", help="model YAML files (default: all of configs/model)")
     ap.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs (default 2048)")
     args = ap.parse_args(argv)
