@@ -137,11 +137,15 @@ def test_perplexity_json_on_stdout_is_clean_and_a_larger_tokenizer_is_one_line(m
 
     import torch
 
+    from .test_checkpoint import training_run
+
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    ckpt = tmp_path / "m.pt"
-    torch.save({"model": mor_model.state_dict(), "config": dataclasses.asdict(mor_model.cfg), "step": 40}, ckpt)
-    r = run_entry("perplexity", "--checkpoint", str(ckpt), "--tokenizer", str(spm_path), "--text", str(text), "--no-progress")
+    run = training_run(tmp_path, mor_model, spm_path, steps=(100,))  # a run folder: its DeepSpeed tag loads DeepSpeed
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # as a user runs it: DeepSpeed says what it picked
+    r = subprocess.run([sys.executable, str(repo_root() / "evals" / "perplexity.py"), "--checkpoint", str(run), "--tokenizer",
+                        str(spm_path), "--text", str(text), "--no-progress"], capture_output=True, text=True, timeout=300,
+                       env={**env, "PYTHONPATH": str(repo_root())}, check=False)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["perplexity"]["tokens"] > 0
     small = tmp_path / "small.pt"
