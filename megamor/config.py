@@ -235,7 +235,7 @@ def _walk(schema: type, node: Any, path: str, errors: list[ConfigError]) -> None
         want, child = hints[k], node._get_node(k)
         if OmegaConf.is_missing(node, k) or (not OmegaConf.is_config(child) and child._value() is None):
             continue
-        sub = _dataclass_of(want)
+        sub = section_type(want)
         if sub is not None:
             if OmegaConf.is_dict(child):
                 _walk(sub, child, full, errors)
@@ -245,6 +245,15 @@ def _walk(schema: type, node: Any, path: str, errors: list[ConfigError]) -> None
         elif _is_list(want) and OmegaConf.is_dict(child):
             errors.append(ConfigError(full, "must be a list, e.g. [a, b], got a section of keys"))
             node.pop(k)
+        elif (item := list_section_type(want)) is not None and OmegaConf.is_list(child):
+            before = len(errors)
+            for i, x in enumerate(child):
+                if OmegaConf.is_dict(x):
+                    _walk(item, x, f"{full}[{i}]", errors)
+                elif x is not None:
+                    errors.append(ConfigError(f"{full}[{i}]", f"must be a section of keys, got {_show(x)}"))
+            if len(errors) > before:
+                node.pop(k)
         elif _is_scalar(want) and OmegaConf.is_config(child):
             errors.append(ConfigError(full, f"must be a single value, got {_show(node[k])}"))
             node.pop(k)
@@ -271,7 +280,7 @@ def rename_keys(schema: type, node: Any, path: str, errors: list[ConfigError], r
         elif k in retired:
             note_once(f"config key '{full}' is deprecated and ignored: {retired[k]} (delete it)")
             node.pop(k)
-        elif k in hints and (sub := _dataclass_of(hints[k])) is not None:
+        elif k in hints and (sub := section_type(hints[k])) is not None:
             rename_keys(sub, node._get_node(k), full, errors)
 
 
@@ -282,8 +291,17 @@ def _args(t: Any) -> tuple[Any, ...]:
     return (t,)
 
 
-def _dataclass_of(t: Any) -> type | None:
+def section_type(t: Any) -> type | None:
+    """The dataclass of a section field (`Section` or `Section | None`), else None."""
     return next((a for a in _args(t) if dataclasses.is_dataclass(a)), None)
+
+
+def list_section_type(t: Any) -> type | None:
+    """The dataclass of a `list[SomeSection]` field, else None."""
+    for a in _args(t):
+        if typing.get_origin(a) is list and dataclasses.is_dataclass(typing.get_args(a)[0]):
+            return typing.get_args(a)[0]
+    return None
 
 
 def _is_list(t: Any) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.cli import ArgumentParser, run_main
+from megamor.config import list_section_type, section_type
 from megamor.data.atomic import atomic_open
 from megamor.env import repo_root
 
@@ -116,23 +117,11 @@ def sections(schema: type, prefix: str = "") -> list[tuple[str, type]]:
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         t = hints[f.name]
-        sub = next((a for a in _members(t) if dataclasses.is_dataclass(a)), None)
-        if sub is not None:
+        if (sub := section_type(t)) is not None:
             out += sections(sub, f"{prefix}.{f.name}" if prefix else f.name)
-        elif (item := _list_item(t)) is not None:  # a list of sections: keys of each item
+        elif (item := list_section_type(t)) is not None:  # a list of sections: keys of each item
             out += sections(item, f"{prefix}.{f.name}[]" if prefix else f"{f.name}[]")
     return out
-
-
-def _members(t: Any) -> tuple[Any, ...]:
-    return typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
-
-
-def _list_item(t: Any) -> type | None:
-    for a in _members(t):
-        if typing.get_origin(a) is list and dataclasses.is_dataclass(typing.get_args(a)[0]):
-            return typing.get_args(a)[0]
-    return None
 
 
 def table(schema: type, prefix: str) -> tuple[list[str], list[str]]:
@@ -141,7 +130,7 @@ def table(schema: type, prefix: str) -> tuple[list[str], list[str]]:
     rows, undocumented = [], []
     for f in dataclasses.fields(schema):
         t = hints[f.name]
-        if any(dataclasses.is_dataclass(a) for a in _members(t)):
+        if section_type(t) is not None:
             continue  # its own section
         full = f"{prefix}.{f.name}" if prefix else f.name
         meaning = notes.get(f.name, "")

@@ -95,3 +95,15 @@ def test_missing_model_config_names_each_folder_once(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         load_experiment([], [*OK, "model_config=configs/model/nope.yaml"])
     assert e.value.key == "model_config" and str(e.value).count(str(repo_root())) == 1, str(e.value)
+
+
+def test_mistakes_inside_a_list_of_sections_name_the_item(tmp_path):
+    from megamor.config import load_config
+    from megamor.study.config import StudyConfig
+
+    f = tmp_path / "study.yaml"
+    f.write_text("name: s\nexperiment: e.yaml\nvariants:\n  - {nme: x, model_config: a.yaml}\n  - [1, 2]\n")
+    with pytest.raises(ConfigErrors) as e:
+        load_config(StudyConfig, f)
+    assert [x.key for x in e.value.errors] == ["variants[0].nme", "variants[1]"]
+    assert "did you mean variants[0].name?" in str(e.value)
