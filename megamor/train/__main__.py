@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # first: an argument error answers before torch loads (_cuda_available)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
-    args = parse_args(argv)
     # Imported here, not at the top: `--help` and argument errors answer without loading
     # torch, DeepSpeed or the model (the same reason for the imports further down).
     from megamor.parallel.env import peek_world_size
