@@ -113,6 +113,7 @@ def _cuda_available() -> bool:
 
 
 if __name__ == "__main__":
+    code = main()  # an argument error exits in here, before anything heavy loads
     from megamor.parallel.dist import exit_without_finalizing  # lazy, as the imports in main()
 
-    exit_without_finalizing(main())
+    exit_without_finalizing(code)
