@@ -242,6 +242,9 @@ def _walk(schema: type, node: Any, path: str, errors: list[ConfigError]) -> None
             else:
                 errors.append(ConfigError(full, f"must be a section of keys (e.g. {full}.KEY=VALUE), got {_show(node[k])}"))
                 node.pop(k)
+        elif _is_mapping(want) and not OmegaConf.is_dict(child):
+            errors.append(ConfigError(full, f"must be a mapping of keys, e.g. {{a: 1}}, got {_show(node[k])}"))
+            node.pop(k)
         elif _is_list(want) and OmegaConf.is_dict(child):
             errors.append(ConfigError(full, "must be a list, e.g. [a, b], got a section of keys"))
             node.pop(k)
@@ -302,6 +305,10 @@ def list_section_type(t: Any) -> type | None:
         if typing.get_origin(a) is list and dataclasses.is_dataclass(typing.get_args(a)[0]):
             return typing.get_args(a)[0]
     return None
+
+
+def _is_mapping(t: Any) -> bool:
+    return all(typing.get_origin(a) is dict or a is dict for a in _args(t))
 
 
 def _is_list(t: Any) -> bool:

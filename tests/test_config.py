@@ -39,6 +39,7 @@ def test_a_yaml_with_several_mistakes_reports_every_one(tmp_path):
     ("optim=5", "optim"),
     ("optim.betas={a: 1}", "optim.betas"),  # a section where a list belongs
     ("name=[a]", "name"),  # a list where one value belongs
+    ("deepspeed.config=[1]", "deepspeed.config"),  # a list where a free-form mapping belongs (was a TypeError)
 ])
 def test_a_list_or_value_in_the_wrong_place_names_its_key(override, key):
     with pytest.raises(ConfigError) as e:
