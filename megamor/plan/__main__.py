@@ -14,23 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import NoReturn
 
+from megamor.cli import EXIT_BAD_INPUT, ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.plan.hardware import gpu_spec
 from megamor.plan.report import document, render
 
-EXIT_BAD_INPUT = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
-        print(f"megamor.plan: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m megamor.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m megamor.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], required=True, help="experiment YAML (repeatable)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. batch.micro_batch_size=4")
     p.add_argument("--world", type=int, default=None, help="GPUs in the run (default: parallel.tensor)")
@@ -84,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         doc = run(args)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"megamor.plan: {e}", file=sys.stderr)
+        report("megamor.plan", e)
         return EXIT_BAD_INPUT
     seq_len, global_batch, desc = doc.pop("_text")
     if args.json:
