@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 # Before anything imports torch/deepspeed/wandb/datasets.
@@ -40,7 +41,11 @@ def pytest_runtest_protocol(item, nextitem):
     try:
         yield
     finally:
-        _GUARD.end()
+        seen = _GUARD.end()
+        log = os.environ.get("MEGAMOR_LAUNCH_LOG")  # for counting launches (docs/testing.md)
+        if log and seen:
+            with open(log, "a") as f:
+                f.write(json.dumps({"test": item.nodeid, "launches": seen}) + "\n")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -27,6 +27,9 @@ PROGRAMS = frozenset({"torchrun", "deepspeed", "sbatch", "srun", "salloc"})
 MODULES = ("megamor.train", "megamor.demo", "megamor.study", "megamor.gpu_check", "tests.train.compile_engines",
            "torch.distributed.run", "deepspeed.launcher")
 SCRIPTS = ("compile_engines.py",)
+# Flags with which a module above only plans or reports (its argparse makes them exclusive
+# with running anything): such a command is a quick CLI check, not a launch.
+DRY_RUN = {"megamor.study": ("--plan", "--report")}
 
 
 def launch_kind(args: str | bytes | PathLike | Sequence) -> str | None:
@@ -38,7 +41,7 @@ def launch_kind(args: str | bytes | PathLike | Sequence) -> str | None:
         return words[0].split()[0].rsplit("/", 1)[-1]
     for w in words:
         if any(w == m or w.startswith(m + ".") for m in MODULES) or w.endswith(SCRIPTS):
-            return w
+            return None if any(flag in words for flag in DRY_RUN.get(w, ())) else w
     return None
 
 

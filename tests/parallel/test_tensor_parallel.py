@@ -11,6 +11,8 @@ from megamor.model import MoRLM
 from megamor.testing.distributed import run_distributed
 from tests.model.helpers import tiny_config
 
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
+
 VOCAB = 222  # no other dimension of the tiny model has this size: a [.., 222] tensor is full logits
 CASES = {
     "mor_expert": {"sharing": "middle_cycle", "num_recursions": 3, "n_layers": 8, "router": {"type": "expert_choice"}},

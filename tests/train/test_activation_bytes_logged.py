@@ -10,6 +10,8 @@ from megamor.plan.activations import ActivationSpec, activation_bytes
 from megamor.train.config import load_experiment
 from tests.train.helpers import assert_ok, launch
 
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
+
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
 def test_logged_activation_bytes_match_the_plan(tiny_config, tmp_path, checkpointing):

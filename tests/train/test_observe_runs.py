@@ -6,12 +6,16 @@ import json
 import signal
 import subprocess
 
+import pytest
+
 from megamor.env import repo_root
 from megamor.observe.phase_timer import PHASES
 from megamor.observe.profiler import trace_path
 from megamor.train.signals import EXIT_PREEMPTED
 
 from .helpers import Run, assert_ok, launch, train_command, train_env, wait_for_step
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
 QUICK = ["checkpoint.save_final=false", "eval.at_end=false"]
 
