@@ -23,12 +23,13 @@ import pytest
 import torch
 
 from megamor.env import repo_root
-from megamor.runs.integrity import MARKER, QUARANTINE, check_tag
+from megamor.runs.integrity import MARKER, QUARANTINE, check_tag, owner, quarantined
 from megamor.runs.layout import CHECKPOINTS, NoValidCheckpointError, tag_for
 from megamor.runs.resume import ensure_universal, find_resumable
 from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.tags import list_complete, resolve_tag
+from megamor.testing.distributed import run_distributed
 from tests.train.helpers import Run, assert_ok, launch, train_env
 from tests.train.trust_helpers import FILE_KINDS, flip_tensor_byte, plant_payload
 
@@ -308,13 +309,22 @@ def test_disk_full_during_save_names_the_file_and_keeps_previous_tags(tiny_confi
 
 
 # -- two processes: each rank hashes its own shards ----------------------------------------------
+def _find_resumable_rank(rank: int, world: int, run_dir: str, out: str) -> None:
+    ref = find_resumable(run_dir, "hash")  # the trainer's first collective on the folder
+    Path(out, f"rank{rank}").write_text(str(ref.step if ref is not None else None))
+
+
 def test_two_process_corrupted_rank1_shard_is_caught(tiny_config, tmp_path):
+    """A 2-rank run's tag: rank 1 hashes the shards it wrote, finds the damage and every rank
+    agrees on step_4 (in a real gloo group of 2, as the trainer's start runs it)."""
     run_dir = tmp_path / "two"
     killed = launch(tiny_config, run_dir, COMMON, nproc=2, env={"MEGAMOR_FAULTS": "sigkill_after_step=7"})
     assert killed.rc != 0 and [c.step for c in list_complete(run_dir)] == [4, 6]
     shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert owner(shard, 2) == 1  # hashed by rank 1, not rank 0
     flip_tensor_byte(run_dir / CHECKPOINTS / tag_for(6) / shard)
-    run = launch(tiny_config, run_dir, COMMON, nproc=2)
-    assert_ok(run)
-    assert f"{shard} does not match its content hash" in run.output and "resumed from step 4" in run.output
+    run_distributed(_find_resumable_rank, world_size=2, args=(str(run_dir), str(tmp_path)))
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["4", "4"]
     assert (run_dir / CHECKPOINTS / QUARANTINE / tag_for(6) / shard).is_file()
+    [(name, reason)] = quarantined(run_dir / CHECKPOINTS)
+    assert name == tag_for(6) and f"{shard} does not match its content hash" in reason
