@@ -14,7 +14,15 @@ from megamor.observe.profiler import trace_path
 from megamor.runs.tags import newest_complete
 from megamor.train.signals import EXIT_PREEMPTED
 
-from .helpers import Run, assert_ok, launch, train_command, train_env, wait_for_step
+from .helpers import (
+    Run,
+    assert_logged_activation_bytes_match_the_plan,
+    assert_ok,
+    launch,
+    train_command,
+    train_env,
+    wait_for_step,
+)
 
 QUICK = ["checkpoint.save_final=false", "eval.at_end=false"]
 
@@ -26,10 +34,13 @@ def _trace_names(path) -> set[str]:
 @pytest.mark.launch
 def test_phase_times_in_every_log_window(tiny_config, tmp_path):
     """Every window has time/* >= 0 whose phases add up to at most the step total; a checkpoint
-    and a validation show up in the window after them; the saved-for-backward bytes are logged."""
-    run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2",
-                                                 "checkpoint.save_final=false", "eval.at_end=false"])
+    and a validation show up in the window after them; the saved-for-backward bytes are logged
+    and within 15% of the planner's (with activation checkpointing on, the tiny config's)."""
+    overrides = ["trainer.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2", "checkpoint.save_final=false",
+                 "eval.at_end=false"]
+    run = launch(tiny_config, tmp_path / "run", overrides)
     assert_ok(run)
+    assert_logged_activation_bytes_match_the_plan(run, tiny_config, overrides)  # with activation checkpointing
     rows = [r for r in run.records() if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
