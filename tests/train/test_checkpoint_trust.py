@@ -106,21 +106,6 @@ def test_no_valid_tag_refuses_names_each_and_keeps_their_files(base, tiny_config
     assert {files_of(ck / QUARANTINE / tag_for(t)) == before[t] for t in (4, 6)} == {True}
 
 
-def test_newest_marker_removed_resumes_previous_and_keeps_the_tag(base, tiny_config, resumed_at_4):
-    """Old code resumed from step 4 too but deleted the intact step_6 and logged steps 5-7 twice."""
-    run_dir = copy_run(base, "newest_marker_gone")
-    ck = run_dir / CHECKPOINTS
-    (ck / tag_for(6) / MARKER).unlink()
-    kept = files_of(ck / tag_for(6))
-    run = launch(tiny_config, run_dir, COMMON)
-    assert_ok(run)
-    assert "resumed from step 4" in run.output
-    assert f"checkpoint {tag_for(6)} failed validation: no COMPLETE marker" in run.output
-    assert files_of(ck / QUARANTINE / tag_for(6)) == kept
-    assert train_rows(run) == list(range(1, 9))  # metrics.jsonl: each step once
-    assert {s: run.losses()[s] for s in range(5, 9)} == resumed_at_4
-
-
 def test_killed_during_the_first_save_starts_over_and_keeps_the_partial_tag(tiny_config, tmp_path):
     """A job killed in its very first save (a SLURM requeue's usual case) has nothing to resume:
     the rerun starts from step 0 by itself (the old code refused until checkpoint.resume=false).

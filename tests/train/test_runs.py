@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megamor.env import repo_root
-from megamor.runs.integrity import MARKER
+from megamor.runs.integrity import MARKER, QUARANTINE
 from megamor.runs.layout import tag_for
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.tags import list_complete, newest_complete
@@ -144,14 +144,22 @@ def test_sigkill_then_resume_with_another_dp_size(runs, tiny_config, stage, befo
 def test_killed_during_save_falls_back_to_previous_checkpoint(runs, tiny_config):
     run_dir = runs.base / "kill_in_save"
     common = ["deepspeed.zero_stage=2"]
+    """The newest tag lacks its marker (here a save killed half-way): the run resumes from the one
+    before, keeps the tag aside (tests/train/test_checkpoint_trust.py checks an intact tag whose
+    marker was lost the same way, in-process) and logs each step once (the old code deleted the
+    tag and logged the redone steps twice)."""
     killed = launch(tiny_config, run_dir, common, nproc=1, env={"MEGAMOR_FAULTS": "sigkill_during_save=10"})
     assert killed.rc == -signal.SIGKILL
     partial = run_dir / "checkpoints" / tag_for(10)
     assert partial.is_dir() and any(partial.glob("*optim_states.pt")) and not (partial / MARKER).exists()
+    partial_files = {p.name for p in partial.iterdir()}
     assert newest_complete(run_dir).step == 5
     resumed = launch(tiny_config, run_dir, common, nproc=1)
     assert_ok(resumed)
     assert "resumed from step 5" in resumed.output
+    assert f"checkpoint {tag_for(10)} failed validation: no COMPLETE marker" in resumed.output
+    assert {p.name for p in (run_dir / "checkpoints" / QUARANTINE / tag_for(10)).iterdir()} == partial_files
+    assert [r["step"] for r in resumed.records() if "train/loss" in r] == list(STEPS)  # metrics.jsonl: each step once
     assert rel_diff(resumed.losses(), runs("ref").losses(), range(6, 21)) <= TOL_RESUME
     assert [c.step for c in list_complete(run_dir)] == [15, 20]
 
