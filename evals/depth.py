@@ -12,8 +12,9 @@ import argparse
 import json
 import sys
 
-from megamor.eval.cli import default_device, run_main, set_threads, tokenizer_for, write_text
+from megamor.eval.cli import add_identity_arg, default_device, run_main, set_threads, tokenizer_for, write_text
 from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
+from megamor.eval.identity import check_identity
 from megamor.eval.text_input import read_text, require_text
 from megamor.runs.load import load_model_and_meta
 
@@ -27,7 +28,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--text", action="append", help="a text to analyse (repeatable)")
     src.add_argument("--file", nargs="+", help="text files (one text per file)")
     p.add_argument("--max-tokens", type=int, default=None, help="per text")
-    p.add_argument("--max-length", type=int, default=None, help="window length (default: the run's data.seq_len, else the model's max_seq_len)")
+    p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    add_identity_arg(p)
     p.add_argument("--html", help="write an HTML rendering here")
     p.add_argument("--plots", help="folder for depth_histogram.png, depth_vs_frequency.png, depth_vs_loss.png")
     p.add_argument("--json", help="write statistics (and per-token traces with --per-token) here")
@@ -41,9 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_threads()
     texts = a.text or [require_text(f, read_text(f)) for f in a.file]
     model, meta = load_model_and_meta(a.checkpoint, device=default_device(a.device))
-    max_length = a.max_length or meta.get("seq_len")  # default: the context it was trained with
     tok = tokenizer_for(a.checkpoint, a.tokenizer)
-    traces = [trace_depth(model, tok, t, max_length=max_length, max_tokens=a.max_tokens) for t in texts]
+    check_identity(meta, a.checkpoint, tok, allow_mismatch=a.allow_tokenizer_mismatch)
+    traces = [trace_depth(model, tok, t, max_length=a.max_length, max_tokens=a.max_tokens) for t in texts]
     if not a.quiet:
         for tr in traces:
             sys.stdout.write(render_terminal(tr))

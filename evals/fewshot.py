@@ -25,7 +25,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--seed", type=int, default=1234, help="k-shot sampling seed")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
-    p.add_argument("--no-prefix", action="store_true", help="do not start each request with EOS")
+    p.add_argument("--no-prefix", action="store_true", help="do not start each request with EOS (as lm-eval's hf model on an export)")
     p.add_argument("--log-samples", action="store_true", help="per-example log-likelihoods in the JSON")
     p.add_argument("--out", help="results JSON (a markdown table is written beside it)")
     return p.parse_args(argv)

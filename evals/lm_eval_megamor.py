@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lm_eval.__main__ import cli_evaluate
 
 import megamor.eval.lm_eval_adapter  # noqa: F401 - registers "megamor"
+from megamor.eval.cli import run_main
 
 if __name__ == "__main__":
-    cli_evaluate()
+    run_main(cli_evaluate)  # bad input (a tokenizer mismatch, a continuation longer than the context): one line, exit 2

@@ -7,8 +7,9 @@
     python evals/perplexity.py --checkpoint run/ --shards data/shards               # valid-NNNNN.npy token shards
 
 Reports token NLL/perplexity, bits per byte, byte and word perplexity (JSON). The context
-defaults to the one the model was trained with (the run's data.seq_len). Bad input (an empty
-or undecodable file, a missing checkpoint) prints one `error:` line and exits 2.
+defaults to the model's max_seq_len. Bad input (an empty or undecodable file, a missing
+checkpoint, a tokenizer or shards other than the ones the checkpoint was trained with) prints
+one `error:` line and exits 2.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.text:  # read (and check) the text before loading a model
         docs = read_texts(args.text, split=args.split, text_key=args.text_key, encoding=args.encoding,
                           errors=args.encoding_errors)[: args.max_docs]
-    scorer, tok, meta = build_scorer(args)
+    scorer, tok, meta = build_scorer(args, shards=args.shards or ())
     if args.text:
         res = perplexity_of_texts(scorer, tok, docs, stride=args.stride)
     else:

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from megamor.eval.cli import run_main, set_threads
+from megamor.eval.cli import add_identity_arg, run_main, set_threads
 from megamor.eval.sweep import Sweep, SweepConfig, discover
 from megamor.eval.tasks import PAPER_TASKS
 
@@ -38,7 +38,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=16384)
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="context length (default: the model's max_seq_len)")
+    add_identity_arg(p)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step, when checkpoints do not record tokens")
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         ppl_split=a.ppl_split, ppl_max_docs=a.ppl_max_docs, stride=a.stride, num_fewshot=a.num_fewshot, limit=a.limit,
         seed=a.seed, tokenizer=a.tokenizer, data_dir=a.data_dir, batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens,
         max_length=a.max_length, device=a.device, dtype=a.dtype, tokens_per_step=a.tokens_per_step,
+        allow_tokenizer_mismatch=a.allow_tokenizer_mismatch,
     )
     sweep = Sweep(cfg, a.out)
     summary: dict = {}

@@ -87,13 +87,14 @@ def _last_validation(run_dir: Path) -> dict:
 def show_samples(run_dir: Path, tok_dir: Path, max_new_tokens: int = 40) -> None:
     import torch  # lazy, as the imports in _render: torch only once training is done (`--help` stays fast)
 
+    from megamor.inference.generate import generate
     from megamor.runs.load import load_model_from_run
 
     torch.manual_seed(0)
     model, cfg = load_model_from_run(run_dir)
     tok = Tokenizer.load(tok_dir)
     prompts = [[tok.eos_id] + tok.encode(p) for p in PROMPTS]  # EOS = start of a document
-    out = model.generate(prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+    out = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
     colour = sys.stdout.isatty()
     print(f"\n== samples (greedy, causal routing; each token's recursion depth 0-{cfg.num_recursions}"
           f"{', coloured' if colour else ' as a subscript'})")

@@ -6,17 +6,20 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megamor.data.atomic import atomic_open
+from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.runs.find import find_tokenizer
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model_and_meta
 
+from .errors import EvalInputError
+from .identity import ALLOW_FLAG, check_identity
 from .scoring import Scorer, model_max_length
 from .tokenizer import EvalTokenizer, load_tokenizer
 
@@ -30,9 +33,14 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = True)
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     g.add_argument("--max-batch-tokens", type=int, default=16384, help="cap on rows x longest row per batch (bounds the logits memory)")
     g.add_argument("--max-length", type=int, default=None,
-                   help="context length (default: the run's data.seq_len, the context the model was trained with; "
-                        "else the model's max_seq_len)")
+                   help="context length; longer requests lose their oldest context tokens (default: the model's max_seq_len)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_identity_arg(g)
+
+
+def add_identity_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(ALLOW_FLAG, action="store_true",
+                   help="evaluate even with a tokenizer or shards other than the ones the checkpoint was trained with")
 
 
 def default_device(device: str | None) -> str:
@@ -46,14 +54,17 @@ def tokenizer_for(source: Any, path: str | None) -> EvalTokenizer:
     return load_tokenizer(p)
 
 
-def build_scorer(args: argparse.Namespace, source: Any = None) -> tuple[Scorer, EvalTokenizer, dict]:
+def build_scorer(args: argparse.Namespace, source: Any = None, shards: Sequence[str] = ()) -> tuple[Scorer, EvalTokenizer, dict]:
+    """The model, its tokenizer (checked against the one it was trained with, and `shards` too:
+    megamor.eval.identity) and a Scorer at the evaluation context."""
     source = source if source is not None else args.checkpoint
     device = default_device(args.device)
     model, meta = load_model_and_meta(source, device=device)
     tok = tokenizer_for(source, args.tokenizer)
+    meta.update(check_identity(meta, source, tok, shards, allow_mismatch=args.allow_tokenizer_mismatch))
     if tok.vocab_size > model.cfg.vocab_size:
         raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-    max_length, meta["context_from"] = context_length(args.max_length, meta, model)
+    max_length, meta["context_from"] = context_length(args.max_length, model)
     scorer = Scorer(
         model,
         batch_size=args.batch_size,
@@ -67,14 +78,12 @@ def build_scorer(args: argparse.Namespace, source: Any = None) -> tuple[Scorer, 
     return scorer, tok, meta
 
 
-def context_length(given: int | None, meta: dict, model: torch.nn.Module) -> tuple[int, str]:
-    """The evaluation context and where it came from: --max-length, else the sequence length the
-    checkpoint was trained with (data.seq_len, recorded in run folders, tags and exports), else
-    the model's max_seq_len."""
+def context_length(given: int | None, model: torch.nn.Module) -> tuple[int, str]:
+    """The evaluation context and where it came from: --max-length, else the model's max_seq_len
+    (as Scorer's default). Not the training data.seq_len: few-shot requests are often longer than
+    the training windows, and left truncation would cut their questions."""
     if given:
         return given, "--max-length"
-    if meta.get("seq_len"):
-        return int(meta["seq_len"]), "data.seq_len of the training run"
     return model_max_length(model), "model.max_seq_len"
 
 
@@ -100,7 +109,7 @@ def run_main(main: Callable[[], Any]) -> None:
 
     try:
         main()
-    except (TaskDataError, CheckpointError, FileNotFoundError) as e:
+    except (TaskDataError, CheckpointError, FileNotFoundError, EvalInputError, TokenizerMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

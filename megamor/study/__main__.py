@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'#':>3} {'run':<28} {'GFLOPs/token':>13} {'steps':>7} {'tokens':>13} {'FLOPs':>10} {'minutes':>8}  done")
         for r, m in zip(runs, est):
             mins = f"{m:8.1f}" if m is not None else f"{'?':>8}"
-            print(f"{r.index:>3} {r.name:<28} {r.forward_flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
+            print(f"{r.index:>3} {r.name:<28} {r.budget.flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
                   f"{r.budget.tokens:>13,} {r.budget.flops:>10.3e} {mins}  {'yes' if is_done(r) else 'no'}")
+        print(f"GFLOPs/token and FLOPs: {study.flops_label} (the study's flops.convention)")
         left = [m for r, m in zip(runs, est) if not is_done(r)]
         if any(m is not None for m in left):
             print(f"runs left: {len(left)}, ~{sum(m or 0.0 for m in left) / 60:.1f} h at the speed of the finished runs "
@@ -140,12 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             except RunFailed as e:
                 print(f"megamor.study: {e}", file=sys.stderr)
                 return e.rc
+            except ConfigError as e:  # e.g. evaluation data made with another tokenizer than the run's
+                print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+                return EXIT_CONFIG
             finally:
                 lock.release()
         if args.index is not None:
             return 0
 
-    results = [load_result(r) for r in runs if is_done(r)]
+    try:
+        results = [load_result(r) for r in runs if is_done(r)]
+    except ConfigError as e:  # a damaged kept result (--report reads them only here)
+        print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     pending = [r.name for r in runs if not is_done(r)]
     write = write_scaling_report if study.budgets else write_report  # several budgets: the scaling report
     path = write(study, results, pending, _command(args))

@@ -4,6 +4,7 @@
     experiment: configs/experiments/demo.yaml     # base experiment of every run
     overrides: [batch.global_batch_size=16]       # applied to every run
     budget: {flops: 1.0e15, count: forward}       # or {tokens: 5000000}
+    flops: {convention: paper}                    # how FLOPs become tokens (default exact)
     seeds: [1, 2]
     data: {text: [${oc.env:MEGAMOR_DATA_DIR}/gutenberg], vocab_size: 4096}
     variants:
@@ -28,6 +29,7 @@ from pathlib import Path
 from megamor.config import ConfigError, key, load_config
 
 BUDGET_COUNTS = ("forward", "training")
+CONVENTIONS = ("exact", "paper")  # megamor.model.flops.CONVENTIONS (not imported: it pulls in torch)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -52,6 +54,21 @@ class BudgetConfig:
             raise ConfigError(key(path, "tokens"), f"must be >= 1, got {self.tokens}")
         if self.count not in BUDGET_COUNTS:
             raise ConfigError(key(path, "count"), f"must be one of {BUDGET_COUNTS}, got {self.count!r}")
+
+
+@dataclass
+class StudyFlopsConfig:
+    # How a FLOP budget becomes each variant's tokens (megamor.model.flops):
+    #   exact: megamor's count of what a forward pass runs (LM head, routers, GQA's K/V at their
+    #          real size, int(c T) routed tokens); the count MFU uses.
+    #   paper: the MoR paper's (Appendix D): no embedding, LM head or router, K/V at d x d,
+    #          capacities as fractions; it reproduces the paper's released step and token counts.
+    # The default is exact so that a study written before this key trains what it trained.
+    convention: str = "exact"
+
+    def validate(self, path: str) -> None:
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(key(path, "convention"), f"must be one of {CONVENTIONS}, got {self.convention!r}")
 
 
 @dataclass
@@ -140,6 +157,7 @@ class StudyConfig:
     nproc: int = 1  # processes per run (torchrun when > 1)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     budgets: list[StudyBudgetConfig] = field(default_factory=list)  # several budgets instead of `budget`
+    flops: StudyFlopsConfig = field(default_factory=StudyFlopsConfig)
     data: StudyDataConfig = field(default_factory=StudyDataConfig)
     variants: list[VariantConfig] = field(default_factory=list)
     eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)
@@ -204,6 +222,11 @@ class StudyConfig:
     @property
     def count(self) -> str:
         return self.run_budgets()[0].count
+
+    @property
+    def flops_label(self) -> str:
+        """How the study's FLOPs are counted, for its report: e.g. 'forward, paper convention'."""
+        return f"{self.count}, {self.flops.convention} convention"
 
     @property
     def out_path(self) -> Path:

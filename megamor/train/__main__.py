@@ -50,18 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.parallel import dist as pdist
     from megamor.parallel.env import resolve_launch_env
     from megamor.parallel.orphan import exit_with_launcher
-    from megamor.train.runlock import RunLock, RunLockedError
+    from megamor.parallel.watchdog import Watchdog, open_store
+    from megamor.train.runlock import RunLock, RunLockedError, RunLockLostError
+    from megamor.train.signals import EXIT_PREEMPTED, write_exit_file
 
     # From here on every phase answers a stop signal (save + 75) and follows the launcher.
     stop = StopRequest().install()
     exit_with_launcher(resolve_launch_env(dict(os.environ)).launcher)
-    from megamor.runs.layout import NoValidCheckpointError
+    from megamor.runs.layout import CheckpointError, NoValidCheckpointError
     from megamor.runs.safe_load import UnsafeCheckpointError
     from megamor.runs.save_errors import CheckpointSaveError
     from megamor.train.trainer import NonFiniteLossError, Trainer
 
     env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
     lock = RunLock(cfg.run_path)
+    limit = cfg.parallel.collective_timeout_s
+    watchdog = Watchdog(env.rank, env.world_size, limit, open_store(env.master_addr, env.master_port, 10.0)
+                        if env.world_size > 1 and limit > 0 else None)
+    watchdog.on_fire += [lock.release, lambda: write_exit_file(EXIT_PREEMPTED)]  # the next attempt finds the folder free
     trainer = None
     try:
         refused = None
@@ -75,23 +81,33 @@ def main(argv: list[str] | None = None) -> int:
             if env.rank == 0:
                 print(f"megamor.train: {refused}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
-        trainer = Trainer(cfg, env, device, tokenizer, stop_request=stop)
+        trainer = Trainer(cfg, env, device, tokenizer, stop_request=stop, run_lock=lock, watchdog=watchdog)
         return trainer.setup().fit()
+    except RunLockLostError as e:  # another trainer writes this folder now: stop, write nothing more
+        if env.rank == 0:
+            print(f"megamor.train: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     except (NoValidCheckpointError, UnsafeCheckpointError) as e:  # the run folder is bad input: refuse
         if env.rank == 0 or isinstance(e, UnsafeCheckpointError):
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    except (CheckpointSaveError, NonFiniteLossError) as e:
+    except (CheckpointSaveError, CheckpointError, NonFiniteLossError) as e:  # raised on every rank alike
         if env.rank == 0:
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except KeyboardInterrupt:  # a second SIGINT: the user abandons the save
         print(f"megamor.train: rank {env.rank}: interrupted twice, stopped without a checkpoint", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    except Exception:  # noqa: BLE001  top-level handler: report the traceback, exit EXIT_FAILED, release the lock
+    except Exception as e:  # noqa: BLE001  top-level handler: report the traceback, exit EXIT_FAILED, release the lock
+        lost = watchdog.peer_lost(e)
+        if lost:  # another rank ended mid-collective (its watchdog fired, or it died): follow it
+            print(f"megamor.train: {lost}", file=sys.stderr, flush=True)
+            write_exit_file(EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
         print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
+        watchdog.stop()
         lock.release()
         stop.uninstall()
         if trainer is not None:

@@ -148,8 +148,15 @@ class ParallelConfig:
     # Megatron-style sequence parallelism inside each TP group: norms, residual stream and router
     # inputs hold T/N tokens per rank between TP regions (megamor.parallel.sequence_parallel).
     sequence: bool = False
+    # Seconds a rank may wait at one place of the loop (a step, a save, validation) while another
+    # rank stopped answering or is elsewhere, before it exits 75 to be requeued
+    # (megamor/parallel/watchdog.py); 0: off, only the process group's 30 min timeout.
+    collective_timeout_s: float = 300.0
 
     def validate(self, path: str) -> None:
+        if not self.collective_timeout_s >= 0 or self.collective_timeout_s == float("inf"):
+            raise ConfigError(key(path, "collective_timeout_s"), f"must be seconds >= 0 (0: off), got "
+                                                                 f"{self.collective_timeout_s}")
         if self.tensor < 1:
             raise ConfigError(key(path, "tensor"), f"must be >= 1, got {self.tensor}")
         if self.sequence and self.tensor == 1:
@@ -160,14 +167,17 @@ class ParallelConfig:
 @dataclass
 class ProfileConfig:
     # [a, b]: record a torch.profiler trace of optimizer steps a..b (1-based, inclusive) on every
-    # rank into RUN/profile/ (megamor/observe/profiler.py); []: off, nothing installed.
+    # rank into RUN/profile/ (megamor/observe/profiler.py); [a]: step a alone; []: off, nothing installed.
     steps: list[int] = field(default_factory=list)
     memory: bool = False  # also record allocations (and, on CUDA, an allocator snapshot)
 
     def validate(self, path: str) -> None:
         s = list(self.steps)
+        if len(s) == 1:  # what the loader suggests for `steps=5`: that step alone
+            s = self.steps = [s[0], s[0]]
         if s and (len(s) != 2 or s[0] < 1 or s[0] > s[1]):
-            raise ConfigError(key(path, "steps"), f"must be [a, b] with 1 <= a <= b (optimizer steps to profile), got {s}")
+            raise ConfigError(key(path, "steps"), f"must be [a, b] with 1 <= a <= b (optimizer steps to profile), or [a] "
+                                                  f"for step a alone, got {s}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import sys
 import lm_eval.evaluator
 import pytest
 
+from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.env import repo_root
 
 
@@ -85,7 +86,8 @@ def test_perplexity_bad_text_is_one_line_exit_2(mor_checkpoint, spm_path, tmp_pa
         assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[0]] and r.stderr.startswith(message), r.stderr
 
 
-def test_perplexity_context_defaults_to_the_trained_seq_len(mor_model, spm_path, tmp_path):
+def test_perplexity_context_defaults_to_the_models_max_seq_len(mor_model, spm_path, tmp_path):
+    """Not the training data.seq_len (issue 27): few-shot requests are longer than training windows."""
     from megamor.export import export
 
     from .test_checkpoint import training_run
@@ -97,7 +99,7 @@ def test_perplexity_context_defaults_to_the_trained_seq_len(mor_model, spm_path,
     ppl = load("perplexity")
     for source in (run, export(run)):
         out = ppl.main(["--checkpoint", str(source), "--tokenizer", str(spm_path), "--text", str(text), "--no-progress"])
-        assert out["perplexity"]["max_length"] == 128 and out["meta"]["context_from"] == "data.seq_len of the training run"
+        assert out["perplexity"]["max_length"] == 256 and out["meta"]["context_from"] == "model.max_seq_len"
     out = ppl.main(["--checkpoint", str(run), "--tokenizer", str(spm_path), "--text", str(text), "--no-progress",
                     "--max-length", "64"])
     assert out["perplexity"]["max_length"] == 64
@@ -125,6 +127,8 @@ def test_perplexity_reads_tokenize_and_shard_valid_shards_by_default(mor_checkpo
     rng = np.random.default_rng(0)
     np.save(tmp_path / "valid-00000.npy", rng.integers(4, 200, 300).astype(np.uint16))  # as data_prep names them
     np.save(tmp_path / "valid-00000.docs.npy", np.array([0], dtype=np.int64))
-    res = load("perplexity").main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--shards",
-                                   str(tmp_path), "--no-progress"])["perplexity"]
+    args = ["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--shards", str(tmp_path), "--no-progress"]
+    with pytest.raises(TokenizerMismatchError, match=r"no readable manifest\.json"):  # bare arrays: tokenizer unknown
+        load("perplexity").main(args)
+    res = load("perplexity").main([*args, "--allow-tokenizer-mismatch"])["perplexity"]
     assert res["tokens"] == 300

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megamor.inference.generate import generate
 from megamor.model import MoRLM
 from megamor.testing.distributed import run_distributed
 from tests.model.helpers import tiny_config
@@ -158,8 +159,8 @@ def _decode_and_score(model: MoRLM) -> dict:
 
     model.eval()
     prompts = [[5, 17, 40, 99], [7, 8]]
-    greedy = model.generate(prompts, max_new_tokens=6).tokens
-    sampled = model.generate(prompts, max_new_tokens=6, temperature=1.0, top_k=20, seed=3).tokens
+    greedy = generate(model, prompts, max_new_tokens=6).tokens
+    sampled = generate(model, prompts, max_new_tokens=6, temperature=1.0, top_k=20, seed=3).tokens
     lls = Scorer(model, batch_size=2).loglikelihood([([5, 17, 40], [99, 3]), ([7], [8, 9, 10])])
     return {"greedy": greedy, "sampled": sampled, "lls": lls}
 

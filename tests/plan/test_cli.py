@@ -106,6 +106,9 @@ def test_text_report(config, capsys):
     (["--world", "3"], "batch.global_batch_size"),  # 32 sequences do not split over 3 x micro 4
     (["--world", "2", "parallel.tensor=2", "deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
     (["--gpu-mem-gib", "80"], "--peak-tflops"),
+    (["--gpu-mem-gib", "nan", "--peak-tflops", "100"], "'--gpu-mem-gib': must be a finite positive number, got nan"),
+    (["--gpu-mem-gib", "inf", "--peak-tflops", "100"], "'--gpu-mem-gib': must be a finite positive number, got inf"),
+    (["--gpu-mem-gib", "80", "--peak-tflops", "inf"], "'--peak-tflops': must be a finite positive number, got inf"),
     (["--mfu", "1.5"], "--mfu"),
 ])
 def test_bad_input_is_one_line_and_exit_2(config, capsys, argv, needle):

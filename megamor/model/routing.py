@@ -1,0 +1,309 @@
+"""The MoR routing policy: which tokens run recursion step r, and with what gate.
+
+This module is the one place the routing rule lives. `MoRLM.forward` (training and
+evaluation), both decoding steps (`megamor.inference.step`, `megamor.inference.graph_step`)
+and the exported Hugging Face model (`modeling_megamor.py`, which ships this file beside it)
+all route through `RoutingPolicy`. It imports only torch, so it also runs as a standalone
+remote-code file; change a routing rule here and every path follows.
+
+Modes:
+  TOPK    training's rule (expert choice: the top-k_r tokens of each sequence at step r); in
+          training it also returns the auxiliary losses and router health statistics and
+          updates the routers' running state (learned threshold, loss-free balancing load).
+  CAUSAL  evaluation and decoding: a token's decision depends on its own hidden state only
+          (expert choice: router logit > the router's `threshold`).
+Token choice is causal in both modes: each token picks its depth once, at the first step.
+
+The gate scales a selected token's residual update, h <- h + g * (step(h) - h); `gate_fn`
+computes it (replace it to try another gate: every path uses the policy's).
+
+Routers are modules owned by the model, used through a small interface:
+  expert choice (`model.routers[r]`): `router(h)` -> logits [..., T] fp32; `router.threshold`;
+    `router.scale` (None, or a module alpha * activation for a learned alpha); in training
+    `router.track_boundary(boundary, has)`.
+  token choice (`model.depth_router`): `router(h)` -> logits [..., T, N_r] fp32; `router.bias`;
+    in training with loss-free balancing `router.track_load(choice, valid)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TOPK = "topk"
+CAUSAL = "causal"
+EXPERT, TOKEN = "expert_choice", "token_choice"
+HEALTH_PREFIX = "router_health"
+SATURATION_EPS = 1e-3
+
+
+@dataclass
+class RoutingSettings:
+    """What the rule needs from the model config, as plain values (an export's config.json
+    carries them as `routing`). capacities: expert choice's kept fraction per step;
+    gate_scale: alpha (a learned alpha lives in the router instead)."""
+
+    type: str = "none"  # none | expert_choice | token_choice
+    capacities: list[float] = field(default_factory=list)
+    gate_scale: float = 1.0
+    activation: str = "sigmoid"  # sigmoid | tanh
+    straight_through: bool = False
+    bce_coef: float = 0.0
+    z_coef: float = 0.0
+    balance_coef: float = 0.0  # token choice's balancing loss (0 under loss-free balancing)
+    bce_smoothing: float = 0.0
+    bce_full_capacity_steps: bool = True
+    learn_threshold: bool = False
+    loss_free: bool = False
+
+
+# -- the rule's pieces (pure functions) ----------------------------------------------------
+def top_k_size(capacity: float, seq_len: int) -> int:
+    """Tokens per sequence that expert choice keeps in training at this capacity."""
+    return seq_len if capacity >= 1.0 else max(1, int(capacity * seq_len))
+
+
+def activation(s: RoutingSettings, logits: Tensor) -> Tensor:
+    """The gate's shape: sigmoid or tanh of the logit; straight-through: forward value 1
+    (the gradient stays the activation's)."""
+    act = torch.sigmoid(logits) if s.activation == "sigmoid" else torch.tanh(logits)
+    if s.straight_through:
+        return act + (1.0 - act).detach()
+    return act
+
+
+def standard_gate(s: RoutingSettings, kind: str, x: Tensor, scale: Any) -> Tensor:
+    """The gate of a selected token. Expert choice: x = router logits, g = alpha *
+    activation(x); token choice: x = the chosen depth's probability, g = alpha * x. scale is
+    alpha: a float, or a module (learned alpha) called on the activation."""
+    if kind == TOKEN:
+        return scale * x
+    act = activation(s, x)
+    return scale(act) if callable(scale) else scale * act
+
+
+GateFn = Callable[[RoutingSettings, str, Tensor, Any], Tensor]
+
+
+def expert_choice_top_k(logits: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(selected [B, T] bool, boundary [B], has_boundary [B] bool): the top-k candidates of each
+    row, and the logit midway between the k-th and the (k+1)-th candidate, where top-k cut the
+    row (the k-th itself when nothing follows; none when a row has fewer than k candidates)."""
+    masked = logits.masked_fill(~candidates, float("-inf"))
+    vals, idx = masked.topk(min(k + 1, logits.shape[1]), dim=1)
+    chosen = torch.zeros_like(candidates).scatter_(1, idx[:, :k], True)
+    kth = vals[:, k - 1]
+    nxt = vals[:, k] if vals.shape[1] > k else kth
+    nxt = torch.where(torch.isfinite(nxt), nxt, kth)
+    has = torch.isfinite(kth)
+    boundary = torch.where(has, (kth + nxt) / 2, torch.zeros_like(kth))
+    return chosen & candidates, boundary, has  # rows with fewer than k candidates keep all of them
+
+
+def expert_choice_aux_losses(
+    logits: Tensor, candidates: Tensor, selected: Tensor, smoothing: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """(BCE towards the selection, z-loss), both means over candidate tokens (0 if none).
+    Masked means rather than boolean indexing: no data-dependent shapes, no host sync. With
+    smoothing eps the targets are eps / 1-eps: the BCE's minimum sits at |logit| =
+    log((1-eps)/eps) instead of at infinity (see evals/results/router.md)."""
+    w = candidates.float()
+    n = w.sum().clamp(min=1.0)
+    target = selected.float()
+    if smoothing:
+        target = target * (1.0 - 2.0 * smoothing) + smoothing
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=w, reduction="sum") / n
+    return bce, (logits.pow(2) * w).sum() / n
+
+
+def depth_counts(choice: Tensor, valid: Tensor, num_depths: int) -> Tensor:
+    """Valid tokens [num_depths] that chose each depth (fixed shapes: no host sync, unlike
+    boolean indexing or F.one_hot, which checks its input's range on the host)."""
+    hits = choice.unsqueeze(-1) == torch.arange(num_depths, device=choice.device)
+    return (hits & valid.unsqueeze(-1)).flatten(0, -2).sum(0)
+
+
+def token_choice_aux_losses(choice: Tensor, probs: Tensor, logits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(Switch-style balancing loss N * sum_i f_i P_i, router z-loss), over valid tokens."""
+    n = probs.shape[-1]
+    w = valid.float().unsqueeze(-1)
+    count = w.sum().clamp(min=1.0)
+    f = depth_counts(choice, valid, n).float() / count
+    p_mean = (probs * w).flatten(0, -2).sum(0) / count
+    balance = n * (f * p_mean).sum()
+    z = (torch.logsumexp(logits, -1).pow(2) * w.squeeze(-1)).sum() / count
+    return balance, z
+
+
+def step_health(r: int, logits: Tensor, candidates: Tensor, selected: Tensor) -> dict[str, Tensor]:
+    """Expert choice's health at step r (0-based; named r+1) over its candidate tokens: logit
+    mean/std/max |.|, the share whose sigmoid is within 1e-3 of 0 or 1 (a saturated gate passes
+    no LM gradient), and this step's BCE against the top-k selection. Keys
+    `router_health/r{r+1}/<stat>`; masked reductions: fixed shapes, no host sync."""
+    x = logits.detach().float()
+    w = candidates.float()
+    n = w.sum().clamp(min=1.0)
+    mean = (x * w).sum() / n
+    var = (((x - mean) ** 2) * w).sum() / n
+    s = torch.sigmoid(x)
+    sat = ((s < SATURATION_EPS) | (s > 1 - SATURATION_EPS)).float()
+    name = f"{HEALTH_PREFIX}/r{r + 1}"
+    return {
+        f"{name}/logit_mean": mean,
+        f"{name}/logit_std": var.sqrt(),
+        f"{name}/logit_max_abs": (x.abs() * w).amax(),
+        f"{name}/saturated": (sat * w).sum() / n,
+        f"{name}/bce": F.binary_cross_entropy_with_logits(x, selected.float(), weight=w, reduction="sum") / n,
+    }
+
+
+# -- router agreement: the causal rule against training's top-k ------------------------------
+def agreement_counts(logits: Tensor, candidates: Tensor, topk: Tensor, threshold: Tensor | float) -> Tensor:
+    """[causal & topk, causal, topk] token counts (float64) of one routed step: the causal
+    choice is candidates & logit > threshold (the router's `threshold`, a logit), compared
+    with the top-k selection."""
+    causal = candidates & (logits.float() > threshold)
+    top = topk & candidates
+    return torch.stack([(causal & top).sum(), causal.sum(), top.sum()]).double()
+
+
+def trace_agreement(routers: Any, trace: list) -> dict[int, Tensor]:
+    """Agreement counts per routed step (0-based) of a top-k forward's `router_trace`."""
+    return {r: agreement_counts(logits, cand, sel, routers[r].threshold) for r, logits, cand, sel in trace}
+
+
+def precision_recall(counts: Any) -> tuple[float, float]:
+    """(precision, recall) of the causal choice against top-k from summed agreement counts
+    (nan where undefined)."""
+    both, causal, top = (float(v) for v in (counts.tolist() if isinstance(counts, Tensor) else counts))
+    return (both / causal if causal else float("nan")), (both / top if top else float("nan"))
+
+
+# -- the policy ------------------------------------------------------------------------------
+@dataclass
+class StepRouting:
+    """One recursion step's decision. selected: [..., T] bool, the tokens that run it (a subset
+    of the candidates); gate: [..., T] fp32 scale of their update, or None (ungated);
+    keeps_all: selected is the candidates by construction (nothing to count); fixed: the
+    tokens per row known from shapes alone (training top-k); counted: the largest row's count,
+    already read from the device (token choice reads every step's at once)."""
+
+    selected: Tensor
+    gate: Tensor | None
+    keeps_all: bool
+    fixed: int | None = None
+    counted: int | None = None
+
+
+class RoutingPolicy:
+    """The routing rule of one model (see the module docstring). `start` opens one forward
+    pass's routing; its `step(r, h, candidates)` decides step r."""
+
+    def __init__(self, settings: RoutingSettings, gate_fn: GateFn = standard_gate):
+        self.settings = settings
+        self.gate_fn = gate_fn
+
+    def gate(self, kind: str, x: Tensor, scale: Any) -> Tensor:
+        return self.gate_fn(self.settings, kind, x, scale)
+
+    def start(self, model: Any, mode: str, training: bool = False, record: bool = False,
+              count: bool = False) -> RoutingPass:
+        """model: holds `routers` (expert choice) or `depth_router` (token choice), None where
+        absent. training (with TOPK): losses, health and router state updates. record: keep
+        each routed expert-choice step's (step, logits, candidates, selected) in `trace`.
+        count: token choice reads its per-step lengths from the device (one read per forward)."""
+        return RoutingPass(self, getattr(model, "routers", None), getattr(model, "depth_router", None), mode,
+                           training and mode == TOPK, record, count)
+
+
+class RoutingPass:
+    """The routing state of one forward pass: token choice's depth choice, auxiliary losses,
+    health statistics and the router trace."""
+
+    def __init__(self, policy: RoutingPolicy, routers: Any, depth_router: Any, mode: str, training: bool,
+                 record: bool, count: bool):
+        self.policy, self.routers, self.depth_router = policy, routers, depth_router
+        self.mode, self.training, self.record, self.count = mode, training, record, count
+        self.aux: dict[str, Tensor] = {}
+        self.health: dict[str, Tensor] = {}
+        self.trace: list[tuple[int, Tensor, Tensor, Tensor]] = []
+        self._n_bce = 0
+        self._choice: Tensor | None = None
+        self._gate: Tensor | None = None
+        self._reach: list[int] | None = None
+
+    def step(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
+        """Step r's decision for hidden states h [..., T, D] and candidates [..., T] (bool: the
+        tokens that ran step r-1, or every valid token at r = 0)."""
+        if self.routers is not None:
+            return self._expert(r, h, candidates)
+        if self.depth_router is not None:
+            return self._token(r, h, candidates)
+        return StepRouting(candidates, None, keeps_all=True)
+
+    def _expert(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
+        s = self.policy.settings
+        router = self.routers[r]
+        logits = router(h)
+        capacity = s.capacities[r]
+        fixed = None
+        if capacity >= 1.0:
+            selected = candidates
+        elif self.mode == CAUSAL:
+            selected = candidates & (logits > router.threshold)
+        else:
+            fixed = top_k_size(capacity, logits.shape[-1])
+            selected, boundary, has = expert_choice_top_k(logits, candidates, fixed)
+            if self.training and s.learn_threshold:
+                router.track_boundary(boundary, has)
+        gate = self.policy.gate(EXPERT, logits, router.scale if router.scale is not None else s.gate_scale)
+        if self.training:
+            bce, z = expert_choice_aux_losses(logits, candidates, selected, s.bce_smoothing)
+            if s.bce_full_capacity_steps or capacity < 1.0:
+                self.aux["router_bce"] = self.aux.get("router_bce", 0) + bce
+                self._n_bce += 1
+            self.aux["router_z"] = self.aux.get("router_z", 0) + z
+            self.health.update(step_health(r, logits, candidates, selected))
+        if self.record and capacity < 1.0:
+            self.trace.append((r, logits.detach(), candidates, selected))
+        return StepRouting(selected, gate, keeps_all=capacity >= 1.0, fixed=fixed)
+
+    def _token(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
+        s = self.policy.settings
+        if r == 0:  # each token picks its depth once, from the first shared step's input
+            router = self.depth_router
+            logits = router(h)
+            probs = logits.softmax(-1)
+            choice = (probs + router.bias).argmax(-1)  # the bias (loss-free balancing) steers the choice only
+            if self.training and s.loss_free:
+                router.track_load(choice, candidates)
+            self._choice = choice
+            self._gate = self.policy.gate(TOKEN, probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1), s.gate_scale)
+            if self.training:
+                self.aux["router_balance"], self.aux["router_z"] = token_choice_aux_losses(choice, probs, logits, candidates)
+            if self.count:  # one read of the device for every step's length
+                self._reach = torch.stack([(candidates & (choice >= q)).sum(-1).max()
+                                           for q in range(probs.shape[-1])]).tolist()
+            return StepRouting(candidates, self._gate, keeps_all=True)
+        selected = candidates & (self._choice >= r)
+        return StepRouting(selected, self._gate, keeps_all=False,
+                           counted=self._reach[r] if self._reach is not None else None)
+
+    def losses(self, like: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(weighted auxiliary loss, a scalar to add to the LM loss; the unweighted losses,
+        detached, and the health statistics, for logging). Call after the last step."""
+        s = self.policy.settings
+        aux = dict(self.aux)
+        if self._n_bce:
+            aux["router_bce"] = aux["router_bce"] / self._n_bce  # a mean over steps: comparable across N_r
+        coefs = {"router_bce": s.bce_coef, "router_z": s.z_coef, "router_balance": s.balance_coef}
+        total = like.new_zeros((), dtype=torch.float32)
+        for name, value in aux.items():
+            if coefs[name]:
+                total = total + coefs[name] * value
+        return total, {**{k: v.detach() for k, v in aux.items()}, **self.health}
