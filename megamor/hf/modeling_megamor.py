@@ -24,7 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megamor import MegamorConfig
-from .routing import CAUSAL, RoutingPolicy, RoutingSettings
+from .routing import CAUSAL, RoutingPolicy, RoutingSettings, update
 
 
 def _get(m: dict, key: str, default):
@@ -249,7 +249,7 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         active, routing = valid, self.routing.start(self, CAUSAL)
         for r, layer_ids in enumerate(self.steps):
             step = routing.step(r, h, active)
-            h, site = self._routed_step(layer_ids, site, h, step.selected, step.gate, pos, rope, kv)
+            h, site = self._routed_step(layer_ids, site, h, step, pos, rope, kv)
             active = step.selected
         h, _ = self._run_layers(self.coda, site, h, pos, valid, rope, kv)
         h = self.norm(h)
@@ -262,9 +262,10 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _routed_step(self, layer_ids, site, h, selected, gate, pos, rope, kv):
+    def _routed_step(self, layer_ids, site, h, step, pos, rope, kv):
         """Run one recursion step on the selected tokens only (gathered left-aligned in
-        positional order), gate their update, scatter them back."""
+        positional order), gate their update (the routing policy's `update`), scatter them back."""
+        selected = step.selected
         n = int(selected.sum(1).max())
         if n == 0:
             return h, site + len(layer_ids)
@@ -276,8 +277,9 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
 
         x = take(h)
         y, site = self._run_layers(layer_ids, site, x, pos.gather(1, idx), slots, (take(rope[0]), take(rope[1])), kv)
-        if gate is not None:
-            y = x + gate.gather(1, idx).unsqueeze(-1).to(x.dtype) * (y - x)
+        if step.gate is not None:
+            exits = None if step.exits is None else step.exits.gather(1, idx)
+            y = update(x, y, step.gate.gather(1, idx), exits, None if exits is None else take(step.base))
         y = torch.where(slots.unsqueeze(-1), y, x)
         return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), y), site
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.inference.step import layer_attend_and_mlp, layer_query
 from megamor.model.mor import MoRLM
-from megamor.model.routing import CAUSAL
+from megamor.model.routing import CAUSAL, update
 
 
 def default_buckets(model: MoRLM, slots: int, slack: float = 1.25) -> list[int]:
@@ -113,9 +113,9 @@ class GraphStep:
             y = x
             for phys, site in zip(layer_ids, site_ids):
                 y = self._attend(phys, site, y, rows, valid, c, s_, overflow)
-            if gate is not None:
-                g = gate if rows is None else gate[rows]
-                y = x + g[:, None, None].to(x.dtype) * (y - x)
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+            exits = None if step.exits is None else pick(step.exits)
+            y = update(x, y, None if gate is None else pick(gate)[:, None], exits, None if exits is None else pick(step.base))
             y = torch.where(valid[:, None, None], y, x)
             h = y if rows is None else h.index_copy(0, rows, y)
             depth = depth + sel.long()

@@ -11,6 +11,7 @@ from megamor.config import ConfigError, key, load_config
 SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
 ROUTERS = ("none", "expert_choice", "token_choice")
 KV_MODES = ("recursion_wise", "shared")
+TOKEN_UPDATES = ("gated_residual", "paper")
 
 
 @dataclass
@@ -61,6 +62,12 @@ class RouterConfig:
     balancing: str = "loss"  # token choice: loss | loss_free
     balance_coef: float = 0.1  # token choice, balancing=loss
     bias_update_rate: float = 0.001  # token choice, balancing=loss_free
+    # Token choice: how a token's recursion steps update it. gated_residual (megamor's): every
+    # step's residual update gated by the chosen depth's probability, h <- h + g (step(h) - h).
+    # paper: Eq. 2 as the official code runs it: steps before the chosen depth ungated,
+    # h <- step(h); at the chosen depth the output is H^1 + g * step(h), H^1 the first
+    # recursion's input. Which should be mor_token_N's default is not decided (docs/paper.md).
+    token_choice_update: str = "gated_residual"
 
     def validate(self, path: str) -> None:
         if self.type not in ROUTERS:
@@ -85,6 +92,11 @@ class RouterConfig:
             raise ConfigError(key(path, "threshold_momentum"), f"must be in [0, 1), got {self.threshold_momentum}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(key(path, "alpha"), "must be positive")
+        if self.token_choice_update not in TOKEN_UPDATES:
+            raise ConfigError(key(path, "token_choice_update"),
+                              f"must be one of {TOKEN_UPDATES}, got {self.token_choice_update!r}")
+        if self.token_choice_update != "gated_residual" and self.type != "token_choice":
+            raise ConfigError(key(path, "token_choice_update"), "applies to token choice only")
         if self.gate_straight_through and self.type != "expert_choice":
             raise ConfigError(key(path, "gate_straight_through"), "applies to expert choice only")
 

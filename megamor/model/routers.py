@@ -49,6 +49,7 @@ def routing_settings(cfg: ModelConfig) -> RoutingSettings:
         bce_full_capacity_steps=r.bce_full_capacity_steps,
         learn_threshold=r.learn_threshold,
         loss_free=r.balancing == "loss_free",
+        token_update=r.token_choice_update,
     )
 
 

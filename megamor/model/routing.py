@@ -15,7 +15,11 @@ Modes:
 Token choice is causal in both modes: each token picks its depth once, at the first step.
 
 The gate scales a selected token's residual update, h <- h + g * (step(h) - h); `gate_fn`
-computes it (replace it to try another gate: every path uses the policy's).
+computes it (replace it to try another gate: every path uses the policy's). Token choice's
+`token_update: paper` is the paper's Eq. 2 as its official code runs it: the steps before a
+token's chosen depth are ungated (h <- step(h)), and at its chosen depth i its output is
+H^1 + g * step(h), H^1 the first recursion's input. `update` applies the rule: every path
+gathers the step's tensors the same way and calls it.
 
 Routers are modules owned by the model, used through a small interface:
   expert choice (`model.routers[r]`): `router(h)` -> logits [..., T] fp32; `router.threshold`;
@@ -40,6 +44,7 @@ CAUSAL = "causal"
 EXPERT, TOKEN = "expert_choice", "token_choice"
 HEALTH_PREFIX = "router_health"
 SATURATION_EPS = 1e-3
+GATED_RESIDUAL, PAPER = "gated_residual", "paper"  # token choice's update rules
 
 
 @dataclass
@@ -60,6 +65,7 @@ class RoutingSettings:
     bce_full_capacity_steps: bool = True
     learn_threshold: bool = False
     loss_free: bool = False
+    token_update: str = GATED_RESIDUAL  # token choice: gated_residual | paper (Eq. 2)
 
 
 # -- the rule's pieces (pure functions) ----------------------------------------------------
@@ -88,6 +94,20 @@ def standard_gate(s: RoutingSettings, kind: str, x: Tensor, scale: Any) -> Tenso
 
 
 GateFn = Callable[[RoutingSettings, str, Tensor, Any], Tensor]
+
+
+def update(x: Tensor, y: Tensor, gate: Tensor | None, exits: Tensor | None = None,
+           base: Tensor | None = None) -> Tensor:
+    """The new hidden state of the tokens that ran a step: x [..., n, D] their input, y the
+    step's output, gate [..., n] (None: ungated, y). exits/base (token choice's paper rule):
+    the tokens whose chosen depth this is leave with base + gate * y (base = H^1, the first
+    recursion's input); the others continue with y, ungated."""
+    if gate is None:
+        return y
+    g = gate.unsqueeze(-1).to(x.dtype)
+    if exits is None:
+        return x + g * (y - x)
+    return torch.where(exits.unsqueeze(-1), base + g * y, y)
 
 
 def expert_choice_top_k(logits: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -191,13 +211,17 @@ class StepRouting:
     of the candidates); gate: [..., T] fp32 scale of their update, or None (ungated);
     keeps_all: selected is the candidates by construction (nothing to count); fixed: the
     tokens per row known from shapes alone (training top-k); counted: the largest row's count,
-    already read from the device (token choice reads every step's at once)."""
+    already read from the device (token choice reads every step's at once). exits, base: set
+    by token choice's paper rule (see `update`): [..., T] bool, the tokens whose chosen depth
+    is this step, and H^1 [..., T, D]; gather them like the gate and pass them to `update`."""
 
     selected: Tensor
     gate: Tensor | None
     keeps_all: bool
     fixed: int | None = None
     counted: int | None = None
+    exits: Tensor | None = None
+    base: Tensor | None = None
 
 
 class RoutingPolicy:
@@ -236,6 +260,7 @@ class RoutingPass:
         self._choice: Tensor | None = None
         self._gate: Tensor | None = None
         self._reach: list[int] | None = None
+        self._base: Tensor | None = None
 
     def step(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         """Step r's decision for hidden states h [..., T, D] and candidates [..., T] (bool: the
@@ -289,10 +314,18 @@ class RoutingPass:
             if self.count:  # one read of the device for every step's length
                 self._reach = torch.stack([(candidates & (choice >= q)).sum(-1).max()
                                            for q in range(probs.shape[-1])]).tolist()
-            return StepRouting(candidates, self._gate, keeps_all=True)
+            if s.token_update == PAPER:
+                self._base = h
+            return StepRouting(candidates, self._gate, keeps_all=True, **self._paper_rule(0))
         selected = candidates & (self._choice >= r)
         return StepRouting(selected, self._gate, keeps_all=False,
-                           counted=self._reach[r] if self._reach is not None else None)
+                           counted=self._reach[r] if self._reach is not None else None, **self._paper_rule(r))
+
+    def _paper_rule(self, r: int) -> dict[str, Tensor]:
+        """Token choice's paper rule: the tokens leaving at step r, and H^1."""
+        if self._base is None:
+            return {}
+        return {"exits": self._choice == r, "base": self._base}
 
     def losses(self, like: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted auxiliary loss, a scalar to add to the LM loss; the unweighted losses,
