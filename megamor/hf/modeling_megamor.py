@@ -135,6 +135,8 @@ class ExpertRouter(nn.Module):
         # The causal rule's cut on the logit (megamor's routers.N.threshold; exports from before
         # it was learned keep the fixed logit(causal_threshold), set by _init_weights).
         self.register_buffer("threshold", torch.full((1,), causal_logit(r)))
+        # router.aux_router: the causal rule's own router (megamor's routers.N.aux)
+        self.aux = router_net(d, 1, r) if _get(r, "aux_router", False) else None
 
     def forward(self, h: Tensor) -> Tensor:
         return self.net(h).squeeze(-1).float()  # logits [B, T]; the routing policy decides

@@ -113,9 +113,11 @@ class GraphStep:
             y = x
             for phys, site in zip(layer_ids, site_ids):
                 y = self._attend(phys, site, y, rows, valid, c, s_, overflow)
-            pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
-            exits = None if step.exits is None else pick(step.exits)
-            y = update(x, y, None if gate is None else pick(gate)[:, None], exits, None if exits is None else pick(step.base))
+            exits, base = step.exits, step.base
+            if rows is not None:
+                gate = None if gate is None else gate[rows]
+                exits, base = (None, None) if exits is None else (exits[rows], base[rows])
+            y = update(x, y, None if gate is None else gate[:, None], exits, base)
             y = torch.where(valid[:, None, None], y, x)
             h = y if rows is None else h.index_copy(0, rows, y)
             depth = depth + sel.long()

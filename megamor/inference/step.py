@@ -94,7 +94,6 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
             active, active_t = active[kept], active_t[torch.from_numpy(kept).to(device)]
         candidates = step.selected
         hc = h.index_select(0, active_t)
-        pick = lambda t: None if t is None else t.index_select(0, active_t)  # noqa: E731
         tokens_per_step.append(len(active))
         if len(active) == 0:
             break  # routing is hierarchical: nobody runs any later step either
@@ -102,7 +101,7 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
         sub_rows, sub_cos, sub_sin = rows.take(active, active_t), cos[active_t], sin[active_t]
         for phys, site in zip(layer_ids, site_ids):
             y = _apply_layer(model, cache, phys, site, y, sub_rows, sub_cos, sub_sin, memo)
-        y = update(hc, y, pick(step.gate), pick(step.exits), pick(step.base))
+        y = update(hc, y, *(None if t is None else t.index_select(0, active_t) for t in (step.gate, step.exits, step.base)))
         h = h.index_copy(0, active_t, y)
         depth[active] += 1
     tokens_per_step += [0] * (len(model.steps) - len(tokens_per_step))

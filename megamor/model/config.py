@@ -20,7 +20,9 @@ class RouterConfig:
     # Expert choice: fraction of each sequence's tokens kept at recursion step r (non-increasing).
     # None means the paper's default (N_r - r) / N_r.
     capacity: list[float] | None = None
-    activation: str = "sigmoid"  # sigmoid | tanh (gate = alpha * activation(router logit))
+    # Expert choice: gate = alpha * activation(router logit); none: the raw logit, no alpha (the
+    # official code's `router_func: null`).
+    activation: str = "sigmoid"  # sigmoid | tanh | none
     alpha: float | None = None  # None: 0.1 for expert choice, 1.0 for token choice
     network: str = "linear"  # linear | mlp
     mlp_hidden: int = 0  # hidden width of the mlp router; 0 means d_model // 4
@@ -68,12 +70,47 @@ class RouterConfig:
     # h <- step(h); at the chosen depth the output is H^1 + g * step(h), H^1 the first
     # recursion's input. Which should be mor_token_N's default is not decided (docs/paper.md).
     token_choice_update: str = "gated_residual"
+    # -- the official code's other router knobs (all off, or today's behaviour, by default) --
+    # Token choice's depth probabilities: softmax over the N_r depths, or an independent
+    # sigmoid per depth (then alpha defaults to 0.1, as the official code's).
+    token_func: str = "softmax"  # softmax | sigmoid
+    temperature: float = 1.0  # the router sees h / temperature (the official `temp`)
+    # weighted: the gate is the router weight; unweighted: the gate is 1 (the router then learns
+    # from its auxiliary losses only).
+    gating: str = "weighted"  # weighted | unweighted
+    # Expert choice: training's capacity falls from 1.0 to its target on a half cosine over the
+    # first cap_warmup_step optimizer steps (the official code counts forward calls: the same
+    # at gradient accumulation 1). 0: off.
+    cap_warmup_step: int = 0
+    # Token choice: every token runs every recursion during optimizer steps 1..bal_warmup_step-1
+    # (the official code's test `step < bal_warmup_step`); loss-free balancing's bias stays 0
+    # meanwhile. 0: off.
+    bal_warmup_step: int = 0
+    # Expert choice: the BCE over recursion steps: mean (megamor's: one coefficient for any N_r)
+    # or sum (the official code's: with it the paper's 0.001 is N_r times a mean's 0.001).
+    bce_reduction: str = "mean"  # mean | sum
+    # Expert choice: a separate router of the same network trained (BCE, weight 1) on detached
+    # hidden states to predict the top-k selection; causal routing (evaluation, decoding) keeps
+    # a token when its sigmoid > 0.5. The main router then gets no BCE (the official
+    # `sampling: aux_router`).
+    aux_router: bool = False
 
     def validate(self, path: str) -> None:
         if self.type not in ROUTERS:
             raise ConfigError(key(path, "type"), f"must be one of {ROUTERS}, got {self.type!r}")
-        if self.activation not in ("sigmoid", "tanh"):
-            raise ConfigError(key(path, "activation"), f"must be sigmoid or tanh, got {self.activation!r}")
+        if self.activation not in ("sigmoid", "tanh", "none"):
+            raise ConfigError(key(path, "activation"), f"must be sigmoid, tanh or none, got {self.activation!r}")
+        for name, allowed in (("token_func", ("softmax", "sigmoid")), ("gating", ("weighted", "unweighted")),
+                              ("bce_reduction", ("mean", "sum"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(key(path, name), f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise ConfigError(key(path, "temperature"), f"must be positive, got {self.temperature}")
+        for name in ("cap_warmup_step", "bal_warmup_step"):
+            if getattr(self, name) < 0:
+                raise ConfigError(key(path, name), "must be >= 0")
+        if self.aux_router and self.type != "expert_choice":
+            raise ConfigError(key(path, "aux_router"), f"applies to expert choice only (router.type is {self.type!r})")
         if self.network not in ("linear", "mlp"):
             raise ConfigError(key(path, "network"), f"must be linear or mlp, got {self.network!r}")
         if self.balancing not in ("loss", "loss_free"):
@@ -104,7 +141,7 @@ class RouterConfig:
     def gate_scale(self) -> float:
         if self.alpha is not None:
             return self.alpha
-        return 0.1 if self.type == "expert_choice" else 1.0
+        return 0.1 if self.type == "expert_choice" or self.token_func == "sigmoid" else 1.0
 
 
 @dataclass

@@ -372,7 +372,7 @@ class MoRLM(nn.Module):
         for phys, site in zip(layer_ids, site_ids):
             y = self._apply_layer(phys, site, y, sub_meta, sub_rope, cache, shared)
         if step.gate is not None:
-            pick = (lambda t: lay.local(t)) if idx is None else (lambda t: lay.local(t.gather(1, idx)))  # noqa: E731
+            pick = (lambda t: lay.local(t)) if idx is None else (lambda t: lay.local(t.gather(1, idx)))
             base = None if step.base is None else (step.base if idx is None else lay.take(step.base, idx))
             y = update(x, y, pick(step.gate), None if step.exits is None else pick(step.exits), base)
         if idx is None:
@@ -406,6 +406,11 @@ class MoRLM(nn.Module):
         if cache is None and source is None and self.cfg.kv_mode == "shared":
             shared[site] = kv
         return out
+
+    def set_train_step(self, step: int) -> None:
+        """The optimizer step (1-based) about to be trained: the routers' capacity and balancing
+        warmups follow it. The trainer sets it from its own (checkpointed) step count."""
+        self.routing.train_step = int(step)
 
     # -- token-choice loss-free balancing ------------------------------------------------
     def loss_free_load(self) -> Tensor | None:

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,6 +68,14 @@ class RoutingSettings:
     learn_threshold: bool = False
     loss_free: bool = False
     token_update: str = GATED_RESIDUAL  # token choice: gated_residual | paper (Eq. 2)
+    # The official code's router knobs (megamor/model/config.py RouterConfig says what each does).
+    weighted: bool = True  # gating: False = the gate is 1 (no router weight)
+    temperature: float = 1.0  # the router sees h / temperature
+    token_func: str = "softmax"  # token choice's depth probabilities: softmax | sigmoid
+    cap_warmup_steps: int = 0  # expert choice: capacity from 1 to its target on a cosine
+    bal_warmup_steps: int = 0  # token choice: every token at full depth before this step
+    bce_reduction: str = "mean"  # the expert-choice BCE over recursion steps: mean | sum
+    aux_router: bool = False  # expert choice: causal routing by a separate router (`router.aux`)
 
 
 # -- the rule's pieces (pure functions) ----------------------------------------------------
@@ -77,7 +87,10 @@ def top_k_size(capacity: float, seq_len: int) -> int:
 def activation(s: RoutingSettings, logits: Tensor) -> Tensor:
     """The gate's shape: sigmoid or tanh of the logit; straight-through: forward value 1
     (the gradient stays the activation's)."""
-    act = torch.sigmoid(logits) if s.activation == "sigmoid" else torch.tanh(logits)
+    if s.activation == "none":
+        act = logits
+    else:
+        act = torch.sigmoid(logits) if s.activation == "sigmoid" else torch.tanh(logits)
     if s.straight_through:
         return act + (1.0 - act).detach()
     return act
@@ -86,10 +99,16 @@ def activation(s: RoutingSettings, logits: Tensor) -> Tensor:
 def standard_gate(s: RoutingSettings, kind: str, x: Tensor, scale: Any) -> Tensor:
     """The gate of a selected token. Expert choice: x = router logits, g = alpha *
     activation(x); token choice: x = the chosen depth's probability, g = alpha * x. scale is
-    alpha: a float, or a module (learned alpha) called on the activation."""
+    alpha: a float, or a module (learned alpha) called on the activation. Unweighted gating
+    (the official `gating`): g = 1. Activation none: g = the raw logit (no alpha), as the
+    official code's `router_func: null`."""
+    if not s.weighted:
+        return torch.ones_like(x)
     if kind == TOKEN:
         return scale * x
     act = activation(s, x)
+    if s.activation == "none":
+        return act
     return scale(act) if callable(scale) else scale * act
 
 
@@ -108,6 +127,16 @@ def update(x: Tensor, y: Tensor, gate: Tensor | None, exits: Tensor | None = Non
     if exits is None:
         return x + g * (y - x)
     return torch.where(exits.unsqueeze(-1), base + g * y, y)
+
+
+def warm_capacity(capacity: float, step: int, warmup: int) -> float:
+    """Expert choice's training capacity at optimizer step `step` (1-based) under capacity
+    warmup: from 1.0 down to `capacity` on a half cosine over the first `warmup` steps (the
+    official `cap_warmup_step`, counted there in forward calls: the same at accumulation 1)."""
+    if warmup <= 0:
+        return capacity
+    decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / warmup)))
+    return capacity + (1.0 - capacity) * decay
 
 
 def expert_choice_top_k(logits: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,9 +221,21 @@ def agreement_counts(logits: Tensor, candidates: Tensor, topk: Tensor, threshold
     return torch.stack([(causal & top).sum(), causal.sum(), top.sum()]).double()
 
 
+def causal_cut(router: Any) -> Tensor | float:
+    """The logit above which the causal rule keeps a token: the router's threshold, or 0
+    (sigmoid > 0.5) for an auxiliary router."""
+    return 0.0 if getattr(router, "aux", None) is not None else router.threshold
+
+
+def aux_logits(router: Any, h: Tensor) -> Tensor:
+    """The auxiliary router's logits [..., T] (fp32)."""
+    return router.aux(h).squeeze(-1).float()
+
+
 def trace_agreement(routers: Any, trace: list) -> dict[int, Tensor]:
-    """Agreement counts per routed step (0-based) of a top-k forward's `router_trace`."""
-    return {r: agreement_counts(logits, cand, sel, routers[r].threshold) for r, logits, cand, sel in trace}
+    """Agreement counts per routed step (0-based) of a top-k forward's `router_trace` (its
+    logits are the causal rule's: the auxiliary router's where there is one)."""
+    return {r: agreement_counts(logits, cand, sel, causal_cut(routers[r])) for r, logits, cand, sel in trace}
 
 
 def precision_recall(counts: Any) -> tuple[float, float]:
@@ -231,6 +272,10 @@ class RoutingPolicy:
     def __init__(self, settings: RoutingSettings, gate_fn: GateFn = standard_gate):
         self.settings = settings
         self.gate_fn = gate_fn
+        # The optimizer step being trained (1-based), set by the trainer before each step
+        # (`MoRLM.set_train_step`): capacity and balancing warmups read it. Derived from the
+        # trainer's own step, so a resumed run sees the same values.
+        self.train_step = 0
 
     def gate(self, kind: str, x: Tensor, scale: Any) -> Tensor:
         return self.gate_fn(self.settings, kind, x, scale)
@@ -271,40 +316,63 @@ class RoutingPass:
             return self._token(r, h, candidates)
         return StepRouting(candidates, None, keeps_all=True)
 
+    def _router_input(self, h: Tensor) -> Tensor:
+        t = self.policy.settings.temperature
+        return h if t == 1.0 else h / t
+
     def _expert(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         s = self.policy.settings
         router = self.routers[r]
-        logits = router(h)
+        logits = router(self._router_input(h))
+        aux = getattr(router, "aux", None)
         capacity = s.capacities[r]
         fixed = None
         if capacity >= 1.0:
             selected = candidates
         elif self.mode == CAUSAL:
-            selected = candidates & (logits > router.threshold)
+            causal = aux_logits(router, h) if aux is not None else logits
+            selected = candidates & (causal > causal_cut(router))
         else:
-            fixed = top_k_size(capacity, logits.shape[-1])
+            train_capacity = warm_capacity(capacity, self.policy.train_step, s.cap_warmup_steps) if self.training else capacity
+            fixed = top_k_size(train_capacity, logits.shape[-1])
             selected, boundary, has = expert_choice_top_k(logits, candidates, fixed)
             if self.training and s.learn_threshold:
                 router.track_boundary(boundary, has)
         gate = self.policy.gate(EXPERT, logits, router.scale if router.scale is not None else s.gate_scale)
+        predicted = None
+        if aux is not None and (self.training or self.record) and self.mode == TOPK:
+            predicted = aux_logits(router, h.detach())  # trained on detached inputs: no gradient into the model
         if self.training:
             bce, z = expert_choice_aux_losses(logits, candidates, selected, s.bce_smoothing)
             if s.bce_full_capacity_steps or capacity < 1.0:
-                self.aux["router_bce"] = self.aux.get("router_bce", 0) + bce
-                self._n_bce += 1
+                if predicted is not None:  # the auxiliary router learns the selection; the main router gets no BCE
+                    aux_bce, _ = expert_choice_aux_losses(predicted, candidates, selected)
+                    self.aux["router_aux_bce"] = self.aux.get("router_aux_bce", 0) + aux_bce
+                else:
+                    self.aux["router_bce"] = self.aux.get("router_bce", 0) + bce
+                    self._n_bce += 1
             self.aux["router_z"] = self.aux.get("router_z", 0) + z
             self.health.update(step_health(r, logits, candidates, selected))
         if self.record and capacity < 1.0:
-            self.trace.append((r, logits.detach(), candidates, selected))
+            traced = predicted if predicted is not None else logits
+            self.trace.append((r, traced.detach(), candidates, selected))
         return StepRouting(selected, gate, keeps_all=capacity >= 1.0, fixed=fixed)
 
     def _token(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         s = self.policy.settings
         if r == 0:  # each token picks its depth once, from the first shared step's input
             router = self.depth_router
-            logits = router(h)
-            probs = logits.softmax(-1)
-            choice = (probs + router.bias).argmax(-1)  # the bias (loss-free balancing) steers the choice only
+            logits = router(self._router_input(h))
+            if s.token_func == "sigmoid":  # the official code ranks alpha * sigmoid (+ bias)
+                probs = torch.sigmoid(logits)
+                choice = (s.gate_scale * probs + router.bias).argmax(-1)
+            else:
+                probs = logits.softmax(-1)
+                choice = (probs + router.bias).argmax(-1)  # the bias (loss-free balancing) steers the choice only
+            if self.training and self.policy.train_step < s.bal_warmup_steps:  # balancing warmup: full depth
+                choice = torch.full_like(choice, probs.shape[-1] - 1)
+                if s.loss_free:
+                    router.bias.zero_()  # as the official code: the bias restarts when the warmup ends
             if self.training and s.loss_free:
                 router.track_load(choice, candidates)
             self._choice = choice
@@ -332,9 +400,12 @@ class RoutingPass:
         detached, and the health statistics, for logging). Call after the last step."""
         s = self.policy.settings
         aux = dict(self.aux)
-        if self._n_bce:
+        if self._n_bce and s.bce_reduction == "mean":
             aux["router_bce"] = aux["router_bce"] / self._n_bce  # a mean over steps: comparable across N_r
-        coefs = {"router_bce": s.bce_coef, "router_z": s.z_coef, "router_balance": s.balance_coef}
+        # The auxiliary router's BCE has weight 1 (the official code steps it with an optimizer
+        # of its own, unscaled); its detached input keeps it out of the model's gradient.
+        coefs = {"router_bce": s.bce_coef, "router_z": s.z_coef, "router_balance": s.balance_coef,
+                 "router_aux_bce": 1.0}
         total = like.new_zeros((), dtype=torch.float32)
         for name, value in aux.items():
             if coefs[name]:
