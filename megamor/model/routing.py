@@ -31,11 +31,10 @@ Routers are modules owned by the model, used through a small interface:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import math
 
 import torch
 import torch.nn.functional as F
