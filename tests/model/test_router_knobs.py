@@ -1,0 +1,208 @@
+"""The official code's router knobs, each against the official computation written out on a
+small tensor example (model/mor_model/expert_choice_router.py, token_choice_router.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megamor.config import ConfigError, load_config
+from megamor.model import ModelConfig
+from megamor.model.routing import CAUSAL, TOPK, trace_agreement, warm_capacity
+from tests.model.helpers import mor
+
+X = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def expert(**router):
+    return mor("expert_choice", sharing="cycle", n_layers=6, seed=1, router={"type": "expert_choice", **router})
+
+
+def token(**router):
+    return mor("token_choice", sharing="cycle", seed=1, router={"type": "token_choice", **router})
+
+
+def first_step(model, mode=TOPK, training=False):
+    """(routing pass, step 0's decision, the hidden states it saw)."""
+    h = torch.randn(2, 12, model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    rp = model.routing.start(model, mode, training=training)
+    return rp, rp.step(0, h, torch.ones(2, 12, dtype=torch.bool)), h
+
+
+# -- capacity warmup ---------------------------------------------------------------------
+def official_capacity(target: float, training_step: int, warmup: int) -> float:
+    step_ratio = min(1.0, training_step / warmup)
+    decay = 0.5 * (1.0 + math.cos(math.pi * step_ratio))
+    return target + (1.0 - target) * decay
+
+
+def test_capacity_warmup_follows_the_official_cosine_and_only_in_training():
+    for step in (0, 1, 3, 5, 9, 10, 25):
+        assert warm_capacity(1 / 3, step, 10) == pytest.approx(official_capacity(1 / 3, step, 10), abs=0)
+    assert warm_capacity(0.5, 4, 0) == 0.5
+    model = expert(cap_warmup_step=10)  # capacities 1, 2/3, 1/3 over T = 12
+    for step in (1, 5, 10, 40):
+        model.set_train_step(step)
+        routed = model.train()(X).stats.tokens_per_step
+        want = [2 * max(1, int(official_capacity(c, step, 10) * 12)) for c in model.cfg.capacities]
+        assert routed == want, step
+    plain = copy.deepcopy(model)
+    plain.routing.settings.cap_warmup_steps = 0
+    model.set_train_step(1)
+    with torch.no_grad():  # evaluation never warms
+        assert model.eval()(X).stats.tokens_per_step == plain.eval()(X).stats.tokens_per_step
+
+
+# -- token choice's balancing warmup -----------------------------------------------------
+def test_balancing_warmup_sends_every_token_to_full_depth_first():
+    model = token(bal_warmup_step=3, balancing="loss_free")
+    model.depth_router.bias.fill_(0.5)
+    for step, warm in ((1, True), (2, True), (3, False)):
+        model.set_train_step(step)
+        depth = model.train()(X).stats.depth
+        assert bool((depth == 3).all()) == warm, step
+    model.set_train_step(1)
+    model.train()(X)
+    assert model.depth_router.bias.abs().sum() == 0  # the official code zeroes the loss-free bias while warming
+    assert not bool((model.eval()(X).stats.depth == 3).all())  # evaluation routes by the router
+
+
+# -- temperature -------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [expert, token])
+def test_temperature_divides_the_router_input(make):
+    hot = make(temperature=2.0)
+    scaled = copy.deepcopy(hot)
+    scaled.routing.settings.temperature = 1.0
+    for router in (scaled.routers or [scaled.depth_router]):
+        router.net.weight.data /= 2.0  # a linear router: W (h / 2) = (W / 2) h
+    with torch.no_grad():
+        torch.testing.assert_close(hot.eval()(X).logits, scaled.eval()(X).logits, atol=1e-6, rtol=0)
+    _, step, h = first_step(hot)
+    router = hot.routers[0] if hot.routers is not None else hot.depth_router
+    raw = router.net(h / 2.0).float()  # official: self.mor_router(x / self.cfg.mor.temp)
+    want = 0.1 * torch.sigmoid(raw.squeeze(-1)) if hot.routers is not None else raw.softmax(-1).max(-1).values
+    torch.testing.assert_close(step.gate, want, atol=1e-7, rtol=0)
+
+
+# -- router functions ----------------------------------------------------------------------
+@pytest.mark.parametrize("func", ["sigmoid", "tanh", "none"])
+def test_expert_router_function_gate(func):
+    model = expert(activation=func)
+    _, step, h = first_step(model)
+    raw = model.routers[0].net(h).squeeze(-1).float()
+    want = {"sigmoid": 0.1 * torch.sigmoid(raw), "tanh": 0.1 * torch.tanh(raw), "none": raw}[func]
+    torch.testing.assert_close(step.gate, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("func", ["softmax", "sigmoid"])
+def test_token_router_function_choice_and_weight(func):
+    model = token(token_func=func)
+    rp, step, h = first_step(model)
+    raw = model.depth_router.net(h).float()
+    probs = F.sigmoid(raw) * 0.1 if func == "sigmoid" else F.softmax(raw, dim=-1) * 1.0  # the official defaults
+    _, top = torch.topk(probs, 1, dim=-1)
+    torch.testing.assert_close(step.gate, probs.gather(-1, top).squeeze(-1), atol=1e-7, rtol=0)
+    assert torch.equal(rp._choice, top.squeeze(-1))
+
+
+# -- gating ------------------------------------------------------------------------------
+def test_unweighted_gating_adds_the_block_output_unscaled():
+    model = token(gating="unweighted", token_choice_update="paper")
+    _, step, _ = first_step(model)
+    assert torch.equal(step.gate, torch.ones(2, 12))  # official: finished_x, not finished_x * w
+    _, step, _ = first_step(expert(gating="unweighted"))
+    assert torch.equal(step.gate, torch.ones(2, 12))
+
+
+# -- BCE reduction ---------------------------------------------------------------------------
+def test_bce_sum_over_steps_is_the_official_sum():
+    mean, total = expert(aux_bce_coef=0.001, bce_label_smoothing=0.0), expert(
+        aux_bce_coef=0.001, bce_label_smoothing=0.0, bce_reduction="sum")
+    total.load_state_dict(mean.state_dict())
+    a, b = mean.train()(X), total.train()(X)
+    per_step = [a.aux_losses[f"router_health/r{r}/bce"] for r in (1, 2, 3)]  # each a mean over its candidates
+    torch.testing.assert_close(b.aux_losses["router_bce"], sum(per_step), atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.aux_losses["router_bce"], sum(per_step) / 3, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.aux_loss, 0.001 * sum(per_step), atol=1e-8, rtol=0)
+
+
+# -- auxiliary router ------------------------------------------------------------------------
+def test_aux_router_learns_the_selection_on_detached_inputs_and_routes_causally():
+    model = expert(aux_router=True, learn_threshold=False)
+    model.record_router = True
+    out = model.train()(X)
+    assert "router_bce" not in out.aux_losses and "router_aux_bce" in out.aux_losses
+    trace = out.stats["router_trace"]
+    # official: BCEWithLogits(sum)(aux(x.detach()), top-k targets) / (bs * candidates), summed
+    # over the MoR layers; the trace holds the auxiliary router's logits of the routed steps
+    got = sum(F.binary_cross_entropy_with_logits(lg[c], s[c].float(), reduction="sum") / c.sum()
+              for _, lg, c, s in trace)
+    torch.testing.assert_close(out.aux_losses["router_aux_bce"], got + _capacity_one_bce(model, X), atol=1e-5, rtol=0)
+    model.zero_grad()
+    out.aux_loss.backward()
+    assert model.routers[1].aux.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.layers.parameters())  # detached input
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for rt in model.routers for p in rt.net.parameters())
+    counts = trace_agreement(model.routers, trace)  # precision/recall of the causal rule, as logged
+    for r, lg, c, s in trace:
+        both, causal, top = counts[r].tolist()
+        assert causal == float((c & (lg > 0)).sum()) and top == float(s.sum())
+    # causal routing keeps what the auxiliary router predicts (sigmoid > 0.5), not the main router
+    rp, _, h = first_step(model, CAUSAL)
+    cand = torch.ones(2, 12, dtype=torch.bool)
+    step = rp.step(1, h, cand)
+    assert torch.equal(step.selected, model.routers[1].aux(h).squeeze(-1) > 0)
+
+
+def _capacity_one_bce(model, x):
+    """The auxiliary router's BCE at the capacity-1 first step (all-ones target, every token),
+    which the trace (routed steps only) does not hold."""
+    with torch.no_grad():
+        m = copy.deepcopy(model).eval()
+        h = m.embed_tokens(x)
+        cos, sin = m.rope(torch.arange(x.shape[1]).unsqueeze(0))
+        from megamor.model.layers import TokenMeta
+        for phys in m.prelude:
+            h, _ = m.layers[phys](h, TokenMeta(torch.arange(x.shape[1]).unsqueeze(0), causal_exact=True), (cos, sin))
+        lg = m.routers[0].aux(h).squeeze(-1).float()
+        return F.binary_cross_entropy_with_logits(lg, torch.ones_like(lg))
+
+
+# -- bad input -------------------------------------------------------------------------------
+def _refused(key: str, **overrides) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(ModelConfig, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    assert e.value.key == key, str(e.value)
+
+
+def test_bad_knobs_are_refused_with_their_key():
+    base = {"sharing": "cycle", "num_recursions": 3, "n_layers": 6}
+    _refused("router.activation", **base, **{"router.type": "expert_choice", "router.activation": "relu"})
+    _refused("router.token_func", **base, **{"router.type": "token_choice", "router.token_func": "tanh"})
+    _refused("router.gating", **base, **{"router.type": "expert_choice", "router.gating": "additive"})
+    _refused("router.bce_reduction", **base, **{"router.type": "expert_choice", "router.bce_reduction": "max"})
+    _refused("router.temperature", **base, **{"router.type": "expert_choice", "router.temperature": 0})
+    _refused("router.aux_router", **base, **{"router.type": "token_choice", "router.aux_router": True})
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.router.cap_warmup_step=11", "model.router.cap_warmup_step"),
+    ("model.router.token_choice_update=eq2", "model.router.token_choice_update"),
+    ("model.router.aux_router=true", "model.router.aux_router"),
+])
+def test_train_cli_refuses_bad_router_input_with_one_line_exit_2(override, key, tmp_path, capsys, monkeypatch):
+    """The trainer's entry point: one line naming the key, exit 2, nothing started."""
+    from megamor.train.__main__ import main
+    from megamor.train.signals import EXIT_CONFIG
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["model_config=configs/model/33m/mor_token_3.yaml", "trainer.max_steps=10", "data.train=[x]",
+               f"run_dir={tmp_path / 'run'}", override])
+    err = capsys.readouterr().err
+    assert rc == EXIT_CONFIG == 2 and f"config key '{key}'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
