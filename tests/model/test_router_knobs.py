@@ -151,6 +151,7 @@ def test_aux_router_learns_the_selection_on_detached_inputs_and_routes_causally(
     for r, lg, c, s in trace:
         both, causal, top = counts[r].tolist()
         assert causal == float((c & (lg > 0)).sum()) and top == float(s.sum())
+        assert both == float((c & (lg > 0) & s).sum())
     # causal routing keeps what the auxiliary router predicts (sigmoid > 0.5), not the main router
     rp, _, h = first_step(model, CAUSAL)
     cand = torch.ones(2, 12, dtype=torch.bool)
