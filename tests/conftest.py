@@ -54,3 +54,7 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "launch: starts processes")
