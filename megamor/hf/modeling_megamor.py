@@ -248,7 +248,7 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         rope = rope_tables(pos, hd, float(self.m["rope_theta"]))
         kv: dict[int, tuple] = {}
         h, site = self._run_layers(self.prelude, 0, self.embed_tokens(input_ids), pos, valid, rope, kv)
-        active, routing = valid, self.routing.start(self, CAUSAL)
+        active, routing = valid, self.routing.start(self, CAUSAL, positions=pos)
         for r, layer_ids in enumerate(self.steps):
             step = routing.step(r, h, active)
             h, site = self._routed_step(layer_ids, site, h, step, pos, rope, kv)

@@ -96,7 +96,8 @@ class GraphStep:
         depth = torch.zeros(S, dtype=torch.long, device=active.device)
         counts = []
         cand = active
-        routing = model.routing.start(model, CAUSAL)  # the model's policy, causal mode: no device reads
+        # the model's policy, causal mode: no device reads
+        routing = model.routing.start(model, CAUSAL, positions=self.positions.unsqueeze(1))
         for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model.sites.steps)):
             step = routing.step(r, h, cand[:, None])
             sel, gate = step.selected[:, 0], (step.gate[:, 0] if step.gate is not None else None)

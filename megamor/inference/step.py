@@ -86,7 +86,7 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
     active = np.arange(m)  # local indices of the rows that ran the previous step
     active_t = torch.from_numpy(active).to(device, non_blocking=True)
     candidates = torch.ones(m, 1, dtype=torch.bool, device=device)
-    routing = model.routing.start(model, CAUSAL)
+    routing = model.routing.start(model, CAUSAL, positions=positions.unsqueeze(1))
     for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model.sites.steps)):
         step = routing.step(r, h, candidates)  # decided for every row; only candidates can be selected
         if not step.keeps_all:

@@ -94,6 +94,12 @@ class RouterConfig:
     # a token when its sigmoid > 0.5. The main router then gets no BCE (the official
     # `sampling: aux_router`).
     aux_router: bool = False
+    # The random-router baseline (the official `rand_router`): uniform scores instead of the
+    # router (expert choice: top-k of them, gate alpha * score; token choice: the argmax depth),
+    # no router losses. Deterministic: a hash of the token's position (in training also its row
+    # and the optimizer step: fresh every step, as the official torch.rand); causal expert choice
+    # keeps a token at step r with probability c_r / c_(r-1).
+    rand_router: bool = False
 
     def validate(self, path: str) -> None:
         if self.type not in ROUTERS:

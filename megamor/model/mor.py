@@ -283,7 +283,7 @@ class MoRLM(nn.Module):
         # training), so the forward pass never waits for the device; otherwise read once from
         # the device (token choice: once per forward; causal expert choice: per step).
         routing = self.routing.start(self, CAUSAL if causal_routing else TOPK, training=self.training,
-                                     record=self.record_router, count=True)
+                                     record=self.record_router, count=True, positions=position_ids)
         routed: list[Tensor] = []
         depth = torch.zeros(B, T, dtype=torch.long, device=h.device)
         everyone = valid is None  # every token runs the step: no gather at all

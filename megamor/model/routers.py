@@ -57,6 +57,7 @@ def routing_settings(cfg: ModelConfig) -> RoutingSettings:
         bal_warmup_steps=r.bal_warmup_step,
         bce_reduction=r.bce_reduction,
         aux_router=r.aux_router,
+        rand_router=r.rand_router,
     )
 
 

@@ -75,6 +75,7 @@ class RoutingSettings:
     bal_warmup_steps: int = 0  # token choice: every token at full depth before this step
     bce_reduction: str = "mean"  # the expert-choice BCE over recursion steps: mean | sum
     aux_router: bool = False  # expert choice: causal routing by a separate router (`router.aux`)
+    rand_router: bool = False  # random routing baseline: scores from `position_uniform`, no router
 
 
 # -- the rule's pieces (pure functions) ----------------------------------------------------
@@ -126,6 +127,23 @@ def update(x: Tensor, y: Tensor, gate: Tensor | None, exits: Tensor | None = Non
     if exits is None:
         return x + g * (y - x)
     return torch.where(exits.unsqueeze(-1), base + g * y, y)
+
+
+_M31 = 0x7FFFFFFF
+
+
+def position_uniform(key: Tensor, *salt: int) -> Tensor:
+    """A deterministic uniform in [0, 1) per element of the integer tensor `key` (a token's
+    position, with its row and the step in training) and the ints `salt`: an integer hash in
+    31-bit arithmetic (products stay below 2**62: exact in int64 on every device), so every
+    path that sees the same position draws the same number (the random router's scores)."""
+    x = key.long() & _M31
+    for v in (*salt, 0x5BD1E995):
+        x = ((x ^ (int(v) & _M31)) * 0x2C1B3C6D) & _M31
+        x = x ^ (x >> 15)
+        x = (x * 0x297A2D39) & _M31
+        x = x ^ (x >> 12)
+    return x.to(torch.float32) / float(_M31 + 1)
 
 
 def warm_capacity(capacity: float, step: int, warmup: int) -> float:
@@ -280,13 +298,16 @@ class RoutingPolicy:
         return self.gate_fn(self.settings, kind, x, scale)
 
     def start(self, model: Any, mode: str, training: bool = False, record: bool = False,
-              count: bool = False) -> RoutingPass:
+              count: bool = False, positions: Tensor | None = None) -> RoutingPass:
         """model: holds `routers` (expert choice) or `depth_router` (token choice), None where
         absent. training (with TOPK): losses, health and router state updates. record: keep
         each routed expert-choice step's (step, logits, candidates, selected) in `trace`.
-        count: token choice reads its per-step lengths from the device (one read per forward)."""
-        return RoutingPass(self, getattr(model, "routers", None), getattr(model, "depth_router", None), mode,
-                           training and mode == TOPK, record, count)
+        count: token choice reads its per-step lengths from the device (one read per forward).
+        positions [..., T]: the tokens' positions (the random router draws from them)."""
+        rp = RoutingPass(self, getattr(model, "routers", None), getattr(model, "depth_router", None), mode,
+                         training and mode == TOPK, record, count)
+        rp.positions = positions
+        return rp
 
 
 class RoutingPass:
@@ -305,6 +326,24 @@ class RoutingPass:
         self._gate: Tensor | None = None
         self._reach: list[int] | None = None
         self._base: Tensor | None = None
+        self.positions: Tensor | None = None
+
+    def _random_scores(self, r: int, like: Tensor, depths: int = 0) -> Tensor:
+        """The random router's scores in [0, 1), shaped like `like` [..., T] (with a trailing
+        [N_r] when depths): in training fresh per optimizer step and row (the official code
+        draws torch.rand each forward); otherwise a function of the position alone, so
+        decoding draws what the causal forward draws."""
+        if self.positions is None:
+            raise ValueError("the random router needs the tokens' positions (RoutingPolicy.start(positions=...))")
+        key = self.positions.expand(like.shape).to(like.device)
+        salt: tuple[int, ...] = (r,)
+        if self.training:
+            rows = torch.arange(key.shape[0], device=key.device).view(-1, *([1] * (key.dim() - 1)))
+            key = key + rows * 1_000_003
+            salt = (r, self.policy.train_step)
+        if depths:
+            return torch.stack([position_uniform(key, *salt, d) for d in range(depths)], dim=-1)
+        return position_uniform(key, *salt)
 
     def step(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         """Step r's decision for hidden states h [..., T, D] and candidates [..., T] (bool: the
@@ -321,6 +360,8 @@ class RoutingPass:
 
     def _expert(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         s = self.policy.settings
+        if s.rand_router:
+            return self._expert_random(r, candidates)
         router = self.routers[r]
         logits = router(self._router_input(h))
         aux = getattr(router, "aux", None)
@@ -357,12 +398,35 @@ class RoutingPass:
             self.trace.append((r, traced.detach(), candidates, selected))
         return StepRouting(selected, gate, keeps_all=capacity >= 1.0, fixed=fixed)
 
+    def _expert_random(self, r: int, candidates: Tensor) -> StepRouting:
+        """The official random-router baseline for expert choice: top-k of uniform scores,
+        gate alpha * score, no auxiliary loss. Causal: a token continues with probability
+        c_r / c_{r-1}, so each step keeps its capacity in expectation."""
+        s = self.policy.settings
+        u = self._random_scores(r, candidates)
+        capacity = s.capacities[r]
+        fixed = None
+        if capacity >= 1.0:
+            selected = candidates
+        elif self.mode == CAUSAL:
+            prev = s.capacities[r - 1] if r else 1.0
+            selected = candidates & (u < capacity / prev)
+        else:
+            train_capacity = warm_capacity(capacity, self.policy.train_step, s.cap_warmup_steps) if self.training else capacity
+            fixed = top_k_size(train_capacity, u.shape[-1])
+            selected = expert_choice_top_k(u, candidates, fixed)[0]
+        gate = torch.ones_like(u) if not s.weighted else s.gate_scale * u
+        return StepRouting(selected, gate, keeps_all=capacity >= 1.0, fixed=fixed)
+
     def _token(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         s = self.policy.settings
         if r == 0:  # each token picks its depth once, from the first shared step's input
             router = self.depth_router
             logits = router(self._router_input(h))
-            if s.token_func == "sigmoid":  # the official code ranks alpha * sigmoid (+ bias)
+            if s.rand_router:  # the official random baseline: uniform scores per depth, no router
+                probs = self._random_scores(0, candidates, depths=logits.shape[-1])
+                choice = probs.argmax(-1)
+            elif s.token_func == "sigmoid":  # the official code ranks alpha * sigmoid (+ bias)
                 probs = torch.sigmoid(logits)
                 choice = (s.gate_scale * probs + router.bias).argmax(-1)
             else:
@@ -376,7 +440,7 @@ class RoutingPass:
                 router.track_load(choice, candidates)
             self._choice = choice
             self._gate = self.policy.gate(TOKEN, probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1), s.gate_scale)
-            if self.training:
+            if self.training and not s.rand_router:
                 self.aux["router_balance"], self.aux["router_z"] = token_choice_aux_losses(choice, probs, logits, candidates)
             if self.count:  # one read of the device for every step's length
                 self._reach = torch.stack([(candidates & (choice >= q)).sum(-1).max()

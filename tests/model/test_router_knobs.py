@@ -207,3 +207,69 @@ def test_train_cli_refuses_bad_router_input_with_one_line_exit_2(override, key, 
     err = capsys.readouterr().err
     assert rc == EXIT_CONFIG == 2 and f"config key '{key}'" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+# -- random router ---------------------------------------------------------------------------
+def test_random_router_is_top_k_of_seeded_uniform_scores():
+    from megamor.model.routing import position_uniform
+
+    model = expert(rand_router=True)
+    model.set_train_step(7)
+    pos = torch.arange(12).expand(2, 12)
+    rp = model.routing.start(model, TOPK, training=True, positions=pos)
+    h = torch.randn(2, 12, model.cfg.d_model)
+    cand = torch.ones(2, 12, dtype=torch.bool)
+    rp.step(0, h, cand)
+    step = rp.step(1, h, cand)
+    u = position_uniform(pos + torch.arange(2).view(2, 1) * 1_000_003, 1, 7)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0 and not torch.equal(u[0], u[1])
+    _, top = torch.topk(u * 0.1, 8, dim=1, sorted=False)  # official: topk(rand * alpha), k = int(2/3 * 12)
+    assert torch.equal(step.selected, torch.zeros(2, 12, dtype=torch.bool).scatter(1, top, True))
+    torch.testing.assert_close(step.gate, 0.1 * u, atol=0, rtol=0)
+    assert rp.aux == {}  # no router loss
+    again = model.routing.start(model, TOPK, training=True, positions=pos)
+    again.step(0, h, cand)
+    assert torch.equal(again.step(1, h, cand).selected, step.selected)  # deterministic
+    model.set_train_step(8)
+    other = model.routing.start(model, TOPK, training=True, positions=pos)
+    other.step(0, h, cand)
+    assert not torch.equal(other.step(1, h, cand).selected, step.selected)  # fresh every step
+
+
+# -- every path follows the knobs -------------------------------------------------------------
+KNOBS = {
+    "expert_tanh_temp": lambda: expert(activation="tanh", temperature=0.5),
+    "expert_none_unweighted": lambda: expert(activation="none", gating="unweighted"),
+    "expert_aux_router": lambda: expert(aux_router=True),
+    "expert_random": lambda: expert(rand_router=True),
+    "token_sigmoid_paper": lambda: token(token_func="sigmoid", token_choice_update="paper"),
+    "token_random": lambda: token(rand_router=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOBS))
+def test_decoding_and_export_follow_the_knobs(name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from megamor.hf.remote_code import save_model_folder
+    from megamor.inference import engine_generate, generate
+
+    model = KNOBS[name]().eval()
+    for p in model.parameters():  # a large init: routing decides differently per token
+        if p.dim() == 2:
+            p.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5], [40, 41, 42, 43]]
+    gen = generate(model, prompts, 5)
+    for p, toks in zip(prompts, gen.tokens):  # cached decoding = greedy over the causal forward
+        seq = list(p)
+        for _ in range(5):
+            with torch.no_grad():
+                seq.append(int(model(torch.tensor([seq]), causal_routing=True).logits[0, -1].argmax()))
+        assert toks == seq[len(p):]
+    dyn = engine_generate(model, prompts, 5, max_batch=2)
+    static = engine_generate(model, prompts, 5, max_batch=2, static=True)
+    assert dyn.tokens == gen.tokens and static.tokens == gen.tokens and static.depths == dyn.depths
+    save_model_folder(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                           dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(X).logits, model(X, causal_routing=True).logits, atol=1e-5, rtol=0)
