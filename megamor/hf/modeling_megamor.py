@@ -161,6 +161,8 @@ def layer_plan(m: dict) -> tuple[list[int], list[list[int]], list[int]]:
     """Physical layer of every virtual layer as (prelude, recursion steps, coda)."""
     L, nr, sharing = m["n_layers"], _get(m, "num_recursions", 1), _get(m, "sharing", "none")
     if sharing == "none":
+        if nr > 1:  # a router over N_r steps of distinct layers
+            return [], [list(range(r * L // nr, (r + 1) * L // nr)) for r in range(nr)], []
         return list(range(L)), [], []
     middle = sharing.startswith("middle")
     first, mid = (1, L - 2) if middle else (0, L)

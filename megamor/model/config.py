@@ -188,8 +188,13 @@ class ModelConfig:
         nr = self.num_recursions
         if nr < 1:
             raise ConfigError(key(path, "num_recursions"), "must be >= 1")
-        if self.sharing == "none" and nr != 1:
-            raise ConfigError(key(path, "num_recursions"), "sharing 'none' needs num_recursions 1")
+        routed = self.router.type != "none"
+        if self.sharing == "none" and nr != 1 and not routed:
+            raise ConfigError(key(path, "num_recursions"), "sharing 'none' needs num_recursions 1 (or a router: "
+                              "routing over distinct layers)")
+        if self.sharing == "none" and nr > 1 and self.n_layers % nr:
+            raise ConfigError(key(path, "n_layers"), f"n_layers = {self.n_layers} must be a multiple of num_recursions "
+                              f"{nr} to route over {nr} steps of distinct layers (sharing 'none')")
         if self.sharing != "none":
             if nr < 2:
                 raise ConfigError(key(path, "num_recursions"), f"sharing {self.sharing!r} needs num_recursions >= 2")
@@ -201,8 +206,9 @@ class ModelConfig:
                     f"{what} = {middle} must be a positive multiple of num_recursions {nr} for sharing {self.sharing!r}",
                 )
         r = self.router
-        if r.type != "none" and self.sharing == "none":
-            raise ConfigError(key(path, "router.type"), f"router {r.type!r} needs a sharing strategy with num_recursions >= 2")
+        if r.type != "none" and nr < 2:
+            raise ConfigError(key(path, "router.type"), f"router {r.type!r} needs a sharing strategy with num_recursions >= 2 "
+                              "(or sharing 'none' with num_recursions >= 2: routing over distinct layers)")
         if r.capacity is not None and r.type == "expert_choice" and len(r.capacity) != nr:
             raise ConfigError(key(path, "router.capacity"), f"needs {nr} entries (one per recursion), got {len(r.capacity)}")
         if self.kv_mode == "shared" and self.sharing not in ("cycle", "middle_cycle"):
@@ -233,11 +239,14 @@ class ModelConfig:
 
         The middle of the virtual stack is cut into num_recursions equal contiguous steps;
         a router (if any) decides per step which tokens run it. For cycle sharing each step is
-        the same block of physical layers; for sequence sharing each physical layer is
+        the same block of physical layers (sharing none with a router: N_r steps of distinct
+        layers, the mixture-of-depths ablation); for sequence sharing each physical layer is
         repeated num_recursions times in a row (so a step is a contiguous slice of that).
         """
         L, nr = self.n_layers, self.num_recursions
         if self.sharing == "none":
+            if nr > 1:  # a router over N_r steps of distinct layers (the mixture-of-depths ablation)
+                return [], [list(range(r * L // nr, (r + 1) * L // nr)) for r in range(nr)], []
             return list(range(L)), [], []
         middle_only = self.sharing.startswith("middle")
         first = 1 if middle_only else 0

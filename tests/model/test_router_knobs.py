@@ -244,6 +244,8 @@ KNOBS = {
     "expert_random": lambda: expert(rand_router=True),
     "token_sigmoid_paper": lambda: token(token_func="sigmoid", token_choice_update="paper"),
     "token_random": lambda: token(rand_router=True),
+    "expert_unshared": lambda: mor("expert_choice", sharing="none", n_layers=6, seed=1),
+    "token_unshared": lambda: mor("token_choice", sharing="none", n_layers=6, seed=1),
 }
 
 
@@ -273,3 +275,19 @@ def test_decoding_and_export_follow_the_knobs(name, tmp_path):
                                                            dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(X).logits, model(X, causal_routing=True).logits, atol=1e-5, rtol=0)
+
+
+# -- routing over unshared layers (the mixture-of-depths ablation) -----------------------------
+def test_routing_over_distinct_layers():
+    model = mor("expert_choice", sharing="none", n_layers=6, seed=1)
+    assert model.prelude == [] and model.coda == [] and model.steps == [[0, 1], [2, 3], [4, 5]]
+    assert len(model.layers) == 6 and model.num_params(unique=True) == model.num_params(unique=False)
+    out = model.train()(X)
+    assert out.stats.tokens_per_step == [24, 16, 8]  # capacities 1, 2/3, 1/3 of 12 tokens, 2 rows
+    (out.logits.sum() + out.aux_loss).backward()
+    assert all(model.layers[i].mlp.down_proj.weight.grad is not None for i in range(6))
+
+
+def test_unshared_routing_shapes_are_checked():
+    _refused("n_layers", sharing="none", num_recursions=4, n_layers=6, **{"router.type": "expert_choice"})
+    _refused("num_recursions", sharing="none", num_recursions=3, n_layers=6)  # no router: plain vanilla only
