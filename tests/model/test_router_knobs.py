@@ -291,3 +291,16 @@ def test_routing_over_distinct_layers():
 def test_unshared_routing_shapes_are_checked():
     _refused("n_layers", sharing="none", num_recursions=4, n_layers=6, **{"router.type": "expert_choice"})
     _refused("num_recursions", sharing="none", num_recursions=3, n_layers=6)  # no router: plain vanilla only
+
+
+def test_paper_configs_sum_the_bce_at_the_papers_coefficient():
+    from megamor.env import repo_root
+    from megamor.model import load_model_config
+
+    paths = sorted((repo_root() / "configs" / "model").glob("*/mor_expert_*_paper.yaml"))
+    assert len(paths) == 15
+    for p in paths:
+        r = load_model_config(p).router
+        assert (r.bce_reduction, r.aux_bce_coef, r.bce_full_capacity_steps) == ("sum", 0.001, True), p
+    for p in sorted((repo_root() / "configs" / "model").glob("*/mor_token_*.yaml")):
+        assert load_model_config(p).router.token_choice_update == "gated_residual", p  # undecided: kept (docs/paper.md)
