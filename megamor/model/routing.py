@@ -354,6 +354,14 @@ class RoutingPass:
             return self._token(r, h, candidates)
         return StepRouting(candidates, None, keeps_all=True)
 
+    def _train_capacity(self, capacity: float) -> float:
+        """Top-k's capacity: warmed up in training (the step is read only with the warmup on
+        and unfinished: a compiled forward guards on what it reads)."""
+        s = self.policy.settings
+        if self.training and s.cap_warmup_steps and self.policy.train_step < s.cap_warmup_steps:
+            return warm_capacity(capacity, self.policy.train_step, s.cap_warmup_steps)
+        return capacity
+
     def _router_input(self, h: Tensor) -> Tensor:
         t = self.policy.settings.temperature
         return h if t == 1.0 else h / t
@@ -373,7 +381,7 @@ class RoutingPass:
             causal = aux_logits(router, h) if aux is not None else logits
             selected = candidates & (causal > causal_cut(router))
         else:
-            train_capacity = warm_capacity(capacity, self.policy.train_step, s.cap_warmup_steps) if self.training else capacity
+            train_capacity = self._train_capacity(capacity)
             fixed = top_k_size(train_capacity, logits.shape[-1])
             selected, boundary, has = expert_choice_top_k(logits, candidates, fixed)
             if self.training and s.learn_threshold:
@@ -412,7 +420,7 @@ class RoutingPass:
             prev = s.capacities[r - 1] if r else 1.0
             selected = candidates & (u < capacity / prev)
         else:
-            train_capacity = warm_capacity(capacity, self.policy.train_step, s.cap_warmup_steps) if self.training else capacity
+            train_capacity = self._train_capacity(capacity)
             fixed = top_k_size(train_capacity, u.shape[-1])
             selected = expert_choice_top_k(u, candidates, fixed)[0]
         gate = torch.ones_like(u) if not s.weighted else s.gate_scale * u
@@ -432,7 +440,9 @@ class RoutingPass:
             else:
                 probs = logits.softmax(-1)
                 choice = (probs + router.bias).argmax(-1)  # the bias (loss-free balancing) steers the choice only
-            if self.training and self.policy.train_step < s.bal_warmup_steps:  # balancing warmup: full depth
+            # balancing warmup: full depth (the step is read only with the knob on: a compiled
+            # forward would otherwise guard on its value and recompile every step)
+            if self.training and s.bal_warmup_steps and self.policy.train_step < s.bal_warmup_steps:
                 choice = torch.full_like(choice, probs.shape[-1] - 1)
                 if s.loss_free:
                     router.bias.zero_()  # as the official code: the bias restarts when the warmup ends
