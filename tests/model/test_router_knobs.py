@@ -194,6 +194,8 @@ def test_bad_knobs_are_refused_with_their_key():
     ("model.router.cap_warmup_step=11", "model.router.cap_warmup_step"),
     ("model.router.token_choice_update=eq2", "model.router.token_choice_update"),
     ("model.router.aux_router=true", "model.router.aux_router"),
+    ("model.router.bal_warmup_step=11", "model.router.bal_warmup_step"),
+    ("model.router.token_func=tanh", "model.router.token_func"),
 ])
 def test_train_cli_refuses_bad_router_input_with_one_line_exit_2(override, key, tmp_path, capsys, monkeypatch):
     """The trainer's entry point: one line naming the key, exit 2, nothing started."""
