@@ -125,3 +125,17 @@ def test_unknown_update_rule_or_expert_choice_is_refused():
     base = {"sharing": "cycle", "num_recursions": 3, "n_layers": 6}
     _refused("router.token_choice_update", **base, **{"router.type": "token_choice", "router.token_choice_update": "eq2"})
     _refused("router.token_choice_update", **base, **{"router.type": "expert_choice", "router.token_choice_update": "paper"})
+
+
+def test_paper_rule_with_padding_equals_each_row_alone():
+    model = paper_model(seed=5).eval()
+    rows = [[7, 8, 9, 10, 11, 12, 13, 14], [30, 31, 32, 33, 34]]
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])  # left padding
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        both = model(ids, attention_mask=mask, causal_routing=True).logits
+        for i, r in enumerate(rows):
+            alone = model(torch.tensor([r]), causal_routing=True).logits[0]
+            torch.testing.assert_close(both[i, T - len(r):], alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(alone, reference_logits(model, torch.tensor([r]))[0][0], atol=1e-5, rtol=0)
