@@ -1,5 +1,6 @@
-"""The trainer passes its step to the routing policy: capacity warmup shows in a real run's
-logged routing, and a run resumed inside the warmup equals an uninterrupted one."""
+"""Router knobs in real runs: the trainer passes its step to the routing policy (capacity
+warmup shows in the logged routing; a run resumed inside the warmup equals an uninterrupted
+one), and the auxiliary router trains under ZeRO-2 with its precision/recall logged."""
 
 from __future__ import annotations
 
@@ -27,3 +28,14 @@ def test_capacity_warmup_in_a_run_and_resume_is_exact(tiny_config, tmp_path):
     resumed = launch(tiny_config, tmp_path / "cut", WARM)
     assert_ok(resumed)
     assert resumed.losses()[5] == whole.losses()[5] and resumed.losses()[3] == whole.losses()[3]
+
+
+@pytest.mark.launch
+def test_aux_router_trains_under_zero2_and_its_precision_recall_are_logged(tiny_config, tmp_path):
+    run = launch(tiny_config, tmp_path / "aux", ["model.router.aux_router=true", "trainer.max_steps=3",
+                                                 "eval.at_end=true", "checkpoint.every_steps=0", "deepspeed.zero_stage=2"])
+    assert_ok(run)
+    recs = run.records()
+    assert all("train/router_aux_bce" in r and "train/router_bce" not in r for r in recs if "train/loss" in r)
+    val = [r for r in recs if "val/router_recall_r2" in r]
+    assert val and all(0.0 <= r[k] <= 1.0 for r in val for k in ("val/router_precision_r2", "val/router_recall_r2"))
