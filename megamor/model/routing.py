@@ -450,8 +450,9 @@ class RoutingPass:
                 router.track_load(choice, candidates)
             self._choice = choice
             self._gate = self.policy.gate(TOKEN, probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1), s.gate_scale)
-            if self.training and not s.rand_router:
-                self.aux["router_balance"], self.aux["router_z"] = token_choice_aux_losses(choice, probs, logits, candidates)
+            if self.training and not s.rand_router:  # the official balancing loss sees alpha * sigmoid
+                p_bal = s.gate_scale * probs if s.token_func == "sigmoid" else probs
+                self.aux["router_balance"], self.aux["router_z"] = token_choice_aux_losses(choice, p_bal, logits, candidates)
             if self.count:  # one read of the device for every step's length
                 self._reach = torch.stack([(candidates & (choice >= q)).sum(-1).max()
                                            for q in range(probs.shape[-1])]).tolist()

@@ -107,6 +107,12 @@ def test_token_router_function_choice_and_weight(func):
     _, top = torch.topk(probs, 1, dim=-1)
     torch.testing.assert_close(step.gate, probs.gather(-1, top).squeeze(-1), atol=1e-7, rtol=0)
     assert torch.equal(rp._choice, top.squeeze(-1))
+    rp, _, _ = first_step(model, training=True)
+    # official: P_i = sum(router_probs) / (bs * seq_len), f_i = N_r * bincount / (bs * seq_len), sum(P_i * f_i)
+    p_i = probs.sum(dim=(0, 1)) / 24
+    f_i = 3 * torch.bincount(top.view(-1), minlength=3) / 24
+    torch.testing.assert_close(rp.aux["router_balance"], (p_i * f_i).sum(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rp.aux["router_z"], torch.logsumexp(raw, -1).square().mean(), atol=1e-5, rtol=1e-6)
 
 
 # -- gating ------------------------------------------------------------------------------
