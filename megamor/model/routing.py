@@ -21,8 +21,14 @@ token's chosen depth are ungated (h <- step(h)), and at its chosen depth i its o
 H^1 + g * step(h), H^1 the first recursion's input. `update` applies the rule: every path
 gathers the step's tensors the same way and calls it.
 
+The official code's other router knobs (RoutingSettings below; RouterConfig documents each)
+live here too: capacity and balancing warmups (they read `RoutingPolicy.train_step`, which the
+trainer sets every optimizer step), router temperature, router functions, unweighted gating,
+the random router (`position_uniform`: the same draw on every path) and the auxiliary router.
+
 Routers are modules owned by the model, used through a small interface:
   expert choice (`model.routers[r]`): `router(h)` -> logits [..., T] fp32; `router.threshold`;
+    `router.aux` (None, or the auxiliary router's network: h -> [..., T, 1]);
     `router.scale` (None, or a module alpha * activation for a learned alpha); in training
     `router.track_boundary(boundary, has)`.
   token choice (`model.depth_router`): `router(h)` -> logits [..., T, N_r] fp32; `router.bias`;
