@@ -31,7 +31,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "transformers", "lm-eval>=0.4", "ruff"],
+        "dev": ["pytest", "transformers", "lm-eval>=0.4", "accelerate", "ruff"],
+        # lm-eval (our `megamor` model, and its `hf` model on an export: accelerate), AutoTokenizer on exports
+        "eval": ["transformers", "lm-eval>=0.4", "accelerate"],
         "gpu": ["flash-attn"],
     },
 )

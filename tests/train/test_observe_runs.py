@@ -8,7 +8,7 @@ import subprocess
 
 from megamor.env import repo_root
 from megamor.observe.phase_timer import PHASES
-from megamor.observe.profiler import trace_path
+from megamor.observe.profiler import trace_path, traces
 from megamor.train.signals import EXIT_PREEMPTED
 
 from .helpers import Run, assert_ok, launch, train_command, train_env, wait_for_step
@@ -54,13 +54,15 @@ def test_two_ranks_slow_rank_is_the_straggler_and_each_rank_writes_a_trace(tiny_
     assert all(r["time/straggler_s"] >= 0.5 for r in rows)
     assert "slowest rank 1" in run.output
     for rank in (0, 1):
-        names = _trace_names(trace_path(run.run_dir, rank))
+        names = _trace_names(trace_path(run.run_dir, rank, 2, 3))
         assert {"step_2", "step_3", "data", "forward", "backward", "optimizer", "mor/recursion_1", "mor/recursion_2"} <= names
         assert "step_1" not in names
-    assert sorted(p.name for p in (run.run_dir / "profile").iterdir()) == ["rank0.pt.trace.json", "rank1.pt.trace.json"]
+    assert sorted(p.name for p in (run.run_dir / "profile").iterdir()) == ["rank0.steps2-3.pt.trace.json",
+                                                                           "rank1.steps2-3.pt.trace.json"]
 
 
-def test_sigterm_inside_the_profiled_steps_leaves_a_readable_trace(tiny_config, tmp_path):
+def test_sigterm_inside_the_profiled_steps_leaves_a_readable_trace_and_the_resumed_run_its_own(tiny_config, tmp_path):
+    """Issue 32: the resumed run's trace replaced the first one's; each (re)start has its own file."""
     run_dir = tmp_path / "run"
     cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "trainer.profile.steps=[2,100000]",
                                                "checkpoint.every_steps=0"], 1, "python", tmp_path)
@@ -71,8 +73,15 @@ def test_sigterm_inside_the_profiled_steps_leaves_a_readable_trace(tiny_config, 
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
     last = max(Run(run_dir, None).losses())  # type: ignore[arg-type]
-    names = _trace_names(trace_path(run_dir, 0))
+    first_trace = trace_path(run_dir, 0, 2, last)
+    names = _trace_names(first_trace)
     assert {f"step_{n}" for n in range(2, last + 1)} <= names and "forward" in names and "step_1" not in names
+    kept = first_trace.read_bytes()
+    resumed = launch(tiny_config, run_dir, [f"trainer.max_steps={last + 2}", f"trainer.profile.steps=[2,{last + 2}]",
+                                            "checkpoint.every_steps=0", "schedule.allow_change=true", *QUICK])
+    assert_ok(resumed)
+    assert traces(run_dir, 0) == [first_trace, trace_path(run_dir, 0, last + 1, last + 2)]
+    assert first_trace.read_bytes() == kept
 
 
 def test_profile_steps_outside_the_run_exit_2(tiny_config, tmp_path):

@@ -64,3 +64,14 @@ def test_signal_during_setup_stops_before_the_first_step(tiny_config, tmp_path):
     assert run.rc == EXIT_PREEMPTED, run.output[-3000:]
     assert "stop requested (signal 15) at step 0" in run.output
     assert run.losses() == {} and newest_complete(run.run_dir) is None  # nothing trained, nothing to save
+
+
+def test_exit_file_is_written_only_when_asked(tmp_path, monkeypatch):
+    from megamor.train.signals import EXIT_FILE_ENV, write_exit_file
+
+    monkeypatch.delenv(EXIT_FILE_ENV, raising=False)
+    write_exit_file(75)  # no file asked for: nothing written anywhere
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv(EXIT_FILE_ENV, str(tmp_path / "exit"))
+    write_exit_file(75)
+    assert (tmp_path / "exit").read_text() == "75\n" and [p.name for p in tmp_path.iterdir()] == ["exit"]
