@@ -19,7 +19,9 @@ X = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def expert(**router):
-    return mor("expert_choice", sharing="cycle", n_layers=6, seed=1, router={"type": "expert_choice", **router})
+    """Expert choice with the official soft gate (megamor's default is straight-through)."""
+    return mor("expert_choice", sharing="cycle", n_layers=6, seed=1,
+               router={"type": "expert_choice", "gate_straight_through": False, **router})
 
 
 def token(**router):
