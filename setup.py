@@ -1,11 +1,19 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One version, in megamor/__init__.py (CHANGELOG.md's newest release; checked by a test).
+VERSION = re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("megamor").joinpath("__init__.py").read_text()).group(1)
 
 setup(
     name="megamor",
-    version="0.1.0",
+    version=VERSION,
+    license="MIT",
     description="Pretraining and evaluation of Mixture-of-Recursions language models",
     packages=find_packages(include=["megamor", "megamor.*"]),
     python_requires=">=3.10",
+    classifiers=["License :: OSI Approved :: MIT License", "Programming Language :: Python :: 3"],
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.15",
@@ -23,7 +31,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "transformers", "lm-eval>=0.4", "ruff"],
+        "dev": ["pytest", "transformers", "lm-eval>=0.4", "accelerate", "ruff"],
+        # lm-eval (our `megamor` model, and its `hf` model on an export: accelerate), AutoTokenizer on exports
+        "eval": ["transformers", "lm-eval>=0.4", "accelerate"],
         "gpu": ["flash-attn"],
     },
 )

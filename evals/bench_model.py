@@ -7,19 +7,28 @@
 2. Decoding tokens/s with recursion-wise caching and recursive KV sharing against no cache.
 
     python evals/bench_model.py [--config configs/model/33m/mor_expert_3.yaml] [--seq-len 1024]
+
+3. With `--seq-lens` and `--batch-sizes` (comma lists): a throughput grid instead, MoR against
+   routing off in every cell (tokens/s, ms/token, peak memory), written as CSV (`--csv`) and
+   markdown beside it (megamor.observe.throughput):
+
+    python evals/bench_model.py --seq-lens 128,256,512 --batch-sizes 1,4,8 --csv evals/results/model_grid.csv
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
+import sys
 import time
 
 import torch
 
+from megamor.cli import ArgumentParser
+from megamor.inference.generate import generate
 from megamor.model import MoRLM, load_model_config
 from megamor.model.flops import forward_flops
+from megamor.observe.throughput import MODES, grid_markdown, throughput_grid, write_grid_csv
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
@@ -77,26 +86,65 @@ def bench_decoding(cfg, prompt_len: int, new_tokens: int, batch: int) -> None:
         model = MoRLM(c).eval()
         prompts = torch.randint(0, c.vocab_size, (batch, prompt_len)).tolist()
         t0 = time.perf_counter()
-        model.generate(prompts, new_tokens, use_cache=use_cache)
+        generate(model, prompts, new_tokens, use_cache=use_cache)
         tps = batch * new_tokens / (time.perf_counter() - t0)
         base = base or tps
         name = "no cache (recompute prefix)" if not use_cache else kv.replace("_", "-") + " cache"
         print(f"| {name} | {tps:.1f} | {tps / base:.2f}x |")
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        print(f"bench_model.py: error: {flag} must be a comma list of positive integers, not {text!r}", file=sys.stderr)
+        sys.exit(2)
+    return values
+
+
+def bench_grid(cfg, seq_lens: list[int], batch_sizes: list[int], mode: str, repeats: int, csv_path: str) -> None:
+    dense_cfg = copy.deepcopy(cfg)
+    dense_cfg.router.capacity = [1.0] * cfg.num_recursions
+    models = {}
+    for name, c in (("routing off", dense_cfg), ("MoR expert choice", cfg)):
+        torch.manual_seed(0)
+        models[name] = MoRLM(c)
+    rows = throughput_grid(models, seq_lens, batch_sizes, mode=mode, repeats=repeats)
+    table = grid_markdown(rows)
+    print(table)
+    out = write_grid_csv(rows, csv_path)
+    md = out.with_suffix(".md")
+    md.write_text(f"# Throughput grid ({mode}, {torch.get_num_threads()} threads)\n\n"
+                  f"Command: `python evals/bench_model.py --seq-lens {','.join(map(str, seq_lens))} "
+                  f"--batch-sizes {','.join(map(str, batch_sizes))} --grid-mode {mode} --repeats {repeats} "
+                  f"--csv {csv_path}`\n\n{table}\n")
+    print(f"wrote {out} and {md}")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/model/33m/mor_expert_3.yaml")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--seq-lens", help="grid: comma list of sequence lengths")
+    ap.add_argument("--batch-sizes", help="grid: comma list of batch sizes")
+    ap.add_argument("--grid-mode", choices=MODES, default="train", help="grid: forward+backward or forward only")
+    ap.add_argument("--csv", default="evals/results/model_grid.csv", help="grid: CSV output (markdown beside it)")
     args = ap.parse_args()
     cfg = load_model_config(args.config)
     if cfg.router.type != "expert_choice":
         raise SystemExit(f"{args.config}: the benchmark needs an expert-choice MoR config")
     print(f"config {args.config}, torch {torch.__version__}")
+    if args.seq_lens or args.batch_sizes:
+        seq_lens = _int_list("--seq-lens", args.seq_lens or str(args.seq_len))
+        batch_sizes = _int_list("--batch-sizes", args.batch_sizes or str(args.batch))
+        bench_grid(cfg, seq_lens, batch_sizes, args.grid_mode, args.repeats, args.csv)
+        return
     bench_training(cfg, args.seq_len, args.batch, args.repeats)
     bench_decoding(cfg, args.prompt_len, args.new_tokens, args.batch)
 

@@ -2,7 +2,7 @@
 
 1. Step time of the 33M MoR config at TP=1, TP=2, TP=2 + sequence parallelism, DP=4 and
    TP=2 x DP=2 (gloo processes on the CPU), with the share of time in collectives
-   (megamor/parallel/bench.py says what a step is); with --compile also TP=2 (+SP) with every
+   (megamor/plan/bench.py says what a step is); with --compile also TP=2 (+SP) with every
    layer torch.compiled (inductor; the first, compiling, step is not timed).
 2. Activation bytes per rank, measured: what one training forward keeps for its backward
    (saved-tensor hooks, megamor.observe.activation_memory) at TP=1, TP=2 and TP=2 + SP, with
@@ -21,9 +21,10 @@ import json
 import tempfile
 from pathlib import Path
 
+from megamor.cli import ArgumentParser
 from megamor.model import load_model_config
-from megamor.parallel.bench import activation_bytes_worker, layout_step_worker
 from megamor.parallel.memory import GiB, rank_memory
+from megamor.plan.bench import activation_bytes_worker, layout_step_worker
 from megamor.testing.distributed import run_distributed
 from megamor.train.config import load_experiment
 
@@ -90,7 +91,7 @@ def memory_table(config: str, gpus: int = 8) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="configs/model/33m/mor_expert_3.yaml")
     p.add_argument("--memory-config", default="configs/experiments/360m_tp2.yaml")
     p.add_argument("--seq-len", type=int, default=256)

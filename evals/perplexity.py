@@ -7,21 +7,22 @@
     python evals/perplexity.py --checkpoint run/ --shards data/shards               # valid-NNNNN.npy token shards
 
 Reports token NLL/perplexity, bits per byte, byte and word perplexity (JSON). The context
-defaults to the one the model was trained with (the run's data.seq_len). Bad input (an empty
-or undecodable file, a missing checkpoint) prints one `error:` line and exits 2.
+defaults to the model's max_seq_len. Bad input (an empty or undecodable file, a missing
+checkpoint, a tokenizer or shards other than the ones the checkpoint was trained with) prints
+one `error:` line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from megamor.cli import ArgumentParser
 from megamor.eval.cli import add_model_args, build_scorer, run_main, set_threads, write_json
-from megamor.eval.perplexity import load_shard_tokens, perplexity_of_texts, perplexity_of_tokens, read_texts
 from megamor.eval.text_input import ENCODING_ERRORS
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", help=".txt (optionally .bz2/.gz/.xz) or .jsonl files")
@@ -41,11 +42,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    from megamor.eval.perplexity import load_shard_tokens, perplexity_of_texts, perplexity_of_tokens, read_texts
+
     set_threads()
     if args.text:  # read (and check) the text before loading a model
         docs = read_texts(args.text, split=args.split, text_key=args.text_key, encoding=args.encoding,
                           errors=args.encoding_errors)[: args.max_docs]
-    scorer, tok, meta = build_scorer(args)
+    scorer, tok, meta = build_scorer(args, shards=args.shards or ())
     if args.text:
         res = perplexity_of_texts(scorer, tok, docs, stride=args.stride)
     else:

@@ -1,3 +1,3 @@
 """megamor: pretraining and evaluation of Mixture-of-Recursions language models."""
 
-__version__ = "0.1.0"
+__version__ = "0.9.0"

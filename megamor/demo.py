@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from megamor.cli import ArgumentParser
 from megamor.data.tokenizer import Tokenizer
 from megamor.env import repo_root, thread_defaults
 from megamor.runs.tags import newest_complete
@@ -112,13 +113,14 @@ def _last_validation(run_dir: Path) -> dict:
 def show_samples(run_dir: Path, tok_dir: Path, max_new_tokens: int = 40) -> None:
     import torch  # lazy, as the imports in _render: torch only once training is done (`--help` stays fast)
 
+    from megamor.inference.generate import generate
     from megamor.runs.load import load_model_from_run
 
     torch.manual_seed(0)
     model, cfg = load_model_from_run(run_dir)
     tok = Tokenizer.load(tok_dir)
     prompts = [[tok.eos_id] + tok.encode(p) for p in PROMPTS]  # EOS = start of a document
-    out = model.generate(prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+    out = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
     colour = sys.stdout.isatty()
     print(f"\n== samples (greedy, causal routing; each token's recursion depth 0-{cfg.num_recursions}"
           f"{', coloured' if colour else ' as a subscript'})")
@@ -142,7 +144,7 @@ def _render(tok, ids: list[int], depths: list[int], n_rec: int, colour: bool) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.demo", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything goes here (default runs/demo)")
     p.add_argument("--steps", type=int, default=None,

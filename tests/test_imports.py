@@ -1,10 +1,12 @@
-"""The package's import structure: no import circles, and the run-folder layer (megamor.runs)
-below training and evaluation.
+"""The package's import structure: no import circles between modules or between subpackages,
+the run-folder layer (megamor.runs) below training and evaluation, and the model below
+everything that uses it.
 
 The graph is built from the source with ast: every `import megamor...` / `from megamor...
 import` of a module, at module level or inside a function (`if TYPE_CHECKING:` blocks
-excluded). A circle held apart by a function-level import is still a circle: the modules
-cannot be understood, or imported first, on their own.
+excluded unless asked for: they run under a type checker only, but they still say which
+layer a module leans on). A circle held apart by a function-level import is still a circle:
+the modules cannot be understood, or imported first, on their own.
 """
 
 from __future__ import annotations
@@ -39,16 +41,17 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.Module, top_level_only: bool) -> list[ast.Import | ast.ImportFrom]:
-    """Import statements of a module, `if TYPE_CHECKING:` blocks excluded; with
-    top_level_only, only those run when the module is imported (not inside functions)."""
+def _imports(tree: ast.Module, top_level_only: bool, type_checking: bool = False) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements of a module, `if TYPE_CHECKING:` blocks excluded unless
+    type_checking; with top_level_only, only those run when the module is imported (not
+    inside functions)."""
     out: list[ast.Import | ast.ImportFrom] = []
     todo: list[ast.AST] = list(tree.body)
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             out.append(node)
-        elif isinstance(node, ast.If) and _is_type_checking(node):
+        elif isinstance(node, ast.If) and _is_type_checking(node) and not type_checking:
             todo += node.orelse
         elif top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             continue
@@ -57,13 +60,14 @@ def _imports(tree: ast.Module, top_level_only: bool) -> list[ast.Import | ast.Im
     return out
 
 
-def imported_modules(name: str, path: Path, known: set[str], top_level_only: bool = False) -> set[str]:
+def imported_modules(name: str, path: Path, known: set[str], top_level_only: bool = False,
+                     type_checking: bool = False) -> set[str]:
     """The megamor modules `name` imports at module level (a package import `from megamor.x
     import y` counts as megamor.x, plus megamor.x.y when that is a module)."""
     tree = ast.parse(path.read_text(), str(path))
     is_pkg = path.name == "__init__.py"
     out: set[str] = set()
-    for node in _imports(tree, top_level_only):
+    for node in _imports(tree, top_level_only, type_checking):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
             for t in targets:
@@ -93,10 +97,27 @@ def imported_modules(name: str, path: Path, known: set[str], top_level_only: boo
     return {m for m in out if m in known and m != name}
 
 
-def import_graph(top_level_only: bool = False) -> dict[str, set[str]]:
+def import_graph(top_level_only: bool = False, type_checking: bool = False) -> dict[str, set[str]]:
     mods = all_modules()
     known = set(mods)
-    return {name: imported_modules(name, path, known, top_level_only) for name, path in mods.items()}
+    return {name: imported_modules(name, path, known, top_level_only, type_checking) for name, path in mods.items()}
+
+
+def package_of(module: str) -> str:
+    """megamor.x.y -> megamor.x (a module directly under megamor is its own package)."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Subpackage -> the subpackages its modules import (itself left out)."""
+    out: dict[str, set[str]] = {}
+    for mod, deps in graph.items():
+        out.setdefault(package_of(mod), set())
+        for d in deps:
+            out.setdefault(package_of(d), set())
+            if package_of(d) != package_of(mod):
+                out[package_of(mod)].add(package_of(d))
+    return out
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -141,20 +162,64 @@ def test_no_module_level_import_cycle():
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
+def test_no_import_cycle_counting_type_checking_imports():
+    cycle = find_cycle(import_graph(type_checking=True))
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_no_package_level_cycle():
+    """No a -> b -> a between subpackages (megamor.train, megamor.parallel, ...): each layer
+    can be read, and replaced, with only the layers below it."""
+    assert package_graph({"megamor.a.x": {"megamor.b.y"}, "megamor.b.y": {"megamor.a.z"}, "megamor.a.z": set()}) == {
+        "megamor.a": {"megamor.b"}, "megamor.b": {"megamor.a"}}
+    cycle = find_cycle(package_graph(import_graph(type_checking=True)))
+    assert cycle is None, "package circle: " + " -> ".join(cycle or [])
+
+
+MODEL = "megamor.model"
+ABOVE_MODEL = ("megamor.inference", "megamor.train", "megamor.eval", "megamor.parallel", "megamor.runs")
+
+
+def test_model_imports_nothing_above_it():
+    """megamor.model (layers, routing, caches) is the bottom of the stack: decoding, training,
+    evaluation, parallelism and run folders are applied to it from outside."""
+    graph = import_graph(type_checking=True)  # annotations too: no hidden way up
+    mine = {m: deps for m, deps in graph.items() if m == MODEL or m.startswith(MODEL + ".")}
+    assert f"{MODEL}.routing" in mine
+    bad = {m: sorted(d for d in deps if d.startswith(ABOVE_MODEL)) for m, deps in mine.items()}
+    assert not any(bad.values()), bad
+
+
+def test_routing_policy_imports_only_torch():
+    """The routing module ships as a standalone remote-code file beside an export's
+    modeling_megamor.py: it may import torch and the standard library only."""
+    import megamor.model.routing as routing
+
+    tree = ast.parse(Path(routing.__file__).read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots.add("." if node.level else (node.module or "").split(".")[0])
+    assert roots <= {"torch", "__future__"} | set(sys.stdlib_module_names), roots
+
+
 def test_run_folder_package_imports_neither_train_nor_eval():
     graph = import_graph()  # function-level imports too: the layer never reaches up
     mine = {m: deps for m, deps in graph.items() if m == RUNS or m.startswith(RUNS + ".")}
     assert RUNS in mine and f"{RUNS}.load" in mine, f"{RUNS} is missing"
     bad = {m: sorted(d for d in deps if d.startswith(("megamor.train", "megamor.eval"))) for m, deps in mine.items()}
     assert not any(bad.values()), bad
-    allowed = ("megamor.runs", "megamor.model", "megamor.parallel", "megamor.data", "megamor.config", "megamor.env")
+    allowed = ("megamor.runs", "megamor.model", "megamor.parallel", "megamor.data", "megamor.config", "megamor.env",
+               "megamor.cli")
     outside = {m: sorted(d for d in deps if not d.startswith(allowed)) for m, deps in mine.items()}
     assert not any(outside.values()), outside
 
 
 @pytest.mark.parametrize("module", [RUNS, "megamor.runs.load", "megamor.runs.resume", "megamor.train.trainer",
                                     "megamor.train.preflight", "megamor.runs.find", "megamor.model.mor",
-                                    "megamor.model.generate", "megamor.train.config", "megamor.train.schedule",
+                                    "megamor.inference.generate", "megamor.model.routing", "megamor.train.config", "megamor.train.schedule",
                                     "megamor.train.schedule_change", "megamor.train.init_from"])
 def test_each_module_imports_first_in_a_fresh_interpreter(module):
     """Imported first, alone: a circle that import order hides elsewhere fails here."""

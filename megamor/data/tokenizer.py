@@ -17,6 +17,22 @@ VOCAB_FILE = "tokenizer.vocab"
 INFO_FILE = "tokenizer_info.json"
 
 
+class TokenizerMismatchError(ValueError):
+    """A tokenizer (or shard set) other than the one recorded: bad input."""
+
+
+def check_same_tokenizer(recorded: str | None, actual: str | None, recorded_as: str, actual_as: str) -> None:
+    """The one tokenizer identity check: training's (data.tokenizer against the shards' manifest,
+    a resumed checkpoint against its data) and every evaluation entry point's. Two tokenizers are
+    the same when their model files have the same SHA-256 (`Tokenizer.content_hash`, the `hash`
+    of shard manifests); a side that recorded nothing has nothing to check.
+
+    Raises TokenizerMismatchError: "<actual_as> (hash ...) is not the tokenizer <recorded_as> (hash ...)".
+    """
+    if recorded and actual and recorded != actual:
+        raise TokenizerMismatchError(f"{actual_as} (hash {actual[:12]}) is not the tokenizer {recorded_as} (hash {recorded[:12]})")
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megamor.model.router_health import agreement_counts
+from megamor.model.routing import precision_recall, trace_agreement
 
 from .scoring import model_max_length
 from .tokenizer import EvalTokenizer
@@ -46,7 +46,7 @@ class DepthTrace:
     loss: np.ndarray  # [n] NLL (nats) of the next token predicted at each position; nan for the last
     num_recursions: int
     # Expert choice: {step (1-based): [causal & topk, causal, topk] token counts}, the causal
-    # choice against a top-k pass over the same windows (megamor.model.router_health)
+    # choice against a top-k pass over the same windows (megamor.model.routing)
     agreement: dict[int, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -137,9 +137,8 @@ def _add_agreement(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor |
         out = model(x, attention_mask=mask, causal_routing=False, return_logits=False)
     finally:
         model.record_router = False
-    for r, logits, cand, sel in out.stats.get("router_trace", []):
-        c = agreement_counts(logits, cand, sel, model.routers[r].threshold).tolist()
-        acc[r + 1] = [a + b for a, b in zip(acc.get(r + 1, [0.0, 0.0, 0.0]), c)]
+    for r, c in trace_agreement(model.routers, out.stats.get("router_trace", [])).items():
+        acc[r + 1] = [a + b for a, b in zip(acc.get(r + 1, [0.0, 0.0, 0.0]), c.tolist())]
 
 
 def router_agreement(traces: Sequence[DepthTrace]) -> list[dict]:
@@ -150,15 +149,18 @@ def router_agreement(traces: Sequence[DepthTrace]) -> list[dict]:
             total[r] = [a + b for a, b in zip(total.get(r, [0.0, 0.0, 0.0]), c)]
     out = []
     for r in sorted(total):
-        both, causal, top = total[r]
-        out.append({"step": r, "precision": both / causal if causal else float("nan"),
-                    "recall": both / top if top else float("nan"), "topk_tokens": int(top)})
+        precision, recall = precision_recall(total[r])
+        out.append({"step": r, "precision": precision, "recall": recall, "topk_tokens": int(total[r][2])})
     return out
 
 
 # -- rendering -----------------------------------------------------------------------------
-def render_terminal(trace: DepthTrace, legend: bool = True, width: int = 100) -> str:
-    """The text with each token coloured by its depth, as ANSI escapes (for print)."""
+def render_terminal(trace: DepthTrace, legend: bool = True, width: int = 100, colour: bool = True) -> str:
+    """The text with each token coloured by its depth, as ANSI escapes (for print); colour=False
+    (output not a terminal): plain text, each token followed by its depth in brackets."""
+    if not colour:
+        head = f"depth per token (0-{trace.num_recursions}) in brackets:\n" if legend else ""
+        return head + "".join(f"{p}[{int(d)}]" for p, d in zip(trace.pieces, trace.depth)) + "\n"
     from rich.console import Console
     from rich.text import Text
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import EvalInputError
 from .metrics import argmax_first, mean, mean_stderr, perplexity_of_mean_ll, perplexity_stderr
-from .scoring import Scorer
+from .scoring import ContinuationTooLong, Scorer, model_max_length
 from .tasks import Doc, Task, get_task
 from .tokenizer import EvalTokenizer
 
@@ -136,8 +137,16 @@ def evaluate_task(
     pool = all_docs if pool is None else pool
     prefixes = [fewshot_prefix(task, i, d, pool, num_fewshot, seed, same_split) for i, d in enumerate(eval_docs)]
     prefix_id = tok.eos_id if add_prefix else None
-    pairs = [encode_pair(tok, c, x, prefix_id) for d, p in zip(eval_docs, prefixes) for c, x in task.requests(d, p)]
-    lls = scorer.loglikelihood(pairs, desc=task.name)
+    pairs, owner = [], []
+    for d, p in zip(eval_docs, prefixes):
+        for c, x in task.requests(d, p):
+            pairs.append(encode_pair(tok, c, x, prefix_id))
+            owner.append(d)
+    try:
+        lls = scorer.loglikelihood(pairs, desc=task.name)
+    except ContinuationTooLong as e:
+        raise EvalInputError(f"{task.name}: {owner[e.index]['_src']}: {e}; pass a larger --max-length (the model's "
+                             f"max_seq_len is {model_max_length(scorer.model)}) or leave {task.name} out") from None
     per, samples = score_docs(task, eval_docs, prefixes, lls)
     return TaskResult(task.name, len(eval_docs), num_fewshot, seed, aggregate(per), time.perf_counter() - t0, samples)
 

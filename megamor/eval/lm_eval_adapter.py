@@ -8,7 +8,10 @@ Command line (lm-eval does not discover plugins, so a wrapper imports this modul
     python evals/lm_eval_megamor.py --model megamor --model_args checkpoint=run/,tokenizer=tok.model \
         --batch_size 32 --include_path evals/tasks --tasks megamor_hellaswag
 (lm-eval passes --batch_size and --device itself; model_args takes checkpoint, tokenizer,
-dtype, max_length, max_batch_tokens, add_prefix, max_gen_toks, progress.)
+dtype, max_length (default: the model's max_seq_len), max_batch_tokens, add_prefix,
+max_gen_toks, progress, allow_tokenizer_mismatch.) The tokenizer is checked against the one the
+checkpoint was trained with (megamor.eval.identity): a mismatch stops it unless
+allow_tokenizer_mismatch=true.
 
 Scoring goes through the same `Scorer` as the built-in harness (causal routing, right
 padding, content-ordered batches), and tokenization through lm-eval's own
@@ -25,11 +28,14 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from megamor.inference.generate import generate
 from megamor.runs.find import find_tokenizer
 from megamor.runs.load import load_model_and_meta
 
+from .errors import EvalInputError
+from .identity import check_identity
 from .perplexity import rolling_requests
-from .scoring import Scorer
+from .scoring import ContinuationTooLong, Scorer, model_max_length
 from .tokenizer import EvalTokenizer, load_tokenizer
 
 
@@ -52,6 +58,7 @@ class MegamorLM(TemplateLM):
         add_prefix: bool | str = True,
         max_gen_toks: int | str = 256,
         progress: bool | str = False,
+        allow_tokenizer_mismatch: bool | str = False,
         **kwargs: Any,
     ):
         super().__init__()
@@ -66,13 +73,16 @@ class MegamorLM(TemplateLM):
             if tokenizer is None:
                 raise ValueError("megamor: pass tokenizer=<sentencepiece .model or folder>; none found beside the checkpoint")
         self.tok: EvalTokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str,)) or hasattr(tokenizer, "__fspath__") else tokenizer
+        self.identity = check_identity(meta, source if model is None else "the model", self.tok,
+                                       allow_mismatch=_bool(allow_tokenizer_mismatch),
+                                       flag="allow_tokenizer_mismatch=true in --model_args")
         if batch_size == "auto":
             batch_size = 16
         self.scorer = Scorer(
             self.model,
             batch_size=int(batch_size),
             max_batch_tokens=int(max_batch_tokens) if max_batch_tokens else None,
-            max_length=int(max_length) if max_length else meta.get("seq_len"),  # default: the trained context
+            max_length=int(max_length) if max_length else None,  # default: the model's max_seq_len
             dtype=dtype,
             pad_id=self.tok.eos_id,
             progress=_bool(progress),
@@ -110,7 +120,13 @@ class MegamorLM(TemplateLM):
     # -- the three request types --------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
-        results = self.scorer.loglikelihood(pairs)
+        try:
+            results = self.scorer.loglikelihood(pairs)
+        except ContinuationTooLong as e:
+            key = requests[e.index][0]  # (context, continuation) strings, when lm-eval gives them
+            what = f"continuation {key[1][:40]!r}..." if key else "a request"
+            raise EvalInputError(f"{what}: {e}; pass a larger max_length in --model_args "
+                                 f"(the model's max_seq_len is {model_max_length(self.model)})") from None
         for (key, _, _), res in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
@@ -152,7 +168,7 @@ class MegamorLM(TemplateLM):
                 chunk = idx[start : start + bs]
                 prompts = [self.tok_encode(args[i][0])[-budget:] for i in chunk]
                 with self.scorer.autocast():
-                    gen = self.model.generate(prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id)
+                    gen = generate(self.model, prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id)
                 for i, toks in zip(chunk, gen.tokens):
                     text = self.tok.decode([t for t in toks if t != self.tok.eos_id])
                     for u in until:

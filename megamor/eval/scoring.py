@@ -18,6 +18,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import EvalInputError
+
+
+class ContinuationTooLong(EvalInputError):
+    """A continuation that alone exceeds the context: it cannot be scored whole (lm-eval asserts
+    the same). `index` is the pair's position in the request list, for the caller to name it."""
+
+    def __init__(self, index: int, n_tokens: int, max_length: int):
+        self.index, self.n_tokens, self.max_length = index, n_tokens, max_length
+        super().__init__(f"a continuation of {n_tokens} tokens does not fit the {max_length}-token context")
+
 
 @dataclass
 class ScoreRequest:
@@ -178,17 +189,18 @@ class Scorer:
     def loglikelihood(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), continuation is the greedy decode) per pair.
 
-        As lm-eval: the sequence is left-truncated to max_length + 1 tokens; identical pairs
-        are scored once.
+        As lm-eval: the sequence is left-truncated to max_length + 1 tokens (the continuation
+        stays whole, the oldest context tokens go); identical pairs are scored once. A
+        continuation longer than max_length raises ContinuationTooLong before anything is scored.
         """
         keys: dict[tuple, int] = {}
         reqs: list[ScoreRequest] = []
         index = []
-        for ctx, cont in pairs:
+        for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise ValueError("empty continuation")
             if len(cont) > self.max_length:
-                raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length {self.max_length}")
+                raise ContinuationTooLong(i, len(cont), self.max_length)
             toks = (list(ctx) + list(cont))[-(self.max_length + 1) :]
             key = (tuple(toks), len(cont))
             if key not in keys:

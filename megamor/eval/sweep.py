@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from megamor.model.flops import flops_per_token
-from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints
+from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints, skipped_tags
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model_and_meta
 
+from .identity import check_identity
 from .scoring import Scorer
 from .tokenizer import load_tokenizer
 
@@ -55,15 +57,21 @@ class SweepConfig:
     device: str | None = None
     dtype: str | None = None
     tokens_per_step: int | None = None  # x-axis "tokens" when checkpoints do not record it
+    allow_tokenizer_mismatch: bool = False  # evaluate even with another tokenizer than the checkpoint's (megamor.eval.identity)
+
+    @property
+    def context(self) -> int | str:
+        """The context in cache keys: results made at another default (the training seq_len, before) are not reused."""
+        return self.max_length or "model.max_seq_len"
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         """(task id, everything that changes its numbers) for every evaluation."""
         out = [
-            (t, {"kind": "fewshot", "task": t, "k": self.num_fewshot, "limit": self.limit, "seed": self.seed, "data_dir": self.data_dir, "max_length": self.max_length, "dtype": self.dtype})
+            (t, {"kind": "fewshot", "task": t, "k": self.num_fewshot, "limit": self.limit, "seed": self.seed, "data_dir": self.data_dir, "max_length": self.context, "dtype": self.dtype})
             for t in self.tasks
         ]
         for name, path in self.ppl.items():
-            out.append((f"ppl:{name}", {"kind": "ppl", "path": str(Path(path).resolve()), "split": self.ppl_split, "max_docs": self.ppl_max_docs, "stride": self.stride, "max_length": self.max_length, "dtype": self.dtype}))
+            out.append((f"ppl:{name}", {"kind": "ppl", "path": str(Path(path).resolve()), "split": self.ppl_split, "max_docs": self.ppl_max_docs, "stride": self.stride, "max_length": self.context, "dtype": self.dtype}))
         return out
 
 
@@ -74,12 +82,16 @@ def item_key(task_id: str, spec: dict[str, Any]) -> str:
 
 def discover(sources: Sequence[str | Path]) -> list[CheckpointInfo]:
     """Run folders (every checkpoint in each) and single checkpoints (files, export folders,
-    DeepSpeed tags), in a stable order."""
+    DeepSpeed tags), in a stable order. A run folder's tags left out (no COMPLETE marker,
+    damaged, quarantined) are named on stderr, one line each."""
     out: list[CheckpointInfo] = []
     for s in map(Path, sources):
         if not s.exists():
             raise CheckpointError(f"not found: {s}")
         info = describe(s, s.parent.parent.name if s.parent.name in ("checkpoints", "export", "exports") else s.parent.name)
+        if info is None:  # a run folder: say which of its tags are not evaluated, and why
+            for line in skipped_tags(s):
+                print(f"sweep: skipping {line}", file=sys.stderr, flush=True)
         out.extend([info] if info is not None else list_checkpoints(s))
     return out
 
@@ -134,7 +146,8 @@ class Sweep:
         if tok_path is None:
             raise CheckpointError(f"{ck.path}: no tokenizer given and none stored beside the checkpoint")
         tok = load_tokenizer(tok_path)
-        scorer = Scorer(model, batch_size=self.cfg.batch_size, max_batch_tokens=self.cfg.max_batch_tokens, max_length=self.cfg.max_length or meta.get("seq_len"),
+        check_identity(meta, ck, tok, allow_mismatch=self.cfg.allow_tokenizer_mismatch)
+        scorer = Scorer(model, batch_size=self.cfg.batch_size, max_batch_tokens=self.cfg.max_batch_tokens, max_length=self.cfg.max_length,
                         device=device, dtype=self.cfg.dtype, pad_id=tok.eos_id, progress=progress)
         base = {"checkpoint": str(ck.path), "run": ck.run, "step": meta.get("step", ck.step), "fingerprint": fp,
                 "tokens": meta.get("tokens"), "flops": meta.get("flops"), "train_flops_per_token": _train_flops_per_token(model)}
@@ -190,7 +203,7 @@ class Sweep:
 
 
 def _train_flops_per_token(model) -> float | None:
-    """Training FLOPs per token (3x forward, the paper's counting) at the model's context length."""
+    """Training FLOPs per token (3x forward, megamor's exact count, not the paper's) at the model's context length."""
     try:
         return 3.0 * flops_per_token(model.cfg, model.cfg.max_seq_len)
     except Exception:  # noqa: BLE001  optional metadata: a model the FLOP counter cannot describe gets None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from megamor.data.tokenizer import Tokenizer
+from megamor.data.tokenizer import Tokenizer, file_sha256
 
 
 @runtime_checkable
@@ -38,6 +38,7 @@ class SentencePieceTokenizer:
             raise ValueError(f"{model_file}: the sentencepiece model has no EOS piece (evaluation uses it as the document prefix)")
         self.eos_id = eos
         self.bos_id = self.sp.bos_id()
+        self.content_hash = file_sha256(self.path)  # its identity (megamor.eval.identity)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -54,6 +55,8 @@ class _MegamorTokenizer:
 
     def __init__(self, tok):
         self.tok = tok
+        self.path = tok.path
+        self.content_hash = tok.content_hash
         self.eos_id = int(tok.eos_id)
         self.vocab_size = int(tok.vocab_size)
 

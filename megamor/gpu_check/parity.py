@@ -34,7 +34,7 @@ from megamor.gpu_check.common import (
     sync,
 )
 from megamor.gpu_check.parts import BF16_STEPS, bf16_names, compile_names, engine_names, flash_names
-from megamor.inference import Engine
+from megamor.inference import Engine, generate
 from megamor.model import layers
 from megamor.train.compile import compile_layers, compile_wanted
 
@@ -190,7 +190,7 @@ def engine(ctx: Context) -> None:
             model = build_model(cfg, ctx.device, torch.float32, seed=1).eval()
             reqs = _requests(cfg.vocab_size, ctx.tiny)
             t0 = time.perf_counter()
-            refs = [model.generate([p], n) for p, n in reqs]
+            refs = [generate(model, [p], n) for p, n in reqs]
             ref_s = time.perf_counter() - t0
             for name, static in zip(names, (True, False)):
                 t0 = time.perf_counter()

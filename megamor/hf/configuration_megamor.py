@@ -15,6 +15,7 @@ class MegamorConfig(PreTrainedConfig):
     model_type = "megamor"
 
     megamor: dict | None = None  # megamor's ModelConfig as a dict (the source of truth)
+    routing: dict | None = None  # the routing policy's settings (routing.py's RoutingSettings)
     vocab_size: int = 8192
     hidden_size: int = 512
     intermediate_size: int = 1536

@@ -1,12 +1,14 @@
 """A megamor Mixture-of-Recursions model as a transformers `PreTrainedModel`.
 
 Written by megamor into every MoR export folder and loaded with
-`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. Self-contained: it never
-imports megamor, so a user needs only torch and transformers. Parameter names are megamor's.
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. It never imports megamor,
+so a user needs only torch and transformers. Parameter names are megamor's.
 
-It runs megamor's evaluation/decoding forward (causal routing: expert choice keeps a token at
-step r when its router logit exceeds the router's `threshold`, trained with the model; token choice picks each token's depth
-once), so its logits equal megamor's. A recursion step runs only on the tokens routed to it,
+It runs megamor's evaluation/decoding forward with megamor's own routing policy: `routing.py`
+beside this file is a copy of `megamor/model/routing.py`, configured by config.json's `routing`
+(causal routing: expert choice keeps a token at step r when its router logit exceeds the
+router's `threshold`, trained with the model; token choice picks each token's depth once), so
+its logits equal megamor's. A recursion step runs only on the tokens routed to it,
 gathered left-aligned at their original positions. `generate()` works; it recomputes the
 prefix each step (megamor.inference holds the routing-aware KV caches).
 """
@@ -22,6 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megamor import MegamorConfig
+from .routing import CAUSAL, RoutingPolicy, RoutingSettings, update
 
 
 def _get(m: dict, key: str, default):
@@ -118,6 +121,9 @@ class GateScale(nn.Module):
         super().__init__()
         self.alpha = nn.Parameter(torch.full((1,), float(alpha)))
 
+    def forward(self, act: Tensor) -> Tensor:
+        return self.alpha.float() * act
+
 
 class ExpertRouter(nn.Module):
     def __init__(self, d: int, r: dict):
@@ -129,6 +135,11 @@ class ExpertRouter(nn.Module):
         # The causal rule's cut on the logit (megamor's routers.N.threshold; exports from before
         # it was learned keep the fixed logit(causal_threshold), set by _init_weights).
         self.register_buffer("threshold", torch.full((1,), causal_logit(r)))
+        # router.aux_router: the causal rule's own router (megamor's routers.N.aux)
+        self.aux = router_net(d, 1, r) if _get(r, "aux_router", False) else None
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h).squeeze(-1).float()  # logits [B, T]; the routing policy decides
 
 
 def causal_logit(r: dict) -> float:
@@ -142,11 +153,16 @@ class TokenRouter(nn.Module):
         self.net = router_net(d, n, r)
         self.register_buffer("bias", torch.zeros(n))
 
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h).float()  # logits [B, T, N_r]; the routing policy picks the depth
+
 
 def layer_plan(m: dict) -> tuple[list[int], list[list[int]], list[int]]:
     """Physical layer of every virtual layer as (prelude, recursion steps, coda)."""
     L, nr, sharing = m["n_layers"], _get(m, "num_recursions", 1), _get(m, "sharing", "none")
     if sharing == "none":
+        if nr > 1:  # a router over N_r steps of distinct layers
+            return [], [list(range(r * L // nr, (r + 1) * L // nr)) for r in range(nr)], []
         return list(range(L)), [], []
     middle = sharing.startswith("middle")
     first, mid = (1, L - 2) if middle else (0, L)
@@ -187,10 +203,7 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         rtype = _get(self.r, "type", "none")
         self.routers = nn.ModuleList(ExpertRouter(d, self.r) for _ in self.steps) if rtype == "expert_choice" else None
         self.depth_router = TokenRouter(d, nr, self.r) if rtype == "token_choice" else None
-        caps = self.r.get("capacity")
-        self.capacities = [float(c) for c in caps] if caps else [(nr - i) / nr for i in range(nr)]
-        alpha = self.r.get("alpha")
-        self.gate_scale = alpha if alpha is not None else (0.1 if rtype == "expert_choice" else 1.0)
+        self.routing = RoutingPolicy(RoutingSettings(**config.routing))
         self.kv_source = self._kv_sources()
         self.post_init()
 
@@ -221,16 +234,6 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
     def _tied_weights_keys(self):  # transformers reads this to tie lm_head to the embedding
         return {"lm_head.weight": "embed_tokens.weight"} if self.config.tie_word_embeddings else {}
 
-    def _gate(self, logits: Tensor, r: int) -> Tensor:
-        if _get(self.r, "gate_straight_through", False):  # forward value 1 (megamor's router.gate_straight_through)
-            act = torch.ones_like(logits)
-        elif _get(self.r, "activation", "sigmoid") == "sigmoid":
-            act = torch.sigmoid(logits)
-        else:
-            act = torch.tanh(logits)
-        scale = self.routers[r].scale
-        return (scale.alpha.float() if scale is not None else self.gate_scale) * act
-
     def _run_layers(self, layer_ids, site, h, pos, valid, rope, kv):
         for phys in layer_ids:
             ctx = kv.get(self.kv_source[site]) if site in self.kv_source else None
@@ -247,22 +250,11 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         rope = rope_tables(pos, hd, float(self.m["rope_theta"]))
         kv: dict[int, tuple] = {}
         h, site = self._run_layers(self.prelude, 0, self.embed_tokens(input_ids), pos, valid, rope, kv)
-        active, choice, tc_gate = valid, None, None
+        active, routing = valid, self.routing.start(self, CAUSAL, positions=pos)
         for r, layer_ids in enumerate(self.steps):
-            selected, gate = active, None
-            if self.routers is not None:
-                logits = self.routers[r].net(h).squeeze(-1).float()
-                if self.capacities[r] < 1.0:
-                    selected = active & (logits > self.routers[r].threshold)
-                gate = self._gate(logits, r)
-            elif self.depth_router is not None:
-                if r == 0:
-                    probs = self.depth_router.net(h).float().softmax(-1)
-                    choice = (probs + self.depth_router.bias).argmax(-1)
-                    tc_gate = self.gate_scale * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-                selected, gate = active & (choice >= r), tc_gate
-            h, site = self._routed_step(layer_ids, site, h, selected, gate, pos, rope, kv)
-            active = selected
+            step = routing.step(r, h, active)
+            h, site = self._routed_step(layer_ids, site, h, step, pos, rope, kv)
+            active = step.selected
         h, _ = self._run_layers(self.coda, site, h, pos, valid, rope, kv)
         h = self.norm(h)
         if logits_to_keep:
@@ -274,9 +266,10 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _routed_step(self, layer_ids, site, h, selected, gate, pos, rope, kv):
+    def _routed_step(self, layer_ids, site, h, step, pos, rope, kv):
         """Run one recursion step on the selected tokens only (gathered left-aligned in
-        positional order), gate their update, scatter them back."""
+        positional order), gate their update (the routing policy's `update`), scatter them back."""
+        selected = step.selected
         n = int(selected.sum(1).max())
         if n == 0:
             return h, site + len(layer_ids)
@@ -288,8 +281,9 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
 
         x = take(h)
         y, site = self._run_layers(layer_ids, site, x, pos.gather(1, idx), slots, (take(rope[0]), take(rope[1])), kv)
-        if gate is not None:
-            y = x + gate.gather(1, idx).unsqueeze(-1).to(x.dtype) * (y - x)
+        if step.gate is not None:
+            exits = None if step.exits is None else step.exits.gather(1, idx)
+            y = update(x, y, step.gate.gather(1, idx), exits, None if exits is None else take(step.base))
         y = torch.where(slots.unsqueeze(-1), y, x)
         return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), y), site
 

@@ -1,6 +1,8 @@
 """Make an export folder loadable by `AutoModelForCausalLM.from_pretrained(DIR,
-trust_remote_code=True)` for MoR models: config.json with an auto_map, plus the two
-self-contained python files next to the weights (model.safetensors, megamor names)."""
+trust_remote_code=True)` for MoR models: config.json with an auto_map, plus the python files
+next to the weights (model.safetensors, megamor names): the config and modeling files, and a
+copy of megamor's routing policy (`megamor/model/routing.py`, torch only), which the modeling
+file imports, so the export routes by the very rule megamor trains and decodes with."""
 
 from __future__ import annotations
 
@@ -10,10 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from megamor.data.atomic import write_json
+from megamor.model import routing
 from megamor.model.config import ModelConfig
+from megamor.model.routers import routing_settings
 
 HERE = Path(__file__).parent
-FILES = ("configuration_megamor.py", "modeling_megamor.py")
+# file in the export folder -> its source
+FILES = {
+    "configuration_megamor.py": HERE / "configuration_megamor.py",
+    "modeling_megamor.py": HERE / "modeling_megamor.py",
+    "routing.py": Path(routing.__file__),
+}
 MODEL_TYPE = "megamor"
 
 
@@ -26,6 +35,7 @@ def hf_config_dict(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
             "AutoModelForCausalLM": "modeling_megamor.MegamorForCausalLM",
         },
         "megamor": dataclasses.asdict(cfg),
+        "routing": dataclasses.asdict(routing_settings(cfg)),
         "dtype": "float32",
         "tie_word_embeddings": cfg.tie_embeddings,
         "use_cache": False,
@@ -36,9 +46,9 @@ def hf_config_dict(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
 def write_remote_code(out_dir: str | Path, cfg: ModelConfig, **extra: Any) -> None:
     """config.json and the modeling files (weights are written by the caller)."""
     out = Path(out_dir)
-    for name in FILES:
+    for name, source in FILES.items():
         tmp = out / f".{name}.tmp"
-        shutil.copyfile(HERE / name, tmp)
+        shutil.copyfile(source, tmp)
         tmp.replace(out / name)
     write_json(out / "config.json", hf_config_dict(cfg, **extra))
 

@@ -1,7 +1,9 @@
-"""Fast decoding for megamor models: static per-site KV storage, batched prefill, and
-continuous depth-wise batching of requests (the engine), plus router calibration."""
+"""Decoding for megamor models: `generate` and sampling, static per-site KV storage, batched
+prefill, and continuous depth-wise batching of requests (the engine), plus router calibration."""
 
 from megamor.inference.engine import Engine, Request, TokenEvent, engine_generate
+from megamor.inference.generate import GenerationOutput, StepOutput, generate, left_pad, sample_next, stream
 from megamor.inference.static_cache import StaticKVCache
 
-__all__ = ["Engine", "Request", "StaticKVCache", "TokenEvent", "engine_generate"]
+__all__ = ["Engine", "GenerationOutput", "Request", "StaticKVCache", "StepOutput", "TokenEvent", "engine_generate",
+           "generate", "left_pad", "sample_next", "stream"]

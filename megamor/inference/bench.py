@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.data.atomic import atomic_open
 from megamor.inference.calibrate import calibrate_decoding
 from megamor.inference.engine import Engine
+from megamor.inference.generate import generate
 from megamor.inference.graph_step import default_buckets
 from megamor.model import MoRLM, load_model_config
 from megamor.model.hf import llama_config, to_llama_state_dict
@@ -140,8 +142,8 @@ def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool,
 
 def bench_generate(model: MoRLM, prompts: list[list[int]], new: int, repeats: int = 1) -> Result:
     device = model.embed_tokens.weight.device
-    model.generate(prompts, 4)
-    return _result(len(prompts) * new, [_timed(lambda: model.generate(prompts, new), device) for _ in range(repeats)])
+    generate(model, prompts, 4)
+    return _result(len(prompts) * new, [_timed(lambda: generate(model, prompts, new), device) for _ in range(repeats)])
 
 
 def bench_hf(model: MoRLM, prompts: list[list[int]], new: int, cache: str | None, repeats: int = 1) -> Result:
@@ -269,7 +271,7 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python evals/bench_decode.py", description=__doc__,
+    p = ArgumentParser(prog="python evals/bench_decode.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="33m", help="configs/model/<size>/ (33m, 135m, 360m, ...) or a folder of <variant>.yaml")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))

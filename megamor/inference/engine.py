@@ -11,7 +11,7 @@ routed to it, read back per step) and, with `static=True`, the fixed-shape `Grap
 host-device synchronisation inside the step, a CUDA graph on GPU; buckets per recursion step,
 falling back to the dynamic path for a step whose routing overflows them).
 
-Sampling is `megamor.model.generate.sample_next` (greedy, temperature, top-k, top-p); a seeded
+Sampling is `megamor.inference.generate.sample_next` (greedy, temperature, top-k, top-p); a seeded
 request samples from its own generator, so its output does not depend on what it was batched
 with. Greedy fp32 output equals `generate()` on each request alone (tested).
 """
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megamor.inference.generate import GenerationOutput, left_pad, sample_next
 from megamor.inference.graph_step import GraphStep
 from megamor.inference.static_cache import PrefillRecorder, StaticKVCache
 from megamor.inference.step import decode_step
-from megamor.model.generate import GenerationOutput, _left_pad, sample_next
 from megamor.model.mor import MoRLM
 
 
@@ -64,12 +64,12 @@ class TokenEvent:
 
 def _site_shares(model: MoRLM) -> dict[int, float]:
     """Expected fraction of a sequence each key/value-owning site holds."""
-    sites = model._sites
-    shares = dict.fromkeys(sites["prelude"] + sites["coda"], 1.0)
+    sites = model.sites
+    shares = dict.fromkeys(sites.prelude + sites.coda, 1.0)
     caps = model.cfg.capacities if model.routers is not None or model.depth_router is not None else None
-    for r, site_ids in enumerate(sites["steps"]):
+    for r, site_ids in enumerate(sites.steps):
         for s in site_ids:
-            if s not in sites["kv_source"]:
+            if s not in sites.kv_source:
                 shares[s] = caps[r] if caps is not None else 1.0
     return shares
 
@@ -159,7 +159,7 @@ class Engine:
         req.slot = -1
 
     def _prefill(self, reqs: list[Request]) -> list[TokenEvent]:
-        ids, mask = _left_pad([r.prompt for r in reqs], 0, self.device)
+        ids, mask = left_pad([r.prompt for r in reqs], 0, self.device)
         rec = PrefillRecorder(len(reqs), self.device)
         out = self.model(ids, attention_mask=mask, causal_routing=True, kv_cache=rec)
         slots = [r.slot for r in reqs]

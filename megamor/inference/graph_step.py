@@ -28,6 +28,7 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.inference.step import layer_attend_and_mlp, layer_query
 from megamor.model.mor import MoRLM
+from megamor.model.routing import CAUSAL, update
 
 
 def default_buckets(model: MoRLM, slots: int, slack: float = 1.25) -> list[int]:
@@ -60,7 +61,7 @@ class GraphStep:
         model, cache = self.model, self.cache
         layer = model.layers[phys]
         xn, q = layer_query(layer, x, cos, sin)
-        source = model._sites["kv_source"].get(site)
+        source = model.sites.kv_source.get(site)
         idx = rows if rows is not None else torch.arange(cache.slots, device=x.device)
         if source is None:
             k, v = layer.self_attn.project_kv(xn, cos, sin)
@@ -86,31 +87,20 @@ class GraphStep:
         """(logits [S, V], packed [S + S + 1 + N_r]: greedy next tokens, depths, overflow flag,
         tokens per recursion step)."""
         model, S = self.model, self.cache.slots
-        cfg = model.cfg
         active = self.active
         overflow = torch.zeros((), dtype=torch.bool, device=active.device)
         cos, sin = model.rope(self.positions.unsqueeze(1))
         h = model.embed_tokens(self.tokens).unsqueeze(1)
-        for phys, site in zip(model.prelude, model._sites["prelude"]):
+        for phys, site in zip(model.prelude, model.sites.prelude):
             h = self._attend(phys, site, h, None, active, cos, sin, overflow)
         depth = torch.zeros(S, dtype=torch.long, device=active.device)
         counts = []
-        cand, tc_choice, tc_gate = active, None, None
-        for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model._sites["steps"])):
-            gate = None
-            sel = cand
-            if model.routers is not None:
-                logits = model.routers[r](h)[:, 0]
-                gate = model.routers[r].gate(logits)  # fixed or learned alpha (router.learn_alpha)
-                if cfg.capacities[r] < 1.0:
-                    sel = cand & (logits > model.routers[r].threshold)
-            elif model.depth_router is not None:
-                if r == 0:
-                    ones = torch.ones(S, 1, dtype=torch.bool, device=h.device)
-                    choice, probs, _ = model.depth_router(h, ones, False)
-                    tc_choice = choice[:, 0]
-                    tc_gate = cfg.router.gate_scale * probs.gather(-1, choice.unsqueeze(-1))[:, 0, 0]
-                sel, gate = cand & (tc_choice >= r), tc_gate
+        cand = active
+        # the model's policy, causal mode: no device reads
+        routing = model.routing.start(model, CAUSAL, positions=self.positions.unsqueeze(1))
+        for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model.sites.steps)):
+            step = routing.step(r, h, cand[:, None])
+            sel, gate = step.selected[:, 0], (step.gate[:, 0] if step.gate is not None else None)
             K = self.buckets[r]
             if K >= S:
                 rows, valid = None, sel
@@ -124,15 +114,17 @@ class GraphStep:
             y = x
             for phys, site in zip(layer_ids, site_ids):
                 y = self._attend(phys, site, y, rows, valid, c, s_, overflow)
-            if gate is not None:
-                g = gate if rows is None else gate[rows]
-                y = x + g[:, None, None].to(x.dtype) * (y - x)
+            exits, base = step.exits, step.base
+            if rows is not None:
+                gate = None if gate is None else gate[rows]
+                exits, base = (None, None) if exits is None else (exits[rows], base[rows])
+            y = update(x, y, None if gate is None else gate[:, None], exits, base)
             y = torch.where(valid[:, None, None], y, x)
             h = y if rows is None else h.index_copy(0, rows, y)
             depth = depth + sel.long()
             counts.append(sel.sum().reshape(1))
             cand = sel
-        for phys, site in zip(model.coda, model._sites["coda"]):
+        for phys, site in zip(model.coda, model.sites.coda):
             h = self._attend(phys, site, h, None, active, cos, sin, overflow)
         logits = model.lm_head(model.norm(h))[:, 0]
         packed = torch.cat([logits.argmax(-1), depth, overflow.long().reshape(1)] + counts)

@@ -1,9 +1,10 @@
 """The decode-time forward: one new token for each of m requests, written against the
 model's own modules (embedding, layers, routers, RoPE, norm, head), with a StaticKVCache.
 
-It computes what `MoRLM.forward` computes for a one-token step with a KV cache, but routes by
-compaction across requests: at recursion step r only the rows whose token runs step r form
-the batch (depth-wise batching), so tokens that exited earlier cost nothing. Keys/values go to
+It computes what `MoRLM.forward` computes for a one-token step with a KV cache, with the same
+routing policy (`model.routing`, causal mode), but runs by compaction across requests: at
+recursion step r only the rows whose token runs step r form the batch (depth-wise batching),
+so tokens that exited earlier cost nothing. Keys/values go to
 the slot's next free index of each site; attention masks by fill level.
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.model.layers import apply_rope, sdpa
 from megamor.model.mor import MoRLM
+from megamor.model.routing import CAUSAL, update
 
 
 @dataclass
@@ -58,7 +60,7 @@ def _apply_layer(model: MoRLM, cache: StaticKVCache, phys: int, site: int, x: Te
                  cos: Tensor, sin: Tensor, memo: dict) -> Tensor:
     layer = model.layers[phys]
     xn, q = layer_query(layer, x, cos, sin)
-    source = model._sites["kv_source"].get(site)
+    source = model.sites.kv_source.get(site)
     if source is None:
         k, v = layer.self_attn.project_kv(xn, cos, sin)
         cache.write_token(site, rows.host, rows.dev, k, v, memo)
@@ -70,40 +72,28 @@ def _apply_layer(model: MoRLM, cache: StaticKVCache, phys: int, site: int, x: Te
 @torch.no_grad()
 def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: Tensor, positions: Tensor) -> StepResult:
     """slots: host int array [m] of cache slots; tokens, positions: [m] on the model's device."""
-    cfg = model.cfg
     device = tokens.device
     m = len(slots)
     rows = _Rows(slots, torch.from_numpy(slots).to(device, non_blocking=True))
     memo: dict = {}  # host->device copies of fill levels, shared by the sites of a layer group
     cos, sin = model.rope(positions.unsqueeze(1))
     h = model.embed_tokens(tokens).unsqueeze(1)  # [m, 1, d]
-    for phys, site in zip(model.prelude, model._sites["prelude"]):
+    for phys, site in zip(model.prelude, model.sites.prelude):
         h = _apply_layer(model, cache, phys, site, h, rows, cos, sin, memo)
 
     depth = np.zeros(m, dtype=np.int64)
     tokens_per_step: list[int] = []
-    active = np.arange(m)  # local indices of candidates for the next step
-    tc_choice = tc_gate = None
-    for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model._sites["steps"])):
-        active_t = torch.from_numpy(active).to(device, non_blocking=True)
-        hc = h.index_select(0, active_t)
-        gate = None
-        if model.routers is not None:
-            logits = model.routers[r](hc)  # [a, 1]
-            gate = model.routers[r].gate(logits)  # fixed or learned alpha (router.learn_alpha)
-            keep = (logits > model.routers[r].threshold)[:, 0] if cfg.capacities[r] < 1.0 else None
-        elif model.depth_router is not None:
-            if r == 0:  # each token picks its depth once, from the first shared step's input
-                tc_choice, probs, _ = model.depth_router(h, torch.ones(m, 1, dtype=torch.bool, device=device), False)
-                tc_gate = cfg.router.gate_scale * probs.gather(-1, tc_choice.unsqueeze(-1)).squeeze(-1)
-            keep = (tc_choice.index_select(0, active_t) >= r)[:, 0]
-            gate = tc_gate.index_select(0, active_t)
-        else:
-            keep = None
-        if keep is not None:
-            kept = keep.cpu().numpy()  # the one read-back per routed step: who runs it
+    active = np.arange(m)  # local indices of the rows that ran the previous step
+    active_t = torch.from_numpy(active).to(device, non_blocking=True)
+    candidates = torch.ones(m, 1, dtype=torch.bool, device=device)
+    routing = model.routing.start(model, CAUSAL, positions=positions.unsqueeze(1))
+    for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model.sites.steps)):
+        step = routing.step(r, h, candidates)  # decided for every row; only candidates can be selected
+        if not step.keeps_all:
+            kept = step.selected[:, 0].index_select(0, active_t).cpu().numpy()  # the one read-back per routed step
             active, active_t = active[kept], active_t[torch.from_numpy(kept).to(device)]
-            hc, gate = hc[keep], gate[keep]
+        candidates = step.selected
+        hc = h.index_select(0, active_t)
         tokens_per_step.append(len(active))
         if len(active) == 0:
             break  # routing is hierarchical: nobody runs any later step either
@@ -111,13 +101,12 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
         sub_rows, sub_cos, sub_sin = rows.take(active, active_t), cos[active_t], sin[active_t]
         for phys, site in zip(layer_ids, site_ids):
             y = _apply_layer(model, cache, phys, site, y, sub_rows, sub_cos, sub_sin, memo)
-        if gate is not None:
-            y = hc + gate.unsqueeze(-1).to(hc.dtype) * (y - hc)
+        y = update(hc, y, *(None if t is None else t.index_select(0, active_t) for t in (step.gate, step.exits, step.base)))
         h = h.index_copy(0, active_t, y)
         depth[active] += 1
     tokens_per_step += [0] * (len(model.steps) - len(tokens_per_step))
 
-    for phys, site in zip(model.coda, model._sites["coda"]):
+    for phys, site in zip(model.coda, model.sites.coda):
         h = _apply_layer(model, cache, phys, site, h, rows, cos, sin, memo)
     logits = model.lm_head(model.norm(h))[:, 0]
     return StepResult(logits, depth, tokens_per_step)

@@ -9,6 +9,10 @@ convention; FlopCounterMode does not count them either).
 paper and MFU use); `causal=False` counts the full square the kernels execute, which is what
 `torch.utils.flop_counter.FlopCounterMode` reports. Training costs 3x the forward pass;
 with activation recomputation the hardware does 4x.
+
+Two conventions (`CONVENTIONS`): `exact` is the count above (what MFU and the trainer's FLOPs
+use); `paper` is the MoR paper's (Bae et al. 2025, Appendix D), which its released step and
+token counts follow: see `paper_flops_per_token`. Iso-FLOP budgets name the one they use.
 """
 
 from __future__ import annotations
@@ -89,6 +93,58 @@ def forward_flops(
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, tokens_per_step: Sequence[float] | None = None, causal: bool = True) -> float:
     return forward_flops(cfg, seq_len, tokens_per_step, causal) / seq_len
+
+
+CONVENTIONS = ("exact", "paper")
+
+
+def paper_fractions(cfg: ModelConfig) -> list[float]:
+    """The fraction of a sequence's tokens that runs each recursion step, as the paper counts it:
+    expert choice's capacities as fractions (not int(c * T)), token choice perfectly balanced
+    (step r runs (N_r - r) / N_r), recursion without a router every token."""
+    nr = len(cfg.layer_plan()[1])
+    if cfg.router.type == "expert_choice":
+        return list(cfg.capacities)
+    if cfg.router.type == "token_choice":
+        return [(nr - r) / nr for r in range(nr)]
+    return [1.0] * nr
+
+
+def paper_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token in the paper's convention (Appendix D, after Kaplan et al. 2020).
+
+    Per layer application at capacity c (the fraction of the sequence that runs it):
+    2 (4 d^2 + 3 d d_ff) c for the projections, K and V counted at d x d whatever the number of
+    KV heads (GQA ignored), plus 2 d L_ctx c^2 for causal attention (QK^T and AV, 4 d per query-
+    key pair, over the L_ctx c (L_ctx c) / 2 pairs a causal mask keeps). No embedding, LM head
+    or router FLOPs. With recursive KV sharing a layer's later applications skip the K and V
+    projections and attend to the first application's keys, so their attention is 2 d L_ctx c.
+    It reproduces the paper's released counts (tests/model/test_flops.py): 360M at 16.5e18,
+    vanilla 833.6M FLOPs/token -> 19.79B tokens, MoR-expert-3 29.70B.
+    """
+    d, d_ff, L = float(cfg.d_model), float(cfg.d_ff), float(seq_len)
+
+    def layer(c: float, kv: bool) -> float:
+        proj = (4 if kv else 2) * d * d + 3 * d * d_ff
+        return 2 * proj * c + 2 * d * L * (c * c if kv else c)
+
+    prelude, steps, coda = cfg.layer_plan()
+    total = (len(prelude) + len(coda)) * layer(1.0, True)
+    seen: set[int] = set()
+    for layer_ids, c in zip(steps, paper_fractions(cfg)):
+        for phys in layer_ids:
+            total += layer(c, not (cfg.kv_mode == "shared" and phys in seen))
+            seen.add(phys)
+    return total
+
+
+def convention_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str) -> float:
+    """Expected forward FLOPs per token in `convention` (one of CONVENTIONS)."""
+    if convention == "paper":
+        return paper_flops_per_token(cfg, seq_len)
+    if convention == "exact":
+        return flops_per_token(cfg, seq_len)
+    raise ValueError(f"unknown FLOPs convention {convention!r}; one of {CONVENTIONS}")
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> float:

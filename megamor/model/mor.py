@@ -13,12 +13,16 @@ selected keep their hidden state. With a router, a selected token's update is ga
     h <- h + g * (step(h) - h),      g = alpha * sigmoid(router logit)   (expert choice)
 
 i.e. g scales the step's residual update (not the step's whole output). This is how the
-router receives the language-model gradient.
+router receives the language-model gradient. (Token choice with `token_update: paper`: the
+paper's Eq. 2, steps before the chosen depth ungated, H^1 + g * step(h) at it; the rule is
+`routing.update`.)
 
-Routing modes: training uses expert choice's top-k over each sequence (the paper's); with
-`causal_routing=True` (evaluation, decoding) it thresholds the router instead (each router's
-`threshold`, learned from training's top-k boundary by default), so no token's computation
-depends on later tokens, on padding or on other rows of the batch.
+Which tokens run each step, and their gate, is decided by the routing policy
+(`self.routing`, `megamor.model.routing`: the one place the rule lives, shared with the
+decoding steps and the exported model). Training uses expert choice's top-k over each
+sequence (the paper's); with `causal_routing=True` (evaluation, decoding) it thresholds the
+router instead (each router's `threshold`, learned from training's top-k boundary by default),
+so no token's computation depends on later tokens, on padding or on other rows of the batch.
 
 The gathered length n is taken from shapes where routing fixes it (all tokens; k_r in expert
 choice's training top-k), so a training forward never waits for the device and compiles
@@ -26,36 +30,51 @@ whole; token choice and causal routing read it from the device (`bucket_length`)
 statistics stay on the device. With targets and `return_logits=False`, the loss is
 `self.lm_loss` (chunked: no [B, T, V] logits; `megamor.model.loss`).
 
-No parallelism lives here. The trainer may install an activation-checkpoint function
-(`enable_activation_checkpointing`) that wraps every layer application, and sequence
-parallelism replaces `seq_layout` (how the residual stream is laid out along the sequence).
+No parallelism and no decoding loop live here (decoding: `megamor.inference`). The trainer
+may install an activation-checkpoint function (`enable_activation_checkpointing`) that wraps
+every layer application, and sequence parallelism replaces `seq_layout` (how the residual
+stream is laid out along the sequence).
+
+Public structure for code outside the model: `sites` (the site plan: attention-site ids of
+every layer application, `SitePlan`), and the hook point `recursion_hook`: when set, it is
+called with the 0-based step r and returns a context manager entered around that recursion
+step's computation (gather, the step's layers, scatter); the profiler names its trace ranges
+with it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megamor.model.config import ModelConfig
-from megamor.model.generate import generate
 from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
 from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
-from megamor.model.router_health import step_health
-from megamor.model.routers import (
-    ExpertChoiceRouter,
-    TokenChoiceRouter,
-    expert_choice_aux_losses,
-    token_choice_aux_losses,
-    top_k_size,
-)
+from megamor.model.routers import ExpertChoiceRouter, TokenChoiceRouter, routing_settings
+from megamor.model.routing import CAUSAL, TOPK, RoutingPolicy, StepRouting, update
 
 CheckpointFn = Callable[..., object]
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+RecursionHook = Callable[[int], AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """Attention-site (virtual layer) ids of every layer application, in stack order: a
+    decoding cache keeps one entry per site. kv_source: under recursive KV sharing, the site
+    whose keys/values a later recursion reuses (the first application of the same layer)."""
+
+    prelude: list[int]
+    steps: list[list[int]]
+    coda: list[int]
+    kv_source: dict[int, int] = field(default_factory=dict)
 
 
 class _AttrDict(dict):
@@ -172,6 +191,7 @@ class MoRLM(nn.Module):
         rtype = cfg.router.type
         self.routers = nn.ModuleList(ExpertChoiceRouter(cfg) for _ in self.steps) if rtype == "expert_choice" else None
         self.depth_router = TokenChoiceRouter(cfg) if rtype == "token_choice" else None
+        self.routing = RoutingPolicy(routing_settings(cfg))
         # The LM loss, callable(h [B, T, D], weight [V, D], targets [B, T]) -> mean; tensor
         # parallelism replaces it from outside with a vocab-parallel one.
         self.lm_loss: LossFn = chunked_cross_entropy
@@ -180,13 +200,12 @@ class MoRLM(nn.Module):
         # Set from outside (validation, analysis): stats["router_trace"] then holds each routed
         # expert-choice step's (step, logits, candidates, selected).
         self.record_router = False
-        self._sites = self._number_sites()
+        self.recursion_hook: RecursionHook | None = None  # see the module docstring
+        self.sites = self._number_sites()
         self.reset_parameters()
 
     # -- construction -----------------------------------------------------------------
-    def _number_sites(self) -> dict[str, list]:
-        """Virtual-layer ids of every layer application, and for KV sharing the site whose
-        keys/values a later recursion reuses (the first application of the same layer)."""
+    def _number_sites(self) -> SitePlan:
         v = 0
         prelude = list(range(v, v + len(self.prelude)))
         v += len(self.prelude)
@@ -204,7 +223,7 @@ class MoRLM(nn.Module):
                         source[site] = first[phys]
                     else:
                         first[phys] = site
-        return {"prelude": prelude, "steps": steps, "coda": coda, "kv_source": source}  # type: ignore[dict-item]
+        return SitePlan(prelude, steps, coda, source)
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -256,65 +275,38 @@ class MoRLM(nn.Module):
         shared: dict[int, KVBlock] = {}
 
         h = self.embed_tokens(input_ids)
-        for phys, site in zip(self.prelude, self._sites["prelude"]):
+        for phys, site in zip(self.prelude, self.sites.prelude):
             h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
 
         # Steps run on gathered tokens. `length` is how many slots each row needs: known from
         # shapes alone where routing fixes it (the whole sequence; expert choice's top-k in
         # training), so the forward pass never waits for the device; otherwise read once from
         # the device (token choice: once per forward; causal expert choice: per step).
-        aux: dict[str, Tensor] = {}
+        routing = self.routing.start(self, CAUSAL if causal_routing else TOPK, training=self.training,
+                                     record=self.record_router, count=True, positions=position_ids)
         routed: list[Tensor] = []
         depth = torch.zeros(B, T, dtype=torch.long, device=h.device)
         everyone = valid is None  # every token runs the step: no gather at all
-        length: int | None = T
+        length = T
         exact = kv_cache is None  # a decoding cache stores exactly the slots that ran
-        tc_choice = tc_gate = tc_lengths = None
-        health: dict[str, Tensor] = {}
-        trace: list[tuple[int, Tensor, Tensor, Tensor]] = []
-        n_bce = 0
-        for r, (layer_ids, site_ids) in enumerate(zip(self.steps, self._sites["steps"])):
-            selected, gate = active, None
-            if self.routers is not None:
-                logits = self.routers[r](h)
-                capacity = self.cfg.capacities[r]
-                selected = self.routers[r].select(logits, active, capacity, causal_routing, self.training)
-                gate = self.routers[r].gate(logits)
-                if capacity < 1.0:
-                    everyone = False
-                    length = top_k_size(capacity, T) if (exact and not causal_routing) else None
-                rc = self.cfg.router
-                if self.training and not causal_routing:
-                    bce, z = expert_choice_aux_losses(logits, active, selected, rc.bce_label_smoothing)
-                    if rc.bce_full_capacity_steps or capacity < 1.0:
-                        aux["router_bce"] = aux.get("router_bce", 0) + bce
-                        n_bce += 1
-                    aux["router_z"] = aux.get("router_z", 0) + z
-                    health.update(step_health(r, logits, active, selected))
-                if self.record_router and capacity < 1.0:
-                    trace.append((r, logits.detach(), active, selected))
-            elif self.depth_router is not None:
-                if r == 0:
-                    track = self.training and not causal_routing and self.cfg.router.balancing == "loss_free"
-                    tc_choice, probs, logits = self.depth_router(h, active, track)
-                    tc_gate = self.cfg.router.gate_scale * probs.gather(-1, tc_choice.unsqueeze(-1)).squeeze(-1)
-                    if self.training and not causal_routing:
-                        aux["router_balance"], aux["router_z"] = token_choice_aux_losses(tc_choice, probs, logits, active)
-                    tc_lengths = self._token_choice_lengths(tc_choice, active, bucket=exact)
-                selected, gate = active & (tc_choice >= r), tc_gate
-                if r > 0:
-                    everyone, length = False, tc_lengths[r]
-            if length is None:  # data-dependent: one read of the device
-                n = int(selected.sum(1).max())
-                length = bucket_length(n, T) if exact and n else n
-            h = self._run_step(layer_ids, site_ids, h, selected, gate, everyone, length, meta, (cos, sin), kv_cache, shared)
+        for r, (layer_ids, site_ids) in enumerate(zip(self.steps, self.sites.steps)):
+            step = routing.step(r, h, active)
+            selected = step.selected
+            if not step.keeps_all:  # a step that keeps all its candidates needs the previous slots
+                everyone = False
+                if step.fixed is not None and exact:
+                    length = step.fixed
+                else:  # data-dependent: one read of the device (token choice read them all at r = 0)
+                    n = step.counted if step.counted is not None else int(selected.sum(1).max())
+                    length = bucket_length(n, T) if exact and n else n
+            with self.recursion_hook(r) if self.recursion_hook is not None else nullcontext():
+                h = self._run_step(layer_ids, site_ids, h, step, everyone, length, meta, (cos, sin), kv_cache,
+                                   shared)
             depth += selected.long()
             routed.append(selected.sum())
             active = selected
 
-        if n_bce:
-            aux["router_bce"] = aux["router_bce"] / n_bce  # a mean over steps: comparable across N_r
-        for phys, site in zip(self.coda, self._sites["coda"]):
+        for phys, site in zip(self.coda, self.sites.coda):
             h = self._apply_layer(phys, site, h, meta, (cos, sin), kv_cache, shared)
         h = self.norm(h)
 
@@ -327,21 +319,9 @@ class MoRLM(nn.Module):
         routed_t = torch.stack(routed) if routed else torch.zeros(0, dtype=torch.long, device=h.device)
         stats = RouterStats(routed_t, depth if valid is None else depth * valid, n_valid)
         if self.record_router:
-            stats["router_trace"] = trace
-        return LMOutput(
-            logits=logits,
-            loss=loss,
-            aux_loss=self._weighted_aux(aux, h),
-            aux_losses={**{k: v.detach() for k, v in aux.items()}, **health},
-            stats=stats,
-        )
-
-    def _token_choice_lengths(self, choice: Tensor, active: Tensor, bucket: bool) -> list[int]:
-        """Slots per row at every step, from one read of the device: the largest row's count
-        of tokens whose chosen depth reaches the step (bucketed unless decoding)."""
-        T = choice.shape[1]
-        reach = torch.stack([(active & (choice >= r)).sum(1).max() for r in range(len(self.steps))])
-        return [bucket_length(n, T) if bucket and n else n for n in reach.tolist()]
+            stats["router_trace"] = routing.trace
+        aux_loss, aux_losses = routing.losses(h)
+        return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses, stats=stats)
 
     def _positions(
         self, B: int, T: int, valid: Tensor | None, cache: KVCache | None, device: torch.device
@@ -358,26 +338,12 @@ class MoRLM(nn.Module):
             cache.next_position = cache.next_position + T
         return start + torch.arange(T, device=device).unsqueeze(0)
 
-    def _weighted_aux(self, aux: dict[str, Tensor], like: Tensor) -> Tensor:
-        r = self.cfg.router
-        coefs = {
-            "router_bce": r.aux_bce_coef,
-            "router_z": r.z_loss_coef,
-            "router_balance": r.balance_coef if r.balancing == "loss" else 0.0,
-        }
-        total = like.new_zeros((), dtype=torch.float32)
-        for name, value in aux.items():
-            if coefs[name]:
-                total = total + coefs[name] * value
-        return total
-
     def _run_step(
         self,
         layer_ids: list[int],
         site_ids: list[int],
         h: Tensor,
-        selected: Tensor,
-        gate: Tensor | None,
+        step: StepRouting,
         everyone: bool,
         length: int,
         meta: TokenMeta,
@@ -386,7 +352,8 @@ class MoRLM(nn.Module):
         shared: dict[int, KVBlock],
     ) -> Tensor:
         """One recursion step on the selected tokens: gather `length` slots per row, run the
-        step's layers, gate the update, scatter back. everyone: all tokens, no gather."""
+        step's layers, gate the update (`routing.update`), scatter back. everyone: all tokens,
+        no gather."""
         if length == 0:
             return h  # nobody runs this step (decoding, or a threshold nobody passed)
         # Under sequence parallelism h is this process's slice of the sequence: the routed
@@ -395,8 +362,8 @@ class MoRLM(nn.Module):
         if everyone:
             x, sub_meta, sub_rope, idx, slots = h, meta, rope, None, None
         else:
-            length = min(selected.shape[1], -(-length // lay.multiple) * lay.multiple)
-            idx, slots = left_align(selected, length)
+            length = min(step.selected.shape[1], -(-length // lay.multiple) * lay.multiple)
+            idx, slots = left_align(step.selected, length)
             x = lay.take(h, idx)
             sub_meta = meta.take(idx, slots)
             g = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
@@ -404,9 +371,10 @@ class MoRLM(nn.Module):
         y = x
         for phys, site in zip(layer_ids, site_ids):
             y = self._apply_layer(phys, site, y, sub_meta, sub_rope, cache, shared)
-        if gate is not None:
-            g_sel = lay.local(gate if idx is None else gate.gather(1, idx))
-            y = x + g_sel.unsqueeze(-1).to(x.dtype) * (y - x)
+        if step.gate is not None:
+            pick = (lambda t: lay.local(t)) if idx is None else (lambda t: lay.local(t.gather(1, idx)))
+            base = None if step.base is None else (step.base if idx is None else lay.take(step.base, idx))
+            y = update(x, y, pick(step.gate), None if step.exits is None else pick(step.exits), base)
         if idx is None:
             return y
         # Padding slots point at unselected tokens: write their old value back.
@@ -424,7 +392,7 @@ class MoRLM(nn.Module):
         shared: dict[int, KVBlock],
     ) -> Tensor:
         layer = self.layers[phys]
-        source = self._sites["kv_source"].get(site)
+        source = self.sites.kv_source.get(site)
         context: KVBlock | None = None
         if source is not None:  # recursive KV sharing: reuse the first recursion's keys/values
             context = cache.get(source) if cache is not None else shared[source]
@@ -438,6 +406,11 @@ class MoRLM(nn.Module):
         if cache is None and source is None and self.cfg.kv_mode == "shared":
             shared[site] = kv
         return out
+
+    def set_train_step(self, step: int) -> None:
+        """The optimizer step (1-based) about to be trained: the routers' capacity and balancing
+        warmups follow it. The trainer sets it from its own (checkpointed) step count."""
+        self.routing.train_step = int(step)
 
     # -- token-choice loss-free balancing ------------------------------------------------
     def loss_free_load(self) -> Tensor | None:
@@ -487,5 +460,3 @@ class MoRLM(nn.Module):
     def new_kv_cache(self, batch_size: int) -> KVCache:
         return KVCache(batch_size, device=self.embed_tokens.weight.device)
 
-    def generate(self, prompts, max_new_tokens: int, **kw):
-        return generate(self, prompts, max_new_tokens, **kw)

@@ -29,6 +29,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.study import archive
 from megamor.study.config import load_study
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # plan imports torch, which `--help` need not load
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megamor.study", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="configs/studies/<name>.yaml")
     p.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[1] out_dir=/tmp/s")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.index is not None and not 0 <= args.index < len(runs):
             raise ConfigError("--index", f"{args.index} is out of range: the study has {len(runs)} runs (0-{len(runs) - 1})")
     except (ConfigError, FileNotFoundError) as e:
-        print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+        report("megamor.study", e, "configuration error")
         return EXIT_CONFIG
     except RuntimeError as e:  # data preparation failed (its own message is above)
         print(f"megamor.study: {e}", file=sys.stderr)
@@ -102,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'#':>3} {'run':<28} {'GFLOPs/token':>13} {'steps':>7} {'tokens':>13} {'FLOPs':>10} {'minutes':>8}  done")
         for r, m in zip(runs, est):
             mins = f"{m:8.1f}" if m is not None else f"{'?':>8}"
-            print(f"{r.index:>3} {r.name:<28} {r.forward_flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
+            print(f"{r.index:>3} {r.name:<28} {r.budget.flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
                   f"{r.budget.tokens:>13,} {r.budget.flops:>10.3e} {mins}  {'yes' if is_done(r) else 'no'}")
+        print(f"GFLOPs/token and FLOPs: {study.flops_label} (the study's flops.convention)")
         left = [m for r, m in zip(runs, est) if not is_done(r)]
         if any(m is not None for m in left):
             print(f"runs left: {len(left)}, ~{sum(m or 0.0 for m in left) / 60:.1f} h at the speed of the finished runs "
@@ -140,12 +142,19 @@ def main(argv: list[str] | None = None) -> int:
             except RunFailed as e:
                 print(f"megamor.study: {e}", file=sys.stderr)
                 return e.rc
+            except ConfigError as e:  # e.g. evaluation data made with another tokenizer than the run's
+                print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+                return EXIT_CONFIG
             finally:
                 lock.release()
         if args.index is not None:
             return 0
 
-    results = [load_result(r) for r in runs if is_done(r)]
+    try:
+        results = [load_result(r) for r in runs if is_done(r)]
+    except ConfigError as e:  # a damaged kept result (--report reads them only here)
+        print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     pending = [r.name for r in runs if not is_done(r)]
     write = write_scaling_report if study.budgets else write_report  # several budgets: the scaling report
     path = write(study, results, pending, _command(args))

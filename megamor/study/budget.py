@@ -1,9 +1,15 @@
 """Iso-FLOP token budgets: a variant that costs less per token trains on more tokens.
 
-FLOPs per token are the model's expected forward FLOPs (megamor.model.flops): expert choice at
-its capacities (a step costs only for the tokens routed to it), token choice with uniform
-depths, causal attention counted once per useful entry. This is the paper's convention: MoR
-runs more tokens at the same FLOPs (its 360M budget, 16.5e18, is forward FLOPs x ~20B tokens).
+FLOPs per token are the model's expected forward FLOPs (megamor.model.flops) in the study's
+convention (`flops.convention`), expert choice at its capacities (a step costs only for the
+tokens routed to it), token choice with uniform depths, causal attention counted once per
+useful entry:
+  exact  megamor's count: LM head, routers and GQA's K/V projections at their real size
+         (what MFU uses). Not the paper's: relative to vanilla it gives MoR-expert 2-9% fewer
+         tokens than the paper does (360M MoR-expert-3: 5%), and at 135M and 360M it prices
+         recursive KV sharing above recursion-wise caching, where the paper has it cheaper.
+  paper  the paper's (Appendix D): no embedding, LM head or router, K/V at d x d; its 360M
+         budget of 16.5e18 forward FLOPs gives vanilla 19.79B tokens, MoR-expert-3 29.70B.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamor.model.config import ModelConfig
-from megamor.model.flops import flops_per_token
+from megamor.model.flops import convention_flops_per_token
 from megamor.study.config import BudgetConfig
 
 TRAIN_MULTIPLIER = 3.0  # forward + backward
@@ -19,22 +25,25 @@ TRAIN_MULTIPLIER = 3.0  # forward + backward
 
 @dataclass
 class RunBudget:
-    flops_per_token: float  # forward, expected (capacity) routing
+    flops_per_token: float  # expected (capacity) routing, in the budget's count and the study's convention
     tokens_per_step: int  # global batch x sequence length
     steps: int
     tokens: int  # steps x tokens_per_step
     flops: float  # tokens x FLOPs per token, in the budget's count (forward or training)
 
 
-def counted_flops_per_token(cfg: ModelConfig, seq_len: int, count: str) -> float:
-    fpt = flops_per_token(cfg, seq_len)
+def counted_flops_per_token(cfg: ModelConfig, seq_len: int, count: str, convention: str = "exact") -> float:
+    fpt = convention_flops_per_token(cfg, seq_len, convention)
     return fpt * (TRAIN_MULTIPLIER if count == "training" else 1.0)
 
 
-def run_budget(budget: BudgetConfig, cfg: ModelConfig, seq_len: int, global_batch_size: int) -> RunBudget:
-    """Optimizer steps (rounded to the nearest whole step, at least 1) that spend the budget."""
+def run_budget(budget: BudgetConfig, cfg: ModelConfig, seq_len: int, global_batch_size: int,
+               convention: str = "exact") -> RunBudget:
+    """Optimizer steps (rounded to the nearest whole step, at least 1) that spend the budget.
+    The paper's released 360M step counts are within one step of this (9,438 for vanilla;
+    14,161 for MoR-expert-3, where its rule gives 14,160.01)."""
     per_step = global_batch_size * seq_len
-    fpt = counted_flops_per_token(cfg, seq_len, budget.count)
+    fpt = counted_flops_per_token(cfg, seq_len, budget.count, convention)
     tokens = budget.tokens if budget.tokens is not None else float(budget.flops) / fpt
     steps = max(1, round(tokens / per_step))
     return RunBudget(fpt, per_step, steps, steps * per_step, steps * per_step * fpt)

@@ -19,19 +19,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megamor.config import ConfigError
 from megamor.data.loader import build_eval_batches
+from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.env import shared_data_dir
 from megamor.eval.depth import DepthTrace, depth_statistics, write_depth_plots
 from megamor.eval.harness import evaluate
+from megamor.eval.identity import check_identity
 from megamor.eval.scoring import Scorer
 from megamor.eval.tokenizer import load_tokenizer
-from megamor.model.router_health import agreement_counts, precision_recall
+from megamor.model.routing import precision_recall, trace_agreement
+from megamor.runs.load import trained_tokenizer_hash
+from megamor.runs.tags import newest_complete
 from megamor.study.config import StudyEvalConfig
 from megamor.train.config import ExperimentConfig
 
 
+def check_run_identity(exp: ExperimentConfig) -> None:
+    """The tokenizer and validation shards of `exp` (what validation and few-shot use) are the
+    ones its run's newest checkpoint was trained with: the evaluation entry points' check
+    (megamor.eval.identity). A study's config may point at re-prepared data since; ConfigError."""
+    ref = newest_complete(exp.run_dir)
+    meta = {"tokenizer_hash": trained_tokenizer_hash(ref)} if ref is not None else {}
+    tok = load_tokenizer(exp.data.tokenizer) if exp.data.tokenizer else None
+    try:
+        check_identity(meta, exp.run_dir, tok, exp.data.valid, flag=None)
+    except TokenizerMismatchError as e:
+        raise ConfigError("data", str(e)) from None
+
+
 @torch.no_grad()
 def validation(model: torch.nn.Module, exp: ExperimentConfig, ev: StudyEvalConfig) -> tuple[dict[str, Any], DepthTrace]:
+    """Validation on exp.data; first checks that data and tokenizer against the run's (check_run_identity)."""
+    check_run_identity(exp)
     cfg = model.cfg
     nr = len(model.steps)
     is_ec = cfg.router.type == "expert_choice"
@@ -52,8 +72,7 @@ def validation(model: torch.nn.Module, exp: ExperimentConfig, ev: StudyEvalConfi
                 sums[mode][0] += float(tok_loss[mask].sum())
                 sums[mode][1] += int(mask.sum())
                 if not causal:
-                    for r, logits, cand, sel in out.stats.get("router_trace", []):
-                        c = agreement_counts(logits, cand, sel, model.routers[r].threshold)
+                    for r, c in trace_agreement(model.routers, out.stats.get("router_trace", [])).items():
                         agree[r] = agree.get(r, torch.zeros(3, dtype=torch.float64)) + c
                 else:
                     depths.append(out.stats.depth[mask].numpy())

@@ -23,8 +23,8 @@ class RunSpec:
     run_dir: Path
     config: Path  # the study's base experiment
     overrides: list[str]  # everything that makes this run this run (passed to megamor.train)
-    budget: RunBudget
-    forward_flops_per_token: float
+    budget: RunBudget  # its FLOPs in the study's convention (flops.convention)
+    forward_flops_per_token: float  # exact convention (what the hardware runs), whatever the study's
     budget_name: str = ""  # "" in a single-budget study
     kept_path: Path = Path()  # the copy of its result kept beside the report (megamor.study.archive)
 
@@ -76,7 +76,7 @@ def plan_runs(study: StudyConfig, shards: Path, tokenizer: Path) -> list[RunSpec
                 base = [f"name={name}", f"run_dir={folder}", *data_overrides(shards, tokenizer),
                         "trainer.max_tokens=null", "trainer.max_steps=1"]
                 ov, cfg = _experiment(study, budget, v, seed, base)
-                b = run_budget(budget, cfg.model, cfg.data.seq_len, cfg.batch.global_batch_size)
+                b = run_budget(budget, cfg.model, cfg.data.seq_len, cfg.batch.global_batch_size, study.flops.convention)
                 ov = ov[:-1] + [f"trainer.max_steps={b.steps}"]
                 load_experiment([study.experiment], ov)  # the final config must be valid too (schedule vs steps)
                 runs.append(RunSpec(len(runs), name, v.name, seed, folder, Path(study.experiment), ov, b,

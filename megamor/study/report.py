@@ -122,7 +122,7 @@ def _plots(study: StudyConfig, results: list[dict[str, Any]], out: Path) -> list
             xs, ys = zip(*curve)
             first = r["seed"] == min(x["seed"] for x in results if x["variant"] == r["variant"])
             ax.plot(xs, ys, marker="o", ms=3, color=colours.get(r["variant"]), label=r["variant"] if first else None)
-    ax.set_xlabel(f"FLOPs ({study.count})")
+    ax.set_xlabel(f"FLOPs ({study.flops_label})")
     ax.set_ylabel("validation loss (top-k routing)")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
@@ -170,7 +170,7 @@ def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: lis
     out = study.report_path
     out.mkdir(parents=True, exist_ok=True)
     b = study.budget
-    budget = f"{b.flops:.3g} FLOPs ({b.count}) per run" if b.flops is not None else f"{b.tokens:,} tokens per run"
+    budget = f"{b.flops:.3g} FLOPs ({study.flops_label}) per run" if b.flops is not None else f"{b.tokens:,} tokens per run"
     text = [f"# Study `{study.name}`", "", (
             f"Budget: {budget}; seeds {list(study.seeds)}; `±` is the standard "
             "deviation over seeds. Validation loss on the same windows with top-k routing (training's) and causal "

@@ -271,7 +271,7 @@ def budgets_table(study: StudyConfig, results: Results, pending: list[str]) -> s
     for b in study.run_budgets():
         names = [v.name for v in study.budget_variants(b)]
         n_pending = sum(p.split("@", 1)[-1].rsplit("-s", 1)[0] == b.name for p in pending)
-        lines.append(f"| {b.name} | {_flops(b)} ({b.count}) | {' '.join(f'`{o}`' for o in b.overrides) or '–'} | "  # noqa: RUF001
+        lines.append(f"| {b.name} | {_flops(b)} ({study.flops_label}) | {' '.join(f'`{o}`' for o in b.overrides) or '–'} | "  # noqa: RUF001
                      f"{', '.join(names)} | {len(by[b.name])} | {n_pending} |")
     return "\n".join(lines) + "\n"
 
@@ -299,7 +299,7 @@ def scaling_plot(study: StudyConfig, results: Results, path: Path) -> Path:
             ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, color=f"C{i % 10}",
                         label=f"{v.name} (seeds: {'/'.join(map(str, ns))})")
     ax.set_xscale("log")
-    ax.set_xlabel(f"FLOPs per run ({study.count})")
+    ax.set_xlabel(f"FLOPs per run ({study.flops_label})")
     ax.set_ylabel("final validation loss (top-k routing)")
     ax.set_title(f"{study.name}: mean over seeds, bars: standard deviation", fontsize=9)
     ax.grid(alpha=0.3, which="both")
@@ -348,7 +348,7 @@ def write_scaling_report(study: StudyConfig, results: Results, pending: list[str
         text += ["", "![val_loss_vs_flops](val_loss_vs_flops.png)"]
     for b in study.run_budgets():
         view, rs = budget_view(study, b), by[b.name]
-        text += ["", f"## Budget {b.name}: {_flops(b)} ({b.count}) per run"
+        text += ["", f"## Budget {b.name}: {_flops(b)} ({study.flops_label}) per run"
                  + (f"; {' '.join(f'`{o}`' for o in b.overrides)}" if b.overrides else ""), ""]
         if not rs:
             text += ["No run of this budget has finished."]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megamor.model.router_health import agreement_counts, precision_recall
+from megamor.model.routing import precision_recall, trace_agreement
 from megamor.parallel import dist as pdist
 
 
@@ -42,8 +42,8 @@ class RouterValidation:
     @torch.no_grad()
     def update(self, out, targets: torch.Tensor, causal: bool) -> None:
         if self.expert and not causal:
-            for r, logits, cand, sel in out.stats.get("router_trace", []):
-                self.agree[self.routed_steps.index(r)] += agreement_counts(logits, cand, sel, self.model.routers[r].threshold)
+            for r, counts in trace_agreement(self.model.routers, out.stats.get("router_trace", [])).items():
+                self.agree[self.routed_steps.index(r)] += counts
         if self.wants_logits(causal) and out.logits is not None:
             mask = targets != -100
             loss = F.cross_entropy(out.logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")

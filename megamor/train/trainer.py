@@ -8,7 +8,6 @@ checkpointing and compilation are applied from outside (parallelize.py, engine.p
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -18,12 +17,14 @@ import torch
 
 from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_train_loader
+from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer
 from megamor.model import MoRLM
 from megamor.model.summary import ParamCounts
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
 from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
+from megamor.parallel.watchdog import Watchdog
 from megamor.runs.layout import TRAINER_STATE, CheckpointError
 from megamor.runs.resume import (
     ResumePlan,
@@ -46,8 +47,9 @@ from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import PeakFlops, WindowStats
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
+from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
-from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
+from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested, write_exit_file
 from megamor.train.step import TrainStep
 from megamor.train.step_log import accumulate, window_metrics
 from megamor.train.validation import Validation
@@ -62,7 +64,8 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any],
-                 stop_request: StopRequest | None = None):
+                 stop_request: StopRequest | None = None, run_lock: RunLock | None = None,
+                 watchdog: Watchdog | None = None):
         self.cfg = cfg
         self.env = env
         self.device = device
@@ -77,6 +80,8 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.max_steps)
         self.faults = Faults.from_env()
         self.stop_request = stop_request or StopRequest()  # __main__ installs it before the process group
+        self.run_lock = run_lock  # rank 0's, held by __main__: checked before every write (_check_lock)
+        self.watchdog = watchdog or Watchdog(self.rank, self.world, 0.0, None)  # told where the loop is
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last,
                                       fault_hook=lambda step: self.faults.during_save(step, self.rank))
         # Progress (restored on resume).
@@ -204,10 +209,11 @@ class Trainer:
         self.flops_total = float(state.get("flops_total", 0.0))
         self.wandb_id = state.get("wandb_id")
         self.last_saved_step = self.step
-        saved_tok = state.get("tokenizer_hash")
-        if saved_tok and self.tokenizer_info.get("hash") and saved_tok != self.tokenizer_info["hash"]:
-            raise CheckpointError(f"{plan.ref.path}: trained with tokenizer {saved_tok[:12]}, the data now uses "
-                                  f"{self.tokenizer_info['hash'][:12]}")
+        try:
+            check_same_tokenizer(state.get("tokenizer_hash"), self.tokenizer_info.get("hash"),
+                                 f"{plan.ref.path} was trained with", "the data's tokenizer")
+        except TokenizerMismatchError as e:
+            raise CheckpointError(str(e)) from None
         self.loader.load_state_dict(state["data"])
         rng = state.get("rng") or []
         if len(rng) == self.world:  # one entry per global rank (same layout: check_resume_layout)
@@ -217,8 +223,24 @@ class Trainer:
 
     # -- validation -------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        self.watchdog.at(self.step, "validation")
         with self.observer.phase("eval"):
             return self.validation.run()
+
+    def _check_lock(self) -> None:
+        """Before every write to the run folder: does rank 0 still hold the folder's lock? One small
+        all-reduce, so every rank stops at the same point (RunLockLostError: exit 2, nothing more
+        written)."""
+        lost = None
+        if self.run_lock is not None and self.is_main:
+            try:
+                self.run_lock.check()
+            except RunLockLostError as e:
+                lost = str(e)
+        self.watchdog.at(self.step, "lock check")
+        flag = torch.tensor([1.0 if lost else 0.0], device=self.device)
+        if pdist.all_reduce_(flag).item() > 0:
+            raise RunLockLostError(lost or "rank 0 lost the run folder's lock")
 
     def _stop_agreed(self) -> bool:
         """One small all-reduce: did any rank get a stop signal?"""
@@ -236,6 +258,8 @@ class Trainer:
 
     # -- checkpointing -------------------------------------------------------------------
     def save(self) -> Path:
+        self._check_lock()
+        self.watchdog.at(self.step, "checkpoint save")
         with self.observer.phase("checkpoint"):
             return self._save()
 
@@ -275,11 +299,15 @@ class Trainer:
             return EXIT_OK
         window = WindowStats()
         exit_code = EXIT_OK
+        lock_lost = False
+        self.watchdog.at(self.step, "start")
+        self.watchdog.start()
         try:
             if self._stop_agreed():  # a signal during set-up
                 return self._stop()
             self.observer.start()
             while self.step < self.max_steps:
+                self.watchdog.at(self.step + 1, "train step")
                 self.observer.begin_step(self.step + 1)
                 r = self.train_step(self.step + 1)
                 self.step += 1
@@ -300,11 +328,11 @@ class Trainer:
                             "damaged resume from an earlier tag (move the later ones aside).")
                 else:
                     self.consecutive_nonfinite = 0
-                if self.step % cfg.logging.log_every == 0 or self.step == self.max_steps:
+                if self.step % cfg.logging.every_steps == 0 or self.step == self.max_steps:
                     self._log(window)
                     window = WindowStats()
                 self.logger.advance(self.step)
-                self.faults.after_step(self.step, self.rank)
+                self.faults.after_step(self.step, self.rank, self.run_dir)
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     if self.consecutive_nonfinite:  # do not let keep_last prune the last good tag for this state
                         self.logger.print(f"step {self.step}: checkpoint deferred ({self.consecutive_nonfinite} "
@@ -312,22 +340,32 @@ class Trainer:
                     else:
                         self.save()
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                    self.logger.log(self.step, self.evaluate())
+                    self._log_eval()
                 if r.stop:
                     exit_code = self._stop()
                     break
             else:
                 if cfg.eval.at_end and (not cfg.eval.every_steps or self.step % cfg.eval.every_steps):
-                    self.logger.log(self.step, self.evaluate())
+                    self._log_eval()
                 if cfg.checkpoint.save_final and self.last_saved_step != self.step:
                     self.save()
         except StopRequested:  # agreed during validation
             exit_code = self._stop(" during validation")
+        except RunLockLostError:
+            lock_lost = True
+            raise
         finally:
+            self.watchdog.stop()
             self.stop_request.uninstall()
-            self.observer.close()  # a run stopped inside trainer.profile.steps still leaves its trace
+            if not lock_lost:  # the folder is another trainer's now: not even a trace goes there
+                self.observer.close()  # a run stopped inside trainer.profile.steps still leaves its trace
             self.logger.close()
         return exit_code
+
+    def _log_eval(self) -> None:
+        metrics = self.evaluate()
+        self._check_lock()
+        self.logger.log(self.step, metrics)
 
     def close(self) -> None:
         """Release the DeepSpeed engine: its gradient hooks tie parameters, optimizer and
@@ -350,13 +388,14 @@ class Trainer:
         """Rank 0 writes the exit status to $MEGAMOR_EXIT_FILE before any rank may exit. Under
         `srun --kill-on-bad-exit` the first rank to exit 75 gets the others killed, so srun's own
         status can hide the stop; slurm/train.sbatch reads this file to decide on a requeue."""
-        path = os.environ.get("MEGAMOR_EXIT_FILE")
-        if path and self.is_main:
-            with atomic_open(Path(path), "w") as f:
-                f.write(f"{code}\n")
+        self.watchdog.at(self.step, "exit status")
+        if self.is_main:
+            write_exit_file(code)
         pdist.barrier()
 
     def _log(self, w: WindowStats) -> None:
+        self._check_lock()
+        self.watchdog.at(self.step, "logging")
         m, hist = window_metrics(w, lr=self.schedule.lr_at(self.step), tokens=self.tokens,
                                  skipped_steps=self.skipped_steps, flops_total=self.flops_total, device=self.device,
                                  world=self.world, peak=self.peak if self.is_main else None, warn=self.logger.print,

@@ -61,8 +61,10 @@ class Zero0Engine:
         torch.save({"module": self.module.state_dict(), **client_state}, d / "mp_rank_00_model_states.pt")
 
 
-def training_run(tmp_path, model, spm_path, steps=(100, 200)) -> Path:
-    """A run folder as the trainer writes it (megamor.runs.save.CheckpointManager)."""
+def training_run(tmp_path, model, spm_path, steps=(100, 200), tokenizer_hash: str | None = None) -> Path:
+    """A run folder as the trainer writes it (megamor.runs.save.CheckpointManager); with
+    `tokenizer_hash`, each tag's trainer_state.pt records it as the trainer does."""
+    from megamor.runs.layout import TRAINER_STATE
     from megamor.runs.save import CheckpointManager
     from megamor.train.config import ExperimentConfig, to_yaml
 
@@ -74,7 +76,8 @@ def training_run(tmp_path, model, spm_path, steps=(100, 200)) -> Path:
     exp.data.tokenizer = str(spm_path)
     mgr = CheckpointManager(run, keep_last=5)
     for step in steps:
-        mgr.save(Zero0Engine(model), step, {}, to_yaml(exp), {"tokens": step * 1024, "zero_stage": 0, "dp_size": 1})
+        state = {TRAINER_STATE: {"step": step, "tokenizer_hash": tokenizer_hash}} if tokenizer_hash else None
+        mgr.save(Zero0Engine(model), step, {}, to_yaml(exp), {"tokens": step * 1024, "zero_stage": 0, "dp_size": 1}, state)
     return run
 
 

@@ -19,6 +19,7 @@ from megamor.eval.harness import evaluate_task
 from megamor.eval.lm_eval_adapter import MegamorLM
 from megamor.eval.perplexity import perplexity_of_texts, read_texts
 from megamor.eval.scoring import Scorer
+from megamor.inference.generate import generate
 
 LIMIT = 40
 BATCH = 16
@@ -85,5 +86,5 @@ def test_generate_until(lm, tok):
     assert len(out) == 2 and all(isinstance(o, str) and "\n" not in o for o in out)
     # greedy and deterministic, and the same text the model's own generate gives
     assert lm.generate_until(reqs) == out
-    ids = lm.model.generate([[tok.eos_id] + tok.encode("The king")], 5, eos_id=tok.eos_id).tokens[0]
+    ids = generate(lm.model, [[tok.eos_id] + tok.encode("The king")], 5, eos_id=tok.eos_id).tokens[0]
     assert out[1] == tok.decode([t for t in ids if t != tok.eos_id]).split("\n")[0]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megamor.hf.remote_code import save_model_folder
+from megamor.inference.generate import generate
 from tests.inference.test_engine import CASES, _model
 
 transformers = pytest.importorskip("transformers")
@@ -28,7 +29,7 @@ def test_hf_loaded_mor_equals_megamor(variant, kv, tmp_path):
     b = hf(x, attention_mask=mask.long()).logits
     assert (a[mask] - b[mask]).abs().max().item() <= 1e-5
     prompt = [5, 6, 7, 8, 9, 10, 11]
-    want = ours.generate([prompt], 10).tokens[0]
+    want = generate(ours, [prompt], 10).tokens[0]
     got = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, attention_mask=torch.ones(1, 7, dtype=torch.long))
     assert got[0, len(prompt):].tolist() == want
     # A left-padded batch (as a tokenizer pads for generation): each row as megamor alone.
@@ -37,7 +38,7 @@ def test_hf_loaded_mor_equals_megamor(variant, kv, tmp_path):
     mask = (torch.arange(len(prompt)) >= len(prompt) - len(short)).long().unsqueeze(0)
     mask = torch.cat([mask, torch.ones(1, len(prompt), dtype=torch.long)])
     got = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert got[0, len(prompt):].tolist() == ours.generate([short], 6).tokens[0]
+    assert got[0, len(prompt):].tolist() == generate(ours, [short], 6).tokens[0]
     assert got[1, len(prompt):].tolist() == want[:6]
 
 
@@ -63,10 +64,35 @@ def test_export_cli_writes_a_transformers_folder(tmp_path):
     r = subprocess.run([sys.executable, "-m", "megamor.export", str(run), "--out", str(out)], cwd=repo_root(),
                        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(repo_root())})
     assert r.returncode == 0, r.stderr
-    for name in ("modeling_megamor.py", "configuration_megamor.py"):
+    for name in ("modeling_megamor.py", "configuration_megamor.py", "routing.py"):
         assert "megamor." not in "".join(line for line in (out / name).read_text().splitlines(True)
                                          if line.startswith(("import", "from")))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     x = torch.randint(1, 200, (2, 30), generator=torch.Generator().manual_seed(1))
     assert (hf(x).logits - ours(x, causal_routing=True).logits).abs().max().item() <= 1e-5
     assert hf.config.num_hidden_layers == ours.cfg.n_layers and hf.config.megamor["router"]["type"] == "token_choice"
+
+
+@torch.no_grad()
+def test_an_export_written_before_the_routing_module_still_loads(tmp_path):
+    """Exports from before routing.py shipped carry their own modeling file (kept here as it
+    was, tests/hf/data/*_2026_12.py) and no `routing` in config.json: transformers still loads
+    them, and they still give the refactored megamor's logits."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    for variant, kv in (("mor_expert", "recursion_wise"), ("mor_token", "shared")):
+        ours = _model(variant, kv)
+        out = save_model_folder(ours, tmp_path / variant)
+        (out / "routing.py").unlink()
+        for name in ("modeling_megamor.py", "configuration_megamor.py"):
+            shutil.copyfile(data / name.replace(".py", "_2026_12.py"), out / name)
+        cfg = json.loads((out / "config.json").read_text())
+        del cfg["routing"]
+        (out / "config.json").write_text(json.dumps(cfg))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+        assert not hasattr(hf, "routing")  # the old file's own routing code ran
+        x = torch.randint(1, 200, (2, 30), generator=torch.Generator().manual_seed(1))
+        assert (hf(x).logits - ours(x, causal_routing=True).logits).abs().max().item() <= 1e-5

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from megamor.inference import Engine, engine_generate
+from megamor.inference import Engine, engine_generate, generate
 from megamor.model import MoRLM
 from tests.model.helpers import mor, tiny_config
 
@@ -46,7 +46,7 @@ def test_engine_equals_generate_alone(variant, kv):
         seen_running.add(len(eng.running))
     assert max(seen_running) == 3  # requests really shared the batch
     for (prompt, n), h in zip(reqs, handles):
-        ref = model.generate([prompt], n)
+        ref = generate(model, [prompt], n)
         assert h.tokens == ref.tokens[0], (prompt, n)
         assert h.depths == ref.depths[0]
         assert h.prompt_depths == ref.prompt_depths[0]
@@ -55,7 +55,7 @@ def test_engine_equals_generate_alone(variant, kv):
 
 def test_eos_sampling_and_streaming():
     model = _model("mor_expert", "recursion_wise")
-    first = model.generate([[1, 2, 3]], 1).tokens[0][0]
+    first = generate(model, [[1, 2, 3]], 1).tokens[0][0]
     eng = Engine(model, max_batch=2, max_len=16)
     a = eng.submit([1, 2, 3], 10, eos_id=first)
     b = eng.submit([4, 5], 4)
@@ -81,7 +81,7 @@ def test_static_step_equals_generate_alone(variant, kv, buckets):
     handles = [eng.submit(p, n) for p, n in reqs]
     eng.run()
     for (prompt, n), h in zip(reqs, handles):
-        ref = model.generate([prompt], n)
+        ref = generate(model, [prompt], n)
         assert h.tokens == ref.tokens[0], (prompt, n)
         assert h.depths == ref.depths[0]
     if buckets == "tiny" and model.steps:

@@ -43,7 +43,7 @@ def test_full_slot_that_does_not_write_keeps_its_entries():
     eng.submit([1, 2, 3], 4)
     eng.step()
     gs, cache = eng.graph_step, eng.cache
-    site = model._sites["prelude"][0]
+    site = model.sites.prelude[0]
     cap = cache.capacity(site)
     cache.fill_dev[site][1] = cap
     last = cache.k[site][1, :, cap - 1].clone()

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from megamor.inference import Engine
+from megamor.inference import Engine, generate
 from tests.model.helpers import mor
 
 
@@ -46,12 +46,13 @@ def _straight_through(kv: str):
 MODELS = {"learned_alpha": _learned_alpha, "thresholds": _thresholds, "straight_through": _straight_through}
 
 
-def _soft_gate(router) -> None:
-    router.cfg.gate_straight_through = False  # the routers share the model's RouterConfig
+def _soft_gate(model) -> None:
+    model.routing.settings.straight_through = False  # the routing policy every path uses
 
 
-def _alpha_01(router) -> None:
-    router.scale.alpha.fill_(0.1)
+def _alpha_01(model) -> None:
+    for router in model.routers:
+        router.scale.alpha.fill_(0.1)
 
 
 @pytest.mark.parametrize("which,undo", [("straight_through", _soft_gate), ("learned_alpha", _alpha_01)])
@@ -60,8 +61,7 @@ def test_router_state_changes_the_model(which, undo):
     m = MODELS[which]("recursion_wise")
     x = torch.randint(1, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     a = m(x, causal_routing=True).logits
-    for r in m.routers:
-        undo(r)
+    undo(m)
     assert (a - m(x, causal_routing=True).logits).abs().max().item() > 1e-3
 
 
@@ -88,7 +88,7 @@ def test_engine_uses_router_state(which, kv, static):
     while not eng.idle():
         eng.step()
     for (prompt, n), h in zip(reqs, handles):
-        ref = model.generate([prompt], n)
+        ref = generate(model, [prompt], n)
         assert h.tokens == ref.tokens[0] and h.depths == ref.depths[0]
 
 

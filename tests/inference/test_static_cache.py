@@ -18,15 +18,15 @@ def test_kv_bytes_equal_routed_token_counts(variant, kv, static):
     for _ in range(12):
         eng.step()
     assert len(eng.running) == 4
-    sites = model._sites
-    owning_steps = [[s for s in ids if s not in sites["kv_source"]] for ids in sites["steps"]]
+    sites = model.sites
+    owning_steps = [[s for s in ids if s not in sites.kv_source] for ids in sites.steps]
     expected = 0
     full = 0
     # Full-depth caching: every token at every attention site, shared or not.
-    n_sites = len(sites["prelude"]) + len(sites["coda"]) + sum(len(s) for s in sites["steps"])
+    n_sites = len(sites.prelude) + len(sites.coda) + sum(len(s) for s in sites.steps)
     for h in handles:
         depths = h.prompt_depths + h.depths  # every token fed through the model so far
-        expected += len(depths) * (len(sites["prelude"]) + len(sites["coda"]))
+        expected += len(depths) * (len(sites.prelude) + len(sites.coda))
         expected += sum(len(ids) * sum(d > r for d in depths) for r, ids in enumerate(owning_steps))
         full += len(depths) * n_sites
     per_token = eng.cache.bytes_per_token()
@@ -35,4 +35,4 @@ def test_kv_bytes_equal_routed_token_counts(variant, kv, static):
     # Routed steps' storage starts at their capacity share, not the full length.
     deepest = owning_steps[-1] if kv == "recursion_wise" else []
     for s in deepest:
-        assert eng.cache.capacity(s) < eng.cache.capacity(sites["steps"][0][0])
+        assert eng.cache.capacity(s) < eng.cache.capacity(sites.steps[0][0])

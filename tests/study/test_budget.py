@@ -1,6 +1,7 @@
-"""Token budgets derived from FLOPs, for every variant kind, against an independent count:
-each layer application's matmul FLOPs from the built model's own Linear weights (2 per
-multiply-add per token that runs it), causal attention scores, routers and the LM head."""
+"""Token budgets derived from FLOPs, for every variant kind: in the exact convention against an
+independent count (each layer application's matmul FLOPs from the built model's own Linear
+weights, 2 per multiply-add per token that runs it, causal attention scores, routers and the LM
+head); in the paper's convention against the paper's released step counts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from megamor.model import MoRLM
 from megamor.study.config import load_study
 from megamor.study.plan import plan_runs
+from megamor.train.config import load_experiment
 
 STUDY = Path("configs/studies/paper_360m.yaml")
 
@@ -55,12 +57,10 @@ def independent_flops_per_token(cfg, T: int) -> float:
 
 
 def test_paper_360m_budgets_match_an_independent_count(tmp_path):
-    study = load_study(STUDY)
+    study = load_study(STUDY, ["flops.convention=exact"])
     runs = plan_runs(study, tmp_path / "shards", tmp_path / "tok")
     kinds = set()
     for run in runs:
-        from megamor.train.config import load_experiment
-
         exp = load_experiment([run.config], run.overrides)
         cfg, T = exp.model, exp.data.seq_len
         kinds.add((cfg.router.type, cfg.sharing != "none", cfg.kv_mode))
@@ -82,6 +82,41 @@ def test_paper_360m_budgets_match_an_independent_count(tmp_path):
     for n in (2, 3, 4):
         assert by[f"mor_expert_{n}"].budget.tokens > by[f"recursive_{n}"].budget.tokens
     assert 25e9 < by["mor_expert_3"].budget.tokens < 30e9
+
+
+# num_train_steps of the official 360M configs (conf/pretrain/250720_pretrain_smollm-360m_*.yaml),
+# within one step (MoR-3: the rule gives 14,160.01, the release has 14,161)
+RELEASED = {"vanilla": 9438, "recursive_2": 9438, "recursive_3": 9438, "recursive_4": 8883, "mor_expert_2": 12619,
+            "mor_expert_3": 14161, "mor_expert_4": 14216, "mor_token_3": 14161, "mor_expert_3_kv_share": 14672}
+
+
+def test_paper_360m_uses_the_papers_convention_and_its_released_step_counts(tmp_path):
+    study = load_study(STUDY)
+    assert study.flops.convention == "paper" and study.flops_label == "forward, paper convention"
+    runs = {r.variant: r for r in plan_runs(study, tmp_path / "shards", tmp_path / "tok")}
+    for variant, steps in RELEASED.items():
+        assert abs(runs[variant].budget.steps - steps) <= 1, variant
+    # the paper's token counts: vanilla 19.79B, MoR-expert-2 26.46B, MoR-expert-3 29.70B
+    for variant, tokens in (("vanilla", 19.79e9), ("mor_expert_2", 26.46e9), ("mor_expert_3", 29.70e9)):
+        assert runs[variant].budget.tokens == pytest.approx(tokens, rel=0.005), variant
+    r = runs["mor_expert_3"]  # its training run is what the hardware does: the exact count stays beside
+    exp = load_experiment([r.config], r.overrides)
+    assert exp.max_steps == r.budget.steps and r.forward_flops_per_token == pytest.approx(
+        independent_flops_per_token(exp.model, exp.data.seq_len), rel=1e-9)
+    assert r.budget.flops_per_token < r.forward_flops_per_token  # the paper counts no LM head
+
+
+def test_a_study_without_the_key_keeps_the_exact_count(tmp_path):
+    """Studies written before flops.convention existed train what they trained (their kept results stay valid)."""
+    text = STUDY.read_text().replace("flops: {convention: paper}", "")
+    assert "convention" not in text.split("budget:")[1].split("data:")[0]
+    (tmp_path / "old.yaml").write_text(text)
+    old = {r.variant: r for r in plan_runs(load_study(tmp_path / "old.yaml"), tmp_path / "s", tmp_path / "t")}
+    exact = {r.variant: r for r in plan_runs(load_study(STUDY, ["flops.convention=exact"]), tmp_path / "s", tmp_path / "t")}
+    assert {v: r.budget.steps for v, r in old.items()} == {v: r.budget.steps for v, r in exact.items()}
+    assert old["mor_expert_3"].budget.steps == 13204  # megamor's count: 27.69B tokens, not the paper's 29.70B
+    for f in ("small_cpu", "small_cpu_router_seeds", "scaling_cpu", "router_cpu"):  # committed results: exact, said so
+        assert load_study(f"configs/studies/{f}.yaml").flops.convention == "exact", f
 
 
 def test_token_budget_and_training_count(tmp_path):

@@ -19,6 +19,7 @@ from tests.study.conftest import write_study
     ("variants=5", "variants"),  # an override of the wrong shape
     ("reference=nope", "reference"),  # not a variant
     ("budget.flops=null", "budget.flops"),  # no budget at all
+    ("flops.convention=kaplan", "flops.convention"),  # not exact or paper
 ])
 def test_bad_study_config_exits_2_naming_the_key(tmp_path, override, key):
     _check_exits_2(tmp_path, override, key, budgets=None)

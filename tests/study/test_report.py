@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from megamor.study.config import StudyConfig, VariantConfig
+from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
 from megamor.study.report import paired_table, summarize, table
 
 
@@ -97,3 +97,19 @@ def test_causal_thresholds_are_read_from_the_model_and_listed_in_the_report(tmp_
     results = [{**r, "causal_thresholds": [-1.25] if r["variant"] == "b" else None} for r in RESULTS]
     text = write_report(study, results, [], "cmd").read_text()
     assert "- b-s2: -1.25" in text and "a-s1: -" not in text
+
+
+@pytest.mark.parametrize("convention", ["exact", "paper"])
+def test_the_report_names_the_flops_convention_of_its_budget(tmp_path, convention):
+    from megamor.study.report import write_report
+    from megamor.study.scaling import budgets_table
+
+    study = _study()
+    study.report_dir = str(tmp_path)
+    study.budget.flops = 16.5e18
+    study.flops.convention = convention
+    text = write_report(study, RESULTS, [], "cmd").read_text()
+    assert f"Budget: 1.65e+19 FLOPs (forward, {convention} convention) per run" in text
+    several = StudyConfig(name="s", experiment="e.yaml", variants=study.variants, budgets=[StudyBudgetConfig(name="1x", flops=1e12)])
+    several.flops.convention = convention
+    assert f"| 1x | 1e+12 FLOPs (forward, {convention} convention) |" in budgets_table(several, [], [])

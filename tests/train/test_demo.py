@@ -11,8 +11,9 @@ from megamor.env import repo_root
 from megamor.runs.tags import newest_complete
 from tests.train.helpers import train_env
 
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
-@pytest.mark.launch
+
 def test_demo_pipeline_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = train_env(tmp_path, {"OMP_NUM_THREADS": "2"})

@@ -1,26 +1,27 @@
+"""Decoding with megamor.inference.generate: caches against recomputation, batching, EOS, sampling."""
+
 import pytest
 import torch
 
-from megamor.model.generate import sample_next
-
-from .helpers import mor
+from megamor.inference.generate import generate, sample_next
+from tests.model.helpers import mor
 
 
 @pytest.mark.parametrize("kv", ["recursion_wise", "shared"])
 def test_greedy_with_cache_equals_without(kv):
     m = mor("expert_choice", kv_mode=kv, seed=3).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
-    a = [s.tokens for s in m.generate(prompts, 12, stream_tokens=True)]
-    b = [s.tokens for s in m.generate(prompts, 12, stream_tokens=True, use_cache=False)]
+    a = [s.tokens for s in generate(m, prompts, 12, stream_tokens=True)]
+    b = [s.tokens for s in generate(m, prompts, 12, stream_tokens=True, use_cache=False)]
     assert a == b and len(a) == 12
 
 
 def test_batch_equals_single_prompt_decoding():
     m = mor("token_choice", sharing="cycle", seed=4).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
-    batch = m.generate(prompts, 8)
+    batch = generate(m, prompts, 8)
     for i, p in enumerate(prompts):
-        single = m.generate([p], 8)
+        single = generate(m, [p], 8)
         assert single.tokens[0] == batch.tokens[i]
         assert single.depths[0] == batch.depths[i]
     assert all(len(d) == 7 for d in batch.depths)  # every fed-back token has a depth
@@ -29,10 +30,10 @@ def test_batch_equals_single_prompt_decoding():
 
 def test_eos_stops_and_streams():
     m = mor("expert_choice", seed=5).eval()
-    first = m.generate([[1, 2, 3]], 1).tokens[0][0]
-    out = m.generate([[1, 2, 3]], 10, eos_id=first)
+    first = generate(m, [[1, 2, 3]], 1).tokens[0][0]
+    out = generate(m, [[1, 2, 3]], 10, eos_id=first)
     assert out.tokens[0] == [first]
-    steps = list(m.generate([[1, 2, 3], [4]], 4, stream_tokens=True, eos_id=first))
+    steps = list(generate(m, [[1, 2, 3], [4]], 4, stream_tokens=True, eos_id=first))
     assert steps[0].tokens[0] == first and steps[0].finished[0]
     assert all(s.tokens[0] == -1 for s in steps[1:])
 
@@ -49,6 +50,6 @@ def test_sampling_filters():
     picks = {sample_next(logits, 1.0, top_p=0.6, generator=g).item() for _ in range(200)}
     assert picks == {1, 2}  # the smallest set reaching 0.6 holds tokens 1 and 2
     seeded = mor("expert_choice", seed=6).eval()
-    a = seeded.generate([[1, 2]], 6, temperature=1.0, seed=7).tokens
-    b = seeded.generate([[1, 2]], 6, temperature=1.0, seed=7).tokens
+    a = generate(seeded, [[1, 2]], 6, temperature=1.0, seed=7).tokens
+    b = generate(seeded, [[1, 2]], 6, temperature=1.0, seed=7).tokens
     assert a == b

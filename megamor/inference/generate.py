@@ -1,4 +1,6 @@
-"""Autoregressive decoding with recursion-aware KV caches (always causal routing)."""
+"""Autoregressive decoding with recursion-aware KV caches (always causal routing): `generate`,
+`stream`, `sample_next` and `left_pad`, written against the model's forward (`MoRLM` holds no
+decoding loop). The batched engine (`megamor.inference.engine`) equals this on each request."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: mor.py imports this module for MoRLM.generate
+if TYPE_CHECKING:
     from megamor.model.mor import MoRLM
 
 
@@ -52,7 +54,8 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Prompts as one left-padded batch: (ids [B, T], valid mask [B, T])."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     T = max(len(p) for p in prompts)
@@ -81,7 +84,7 @@ def stream(
     every step (the reference the caches are checked against)."""
     device = model.embed_tokens.weight.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    ids, mask = _left_pad(prompts, 0, device)
+    ids, mask = left_pad(prompts, 0, device)
     B = ids.shape[0]
     cache = model.new_kv_cache(B) if use_cache else None
     out = model(ids, attention_mask=mask, causal_routing=True, kv_cache=cache)
