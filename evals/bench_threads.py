@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from megamor.cli import ArgumentParser
 from megamor.data.atomic import atomic_open
 from megamor.demo import CONFIG, prepare_data
 from megamor.env import repo_root, usable_cpus
@@ -82,7 +83,7 @@ def _uptime() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12, help="steps per run (logged in 4 windows; the first is dropped)")
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
