@@ -32,7 +32,7 @@ from megamor.data.readers import ReadOptions, ReadStats
 from megamor.data.shards import token_dtype
 from megamor.data.sources import Source, Unit, assign_units, plan_units, resolve_sources
 from megamor.data.tokenize_units import UnitJob, read_done, run_unit, set_progress
-from megamor.data.tokenizer import Tokenizer
+from megamor.data.tokenizer import Tokenizer, load_tokenizer
 
 PLAN_FORMAT = "megamor-plan"
 OUR_FILES = (MANIFEST, PLAN, REPORT)
@@ -236,7 +236,7 @@ def tokenize_and_shard(
                         "empty the folder once before submitting the array")
     t0 = time.time()
     out = Path(out_dir)
-    tok = Tokenizer.load(tokenizer)
+    tok = load_tokenizer(tokenizer)
     if tok.eos_id < 0:
         raise DataError(f"{tok.path}: the tokenizer has no EOS piece, which separates documents in the shards")
     plan = make_plan(inputs, tok, s, hf_split, allow_empty_inputs)
