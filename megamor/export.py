@@ -14,10 +14,11 @@ zero_to_fp32) into a self-contained folder:
                            self-contained transformers code (no megamor import needed;
                            routing.py is megamor's routing policy)
     DIR/model.safetensors  the weights, Llama names for vanilla models, megamor names for MoR
-    DIR/tokenizer.model    when the run's tokenizer is known (checked against the hash the
-                           checkpoint recorded), with tokenizer.json + tokenizer_config.json:
-                           AutoTokenizer.from_pretrained(DIR) loads it (built-in
-                           PreTrainedTokenizerFast, no remote code) and encodes as megamor does
+    DIR/tokenizer.*        when the run's tokenizer is known (checked against the hash the
+                           checkpoint recorded): tokenizer.model with tokenizer.json +
+                           tokenizer_config.json made from it, or a Hugging Face tokenizer's
+                           tokenizer.json and configs as they were. AutoTokenizer.from_pretrained(DIR)
+                           loads either (built-in class, no remote code) and encodes as megamor does
 
 Default DIR: RUN_DIR/export/<tag>. The tag's files are checked against their content hashes
 and read with the weights-only loader. Exit 2 when the checkpoint is missing, damaged or
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,15 @@ from safetensors.torch import save_file
 
 from megamor.config import from_node
 from megamor.data.atomic import write_json
-from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, file_sha256
+from megamor.data.tokenizer import (
+    Tokenizer,
+    TokenizerError,
+    TokenizerMismatchError,
+    check_same_tokenizer,
+    load_tokenizer,
+)
 from megamor.hf.remote_code import hf_weights, write_remote_code
-from megamor.hf.tokenizer_files import TokenizerFilesError, write_tokenizer_files
+from megamor.hf.tokenizer_files import TokenizerFilesError, export_tokenizer
 from megamor.model import MoRLM
 from megamor.model.config import ModelConfig
 from megamor.model.hf import llama_config, to_llama_state_dict
@@ -61,11 +67,10 @@ def _is_vanilla(cfg: ModelConfig) -> bool:
     return cfg.sharing == "none" and cfg.router.type == "none"
 
 
-def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Path | None:
+def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Tokenizer | None:
     for cand in ([Path(cfg_data.tokenizer)] if cfg_data.tokenizer else []) + [run_dir / "tokenizer", run_dir / "tokenizer.model"]:
-        p = cand / "tokenizer.model" if cand.is_dir() else cand
-        if p.is_file():
-            return p
+        if cand.exists():
+            return load_tokenizer(cand)
     return None
 
 
@@ -77,7 +82,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     trained_hash = trained_tokenizer_hash(ref)
     tok = _find_tokenizer(exp.data, run)
     if tok is not None:  # the same identity check as training and evaluation, before anything is written
-        check_same_tokenizer(trained_hash, file_sha256(tok), f"{ref.path} was trained with", f"tokenizer {tok}")
+        check_same_tokenizer(trained_hash, tok.content_hash, f"{ref.path} was trained with", f"tokenizer {tok.path}")
     out_dir = Path(out) if out else run / "export" / ref.tag
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -86,7 +91,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
     meta = {"step": ref.step, "tokens": ref.meta.get("tokens"), "flops": ref.meta.get("flops"), "source": str(ref.path),
             "run": exp.name, "seq_len": exp.data.seq_len,
-            "tokenizer_hash": trained_hash or (file_sha256(tok) if tok is not None else None)}  # what evaluation checks
+            "tokenizer_hash": trained_hash or (tok.content_hash if tok is not None else None)}  # what evaluation checks
     torch.save({"model": sd, "config": dataclasses.asdict(cfg), **meta}, out_dir / CONSOLIDATED)
     write_json(out_dir / f"{CONSOLIDATED}.json", meta)
 
@@ -98,18 +103,15 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         weights = hf_weights(sd, cfg)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tok is not None:
-        tmp = out_dir / ".tokenizer.model.tmp"
-        shutil.copy2(tok, tmp)
-        tmp.replace(out_dir / "tokenizer.model")
-        _write_hf_tokenizer(out_dir, cfg.max_seq_len)
+        _write_hf_tokenizer(out_dir, tok, cfg.max_seq_len)
     return out_dir
 
 
-def _write_hf_tokenizer(out_dir: Path, max_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json (megamor.hf.tokenizer_files); without the
+def _write_hf_tokenizer(out_dir: Path, tok: Tokenizer, max_length: int) -> None:
+    """The tokenizer's files (megamor.hf.tokenizer_files.export_tokenizer); without the
     `tokenizers` package (the [eval] extra) or for a model it cannot express, a note instead."""
     try:
-        write_tokenizer_files(out_dir, out_dir / "tokenizer.model", max_length)
+        export_tokenizer(out_dir, tok, max_length)
     except ImportError as e:
         print(f"megamor.export: note: no tokenizer.json written ({e.name} is not installed: pip install -e '.[eval]'); "
               "AutoTokenizer will not load this folder", file=sys.stderr)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export(args.run_dir, args.out, args.tag)
-    except (CheckpointError, UnsafeCheckpointError, TokenizerMismatchError) as e:  # missing, damaged, unsafe, wrong tokenizer
+    except (CheckpointError, UnsafeCheckpointError, TokenizerMismatchError, TokenizerError) as e:  # missing, damaged, unsafe, wrong tokenizer
         print(f"megamor.export: {e}", file=sys.stderr)
         return 2
     info = json.loads((out / f"{CONSOLIDATED}.json").read_text())

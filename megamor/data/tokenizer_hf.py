@@ -62,7 +62,7 @@ class HFTokenizer(Tokenizer):
         raw = self.path.read_bytes()
         try:
             self.tok = RustTokenizer.from_str(raw.decode("utf-8"))
-        except Exception as e:  # the library's own parse errors (a JSON or schema problem)
+        except Exception as e:  # noqa: BLE001  tokenizers raises a bare Exception for a JSON or schema error
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json ({first})") from None
         self.tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text
