@@ -19,12 +19,12 @@ from megamor.data.tokenizer import (
     HF_FILE,
     INFO_FILE,
     MODEL_FILE,
+    HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     TokenizerError,
     load_tokenizer,
 )
-from megamor.data.tokenizer_hf import HFTokenizer
 from megamor.data.tokenizer_train import train_tokenizer
 from tests.data.conftest import run_tool
 from tests.data.test_tokenizer import TRICKY
