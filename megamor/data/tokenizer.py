@@ -38,6 +38,10 @@ class TokenizerError(DataError):
     """A tokenizer path that is missing or holds neither kind of tokenizer (bad input; names the file)."""
 
 
+class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
+    """No such tokenizer file or folder (a FileNotFoundError too, as callers have always caught)."""
+
+
 def check_same_tokenizer(recorded: str | None, actual: str | None, recorded_as: str, actual_as: str) -> None:
     """The one tokenizer identity check: training's (data.tokenizer against the shards' manifest,
     a resumed checkpoint against its data) and every evaluation entry point's. Two tokenizers are
@@ -277,7 +281,7 @@ def resolve_tokenizer_file(path: str | Path) -> Path:
     if p.is_file():
         return p
     if not p.is_dir():
-        raise TokenizerError(f"tokenizer not found: {p}")
+        raise TokenizerNotFoundError(f"tokenizer not found: {p}")
     for name in (MODEL_FILE, HF_FILE):
         if (p / name).is_file():
             return p / name

@@ -158,3 +158,29 @@ def test_cli_trains_hf_bpe_and_refuses_a_file_of_neither_kind(tmp_path, shared):
     assert p.returncode in (1, 2) and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].endswith(f"{junk}: neither a sentencepiece model nor a Hugging Face tokenizer.json")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.launch
+def test_train_on_hf_shards_keeps_the_tokenizer_and_exports_it(hf_shards, hf_tokenizer_dir, tokenizer_dir, tmp_path):
+    """tokenize -> shard -> `python -m megamor.train` (3 steps, data.tokenizer = the HF folder)
+    -> the run folder's copy of the tokenizer -> an export AutoTokenizer loads."""
+    transformers = pytest.importorskip("transformers")
+    from megamor.export import export
+    from megamor.train.signals import EXIT_CONFIG
+    from tests.train.conftest import TINY_YAML
+    from tests.train.helpers import assert_ok, launch
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_YAML.format(shards=hf_shards))
+    run = launch(cfg, tmp_path / "run", ["model.vocab_size=1024", f"data.tokenizer={hf_tokenizer_dir}", "trainer.max_steps=3",
+                                         "checkpoint.every_steps=3", "eval.at_end=false"])
+    assert_ok(run)
+    tok = load_tokenizer(hf_tokenizer_dir)
+    kept = load_tokenizer(tmp_path / "run" / "tokenizer")
+    assert kept.kind == "hf" and kept.content_hash == tok.content_hash
+    out = export(tmp_path / "run")
+    text = "Now is the winter of our discontent\nMade glorious summer 1592."
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == tok.encode(text)
+    # the same run with the sentencepiece tokenizer named instead is refused before it starts
+    bad = launch(cfg, tmp_path / "run2", ["model.vocab_size=1024", f"data.tokenizer={tokenizer_dir}"])
+    assert bad.rc == EXIT_CONFIG and "is not the tokenizer the shards were made with" in bad.output, bad.output[-2000:]
