@@ -138,6 +138,9 @@ def test_export_copies_a_hugging_face_tokenizer(tmp_path, monkeypatch):
     assert "tokenizer.model" not in {p.name for p in out.iterdir()}
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
     assert load_tokenizer(out).content_hash == tok.content_hash == json.loads((out / "megamor.pt.json").read_text())["tokenizer_hash"]
+    from megamor.runs.find import find_tokenizer
+
+    assert find_tokenizer(out) == out / "tokenizer.json"  # what the evals use without --tokenizer
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = (d / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:5000]
     assert hf_tok.encode(text) == tok.encode(text) and hf_tok.eos_token_id == tok.eos_id
