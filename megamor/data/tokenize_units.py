@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,13 @@ _PROGRESS: Any = None  # (bytes, tokens) shared counters, set per process by set
 def set_progress(counters: Any) -> None:
     global _PROGRESS
     _PROGRESS = counters
+
+
+def init_worker(counters: Any) -> None:
+    """A pool worker: progress counters, and one thread for a Hugging Face tokenizer (the
+    workers are the parallelism; `tokenizers`' own pool in each would oversubscribe the cores)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_progress(counters)
 
 
 def _report(d_bytes: int, d_tokens: int) -> None:

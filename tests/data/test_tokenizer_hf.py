@@ -26,7 +26,7 @@ from megamor.data.tokenizer import (
     load_tokenizer,
 )
 from megamor.data.tokenizer_train import train_tokenizer
-from tests.data.conftest import run_tool
+from tests.data.conftest import outputs, run_tool
 from tests.data.test_tokenizer import TRICKY
 
 
@@ -134,6 +134,15 @@ def test_shards_record_the_hf_tokenizer_and_end_each_document_with_eos(hf_shards
     assert len(ends) == split["documents"] and ends[-1] == len(ids) - 1  # one EOS closing each document
     first = tok.decode(ids[: ends[0]].tolist())
     assert first and first in (shared / "tinyshakespeare" / "input.txt").read_text()
+
+
+def test_hf_shards_are_the_same_with_two_workers(hf_shards, hf_tokenizer_dir, shared, tmp_path):
+    from megamor.data.pipeline import ShardSettings, tokenize_and_shard
+
+    tokenize_and_shard([str(shared / "tinyshakespeare" / "input.txt")], tmp_path / "w2", hf_tokenizer_dir / HF_FILE,
+                       ShardSettings(shard_tokens=40_000, valid_fraction=0.05, unit_bytes=300_000), workers=2,
+                       progress=False, log=lambda m: None)
+    assert outputs(tmp_path / "w2") == outputs(hf_shards)
 
 
 def test_shards_of_another_tokenizer_are_refused(hf_shards, shakespeare_shards, hf_tokenizer_dir, tokenizer_dir):
