@@ -78,6 +78,24 @@ def test_identity_is_the_json_and_the_special_tokens(hf_tokenizer_dir, tmp_path)
         load_tokenizer(other)
 
 
+def test_a_post_processor_adding_bos_is_not_run(hf_tokenizer_dir, tmp_path):
+    """Llama-3-style tokenizer.json files add BOS in a post-processor: megamor's encode adds no
+    special token (the pipeline appends EOS itself), whatever the file says."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    rust = RustTokenizer.from_file(str(hf_tokenizer_dir / HF_FILE))
+    rust.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    d = tmp_path / "llama_like"
+    d.mkdir()
+    rust.save(str(d / HF_FILE))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok, plain = load_tokenizer(d), load_tokenizer(hf_tokenizer_dir)
+    assert rust.encode("hello").ids[0] == 1  # the file's own pipeline adds BOS
+    assert tok.encode("hello") == plain.encode("hello") and tok.encode_batch(["hello"]) == [plain.encode("hello")]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (1, 2, -1, -1)  # roles the config names, -1 for the rest
+
+
 def test_neither_kind_is_one_clear_error(tmp_path, tokenizer_dir):
     assert isinstance(load_tokenizer(tokenizer_dir), SentencePieceTokenizer)
     junk = tmp_path / "junk.model"
