@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.model.flops import flops_per_token
-from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints
+from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints, skipped_tags
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model_and_meta
 
@@ -81,12 +82,16 @@ def item_key(task_id: str, spec: dict[str, Any]) -> str:
 
 def discover(sources: Sequence[str | Path]) -> list[CheckpointInfo]:
     """Run folders (every checkpoint in each) and single checkpoints (files, export folders,
-    DeepSpeed tags), in a stable order."""
+    DeepSpeed tags), in a stable order. A run folder's tags left out (no COMPLETE marker,
+    damaged, quarantined) are named on stderr, one line each."""
     out: list[CheckpointInfo] = []
     for s in map(Path, sources):
         if not s.exists():
             raise CheckpointError(f"not found: {s}")
         info = describe(s, s.parent.parent.name if s.parent.name in ("checkpoints", "export", "exports") else s.parent.name)
+        if info is None:  # a run folder: say which of its tags are not evaluated, and why
+            for line in skipped_tags(s):
+                print(f"sweep: skipping {line}", file=sys.stderr, flush=True)
         out.extend([info] if info is not None else list_checkpoints(s))
     return out
 

@@ -181,8 +181,7 @@ def test_cli_trains_hf_bpe_and_refuses_a_file_of_neither_kind(tmp_path, shared):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x08\x99garbage")
     p = run_tool("tokenize_and_shard.py", src, "--tokenizer", str(junk), "--out", str(tmp_path / "s"), check=False)
-    # 1 with main's main_guard, 2 (bad input) once the cli branch's main_guard is merged
-    assert p.returncode in (1, 2) and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr  # bad input
     assert p.stderr.strip().splitlines()[-1].endswith(f"{junk}: neither a sentencepiece model nor a Hugging Face tokenizer.json")
     assert len(p.stderr.strip().splitlines()) == 1
 

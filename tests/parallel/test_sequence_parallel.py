@@ -11,6 +11,8 @@ from megamor.model import MoRLM
 from megamor.testing.distributed import run_distributed
 from tests.model.helpers import tiny_config
 
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
+
 VOCAB = 222
 T = 22  # even (SP=2) but k_r = int(c_r T) odd for some steps: routed slots get padded to a multiple of 2
 CASES = {
