@@ -19,6 +19,7 @@ setup(
         "deepspeed>=0.15",
         "datasets>=2.19",
         "sentencepiece>=0.2",
+        "tokenizers>=0.20",  # Hugging Face tokenizer.json (megamor.data.tokenizer): encode_batch_fast
         "wandb>=0.17",
         "omegaconf>=2.3",
         "pyyaml",  # megamor.config reads YAML itself to reject empty and non-mapping files
