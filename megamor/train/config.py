@@ -250,12 +250,40 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
+    """Where metrics go (rank 0 only) and how often.
+
+    tensorboard: also write every scalar W&B gets, `router/depth_hist` as a histogram and the
+        router health series as TensorBoard events in RUN/tensorboard/; a resumed run continues
+        the curves and hides the points a killed run logged after its checkpoint (needs the
+        `tensorboard` package: pip install 'megamor[tensorboard]').
+    depth_hist_csv: write the depth histogram (tokens per recursion depth, summed over the steps
+        since the previous rows) to this CSV (`step,depth,count,fraction`; relative: inside the
+        run folder); appended a step's rows at a time, cut back to the resumed step on resume.
+        `python -m megamor.eval.depth_log RUN` plots it (or extracts it from metrics.jsonl).
+    depth_hist_every: the CSV's cadence in steps (default: the log cadence).
+    """
+
     log_every: int = 10  # metrics to console, metrics.jsonl and W&B every N steps
     progress_bar: bool = True  # only drawn when stderr is a terminal
+    tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard/
+    depth_hist_csv: str | None = None  # per-step depth histograms to this CSV (relative: in the run folder)
+    depth_hist_every: int | None = None  # the CSV's cadence (default: the log cadence)
 
     def validate(self, path: str) -> None:
         if self.log_every < 1:
             raise ConfigError(key(path, "log_every"), "must be >= 1")
+        if self.depth_hist_every is not None and self.depth_hist_every < 1:
+            raise ConfigError(key(path, "depth_hist_every"), "must be >= 1 (or null: the log cadence)")
+        if self.depth_hist_csv is not None and not self.depth_hist_csv.strip():
+            raise ConfigError(key(path, "depth_hist_csv"), "is empty (null: no CSV)")
+
+    def depth_hist_due(self, step: int, max_steps: int) -> bool:
+        """Is the depth CSV written after this step? (Every rank knows: the trainer checks the lock.)"""
+        every = self.depth_hist_every or self.log_every
+        return self.depth_hist_csv is not None and (step % every == 0 or step == max_steps)
+
+    def depth_hist_path(self, run_dir: Path) -> Path | None:
+        return None if self.depth_hist_csv is None else run_dir / Path(self.depth_hist_csv).expanduser()
 
 
 @dataclass
