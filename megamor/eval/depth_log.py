@@ -85,7 +85,8 @@ def plot(hists: dict[int, list[float]], out: Path, title: str) -> None:
     right.plot(steps, mean, color="k", linewidth=1.2, label="mean depth")
     right.set_ylim(0, depths - 1)
     right.set_ylabel("mean depth")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.1, 1.0), fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, "wb") as f:

@@ -10,7 +10,7 @@
     trainer    steps, activation checkpointing, non-finite handling, MFU peak
     checkpoint every / keep-last / resume
     eval       validation every M steps
-    logging    console + metrics.jsonl cadence
+    logging    cadence; console, metrics.jsonl, TensorBoard, depth-histogram CSV
     wandb      online / offline / disabled
 
 This module parses and validates: `load_experiment` checks values and unknown keys, a
