@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MEGAMOR_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: venv test demo bench lint clean gpu-check gpu-wheels
+.PHONY: venv test demo bench lint clean gpu-check gpu-wheels config-doc
 
 # The stamp is rebuilt when setup.py or the constraints change.
 $(VENV)/.installed: setup.py constraints.txt
@@ -45,6 +45,10 @@ gpu-wheels: venv
 
 lint: venv
 	$(VPY) -m ruff check megamor tests evals data_prep launch
+
+# docs/config.md from the config dataclasses (tests/test_config_doc.py fails when it is stale).
+config-doc: venv
+	$(VPY) -m megamor.config_doc
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megamor.cli import ArgumentParser
 from megamor.env import shared_data_dir
 
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s (H100/H200 SXM)
@@ -130,7 +131,7 @@ def consumption_135m(seq_len: int, mfu: float) -> list[tuple[str, float]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--corpus", default=str(shared_data_dir() / "gutenberg"), help="folder of .txt books")
     p.add_argument("--vocab-size", type=int, default=8192)

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.env import shared_data_dir
 from megamor.eval.cli import default_device, tokenizer_for, write_text
 from megamor.eval.harness import evaluate_task
@@ -54,7 +55,7 @@ def timed(fn):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/model/33m/mor_expert_2.yaml")
     p.add_argument("--checkpoint")
     p.add_argument("--tokenizer")

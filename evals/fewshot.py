@@ -11,13 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from megamor.cli import ArgumentParser, pairs
 from megamor.eval.cli import add_model_args, build_scorer, run_main, set_threads, write_json, write_text
-from megamor.eval.harness import evaluate, markdown_table
-from megamor.eval.tasks import PAPER_TASKS, TASKS, get_task
+from megamor.eval.tasks import PAPER_TASKS, TASKS, check_task_names, get_task
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help=f"comma-separated, from {', '.join(TASKS)} (default: the paper's)")
     p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH", help="read TASK from PATH (same format)")
@@ -33,9 +33,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    files = pairs(args.task_file, "--task-file", "TASK=PATH")
+    names = check_task_names([t.strip() for t in args.tasks.split(",") if t.strip()])
+    check_task_names(files, "--task-file")
+    tasks = [get_task(t, path=files.get(t)) for t in names]
+    from megamor.eval.harness import evaluate, markdown_table  # torch: after the arguments are checked
+
     set_threads()
-    files = dict(kv.split("=", 1) for kv in args.task_file)
-    tasks = [get_task(t.strip(), path=files.get(t.strip())) for t in args.tasks.split(",") if t.strip()]
     scorer, tok, meta = build_scorer(args)
     results = evaluate(scorer, tok, tasks, num_fewshot=args.num_fewshot, seed=args.seed, limit=args.limit, data_dir=args.data_dir, add_prefix=not args.no_prefix)
     payload = {

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from megamor.cli import ArgumentParser, BadInput, pairs, results
 from megamor.eval.cli import add_identity_arg, run_main, set_threads
-from megamor.eval.sweep import Sweep, SweepConfig, discover
-from megamor.eval.tasks import PAPER_TASKS
+from megamor.eval.tasks import PAPER_TASKS, check_task_names
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="run folders (every checkpoint) and/or checkpoint files")
     p.add_argument("--out", required=True, help="sweep folder: cache/, results.csv, results.md, plots/")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated few-shot tasks ('' for none)")
@@ -54,14 +53,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
+    tasks = check_task_names([t.strip() for t in a.tasks.split(",") if t.strip()])
+    ppl = pairs(a.ppl, "--ppl", "NAME=FILE")
+    from megamor.eval.sweep import Sweep, SweepConfig, discover  # torch: after the arguments are checked
+
     set_threads()
     ckpts = discover(a.sources)
     if a.list:
         for i, c in enumerate(ckpts):
-            print(i, c.path)
+            print(i, c.path, file=results())
         return {"checkpoints": len(ckpts)}
     cfg = SweepConfig(
-        tasks=[t.strip() for t in a.tasks.split(",") if t.strip()], ppl=dict(kv.split("=", 1) for kv in a.ppl),
+        tasks=tasks, ppl=ppl,
         ppl_split=a.ppl_split, ppl_max_docs=a.ppl_max_docs, stride=a.stride, num_fewshot=a.num_fewshot, limit=a.limit,
         seed=a.seed, tokenizer=a.tokenizer, data_dir=a.data_dir, batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens,
         max_length=a.max_length, device=a.device, dtype=a.dtype, tokens_per_step=a.tokens_per_step,
@@ -71,14 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
     summary: dict = {}
     if a.index is not None:
         if not 0 <= a.index < len(ckpts):
-            sys.exit(f"--index {a.index} out of range: {len(ckpts)} checkpoints")
+            raise BadInput(f"--index {a.index} out of range: {len(ckpts)} checkpoints")
         ckpts = [ckpts[a.index]]
     if not a.report_only:
         sweep.run(ckpts, progress=not a.no_progress)
         summary.update(computed=sweep.computed, reused=sweep.reused, models_loaded=sweep.models_loaded)
     if a.index is None:
         summary.update(sweep.report(ckpts, plots=not a.no_plots))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2), file=results(), flush=True)
     return summary
 
 

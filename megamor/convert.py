@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError, from_node, merge_sources
 from megamor.data.atomic import atomic_open, write_json
 from megamor.model.config import ModelConfig
@@ -111,7 +112,7 @@ def save(model: MoRLM, out: Path, **meta) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.convert", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="vanilla model: run folder, checkpoint, export folder, megamor.pt or HF Llama folder")
     p.add_argument("--out", required=True, help="output folder (megamor.pt is written there)")
@@ -121,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
     try:
         source = load_model(args.source, dtype=torch.float32)
-    except CheckpointError as e:
-        print(f"megamor.convert: {e}", file=sys.stderr)
-        return 1
+    except CheckpointError as e:  # the source named on the command line: bad input
+        report("megamor.convert", e)
+        return 2
     try:
         cfg = target_config(source.cfg, args.overrides)
         model = convert(source, cfg, args.init, args.seed)
     except ConfigError as e:
-        print(f"megamor.convert: configuration error: {e}", file=sys.stderr)
+        report("megamor.convert", e, "configuration error")
         return 2
     path = save(model, Path(args.out), source=str(args.source), init=args.init)
     print(f"megamor.convert: {args.init} init, {model.num_params() / 1e6:.2f}M unique params "

@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from megamor.cli import ArgumentParser
 from megamor.data.tokenizer import Tokenizer
 from megamor.env import repo_root
 from megamor.runs.tags import newest_complete
@@ -118,7 +119,7 @@ def _render(tok, ids: list[int], depths: list[int], n_rec: int, colour: bool) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.demo", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything goes here (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")

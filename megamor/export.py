@@ -41,13 +41,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from megamor.cli import ArgumentParser
 from megamor.config import from_node
 from megamor.data.atomic import replace_dir, temp_path, write_json
 from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, file_sha256
 from megamor.hf.remote_code import hf_weights, write_remote_code
 from megamor.hf.tokenizer_files import TokenizerFilesError, write_tokenizer_files
 from megamor.model import MoRLM
-from megamor.model.config import ModelConfig
+from megamor.model.config import ModelConfig, with_stored_defaults
 from megamor.model.hf import llama_config, to_llama_state_dict
 from megamor.runs.consolidate import consolidated_state_dict
 from megamor.runs.layout import CheckpointError, CheckpointRef
@@ -156,7 +157,7 @@ def load_exported(path: str | Path):
     p = Path(path)
     f = p / CONSOLIDATED if p.is_dir() else p
     obj = torch.load(f, map_location="cpu", weights_only=True)
-    cfg = from_node(ModelConfig, obj["config"], prefix="config")
+    cfg = from_node(ModelConfig, with_stored_defaults(obj["config"]), prefix="config")
     model = MoRLM(cfg)
     missing, unexpected = model.load_state_dict(obj["model"], strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
@@ -166,7 +167,7 @@ def load_exported(path: str | Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.export", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder (newest complete checkpoint) or a checkpoint tag folder")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: the newest complete)")

@@ -24,9 +24,9 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # shard folders (tokenize_and_shard outputs)
     train_weights: list[float] | None = None  # blending weights; None: proportional to size
     valid: list[str] = field(default_factory=list)  # folders whose `valid_split` is evaluated
-    train_split: str = "train"
-    valid_split: str = "valid"
-    seq_len: int = 2048
+    train_split: str = "train"  # shard name prefix read for training (<split>-NNNNN.npy)
+    valid_split: str = "valid"  # shard name prefix read for validation
+    seq_len: int = 2048  # tokens per training sequence (at most model.max_seq_len)
     seed: int = 1234  # the global sample order is a function of this seed and the data
     document_masking: bool = False  # batches carry position_ids and doc_ids (reset per document)
     tokenizer: str | None = None  # if set, must be the tokenizer the shards were made with

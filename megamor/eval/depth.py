@@ -155,8 +155,12 @@ def router_agreement(traces: Sequence[DepthTrace]) -> list[dict]:
 
 
 # -- rendering -----------------------------------------------------------------------------
-def render_terminal(trace: DepthTrace, legend: bool = True, width: int = 100) -> str:
-    """The text with each token coloured by its depth, as ANSI escapes (for print)."""
+def render_terminal(trace: DepthTrace, legend: bool = True, width: int = 100, colour: bool = True) -> str:
+    """The text with each token coloured by its depth, as ANSI escapes (for print); colour=False
+    (output not a terminal): plain text, each token followed by its depth in brackets."""
+    if not colour:
+        head = f"depth per token (0-{trace.num_recursions}) in brackets:\n" if legend else ""
+        return head + "".join(f"{p}[{int(d)}]" for p, d in zip(trace.pieces, trace.depth)) + "\n"
     from rich.console import Console
     from rich.text import Text
 

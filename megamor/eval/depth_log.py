@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from megamor.data.atomic import atomic_open
+from megamor.cli import ArgumentParser, BadInput, run_main
 from megamor.train.depth_csv import read_csv, write_csv
-from megamor.train.logger import METRICS_FILE
 
-from .errors import EvalInputError
-
+TOOL = "megamor.eval.depth_log"
 HIST_KEY = "router/depth_hist/counts"
 PLOT_FILE = "depth_hist.png"
 
@@ -43,20 +40,22 @@ def from_metrics(path: Path) -> dict[int, list[float]]:
 
 
 def load(source: Path) -> dict[int, list[float]]:
+    from megamor.train.logger import METRICS_FILE
+
     if source.is_dir():
         path = source / METRICS_FILE
         if not path.is_file():
-            raise EvalInputError(f"{source}: no {METRICS_FILE} (not a run folder, or the run has not logged yet)")
+            raise BadInput(f"{source}: no {METRICS_FILE} (not a run folder, or the run has not logged yet)")
         hists = from_metrics(path)
     elif source.is_file():
         path = source
         hists = read_csv(path)
     else:
-        raise EvalInputError(f"{source}: no such run folder or depth CSV")
+        raise BadInput(f"{source}: no such run folder or depth CSV")
     if not hists:
-        raise EvalInputError(f"{path}: no depth histograms (a model without routing logs none)")
+        raise BadInput(f"{path}: no depth histograms (a model without routing logs none)")
     if len({len(c) for c in hists.values()}) != 1:
-        raise EvalInputError(f"{path}: the depth histograms have different numbers of depths (two models in one file?)")
+        raise BadInput(f"{path}: the depth histograms have different numbers of depths (two models in one file?)")
     return hists
 
 
@@ -66,6 +65,8 @@ def plot(hists: dict[int, list[float]], out: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from megamor.data.atomic import atomic_open
 
     from .depth import HTML_COLOURS
 
@@ -95,17 +96,13 @@ def plot(hists: dict[int, list[float]], out: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.eval.depth_log", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Raises BadInput for bad input (run_main: one line, exit 2)."""
+    p = ArgumentParser(prog=f"python -m {TOOL}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", type=Path, help="run folder (its metrics.jsonl) or a depth CSV (logging.depth_hist_csv)")
     p.add_argument("--csv", type=Path, help="write the histograms here as CSV (step,depth,count,fraction)")
     p.add_argument("--plot", type=Path, help=f"write the plot here (default: {PLOT_FILE} in the run folder, or beside the CSV)")
     args = p.parse_args(argv)
-    try:
-        hists = load(args.source)
-    except (EvalInputError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    hists = load(args.source)
     if args.csv:
         write_csv(args.csv, hists.items())
     out = args.plot or (args.source / PLOT_FILE if args.source.is_dir() else args.source.with_suffix(".png"))
@@ -118,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(lambda: main(), tool=TOOL, results_on_stdout=False)

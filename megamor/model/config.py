@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
+
+from omegaconf import OmegaConf
 
 from megamor.config import ConfigError, key, load_config
 
@@ -27,7 +30,7 @@ class RouterConfig:
     # (0.01, label smoothing 0.1, fixed alpha) keeps the logits bounded; the paper's is
     # 0.001 with hard targets and a fixed alpha (configs/model/*/mor_expert_N_paper.yaml).
     aux_bce_coef: float = 0.01
-    z_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0  # router z-loss (squared logits) coefficient
     # Expert choice: BCE targets eps / 1-eps instead of 0 / 1, so the BCE no longer pulls the
     # logits to +-inf (0.0 is the paper's; see evals/results/router.md).
     bce_label_smoothing: float = 0.1
@@ -42,10 +45,11 @@ class RouterConfig:
     # Expert choice: the gate's forward value is alpha for every selected token (what the
     # paper's saturated sigmoid gives its positive tokens), its gradient that of
     # alpha * activation(logit), so the router still learns from the LM loss (straight-through).
-    # megamor's default: on in configs/model/*/mor_expert_N.yaml, where it beat both the soft gate
-    # and the paper's settings (evals/results/study_small_cpu/findings.md). False here so that a
-    # config written before it existed (a run folder's config.yaml) keeps its soft gate.
-    gate_straight_through: bool = False
+    # On: it beat both the soft gate and the paper's settings
+    # (evals/results/study_small_cpu/findings.md). Other routers ignore it (validate sets it
+    # false). A stored config written before this default changed keeps its soft gate
+    # (STORED_DEFAULTS below).
+    gate_straight_through: bool = True
     # Expert choice at evaluation and decoding: a token runs step r when its logit exceeds the
     # router's threshold. learn_threshold: the threshold tracks training's top-k boundary (the
     # logit midway between each sequence's k-th and (k+1)-th token, averaged; an EMA with this
@@ -56,8 +60,8 @@ class RouterConfig:
     # in the CPU studies) left the final threshold up to 0.4 above the final weights' boundary
     # (evals/results/study_small_cpu/findings.md).
     causal_threshold: float = 0.5
-    learn_threshold: bool = True
-    threshold_momentum: float = 0.9
+    learn_threshold: bool = True  # the causal threshold tracks training's top-k boundary (see causal_threshold)
+    threshold_momentum: float = 0.9  # EMA momentum of the learned threshold, per micro-batch
     balancing: str = "loss"  # token choice: loss | loss_free
     balance_coef: float = 0.1  # token choice, balancing=loss
     bias_update_rate: float = 0.001  # token choice, balancing=loss_free
@@ -85,8 +89,8 @@ class RouterConfig:
             raise ConfigError(key(path, "threshold_momentum"), f"must be in [0, 1), got {self.threshold_momentum}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(key(path, "alpha"), "must be positive")
-        if self.gate_straight_through and self.type != "expert_choice":
-            raise ConfigError(key(path, "gate_straight_through"), "applies to expert choice only")
+        if self.type != "expert_choice":
+            self.gate_straight_through = False  # expert choice only; one value for every other router
 
     @property
     def gate_scale(self) -> float:
@@ -97,22 +101,25 @@ class RouterConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8192
-    d_model: int = 512
+    vocab_size: int = 8192  # embedding rows; at least the tokenizer's vocabulary
+    d_model: int = 512  # hidden width
     n_layers: int = 8  # layers of the virtual (unrolled) stack
-    n_heads: int = 8
-    n_kv_heads: int = 8
-    d_ff: int = 1536
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    n_heads: int = 8  # attention heads (d_model / n_heads must be even for RoPE)
+    n_kv_heads: int = 8  # key/value heads (grouped-query attention when < n_heads)
+    d_ff: int = 1536  # SwiGLU feed-forward width
+    max_seq_len: int = 2048  # longest context (RoPE tables, KV caches)
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = True  # the output head shares the embedding matrix
+    init_std: float = 0.02  # std of the normal weight initialisation
     sharing: str = "none"  # none | cycle | sequence | middle_cycle | middle_sequence
-    num_recursions: int = 1
+    num_recursions: int = 1  # recursion steps N_r of the shared block (1 with sharing none)
     router: RouterConfig = field(default_factory=RouterConfig)
     kv_mode: str = "recursion_wise"  # recursion_wise | shared (recursive KV sharing)
-    attn_impl: str = "auto"  # auto (flash-attn on GPU when installed, else sdpa) | sdpa
+
+    # Keys older configs (and run folders) may hold that nothing reads any more.
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "attn_impl": "attention always goes through scaled_dot_product_attention (flash-attn when installed on a GPU)"}
 
     def validate(self, path: str = "") -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -128,8 +135,6 @@ class ModelConfig:
             raise ConfigError(key(path, "sharing"), f"must be one of {SHARING}, got {self.sharing!r}")
         if self.kv_mode not in KV_MODES:
             raise ConfigError(key(path, "kv_mode"), f"must be one of {KV_MODES}, got {self.kv_mode!r}")
-        if self.attn_impl not in ("auto", "sdpa"):
-            raise ConfigError(key(path, "attn_impl"), "must be auto or sdpa")
         nr = self.num_recursions
         if nr < 1:
             raise ConfigError(key(path, "num_recursions"), "must be >= 1")
@@ -196,6 +201,24 @@ class ModelConfig:
         if middle_only:
             return [0], steps, [first + base]
         return [], steps, []
+
+
+# Code defaults that changed. A config megamor stored (a run folder's or checkpoint tag's
+# experiment.yaml, a megamor.pt, an export) holds every key the code had when it was written:
+# one without a key below was written before the default changed and keeps the value it was
+# trained with. User-written YAML gets today's defaults.
+STORED_DEFAULTS: dict[str, Any] = {"router.gate_straight_through": False}
+
+
+def with_stored_defaults(model: Any) -> Any:
+    """A stored model config (dict or node) with the keys of STORED_DEFAULTS it lacks filled in."""
+    node = OmegaConf.create(OmegaConf.to_container(model, resolve=False) if OmegaConf.is_config(model) else dict(model or {}))
+    for dotted, value in STORED_DEFAULTS.items():
+        parent, _, leaf = dotted.rpartition(".")
+        holder = OmegaConf.select(node, parent, default=None) if parent else node
+        if holder is None or (OmegaConf.is_dict(holder) and leaf not in holder):
+            OmegaConf.update(node, dotted, value, merge=True)
+    return node
 
 
 def load_model_config(*paths: str | Path, overrides: list[str] | None = None) -> ModelConfig:

@@ -14,12 +14,13 @@ import os
 import sys
 import traceback
 
+from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StopRequest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megamor.train", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later ones override)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -29,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # first: an argument error answers before torch loads (_cuda_available)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
-    args = parse_args(argv)
     # Imported here, not at the top: `--help` and argument errors answer without loading
     # torch, DeepSpeed or the model (the same reason for the imports further down).
     from megamor.parallel.env import peek_world_size
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         tokenizer = preflight(cfg, peek_world_size())  # every check possible before a process group
     except (ConfigError, FileNotFoundError) as e:
-        print(f"megamor.train: configuration error: {e}", file=sys.stderr)
+        report("megamor.train", e, "configuration error")
         return EXIT_CONFIG
 
     from megamor.parallel import dist as pdist
@@ -128,6 +129,7 @@ def _cuda_available() -> bool:
 
 
 if __name__ == "__main__":
+    code = main()  # an argument error exits in here, before anything heavy loads
     from megamor.parallel.dist import exit_without_finalizing  # lazy, as the imports in main()
 
-    exit_without_finalizing(main())
+    exit_without_finalizing(code)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from megamor.data.atomic import atomic_open
+
+if TYPE_CHECKING:  # the depth tool imports this module: its argument errors answer without torch
+    import torch
 
 HEADER = "step,depth,count,fraction\n"
 

@@ -328,7 +328,7 @@ class Trainer:
                             "damaged resume from an earlier tag (move the later ones aside).")
                 else:
                     self.consecutive_nonfinite = 0
-                if self.step % cfg.logging.log_every == 0 or self.step == self.max_steps:
+                if self.step % cfg.logging.every_steps == 0 or self.step == self.max_steps:
                     self._log(window)
                     window = WindowStats()
                 self.logger.advance(self.step)

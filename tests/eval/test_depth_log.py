@@ -8,7 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from megamor.eval.depth_log import main
+from megamor.cli import run_main
+from megamor.eval.depth_log import TOOL, main
 from megamor.train.depth_csv import read_csv, write_csv
 
 
@@ -49,6 +50,8 @@ def test_plot_from_a_depth_csv(tmp_path):
     (lambda d: write_metrics(d / "dense", [{"step": 1, "train/loss": 3.0}]) or d / "dense", ["no depth histograms"]),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, make, words):
-    assert main([str(make(tmp_path))]) == 2
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main([str(make(tmp_path))]), tool=TOOL, results_on_stdout=False)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and all(w in err[0] for w in words), err
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{TOOL}: error: ") and all(w in err[0] for w in words), err

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from megamor.cli import BadInput
 from megamor.env import repo_root
 from megamor.eval.sweep import Sweep, SweepConfig, discover
 from megamor.runs.layout import CheckpointError
@@ -109,7 +110,7 @@ def test_job_array_mode_and_report_only(runs, tmp_path, data_dir, capsys):
     assert not (tmp_path / "sw" / "results.csv").exists()
     rep = cli.main(args + ["--report-only"])
     assert rep["rows"] == 3 and rep["missing"] == [] and "computed" not in rep
-    with pytest.raises(SystemExit):
+    with pytest.raises(BadInput, match="--index 3 out of range: 3 checkpoints"):  # one line, exit 2 from the tool
         cli.main(args + ["--index", "3"])
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.launch
 
 STEPS, CKPT, KILL = 10, 4, 7
 COMMON = [f"trainer.max_steps={STEPS}", "trainer.activation_checkpointing=false", f"checkpoint.every_steps={CKPT}",
-          f"eval.every_steps={CKPT}", "eval.max_batches=1", "logging.log_every=2", "logging.tensorboard=true",
+          f"eval.every_steps={CKPT}", "eval.max_batches=1", "logging.every_steps=2", "logging.tensorboard=true",
           "logging.depth_hist_csv=depth/hist.csv", "logging.depth_hist_every=1"]
 HIST = "router/depth_hist"
 
