@@ -1,5 +1,5 @@
-"""TensorBoard and the depth CSV on a real short run killed after its checkpoint and resumed:
-read back with TensorBoard's own reader, every scalar and depth histogram of metrics.jsonl is
+"""TensorBoard and the depth CSV on a real short 2-process run killed after its checkpoint and
+resumed: rank 0 alone writes them; read back with TensorBoard's own reader, every scalar and depth histogram of metrics.jsonl is
 there once, at its step, with its value; the CSV holds every step once and its rows sum to the
 histograms of metrics.jsonl; `megamor.eval.depth_log` extracts those and plots them."""
 
@@ -31,14 +31,15 @@ def read_tb(run_dir) -> EventAccumulator:
 @pytest.fixture(scope="module")
 def run(tiny_config, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sinks") / "run"
-    killed = launch(tiny_config, run_dir, COMMON, env={"MEGAMOR_FAULTS": f"sigkill_after_step={KILL}"})
-    assert killed.rc == -9, killed.output[-3000:]
+    killed = launch(tiny_config, run_dir, COMMON, nproc=2, env={"MEGAMOR_FAULTS": f"sigkill_after_step={KILL}"})
+    assert killed.rc != 0, killed.output[-3000:]
     # The killed run logged steps after its last checkpoint (4): they are on disk.
     assert [e.step for e in read_tb(run_dir).Scalars("train/loss")] == [2, 4, 6]
     assert max(read_csv(run_dir / "depth" / "hist.csv")) == KILL
-    resumed = launch(tiny_config, run_dir, COMMON)
+    resumed = launch(tiny_config, run_dir, COMMON, nproc=2)
     assert_ok(resumed)
     assert f"resumed from step {CKPT}" in resumed.output
+    assert len(list((run_dir / "tensorboard").iterdir())) == 2  # one event file per start: rank 0's
     return resumed
 
 
