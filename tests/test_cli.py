@@ -54,6 +54,7 @@ def test_the_walk_finds_every_kind_of_entry_point():
             "megamor.convert", "megamor.export", "megamor.config_doc", "megamor.runs.safe_universal"} <= names
 
 
+@pytest.mark.launch  # runs megamor.train/demo/study with a bad flag (they stop in argument parsing; ~90 s in all)
 def test_every_entry_point_answers_a_bad_argument_in_one_line_exit_2():
     points = entry_points()
     with ThreadPoolExecutor(max_workers=4) as pool:  # each fails before loading anything heavy

@@ -352,6 +352,11 @@ class ExperimentConfig:
         if self.trainer.profile.steps and self.trainer.profile.steps[1] > steps:
             raise ConfigError(key(path, "trainer.profile.steps"), f"{list(self.trainer.profile.steps)} reaches past the "
                               f"run's {steps} steps")
+        router = self.model.router
+        for name in ("cap_warmup_step", "bal_warmup_step"):
+            if getattr(router, name) > steps:
+                raise ConfigError(key(path, f"model.router.{name}"), f"{getattr(router, name)} exceeds the run's "
+                                  f"{steps} training steps")
         warm = self.schedule.warmup(steps)
         decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
         if warm + decay > steps:

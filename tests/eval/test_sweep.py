@@ -124,6 +124,7 @@ def test_sweep_errors(tmp_path):
         discover([tmp_path / "nope"])
 
 
+@pytest.mark.launch
 def test_slurm_job_array(slurm_cluster, runs, tmp_path, data_dir):
     """slurm/eval_sweep.sbatch on a real local SLURM cluster: 3 array tasks + the report job."""
     import subprocess

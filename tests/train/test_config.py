@@ -103,6 +103,7 @@ def test_cli_rejects_bad_config_before_distributed_start(tiny_config, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.launch
 def test_cli_subprocess_exit_code(tiny_config, tmp_path):
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "megamor.train", "--config", str(tiny_config), "trainer.max_step=3"],
@@ -209,6 +210,7 @@ def test_config_file_must_be_a_mapping(tmp_path, capsys, text, reason):
     assert len(err.splitlines()) == 1 and str(path) in err and reason in err, err
 
 
+@pytest.mark.launch
 def test_malformed_override_is_one_line_exit_2(tiny_config, tmp_path):
     r = subprocess.run([sys.executable, "-m", "megamor.train", "--config", str(tiny_config), "data.train=[a"],
                        cwd=repo_root(), env=train_env(tmp_path), capture_output=True, text=True, timeout=120, check=False)

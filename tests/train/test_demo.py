@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from megamor.env import repo_root
 from megamor.runs.tags import newest_complete
 from tests.train.helpers import train_env
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
 
 def test_demo_pipeline_runs_end_to_end(tmp_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megamor.convert import convert, target_config
 from megamor.model import MoRLM
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
 
 def test_trainer_starts_from_converted_weights(tiny_config, tmp_path):

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from tests.train.helpers import assert_ok, launch
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
 BOUND = 20.0  # max |router logit| allowed over the run (the paper settings reach 50-70 here; the default ~8-16)
 STEPS = 80

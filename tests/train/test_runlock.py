@@ -154,6 +154,7 @@ def test_lock_taken_over_meanwhile_is_reported_lost(tmp_path):
     assert read_holder(tmp_path / LOCK_FILE).host == "elsewhere"  # someone else's lock is not removed
 
 
+@pytest.mark.launch
 def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_config, tmp_path):
     """A real 2-process torchrun run holds the folder: a second trainer exits 2 naming it. Then
     SIGKILL of torchrun's whole process group: its workers (in their own sessions) stop too."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from megamor.runs.tags import list_complete, newest_complete
 from megamor.train.signals import EXIT_PREEMPTED, StopRequest
 from tests.train.helpers import launch
@@ -41,6 +43,7 @@ def test_uninstall_restores_an_ignored_sigint():
         signal.signal(signal.SIGINT, inherited)
 
 
+@pytest.mark.launch
 def test_sigint_on_one_rank_during_validation_saves_and_exits_75(tiny_config, tmp_path):
     """Rank 1 alone gets SIGINT at its 3rd validation batch of step 4 (the whole split, hundreds
     of batches): both ranks agree before the next batch, save step 4 and exit 75, without
@@ -58,6 +61,7 @@ def test_sigint_on_one_rank_during_validation_saves_and_exits_75(tiny_config, tm
     assert not any("val/loss" in r for r in run.records())  # validation was cut short, not finished
 
 
+@pytest.mark.launch
 def test_signal_during_setup_stops_before_the_first_step(tiny_config, tmp_path):
     run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=100000"],
                  env={"MEGAMOR_FAULTS": "signal_at_setup=TERM"}, timeout=240)
