@@ -306,6 +306,9 @@ class Trainer:
                 self.tokens += r.tokens
                 self.flops_total += r.flops
                 accumulate(window, r)
+                if cfg.logging.depth_hist_due(self.step, self.max_steps):
+                    self._check_lock()  # the depth CSV is written to now
+                self.logger.on_step(self.step, None if r.skipped or not r.tokens_per_step else r.depth_hist)
                 if r.skipped:
                     self.skipped_steps += 1
                     self.consecutive_nonfinite += 1
