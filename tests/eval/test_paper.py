@@ -215,3 +215,40 @@ def test_markdown_table_labels_non_causal_rows():
     md = markdown_table({"piqa": TaskResult("piqa", 3, 0, 1, {"acc": 0.5}, 0.0, routing="topk")})
     assert "routing" in md.splitlines()[0] and "non-causal" in md.splitlines()[2]
     assert "routing" not in markdown_table({"piqa": fake("piqa", acc=0.5)})
+
+
+def test_sweep_topk_beside_causal_and_mmlu(tmp_path, mor_checkpoint, spm_path, data_dir):
+    from megamor.eval.sweep import Sweep, SweepConfig, discover, item_key
+
+    mmlu = write_mmlu(tmp_path / "mmlu")
+    cfg = SweepConfig(tasks=["arc_easy", "mmlu"], limit=2, batch_size=8, data_dir=str(data_dir), tokenizer=str(spm_path),
+                      mmlu_dir=str(mmlu), routing="topk")
+    ids = [t for t, _ in cfg.items()]
+    assert ids == ["arc_easy", "arc_easy@topk", "mmlu", "mmlu@topk"]
+    # the causal items' cache keys are those of a sweep without --routing: old caches stay valid
+    plain = dict(SweepConfig(tasks=["arc_easy"], limit=2, batch_size=8, data_dir=str(data_dir), tokenizer=str(spm_path)).items())
+    assert item_key("arc_easy", dict(cfg.items())["arc_easy"]) == item_key("arc_easy", plain["arc_easy"])
+    s = Sweep(cfg, tmp_path / "sweep")
+    ckpts = discover([mor_checkpoint])
+    s.run(ckpts, progress=False)
+    rows, missing = s.rows(ckpts)
+    assert not missing
+    val = {(r["task"], r["metric"]): r["value"] for r in rows}
+    assert ("mmlu@topk", "acc") in val and ("arc_easy@topk", "acc_bytes") in val
+    assert val[("fewshot_avg", "avg")] == pytest.approx((val[("arc_easy", "acc_bytes")] + val[("mmlu", "acc")]) / 2)
+    assert val[("fewshot_avg@topk", "avg")] == pytest.approx((val[("arc_easy@topk", "acc_bytes")] + val[("mmlu@topk", "acc")]) / 2)
+
+
+def test_study_fewshot_avg_counts_arc_once(mor_model, spm_path, data_dir):
+    """The study table's few-shot average (megamor.study.evaluate) is the suite average: ARC-Easy and
+    ARC-Challenge one column, not two."""
+    from megamor.study.config import StudyEvalConfig
+    from megamor.study.evaluate import fewshot
+
+    res = fewshot(mor_model, spm_path, StudyEvalConfig(fewshot_tasks=["piqa", "arc_easy", "arc_challenge"], fewshot_limit=5,
+                                                       fewshot_data_dir=str(data_dir)))
+    v = {k: r["value"] for k, r in res["fewshot"].items()}
+    assert {r["metric"] for r in res["fewshot"].values()} == {"acc_bytes"}
+    arc = (v["arc_easy"] + v["arc_challenge"]) / 2
+    assert v["piqa"] != pytest.approx(arc)  # else counting ARC once or twice gives the same average
+    assert res["fewshot_avg"] == pytest.approx((v["piqa"] + arc) / 2)
