@@ -51,7 +51,7 @@ gpu-wheels: venv
 	bash evals/gpu_wheels.sh $(VPY)
 
 lint: venv
-	$(VPY) -m ruff check megamor tests evals data_prep launch
+	$(VPY) -m ruff check megamor tests evals data_prep launch notebooks
 
 # docs/config.md from the config dataclasses (tests/test_config_doc.py fails when it is stale).
 config-doc: venv

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from megamor.cli import ArgumentParser
-from megamor.data.tokenizer import Tokenizer
+from megamor.data.tokenizer import load_tokenizer
 from megamor.env import repo_root, thread_defaults
 from megamor.runs.tags import newest_complete
 
@@ -118,7 +118,7 @@ def show_samples(run_dir: Path, tok_dir: Path, max_new_tokens: int = 40) -> None
 
     torch.manual_seed(0)
     model, cfg = load_model_from_run(run_dir)
-    tok = Tokenizer.load(tok_dir)
+    tok = load_tokenizer(tok_dir)
     prompts = [[tok.eos_id] + tok.encode(p) for p in PROMPTS]  # EOS = start of a document
     out = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
     colour = sys.stdout.isatty()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=checkpoint_required, help="consolidated .pt file, Hugging Face export folder, or run folder (newest complete checkpoint)")
-    g.add_argument("--tokenizer", help="sentencepiece .model file or tokenizer folder (default: one stored beside the checkpoint)")
+    g.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face) or their folder (default: one stored beside the checkpoint)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default fp32)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
