@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     W&B (offline)               {wandb_dirs[-1] if wandb_dirs else run_dir / 'wandb'}   (`wandb sync` to upload)
   next: python -m megamor.export {run_dir}      (consolidated weights + HF-style folder), then e.g.
         python evals/depth.py --checkpoint {export_pt} --tokenizer {tok} --text "Q: What is the capital of Stougel?"
-        (README: evaluation)""")
+        (docs/evaluation.md)""")
     return 0
 
 

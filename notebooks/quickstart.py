@@ -206,4 +206,4 @@ plt.show()
 # - `python -m megamor.model.summary configs/model/360m/mor_expert_3.yaml`: parameters, FLOPs and
 #   KV-cache size of the real shapes.
 # - `python evals/depth.py --checkpoint ... --tokenizer ... --text "..."`: depth traces, histograms
-#   and depth-vs-loss plots of a trained model (README: evaluation).
+#   and depth-vs-loss plots of a trained model (docs/evaluation.md).

@@ -191,7 +191,8 @@ class TrainerConfig:
     verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
     compile: str = "auto"  # torch.compile each layer: auto (on for CUDA, off for CPU) | true | false
     # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
-    # export folder); its model config must equal `model`. Ignored when resuming a checkpoint.
+    # export folder); its network must be `model`'s (router settings, max_seq_len may differ).
+    # Ignored when resuming a checkpoint.
     init_from: str | None = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
