@@ -134,9 +134,9 @@ def test_convert_says_what_a_non_checkpoint_is_not(tmp_path, capsys):
     (folder / "a.txt").write_text("hello")
     for source, words in ((folder, "not a checkpoint: neither a run folder"),
                           (folder / "a.txt", "cannot read as a torch checkpoint: not a file written by torch.save")):
-        assert main([str(source), "--out", str(tmp_path / "out"), "sharing=middle_cycle", "num_recursions=2"]) == 1
+        assert main([str(source), "--out", str(tmp_path / "out"), "sharing=middle_cycle", "num_recursions=2"]) == 2  # bad input (megamor.cli)
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"megamor.convert: {source}: {words}"), err
+        assert len(err) == 1 and err[0].startswith(f"megamor.convert: error: {source}: {words}"), err
         assert "to evaluate" not in err[0]
     assert not (tmp_path / "out").exists()
 
