@@ -7,13 +7,15 @@ Each cell times `repeats` calls after one warm-up and keeps the median (wall and
 CPU seconds are the steadier figure on a shared machine). Peak memory is what the step adds on
 top of what was resident before it: on CUDA `max_memory_allocated`, on CPU the process's
 resident-set high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs` before each
-cell), so both are measured, not modelled. Every model of a cell runs the same input, and each
+measurement, after `malloc_trim` has returned the memory earlier cells freed: otherwise a later
+model would reuse it and show no peak), so both are measured, not modelled. Every model of a cell runs the same input, and each
 row carries its ratio to the first model (the baseline measured in the same run).
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import os
 import statistics
 import time
@@ -51,6 +53,14 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
+def _trim_heap() -> None:
+    """Hand memory the allocator keeps after frees back to the OS (glibc), so RSS counts live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline then includes retained memory
+        pass
+
+
 def _peak_bytes(device: torch.device, fn: Callable[[], None]) -> tuple[float, str]:
     """Bytes `fn` adds at its peak over what was in use before it."""
     if device.type == "cuda":
@@ -60,6 +70,7 @@ def _peak_bytes(device: torch.device, fn: Callable[[], None]) -> tuple[float, st
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before, "cuda_max_allocated"
+    _trim_heap()
     before = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")

@@ -49,6 +49,14 @@ def test_peak_memory_is_measured_and_grows_with_the_batch():
     assert large.peak_mem_mb > small.peak_mem_mb + 5  # 4,096 tokens x 9 layer applications: tens of MiB
 
 
+def test_a_second_model_in_a_cell_shows_its_own_peak():
+    # The first model's freed activations stay with the allocator; without handing them back, the
+    # second model's step fits in them and reads as a 0 MiB peak.
+    routed = mor("expert_choice")
+    rows = throughput_grid({"a": routed, "b": routed}, [128], [32], mode="train", repeats=1)
+    assert rows[1].peak_mem_mb > 0.5 * rows[0].peak_mem_mb > 0
+
+
 def test_csv_round_trip(tmp_path):
     rows = [GridRow("a", "train", 128, 4, 1000.0, 1.0, 0.9, 12.5, "cpu_rss_high_water", 1.0)]
     out = write_grid_csv(rows, tmp_path / "sub" / "grid.csv")
