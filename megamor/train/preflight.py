@@ -6,7 +6,7 @@ failure is a ConfigError: one line naming the key, exit 2.
 
     launch      the TP x DP layout fits the world (and TP groups fit in a node), the batch
                 divides over it, data paths and the tokenizer's vocabulary, run_dir is
-                writable, W&B credentials for online mode
+                writable, W&B credentials for online mode, eval.tasks' dataset files
     run folder  (checkpoint.resume) the checkpoint that would be resumed holds the configured
                 model, the same learning-rate schedule (or schedule.allow_change), the same
                 TP x DP layout for a tensor-parallel tag; trainer.init_from loads and holds
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.config import ConfigError
+from megamor.eval.tasks import get_task
 from megamor.model.config import STORED_DEFAULTS
 from megamor.parallel.env import peek_local_world_size, resolve_launch_env
 from megamor.runs.layout import CONFIG_FILE, CheckpointRef
@@ -57,7 +58,17 @@ def check_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     if not os.access(probe, os.W_OK):
         raise ConfigError("run_dir", f"{run}: {probe} is not writable")
     check_credentials(cfg.wandb.resolved_mode())
+    check_task_files(cfg)
     return tokenizer
+
+
+def check_task_files(cfg: ExperimentConfig) -> None:
+    """Every task of eval.tasks has its dataset file (read at the first evaluation, hours in)."""
+    for i, name in enumerate(cfg.eval.tasks):
+        path = get_task(name).eval_file()
+        if not path.is_file():
+            raise ConfigError(f"eval.tasks[{i}]", f"{name}: dataset file {path} not found (tasks are read from "
+                                                  "$MEGAMOR_DATA_DIR)")
 
 
 def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:
