@@ -241,8 +241,8 @@ class EvalConfig:
     micro_batch_size: int | None = None  # default batch.micro_batch_size
     causal_routing: bool = True  # expert choice: also report the loss with causal (threshold) routing
     at_end: bool = True  # also validate after the last step
-    # Downstream tasks scored at the same cadence (megamor/train/downstream.py), zero-shot as
-    # evals/fewshot.py, logged as eval/<task>/acc (and acc_norm ...); needs data.tokenizer.
+    # Downstream tasks scored zero-shot at the validation cadence, logged as eval/TASK/acc (needs
+    # data.tokenizer). The scoring is evals/fewshot.py's (megamor/train/downstream.py).
     tasks: list[str] = field(default_factory=list)
     task_limit: int = 200  # the first N examples of each of eval.tasks, split over the data-parallel ranks
 
