@@ -7,8 +7,11 @@ rank sums its per-example metric values and the sums are all-reduced over the DP
 `eval/<task>/acc` equals the single-process (and offline) number. The ranks of a TP group
 score the same examples, as they read the same batches in validation.
 
-ZeRO-3 gathers parameters collectively in every forward: a rank with fewer batches runs dummy
-forwards until every rank has run as many as the busiest one.
+ZeRO-3 is the exception: it gathers each module's parameters collectively when the module
+runs, and causal routing skips a recursion step that no token of a batch passes, so ranks
+scoring different examples would gather different modules and hang. Under ZeRO-3 every rank
+scores every example (the same batches, so the same modules in the same order) and nothing is
+reduced: the same numbers, without the speed-up.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ class DownstreamEval:
     def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, device: torch.device, dp_rank: int, dp: int,
                  dp_group: Any = None, print_fn: Callable[[str], None] = print):
         self.cfg, self.model, self.device = cfg, model, device
-        self.dp_rank, self.dp, self.dp_group, self.print = dp_rank, dp, dp_group, print_fn
+        self.lockstep = cfg.deepspeed.zero_stage == 3 and dp > 1  # see the module docstring
+        self.dp_rank, self.dp = (0, 1) if self.lockstep else (dp_rank, dp)
+        self.dp_group, self.print = dp_group, print_fn
         self._shares: list[_Share] | None = None  # read and encoded once, at the first eval
 
     def _prepare(self) -> list[_Share]:
@@ -72,23 +77,16 @@ class DownstreamEval:
 
     def _run(self, shares: list[_Share]) -> dict[str, float]:
         t0 = time.perf_counter()
-        forwards = [0]
-
-        def forward(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-            forwards[0] += 1
-            out = self.model(ids, attention_mask=mask, causal_routing=True, return_logits=True)
-            return out.logits, getattr(getattr(out, "stats", None), "depth", None)
-
         scorer = Scorer(self.model, batch_size=self.cfg.eval_micro_batch_size, max_length=model_max_length(self.model),
-                        device=self.device, pad_id=self.pad_id, forward=forward)
+                        device=self.device, pad_id=self.pad_id)
         sums = []
         for s in shares:
             lls = scorer.loglikelihood(s.pairs, desc=s.task.name) if s.pairs else []
             per, _ = score_docs(s.task, s.docs, [""] * len(s.docs), lls)
             sums.append([math.fsum(per[m]) for m in s.task.metrics])
-        self._even_out_forwards(forwards[0])
         flat = torch.tensor([x for row in sums for x in row], dtype=torch.float64, device=self.device)
-        pdist.all_reduce_(flat, group=self.dp_group)
+        if not self.lockstep:
+            pdist.all_reduce_(flat, group=self.dp_group)
         results: dict[str, float] = {}
         values = iter(flat.tolist())
         for s in shares:
@@ -100,12 +98,5 @@ class DownstreamEval:
         results["eval/downstream_seconds"] = seconds
         results["eval/downstream_examples"] = float(n)
         self.print(f"downstream eval: {n} examples ({', '.join(f'{s.task.name} {s.n_total}' for s in shares)}) "
-                   f"in {seconds:.1f}s over {self.dp} rank(s)")
+                   f"in {seconds:.1f}s" + (" (every rank all: ZeRO-3)" if self.lockstep else f" over {self.dp} rank(s)"))
         return results
-
-    def _even_out_forwards(self, mine: int) -> None:
-        """Dummy forwards until this rank has run as many as the busiest one (ZeRO-3 gathers)."""
-        most = pdist.all_reduce_(torch.tensor([float(mine)], device=self.device), op=torch.distributed.ReduceOp.MAX)
-        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
-        for _ in range(int(most.item()) - mine):
-            self.model(ids, causal_routing=True, return_logits=True)

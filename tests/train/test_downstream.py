@@ -39,9 +39,9 @@ def test_an_unknown_task_is_one_line_naming_the_key_exit_2(capsys):
 
 
 def test_tasks_need_the_data_tokenizer_and_a_positive_limit(tiny_config):
-    with pytest.raises(ConfigError, match="data.tokenizer.*required when eval.tasks"):
+    with pytest.raises(ConfigError, match=r"data\.tokenizer.*required when eval\.tasks"):
         load_experiment([tiny_config], ["eval.tasks=[arc_easy]"])
-    with pytest.raises(ConfigError, match="eval.task_limit"):
+    with pytest.raises(ConfigError, match=r"eval\.task_limit"):
         load_experiment([tiny_config], ["eval.task_limit=0"])
 
 
@@ -100,14 +100,16 @@ def offline(run_dir: Path, limit: int) -> dict[str, float]:
 
 
 @pytest.mark.launch
-@pytest.mark.parametrize("nproc, zero", [(1, 1), (2, 3)])
-def test_a_run_logs_the_harness_numbers_of_its_checkpoint(tiny_config, tiny_data, tmp_path, nproc, zero):
-    """At the eval cadence, to metrics.jsonl and the console; 2 ranks under ZeRO-3 (11 examples:
-    unequal shares, so one rank runs dummy forwards) give the single-process harness's numbers."""
+@pytest.mark.parametrize("zero", [1, 3])
+def test_a_2_rank_run_logs_the_harness_numbers_of_its_checkpoint(tiny_config, tiny_data, tmp_path, zero):
+    """At the eval cadence, to metrics.jsonl and the console, 2 gloo ranks give the single-process
+    harness's numbers on the saved checkpoint: ZeRO-1 shares the 11 examples 6/5 and all-reduces;
+    ZeRO-3 scores all on both ranks (it hung with shares: causal routing skips a recursion step
+    on one rank's batch, and ZeRO-3's parameter gathers then differ between the ranks)."""
     limit = 11
     run = launch(tiny_config, tmp_path / "run", [*OVERRIDES, f"eval.tasks=[{','.join(TASKS)}]", f"eval.task_limit={limit}",
                                                  f"data.tokenizer={tiny_data / 'tok'}", f"deepspeed.zero_stage={zero}"],
-                 nproc=nproc)
+                 nproc=2)
     assert_ok(run)
     rows = [r for r in run.records() if "eval/arc_easy/acc" in r]
     assert [r["step"] for r in rows] == [2, 4]
