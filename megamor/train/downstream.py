@@ -7,11 +7,12 @@ rank sums its per-example metric values and the sums are all-reduced over the DP
 `eval/<task>/acc` equals the single-process (and offline) number. The ranks of a TP group
 score the same examples, as they read the same batches in validation.
 
-ZeRO-3 is the exception: it gathers each module's parameters collectively when the module
-runs, and causal routing skips a recursion step that no token of a batch passes, so ranks
-scoring different examples would gather different modules and hang. Under ZeRO-3 every rank
-scores every example (the same batches, so the same modules in the same order) and nothing is
-reduced: the same numbers, without the speed-up.
+ZeRO-3 with several data-parallel ranks is refused at launch (preflight.check_task_files):
+it gathers each module's parameters collectively when the module runs, and causal routing
+skips a recursion step that no token of a batch passes, so ranks scoring different examples
+gather different modules and hang (DeepSpeed's module trace, checked across ranks, drifts
+apart the same way). Scoring a plain copy gathered once per evaluation is the likely way out;
+a first try of it still hung and is not in.
 """
 
 from __future__ import annotations
@@ -43,9 +44,7 @@ class DownstreamEval:
     def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, device: torch.device, dp_rank: int, dp: int,
                  dp_group: Any = None, print_fn: Callable[[str], None] = print):
         self.cfg, self.model, self.device = cfg, model, device
-        self.lockstep = cfg.deepspeed.zero_stage == 3 and dp > 1  # see the module docstring
-        self.dp_rank, self.dp = (0, 1) if self.lockstep else (dp_rank, dp)
-        self.dp_group, self.print = dp_group, print_fn
+        self.dp_rank, self.dp, self.dp_group, self.print = dp_rank, dp, dp_group, print_fn
         self._shares: list[_Share] | None = None  # read and encoded once, at the first eval
 
     def _prepare(self) -> list[_Share]:
@@ -68,16 +67,17 @@ class DownstreamEval:
             return {}
         if self._shares is None:
             self._shares = self._prepare()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return self._run(self._shares)
-        finally:
-            self.model.train(was_training)
-
-    def _run(self, shares: list[_Share]) -> dict[str, float]:
         t0 = time.perf_counter()
-        scorer = Scorer(self.model, batch_size=self.cfg.eval_micro_batch_size, max_length=model_max_length(self.model),
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            return self._run(self._shares, model, t0)
+        finally:
+            model.train(was_training)
+
+    def _run(self, shares: list[_Share], model: torch.nn.Module, t0: float) -> dict[str, float]:
+        scorer = Scorer(model, batch_size=self.cfg.eval_micro_batch_size, max_length=model_max_length(model),
                         device=self.device, pad_id=self.pad_id)
         sums = []
         for s in shares:
@@ -85,8 +85,7 @@ class DownstreamEval:
             per, _ = score_docs(s.task, s.docs, [""] * len(s.docs), lls)
             sums.append([math.fsum(per[m]) for m in s.task.metrics])
         flat = torch.tensor([x for row in sums for x in row], dtype=torch.float64, device=self.device)
-        if not self.lockstep:
-            pdist.all_reduce_(flat, group=self.dp_group)
+        pdist.all_reduce_(flat, group=self.dp_group)
         results: dict[str, float] = {}
         values = iter(flat.tolist())
         for s in shares:
@@ -98,5 +97,6 @@ class DownstreamEval:
         results["eval/downstream_seconds"] = seconds
         results["eval/downstream_examples"] = float(n)
         self.print(f"downstream eval: {n} examples ({', '.join(f'{s.task.name} {s.n_total}' for s in shares)}) "
-                   f"in {seconds:.1f}s" + (" (every rank all: ZeRO-3)" if self.lockstep else f" over {self.dp} rank(s)"))
+                   f"in {seconds:.1f}s over {self.dp} rank(s)")
         return results
+
