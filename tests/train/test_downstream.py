@@ -125,7 +125,7 @@ def test_a_2_rank_run_logs_the_harness_numbers_of_its_checkpoint(tiny_config, ti
     assert_ok(run)
     rows = [r for r in run.records() if "eval/arc_easy/acc" in r]
     assert [r["step"] for r in rows] == [2, 4]
-    assert "downstream eval: 22 examples (arc_easy 11, hellaswag 11)" in run.output
+    assert "downstream eval: 22 examples (arc_easy 11, hellaswag 11) in" in run.output and "over 2 rank(s)" in run.output
     assert "eval/hellaswag/acc_norm" in run.output  # the console line
     want = offline(run.run_dir, limit)
     assert {k: v for k, v in rows[-1].items() if k in want} == want
