@@ -9,7 +9,10 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
-export OMP_NUM_THREADS ?= 2
+# OpenMP threads sleep instead of spinning when idle (a second process on the cores otherwise
+# slows both many times over); the thread count is picked by megamor.env.thread_defaults from
+# the cores this process may use. Set OMP_NUM_THREADS / OMP_WAIT_POLICY to override.
+export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MEGAMOR_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 
@@ -48,7 +51,7 @@ gpu-wheels: venv
 	bash evals/gpu_wheels.sh $(VPY)
 
 lint: venv
-	$(VPY) -m ruff check megamor tests evals data_prep launch
+	$(VPY) -m ruff check megamor tests evals data_prep launch notebooks
 
 # docs/config.md from the config dataclasses (tests/test_config_doc.py fails when it is stale).
 config-doc: venv

@@ -14,10 +14,11 @@ zero_to_fp32) into a self-contained folder:
                            self-contained transformers code (no megamor import needed;
                            routing.py is megamor's routing policy)
     DIR/model.safetensors  the weights, Llama names for vanilla models, megamor names for MoR
-    DIR/tokenizer.model    when the run's tokenizer is known (checked against the hash the
-                           checkpoint recorded), with tokenizer.json + tokenizer_config.json:
-                           AutoTokenizer.from_pretrained(DIR) loads it (built-in
-                           PreTrainedTokenizerFast, no remote code) and encodes as megamor does
+    DIR/tokenizer.*        when the run's tokenizer is known (checked against the hash the
+                           checkpoint recorded): tokenizer.model with tokenizer.json +
+                           tokenizer_config.json made from it, or a Hugging Face tokenizer's
+                           tokenizer.json and configs as they were. AutoTokenizer.from_pretrained(DIR)
+                           loads either (built-in class, no remote code) and encodes as megamor does
 
 Default DIR: RUN_DIR/export/<tag>. DIR must be new or empty; with --overwrite a non-empty DIR
 is replaced whole (the export is written into a hidden sibling folder and swapped in, so old
@@ -44,9 +45,15 @@ from safetensors.torch import save_file
 from megamor.cli import ArgumentParser
 from megamor.config import from_node
 from megamor.data.atomic import replace_dir, temp_path, write_json
-from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, file_sha256
+from megamor.data.tokenizer import (
+    Tokenizer,
+    TokenizerError,
+    TokenizerMismatchError,
+    check_same_tokenizer,
+    load_tokenizer,
+)
 from megamor.hf.remote_code import hf_weights, write_remote_code
-from megamor.hf.tokenizer_files import TokenizerFilesError, write_tokenizer_files
+from megamor.hf.tokenizer_files import TokenizerFilesError, export_tokenizer
 from megamor.model import MoRLM
 from megamor.model.config import ModelConfig, with_stored_defaults
 from megamor.model.hf import llama_config, to_llama_state_dict
@@ -65,11 +72,10 @@ def _is_vanilla(cfg: ModelConfig) -> bool:
     return cfg.sharing == "none" and cfg.router.type == "none"
 
 
-def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Path | None:
+def _find_tokenizer(cfg_data: Any, run_dir: Path) -> Tokenizer | None:
     for cand in ([Path(cfg_data.tokenizer)] if cfg_data.tokenizer else []) + [run_dir / "tokenizer", run_dir / "tokenizer.model"]:
-        p = cand / "tokenizer.model" if cand.is_dir() else cand
-        if p.is_file():
-            return p
+        if cand.exists():
+            return load_tokenizer(cand)
     return None
 
 
@@ -102,7 +108,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     trained_hash = trained_tokenizer_hash(ref)
     tok = _find_tokenizer(exp.data, run)
     if tok is not None:  # the same identity check as training and evaluation, before anything is written
-        check_same_tokenizer(trained_hash, file_sha256(tok), f"{ref.path} was trained with", f"tokenizer {tok}")
+        check_same_tokenizer(trained_hash, tok.content_hash, f"{ref.path} was trained with", f"tokenizer {tok.path}")
     out_dir = Path(out) if out else run / "export" / ref.tag
     check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -117,14 +123,14 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     return out_dir
 
 
-def _write_export(ref: CheckpointRef, exp: Any, tok: Path | None, trained_hash: str | None, out_dir: Path) -> None:
+def _write_export(ref: CheckpointRef, exp: Any, tok: Tokenizer | None, trained_hash: str | None, out_dir: Path) -> None:
     cfg = exp.model
     sd = consolidated_state_dict(ref)
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
     meta = {"step": ref.step, "tokens": ref.meta.get("tokens"), "flops": ref.meta.get("flops"), "source": str(ref.path),
             "run": exp.name, "seq_len": exp.data.seq_len,
-            "tokenizer_hash": trained_hash or (file_sha256(tok) if tok is not None else None)}  # what evaluation checks
+            "tokenizer_hash": trained_hash or (tok.content_hash if tok is not None else None)}  # what evaluation checks
     torch.save({"model": sd, "config": dataclasses.asdict(cfg), **meta}, out_dir / CONSOLIDATED)
     write_json(out_dir / f"{CONSOLIDATED}.json", meta)
 
@@ -136,15 +142,14 @@ def _write_export(ref: CheckpointRef, exp: Any, tok: Path | None, trained_hash: 
         weights = hf_weights(sd, cfg)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tok is not None:
-        shutil.copy2(tok, out_dir / "tokenizer.model")  # the whole folder is swapped in: no temp name needed
-        _write_hf_tokenizer(out_dir, cfg.max_seq_len)
+        _write_hf_tokenizer(out_dir, tok, cfg.max_seq_len)
 
 
-def _write_hf_tokenizer(out_dir: Path, max_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json (megamor.hf.tokenizer_files); without the
+def _write_hf_tokenizer(out_dir: Path, tok: Tokenizer, max_length: int) -> None:
+    """The tokenizer's files (megamor.hf.tokenizer_files.export_tokenizer); without the
     `tokenizers` package (the [eval] extra) or for a model it cannot express, a note instead."""
     try:
-        write_tokenizer_files(out_dir, out_dir / "tokenizer.model", max_length)
+        export_tokenizer(out_dir, tok, max_length)
     except ImportError as e:
         print(f"megamor.export: note: no tokenizer.json written ({e.name} is not installed: pip install -e '.[eval]'); "
               "AutoTokenizer will not load this folder", file=sys.stderr)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export(args.run_dir, args.out, args.tag, overwrite=args.overwrite)
-    except (CheckpointError, UnsafeCheckpointError, TokenizerMismatchError, ExportTargetError) as e:  # bad input
+    except (CheckpointError, UnsafeCheckpointError, TokenizerMismatchError, TokenizerError, ExportTargetError) as e:  # bad input
         print(f"megamor.export: {e}", file=sys.stderr)
         return 2
     info = json.loads((out / f"{CONSOLIDATED}.json").read_text())

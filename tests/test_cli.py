@@ -68,7 +68,7 @@ def test_every_entry_point_answers_a_bad_argument_in_one_line_exit_2():
      "fewshot.py: error: --tasks: unknown task 'hellaswg'; did you mean hellaswag?"),
     (["evals/fewshot.py", "--checkpoint", "x", "--task-file", "piqa"], "fewshot.py: error: --task-file 'piqa': expected TASK=PATH"),
     (["evals/sweep.py", "runs/x", "--out", "o", "--tasks", "piqa,arc_esay"], "sweep.py: error: --tasks: unknown task 'arc_esay'"),
-    (["evals/perplexity.py", "--checkpoint", "x", "--text", "no/such/file.txt"], "perplexity.py: error: text file not found: no/such/file.txt"),
+    (["evals/perplexity.py", "--checkpoint", "x", "--text", "no/such/file.txt"], "perplexity.py: error: no/such/file.txt: no such file (the text to evaluate is missing)"),
 ])
 def test_known_bad_inputs_of_the_eval_tools(args, expected):
     r = run([sys.executable, *args])

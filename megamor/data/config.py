@@ -16,7 +16,7 @@ from megamor.config import ConfigError, key
 from megamor.data.dataset import check_split
 from megamor.data.errors import DataError
 from megamor.data.manifest import load_manifest
-from megamor.data.tokenizer import Tokenizer, TokenizerMismatchError, check_same_tokenizer
+from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -85,9 +85,9 @@ class DataConfig:
         if self.tokenizer is not None:
             k = key(prefix, "tokenizer")
             try:
-                tok = Tokenizer.load(self.tokenizer)
-            except (FileNotFoundError, OSError, RuntimeError) as e:
-                raise ConfigError(k, f"{self.tokenizer}: {e}") from None
+                tok = load_tokenizer(self.tokenizer)
+            except (DataError, OSError) as e:
+                raise ConfigError(k, str(e)) from None
             try:
                 check_same_tokenizer(tokenizer["hash"], tok.content_hash, "the shards were made with", str(self.tokenizer))
             except TokenizerMismatchError as e:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from megamor import cli
 from megamor.cli import BadInput
 from megamor.data.atomic import atomic_open
 from megamor.data.tokenizer import TokenizerMismatchError
+from megamor.env import thread_defaults
 
 from .errors import EvalInputError
 from .identity import ALLOW_FLAG, check_identity
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=checkpoint_required, help="consolidated .pt file, Hugging Face export folder, or run folder (newest complete checkpoint)")
-    g.add_argument("--tokenizer", help="sentencepiece .model file or tokenizer folder (default: one stored beside the checkpoint)")
+    g.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face) or their folder (default: one stored beside the checkpoint)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default fp32)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
@@ -131,8 +131,7 @@ def run_main(main: Callable[[], Any]) -> None:
 
 
 def set_threads() -> None:
+    """Threads from OMP_NUM_THREADS, else the cores this process may use (megamor.env)."""
     import torch
 
-    n = os.environ.get("OMP_NUM_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
+    torch.set_num_threads(thread_defaults())

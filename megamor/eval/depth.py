@@ -57,7 +57,11 @@ class DepthTrace:
 
 def token_strings(tok: EvalTokenizer, ids: Sequence[int]) -> list[str]:
     """Display string per token: sentencepiece pieces with "▁" as a space; a run of byte-fallback
-    pieces is decoded together (multi-byte characters) and shown on its first token."""
+    pieces is decoded together (multi-byte characters) and shown on its first token. A tokenizer
+    with its own `token_strings` (Hugging Face byte-level pieces) renders itself."""
+    own = getattr(tok, "token_strings", None)
+    if own is not None:
+        return own(ids)
     piece = getattr(tok, "id_to_piece", None)
     if piece is None:
         return [tok.decode([int(i)]) for i in ids]

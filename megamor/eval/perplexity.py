@@ -169,10 +169,6 @@ def read_texts(paths: Iterable[str | Path], split: str = "file", text_key: str =
     from .text_input import read_text, require_text
 
     paths = list(paths)
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"text file not found: {path}")
-
     docs: list[str] = []
     for p in paths:
         p = Path(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from megamor.config import ConfigError, key, load_config
 SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
 ROUTERS = ("none", "expert_choice", "token_choice")
 KV_MODES = ("recursion_wise", "shared")
+TOKEN_UPDATES = ("gated_residual", "paper")
 
 
 @dataclass
@@ -22,7 +24,9 @@ class RouterConfig:
     # Expert choice: fraction of each sequence's tokens kept at recursion step r (non-increasing).
     # None means the paper's default (N_r - r) / N_r.
     capacity: list[float] | None = None
-    activation: str = "sigmoid"  # sigmoid | tanh (gate = alpha * activation(router logit))
+    # Expert choice: gate = alpha * activation(router logit); none: the raw logit, no alpha (the
+    # official code's `router_func: null`).
+    activation: str = "sigmoid"  # sigmoid | tanh | none
     alpha: float | None = None  # None: 0.1 for expert choice, 1.0 for token choice
     network: str = "linear"  # linear | mlp
     mlp_hidden: int = 0  # hidden width of the mlp router; 0 means d_model // 4
@@ -65,12 +69,59 @@ class RouterConfig:
     balancing: str = "loss"  # token choice: loss | loss_free
     balance_coef: float = 0.1  # token choice, balancing=loss
     bias_update_rate: float = 0.001  # token choice, balancing=loss_free
+    # Token choice: how a token's recursion steps update it. gated_residual (megamor's): every
+    # step's residual update gated by the chosen depth's probability, h <- h + g (step(h) - h).
+    # paper: Eq. 2 as the official code runs it: steps before the chosen depth ungated,
+    # h <- step(h); at the chosen depth the output is H^1 + g * step(h), H^1 the first
+    # recursion's input. Which should be mor_token_N's default is not decided (docs/paper.md).
+    token_choice_update: str = "gated_residual"
+    # -- the official code's other router knobs (all off, or today's behaviour, by default) --
+    # Token choice's depth probabilities: softmax over the N_r depths, or an independent
+    # sigmoid per depth (then alpha defaults to 0.1, as the official code's).
+    token_func: str = "softmax"  # softmax | sigmoid
+    temperature: float = 1.0  # the router sees h / temperature (the official `temp`)
+    # weighted: the gate is the router weight; unweighted: the gate is 1 (the router then learns
+    # from its auxiliary losses only).
+    gating: str = "weighted"  # weighted | unweighted
+    # Expert choice: training's capacity falls from 1.0 to its target on a half cosine over the
+    # first cap_warmup_step optimizer steps (the official code counts forward calls: the same
+    # at gradient accumulation 1). 0: off.
+    cap_warmup_step: int = 0
+    # Token choice: every token runs every recursion during optimizer steps 1..bal_warmup_step-1
+    # (the official code's test `step < bal_warmup_step`); loss-free balancing's bias stays 0
+    # meanwhile. 0: off.
+    bal_warmup_step: int = 0
+    # Expert choice: the BCE over recursion steps: mean (megamor's: one coefficient for any N_r)
+    # or sum (the official code's: with it the paper's 0.001 is N_r times a mean's 0.001).
+    bce_reduction: str = "mean"  # mean | sum
+    # Expert choice: a separate router of the same network trained (BCE, weight 1) on detached
+    # hidden states to predict the top-k selection; causal routing (evaluation, decoding) keeps
+    # a token when its sigmoid > 0.5. The main router then gets no BCE (the official
+    # `sampling: aux_router`).
+    aux_router: bool = False
+    # The random-router baseline (the official `rand_router`): uniform scores instead of the
+    # router (expert choice: top-k of them, gate alpha * score; token choice: the argmax depth),
+    # no router losses. Deterministic: a hash of the token's position (in training also its row
+    # and the optimizer step: fresh every step, as the official torch.rand); causal expert choice
+    # keeps a token at step r with probability c_r / c_(r-1).
+    rand_router: bool = False
 
     def validate(self, path: str) -> None:
         if self.type not in ROUTERS:
             raise ConfigError(key(path, "type"), f"must be one of {ROUTERS}, got {self.type!r}")
-        if self.activation not in ("sigmoid", "tanh"):
-            raise ConfigError(key(path, "activation"), f"must be sigmoid or tanh, got {self.activation!r}")
+        if self.activation not in ("sigmoid", "tanh", "none"):
+            raise ConfigError(key(path, "activation"), f"must be sigmoid, tanh or none, got {self.activation!r}")
+        for name, allowed in (("token_func", ("softmax", "sigmoid")), ("gating", ("weighted", "unweighted")),
+                              ("bce_reduction", ("mean", "sum"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(key(path, name), f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise ConfigError(key(path, "temperature"), f"must be positive, got {self.temperature}")
+        for name in ("cap_warmup_step", "bal_warmup_step"):
+            if getattr(self, name) < 0:
+                raise ConfigError(key(path, name), "must be >= 0")
+        if self.aux_router and self.type != "expert_choice":
+            raise ConfigError(key(path, "aux_router"), f"applies to expert choice only (router.type is {self.type!r})")
         if self.network not in ("linear", "mlp"):
             raise ConfigError(key(path, "network"), f"must be linear or mlp, got {self.network!r}")
         if self.balancing not in ("loss", "loss_free"):
@@ -89,6 +140,11 @@ class RouterConfig:
             raise ConfigError(key(path, "threshold_momentum"), f"must be in [0, 1), got {self.threshold_momentum}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(key(path, "alpha"), "must be positive")
+        if self.token_choice_update not in TOKEN_UPDATES:
+            raise ConfigError(key(path, "token_choice_update"),
+                              f"must be one of {TOKEN_UPDATES}, got {self.token_choice_update!r}")
+        if self.token_choice_update != "gated_residual" and self.type != "token_choice":
+            raise ConfigError(key(path, "token_choice_update"), "applies to token choice only")
         if self.type != "expert_choice":
             self.gate_straight_through = False  # expert choice only; one value for every other router
 
@@ -96,7 +152,7 @@ class RouterConfig:
     def gate_scale(self) -> float:
         if self.alpha is not None:
             return self.alpha
-        return 0.1 if self.type == "expert_choice" else 1.0
+        return 0.1 if self.type == "expert_choice" or self.token_func == "sigmoid" else 1.0
 
 
 @dataclass
@@ -138,8 +194,13 @@ class ModelConfig:
         nr = self.num_recursions
         if nr < 1:
             raise ConfigError(key(path, "num_recursions"), "must be >= 1")
-        if self.sharing == "none" and nr != 1:
-            raise ConfigError(key(path, "num_recursions"), "sharing 'none' needs num_recursions 1")
+        routed = self.router.type != "none"
+        if self.sharing == "none" and nr != 1 and not routed:
+            raise ConfigError(key(path, "num_recursions"), "sharing 'none' needs num_recursions 1 (or a router: "
+                              "routing over distinct layers)")
+        if self.sharing == "none" and nr > 1 and self.n_layers % nr:
+            raise ConfigError(key(path, "n_layers"), f"n_layers = {self.n_layers} must be a multiple of num_recursions "
+                              f"{nr} to route over {nr} steps of distinct layers (sharing 'none')")
         if self.sharing != "none":
             if nr < 2:
                 raise ConfigError(key(path, "num_recursions"), f"sharing {self.sharing!r} needs num_recursions >= 2")
@@ -151,8 +212,9 @@ class ModelConfig:
                     f"{what} = {middle} must be a positive multiple of num_recursions {nr} for sharing {self.sharing!r}",
                 )
         r = self.router
-        if r.type != "none" and self.sharing == "none":
-            raise ConfigError(key(path, "router.type"), f"router {r.type!r} needs a sharing strategy with num_recursions >= 2")
+        if r.type != "none" and nr < 2:
+            raise ConfigError(key(path, "router.type"), f"router {r.type!r} needs a sharing strategy with num_recursions >= 2 "
+                              "(or sharing 'none' with num_recursions >= 2: routing over distinct layers)")
         if r.capacity is not None and r.type == "expert_choice" and len(r.capacity) != nr:
             raise ConfigError(key(path, "router.capacity"), f"needs {nr} entries (one per recursion), got {len(r.capacity)}")
         if self.kv_mode == "shared" and self.sharing not in ("cycle", "middle_cycle"):
@@ -183,11 +245,14 @@ class ModelConfig:
 
         The middle of the virtual stack is cut into num_recursions equal contiguous steps;
         a router (if any) decides per step which tokens run it. For cycle sharing each step is
-        the same block of physical layers; for sequence sharing each physical layer is
+        the same block of physical layers (sharing none with a router: N_r steps of distinct
+        layers, the mixture-of-depths ablation); for sequence sharing each physical layer is
         repeated num_recursions times in a row (so a step is a contiguous slice of that).
         """
         L, nr = self.n_layers, self.num_recursions
         if self.sharing == "none":
+            if nr > 1:  # a router over N_r steps of distinct layers (the mixture-of-depths ablation)
+                return [], [list(range(r * L // nr, (r + 1) * L // nr)) for r in range(nr)], []
             return list(range(L)), [], []
         middle_only = self.sharing.startswith("middle")
         first = 1 if middle_only else 0
@@ -223,3 +288,15 @@ def with_stored_defaults(model: Any) -> Any:
 
 def load_model_config(*paths: str | Path, overrides: list[str] | None = None) -> ModelConfig:
     return load_config(ModelConfig, *paths, overrides=overrides or [])
+
+
+def flat_model_config(cfg: ModelConfig, prefix: str = "model") -> dict[str, object]:
+    """Every key of the config by its full dotted path (model.router.alpha: 0.1, ...)."""
+
+    def walk(d: dict, path: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in d.items():
+            out.update(walk(v, f"{path}.{k}") if isinstance(v, dict) else {f"{path}.{k}": v})
+        return out
+
+    return walk(dataclasses.asdict(cfg), prefix)

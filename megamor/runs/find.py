@@ -155,7 +155,7 @@ def skipped_tags(run_dir: str | Path) -> list[str]:
 
 
 def find_tokenizer(source: Any) -> Path | None:
-    """A tokenizer stored with a checkpoint: tokenizer.model or tokenizer/ in its folder, its
+    """A tokenizer stored with a checkpoint: tokenizer.model, tokenizer.json or tokenizer/ in its folder, its
     parents (run folder), or the training config's `data.tokenizer` of a DeepSpeed tag."""
     if isinstance(source, (torch.nn.Module, type(None))):
         return None
@@ -167,7 +167,7 @@ def find_tokenizer(source: Any) -> Path | None:
             if tok and Path(tok).exists():
                 return Path(tok)
     for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent, p.parent.parent.parent]:
-        for cand in (d / "tokenizer.model", d / "tokenizer"):
+        for cand in (d / "tokenizer.model", d / "tokenizer.json", d / "tokenizer"):  # tokenizer.json: an HF tokenizer's export
             if cand.exists():
                 return cand
     return None

@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # first: an argument error answers before torch loads (_cuda_available)
+    from megamor.env import thread_defaults
+    from megamor.parallel.env import peek_local_world_size
+
+    thread_defaults(local_processes=peek_local_world_size() or 1)  # before torch loads OpenMP
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
     # Imported here, not at the top: `--help` and argument errors answer without loading
     # torch, DeepSpeed or the model (the same reason for the imports further down).

@@ -10,7 +10,7 @@
     trainer    steps, activation checkpointing, non-finite handling, MFU peak
     checkpoint every / keep-last / resume
     eval       validation every M steps
-    logging    console + metrics.jsonl cadence
+    logging    cadence; console, metrics.jsonl, TensorBoard, depth-histogram CSV
     wandb      online / offline / disabled
 
 This module parses and validates: `load_experiment` checks values and unknown keys, a
@@ -192,7 +192,8 @@ class TrainerConfig:
     verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
     compile: str = "auto"  # torch.compile each layer: auto (on for CUDA, off for CPU) | true | false
     # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
-    # export folder); its model config must equal `model`. Ignored when resuming a checkpoint.
+    # export folder); its network must be `model`'s (router settings, max_seq_len may differ).
+    # Ignored when resuming a checkpoint.
     init_from: str | None = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -262,8 +263,24 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
+    """Where metrics go (rank 0 only) and how often.
+
+    tensorboard: also write every scalar W&B gets, `router/depth_hist` as a histogram and the
+        router health series as TensorBoard events in RUN/tensorboard/; a resumed run continues
+        the curves and hides the points a killed run logged after its checkpoint (needs the
+        `tensorboard` package: pip install 'megamor[tensorboard]').
+    depth_hist_csv: write the depth histogram (tokens per recursion depth, summed over the steps
+        since the previous rows) to this CSV (`step,depth,count,fraction`; relative: inside the
+        run folder); appended a step's rows at a time, cut back to the resumed step on resume.
+        `python -m megamor.eval.depth_log RUN` plots it (or extracts it from metrics.jsonl).
+    depth_hist_every: the CSV's cadence in steps (default: logging.every_steps).
+    """
+
     every_steps: int = 10  # metrics to console, metrics.jsonl and W&B every N steps
     progress_bar: bool = True  # only drawn when stderr is a terminal
+    tensorboard: bool = False  # also write every W&B scalar and the depth histograms to RUN/tensorboard/ (needs megamor[tensorboard])
+    depth_hist_csv: str | None = None  # depth histograms to this CSV, step,depth,count,fraction (relative: in the run folder)
+    depth_hist_every: int | None = None  # the depth CSV's cadence in steps (null: logging.every_steps)
 
     # every cadence is `every_steps` (checkpoint, eval, logging); the old name still loads
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"log_every": "every_steps"}
@@ -271,6 +288,18 @@ class LoggingConfig:
     def validate(self, path: str) -> None:
         if self.every_steps < 1:
             raise ConfigError(key(path, "every_steps"), "must be >= 1")
+        if self.depth_hist_every is not None and self.depth_hist_every < 1:
+            raise ConfigError(key(path, "depth_hist_every"), "must be >= 1 (or null: the log cadence)")
+        if self.depth_hist_csv is not None and not self.depth_hist_csv.strip():
+            raise ConfigError(key(path, "depth_hist_csv"), "is empty (null: no CSV)")
+
+    def depth_hist_due(self, step: int, max_steps: int) -> bool:
+        """Is the depth CSV written after this step? (Every rank knows: the trainer checks the lock.)"""
+        every = self.depth_hist_every or self.every_steps
+        return self.depth_hist_csv is not None and (step % every == 0 or step == max_steps)
+
+    def depth_hist_path(self, run_dir: Path) -> Path | None:
+        return None if self.depth_hist_csv is None else run_dir / Path(self.depth_hist_csv).expanduser()
 
 
 @dataclass
@@ -342,6 +371,11 @@ class ExperimentConfig:
         if self.trainer.profile.steps and self.trainer.profile.steps[1] > steps:
             raise ConfigError(key(path, "trainer.profile.steps"), f"{list(self.trainer.profile.steps)} reaches past the "
                               f"run's {steps} steps")
+        router = self.model.router
+        for name in ("cap_warmup_step", "bal_warmup_step"):
+            if getattr(router, name) > steps:
+                raise ConfigError(key(path, f"model.router.{name}"), f"{getattr(router, name)} exceeds the run's "
+                                  f"{steps} training steps")
         warm = self.schedule.warmup(steps)
         decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
         if warm + decay > steps:

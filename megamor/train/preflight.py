@@ -6,7 +6,8 @@ failure is a ConfigError: one line naming the key, exit 2.
 
     launch      the TP x DP layout fits the world (and TP groups fit in a node), the batch
                 divides over it, data paths and the tokenizer's vocabulary, run_dir is
-                writable, W&B credentials for online mode, eval.tasks' dataset files
+                writable, W&B credentials for online mode, the tensorboard package when
+                logging.tensorboard is on, eval.tasks' dataset files
     run folder  (checkpoint.resume) the checkpoint that would be resumed holds the configured
                 model, the same learning-rate schedule (or schedule.allow_change), the same
                 TP x DP layout for a tensor-parallel tag; trainer.init_from loads and holds
@@ -35,6 +36,7 @@ from megamor.train.config import (
 )
 from megamor.train.init_from import check_init_from
 from megamor.train.schedule_change import check_schedule_change
+from megamor.train.tensorboard_sink import check_available as check_tensorboard
 from megamor.train.wandb_setup import check_credentials
 
 
@@ -58,6 +60,7 @@ def check_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     if not os.access(probe, os.W_OK):
         raise ConfigError("run_dir", f"{run}: {probe} is not writable")
     check_credentials(cfg.wandb.resolved_mode())
+    check_tensorboard(cfg.logging.tensorboard)
     check_task_files(cfg, world_size)
     return tokenizer
 

@@ -8,7 +8,6 @@ checkpointing and compilation are applied from outside (parallelize.py, engine.p
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 
 from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_train_loader
-from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer
+from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
 from megamor.model.summary import ParamCounts
 from megamor.observe.step_observer import StepObserver
@@ -109,8 +108,9 @@ class Trainer:
         self.layout = build_layout(self.tp, self.world, self.rank, cfg.parallel.sequence)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
+        init = None
         if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
-            load_init_weights(model, cfg.trainer.init_from)
+            init = load_init_weights(model, cfg.trainer.init_from)
         self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
         parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
         self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
@@ -156,6 +156,8 @@ class Trainer:
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
         )
+        if init is not None:
+            self.logger.print(f"megamor: {init.line()}")
         return self
 
     def _keep_tokenizer(self) -> None:
@@ -163,12 +165,7 @@ class Trainer:
         src = self.cfg.data.tokenizer
         if not src:
             return
-        src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
-        dst = self.run_dir / "tokenizer"
-        dst.mkdir(exist_ok=True)
-        for name in ("tokenizer.model", "tokenizer.vocab", "tokenizer_info.json"):
-            if (src_dir / name).is_file():
-                shutil.copy2(src_dir / name, dst / name)
+        copy_tokenizer(load_tokenizer(src), self.run_dir / "tokenizer")  # either kind, under the names loaders find
 
     def _plan_resume(self) -> ResumePlan | None:
         if not self.cfg.checkpoint.resume:
@@ -317,6 +314,9 @@ class Trainer:
                 self.tokens += r.tokens
                 self.flops_total += r.flops
                 accumulate(window, r)
+                if cfg.logging.depth_hist_due(self.step, self.max_steps):
+                    self._check_lock()  # the depth CSV is written to now
+                self.logger.on_step(self.step, None if r.skipped or not r.tokens_per_step else r.depth_hist)
                 if r.skipped:
                     self.skipped_steps += 1
                     self.consecutive_nonfinite += 1

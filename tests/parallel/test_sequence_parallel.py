@@ -22,12 +22,14 @@ CASES = {
                    "router": {"type": "expert_choice", "learn_alpha": True}},
     "mor_token_kvshare": {"sharing": "cycle", "num_recursions": 2, "n_layers": 4,
                           "router": {"type": "token_choice", "balancing": "loss_free"}, "kv_mode": "shared"},
+    "mor_token_paper": {"sharing": "cycle", "num_recursions": 2, "n_layers": 4,
+                        "router": {"type": "token_choice", "token_choice_update": "paper"}},
 }
 # (case, activation checkpointing, batch extras)
 VARIANTS = [
     ("vanilla", False, ""), ("recursive", False, ""), ("mor_expert", False, ""), ("mor_token_kvshare", False, ""),
     ("vanilla", True, ""), ("mor_expert", True, ""), ("mor_token_kvshare", True, ""),
-    ("mor_expert", False, "docs_pad"),
+    ("mor_expert", False, "docs_pad"), ("mor_token_paper", False, ""),
 ]
 TOL = 1e-5
 
