@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from megamor.config import ConfigError, from_node, key, merge_config_nodes, merge_sources
 from megamor.data.config import DataConfig
 from megamor.env import repo_root
+from megamor.eval.tasks import UnknownTaskError, check_task_names
 from megamor.model.config import STORED_DEFAULTS, ModelConfig, with_stored_defaults
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
@@ -241,10 +242,21 @@ class EvalConfig:
     micro_batch_size: int | None = None  # default batch.micro_batch_size
     causal_routing: bool = True  # expert choice: also report the loss with causal (threshold) routing
     at_end: bool = True  # also validate after the last step
+    # Downstream tasks scored zero-shot at the validation cadence, logged as eval/TASK/acc (needs
+    # data.tokenizer). The scoring is evals/fewshot.py's (megamor/train/downstream.py).
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int = 200  # the first N examples of each of eval.tasks, split over the data-parallel ranks
 
     def validate(self, path: str) -> None:
         if self.every_steps < 0:
             raise ConfigError(key(path, "every_steps"), "must be >= 0")
+        for i, name in enumerate(self.tasks):
+            try:
+                check_task_names([name], key(path, f"tasks[{i}]"))
+            except UnknownTaskError as e:
+                raise ConfigError(key(path, f"tasks[{i}]"), str(e).partition(": ")[2]) from None
+        if self.task_limit < 1:
+            raise ConfigError(key(path, "task_limit"), f"must be >= 1, got {self.task_limit}")
         if self.max_batches is not None and self.max_batches < 1:
             raise ConfigError(key(path, "max_batches"), "must be >= 1 (or null for the whole split)")
 
@@ -338,6 +350,12 @@ class ExperimentConfig:
             raise ConfigError(key(path, "name"), f"must be a non-empty name without '/', got {self.name!r}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(key(path, "data.seq_len"), f"{self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        if self.eval.tasks and not self.data.tokenizer:
+            raise ConfigError(key(path, "data.tokenizer"), "is required when eval.tasks is set (the downstream tasks "
+                                                           "are tokenized with it): set it to the shards' tokenizer")
+        if self.eval.tasks and self.parallel.sequence:
+            raise ConfigError(key(path, "eval.tasks"), "is not supported with parallel.sequence=true (task requests "
+                                                       "have lengths the sequence split cannot take): evaluate offline")
         tp = self.parallel.tensor
         if tp > 1:
             for k, msg in layout_errors(self.model, tp):

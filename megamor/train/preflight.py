@@ -7,7 +7,7 @@ failure is a ConfigError: one line naming the key, exit 2.
     launch      the TP x DP layout fits the world (and TP groups fit in a node), the batch
                 divides over it, data paths and the tokenizer's vocabulary, run_dir is
                 writable, W&B credentials for online mode, the tensorboard package when
-                logging.tensorboard is on
+                logging.tensorboard is on, eval.tasks' dataset files
     run folder  (checkpoint.resume) the checkpoint that would be resumed holds the configured
                 model, the same learning-rate schedule (or schedule.allow_change), the same
                 TP x DP layout for a tensor-parallel tag; trainer.init_from loads and holds
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.config import ConfigError
+from megamor.eval.tasks import get_task
 from megamor.model.config import STORED_DEFAULTS
 from megamor.parallel.env import peek_local_world_size, resolve_launch_env
 from megamor.runs.layout import CONFIG_FILE, CheckpointRef
@@ -60,7 +61,23 @@ def check_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError("run_dir", f"{run}: {probe} is not writable")
     check_credentials(cfg.wandb.resolved_mode())
     check_tensorboard(cfg.logging.tensorboard)
+    check_task_files(cfg, world_size)
     return tokenizer
+
+
+def check_task_files(cfg: ExperimentConfig, world_size: int = 1) -> None:
+    """Every task of eval.tasks has its dataset file (read at the first evaluation, hours in),
+    and the layout can score them (megamor/train/downstream.py: not ZeRO-3 over several ranks)."""
+    dp = world_size // cfg.parallel.tensor
+    if cfg.eval.tasks and cfg.deepspeed.zero_stage == 3 and dp > 1:
+        raise ConfigError("eval.tasks", f"is not supported with deepspeed.zero_stage=3 on {dp} data-parallel ranks "
+                                        "(causal routing runs different modules per rank and ZeRO-3's gathers hang): "
+                                        "use ZeRO 0-2, or evaluate checkpoints with evals/fewshot.py")
+    for i, name in enumerate(cfg.eval.tasks):
+        path = get_task(name).eval_file()
+        if not path.is_file():
+            raise ConfigError(f"eval.tasks[{i}]", f"{name}: dataset file {path} not found (tasks are read from "
+                                                  "$MEGAMOR_DATA_DIR)")
 
 
 def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:

@@ -38,6 +38,7 @@ from megamor.runs.safe_load import load as safe_load
 from megamor.runs.save import CheckpointManager, set_rng_state
 from megamor.runs.tags import list_complete
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
+from megamor.train.downstream import DownstreamEval
 from megamor.train.ds_config import deepspeed_config
 from megamor.train.engine import prepare_model
 from megamor.train.faults import Faults
@@ -133,6 +134,8 @@ class Trainer:
                                     self.stop_request, self.device, self.gas, self.tp, self.dp, self.observer)
         self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.faults,
                                      self._stop_agreed)
+        self.downstream = DownstreamEval(cfg, self.model, self.device, self.layout.dp_rank, self.dp, self.layout.dp_group,
+                                         print_fn=lambda text: self.logger.print(text))
         if plan is not None:
             self._resume(plan)
         self.wandb_id = pdist.broadcast_object(wandb_run_id(self.run_dir, self.wandb_id) if self.is_main else None)
@@ -219,7 +222,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.watchdog.at(self.step, "validation")
         with self.observer.phase("eval"):
-            return self.validation.run()
+            metrics = self.validation.run()
+            metrics.update(self.downstream.run())  # eval.tasks: {} when there are none
+            return metrics
 
     def _check_lock(self) -> None:
         """Before every write to the run folder: does rank 0 still hold the folder's lock? One small
@@ -371,7 +376,7 @@ class Trainer:
         engine = self.__dict__.pop("engine", None)
         if engine is not None:
             engine.destroy()
-        for name in ("model", "optimizer", "loader", "train_step", "validation"):
+        for name in ("model", "optimizer", "loader", "train_step", "validation", "downstream"):
             self.__dict__.pop(name, None)
 
     def _newest_good_checkpoint(self) -> str:
