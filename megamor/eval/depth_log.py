@@ -7,7 +7,7 @@
 From a run folder it reads `router/depth_hist/counts` of metrics.jsonl (one histogram per log
 window, rows after a resume once: the trainer cuts the file back); from a CSV written by
 `logging.depth_hist_csv`, that file (its own cadence). The CSV it writes has that format too
-(megamor/train/depth_csv.py). The plot stacks each depth's share of the tokens over the steps.
+(megamor/runs/depth_csv.py). The plot stacks each depth's share of the tokens over the steps.
 Bad input (no such run, no depth histograms: a model without routing) is one line, exit 2.
 """
 
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from megamor.cli import ArgumentParser, BadInput, run_main
-from megamor.train.depth_csv import read_csv, write_csv
+from megamor.runs.depth_csv import read_csv, write_csv
 
 TOOL = "megamor.eval.depth_log"
 HIST_KEY = "router/depth_hist/counts"
@@ -40,7 +40,7 @@ def from_metrics(path: Path) -> dict[int, list[float]]:
 
 
 def load(source: Path) -> dict[int, list[float]]:
-    from megamor.train.logger import METRICS_FILE
+    from megamor.runs.layout import METRICS_FILE
 
     if source.is_dir():
         path = source / METRICS_FILE

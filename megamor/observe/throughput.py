@@ -14,6 +14,7 @@ row carries its ratio to the first model (the baseline measured in the same run)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import os
@@ -55,10 +56,8 @@ def _status_bytes(key: str) -> int:
 
 def _trim_heap() -> None:
     """Hand memory the allocator keeps after frees back to the OS (glibc), so RSS counts live memory."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the baseline then includes retained memory
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the baseline then includes retained memory
-        pass
 
 
 def _peak_bytes(device: torch.device, fn: Callable[[], None]) -> tuple[float, str]:

@@ -15,6 +15,7 @@ MARKER = "COMPLETE"  # <tag>/COMPLETE: the completeness marker
 CONFIG_FILE = "experiment.yaml"  # <tag>/experiment.yaml: the config the tag was trained with
 TRAINER_STATE = "trainer_state.pt"  # <tag>/trainer_state.pt: the trainer's progress
 EXPORT_FILE = "megamor.pt"  # what `python -m megamor.export` writes into an export folder
+METRICS_FILE = "metrics.jsonl"  # run_dir/metrics.jsonl: one JSON object per logged window (rank 0)
 TAG_PREFIX = "step_"
 
 

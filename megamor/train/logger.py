@@ -20,11 +20,11 @@ from typing import Any, Protocol
 import torch
 
 from megamor.data.atomic import atomic_open
+from megamor.runs.layout import METRICS_FILE
 from megamor.train.config import ExperimentConfig
 from megamor.train.wandb_setup import init_run
 
 WANDB_ID_FILE = "wandb_id"
-METRICS_FILE = "metrics.jsonl"
 
 
 def wandb_run_id(run_dir: Path, from_checkpoint: str | None) -> str:
@@ -131,7 +131,7 @@ def build_sinks(cfg: ExperimentConfig, run_dir: Path, start_step: int) -> list[S
         sinks.append(TensorBoardSink(run_dir, start_step))
     csv_path = cfg.logging.depth_hist_path(run_dir)
     if csv_path is not None:
-        from megamor.train.depth_csv import DepthCsvSink
+        from megamor.runs.depth_csv import DepthCsvSink
 
         sinks.append(DepthCsvSink(csv_path, lambda step: cfg.logging.depth_hist_due(step, cfg.max_steps), start_step))
     return sinks

@@ -10,7 +10,7 @@ from PIL import Image
 
 from megamor.cli import run_main
 from megamor.eval.depth_log import TOOL, main
-from megamor.train.depth_csv import read_csv, write_csv
+from megamor.runs.depth_csv import read_csv, write_csv
 
 
 def png_ok(path) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megamor.train.depth_csv import HEADER, DepthCsvSink, cut_back_csv, read_csv
+from megamor.runs.depth_csv import HEADER, DepthCsvSink, cut_back_csv, read_csv
 
 
 def run(path, start: int, steps: range, every: int, max_steps: int, kill: bool = False) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megamor.eval.depth_log import main as depth_log
-from megamor.train.depth_csv import read_csv
+from megamor.runs.depth_csv import read_csv
 from tests.train.helpers import assert_ok, launch
 
 pytestmark = pytest.mark.launch
