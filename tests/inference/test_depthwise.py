@@ -39,6 +39,28 @@ def _requests(n: int, seed: int = 0):
     return [([rng.randrange(1, 200) for _ in range(rng.randrange(1, 14))], rng.randrange(1, 12)) for _ in range(n)]
 
 
+def _trace_logits(eng: Engine) -> dict[int, list[torch.Tensor]]:
+    """Every request's next-token logits, in order (tokens alone hide small errors in a random model)."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    emit = eng._emit
+
+    def spy(reqs, logits, greedy=None):
+        for i, r in enumerate(reqs):
+            seen.setdefault(r.id, []).append(logits[i].clone())
+        return emit(reqs, logits, greedy)
+
+    eng._emit = spy
+    return seen
+
+
+def _alone(model: MoRLM, prompt: list[int], n: int) -> list[torch.Tensor]:
+    eng = Engine(model, max_batch=1, max_len=len(prompt) + n)
+    seen = _trace_logits(eng)
+    eng.submit(prompt, n)
+    eng.run()
+    return seen[0]
+
+
 class _DepthSpy:
     """Records the depths of the items each block call runs."""
 
@@ -61,6 +83,7 @@ def test_depthwise_equals_generate_alone(variant, kv, sharing):
     reqs = _requests(9)
     eng = Engine(model, max_batch=4, max_len=12, schedule="depthwise", block_batch=3, flush_batch=2)
     spy = _DepthSpy(eng.depthwise)
+    logits = _trace_logits(eng)
     handles = [eng.submit(p, n) for p, n in reqs[:5]]
     for _ in range(4):
         eng.step()
@@ -75,6 +98,10 @@ def test_depthwise_equals_generate_alone(variant, kv, sharing):
         assert h.tokens == ref.tokens[0], (prompt, n)
         assert h.depths == ref.depths[0]
         assert h.prompt_depths == ref.prompt_depths[0]
+        alone = _alone(model, prompt, n)
+        assert len(logits[h.id]) == len(alone)
+        for got, want in zip(logits[h.id], alone):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     assert all(f.sum() == 0 for f in eng.cache.fill.values())  # every slot was released
     if model.steps:
         assert spy.mixed > 0  # the block ran tokens of different depths in one call
