@@ -125,7 +125,10 @@ class Engine:
         self.depthwise = None
         if schedule == "depthwise":
             bb = block_batch or max_batch
-            self.depthwise = DepthwiseScheduler(self, bb, flush_batch or bb)
+            sched = DepthwiseScheduler(self, bb, flush_batch or bb)
+            # No recursion block (vanilla): nothing to schedule by depth, the two schedules are the
+            # same computation, and lockstep's step runs it.
+            self.depthwise = sched if sched.n_steps else None
 
     # -- queue ---------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], max_new_tokens: int, **sampling) -> Request:

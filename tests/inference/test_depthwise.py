@@ -82,7 +82,8 @@ def test_depthwise_equals_generate_alone(variant, kv, sharing):
     model = _model(variant, kv, sharing)
     reqs = _requests(9)
     eng = Engine(model, max_batch=4, max_len=12, schedule="depthwise", block_batch=3, flush_batch=2)
-    spy = _DepthSpy(eng.depthwise)
+    assert (eng.depthwise is None) == (not model.steps)  # vanilla: no block, lockstep's step runs it
+    spy = _DepthSpy(eng.depthwise) if eng.depthwise is not None else None
     logits = _trace_logits(eng)
     handles = [eng.submit(p, n) for p, n in reqs[:5]]
     for _ in range(4):
