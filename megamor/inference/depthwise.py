@@ -163,7 +163,7 @@ class DepthwiseScheduler:
 
     def _block(self, slots: np.ndarray) -> None:
         """Each item runs its own recursion step (depth[slot]); one batch for all depths."""
-        model, cache = self.model, self.engine.cache
+        model = self.model
         m = len(slots)
         sl_t = torch.from_numpy(slots).to(self.device)
         dep = self.depth[slots]
@@ -213,7 +213,9 @@ class DepthwiseScheduler:
             loc = np.flatnonzero(dep == r)
             whole = len(loc) == len(dep)
             loc_t = None if whole else torch.from_numpy(loc).to(self.device)
-            pick = (lambda t: t) if whole else (lambda t: t.index_select(0, loc_t))  # noqa: E731
+
+            def pick(t: Tensor, loc_t: Tensor | None = loc_t) -> Tensor:
+                return t if loc_t is None else t.index_select(0, loc_t)
             rows = _Rows(slots[loc], torch.from_numpy(slots[loc]).to(self.device))
             site = model.sites.steps[r][j]
             source = model.sites.kv_source.get(site)

@@ -42,7 +42,6 @@ from megamor.inference.static_cache import PrefillRecorder, StaticKVCache
 from megamor.inference.step import decode_step
 from megamor.model.mor import MoRLM
 
-
 SCHEDULES = ("lockstep", "depthwise")
 
 

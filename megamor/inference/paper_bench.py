@@ -169,8 +169,8 @@ def paper_report(args, rows, models, device, context: int, wall: float) -> str:
          f"wall {wall:.0f} s"),
         f"command: python evals/bench_decode.py {' '.join(sys.argv[1:])}",
         "",
-        f"ratios from {'tokens per CPU second' if on_cpu else 'tokens per second'}, against the baseline's fixed-batch "
-        "row of the same schedule; 'no KV write' subtracts the timed key/value writes (the paper's figure)",
+        (f"ratios from {'tokens per CPU second' if on_cpu else 'tokens per second'}, against the baseline's fixed-batch "
+         "row of the same schedule; 'no KV write' subtracts the timed key/value writes (the paper's figure)"),
         "",
         ("| model | batch | schedule | tokens/s | tokens/CPU-s | no KV write | KV write share | vs baseline | "
          "no KV write vs baseline | FLOP-predicted | occupancy (steady) | occupancy (all) | depth shares |"),

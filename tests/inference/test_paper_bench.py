@@ -51,7 +51,7 @@ def test_paper_protocol_run(tmp_path, capsys):
     assert names == {"vanilla", "mor_expert_2", "mor_expert_3", "mor_expert_4", "vanilla_as_mor_expert_4"}
     for r in rows:
         cells = [c.strip() for c in r.split("|")]
-        model, batch, schedule, steady = cells[1], cells[2], cells[3], cells[11]
+        model, schedule, steady = cells[1], cells[3], cells[11]
         if model.startswith("mor") and schedule == "depthwise":
             assert float(steady) == 1.0  # the block always ran a full batch while requests waited
         if model.startswith("mor") and schedule == "lockstep":
