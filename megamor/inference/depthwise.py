@@ -35,7 +35,7 @@ decide routing on the device (the host only reads how many items exited).
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -46,8 +46,20 @@ from megamor.model.layers import sdpa
 from megamor.model.routing import CAUSAL, EXPERT, TOKEN
 
 if TYPE_CHECKING:
-    from megamor.inference.engine import Engine, TokenEvent
+    from megamor.inference.static_cache import StaticKVCache
     from megamor.model.mor import MoRLM
+
+
+class EngineLike(Protocol):
+    """What the scheduler uses of `megamor.inference.engine.Engine` (which imports this module)."""
+
+    model: MoRLM
+    cache: StaticKVCache
+    max_batch: int
+    running: dict  # slot -> Request
+    queue: deque  # requests not admitted yet
+
+    def _emit(self, reqs: list, logits: Tensor, greedy: list[int] | None = None) -> list: ...
 
 SERVABLE = ("none", EXPERT, TOKEN)
 
@@ -71,7 +83,7 @@ class _Cohort:
 
 
 class DepthwiseScheduler:
-    def __init__(self, engine: Engine, block_batch: int, flush_batch: int):
+    def __init__(self, engine: EngineLike, block_batch: int, flush_batch: int):
         model = engine.model
         check_servable(model)
         if block_batch < 1 or flush_batch < 1:
@@ -94,7 +106,7 @@ class DepthwiseScheduler:
         self.steady_calls = self.steady_items = 0
 
     # -- the two operations ----------------------------------------------------------------
-    def tick(self) -> list[TokenEvent]:
+    def tick(self) -> list:
         if len(self.exit) >= self.flush_batch or (self.exit and len(self.queue) < self.block_batch):
             return self._flush()
         if self.queue:
@@ -232,7 +244,7 @@ class DepthwiseScheduler:
                 out.index_copy_(0, loc_t, o)
         return layer_output(layer, x, out)
 
-    def _flush(self) -> list[TokenEvent]:
+    def _flush(self) -> list:
         """Coda, head and sampling for the exit buffer; the requests that go on re-enter."""
         eng, model = self.engine, self.model
         slots = np.asarray(self.exit, dtype=np.int64)
