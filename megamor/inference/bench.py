@@ -297,6 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     paper.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     paper.add_argument("--gpu", default="h100", help="GPU whose memory sets the relative maximum batch")
     paper.add_argument("--kv-seq-len", type=int, default=2048, help="sequence length of the relative maximum batch")
+    paper.add_argument("--depthwise-slots", type=int, default=1,
+                       help="depthwise: requests in flight = this x batch (2: the exit buffer fills to a batch too)")
     args = p.parse_args(argv)
     args.variants_given = "--variants" in (argv if argv is not None else sys.argv[1:])
     if not Path(args.size).is_dir():
@@ -307,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.protocol == "paper":
         if args.prompt_len == 64 and "--prompt-len" not in (argv or sys.argv[1:]):
             args.prompt_len = 1  # no prefix
-        for name in ("requests", "batch", "prompt_len", "repeats"):
+        for name in ("requests", "batch", "prompt_len", "repeats", "depthwise_slots"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
         if args.gen_mean < 1 or args.gen_std < 0:

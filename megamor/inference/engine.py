@@ -121,6 +121,7 @@ class Engine:
         self.overflow_steps = 0  # of which redone on the dynamic path (bucket or capacity overflow)
         self.schedule = schedule
         self.block_calls = self.block_items = 0  # lockstep: calls of recursion steps, rows they ran
+        self.steady_calls = self.steady_items = 0  # of which while requests were still queued
         self.depthwise = None
         if schedule == "depthwise":
             bb = block_batch or max_batch
@@ -152,11 +153,12 @@ class Engine:
 
     def occupancy(self, steady: bool = False) -> float:
         """The shared block's mean occupancy: items per call of a recursion step / batch size
-        (lockstep: max_batch; depthwise: block_batch). steady (depthwise): only the calls made
-        while requests were still queued."""
+        (lockstep: max_batch; depthwise: block_batch). steady: only the calls made while requests
+        were still queued (no ramp-up or drain)."""
         if self.depthwise is not None:
             return self.depthwise.occupancy(steady)
-        return self.block_items / (self.block_calls * self.max_batch) if self.block_calls else float("nan")
+        calls, items = (self.steady_calls, self.steady_items) if steady else (self.block_calls, self.block_items)
+        return items / (calls * self.max_batch) if calls else float("nan")
 
     # -- one engine step -----------------------------------------------------------------
     @torch.no_grad()
@@ -262,6 +264,9 @@ class Engine:
         ran = [int(n) for n in rows_per_step if n > 0]
         self.block_calls += len(ran)
         self.block_items += sum(ran)
+        if self.queue:
+            self.steady_calls += len(ran)
+            self.steady_items += sum(ran)
 
     # -- conveniences ----------------------------------------------------------------------
     def stream(self) -> Iterator[TokenEvent]:

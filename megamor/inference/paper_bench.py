@@ -86,10 +86,16 @@ class Run:
 
 
 def run_engine(model: MoRLM, requests: list[tuple[list[int], int]], batch: int, schedule: str,
-               time_writes: bool = False) -> Run:
+               time_writes: bool = False, slots: int = 1) -> Run:
+    """batch: requests decoding at once (lockstep) or the block's batch (depthwise, with
+    slots x batch requests in flight: 2 lets the exit buffer fill to a batch too)."""
     device = model.embed_tokens.weight.device
     longest = max(len(p) + n for p, n in requests)
-    eng = Engine(model, max_batch=batch, max_len=longest, schedule=schedule)
+    if schedule == "depthwise":
+        eng = Engine(model, max_batch=slots * batch, max_len=longest, schedule=schedule, block_batch=batch,
+                     flush_batch=batch)
+    else:
+        eng = Engine(model, max_batch=batch, max_len=longest, schedule=schedule)
     eng.cache.time_writes = time_writes
     handles = [eng.submit(p, n) for p, n in requests]
     if device.type == "cuda":
@@ -107,11 +113,11 @@ def run_engine(model: MoRLM, requests: list[tuple[list[int], int]], batch: int, 
                shares)
 
 
-def measure(model: MoRLM, requests, batch: int, schedule: str, warmup: int, repeats: int) -> dict:
+def measure(model: MoRLM, requests, batch: int, schedule: str, warmup: int, repeats: int, slots: int = 1) -> dict:
     for _ in range(warmup):
-        run_engine(model, requests, batch, schedule)
-    runs = [run_engine(model, requests, batch, schedule) for _ in range(repeats)]
-    timed = run_engine(model, requests, batch, schedule, time_writes=True)
+        run_engine(model, requests, batch, schedule, slots=slots)
+    runs = [run_engine(model, requests, batch, schedule, slots=slots) for _ in range(repeats)]
+    timed = run_engine(model, requests, batch, schedule, time_writes=True, slots=slots)
     med = sorted(runs, key=lambda r: r.cpu)[len(runs) // 2]
     wall = sorted(r.wall for r in runs)[len(runs) // 2]
     return {"tokens": med.tokens, "tok_s": med.tokens / wall, "tok_cpu_s": med.tokens / med.cpu,
@@ -150,8 +156,10 @@ def run_paper(args: argparse.Namespace) -> str:
             settings.append(("relative max", relative_batch(args.size, v, base, args.batch, args.gpu, args.kv_seq_len)))
         for setting, batch in settings:
             for schedule in ("lockstep", "depthwise"):
-                res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats)
-                rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": schedule, **res})
+                slots = args.depthwise_slots if schedule == "depthwise" else 1
+                res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots)
+                label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
+                rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": label, **res})
                 print(f"  {v} {setting} {batch} {schedule}: {res['tok_cpu_s']:.1f} tokens/CPU-s, occupancy "
                       f"{res['steady_occupancy']:.2f}", file=sys.stderr, flush=True)
     return paper_report(args, rows, models, device, context, time.perf_counter() - started)
