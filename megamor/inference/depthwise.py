@@ -56,6 +56,7 @@ class EngineLike(Protocol):
     model: MoRLM
     cache: StaticKVCache
     max_batch: int
+    tokens_per_step_total: np.ndarray
     running: dict  # slot -> Request
     queue: deque  # requests not admitted yet
 
@@ -206,6 +207,7 @@ class DepthwiseScheduler:
         self.depth[slots] = dep + 1
         self.block_calls += 1
         self.block_items += m
+        np.add.at(self.engine.tokens_per_step_total, dep, 1)  # the lockstep counter, per recursion step
         if self.engine.queue:
             self.steady_calls += 1
             self.steady_items += m

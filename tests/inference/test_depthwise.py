@@ -135,15 +135,17 @@ def test_occupancy_full_block_vs_lockstep():
     full; lockstep's deeper recursions run ever smaller batches."""
     model = _model("mor_expert", "recursion_wise", "middle_cycle")
     prompts = _requests(24, seed=2)
-    occ = {}
+    occ, shares = {}, {}
     for schedule in ("lockstep", "depthwise"):
         eng = Engine(model, max_batch=8, max_len=32, schedule=schedule, block_batch=4)
         for p, _ in prompts:
             eng.submit(p, 10)
         eng.run()
         occ[schedule] = eng.occupancy(steady=True)
+        shares[schedule] = eng.tokens_per_step_total.tolist()
         assert eng.occupancy() <= 1.0
     assert occ["depthwise"] == 1.0
+    assert shares["depthwise"] == shares["lockstep"]  # the same tokens ran each recursion step
     assert occ["lockstep"] < 0.9
 
 
