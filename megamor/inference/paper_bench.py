@@ -113,18 +113,38 @@ def run_engine(model: MoRLM, requests: list[tuple[list[int], int]], batch: int, 
                shares)
 
 
-def measure(model: MoRLM, requests, batch: int, schedule: str, warmup: int, repeats: int, slots: int = 1) -> dict:
+def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int = 1) -> str:
+    """Calls of torch's linear and their share of the run's CPU time (cProfile): on a CPU at
+    decoding batch sizes a matmul's cost has a fixed part per call, which is what the two
+    schedules trade (fewer, fuller block calls against smaller flushes)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run_engine(model, requests, batch, schedule, slots=slots)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.values())
+    lin = [v for k, v in stats.items() if k[2] == "<built-in method torch._C._nn.linear>"]
+    calls, secs = (lin[0][1], lin[0][2]) if lin else (0, 0.0)
+    return f"{calls} linear calls, {secs:.2f} s = {secs / max(total, 1e-9):.0%} of the profiled run"
+
+
+def measure(model: MoRLM, requests, batch: int, schedule: str, warmup: int, repeats: int, slots: int = 1,
+            profile: bool = False) -> dict:
     for _ in range(warmup):
         run_engine(model, requests, batch, schedule, slots=slots)
     runs = [run_engine(model, requests, batch, schedule, slots=slots) for _ in range(repeats)]
     timed = run_engine(model, requests, batch, schedule, time_writes=True, slots=slots)
+    prof = linear_profile(model, requests, batch, schedule, slots) if profile else ""
     med = sorted(runs, key=lambda r: r.cpu)[len(runs) // 2]
     wall = sorted(r.wall for r in runs)[len(runs) // 2]
     return {"tokens": med.tokens, "tok_s": med.tokens / wall, "tok_cpu_s": med.tokens / med.cpu,
             "tok_s_no_kv": med.tokens / max(1e-9, wall - timed.write_wall),
             "tok_cpu_s_no_kv": med.tokens / max(1e-9, med.cpu - timed.write_cpu),
             "kv_write_share": timed.write_cpu / max(1e-9, timed.cpu), "occupancy": med.occupancy,
-            "steady_occupancy": med.steady_occupancy, "shares": med.shares}
+            "steady_occupancy": med.steady_occupancy, "shares": med.shares, "profile": prof}
 
 
 def predicted_ratio(base: ModelConfig, cfg: ModelConfig, shares: list[float], context: int) -> float:
@@ -157,7 +177,7 @@ def run_paper(args: argparse.Namespace) -> str:
         for setting, batch in settings:
             for schedule in ("lockstep", "depthwise"):
                 slots = args.depthwise_slots if schedule == "depthwise" else 1
-                res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots)
+                res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots, args.profile)
                 label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
                 rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": label, **res})
                 print(f"  {v} {setting} {batch} {schedule}: {res['tok_cpu_s']:.1f} tokens/CPU-s, occupancy "
@@ -181,8 +201,9 @@ def paper_report(args, rows, models, device, context: int, wall: float) -> str:
          "row of the same schedule; 'no KV write' subtracts the timed key/value writes (the paper's figure)"),
         "",
         ("| model | batch | schedule | tokens/s | tokens/CPU-s | no KV write | KV write share | vs baseline | "
-         "no KV write vs baseline | FLOP-predicted | occupancy (steady) | occupancy (all) | depth shares |"),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+         "no KV write vs baseline | FLOP-predicted | occupancy (steady) | occupancy (all) | depth shares |"
+         + (" profile |" if args.profile else "")),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if args.profile else ""),
     ]
     nokv = key + "_no_kv" if on_cpu else "tok_s_no_kv"
     for r in rows:
@@ -195,7 +216,8 @@ def paper_report(args, rows, models, device, context: int, wall: float) -> str:
         lines.append(
             f"| {r['variant']} (vs {r['base']}) | {r['setting']} {r['batch']} | {r['schedule']} | {r['tok_s']:.1f} | "
             f"{r['tok_cpu_s']:.1f} | {r[nokv]:.1f} | {r['kv_write_share']:.1%} | {vs} | {vs_nokv} | {pred} | "
-            f"{r['steady_occupancy']:.3f} | {r['occupancy']:.3f} | {r['shares']} |")
+            f"{r['steady_occupancy']:.3f} | {r['occupancy']:.3f} | {r['shares']} |"
+            + (f" {r['profile']} |" if args.profile else ""))
     return "\n".join(lines) + "\n"
 
 
