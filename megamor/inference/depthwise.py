@@ -222,23 +222,36 @@ class DepthwiseScheduler:
         layer = model.layers[phys]
         xn, q = layer_query(layer, x, cos, sin)
         depths = np.unique(dep).tolist()
+        sites = {r: model.sites.steps[r][j] for r in depths}
+        owns = {r: model.sites.kv_source.get(sites[r]) is None for r in depths}
+        # Keys/values of every item whose site owns them, in one projection (not one per depth)
+        own_all = all(owns.values())
+        owners = None if own_all else np.flatnonzero(np.isin(dep, [r for r in depths if owns[r]]))
+        kv = None
+        if own_all:
+            kv = layer.self_attn.project_kv(xn, cos, sin)
+        elif len(owners):
+            o_t = torch.from_numpy(owners).to(self.device)
+            kv = layer.self_attn.project_kv(xn[o_t], cos[o_t], sin[o_t])
         out = None if len(depths) == 1 else q.new_empty(q.shape)
         for r in depths:
             loc = np.flatnonzero(dep == r)
             whole = len(loc) == len(dep)
             loc_t = None if whole else torch.from_numpy(loc).to(self.device)
-
-            def pick(t: Tensor, loc_t: Tensor | None = loc_t) -> Tensor:
-                return t if loc_t is None else t.index_select(0, loc_t)
             rows = _Rows(slots[loc], torch.from_numpy(slots[loc]).to(self.device))
-            site = model.sites.steps[r][j]
+            site = sites[r]
             source = model.sites.kv_source.get(site)
             if source is None:
-                k, v = layer.self_attn.project_kv(pick(xn), pick(cos), pick(sin))
+                at = loc if own_all else np.searchsorted(owners, loc)  # this group's rows of the projection
+                if len(at) == len(kv[0]):
+                    k, v = kv
+                else:
+                    at_t = torch.from_numpy(at).to(self.device)
+                    k, v = kv[0].index_select(0, at_t), kv[1].index_select(0, at_t)
                 cache.write_token(site, rows.host, rows.dev, k, v, memo)
                 source = site
             k, v, mask = cache.view(source, rows.host, rows.dev, memo)
-            qs = pick(q)
+            qs = q if whole else q.index_select(0, loc_t)
             o = sdpa(qs, k.to(qs.dtype), v.to(qs.dtype), mask, is_causal=False)
             if out is None:
                 out = o
