@@ -179,7 +179,8 @@ def run_paper(args: argparse.Namespace) -> str:
                 slots = args.depthwise_slots if schedule == "depthwise" else 1
                 res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots, args.profile)
                 label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
-                rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": label, **res})
+                rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": schedule,
+                             "label": label, **res})
                 print(f"  {v} {setting} {batch} {schedule}: {res['tok_cpu_s']:.1f} tokens/CPU-s, occupancy "
                       f"{res['steady_occupancy']:.2f}", file=sys.stderr, flush=True)
     return paper_report(args, rows, models, device, context, time.perf_counter() - started)
@@ -214,7 +215,7 @@ def paper_report(args, rows, models, device, context: int, wall: float) -> str:
         if r["variant"] != r["base"] and r["base"] in models:
             pred = f"{predicted_ratio(models[r['base']].cfg, models[r['variant']].cfg, r['shares'], context):.2f}x"
         lines.append(
-            f"| {r['variant']} (vs {r['base']}) | {r['setting']} {r['batch']} | {r['schedule']} | {r['tok_s']:.1f} | "
+            f"| {r['variant']} (vs {r['base']}) | {r['setting']} {r['batch']} | {r['label']} | {r['tok_s']:.1f} | "
             f"{r['tok_cpu_s']:.1f} | {r[nokv]:.1f} | {r['kv_write_share']:.1%} | {vs} | {vs_nokv} | {pred} | "
             f"{r['steady_occupancy']:.3f} | {r['occupancy']:.3f} | {r['shares']} |"
             + (f" {r['profile']} |" if args.profile else ""))
