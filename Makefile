@@ -9,11 +9,14 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
-export OMP_NUM_THREADS ?= 2
+# OpenMP threads sleep instead of spinning when idle (a second process on the cores otherwise
+# slows both many times over); the thread count is picked by megamor.env.thread_defaults from
+# the cores this process may use. Set OMP_NUM_THREADS / OMP_WAIT_POLICY to override.
+export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MEGAMOR_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: venv test demo bench lint clean gpu-check gpu-wheels
+.PHONY: venv test test-fast demo bench lint clean gpu-check gpu-wheels config-doc
 
 # The stamp is rebuilt when setup.py or the constraints change.
 $(VENV)/.installed: setup.py constraints.txt
@@ -27,6 +30,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The fast tier: no training process, SLURM daemon or multi-process group (docs/testing.md).
+test-fast: venv
+	$(VPY) -m pytest -q -m "not launch" tests $(PYTEST_ARGS)
 
 demo: venv
 	$(VPY) -m megamor.demo $(DEMO_ARGS)
@@ -44,7 +51,11 @@ gpu-wheels: venv
 	bash evals/gpu_wheels.sh $(VPY)
 
 lint: venv
-	$(VPY) -m ruff check megamor tests evals data_prep launch
+	$(VPY) -m ruff check megamor tests evals data_prep launch notebooks
+
+# docs/config.md from the config dataclasses (tests/test_config_doc.py fails when it is stale).
+config-doc: venv
+	$(VPY) -m megamor.config_doc
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -19,6 +19,7 @@ setup(
         "deepspeed>=0.15",
         "datasets>=2.19",
         "sentencepiece>=0.2",
+        "tokenizers>=0.20",  # Hugging Face tokenizer.json (megamor.data.tokenizer): encode_batch_fast
         "wandb>=0.17",
         "omegaconf>=2.3",
         "pyyaml",  # megamor.config reads YAML itself to reject empty and non-mapping files
@@ -31,9 +32,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "transformers", "lm-eval>=0.4", "accelerate", "ruff"],
+        "dev": ["pytest", "transformers", "lm-eval>=0.4", "accelerate", "ruff", "tensorboard",
+                "nbclient", "nbformat", "ipykernel"],  # nbclient etc.: tests/test_notebook.py runs notebooks/
         # lm-eval (our `megamor` model, and its `hf` model on an export: accelerate), AutoTokenizer on exports
         "eval": ["transformers", "lm-eval>=0.4", "accelerate"],
         "gpu": ["flash-attn"],
+        "tensorboard": ["tensorboard"],  # logging.tensorboard: true
     },
 )

@@ -13,11 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megamor.cli import ArgumentParser
 from megamor.data.cli import main_guard
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output .jsonl path")
     p.add_argument("--mb", type=float, default=4.0, help="size of the text in MB (1e6 bytes)")
     p.add_argument("--seed", type=int, default=0)

@@ -17,13 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megamor.cli import ArgumentParser
 from megamor.data.cli import add_input_args, main_guard, read_options
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input_args(p)
-    p.add_argument("--tokenizer", required=True, help="tokenizer.model or its folder")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face) or their folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (default 64Mi)")

@@ -1,7 +1,9 @@
-"""Train a sentencepiece tokenizer (BPE or unigram, byte fallback) from local files or a HF dataset.
+"""Train a tokenizer from local files or a HF dataset: sentencepiece (BPE or unigram, byte
+fallback; the default) or, with --kind hf-bpe, a Hugging Face byte-level BPE (`tokenizers`).
 
-Writes OUT/tokenizer.model, OUT/tokenizer.vocab and OUT/tokenizer_info.json (settings, content
-hash, special ids: unk=0 bos=1 eos=2 pad=3).
+Writes OUT/tokenizer.model + OUT/tokenizer.vocab (sentencepiece) or OUT/tokenizer.json +
+tokenizer_config.json + special_tokens_map.json (hf-bpe; AutoTokenizer loads the folder), and
+OUT/tokenizer_info.json (settings, content hash, special ids: unk=0 bos=1 eos=2 pad=3).
 
   python data_prep/train_tokenizer.py out/demo/demo_corpus.jsonl --out out/demo/tokenizer --vocab-size 2048
 """
@@ -14,13 +16,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megamor.cli import ArgumentParser
 from megamor.data.cli import add_input_args, main_guard, read_options
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input_args(p)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--kind", choices=("sentencepiece", "hf-bpe"), default="sentencepiece",
+                   help="sentencepiece model, or a Hugging Face byte-level BPE (tokenizer.json)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--character-coverage", type=float, default=0.9995)
@@ -41,7 +46,7 @@ def main() -> int:
         a.inputs, a.out, vocab_size=a.vocab_size, model_type=a.model_type, character_coverage=a.character_coverage,
         max_sentences=a.max_sentences, sample_fraction=a.sample_fraction, seed=a.seed, num_threads=a.num_threads,
         read=read_options(a), hf_split=a.hf_split, allow_empty_inputs=a.allow_empty_inputs, soft_vocab_limit=a.soft_vocab_limit,
-        overwrite=a.overwrite,
+        overwrite=a.overwrite, kind=a.kind,
     )
     print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.content_hash[:16]}; "
           f"unk={tok.unk_id} bos={tok.bos_id} eos={tok.eos_id} pad={tok.pad_id})")

@@ -12,11 +12,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megamor.cli import ArgumentParser
 from megamor.data.cli import main_guard
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+")
     p.add_argument("--no-hash", action="store_true", help="skip sha256 (faster; still checks sizes, ids, index)")
     a = p.parse_args()
@@ -28,4 +29,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(main, code=1)  # exit 1: a shard failed the check (bad arguments: 2)

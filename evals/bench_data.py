@@ -1,10 +1,11 @@
 """Data pipeline benchmark (not a test).
 
 1. Tokenize-and-shard throughput (input MB/s, tokens/s, end to end: plan, tokenize, write
-   shards, manifest) on the Gutenberg books with 1 and 2 workers, next to a plain
-   single-process sentencepiece encode loop over the same documents, run interleaved in the
-   same invocation (the ratio is what matters on a shared machine), with peak memory (RSS of
-   the largest process of each run).
+   shards, manifest) on the Gutenberg books with 1 and 2 workers, for each tokenizer kind
+   (a sentencepiece BPE and a Hugging Face byte-level BPE, both trained here at --vocab-size),
+   next to a plain single-process encode loop over the same documents with each, run
+   interleaved in the same invocation (ratios are against the sentencepiece loop: that is
+   what matters on a shared machine), with peak memory (RSS of the largest process of each run).
 2. Loader throughput (samples/s at seq 2048, one rank) against what training the 135M model
    consumes per GPU (training FLOPs/token from megamor.model.flops at an assumed MFU).
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megamor.cli import ArgumentParser
 from megamor.env import shared_data_dir
 
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s (H100/H200 SXM)
@@ -40,16 +42,17 @@ def _cpu_seconds() -> float:
 
 
 def child_baseline(files: list[str], tokenizer: str) -> dict:
-    """Plain sentencepiece: paragraphs of the normalised books, encoded one by one."""
-    import sentencepiece as spm
+    """The tokenizer library alone (sentencepiece or tokenizers): paragraphs of the normalised
+    books, encoded one by one."""
+    from megamor.data.tokenizer import load_tokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    encode = load_tokenizer(tokenizer)._encode  # one library call per document
     docs = []
     for f in files:
         text = Path(f).read_bytes().decode("utf-8", "replace").lstrip("\ufeff").replace("\r\n", "\n")
         docs += [d for d in text.split("\n\n") if d.strip()]
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    tokens = sum(len(sp.encode(d)) for d in docs)
+    tokens = sum(len(encode(d)) for d in docs)
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, "tokens": tokens}
 
 
@@ -130,10 +133,11 @@ def consumption_135m(seq_len: int, mfu: float) -> list[tuple[str, float]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--corpus", default=str(shared_data_dir() / "gutenberg"), help="folder of .txt books")
     p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--kinds", nargs="+", choices=("sentencepiece", "hf-bpe"), default=["sentencepiece", "hf-bpe"])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -157,15 +161,18 @@ def main() -> int:
     mb = sum(Path(f).stat().st_size for f in files) / 1e6
     load0 = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    t0 = time.perf_counter()
-    tok = train_tokenizer(files, work / "tok", vocab_size=a.vocab_size)
-    tok_s = time.perf_counter() - t0
+    toks, tok_s = {}, {}
+    for kind in a.kinds:
+        t0 = time.perf_counter()
+        toks[kind] = train_tokenizer(files, work / f"tok-{kind}", vocab_size=a.vocab_size, kind=kind)
+        tok_s[kind] = time.perf_counter() - t0
     runs: dict[str, list[dict]] = {}
     for _ in range(a.repeats):  # interleaved, so machine load hits every configuration alike
-        runs.setdefault("sentencepiece loop", []).append(run_child(["baseline", str(tok.path), *files]))
-        for w in a.workers:
-            runs.setdefault(f"tokenize_and_shard, {w} worker{'s' if w > 1 else ''}", []).append(
-                run_child(["shard", str(tok.path), str(work / "shards"), str(w), *files]))
+        for kind, tok in toks.items():
+            runs.setdefault(f"{kind}: encode loop", []).append(run_child(["baseline", str(tok.path), *files]))
+            for w in a.workers:
+                runs.setdefault(f"{kind}: tokenize_and_shard, {w} worker{'s' if w > 1 else ''}", []).append(
+                    run_child(["shard", str(tok.path), str(work / f"shards-{kind}"), str(w), *files]))
     rows = []
     base = base_cpu = None
     for name, rs in runs.items():
@@ -174,7 +181,7 @@ def main() -> int:
         mbs, toks = mb / sec, rs[0]["tokens"] / sec
         base, base_cpu = base or mbs, base_cpu or mb / cpu
         rows.append((name, sec, mbs, toks, mbs / base, cpu, (mb / cpu) / base_cpu, max(r["peak_rss_mib"] for r in rs)))
-    loader = {m: bench_loader(str(work / "shards"), a.seq_len, a.micro_batch, a.loader_steps, m) for m in (False, True)}
+    loader = {m: bench_loader(str(work / f"shards-{a.kinds[0]}"), a.seq_len, a.micro_batch, a.loader_steps, m) for m in (False, True)}
     need = consumption_135m(a.seq_len, a.mfu)
     load1 = os.getloadavg()[0]
 
@@ -186,10 +193,12 @@ def main() -> int:
         (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
          f"Python {platform.python_version()}; load average {load0:.1f} at start, {load1:.1f} at end "
          "(shared machine: compare ratios, not absolutes).  "),
-        (f"Corpus: {len(files)} Gutenberg books, {mb:.2f} MB; tokenizer: BPE vocab {a.vocab_size} "
-         f"trained on it in {tok_s:.1f} s.  "),
+        (f"Corpus: {len(files)} Gutenberg books, {mb:.2f} MB; tokenizers: vocab {a.vocab_size} trained on it ("
+         + ", ".join(f"{k} {s:.1f} s" for k, s in tok_s.items()) + f"); TOKENIZERS_PARALLELISM="
+         f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}.  "),
         (f"Median of {a.repeats} interleaved runs. tokenize_and_shard times are end to end (plan, read, tokenize, "
-         "split, write parts, shards, sha256, manifest); the sentencepiece loop times encode calls only."),
+         "split, write parts, shards, sha256, manifest); the encode loops time encode calls only; "
+         "'vs loop' columns compare with the first row."),
         "",
         ("| run | wall s | input MB/s | tokens/s | wall vs loop | CPU s (all processes) | MB per CPU-s vs loop "
          "| peak RSS MiB (largest process) |"),

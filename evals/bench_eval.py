@@ -25,12 +25,13 @@ import time
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.env import shared_data_dir
 from megamor.eval.cli import default_device, tokenizer_for, write_text
 from megamor.eval.harness import evaluate_task
 from megamor.eval.perplexity import perplexity_of_tokens
 from megamor.eval.scoring import Scorer
-from megamor.eval.tokenizer import SentencePieceTokenizer
+from megamor.eval.tokenizer import SentencePieceTokenizer, load_tokenizer
 from megamor.runs.load import load_model
 
 
@@ -54,7 +55,7 @@ def timed(fn):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/model/33m/mor_expert_2.yaml")
     p.add_argument("--checkpoint")
     p.add_argument("--tokenizer")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_model_config(a.config)
         torch.manual_seed(0)
         model = load_model(MoRLM(cfg), device=device)
-        tok = SentencePieceTokenizer(a.tokenizer) if a.tokenizer else train_tokenizer(cfg.vocab_size, "/tmp/megamor_bench_tok.model")
+        tok = load_tokenizer(a.tokenizer) if a.tokenizer else train_tokenizer(cfg.vocab_size, "/tmp/megamor_bench_tok.model")
     scorer = Scorer(model, batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens, max_length=a.max_length, device=device, dtype=a.dtype, pad_id=tok.eos_id)
     env = {"device": device, "dtype": a.dtype or "fp32", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "load_avg": os.getloadavg()[0], "params": model.num_params() if hasattr(model, "num_params") else None,

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -25,6 +24,7 @@ import time
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.inference.generate import generate
 from megamor.model import MoRLM, load_model_config
 from megamor.model.flops import forward_flops
@@ -124,7 +124,7 @@ def bench_grid(cfg, seq_lens: list[int], batch_sizes: list[int], mode: str, repe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/model/33m/mor_expert_3.yaml")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=2)

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.env import repo_root
 from megamor.model import MoRLM, load_model_config
 from megamor.model.flops import forward_flops
@@ -54,7 +55,7 @@ def timed_steps(model: MoRLM, x: torch.Tensor, repeats: int) -> tuple[float, flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="33m")
     p.add_argument("--nr", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=512)

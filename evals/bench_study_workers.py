@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from megamor.cli import ArgumentParser
 from megamor.env import repo_root
 from megamor.model.flops import flops_per_token
 from megamor.train.config import load_experiment
@@ -42,7 +43,7 @@ ROWS = [  # (row, model config, extra overrides): the scaling study's 1x and 3x 
 def overrides(model_config: str, extra: list[str], steps: int, run_dir: Path, data: Path) -> list[str]:
     return [f"model_config={model_config}", *extra, f"run_dir={run_dir}", f"trainer.max_steps={steps}",
             f"data.train=[{data / 'shards'}]", f"data.valid=[{data / 'shards'}]", f"data.tokenizer={data / 'tokenizer'}",
-            "logging.log_every=10", "eval.every_steps=0", "eval.at_end=false", "checkpoint.every_steps=0",
+            "logging.every_steps=10", "eval.every_steps=0", "eval.at_end=false", "checkpoint.every_steps=0",
             "checkpoint.save_final=false", "wandb.mode=disabled"]
 
 
@@ -66,7 +67,7 @@ def train_at_once(n: int, threads: int, ov: list[list[str]]) -> list[float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="the machine's cores")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--data", type=Path, default=Path("runs/studies/scaling_cpu/data"),

@@ -21,6 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from megamor.cli import ArgumentParser
 from megamor.model import load_model_config
 from megamor.parallel.memory import GiB, rank_memory
 from megamor.plan.bench import activation_bytes_worker, layout_step_worker
@@ -90,7 +91,7 @@ def memory_table(config: str, gpus: int = 8) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="configs/model/33m/mor_expert_3.yaml")
     p.add_argument("--memory-config", default="configs/experiments/360m_tp2.yaml")
     p.add_argument("--seq-len", type=int, default=256)

@@ -45,6 +45,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.env import repo_root
 from megamor.model import ModelConfig, MoRLM, load_model_config
 from megamor.model.flops import forward_flops
@@ -416,7 +417,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="toy shapes (d_model 64, seq 64), dynamo-only compile: checks the script on a CPU")
     p.add_argument("--parts", nargs="+", default=list(GPU_SIZES) + ["trainer", "lm_head"])
     p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (parts have their own limits)")

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from megamor.cli import ArgumentParser, results, use_colour
 from megamor.eval.cli import add_identity_arg, default_device, run_main, set_threads, tokenizer_for, write_text
-from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
 from megamor.eval.identity import check_identity
 from megamor.eval.text_input import read_text, require_text
-from megamor.runs.load import load_model_and_meta
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tokenizer")
     p.add_argument("--device", default=None)
@@ -34,21 +32,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plots", help="folder for depth_histogram.png, depth_vs_frequency.png, depth_vs_loss.png")
     p.add_argument("--json", help="write statistics (and per-token traces with --per-token) here")
     p.add_argument("--per-token", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no coloured text on the terminal")
+    p.add_argument("--quiet", action="store_true", help="no per-token text (coloured on a terminal, plain when redirected)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
-    set_threads()
     texts = a.text or [require_text(f, read_text(f)) for f in a.file]
+    from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
+    from megamor.runs.load import load_model_and_meta
+
+    set_threads()
     model, meta = load_model_and_meta(a.checkpoint, device=default_device(a.device))
     tok = tokenizer_for(a.checkpoint, a.tokenizer)
     check_identity(meta, a.checkpoint, tok, allow_mismatch=a.allow_tokenizer_mismatch)
     traces = [trace_depth(model, tok, t, max_length=a.max_length, max_tokens=a.max_tokens) for t in texts]
     if not a.quiet:
         for tr in traces:
-            sys.stdout.write(render_terminal(tr))
+            results().write(render_terminal(tr, colour=use_colour()))  # plain text when redirected
     stats = depth_statistics(traces)
     payload = {"stats": stats.to_dict()}
     if a.per_token:
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
         payload["plots"] = [str(p) for p in write_depth_plots(stats, a.plots)]
     if a.json:
         write_text(a.json, json.dumps(payload, indent=2))
-    print(json.dumps({k: v for k, v in stats.to_dict().items() if k not in ("freq_bins", "loss_bins")}, indent=2))
+    print(json.dumps({k: v for k, v in stats.to_dict().items() if k not in ("freq_bins", "loss_bins")}, indent=2),
+          file=results(), flush=True)
     return payload
 
 

@@ -12,14 +12,22 @@ the datasets from $MEGAMOR_DATA_DIR; `--metadata '{"data_dir": "/path"}'` overri
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm_eval.__main__ import cli_evaluate
 
 import megamor.eval.lm_eval_adapter  # noqa: F401 - registers "megamor"
-from megamor.eval.cli import run_main
+from megamor.cli import one_line_errors_everywhere, run_main, tool_name
+from megamor.data.tokenizer import TokenizerMismatchError
+from megamor.eval.errors import EvalInputError
 
 if __name__ == "__main__":
-    run_main(cli_evaluate)  # bad input (a tokenizer mismatch, a continuation longer than the context): one line, exit 2
+    one_line_errors_everywhere(tool_name())  # lm-eval builds its own argparse parser
+    # A tokenizer mismatch or a continuation longer than the context: one line, exit 2. lm-eval
+    # prints its own results table on stdout, so stdout is left as it is.
+    run_main(cli_evaluate, bad_input=(EvalInputError, TokenizerMismatchError), results_on_stdout=False)

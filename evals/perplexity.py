@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 
+from megamor.cli import ArgumentParser
 from megamor.eval.cli import add_model_args, build_scorer, run_main, set_threads, write_json
-from megamor.eval.perplexity import load_shard_tokens, perplexity_of_texts, perplexity_of_tokens, read_texts
 from megamor.eval.text_input import ENCODING_ERRORS
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", help=".txt (optionally .bz2/.gz/.xz) or .jsonl files")
@@ -42,6 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    from megamor.eval.perplexity import load_shard_tokens, perplexity_of_texts, perplexity_of_tokens, read_texts
+
     set_threads()
     if args.text:  # read (and check) the text before loading a model
         docs = read_texts(args.text, split=args.split, text_key=args.text_key, encoding=args.encoding,

@@ -27,5 +27,5 @@ for v in "$@"; do
   "$PY" -m megamor.train --config configs/experiments/demo.yaml data.train="[$D/shards]" data.valid="[$D/shards]" \
     data.tokenizer="$D/tokenizer" model.vocab_size=4096 model.d_model=128 model.d_ff=384 data.seq_len=128 \
     model.max_seq_len=128 trainer.max_steps=300 checkpoint.every_steps=0 eval.every_steps=0 eval.max_batches=20 \
-    logging.log_every=25 wandb.mode=disabled trainer.device_tflops_probe=false run_dir="runs/router/$v" $O
+    logging.every_steps=25 wandb.mode=disabled trainer.device_tflops_probe=false run_dir="runs/router/$v" $O
 done

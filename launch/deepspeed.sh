@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train with the deepspeed launcher. Inside a SLURM allocation the hostfile is written from the
 # node list (slots = GPUs per node); elsewhere pass HOSTFILE=path or NPROC=N for this machine.
-#   NPROC=8 launch/deepspeed.sh --config configs/experiments/360m_mor_expert_3.yaml [key=value ...]
+#   NPROC=8 launch/deepspeed.sh --config configs/experiments/360m.yaml [key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

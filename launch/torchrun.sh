@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train with torchrun on this machine, or on several (run once per node with the same MASTER_ADDR).
-#   NPROC=8 launch/torchrun.sh --config configs/experiments/360m_mor_expert_3.yaml [key=value ...]
+#   NPROC=8 launch/torchrun.sh --config configs/experiments/360m.yaml [key=value ...]
 #   NNODES=2 MASTER_ADDR=node0 launch/torchrun.sh --config ...        # on every node
 set -euo pipefail
 cd "$(dirname "$0")/.."

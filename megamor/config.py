@@ -7,11 +7,21 @@ wrong type fails at once with the key's full dotted path. Each schema may define
 impossible combinations.
 
 A YAML file may start with `base: other.yaml` (relative to itself): that file is merged first.
+
+Before the typed merge, the node is walked against the schema (`_walk`): every unknown key
+(with a "did you mean"), every list or value where a section belongs (and the reverse) is
+collected, so a file with several mistakes reports all of them (`ConfigErrors`, one line each).
+A schema renames or retires keys with the class attributes `RENAMED_KEYS` ({old: new}) and
+`RETIRED_KEYS` ({old: why}): old configs still load, with a one-line note on stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,15 +51,37 @@ class ConfigFileError(ConfigError):
         ValueError.__init__(self, f"config file {path}: {reason}")
 
 
+class ConfigErrors(ConfigError):
+    """Several bad keys found at once; `errors` holds each (str() is one line per error)."""
+
+    def __init__(self, errors: Sequence[ConfigError]):
+        self.errors = list(errors)
+        self.key, self.reason = self.errors[0].key, self.errors[0].reason
+        ValueError.__init__(self, "\n".join(str(e) for e in self.errors))
+
+
+def error_lines(e: BaseException) -> list[str]:
+    """The lines to print for a config error: one per mistake."""
+    return [str(x) for x in e.errors] if isinstance(e, ConfigErrors) else [" ".join(str(e).split())]
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     path = path.resolve()
     if path in seen:
         raise ConfigError("base", f"circular 'base' chain through {path}")
+    if path.is_dir():
+        raise ConfigFileError(path, "is a directory, not a YAML file: name a .yaml file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    raw = path.read_bytes()
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigFileError(path, f"is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): "
+                                    "save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:  # syntax errors carry line numbers in their message
         raise ConfigFileError(path, f"cannot parse YAML: {' '.join(str(e).split())}") from None
     if data is None:
@@ -58,22 +90,67 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         kind = "a list" if isinstance(data, list) else f"the single value {data!r}"
         raise ConfigFileError(path, f"must be a mapping of `key: value` lines, not {kind}")
     try:
-        node = OmegaConf.load(path)
+        node = OmegaConf.create(text)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
         raise ConfigFileError(path, f"cannot parse YAML: {' '.join(str(e).split())}") from None
     base = node.pop("base", None) if OmegaConf.is_dict(node) else None
     if base is None:
         return node
-    return OmegaConf.merge(_read_yaml(path.parent / str(base), seen + (path,)), node)
+    return merge_config_nodes(_read_yaml(path.parent / str(base), seen + (path,)), node, where=str(path))
 
 
-def merge_sources(yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
-    """Untyped merge of YAML files (in order) and dotted `key=value` overrides."""
+def merge_config_nodes(a: Any, b: Any, prefix: str = "", where: str = "") -> Any:
+    """OmegaConf.merge of untyped nodes (b wins); a list merged over a section of keys (or the
+    reverse) is a ConfigError naming the key (`prefix` + its path) and `where` it came from."""
+    try:
+        return OmegaConf.merge(a, b)
+    except (TypeError, OmegaConfBaseException):
+        for k in _keys(b):
+            va, vb = OmegaConf.select(a, k, default=None), OmegaConf.select(b, k, default=None)
+            if OmegaConf.is_dict(va) != OmegaConf.is_dict(vb) and va is not None and vb is not None:
+                kind = "a section of keys" if OmegaConf.is_dict(va) else "a list or a value"
+                src = f" ({where})" if where else ""
+                raise ConfigError(key(prefix, k), f"must be {kind} here, got {_show(vb)}{src}") from None
+        raise
+
+
+def _keys(node: Any, prefix: str = "") -> list[str]:
+    if not OmegaConf.is_dict(node):
+        return []
+    out = []
+    for k in node:
+        full = f"{prefix}.{k}" if prefix else str(k)
+        out.append(full)
+        child = node._get_node(k)
+        if OmegaConf.is_dict(child):
+            out.extend(_keys(child, full))
+    return out
+
+
+def _show(v: Any) -> str:
+    if OmegaConf.is_config(v):
+        v = OmegaConf.to_container(v, resolve=False)
+    if isinstance(v, list):
+        return f"the list {v}"
+    if isinstance(v, dict):
+        return "a mapping"
+    return f"the value {v!r}"
+
+
+def merge_sources(yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                  schema: type | None = None) -> Any:
+    """Untyped merge of YAML files (in order) and dotted `key=value` overrides. With a schema,
+    each source's renamed keys take their new names first, so a later source still wins."""
     node = OmegaConf.create({})
-    for p in yaml_paths:
-        node = OmegaConf.merge(node, _read_yaml(Path(p)))
-    for item in overrides:
-        node = OmegaConf.merge(node, parse_override(item))
+    sources = [(str(p), _read_yaml(Path(p))) for p in yaml_paths]
+    sources += [(f"override {item!r}", parse_override(item)) for item in overrides]
+    for where, src in sources:
+        if schema is not None:
+            errors: list[ConfigError] = []
+            rename_keys(schema, src, "", errors)
+            if errors:
+                raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+        node = merge_config_nodes(node, src, where=where)
     return node
 
 
@@ -91,27 +168,161 @@ def parse_override(item: str) -> Any:
 
 
 def from_node(schema: type[T], node: Any, prefix: str = "") -> T:
-    """Check an OmegaConf node (or plain dict) against a dataclass schema and build it."""
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema), node)
-        obj = OmegaConf.to_object(typed)
-    except OmegaConfBaseException as e:
-        local = getattr(e, "full_key", None) or "?"
-        full = f"{prefix}.{local}" if prefix and local != "?" else local
-        msg = str(e).splitlines()[0]
-        if "is not a ListConfig" in msg:  # a scalar where the schema wants a list
-            got = OmegaConf.select(node, local, default=None) if OmegaConf.is_config(node) and local != "?" else None
-            shown = got if got is not None else "..."
-            msg = f"must be a list, e.g. {full}=[{shown}]" + (f" (got the single value {got!r})" if got is not None else "")
-        raise ConfigError(full, msg) from None
+    """Check an OmegaConf node (or plain dict) against a dataclass schema and build it.
+
+    Every structural mistake (unknown key, list for a section, ...) is reported, then every
+    value OmegaConf rejects; one ConfigError, or ConfigErrors when there are several."""
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node)
+    errors: list[ConfigError] = []
+    _walk(schema, node, prefix, errors)  # drops the keys it reports
+    for _ in range(50):  # each round drops the key OmegaConf refused and tries again
+        try:
+            obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+            break
+        except OmegaConfBaseException as e:
+            local = getattr(e, "full_key", None) or ""
+            errors.append(_omegaconf_error(e, node, local, prefix))
+            if not local or not _drop(node, local):
+                break
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     validate_tree(obj, prefix)
     return obj  # type: ignore[return-value]
+
+
+def _omegaconf_error(e: OmegaConfBaseException, node: Any, local: str, prefix: str) -> ConfigError:
+    full = (f"{prefix}.{local}" if prefix else local) if local else (prefix or "?")
+    msg = str(e).splitlines()[0]
+    if "is not a ListConfig" in msg:  # a scalar where the schema wants a list
+        got = OmegaConf.select(node, local, default=None) if local else None
+        shown = got if got is not None else "..."
+        msg = f"must be a list, e.g. {full}=[{shown}]" + (f" (got the single value {got!r})" if got is not None else "")
+    return ConfigError(full, msg)
+
+
+def _drop(node: Any, dotted: str) -> bool:
+    parent, _, leaf = dotted.rpartition(".")
+    holder = OmegaConf.select(node, parent, default=None) if parent else node
+    if OmegaConf.is_dict(holder) and leaf in holder:
+        holder.pop(leaf)
+        return True
+    return False
+
+
+_noted: set[str] = set()
+
+
+def note_once(message: str) -> None:
+    """A one-line note on stderr (deprecated keys), once per process."""
+    if message not in _noted:
+        _noted.add(message)
+        print(f"megamor: note: {message}", file=sys.stderr, flush=True)
+
+
+def _walk(schema: type, node: Any, path: str, errors: list[ConfigError]) -> None:
+    """Collect the structural mistakes of `node` against `schema`; apply renamed/retired keys."""
+    rename_keys(schema, node, path, errors, recurse=False)
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for k in list(node.keys()):
+        full = key(path, str(k))
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(key(path, c) for c in close)}?" if close else ""
+            errors.append(ConfigError(full, f"unknown key in {schema.__name__}{hint}"))
+            node.pop(k)
+            continue
+        want, child = hints[k], node._get_node(k)
+        if OmegaConf.is_missing(node, k) or (not OmegaConf.is_config(child) and child._value() is None):
+            continue
+        sub = section_type(want)
+        if sub is not None:
+            if OmegaConf.is_dict(child):
+                _walk(sub, child, full, errors)
+            else:
+                errors.append(ConfigError(full, f"must be a section of keys (e.g. {full}.KEY=VALUE), got {_show(node[k])}"))
+                node.pop(k)
+        elif _is_mapping(want) and not OmegaConf.is_dict(child):
+            errors.append(ConfigError(full, f"must be a mapping of keys, e.g. {{a: 1}}, got {_show(node[k])}"))
+            node.pop(k)
+        elif _is_list(want) and OmegaConf.is_dict(child):
+            errors.append(ConfigError(full, "must be a list, e.g. [a, b], got a section of keys"))
+            node.pop(k)
+        elif (item := list_section_type(want)) is not None and OmegaConf.is_list(child):
+            before = len(errors)
+            for i, x in enumerate(child):
+                if OmegaConf.is_dict(x):
+                    _walk(item, x, f"{full}[{i}]", errors)
+                elif x is not None:
+                    errors.append(ConfigError(f"{full}[{i}]", f"must be a section of keys, got {_show(x)}"))
+            if len(errors) > before:
+                node.pop(k)
+        elif _is_scalar(want) and OmegaConf.is_config(child):
+            errors.append(ConfigError(full, f"must be a single value, got {_show(node[k])}"))
+            node.pop(k)
+
+
+def rename_keys(schema: type, node: Any, path: str, errors: list[ConfigError], recurse: bool = True) -> None:
+    """Give a schema's renamed keys (RENAMED_KEYS) their new names and drop its retired ones
+    (RETIRED_KEYS), each with a one-line note; both names in one source is an error."""
+    if not OmegaConf.is_dict(node):
+        return
+    renamed: dict[str, str] = getattr(schema, "RENAMED_KEYS", {})
+    retired: dict[str, str] = getattr(schema, "RETIRED_KEYS", {})
+    hints = typing.get_type_hints(schema) if recurse else {}
+    for k in list(node.keys()):
+        full = key(path, str(k))
+        if k in renamed:
+            new = renamed[k]
+            if new in node:
+                errors.append(ConfigError(full, f"is the old name of {key(path, new)}, which is set too: keep one"))
+                continue
+            note_once(f"config key '{full}' is deprecated: read as '{key(path, new)}' (rename it)")
+            node[new] = node[k]
+            node.pop(k)
+        elif k in retired:
+            note_once(f"config key '{full}' is deprecated and ignored: {retired[k]} (delete it)")
+            node.pop(k)
+        elif k in hints and (sub := section_type(hints[k])) is not None:
+            rename_keys(sub, node._get_node(k), full, errors)
+
+
+def _args(t: Any) -> tuple[Any, ...]:
+    """The members of `X | None` (or just X)."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(t) if a is not type(None))
+    return (t,)
+
+
+def section_type(t: Any) -> type | None:
+    """The dataclass of a section field (`Section` or `Section | None`), else None."""
+    return next((a for a in _args(t) if dataclasses.is_dataclass(a)), None)
+
+
+def list_section_type(t: Any) -> type | None:
+    """The dataclass of a `list[SomeSection]` field, else None."""
+    for a in _args(t):
+        if typing.get_origin(a) is list and dataclasses.is_dataclass(typing.get_args(a)[0]):
+            return typing.get_args(a)[0]
+    return None
+
+
+def _is_mapping(t: Any) -> bool:
+    return all(typing.get_origin(a) is dict or a is dict for a in _args(t))
+
+
+def _is_list(t: Any) -> bool:
+    return all(typing.get_origin(a) in (list, tuple) or a in (list, tuple) for a in _args(t))
+
+
+def _is_scalar(t: Any) -> bool:
+    return all(a in (int, float, str, bool) for a in _args(t))
 
 
 def load_config(
     schema: type[T], *yaml_paths: str | Path, overrides: Sequence[str] = (), prefix: str = ""
 ) -> T:
-    return from_node(schema, merge_sources(yaml_paths, overrides), prefix)
+    return from_node(schema, merge_sources(yaml_paths, overrides, schema), prefix)
 
 
 def validate_tree(obj: Any, path: str = "") -> None:
@@ -128,11 +339,3 @@ def validate_tree(obj: Any, path: str = "") -> None:
 
 def key(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
-
-
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def to_yaml(obj: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(obj))

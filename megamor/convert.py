@@ -1,12 +1,14 @@
-"""python -m megamor.convert SOURCE --out DIR [--init stepwise|average|lower] [key=value ...]
+"""python -m megamor.convert SOURCE --out DIR [--init stepwise|average|lower] [--model-config YAML] [key=value ...]
 
 Up-training: builds a recursive or MoR model from a pretrained vanilla model (a megamor run
 folder, checkpoint, export folder or megamor.pt, or a Hugging Face Llama folder), initialising
 its shared layers as Relaxed Recursive Transformers (Bae et al. 2024) do. The target is the
-source's shape with the `key=value` model overrides applied (e.g. sharing=middle_cycle
-num_recursions=3 router.type=expert_choice); its unrolled stack has the source's n_layers, so
-virtual layer i sits where source layer i sat. A shared layer's "tied" source layers are the
-virtual positions it is applied at.
+source's config with the `key=value` model overrides applied (e.g. sharing=middle_cycle
+num_recursions=3 router.type=expert_choice), or the shipped model config named by
+--model-config (e.g. configs/model/33m/mor_expert_3.yaml, with its router settings) plus the
+overrides, checked against the source's shape. Its unrolled stack has the source's n_layers,
+so virtual layer i sits where source layer i sat. A shared layer's "tied" source layers are
+the virtual positions it is applied at.
 
     stepwise  the j-th shared layer takes source layer j*N_r of the shared span (every N_r-th)
     average   each shared layer is the mean of its tied source layers
@@ -30,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from megamor.config import ConfigError, from_node, merge_sources
+from megamor.cli import ArgumentParser, report
+from megamor.config import ConfigError, ConfigFileError, from_node, merge_sources
 from megamor.data.atomic import atomic_open, write_json
 from megamor.model.config import ModelConfig
 from megamor.model.mor import MoRLM
@@ -63,11 +66,34 @@ def layer_sources(cfg: ModelConfig, strategy: str) -> dict[int, list[int]]:
     return out
 
 
-def target_config(source: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+# Keys the copied weights fix: a target that differs in one of them cannot take the source's
+# tensors (shapes, tying) or would compute something else with them (RoPE base, norm epsilon).
+WEIGHT_KEYS = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff", "tie_embeddings", "rope_theta", "norm_eps")
+
+
+def target_config(source: ModelConfig, overrides: Sequence[str], model_config: str | Path | None = None) -> ModelConfig:
     from omegaconf import OmegaConf
 
+    if model_config is not None:
+        cfg = from_node(ModelConfig, merge_sources([model_config], overrides), prefix="model")
+        _check_fits(source, cfg, Path(model_config))
+        return _check_target(source, cfg)
     node = OmegaConf.merge(OmegaConf.create(dataclasses.asdict(source)), merge_sources([], overrides))
-    cfg = from_node(ModelConfig, node, prefix="model")
+    return _check_target(source, from_node(ModelConfig, node, prefix="model"))
+
+
+def _check_fits(source: ModelConfig, cfg: ModelConfig, path: Path) -> None:
+    """A named config of another size: one line with every differing key and the overrides
+    that would make it fit."""
+    bad = [k for k in ("n_layers", *WEIGHT_KEYS) if getattr(cfg, k) != getattr(source, k)]
+    if bad:
+        diff = ", ".join(f"{k} {getattr(cfg, k)!r} (source {getattr(source, k)!r})" for k in bad)
+        fix = " ".join(f"{k}={getattr(source, k)}" for k in bad)
+        raise ConfigFileError(path, f"does not fit the source model: {diff}; name the config of the source's size, "
+                                    f"or add the overrides {fix}")
+
+
+def _check_target(source: ModelConfig, cfg: ModelConfig) -> ModelConfig:
     if cfg.n_layers != source.n_layers:
         raise ConfigError("model.n_layers", f"the unrolled stack must keep the source's {source.n_layers} layers, got {cfg.n_layers}")
     if cfg.sharing == "none":
@@ -111,24 +137,29 @@ def save(model: MoRLM, out: Path, **meta) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.convert", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="vanilla model: run folder, checkpoint, export folder, megamor.pt or HF Llama folder")
     p.add_argument("--out", required=True, help="output folder (megamor.pt is written there)")
     p.add_argument("--init", default="stepwise", help=f"shared-layer initialisation: {', '.join(STRATEGIES)}")
     p.add_argument("--seed", type=int, default=0, help="seed of the routers' initialisation")
+    p.add_argument("--model-config", default=None, metavar="YAML",
+                   help="target model config (e.g. configs/model/33m/mor_expert_3.yaml); key=value overrides apply on top")
     p.add_argument("overrides", nargs="*", help="target model keys, e.g. sharing=middle_cycle num_recursions=3 router.type=expert_choice")
     args = p.parse_intermixed_args(argv)
     try:
         source = load_model(args.source, dtype=torch.float32)
-    except CheckpointError as e:
-        print(f"megamor.convert: {e}", file=sys.stderr)
-        return 1
+    except CheckpointError as e:  # the source named on the command line: bad input
+        report("megamor.convert", e)
+        return 2
     try:
-        cfg = target_config(source.cfg, args.overrides)
+        cfg = target_config(source.cfg, args.overrides, args.model_config)
         model = convert(source, cfg, args.init, args.seed)
+    except FileNotFoundError as e:  # --model-config names no file
+        report("megamor.convert", e)
+        return 2
     except ConfigError as e:
-        print(f"megamor.convert: configuration error: {e}", file=sys.stderr)
+        report("megamor.convert", e, "configuration error")
         return 2
     path = save(model, Path(args.out), source=str(args.source), init=args.init)
     print(f"megamor.convert: {args.init} init, {model.num_params() / 1e6:.2f}M unique params "

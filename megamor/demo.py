@@ -10,8 +10,10 @@
    depth, and says where everything was written.
 
 Every step is the command a user would run by hand (printed as it runs); finished steps are
-reused, so a second `make demo` only re-samples (`--fresh` starts over). An interrupted
-training resumes from its newest checkpoint.
+reused, so a second `make demo` only re-samples (`--fresh` deletes the output and starts over).
+An interrupted training resumes from its newest checkpoint. Another length (`--steps N`
+after a run of another length) trains in OUT/run-N beside it, reusing the data: nothing is
+deleted, and `--out DIR` puts a whole new demo elsewhere.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from megamor.data.tokenizer import Tokenizer
-from megamor.env import repo_root
+import yaml
+
+from megamor.cli import ArgumentParser
+from megamor.data.tokenizer import load_tokenizer
+from megamor.env import repo_root, thread_defaults
 from megamor.runs.tags import newest_complete
 
 CONFIG = "configs/experiments/demo.yaml"
@@ -63,14 +68,35 @@ def prepare_data(data: Path, workers: int) -> tuple[Path, Path]:
     return tok, shards
 
 
-def train(run_dir: Path, shards: Path, tok: Path, steps: int | None) -> None:
+def _planned_steps(config: Path) -> int | None:
+    """trainer.max_steps of an experiment YAML or a run's resolved config.yaml (None if absent)."""
+    try:
+        return int(yaml.safe_load(config.read_text())["trainer"]["max_steps"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def choose_run_dir(out: Path, steps: int) -> Path:
+    """OUT/run, unless it holds a run of another length: then OUT/run-STEPS beside it, so that
+    shortening or extending the demo keeps the finished run (a run's schedule is fixed by its
+    length: the trainer refuses to resume it with another)."""
+    first = out / "run"
+    have = _planned_steps(first / "config.yaml")
+    if have is None or have == steps:
+        return first
+    other = out / f"run-{steps}"
+    print(f"\n== {first} holds a {have}-step run, kept: this {steps}-step run trains in {other} (same data; "
+          f"--out DIR puts a whole new demo elsewhere)", flush=True)
+    return other
+
+
+def train(run_dir: Path, shards: Path, tok: Path, steps: int, out: Path) -> None:
     args = ["--config", CONFIG, f"run_dir={run_dir}", f"data.train=[{shards}]", f"data.valid=[{shards}]",
-            f"data.tokenizer={tok}"]
-    if steps is not None:
-        args.append(f"trainer.max_steps={steps}")
+            f"data.tokenizer={tok}", f"trainer.max_steps={steps}"]
     _run([sys.executable, "-m", "megamor.train", *args], "4/4 train the small MoR model (Ctrl-C safe: rerun resumes)",
          # e.g. a demo run left by an older megamor whose defaults differ
-         on_config_error="to start the demo over, run `make demo DEMO_ARGS=--fresh` (deletes the demo folder)")
+         on_config_error=f"to keep it and run the demo elsewhere: make demo DEMO_ARGS=\"--out {out}-2\" "
+                         f"(or --fresh, which deletes {out} and starts over)")
 
 
 def _last_validation(run_dir: Path) -> dict:
@@ -92,7 +118,7 @@ def show_samples(run_dir: Path, tok_dir: Path, max_new_tokens: int = 40) -> None
 
     torch.manual_seed(0)
     model, cfg = load_model_from_run(run_dir)
-    tok = Tokenizer.load(tok_dir)
+    tok = load_tokenizer(tok_dir)
     prompts = [[tok.eos_id] + tok.encode(p) for p in PROMPTS]  # EOS = start of a document
     out = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
     colour = sys.stdout.isatty()
@@ -118,24 +144,30 @@ def _render(tok, ids: list[int], depths: list[int], n_rec: int, colour: bool) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.demo", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything goes here (default runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the config's); a run of another length goes to OUT/run-STEPS")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--fresh", action="store_true", help="delete the previous demo output first")
+    p.add_argument("--fresh", action="store_true", help="delete the previous demo output (OUT) first")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("WANDB_MODE", "offline")
+    thread_defaults()  # for every step's process (they inherit it) and this one's sampling
     out = Path(args.out)
     if not out.is_absolute():
         out = repo_root() / out
+    steps = args.steps if args.steps is not None else _planned_steps(repo_root() / CONFIG)
+    if steps is None or steps < 1:
+        print(f"megamor.demo: --steps must be a positive number of steps, got {steps}", file=sys.stderr)
+        return 2
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    data, run_dir = out / "data", out / "run"
+    data, run_dir = out / "data", choose_run_dir(out, steps)
     t0 = time.time()
     tok, shards = prepare_data(data, args.workers)
-    train(run_dir, shards, tok, args.steps)
+    train(run_dir, shards, tok, steps, out)
     val = _last_validation(run_dir)
     if val:
         line = f"validation loss {val['val/loss']:.4f} (perplexity {val.get('val/ppl', float('nan')):.2f}) at step {val['step']}"
@@ -156,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     W&B (offline)               {wandb_dirs[-1] if wandb_dirs else run_dir / 'wandb'}   (`wandb sync` to upload)
   next: python -m megamor.export {run_dir}      (consolidated weights + HF-style folder), then e.g.
         python evals/depth.py --checkpoint {export_pt} --tokenizer {tok} --text "Q: What is the capital of Stougel?"
-        (README: evaluation)""")
+        (docs/evaluation.md)""")
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Shared test settings: offline, CPU-only, deterministic, and the shared datasets folder."""
+"""Shared test settings: offline, CPU-only, deterministic, the shared datasets folder, the
+`launch` marker (and the guard that makes it hard to forget) and one SLURM cluster per session."""
 
 from __future__ import annotations
 
+import json
 import os
 
 # Before anything imports torch/deepspeed/wandb/datasets.
@@ -15,8 +17,46 @@ import pytest
 import torch
 
 from megamor.env import shared_data_dir
+from megamor.testing.launches import MARKER, Guard
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+_GUARD = Guard()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{MARKER}: starts a training process, a SLURM daemon or a multi-process "
+                                       "group; the fast tier (`make test-fast`, `-m 'not launch'`) leaves it out")
+    _GUARD.install()
+
+
+def pytest_unconfigure(config):
+    _GUARD.uninstall()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """While a test (and the fixtures it sets up first) runs, a launch from an unmarked test raises."""
+    _GUARD.begin(allowed=item.get_closest_marker(MARKER) is not None)
+    try:
+        yield
+    finally:
+        seen = _GUARD.end()
+        log = os.environ.get("MEGAMOR_LAUNCH_LOG")  # for counting launches (docs/testing.md)
+        if log and seen:
+            with open(log, "a") as f:
+                f.write(json.dumps({"test": item.nodeid, "launches": seen}) + "\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """An unmarked test that launched anyway (it caught the guard's error) still fails."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "call" and report.passed and _GUARD.seen and item.get_closest_marker(MARKER) is None:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} starts {_GUARD.seen[0]} but is not marked @pytest.mark.{MARKER} "
+                           "(see docs/testing.md)")
 
 
 @pytest.fixture
@@ -37,10 +77,10 @@ def tinyshakespeare():
     return src
 
 
-@pytest.fixture
-def slurm_cluster(tmp_path_factory):
-    """A real local SLURM cluster (munge, slurmctld, two slurmd). CI installs the packages
-    and sets MEGAMOR_REQUIRE_SLURM=1, so there a missing install fails instead of skipping."""
+@pytest.fixture(scope="session")
+def _slurm_daemons(tmp_path_factory):
+    """One local SLURM cluster (munge, slurmctld, two slurmd) for the whole session: starting
+    the daemons costs seconds, and each test drains its own jobs (see `slurm_cluster`)."""
     from megamor.testing.slurm import LocalSlurm, available
 
     reason = available()
@@ -54,3 +94,17 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def slurm_cluster(request):
+    """The session's real local SLURM cluster. CI installs the packages and sets
+    MEGAMOR_REQUIRE_SLURM=1, so there a missing install fails instead of skipping. A test's jobs
+    that are still queued or running when it ends are cancelled, so the next test finds the
+    nodes idle; tests keep their own output folders (tmp_path) and job ids."""
+    _GUARD.check("a local SLURM cluster (slurm_cluster)")  # before the daemons start
+    cluster = request.getfixturevalue("_slurm_daemons")
+    try:
+        yield cluster
+    finally:
+        cluster.drain()

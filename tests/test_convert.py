@@ -75,4 +75,28 @@ def test_cli_from_hf_llama(tmp_path):
                           "sharing=middle_cycle", "num_recursions=4"], capture_output=True, text=True, timeout=300, check=False)
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode == 2 and last.startswith("megamor.convert: configuration error: config key 'model.n_layers'")
+    named = subprocess.run([sys.executable, "-m", "megamor.convert", str(tmp_path / "llama"), "--out", str(tmp_path / "y"),
+                            "--model-config", "configs/model/33m/mor_expert_3.yaml"],
+                           capture_output=True, text=True, timeout=300, check=False)
+    last = named.stderr.strip().splitlines()[-1]  # (transformers' loading lines come before it)
+    assert named.returncode == 2 and last.startswith("megamor.convert: configuration error: config file ")
+    assert "does not fit the source model: vocab_size 8192 (source 211), d_model 512 (source 64)" in last
 
+
+
+def test_target_from_a_named_shipped_config():
+    from megamor.config import ConfigFileError
+    from megamor.env import repo_root
+
+    shipped = repo_root() / "configs/model/33m/mor_expert_3.yaml"
+    src = _vanilla(n_layers=5)
+    shape = [f"{k}={getattr(src.cfg, k)}" for k in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff")]
+    cfg = target_config(src.cfg, [*shape, "n_layers=5"], model_config=shipped)
+    assert cfg.router.gate_straight_through and cfg.router.alpha == 0.1 and cfg.num_recursions == 3
+    assert cfg.max_seq_len == 2048  # the named config's, not the source's (RoPE keeps no table)
+    with pytest.raises(ConfigFileError) as e:
+        target_config(src.cfg, shape, model_config=shipped)  # the config's 8 layers, the source's 5
+    assert str(e.value) == (f"config file {shipped}: does not fit the source model: n_layers 8 (source 5); name the "
+                            "config of the source's size, or add the overrides n_layers=5")
+    with pytest.raises(ConfigFileError, match=r"d_model 512 \(source 64\), .* add the overrides n_layers=5 vocab_size=211 d_model=64"):
+        target_config(src.cfg, [], model_config=shipped)

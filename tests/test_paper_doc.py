@@ -14,6 +14,7 @@ from megamor.train.config import load_experiment
 
 DOC = repo_root() / "docs" / "paper.md"
 EXPERIMENT = "configs/experiments/360m.yaml"
+TOKEN_CHOICE_KEYS = ("router.token_choice_update", "router.token_func", "router.bal_warmup_step")  # checked on mor_token_3
 
 
 def _settings() -> list[str]:
@@ -33,7 +34,8 @@ def test_every_setting_the_page_names_loads_and_takes_effect():
         k, v = setting.split("=", 1)
         want = OmegaConf.from_dotlist([f"v={v}"]).v  # the value as an override parses it
         if k.startswith(("router.", "norm_eps")):
-            assert _value(load_model_config(f"{repo_root()}/configs/model/360m/mor_expert_3.yaml", overrides=[setting]), k) == want
+            model = "mor_token_3" if k.startswith(TOKEN_CHOICE_KEYS) else "mor_expert_3"
+            assert _value(load_model_config(f"{repo_root()}/configs/model/360m/{model}.yaml", overrides=[setting]), k) == want
         elif k == "eval.fewshot_limit":  # a study key
             assert _value(load_study(repo_root() / "configs/studies/paper_360m.yaml", [setting]), k) == want
         else:

@@ -1,4 +1,5 @@
-"""Atomic file writes: write a hidden temp file beside the target, fsync, rename over it.
+"""Atomic file writes: write a hidden temp file beside the target, fsync, rename over it
+(folders: `replace_dir`).
 
 A reader therefore sees either nothing or a complete file under the final name; a killed
 writer leaves only a `.NAME.tmp-*` file, which never matches a final name and is swept later.
@@ -6,8 +7,11 @@ writer leaves only a `.NAME.tmp-*` file, which never matches a final name and is
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,3 +84,37 @@ def remove_temps(folder: Path, prefix: str = "") -> int:
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` (a sibling of `final`, same filesystem) in `final`'s place,
+    then delete the folder it replaced. Readers see the old folder or the new one, never a mix;
+    where RENAME_EXCHANGE is unsupported, two renames leave a moment with no folder at all."""
+    if not final.exists():
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):
+        shutil.rmtree(tmp)  # now the old folder
+    else:
+        old = final.with_name(f".{final.name}.old{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    fsync_path(final.parent)

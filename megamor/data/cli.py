@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from megamor.cli import EXIT_BAD_INPUT, fail, tool_name
 from megamor.config import ConfigError
 from megamor.data.errors import DataError
 from megamor.data.readers import ReadOptions
@@ -29,14 +30,14 @@ def read_options(a: argparse.Namespace) -> ReadOptions:
     return ReadOptions(text_field=a.text_field, txt_mode=a.txt_mode, skip_bad_lines=a.skip_bad_lines)
 
 
-def main_guard(fn: Callable[[], int | None]) -> None:
-    """Run an entry point; known input problems print one line (no traceback) and exit 1."""
+def main_guard(fn: Callable[[], int | None], code: int = EXIT_BAD_INPUT) -> None:
+    """Run an entry point; known input problems print one `tool: error:` line (no traceback) and
+    exit `code` (2, bad input; verify_shards passes 1: a shard it was asked to check is bad)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     try:
         sys.exit(fn() or 0)
     except (DataError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(tool_name(), e, code)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        print(f"{tool_name()}: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         sys.exit(130)

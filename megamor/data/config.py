@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from megamor.config import ConfigError, key
+from megamor.data.dataset import check_split
 from megamor.data.errors import DataError
 from megamor.data.manifest import load_manifest
-from megamor.data.tokenizer import Tokenizer, TokenizerMismatchError, check_same_tokenizer
+from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -23,9 +24,9 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # shard folders (tokenize_and_shard outputs)
     train_weights: list[float] | None = None  # blending weights; None: proportional to size
     valid: list[str] = field(default_factory=list)  # folders whose `valid_split` is evaluated
-    train_split: str = "train"
-    valid_split: str = "valid"
-    seq_len: int = 2048
+    train_split: str = "train"  # shard name prefix read for training (<split>-NNNNN.npy)
+    valid_split: str = "valid"  # shard name prefix read for validation
+    seq_len: int = 2048  # tokens per training sequence (at most model.max_seq_len)
     seed: int = 1234  # the global sample order is a function of this seed and the data
     document_masking: bool = False  # batches carry position_ids and doc_ids (reset per document)
     tokenizer: str | None = None  # if set, must be the tokenizer the shards were made with
@@ -67,6 +68,10 @@ class DataConfig:
             s = m["splits"].get(split)
             if s is None:
                 raise ConfigError(k, f"{p} has no split {split!r} (has {list(m['splits'])})")
+            try:
+                check_split(folder, m, split)  # truncated shards: here, not after the process group starts
+            except DataError as e:
+                raise ConfigError(k, str(e)) from None
             if s["tokens"] < self.seq_len + 1:
                 what = "train" if field_name == "train" else "evaluate"
                 raise ConfigError(k, f"split {split!r} of {p} has {s['tokens']} tokens, fewer than seq_len+1 = "
@@ -80,9 +85,9 @@ class DataConfig:
         if self.tokenizer is not None:
             k = key(prefix, "tokenizer")
             try:
-                tok = Tokenizer.load(self.tokenizer)
-            except (FileNotFoundError, OSError, RuntimeError) as e:
-                raise ConfigError(k, f"{self.tokenizer}: {e}") from None
+                tok = load_tokenizer(self.tokenizer)
+            except (DataError, OSError) as e:
+                raise ConfigError(k, str(e)) from None
             try:
                 check_same_tokenizer(tokenizer["hash"], tok.content_hash, "the shards were made with", str(self.tokenizer))
             except TokenizerMismatchError as e:

@@ -13,8 +13,38 @@ from typing import Any
 import numpy as np
 
 from megamor.data.errors import ShardError
-from megamor.data.manifest import load_manifest, split_fingerprint
+from megamor.data.manifest import MANIFEST, load_manifest, split_fingerprint
 from megamor.data.shards import npy_size, open_npy
+
+
+def check_split(folder: Path, manifest: dict[str, Any], split: str) -> None:
+    """The cheap completeness check of one split (stat only, no reading): its shard list adds up
+    to the split's totals and every listed file exists with the size its entry implies, so a
+    truncated shard or an entry claiming more tokens than its file holds fails here, by name
+    (content: `verify_shards`). Run by the trainer's preflight, before any process group."""
+    meta = manifest["splits"][split]
+    where = folder / MANIFEST
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise ShardError(f"{where}: split {split!r} has no list of shards")
+    try:
+        dtype = np.dtype(manifest["dtype"])
+        entries = [(s["file"], int(s["tokens"]), s["docs_file"], int(s["documents"])) for s in shards]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{where}: split {split!r} has a malformed shard entry ({type(e).__name__}: {e})") from None
+    for field, k in (("tokens", 1), ("documents", 3)):
+        total = sum(e[k] for e in entries)
+        if field in meta and meta[field] != total:
+            raise ShardError(f"{where}: split {split!r} says {meta[field]} {field}, its shards add up to {total}")
+    for name, n, docs_name, n_docs in entries:
+        for fname, count, dt in ((name, n, dtype), (docs_name, n_docs, np.dtype(np.int64))):
+            p = folder / fname
+            if not p.is_file():
+                raise ShardError(f"{p}: listed in the manifest but missing")
+            size = p.stat().st_size
+            if size != npy_size(dt, count):
+                kind = "truncated" if size < npy_size(dt, count) else "longer than its manifest entry"
+                raise ShardError(f"{p}: {kind} ({size} bytes; the manifest's {count} entries imply {npy_size(dt, count)})")
 
 
 class ShardSet:
@@ -33,17 +63,11 @@ class ShardSet:
         self.vocab_size = int(self.tokenizer["vocab_size"])
         self.eos_id = int(self.tokenizer["eos_id"])
         self.shards: list[dict[str, Any]] = meta["shards"]
+        check_split(self.folder, self.manifest, split)
         sizes = np.array([s["tokens"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_tokens = int(self.offsets[-1])
         self.fingerprint = split_fingerprint(self.manifest, split)
-        for s in self.shards:  # cheap completeness check: a truncated shard fails here, by name
-            for name, n, dt in ((s["file"], s["tokens"], self.dtype), (s["docs_file"], s["documents"], np.dtype(np.int64))):
-                p = self.folder / name
-                if not p.is_file():
-                    raise ShardError(f"{p}: listed in the manifest but missing")
-                if p.stat().st_size != npy_size(dt, n):
-                    raise ShardError(f"{p}: truncated or altered ({p.stat().st_size} bytes, manifest implies {npy_size(dt, n)})")
         self._tok: dict[int, np.ndarray] = {}
         self._docs: dict[int, np.ndarray] = {}
 

@@ -1,7 +1,8 @@
 """The manifest of a shard folder: written last, so its presence means the folder is complete.
 
 Schema (format "megamor-shards", version 1):
-  tokenizer: {hash, vocab_size, bos_id, eos_id, pad_id, unk_id}
+  tokenizer: {hash, vocab_size, bos_id, eos_id, pad_id, unk_id[, kind: "hf"]}  (Tokenizer.info; the
+             hash is the identity megamor.data.tokenizer.check_same_tokenizer compares)
   dtype: "uint16" | "uint32"
   settings: {shard_tokens, valid_fraction, split_seed, text_field, txt_mode, skip_bad_lines}
   sources: [{kind, path, bytes, ...}]

@@ -31,8 +31,8 @@ from megamor.data.manifest import MANIFEST, PLAN, REPORT, canonical_hash
 from megamor.data.readers import ReadOptions, ReadStats
 from megamor.data.shards import token_dtype
 from megamor.data.sources import Source, Unit, assign_units, plan_units, resolve_sources
-from megamor.data.tokenize_units import UnitJob, read_done, run_unit, set_progress
-from megamor.data.tokenizer import Tokenizer
+from megamor.data.tokenize_units import UnitJob, init_worker, read_done, run_unit, set_progress
+from megamor.data.tokenizer import Tokenizer, load_tokenizer
 
 PLAN_FORMAT = "megamor-plan"
 OUR_FILES = (MANIFEST, PLAN, REPORT)
@@ -236,7 +236,7 @@ def tokenize_and_shard(
                         "empty the folder once before submitting the array")
     t0 = time.time()
     out = Path(out_dir)
-    tok = Tokenizer.load(tokenizer)
+    tok = load_tokenizer(tokenizer)
     if tok.eos_id < 0:
         raise DataError(f"{tok.path}: the tokenizer has no EOS piece, which separates documents in the shards")
     plan = make_plan(inputs, tok, s, hf_split, allow_empty_inputs)
@@ -310,7 +310,7 @@ def _run_jobs(jobs: list[UnitJob], workers: int, total: int | None, progress: bo
                 refresh()
             set_progress(None)
             return results
-        with ctx.Pool(min(workers, len(jobs)), initializer=set_progress, initargs=(tuple(counters),)) as pool:
+        with ctx.Pool(min(workers, len(jobs)), initializer=init_worker, initargs=(tuple(counters),)) as pool:
             pending = [pool.apply_async(run_unit, (j,)) for j in jobs]
             results = []
             for a in pending:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from megamor.data.atomic import commit, temp_path, write_json
 from megamor.data.readers import ReadOptions, ReadStats, iter_documents
 from megamor.data.sources import Source, Unit
 from megamor.data.text import to_utf8
-from megamor.data.tokenizer import Tokenizer
+from megamor.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "valid")
 _BATCH_CHARS = 1 << 18
@@ -130,6 +131,13 @@ def set_progress(counters: Any) -> None:
     _PROGRESS = counters
 
 
+def init_worker(counters: Any) -> None:
+    """A pool worker: progress counters, and one thread for a Hugging Face tokenizer (the
+    workers are the parallelism; `tokenizers`' own pool in each would oversubscribe the cores)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_progress(counters)
+
+
 def _report(d_bytes: int, d_tokens: int) -> None:
     if _PROGRESS is None:
         return
@@ -144,7 +152,7 @@ def run_unit(job: UnitJob) -> dict[str, Any]:
     """Tokenize one unit into its part files; returns what its done-marker records."""
     tok = _TOKENIZERS.get(job.tokenizer_path)
     if tok is None:
-        tok = _TOKENIZERS[job.tokenizer_path] = Tokenizer(job.tokenizer_path)
+        tok = _TOKENIZERS[job.tokenizer_path] = load_tokenizer(job.tokenizer_path)
     parts = Path(job.parts_dir)
     dtype = np.dtype(job.dtype)
     outs = {s: _SplitOut(*part_paths(parts, job.unit, s), dtype) for s in SPLITS}

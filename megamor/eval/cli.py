@@ -1,33 +1,37 @@
-"""Argument parsing shared by the evals/*.py entry points (which stay thin)."""
+"""Argument parsing shared by the evals/*.py entry points (which stay thin).
+
+Light on purpose: torch, the model and the tokenizer load inside the functions that need them,
+so an argument error answers in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from megamor import cli
+from megamor.cli import BadInput
 from megamor.data.atomic import atomic_open
 from megamor.data.tokenizer import TokenizerMismatchError
-from megamor.runs.find import find_tokenizer
-from megamor.runs.layout import CheckpointError
-from megamor.runs.load import load_model_and_meta
+from megamor.env import thread_defaults
 
 from .errors import EvalInputError
 from .identity import ALLOW_FLAG, check_identity
-from .scoring import Scorer, model_max_length
-from .tokenizer import EvalTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from .scoring import Scorer
+    from .tokenizer import EvalTokenizer
 
 
 def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=checkpoint_required, help="consolidated .pt file, Hugging Face export folder, or run folder (newest complete checkpoint)")
-    g.add_argument("--tokenizer", help="sentencepiece .model file or tokenizer folder (default: one stored beside the checkpoint)")
+    g.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face) or their folder (default: one stored beside the checkpoint)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default fp32)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
@@ -44,26 +48,37 @@ def add_identity_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
 
 
 def default_device(device: str | None) -> str:
+    import torch
+
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def tokenizer_for(source: Any, path: str | None) -> EvalTokenizer:
+    from megamor.runs.find import find_tokenizer
+
+    from .tokenizer import load_tokenizer
+
     p = path or find_tokenizer(source)
     if p is None:
-        raise SystemExit("no tokenizer given (--tokenizer) and none found beside the checkpoint")
+        raise BadInput(f"no tokenizer given (--tokenizer) and none found beside the checkpoint {source}")
     return load_tokenizer(p)
 
 
 def build_scorer(args: argparse.Namespace, source: Any = None, shards: Sequence[str] = ()) -> tuple[Scorer, EvalTokenizer, dict]:
     """The model, its tokenizer (checked against the one it was trained with, and `shards` too:
     megamor.eval.identity) and a Scorer at the evaluation context."""
+    from megamor.runs.load import load_model_and_meta
+
+    from .scoring import Scorer
+
     source = source if source is not None else args.checkpoint
     device = default_device(args.device)
     model, meta = load_model_and_meta(source, device=device)
     tok = tokenizer_for(source, args.tokenizer)
     meta.update(check_identity(meta, source, tok, shards, allow_mismatch=args.allow_tokenizer_mismatch))
     if tok.vocab_size > model.cfg.vocab_size:
-        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+        raise BadInput(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size} "
+                       f"(--tokenizer {args.tokenizer or 'found beside the checkpoint'}): give the run's tokenizer")
     max_length, meta["context_from"] = context_length(args.max_length, model)
     scorer = Scorer(
         model,
@@ -84,6 +99,8 @@ def context_length(given: int | None, model: torch.nn.Module) -> tuple[int, str]
     the training windows, and left truncation would cut their questions."""
     if given:
         return given, "--max-length"
+    from .scoring import model_max_length
+
     return model_max_length(model), "model.max_seq_len"
 
 
@@ -99,22 +116,22 @@ def write_json(path: str | None, payload: dict) -> None:
     text = json.dumps(payload, indent=2, default=str)
     if path:
         write_text(path, text + "\n")
-    print(text)
+    print(text, file=cli.results(), flush=True)
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run an evals/ entry point: bad input (a file, line or checkpoint named on the command line)
-    prints one `error:` line and exits 2, nothing evaluated; other failures keep their traceback."""
+    """Run an evals/ entry point: bad input (a file, line, task or checkpoint named on the command
+    line) prints one `TOOL: error:` line and exits 2, nothing evaluated; other failures keep
+    their traceback. Library noise (DeepSpeed's start-up lines) goes to stderr: stdout is JSON."""
+    from megamor.runs.layout import CheckpointError
+
     from .tasks.base import TaskDataError
 
-    try:
-        main()
-    except (TaskDataError, CheckpointError, FileNotFoundError, EvalInputError, TokenizerMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(main, bad_input=(TaskDataError, CheckpointError, EvalInputError, TokenizerMismatchError))
 
 
 def set_threads() -> None:
-    n = os.environ.get("OMP_NUM_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
+    """Threads from OMP_NUM_THREADS, else the cores this process may use (megamor.env)."""
+    import torch
+
+    torch.set_num_threads(thread_defaults())

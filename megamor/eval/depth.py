@@ -57,7 +57,11 @@ class DepthTrace:
 
 def token_strings(tok: EvalTokenizer, ids: Sequence[int]) -> list[str]:
     """Display string per token: sentencepiece pieces with "▁" as a space; a run of byte-fallback
-    pieces is decoded together (multi-byte characters) and shown on its first token."""
+    pieces is decoded together (multi-byte characters) and shown on its first token. A tokenizer
+    with its own `token_strings` (Hugging Face byte-level pieces) renders itself."""
+    own = getattr(tok, "token_strings", None)
+    if own is not None:
+        return own(ids)
     piece = getattr(tok, "id_to_piece", None)
     if piece is None:
         return [tok.decode([int(i)]) for i in ids]
@@ -155,8 +159,12 @@ def router_agreement(traces: Sequence[DepthTrace]) -> list[dict]:
 
 
 # -- rendering -----------------------------------------------------------------------------
-def render_terminal(trace: DepthTrace, legend: bool = True, width: int = 100) -> str:
-    """The text with each token coloured by its depth, as ANSI escapes (for print)."""
+def render_terminal(trace: DepthTrace, legend: bool = True, width: int = 100, colour: bool = True) -> str:
+    """The text with each token coloured by its depth, as ANSI escapes (for print); colour=False
+    (output not a terminal): plain text, each token followed by its depth in brackets."""
+    if not colour:
+        head = f"depth per token (0-{trace.num_recursions}) in brackets:\n" if legend else ""
+        return head + "".join(f"{p}[{int(d)}]" for p, d in zip(trace.pieces, trace.depth)) + "\n"
     from rich.console import Console
     from rich.text import Text
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import EvalInputError
 from .metrics import argmax_first, mean, mean_stderr, perplexity_of_mean_ll, perplexity_stderr
+from .paper import routing_label
 from .scoring import ContinuationTooLong, Scorer, model_max_length
 from .tasks import Doc, Task, get_task
 from .tokenizer import EvalTokenizer
@@ -69,9 +70,11 @@ class TaskResult:
     metrics: dict[str, float]
     seconds: float
     samples: list[dict[str, Any]] = field(default_factory=list)
+    routing: str = "causal"  # the scorer's (megamor.eval.paper.ROUTINGS): "topk" is non-causal
 
     def to_dict(self, with_samples: bool = False) -> dict[str, Any]:
-        d = {"task": self.task, "n": self.n, "num_fewshot": self.num_fewshot, "seed": self.seed, "metrics": self.metrics, "seconds": round(self.seconds, 3)}
+        d = {"task": self.task, "n": self.n, "num_fewshot": self.num_fewshot, "seed": self.seed, "metrics": self.metrics, "seconds": round(self.seconds, 3),
+             "routing": routing_label(self.routing)}
         if with_samples:
             d["samples"] = self.samples
         return d
@@ -148,7 +151,8 @@ def evaluate_task(
         raise EvalInputError(f"{task.name}: {owner[e.index]['_src']}: {e}; pass a larger --max-length (the model's "
                              f"max_seq_len is {model_max_length(scorer.model)}) or leave {task.name} out") from None
     per, samples = score_docs(task, eval_docs, prefixes, lls)
-    return TaskResult(task.name, len(eval_docs), num_fewshot, seed, aggregate(per), time.perf_counter() - t0, samples)
+    return TaskResult(task.name, len(eval_docs), num_fewshot, seed, aggregate(per), time.perf_counter() - t0, samples,
+                      routing=getattr(scorer, "routing", "causal"))
 
 
 def evaluate(
@@ -171,10 +175,14 @@ def evaluate(
 
 
 def markdown_table(results: dict[str, TaskResult]) -> str:
-    lines = ["| task | n | shots | metric | value | ± stderr |", "|---|---:|---:|---|---:|---:|"]
+    """One row per (task, metric); a routing column when any result is not causal."""
+    labelled = any(r.routing != "causal" for r in results.values())
+    lines = ["| task | n | shots | metric | value | ± stderr |" + (" routing |" if labelled else ""),
+             "|---|---:|---:|---|---:|---:|" + ("---|" if labelled else "")]
     for name, r in results.items():
         for m in (k for k in r.metrics if not k.endswith("_stderr")):
-            lines.append(f"| {name} | {r.n} | {r.num_fewshot} | {m} | {r.metrics[m]:.4f} | {r.metrics.get(m + '_stderr', float('nan')):.4f} |")
+            lines.append(f"| {name} | {r.n} | {r.num_fewshot} | {m} | {r.metrics[m]:.4f} | {r.metrics.get(m + '_stderr', float('nan')):.4f} |"
+                         + (f" {routing_label(r.routing)} |" if labelled else ""))
     return "\n".join(lines) + "\n"
 
 

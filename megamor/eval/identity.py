@@ -1,6 +1,7 @@
 """Evaluate with the tokenizer and data the checkpoint was trained with, or say so.
 
-Training records its tokenizer's identity, the SHA-256 of `tokenizer.model`: in every
+Training records its tokenizer's identity (`Tokenizer.content_hash`: the SHA-256 of
+`tokenizer.model`, or of a Hugging Face `tokenizer.json` and its special tokens): in every
 checkpoint tag (`trainer_state.pt`'s `tokenizer_hash`), in exports (`megamor.pt` and its
 `.json`), and in every shard folder's manifest (`tokenizer.hash`); it refuses a tokenizer or
 shards that differ. Every evaluation entry point runs that same check

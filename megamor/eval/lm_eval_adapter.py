@@ -71,7 +71,7 @@ class MegamorLM(TemplateLM):
         if tokenizer is None:
             tokenizer = find_tokenizer(source)
             if tokenizer is None:
-                raise ValueError("megamor: pass tokenizer=<sentencepiece .model or folder>; none found beside the checkpoint")
+                raise ValueError("megamor: pass tokenizer=<tokenizer.model, tokenizer.json or their folder>; none found beside the checkpoint")
         self.tok: EvalTokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str,)) or hasattr(tokenizer, "__fspath__") else tokenizer
         self.identity = check_identity(meta, source if model is None else "the model", self.tok,
                                        allow_mismatch=_bool(allow_tokenizer_mismatch),

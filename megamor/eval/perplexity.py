@@ -168,9 +168,12 @@ def read_texts(paths: Iterable[str | Path], split: str = "file", text_key: str =
     from .tasks.base import TaskDataError, iter_jsonl
     from .text_input import read_text, require_text
 
+    paths = list(paths)
     docs: list[str] = []
     for p in paths:
         p = Path(p)
+        if not p.is_file():  # a file named on the command line, not a task's data file
+            raise TaskDataError(p, None, "is a folder, not a text file" if p.is_dir() else "no such file (the text to evaluate is missing)")
         if ".jsonl" in p.name:
             n = len(docs)
             for lineno, obj in iter_jsonl(p):

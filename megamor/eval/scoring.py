@@ -6,6 +6,8 @@ out-of-memory at once), packed into batches by a row and a token budget, right-p
 and run with `causal_routing=True`: with right padding, causal attention and causal
 routing, no real token sees a pad, a later token or another row, so a request's score
 does not depend on the batch it lands in (tests/eval/test_leak_free.py checks this).
+`routing="topk"` (the paper's eval, non-causal) batches only rows of one length, so no pad
+takes part in a row's top-k and a score still does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import EvalInputError
+from .paper import ROUTINGS
 
 
 class ContinuationTooLong(EvalInputError):
@@ -87,7 +90,11 @@ class Scorer:
         pad_id: int = 0,
         progress: bool = False,
         forward: ForwardFn | None = None,
+        routing: str = "causal",
     ):
+        if routing not in ROUTINGS:
+            raise EvalInputError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        self.routing = routing
         self.model = model
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -107,7 +114,7 @@ class Scorer:
 
     # -- the seam --------------------------------------------------------------------------
     def _model_forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.model(input_ids, attention_mask=mask, causal_routing=True, return_logits=True)
+        out = self.model(input_ids, attention_mask=mask, causal_routing=self.routing == "causal", return_logits=True)
         stats = getattr(out, "stats", None)
         return out.logits, getattr(stats, "depth", None)
 
@@ -123,7 +130,9 @@ class Scorer:
             n = lengths[i]
             new_max = max(cur_max, n)
             too_many_tokens = self.max_batch_tokens is not None and cur and new_max * (len(cur) + 1) > self.max_batch_tokens
-            if cur and (len(cur) >= self.batch_size or too_many_tokens):
+            # top-k routing ranks every position of a row, pads too: rows of one length only, no pads
+            other_length = self.routing == "topk" and cur and n != cur_max
+            if cur and (len(cur) >= self.batch_size or too_many_tokens or other_length):
                 batches.append(cur)
                 cur, new_max = [], n
             cur.append(i)

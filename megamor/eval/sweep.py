@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from megamor.model.flops import flops_per_token
-from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints
+from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints, skipped_tags
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model_and_meta
 
 from .identity import check_identity
+from .paper import ROUTINGS, column_values, suite_average
 from .scoring import Scorer
+from .tasks import get_task
 from .tokenizer import load_tokenizer
 
 FEWSHOT_METRICS = ("acc", "acc_norm", "acc_bytes", "perplexity")
@@ -57,6 +60,8 @@ class SweepConfig:
     dtype: str | None = None
     tokens_per_step: int | None = None  # x-axis "tokens" when checkpoints do not record it
     allow_tokenizer_mismatch: bool = False  # evaluate even with another tokenizer than the checkpoint's (megamor.eval.identity)
+    mmlu_dir: str | None = None  # MMLU CSV folder (megamor.eval.tasks.mmlu); None: $MEGAMOR_MMLU_DIR, else mmlu/ in data_dir
+    routing: str = "causal"  # "topk": each few-shot task also as "<task>@topk", top-k routing (non-causal, the paper's eval)
 
     @property
     def context(self) -> int | str:
@@ -65,10 +70,14 @@ class SweepConfig:
 
     def items(self) -> list[tuple[str, dict[str, Any]]]:
         """(task id, everything that changes its numbers) for every evaluation."""
-        out = [
-            (t, {"kind": "fewshot", "task": t, "k": self.num_fewshot, "limit": self.limit, "seed": self.seed, "data_dir": self.data_dir, "max_length": self.context, "dtype": self.dtype})
-            for t in self.tasks
-        ]
+        out = []
+        for t in self.tasks:
+            spec = {"kind": "fewshot", "task": t, "k": self.num_fewshot, "limit": self.limit, "seed": self.seed, "data_dir": self.data_dir, "max_length": self.context, "dtype": self.dtype}
+            if t == "mmlu":
+                spec["mmlu_dir"] = str(Path(self.mmlu_dir).resolve()) if self.mmlu_dir else None
+            out.append((t, spec))
+            if self.routing == "topk":  # a key only when not causal: older caches stay valid
+                out.append((f"{t}@topk", {**spec, "routing": "topk"}))
         for name, path in self.ppl.items():
             out.append((f"ppl:{name}", {"kind": "ppl", "path": str(Path(path).resolve()), "split": self.ppl_split, "max_docs": self.ppl_max_docs, "stride": self.stride, "max_length": self.context, "dtype": self.dtype}))
         return out
@@ -81,12 +90,16 @@ def item_key(task_id: str, spec: dict[str, Any]) -> str:
 
 def discover(sources: Sequence[str | Path]) -> list[CheckpointInfo]:
     """Run folders (every checkpoint in each) and single checkpoints (files, export folders,
-    DeepSpeed tags), in a stable order."""
+    DeepSpeed tags), in a stable order. A run folder's tags left out (no COMPLETE marker,
+    damaged, quarantined) are named on stderr, one line each."""
     out: list[CheckpointInfo] = []
     for s in map(Path, sources):
         if not s.exists():
             raise CheckpointError(f"not found: {s}")
         info = describe(s, s.parent.parent.name if s.parent.name in ("checkpoints", "export", "exports") else s.parent.name)
+        if info is None:  # a run folder: say which of its tags are not evaluated, and why
+            for line in skipped_tags(s):
+                print(f"sweep: skipping {line}", file=sys.stderr, flush=True)
         out.extend([info] if info is not None else list_checkpoints(s))
     return out
 
@@ -142,19 +155,20 @@ class Sweep:
             raise CheckpointError(f"{ck.path}: no tokenizer given and none stored beside the checkpoint")
         tok = load_tokenizer(tok_path)
         check_identity(meta, ck, tok, allow_mismatch=self.cfg.allow_tokenizer_mismatch)
-        scorer = Scorer(model, batch_size=self.cfg.batch_size, max_batch_tokens=self.cfg.max_batch_tokens, max_length=self.cfg.max_length,
-                        device=device, dtype=self.cfg.dtype, pad_id=tok.eos_id, progress=progress)
+        scorers = {r: Scorer(model, batch_size=self.cfg.batch_size, max_batch_tokens=self.cfg.max_batch_tokens, max_length=self.cfg.max_length,
+                             device=device, dtype=self.cfg.dtype, pad_id=tok.eos_id, progress=progress, routing=r) for r in ROUTINGS}
         base = {"checkpoint": str(ck.path), "run": ck.run, "step": meta.get("step", ck.step), "fingerprint": fp,
                 "tokens": meta.get("tokens"), "flops": meta.get("flops"), "train_flops_per_token": _train_flops_per_token(model)}
         for task_id, spec in todo:
             t0 = time.perf_counter()
             if spec["kind"] == "fewshot":
-                r = evaluate_task(scorer, tok, spec["task"], num_fewshot=spec["k"], seed=spec["seed"], limit=spec["limit"],
+                task = get_task(spec["task"], path=spec.get("mmlu_dir"))
+                r = evaluate_task(scorers[spec.get("routing", "causal")], tok, task, num_fewshot=spec["k"], seed=spec["seed"], limit=spec["limit"],
                                   data_dir=Path(spec["data_dir"]) if spec["data_dir"] else None)
                 metrics, n = r.metrics, r.n
             else:
                 docs = read_texts([spec["path"]], split=spec["split"])[: spec["max_docs"]]
-                res = perplexity_of_texts(scorer, tok, docs, stride=spec["stride"]).to_dict()
+                res = perplexity_of_texts(scorers["causal"], tok, docs, stride=spec["stride"]).to_dict()
                 metrics = {m: res[m] for m in PPL_METRICS if m in res}
                 n = res["tokens"]
             rec = {**base, "task": task_id, "spec": spec, "n": n, "metrics": metrics, "seconds": time.perf_counter() - t0}
@@ -182,7 +196,7 @@ class Sweep:
                         continue
                     rows.append({"run": rec["run"], "step": rec["step"], "tokens": tokens, "flops": flops, "task": task_id, "metric": m,
                                  "value": v, "stderr": rec["metrics"].get(m + "_stderr"), "n": rec["n"], "checkpoint": rec["checkpoint"]})
-        return rows, missing
+        return rows + average_rows(rows), missing
 
     def report(self, checkpoints: Sequence[CheckpointInfo], plots: bool = True) -> dict[str, Any]:
         rows, missing = self.rows(checkpoints)
@@ -195,6 +209,30 @@ class Sweep:
         (self.out / "results.md").write_text(markdown_pivot(rows))
         pngs = write_plots(rows, self.out / "plots") if plots and rows else []
         return {"rows": len(rows), "missing": missing, "csv": str(self.out / "results.csv"), "md": str(self.out / "results.md"), "plots": [str(p) for p in pngs]}
+
+
+def average_rows(rows: list[dict]) -> list[dict]:
+    """Per checkpoint and routing with two or more few-shot tasks, a "fewshot_avg" row (metric "avg"):
+    the mean over the tasks of each one's headline metric (megamor.eval.paper), ARC-Easy and
+    ARC-Challenge as one column (the paper's average when the tasks are the paper suite)."""
+    groups: dict[tuple, dict[str, dict[str, float]]] = {}
+    first: dict[tuple, dict] = {}
+    for r in rows:
+        if r["task"].startswith("ppl:"):
+            continue
+        task, _, routing = r["task"].partition("@")
+        key = (r["run"], r["step"], r["checkpoint"], routing)
+        groups.setdefault(key, {}).setdefault(task, {})[r["metric"]] = r["value"]
+        first.setdefault(key, r)
+    out = []
+    for key, per in groups.items():
+        if len(per) < 2:
+            continue
+        vals = {t: v["value"] for t, v in column_values(per).items()}
+        r = first[key]
+        out.append({**r, "task": "fewshot_avg" + (f"@{key[3]}" if key[3] else ""), "metric": "avg", "value": suite_average(vals),
+                    "stderr": None, "n": None})
+    return out
 
 
 def _train_flops_per_token(model) -> float | None:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from megamor.cli import tool_name
 from megamor.data.atomic import atomic_open, write_json
 from megamor.gpu_check.parts import BY_NAME, PARTS
 from megamor.gpu_check.report import as_json, exit_code, markdown
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = parse_args(argv)
     except BadArgs as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{tool_name(PROG)}: error: {e}", file=sys.stderr)
         return 2
     if a.list:
         for part in PARTS:

@@ -6,13 +6,13 @@ and leaves the time limit to the parent, which kills the whole process group at 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import platform
 import sys
 import time
 from pathlib import Path
 
+from megamor.cli import ArgumentParser
 from megamor.gpu_check.common import META, Context, Record, device_description
 from megamor.gpu_check.parts import BY_NAME
 
@@ -20,7 +20,7 @@ MARGIN_S = 3.0  # the part plans to finish this long before the parent's kill
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.gpu_check.child")
+    p = ArgumentParser(prog="python -m megamor.gpu_check.child")
     p.add_argument("--part", required=True, choices=sorted(BY_NAME))
     p.add_argument("--rows", type=Path, required=True)
     p.add_argument("--deadline", type=float, required=True, help="time.time() at which the parent kills this part")

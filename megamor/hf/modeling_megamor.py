@@ -24,7 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megamor import MegamorConfig
-from .routing import CAUSAL, RoutingPolicy, RoutingSettings
+from .routing import CAUSAL, RoutingPolicy, RoutingSettings, update
 
 
 def _get(m: dict, key: str, default):
@@ -135,6 +135,8 @@ class ExpertRouter(nn.Module):
         # The causal rule's cut on the logit (megamor's routers.N.threshold; exports from before
         # it was learned keep the fixed logit(causal_threshold), set by _init_weights).
         self.register_buffer("threshold", torch.full((1,), causal_logit(r)))
+        # router.aux_router: the causal rule's own router (megamor's routers.N.aux)
+        self.aux = router_net(d, 1, r) if _get(r, "aux_router", False) else None
 
     def forward(self, h: Tensor) -> Tensor:
         return self.net(h).squeeze(-1).float()  # logits [B, T]; the routing policy decides
@@ -159,6 +161,8 @@ def layer_plan(m: dict) -> tuple[list[int], list[list[int]], list[int]]:
     """Physical layer of every virtual layer as (prelude, recursion steps, coda)."""
     L, nr, sharing = m["n_layers"], _get(m, "num_recursions", 1), _get(m, "sharing", "none")
     if sharing == "none":
+        if nr > 1:  # a router over N_r steps of distinct layers
+            return [], [list(range(r * L // nr, (r + 1) * L // nr)) for r in range(nr)], []
         return list(range(L)), [], []
     middle = sharing.startswith("middle")
     first, mid = (1, L - 2) if middle else (0, L)
@@ -246,10 +250,10 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         rope = rope_tables(pos, hd, float(self.m["rope_theta"]))
         kv: dict[int, tuple] = {}
         h, site = self._run_layers(self.prelude, 0, self.embed_tokens(input_ids), pos, valid, rope, kv)
-        active, routing = valid, self.routing.start(self, CAUSAL)
+        active, routing = valid, self.routing.start(self, CAUSAL, positions=pos)
         for r, layer_ids in enumerate(self.steps):
             step = routing.step(r, h, active)
-            h, site = self._routed_step(layer_ids, site, h, step.selected, step.gate, pos, rope, kv)
+            h, site = self._routed_step(layer_ids, site, h, step, pos, rope, kv)
             active = step.selected
         h, _ = self._run_layers(self.coda, site, h, pos, valid, rope, kv)
         h = self.norm(h)
@@ -262,9 +266,10 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _routed_step(self, layer_ids, site, h, selected, gate, pos, rope, kv):
+    def _routed_step(self, layer_ids, site, h, step, pos, rope, kv):
         """Run one recursion step on the selected tokens only (gathered left-aligned in
-        positional order), gate their update, scatter them back."""
+        positional order), gate their update (the routing policy's `update`), scatter them back."""
+        selected = step.selected
         n = int(selected.sum(1).max())
         if n == 0:
             return h, site + len(layer_ids)
@@ -276,8 +281,9 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
 
         x = take(h)
         y, site = self._run_layers(layer_ids, site, x, pos.gather(1, idx), slots, (take(rope[0]), take(rope[1])), kv)
-        if gate is not None:
-            y = x + gate.gather(1, idx).unsqueeze(-1).to(x.dtype) * (y - x)
+        if step.gate is not None:
+            exits = None if step.exits is None else step.exits.gather(1, idx)
+            y = update(x, y, step.gate.gather(1, idx), exits, None if exits is None else take(step.base))
         y = torch.where(slots.unsqueeze(-1), y, x)
         return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), y), site
 

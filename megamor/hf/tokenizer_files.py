@@ -1,5 +1,9 @@
 """Tokenizer files for an export folder, so `AutoTokenizer.from_pretrained(DIR)` loads the
-run's sentencepiece tokenizer without remote code and encodes text to megamor's ids.
+run's tokenizer without remote code and encodes text to megamor's ids (`export_tokenizer`).
+
+A Hugging Face tokenizer is copied as it is (tokenizer.json and its configs; a minimal
+tokenizer_config.json naming its special tokens is written when it had none). For a
+sentencepiece model the rest of this module makes the Hugging Face files:
 
 Written: `tokenizer.json` (a `tokenizers` pipeline equivalent to the sentencepiece model) and
 `tokenizer_config.json` naming transformers' built-in `PreTrainedTokenizerFast`, with the
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.data.atomic import write_json
+from megamor.data.tokenizer import Tokenizer, copy_tokenizer
 
 # A sample the HF pipeline must encode exactly as sentencepiece before its files are written:
 # leading/double spaces, newlines, digits, non-ASCII and characters the vocabulary may lack.
@@ -121,3 +126,28 @@ def write_tokenizer_files(out_dir: str | Path, model_file: str | Path, model_max
     tmp.replace(out / "tokenizer.json")
     write_json(out / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
     return [out / "tokenizer.json", out / "tokenizer_config.json"]
+
+
+def export_tokenizer(out_dir: str | Path, tok: Tokenizer, model_max_length: int | None = None) -> list[Path]:
+    """Copy `tok` into an export folder with the files AutoTokenizer needs. A sentencepiece
+    model's tokenizer.model is copied first, so it is there even when its tokenizer.json cannot
+    be made (ImportError, TokenizerFilesError)."""
+    out = Path(out_dir)
+    if tok.kind == "sentencepiece":
+        import shutil
+
+        from megamor.data.atomic import temp_path
+
+        tmp = temp_path(out / "tokenizer.model")
+        shutil.copy2(tok.path, tmp)
+        tmp.replace(out / "tokenizer.model")
+        return [out / "tokenizer.model", *write_tokenizer_files(out, out / "tokenizer.model", model_max_length)]
+    main = copy_tokenizer(tok, out)
+    config = out / "tokenizer_config.json"
+    if not config.is_file():
+        names = getattr(tok, "names", {})
+        write_json(config, {"tokenizer_class": "PreTrainedTokenizerFast",
+                            **{f"{r}_token": n for r, n in names.items() if n is not None},
+                            "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+                            "model_max_length": model_max_length or 1_000_000_000})
+    return [main, config]

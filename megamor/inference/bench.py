@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.data.atomic import atomic_open
 from megamor.inference.calibrate import calibrate_decoding
 from megamor.inference.engine import Engine
@@ -270,7 +271,7 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python evals/bench_decode.py", description=__doc__,
+    p = ArgumentParser(prog="python evals/bench_decode.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="33m", help="configs/model/<size>/ (33m, 135m, 360m, ...) or a folder of <variant>.yaml")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from megamor.inference.step import _apply_layer, _Rows, layer_output, layer_query
 from megamor.model.layers import sdpa
-from megamor.model.routing import CAUSAL, EXPERT, TOKEN
+from megamor.model.routing import CAUSAL, EXPERT, TOKEN, update
 
 if TYPE_CHECKING:
     from megamor.inference.static_cache import StaticKVCache
@@ -96,6 +96,10 @@ class DepthwiseScheduler:
         self.H = torch.zeros(S, 1, model.cfg.d_model, dtype=w.dtype, device=self.device)
         self.G = torch.ones(S, dtype=torch.float32, device=self.device)
         self.gated = np.zeros(S, dtype=bool)
+        # token choice's paper rule: whether the step an item waits for is its exit, and H^1
+        self.paper = np.zeros(S, dtype=bool)
+        self.E = torch.zeros(S, dtype=torch.bool, device=self.device)
+        self.base = torch.zeros_like(self.H)
         self.depth = np.zeros(S, dtype=np.int64)
         self.cohort: list[_Cohort | None] = [None] * S
         self.row = np.zeros(S, dtype=np.int64)
@@ -125,7 +129,8 @@ class DepthwiseScheduler:
         sl_t = torch.from_numpy(sl).to(self.device)
         reqs = [eng.running[s] for s in slots]
         tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)
-        cos, sin = self._rope(reqs)
+        pos = torch.tensor([r.position for r in reqs], device=self.device)
+        cos, sin = self.model.rope(pos.unsqueeze(1))
         rows, memo = _Rows(sl, sl_t), {}
         h = model.embed_tokens(tokens).unsqueeze(1)
         for phys, site in zip(model.prelude, model.sites.prelude):
@@ -135,7 +140,7 @@ class DepthwiseScheduler:
         if self.n_steps == 0:
             self.exit.extend(slots)
             return
-        cohort = _Cohort(model.routing.start(model, CAUSAL), len(slots))
+        cohort = _Cohort(model.routing.start(model, CAUSAL, positions=pos.unsqueeze(1)), len(slots))
         for i, s in enumerate(slots):
             self.cohort[s] = cohort
             self.row[s] = i
@@ -171,6 +176,10 @@ class DepthwiseScheduler:
             self.gated[sl] = step.gate is not None
             if step.gate is not None:
                 self.G[sl_t] = step.gate[rows, 0].float()
+            self.paper[sl] = step.exits is not None
+            if step.exits is not None:
+                self.E[sl_t] = step.exits[rows, 0]
+                self.base[sl_t] = step.base[rows]
         for s, k in zip(slots.tolist(), keep.tolist()):
             (self.queue.append if k else self.exit.append)(s)
 
@@ -199,9 +208,10 @@ class DepthwiseScheduler:
                     out = self._layer(p, j, y[loc_t], slots[loc], dep[loc], cos[loc_t], sin[loc_t], memo)
                     y = y.index_copy(0, loc_t, out)
         gated = self.gated[slots]
-        if gated.any():
-            g = self.G[sl_t].unsqueeze(-1).unsqueeze(-1).to(x.dtype)
-            upd = x + g * (y - x)  # the gate update of `decode_step`, row by row
+        if gated.any():  # the routing's update rule (megamor.model.routing.update), row by row
+            paper = self.paper[slots].any()
+            upd = update(x, y, self.G[sl_t][:, None], self.E[sl_t][:, None] if paper else None,
+                         self.base[sl_t] if paper else None)
             y = upd if gated.all() else torch.where(torch.from_numpy(gated).to(self.device)[:, None, None], upd, y)
         self.H[sl_t] = y
         self.depth[slots] = dep + 1

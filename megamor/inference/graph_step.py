@@ -28,7 +28,7 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.inference.step import layer_attend_and_mlp, layer_query
 from megamor.model.mor import MoRLM
-from megamor.model.routing import CAUSAL
+from megamor.model.routing import CAUSAL, update
 
 
 def default_buckets(model: MoRLM, slots: int, slack: float = 1.25) -> list[int]:
@@ -96,7 +96,8 @@ class GraphStep:
         depth = torch.zeros(S, dtype=torch.long, device=active.device)
         counts = []
         cand = active
-        routing = model.routing.start(model, CAUSAL)  # the model's policy, causal mode: no device reads
+        # the model's policy, causal mode: no device reads
+        routing = model.routing.start(model, CAUSAL, positions=self.positions.unsqueeze(1))
         for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model.sites.steps)):
             step = routing.step(r, h, cand[:, None])
             sel, gate = step.selected[:, 0], (step.gate[:, 0] if step.gate is not None else None)
@@ -113,9 +114,11 @@ class GraphStep:
             y = x
             for phys, site in zip(layer_ids, site_ids):
                 y = self._attend(phys, site, y, rows, valid, c, s_, overflow)
-            if gate is not None:
-                g = gate if rows is None else gate[rows]
-                y = x + g[:, None, None].to(x.dtype) * (y - x)
+            exits, base = step.exits, step.base
+            if rows is not None:
+                gate = None if gate is None else gate[rows]
+                exits, base = (None, None) if exits is None else (exits[rows], base[rows])
+            y = update(x, y, None if gate is None else gate[:, None], exits, base)
             y = torch.where(valid[:, None, None], y, x)
             h = y if rows is None else h.index_copy(0, rows, y)
             depth = depth + sel.long()

@@ -19,7 +19,7 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.model.layers import apply_rope, sdpa
 from megamor.model.mor import MoRLM
-from megamor.model.routing import CAUSAL
+from megamor.model.routing import CAUSAL, update
 
 
 @dataclass
@@ -91,7 +91,7 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
     active = np.arange(m)  # local indices of the rows that ran the previous step
     active_t = torch.from_numpy(active).to(device, non_blocking=True)
     candidates = torch.ones(m, 1, dtype=torch.bool, device=device)
-    routing = model.routing.start(model, CAUSAL)
+    routing = model.routing.start(model, CAUSAL, positions=positions.unsqueeze(1))
     for r, (layer_ids, site_ids) in enumerate(zip(model.steps, model.sites.steps)):
         step = routing.step(r, h, candidates)  # decided for every row; only candidates can be selected
         if not step.keeps_all:
@@ -99,7 +99,6 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
             active, active_t = active[kept], active_t[torch.from_numpy(kept).to(device)]
         candidates = step.selected
         hc = h.index_select(0, active_t)
-        gate = step.gate.index_select(0, active_t) if step.gate is not None else None
         tokens_per_step.append(len(active))
         if len(active) == 0:
             break  # routing is hierarchical: nobody runs any later step either
@@ -107,8 +106,7 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
         sub_rows, sub_cos, sub_sin = rows.take(active, active_t), cos[active_t], sin[active_t]
         for phys, site in zip(layer_ids, site_ids):
             y = _apply_layer(model, cache, phys, site, y, sub_rows, sub_cos, sub_sin, memo)
-        if gate is not None:
-            y = hc + gate.unsqueeze(-1).to(hc.dtype) * (y - hc)
+        y = update(hc, y, *(None if t is None else t.index_select(0, active_t) for t in (step.gate, step.exits, step.base)))
         h = h.index_copy(0, active_t, y)
         depth[active] += 1
     tokens_per_step += [0] * (len(model.steps) - len(tokens_per_step))

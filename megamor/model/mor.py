@@ -13,7 +13,9 @@ selected keep their hidden state. With a router, a selected token's update is ga
     h <- h + g * (step(h) - h),      g = alpha * sigmoid(router logit)   (expert choice)
 
 i.e. g scales the step's residual update (not the step's whole output). This is how the
-router receives the language-model gradient.
+router receives the language-model gradient. (Token choice with `token_update: paper`: the
+paper's Eq. 2, steps before the chosen depth ungated, H^1 + g * step(h) at it; the rule is
+`routing.update`.)
 
 Which tokens run each step, and their gate, is decided by the routing policy
 (`self.routing`, `megamor.model.routing`: the one place the rule lives, shared with the
@@ -56,7 +58,7 @@ from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
 from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
 from megamor.model.routers import ExpertChoiceRouter, TokenChoiceRouter, routing_settings
-from megamor.model.routing import CAUSAL, TOPK, RoutingPolicy
+from megamor.model.routing import CAUSAL, TOPK, RoutingPolicy, StepRouting, update
 
 CheckpointFn = Callable[..., object]
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -281,7 +283,7 @@ class MoRLM(nn.Module):
         # training), so the forward pass never waits for the device; otherwise read once from
         # the device (token choice: once per forward; causal expert choice: per step).
         routing = self.routing.start(self, CAUSAL if causal_routing else TOPK, training=self.training,
-                                     record=self.record_router, count=True)
+                                     record=self.record_router, count=True, positions=position_ids)
         routed: list[Tensor] = []
         depth = torch.zeros(B, T, dtype=torch.long, device=h.device)
         everyone = valid is None  # every token runs the step: no gather at all
@@ -298,8 +300,8 @@ class MoRLM(nn.Module):
                     n = step.counted if step.counted is not None else int(selected.sum(1).max())
                     length = bucket_length(n, T) if exact and n else n
             with self.recursion_hook(r) if self.recursion_hook is not None else nullcontext():
-                h = self._run_step(layer_ids, site_ids, h, selected, step.gate, everyone, length, meta, (cos, sin),
-                                   kv_cache, shared)
+                h = self._run_step(layer_ids, site_ids, h, step, everyone, length, meta, (cos, sin), kv_cache,
+                                   shared)
             depth += selected.long()
             routed.append(selected.sum())
             active = selected
@@ -341,8 +343,7 @@ class MoRLM(nn.Module):
         layer_ids: list[int],
         site_ids: list[int],
         h: Tensor,
-        selected: Tensor,
-        gate: Tensor | None,
+        step: StepRouting,
         everyone: bool,
         length: int,
         meta: TokenMeta,
@@ -351,7 +352,8 @@ class MoRLM(nn.Module):
         shared: dict[int, KVBlock],
     ) -> Tensor:
         """One recursion step on the selected tokens: gather `length` slots per row, run the
-        step's layers, gate the update, scatter back. everyone: all tokens, no gather."""
+        step's layers, gate the update (`routing.update`), scatter back. everyone: all tokens,
+        no gather."""
         if length == 0:
             return h  # nobody runs this step (decoding, or a threshold nobody passed)
         # Under sequence parallelism h is this process's slice of the sequence: the routed
@@ -360,8 +362,8 @@ class MoRLM(nn.Module):
         if everyone:
             x, sub_meta, sub_rope, idx, slots = h, meta, rope, None, None
         else:
-            length = min(selected.shape[1], -(-length // lay.multiple) * lay.multiple)
-            idx, slots = left_align(selected, length)
+            length = min(step.selected.shape[1], -(-length // lay.multiple) * lay.multiple)
+            idx, slots = left_align(step.selected, length)
             x = lay.take(h, idx)
             sub_meta = meta.take(idx, slots)
             g = lambda t: t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
@@ -369,9 +371,10 @@ class MoRLM(nn.Module):
         y = x
         for phys, site in zip(layer_ids, site_ids):
             y = self._apply_layer(phys, site, y, sub_meta, sub_rope, cache, shared)
-        if gate is not None:
-            g_sel = lay.local(gate if idx is None else gate.gather(1, idx))
-            y = x + g_sel.unsqueeze(-1).to(x.dtype) * (y - x)
+        if step.gate is not None:
+            pick = (lambda t: lay.local(t)) if idx is None else (lambda t: lay.local(t.gather(1, idx)))
+            base = None if step.base is None else (step.base if idx is None else lay.take(step.base, idx))
+            y = update(x, y, pick(step.gate), None if step.exits is None else pick(step.exits), base)
         if idx is None:
             return y
         # Padding slots point at unselected tokens: write their old value back.
@@ -403,6 +406,11 @@ class MoRLM(nn.Module):
         if cache is None and source is None and self.cfg.kv_mode == "shared":
             shared[site] = kv
         return out
+
+    def set_train_step(self, step: int) -> None:
+        """The optimizer step (1-based) about to be trained: the routers' capacity and balancing
+        warmups follow it. The trainer sets it from its own (checkpointed) step count."""
+        self.routing.train_step = int(step)
 
     # -- token-choice loss-free balancing ------------------------------------------------
     def loss_free_load(self) -> Tensor | None:

@@ -49,6 +49,15 @@ def routing_settings(cfg: ModelConfig) -> RoutingSettings:
         bce_full_capacity_steps=r.bce_full_capacity_steps,
         learn_threshold=r.learn_threshold,
         loss_free=r.balancing == "loss_free",
+        token_update=r.token_choice_update,
+        weighted=r.gating == "weighted",
+        temperature=r.temperature,
+        token_func=r.token_func,
+        cap_warmup_steps=r.cap_warmup_step,
+        bal_warmup_steps=r.bal_warmup_step,
+        bce_reduction=r.bce_reduction,
+        aux_router=r.aux_router,
+        rand_router=r.rand_router,
     )
 
 
@@ -98,6 +107,8 @@ class ExpertChoiceRouter(Fp32Buffers):
         self.net = router_network(cfg, 1)
         self.cfg = cfg.router
         self.scale = GateScale(cfg.router.gate_scale) if cfg.router.learn_alpha else None
+        # router.aux_router: the causal rule's own router, trained on detached inputs (routing.py).
+        self.aux = router_network(cfg, 1) if cfg.router.aux_router else None
         # The causal rule's cut on the logit, and how many top-k boundaries it has averaged.
         self.register_buffer("threshold", torch.full((1,), logit(cfg.router.causal_threshold)))
         self.register_buffer("threshold_updates", torch.zeros(1))

@@ -15,10 +15,20 @@ Modes:
 Token choice is causal in both modes: each token picks its depth once, at the first step.
 
 The gate scales a selected token's residual update, h <- h + g * (step(h) - h); `gate_fn`
-computes it (replace it to try another gate: every path uses the policy's).
+computes it (replace it to try another gate: every path uses the policy's). Token choice's
+`token_update: paper` is the paper's Eq. 2 as its official code runs it: the steps before a
+token's chosen depth are ungated (h <- step(h)), and at its chosen depth i its output is
+H^1 + g * step(h), H^1 the first recursion's input. `update` applies the rule: every path
+gathers the step's tensors the same way and calls it.
+
+The official code's other router knobs (RoutingSettings below; RouterConfig documents each)
+live here too: capacity and balancing warmups (they read `RoutingPolicy.train_step`, which the
+trainer sets every optimizer step), router temperature, router functions, unweighted gating,
+the random router (`position_uniform`: the same draw on every path) and the auxiliary router.
 
 Routers are modules owned by the model, used through a small interface:
   expert choice (`model.routers[r]`): `router(h)` -> logits [..., T] fp32; `router.threshold`;
+    `router.aux` (None, or the auxiliary router's network: h -> [..., T, 1]);
     `router.scale` (None, or a module alpha * activation for a learned alpha); in training
     `router.track_boundary(boundary, has)`.
   token choice (`model.depth_router`): `router(h)` -> logits [..., T, N_r] fp32; `router.bias`;
@@ -27,6 +37,7 @@ Routers are modules owned by the model, used through a small interface:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +51,7 @@ CAUSAL = "causal"
 EXPERT, TOKEN = "expert_choice", "token_choice"
 HEALTH_PREFIX = "router_health"
 SATURATION_EPS = 1e-3
+GATED_RESIDUAL, PAPER = "gated_residual", "paper"  # token choice's update rules
 
 
 @dataclass
@@ -60,6 +72,16 @@ class RoutingSettings:
     bce_full_capacity_steps: bool = True
     learn_threshold: bool = False
     loss_free: bool = False
+    token_update: str = GATED_RESIDUAL  # token choice: gated_residual | paper (Eq. 2)
+    # The official code's router knobs (megamor/model/config.py RouterConfig says what each does).
+    weighted: bool = True  # gating: False = the gate is 1 (no router weight)
+    temperature: float = 1.0  # the router sees h / temperature
+    token_func: str = "softmax"  # token choice's depth probabilities: softmax | sigmoid
+    cap_warmup_steps: int = 0  # expert choice: capacity from 1 to its target on a cosine
+    bal_warmup_steps: int = 0  # token choice: every token at full depth before this step
+    bce_reduction: str = "mean"  # the expert-choice BCE over recursion steps: mean | sum
+    aux_router: bool = False  # expert choice: causal routing by a separate router (`router.aux`)
+    rand_router: bool = False  # random routing baseline: scores from `position_uniform`, no router
 
 
 # -- the rule's pieces (pure functions) ----------------------------------------------------
@@ -71,7 +93,10 @@ def top_k_size(capacity: float, seq_len: int) -> int:
 def activation(s: RoutingSettings, logits: Tensor) -> Tensor:
     """The gate's shape: sigmoid or tanh of the logit; straight-through: forward value 1
     (the gradient stays the activation's)."""
-    act = torch.sigmoid(logits) if s.activation == "sigmoid" else torch.tanh(logits)
+    if s.activation == "none":
+        act = logits
+    else:
+        act = torch.sigmoid(logits) if s.activation == "sigmoid" else torch.tanh(logits)
     if s.straight_through:
         return act + (1.0 - act).detach()
     return act
@@ -80,14 +105,61 @@ def activation(s: RoutingSettings, logits: Tensor) -> Tensor:
 def standard_gate(s: RoutingSettings, kind: str, x: Tensor, scale: Any) -> Tensor:
     """The gate of a selected token. Expert choice: x = router logits, g = alpha *
     activation(x); token choice: x = the chosen depth's probability, g = alpha * x. scale is
-    alpha: a float, or a module (learned alpha) called on the activation."""
+    alpha: a float, or a module (learned alpha) called on the activation. Unweighted gating
+    (the official `gating`): g = 1. Activation none: g = the raw logit (no alpha), as the
+    official code's `router_func: null`."""
+    if not s.weighted:
+        return torch.ones_like(x)
     if kind == TOKEN:
         return scale * x
     act = activation(s, x)
+    if s.activation == "none":
+        return act
     return scale(act) if callable(scale) else scale * act
 
 
 GateFn = Callable[[RoutingSettings, str, Tensor, Any], Tensor]
+
+
+def update(x: Tensor, y: Tensor, gate: Tensor | None, exits: Tensor | None = None,
+           base: Tensor | None = None) -> Tensor:
+    """The new hidden state of the tokens that ran a step: x [..., n, D] their input, y the
+    step's output, gate [..., n] (None: ungated, y). exits/base (token choice's paper rule):
+    the tokens whose chosen depth this is leave with base + gate * y (base = H^1, the first
+    recursion's input); the others continue with y, ungated."""
+    if gate is None:
+        return y
+    g = gate.unsqueeze(-1).to(x.dtype)
+    if exits is None:
+        return x + g * (y - x)
+    return torch.where(exits.unsqueeze(-1), base + g * y, y)
+
+
+_M31 = 0x7FFFFFFF
+
+
+def position_uniform(key: Tensor, *salt: int) -> Tensor:
+    """A deterministic uniform in [0, 1) per element of the integer tensor `key` (a token's
+    position, with its row and the step in training) and the ints `salt`: an integer hash in
+    31-bit arithmetic (products stay below 2**62: exact in int64 on every device), so every
+    path that sees the same position draws the same number (the random router's scores)."""
+    x = key.long() & _M31
+    for v in (*salt, 0x5BD1E995):
+        x = ((x ^ (int(v) & _M31)) * 0x2C1B3C6D) & _M31
+        x = x ^ (x >> 15)
+        x = (x * 0x297A2D39) & _M31
+        x = x ^ (x >> 12)
+    return x.to(torch.float32) / float(_M31 + 1)
+
+
+def warm_capacity(capacity: float, step: int, warmup: int) -> float:
+    """Expert choice's training capacity at optimizer step `step` (1-based) under capacity
+    warmup: from 1.0 down to `capacity` on a half cosine over the first `warmup` steps (the
+    official `cap_warmup_step`, counted there in forward calls: the same at accumulation 1)."""
+    if warmup <= 0:
+        return capacity
+    decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / warmup)))
+    return capacity + (1.0 - capacity) * decay
 
 
 def expert_choice_top_k(logits: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -172,9 +244,21 @@ def agreement_counts(logits: Tensor, candidates: Tensor, topk: Tensor, threshold
     return torch.stack([(causal & top).sum(), causal.sum(), top.sum()]).double()
 
 
+def causal_cut(router: Any) -> Tensor | float:
+    """The logit above which the causal rule keeps a token: the router's threshold, or 0
+    (sigmoid > 0.5) for an auxiliary router."""
+    return 0.0 if getattr(router, "aux", None) is not None else router.threshold
+
+
+def aux_logits(router: Any, h: Tensor) -> Tensor:
+    """The auxiliary router's logits [..., T] (fp32)."""
+    return router.aux(h).squeeze(-1).float()
+
+
 def trace_agreement(routers: Any, trace: list) -> dict[int, Tensor]:
-    """Agreement counts per routed step (0-based) of a top-k forward's `router_trace`."""
-    return {r: agreement_counts(logits, cand, sel, routers[r].threshold) for r, logits, cand, sel in trace}
+    """Agreement counts per routed step (0-based) of a top-k forward's `router_trace` (its
+    logits are the causal rule's: the auxiliary router's where there is one)."""
+    return {r: agreement_counts(logits, cand, sel, causal_cut(routers[r])) for r, logits, cand, sel in trace}
 
 
 def precision_recall(counts: Any) -> tuple[float, float]:
@@ -191,13 +275,17 @@ class StepRouting:
     of the candidates); gate: [..., T] fp32 scale of their update, or None (ungated);
     keeps_all: selected is the candidates by construction (nothing to count); fixed: the
     tokens per row known from shapes alone (training top-k); counted: the largest row's count,
-    already read from the device (token choice reads every step's at once)."""
+    already read from the device (token choice reads every step's at once). exits, base: set
+    by token choice's paper rule (see `update`): [..., T] bool, the tokens whose chosen depth
+    is this step, and H^1 [..., T, D]; gather them like the gate and pass them to `update`."""
 
     selected: Tensor
     gate: Tensor | None
     keeps_all: bool
     fixed: int | None = None
     counted: int | None = None
+    exits: Tensor | None = None
+    base: Tensor | None = None
 
 
 class RoutingPolicy:
@@ -207,18 +295,25 @@ class RoutingPolicy:
     def __init__(self, settings: RoutingSettings, gate_fn: GateFn = standard_gate):
         self.settings = settings
         self.gate_fn = gate_fn
+        # The optimizer step being trained (1-based), set by the trainer before each step
+        # (`MoRLM.set_train_step`): capacity and balancing warmups read it. Derived from the
+        # trainer's own step, so a resumed run sees the same values.
+        self.train_step = 0
 
     def gate(self, kind: str, x: Tensor, scale: Any) -> Tensor:
         return self.gate_fn(self.settings, kind, x, scale)
 
     def start(self, model: Any, mode: str, training: bool = False, record: bool = False,
-              count: bool = False) -> RoutingPass:
+              count: bool = False, positions: Tensor | None = None) -> RoutingPass:
         """model: holds `routers` (expert choice) or `depth_router` (token choice), None where
         absent. training (with TOPK): losses, health and router state updates. record: keep
         each routed expert-choice step's (step, logits, candidates, selected) in `trace`.
-        count: token choice reads its per-step lengths from the device (one read per forward)."""
-        return RoutingPass(self, getattr(model, "routers", None), getattr(model, "depth_router", None), mode,
-                           training and mode == TOPK, record, count)
+        count: token choice reads its per-step lengths from the device (one read per forward).
+        positions [..., T]: the tokens' positions (the random router draws from them)."""
+        rp = RoutingPass(self, getattr(model, "routers", None), getattr(model, "depth_router", None), mode,
+                         training and mode == TOPK, record, count)
+        rp.positions = positions
+        return rp
 
 
 class RoutingPass:
@@ -236,6 +331,25 @@ class RoutingPass:
         self._choice: Tensor | None = None
         self._gate: Tensor | None = None
         self._reach: list[int] | None = None
+        self._base: Tensor | None = None
+        self.positions: Tensor | None = None
+
+    def _random_scores(self, r: int, like: Tensor, depths: int = 0) -> Tensor:
+        """The random router's scores in [0, 1), shaped like `like` [..., T] (with a trailing
+        [N_r] when depths): in training fresh per optimizer step and row (the official code
+        draws torch.rand each forward); otherwise a function of the position alone, so
+        decoding draws what the causal forward draws."""
+        if self.positions is None:
+            raise ValueError("the random router needs the tokens' positions (RoutingPolicy.start(positions=...))")
+        key = self.positions.expand(like.shape).to(like.device)
+        salt: tuple[int, ...] = (r,)
+        if self.training:
+            rows = torch.arange(key.shape[0], device=key.device).view(-1, *([1] * (key.dim() - 1)))
+            key = key + rows * 1_000_003
+            salt = (r, self.policy.train_step)
+        if depths:
+            return torch.stack([position_uniform(key, *salt, d) for d in range(depths)], dim=-1)
+        return position_uniform(key, *salt)
 
     def step(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         """Step r's decision for hidden states h [..., T, D] and candidates [..., T] (bool: the
@@ -246,62 +360,132 @@ class RoutingPass:
             return self._token(r, h, candidates)
         return StepRouting(candidates, None, keeps_all=True)
 
+    def _train_capacity(self, capacity: float) -> float:
+        """Top-k's capacity: warmed up in training (the step is read only with the warmup on
+        and unfinished: a compiled forward guards on what it reads)."""
+        s = self.policy.settings
+        if self.training and s.cap_warmup_steps and self.policy.train_step < s.cap_warmup_steps:
+            return warm_capacity(capacity, self.policy.train_step, s.cap_warmup_steps)
+        return capacity
+
+    def _router_input(self, h: Tensor) -> Tensor:
+        t = self.policy.settings.temperature
+        return h if t == 1.0 else h / t
+
     def _expert(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         s = self.policy.settings
+        if s.rand_router:
+            return self._expert_random(r, candidates)
         router = self.routers[r]
-        logits = router(h)
+        logits = router(self._router_input(h))
+        aux = getattr(router, "aux", None)
         capacity = s.capacities[r]
         fixed = None
         if capacity >= 1.0:
             selected = candidates
         elif self.mode == CAUSAL:
-            selected = candidates & (logits > router.threshold)
+            causal = aux_logits(router, h) if aux is not None else logits
+            selected = candidates & (causal > causal_cut(router))
         else:
-            fixed = top_k_size(capacity, logits.shape[-1])
+            train_capacity = self._train_capacity(capacity)
+            fixed = top_k_size(train_capacity, logits.shape[-1])
             selected, boundary, has = expert_choice_top_k(logits, candidates, fixed)
             if self.training and s.learn_threshold:
                 router.track_boundary(boundary, has)
         gate = self.policy.gate(EXPERT, logits, router.scale if router.scale is not None else s.gate_scale)
+        predicted = None
+        if aux is not None and (self.training or self.record) and self.mode == TOPK:
+            predicted = aux_logits(router, h.detach())  # trained on detached inputs: no gradient into the model
         if self.training:
             bce, z = expert_choice_aux_losses(logits, candidates, selected, s.bce_smoothing)
             if s.bce_full_capacity_steps or capacity < 1.0:
-                self.aux["router_bce"] = self.aux.get("router_bce", 0) + bce
-                self._n_bce += 1
+                if predicted is not None:  # the auxiliary router learns the selection; the main router gets no BCE
+                    aux_bce, _ = expert_choice_aux_losses(predicted, candidates, selected)
+                    self.aux["router_aux_bce"] = self.aux.get("router_aux_bce", 0) + aux_bce
+                else:
+                    self.aux["router_bce"] = self.aux.get("router_bce", 0) + bce
+                    self._n_bce += 1
             self.aux["router_z"] = self.aux.get("router_z", 0) + z
             self.health.update(step_health(r, logits, candidates, selected))
         if self.record and capacity < 1.0:
-            self.trace.append((r, logits.detach(), candidates, selected))
+            traced = predicted if predicted is not None else logits
+            self.trace.append((r, traced.detach(), candidates, selected))
+        return StepRouting(selected, gate, keeps_all=capacity >= 1.0, fixed=fixed)
+
+    def _expert_random(self, r: int, candidates: Tensor) -> StepRouting:
+        """The official random-router baseline for expert choice: top-k of uniform scores,
+        gate alpha * score, no auxiliary loss. Causal: a token continues with probability
+        c_r / c_{r-1}, so each step keeps its capacity in expectation."""
+        s = self.policy.settings
+        u = self._random_scores(r, candidates)
+        capacity = s.capacities[r]
+        fixed = None
+        if capacity >= 1.0:
+            selected = candidates
+        elif self.mode == CAUSAL:
+            prev = s.capacities[r - 1] if r else 1.0
+            selected = candidates & (u < capacity / prev)
+        else:
+            train_capacity = self._train_capacity(capacity)
+            fixed = top_k_size(train_capacity, u.shape[-1])
+            selected = expert_choice_top_k(u, candidates, fixed)[0]
+        gate = torch.ones_like(u) if not s.weighted else s.gate_scale * u
         return StepRouting(selected, gate, keeps_all=capacity >= 1.0, fixed=fixed)
 
     def _token(self, r: int, h: Tensor, candidates: Tensor) -> StepRouting:
         s = self.policy.settings
         if r == 0:  # each token picks its depth once, from the first shared step's input
             router = self.depth_router
-            logits = router(h)
-            probs = logits.softmax(-1)
-            choice = (probs + router.bias).argmax(-1)  # the bias (loss-free balancing) steers the choice only
+            logits = router(self._router_input(h))
+            if s.rand_router:  # the official random baseline: uniform scores per depth, no router
+                probs = self._random_scores(0, candidates, depths=logits.shape[-1])
+                choice = probs.argmax(-1)
+            elif s.token_func == "sigmoid":  # the official code ranks alpha * sigmoid (+ bias)
+                probs = torch.sigmoid(logits)
+                choice = (s.gate_scale * probs + router.bias).argmax(-1)
+            else:
+                probs = logits.softmax(-1)
+                choice = (probs + router.bias).argmax(-1)  # the bias (loss-free balancing) steers the choice only
+            # balancing warmup: full depth (the step is read only with the knob on: a compiled
+            # forward would otherwise guard on its value and recompile every step)
+            if self.training and s.bal_warmup_steps and self.policy.train_step < s.bal_warmup_steps:
+                choice = torch.full_like(choice, probs.shape[-1] - 1)
+                if s.loss_free:
+                    router.bias.zero_()  # as the official code: the bias restarts when the warmup ends
             if self.training and s.loss_free:
                 router.track_load(choice, candidates)
             self._choice = choice
             self._gate = self.policy.gate(TOKEN, probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1), s.gate_scale)
-            if self.training:
-                self.aux["router_balance"], self.aux["router_z"] = token_choice_aux_losses(choice, probs, logits, candidates)
+            if self.training and not s.rand_router:  # the official balancing loss sees alpha * sigmoid
+                p_bal = s.gate_scale * probs if s.token_func == "sigmoid" else probs
+                self.aux["router_balance"], self.aux["router_z"] = token_choice_aux_losses(choice, p_bal, logits, candidates)
             if self.count:  # one read of the device for every step's length
                 self._reach = torch.stack([(candidates & (choice >= q)).sum(-1).max()
                                            for q in range(probs.shape[-1])]).tolist()
-            return StepRouting(candidates, self._gate, keeps_all=True)
+            if s.token_update == PAPER:
+                self._base = h
+            return StepRouting(candidates, self._gate, keeps_all=True, **self._paper_rule(0))
         selected = candidates & (self._choice >= r)
         return StepRouting(selected, self._gate, keeps_all=False,
-                           counted=self._reach[r] if self._reach is not None else None)
+                           counted=self._reach[r] if self._reach is not None else None, **self._paper_rule(r))
+
+    def _paper_rule(self, r: int) -> dict[str, Tensor]:
+        """Token choice's paper rule: the tokens leaving at step r, and H^1."""
+        if self._base is None:
+            return {}
+        return {"exits": self._choice == r, "base": self._base}
 
     def losses(self, like: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted auxiliary loss, a scalar to add to the LM loss; the unweighted losses,
         detached, and the health statistics, for logging). Call after the last step."""
         s = self.policy.settings
         aux = dict(self.aux)
-        if self._n_bce:
+        if self._n_bce and s.bce_reduction == "mean":
             aux["router_bce"] = aux["router_bce"] / self._n_bce  # a mean over steps: comparable across N_r
-        coefs = {"router_bce": s.bce_coef, "router_z": s.z_coef, "router_balance": s.balance_coef}
+        # The auxiliary router's BCE has weight 1 (the official code steps it with an optimizer
+        # of its own, unscaled); its detached input keeps it out of the model's gradient.
+        coefs = {"router_bce": s.bce_coef, "router_z": s.z_coef, "router_balance": s.balance_coef,
+                 "router_aux_bce": 1.0}
         total = like.new_zeros((), dtype=torch.float32)
         for name, value in aux.items():
             if coefs[name]:

@@ -10,13 +10,13 @@ paper does (megamor.model.flops.paper_flops_per_token; default `exact`, megamor'
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megamor.cli import ArgumentParser
 from megamor.config import ConfigError
 from megamor.env import repo_root
 from megamor.model.config import ModelConfig, load_model_config
@@ -64,7 +64,7 @@ def _fmt_params(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m megamor.model.summary", description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*", help="model YAML files (default: all of configs/model)")
     ap.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs (default 2048)")
     ap.add_argument("--convention", choices=CONVENTIONS, default="exact",

@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -78,6 +79,23 @@ def exit_without_finalizing(code: int) -> None:
         os._exit(code)
 
 
+_collective: str | None = None  # the collective the main thread is in (read by megamor.parallel.watchdog)
+
+
+def current_collective() -> str | None:
+    return _collective
+
+
+@contextlib.contextmanager
+def _in(name: str) -> Iterator[None]:
+    global _collective
+    outer, _collective = _collective, name
+    try:
+        yield
+    finally:
+        _collective = outer
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -88,13 +106,15 @@ def world_size() -> int:
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        with _in("barrier"):
+            dist.barrier()
 
 
 def all_reduce_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM, group: Any = None) -> torch.Tensor:
     """In-place all-reduce; a no-op in a single process."""
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
+        with _in("all_reduce"):
+            dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -103,7 +123,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _in("broadcast_object_list"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -111,6 +132,7 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: list[Any | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _in("all_gather_object"):
+        dist.all_gather_object(out, obj)
     return out
 

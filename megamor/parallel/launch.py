@@ -7,12 +7,13 @@ The wrappers in launch/ call these; tests use them to start real multi-process r
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from megamor.cli import ArgumentParser
 
 TRAIN_MODULE = "megamor.train"
 
@@ -129,7 +130,7 @@ def _gpus_here() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megamor.parallel.launch")
+    p = ArgumentParser(prog="python -m megamor.parallel.launch")
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("hostfile", help="write a DeepSpeed hostfile from the SLURM allocation")
     h.add_argument("--out", required=True)

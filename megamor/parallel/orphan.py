@@ -11,6 +11,8 @@ follow its parent:
     then kills the process after `grace_s` seconds if the graceful stop has not finished (e.g.
     a collective waiting for a peer that died with the launcher).
 A plain process (no launcher) is left alone: its parent is a shell.
+`child_follows_parent()` is the same rule from the other side: a tool that starts a trainer
+(megamor.study) arms it so the trainer stops when the tool is killed.
 MEGAMOR_ORPHAN_GRACE_S overrides the grace period (default 30 s).
 """
 
@@ -22,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 GRACE_S = 30.0
@@ -69,3 +72,26 @@ def exit_with_launcher(launcher: str, grace_s: float | None = None) -> bool:
         parent = -1
     threading.Thread(target=_watch, args=(parent, grace_s), name="megamor-orphan-watchdog", daemon=True).start()
     return True
+
+
+def child_follows_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn` for subprocess: the child gets `sig` when this process dies, even by
+    SIGKILL (a study killed with its trainer child running: SIGTERM makes the trainer save and
+    exit 75 instead of training on as an orphan). Linux only; elsewhere a no-op. The signal is
+    tied to the thread that starts the child: start it from a thread that lives as long as the
+    process (the main thread)."""
+    parent = os.getpid()
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:  # looked up here: the child between fork and exec should run as little as possible
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
+
+    def arm() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between fork and prctl: nothing will signal us
+            os.kill(os.getpid(), sig)
+
+    return arm

@@ -8,6 +8,7 @@ Links: NVLink per GPU in one direction inside a node, the network per GPU betwee
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megamor.config import ConfigError
@@ -55,6 +56,7 @@ def gpu_spec(name: str | None, memory_gib: float | None = None, peak_tflops: flo
     if memory_gib is None or peak_tflops is None:
         raise ConfigError("--gpu-mem-gib" if memory_gib is None else "--peak-tflops",
                           "a custom GPU needs both --gpu-mem-gib and --peak-tflops")
-    if memory_gib <= 0 or peak_tflops <= 0:
-        raise ConfigError("--gpu-mem-gib", f"memory and peak must be positive, got {memory_gib} GiB, {peak_tflops} TFLOP/s")
+    for flag, value in (("--gpu-mem-gib", memory_gib), ("--peak-tflops", peak_tflops)):
+        if not (math.isfinite(value) and value > 0):  # nan and inf parse as floats
+            raise ConfigError(flag, f"must be a finite positive number, got {value}")
     return GPU("custom", float(memory_gib), float(peak_tflops), float(peak_tflops))

@@ -33,6 +33,8 @@ from megamor.parallel.tensor_parallel import shard_dim
 
 PERSISTENCE_DEFAULT = 100_000  # DeepSpeed's stage3_param_persistence_threshold
 REDUCE_BUCKET_DEFAULT = 500_000_000  # DeepSpeed's reduce_bucket_size
+REUSE_DISTANCE_DEFAULT = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance
+PREFETCH_BUCKET_DEFAULT = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size
 
 
 def meta_model(cfg: ModelConfig) -> MoRLM:
@@ -58,16 +60,28 @@ def param_numels(cfg: ModelConfig, tp: int = 1) -> list[int]:
 
 @dataclass(frozen=True)
 class ZeroSettings:
-    """The DeepSpeed knobs that change the model-state bytes (from `deepspeed.config`)."""
+    """The DeepSpeed knobs that change the model-state bytes and the ZeRO traffic (from
+    `deepspeed.config`; overlap_comm None: DeepSpeed's default, on for ZeRO-3 only)."""
 
     persistence_threshold: int = PERSISTENCE_DEFAULT
     reduce_bucket_size: int = REDUCE_BUCKET_DEFAULT
+    max_reuse_distance: int = REUSE_DISTANCE_DEFAULT
+    prefetch_bucket_size: int = PREFETCH_BUCKET_DEFAULT
+    overlap_comm: bool | None = None
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any]) -> ZeroSettings:
         z = raw.get("zero_optimization", {}) or {}
+        overlap = z.get("overlap_comm")
         return cls(int(float(z.get("stage3_param_persistence_threshold", PERSISTENCE_DEFAULT))),
-                   int(float(z.get("reduce_bucket_size", REDUCE_BUCKET_DEFAULT))))
+                   int(float(z.get("reduce_bucket_size", REDUCE_BUCKET_DEFAULT))),
+                   int(float(z.get("stage3_max_reuse_distance", REUSE_DISTANCE_DEFAULT))),
+                   int(float(z.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET_DEFAULT))),
+                   None if overlap is None else bool(overlap))
+
+    def overlaps(self, zero_stage: int) -> bool:
+        """Whether gradient reduction runs on a side stream during the backward."""
+        return zero_stage == 3 if self.overlap_comm is None else self.overlap_comm
 
 
 def model_state_bytes(cfg: ModelConfig, precision: str, tp: int, dp: int, zero_stage: int,

@@ -3,7 +3,8 @@
     plan_layout(exp, Layout(world=32, tp=2, zero_stage=1, micro_batch=8, checkpointing=True), gpu, mfu=0.4)
 
 Memory per rank = parameters + gradients + optimizer states + DeepSpeed buffers (ZeRO-3's
-gradient bucket) + activations of one micro-batch (megamor.plan.activations: what the forward
+gradient bucket) + ZeRO-3's gathered parameters (the most its coordinator holds gathered at once,
+megamor.plan.zero3, plus one prefetch bucket) + activations of one micro-batch (megamor.plan.activations: what the forward
 saves for backward) + with checkpointing, one layer application's recompute during the
 backward. The layout fits when that total stays under the GPU's memory less `headroom` (default
 10%: the CUDA context, the allocator's fragmentation, communication buffers and transient
@@ -20,7 +21,8 @@ from megamor.parallel.tensor_parallel import layout_errors
 from megamor.plan.activations import ActivationSpec, activation_bytes, recompute_bytes
 from megamor.plan.hardware import GPU
 from megamor.plan.memory import ZeroSettings, kv_cache_bytes, model_state_bytes
-from megamor.plan.speed import StepShape, step_time
+from megamor.plan.speed import DEFAULT_OVERLAP, StepShape, step_time
+from megamor.plan.zero3 import zero3_traffic
 from megamor.train.config import TP_ZERO_STAGES, ExperimentConfig
 
 DEFAULT_HEADROOM = 0.10
@@ -68,20 +70,25 @@ def check_layout(exp: ExperimentConfig, layout: Layout) -> None:
 
 
 def plan_layout(exp: ExperimentConfig, layout: Layout, gpu: GPU, mfu: float, headroom: float = DEFAULT_HEADROOM,
-                attention: str = "sdpa", decode_batch: int | None = None) -> dict[str, Any]:
+                attention: str = "sdpa", decode_batch: int | None = None,
+                overlap: float = DEFAULT_OVERLAP) -> dict[str, Any]:
     check_layout(exp, layout)
     cfg, precision, T = exp.model, exp.deepspeed.precision, exp.data.seq_len
-    states = model_state_bytes(cfg, precision, layout.tp, layout.dp, layout.zero_stage,
-                               ZeroSettings.from_raw(exp.deepspeed.config))
+    zero = ZeroSettings.from_raw(exp.deepspeed.config)
+    states = model_state_bytes(cfg, precision, layout.tp, layout.dp, layout.zero_stage, zero)
+    gathered = 0.0
+    if layout.zero_stage == 3 and layout.dp > 1:
+        peak = zero3_traffic(cfg, layout.checkpointing, zero).peak_gathered_elements
+        gathered = (peak + zero.prefetch_bucket_size) * (2 if precision == "bf16" else 4)
     spec = ActivationSpec(layout.micro_batch, T, precision, layout.checkpointing, layout.tp,
                           layout.sequence_parallel, attention, document_masking=exp.data.document_masking)
     acts = activation_bytes(cfg, spec)
     recompute = recompute_bytes(cfg, spec)
-    total = states["params"] + states["grads"] + states["optimizer"] + states["buffers"] + acts["total"] + recompute
+    total = states["params"] + states["grads"] + states["optimizer"] + states["buffers"] + gathered + acts["total"] + recompute
     usable = gpu.memory_bytes * (1.0 - headroom)
     shape = StepShape(exp.batch.global_batch_size, layout.micro_batch, T, layout.world, layout.tp, layout.zero_stage,
                       layout.checkpointing, precision)
-    speed = step_time(cfg, shape, gpu, mfu, states["n_params"])
+    speed = step_time(cfg, shape, gpu, mfu, states["n_params"], zero, overlap)
     decode_b = decode_batch or layout.micro_batch
     return {
         "layout": {**asdict(layout), "dp": layout.dp, "accumulation": shape.accumulation},
@@ -90,6 +97,7 @@ def plan_layout(exp: ExperimentConfig, layout: Layout, gpu: GPU, mfu: float, hea
             "grads_bytes": states["grads"],
             "optimizer_bytes": states["optimizer"],
             "buffers_bytes": states["buffers"],
+            "gathered_bytes": gathered,
             "activation_bytes": acts["total"],
             "recompute_bytes": recompute,
             "total_bytes": total,

@@ -7,7 +7,7 @@ A run folder as the trainer writes it (`run_dir`, default runs/<name>/):
     metrics.jsonl                one JSON record per log line (megamor.train.logger)
     wandb_id, wandb/             the W&B run id kept across restarts, W&B's offline files
     trainer.lock                 held while a trainer runs in the folder (megamor.train.runlock)
-    tokenizer/                   a copy of the tokenizer (tokenizer.model, tokenizer_info.json)
+    tokenizer/                   a copy of the tokenizer (tokenizer.model, tokenizer_info.json; or tokenizer.json + configs)
     checkpoints/
         step_00000500/           one DeepSpeed tag (save.CheckpointManager)
             mp_rank_00_model_states.pt       model (+ ZeRO-0 optimizer) states, one per TP rank

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from megamor.runs.integrity import check_tag, quarantine_dir, quarantined
 from megamor.runs.layout import CHECKPOINTS, CONFIG_FILE, EXPORT_FILE, CheckpointError
 from megamor.runs.tags import read_complete
 
@@ -126,6 +127,9 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
         if key not in by_step or _PREFERENCE[c.kind] < _PREFERENCE[by_step[key].kind]:
             by_step[key] = c
     out = list(by_step.values())
+    if not out and not pending and not any((run / s).is_dir() for s in (CHECKPOINTS, "export", "exports")):
+        raise CheckpointError(f"{run}: not a checkpoint: neither a run folder (no checkpoints/) nor a checkpoint file "
+                              "(.pt/.pth/.bin), export folder (megamor.pt), Hugging Face folder or DeepSpeed tag")
     if not out:
         extra = f"; incomplete DeepSpeed tags (no COMPLETE marker or damaged): {', '.join(pending)}" if pending else ""
         raise CheckpointError(f"{run}: no complete checkpoint to evaluate{extra}")
@@ -133,8 +137,25 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return out
 
 
+def skipped_tags(run_dir: str | Path) -> list[str]:
+    """`PATH: why` for every DeepSpeed tag of a run folder that list_checkpoints leaves out: one
+    without its COMPLETE marker or with damaged files, and one moved to checkpoints/quarantine/
+    (its recorded reason), so a sweep can say what it did not evaluate."""
+    run = Path(run_dir)
+    out = []
+    for d in [run] + [run / s for s in (CHECKPOINTS, "export", "exports") if (run / s).is_dir()]:
+        for p in sorted(d.iterdir()):
+            if is_deepspeed_tag(p):
+                meta, why = check_tag(p, "size")
+                if meta is None:
+                    out.append(f"{p}: {why}")
+    qdir = quarantine_dir(run / CHECKPOINTS)
+    out += [f"{qdir / name}: quarantined ({why})" for name, why in quarantined(run / CHECKPOINTS)]
+    return out
+
+
 def find_tokenizer(source: Any) -> Path | None:
-    """A tokenizer stored with a checkpoint: tokenizer.model or tokenizer/ in its folder, its
+    """A tokenizer stored with a checkpoint: tokenizer.model, tokenizer.json or tokenizer/ in its folder, its
     parents (run folder), or the training config's `data.tokenizer` of a DeepSpeed tag."""
     if isinstance(source, (torch.nn.Module, type(None))):
         return None
@@ -146,7 +167,7 @@ def find_tokenizer(source: Any) -> Path | None:
             if tok and Path(tok).exists():
                 return Path(tok)
     for d in [p if p.is_dir() else p.parent, p.parent, p.parent.parent, p.parent.parent.parent]:
-        for cand in (d / "tokenizer.model", d / "tokenizer"):
+        for cand in (d / "tokenizer.model", d / "tokenizer.json", d / "tokenizer"):  # tokenizer.json: an HF tokenizer's export
             if cand.exists():
                 return cand
     return None

@@ -25,7 +25,7 @@ from typing import Any
 import xxhash
 
 from megamor.data.atomic import atomic_open, write_json
-from megamor.runs.layout import LATEST, MARKER, QUARANTINE, UNIVERSAL
+from megamor.runs.layout import LATEST, MARKER, QUARANTINE, UNIVERSAL, QuarantineError, os_error_line
 
 HASH_NAME = "xxh3_128"
 BLOCK = 8 << 20  # streamed in 8 MiB blocks: bounded memory, few syscalls
@@ -123,17 +123,28 @@ def quarantine_dir(ckpt_root: Path) -> Path:
 
 
 def quarantine(tag_dir: Path, reason: str) -> Path:
-    """Move a tag that failed validation out of the way, files untouched; returns where."""
+    """Move a tag that failed validation out of the way, files untouched; returns where.
+
+    The reason record is written first and the tag moved second, so a tag is never in
+    quarantine/ without its record: when either step fails (a disk still full), nothing was
+    moved and QuarantineError names the file and the error."""
     qdir = quarantine_dir(tag_dir.parent)
-    qdir.mkdir(exist_ok=True)
-    dest = qdir / tag_dir.name
-    n = 1
-    while dest.exists() or dest.with_name(dest.name + ".json").exists():
-        dest = qdir / f"{tag_dir.name}.{n}"
-        n += 1
-    os.replace(tag_dir, dest)  # a rename: a writer still holding a file open writes into dest
-    write_json(qdir / f"{dest.name}.json", {"tag": tag_dir.name, "reason": reason, "time": time.time(),
-                                             "moved_from": str(tag_dir)})
+    record = None
+    try:
+        qdir.mkdir(exist_ok=True)
+        dest = qdir / tag_dir.name
+        n = 1
+        while dest.exists() or dest.with_name(dest.name + ".json").exists():
+            dest = qdir / f"{tag_dir.name}.{n}"
+            n += 1
+        record = qdir / f"{dest.name}.json"
+        write_json(record, {"tag": tag_dir.name, "reason": reason, "time": time.time(), "moved_from": str(tag_dir)})
+        os.replace(tag_dir, dest)  # a rename: a writer still holding a file open writes into dest
+    except OSError as e:
+        if record is not None and not dest.exists():
+            record.unlink(missing_ok=True)  # the tag did not move: its record must not claim it did
+        raise QuarantineError(f"cannot set aside {tag_dir} ({reason}): {os_error_line(e, qdir)}; nothing was moved; "
+                              "free space (or fix the folder's permissions) and rerun") from None
     # A universal conversion of this tag is derived from it: regenerated if the tag is restored.
     shutil.rmtree(tag_dir.parent / UNIVERSAL / tag_dir.name, ignore_errors=True)
     latest = tag_dir.parent / LATEST
@@ -195,7 +206,11 @@ def mark_started_over(ckpt_root: Path) -> None:
     qdir = quarantine_dir(ckpt_root)
     for name, rec in quarantine_records(ckpt_root):
         if rec.get("reason") == UNFINISHED and not rec.get(STARTED_OVER):
-            write_json(qdir / f"{name}.json", {**rec, STARTED_OVER: True})
+            try:
+                write_json(qdir / f"{name}.json", {**rec, STARTED_OVER: True})
+            except OSError as e:
+                raise QuarantineError(f"cannot record the fresh start on {qdir / name}: {os_error_line(e, qdir)}; "
+                                      "free space and rerun") from None
 
 
 def warn(text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,18 @@ class CheckpointError(RuntimeError):
 
 class NoValidCheckpointError(CheckpointError):
     """Tags exist but none validates: the trainer refuses rather than start over (exit 2)."""
+
+
+class QuarantineError(CheckpointError):
+    """A tag that failed validation could not be set aside with its reason (e.g. the disk is
+    still full): nothing was moved; the trainer stops (exit 1)."""
+
+
+def os_error_line(e: OSError, where: Path) -> str:
+    """`FILE: strerror (ENAME)`: the one-line form of a failed write (disk full, quota, ...)."""
+    name = errno.errorcode.get(e.errno or 0, "")
+    what = e.strerror or str(e)
+    return f"{e.filename or where}: {what}{f' ({name})' if name else ''}"
 
 
 def tag_for(step: int) -> str:

@@ -25,6 +25,7 @@ from megamor.config import from_node, merge_sources
 from megamor.data.config import DataConfig
 from megamor.env import repo_root
 from megamor.model import ModelConfig, MoRLM
+from megamor.model.config import with_stored_defaults
 from megamor.model.hf import from_llama_state_dict, model_config_from_llama
 from megamor.runs.consolidate import consolidated_state_dict
 from megamor.runs.find import CheckpointInfo, describe, is_deepspeed_tag, is_hf_export, list_checkpoints, read_meta
@@ -100,7 +101,7 @@ def _model_config(cfg: Any, where: Path):
         raise CheckpointError(f"{where}: 'config' must be a model-config dict, got {type(cfg).__name__}")
     if "vocab_size" not in cfg and isinstance(cfg.get("model"), dict):
         cfg = cfg["model"]  # a whole experiment config
-    return from_node(ModelConfig, cfg, prefix="config")
+    return from_node(ModelConfig, with_stored_defaults(cfg), prefix="config")
 
 
 def build_model(cfg: Any, state_dict: dict[str, torch.Tensor], where: Path):
@@ -123,11 +124,21 @@ def load_consolidated(path: Path):
     except UnsafeCheckpointError as e:
         raise CheckpointError(str(e)) from None
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {e}") from e
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"{path}: cannot read as a torch checkpoint: not a file written by torch.save") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {first}") from e
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: not a consolidated megamor checkpoint (needs 'model' and 'config' keys, found {keys})")
     return build_model(obj["config"], obj["model"], path), read_meta(obj, path)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load_hf(path: Path):
@@ -164,7 +175,7 @@ def saved_model_config(ref: CheckpointRef) -> ModelConfig:
     """The model config of a tag. experiment.yaml holds the resolved `model:` section; a
     `model_config:` file it names, when still there, fills keys an older save lacks."""
     node = saved_experiment(ref)
-    model = node.get("model") or {}
+    model = with_stored_defaults(node.get("model") or {})
     model_file = node.get("model_config")
     if model_file:
         path = Path(str(model_file)).expanduser()

@@ -15,11 +15,14 @@ directly. Changing the ZeRO stage is attempted through the universal path as wel
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from megamor.runs.layout import (
     CheckpointError,
     CheckpointRef,
     NoValidCheckpointError,
+    QuarantineError,
     checkpoints_dir,
     step_of,
     tag_dirs,
@@ -80,22 +84,27 @@ def find_resumable(run_dir: str | Path, verify: str) -> CheckpointRef | None:
     verify="hash" the ranks share the hashing (each reads the files it would have written).
     Raises NoValidCheckpointError when tags exist (or were quarantined) and none validates,
     unless the folder's only tag is a first save that never finished (integrity.never_completed):
-    then None, a fresh start."""
+    then None, a fresh start. Raises QuarantineError on every rank when a failed tag cannot be
+    set aside (a disk still full): nothing moved, nothing resumed."""
     root = checkpoints_dir(run_dir)
     rank, world = pdist.rank(), pdist.world_size()
     rejected: list[str] = []
     reasons: list[str] = []
+
+    def reject(tag_dir: Path, why: str) -> None:
+        reasons.append(why)
+        rejected.append(_reject(tag_dir, why))
+
+    def newest_by_size() -> CheckpointRef | None:
+        for d in reversed(tag_dirs(root)):
+            meta, why = check_tag(d, "size")
+            if meta is not None:
+                return CheckpointRef(d, step_of(d.name) or 0, meta)
+            reject(d, why or "failed validation")
+        return None
+
     while True:
-        ref = None
-        if rank == 0:
-            for d in reversed(tag_dirs(root)):
-                meta, why = check_tag(d, "size")
-                if meta is not None:
-                    ref = CheckpointRef(d, step_of(d.name) or 0, meta)
-                    break
-                reasons.append(why or "failed validation")
-                rejected.append(_reject(d, reasons[-1]))
-        ref = pdist.broadcast_object(ref)
+        ref = _rank0(newest_by_size)
         if ref is None:
             break
         if verify != "hash":
@@ -104,28 +113,46 @@ def find_resumable(run_dir: str | Path, verify: str) -> CheckpointRef | None:
         whys = [w for w in pdist.all_gather_object(integrity.check_hashes(ref.path, ref.meta, names)) if w]
         if not whys:
             return ref
-        if rank == 0:
-            reasons.append(whys[0])
-            rejected.append(_reject(ref.path, whys[0]))
-    message = None
-    if rank == 0 and integrity.never_completed(root, reasons):
+        _rank0(functools.partial(reject, ref.path, whys[0]))
+    message = _rank0(lambda: _verdict(root, rejected, reasons))
+    if message:
+        raise NoValidCheckpointError(message)
+    return None
+
+
+def _rank0(fn: Callable[[], Any]) -> Any:
+    """fn's result on rank 0, broadcast; a QuarantineError there (a disk still full) is raised on
+    every rank, so none waits in a collective for a rank that stopped."""
+    result, error = None, None
+    if pdist.rank() == 0:
+        try:
+            result = fn()
+        except QuarantineError as e:
+            error = str(e)
+    result, error = pdist.broadcast_object((result, error))
+    if error:
+        raise QuarantineError(error)
+    return result
+
+
+def _verdict(root: Path, rejected: list[str], reasons: list[str]) -> str | None:
+    """Rank 0, no tag validated: None to start from step 0 (nothing ever finished here), else
+    the refusal naming every failed tag."""
+    if integrity.never_completed(root, reasons):
         integrity.mark_started_over(root)
         if rejected:
             warn(f"{root}: no save ever finished in this run folder ({'; '.join(rejected)}): starting from step 0; "
                  f"the partial tags are kept in {integrity.quarantine_dir(root)}")
-    elif rank == 0:
-        now = {r.split(" ")[0] for r in rejected}
-        earlier = [f"{name} ({rec.get('reason', 'reason unknown')})" for name, rec in integrity.quarantine_records(root)
-                   if name not in now and not rec.get(integrity.STARTED_OVER)]
-        if rejected or earlier:
-            message = (f"{root}: no checkpoint validates, refusing to start over on top of it: "
-                       + "; ".join(rejected + [f"quarantined earlier: {e}" for e in earlier])
-                       + f". The failed tags are kept in {integrity.quarantine_dir(root)}. To start over on purpose, rerun "
-                         "with checkpoint.resume=false (or use another run_dir)")
-    message = pdist.broadcast_object(message)
-    if message:
-        raise NoValidCheckpointError(message)
-    return None
+        return None
+    now = {r.split(" ")[0] for r in rejected}
+    earlier = [f"{name} ({rec.get('reason', 'reason unknown')})" for name, rec in integrity.quarantine_records(root)
+               if name not in now and not rec.get(integrity.STARTED_OVER)]
+    if not (rejected or earlier):
+        return None
+    return (f"{root}: no checkpoint validates, refusing to start over on top of it: "
+            + "; ".join(rejected + [f"quarantined earlier: {e}" for e in earlier])
+            + f". The failed tags are kept in {integrity.quarantine_dir(root)}. To start over on purpose, rerun "
+              "with checkpoint.resume=false (or use another run_dir)")
 
 
 def _reject(tag_dir: Path, why: str) -> str:
@@ -171,7 +198,10 @@ def ensure_universal(ref: CheckpointRef) -> Path:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
         if r.returncode == 2 and "refused to load" in tail:
             raise UnsafeCheckpointError(tail.splitlines()[-1].removeprefix(f"{SAFE_UNIVERSAL}: "))
-        raise CheckpointError(f"converting {ref.path} to a universal checkpoint failed:\n{tail}")
+        # Killed by a signal, its output ends wherever the kill found it (even "*** Done!"): not shown.
+        shown = f"; its last output:\n{tail}" if tail and r.returncode > 0 else ""
+        raise CheckpointError(f"converting {ref.path} to a universal checkpoint failed: {exit_status(r.returncode)}"
+                              f"{shown}")
     (out_root / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass tags
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -179,6 +209,17 @@ def ensure_universal(ref: CheckpointRef) -> Path:
     write_json(out / MARKER, {"source": ref.tag, "time": time.time(),
                               **integrity.marker_payload(file_sizes(out), {n: integrity.hash_file(out / n) for n in names})})
     return out
+
+
+def exit_status(returncode: int) -> str:
+    """How a subprocess ended: a signal by name (a negative return code), else the code."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by signal {name} (return code {returncode})"
+    return f"exited with return code {returncode}"
 
 
 def restore_optimizer_hparams(engine: Any, group_hparams: list[dict[str, Any]]) -> None:

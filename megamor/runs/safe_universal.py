@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from megamor.cli import one_line_errors_everywhere
 from megamor.runs.safe_load import FORCE_ENV, UnsafeCheckpointError, safe_torch_load
 
 PROG = "megamor.runs.safe_universal"
@@ -17,6 +18,7 @@ PROG = "megamor.runs.safe_universal"
 
 def main() -> int:
     os.environ[FORCE_ENV] = "1"  # belt and braces: torch itself refuses weights_only=False loads
+    one_line_errors_everywhere(PROG)  # DeepSpeed's own parser: one line, exit 2
     from deepspeed.checkpoint import ds_to_universal
 
     args = ds_to_universal.parse_arguments()

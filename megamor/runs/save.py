@@ -22,8 +22,18 @@ from megamor.data.atomic import atomic_open, fsync_path, write_json
 from megamor.parallel import dist as pdist
 from megamor.runs import integrity
 from megamor.runs.integrity import check_tag, file_sizes, quarantine, warn
-from megamor.runs.layout import CONFIG_FILE, MARKER, UNIVERSAL, CheckpointError, checkpoints_dir, tag_dirs, tag_for
-from megamor.runs.save_errors import CheckpointSaveError, os_error_in, os_error_line, python_file_saves
+from megamor.runs.layout import (
+    CONFIG_FILE,
+    MARKER,
+    UNIVERSAL,
+    CheckpointError,
+    QuarantineError,
+    checkpoints_dir,
+    os_error_line,
+    tag_dirs,
+    tag_for,
+)
+from megamor.runs.save_errors import CheckpointSaveError, os_error_in, python_file_saves
 from megamor.runs.tags import newest_complete
 
 # What ds_to_universal needs in the client state of a ZeRO-1/2 checkpoint (no TP/PP here).
@@ -77,11 +87,12 @@ class CheckpointManager:
         tag = tag_for(step)
         path = self.root / tag
         rank, world = pdist.rank(), pdist.world_size()
-        if rank == 0:
+        def clear_place() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
             if path.exists():  # left by an earlier attempt (killed mid-save): keep it aside, not delete
                 quarantine(path, f"found in place of a new save of step {step} (an earlier attempt's)")
-        pdist.barrier()
+
+        self._agree(lambda: clear_place() if rank == 0 else None, path)  # a full disk: every rank hears of it
         rng = pdist.all_gather_object(rng_state())
         client_state = {**client_state, "rng": rng, **UNIVERSAL_INFO}
         self._agree(lambda: self._write_shards(engine, path, tag, client_state, extra_files, rng, rank), path)
@@ -152,7 +163,11 @@ class CheckpointManager:
             _remove_tag(d)
             shutil.rmtree(self.root / UNIVERSAL / d.name, ignore_errors=True)
         for d, why in broken:
-            dest = quarantine(d, why or "failed validation")
+            try:
+                dest = quarantine(d, why or "failed validation")
+            except QuarantineError as e:  # the new tag is complete: only the tidying failed (left for later)
+                warn(f"checkpoint {d.name}: {why}; left in place: {e}")
+                continue
             warn(f"checkpoint {d.name}: {why}; moved to {dest}")
 
 

@@ -8,11 +8,9 @@ while a checkpoint is written.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,12 +23,6 @@ class CheckpointSaveError(RuntimeError):
 
 
 _original_save: Callable[..., Any] = torch.save
-
-
-def os_error_line(e: OSError, where: Path) -> str:
-    name = errno.errorcode.get(e.errno or 0, "")
-    what = e.strerror or str(e)
-    return f"{e.filename or where}: {what}{f' ({name})' if name else ''}"
 
 
 def _save_via_python(obj: Any, f: Any, *args: Any, **kw: Any) -> None:

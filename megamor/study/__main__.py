@@ -29,6 +29,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.study import archive
 from megamor.study.config import load_study
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # plan imports torch, which `--help` need not load
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megamor.study", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="configs/studies/<name>.yaml")
     p.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[1] out_dir=/tmp/s")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.index is not None and not 0 <= args.index < len(runs):
             raise ConfigError("--index", f"{args.index} is out of range: the study has {len(runs)} runs (0-{len(runs) - 1})")
     except (ConfigError, FileNotFoundError) as e:
-        print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+        report("megamor.study", e, "configuration error")
         return EXIT_CONFIG
     except RuntimeError as e:  # data preparation failed (its own message is above)
         print(f"megamor.study: {e}", file=sys.stderr)
@@ -149,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.index is not None:
             return 0
 
-    results = [load_result(r) for r in runs if is_done(r)]
+    try:
+        results = [load_result(r) for r in runs if is_done(r)]
+    except ConfigError as e:  # a damaged kept result (--report reads them only here)
+        print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     pending = [r.name for r in runs if not is_done(r)]
     write = write_scaling_report if study.budgets else write_report  # several budgets: the scaling report
     path = write(study, results, pending, _command(args))

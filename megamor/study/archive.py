@@ -53,36 +53,37 @@ def save(run: RunSpec, result: dict[str, Any], tokenizer: Path) -> Path:
     return path
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    """The kept JSON object at `path`, None when there is no file; damaged JSON is a ConfigError."""
+def _read(run: RunSpec) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """(result, identity record) of `run`'s kept copy, None when there is none; damaged JSON
+    or anything but a JSON object is a ConfigError naming the file."""
+    path = run.kept_path
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), f"not valid JSON ({e}); restore it from git or delete it to train the run again") from None
     if not isinstance(record, dict):
         raise ConfigError(str(path), "is not a JSON object; restore it from git or delete it to train the run again")
-    return record
+    identity = record.pop("identity", None)
+    return record, identity
 
 
 def load(run: RunSpec) -> dict[str, Any] | None:
     """The kept result of `run`, or None when there is none."""
-    res = _read(run.kept_path)
-    if res is not None:
-        res.pop("identity", None)
-    return res
+    kept = _read(run)
+    return kept[0] if kept is not None else None
 
 
 def check(run: RunSpec, tokenizer: Path) -> None:
     """Raise ConfigError when `run` has a kept result made for a different run."""
     path = run.kept_path
-    record = _read(path)
-    if record is None:
+    found = _read(run)
+    if found is None:
         return
-    kept = record.get("identity")
+    kept = found[1]
     now = identity(run, tokenizer)
-    if kept is None:
+    if not isinstance(kept, dict):
         raise ConfigError(str(path), "has no identity record: it cannot be matched to the run it claims to be")
     if kept.get("overrides") != now["overrides"]:
         old, new = set(kept.get("overrides") or []), set(now["overrides"])

@@ -92,7 +92,7 @@ class StudyBudgetConfig(BudgetConfig):
 
 @dataclass
 class VariantConfig:
-    name: str = ""
+    name: str = ""  # the variant's name in run names and reports
     model_config: str = ""  # a configs/model/*.yaml
     overrides: list[str] = field(default_factory=list)  # experiment keys, e.g. model.router.alpha=1.0
 
@@ -111,11 +111,11 @@ class StudyDataConfig:
     # Raw text (files or folders: .txt/.jsonl/.parquet; other extensions are read as .txt),
     # prepared once into OUT/data/{tokenizer,shards}. Or give ready `shards` (+ `tokenizer`).
     text: list[str] = field(default_factory=list)
-    vocab_size: int = 4096
-    valid_fraction: float = 0.02
-    txt_mode: str = "paragraph"
-    shards: str | None = None
-    tokenizer: str | None = None
+    vocab_size: int = 4096  # the tokenizer trained on `text`
+    valid_fraction: float = 0.02  # documents held out for validation
+    txt_mode: str = "paragraph"  # a .txt document: file | paragraph | line
+    shards: str | None = None  # prepared shards to use instead of `text`
+    tokenizer: str | None = None  # the tokenizer of `shards`
 
     def validate(self, path: str) -> None:
         if not self.text and not self.shards:
@@ -129,10 +129,10 @@ class StudyDataConfig:
 @dataclass
 class StudyEvalConfig:
     val_max_batches: int = 20  # validation windows: the first val_max_batches x val_batch_size
-    val_batch_size: int = 8
+    val_batch_size: int = 8  # sequences per validation batch
     fewshot_tasks: list[str] = field(default_factory=list)  # megamor.eval task names
     fewshot_limit: int | None = 100  # examples per task
-    num_fewshot: int = 0
+    num_fewshot: int = 0  # examples in each few-shot prompt
     fewshot_data_dir: str | None = None  # default $MEGAMOR_DATA_DIR
     depth_plots: bool = True  # per run: depth histogram, depth vs loss (validation tokens)
 
@@ -145,7 +145,7 @@ class StudyEvalConfig:
 
 @dataclass
 class StudyConfig:
-    name: str = ""
+    name: str = ""  # the study's name: runs/studies/<name> unless out_dir is set
     experiment: str = ""  # base experiment YAML of every run
     overrides: list[str] = field(default_factory=list)  # experiment keys for every run
     out_dir: str | None = None  # default runs/studies/<name>
@@ -153,13 +153,13 @@ class StudyConfig:
     # the variant the report's paired table compares every other one with, seed by seed
     # (default: the first variant); the pairing cancels what a seed does to every variant alike
     reference: str | None = None
-    seeds: list[int] = field(default_factory=lambda: [1234])
+    seeds: list[int] = field(default_factory=lambda: [1234])  # every variant trains once per seed
     nproc: int = 1  # processes per run (torchrun when > 1)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     budgets: list[StudyBudgetConfig] = field(default_factory=list)  # several budgets instead of `budget`
     flops: StudyFlopsConfig = field(default_factory=StudyFlopsConfig)
     data: StudyDataConfig = field(default_factory=StudyDataConfig)
-    variants: list[VariantConfig] = field(default_factory=list)
+    variants: list[VariantConfig] = field(default_factory=list)  # the models compared (see variants[] below)
     eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)
 
     def validate(self, path: str = "") -> None:

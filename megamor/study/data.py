@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megamor.config import ConfigError
 from megamor.env import repo_root
+from megamor.parallel.orphan import child_follows_parent
 from megamor.study.config import StudyConfig
 
 KNOWN = (".txt", ".jsonl", ".gz", ".zst", ".parquet")
@@ -55,7 +56,7 @@ def _text_folder(study: StudyConfig, folder: Path) -> Path:
 
 def _run(cmd: list[str]) -> None:
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    r = subprocess.run(cmd, cwd=repo_root(), check=False)
+    r = subprocess.run(cmd, cwd=repo_root(), check=False, preexec_fn=child_follows_parent())
     if r.returncode != 0:
         raise RuntimeError(f"data preparation failed (exit {r.returncode}): {' '.join(cmd)}")
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,9 @@ from megamor.env import shared_data_dir
 from megamor.eval.depth import DepthTrace, depth_statistics, write_depth_plots
 from megamor.eval.harness import evaluate
 from megamor.eval.identity import check_identity
+from megamor.eval.paper import column_values, suite_average
 from megamor.eval.scoring import Scorer
+from megamor.eval.tasks import expand_suites
 from megamor.eval.tokenizer import load_tokenizer
 from megamor.model.routing import precision_recall, trace_agreement
 from megamor.runs.load import trained_tokenizer_hash
@@ -115,11 +116,7 @@ def fewshot(model: torch.nn.Module, tokenizer_dir: Path, ev: StudyEvalConfig) ->
     tok = load_tokenizer(tokenizer_dir)
     scorer = Scorer(model, batch_size=16, max_batch_tokens=8192, pad_id=tok.eos_id)
     data_dir = Path(ev.fewshot_data_dir) if ev.fewshot_data_dir else shared_data_dir()
-    results = evaluate(scorer, tok, ev.fewshot_tasks, num_fewshot=ev.num_fewshot, limit=ev.fewshot_limit, data_dir=data_dir)
-    per = {}
-    for name, r in results.items():
-        # byte-length normalised where the task has it (the paper's convention), else accuracy
-        metric = next(m for m in ("acc_bytes", "acc_norm", "acc") if m in r.metrics)
-        per[name] = {"metric": metric, "value": r.metrics[metric], "n": r.n}
-    avg = float(np.mean([v["value"] for v in per.values()])) if per else math.nan
-    return {"fewshot": per, "fewshot_avg": avg}
+    results = evaluate(scorer, tok, expand_suites(ev.fewshot_tasks), num_fewshot=ev.num_fewshot, limit=ev.fewshot_limit, data_dir=data_dir)
+    # each task's metric as the paper's released eval (megamor.eval.paper); ARC counts once in the average
+    per = {name: {**v, "n": results[name].n} for name, v in column_values(results).items()}
+    return {"fewshot": per, "fewshot_avg": suite_average({k: v["value"] for k, v in per.items()})}

@@ -18,6 +18,7 @@ import torch
 from megamor.data.atomic import write_json
 from megamor.env import repo_root
 from megamor.parallel.launch import torchrun_command
+from megamor.parallel.orphan import child_follows_parent
 from megamor.runs.load import load_model_from_run
 from megamor.runs.tags import newest_complete
 from megamor.study import archive
@@ -61,7 +62,7 @@ def train(study: StudyConfig, run: RunSpec) -> float:
     print(f"\n== {run.name}: {run.budget.steps} steps, {run.budget.tokens:,} tokens, {run.budget.flops:.3e} FLOPs\n$ "
           + " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.time()
-    rc = subprocess.run(cmd, cwd=repo_root(), check=False).returncode
+    rc = subprocess.run(cmd, cwd=repo_root(), check=False, preexec_fn=child_follows_parent()).returncode  # no orphan trainer
     if rc != 0 or not is_trained(run):
         raise RunFailed(run, rc or 1)
     return time.time() - t0

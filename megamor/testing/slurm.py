@@ -13,6 +13,7 @@ The two virtual nodes are named after names that resolve here (the short hostnam
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -196,6 +197,23 @@ class LocalSlurm:
     def signal(self, job: int, sig: str = "USR1", batch_only: bool = True) -> None:
         args = ["scancel", f"--signal={sig}"] + (["--batch"] if batch_only else []) + [str(job)]
         subprocess.run(args, check=True, env=self.env)
+
+    def queued(self) -> list[str]:
+        """Ids of the jobs still pending, running or completing (array tasks as `job_task`)."""
+        r = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.env, check=True)
+        return r.stdout.split()
+
+    def drain(self, timeout: float = 120) -> None:
+        """Cancels every queued job and waits until none is left and the nodes are idle, so that
+        one cluster serves test after test (each starts on an empty queue)."""
+        if self.queued():
+            subprocess.run(["scancel", "--user", pwd.getpwuid(os.getuid()).pw_name], check=True, env=self.env)
+        deadline = time.time() + timeout
+        while self.queued():
+            if time.time() > deadline:
+                raise RuntimeError(f"SLURM jobs {self.queued()} still queued {timeout}s after scancel: {self.log_tail()}")
+            time.sleep(0.5)
+        self._wait_idle(timeout=max(deadline - time.time(), 1))
 
     def log_tail(self, n: int = 20) -> str:
         out = []

@@ -14,12 +14,13 @@ import os
 import sys
 import traceback
 
+from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StopRequest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megamor.train", description=__doc__,
+    p = ArgumentParser(prog="python -m megamor.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], help="experiment YAML (repeatable; later ones override)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -29,8 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # first: an argument error answers before torch loads (_cuda_available)
+    from megamor.env import thread_defaults
+    from megamor.parallel.env import peek_local_world_size
+
+    thread_defaults(local_processes=peek_local_world_size() or 1)  # before torch loads OpenMP
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
-    args = parse_args(argv)
     # Imported here, not at the top: `--help` and argument errors answer without loading
     # torch, DeepSpeed or the model (the same reason for the imports further down).
     from megamor.parallel.env import peek_world_size
@@ -44,24 +49,30 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         tokenizer = preflight(cfg, peek_world_size())  # every check possible before a process group
     except (ConfigError, FileNotFoundError) as e:
-        print(f"megamor.train: configuration error: {e}", file=sys.stderr)
+        report("megamor.train", e, "configuration error")
         return EXIT_CONFIG
 
     from megamor.parallel import dist as pdist
     from megamor.parallel.env import resolve_launch_env
     from megamor.parallel.orphan import exit_with_launcher
-    from megamor.train.runlock import RunLock, RunLockedError
+    from megamor.parallel.watchdog import Watchdog, open_store
+    from megamor.train.runlock import RunLock, RunLockedError, RunLockLostError
+    from megamor.train.signals import EXIT_PREEMPTED, write_exit_file
 
     # From here on every phase answers a stop signal (save + 75) and follows the launcher.
     stop = StopRequest().install()
     exit_with_launcher(resolve_launch_env(dict(os.environ)).launcher)
-    from megamor.runs.layout import NoValidCheckpointError
+    from megamor.runs.layout import CheckpointError, NoValidCheckpointError
     from megamor.runs.safe_load import UnsafeCheckpointError
     from megamor.runs.save_errors import CheckpointSaveError
     from megamor.train.trainer import NonFiniteLossError, Trainer
 
     env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
     lock = RunLock(cfg.run_path)
+    limit = cfg.parallel.collective_timeout_s
+    watchdog = Watchdog(env.rank, env.world_size, limit, open_store(env.master_addr, env.master_port, 10.0)
+                        if env.world_size > 1 and limit > 0 else None)
+    watchdog.on_fire += [lock.release, lambda: write_exit_file(EXIT_PREEMPTED)]  # the next attempt finds the folder free
     trainer = None
     try:
         refused = None
@@ -75,23 +86,33 @@ def main(argv: list[str] | None = None) -> int:
             if env.rank == 0:
                 print(f"megamor.train: {refused}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
-        trainer = Trainer(cfg, env, device, tokenizer, stop_request=stop)
+        trainer = Trainer(cfg, env, device, tokenizer, stop_request=stop, run_lock=lock, watchdog=watchdog)
         return trainer.setup().fit()
+    except RunLockLostError as e:  # another trainer writes this folder now: stop, write nothing more
+        if env.rank == 0:
+            print(f"megamor.train: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     except (NoValidCheckpointError, UnsafeCheckpointError) as e:  # the run folder is bad input: refuse
         if env.rank == 0 or isinstance(e, UnsafeCheckpointError):
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    except (CheckpointSaveError, NonFiniteLossError) as e:
+    except (CheckpointSaveError, CheckpointError, NonFiniteLossError) as e:  # raised on every rank alike
         if env.rank == 0:
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except KeyboardInterrupt:  # a second SIGINT: the user abandons the save
         print(f"megamor.train: rank {env.rank}: interrupted twice, stopped without a checkpoint", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    except Exception:  # noqa: BLE001  top-level handler: report the traceback, exit EXIT_FAILED, release the lock
+    except Exception as e:  # noqa: BLE001  top-level handler: report the traceback, exit EXIT_FAILED, release the lock
+        lost = watchdog.peer_lost(e)
+        if lost:  # another rank ended mid-collective (its watchdog fired, or it died): follow it
+            print(f"megamor.train: {lost}", file=sys.stderr, flush=True)
+            write_exit_file(EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
         print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
+        watchdog.stop()
         lock.release()
         stop.uninstall()
         if trainer is not None:
@@ -112,6 +133,7 @@ def _cuda_available() -> bool:
 
 
 if __name__ == "__main__":
+    code = main()  # an argument error exits in here, before anything heavy loads
     from megamor.parallel.dist import exit_without_finalizing  # lazy, as the imports in main()
 
-    exit_without_finalizing(main())
+    exit_without_finalizing(code)

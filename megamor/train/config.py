@@ -10,7 +10,7 @@
     trainer    steps, activation checkpointing, non-finite handling, MFU peak
     checkpoint every / keep-last / resume
     eval       validation every M steps
-    logging    console + metrics.jsonl cadence
+    logging    cadence; console, metrics.jsonl, TensorBoard, depth-histogram CSV
     wandb      online / offline / disabled
 
 This module parses and validates: `load_experiment` checks values and unknown keys, a
@@ -26,14 +26,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import OmegaConf
 
-from megamor.config import ConfigError, from_node, key, merge_sources
+from megamor.config import ConfigError, from_node, key, merge_config_nodes, merge_sources
 from megamor.data.config import DataConfig
 from megamor.env import repo_root
-from megamor.model.config import ModelConfig
+from megamor.model.config import STORED_DEFAULTS, ModelConfig, with_stored_defaults
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
 from megamor.train.ds_keys import check_deepspeed_keys
@@ -66,10 +66,10 @@ class BatchConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3  # peak learning rate
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2)
+    eps: float = 1e-8  # AdamW's epsilon
     weight_decay: float = 0.1  # not applied to norms, biases and embeddings
-    decay_embeddings: bool = False
+    decay_embeddings: bool = False  # also apply weight decay to the embeddings
     grad_clip: float = 1.0  # global norm; 0 disables
     # auto: torch AdamW (fused kernels on CUDA, no JIT build); deepspeed_fused: DeepSpeed's
     # FusedAdam (JIT-compiled on first use unless prebuilt).
@@ -94,10 +94,10 @@ class OptimConfig:
 class ScheduleConfig:
     type: str = "wsd"  # wsd (warmup-stable-decay, the paper's) | cosine | constant
     warmup_steps: int | None = None  # overrides warmup_fraction
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = 0.05  # linear warmup over this fraction of the steps
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to min_lr_ratio * lr
     decay_shape: str = "linear"  # wsd decay: linear | cosine
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # the learning rate ends at min_lr_ratio * lr
     allow_change: bool = False  # resume even if max_steps/max_tokens/schedule changed (schedule rebuilt)
 
     def validate(self, path: str) -> None:
@@ -119,7 +119,7 @@ class ScheduleConfig:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 (what is sharded over data-parallel ranks)
     precision: str = "bf16"  # fp32 | bf16 (bf16 keeps fp32 master weights in the optimizer)
     # Raw DeepSpeed config keys, merged last (e.g. {"zero_optimization": {"overlap_comm": true}}).
     config: dict[str, Any] = field(default_factory=dict)
@@ -148,8 +148,15 @@ class ParallelConfig:
     # Megatron-style sequence parallelism inside each TP group: norms, residual stream and router
     # inputs hold T/N tokens per rank between TP regions (megamor.parallel.sequence_parallel).
     sequence: bool = False
+    # Seconds a rank may wait at one place of the loop (a step, a save, validation) while another
+    # rank stopped answering or is elsewhere, before it exits 75 to be requeued
+    # (megamor/parallel/watchdog.py); 0: off, only the process group's 30 min timeout.
+    collective_timeout_s: float = 300.0
 
     def validate(self, path: str) -> None:
+        if not self.collective_timeout_s >= 0 or self.collective_timeout_s == float("inf"):
+            raise ConfigError(key(path, "collective_timeout_s"), f"must be seconds >= 0 (0: off), got "
+                                                                 f"{self.collective_timeout_s}")
         if self.tensor < 1:
             raise ConfigError(key(path, "tensor"), f"must be >= 1, got {self.tensor}")
         if self.sequence and self.tensor == 1:
@@ -160,14 +167,17 @@ class ParallelConfig:
 @dataclass
 class ProfileConfig:
     # [a, b]: record a torch.profiler trace of optimizer steps a..b (1-based, inclusive) on every
-    # rank into RUN/profile/ (megamor/observe/profiler.py); []: off, nothing installed.
+    # rank into RUN/profile/ (megamor/observe/profiler.py); [a]: step a alone; []: off, nothing installed.
     steps: list[int] = field(default_factory=list)
     memory: bool = False  # also record allocations (and, on CUDA, an allocator snapshot)
 
     def validate(self, path: str) -> None:
         s = list(self.steps)
+        if len(s) == 1:  # what the loader suggests for `steps=5`: that step alone
+            s = self.steps = [s[0], s[0]]
         if s and (len(s) != 2 or s[0] < 1 or s[0] > s[1]):
-            raise ConfigError(key(path, "steps"), f"must be [a, b] with 1 <= a <= b (optimizer steps to profile), got {s}")
+            raise ConfigError(key(path, "steps"), f"must be [a, b] with 1 <= a <= b (optimizer steps to profile), or [a] "
+                                                  f"for step a alone, got {s}")
 
 
 @dataclass
@@ -181,7 +191,8 @@ class TrainerConfig:
     verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
     compile: str = "auto"  # torch.compile each layer: auto (on for CUDA, off for CPU) | true | false
     # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
-    # export folder); its model config must equal `model`. Ignored when resuming a checkpoint.
+    # export folder); its network must be `model`'s (router settings, max_seq_len may differ).
+    # Ignored when resuming a checkpoint.
     init_from: str | None = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -211,7 +222,7 @@ class CheckpointConfig:
     every_steps: int = 1000  # 0: only at the end (and on a stop signal)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: bool = True  # start from the newest complete checkpoint in run_dir/checkpoints
-    save_final: bool = True
+    save_final: bool = True  # save a checkpoint when training ends
     verify: str = "hash"  # before resuming: hash (every file's size and content hash) | size (sizes only)
 
     def validate(self, path: str) -> None:
@@ -229,7 +240,7 @@ class EvalConfig:
     max_batches: int | None = 50  # per validation folder; None: the whole split
     micro_batch_size: int | None = None  # default batch.micro_batch_size
     causal_routing: bool = True  # expert choice: also report the loss with causal (threshold) routing
-    at_end: bool = True
+    at_end: bool = True  # also validate after the last step
 
     def validate(self, path: str) -> None:
         if self.every_steps < 0:
@@ -240,23 +251,54 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10  # metrics to console, metrics.jsonl and W&B every N steps
+    """Where metrics go (rank 0 only) and how often.
+
+    tensorboard: also write every scalar W&B gets, `router/depth_hist` as a histogram and the
+        router health series as TensorBoard events in RUN/tensorboard/; a resumed run continues
+        the curves and hides the points a killed run logged after its checkpoint (needs the
+        `tensorboard` package: pip install 'megamor[tensorboard]').
+    depth_hist_csv: write the depth histogram (tokens per recursion depth, summed over the steps
+        since the previous rows) to this CSV (`step,depth,count,fraction`; relative: inside the
+        run folder); appended a step's rows at a time, cut back to the resumed step on resume.
+        `python -m megamor.eval.depth_log RUN` plots it (or extracts it from metrics.jsonl).
+    depth_hist_every: the CSV's cadence in steps (default: logging.every_steps).
+    """
+
+    every_steps: int = 10  # metrics to console, metrics.jsonl and W&B every N steps
     progress_bar: bool = True  # only drawn when stderr is a terminal
+    tensorboard: bool = False  # also write every W&B scalar and the depth histograms to RUN/tensorboard/ (needs megamor[tensorboard])
+    depth_hist_csv: str | None = None  # depth histograms to this CSV, step,depth,count,fraction (relative: in the run folder)
+    depth_hist_every: int | None = None  # the depth CSV's cadence in steps (null: logging.every_steps)
+
+    # every cadence is `every_steps` (checkpoint, eval, logging); the old name still loads
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"log_every": "every_steps"}
 
     def validate(self, path: str) -> None:
-        if self.log_every < 1:
-            raise ConfigError(key(path, "log_every"), "must be >= 1")
+        if self.every_steps < 1:
+            raise ConfigError(key(path, "every_steps"), "must be >= 1")
+        if self.depth_hist_every is not None and self.depth_hist_every < 1:
+            raise ConfigError(key(path, "depth_hist_every"), "must be >= 1 (or null: the log cadence)")
+        if self.depth_hist_csv is not None and not self.depth_hist_csv.strip():
+            raise ConfigError(key(path, "depth_hist_csv"), "is empty (null: no CSV)")
+
+    def depth_hist_due(self, step: int, max_steps: int) -> bool:
+        """Is the depth CSV written after this step? (Every rank knows: the trainer checks the lock.)"""
+        every = self.depth_hist_every or self.every_steps
+        return self.depth_hist_csv is not None and (step % every == 0 or step == max_steps)
+
+    def depth_hist_path(self, run_dir: Path) -> Path | None:
+        return None if self.depth_hist_csv is None else run_dir / Path(self.depth_hist_csv).expanduser()
 
 
 @dataclass
 class WandbConfig:
     mode: str | None = None  # online | offline | disabled; None: $WANDB_MODE, else disabled
     init_timeout: float | None = None  # seconds to reach the server (None: W&B's 90); then offline
-    project: str = "megamor"
-    entity: str | None = None
+    project: str = "megamor"  # W&B project
+    entity: str | None = None  # W&B team or user (None: your default)
     name: str | None = None  # default: the experiment name
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    group: str | None = None  # W&B run group
+    tags: list[str] = field(default_factory=list)  # W&B run tags
 
     def validate(self, path: str) -> None:
         if self.mode is not None and self.mode not in WANDB_MODES:
@@ -274,7 +316,7 @@ class WandbConfig:
 
 @dataclass
 class ExperimentConfig:
-    name: str = "run"
+    name: str = "run"  # the run's name: runs/<name> unless run_dir is set, and the W&B run name
     run_dir: str | None = None  # default runs/<name>; checkpoints, metrics, W&B live here
     seed: int = 1234  # model initialisation (the data order has its own data.seed)
     model_config: str | None = None  # a configs/model/*.yaml; `model:` keys are applied on top
@@ -311,6 +353,11 @@ class ExperimentConfig:
         if self.trainer.profile.steps and self.trainer.profile.steps[1] > steps:
             raise ConfigError(key(path, "trainer.profile.steps"), f"{list(self.trainer.profile.steps)} reaches past the "
                               f"run's {steps} steps")
+        router = self.model.router
+        for name in ("cap_warmup_step", "bal_warmup_step"):
+            if getattr(router, name) > steps:
+                raise ConfigError(key(path, f"model.router.{name}"), f"{getattr(router, name)} exceeds the run's "
+                                  f"{steps} training steps")
         warm = self.schedule.warmup(steps)
         decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
         if warm + decay > steps:
@@ -346,17 +393,23 @@ def resolve_path(p: str, what: str) -> Path:
     alt = repo_root() / path
     if alt.exists():
         return alt
-    raise ConfigError(what, f"file not found: {p} (looked in {Path.cwd()} and {repo_root()})")
+    places = dict.fromkeys([Path.cwd().resolve(), repo_root().resolve()])  # one folder when they are the same
+    raise ConfigError(what, f"file not found: {p} (looked in {' and '.join(map(str, places))})")
 
 
-def merge_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
-    """The untyped experiment node: YAML files, overrides, and the model file under `model:`."""
-    node = merge_sources(config_paths, overrides)
+def merge_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                     stored: bool = False) -> Any:
+    """The untyped experiment node: YAML files, overrides, and the model file under `model:`.
+    stored: the files are configs megamor saved (a run's experiment.yaml), whose missing keys
+    keep the defaults they were written with (model.config.STORED_DEFAULTS)."""
+    node = merge_sources(config_paths, overrides, ExperimentConfig)
     _override_wins_length(node, overrides)
+    if stored and OmegaConf.is_dict(node):
+        node.model = with_stored_defaults(node.get("model"))
     model_file = node.get("model_config") if OmegaConf.is_dict(node) else None
     if model_file:
-        base = merge_sources([resolve_path(str(model_file), "model_config")])
-        node.model = OmegaConf.merge(base, node.get("model") or {})
+        path = resolve_path(str(model_file), "model_config")
+        node.model = merge_config_nodes(merge_sources([path], schema=ModelConfig), node.get("model") or {}, "model")
     return node
 
 
@@ -376,7 +429,15 @@ def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence
     """Typed, validated config. Raises ConfigError naming the key."""
     if isinstance(config_paths, (str, Path)):
         config_paths = [config_paths]
-    return from_node(ExperimentConfig, merge_experiment(config_paths, overrides))
+    node = merge_experiment(config_paths, overrides)
+    cfg = from_node(ExperimentConfig, node)
+    # Keys whose default changed that this config leaves to the default: resuming a run trained
+    # with the old default keeps it (preflight.check_resumable), instead of refusing.
+    model = node.get("model") if OmegaConf.is_dict(node) else None
+    cfg.defaulted_model_keys = frozenset(  # type: ignore[attr-defined]  (not a field: never saved)
+        k for k in STORED_DEFAULTS if OmegaConf.select(model, k, default=None) is None) if model is not None \
+        else frozenset(STORED_DEFAULTS)
+    return cfg
 
 
 def load_tag_experiment(ref: CheckpointRef) -> ExperimentConfig:
@@ -384,7 +445,12 @@ def load_tag_experiment(ref: CheckpointRef) -> ExperimentConfig:
     cfg_file = ref.path / CONFIG_FILE
     if not cfg_file.is_file():
         raise CheckpointError(f"{ref.path}: no {CONFIG_FILE}")
-    return load_experiment([cfg_file])
+    return load_stored_experiment(cfg_file)
+
+
+def load_stored_experiment(path: str | Path) -> ExperimentConfig:
+    """A config megamor saved (a run folder's or tag's experiment.yaml), typed and validated."""
+    return from_node(ExperimentConfig, merge_experiment([path], stored=True))
 
 
 def experiment_from_dict(d: dict[str, Any]) -> ExperimentConfig:

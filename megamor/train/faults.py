@@ -14,18 +14,24 @@ MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
                              (what a native library's teardown can do to a finished run)
     slow_forward=S           sleep S seconds before every forward pass (a slow node, for the
                              straggler metrics)
+    lock_taken_after_step=K  right after optimizer step K, replace RUN/trainer.lock with another
+                             host's trainer's (what a second trainer that took the lock leaves)
     rank=R                   only rank R does the sigkill, signal, abort and slow faults (default: all ranks)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from megamor.data.atomic import atomic_open
 
 ENV = "MEGAMOR_FAULTS"
 
@@ -44,6 +50,7 @@ class Faults:
     setup_signal: int | None = None
     abort_in_teardown: bool = False
     slow_forward_s: float = 0.0
+    lock_taken_after_step: int | None = None
     _eval_batches: int = 0
 
     @classmethod
@@ -68,6 +75,8 @@ class Faults:
                 f.setup_signal = _signum(value)
             elif name == "slow_forward":
                 f.slow_forward_s = float(value)
+            elif name == "lock_taken_after_step":
+                f.lock_taken_after_step = int(value)
             elif name == "abort_in_teardown":
                 f.abort_in_teardown = True
             elif name == "rank":
@@ -79,9 +88,13 @@ class Faults:
     def _mine(self, rank: int) -> bool:
         return self.rank is None or self.rank == rank
 
-    def after_step(self, step: int, rank: int) -> None:
+    def after_step(self, step: int, rank: int, run_dir: Path | None = None) -> None:
         if self.sigkill_after_step == step and self._mine(rank):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.lock_taken_after_step == step and rank == 0 and run_dir is not None:
+            now = time.time()
+            with atomic_open(run_dir / "trainer.lock", "w") as f:
+                json.dump({"host": "elsewhere", "pid": 1, "started": now, "heartbeat": now, "token": "taken"}, f)
 
     def during_save(self, step: int, rank: int) -> None:
         if self.sigkill_during_save == step and self._mine(rank):

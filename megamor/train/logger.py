@@ -1,5 +1,6 @@
 """Where metrics go (rank 0 only): the console (a progress bar on terminals), metrics.jsonl
-in the run folder (one JSON object per logged step or evaluation), and W&B.
+in the run folder (one JSON object per logged step or evaluation), W&B, and the optional sinks
+(`Sink`: TensorBoard, the depth-histogram CSV).
 
 W&B runs online, offline (files under run_dir/wandb, `wandb sync` later) or disabled. The run
 id is created once and kept in run_dir/wandb_id (and in every checkpoint), so a resumed run
@@ -14,7 +15,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from megamor.data.atomic import atomic_open
 from megamor.train.config import ExperimentConfig
@@ -110,6 +113,30 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+class Sink(Protocol):
+    """An optional metrics destination (rank 0), told every step and every logged window."""
+
+    def on_step(self, step: int, depth_hist: torch.Tensor | None) -> None: ...
+
+    def log(self, step: int, metrics: dict[str, Any], histograms: dict[str, tuple[list, list]] | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def build_sinks(cfg: ExperimentConfig, run_dir: Path, start_step: int) -> list[Sink]:
+    sinks: list[Sink] = []
+    if cfg.logging.tensorboard:
+        from megamor.train.tensorboard_sink import TensorBoardSink
+
+        sinks.append(TensorBoardSink(run_dir, start_step))
+    csv_path = cfg.logging.depth_hist_path(run_dir)
+    if csv_path is not None:
+        from megamor.train.depth_csv import DepthCsvSink
+
+        sinks.append(DepthCsvSink(csv_path, lambda step: cfg.logging.depth_hist_due(step, cfg.max_steps), start_step))
+    return sinks
+
+
 class RunLogger:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, enabled: bool, start_step: int, wandb_id: str | None,
                  config_dict: dict[str, Any]):
@@ -118,6 +145,7 @@ class RunLogger:
         self.wandb = None
         self.bar = None
         self.jsonl = None
+        self.sinks: list[Sink] = []
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +173,7 @@ class RunLogger:
                 dir=str(run_dir),
                 config=config_dict,
             )
+        self.sinks = build_sinks(cfg, run_dir, start_step)
 
     @property
     def wandb_dir(self) -> str | None:
@@ -157,6 +186,11 @@ class RunLogger:
             self.bar.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr, flush=True)
+
+    def on_step(self, step: int, depth_hist: torch.Tensor | None) -> None:
+        """After every optimizer step (depth_hist None when skipped or without routing)."""
+        for sink in self.sinks:
+            sink.on_step(step, depth_hist)
 
     def advance(self, step: int) -> None:
         if self.bar is not None:
@@ -181,6 +215,8 @@ class RunLogger:
             for k, (counts, edges) in (histograms or {}).items():
                 payload[k] = wandb.Histogram(np_histogram=(np.asarray(counts, dtype=float), np.asarray(edges, dtype=float)))
             self.wandb.log(payload, step=step)
+        for sink in self.sinks:
+            sink.log(step, metrics, histograms)
         if console and any(k.startswith("train/") for k in metrics):
             self.print(format_line(step, self.max_steps, metrics))
         elif console:
@@ -194,3 +230,6 @@ class RunLogger:
             self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

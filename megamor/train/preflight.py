@@ -6,7 +6,8 @@ failure is a ConfigError: one line naming the key, exit 2.
 
     launch      the TP x DP layout fits the world (and TP groups fit in a node), the batch
                 divides over it, data paths and the tokenizer's vocabulary, run_dir is
-                writable, W&B credentials for online mode
+                writable, W&B credentials for online mode, the tensorboard package when
+                logging.tensorboard is on
     run folder  (checkpoint.resume) the checkpoint that would be resumed holds the configured
                 model, the same learning-rate schedule (or schedule.allow_change), the same
                 TP x DP layout for a tensor-parallel tag; trainer.init_from loads and holds
@@ -22,12 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from megamor.config import ConfigError
+from megamor.model.config import STORED_DEFAULTS
 from megamor.parallel.env import peek_local_world_size, resolve_launch_env
 from megamor.runs.layout import CONFIG_FILE, CheckpointRef
 from megamor.runs.tags import newest_complete
-from megamor.train.config import ExperimentConfig, check_world, data_parallel_size, load_experiment
+from megamor.train.config import (
+    ExperimentConfig,
+    check_world,
+    data_parallel_size,
+    load_stored_experiment,
+)
 from megamor.train.init_from import check_init_from
 from megamor.train.schedule_change import check_schedule_change
+from megamor.train.tensorboard_sink import check_available as check_tensorboard
 from megamor.train.wandb_setup import check_credentials
 
 
@@ -51,6 +59,7 @@ def check_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     if not os.access(probe, os.W_OK):
         raise ConfigError("run_dir", f"{run}: {probe} is not writable")
     check_credentials(cfg.wandb.resolved_mode())
+    check_tensorboard(cfg.logging.tensorboard)
     return tokenizer
 
 
@@ -88,16 +97,39 @@ def _flat(d: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
     return out
 
 
+def keep_trained_defaults(cfg: ExperimentConfig, saved_cfg: ExperimentConfig, where: str) -> None:
+    """A key whose default changed (model.config.STORED_DEFAULTS) that this config does not set
+    takes the value the run was trained with: an old run resumes as it trained."""
+    for k in getattr(cfg, "defaulted_model_keys", ()):
+        *parents, leaf = k.split(".")
+        now, then = cfg.model, saved_cfg.model
+        for name in parents:
+            now, then = getattr(now, name), getattr(then, name)
+        if getattr(now, leaf) != getattr(then, leaf):
+            setattr(now, leaf, getattr(then, leaf))
+            if resolve_launch_env(dict(os.environ)).rank == 0:
+                print(f"megamor.train: note: model.{k} is {str(getattr(then, leaf)).lower()} as the checkpoint to resume "
+                      f"({where}) was trained (its default changed since; set it to choose)", file=sys.stderr, flush=True)
+
+
 def check_resumable(cfg: ExperimentConfig, ref: CheckpointRef) -> None:
     """The checkpoint this run would resume holds the configured model and schedule."""
     if not (ref.path / CONFIG_FILE).is_file():
         return
-    saved_cfg = load_experiment([ref.path / CONFIG_FILE])
+    saved_cfg = load_stored_experiment(ref.path / CONFIG_FILE)
+    keep_trained_defaults(cfg, saved_cfg, str(ref.path))
     now, then = _flat(dataclasses.asdict(cfg.model)), _flat(dataclasses.asdict(saved_cfg.model))
     for k in now:
-        if now[k] != then.get(k) and not k.endswith(".attn_impl"):
+        if now[k] != then.get(k):
+            changed = " (its default changed since that run: set it explicitly)" if k.removeprefix("model.") in STORED_DEFAULTS else ""
             raise ConfigError(k, f"is {now[k]!r} but the checkpoint to resume ({ref.path}) was trained with "
-                                 f"{then.get(k)!r}; use another run_dir, or checkpoint.resume=false to start over")
+                                 f"{then.get(k)!r}{changed}; use another run_dir, or checkpoint.resume=false to start over")
+    for name in ("seq_len", "seed"):  # the data loader's state refuses these too, but only after start-up
+        now_v, then_v = getattr(cfg.data, name), getattr(saved_cfg.data, name)
+        if now_v != then_v:
+            raise ConfigError(f"data.{name}", f"is {now_v} but the checkpoint to resume ({ref.path}) was trained with "
+                                              f"{then_v}: the sample order would change; use another run_dir, or "
+                                              "checkpoint.resume=false to start over")
     note = check_schedule_change(cfg, saved_cfg, ref.step, str(ref.path))
     if note and resolve_launch_env(dict(os.environ)).rank == 0:
         print(note, file=sys.stderr, flush=True)

@@ -1,14 +1,23 @@
 """One trainer per run folder: a lock file with its holder and a heartbeat. (The study runner
 takes the same kind of lock, `RUN/study.lock`, so that several study processes share out runs.)
 
-`RUN/trainer.lock` is created exclusively (O_EXCL) by rank 0 and holds JSON: host, pid,
-start time, heartbeat time and a random token. A thread rewrites the heartbeat every
-`heartbeat_s` seconds. A second trainer on the same folder finds the file and refuses, naming
-the holder, unless the lock is stale:
-  - the holder is on this host and its pid is gone (killed, crashed, machine rebooted), or
-  - its heartbeat is older than `stale_s` (a holder on another host that died, or a pid reused).
+`RUN/trainer.lock` is created exclusively (O_EXCL) by rank 0 and holds JSON: host, pid, the
+process's start time in clock ticks since boot, start time, heartbeat time and a random token.
+A thread rewrites the heartbeat every `heartbeat_s` seconds. A second trainer on the same folder
+finds the file and refuses, naming the holder, unless the lock is stale:
+  - the holder is on this host: stale only when its process is gone (its pid is free, or now
+    belongs to a process that started later). A live holder keeps the lock however old its
+    heartbeat: a paused process (SIGSTOP, Ctrl-Z, `scontrol suspend`, a debugger, swapping)
+    writes no heartbeat but will go on writing the folder when it resumes;
+  - the holder is on another host (whose processes cannot be seen from here): stale when its
+    heartbeat is older than `stale_s`. A heartbeat in the future means the two hosts' clocks
+    disagree: its age says nothing, so the starter watches the file for up to `stale_s` seconds
+    and takes the lock only if the heartbeat never changes.
 A stale lock is replaced with a warning. The holder removes the file when it ends; a SIGKILLed
-trainer leaves it behind, and the next trainer on the same host sees the pid is gone.
+trainer leaves it behind, and the next trainer on the same host sees the pid is gone. A holder
+whose lock was taken anyway (a holder on another host paused past `stale_s`, or the file
+replaced by hand) finds out from `check()`, which the trainer calls before every write to the
+run folder, and stops (exit 2) instead of writing beside the new holder.
 
 MEGAMOR_LOCK_HEARTBEAT_S and MEGAMOR_LOCK_STALE_S override the defaults (5 s, 60 s).
 """
@@ -20,6 +29,7 @@ import json
 import os
 import secrets
 import socket
+import stat
 import sys
 import threading
 import time
@@ -35,10 +45,15 @@ if TYPE_CHECKING:
 LOCK_FILE = "trainer.lock"
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
+SKEW_S = 5.0  # a heartbeat up to this far in the future is ordinary clock jitter between hosts
 
 
 class RunLockedError(RuntimeError):
     """The run folder belongs to another live trainer (exit 2)."""
+
+
+class RunLockLostError(RuntimeError):
+    """Another trainer took this run folder's lock while we held it (exit 2, nothing more written)."""
 
 
 @dataclass
@@ -48,10 +63,28 @@ class Holder:
     started: float
     heartbeat: float
     token: str
+    proc_start: int | None = None  # the pid's start in clock ticks since boot (tells a reused pid apart)
 
     def describe(self, now: float) -> str:
         start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return f"host {self.host} pid {self.pid}, started {start}, heartbeat {now - self.heartbeat:.0f} s ago"
+        return f"host {self.host} pid {self.pid}, started {start}, {heartbeat_age(self.heartbeat, now)}"
+
+
+def heartbeat_age(heartbeat: float, now: float) -> str:
+    age = now - heartbeat
+    if age < -SKEW_S:
+        return f"heartbeat {-age:.0f} s in the future (its host's clock is ahead of this one's)"
+    return f"heartbeat {max(age, 0.0):.0f} s ago"
+
+
+def _proc_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc; None elsewhere or if gone).
+    Ticks since boot do not move when the wall clock is set, unlike a start time in seconds."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text[text.rindex(")") + 2 :].split()[19])  # field 22; the name (field 2) may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -69,18 +102,28 @@ def read_holder(path: Path) -> Holder | None:
     try:
         text = path.read_text()
         mtime = path.stat().st_mtime
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):  # a directory there is refused by RunLock.acquire
         return None
     try:
         d = json.loads(text)
-        return Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]), str(d["token"]))
-    except (ValueError, KeyError, TypeError):
+        ps = d.get("proc_start")
+        return Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]), str(d["token"]),
+                      int(ps) if ps is not None else None)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return Holder("?", 0, mtime, mtime, "")
 
 
 def stale_reason(h: Holder, now: float, stale_s: float) -> str | None:
-    if h.host == socket.gethostname() and h.pid > 0 and not _pid_alive(h.pid):
-        return f"its process {h.pid} on this host is gone"
+    """Why `h` no longer holds the lock, or None. On this host only a gone process frees it (a
+    paused one keeps it); a holder on another host is judged by its heartbeat's age. A heartbeat
+    in the future is never stale here: the caller watches it (RunLock._watch_skewed)."""
+    if h.host == socket.gethostname() and h.pid > 0:
+        if not _pid_alive(h.pid):
+            return f"its process {h.pid} on this host is gone"
+        now_start = _proc_start(h.pid)
+        if h.proc_start is not None and now_start is not None and now_start != h.proc_start:
+            return f"its process {h.pid} on this host is gone (the pid now belongs to another process)"
+        return None
     if now - h.heartbeat > stale_s:
         return f"no heartbeat for {now - h.heartbeat:.0f} s (> {stale_s:.0f} s)"
     return None
@@ -111,10 +154,11 @@ class RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             now = time.time()
-            me = Holder(socket.gethostname(), os.getpid(), now, now, secrets.token_hex(8))
+            me = Holder(socket.gethostname(), os.getpid(), now, now, secrets.token_hex(8), _proc_start(os.getpid()))
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                self._refuse_non_file()
                 self._take_if_stale()
                 continue
             with os.fdopen(fd, "w") as f:
@@ -125,12 +169,22 @@ class RunLock:
             return self
         raise RunLockedError(f"{self.path}: could not take the lock (another {self.owner} keeps starting on {self.run_dir})")
 
+    def _refuse_non_file(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(self.path).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise RunLockedError(f"{self.path} is {kind}, not a lock file: move it out of the run folder")
+
     def _take_if_stale(self) -> None:
         old = read_holder(self.path)
         if old is None:
             return  # released meanwhile: try again
         now = time.time()
         reason = stale_reason(old, now, self.stale_s)
+        if reason is None and old.heartbeat - now > SKEW_S and old.host != socket.gethostname():
+            reason = self._watch_skewed(old, now)
+            now = time.time()
         if reason is None:
             raise RunLockedError(
                 f"run folder {self.run_dir} is in use by another {self.owner} ({old.describe(now)}; {self.path}): stop it "
@@ -149,6 +203,32 @@ class RunLock:
         aside.unlink(missing_ok=True)  # a stale lock is garbage: nothing else refers to it
         print(f"megamor: replaced a stale lock {self.path} ({old.host} pid {old.pid}: {reason})",
               file=sys.stderr, flush=True)
+
+    def _watch_skewed(self, old: Holder, now: float) -> str | None:
+        """A heartbeat from another host's future: watch the file for up to `stale_s` seconds (a
+        bounded wait); a live holder rewrites it within its heartbeat period."""
+        print(f"megamor: {self.path}: {old.host} pid {old.pid} has a {heartbeat_age(old.heartbeat, now)}: "
+              f"watching it for up to {self.stale_s:.0f} s to see whether that {self.owner} is alive",
+              file=sys.stderr, flush=True)
+        deadline = time.monotonic() + self.stale_s
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.stale_s / 4))
+            current = read_holder(self.path)
+            if current is None or current.token != old.token or current.heartbeat != old.heartbeat:
+                return None  # alive (or released / replaced meanwhile: the caller looks again)
+        return f"its heartbeat is in the future (clock skew) and did not change for {self.stale_s:.0f} s"
+
+    def check(self) -> None:
+        """Raise RunLockLostError unless this process still holds the lock (one small read; the
+        trainer calls it before every write to the run folder)."""
+        if self.holder is None:
+            return
+        current = read_holder(self.path)
+        why = current.describe(time.time()) if current is not None else f"{self.path} was removed"
+        if self.lost or current is None or current.token != self.holder.token:
+            self.lost = True
+            raise RunLockLostError(f"another {self.owner} took this run folder's lock: {why} ({self.path}); "
+                                   "stopped without writing more")
 
     def _beat(self) -> None:
         assert self.holder is not None
@@ -171,8 +251,10 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.holder is None:
+            return
         current = read_holder(self.path)
-        if self.holder is not None and current is not None and current.token == self.holder.token:
+        if current is not None and current.token == self.holder.token:
             self.path.unlink(missing_ok=True)
         self.holder = None
 

@@ -44,6 +44,6 @@ def check_schedule_change(now: ExperimentConfig, then: ExperimentConfig, step: i
               f"{now.max_steps} steps")
     if not now.schedule.allow_change:
         raise ConfigError(diffs[0][0], f"the checkpoint to resume ({where}, step {step}) was trained with another "
-                                       f"schedule ({what}); with schedule.allow_change=true {effect}. See README, "
+                                       f"schedule ({what}); with schedule.allow_change=true {effect}. See docs/operations.md, "
                                        "'Extending a run'")
     return f"megamor.train: schedule changed on resume ({what}): {effect}"

@@ -18,18 +18,25 @@ KeyboardInterrupt at once (no checkpoint; exit 1) for when the save itself must 
 Exit codes (`python -m megamor.train`), for launchers and sbatch scripts:
     0   finished (max steps reached, final checkpoint saved)
     1   failed (an exception, too many non-finite steps in a row, a checkpoint write failed)
-    2   bad configuration, or the run folder is locked by another trainer (nothing started), or a
+    2   bad configuration, or the run folder is locked by another trainer (nothing started), or
+        another trainer took the lock while this one ran (it stops before writing more), or a
         run folder that cannot be trusted (tags exist but none validates; a file the
         weights-only loader refuses)
     75  stopped by SIGTERM/SIGUSR1/SIGINT after saving a complete checkpoint: rerun the same
-        command to resume (EX_TEMPFAIL; slurm/train.sbatch requeues on it)
+        command to resume (EX_TEMPFAIL; slurm/train.sbatch requeues on it); or a rank waited
+        longer than parallel.collective_timeout_s on a rank that stopped answering
+        (megamor/parallel/watchdog.py): nothing saved, rerun to resume from the newest checkpoint
 """
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
+
+from megamor.data.atomic import atomic_open
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -40,6 +47,16 @@ EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_FILE_ENV = "MEGAMOR_EXIT_FILE"
+
+
+def write_exit_file(code: int) -> None:
+    """$MEGAMOR_EXIT_FILE gets `code` (slurm/train.sbatch decides on a requeue from it: under
+    `srun --kill-on-bad-exit` srun's own status may be a killed rank's, not the reason)."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path:
+        with atomic_open(Path(path), "w") as f:
+            f.write(f"{code}\n")
 
 
 class StopRequested(Exception):

@@ -77,6 +77,7 @@ class TrainStep:
 
     def __call__(self, step_no: int) -> StepResult:
         """Optimizer step `step_no` (1-based)."""
+        self.model.set_train_step(step_no)  # router warmups (megamor.model.routing); the trainer's step: resume-exact
         timer = StepTimer()
         with timer.data_section(), self.observe.phase("data"):
             micro = [self.loader.next_batch() for _ in range(self.gas)]

@@ -8,8 +8,6 @@ checkpointing and compilation are applied from outside (parallelize.py, engine.p
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,14 @@ import torch
 
 from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_train_loader
-from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer
+from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
 from megamor.model.summary import ParamCounts
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
 from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
+from megamor.parallel.watchdog import Watchdog
 from megamor.runs.layout import TRAINER_STATE, CheckpointError
 from megamor.runs.resume import (
     ResumePlan,
@@ -47,8 +46,9 @@ from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import PeakFlops, WindowStats
 from megamor.train.optim import build_optimizer, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
+from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
-from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested
+from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested, write_exit_file
 from megamor.train.step import TrainStep
 from megamor.train.step_log import accumulate, window_metrics
 from megamor.train.validation import Validation
@@ -63,7 +63,8 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any],
-                 stop_request: StopRequest | None = None):
+                 stop_request: StopRequest | None = None, run_lock: RunLock | None = None,
+                 watchdog: Watchdog | None = None):
         self.cfg = cfg
         self.env = env
         self.device = device
@@ -78,6 +79,8 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.max_steps)
         self.faults = Faults.from_env()
         self.stop_request = stop_request or StopRequest()  # __main__ installs it before the process group
+        self.run_lock = run_lock  # rank 0's, held by __main__: checked before every write (_check_lock)
+        self.watchdog = watchdog or Watchdog(self.rank, self.world, 0.0, None)  # told where the loop is
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last,
                                       fault_hook=lambda step: self.faults.during_save(step, self.rank))
         # Progress (restored on resume).
@@ -104,8 +107,9 @@ class Trainer:
         self.layout = build_layout(self.tp, self.world, self.rank, cfg.parallel.sequence)
         torch.manual_seed(cfg.seed)
         model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
+        init = None
         if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
-            load_init_weights(model, cfg.trainer.init_from)
+            init = load_init_weights(model, cfg.trainer.init_from)
         self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
         parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
         self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
@@ -149,6 +153,8 @@ class Trainer:
             f"seq {cfg.data.seq_len} | {self.max_steps} steps | run dir {self.run_dir}"
             + (f" | resumed from step {self.step}" if plan else "")
         )
+        if init is not None:
+            self.logger.print(f"megamor: {init.line()}")
         return self
 
     def _keep_tokenizer(self) -> None:
@@ -156,12 +162,7 @@ class Trainer:
         src = self.cfg.data.tokenizer
         if not src:
             return
-        src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
-        dst = self.run_dir / "tokenizer"
-        dst.mkdir(exist_ok=True)
-        for name in ("tokenizer.model", "tokenizer.vocab", "tokenizer_info.json"):
-            if (src_dir / name).is_file():
-                shutil.copy2(src_dir / name, dst / name)
+        copy_tokenizer(load_tokenizer(src), self.run_dir / "tokenizer")  # either kind, under the names loaders find
 
     def _plan_resume(self) -> ResumePlan | None:
         if not self.cfg.checkpoint.resume:
@@ -216,8 +217,24 @@ class Trainer:
 
     # -- validation -------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        self.watchdog.at(self.step, "validation")
         with self.observer.phase("eval"):
             return self.validation.run()
+
+    def _check_lock(self) -> None:
+        """Before every write to the run folder: does rank 0 still hold the folder's lock? One small
+        all-reduce, so every rank stops at the same point (RunLockLostError: exit 2, nothing more
+        written)."""
+        lost = None
+        if self.run_lock is not None and self.is_main:
+            try:
+                self.run_lock.check()
+            except RunLockLostError as e:
+                lost = str(e)
+        self.watchdog.at(self.step, "lock check")
+        flag = torch.tensor([1.0 if lost else 0.0], device=self.device)
+        if pdist.all_reduce_(flag).item() > 0:
+            raise RunLockLostError(lost or "rank 0 lost the run folder's lock")
 
     def _stop_agreed(self) -> bool:
         """One small all-reduce: did any rank get a stop signal?"""
@@ -235,6 +252,8 @@ class Trainer:
 
     # -- checkpointing -------------------------------------------------------------------
     def save(self) -> Path:
+        self._check_lock()
+        self.watchdog.at(self.step, "checkpoint save")
         with self.observer.phase("checkpoint"):
             return self._save()
 
@@ -274,11 +293,15 @@ class Trainer:
             return EXIT_OK
         window = WindowStats()
         exit_code = EXIT_OK
+        lock_lost = False
+        self.watchdog.at(self.step, "start")
+        self.watchdog.start()
         try:
             if self._stop_agreed():  # a signal during set-up
                 return self._stop()
             self.observer.start()
             while self.step < self.max_steps:
+                self.watchdog.at(self.step + 1, "train step")
                 self.observer.begin_step(self.step + 1)
                 r = self.train_step(self.step + 1)
                 self.step += 1
@@ -286,6 +309,9 @@ class Trainer:
                 self.tokens += r.tokens
                 self.flops_total += r.flops
                 accumulate(window, r)
+                if cfg.logging.depth_hist_due(self.step, self.max_steps):
+                    self._check_lock()  # the depth CSV is written to now
+                self.logger.on_step(self.step, None if r.skipped or not r.tokens_per_step else r.depth_hist)
                 if r.skipped:
                     self.skipped_steps += 1
                     self.consecutive_nonfinite += 1
@@ -299,11 +325,11 @@ class Trainer:
                             "damaged resume from an earlier tag (move the later ones aside).")
                 else:
                     self.consecutive_nonfinite = 0
-                if self.step % cfg.logging.log_every == 0 or self.step == self.max_steps:
+                if self.step % cfg.logging.every_steps == 0 or self.step == self.max_steps:
                     self._log(window)
                     window = WindowStats()
                 self.logger.advance(self.step)
-                self.faults.after_step(self.step, self.rank)
+                self.faults.after_step(self.step, self.rank, self.run_dir)
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     if self.consecutive_nonfinite:  # do not let keep_last prune the last good tag for this state
                         self.logger.print(f"step {self.step}: checkpoint deferred ({self.consecutive_nonfinite} "
@@ -311,22 +337,32 @@ class Trainer:
                     else:
                         self.save()
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                    self.logger.log(self.step, self.evaluate())
+                    self._log_eval()
                 if r.stop:
                     exit_code = self._stop()
                     break
             else:
                 if cfg.eval.at_end and (not cfg.eval.every_steps or self.step % cfg.eval.every_steps):
-                    self.logger.log(self.step, self.evaluate())
+                    self._log_eval()
                 if cfg.checkpoint.save_final and self.last_saved_step != self.step:
                     self.save()
         except StopRequested:  # agreed during validation
             exit_code = self._stop(" during validation")
+        except RunLockLostError:
+            lock_lost = True
+            raise
         finally:
+            self.watchdog.stop()
             self.stop_request.uninstall()
-            self.observer.close()  # a run stopped inside trainer.profile.steps still leaves its trace
+            if not lock_lost:  # the folder is another trainer's now: not even a trace goes there
+                self.observer.close()  # a run stopped inside trainer.profile.steps still leaves its trace
             self.logger.close()
         return exit_code
+
+    def _log_eval(self) -> None:
+        metrics = self.evaluate()
+        self._check_lock()
+        self.logger.log(self.step, metrics)
 
     def close(self) -> None:
         """Release the DeepSpeed engine: its gradient hooks tie parameters, optimizer and
@@ -349,13 +385,14 @@ class Trainer:
         """Rank 0 writes the exit status to $MEGAMOR_EXIT_FILE before any rank may exit. Under
         `srun --kill-on-bad-exit` the first rank to exit 75 gets the others killed, so srun's own
         status can hide the stop; slurm/train.sbatch reads this file to decide on a requeue."""
-        path = os.environ.get("MEGAMOR_EXIT_FILE")
-        if path and self.is_main:
-            with atomic_open(Path(path), "w") as f:
-                f.write(f"{code}\n")
+        self.watchdog.at(self.step, "exit status")
+        if self.is_main:
+            write_exit_file(code)
         pdist.barrier()
 
     def _log(self, w: WindowStats) -> None:
+        self._check_lock()
+        self.watchdog.at(self.step, "logging")
         m, hist = window_metrics(w, lr=self.schedule.lr_at(self.step), tokens=self.tokens,
                                  skipped_steps=self.skipped_steps, flops_total=self.flops_total, device=self.device,
                                  world=self.world, peak=self.peak if self.is_main else None, warn=self.logger.print,

@@ -48,6 +48,16 @@ def tokenizer_dir(tmp_path_factory, small_books) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory, small_books) -> Path:
+    """A real Hugging Face byte-level BPE (tokenizer.json + configs), vocab 1000, trained on small_books."""
+    from megamor.data.tokenizer_train import train_tokenizer
+
+    out = tmp_path_factory.mktemp("hf_tokenizer")
+    train_tokenizer(small_books, out, vocab_size=1000, kind="hf-bpe")
+    return out
+
+
+@pytest.fixture(scope="session")
 def shakespeare_shards(tmp_path_factory, shared, tokenizer_dir) -> Path:
     """tinyshakespeare as paragraph documents, small shards (so windows cross shard boundaries)."""
     from megamor.data.pipeline import ShardSettings, tokenize_and_shard

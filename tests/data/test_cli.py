@@ -26,18 +26,18 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert ss.tokenizer["hash"] == info["content_hash"] and ss.num_tokens > 200_000
 
 
-def test_errors_exit_1_with_one_line(tmp_path):
+def test_errors_exit_2_with_one_line(tmp_path):
     p = run_tool("tokenize_and_shard.py", str(tmp_path / "missing.jsonl"), "--tokenizer", str(tmp_path),
                  "--out", str(tmp_path / "o"), check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops\n')
     p = run_tool("train_tokenizer.py", str(bad), "--out", str(tmp_path / "t"), "--vocab-size", "300", check=False)
-    assert p.returncode == 1 and f"{bad}:2: not JSON" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and f"{bad}:2: not JSON" in p.stderr and "Traceback" not in p.stderr
     p = run_tool("merge_shards.py", str(tmp_path / "nothing"), check=False)
-    assert p.returncode == 1 and "no plan" in p.stderr
+    assert p.returncode == 2 and "no plan" in p.stderr
     p = run_tool("train_tokenizer.py", "hf:someone/uncached-corpus", "--out", str(tmp_path / "h"), check=False)
-    assert p.returncode == 1 and "hf:someone/uncached-corpus: cannot load" in p.stderr and "offline" in p.stderr
+    assert p.returncode == 2 and "hf:someone/uncached-corpus: cannot load" in p.stderr and "offline" in p.stderr
 
 
 def test_slurm_array_script_tasks_then_merge(tmp_path, small_books):
@@ -78,10 +78,10 @@ def test_truncated_gz_input_is_one_line_naming_file_and_line(tmp_path, tokenizer
                         ("tokenize_and_shard.py", ["--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "sh"),
                                                    "--workers", "1", "--no-progress"])):
         r = run_tool(tool, str(p), *extra, check=False)
-        assert r.returncode == 1, r.stderr
+        assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and "EOFError" not in r.stderr
-        err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        assert len(err) == 1 and err[0].startswith(f"error: {p}:") and "gz stream is truncated" in err[0], r.stderr
+        err = [line for line in r.stderr.splitlines() if line.startswith(f"{tool}: error:")]
+        assert len(err) == 1 and err[0].startswith(f"{tool}: error: {p}:") and "gz stream is truncated" in err[0], r.stderr
 
 
 def test_valid_files_flag(tmp_path, tokenizer_dir):
@@ -95,7 +95,7 @@ def test_valid_files_flag(tmp_path, tokenizer_dir):
     assert m["splits"]["train"]["documents"] == 1 and m["splits"]["valid"]["documents"] == 1
     r = run_tool("tokenize_and_shard.py", str(a), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "x"),
                  "--valid-files", str(b), "--no-progress", check=False)
-    assert r.returncode == 1 and f"--valid-files: {b} is not one of the inputs" in r.stderr
+    assert r.returncode == 2 and f"--valid-files: {b} is not one of the inputs" in r.stderr
     r = run_tool("tokenize_and_shard.py", str(a), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "y"),
                  "--valid-files", str(a), "--valid-fraction", "0.1", check=False)
     assert r.returncode == 2 and "not both" in r.stderr

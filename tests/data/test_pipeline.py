@@ -255,7 +255,7 @@ def test_valid_files_hold_out_whole_books(tmp_path, small_books, tokenizer_dir):
     opts = ReadOptions(txt_mode="file")
     r = tokenize_and_shard(small_books, tmp_path / "o", tokenizer_dir,
                            ShardSettings(valid_fraction=0.0, read=opts, valid_files=(frankenstein,)), **QUIET)
-    tok = Tokenizer(Path(tokenizer_dir) / "tokenizer.model")
+    tok = Tokenizer.load(Path(tokenizer_dir) / "tokenizer.model")
     train_doc, valid_doc = expected_documents([shakespeare], opts), expected_documents([frankenstein], opts)
     assert len(train_doc) == len(valid_doc) == 1
     for split, doc in (("train", train_doc[0]), ("valid", valid_doc[0])):

@@ -79,8 +79,8 @@ def test_perplexity_bad_text_is_one_line_exit_2(mor_checkpoint, spm_path, tmp_pa
     empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
     empty.write_text("")
     latin.write_bytes(b"ok\nna\xefve\n")
-    for path, message in ((empty, f"error: {empty}: no text to evaluate"),
-                          (latin, f"error: {latin}:2: not valid utf-8 at byte offset 5")):
+    for path, message in ((empty, f"perplexity.py: error: {empty}: no text to evaluate"),
+                          (latin, f"perplexity.py: error: {latin}:2: not valid utf-8 at byte offset 5")):
         r = run_entry("perplexity", "--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--text", str(path))
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[0]] and r.stderr.startswith(message), r.stderr
@@ -132,3 +132,32 @@ def test_perplexity_reads_tokenize_and_shard_valid_shards_by_default(mor_checkpo
         load("perplexity").main(args)
     res = load("perplexity").main([*args, "--allow-tokenizer-mismatch"])["perplexity"]
     assert res["tokens"] == 300
+
+
+def test_perplexity_json_on_stdout_is_clean_and_a_larger_tokenizer_is_one_line(mor_model, spm_path, tmp_path):
+    """`perplexity.py ... > out.json` is valid JSON (library lines go to stderr); a tokenizer with
+    more tokens than the model's vocabulary is one `perplexity.py: error:` line, exit 2."""
+    import dataclasses
+
+    import torch
+
+    from .test_checkpoint import training_run
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    run = training_run(tmp_path, mor_model, spm_path, steps=(100,))  # a run folder: its DeepSpeed tag loads DeepSpeed
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # as a user runs it: DeepSpeed says what it picked
+    r = subprocess.run([sys.executable, str(repo_root() / "evals" / "perplexity.py"), "--checkpoint", str(run), "--tokenizer",
+                        str(spm_path), "--text", str(text), "--no-progress"], capture_output=True, text=True, timeout=300,
+                       env={**env, "PYTHONPATH": str(repo_root())}, check=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["perplexity"]["tokens"] > 0
+    small = tmp_path / "small.pt"
+    cfg = dataclasses.replace(mor_model.cfg, vocab_size=64)
+    from megamor.model import MoRLM
+
+    torch.save({"model": MoRLM(cfg).state_dict(), "config": dataclasses.asdict(cfg)}, small)
+    r = run_entry("perplexity", "--checkpoint", str(small), "--tokenizer", str(spm_path), "--text", str(text))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("perplexity.py: error: the tokenizer has") and "the model only 64" in lines[0]

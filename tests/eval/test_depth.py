@@ -70,7 +70,8 @@ def test_cli(mor_checkpoint, spm_path, tmp_path, capsys):
     spec.loader.exec_module(cli)
     cli.main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--text", TEXT, "--html", str(tmp_path / "d.html"),
               "--plots", str(tmp_path / "p"), "--json", str(tmp_path / "s.json"), "--per-token"])
-    assert "\x1b[" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out and re.search(r"\S\[\d\]", out)  # not a terminal: plain text, each token's depth in brackets
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["stats"]["num_recursions"] == 2 and "".join(data["traces"][0]["pieces"]) == TEXT
     assert (tmp_path / "d.html").is_file() and (tmp_path / "p" / "depth_histogram.png").is_file()

@@ -78,7 +78,7 @@ def one_error_line(capsys, main) -> str:
         run_main(main)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert len(err) == 1 and re.match(r"\S+: error: ", err[0]), err  # `TOOL: error: ...` (megamor.cli)
     return err[0]
 
 
@@ -190,6 +190,6 @@ def test_lm_eval_command_line_mismatch_is_one_line(run, spm_path, other_tok, dat
                   "--include_path", str(Path(__file__).parents[2] / "evals" / "tasks"), "--tasks", "megamor_piqa",
                   "--limit", "2", "--metadata", json.dumps({"data_dir": str(data_dir)}))
     assert r.returncode == 2, r.stderr[-2000:]
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("lm_eval_megamor.py: error: ")]
     assert len(errors) == 1 and re.search(mismatch(other_tok, run, spm_path, "allow_tokenizer_mismatch=true in --model_args"), errors[0])
     assert "Traceback" not in r.stderr

@@ -77,7 +77,7 @@ def test_fewshot_on_piqa_with_a_128_token_model(mor_model, spm_path, piqa_length
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith(f"error: piqa: {data_dir / 'piqa' / 'valid.jsonl'}:{n + 1}: a continuation of ")
+    assert err[0].split(": error: ", 1)[1].startswith(f"piqa: {data_dir / 'piqa' / 'valid.jsonl'}:{n + 1}: a continuation of ")
     assert "does not fit the 128-token context; pass a larger --max-length (the model's max_seq_len is 128)" in err[0]
     # ... which --max-length fixes.
     out = fewshot.main([*args, "--limit", str(n + 1), "--max-length", "1024"])

@@ -172,3 +172,12 @@ def test_read_texts_refuses_empty_and_undecodable_files(tmp_path):
     bad_jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(TaskDataError, match=rf"^{bad_jsonl}:2: not valid UTF-8"):
         read_texts([bad_jsonl])
+
+
+def test_read_texts_says_a_missing_file_is_missing(tmp_path):
+    from megamor.eval.tasks.base import TaskDataError
+
+    with pytest.raises(TaskDataError, match=rf"^{tmp_path / 'nope.txt'}: no such file \(the text to evaluate is missing\)$"):
+        read_texts([tmp_path / "nope.txt"])
+    with pytest.raises(TaskDataError, match=rf"^{tmp_path}: is a folder, not a text file$"):
+        read_texts([tmp_path])

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from megamor.cli import BadInput
 from megamor.env import repo_root
 from megamor.eval.sweep import Sweep, SweepConfig, discover
 from megamor.runs.layout import CheckpointError
@@ -109,7 +110,7 @@ def test_job_array_mode_and_report_only(runs, tmp_path, data_dir, capsys):
     assert not (tmp_path / "sw" / "results.csv").exists()
     rep = cli.main(args + ["--report-only"])
     assert rep["rows"] == 3 and rep["missing"] == [] and "computed" not in rep
-    with pytest.raises(SystemExit):
+    with pytest.raises(BadInput, match="--index 3 out of range: 3 checkpoints"):  # one line, exit 2 from the tool
         cli.main(args + ["--index", "3"])
 
 
@@ -123,6 +124,7 @@ def test_sweep_errors(tmp_path):
         discover([tmp_path / "nope"])
 
 
+@pytest.mark.launch
 def test_slurm_job_array(slurm_cluster, runs, tmp_path, data_dir):
     """slurm/eval_sweep.sbatch on a real local SLURM cluster: 3 array tasks + the report job."""
     import subprocess
@@ -149,3 +151,22 @@ def test_slurm_job_array(slurm_cluster, runs, tmp_path, data_dir):
     assert sorted((r["run"], r["step"]) for r in rows) == [("mor_a", "10"), ("mor_a", "20"), ("mor_b", "15")]
     for i in range(3):
         assert "array task" in (tmp_path / f"eval-{i}.out").read_text()
+
+
+def test_discover_names_the_tags_it_skips(tmp_path, capsys):
+    """A tag without its COMPLETE marker and a quarantined tag are left out, one stderr line each."""
+    from megamor.runs import integrity
+    from tests.eval.test_checkpoint import training_run
+    from tests.model.helpers import mor
+
+    tok = tmp_path / "tokenizer.model"
+    tok.write_bytes(b"a tokenizer")
+    run = training_run(tmp_path, mor(), tok, steps=(10, 20, 30))
+    ck = run / "checkpoints"
+    (ck / "step_00000020" / "COMPLETE").unlink()
+    integrity.quarantine(ck / "step_00000010", "mp_rank_00_model_states.pt does not match its content hash")
+    assert [c.step for c in discover([run])] == [30]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sweep: skipping {ck / 'step_00000020'}: {integrity.UNFINISHED}",
+                   (f"sweep: skipping {ck / 'quarantine' / 'step_00000010'}: quarantined "
+                    "(mp_rank_00_model_states.pt does not match its content hash)")]

@@ -22,7 +22,7 @@ COUNTS = {
 
 
 def test_every_task_has_a_count():
-    assert set(COUNTS) == set(TASKS)
+    assert set(COUNTS) == set(TASKS) - {"mmlu"}  # MMLU is not in the shared data: tests/eval/test_paper.py
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))

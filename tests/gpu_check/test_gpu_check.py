@@ -39,6 +39,7 @@ def tiny(tmp_path_factory):
     return out.read_text(), json.loads(out.with_suffix(".json").read_text())
 
 
+@pytest.mark.launch
 def test_tiny_run_reports_every_part_and_parity_passes(tiny):
     text, res = tiny
     parts = {p["part"]: p for p in res["parts"]}
@@ -67,6 +68,7 @@ def test_tiny_run_reports_every_part_and_parity_passes(tiny):
     assert mfu and all(0 < r["data"]["mfu"] <= 1 for r in mfu)
 
 
+@pytest.mark.launch
 def test_part_over_its_limit_is_cut_and_the_run_goes_on(tiny):
     text, res = tiny
     parts = {p["part"]: p for p in res["parts"]}
@@ -78,6 +80,7 @@ def test_part_over_its_limit_is_cut_and_the_run_goes_on(tiny):
     assert "| train_1_7b | speed | timed out |" in text
 
 
+@pytest.mark.launch
 def test_a_parity_part_cut_fails_the_run(tmp_path):
     out = tmp_path / "r.md"
     proc = _run(["--tiny", "--only", "flash", "--limit", "flash=0.3", "--out", str(out)], timeout=120)
@@ -87,6 +90,7 @@ def test_a_parity_part_cut_fails_the_run(tmp_path):
     assert "**FAIL** (exit 1)" in out.read_text()
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("args,says", [
     (["--only", "flash,nope"], "--only: unknown part 'nope'"),
     (["--limit", "flash=abc"], "seconds must be a positive number"),

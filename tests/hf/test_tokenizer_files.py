@@ -103,3 +103,54 @@ def mor_model_and_run(tmp_path_factory) -> tuple:
     torch.manual_seed(0)
     model = MoRLM(small_config(vocab_size=800)).eval()
     return model, training_run(root, model, Path(tok.path), steps=(100,))
+
+
+def test_export_copies_a_hugging_face_tokenizer(tmp_path, monkeypatch):
+    """A run trained with a Hugging Face tokenizer (a byte-level BPE trained here): its export
+    holds tokenizer.json and its configs as they were, AutoTokenizer and lm-eval's `hf` model
+    load the folder with no extra arguments, and the identity it records is the tokenizer's."""
+    import json
+
+    import lm_eval
+    import lm_eval.evaluator
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    from megamor.data.tokenizer import load_tokenizer
+    from megamor.data.tokenizer_train import train_tokenizer
+    from megamor.env import repo_root
+    from megamor.eval.harness import evaluate_task
+    from megamor.eval.scoring import Scorer
+    from megamor.export import export
+    from megamor.model import MoRLM
+    from tests.eval.conftest import small_config
+    from tests.eval.test_checkpoint import training_run
+
+    d = shared_data_dir()
+    if not d.is_dir():
+        pytest.skip(f"shared datasets not found at {d}")
+    tok = train_tokenizer([str(d / "tinyshakespeare" / "input.txt")], tmp_path / "tok", vocab_size=800, kind="hf-bpe")
+    torch.manual_seed(0)
+    model = MoRLM(small_config(vocab_size=800)).eval()
+    run = training_run(tmp_path, model, tmp_path / "tok", steps=(100,), tokenizer_hash=tok.content_hash)
+    out = export(run)
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in out.iterdir()}
+    assert "tokenizer.model" not in {p.name for p in out.iterdir()}
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    assert load_tokenizer(out).content_hash == tok.content_hash == json.loads((out / "megamor.pt.json").read_text())["tokenizer_hash"]
+    from megamor.runs.find import find_tokenizer
+
+    assert find_tokenizer(out) == out / "tokenizer.json"  # what the evals use without --tokenizer
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = (d / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:5000]
+    assert hf_tok.encode(text) == tok.encode(text) and hf_tok.eos_token_id == tok.eos_id
+
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda *a, **k: None)
+    tm = TaskManager(include_path=str(repo_root() / "evals" / "tasks"), include_defaults=False)
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
+                                  tasks=["megamor_piqa"], task_manager=tm, limit=4, batch_size=4, device="cpu",
+                                  log_samples=True, bootstrap_iters=10, verbosity="ERROR")
+    samples = sorted(res["samples"]["megamor_piqa"], key=lambda s: s["doc_id"])
+    ours = evaluate_task(Scorer(model, batch_size=4, pad_id=tok.eos_id), tok, "piqa", limit=4, add_prefix=False)
+    for s, o in zip(samples, ours.samples):
+        assert [r[0] for r in s["filtered_resps"]] == pytest.approx(o["loglikelihoods"], abs=1e-4), o["src"]

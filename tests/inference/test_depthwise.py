@@ -18,11 +18,17 @@ VARIANTS = {
     "recursive": lambda kv, sharing: mor({"type": "none"}, sharing=sharing, kv_mode=kv, router={"type": "none"}),
     "mor_expert": lambda kv, sharing: mor("expert_choice", sharing=sharing, kv_mode=kv),
     "mor_token": lambda kv, sharing: mor("token_choice", sharing=sharing, kv_mode=kv),
+    # token choice's paper update (H^1 + g * f(H^i) at the chosen depth), the random router
+    "mor_token_paper": lambda kv, sharing: mor("token_choice", sharing=sharing, kv_mode=kv,
+                                               router={"type": "token_choice", "token_choice_update": "paper"}),
+    "mor_expert_random": lambda kv, sharing: mor("expert_choice", sharing=sharing, kv_mode=kv,
+                                                 router={"type": "expert_choice", "rand_router": True}),
 }
 CASES = [("vanilla", "recursion_wise", "none")] + [
     (v, kv, sh) for v in ("recursive", "mor_expert", "mor_token") for kv in ("recursion_wise", "shared")
     for sh in ("middle_cycle", "cycle")] + [
-    (v, "recursion_wise", sh) for v in ("mor_expert", "mor_token") for sh in ("sequence", "middle_sequence")]
+    (v, "recursion_wise", sh) for v in ("mor_expert", "mor_token") for sh in ("sequence", "middle_sequence")] + [
+    (v, kv, "middle_cycle") for v in ("mor_token_paper", "mor_expert_random") for kv in ("recursion_wise", "shared")]
 
 
 def _model(variant: str, kv: str, sharing: str, seed: int = 1) -> MoRLM:

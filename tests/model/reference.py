@@ -60,7 +60,8 @@ def dense_expert_choice_logits(model: MoRLM, x: Tensor, capacities: list[float])
             k = max(1, int(capacities[r] * T))
             top = logits.masked_fill(~cand, float("-inf")).topk(k, dim=1).indices
             sel = torch.zeros_like(cand).scatter(1, top, True) & cand
-        gate = cfg.router.gate_scale * torch.sigmoid(logits)
+        act = torch.ones_like(logits) if cfg.router.gate_straight_through else torch.sigmoid(logits)  # forward value
+        gate = cfg.router.gate_scale * act
         masked = TokenMeta(pos, valid=sel)  # keys: only selected tokens
         y = h
         for phys in layer_ids:

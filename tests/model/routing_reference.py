@@ -27,7 +27,8 @@ except ImportError:  # the code the reference was taken from (decoding then live
 
 PATH = Path(__file__).with_name("routing_reference.json")
 VARIANTS = {
-    "expert": {"router_type": "expert_choice"},
+    # The soft gate, explicitly: the reference was taken when it was the dataclass default.
+    "expert": {"router_type": "expert_choice", "router": {"type": "expert_choice", "gate_straight_through": False}},
     "expert_st_alpha_mlp": {"router_type": "expert_choice", "kv_mode": "shared", "router": {
         "type": "expert_choice", "gate_straight_through": True, "learn_alpha": True, "network": "mlp",
         "activation": "tanh", "capacity": [1.0, 0.5, 0.25]}},

@@ -77,3 +77,34 @@ def test_layer_plans_follow_the_paper():
     assert mc.layer_plan() == ([0], [[1, 2], [1, 2], [1, 2]], [3])
     ms = ModelConfig(n_layers=8, sharing="middle_sequence", num_recursions=2)
     assert ms.layer_plan() == ([0], [[1, 1, 2], [2, 3, 3]], [4])
+
+
+def test_gate_straight_through_defaults_to_what_the_shipped_configs_use():
+    from megamor.model.config import RouterConfig
+
+    assert RouterConfig().gate_straight_through is True
+    expert = load_config(ModelConfig, overrides=["sharing=cycle", "num_recursions=2", "router.type=expert_choice"])
+    assert expert.router.gate_straight_through is True
+    for router in ("none", "token_choice"):  # expert choice only: one value (false) for every other router
+        sharing = ["sharing=cycle", "num_recursions=2"] if router != "none" else []
+        assert load_config(ModelConfig, overrides=[*sharing, f"router.type={router}"]).router.gate_straight_through is False
+    shipped = list((repo_root() / "configs" / "model").rglob("mor_expert_*.yaml"))
+    assert shipped and all(load_model_config(p).router.gate_straight_through == (not p.stem.endswith("_paper"))
+                           for p in shipped)
+
+
+def test_a_stored_config_without_the_key_keeps_the_soft_gate():
+    """A megamor.pt / export / run config written before the default changed has no
+    gate_straight_through: it loads with false, the behaviour it was trained with."""
+    import dataclasses
+
+    from megamor.model.config import with_stored_defaults
+    from megamor.runs.load import _model_config
+
+    cfg = load_config(ModelConfig, overrides=["sharing=cycle", "num_recursions=2", "router.type=expert_choice"])
+    old = dataclasses.asdict(cfg)
+    del old["router"]["gate_straight_through"]
+    assert _model_config(old, repo_root()).router.gate_straight_through is False
+    assert _model_config(dataclasses.asdict(cfg), repo_root()).router.gate_straight_through is True  # a new save
+    old_without_router = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "router"}
+    assert with_stored_defaults(old_without_router).router.gate_straight_through is False

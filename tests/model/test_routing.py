@@ -23,7 +23,8 @@ def test_gather_compute_scatter_equals_dense_reference(sharing, nr):
 
 
 def test_capacity_one_equals_recursive_model_with_gating():
-    m = mor("expert_choice", nr=3, router={"type": "expert_choice", "capacity": [1.0, 1.0, 1.0]})
+    m = mor("expert_choice", nr=3, router={"type": "expert_choice", "capacity": [1.0, 1.0, 1.0],
+                                           "gate_straight_through": False})  # the soft gate
     x = torch.randint(0, m.cfg.vocab_size, (2, 20))
     with torch.no_grad():
         got = m(x).logits
@@ -70,7 +71,8 @@ def test_straight_through_model_gates_every_selected_token_by_alpha():
         got = m(x).logits
     # The soft-gated model with the same weights and its router logits forced to +60 by hand
     # (sigmoid = 1 in fp32: the gate is alpha = 0.1).
-    soft = mor("expert_choice", nr=2, router={"type": "expert_choice", "capacity": [1.0, 1.0]})
+    soft = mor("expert_choice", nr=2, router={"type": "expert_choice", "capacity": [1.0, 1.0],
+                                              "gate_straight_through": False})
     soft.load_state_dict(m.state_dict())
     for r in soft.routers:
         r.forward = lambda h: torch.full(h.shape[:-1], 60.0)

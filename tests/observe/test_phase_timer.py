@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from megamor.observe.phase_timer import PHASES, PhaseTimer
@@ -72,6 +73,7 @@ def _ranks(rank: int, world: int, slow: int, out) -> None:
     torch.save({**w, **s}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.launch
 def test_straggler_is_the_slow_rank_not_the_waiting_ones(tmp_path):
     run_distributed(_ranks, world_size=3, args=(1, str(tmp_path)))
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]

@@ -8,7 +8,7 @@ import json
 import torch
 
 from megamor.model import ModelConfig, MoRLM, RouterConfig
-from megamor.observe.profiler import StepProfiler, instrument_recursions, trace_path
+from megamor.observe.profiler import StepProfiler, instrument_recursions, trace_path, traces
 
 CPU = torch.device("cpu")
 
@@ -48,12 +48,12 @@ def test_trace_of_steps_two_to_three(tmp_path):
     m = _model()
     prof = StepProfiler(tmp_path, 0, [2, 3], memory=True, device=CPU, model=m)
     losses = _train(m, prof, 4)
-    assert prof.written == [trace_path(tmp_path, 0)]
-    names = _names(trace_path(tmp_path, 0))
+    assert prof.written == [trace_path(tmp_path, 0, 2, 3)]
+    names = _names(trace_path(tmp_path, 0, 2, 3))
     assert {"step_2", "step_3", "data", "forward", "backward", "optimizer", "mor/recursion_1", "mor/recursion_2"} <= names
     assert "step_1" not in names and "step_4" not in names
     assert m.recursion_hook is None  # the hook is gone after the range
-    assert [p.name for p in (tmp_path / "profile").iterdir()] == ["rank0.pt.trace.json"]  # no temp file left
+    assert [p.name for p in (tmp_path / "profile").iterdir()] == ["rank0.steps2-3.pt.trace.json"]  # no temp file left
     # profiling changes nothing the model computes
     assert losses == _train(_model(), StepProfiler(tmp_path / "off", 0, [], False, CPU), 4)
 
@@ -74,9 +74,32 @@ def test_close_mid_range_writes_what_was_recorded(tmp_path):
     prof.begin_step(3)  # and in the middle of a step
     assert prof.active
     prof.close()
-    names = _names(trace_path(tmp_path, 3))
+    names = _names(trace_path(tmp_path, 3, 1, 3))  # named by the steps it holds
     assert {"step_1", "step_2", "step_3", "forward"} <= names
-    assert prof.close() == [trace_path(tmp_path, 3)]  # idempotent
+    assert prof.close() == [trace_path(tmp_path, 3, 1, 3)]  # idempotent
+
+
+def test_a_restart_inside_the_range_never_overwrites_a_trace(tmp_path):
+    """Issue 32: a run stopped inside [a, b] and resumed rewrote rank0.pt.trace.json with the
+    resumed steps only. Each (re)start now writes its own file, the same range twice included."""
+    m = _model()
+    first = StepProfiler(tmp_path, 0, [2, 400], memory=False, device=CPU, model=m)
+    _train(m, first, 4)  # stopped after step 4 (a signal): steps 2-4 recorded
+    first.close()
+    kept = trace_path(tmp_path, 0, 2, 4).read_bytes()
+    resumed = StepProfiler(tmp_path, 0, [2, 400], memory=False, device=CPU, model=m)
+    for n in (3, 4, 5):  # resumed from a checkpoint of step 2
+        resumed.begin_step(n)
+        resumed.end_step(n)
+    resumed.close()
+    again = StepProfiler(tmp_path, 0, [2, 400], memory=False, device=CPU, model=m)
+    _train(m, again, 4)  # started over: the same range as the first run
+    again.close()
+    assert traces(tmp_path, 0) == [trace_path(tmp_path, 0, 2, 4), tmp_path / "profile" / "rank0.steps2-4.2.pt.trace.json",
+                                   trace_path(tmp_path, 0, 3, 5)]
+    assert trace_path(tmp_path, 0, 2, 4).read_bytes() == kept
+    assert {"step_3", "step_4", "step_5"} <= _names(trace_path(tmp_path, 0, 3, 5))
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == sorted(p.name for p in traces(tmp_path, 0))
 
 
 def test_recursion_ranges_are_removable_and_leave_outputs_alone():

@@ -21,6 +21,7 @@ def test_expand_nodelist(nodelist):
     assert expand_nodelist(nodelist) == CASES[nodelist]
 
 
+@pytest.mark.launch
 def test_expand_nodelist_agrees_with_scontrol(slurm_cluster):
     for nodelist, want in CASES.items():
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,

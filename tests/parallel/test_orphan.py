@@ -74,3 +74,35 @@ def test_plain_process_is_not_watched():
 
     assert exit_with_launcher("single") is False
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# A tool that starts a trainer as a plain child (megamor.study): the child is armed with
+# child_follows_parent, so SIGKILLing the tool stops the child too (SIGTERM: a trainer saves, exits 75).
+TOOL = """
+import subprocess, sys
+from megamor.parallel.orphan import child_follows_parent
+child = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(600)"
+subprocess.run([sys.executable, "-c", child], preexec_fn=child_follows_parent() if sys.argv[1] == "armed" else None)
+"""
+
+
+def _child_after_tool_killed(armed: str, wait_s: float = 10.0) -> tuple[int, bool]:
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    tool = subprocess.Popen([sys.executable, "-c", TOOL, armed], stdout=subprocess.PIPE, text=True, env=env)
+    child = int(tool.stdout.readline())
+    tool.kill()
+    tool.wait()
+    t0 = time.time()
+    while not _gone(child) and time.time() - t0 < wait_s:
+        time.sleep(0.05)
+    return child, _gone(child)
+
+
+def test_a_child_started_with_child_follows_parent_dies_with_it():
+    child, gone = _child_after_tool_killed("plain", wait_s=2.0)  # what the study did: the child trains on
+    try:
+        assert not gone
+    finally:
+        if not gone:
+            os.kill(child, signal.SIGKILL)
+    assert _child_after_tool_killed("armed")[1], "the armed child outlived the tool that started it"

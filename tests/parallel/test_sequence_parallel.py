@@ -11,6 +11,8 @@ from megamor.model import MoRLM
 from megamor.testing.distributed import run_distributed
 from tests.model.helpers import tiny_config
 
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
+
 VOCAB = 222
 T = 22  # even (SP=2) but k_r = int(c_r T) odd for some steps: routed slots get padded to a multiple of 2
 CASES = {
@@ -20,12 +22,14 @@ CASES = {
                    "router": {"type": "expert_choice", "learn_alpha": True}},
     "mor_token_kvshare": {"sharing": "cycle", "num_recursions": 2, "n_layers": 4,
                           "router": {"type": "token_choice", "balancing": "loss_free"}, "kv_mode": "shared"},
+    "mor_token_paper": {"sharing": "cycle", "num_recursions": 2, "n_layers": 4,
+                        "router": {"type": "token_choice", "token_choice_update": "paper"}},
 }
 # (case, activation checkpointing, batch extras)
 VARIANTS = [
     ("vanilla", False, ""), ("recursive", False, ""), ("mor_expert", False, ""), ("mor_token_kvshare", False, ""),
     ("vanilla", True, ""), ("mor_expert", True, ""), ("mor_token_kvshare", True, ""),
-    ("mor_expert", False, "docs_pad"),
+    ("mor_expert", False, "docs_pad"), ("mor_token_paper", False, ""),
 ]
 TOL = 1e-5
 

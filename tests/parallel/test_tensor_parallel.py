@@ -12,6 +12,8 @@ from megamor.model import MoRLM
 from megamor.testing.distributed import run_distributed
 from tests.model.helpers import tiny_config
 
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
+
 VOCAB = 222  # no other dimension of the tiny model has this size: a [.., 222] tensor is full logits
 CASES = {
     "mor_expert": {"sharing": "middle_cycle", "num_recursions": 3, "n_layers": 8, "router": {"type": "expert_choice"}},
@@ -68,28 +70,39 @@ def _run(model: MoRLM, watch: bool = False) -> dict:
     return res
 
 
-def _tp_worker(rank: int, world: int, case: str, result_dir: str) -> None:
+def _tp_worker(rank: int, world: int, result_dir: str) -> None:
     from megamor.parallel.tensor_parallel import (
         apply_tensor_parallel,
         gather_full_state_dict,
     )
 
-    model = apply_tensor_parallel(_build(case))
-    res = _run(model, watch=True)
-    res["full"] = gather_full_state_dict(model)
-    res["param_shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    torch.save(res, f"{result_dir}/rank{rank}.pt")
+    for case in sorted(CASES):
+        model = apply_tensor_parallel(_build(case))
+        res = _run(model, watch=True)
+        res["full"] = gather_full_state_dict(model)
+        res["param_shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        torch.save(res, f"{result_dir}/{case}_rank{rank}.pt")
+    _decode_worker(rank, world, result_dir)
+    _engine_worker(rank, world, result_dir)
+
+
+@pytest.fixture(scope="module")
+def tp_results(tmp_path_factory):
+    """Every TP=2 computation of this file but the 4-process one, in one process group:
+    starting the 2 processes costs more than the cases (each test reads its own files)."""
+    out = tmp_path_factory.mktemp("tp")
+    run_distributed(_tp_worker, world_size=2, args=(str(out),))
+    return out
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_tp2_matches_single_process(case, tmp_path):
-    run_distributed(_tp_worker, world_size=2, args=(case, str(tmp_path)))
+def test_tp2_matches_single_process(case, tp_results):
     ran = _build(case)
     ref = _run(ran, watch=True)
     reference_model = _build(case)
     assert any(VOCAB in s for s in ref["shapes"])  # the detector fires on one process's full-vocabulary loss
     for rank in range(2):
-        r = torch.load(tmp_path / f"rank{rank}.pt")
+        r = torch.load(tp_results / f"{case}_rank{rank}.pt")
         assert torch.allclose(r["loss"], ref["loss"], rtol=1e-6, atol=1e-6)
         assert (r["logits"] - ref["logits"]).abs().max() <= 1e-5
         assert (r["causal"] - ref["causal"]).abs().max() <= 1e-5
@@ -159,12 +172,11 @@ def _decode_worker(rank: int, world: int, result_dir: str) -> None:
     torch.save(res, f"{result_dir}/decode{rank}.pt")
 
 
-def test_generate_and_scoring_run_with_tp2(tmp_path):
+def test_generate_and_scoring_run_with_tp2(tp_results):
     """Decoding (KV cache, causal routing) and the evaluation scorer see gathered logits."""
-    run_distributed(_decode_worker, world_size=2, args=(str(tmp_path),))
     ref = _decode_and_score(_build("mor_expert"))
     for rank in range(2):
-        r = torch.load(tmp_path / f"decode{rank}.pt")
+        r = torch.load(tp_results / f"decode{rank}.pt")
         assert r["greedy"] == ref["greedy"] and r["sampled"] == ref["sampled"]
         for (lp, greedy), (lp_ref, greedy_ref) in zip(r["lls"], ref["lls"]):
             assert abs(lp - lp_ref) <= 1e-4 and greedy == greedy_ref
@@ -187,11 +199,10 @@ def _engine_worker(rank: int, world: int, result_dir: str) -> None:
     torch.save(res, f"{result_dir}/engine{rank}.pt")
 
 
-def test_decoding_engine_runs_a_tp2_sharded_model(tmp_path):
+def test_decoding_engine_runs_a_tp2_sharded_model(tp_results):
     """megamor.inference's engine (dynamic and static step, continuous batching) on a TP=2 model:
     each rank caches its own KV heads; the greedy tokens are the unsharded engine's."""
-    run_distributed(_engine_worker, world_size=2, args=(str(tmp_path),))
     for case in ("mor_expert", "mor_token_kvshare"):
         ref = _engine_tokens(_build(case))
         for rank in range(2):
-            assert torch.load(tmp_path / f"engine{rank}.pt")[case] == ref, (case, rank)
+            assert torch.load(tp_results / f"engine{rank}.pt")[case] == ref, (case, rank)

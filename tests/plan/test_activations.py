@@ -89,6 +89,7 @@ def _tp_rank(rank: int, world: int) -> None:
     assert not bad, f"rank {rank}: " + "; ".join(bad)
 
 
+@pytest.mark.launch
 def test_plan_matches_the_meter_tp2_and_sequence_parallel():
     run_distributed(_tp_rank, world_size=2)
 

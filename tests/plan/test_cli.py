@@ -97,6 +97,7 @@ def test_text_report(config, capsys):
     assert main(["--config", config, "--world", "2", "--gpu", "h100", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "fits" in out and "tokens/day" in out and "layouts that fit" in out
+    assert "a model until a GPU run measures them" in out and "overlap assumed 50%" in out
     assert f"{GPUS['h100'].memory_gib:g} GiB" in out
 
 
@@ -106,7 +107,12 @@ def test_text_report(config, capsys):
     (["--world", "3"], "batch.global_batch_size"),  # 32 sequences do not split over 3 x micro 4
     (["--world", "2", "parallel.tensor=2", "deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
     (["--gpu-mem-gib", "80"], "--peak-tflops"),
+    (["--gpu-mem-gib", "nan", "--peak-tflops", "100"], "'--gpu-mem-gib': must be a finite positive number, got nan"),
+    (["--gpu-mem-gib", "inf", "--peak-tflops", "100"], "'--gpu-mem-gib': must be a finite positive number, got inf"),
+    (["--gpu-mem-gib", "80", "--peak-tflops", "inf"], "'--peak-tflops': must be a finite positive number, got inf"),
     (["--mfu", "1.5"], "--mfu"),
+    (["--overlap", "1.5"], "--overlap"),
+    (["--overlap", "nan"], "--overlap"),
 ])
 def test_bad_input_is_one_line_and_exit_2(config, capsys, argv, needle):
     assert main(["--config", config, *argv]) == 2
@@ -135,14 +141,108 @@ def test_module_entry_point(config):
 
 
 def test_the_1_7b_reference_layout(capsys):
-    """The shipped 1.7B config on its documented 32 GPUs (TP 2 x DP 16, ZeRO-1): it fits an
+    """The shipped 1.7B config on its documented 32 GPUs (TP 1 x DP 32, ZeRO-1): it fits an
     H100, and the parameters per rank agree with megamor.parallel.memory's independent count."""
     from megamor.parallel.memory import param_counts
 
     doc = _json(capsys, "configs/experiments/1_7b.yaml", "--world", "32", "--gpu", "h100")
     exp = load_experiment(["configs/experiments/1_7b.yaml"])
     sharded, replicated = param_counts(exp.model)
-    assert doc["per_rank"]["params_on_rank"] == sharded / 2 + replicated
-    assert doc["layout"]["tp"] == 2 and doc["layout"]["dp"] == 16 and doc["fits"]
-    assert doc["per_rank"]["optimizer_bytes"] == pytest.approx(12 * (sharded / 2 + replicated) / 16)
+    assert doc["per_rank"]["params_on_rank"] == sharded + replicated
+    assert doc["layout"]["tp"] == 1 and doc["layout"]["dp"] == 32 and doc["fits"]
+    assert doc["per_rank"]["optimizer_bytes"] == pytest.approx(12 * (sharded + replicated) / 32)
     assert doc["layouts"] and doc["speed"]["tokens_per_day"] > 0
+    # The earlier TP 2 + SP layout still plans (the config's comment names its overrides).
+    tp2 = _json(capsys, "configs/experiments/1_7b.yaml", "parallel.tensor=2", "parallel.sequence=true",
+                "trainer.activation_checkpointing=true", "--world", "32", "--gpu", "h100")
+    assert tp2["per_rank"]["params_on_rank"] == sharded / 2 + replicated and tp2["fits"]
+    assert tp2["speed"]["tokens_per_day"] < doc["speed"]["tokens_per_day"]
+
+
+@pytest.mark.parametrize("config, world", [("configs/experiments/1_7b.yaml", 32), ("configs/experiments/360m.yaml", 8)])
+def test_shipped_layouts_are_the_planners_first_choice(capsys, config, world):
+    """Issue 27 point 8: the layout a shipped experiment sets is the one the planner ranks
+    first on its documented GPUs (H100s)."""
+    doc = _json(capsys, config, "--world", str(world), "--gpu", "h100")
+    best = doc["layouts"][0]["layout"]
+    assert best == doc["layout"], (best, doc["layout"])
+    # Not ZeRO-3: at equal layout it sends more and, at the default overlap, is slower.
+    z3 = [p for p in doc["layouts"] if p["layout"]["zero_stage"] == 3
+          and p["layout"]["micro_batch"] == best["micro_batch"] and p["layout"]["checkpointing"] == best["checkpointing"]]
+    assert z3 and z3[0]["speed"]["step_s"] > doc["speed"]["step_s"]
+    assert z3[0]["speed"]["dp_traffic_bytes"] > doc["speed"]["dp_traffic_bytes"]
+
+
+# The tiny model's parameters are all below DeepSpeed's persistence threshold (1e5 elements),
+# which ZeRO-3 keeps whole on every rank: partition them all, as a large model's are.
+PARTITION_ALL = "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=0"
+
+
+def _plan(config, capsys, *overrides, world="4", overlap=None):
+    argv = [config, PARTITION_ALL, *overrides, "--world", world, "--gpu", "h100"]
+    if overlap is not None:
+        argv += ["--overlap", str(overlap)]
+    return _json(capsys, *argv)
+
+
+def test_zero3_costs_more_communication_than_zero1(config, capsys):
+    """At an equal layout ZeRO-3 gathers the parameters in every micro-batch's forward and
+    backward and reduce-scatters each micro-batch's gradients: more bytes and more time on the
+    links than ZeRO-1's one reduce-scatter and all-gather per step (the planner used to count
+    it as hidden, i.e. free)."""
+    z1 = _plan(config, capsys, "deepspeed.zero_stage=1")
+    z3 = _plan(config, capsys, "deepspeed.zero_stage=3")
+    assert z3["speed"]["dp_traffic_bytes"] > z1["speed"]["dp_traffic_bytes"]
+    assert z3["speed"]["communication_s"] > z1["speed"]["communication_s"]
+    for doc in (z1, z3):
+        sp = doc["speed"]
+        assert 0 < sp["exposed_communication_s"] <= sp["communication_s"]
+        assert sp["step_s"] == pytest.approx(sp["compute_s"] + sp["exposed_communication_s"])
+    # Overlap: nothing hidden (0) exposes all of it; free overlap (1) hides ZeRO-3's prefetched
+    # gathers and the reduce-scatter, but not the first gather of every forward.
+    none = _plan(config, capsys, "deepspeed.zero_stage=3", overlap=0)
+    free = _plan(config, capsys, "deepspeed.zero_stage=3", overlap=1)
+    assert none["speed"]["exposed_communication_s"] == pytest.approx(none["speed"]["communication_s"])
+    assert 0 < free["speed"]["exposed_communication_s"] < z3["speed"]["exposed_communication_s"] \
+        < none["speed"]["exposed_communication_s"]
+    # The gathered working set is memory ZeRO-1 does not need.
+    assert z3["per_rank"]["gathered_bytes"] > 0 == z1["per_rank"]["gathered_bytes"]
+
+
+def test_reuse_switch_changes_the_planned_traffic(config, capsys):
+    """stage3_max_reuse_distance=0 (DeepSpeed's knob; the MoR shared block gathered again for
+    every recursion and everything again for the backward): the planner's gather traffic grows
+    by the replay's factor, the gradients' reduce-scatter stays."""
+    from megamor.plan.memory import ZeroSettings
+    from megamor.plan.zero3 import zero3_traffic
+
+    on = _plan(config, capsys, "deepspeed.zero_stage=3")
+    off = _plan(config, capsys, "deepspeed.zero_stage=3", "deepspeed.config.zero_optimization.stage3_max_reuse_distance=0")
+    exp = load_experiment([config])
+    a = zero3_traffic(exp.model, False, ZeroSettings(persistence_threshold=0))
+    b = zero3_traffic(exp.model, False, ZeroSettings(persistence_threshold=0, max_reuse_distance=0))
+    assert b.gathered_elements > a.gathered_elements
+    assert off["speed"]["dp_gather_bytes"] / on["speed"]["dp_gather_bytes"] == pytest.approx(
+        b.gathered_elements / a.gathered_elements)
+    assert off["speed"]["dp_reduce_bytes"] == on["speed"]["dp_reduce_bytes"]
+    # Two recursions of a 4-layer block: the forward gathers the block twice instead of once.
+    assert b.forward_elements > a.forward_elements
+
+
+def _fake(tokens_per_day: float, traffic: float, total: float, micro: int = 4) -> dict:
+    return {"speed": {"tokens_per_day": tokens_per_day, "dp_traffic_bytes": traffic, "tp_traffic_bytes": 0.0},
+            "layout": {"micro_batch": micro}, "kv_cache": {"seq_len": 4096}, "per_rank": {"total_bytes": total}}
+
+
+def test_ties_are_broken_by_traffic_then_memory():
+    from megamor.plan.layouts import rank
+
+    fast_heavy = _fake(100.0, traffic=9.0, total=1.0)
+    tie_light = _fake(99.5, traffic=1.0, total=5.0)  # within 1%: a tie, less traffic
+    tie_light_small = _fake(99.2, traffic=1.0, total=2.0)  # same traffic, less memory
+    slower = _fake(98.5, traffic=0.0, total=0.5)  # 1.5% slower: not a tie, however light
+    order = rank([slower, fast_heavy, tie_light, tie_light_small])
+    assert order == [tie_light_small, tie_light, fast_heavy, slower]
+    # Groups are anchored at their fastest: 98.5 starts a new group with what is within 1% of it.
+    near_slower = _fake(97.6, traffic=0.0, total=0.1)
+    assert rank([near_slower, slower, fast_heavy])[1:] == [near_slower, slower]

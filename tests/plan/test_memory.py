@@ -62,12 +62,14 @@ def _rank(rank: int, world: int, cases: list[tuple]) -> None:
 SMALL_BUCKET = {"zero_optimization": {"reduce_bucket_size": 100_000}}  # ZeRO-3's bucket: 200 kB, not 1 GB
 
 
+@pytest.mark.launch
 def test_engines_one_process():
     # Each precision-specific row of the table (bf16 ZeRO 1-3 run in the two-process test).
     cases = [(0, "bf16", 1, 1, None), (0, "fp32", 1, 1, None), (1, "fp32", 1, 1, None), (3, "fp32", 1, 1, SMALL_BUCKET)]
     run_distributed(_rank, world_size=1, args=(cases,))
 
 
+@pytest.mark.launch
 def test_engines_two_processes():
     cases = [(s, "bf16", 2, 1, SMALL_BUCKET if s == 3 else None) for s in (1, 2, 3)]
     # ZeRO-3 partitions only parameters above the persistence threshold: 0 partitions them all.

@@ -24,7 +24,7 @@ trainer: {max_steps: 1, device_tflops_probe: false}
 deepspeed: {zero_stage: 0, precision: fp32}
 checkpoint: {every_steps: 2, keep_last: 2}
 eval: {every_steps: 2, max_batches: 1, at_end: true}
-logging: {log_every: 1, progress_bar: false}
+logging: {every_steps: 1, progress_bar: false}
 wandb: {mode: disabled}
 """
 

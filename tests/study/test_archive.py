@@ -101,3 +101,20 @@ def test_the_study_command_refuses_a_mismatched_kept_result_in_one_line(tmp_path
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(runs[0].kept_path) in lines[0] and "optim.lr=9.0" in lines[0]
+
+
+def test_report_with_a_truncated_kept_result_and_no_run_folders_is_one_line(tmp_path, tokenizer, capsys):
+    """`--report` reads the kept results only when writing the report: a damaged one is still one
+    line naming the file, exit 2, and no report is written over the committed one."""
+    from megamor.study.__main__ import main
+
+    runs = _runs(tmp_path)
+    archive.save(runs[1], {"run": runs[1].name, "val_loss": 4.5}, tokenizer)
+    runs[1].kept_path.write_text(runs[1].kept_path.read_text()[:40])  # cut, as a bad copy or merge leaves it
+    rc = main(["configs/studies/scaling_cpu.yaml", f"out_dir={tmp_path}/out", f"report_dir={tmp_path}/report", "seeds=[1]",
+               "data.text=[]", f"data.shards={tmp_path}/shards", f"data.tokenizer={tokenizer}", "--report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("megamor.study: configuration error:") and str(runs[1].kept_path) in err[0]
+    assert "not valid JSON" in err[0]
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "report").glob("*.md"))

@@ -155,6 +155,7 @@ def test_corr_over_training_is_read_at_fractions_of_each_run():
     assert "No routed run" in corr_over_training_table(study, [])
 
 
+@pytest.mark.launch
 def test_a_two_budget_study_trains_each_budget_at_its_width_and_reports_both(tiny_text, tmp_path):
     cfg = write_study(tmp_path, tiny_text, budgets=8.0e9)
     env = train_env(tmp_path, {"WANDB_MODE": "disabled"})

@@ -12,11 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from megamor.env import repo_root
 from megamor.runs.tags import newest_complete
 from megamor.train.runlock import RunLock
 from tests.study.conftest import write_study
 from tests.train.helpers import train_env
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
 
 def study_cmd(cfg: Path, *extra: str) -> list[str]:

@@ -75,6 +75,7 @@ def test_time_limit_starts_only_runs_whose_estimate_fits(tmp_path):
     assert too_late(runs, three, None) is None  # no limit
 
 
+@pytest.mark.launch
 def test_a_bad_time_limit_is_one_line_exit_2():
     r = subprocess.run([sys.executable, "-m", "megamor.study", "configs/studies/scaling_cpu.yaml", "--time-limit", "0"],
                        cwd=repo_root(), capture_output=True, text=True, timeout=120, check=False)

@@ -2,6 +2,10 @@
 
 import time
 
+import pytest
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
+
 
 def test_two_node_job_and_hostnames(slurm_cluster, tmp_path):
     script = tmp_path / "job.sh"

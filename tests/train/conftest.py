@@ -37,7 +37,7 @@ deepspeed:
   config: {{zero_optimization: {{stage3_param_persistence_threshold: 0}}}}  # ZeRO-3 partitions even tiny tensors
 checkpoint: {{every_steps: 5, keep_last: 2}}
 eval: {{every_steps: 0, max_batches: 2, at_end: true}}
-logging: {{log_every: 1, progress_bar: false}}
+logging: {{every_steps: 1, progress_bar: false}}
 wandb: {{mode: disabled}}
 """
 

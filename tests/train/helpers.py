@@ -80,6 +80,23 @@ def assert_ok(run: Run) -> None:
     assert run.rc == 0, f"training failed (rc {run.rc}):\n{run.output[-4000:]}"
 
 
+def assert_logged_activation_bytes_match_the_plan(run: Run, config: Path, overrides: Sequence[str]) -> None:
+    """The run's logged `mem/activation_bytes` are within 15% of what megamor.plan predicts for
+    its config (the issue's bound)."""
+    import pytest
+
+    from megamor.plan.activations import ActivationSpec, activation_bytes
+    from megamor.train.config import load_experiment
+
+    logged = [r["mem/activation_bytes"] for r in run.records() if "mem/activation_bytes" in r]
+    assert logged, "no record has mem/activation_bytes"
+    exp = load_experiment([config], list(overrides))
+    spec = ActivationSpec(exp.batch.micro_batch_size, exp.data.seq_len, exp.deepspeed.precision,
+                          exp.trainer.activation_checkpointing, document_masking=exp.data.document_masking)
+    planned = activation_bytes(exp.model, spec)["total"]
+    assert planned == pytest.approx(max(logged), rel=0.15), (logged, planned)
+
+
 def rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)
 

@@ -3,6 +3,11 @@ tag is caught by its content hashes and kept aside, overflowing steps are counte
 no checkpoint file can run code, a full disk is named. Real runs (`python -m megamor.train`,
 tiny ZeRO-1 fp32 config), real files, a real size-limited filesystem.
 
+Each way the trainer meets a run folder (resume, refuse with exit 2, start over) is launched
+once; the byte-level variations (which file is damaged, which tags lost their markers) are
+checked in this process against the run-folder layer the trainer calls first
+(`megamor.runs.resume.find_resumable`, the weights-only loader), on copies of the same runs.
+
 The shared starting point: a run of 8 planned steps killed after step 7, holding step_4 and
 step_6 (checkpoint every 2, keep_last 2) and metrics up to step 7.
 """
@@ -15,15 +20,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megamor.env import repo_root
-from megamor.runs.integrity import MARKER, QUARANTINE, check_tag
-from megamor.runs.layout import CHECKPOINTS, tag_for
-from megamor.runs.resume import ensure_universal
-from megamor.runs.safe_load import UnsafeCheckpointError
+from megamor.runs.integrity import MARKER, QUARANTINE, check_tag, owner, quarantined
+from megamor.runs.layout import CHECKPOINTS, NoValidCheckpointError, tag_for
+from megamor.runs.resume import ensure_universal, find_resumable
+from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
+from megamor.runs.safe_load import load as safe_load
 from megamor.runs.tags import list_complete, resolve_tag
+from megamor.testing.distributed import run_distributed
 from tests.train.helpers import Run, assert_ok, launch, train_env
 from tests.train.trust_helpers import FILE_KINDS, flip_tensor_byte, plant_payload
+
+pytestmark = pytest.mark.launch  # every test here starts from a trained run folder
 
 COMMON = ["trainer.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "eval.at_end=false"]
 
@@ -84,8 +94,9 @@ def test_no_valid_tag_refuses_names_each_and_keeps_their_files(base, tiny_config
         assert not (ck / tag_for(t)).exists()
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # no step 1 written again
 
-    again = launch(tiny_config, run_dir, COMMON)  # the same command again: still refused
-    assert again.rc == 2 and "quarantined earlier" in again.output
+    # The same command again: still refused (what the trainer's start decides, in this process).
+    with pytest.raises(NoValidCheckpointError, match="quarantined earlier"):
+        find_resumable(run_dir, "hash")
 
     fresh = launch(tiny_config, run_dir, [*COMMON, "checkpoint.resume=false"])  # starting over on purpose
     assert_ok(fresh)
@@ -95,42 +106,37 @@ def test_no_valid_tag_refuses_names_each_and_keeps_their_files(base, tiny_config
     assert {files_of(ck / QUARANTINE / tag_for(t)) == before[t] for t in (4, 6)} == {True}
 
 
-def test_newest_marker_removed_resumes_previous_and_keeps_the_tag(base, tiny_config, resumed_at_4):
-    """Old code resumed from step 4 too but deleted the intact step_6 and logged steps 5-7 twice."""
-    run_dir = copy_run(base, "newest_marker_gone")
-    ck = run_dir / CHECKPOINTS
-    (ck / tag_for(6) / MARKER).unlink()
-    kept = files_of(ck / tag_for(6))
-    run = launch(tiny_config, run_dir, COMMON)
-    assert_ok(run)
-    assert "resumed from step 4" in run.output
-    assert f"checkpoint {tag_for(6)} failed validation: no COMPLETE marker" in run.output
-    assert files_of(ck / QUARANTINE / tag_for(6)) == kept
-    assert train_rows(run) == list(range(1, 9))  # metrics.jsonl: each step once
-    assert {s: run.losses()[s] for s in range(5, 9)} == resumed_at_4
-
-
 def test_killed_during_the_first_save_starts_over_and_keeps_the_partial_tag(tiny_config, tmp_path):
     """A job killed in its very first save (a SLURM requeue's usual case) has nothing to resume:
-    the rerun starts from step 0 by itself (the old code refused until checkpoint.resume=false)."""
+    the rerun starts from step 0 by itself (the old code refused until checkpoint.resume=false).
+    The partial tag of a start-over never counts against the next start: a rerun killed in its
+    own first save again still starts from step 0 (the sole tag is that run's first save)."""
     run_dir = tmp_path / "first_save"
-    killed = launch(tiny_config, run_dir, COMMON, env={"MEGAMOR_FAULTS": "sigkill_during_save=2"})
+    env = {"MEGAMOR_FAULTS": "sigkill_during_save=2"}
+    killed = launch(tiny_config, run_dir, COMMON, env=env)
     assert killed.rc != 0 and list_complete(run_dir) == []
     partial = files_of(run_dir / CHECKPOINTS / tag_for(2))
     assert partial and MARKER not in partial
 
+    again = launch(tiny_config, run_dir, COMMON, env=env)  # starts over, then killed in its first save
+    assert again.rc != 0 and "no save ever finished in this run folder" in again.output
+    assert "resumed from" not in again.output
+
     rerun = launch(tiny_config, run_dir, COMMON)
     assert_ok(rerun)
     assert "no save ever finished in this run folder" in rerun.output and "resumed from" not in rerun.output
-    assert train_rows(rerun) == list(range(1, 9))  # each step once: the killed attempt's rows are cut back
-    assert files_of(run_dir / CHECKPOINTS / QUARANTINE / tag_for(2)) == partial  # kept, not deleted
+    assert train_rows(rerun) == list(range(1, 9))  # each step once: the killed attempts' rows are cut back
+    quarantined = run_dir / CHECKPOINTS / QUARANTINE
+    assert files_of(quarantined / tag_for(2)) == partial  # kept, not deleted
+    assert {p.name for p in quarantined.iterdir() if p.is_dir()} == {tag_for(2), f"{tag_for(2)}.1"}
     assert [c.step for c in list_complete(run_dir)] == [6, 8]
 
 
-def test_every_marker_lost_refuses_instead_of_starting_over(base, tiny_config):
+def test_every_marker_lost_refuses_instead_of_starting_over(base, capsys):
     """Issue 17: tags that all lack their marker (deleted, or lost in a copy) are not a failed
     first save. The old code took them for one and trained from step 0 with exit 0; now the
-    run refuses (exit 2) like any folder whose tags fail, and the rerun keeps refusing."""
+    run refuses (exit 2, as test_no_valid_tag_refuses_names_each_and_keeps_their_files shows
+    for a launched run) like any folder whose tags fail, and the rerun keeps refusing."""
     run_dir = copy_run(base, "every_marker_lost")
     ck = run_dir / CHECKPOINTS
     for t in (4, 6):
@@ -138,56 +144,56 @@ def test_every_marker_lost_refuses_instead_of_starting_over(base, tiny_config):
     before = {t: files_of(ck / tag_for(t)) for t in (4, 6)}
     metrics_before = (run_dir / "metrics.jsonl").read_text()
     for attempt in ("first", "again"):
-        refused = launch(tiny_config, run_dir, COMMON)
-        assert refused.rc == 2, (attempt, refused.output[-3000:])
-        line = next(ln for ln in refused.output.splitlines() if "no checkpoint validates" in ln)
+        with pytest.raises(NoValidCheckpointError) as refused:
+            find_resumable(run_dir, "hash")
+        line = str(refused.value)
+        assert "no checkpoint validates" in line and "checkpoint.resume=false" in line, (attempt, line)
         assert f"{tag_for(4)} (no COMPLETE marker" in line and f"{tag_for(6)} (no COMPLETE marker" in line, line
-        assert "no save ever finished" not in refused.output and "Traceback" not in refused.output
+        assert "no save ever finished" not in line + capsys.readouterr().err
         assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing trained
     assert {t: files_of(ck / QUARANTINE / tag_for(t)) for t in (4, 6)} == before
 
 
-def test_older_tag_without_marker_refuses_when_the_newest_save_was_killed(tiny_config, tmp_path):
+def test_older_tag_without_marker_refuses_when_the_newest_save_was_killed(base, capsys):
     """A folder whose newest tag is a killed save is a fresh start only if that was the first
-    save: here step_2 completed (its marker lost since), so the run refuses (old code: step 0)."""
-    run_dir = tmp_path / "older_tag"
-    killed = launch(tiny_config, run_dir, COMMON, env={"MEGAMOR_FAULTS": "sigkill_during_save=4"})
-    assert killed.rc != 0 and [c.step for c in list_complete(run_dir)] == [2]
-    (run_dir / CHECKPOINTS / tag_for(2) / MARKER).unlink()
-    refused = launch(tiny_config, run_dir, COMMON)
-    assert refused.rc == 2, refused.output[-3000:]
-    assert "refusing to start over" in refused.output and "no save ever finished" not in refused.output
-    assert not list_complete(run_dir) and (run_dir / CHECKPOINTS / QUARANTINE / tag_for(2)).is_dir()
-
-
-def test_first_save_killed_twice_starts_over_both_times(tiny_config, tmp_path):
-    """The partial tag of a start-over never counts against the next start: a rerun killed in
-    its own first save again still starts from step 0 (the sole tag is that run's first save)."""
-    run_dir = tmp_path / "twice"
-    env = {"MEGAMOR_FAULTS": "sigkill_during_save=2"}
-    assert launch(tiny_config, run_dir, COMMON, env=env).rc != 0
-    again = launch(tiny_config, run_dir, COMMON, env=env)  # starts over, then killed in its first save
-    assert again.rc != 0 and "no save ever finished in this run folder" in again.output
-    rerun = launch(tiny_config, run_dir, COMMON)
-    assert_ok(rerun)
-    assert "no save ever finished in this run folder" in rerun.output and "resumed from" not in rerun.output
-    assert train_rows(rerun) == list(range(1, 9))
-    assert [c.step for c in list_complete(run_dir)] == [6, 8]
-    assert {p.name for p in (run_dir / CHECKPOINTS / QUARANTINE).iterdir() if p.is_dir()} == {tag_for(2), f"{tag_for(2)}.1"}
+    save: here step_4 completed (its marker lost since) and step_6 is a save killed half-way
+    (no marker, a file missing), so the run refuses (old code: step 0)."""
+    run_dir = copy_run(base, "older_tag")
+    ck = run_dir / CHECKPOINTS
+    (ck / tag_for(4) / MARKER).unlink()
+    (ck / tag_for(6) / MARKER).unlink()
+    (ck / tag_for(6) / FILE_KINDS["trainer"]).unlink()  # the killed save never wrote it
+    with pytest.raises(NoValidCheckpointError, match="refusing to start over"):
+        find_resumable(run_dir, "hash")
+    assert "no save ever finished" not in capsys.readouterr().err
+    assert not list_complete(run_dir) and (ck / QUARANTINE / tag_for(4)).is_dir()
 
 
 # -- what was seen 2: a same-size corruption is caught by the hash ------------------------------
-@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
-def test_same_size_corruption_is_caught_by_hash(base, tiny_config, resumed_at_4, kind):
-    run_dir = copy_run(base, f"flipped_{kind}")
-    victim = run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS[kind]
+def test_same_size_corruption_is_caught_by_hash_and_resumes_the_previous_tag(base, tiny_config, resumed_at_4):
+    run_dir = copy_run(base, "flipped_run")
+    victim = run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS["optim"]
     flip_tensor_byte(victim)
     damaged = victim.read_bytes()
     run = launch(tiny_config, run_dir, COMMON)
     assert_ok(run)
-    assert f"{FILE_KINDS[kind]} does not match its content hash" in run.output
+    assert f"{FILE_KINDS['optim']} does not match its content hash" in run.output
     assert "resumed from step 4" in run.output
     assert {s: run.losses()[s] for s in range(5, 9)} == resumed_at_4  # as if resumed there on purpose
+    assert (run_dir / CHECKPOINTS / QUARANTINE / tag_for(6) / FILE_KINDS["optim"]).read_bytes() == damaged
+
+
+@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
+def test_same_size_corruption_of_each_file_is_caught_by_hash(base, kind, capsys):
+    """Every kind of file: the trainer's first step on the folder picks step_4 and keeps the
+    damaged step_6 aside (the launched resume above shows what follows from step_4)."""
+    run_dir = copy_run(base, f"flipped_{kind}")
+    victim = run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS[kind]
+    flip_tensor_byte(victim)
+    damaged = victim.read_bytes()
+    ref = find_resumable(run_dir, "hash")
+    assert ref is not None and ref.step == 4
+    assert f"{FILE_KINDS[kind]} does not match its content hash" in capsys.readouterr().err
     assert (run_dir / CHECKPOINTS / QUARANTINE / tag_for(6) / FILE_KINDS[kind]).read_bytes() == damaged
 
 
@@ -213,14 +219,29 @@ def test_every_step_overflowing_exits_1_naming_the_last_good_checkpoint(tiny_con
 
 
 # -- what was seen 3: no checkpoint file runs code -------------------------------------------------
-@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
-def test_planted_payload_is_refused_on_resume(base, tiny_config, kind):
-    run_dir = copy_run(base, f"payload_{kind}")
-    sentinel = run_dir.parent / f"pwned_resume_{kind}"
-    plant_payload(run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS[kind], sentinel)
+def test_planted_payload_is_refused_on_resume(base, tiny_config):
+    run_dir = copy_run(base, "payload_run")
+    sentinel = run_dir.parent / "pwned_resume_run"
+    plant_payload(run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS["optim"], sentinel)  # loaded inside DeepSpeed
     run = launch(tiny_config, run_dir, COMMON)
     assert run.rc == 2, run.output[-3000:]
-    assert f"{FILE_KINDS[kind]}: refused to load" in run.output
+    assert f"{FILE_KINDS['optim']}: refused to load" in run.output
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("kind", sorted(FILE_KINDS))
+def test_planted_payload_in_each_file_is_refused_by_the_resume_loaders(base, kind):
+    """The re-signed tag validates; loading any of its files the way the trainer's resume does
+    (DeepSpeed's torch.load under safe_torch_load, the trainer state through safe_load) refuses."""
+    run_dir = copy_run(base, f"payload_{kind}")
+    sentinel = run_dir.parent / f"pwned_resume_{kind}"
+    path = run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS[kind]
+    plant_payload(path, sentinel)
+    assert find_resumable(run_dir, "hash").step == 6
+    with pytest.raises(UnsafeCheckpointError, match=f"{FILE_KINDS[kind]}: refused to load"), safe_torch_load():
+        torch.load(path, map_location="cpu", weights_only=False)  # as DeepSpeed calls it
+    with pytest.raises(UnsafeCheckpointError, match=f"{FILE_KINDS[kind]}: refused to load"):
+        safe_load(path)
     assert not sentinel.exists()
 
 
@@ -273,13 +294,22 @@ def test_disk_full_during_save_names_the_file_and_keeps_previous_tags(tiny_confi
 
 
 # -- two processes: each rank hashes its own shards ----------------------------------------------
+def _find_resumable_rank(rank: int, world: int, run_dir: str, out: str) -> None:
+    ref = find_resumable(run_dir, "hash")  # the trainer's first collective on the folder
+    Path(out, f"rank{rank}").write_text(str(ref.step if ref is not None else None))
+
+
 def test_two_process_corrupted_rank1_shard_is_caught(tiny_config, tmp_path):
+    """A 2-rank run's tag: rank 1 hashes the shards it wrote, finds the damage and every rank
+    agrees on step_4 (in a real gloo group of 2, as the trainer's start runs it)."""
     run_dir = tmp_path / "two"
     killed = launch(tiny_config, run_dir, COMMON, nproc=2, env={"MEGAMOR_FAULTS": "sigkill_after_step=7"})
     assert killed.rc != 0 and [c.step for c in list_complete(run_dir)] == [4, 6]
     shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert owner(shard, 2) == 1  # hashed by rank 1, not rank 0
     flip_tensor_byte(run_dir / CHECKPOINTS / tag_for(6) / shard)
-    run = launch(tiny_config, run_dir, COMMON, nproc=2)
-    assert_ok(run)
-    assert f"{shard} does not match its content hash" in run.output and "resumed from step 4" in run.output
+    run_distributed(_find_resumable_rank, world_size=2, args=(str(run_dir), str(tmp_path)))
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["4", "4"]
     assert (run_dir / CHECKPOINTS / QUARANTINE / tag_for(6) / shard).is_file()
+    [(name, reason)] = quarantined(run_dir / CHECKPOINTS)
+    assert name == tag_for(6) and f"{shard} does not match its content hash" in reason

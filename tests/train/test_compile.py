@@ -113,6 +113,7 @@ def test_compile_true_with_zero3_and_checkpointing_is_refused():
     assert load_experiment([], base).trainer.compile == "auto"  # auto stays eager there
 
 
+@pytest.mark.launch
 def test_compiled_layers_compose_with_deepspeed_engines(tmp_path):
     """Real DeepSpeed engines (one gloo process): compiled layers train exactly like eager
     ones under ZeRO 1 and 2 with activation checkpointing. ZeRO-3 (without checkpointing) was
@@ -169,6 +170,7 @@ def _tp_compile_worker(rank: int, world: int, out: str) -> None:
     torch.save(res, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.launch
 def test_compiled_tensor_and_sequence_parallel_layers_equal_eager(tmp_path):
     """The functional collectives trace into the layer graph: no graph break (the in-place
     `dist.all_reduce` broke it at every collective), the eager loss and gradients (inductor for TP+SP; aot_eager for TP alone and SP with

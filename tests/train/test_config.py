@@ -55,6 +55,17 @@ def test_bad_values_name_their_key(override, key):
     assert e.value.key == key, str(e.value)
 
 
+def test_profile_steps_scalar_suggests_a_list_that_is_accepted():
+    """Issue 32: `trainer.profile.steps=5` suggested `[5]`, which was itself rejected."""
+    base = ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8"]
+    with pytest.raises(ConfigError) as e:
+        load_experiment([], [*base, "trainer.profile.steps=5"])
+    assert e.value.key == "trainer.profile.steps" and "trainer.profile.steps=[5]" in str(e.value), str(e.value)
+    assert load_experiment([], [*base, "trainer.profile.steps=[5]"]).trainer.profile.steps == [5, 5]
+    with pytest.raises(ConfigError, match=r"or \[a\] for step a alone, got \[0, 0\]"):
+        load_experiment([], [*base, "trainer.profile.steps=[0]"])
+
+
 def test_batch_must_divide_over_the_world():
     cfg = load_experiment([], ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8",
                                "batch.micro_batch_size=2"])
@@ -92,6 +103,7 @@ def test_cli_rejects_bad_config_before_distributed_start(tiny_config, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.launch
 def test_cli_subprocess_exit_code(tiny_config, tmp_path):
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "megamor.train", "--config", str(tiny_config), "trainer.max_step=3"],
@@ -198,6 +210,7 @@ def test_config_file_must_be_a_mapping(tmp_path, capsys, text, reason):
     assert len(err.splitlines()) == 1 and str(path) in err and reason in err, err
 
 
+@pytest.mark.launch
 def test_malformed_override_is_one_line_exit_2(tiny_config, tmp_path):
     r = subprocess.run([sys.executable, "-m", "megamor.train", "--config", str(tiny_config), "data.train=[a"],
                        cwd=repo_root(), env=train_env(tmp_path), capture_output=True, text=True, timeout=120, check=False)
@@ -268,3 +281,40 @@ def test_online_without_credentials_fails_before_launch(tiny_config, tmp_path, m
     from megamor.train.wandb_setup import credentials_found
 
     assert credentials_found()
+
+
+# -- shard folders that do not hold what their manifest says: refused before any process group --
+def _damage(shards, how: str) -> None:
+    import json
+
+    manifest = shards / "manifest.json"
+    m = json.loads(manifest.read_text())
+    split = m["splits"]["train"]
+    first = shards / split["shards"][0]["file"]
+    if how == "truncated_npy":
+        first.write_bytes(first.read_bytes()[:-100])
+    elif how == "entry_claims_more":  # the split total agrees: only the file is short of it
+        split["shards"][0]["tokens"] += 50
+        split["tokens"] += 50
+    else:  # "split_total": the entries are right, the split's own total is not
+        split["tokens"] += 1
+    manifest.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("how, words", [
+    ("truncated_npy", "train-00000.npy: truncated"),
+    ("entry_claims_more", "train-00000.npy: truncated"),
+    ("split_total", "split 'train' says"),
+])
+def test_damaged_shards_exit_2_before_any_process_group(tiny_data, tiny_config, tmp_path, monkeypatch, capsys, how, words):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_data / "shards", shards)
+    _damage(shards, how)
+    rc = main(["--config", str(tiny_config), f"run_dir={tmp_path / 'run'}", f"data.train=[{shards}]",
+               f"data.valid=[{shards}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == EXIT_CONFIG and len(err) == 1, err
+    assert "config key 'data.train[0]'" in err[0] and words in err[0], err[0]
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()

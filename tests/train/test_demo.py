@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from megamor.env import repo_root
 from megamor.runs.tags import newest_complete
 from tests.train.helpers import train_env
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
 
 def test_demo_pipeline_runs_end_to_end(tmp_path):
@@ -28,3 +32,9 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     r2 = subprocess.run([sys.executable, "-m", "megamor.demo", "--out", str(out), "--steps", "4"], cwd=repo_root(),
                         env=env, capture_output=True, text=True, check=False, timeout=600)
     assert r2.returncode == 0 and "1/4 demo corpus" not in r2.stdout and "nothing to do" in r2.stdout + r2.stderr
+    # Another length keeps the finished run and trains beside it (issue 27: was a schedule refusal).
+    r3 = subprocess.run([sys.executable, "-m", "megamor.demo", "--out", str(out), "--steps", "2"], cwd=repo_root(),
+                        env=env, capture_output=True, text=True, check=False, timeout=600)
+    assert r3.returncode == 0, (r3.stdout + r3.stderr)[-4000:]
+    assert "1/4 demo corpus" not in r3.stdout and f"this 2-step run trains in {out / 'run-2'}" in r3.stdout
+    assert newest_complete(out / "run-2").step == 2 and newest_complete(out / "run").step == 4

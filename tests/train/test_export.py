@@ -15,6 +15,8 @@ from megamor.runs.load import load_model_from_run
 from megamor.testing.distributed import run_distributed
 from tests.train.helpers import assert_ok, launch, train_env
 
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
+
 X = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
 
 

@@ -98,6 +98,7 @@ def test_cache_keeps_the_best_figure_and_remeasures_old_entries(tmp_path):
     assert stored["tflops"] == tf and stored["method"] == PEAK_METHOD
 
 
+@pytest.mark.launch
 def test_run_with_a_stale_low_cached_peak_logs_mfu_at_most_100(tiny_config, tmp_path):
     """End to end: a real run whose cache holds a peak a loaded machine measured. Before the
     fix it logged MFU in the thousands of percent on every line."""

@@ -6,12 +6,23 @@ import json
 import signal
 import subprocess
 
+import pytest
+
 from megamor.env import repo_root
 from megamor.observe.phase_timer import PHASES
-from megamor.observe.profiler import trace_path
+from megamor.observe.profiler import trace_path, traces
+from megamor.runs.tags import newest_complete
 from megamor.train.signals import EXIT_PREEMPTED
 
-from .helpers import Run, assert_ok, launch, train_command, train_env, wait_for_step
+from .helpers import (
+    Run,
+    assert_logged_activation_bytes_match_the_plan,
+    assert_ok,
+    launch,
+    train_command,
+    train_env,
+    wait_for_step,
+)
 
 QUICK = ["checkpoint.save_final=false", "eval.at_end=false"]
 
@@ -20,12 +31,16 @@ def _trace_names(path) -> set[str]:
     return {e.get("name", "") for e in json.loads(path.read_text())["traceEvents"]}
 
 
+@pytest.mark.launch
 def test_phase_times_in_every_log_window(tiny_config, tmp_path):
     """Every window has time/* >= 0 whose phases add up to at most the step total; a checkpoint
-    and a validation show up in the window after them; the saved-for-backward bytes are logged."""
-    run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2",
-                                                 "checkpoint.save_final=false", "eval.at_end=false"])
+    and a validation show up in the window after them; the saved-for-backward bytes are logged
+    and within 15% of the planner's (with activation checkpointing on, the tiny config's)."""
+    overrides = ["trainer.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2", "checkpoint.save_final=false",
+                 "eval.at_end=false"]
+    run = launch(tiny_config, tmp_path / "run", overrides)
     assert_ok(run)
+    assert_logged_activation_bytes_match_the_plan(run, tiny_config, overrides)  # with activation checkpointing
     rows = [r for r in run.records() if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
@@ -43,6 +58,7 @@ def test_phase_times_in_every_log_window(tiny_config, tmp_path):
     assert "s/step (data" in run.output and "fwd" in run.output
 
 
+@pytest.mark.launch
 def test_two_ranks_slow_rank_is_the_straggler_and_each_rank_writes_a_trace(tiny_config, tmp_path):
     run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=3", "trainer.profile.steps=[2,3]", *QUICK], nproc=2,
                  env={"MEGAMOR_FAULTS": "slow_forward=0.25,rank=1"})
@@ -54,13 +70,18 @@ def test_two_ranks_slow_rank_is_the_straggler_and_each_rank_writes_a_trace(tiny_
     assert all(r["time/straggler_s"] >= 0.5 for r in rows)
     assert "slowest rank 1" in run.output
     for rank in (0, 1):
-        names = _trace_names(trace_path(run.run_dir, rank))
+        names = _trace_names(trace_path(run.run_dir, rank, 2, 3))
         assert {"step_2", "step_3", "data", "forward", "backward", "optimizer", "mor/recursion_1", "mor/recursion_2"} <= names
         assert "step_1" not in names
-    assert sorted(p.name for p in (run.run_dir / "profile").iterdir()) == ["rank0.pt.trace.json", "rank1.pt.trace.json"]
+    assert sorted(p.name for p in (run.run_dir / "profile").iterdir()) == ["rank0.steps2-3.pt.trace.json",
+                                                                           "rank1.steps2-3.pt.trace.json"]
 
 
-def test_sigterm_inside_the_profiled_steps_leaves_a_readable_trace(tiny_config, tmp_path):
+@pytest.mark.launch
+def test_sigterm_inside_the_profiled_steps_leaves_a_readable_trace_and_the_resumed_run_its_own(tiny_config, tmp_path):
+    """One process, SIGTERM after step 3 while the profiler records: the run saves its last step,
+    exits 75 (also what a plain process without the profiler does: one launch checks both).
+    Issue 32: the resumed run's trace replaced the first one's; each (re)start has its own file."""
     run_dir = tmp_path / "run"
     cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "trainer.profile.steps=[2,100000]",
                                                "checkpoint.every_steps=0"], 1, "python", tmp_path)
@@ -71,13 +92,28 @@ def test_sigterm_inside_the_profiled_steps_leaves_a_readable_trace(tiny_config, 
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
     last = max(Run(run_dir, None).losses())  # type: ignore[arg-type]
-    names = _trace_names(trace_path(run_dir, 0))
+    ref = newest_complete(run_dir)
+    assert ref is not None and ref.step == last >= 3  # the stop saved the last finished step
+    assert "stop requested (signal 15)" in out
+    first_trace = trace_path(run_dir, 0, 2, last)
+    names = _trace_names(first_trace)
     assert {f"step_{n}" for n in range(2, last + 1)} <= names and "forward" in names and "step_1" not in names
+    kept = first_trace.read_bytes()
+    resumed = launch(tiny_config, run_dir, [f"trainer.max_steps={last + 2}", f"trainer.profile.steps=[2,{last + 2}]",
+                                            "checkpoint.every_steps=0", "schedule.allow_change=true", *QUICK])
+    assert_ok(resumed)
+    assert traces(run_dir, 0) == [first_trace, trace_path(run_dir, 0, last + 1, last + 2)]
+    assert first_trace.read_bytes() == kept
 
 
-def test_profile_steps_outside_the_run_exit_2(tiny_config, tmp_path):
+def test_profile_steps_outside_the_run_exit_2(tiny_config, tmp_path, capsys):
+    """The trainer's entry point in this process: a config error returns before any process
+    group (tests/train/test_config.py checks the same exit code from a real subprocess)."""
+    from megamor.train.__main__ import main
+
     for steps, why in (("[3,50]", "reaches past the run's 20 steps"), ("[5,2]", "1 <= a <= b"), ("[-1,2]", "1 <= a <= b")):
-        run = launch(tiny_config, tmp_path / f"run{steps}", [f"trainer.profile.steps={steps}"])
-        assert run.rc == 2, run.output[-2000:]
-        errors = [line for line in run.output.splitlines() if "trainer.profile.steps" in line]
-        assert len(errors) == 1 and why in errors[0], run.output[-2000:]
+        rc = main(["--config", str(tiny_config), f"run_dir={tmp_path / f'run{steps}'}", f"trainer.profile.steps={steps}"])
+        output = capsys.readouterr()
+        assert rc == 2, output
+        errors = [line for line in (output.out + output.err).splitlines() if "trainer.profile.steps" in line]
+        assert len(errors) == 1 and why in errors[0], output

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from tests.train.helpers import assert_ok, launch
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
 BOUND = 20.0  # max |router logit| allowed over the run (the paper settings reach 50-70 here; the default ~8-16)
 STEPS = 80
@@ -15,7 +19,7 @@ STEPS = 80
 # size in a few hundred (Adam moves a consistently pushed weight by ~lr per step).
 COMMON = [f"trainer.max_steps={STEPS}", "optim.lr=1e-2", "schedule.type=constant", "trainer.activation_checkpointing=false",
           "checkpoint.every_steps=0", "checkpoint.save_final=false", "eval.every_steps=40", "eval.max_batches=4",
-          "logging.log_every=5"]
+          "logging.every_steps=5"]
 # megamor's default expert-choice router is the dataclass defaults plus the straight-through gate
 # (set in configs/model/*/mor_expert_N.yaml; the dataclass keeps the soft gate so that configs
 # written before it existed load unchanged). The tiny config leaves the dataclass defaults.

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from megamor.train.runlock import LOCK_FILE, RunLock, RunLockedError, read_holder
+from megamor.train.runlock import LOCK_FILE, RunLock, RunLockedError, RunLockLostError, _proc_start, read_holder
 
 
-def _write_lock(run_dir, host, pid, heartbeat_age):
+def _write_lock(run_dir, host, pid, heartbeat_age, proc_start=None, token="someone"):
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid, "started": now - 100,
-                                                 "heartbeat": now - heartbeat_age, "token": "someone"}))
+    (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid, "started": now - 100, "proc_start": proc_start,
+                                                 "heartbeat": now - heartbeat_age, "token": token}))
 
 
 def _dead_pid() -> int:
@@ -62,6 +62,89 @@ def test_dead_pid_on_this_host_is_stale_at_once(tmp_path, capsys):
     assert not list(tmp_path.glob(f".{LOCK_FILE}.stale-*"))  # the stale lock moved aside was removed
 
 
+def test_paused_holder_on_this_host_keeps_the_lock_however_old_its_heartbeat(tmp_path, capsys):
+    """Issue 32: a SIGSTOPped trainer writes no heartbeat but is alive; taking its lock let two
+    trainers write one folder. Only a gone process frees a lock on this host."""
+    import signal
+
+    paused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        paused.send_signal(signal.SIGSTOP)
+        _write_lock(tmp_path, socket.gethostname(), paused.pid, heartbeat_age=10_000, proc_start=_proc_start(paused.pid))
+        with pytest.raises(RunLockedError, match=f"in use by another trainer .*pid {paused.pid}.*heartbeat 10000 s ago"):
+            RunLock(tmp_path, stale_s=1).acquire()
+        assert read_holder(tmp_path / LOCK_FILE).pid == paused.pid
+    finally:
+        paused.kill()
+        paused.wait()
+    with RunLock(tmp_path, stale_s=3600):  # gone: free at once
+        pass
+    assert f"its process {paused.pid} on this host is gone" in capsys.readouterr().err
+
+
+def test_reused_pid_on_this_host_is_stale(tmp_path, capsys):
+    """The lock's pid alive but started at another time than the holder: the holder is gone."""
+    import os
+
+    _write_lock(tmp_path, socket.gethostname(), os.getpid(), heartbeat_age=0, proc_start=_proc_start(os.getpid()) - 1)
+    with RunLock(tmp_path, stale_s=3600):
+        pass
+    assert "now belongs to another process" in capsys.readouterr().err
+
+
+def test_future_heartbeat_is_clock_skew_watched_for_a_bounded_time(tmp_path, capsys):
+    _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=-96_970_162)
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=1.0) as lock:
+        assert read_holder(lock.path).token == lock.holder.token
+    assert 1.0 <= time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert "96970162 s in the future" in err and "-96970162" not in err
+    assert "clock skew" in err and "replaced a stale lock" in err
+
+
+def test_future_heartbeat_that_keeps_changing_is_a_live_holder(tmp_path):
+    import threading
+
+    done = threading.Event()
+
+    def holder_on_a_fast_clock():
+        while not done.is_set():
+            _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=-3600)
+            done.wait(0.1)
+
+    t = threading.Thread(target=holder_on_a_fast_clock)
+    t.start()
+    try:
+        time.sleep(0.05)
+        with pytest.raises(RunLockedError) as e:
+            RunLock(tmp_path, stale_s=2.0).acquire()
+    finally:
+        done.set()
+        t.join()
+    assert "host elsewhere pid 7" in str(e.value) and "s in the future" in str(e.value) and "heartbeat -" not in str(e.value)
+
+
+def test_lock_path_that_is_a_directory_is_one_clear_error(tmp_path):
+    (tmp_path / LOCK_FILE).mkdir(parents=True)
+    lock = RunLock(tmp_path)
+    with pytest.raises(RunLockedError) as e:
+        lock.acquire()
+    assert str(e.value) == f"{tmp_path / LOCK_FILE} is a directory, not a lock file: move it out of the run folder"
+    lock.release()  # nothing held: nothing to read or remove
+    assert (tmp_path / LOCK_FILE).is_dir()
+
+
+def test_check_raises_once_another_trainer_holds_the_lock(tmp_path):
+    lock = RunLock(tmp_path, heartbeat_s=3600).acquire()
+    lock.check()  # still ours
+    _write_lock(tmp_path, "elsewhere", 1, heartbeat_age=0)
+    with pytest.raises(RunLockLostError, match="another trainer took this run folder's lock: host elsewhere pid 1"):
+        lock.check()
+    lock.release()
+    assert read_holder(tmp_path / LOCK_FILE).host == "elsewhere"
+
+
 def test_lock_taken_over_meanwhile_is_reported_lost(tmp_path):
     lock = RunLock(tmp_path, heartbeat_s=0.1).acquire()
     _write_lock(tmp_path, "elsewhere", 1, heartbeat_age=0)
@@ -71,6 +154,7 @@ def test_lock_taken_over_meanwhile_is_reported_lost(tmp_path):
     assert read_holder(tmp_path / LOCK_FILE).host == "elsewhere"  # someone else's lock is not removed
 
 
+@pytest.mark.launch
 def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_config, tmp_path):
     """A real 2-process torchrun run holds the folder: a second trainer exits 2 naming it. Then
     SIGKILL of torchrun's whole process group: its workers (in their own sessions) stop too."""
@@ -118,3 +202,79 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
 
     assert newest_complete(run_dir) is not None and not (run_dir / LOCK_FILE).exists(), out[-3000:]
     RunLock(run_dir).acquire().release()
+
+
+@pytest.mark.launch
+def test_trainer_whose_lock_was_taken_stops_before_writing_more(tiny_config, tmp_path):
+    """Another host's trainer takes the lock right after step 3 (a fault writes its lock file):
+    the trainer exits 2 with one line before the step-3 checkpoint, logs nothing more, writes no
+    trace and leaves the new holder's lock alone."""
+    from megamor.runs.tags import newest_complete
+    from megamor.train.signals import EXIT_CONFIG
+    from tests.train.helpers import launch
+
+    run = launch(tiny_config, tmp_path / "run", ["checkpoint.every_steps=3", "trainer.profile.steps=[2,10]"],
+                 env={"MEGAMOR_FAULTS": "lock_taken_after_step=3"})
+    assert run.rc == EXIT_CONFIG, run.output[-3000:]
+    lines = [ln for ln in run.output.splitlines() if "took this run folder's lock" in ln]
+    assert len(lines) == 1 and lines[0].startswith("megamor.train: another trainer took this run folder's lock: "
+                                                   "host elsewhere pid 1"), run.output[-3000:]
+    assert "Traceback" not in run.output
+    assert max(run.losses()) == 3 and newest_complete(run.run_dir) is None
+    assert not (run.run_dir / "profile").exists()
+    assert read_holder(run.run_dir / LOCK_FILE).token == "taken"
+
+
+@pytest.mark.launch
+def test_sigstopped_trainer_keeps_its_folder_and_a_second_one_is_refused(tiny_config, tmp_path):
+    """Issue 32's repro with a 2 s heartbeat limit: trainer A paused (SIGSTOP) past the limit; B
+    with the same command is refused (exit 2) instead of taking over; A continues and finishes.
+    One writer: every step logged once, nothing quarantined."""
+    import signal
+
+    from megamor.env import repo_root
+    from megamor.runs.tags import newest_complete
+    from megamor.train.signals import EXIT_CONFIG
+    from tests.train.helpers import Run, launch, train_command, train_env, wait_for_step
+
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_steps=30", "checkpoint.every_steps=5", "eval.at_end=false"]
+    short = {"MEGAMOR_LOCK_STALE_S": "2", "MEGAMOR_LOCK_HEARTBEAT_S": "0.5"}
+    a = subprocess.Popen(train_command(tiny_config, run_dir, overrides, 1, "python", tmp_path), cwd=repo_root(),
+                         env=train_env(tmp_path, short), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(run_dir, 6, a, timeout=240)
+        a.send_signal(signal.SIGSTOP)
+        time.sleep(5)  # > the 2 s limit: the old rule called this lock stale
+        b = launch(tiny_config, run_dir, overrides, env=short, timeout=240)
+        assert b.rc == EXIT_CONFIG, b.output[-3000:]
+        assert f"in use by another trainer (host {socket.gethostname()} pid {a.pid}" in b.output
+        assert "replaced a stale lock" not in b.output
+        a.send_signal(signal.SIGCONT)
+        out, _ = a.communicate(timeout=300)
+    finally:
+        if a.poll() is None:
+            a.send_signal(signal.SIGCONT)
+            a.kill()
+            a.wait()
+    assert a.returncode == 0, out[-3000:]
+    assert "lost the run-folder lock" not in out
+    steps = [r["step"] for r in Run(run_dir, None).records() if "train/loss" in r]  # type: ignore[arg-type]
+    assert steps == list(range(1, 31))
+    assert not (run_dir / "checkpoints" / "quarantine").exists()
+    assert newest_complete(run_dir).step == 30 and not (run_dir / LOCK_FILE).exists()
+
+
+@pytest.mark.launch
+def test_trainer_lock_path_that_is_a_directory_exits_2_with_one_line(tiny_config, tmp_path):
+    """Issue 32: an IsADirectoryError traceback (from releasing the lock it never took)."""
+    from megamor.train.signals import EXIT_CONFIG
+    from tests.train.helpers import launch
+
+    (tmp_path / "run" / LOCK_FILE).mkdir(parents=True)
+    run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=2"])
+    assert run.rc == EXIT_CONFIG, run.output[-3000:]
+    lines = [ln for ln in run.output.splitlines() if LOCK_FILE in ln]
+    want = f"megamor.train: {tmp_path / 'run' / LOCK_FILE} is a directory, not a lock file: move it out of the run folder"
+    assert lines == [want], run.output[-3000:]
+    assert "Traceback" not in run.output and (tmp_path / "run" / LOCK_FILE).is_dir()

@@ -31,6 +31,7 @@ def test_extending_a_finished_wsd_run_says_what_the_lr_does():
         check_schedule_change(other, then, 20, "x")
 
 
+@pytest.mark.launch
 def test_real_resume_refused_then_allowed(tiny_config, tmp_path):
     run_dir = tmp_path / "run"
     common = ["deepspeed.zero_stage=0", "checkpoint.every_steps=0", "eval.at_end=false"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from megamor.runs.tags import list_complete, newest_complete
 from megamor.train.signals import EXIT_PREEMPTED, StopRequest
 from tests.train.helpers import launch
@@ -41,6 +43,7 @@ def test_uninstall_restores_an_ignored_sigint():
         signal.signal(signal.SIGINT, inherited)
 
 
+@pytest.mark.launch
 def test_sigint_on_one_rank_during_validation_saves_and_exits_75(tiny_config, tmp_path):
     """Rank 1 alone gets SIGINT at its 3rd validation batch of step 4 (the whole split, hundreds
     of batches): both ranks agree before the next batch, save step 4 and exit 75, without
@@ -58,9 +61,21 @@ def test_sigint_on_one_rank_during_validation_saves_and_exits_75(tiny_config, tm
     assert not any("val/loss" in r for r in run.records())  # validation was cut short, not finished
 
 
+@pytest.mark.launch
 def test_signal_during_setup_stops_before_the_first_step(tiny_config, tmp_path):
     run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=100000"],
                  env={"MEGAMOR_FAULTS": "signal_at_setup=TERM"}, timeout=240)
     assert run.rc == EXIT_PREEMPTED, run.output[-3000:]
     assert "stop requested (signal 15) at step 0" in run.output
     assert run.losses() == {} and newest_complete(run.run_dir) is None  # nothing trained, nothing to save
+
+
+def test_exit_file_is_written_only_when_asked(tmp_path, monkeypatch):
+    from megamor.train.signals import EXIT_FILE_ENV, write_exit_file
+
+    monkeypatch.delenv(EXIT_FILE_ENV, raising=False)
+    write_exit_file(75)  # no file asked for: nothing written anywhere
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv(EXIT_FILE_ENV, str(tmp_path / "exit"))
+    write_exit_file(75)
+    assert (tmp_path / "exit").read_text() == "75\n" and [p.name for p in tmp_path.iterdir()] == ["exit"]

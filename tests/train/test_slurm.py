@@ -3,9 +3,13 @@ makes every rank save and exit 75, the script requeues the job, the rerun resume
 
 from __future__ import annotations
 
+import pytest
+
 from megamor.env import repo_root
 from megamor.runs.tags import list_complete, newest_complete
 from tests.train.helpers import slurm_status, train_env, wait_for_step
+
+pytestmark = pytest.mark.launch  # every test here starts processes (docs/testing.md)
 
 
 def test_sbatch_requeues_on_usr1_and_resumes(slurm_cluster, tiny_config, tmp_path):

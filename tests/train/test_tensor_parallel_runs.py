@@ -1,9 +1,10 @@
 """Real tensor x data parallel training runs (`python -m megamor.train` under torchrun, gloo):
 TP=2 x DP=2 with ZeRO-1/2 and recursion checkpointing follows the one-process loss curve and
-gradient norm; a TP run killed with SIGKILL resumes exactly; its export merges the TP shards
-into the same function the TP=2 model computes; resuming with another TP size is refused.
-Sequence parallelism (parallel.sequence) follows the same curve at TP=2 (ZeRO-1) and TP=2 x DP=2
-(ZeRO-2, killed and resumed exactly); its bad layouts exit 2 with one line.
+gradient norm. Sequence parallelism (parallel.sequence) follows the same curve at TP=2 (ZeRO-1)
+and TP=2 x DP=2 (ZeRO-2); that run, killed with SIGKILL, resumes exactly (the one SIGKILL resume
+under TP here; SLURM's USR1 requeue of a TP=2 x DP=2 run is the other); its folder's export merges
+the TP shards into the same function the TP=2 model computes, resuming it with another TP size
+is refused, and a one-process run starts from its weights. Bad SP layouts exit 2 with one line.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _grad_norms(run: Run) -> dict[int, float]:
     return {r["step"]: r["train/grad_norm"] for r in run.records() if r.get("train/grad_norm") is not None}
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("stage", [1, 2])
 def test_tp2_dp2_matches_one_process(runs, stage):
     ref, run = runs("ref"), runs(f"tp2_zero{stage}")
@@ -98,21 +100,30 @@ def _tp_logits_worker(rank: int, world: int, tag_dir: str, out: str) -> None:
         torch.save({"train": model(x).logits, "causal": model(x, causal_routing=True).logits}, f"{out}/tp{rank}.pt")
 
 
-def test_tp2_sigkill_resume_then_export_merges_shards(runs, tiny_config, tmp_path):
-    run_dir = runs.base / "kill_tp2"
-    common = [*TP2, "deepspeed.zero_stage=1"]
+@pytest.fixture(scope="module")
+def killed_sp(runs, tiny_config) -> tuple[Run, Run]:
+    """TP=2 x DP=2 + SP (ZeRO-2): SIGKILLed after step 12 (tags 5 and 10), then resumed."""
+    run_dir = runs.base / "kill_tp2_sp"
+    common = [*TP2, *SP, "deepspeed.zero_stage=2"]
     killed = launch(tiny_config, run_dir, common, nproc=4, env={"MEGAMOR_FAULTS": "sigkill_after_step=12"}, timeout=600)
     assert killed.rc != 0 and max(killed.losses()) == 12
     assert [c.step for c in list_complete(run_dir)] == [5, 10]
     resumed = launch(tiny_config, run_dir, common, nproc=4, timeout=600)
     assert_ok(resumed)
-    assert "resumed from step 10" in resumed.output
-    assert rel_diff(resumed.losses(), runs("tp2_zero1").losses(), range(11, 21)) <= TOL_RESUME
+    return killed, resumed
 
-    # Another TP size on resume: refused at start-up, naming both sizes.
-    again = launch(tiny_config, run_dir, ["deepspeed.zero_stage=1"], nproc=1)
-    assert again.rc == EXIT_CONFIG
-    assert "parallel.tensor" in again.output and "is 1 but" in again.output and "parallel.tensor=2" in again.output
+
+@pytest.mark.launch
+def test_tp_run_folder_refuses_another_tp_seeds_one_process_and_exports_merged(runs, killed_sp, tiny_config,
+                                                                                tmp_path, capsys):
+    run_dir = killed_sp[1].run_dir
+    # Another TP size on resume: refused at start-up (before any process group), naming both sizes.
+    from megamor.train.__main__ import main
+
+    rc = main(["--config", str(tiny_config), f"run_dir={run_dir}", "deepspeed.zero_stage=1"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_CONFIG, err
+    assert "parallel.tensor" in err and "is 1 but" in err and "parallel.tensor=2" in err
 
     # The documented way to another TP size: a new run initialised from this one's (merged) weights.
     moved = launch(tiny_config, runs.base / "from_tp2", ["deepspeed.zero_stage=1", "trainer.max_steps=2",
@@ -143,6 +154,7 @@ def test_tp2_sigkill_resume_then_export_merges_shards(runs, tiny_config, tmp_pat
         assert (tp["causal"] - causal).abs().max() <= 1e-5
 
 
+@pytest.mark.launch
 def test_sbatch_two_nodes_tp_inside_nodes_requeues_on_usr1(runs, slurm_cluster, tiny_config, tmp_path):
     """2 virtual nodes x 2 tasks: TP=2 inside each node, DP=2 across them. USR1 mid-run: every
     rank saves, the script requeues, the rerun resumes; the losses equal an uninterrupted run's."""
@@ -170,7 +182,8 @@ def test_sbatch_two_nodes_tp_inside_nodes_requeues_on_usr1(runs, slurm_cluster, 
     assert newest_complete(run_dir).step == 20
 
 
-def test_sequence_parallel_runs_follow_one_process_and_resume_exactly(runs, tiny_config):
+@pytest.mark.launch
+def test_sequence_parallel_runs_follow_one_process_and_resume_exactly(runs, killed_sp):
     """TP=2 + SP (2 processes, ZeRO-1) and TP=2 x DP=2 + SP (ZeRO-2, SIGKILLed after step 12,
     resumed from step 10) follow the one-process losses; the resumed run repeats steps 11-12
     of the killed one exactly."""
@@ -183,14 +196,9 @@ def test_sequence_parallel_runs_follow_one_process_and_resume_exactly(runs, tiny
     val, val_ref = ([r for r in x.records() if "val/loss" in r][-1] for x in (sp, ref))
     assert val["val/loss_causal"] == pytest.approx(val_ref["val/loss_causal"], rel=1e-4)
 
-    run_dir = runs.base / "kill_tp2_sp"
-    common = [*TP2, *SP, "deepspeed.zero_stage=2"]
-    killed = launch(tiny_config, run_dir, common, nproc=4, env={"MEGAMOR_FAULTS": "sigkill_after_step=12"}, timeout=600)
-    assert killed.rc != 0 and max(killed.losses()) == 12
+    killed, resumed = killed_sp
     assert "world 4 = tensor 2 x data 2 + sequence parallel | ZeRO-2" in killed.output
     assert rel_diff(killed.losses(), ref.losses(), range(1, 13)) <= TOL_PARALLEL
-    resumed = launch(tiny_config, run_dir, common, nproc=4, timeout=600)
-    assert_ok(resumed)
     assert "resumed from step 10" in resumed.output
     assert rel_diff(resumed.losses(), killed.losses(), (11, 12)) <= TOL_RESUME
     assert rel_diff(resumed.losses(), ref.losses(), range(11, 21)) <= TOL_PARALLEL

@@ -17,27 +17,60 @@ Adding a task:
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
+
+from megamor.cli import BadInput
 
 from .arc import ARCChallenge, ARCEasy, OpenBookQA
 from .base import Doc, Task, TaskDataError
 from .boolq import BoolQ
 from .hellaswag import HellaSwag
 from .lambada import Lambada
+from .mmlu import MMLU
 from .piqa import PIQA
 from .winogrande import WinoGrande
 
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (HellaSwag, PIQA, ARCEasy, ARCChallenge, WinoGrande, Lambada, BoolQ, OpenBookQA)
+    t.name: t for t in (HellaSwag, PIQA, ARCEasy, ARCChallenge, WinoGrande, Lambada, BoolQ, OpenBookQA, MMLU)
 }
-# The paper's few-shot suite (MMLU aside).
+# The paper's few-shot suite without MMLU (the default of the tools: MMLU is not in the shared data).
 PAPER_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")
+# Suites a task list may name: `--tasks paper` is the paper's six columns (megamor.eval.paper).
+SUITES: dict[str, tuple[str, ...]] = {"paper": (*PAPER_TASKS, "mmlu")}
+
+
+def expand_suites(names: Iterable[str]) -> list[str]:
+    """The names with each suite replaced by its tasks, first occurrence kept."""
+    out: list[str] = []
+    for n in names:
+        for t in SUITES.get(n, (n,)):
+            if t not in out:
+                out.append(t)
+    return out
+
+
+class UnknownTaskError(BadInput, KeyError):
+    """A task name that is not in TASKS (a KeyError for old callers, bad input for the tools)."""
+
+    __str__ = BadInput.__str__
+
+
+def check_task_names(names: Iterable[str], flag: str = "--tasks") -> list[str]:
+    """The names, each a known task; else an UnknownTaskError naming them with a suggestion."""
+    names = list(names)
+    for name in names:
+        if name not in TASKS:
+            close = difflib.get_close_matches(name, list(TASKS), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UnknownTaskError(f"{flag}: unknown task {name!r}{hint} (tasks: {', '.join(sorted(TASKS))})")
+    return names
 
 
 def get_task(name: str, path: str | Path | None = None, fewshot_path: str | Path | None = None) -> Task:
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    check_task_names([name], "task")
     return TASKS[name](path=Path(path) if path else None, fewshot_path=Path(fewshot_path) if fewshot_path else None)
 
 
-__all__ = ["PAPER_TASKS", "TASKS", "Doc", "Task", "TaskDataError", "get_task"]
+__all__ = ["PAPER_TASKS", "SUITES", "TASKS", "Doc", "Task", "TaskDataError", "UnknownTaskError", "check_task_names", "expand_suites", "get_task"]

@@ -153,6 +153,10 @@ class Task:
         p = self.fewshot_file(data_dir)
         return self.read(p) if p is not None else None
 
+    def check_available(self, data_dir: Path | None = None) -> None:
+        """Raise TaskDataError before any model loads when the task's data is plainly missing
+        (tasks read from one file report a missing file when they load)."""
+
     def read(self, path: Path) -> list[Doc]:  # pragma: no cover - abstract
         raise NotImplementedError
 
