@@ -1,5 +1,6 @@
 """Decoding for megamor models: `generate` and sampling, static per-site KV storage, batched
-prefill, and continuous depth-wise batching of requests (the engine), plus router calibration."""
+prefill, and the engine with two schedules (lockstep; the paper's continuous depth-wise
+batching, `depthwise`; docs/inference.md), plus router calibration."""
 
 from megamor.inference.engine import Engine, Request, TokenEvent, engine_generate
 from megamor.inference.generate import GenerationOutput, StepOutput, generate, left_pad, sample_next, stream

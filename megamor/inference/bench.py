@@ -290,12 +290,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibrate-on", choices=["same", "other"], default="same", help="router calibration prompts")
     p.add_argument("--bucket-slack", type=float, default=1.25, help="static step: rows per recursion = c_r x batch x slack")
     p.add_argument("--out", default=None, help="also write the markdown table here (atomically)")
+    paper = p.add_argument_group("--protocol paper (megamor.inference.paper_bench): lockstep vs depth-wise schedule")
+    paper.add_argument("--protocol", choices=["engine", "paper"], default="engine")
+    paper.add_argument("--requests", type=int, default=128, help="requests queued (paper protocol)")
+    paper.add_argument("--gen-mean", type=float, default=256.0, help="generation length mean (paper: 256)")
+    paper.add_argument("--gen-std", type=float, default=32.0, help="generation length standard deviation")
+    paper.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    paper.add_argument("--gpu", default="h100", help="GPU whose memory sets the relative maximum batch")
+    paper.add_argument("--kv-seq-len", type=int, default=2048, help="sequence length of the relative maximum batch")
+    paper.add_argument("--profile", action="store_true", help="one more cProfiled run per row: torch linear calls and time")
+    paper.add_argument("--depthwise-slots", type=int, default=1,
+                       help="depthwise: requests in flight = this x batch (2: the exit buffer fills to a batch too)")
     args = p.parse_args(argv)
+    args.variants_given = "--variants" in (argv if argv is not None else sys.argv[1:])
     if not Path(args.size).is_dir():
         args.size = str(Path("configs/model") / args.size)
     if not Path(args.size).is_dir():
         p.error(f"--size: no folder {args.size}")
     args.modes = args.modes or ["static", "dynamic"]
+    if args.protocol == "paper":
+        if args.prompt_len == 64 and "--prompt-len" not in (argv or sys.argv[1:]):
+            args.prompt_len = 1  # no prefix
+        for name in ("requests", "batch", "prompt_len", "repeats", "depthwise_slots"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+        if args.gen_mean < 1 or args.gen_std < 0:
+            p.error("--gen-mean must be >= 1 and --gen-std >= 0")
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
@@ -303,7 +323,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    text = run_all(args)
+    if args.protocol == "paper":
+        from megamor.inference.paper_bench import run_paper
+
+        try:
+            text = run_paper(args)
+        except (ValueError, FileNotFoundError) as e:  # a bad variant name or config: one line, exit 2
+            print(f"bench_decode: {e}", file=sys.stderr)
+            return 2
+    else:
+        text = run_all(args)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,18 @@
 of admitted requests, and continuous depth-wise batching of the decoding steps.
 
 Each `step()` admits queued requests into free slots (one left-padded prefill through the
-model's forward for all of them), then advances every running request by one token with
-`decode_step`, where the tokens of all requests that need recursion r run together. A request
-leaves when it produces EOS or its token budget, and its slot goes to the next in the queue.
+model's forward for all of them), then decodes by one of two schedules:
+
+- `schedule="lockstep"` (default): every running request advances by one token with
+  `decode_step`; at recursion r the tokens of all requests that need it run together
+  (depth-wise compaction), so deeper recursions run ever smaller batches.
+- `schedule="depthwise"`: the paper's continuous depth-wise batching
+  (`megamor.inference.depthwise`): one call of the recursion block per step on a batch of
+  tokens at mixed depths, refilled from a FIFO queue as tokens exit; exited tokens are flushed
+  through the coda, head, sampling, embedding and prelude together.
+
+A request leaves when it produces EOS or its token budget, and its slot goes to the next in
+the queue. Both schedules count the shared block's occupancy (`occupancy()`).
 
 Two decoding paths: the dynamic one (`decode_step`: each recursion step runs exactly the rows
 routed to it, read back per step) and, with `static=True`, the fixed-shape `GraphStep` (no
@@ -26,11 +35,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megamor.inference.depthwise import DepthwiseScheduler
 from megamor.inference.generate import GenerationOutput, left_pad, sample_next
 from megamor.inference.graph_step import GraphStep
 from megamor.inference.static_cache import PrefillRecorder, StaticKVCache
 from megamor.inference.step import decode_step
 from megamor.model.mor import MoRLM
+
+SCHEDULES = ("lockstep", "depthwise")
 
 
 @dataclass
@@ -77,11 +89,18 @@ def _site_shares(model: MoRLM) -> dict[int, float]:
 class Engine:
     def __init__(self, model: MoRLM, max_batch: int = 32, max_len: int | None = None, kv_dtype: torch.dtype | None = None,
                  static: bool = False, buckets: list[int] | None = None, cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, schedule: str = "lockstep", block_batch: int | None = None,
+                 flush_batch: int | None = None):
         """max_batch: concurrent requests (cache slots); max_len: prompt + generated tokens a
         request is expected to reach (sizes the caches; they grow if exceeded). static: use the
         fixed-shape step (buckets: rows per recursion step; cuda_graph: default on CUDA; compile:
-        torch.compile it)."""
+        torch.compile it). schedule: "lockstep" or "depthwise" (block_batch: tokens per call of
+        the recursion block, default max_batch; flush_batch: exited tokens that trigger the
+        coda/head/prelude, default block_batch; dynamic shapes only)."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if schedule == "depthwise" and static:
+            raise ValueError("schedule='depthwise' has no static (CUDA-graph) step yet; use static=False")
         self.model = model.eval()
         cfg = model.cfg
         w = model.embed_tokens.weight
@@ -100,11 +119,25 @@ class Engine:
         self.graph_step = GraphStep(model, self.cache, buckets, cuda_graph, compile) if static else None
         self.static_steps = 0  # decoding steps taken by the static step
         self.overflow_steps = 0  # of which redone on the dynamic path (bucket or capacity overflow)
+        self.schedule = schedule
+        self.block_calls = self.block_items = 0  # lockstep: calls of recursion steps, rows they ran
+        self.steady_calls = self.steady_items = 0  # of which while requests were still queued
+        self.depthwise = None
+        if schedule == "depthwise":
+            bb = block_batch or max_batch
+            sched = DepthwiseScheduler(self, bb, flush_batch or bb)
+            # No recursion block (vanilla): nothing to schedule by depth, the two schedules are the
+            # same computation, and lockstep's step runs it.
+            self.depthwise = sched if sched.n_steps else None
 
     # -- queue ---------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], max_new_tokens: int, **sampling) -> Request:
         if len(prompt) == 0:
             raise ValueError("every prompt needs at least one token (e.g. BOS)")
+        ctx = self.model.cfg.max_seq_len
+        if len(prompt) + max_new_tokens > ctx:
+            raise ValueError(f"request of {len(prompt)} prompt + {max_new_tokens} new tokens exceeds the model's "
+                             f"context (max_seq_len {ctx})")
         req = Request(list(prompt), max_new_tokens, id=self._next_id, **sampling)
         if req.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
@@ -118,11 +151,23 @@ class Engine:
     def idle(self) -> bool:
         return not self.queue and not self.running
 
+    def occupancy(self, steady: bool = False) -> float:
+        """The shared block's mean occupancy: items per call of a recursion step / batch size
+        (lockstep: max_batch; depthwise: block_batch). steady: only the calls made while requests
+        were still queued (no ramp-up or drain)."""
+        if self.depthwise is not None:
+            return self.depthwise.occupancy(steady)
+        calls, items = (self.steady_calls, self.steady_items) if steady else (self.block_calls, self.block_items)
+        return items / (calls * self.max_batch) if calls else float("nan")
+
     # -- one engine step -----------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         decoding = sorted(self.running)  # requests that already hold a token to feed back
+        if self.depthwise is not None:
+            decoding = []
+            events += self.depthwise.tick()
         if decoding:
             events += self._decode([self.running[s] for s in decoding])
         admitted = []
@@ -169,7 +214,10 @@ class Engine:
         for i, r in enumerate(reqs):
             r.prompt_depths = depth[i, mask[i]].tolist()
             r.position = len(r.prompt)
-        return self._emit(reqs, out.logits[:, -1])
+        events = self._emit(reqs, out.logits[:, -1])
+        if self.depthwise is not None:
+            self.depthwise.enter([r.slot for r in reqs if not r.done])
+        return events
 
     def _decode(self, reqs: list[Request]) -> list[TokenEvent]:
         if self.graph_step is None:
@@ -193,6 +241,7 @@ class Engine:
             self.overflow_steps += 1
             return self._decode_dynamic(reqs)
         self.tokens_per_step_total += p[2 * S + 1 :]
+        self._count_block(p[2 * S + 1 :])
         for r in reqs:
             r.depths.append(int(p[S + r.slot]))
             r.position += 1
@@ -205,10 +254,19 @@ class Engine:
         res = decode_step(self.model, self.cache, slots, tokens, positions)
         if res.tokens_per_step:
             self.tokens_per_step_total += np.asarray(res.tokens_per_step, dtype=np.int64)
+            self._count_block(res.tokens_per_step)
         for r, d in zip(reqs, res.depth.tolist()):
             r.depths.append(d)
             r.position += 1
         return self._emit(reqs, res.logits)
+
+    def _count_block(self, rows_per_step) -> None:
+        ran = [int(n) for n in rows_per_step if n > 0]
+        self.block_calls += len(ran)
+        self.block_items += sum(ran)
+        if self.queue:
+            self.steady_calls += len(ran)
+            self.steady_items += sum(ran)
 
     # -- conveniences ----------------------------------------------------------------------
     def stream(self) -> Iterator[TokenEvent]:
@@ -223,12 +281,12 @@ class Engine:
 
 def engine_generate(model: MoRLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_batch: int | None = None,
                     max_len: int | None = None, seed: int | None = None, static: bool = False,
-                    **sampling) -> GenerationOutput:
+                    schedule: str = "lockstep", **sampling) -> GenerationOutput:
     """`generate()`'s interface on the engine: every prompt becomes a request (prompt i seeded
     with seed + i when seed is given); at most max_batch run at once."""
     was_training = model.training
     longest = max(len(p) for p in prompts) + max_new_tokens
-    eng = Engine(model, max_batch or len(prompts), max_len or longest, static=static)
+    eng = Engine(model, max_batch or len(prompts), max_len or longest, static=static, schedule=schedule)
     try:
         reqs = [eng.submit(p, max_new_tokens, seed=None if seed is None else seed + i, **sampling) for i, p in enumerate(prompts)]
         eng.run()

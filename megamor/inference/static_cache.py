@@ -19,6 +19,7 @@ The static-shape step (`graph_step`, CUDA graphs) keeps the fill levels on the d
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,6 +52,10 @@ class StaticKVCache:
         self._fill_dev: dict[int, Tensor] = {}
         self._stale = ""  # "host" or "dev": which copy of the fill levels is out of date
         self.generation = 0  # bumps when storage is reallocated (captured graphs must be redone)
+        # Benchmarks time the key/value writes apart (the paper reports decoding without them);
+        # timing synchronises the device around every write, so it is off unless asked for.
+        self.time_writes = False
+        self.write_wall = self.write_cpu = 0.0
         for site, share in site_shares.items():
             cap = min(max_len, math.ceil(share * max_len) + margin)
             self.k[site] = self._alloc(cap)
@@ -124,6 +129,9 @@ class StaticKVCache:
 
     def write_token(self, site: int, rows: np.ndarray, rows_t: Tensor, k: Tensor, v: Tensor, memo: dict | None = None) -> None:
         """Append one token per row: k, v [m, Hkv, 1, hd] for slots `rows` (host and device)."""
+        if self.time_writes:
+            self._sync()
+            t, c = time.perf_counter(), time.process_time()
         fill = self.fill[site]
         at = fill[rows]
         self._ensure(site, int(at.max()) + 1)
@@ -132,6 +140,14 @@ class StaticKVCache:
         self.v[site][rows_t, :, at_t] = v[:, :, 0].to(self.dtype)
         fill[rows] = at + 1
         self.host_changed()
+        if self.time_writes:
+            self._sync()
+            self.write_wall += time.perf_counter() - t
+            self.write_cpu += time.process_time() - c
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def write_prefill(self, site: int, rows: Sequence[int], k: Tensor, v: Tensor, valid: Tensor) -> None:
         """Store a prefill's keys/values [n, Hkv, T, hd] for fresh slots `rows`, keeping only

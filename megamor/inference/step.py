@@ -50,8 +50,13 @@ def layer_query(layer: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> 
 def layer_attend_and_mlp(layer: torch.nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """The rest of the layer for one token per row: attention over the cached k/v (mask by
     fill level), output projection, residual, MLP."""
+    return layer_output(layer, x, sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=False))
+
+
+def layer_output(layer: torch.nn.Module, x: Tensor, out: Tensor) -> Tensor:
+    """Output projection of the attention result out [m, heads, 1, head_dim], residual, MLP
+    (the depth-wise scheduler attends per depth group, then finishes the layer on all rows)."""
     attn = layer.self_attn
-    out = sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=False)
     h = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, attn.n_heads * attn.head_dim))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 

@@ -1,0 +1,170 @@
+"""The depth-wise schedule (continuous depth-wise batching): greedy fp32 output of every request
+equals `generate()` on that request alone, for every variant, KV mode and sharing strategy,
+with requests of mixed lengths joining while others decode; the block really runs mixed depths."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from megamor.inference import Engine, engine_generate, generate
+from megamor.model import MoRLM
+from tests.model.helpers import mor, tiny_config
+
+VARIANTS = {
+    "vanilla": lambda kv, sharing: MoRLM(tiny_config(n_layers=4)),
+    "recursive": lambda kv, sharing: mor({"type": "none"}, sharing=sharing, kv_mode=kv, router={"type": "none"}),
+    "mor_expert": lambda kv, sharing: mor("expert_choice", sharing=sharing, kv_mode=kv),
+    "mor_token": lambda kv, sharing: mor("token_choice", sharing=sharing, kv_mode=kv),
+    # token choice's paper update (H^1 + g * f(H^i) at the chosen depth), the random router
+    "mor_token_paper": lambda kv, sharing: mor("token_choice", sharing=sharing, kv_mode=kv,
+                                               router={"type": "token_choice", "token_choice_update": "paper"}),
+    "mor_expert_random": lambda kv, sharing: mor("expert_choice", sharing=sharing, kv_mode=kv,
+                                                 router={"type": "expert_choice", "rand_router": True}),
+}
+CASES = [("vanilla", "recursion_wise", "none")] + [
+    (v, kv, sh) for v in ("recursive", "mor_expert", "mor_token") for kv in ("recursion_wise", "shared")
+    for sh in ("middle_cycle", "cycle")] + [
+    (v, "recursion_wise", sh) for v in ("mor_expert", "mor_token") for sh in ("sequence", "middle_sequence")] + [
+    (v, kv, "middle_cycle") for v in ("mor_token_paper", "mor_expert_random") for kv in ("recursion_wise", "shared")]
+
+
+def _model(variant: str, kv: str, sharing: str, seed: int = 1) -> MoRLM:
+    torch.manual_seed(seed)
+    model = VARIANTS[variant](kv, sharing).eval()
+    if model.routers is not None:  # thresholds that split tokens between depths (a random router sends all one way)
+        for router in model.routers:
+            router.threshold.fill_(0.0)
+    return model
+
+
+def _requests(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    return [([rng.randrange(1, 200) for _ in range(rng.randrange(1, 14))], rng.randrange(1, 12)) for _ in range(n)]
+
+
+def _trace_logits(eng: Engine) -> dict[int, list[torch.Tensor]]:
+    """Every request's next-token logits, in order (tokens alone hide small errors in a random model)."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    emit = eng._emit
+
+    def spy(reqs, logits, greedy=None):
+        for i, r in enumerate(reqs):
+            seen.setdefault(r.id, []).append(logits[i].clone())
+        return emit(reqs, logits, greedy)
+
+    eng._emit = spy
+    return seen
+
+
+def _alone(model: MoRLM, prompt: list[int], n: int) -> list[torch.Tensor]:
+    eng = Engine(model, max_batch=1, max_len=len(prompt) + n)
+    seen = _trace_logits(eng)
+    eng.submit(prompt, n)
+    eng.run()
+    return seen[0]
+
+
+class _DepthSpy:
+    """Records the depths of the items each block call runs."""
+
+    def __init__(self, sched):
+        self.mixed = 0
+        self.exits: set[int] = set()
+        run = sched._block
+
+        def spy(slots):
+            dep = sched.depth[slots]
+            self.mixed += len(set(dep.tolist())) > 1
+            return run(slots)
+
+        sched._block = spy
+
+
+@pytest.mark.parametrize("variant,kv,sharing", CASES)
+def test_depthwise_equals_generate_alone(variant, kv, sharing):
+    model = _model(variant, kv, sharing)
+    reqs = _requests(9)
+    eng = Engine(model, max_batch=4, max_len=12, schedule="depthwise", block_batch=3, flush_batch=2)
+    assert (eng.depthwise is None) == (not model.steps)  # vanilla: no block, lockstep's step runs it
+    spy = _DepthSpy(eng.depthwise) if eng.depthwise is not None else None
+    logits = _trace_logits(eng)
+    handles = [eng.submit(p, n) for p, n in reqs[:5]]
+    for _ in range(4):
+        eng.step()
+    handles += [eng.submit(p, n) for p, n in reqs[5:]]  # joining while others decode
+    running = set()
+    while not eng.idle():
+        eng.step()
+        running.add(len(eng.running))
+    assert max(running) == 4
+    for (prompt, n), h in zip(reqs, handles):
+        ref = generate(model, [prompt], n)
+        assert h.tokens == ref.tokens[0], (prompt, n)
+        assert h.depths == ref.depths[0]
+        assert h.prompt_depths == ref.prompt_depths[0]
+        alone = _alone(model, prompt, n)
+        assert len(logits[h.id]) == len(alone)
+        for got, want in zip(logits[h.id], alone):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert all(f.sum() == 0 for f in eng.cache.fill.values())  # every slot was released
+    if model.steps:
+        assert spy.mixed > 0  # the block ran tokens of different depths in one call
+        depths = {d for h in handles for d in h.depths}
+        if variant.startswith("mor"):
+            assert len(depths) > 1  # routing really sent tokens to different depths
+
+
+def test_eos_budget_and_seeded_sampling():
+    model = _model("mor_expert", "recursion_wise", "middle_cycle")
+    first = generate(model, [[1, 2, 3]], 1).tokens[0][0]
+    eng = Engine(model, max_batch=2, max_len=16, schedule="depthwise")
+    a = eng.submit([1, 2, 3], 10, eos_id=first)
+    b = eng.submit([4, 5], 4)
+    c = eng.submit([6], 1)
+    events = list(eng.stream())
+    assert a.tokens == [first] and len(b.tokens) == 4 and len(c.tokens) == 1
+    assert [e.token for e in events if e.request == b.id] == b.tokens
+    assert [e.finished for e in events if e.request == a.id] == [True]
+    # Seeded sampling does not depend on what else is in the batch, nor on the schedule.
+    kw = {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "seed": 3}
+    x = engine_generate(model, [[1, 2], [7, 8, 9], [4]], 6, schedule="depthwise", **kw)
+    y = engine_generate(model, [[1, 2]], 6, schedule="depthwise", **kw)
+    z = engine_generate(model, [[1, 2]], 6, **kw)
+    assert x.tokens[0] == y.tokens[0] == z.tokens[0]
+
+
+def test_occupancy_full_block_vs_lockstep():
+    """With more requests in flight than the block holds, every block call at steady state is
+    full; lockstep's deeper recursions run ever smaller batches."""
+    model = _model("mor_expert", "recursion_wise", "middle_cycle")
+    prompts = _requests(24, seed=2)
+    occ, shares = {}, {}
+    for schedule in ("lockstep", "depthwise"):
+        eng = Engine(model, max_batch=8, max_len=32, schedule=schedule, block_batch=4)
+        for p, _ in prompts:
+            eng.submit(p, 10)
+        eng.run()
+        occ[schedule] = eng.occupancy(steady=True)
+        shares[schedule] = eng.tokens_per_step_total.tolist()
+        assert eng.occupancy() <= 1.0
+    assert occ["depthwise"] == 1.0
+    assert shares["depthwise"] == shares["lockstep"]  # the same tokens ran each recursion step
+    assert occ["lockstep"] < 0.9
+
+
+def test_bad_input_one_line():
+    model = _model("mor_expert", "recursion_wise", "middle_cycle")
+    with pytest.raises(ValueError, match="schedule must be one of lockstep, depthwise, got 'depth'"):
+        Engine(model, schedule="depth")
+    with pytest.raises(ValueError, match="no static"):
+        Engine(model, schedule="depthwise", static=True)
+    eng = Engine(model, max_batch=2, schedule="depthwise")
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        eng.submit([1] * 100, 29)
+    assert eng.idle()  # nothing was queued
+    model.routing.settings.type = "mixture_of_depths"  # a routing the scheduler does not know
+    with pytest.raises(ValueError, match="cannot serve routing type 'mixture_of_depths'"):
+        Engine(model, schedule="depthwise")
