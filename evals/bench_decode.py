@@ -7,7 +7,7 @@ MoR-token; routers calibrated to their capacities) against Hugging Face generate
 
 import sys
 
-from megamor.inference.bench import main
+from megamor.benchmarks.decode import main
 
 if __name__ == "__main__":
     sys.exit(main())

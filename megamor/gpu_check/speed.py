@@ -7,7 +7,7 @@
   of the FLOP saving; token choice against expert choice. FLOPs per step are 3 x forward from
   the tokens each recursion step really ran (`megamor.model.flops`, `megamor.train.metrics`).
 - decode: tokens/s of the decoding engine's static step (a CUDA graph on GPU;
-  `megamor.inference.bench`) against Hugging Face `generate` with its dynamic cache on the
+  `megamor.benchmarks.decode`) against Hugging Face `generate` with its dynamic cache on the
   vanilla weights, and MoR expert-3 against vanilla, routers calibrated to their capacities.
 
 Under --tiny the same rows run eagerly on toy shapes on the CPU (the compile part checks the
@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from megamor.benchmarks.decode import bench_engine, bench_hf
 from megamor.gpu_check.common import (
     ERROR,
     MEASURE,
@@ -34,7 +35,6 @@ from megamor.gpu_check.common import (
     sync,
 )
 from megamor.gpu_check.parts import DECODE_NAMES, SIZE_LABEL, TRAIN_ROWS
-from megamor.inference.bench import bench_engine, bench_hf
 from megamor.inference.calibrate import calibrate_decoding
 from megamor.train.compile import compile_layers
 from megamor.train.metrics import peak_tflops, step_flops
@@ -200,7 +200,7 @@ def decode(ctx: Context) -> None:
     g = torch.Generator().manual_seed(0)
     vocab = model_config("135m", "vanilla", ctx.tiny).vocab_size
     prompts = torch.randint(1, vocab, (batch, plen), generator=g).tolist()
-    # Tokens per wall second on a GPU; per CPU second on a (shared) CPU, as megamor.inference.bench.
+    # Tokens per wall second on a GPU; per CPU second on a (shared) CPU, as megamor.benchmarks.decode.
     rate = (lambda r: r.tokens_per_s) if ctx.on_gpu else (lambda r: r.tokens_per_cpu_s)
     unit = "tokens/s" if ctx.on_gpu else "tokens/CPU-s"
     step = "static step, CUDA graph" if ctx.on_gpu else "static step, no CUDA graph"

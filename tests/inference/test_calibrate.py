@@ -27,7 +27,7 @@ def test_calibrated_shares_match_capacities(variant):
 
 def test_bench_decode_runs_at_tiny_size(tmp_path):
     pytest.importorskip("transformers")
-    from megamor.inference.bench import main
+    from megamor.benchmarks.decode import main
 
     d = tmp_path / "tiny"
     d.mkdir()

@@ -3,6 +3,7 @@ ends within a minute instead of hanging for the process group's 30 min, and resu
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -42,7 +43,9 @@ def test_frozen_rank_ends_the_job_within_a_minute_and_the_run_resumes_exactly(ti
     assert len(lines) == 1, out[-3000:]
     line = lines[0]
     assert "rank 0: stuck for" in line and "rank 1 stopped answering" in line and "exiting 75" in line, line
-    assert " at step " in line and "last heartbeat: step" in line and "last heartbeat: step 0 " not in line, line
+    # The silent rank's last heartbeat names a step; it may lag by one beat (2 s here), which on a
+    # quiet machine can be step 0 of this fast run, so only its form is checked.
+    assert " at step " in line and re.search(r"last heartbeat: step \d+ ", line), line
     assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
     assert not (run_dir / "trainer.lock").exists()  # freed for the requeued attempt
     stalled = Run(run_dir, None).losses()  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megamor.inference.bench import main
-from megamor.inference.paper_bench import paper_requests, relative_batch
+from megamor.benchmarks.decode import main
+from megamor.benchmarks.decode_paper import paper_requests, relative_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"vocab_size": 211, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128, "max_seq_len": 128}

@@ -290,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibrate-on", choices=["same", "other"], default="same", help="router calibration prompts")
     p.add_argument("--bucket-slack", type=float, default=1.25, help="static step: rows per recursion = c_r x batch x slack")
     p.add_argument("--out", default=None, help="also write the markdown table here (atomically)")
-    paper = p.add_argument_group("--protocol paper (megamor.inference.paper_bench): lockstep vs depth-wise schedule")
+    paper = p.add_argument_group("--protocol paper (megamor.benchmarks.decode_paper): lockstep vs depth-wise schedule")
     paper.add_argument("--protocol", choices=["engine", "paper"], default="engine")
     paper.add_argument("--requests", type=int, default=128, help="requests queued (paper protocol)")
     paper.add_argument("--gen-mean", type=float, default=256.0, help="generation length mean (paper: 256)")
@@ -324,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.protocol == "paper":
-        from megamor.inference.paper_bench import run_paper
+        from megamor.benchmarks.decode_paper import run_paper
 
         try:
             text = run_paper(args)
