@@ -16,7 +16,6 @@ failure is a ConfigError: one line naming the key, exit 2.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from megamor.config import ConfigError
 from megamor.eval.tasks import get_task
-from megamor.model.config import STORED_DEFAULTS
+from megamor.model.config import STORED_DEFAULTS, flat_model_config
 from megamor.parallel.env import peek_local_world_size, resolve_launch_env
 from megamor.runs.layout import CONFIG_FILE, CheckpointRef
 from megamor.runs.tags import newest_complete
@@ -107,13 +106,6 @@ def check_resume_layout(cfg: ExperimentConfig, ref: CheckpointRef, world_size: i
                                              f"with the same layout (launch {tp_then * dp_then} processes)")
 
 
-def _flat(d: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
-    return out
-
-
 def keep_trained_defaults(cfg: ExperimentConfig, saved_cfg: ExperimentConfig, where: str) -> None:
     """A key whose default changed (model.config.STORED_DEFAULTS) that this config does not set
     takes the value the run was trained with: an old run resumes as it trained."""
@@ -135,7 +127,7 @@ def check_resumable(cfg: ExperimentConfig, ref: CheckpointRef) -> None:
         return
     saved_cfg = load_stored_experiment(ref.path / CONFIG_FILE)
     keep_trained_defaults(cfg, saved_cfg, str(ref.path))
-    now, then = _flat(dataclasses.asdict(cfg.model)), _flat(dataclasses.asdict(saved_cfg.model))
+    now, then = flat_model_config(cfg.model), flat_model_config(saved_cfg.model)
     for k in now:
         if now[k] != then.get(k):
             changed = " (its default changed since that run: set it explicitly)" if k.removeprefix("model.") in STORED_DEFAULTS else ""

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,22 +17,15 @@ import pytest
 from megamor.runs import integrity
 from megamor.runs.layout import CheckpointError, CheckpointRef, QuarantineError, tag_for
 from megamor.runs.resume import ensure_universal, find_resumable
+from megamor.testing.tmpfs import mounted_tmpfs
 from tests.runs.test_integrity import real_tag
 
 
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A real 512 KiB tmpfs (needs root; skipped elsewhere)."""
-    mnt = tmp_path / "tiny_fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True,
-                       check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny_fs", "512k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(fs: Path) -> Path:

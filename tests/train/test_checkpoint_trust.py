@@ -30,6 +30,7 @@ from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.tags import list_complete, resolve_tag
 from megamor.testing.distributed import run_distributed
+from megamor.testing.tmpfs import mounted_tmpfs
 from tests.train.helpers import Run, assert_ok, launch, train_env
 from tests.train.trust_helpers import FILE_KINDS, flip_tensor_byte, plant_payload
 
@@ -268,16 +269,8 @@ def test_planted_payload_is_refused_by_export_conversion_and_evaluation(base, ki
 @pytest.fixture
 def small_fs(tmp_path):
     """A real 6 MiB tmpfs: room for two tiny tags, not three."""
-    mnt = tmp_path / "small_fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True,
-                       check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small_fs", "6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_during_save_names_the_file_and_keeps_previous_tags(tiny_config, small_fs):

@@ -4,12 +4,12 @@ code (issue 32), end to end: a rerun on a disk still full when a failed tag must
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
 from megamor.runs.integrity import MARKER, quarantine_dir
 from megamor.runs.layout import CHECKPOINTS, tag_for
+from megamor.testing.tmpfs import mounted_tmpfs
 from tests.runs.test_faults import fill
 from tests.train.helpers import launch
 
@@ -17,16 +17,8 @@ from tests.train.helpers import launch
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A real 1 MiB tmpfs (needs root; skipped elsewhere)."""
-    mnt = tmp_path / "tiny_fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True,
-                       check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny_fs", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.launch
