@@ -34,6 +34,11 @@ from megamor.env import repo_root, usable_cpus
 SETTINGS = {
     "before": {"OMP_NUM_THREADS": "2", "MEGAMOR_THREAD_DEFAULTS": "off"},
     "after": {},
+    # what the defaults could be instead, measured side by side (--settings)
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin1k": {"GOMP_SPINCOUNT": "1000"},
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin100k": {"GOMP_SPINCOUNT": "100000"},
 }
 
 
@@ -87,22 +92,31 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12, help="steps per run (logged in 4 windows; the first is dropped)")
     p.add_argument("--work", default=None, help="folder for the data and runs (default: a temporary one)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--settings", default="before,after",
+                   help=f"comma-separated, the first is the baseline (of: {', '.join(SETTINGS)})")
     args = p.parse_args()
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if len(names) < 2 or unknown:
+        p.error(f"--settings: need a baseline and at least one other of {', '.join(SETTINGS)} (got {args.settings!r})")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_threads-"))
     tok, shards = prepare_data(work / "data", workers=2)
     lines = [f"usable cores {usable_cpus()}, demo config, {args.steps} steps per run", f"load before: {_uptime()}", ""]
     results: dict[tuple[str, int], list[float]] = {}
     t0 = time.time()
-    for n in (1, 2):  # before and after back to back, alone then in pairs
-        for name in SETTINGS:
+    for n in (1, 2):  # the settings back to back, alone then in pairs
+        for name in names:
             results[name, n] = run_group(name, n, work, tok, shards, args.steps)
             print(f"{name} x{n}: {', '.join(f'{v:.0f}' for v in results[name, n])} tok/s", flush=True)
+    base = names[0]
     lines += [f"load after: {_uptime()} ({time.time() - t0:.0f}s of runs)", "",
-              "| runs at once | before: tok/s each | after: tok/s each | after/before (mean) |", "|---|---|---|---:|"]
+              "| runs at once | setting | tok/s each | vs " + base + " (mean) |", "|---|---|---|---:|"]
     for n in (1, 2):
-        b, a = results["before", n], results["after", n]
-        lines.append(f"| {n} | {', '.join(f'{v:.0f}' for v in b)} | {', '.join(f'{v:.0f}' for v in a)} | "
-                     f"{statistics.mean(a) / statistics.mean(b):.2f}x |")
+        b = statistics.mean(results[base, n])
+        for name in names:
+            vals = results[name, n]
+            lines.append(f"| {n} | {name} {SETTINGS[name] or '(megamor defaults)'} | {', '.join(f'{v:.0f}' for v in vals)} | "
+                         f"{statistics.mean(vals) / b:.2f}x |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.out:

@@ -94,7 +94,7 @@ def thread_defaults(environ: MutableMapping[str, str] | None = None, local_proce
     MEGAMOR_THREAD_DEFAULTS=off leaves both to OpenMP (its spinning, torch's core count)."""
     env = os.environ if environ is None else environ
     off = env.get("MEGAMOR_THREAD_DEFAULTS", "").strip().lower() in ("off", "0", "false", "no")
-    if not off:
+    if not off and "GOMP_SPINCOUNT" not in env:  # an explicit spin count is a wait policy too
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     mine = max(1, usable_cpus(root, proc_cgroup) // max(1, local_processes))
     given = env.get("OMP_NUM_THREADS", "").strip()

@@ -181,8 +181,9 @@ def run_paper(args: argparse.Namespace) -> str:
                 label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
                 rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": schedule,
                              "label": label, **res})
-                print(f"  {v} {setting} {batch} {schedule}: {res['tok_cpu_s']:.1f} tokens/CPU-s, occupancy "
-                      f"{res['steady_occupancy']:.2f}", file=sys.stderr, flush=True)
+                print(f"  {v} {setting} {batch} {schedule}: {res['tok_s']:.1f} tokens/s, {res['tok_s_no_kv']:.1f} "
+                      f"without KV writes, {res['tok_cpu_s']:.1f} tokens/CPU-s, occupancy {res['steady_occupancy']:.2f}",
+                      file=sys.stderr, flush=True)
     return paper_report(args, rows, models, device, context, time.perf_counter() - started)
 
 
