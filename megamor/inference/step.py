@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from megamor.inference.static_cache import StaticKVCache
-from megamor.model.layers import apply_rope, sdpa
+from megamor.model.layers import sdpa
 from megamor.model.mor import MoRLM
 from megamor.model.routing import CAUSAL, update
 
@@ -44,7 +44,7 @@ def layer_query(layer: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> 
     shared by the dynamic step and the graph step (megamor.inference.graph_step)."""
     attn = layer.self_attn
     xn = layer.input_layernorm(x)
-    return xn, apply_rope(attn.q_proj(xn).view(x.shape[0], 1, attn.n_heads, attn.head_dim).transpose(1, 2), cos, sin)
+    return xn, attn.project_q(xn.reshape(x.shape[0], 1, -1), cos, sin)
 
 
 def layer_attend_and_mlp(layer: torch.nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

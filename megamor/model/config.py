@@ -172,6 +172,10 @@ class ModelConfig:
     num_recursions: int = 1  # recursion steps N_r of the shared block (1 with sharing none)
     router: RouterConfig = field(default_factory=RouterConfig)
     kv_mode: str = "recursion_wise"  # recursion_wise | shared (recursive KV sharing)
+    # -- what some pretrained families add (megamor.adapt wraps Qwen2/Qwen3 checkpoints) --
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    attn_head_dim: int = 0  # width of one attention head; 0: d_model / n_heads (Qwen3 sets its own)
 
     # Keys older configs (and run folders) may hold that nothing reads any more.
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
@@ -181,9 +185,12 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(key(path, name), "must be positive")
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim < 0 or self.attn_head_dim % 2:
+            raise ConfigError(key(path, "attn_head_dim"), f"must be 0 (d_model / n_heads) or a positive even number, "
+                              f"got {self.attn_head_dim}")
+        if not self.attn_head_dim and self.d_model % self.n_heads:
             raise ConfigError(key(path, "n_heads"), f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
+        if not self.attn_head_dim and (self.d_model // self.n_heads) % 2:
             raise ConfigError(key(path, "n_heads"), "head dim d_model/n_heads must be even (RoPE)")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(key(path, "n_kv_heads"), f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
@@ -223,7 +230,7 @@ class ModelConfig:
     # -- derived shape -------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def num_unique_layers(self) -> int:

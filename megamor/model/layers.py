@@ -134,16 +134,30 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         d = cfg.d_model
-        self.q_proj = nn.Linear(d, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        bias = cfg.qkv_bias
+        self.q_proj = nn.Linear(d, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, d, bias=False)
+        # QK-norm (Qwen3): one RMSNorm over the head dimension, shared by all heads, before RoPE.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def project_q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotated queries [B, H, n, hd] of x [B, n, D] (every path computes them here)."""
+        B, n, _ = x.shape
+        q = self.q_proj(x).view(B, n, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return apply_rope(q.transpose(1, 2), cos, sin)
 
     def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         B, n, _ = x.shape
-        k = self.k_proj(x).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, n, self.n_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         v = self.v_proj(x).view(B, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
+        return apply_rope(k.transpose(1, 2), cos, sin), v
 
     def forward(
         self,
@@ -157,8 +171,7 @@ class Attention(nn.Module):
         Returns the output and the keys/values x produced (or the context used)."""
         B, n, _ = x.shape
         cos, sin = rope
-        q = self.q_proj(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
+        q = self.project_q(x, cos, sin)
         if context is None:
             k, v = self.project_kv(x, cos, sin)
             context = KVBlock(k, v, meta)

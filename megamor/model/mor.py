@@ -232,6 +232,8 @@ class MoRLM(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith("routers.") and name.endswith(".alpha"):  # router.learn_alpha
                 nn.init.constant_(p, self.cfg.router.gate_scale)
+            elif name.endswith("_proj.bias"):  # model.qkv_bias
+                nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):

@@ -1,0 +1,5 @@
+import sys
+
+from megamor.adapt.cli import main
+
+sys.exit(main())
