@@ -56,7 +56,7 @@ from megamor.hf.remote_code import hf_weights, write_remote_code
 from megamor.hf.tokenizer_files import TokenizerFilesError, export_tokenizer
 from megamor.model import MoRLM
 from megamor.model.config import ModelConfig, with_stored_defaults
-from megamor.model.hf import llama_config, to_llama_state_dict
+from megamor.model.hf import llama_config, to_llama_state_dict, unexportable_keys
 from megamor.runs.consolidate import consolidated_state_dict
 from megamor.runs.layout import CheckpointError, CheckpointRef
 from megamor.runs.load import trained_tokenizer_hash
@@ -104,6 +104,9 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         check_target(Path(out), overwrite)  # before the (long) hash check of the tag
     ref = resolve_tag(run_dir, tag)
     exp = load_tag_experiment(ref)
+    if unexportable_keys(exp.model):
+        raise CheckpointError(f"{ref.path}: {', '.join(unexportable_keys(exp.model))} set: the Hugging Face export does not "
+                              "implement it (the run's checkpoints and megamor.pt load everywhere else)")
     run = ref.root.parent
     trained_hash = trained_tokenizer_hash(ref)
     tok = _find_tokenizer(exp.data, run)

@@ -80,7 +80,9 @@ def model_config(info: dict[str, Any], folder: Path) -> ModelConfig:
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors in fp32 under megamor's names (HF's without `model.`)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one progress bar per load buries the tool's own lines
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
 

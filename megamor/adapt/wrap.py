@@ -15,6 +15,7 @@ import copy
 import torch
 
 from megamor.adapt.source import AdaptError
+from megamor.config import ConfigError
 from megamor.model.config import ModelConfig
 from megamor.model.mor import MoRLM
 
@@ -32,7 +33,13 @@ def adapt_config(source: ModelConfig, num_recursions: int = 0, capacity: list[fl
     cfg.router.alpha = 1.0
     cfg.router.gate_straight_through = True
     cfg.router.capacity = [1.0] * nr if no_skip else capacity
-    cfg.validate()
+    try:
+        cfg.router.validate("model.router")
+        cfg.validate()
+    except ConfigError as e:
+        if "capacity" not in e.key:
+            raise
+        raise AdaptError(f"--capacity {','.join(map(str, capacity or []))}: {e.reason}") from None
     return cfg
 
 

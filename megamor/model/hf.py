@@ -21,6 +21,12 @@ def _check_vanilla(cfg: ModelConfig) -> None:
         )
 
 
+def unexportable_keys(cfg: ModelConfig) -> list[str]:
+    """Model keys the Hugging Face export (Llama config, or megamor's remote code) does not
+    implement: the attention variants megamor.adapt reads from Qwen checkpoints."""
+    return [f"model.{k}" for k in ("qkv_bias", "qk_norm", "attn_head_dim") if getattr(cfg, k)]
+
+
 def llama_config(cfg: ModelConfig) -> Any:
     from transformers import LlamaConfig
 

@@ -216,6 +216,8 @@ def layout_errors(cfg, tp: int) -> list[tuple[str, str]]:
         if value % tp:
             hint = " (pad the vocabulary to a multiple of 128 in the model config)" if name == "vocab_size" else ""
             errors.append((f"model.{name}", f"{value} is not divisible by the tensor-parallel size parallel.tensor={tp}{hint}"))
+    if tp > 1 and getattr(cfg, "qkv_bias", False):
+        errors.append(("model.qkv_bias", f"tensor parallelism (parallel.tensor={tp}) does not shard q/k/v biases"))
     return errors
 
 

@@ -181,6 +181,9 @@ class ProfileConfig:
                                                   f"for step a alone, got {s}")
 
 
+TRAIN_ONLY = ("all", "routers")
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int | None = None  # optimizer steps; or give max_tokens
@@ -195,6 +198,10 @@ class TrainerConfig:
     # export folder); its network must be `model`'s (router settings, max_seq_len may differ).
     # Ignored when resuming a checkpoint.
     init_from: str | None = None
+    # all: train every parameter. routers: train the routers only (router tuning of a model
+    # megamor.adapt wrapped): every other parameter is frozen (requires_grad False, not in the
+    # optimizer), so the pretrained weights stay bit for bit what they were.
+    train_only: str = "all"  # all | routers
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self, path: str) -> None:
@@ -214,6 +221,8 @@ class TrainerConfig:
             raise ConfigError(key(path, "max_tokens"), "must be >= 1")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
+        if self.train_only not in TRAIN_ONLY:
+            raise ConfigError(key(path, "train_only"), f"must be one of {TRAIN_ONLY}, got {self.train_only!r}")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
 
@@ -372,6 +381,8 @@ class ExperimentConfig:
             raise ConfigError(key(path, "trainer.profile.steps"), f"{list(self.trainer.profile.steps)} reaches past the "
                               f"run's {steps} steps")
         router = self.model.router
+        if self.trainer.train_only == "routers" and router.type == "none":
+            raise ConfigError(key(path, "trainer.train_only"), "routers: the model has no router (model.router.type none)")
         for name in ("cap_warmup_step", "bal_warmup_step"):
             if getattr(router, name) > steps:
                 raise ConfigError(key(path, f"model.router.{name}"), f"{getattr(router, name)} exceeds the run's "

@@ -21,9 +21,9 @@ from megamor.model.config import ModelConfig, flat_model_config
 from megamor.model.mor import MoRLM
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model
+from megamor.train.optim import ROUTER_PREFIXES  # state-dict names of the router modules
 
 NOT_COMPARED = ("model.init_std", "model.max_seq_len", "model.attn_impl")
-ROUTER_PREFIXES = ("routers.", "depth_router.")  # state-dict names of the router modules
 # Router keys that decide what the router tensors are and mean; the others (loss weights,
 # thresholds' rules, gate variants) are training settings the run may change freely.
 ROUTER_FORM = ("type", "network", "mlp_hidden", "activation", "learn_alpha")

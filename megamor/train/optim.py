@@ -61,6 +61,19 @@ def skippable(cls: type) -> type:
     return type(f"Skippable{cls.__name__}", (SkippableStep, cls), {})
 
 
+ROUTER_PREFIXES = ("routers.", "depth_router.")  # state-dict names of the router modules
+
+
+def freeze_for(model: nn.Module, train_only: str) -> int:
+    """`trainer.train_only`: with "routers", every parameter outside the routers stops
+    requiring gradients (so `param_groups` leaves it out of the optimizer). Returns the
+    number of trainable parameters."""
+    if train_only == "routers":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(ROUTER_PREFIXES))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Two groups (decay / no decay), each parameter once even when tied or shared."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

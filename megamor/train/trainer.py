@@ -45,7 +45,7 @@ from megamor.train.faults import Faults
 from megamor.train.init_from import load_init_weights
 from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import PeakFlops, WindowStats
-from megamor.train.optim import build_optimizer, group_hparams
+from megamor.train.optim import build_optimizer, freeze_for, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
 from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
@@ -114,6 +114,7 @@ class Trainer:
         self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
         parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
         self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
+        freeze_for(model, cfg.trainer.train_only)  # trainer.train_only: routers freezes the rest
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.group_hparams = group_hparams(self.optimizer.param_groups)
         import deepspeed
