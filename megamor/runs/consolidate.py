@@ -44,9 +44,22 @@ def _tp_rank_state_dict(ref: CheckpointRef, tp_rank: int) -> dict[str, torch.Ten
                     for f in [ref.path / f"{mp}_model_states.pt", *optim]:
                         (view / f.name.replace(mp, "mp_rank_00")).symlink_to(f.resolve())
                     sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ref.tag)
+        sd = {**_frozen_from_module(ref.path / f"{mp}_model_states.pt", sd), **sd}
     else:
         f = ref.path / f"{mp}_model_states.pt"
         if not f.is_file():
             raise CheckpointError(f"{ref.path}: no model states file {f.name}")
         sd = safe_load(f, map_location="cpu")["module"]
     return {k: v.detach().float().clone() for k, v in sd.items()}
+
+
+def _frozen_from_module(f: Path, have: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameters zero_to_fp32 left out, from the module states. Frozen parameters
+    (`trainer.train_only`) have no fp32 master copy, and at ZeRO-1 DeepSpeed records none of
+    them for zero_to_fp32 (it does at ZeRO 2/3): the module holds them whole (in the training
+    precision: unchanged from the start under fp32)."""
+    if not f.is_file():
+        return {}
+    module = safe_load(f, map_location="cpu").get("module") or {}
+    return {k: v for k, v in module.items() if k not in have and v.numel() > 0}
+
