@@ -198,10 +198,9 @@ class TrainerConfig:
     # export folder); its network must be `model`'s (router settings, max_seq_len may differ).
     # Ignored when resuming a checkpoint.
     init_from: str | None = None
-    # all: train every parameter. routers: train the routers only (router tuning of a model
-    # megamor.adapt wrapped): every other parameter is frozen (requires_grad False, not in the
-    # optimizer), so the pretrained weights stay bit for bit what they were.
-    train_only: str = "all"  # all | routers
+    # routers: router tuning of a model megamor.adapt wrapped; every other parameter is frozen
+    # (requires_grad False, in no optimizer group), so the pretrained weights stay bit for bit.
+    train_only: str = "all"  # all | routers (train the routers alone, every other parameter frozen)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self, path: str) -> None:
