@@ -101,3 +101,22 @@ def test_num_recursions_must_divide(tmp_path):
     src, _, _ = read_source(make_checkpoint("llama", tmp_path / "l"))
     with pytest.raises(AdaptError, match="divide"):
         adapt_config(src, 3)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_decoding_paths_agree_with_bias_and_qk_norm(tmp_path, kind):
+    """The KV-cache decode, the engine's decode step (which computes queries apart from the
+    forward: Attention.project_q) and a full recomputation give the same tokens and depths."""
+    from megamor.inference.calibrate import calibrate_routers
+    from megamor.inference.engine import engine_generate
+    from megamor.inference.generate import generate
+
+    src, state, _ = read_source(make_checkpoint(kind, tmp_path / kind))
+    model = wrap(src, state, adapt_config(src, 4)).eval()
+    calibrate_routers(model, torch.randint(0, src.vocab_size, (4, 24), generator=torch.Generator().manual_seed(3)))
+    prompts = [[5, 9, 13, 2], [7, 1]]
+    ref = generate(model, prompts, 6, use_cache=False)
+    for out in (generate(model, prompts, 6), engine_generate(model, prompts, 6),
+                engine_generate(model, prompts, 6, static=True)):
+        assert out.tokens == ref.tokens and out.depths == ref.depths
+    assert len({d for row in ref.depths for d in row}) > 1  # routing really varies the depth
