@@ -1,7 +1,7 @@
 """The speed adapter (megamor.adapt): validation loss against mean depth, routers tuned against
 untuned, on a small Llama trained here (megamor/benchmarks/adapt.py says how).
 
-    python evals/bench_adapt.py [--steps 300] [--tune-steps 150]
+    python evals/bench_adapt.py [--steps 400] [--tune-steps 200] [--tune-lr 1e-3,1e-2]
 """
 
 import sys

@@ -16,9 +16,10 @@ depth; the Hugging Face model and the adapted model with --no-skip), a static ea
 token runs the first k layers), and the routed model untuned / tuned under training's top-k
 routing (the capacities fix the depth) and under causal routing (the decoding rule: router
 logit > threshold; "calibrated": thresholds set on training text so each step keeps its
-capacity share, megamor.inference.calibrate).
+capacity share, megamor.inference.calibrate). Last, decoding throughput of the routed (tuned,
+calibrated) model against --no-skip, measured in the same run.
 
-    python evals/bench_adapt.py [--steps 300] [--tune-steps 150] [--work /tmp/megamor-bench-adapt]
+    python evals/bench_adapt.py [--steps 400] [--tune-steps 200] [--tune-lr 1e-3,1e-2] [--work /tmp/megamor-bench-adapt]
 """
 
 from __future__ import annotations
@@ -133,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/megamor-bench-adapt"), help="corpus, tokenizer, checkpoints")
     p.add_argument("--corpus-mb", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=300, help="training steps of the small Llama")
-    p.add_argument("--tune-steps", type=int, default=150, help="router-only tuning steps")
+    p.add_argument("--steps", type=int, default=400, help="training steps of the small Llama")
+    p.add_argument("--tune-steps", type=int, default=200, help="router-only tuning steps")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--tune-lr", type=float, default=3e-3)
+    p.add_argument("--tune-lr", type=lambda t: [float(x) for x in t.split(",")], default=[1e-3, 1e-2],
+                   help="router-only tuning learning rates (comma-separated: one tuning from the untuned routers each)")
     p.add_argument("--valid-batches", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=48, help="decoding throughput: new tokens per prompt")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -176,16 +179,29 @@ def main(argv: list[str] | None = None) -> int:
     calibrate_routers(model, calib)
     rows.append(("routed, untuned, causal (calibrated)", *evaluate(model, valid, causal=True)))
 
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    secs = train(model, batches(train_s, seq, args.batch, args.tune_steps, seed=4), args.tune_lr, train_only="routers")
-    after = model.state_dict()
-    frozen_same = all(torch.equal(before[k], after[k]) for k in before if not k.startswith(ROUTER_PREFIXES))
-    print(f"router-only tuning: {args.tune_steps} steps in {secs:.0f} s; other weights unchanged bit for bit: {frozen_same}")
-    rows.append(("routed, tuned, top-k", *evaluate(model, valid, causal=False)))
-    rows.append(("routed, tuned, causal (learned threshold)", *evaluate(model, valid, causal=True)))
-    calibrate_routers(model, calib)
-    rows.append(("routed, tuned, causal (calibrated)", *evaluate(model, valid, causal=True)))
+    untuned = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen_same = True
+    for lr in args.tune_lr:
+        model.load_state_dict(untuned)
+        for p_ in model.parameters():
+            p_.requires_grad_(True)
+        secs = train(model, batches(train_s, seq, args.batch, args.tune_steps, seed=4), lr, train_only="routers")
+        after = model.state_dict()
+        same = all(torch.equal(untuned[k], after[k]) for k in untuned if not k.startswith(ROUTER_PREFIXES))
+        frozen_same &= same
+        print(f"router-only tuning at lr {lr:g}: {args.tune_steps} steps in {secs:.0f} s; "
+              f"other weights unchanged bit for bit: {same}")
+        rows.append((f"routed, tuned (lr {lr:g}), top-k", *evaluate(model, valid, causal=False)))
+        rows.append((f"routed, tuned (lr {lr:g}), causal (learned threshold)", *evaluate(model, valid, causal=True)))
+        calibrate_routers(model, calib)
+        rows.append((f"routed, tuned (lr {lr:g}), causal (calibrated)", *evaluate(model, valid, causal=True)))
 
+    # Decoding throughput (greedy, megamor.inference.generate, causal routing), best of 3 each.
+    from megamor.adapt.cli import decode
+
+    prompts = [row[:16].tolist() for row in valid[0][:4]]
+    speed = {name: max(decode(m, prompts, args.new_tokens, None, None)[1] for _ in range(3))
+             for name, m in (("--no-skip", full), ("tuned, calibrated", model))}  # the last tuning
     ref = rows[0][1]
     print(f"\n{n}-layer Llama ({SHAPE['d_model']} wide), {args.steps} steps; validation {args.valid_batches} x "
           f"{args.batch} x {seq} tokens; routed: {n} steps of 1 layer, capacities {model.cfg.capacities}\n")
@@ -193,4 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for name, loss, depth in rows:
         print(f"| {name} | {depth:.2f} | {depth / n:.2f}x | {loss:.4f} | {loss - ref:+.4f} |")
+    print(f"\ndecoding {len(prompts)} prompts x {args.new_tokens} new tokens (greedy, best of 3): "
+          + ", ".join(f"{k} {v:.1f} tokens/s" for k, v in speed.items())
+          + f"; routed / --no-skip = {speed['tuned, calibrated'] / speed['--no-skip']:.2f}x")
     return 0 if frozen_same else 1
