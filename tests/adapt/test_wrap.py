@@ -120,3 +120,23 @@ def test_decoding_paths_agree_with_bias_and_qk_norm(tmp_path, kind):
                 engine_generate(model, prompts, 6, static=True)):
         assert out.tokens == ref.tokens and out.depths == ref.depths
     assert len({d for row in ref.depths for d in row}) > 1  # routing really varies the depth
+
+
+@pytest.mark.parametrize(("kind", "change", "needle"), [
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None},
+     "rope_scaling 'llama3' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}},
+     "rope_scaling 'yarn' is not supported"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ("llama", {"attention_bias": True}, "attention_bias true is not supported for llama"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window true is not supported"),
+])
+def test_features_that_would_change_the_function_are_refused(tmp_path, kind, change, needle):
+    import json
+
+    folder = make_checkpoint(kind, tmp_path / kind)
+    info = json.loads((folder / "config.json").read_text())
+    info.update(change)
+    (folder / "config.json").write_text(json.dumps(info))
+    with pytest.raises(AdaptError, match=needle):
+        read_source(folder)
