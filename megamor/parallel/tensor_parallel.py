@@ -218,6 +218,8 @@ def layout_errors(cfg, tp: int) -> list[tuple[str, str]]:
             errors.append((f"model.{name}", f"{value} is not divisible by the tensor-parallel size parallel.tensor={tp}{hint}"))
     if tp > 1 and getattr(cfg, "qkv_bias", False):
         errors.append(("model.qkv_bias", f"tensor parallelism (parallel.tensor={tp}) does not shard q/k/v biases"))
+    if tp > 1 and getattr(cfg, "qk_norm", False):  # each rank's heads would give its replicated norm another gradient
+        errors.append(("model.qk_norm", f"tensor parallelism (parallel.tensor={tp}) does not reduce the QK-norm's gradients"))
     return errors
 
 

@@ -140,3 +140,25 @@ def test_features_that_would_change_the_function_are_refused(tmp_path, kind, cha
     (folder / "config.json").write_text(json.dumps(info))
     with pytest.raises(AdaptError, match=needle):
         read_source(folder)
+
+
+def test_tensor_parallelism_refuses_the_qwen_attention_keys():
+    from megamor.model import ModelConfig
+    from megamor.parallel.tensor_parallel import layout_errors
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, qkv_bias=True, qk_norm=True)
+    assert [k for k, _ in layout_errors(cfg, 2)] == ["model.qkv_bias", "model.qk_norm"]
+    assert layout_errors(cfg, 1) == []
+
+
+def test_attn_head_dim_is_validated():
+    from megamor.config import ConfigError
+    from megamor.model import ModelConfig
+
+    with pytest.raises(ConfigError, match="attn_head_dim"):
+        ModelConfig(attn_head_dim=7).validate()
+    cfg = ModelConfig(vocab_size=64, d_model=96, n_layers=2, n_heads=5, n_kv_heads=5, d_ff=64, attn_head_dim=16)
+    cfg.validate()  # d_model / n_heads need not divide with a head width of its own
+    from megamor.model import MoRLM
+
+    assert cfg.head_dim == 16 and MoRLM(cfg)(torch.randint(0, 64, (1, 5))).logits.shape == (1, 5, 64)
