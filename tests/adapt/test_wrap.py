@@ -162,3 +162,11 @@ def test_attn_head_dim_is_validated():
     from megamor.model import MoRLM
 
     assert cfg.head_dim == 16 and MoRLM(cfg)(torch.randint(0, 64, (1, 5))).logits.shape == (1, 5, 64)
+
+
+def test_the_hf_export_names_the_keys_it_cannot_write(tmp_path):
+    from megamor.model.hf import unexportable_keys
+
+    src, _, _ = read_source(make_checkpoint("qwen3", tmp_path / "q3"))
+    assert unexportable_keys(src) == ["model.qk_norm", "model.attn_head_dim"]
+    assert unexportable_keys(read_source(make_checkpoint("llama", tmp_path / "l"))[0]) == []
