@@ -106,12 +106,16 @@ class VariantConfig:
                 raise ConfigError(key(path, "overrides"), f"{o!r} must look like key=value")
 
 
+TOKENIZER_KINDS = ("sentencepiece", "hf-bpe")  # data_prep/train_tokenizer.py --kind
+
+
 @dataclass
 class StudyDataConfig:
     # Raw text (files or folders: .txt/.jsonl/.parquet; other extensions are read as .txt),
     # prepared once into OUT/data/{tokenizer,shards}. Or give ready `shards` (+ `tokenizer`).
     text: list[str] = field(default_factory=list)
     vocab_size: int = 4096  # the tokenizer trained on `text`
+    tokenizer_kind: str = "sentencepiece"  # the tokenizer trained on `text`: sentencepiece | hf-bpe (byte-level BPE)
     valid_fraction: float = 0.02  # documents held out for validation
     txt_mode: str = "paragraph"  # a .txt document: file | paragraph | line
     shards: str | None = None  # prepared shards to use instead of `text`
@@ -124,6 +128,8 @@ class StudyDataConfig:
             raise ConfigError(key(path, "tokenizer"), "prepared shards need their tokenizer")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(key(path, "valid_fraction"), f"must be in (0, 1), got {self.valid_fraction}")
+        if self.tokenizer_kind not in TOKENIZER_KINDS:
+            raise ConfigError(key(path, "tokenizer_kind"), f"must be one of {TOKENIZER_KINDS}, got {self.tokenizer_kind!r}")
 
 
 @dataclass
