@@ -114,14 +114,14 @@ class RouterConfig:
     # averaged over candidate tokens, then over steps; token choice: the entropy of the depth
     # distribution (softmax over the depth logits). Both from the logits of h / temperature.
     # Logged as train/router_entropy.
-    entropy_coef: float = 0.0  # loss -= entropy_coef * routing entropy (positive: higher entropy); 0: off
+    entropy_coef: float = 0.0  # loss -= entropy_coef * mean routing entropy (expert choice: each gate's Bernoulli entropy; token choice: the depth distribution's); positive raises it, negative lowers it; 0: off
     # Token choice: the mean depth to steer compute to, in recursion steps (1..num_recursions).
     # The loss gains target_depth_coef * (E[depth] - target_depth)^2, E[depth] the micro-batch's
     # mean expected depth under the depth distribution (softmax over the depth logits): it has a
     # gradient, and the chosen (argmax) depth logged as router/mean_depth follows it. Logged as
     # train/router_target_depth (the squared gap) and train/router_expected_depth. None: off.
-    target_depth: float | None = None  # token choice: mean depth (recursion steps) to pull towards; None: off
-    target_depth_coef: float = 0.0  # token choice: weight of the target-depth penalty (> 0 with target_depth)
+    target_depth: float | None = None  # token choice: the mean depth (recursion steps, 1..num_recursions) to pull the micro-batch's mean expected depth towards; None: off
+    target_depth_coef: float = 0.0  # token choice: loss += target_depth_coef * (mean expected depth - target_depth)^2; > 0 exactly when target_depth is set
 
     def validate(self, path: str) -> None:
         if self.type not in ROUTERS:
