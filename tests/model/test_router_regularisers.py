@@ -130,6 +130,13 @@ def test_regularisers_at_defaults_leave_the_loss_and_gradients_bit_identical():
         assert all(torch.equal(x, y) for x, y in zip(*grads)) and len(grads[0]) == len(grads[1])
 
 
+def test_the_regularisers_read_nothing_off_the_device():
+    from tests.model.test_sync_free import _count
+
+    assert _count(expert(entropy_coef=0.1).train()) == []
+    assert _count(token(entropy_coef=0.1, target_depth=2.0, target_depth_coef=0.1).train()) == []
+
+
 # -- they move what they should on a tiny run ------------------------------------------------
 def _train(model, steps: int, lr: float = 3e-3, seed: int = 0):
     """A plain torch loop on random tokens: (routing entropy, mean expected depth, chosen mean
