@@ -28,7 +28,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -57,9 +57,6 @@ from megamor.runs.save import set_rng_state
 from megamor.runs.tags import newest_complete
 from megamor.train.config import ExperimentConfig, load_stored_experiment, to_container
 from megamor.train.init_from import NOT_COMPARED, ROUTER_FORM
-
-if TYPE_CHECKING:
-    from megamor.train.trainer import Trainer
 
 KEY = "trainer.continue_from"
 PHASES_FILE = "phases.json"  # RUN/phases.json: the phase history
@@ -204,9 +201,10 @@ def plan_phase(cfg: ExperimentConfig, run_dir: Path, dp: int) -> Phase:
     return Phase(src, plan)
 
 
-def start_phase(t: Trainer, phase: Phase) -> None:
-    """Load the source's engine state (weights, optimizer) and progress into a set-up trainer,
-    start the data, and (rank 0) write RUN/phases.json."""
+def start_phase(t: Any, phase: Phase) -> None:
+    """Load the source's engine state (weights, optimizer) and progress into `t`, a Trainer
+    whose engine and loader are set up (not imported: the trainer imports this module), start
+    the data, and (rank 0) write RUN/phases.json."""
     src, plan = phase.source, phase.plan
     with safe_torch_load():  # DeepSpeed unpickles with weights_only=False itself
         load_path, _ = t.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_optimizer_states=True,
