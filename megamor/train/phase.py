@@ -180,7 +180,10 @@ class Phase:
 def plan_phase(cfg: ExperimentConfig, run_dir: Path, dp: int) -> Phase:
     """Every rank, before the engine exists: the source tag and how to load it (directly, or
     converted to a universal checkpoint by rank 0 into RUN/phase_source/)."""
-    src = resolve_source(str(cfg.trainer.continue_from), cfg.checkpoint.verify)
+    try:
+        src = resolve_source(str(cfg.trainer.continue_from), cfg.checkpoint.verify)
+    except ConfigError as e:  # preflight passed: the source changed since (a tag pruned, a file damaged)
+        raise CheckpointError(str(e)) from None
     ds = cfg.deepspeed
     plan = plan_for(src.ref, dp, ds.zero_stage, ds.precision)
     if plan.universal:

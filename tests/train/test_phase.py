@@ -155,11 +155,13 @@ def test_phase_starts_from_the_source_moments_and_step_on_a_new_mix_and_context(
 
 
 @pytest.mark.launch
-def test_killed_phase_resumes_exactly_from_its_own_checkpoint(source, tmp_path):
+def test_killed_phase_resumes_exactly_from_its_own_checkpoint_at_another_zero_stage(source, tmp_path):
     from tests.train.helpers import assert_ok, launch
 
     run_dir = tmp_path / "anneal"
-    overrides = phase_overrides(source["run"], source["hq"], source["shards"])
+    # ZeRO-2 here (the source: ZeRO-1): the source tag loads through a universal conversion,
+    # made inside this run folder
+    overrides = [*phase_overrides(source["run"], source["hq"], source["shards"]), "deepspeed.zero_stage=2"]
     killed = launch(source["config"], run_dir, overrides, env={"MEGAMOR_FAULTS": "sigkill_after_step=9"})
     assert killed.rc != 0 and max(killed.losses()) == 9
     first = killed.losses()
@@ -172,7 +174,8 @@ def test_killed_phase_resumes_exactly_from_its_own_checkpoint(source, tmp_path):
     if "losses" in source:  # the same phase trained in one go (the test above)
         assert resumed.losses() == pytest.approx(source["losses"], rel=1e-6)
     assert (run_dir / "phases.json").read_text() == phases  # written when the phase started, not on resume
-    assert folder_hash(source["run"]) == source["hash"]
+    assert folder_hash(source["run"]) == source["hash"]  # nothing written there, no universal conversion either
+    assert (run_dir / "phase_source" / "step_00000006" / "COMPLETE").is_file()
 
 
 @pytest.mark.launch
