@@ -133,11 +133,11 @@ def config_changes(then: ExperimentConfig, now: ExperimentConfig) -> list[dict[s
             if k not in NOT_CHANGES and a.get(k) != b.get(k)]
 
 
-def check_continue_from(cfg: ExperimentConfig) -> PhaseSource:
+def check_continue_from(cfg: ExperimentConfig, src: PhaseSource | None = None) -> PhaseSource:
     """Preflight (every rank, before any process group): the source exists, holds this model
     and tokenizer, and leaves steps to train; each failure one ConfigError."""
     assert cfg.trainer.continue_from
-    src = resolve_source(cfg.trainer.continue_from)
+    src = src or resolve_source(cfg.trainer.continue_from)
     where = str(src.ref.path)
     if src.run_dir.resolve() == cfg.run_path.resolve():
         raise ConfigError(KEY, f"{cfg.trainer.continue_from} is this run's own folder: a new phase needs a new run_dir "

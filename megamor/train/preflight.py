@@ -35,7 +35,7 @@ from megamor.train.config import (
     load_stored_experiment,
 )
 from megamor.train.init_from import check_init_from
-from megamor.train.phase import check_continue_from
+from megamor.train.phase import check_continue_from, resolve_source
 from megamor.train.schedule_change import check_schedule_change
 from megamor.train.tensorboard_sink import check_available as check_tensorboard
 from megamor.train.wandb_setup import check_credentials
@@ -88,7 +88,9 @@ def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:
         check_resumable(cfg, ref)
         check_resume_layout(cfg, ref, world_size)
     elif cfg.trainer.continue_from:  # a new phase (its own checkpoints, once saved, win: resumed above)
-        check_continue_from(cfg)
+        src = resolve_source(cfg.trainer.continue_from)
+        keep_trained_defaults(cfg, src.config, str(src.ref.path))
+        check_continue_from(cfg, src)
     if cfg.trainer.init_from:
         check_init_from(cfg.trainer.init_from, cfg.model)
 
