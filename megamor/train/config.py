@@ -97,6 +97,7 @@ class ScheduleConfig:
     warmup_steps: int | None = None  # overrides warmup_fraction
     warmup_fraction: float = 0.05  # linear warmup over this fraction of the steps
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to min_lr_ratio * lr
+    decay_steps: int | None = None  # wsd: overrides decay_fraction (e.g. an annealing phase's length)
     decay_shape: str = "linear"  # wsd decay: linear | cosine
     min_lr_ratio: float = 0.0  # the learning rate ends at min_lr_ratio * lr
     allow_change: bool = False  # resume even if max_steps/max_tokens/schedule changed (schedule rebuilt)
@@ -111,11 +112,18 @@ class ScheduleConfig:
                 raise ConfigError(key(path, name), f"must be in [0, 1], got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(key(path, "warmup_steps"), "must be >= 0")
+        if self.decay_steps is not None and self.decay_steps < 0:
+            raise ConfigError(key(path, "decay_steps"), "must be >= 0")
 
     def warmup(self, max_steps: int) -> int:
         if self.warmup_steps is not None:
             return self.warmup_steps
         return round(self.warmup_fraction * max_steps)
+
+    def decay(self, max_steps: int) -> int:
+        if self.type != "wsd":
+            return 0
+        return self.decay_steps if self.decay_steps is not None else round(self.decay_fraction * max_steps)
 
 
 @dataclass
@@ -195,6 +203,11 @@ class TrainerConfig:
     # export folder); its network must be `model`'s (router settings, max_seq_len may differ).
     # Ignored when resuming a checkpoint.
     init_from: str | None = None
+    # A new training phase (mid-training, annealing): RUN or RUN/step_N (default its newest
+    # complete checkpoint); weights, optimizer state and step counter come from there, the rest
+    # (data mix, seq_len, schedule, batch) from this config, into a new run_dir
+    # (megamor/train/phase.py). Ignored once this run_dir has checkpoints of its own.
+    continue_from: str | None = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self, path: str) -> None:
@@ -214,6 +227,10 @@ class TrainerConfig:
             raise ConfigError(key(path, "max_tokens"), "must be >= 1")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
+        if self.init_from is not None and self.continue_from is not None:
+            raise ConfigError(key(path, "continue_from"), f"and trainer.init_from are both set ({self.continue_from}, "
+                                                          f"{self.init_from}): continue_from takes weights, optimizer "
+                                                          "state and step; init_from weights only at step 0. Give one")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
 
@@ -377,7 +394,7 @@ class ExperimentConfig:
                 raise ConfigError(key(path, f"model.router.{name}"), f"{getattr(router, name)} exceeds the run's "
                                   f"{steps} training steps")
         warm = self.schedule.warmup(steps)
-        decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
+        decay = self.schedule.decay(steps)
         if warm + decay > steps:
             raise ConfigError(key(path, "schedule.warmup_steps"), f"warmup {warm} + decay {decay} steps exceed the {steps} training steps")
         if self.trainer.compile == "true" and self.deepspeed.zero_stage == 3 and self.trainer.activation_checkpointing:
