@@ -95,8 +95,8 @@ class VariantConfig:
     name: str = ""  # the variant's name in run names and reports
     model_config: str = ""  # a configs/model/*.yaml (optional with `experiment`: its own model_config)
     overrides: list[str] = field(default_factory=list)  # experiment keys, e.g. model.router.alpha=1.0
-    # this variant's base experiment instead of the study's (e.g. the paper's per-variant recipe:
-    # configs/experiments/paper/); the study's budget still sets its length
+    # this variant's base experiment instead of the study's (the paper's per-variant recipes in
+    # configs/experiments/paper/, say); the study's budget still sets its length
     experiment: str | None = None
 
     def validate(self, path: str) -> None:
