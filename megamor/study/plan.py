@@ -13,8 +13,7 @@ from megamor.study.budget import RunBudget, run_budget
 from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
 from megamor.train.config import ExperimentConfig, load_experiment
 
-
-PROVISIONAL_STEPS = 10**9
+PROVISIONAL_STEPS = 10**9  # the first resolve's length: longer than any fixed warmup
 
 
 @dataclass
