@@ -127,3 +127,13 @@ def test_paper_360m_runs_the_paper_configs_at_the_papers_token_counts(tmp_path):
     default = runs["mor_expert_3_default"]  # megamor's router in the paper's recipe
     exp = load_experiment([default.config], default.overrides)
     assert exp.model.router.learn_threshold and exp.schedule.warmup_steps == 86
+
+
+def test_a_variant_needs_a_model_config_or_its_own_experiment(tmp_path):
+    text = (repo_root() / "configs" / "studies" / "paper_360m.yaml").read_text()
+    bad = text.replace("{name: vanilla, experiment: configs/experiments/paper/360m/vanilla.yaml}", "{name: vanilla}")
+    assert bad != text
+    (tmp_path / "s.yaml").write_text(bad)
+    with pytest.raises(ConfigError) as e:
+        load_study(tmp_path / "s.yaml")
+    assert e.value.key == "variants[0].model_config" and "or an `experiment`" in str(e.value)
