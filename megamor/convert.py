@@ -10,7 +10,9 @@ overrides, checked against the source's shape. Its unrolled stack has the source
 so virtual layer i sits where source layer i sat. A shared layer's "tied" source layers are
 the virtual positions it is applied at.
 
-    stepwise  the j-th shared layer takes source layer j*N_r of the shared span (every N_r-th)
+    stepwise  the shared layers take source layers spread evenly over the shared span, its first
+              and last included (the official selection_initialize: round(linspace(first,
+              last, n_shared)), Python's round, half to even)
     average   each shared layer is the mean of its tied source layers
     lower     the j-th shared layer takes source layer j of the shared span (the lowest ones)
 
@@ -55,15 +57,25 @@ def layer_sources(cfg: ModelConfig, strategy: str) -> dict[int, list[int]]:
         tied.setdefault(phys, []).append(pos)
     out = {p: tied[p] for p in prelude + coda}
     shared = list(dict.fromkeys(p for s in steps for p in s))  # in order of first application
-    start, nr = len(prelude), cfg.num_recursions
+    start = len(prelude)
     for j, phys in enumerate(shared):
         if strategy == "average":
             out[phys] = tied[phys]
         elif strategy == "stepwise":
-            out[phys] = [start + j * nr]
+            out[phys] = [stepwise_picks(start, len(virtual) - len(coda) - 1, len(shared))[j]]
         else:
             out[phys] = [start + j]
     return out
+
+
+def stepwise_picks(first: int, last: int, n: int) -> list[int]:
+    """n source layers spread evenly over first..last, both ends kept (n = 1: the first):
+    round(linspace(first, last, n)), rounded half to even as the official code's round() of
+    numpy floats does (e.g. 2.5 -> 2)."""
+    if n == 1:
+        return [first]
+    step = (last - first) / (n - 1)  # numpy.linspace's arithmetic, so the halves fall alike
+    return [round(i * step + first) for i in range(n - 1)] + [last]
 
 
 # Keys the copied weights fix: a target that differs in one of them cannot take the source's

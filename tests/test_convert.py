@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,12 +28,40 @@ def _layer(model: MoRLM, i: int) -> dict[str, torch.Tensor]:
 def test_sources_follow_the_paper():
     cfg = target_config(_vanilla().cfg, ["sharing=middle_cycle", "num_recursions=3"])
     # 8 layers: layer 0, then 6 middle layers = 2 shared layers x 3 recursions, then layer 7.
-    assert layer_sources(cfg, "stepwise") == {0: [0], 3: [7], 1: [1], 2: [4]}
+    assert layer_sources(cfg, "stepwise") == {0: [0], 3: [7], 1: [1], 2: [6]}  # the span's first and last
     assert layer_sources(cfg, "lower") == {0: [0], 3: [7], 1: [1], 2: [2]}
     assert layer_sources(cfg, "average") == {0: [0], 3: [7], 1: [1, 3, 5], 2: [2, 4, 6]}
     seq = target_config(_vanilla(6).cfg, ["sharing=sequence", "num_recursions=2"])
     assert layer_sources(seq, "average") == {0: [0, 1], 1: [2, 3], 2: [4, 5]}
-    assert layer_sources(seq, "stepwise") == {0: [0], 1: [2], 2: [4]}
+    assert layer_sources(seq, "stepwise") == {0: [0], 1: [2], 2: [5]}  # linspace(0, 5, 3) = 0, 2.5 -> 2, 5
+
+
+def _official_stepwise(n_layers: int, sharing: str, nr: int) -> list[int]:
+    """The official selection_initialize's stepwise picks, by its rule: round(linspace(first,
+    last, base)) over the shared span (layers 1..L-2 for middle sharing, else 0..L-1)."""
+    middle = sharing.startswith("middle")
+    first, last = (1, n_layers - 2) if middle else (0, n_layers - 1)
+    base = (last - first + 1) // nr
+    return [round(float(x)) for x in np.linspace(first, last, base)]
+
+
+# (n_layers, sharing, N_r): the paper's layouts (360M N_r=2/3/4, 135M and 1.7B N_r=3) and small ones
+LAYOUTS = [(32, "middle_cycle", 2), (32, "middle_cycle", 3), (34, "middle_cycle", 4), (32, "middle_sequence", 3),
+           (26, "middle_cycle", 3), (24, "cycle", 3), (12, "sequence", 2), (8, "middle_cycle", 3), (6, "sequence", 2)]
+
+
+@pytest.mark.parametrize("n_layers,sharing,nr", LAYOUTS)
+def test_stepwise_picks_the_official_selection(n_layers, sharing, nr):
+    cfg = target_config(tiny_config(n_layers=n_layers), [f"sharing={sharing}", f"num_recursions={nr}"])
+    steps = cfg.layer_plan()[1]
+    shared = list(dict.fromkeys(p for s in steps for p in s))  # in the order the stack first applies them
+    picks = [layer_sources(cfg, "stepwise")[p] for p in shared]
+    want = _official_stepwise(n_layers, sharing, nr)
+    assert picks == [[w] for w in want]
+    first, last = (1, n_layers - 2) if sharing.startswith("middle") else (0, n_layers - 1)
+    assert picks[0] == [first] and picks[-1] == [last]  # the shared span's ends are kept
+    # Before issue 33 stepwise took every N_r-th layer (first + j N_r): never the span's last layer.
+    assert want != [first + j * nr for j in range(len(want))]
 
 
 @pytest.mark.parametrize("strategy", ["stepwise", "average", "lower"])
@@ -47,7 +76,7 @@ def test_converted_parameters(strategy):
         assert torch.equal(t, _layer(src, 0)[name])
         assert torch.equal(_layer(out, 3)[name], _layer(src, 7)[name])
     name = "self_attn.q_proj.weight"
-    want = {"stepwise": (_layer(src, 1)[name], _layer(src, 4)[name]),
+    want = {"stepwise": (_layer(src, 1)[name], _layer(src, 6)[name]),
             "lower": (_layer(src, 1)[name], _layer(src, 2)[name]),
             "average": ((_layer(src, 1)[name] + _layer(src, 3)[name] + _layer(src, 5)[name]) / 3,
                         (_layer(src, 2)[name] + _layer(src, 4)[name] + _layer(src, 6)[name]) / 3)}[strategy]

@@ -16,7 +16,7 @@ from megamor.config import ConfigError, key
 from megamor.data.dataset import check_split
 from megamor.data.errors import DataError
 from megamor.data.manifest import load_manifest
-from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, load_tokenizer
+from megamor.data.tokenizer import TokenizerMismatchError, TokenizerNotFoundError, check_same_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -52,6 +52,7 @@ class DataConfig:
     def check_paths(self, prefix: str = "data") -> dict[str, Any]:
         """Check every folder holds a finished shard set with the needed split, all made with
         one tokenizer; returns that tokenizer's manifest entry (vocab_size, eos_id, ...)."""
+        tok = self._load_tokenizer(prefix)  # first: a missing placeholder is named even without shards
         tokenizer: dict[str, Any] | None = None
         first = ""
         entries = [("train", i, p, self.train_split) for i, p in enumerate(self.train)]
@@ -82,14 +83,21 @@ class DataConfig:
                 raise ConfigError(k, f"{p} was tokenized with another tokenizer than {first} "
                                      f"({m['tokenizer']['hash'][:12]} vs {tokenizer['hash'][:12]})")
         assert tokenizer is not None
-        if self.tokenizer is not None:
-            k = key(prefix, "tokenizer")
-            try:
-                tok = load_tokenizer(self.tokenizer)
-            except (DataError, OSError) as e:
-                raise ConfigError(k, str(e)) from None
+        if tok is not None:
             try:
                 check_same_tokenizer(tokenizer["hash"], tok.content_hash, "the shards were made with", str(self.tokenizer))
             except TokenizerMismatchError as e:
-                raise ConfigError(k, str(e)) from None
+                raise ConfigError(key(prefix, "tokenizer"), str(e)) from None
         return tokenizer
+
+    def _load_tokenizer(self, prefix: str) -> Any:
+        if self.tokenizer is None:
+            return None
+        k = key(prefix, "tokenizer")
+        try:
+            return load_tokenizer(self.tokenizer)
+        except TokenizerNotFoundError as e:  # e.g. a shipped config's placeholder path
+            raise ConfigError(k, f"{e}: put the tokenizer the shards were made with there (a sentencepiece .model, a "
+                                 f"Hugging Face tokenizer.json or a folder holding one), or set {k}=PATH") from None
+        except (DataError, OSError) as e:
+            raise ConfigError(k, str(e)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -105,6 +106,22 @@ class RouterConfig:
     # and the optimizer step: fresh every step, as the official torch.rand); causal expert choice
     # keeps a token at step r with probability c_r / c_(r-1).
     rand_router: bool = False
+    # -- regularisers (training only; off by default: 0 adds nothing to the loss) --
+    # Router entropy: the loss gains -entropy_coef * the mean routing entropy (nats), so a
+    # positive coefficient raises the entropy (softer, less saturated routing) and a negative
+    # one lowers it. Expert choice: the Bernoulli entropy of each step's gate probability
+    # (sigmoid of the logit; tanh's gate as (1 + tanh) / 2; none: sigmoid of the raw logit),
+    # averaged over candidate tokens, then over steps; token choice: the entropy of the depth
+    # distribution (softmax over the depth logits). Both from the logits of h / temperature.
+    # Logged as train/router_entropy.
+    entropy_coef: float = 0.0  # loss -= entropy_coef * mean routing entropy (expert choice: each gate's Bernoulli entropy; token choice: the depth distribution's); positive raises it, negative lowers it; 0: off
+    # Token choice: the mean depth to steer compute to, in recursion steps (1..num_recursions).
+    # The loss gains target_depth_coef * (E[depth] - target_depth)^2, E[depth] the micro-batch's
+    # mean expected depth under the depth distribution (softmax over the depth logits): it has a
+    # gradient, and the chosen (argmax) depth logged as router/mean_depth follows it. Logged as
+    # train/router_target_depth (the squared gap) and train/router_expected_depth. None: off.
+    target_depth: float | None = None  # token choice: the mean depth (recursion steps, 1..num_recursions) to pull the micro-batch's mean expected depth towards; None: off
+    target_depth_coef: float = 0.0  # token choice: loss += target_depth_coef * (mean expected depth - target_depth)^2; > 0 exactly when target_depth is set
 
     def validate(self, path: str) -> None:
         if self.type not in ROUTERS:
@@ -120,6 +137,7 @@ class RouterConfig:
         for name in ("cap_warmup_step", "bal_warmup_step"):
             if getattr(self, name) < 0:
                 raise ConfigError(key(path, name), "must be >= 0")
+        self._validate_regularisers(path)
         if self.aux_router and self.type != "expert_choice":
             raise ConfigError(key(path, "aux_router"), f"applies to expert choice only (router.type is {self.type!r})")
         if self.network not in ("linear", "mlp"):
@@ -147,6 +165,25 @@ class RouterConfig:
             raise ConfigError(key(path, "token_choice_update"), "applies to token choice only")
         if self.type != "expert_choice":
             self.gate_straight_through = False  # expert choice only; one value for every other router
+
+    def _validate_regularisers(self, path: str) -> None:
+        if not math.isfinite(self.entropy_coef):
+            raise ConfigError(key(path, "entropy_coef"), f"must be a finite number, got {self.entropy_coef}")
+        if self.entropy_coef and (self.type == "none" or self.rand_router):
+            raise ConfigError(key(path, "entropy_coef"), "needs a learned router (router.type is "
+                              f"{self.type!r}{', rand_router true' if self.rand_router else ''})")
+        if not (math.isfinite(self.target_depth_coef) and self.target_depth_coef >= 0):
+            raise ConfigError(key(path, "target_depth_coef"), f"must be >= 0, got {self.target_depth_coef}")
+        if self.target_depth is None:
+            if self.target_depth_coef:
+                raise ConfigError(key(path, "target_depth"), "must be set when router.target_depth_coef is "
+                                  f"{self.target_depth_coef}")
+            return
+        if self.type != "token_choice" or self.rand_router:
+            raise ConfigError(key(path, "target_depth"), "applies to token choice with a learned router only "
+                              f"(router.type is {self.type!r}{', rand_router true' if self.rand_router else ''})")
+        if not self.target_depth_coef:
+            raise ConfigError(key(path, "target_depth_coef"), "must be > 0 when router.target_depth is set")
 
     @property
     def gate_scale(self) -> float:
@@ -222,6 +259,9 @@ class ModelConfig:
         if r.type != "none" and nr < 2:
             raise ConfigError(key(path, "router.type"), f"router {r.type!r} needs a sharing strategy with num_recursions >= 2 "
                               "(or sharing 'none' with num_recursions >= 2: routing over distinct layers)")
+        if r.target_depth is not None and not (1.0 <= r.target_depth <= nr):
+            raise ConfigError(key(path, "router.target_depth"), f"must be in [1, num_recursions = {nr}] "
+                              f"(recursion steps), got {r.target_depth}")
         if r.capacity is not None and r.type == "expert_choice" and len(r.capacity) != nr:
             raise ConfigError(key(path, "router.capacity"), f"needs {nr} entries (one per recursion), got {len(r.capacity)}")
         if self.kv_mode == "shared" and self.sharing not in ("cycle", "middle_cycle"):

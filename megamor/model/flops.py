@@ -147,6 +147,22 @@ def convention_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str) 
     raise ValueError(f"unknown FLOPs convention {convention!r}; one of {CONVENTIONS}")
 
 
+BUDGET_COUNTS = ("forward", "training")  # how a FLOP budget counts: the forward pass, or 3 x (with backward)
+TRAIN_MULTIPLIER = 3.0  # forward + backward
+
+
+def budget_flops_per_token(cfg: ModelConfig, seq_len: int, count: str, convention: str = "exact") -> float:
+    """FLOPs per token a budget of `count` (BUDGET_COUNTS) spends, in `convention`."""
+    fpt = convention_flops_per_token(cfg, seq_len, convention)
+    return fpt * (TRAIN_MULTIPLIER if count == "training" else 1.0)
+
+
+def budget_steps(flops: float, flops_per_token: float, tokens_per_step: int) -> int:
+    """Optimizer steps that spend `flops`: rounded to the nearest whole step, at least 1 (the
+    paper's released 360M step counts are within one step of this)."""
+    return max(1, round(float(flops) / flops_per_token / tokens_per_step))
+
+
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> float:
     """Expected KV-cache bytes per cached token during decoding (bf16 by default)."""
     prelude, steps, coda = cfg.layer_plan()

@@ -58,6 +58,9 @@ def routing_settings(cfg: ModelConfig) -> RoutingSettings:
         bce_reduction=r.bce_reduction,
         aux_router=r.aux_router,
         rand_router=r.rand_router,
+        entropy_coef=r.entropy_coef,
+        target_depth=r.target_depth if r.target_depth is not None else 0.0,
+        target_depth_coef=r.target_depth_coef,
     )
 
 

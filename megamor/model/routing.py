@@ -26,6 +26,13 @@ live here too: capacity and balancing warmups (they read `RoutingPolicy.train_st
 trainer sets every optimizer step), router temperature, router functions, unweighted gating,
 the random router (`position_uniform`: the same draw on every path) and the auxiliary router.
 
+Regularisers (training only, off by default): `entropy_coef` subtracts entropy_coef times the
+routing entropy from the loss (expert choice: the Bernoulli entropy of each step's gate
+probability, `gate_entropy`; token choice: the entropy of the depth distribution,
+`depth_entropy`); token choice's `target_depth_coef` adds (mean expected depth -
+target_depth)^2 (`expected_depth`). Temperature acts through the router's input, so both see
+the temperature-scaled logits the routing uses.
+
 Routers are modules owned by the model, used through a small interface:
   expert choice (`model.routers[r]`): `router(h)` -> logits [..., T] fp32; `router.threshold`;
     `router.aux` (None, or the auxiliary router's network: h -> [..., T, 1]);
@@ -82,6 +89,11 @@ class RoutingSettings:
     bce_reduction: str = "mean"  # the expert-choice BCE over recursion steps: mean | sum
     aux_router: bool = False  # expert choice: causal routing by a separate router (`router.aux`)
     rand_router: bool = False  # random routing baseline: scores from `position_uniform`, no router
+    # Regularisers (training only; RouterConfig documents each): loss - entropy_coef * the
+    # routing entropy; token choice: + target_depth_coef * (expected depth - target_depth)^2.
+    entropy_coef: float = 0.0
+    target_depth: float = 0.0  # in recursion steps, 1..N_r; used when target_depth_coef > 0
+    target_depth_coef: float = 0.0
 
 
 # -- the rule's pieces (pure functions) ----------------------------------------------------
@@ -191,6 +203,42 @@ def expert_choice_aux_losses(
         target = target * (1.0 - 2.0 * smoothing) + smoothing
     bce = F.binary_cross_entropy_with_logits(logits, target, weight=w, reduction="sum") / n
     return bce, (logits.pow(2) * w).sum() / n
+
+
+def gate_entropy(s: RoutingSettings, logits: Tensor) -> Tensor:
+    """Expert choice's per-token Bernoulli entropy (nats) of the gate probability p: sigmoid of
+    the logit (activation sigmoid, and none, whose logit the BCE and the causal rule read as a
+    sigmoid logit too); tanh's gate in (-1, 1) read as p = (1 + tanh(x)) / 2 = sigmoid(2x).
+    H = -p log p - (1-p) log(1-p) = softplus(x) - p x: finite for every logit."""
+    x = logits.float()
+    if s.activation == "tanh":
+        x = 2.0 * x
+    return F.softplus(x) - torch.sigmoid(x) * x
+
+
+def depth_distribution(logits: Tensor) -> Tensor:
+    """Token choice's depth distribution [..., N_r] for the regularisers: softmax over the depth
+    logits (also under `token_func: sigmoid`, whose argmax over the logits is the same depth)."""
+    return logits.float().softmax(-1)
+
+
+def depth_entropy(logits: Tensor) -> Tensor:
+    """Token choice's per-token entropy (nats) of the depth distribution."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def expected_depth(logits: Tensor) -> Tensor:
+    """Token choice's per-token expected depth in recursion steps (1..N_r) under the depth
+    distribution: differentiable, unlike the chosen (argmax) depth it steers."""
+    p = depth_distribution(logits)
+    return (p * torch.arange(1, p.shape[-1] + 1, device=p.device, dtype=p.dtype)).sum(-1)
+
+
+def masked_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """Mean of x [..., T] over the valid tokens (0 if none); fixed shapes, no host sync."""
+    w = valid.float()
+    return (x * w).sum() / w.sum().clamp(min=1.0)
 
 
 def depth_counts(choice: Tensor, valid: Tensor, num_depths: int) -> Tensor:
@@ -328,6 +376,7 @@ class RoutingPass:
         self.health: dict[str, Tensor] = {}
         self.trace: list[tuple[int, Tensor, Tensor, Tensor]] = []
         self._n_bce = 0
+        self._n_entropy = 0
         self._choice: Tensor | None = None
         self._gate: Tensor | None = None
         self._reach: list[int] | None = None
@@ -406,6 +455,10 @@ class RoutingPass:
                     self.aux["router_bce"] = self.aux.get("router_bce", 0) + bce
                     self._n_bce += 1
             self.aux["router_z"] = self.aux.get("router_z", 0) + z
+            if s.entropy_coef:  # a mean over steps, as the BCE's
+                self.aux["router_entropy"] = self.aux.get("router_entropy", 0) + masked_mean(
+                    gate_entropy(s, logits), candidates)
+                self._n_entropy += 1
             self.health.update(step_health(r, logits, candidates, selected))
         if self.record and capacity < 1.0:
             traced = predicted if predicted is not None else logits
@@ -459,6 +512,7 @@ class RoutingPass:
             if self.training and not s.rand_router:  # the official balancing loss sees alpha * sigmoid
                 p_bal = s.gate_scale * probs if s.token_func == "sigmoid" else probs
                 self.aux["router_balance"], self.aux["router_z"] = token_choice_aux_losses(choice, p_bal, logits, candidates)
+                self._token_regularisers(logits, candidates)
             if self.count:  # one read of the device for every step's length
                 self._reach = torch.stack([(candidates & (choice >= q)).sum(-1).max()
                                            for q in range(probs.shape[-1])]).tolist()
@@ -468,6 +522,16 @@ class RoutingPass:
         selected = candidates & (self._choice >= r)
         return StepRouting(selected, self._gate, keeps_all=False,
                            counted=self._reach[r] if self._reach is not None else None, **self._paper_rule(r))
+
+    def _token_regularisers(self, logits: Tensor, valid: Tensor) -> None:
+        """Token choice's entropy and target-depth terms (unweighted; `losses` weighs them)."""
+        s = self.policy.settings
+        if s.entropy_coef:
+            self.aux["router_entropy"] = masked_mean(depth_entropy(logits), valid)
+        if s.target_depth_coef:
+            mean_depth = masked_mean(expected_depth(logits), valid)  # this micro-batch's mean
+            self.aux["router_target_depth"] = (mean_depth - s.target_depth) ** 2
+            self.health["router_expected_depth"] = mean_depth.detach()
 
     def _paper_rule(self, r: int) -> dict[str, Tensor]:
         """Token choice's paper rule: the tokens leaving at step r, and H^1."""
@@ -482,10 +546,13 @@ class RoutingPass:
         aux = dict(self.aux)
         if self._n_bce and s.bce_reduction == "mean":
             aux["router_bce"] = aux["router_bce"] / self._n_bce  # a mean over steps: comparable across N_r
+        if self._n_entropy:
+            aux["router_entropy"] = aux["router_entropy"] / self._n_entropy
         # The auxiliary router's BCE has weight 1 (the official code steps it with an optimizer
         # of its own, unscaled); its detached input keeps it out of the model's gradient.
         coefs = {"router_bce": s.bce_coef, "router_z": s.z_coef, "router_balance": s.balance_coef,
-                 "router_aux_bce": 1.0}
+                 "router_aux_bce": 1.0, "router_entropy": -s.entropy_coef,
+                 "router_target_depth": s.target_depth_coef}
         total = like.new_zeros((), dtype=torch.float32)
         for name, value in aux.items():
             if coefs[name]:

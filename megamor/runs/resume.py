@@ -173,9 +173,11 @@ def set_aside_for_restart(run_dir: str | Path) -> list[Path]:
     return moved
 
 
-def ensure_universal(ref: CheckpointRef) -> Path:
-    """Convert a tag to a universal checkpoint once (rank 0 only); returns its folder."""
-    out_root = ref.root / UNIVERSAL
+def ensure_universal(ref: CheckpointRef, out_root: Path | None = None) -> Path:
+    """Convert a tag to a universal checkpoint once (rank 0 only); returns its folder. out_root:
+    where the conversion goes (default checkpoints/universal/ beside the tag; a mid-training
+    phase puts it in its own run folder and leaves the source run's untouched)."""
+    out_root = out_root if out_root is not None else ref.root / UNIVERSAL
     out = out_root / ref.tag
     if check_tag(out, "hash")[0] is not None:
         return out

@@ -17,10 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamor.model.config import ModelConfig
-from megamor.model.flops import convention_flops_per_token
+from megamor.model.flops import budget_flops_per_token, budget_steps
 from megamor.study.config import BudgetConfig
-
-TRAIN_MULTIPLIER = 3.0  # forward + backward
 
 
 @dataclass
@@ -32,18 +30,15 @@ class RunBudget:
     flops: float  # tokens x FLOPs per token, in the budget's count (forward or training)
 
 
-def counted_flops_per_token(cfg: ModelConfig, seq_len: int, count: str, convention: str = "exact") -> float:
-    fpt = convention_flops_per_token(cfg, seq_len, convention)
-    return fpt * (TRAIN_MULTIPLIER if count == "training" else 1.0)
-
-
 def run_budget(budget: BudgetConfig, cfg: ModelConfig, seq_len: int, global_batch_size: int,
                convention: str = "exact") -> RunBudget:
     """Optimizer steps (rounded to the nearest whole step, at least 1) that spend the budget.
     The paper's released 360M step counts are within one step of this (9,438 for vanilla;
     14,161 for MoR-expert-3, where its rule gives 14,160.01)."""
     per_step = global_batch_size * seq_len
-    fpt = counted_flops_per_token(cfg, seq_len, budget.count, convention)
-    tokens = budget.tokens if budget.tokens is not None else float(budget.flops) / fpt
-    steps = max(1, round(tokens / per_step))
+    fpt = budget_flops_per_token(cfg, seq_len, budget.count, convention)
+    if budget.tokens is not None:
+        steps = max(1, round(budget.tokens / per_step))
+    else:  # the rule an experiment's own `budget.flops` follows too (megamor.train.config)
+        steps = budget_steps(float(budget.flops), fpt, per_step)
     return RunBudget(fpt, per_step, steps, steps * per_step, steps * per_step * fpt)

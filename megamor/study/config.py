@@ -93,17 +93,23 @@ class StudyBudgetConfig(BudgetConfig):
 @dataclass
 class VariantConfig:
     name: str = ""  # the variant's name in run names and reports
-    model_config: str = ""  # a configs/model/*.yaml
+    model_config: str = ""  # a configs/model/*.yaml (optional with `experiment`: its own model_config)
     overrides: list[str] = field(default_factory=list)  # experiment keys, e.g. model.router.alpha=1.0
+    # this variant's base experiment instead of the study's (the paper's per-variant recipes in
+    # configs/experiments/paper/, say); the study's budget still sets its length
+    experiment: str | None = None
 
     def validate(self, path: str) -> None:
         if not _NAME.match(self.name or ""):
             raise ConfigError(key(path, "name"), f"must be a plain name (letters, digits, _ . -), got {self.name!r}")
-        if not self.model_config:
-            raise ConfigError(key(path, "model_config"), "is required")
+        if not self.model_config and not self.experiment:
+            raise ConfigError(key(path, "model_config"), "is required (or an `experiment` that names one)")
         for o in self.overrides:
             if "=" not in o:
                 raise ConfigError(key(path, "overrides"), f"{o!r} must look like key=value")
+
+
+TOKENIZER_KINDS = ("sentencepiece", "hf-bpe")  # data_prep/train_tokenizer.py --kind
 
 
 @dataclass
@@ -112,6 +118,7 @@ class StudyDataConfig:
     # prepared once into OUT/data/{tokenizer,shards}. Or give ready `shards` (+ `tokenizer`).
     text: list[str] = field(default_factory=list)
     vocab_size: int = 4096  # the tokenizer trained on `text`
+    tokenizer_kind: str = "sentencepiece"  # the tokenizer trained on `text`: sentencepiece | hf-bpe (byte-level BPE)
     valid_fraction: float = 0.02  # documents held out for validation
     txt_mode: str = "paragraph"  # a .txt document: file | paragraph | line
     shards: str | None = None  # prepared shards to use instead of `text`
@@ -124,6 +131,8 @@ class StudyDataConfig:
             raise ConfigError(key(path, "tokenizer"), "prepared shards need their tokenizer")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError(key(path, "valid_fraction"), f"must be in (0, 1), got {self.valid_fraction}")
+        if self.tokenizer_kind not in TOKENIZER_KINDS:
+            raise ConfigError(key(path, "tokenizer_kind"), f"must be one of {TOKENIZER_KINDS}, got {self.tokenizer_kind!r}")
 
 
 @dataclass
@@ -146,7 +155,7 @@ class StudyEvalConfig:
 @dataclass
 class StudyConfig:
     name: str = ""  # the study's name: runs/studies/<name> unless out_dir is set
-    experiment: str = ""  # base experiment YAML of every run
+    experiment: str = ""  # base experiment YAML of every run (a variant may name its own)
     overrides: list[str] = field(default_factory=list)  # experiment keys for every run
     out_dir: str | None = None  # default runs/studies/<name>
     report_dir: str | None = None  # table + plots; default out_dir

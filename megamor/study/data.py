@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from megamor.config import ConfigError
+from megamor.data.tokenizer import HF_FILE, MODEL_FILE
 from megamor.env import repo_root
 from megamor.parallel.orphan import child_follows_parent
 from megamor.study.config import StudyConfig
@@ -34,7 +35,9 @@ def data_paths(study: StudyConfig) -> tuple[Path, Path]:
 
 def is_prepared(study: StudyConfig) -> bool:
     shards, tok = data_paths(study)
-    return (shards / "manifest.json").is_file() and (tok / "tokenizer.model").is_file()
+    if study.data.shards:
+        return (shards / "manifest.json").is_file() and tok.exists()
+    return (shards / "manifest.json").is_file() and _tokenizer_file(tok, study.data.tokenizer_kind).is_file()
 
 
 def _text_folder(study: StudyConfig, folder: Path) -> Path:
@@ -78,14 +81,20 @@ def prepare(study: StudyConfig) -> tuple[Path, Path]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _tokenizer_file(tok: Path, kind: str) -> Path:
+    """The file whose presence means the study's tokenizer of `kind` is trained."""
+    return tok / (HF_FILE if kind == "hf-bpe" else MODEL_FILE)
+
+
 def _prepare_text(study: StudyConfig, shards: Path, tok: Path) -> tuple[Path, Path]:
     d = study.data
     py = sys.executable
-    if not (tok / "tokenizer.model").is_file() or not (shards / "manifest.json").is_file():
+    trained = _tokenizer_file(tok, d.tokenizer_kind)
+    if not trained.is_file() or not (shards / "manifest.json").is_file():
         text = _text_folder(study, shards.parent / "text")
-    if not (tok / "tokenizer.model").is_file():
+    if not trained.is_file():
         _run([py, "data_prep/train_tokenizer.py", str(text), "--out", str(tok), "--vocab-size", str(d.vocab_size),
-              "--txt-mode", d.txt_mode, "--num-threads", "1"])
+              "--kind", d.tokenizer_kind, "--txt-mode", d.txt_mode, "--num-threads", "1"])
     if not (shards / "manifest.json").is_file():
         _run([py, "data_prep/tokenize_and_shard.py", str(text), "--tokenizer", str(tok), "--out", str(shards),
               "--workers", "1", "--txt-mode", d.txt_mode, "--valid-fraction", str(d.valid_fraction), "--no-progress"])

@@ -13,6 +13,8 @@ from megamor.study.budget import RunBudget, run_budget
 from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
 from megamor.train.config import ExperimentConfig, load_experiment
 
+PROVISIONAL_STEPS = 10**9  # the first resolve's length: longer than any fixed warmup
+
 
 @dataclass
 class RunSpec:
@@ -21,7 +23,7 @@ class RunSpec:
     variant: str
     seed: int
     run_dir: Path
-    config: Path  # the study's base experiment
+    config: Path  # the run's base experiment (the variant's, else the study's)
     overrides: list[str]  # everything that makes this run this run (passed to megamor.train)
     budget: RunBudget  # its FLOPs in the study's convention (flops.convention)
     forward_flops_per_token: float  # exact convention (what the hardware runs), whatever the study's
@@ -43,9 +45,13 @@ def _experiment(study: StudyConfig, budget: StudyBudgetConfig, v: VariantConfig,
     # replace them). Order: the study's, the budget's (its width), the variant's overrides.
     tags = [v.name, f"seed{seed}", *([budget.name] if budget.name else [])]
     tracking = [f"wandb.group={study.name}", f"wandb.tags=[{','.join(tags)}]"]
-    ov = [f"model_config={v.model_config}", *tracking, *study.overrides, *budget.overrides, *v.overrides,
-          f"seed={seed}", f"data.seed={seed}", *extra]
-    return ov, load_experiment([study.experiment], ov)
+    model = [f"model_config={v.model_config}"] if v.model_config else []  # else the variant experiment's own
+    ov = [*model, *tracking, *study.overrides, *budget.overrides, *v.overrides, f"seed={seed}", f"data.seed={seed}", *extra]
+    return ov, load_experiment([experiment_path(study, v)], ov)
+
+
+def experiment_path(study: StudyConfig, v: VariantConfig) -> str:
+    return v.experiment or study.experiment
 
 
 def run_name(variant: str, seed: int, budget: str = "") -> str:
@@ -73,13 +79,15 @@ def plan_runs(study: StudyConfig, shards: Path, tokenizer: Path) -> list[RunSpec
             for v in study.budget_variants(budget):
                 name = run_name(v.name, seed, budget.name)
                 folder = run_dir(study.out_path, v.name, seed, budget.name)
+                # a provisional length long enough for any fixed warmup (the experiment's
+                # schedule.warmup_steps); the budget's steps replace it and are checked below
                 base = [f"name={name}", f"run_dir={folder}", *data_overrides(shards, tokenizer),
-                        "trainer.max_tokens=null", "trainer.max_steps=1"]
+                        "trainer.max_tokens=null", f"trainer.max_steps={PROVISIONAL_STEPS}"]
                 ov, cfg = _experiment(study, budget, v, seed, base)
                 b = run_budget(budget, cfg.model, cfg.data.seq_len, cfg.batch.global_batch_size, study.flops.convention)
                 ov = ov[:-1] + [f"trainer.max_steps={b.steps}"]
-                load_experiment([study.experiment], ov)  # the final config must be valid too (schedule vs steps)
-                runs.append(RunSpec(len(runs), name, v.name, seed, folder, Path(study.experiment), ov, b,
+                load_experiment([experiment_path(study, v)], ov)  # the final config must be valid too (schedule vs steps)
+                runs.append(RunSpec(len(runs), name, v.name, seed, folder, Path(experiment_path(study, v)), ov, b,
                                     flops_per_token(cfg.model, cfg.data.seq_len), budget.name,
                                     kept_result_path(study.report_path, v.name, seed, budget.name)))
     return runs

@@ -8,6 +8,7 @@
     schedule   warmup-stable-decay (the paper's) or cosine
     deepspeed  ZeRO stage, precision, raw DeepSpeed keys
     trainer    steps, activation checkpointing, non-finite handling, MFU peak
+    budget     or the run's length as a FLOP budget; flops.convention says how it is counted
     checkpoint every / keep-last / resume
     eval       validation every M steps
     logging    cadence; console, metrics.jsonl, TensorBoard, depth-histogram CSV
@@ -35,6 +36,7 @@ from megamor.data.config import DataConfig
 from megamor.env import repo_root
 from megamor.eval.tasks import UnknownTaskError, check_task_names
 from megamor.model.config import STORED_DEFAULTS, ModelConfig, with_stored_defaults
+from megamor.model.flops import BUDGET_COUNTS, CONVENTIONS, budget_flops_per_token, budget_steps
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
 from megamor.train.ds_keys import check_deepspeed_keys
@@ -97,6 +99,7 @@ class ScheduleConfig:
     warmup_steps: int | None = None  # overrides warmup_fraction
     warmup_fraction: float = 0.05  # linear warmup over this fraction of the steps
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to min_lr_ratio * lr
+    decay_steps: int | None = None  # wsd: overrides decay_fraction (e.g. an annealing phase's length)
     decay_shape: str = "linear"  # wsd decay: linear | cosine
     min_lr_ratio: float = 0.0  # the learning rate ends at min_lr_ratio * lr
     allow_change: bool = False  # resume even if max_steps/max_tokens/schedule changed (schedule rebuilt)
@@ -111,11 +114,44 @@ class ScheduleConfig:
                 raise ConfigError(key(path, name), f"must be in [0, 1], got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(key(path, "warmup_steps"), "must be >= 0")
+        if self.decay_steps is not None and self.decay_steps < 0:
+            raise ConfigError(key(path, "decay_steps"), "must be >= 0")
 
     def warmup(self, max_steps: int) -> int:
         if self.warmup_steps is not None:
             return self.warmup_steps
         return round(self.warmup_fraction * max_steps)
+
+    def decay(self, max_steps: int) -> int:
+        if self.type != "wsd":
+            return 0
+        return self.decay_steps if self.decay_steps is not None else round(self.decay_fraction * max_steps)
+
+
+@dataclass
+class RunBudgetConfig:
+    # The run's length as a FLOP budget instead of trainer.max_steps / max_tokens (give one of
+    # the three): steps = round(flops / (FLOPs per token x global batch x seq_len)), FLOPs per
+    # token of `model` as a study's budget counts them (megamor.model.flops.budget_steps).
+    flops: float | None = None
+    count: str = "forward"  # forward | training (3 x forward)
+
+    def validate(self, path: str) -> None:
+        if self.flops is not None and not self.flops > 0:
+            raise ConfigError(key(path, "flops"), f"must be positive, got {self.flops}")
+        if self.count not in BUDGET_COUNTS:
+            raise ConfigError(key(path, "count"), f"must be one of {BUDGET_COUNTS}, got {self.count!r}")
+
+
+@dataclass
+class RunFlopsConfig:
+    # How budget.flops is counted: exact (what a forward pass runs; MFU always uses it) | paper
+    # (the MoR paper's Appendix D: no LM head, K/V at d x d; gives its released step counts).
+    convention: str = "exact"
+
+    def validate(self, path: str) -> None:
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(key(path, "convention"), f"must be one of {CONVENTIONS}, got {self.convention!r}")
 
 
 @dataclass
@@ -201,19 +237,17 @@ class TrainerConfig:
     # routers: router tuning of a model megamor.adapt wrapped; every other parameter is frozen
     # (requires_grad False, in no optimizer group), so the pretrained weights stay bit for bit.
     train_only: str = "all"  # all | routers (train the routers alone, every other parameter frozen)
+    # A new training phase (mid-training, annealing): RUN or RUN/step_N (default its newest
+    # complete checkpoint); weights, optimizer state and step counter come from there, the rest
+    # (data mix, seq_len, schedule, batch) from this config, into a new run_dir
+    # (megamor/train/phase.py). Ignored once this run_dir has checkpoints of its own.
+    continue_from: str | None = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self, path: str) -> None:
         self.compile = str(self.compile).lower()
         if self.compile not in ("auto", "true", "false"):
             raise ConfigError(key(path, "compile"), f"must be auto, true or false, got {self.compile!r}")
-        if self.max_steps is None and self.max_tokens is None:
-            raise ConfigError(key(path, "max_steps"), "the run's length is not set: add trainer.max_steps=N "
-                                                      "or trainer.max_tokens=N")
-        if self.max_steps is not None and self.max_tokens is not None:
-            raise ConfigError(key(path, "max_steps"), f"both trainer.max_steps ({self.max_steps}) and trainer.max_tokens "
-                                                      f"({self.max_tokens}) are set: give one, e.g. add "
-                                                      "trainer.max_tokens=null to train for max_steps")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(key(path, "max_steps"), "must be >= 1")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -222,6 +256,10 @@ class TrainerConfig:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
         if self.train_only not in TRAIN_ONLY:
             raise ConfigError(key(path, "train_only"), f"must be one of {TRAIN_ONLY}, got {self.train_only!r}")
+        if self.init_from is not None and self.continue_from is not None:
+            raise ConfigError(key(path, "continue_from"), f"and trainer.init_from are both set ({self.continue_from}, "
+                                                          f"{self.init_from}): continue_from takes weights, optimizer "
+                                                          "state and step; init_from weights only at step 0. Give one")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
 
@@ -352,10 +390,13 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    budget: RunBudgetConfig = field(default_factory=RunBudgetConfig)  # the length as FLOPs (instead of trainer.*)
+    flops: RunFlopsConfig = field(default_factory=RunFlopsConfig)
 
     def validate(self, path: str = "") -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(key(path, "name"), f"must be a non-empty name without '/', got {self.name!r}")
+        self._validate_length(path)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(key(path, "data.seq_len"), f"{self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
         if self.eval.tasks and not self.data.tokenizer:
@@ -387,7 +428,7 @@ class ExperimentConfig:
                 raise ConfigError(key(path, f"model.router.{name}"), f"{getattr(router, name)} exceeds the run's "
                                   f"{steps} training steps")
         warm = self.schedule.warmup(steps)
-        decay = round(self.schedule.decay_fraction * steps) if self.schedule.type == "wsd" else 0
+        decay = self.schedule.decay(steps)
         if warm + decay > steps:
             raise ConfigError(key(path, "schedule.warmup_steps"), f"warmup {warm} + decay {decay} steps exceed the {steps} training steps")
         if self.trainer.compile == "true" and self.deepspeed.zero_stage == 3 and self.trainer.activation_checkpointing:
@@ -395,12 +436,25 @@ class ExperimentConfig:
             raise ConfigError(key(path, "trainer.compile"), "true is not supported with deepspeed.zero_stage 3 and "
                               "trainer.activation_checkpointing (use auto, which compiles only where it works, or false)")
 
+    def _validate_length(self, path: str) -> None:
+        given = [(k, v) for k, v in (("trainer.max_steps", self.trainer.max_steps), ("trainer.max_tokens", self.trainer.max_tokens),
+                                     ("budget.flops", self.budget.flops)) if v is not None]
+        if not given:
+            raise ConfigError(key(path, "trainer.max_steps"), "the run's length is not set: add trainer.max_steps=N, "
+                                                              "trainer.max_tokens=N or budget.flops=F")
+        if len(given) > 1:
+            values = " and ".join(f"{k} ({v})" for k, v in given)
+            raise ConfigError(key(path, given[0][0]), f"{values} are set: give only one, e.g. add {given[1][0]}=null")
+
     # -- derived ----------------------------------------------------------------------
     @property
     def max_steps(self) -> int:
         if self.trainer.max_steps is not None:
             return self.trainer.max_steps
         per_step = self.batch.global_batch_size * self.data.seq_len
+        if self.budget.flops is not None:
+            fpt = budget_flops_per_token(self.model, self.data.seq_len, self.budget.count, self.flops.convention)
+            return budget_steps(self.budget.flops, fpt, per_step)
         return max(1, -(-int(self.trainer.max_tokens or 0) // per_step))
 
     @property
@@ -441,16 +495,19 @@ def merge_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequenc
     return node
 
 
-LENGTH_KEYS = ("trainer.max_steps", "trainer.max_tokens")
+LENGTH_KEYS = ("trainer.max_steps", "trainer.max_tokens", "budget.flops")
 
 
 def _override_wins_length(node: Any, overrides: Sequence[str]) -> None:
-    """`trainer.max_steps=N` on the command line replaces a file's max_tokens (and vice versa):
-    the two are alternatives, so the override clears the other unless it is overridden too."""
+    """`trainer.max_steps=N` on the command line replaces a file's max_tokens or budget.flops
+    (and so on): they are alternatives, so an override clears the others not overridden too."""
     given = {item.partition("=")[0].strip() for item in overrides}
-    for mine, other in (LENGTH_KEYS, LENGTH_KEYS[::-1]):
-        if mine in given and other not in given and OmegaConf.select(node, mine, default=None) is not None:
-            OmegaConf.update(node, other, None, merge=False)
+    for mine in LENGTH_KEYS:
+        if mine not in given or OmegaConf.select(node, mine, default=None) is None:
+            continue
+        for other in LENGTH_KEYS:
+            if other not in given and OmegaConf.select(node, other, default=None) is not None:
+                OmegaConf.update(node, other, None, merge=False)
 
 
 def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> ExperimentConfig:

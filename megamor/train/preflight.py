@@ -11,7 +11,8 @@ failure is a ConfigError: one line naming the key, exit 2.
     run folder  (checkpoint.resume) the checkpoint that would be resumed holds the configured
                 model, the same learning-rate schedule (or schedule.allow_change), the same
                 TP x DP layout for a tensor-parallel tag; trainer.init_from loads and holds
-                the configured model
+                the configured model; trainer.continue_from names a complete checkpoint of
+                another run with the same model and tokenizer (megamor/train/phase.py)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from megamor.train.config import (
     load_stored_experiment,
 )
 from megamor.train.init_from import check_init_from
+from megamor.train.phase import check_continue_from, resolve_source
 from megamor.train.schedule_change import check_schedule_change
 from megamor.train.tensorboard_sink import check_available as check_tensorboard
 from megamor.train.wandb_setup import check_credentials
@@ -81,11 +83,14 @@ def check_task_files(cfg: ExperimentConfig, world_size: int = 1) -> None:
 
 def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:
     """What the run folder (and trainer.init_from) must agree with before resuming or starting."""
-    if cfg.checkpoint.resume:
-        ref = newest_complete(cfg.run_path)
-        if ref is not None:
-            check_resumable(cfg, ref)
-            check_resume_layout(cfg, ref, world_size)
+    ref = newest_complete(cfg.run_path) if cfg.checkpoint.resume else None
+    if ref is not None:
+        check_resumable(cfg, ref)
+        check_resume_layout(cfg, ref, world_size)
+    elif cfg.trainer.continue_from:  # a new phase (its own checkpoints, once saved, win: resumed above)
+        src = resolve_source(cfg.trainer.continue_from)
+        keep_trained_defaults(cfg, src.config, str(src.ref.path))
+        check_continue_from(cfg, src)
     if cfg.trainer.init_from:
         check_init_from(cfg.trainer.init_from, cfg.model)
 

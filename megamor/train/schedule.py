@@ -1,7 +1,7 @@
 """Learning-rate schedules as pure functions of the step, so resuming needs no scheduler state.
 
 WSD (warmup-stable-decay, the paper's "trapezoid"): linear warmup to the peak, constant,
-then a decay over the last `decay_fraction` of the steps to min_lr_ratio * peak.
+then a decay over the last `decay_steps` (or `decay_fraction` of the) steps to min_lr_ratio * peak.
 Cosine: linear warmup, then cosine decay to min_lr_ratio * peak at the last step.
 Step numbering: `lr_at(step)` is the rate used by optimizer step `step` (1-based), so the
 first step already has a non-zero rate and the last step of a WSD run reaches the minimum.
@@ -27,8 +27,7 @@ class LRSchedule:
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, peak: float, total_steps: int) -> LRSchedule:
-        decay = round(cfg.decay_fraction * total_steps) if cfg.type == "wsd" else 0
-        return cls(peak, total_steps, cfg.warmup(total_steps), decay, cfg.type, cfg.decay_shape, cfg.min_lr_ratio)
+        return cls(peak, total_steps, cfg.warmup(total_steps), cfg.decay(total_steps), cfg.type, cfg.decay_shape, cfg.min_lr_ratio)
 
     def factor(self, step: int) -> float:
         """Multiplier of the peak rate at optimizer step `step` (1-based)."""

@@ -47,6 +47,7 @@ from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import PeakFlops, WindowStats
 from megamor.train.optim import build_optimizer, freeze_for, group_hparams
 from megamor.train.parallelize import build_layout, parallelize
+from megamor.train.phase import plan_phase, start_phase
 from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested, write_exit_file
@@ -101,6 +102,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         plan = self._plan_resume()
+        phase = plan_phase(cfg, self.run_dir, self.dp) if plan is None and cfg.trainer.continue_from else None
         if self.device.type == "cpu":
             # Denormal floats (tiny gradients, Adam moments early in training) run ~10x slower
             # on x86; flushing them to zero changes nothing measurable.
@@ -119,7 +121,7 @@ class Trainer:
         self.group_hparams = group_hparams(self.optimizer.param_groups)
         import deepspeed
 
-        ds_cfg = deepspeed_config(cfg, self.world, load_universal=bool(plan and plan.universal))
+        ds_cfg = deepspeed_config(cfg, self.world, load_universal=bool((plan or phase) and (plan or phase).universal))
         with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury the banner
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
                                                         mpu=self.layout.mpu)
@@ -139,6 +141,8 @@ class Trainer:
                                          print_fn=lambda text: self.logger.print(text))
         if plan is not None:
             self._resume(plan)
+        elif phase is not None:  # trainer.continue_from: a new phase of another run
+            start_phase(self, phase)
         self.wandb_id = pdist.broadcast_object(wandb_run_id(self.run_dir, self.wandb_id) if self.is_main else None)
         if self.is_main:
             with atomic_open(self.run_dir / "config.yaml", "w") as f:

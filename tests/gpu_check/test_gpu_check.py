@@ -112,5 +112,5 @@ def test_part_limits_take_unused_time_but_never_the_later_parts_or_past_the_budg
     assert part_limit(60, left=500, later=410, fixed=True) == 60  # --limit: exactly that
     assert part_limit(60, left=440, later=410, fixed=False) == 60  # behind: later parts squeezed, not this one
     assert part_limit(60, left=40, later=0, fixed=False) == 40  # never past the run's budget
-    # The GPU limits fit the 8 minutes the whole run may take.
-    assert sum(p.limit_gpu for p in PARTS) <= 8 * 60 - 10
+    # The GPU limits fit the 9 minutes the whole run may take.
+    assert sum(p.limit_gpu for p in PARTS) <= 9 * 60 - 10

@@ -20,6 +20,7 @@ from tests.study.conftest import write_study
     ("reference=nope", "reference"),  # not a variant
     ("budget.flops=null", "budget.flops"),  # no budget at all
     ("flops.convention=kaplan", "flops.convention"),  # not exact or paper
+    ("data.tokenizer_kind=wordpiece", "data.tokenizer_kind"),  # not a kind train_tokenizer makes
 ])
 def test_bad_study_config_exits_2_naming_the_key(tmp_path, override, key):
     _check_exits_2(tmp_path, override, key, budgets=None)

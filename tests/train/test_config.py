@@ -318,3 +318,33 @@ def test_damaged_shards_exit_2_before_any_process_group(tiny_data, tiny_config, 
     assert rc == EXIT_CONFIG and len(err) == 1, err
     assert "config key 'data.train[0]'" in err[0] and words in err[0], err[0]
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_a_flop_budget_is_a_run_length_and_overrides_replace_it():
+    """budget.flops (+ flops.convention) gives the steps a study's budget gives; trainer.max_steps
+    or max_tokens on the command line replaces it; two lengths in one place are refused."""
+    from megamor.model.flops import budget_flops_per_token
+    from megamor.study.budget import run_budget
+    from megamor.study.config import BudgetConfig
+
+    paper = repo_root() / "configs" / "experiments" / "paper" / "360m" / "mor_expert_3.yaml"
+    cfg = load_experiment([paper])
+    assert (cfg.trainer.max_steps, cfg.trainer.max_tokens, cfg.budget.flops, cfg.flops.convention) == (None, None, 16.5e18, "paper")
+    want = run_budget(BudgetConfig(flops=16.5e18), cfg.model, 2048, 1024, "paper").steps
+    assert cfg.max_steps == want == 14160  # the released config: 14,161 (the rule gives 14,160.01)
+    exact = load_experiment([paper], ["flops.convention=exact"])
+    assert exact.max_steps == round(16.5e18 / budget_flops_per_token(exact.model, 2048, "forward") / 2**21) < want
+    assert load_experiment([paper], ["budget.count=training"]).max_steps == round(want / 3)
+    assert load_experiment([paper], ["trainer.max_steps=400"]).max_steps == 400  # the override clears budget.flops
+    assert load_experiment([paper], ["trainer.max_tokens=2097152000"]).max_steps == 1000
+    with pytest.raises(ConfigError) as e:
+        load_experiment([paper], ["trainer.max_steps=400", "budget.flops=1e18"])
+    assert e.value.key == "trainer.max_steps" and "add budget.flops=null" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_experiment([paper], ["budget.flops=null"])
+    assert e.value.key == "trainer.max_steps" and "budget.flops=F" in str(e.value)
+    for bad, k in (("budget.flops=-1", "budget.flops"), ("budget.count=backward", "budget.count"),
+                   ("flops.convention=kaplan", "flops.convention")):
+        with pytest.raises(ConfigError) as e:
+            load_experiment([paper], [bad])
+        assert e.value.key == k, bad
