@@ -149,6 +149,13 @@ def check_continue_from(cfg: ExperimentConfig, src: PhaseSource | None = None) -
         raise ConfigError(KEY, f"{where} was saved with parallel.tensor={src.config.parallel.tensor}, this run has "
                                f"{cfg.parallel.tensor}: a phase keeps the tensor-parallel size (export the source and "
                                "use trainer.init_from to change it, weights only)")
+    if src.config.trainer.train_only != cfg.trainer.train_only:
+        # the optimizer state holds the parameters the source trained: DeepSpeed cannot load it
+        # into groups of another set
+        raise ConfigError("trainer.train_only", f"{cfg.trainer.train_only} differs from the source's "
+                                                f"{src.config.trainer.train_only} ({where}): a phase keeps the trained "
+                                                "parameters (use trainer.init_from to start router-only tuning from "
+                                                "weights)")
     if cfg.trainer.max_tokens is not None:
         raise ConfigError("trainer.max_tokens", f"cannot be used with {KEY}: the step counter continues from the "
                                                 f"source's step {src.ref.step}; give trainer.max_steps (the total)")

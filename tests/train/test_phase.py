@@ -204,6 +204,16 @@ def test_bad_sources_are_one_line_with_exit_2(source, tmp_path):
     assert e.key == "trainer.max_steps"
     e = refused(f"trainer.continue_from={src}", f"run_dir={src}", "checkpoint.resume=false")
     assert "this run's own folder" in e.reason
+    # A phase keeps the set of trained parameters (the optimizer state holds exactly those).
+    from megamor.train.phase import check_continue_from, resolve_source
+
+    cfg = load_experiment([cfg_file], [f"run_dir={tmp_path / 'p'}", "trainer.max_steps=10",
+                                       f"trainer.continue_from={src}"])
+    routers_only = resolve_source(str(src))
+    routers_only.config.trainer.train_only = "routers"
+    with pytest.raises(ConfigError) as e2:
+        check_continue_from(cfg, routers_only)
+    assert e2.value.key == "trainer.train_only" and "a phase keeps the trained parameters" in e2.value.reason
 
     run = launch(cfg_file, tmp_path / "p", [f"trainer.continue_from={src}", "trainer.max_steps=10", "model.d_ff=256"])
     assert run.rc == 2 and not list((tmp_path / "p").glob("*"))
