@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from megamor.data.atomic import write_json
 from megamor.model.config import ModelConfig
 from megamor.model.flops import forward_flops
+from megamor.utils.atomic import write_json
 
 # Dense bf16 peak per device (TFLOP/s), by substring of torch.cuda.get_device_name().
 GPU_PEAK_TFLOPS = {

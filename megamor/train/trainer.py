@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_train_loader
 from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
@@ -53,6 +52,7 @@ from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequ
 from megamor.train.step import TrainStep
 from megamor.train.step_log import accumulate, window_metrics
 from megamor.train.validation import Validation
+from megamor.utils.atomic import atomic_open
 
 # DeepSpeed 0.19 calls collectives torch 2.13 deprecates, once per call: one line per step.
 warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
