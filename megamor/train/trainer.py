@@ -17,10 +17,8 @@ import torch
 from megamor.data.loader import build_train_loader
 from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
-from megamor.model.summary import ParamCounts
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
-from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
 from megamor.parallel.watchdog import Watchdog
 from megamor.runs.layout import TRAINER_STATE, CheckpointError
@@ -38,14 +36,11 @@ from megamor.runs.save import CheckpointManager, set_rng_state
 from megamor.runs.tags import list_complete
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.downstream import DownstreamEval
-from megamor.train.ds_config import deepspeed_config
-from megamor.train.engine import prepare_model
+from megamor.train.engine import build_engine
 from megamor.train.faults import Faults
-from megamor.train.init_from import load_init_weights
 from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import PeakFlops, WindowStats
-from megamor.train.optim import build_optimizer, group_hparams
-from megamor.train.parallelize import build_layout, parallelize
+from megamor.train.optim import group_hparams
 from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested, write_exit_file
@@ -105,25 +100,12 @@ class Trainer:
             # Denormal floats (tiny gradients, Adam moments early in training) run ~10x slower
             # on x86; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
-        self.layout = build_layout(self.tp, self.world, self.rank, cfg.parallel.sequence)
-        torch.manual_seed(cfg.seed)
-        model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
-        init = None
-        if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
-            init = load_init_weights(model, cfg.trainer.init_from)
-        self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
-        parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
-        self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
-        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        init_from = cfg.trainer.init_from if plan is None else None  # up-training (megamor.convert) or fine-tuning
+        built = build_engine(cfg, self.device, world=self.world, rank=self.rank, init_from=init_from,
+                             load_universal=bool(plan and plan.universal))
+        self.engine, self.optimizer, self.layout = built.engine, built.optimizer, built.layout
+        self.n_params, self.compiled, init = built.n_params, built.compiled, built.init
         self.group_hparams = group_hparams(self.optimizer.param_groups)
-        import deepspeed
-
-        ds_cfg = deepspeed_config(cfg, self.world, load_universal=bool(plan and plan.universal))
-        with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury the banner
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
-                                                        mpu=self.layout.mpu)
-        # No DeepSpeed wrapper checks gradients for overflow (ZeRO-0 fp32): our optimizer does.
-        self.optimizer.guard_nonfinite_grads = self.engine.optimizer is self.optimizer
         self.model: MoRLM = self.engine.module
         # The ranks of a TP group read the same batches: the loader only knows the DP grid.
         self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
