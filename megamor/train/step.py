@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
 from megamor.train.faults import Faults, poison_gradients
-from megamor.train.metrics import StepTimer, step_flops
+from megamor.train.metrics import step_flops
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import StopRequest
 
@@ -35,8 +36,7 @@ class StepResult:
     skipped: bool
     stop: bool
     flops: float
-    data_time: float
-    time: float
+    time: float  # the step's wall time (data time: the observer's time/data)
     grad_norm: float | None
     aux: dict[str, float]
     tokens_per_step: list[float]
@@ -78,14 +78,14 @@ class TrainStep:
     def __call__(self, step_no: int) -> StepResult:
         """Optimizer step `step_no` (1-based)."""
         self.model.set_train_step(step_no)  # router warmups (megamor.model.routing); the trainer's step: resume-exact
-        timer = StepTimer()
-        with timer.data_section(), self.observe.phase("data"):
+        t0 = time.perf_counter()
+        with self.observe.phase("data"):
             micro = [self.loader.next_batch() for _ in range(self.gas)]
         counts = [int((mb["targets"] != -100).sum()) for mb in micro]
         # Over the DP group: the ranks of a TP group hold the same tokens (count them once).
         n_global = pdist.all_reduce_(torch.tensor([float(sum(counts))], device=self.device), group=self.layout.dp_group)
         n_global_f = max(1.0, float(n_global.item()))
-        passes = self._passes(micro, counts, n_global_f, step_no, timer)
+        passes = self._passes(micro, counts, n_global_f, step_no)
         values, thr_values = self._reduce(passes)
         loss = values[0] / n_global_f
         skipped = values[1] > 0 or not math.isfinite(loss)
@@ -100,11 +100,11 @@ class TrainStep:
                 aux[f"router_health/r{r + 1}/threshold"] = v
         routed_l = values[4 + k : 4 + k + nr]
         hist = torch.tensor(values[4 + k + nr :])
-        return StepResult(loss, int(n_global_f), skipped, stop, values[3], timer.data, timer.elapsed(), grad_norm, aux,
+        return StepResult(loss, int(n_global_f), skipped, stop, values[3], time.perf_counter() - t0, grad_norm, aux,
                           routed_l, hist, why)
 
-    def _passes(self, micro: list[dict[str, torch.Tensor]], counts: list[int], n_global_f: float, step_no: int,
-                timer: StepTimer) -> _Passes:
+    def _passes(self, micro: list[dict[str, torch.Tensor]], counts: list[int], n_global_f: float,
+                step_no: int) -> _Passes:
         """Forward + backward of every micro-batch; router statistics stay on the device."""
         inject_nan = self.faults.nan_loss(step_no)
         inject_inf_grad = self.faults.inf_grad(step_no)
@@ -112,7 +112,7 @@ class TrainStep:
         p = _Passes(torch.zeros((), device=self.device), torch.zeros((), device=self.device),
                     torch.zeros(nr + 1, device=self.device))
         for i, mb in enumerate(micro):
-            with timer.data_section(), self.observe.phase("data"):
+            with self.observe.phase("data"):
                 mb = to_device(mb, self.device)
             with self.observe.forward():
                 self.faults.before_forward(self.rank)
