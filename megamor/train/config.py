@@ -37,6 +37,7 @@ from megamor.eval.tasks import UnknownTaskError, check_task_names
 from megamor.model.config import STORED_DEFAULTS, ModelConfig, with_stored_defaults
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
+from megamor.train.callbacks.user import check_entries as check_callbacks
 from megamor.train.ds_keys import check_deepspeed_keys
 
 PRECISIONS = ("fp32", "bf16")
@@ -196,6 +197,9 @@ class TrainerConfig:
     # Ignored when resuming a checkpoint.
     init_from: str | None = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # Callbacks added to the loop: 'module:Class' or {target: 'module:Class', kwargs: {...}}
+    # (a subclass of megamor.train.callbacks.Callback; docs/architecture.md lists the hooks).
+    callbacks: list[Any] = field(default_factory=list)
 
     def validate(self, path: str) -> None:
         self.compile = str(self.compile).lower()
@@ -216,6 +220,7 @@ class TrainerConfig:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
+        check_callbacks(list(self.callbacks), key(path, "callbacks"))
 
 
 @dataclass

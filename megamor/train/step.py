@@ -23,6 +23,7 @@ import torch
 
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
+from megamor.train.callbacks.hooks import Callbacks
 from megamor.train.faults import Faults, poison_gradients
 from megamor.train.metrics import step_flops
 from megamor.train.schedule import LRSchedule
@@ -66,9 +67,10 @@ class TrainStep:
 
     def __init__(self, engine: Any, optimizer: Any, loader: Any, layout: Any, schedule: LRSchedule, faults: Faults,
                  stop_request: StopRequest, device: torch.device, gas: int, tp: int, dp: int,
-                 observe: StepObserver | None = None):
+                 observe: StepObserver | None = None, callbacks: Callbacks | None = None):
         self.engine, self.optimizer, self.loader, self.layout = engine, optimizer, loader, layout
         self.observe = observe or StepObserver(device, activation_meter=False)  # phase timers, profiler ranges
+        self.callbacks = callbacks or Callbacks()  # after_backward, before_optimizer_step
         self.rank = pdist.rank()
         self.model = engine.module
         self.schedule, self.faults, self.stop_request = schedule, faults, stop_request
@@ -132,6 +134,7 @@ class TrainStep:
                 self.engine.backward(lm * scale + out.aux_loss)
                 if i < self.gas - 1:
                     self.engine.step()  # DeepSpeed's accumulation bookkeeping; no optimizer step
+            self.callbacks.after_backward(step_no, i)
             p.loss_sum += lm.detach().float() * counts[i]
             p.nonfinite += (~torch.isfinite(lm.detach())).float()
             if not p.aux_names:
@@ -183,6 +186,7 @@ class TrainStep:
         self.optimizer.skip_next_step = skipped
         self.optimizer.nonfinite_grads = False
         ds_skipped = self.engine.skipped_steps
+        self.callbacks.before_optimizer_step(step_no)
         try:
             with self.observe.phase("optimizer"):
                 self.engine.step()

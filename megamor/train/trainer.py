@@ -34,6 +34,10 @@ from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.save import CheckpointManager, set_rng_state
 from megamor.runs.tags import list_complete
+from megamor.train.callbacks import Callback, Callbacks
+from megamor.train.callbacks.cadence import Cadence
+from megamor.train.callbacks.observe import StepObservation
+from megamor.train.callbacks.user import build_user_callbacks
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.downstream import DownstreamEval
 from megamor.train.engine import build_engine
@@ -60,7 +64,7 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any],
                  stop_request: StopRequest | None = None, run_lock: RunLock | None = None,
-                 watchdog: Watchdog | None = None):
+                 watchdog: Watchdog | None = None, callbacks: list[Callback] | None = None):
         self.cfg = cfg
         self.env = env
         self.device = device
@@ -87,6 +91,12 @@ class Trainer:
         self.flops_total = 0.0
         self.wandb_id: str | None = None
         self.last_saved_step = -1
+        self.lock_lost = False  # another trainer holds the run folder: nothing more is written there
+        self._metrics: dict[str, Any] = {}  # record_metric's, until the next log window
+        # Built-ins first (their order is the loop's), then `callbacks` (tests) and trainer.callbacks.
+        self.callbacks = Callbacks([StepObservation(), Cadence(), *(callbacks or []),
+                                    *build_user_callbacks(cfg.trainer.callbacks)])
+        self.callbacks.attach(self)
 
     # -- set-up -----------------------------------------------------------------------
     def setup(self) -> Trainer:
@@ -113,7 +123,8 @@ class Trainer:
         prof = cfg.trainer.profile  # phase timers always; the profiler only over trainer.profile.steps
         self.observer = StepObserver(self.device, self.run_dir, self.rank, self.world, prof.steps, prof.memory, self.model)
         self.train_step = TrainStep(self.engine, self.optimizer, self.loader, self.layout, self.schedule, self.faults,
-                                    self.stop_request, self.device, self.gas, self.tp, self.dp, self.observer)
+                                    self.stop_request, self.device, self.gas, self.tp, self.dp, self.observer,
+                                    callbacks=self.callbacks)
         self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.faults,
                                      self._stop_agreed)
         self.downstream = DownstreamEval(cfg, self.model, self.device, self.layout.dp_rank, self.dp, self.layout.dp_group,
@@ -140,7 +151,13 @@ class Trainer:
         )
         if init is not None:
             self.logger.print(f"megamor: {init.line()}")
+        self.callbacks.setup()
         return self
+
+    def record_metric(self, name: str, value: Any) -> None:
+        """A metric for the current log window (from `log_window`) or the next one (from any
+        other hook); rank 0's value is the one logged."""
+        self._metrics[name] = value
 
     def _keep_tokenizer(self) -> None:
         """A copy of the tokenizer in the run folder, so evaluation and export find it."""
@@ -230,6 +247,7 @@ class Trainer:
 
     def _stop(self, where: str = "") -> int:
         sig = self.stop_request.signum
+        self.callbacks.on_stop(self.step, sig)
         self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
                           f"{self.step}{where}: saving and exiting with {EXIT_PREEMPTED}")
         if self.last_saved_step != self.step and self.step > 0:
@@ -268,6 +286,7 @@ class Trainer:
                               extra_files={TRAINER_STATE: state})
         self.last_saved_step = self.step
         self.logger.print(f"checkpoint: {path}")
+        self.callbacks.after_save(self.step, path)
         return path
 
     # -- the loop ---------------------------------------------------------------------------
@@ -276,23 +295,25 @@ class Trainer:
         if self.step >= self.max_steps:
             self.logger.print(f"already trained for {self.step} >= {self.max_steps} steps; nothing to do")
             self.stop_request.uninstall()
-            self.logger.close()
+            try:
+                self.callbacks.close()
+            finally:
+                self.logger.close()
             return EXIT_OK
         window = WindowStats()
         exit_code = EXIT_OK
-        lock_lost = False
         self.watchdog.at(self.step, "start")
         self.watchdog.start()
         try:
             if self._stop_agreed():  # a signal during set-up
                 return self._stop()
-            self.observer.start()
+            self.callbacks.fit_start()
             while self.step < self.max_steps:
                 self.watchdog.at(self.step + 1, "train step")
-                self.observer.begin_step(self.step + 1)
+                self.callbacks.before_step(self.step + 1)
                 r = self.train_step(self.step + 1)
                 self.step += 1
-                self.observer.end_step(self.step)
+                self.callbacks.after_step(self.step, r)
                 self.tokens += r.tokens
                 self.flops_total += r.flops
                 accumulate(window, r)
@@ -317,36 +338,28 @@ class Trainer:
                     window = WindowStats()
                 self.logger.advance(self.step)
                 self.faults.after_step(self.step, self.rank, self.run_dir)
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                    if self.consecutive_nonfinite:  # do not let keep_last prune the last good tag for this state
-                        self.logger.print(f"step {self.step}: checkpoint deferred ({self.consecutive_nonfinite} "
-                                          "non-finite steps in a row)")
-                    else:
-                        self.save()
-                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                    self._log_eval()
+                self.callbacks.step_end(self.step, r)  # checkpoint and eval cadence (callbacks/cadence.py)
                 if r.stop:
                     exit_code = self._stop()
                     break
             else:
-                if cfg.eval.at_end and (not cfg.eval.every_steps or self.step % cfg.eval.every_steps):
-                    self._log_eval()
-                if cfg.checkpoint.save_final and self.last_saved_step != self.step:
-                    self.save()
+                self.callbacks.fit_end(self.step)
         except StopRequested:  # agreed during validation
             exit_code = self._stop(" during validation")
         except RunLockLostError:
-            lock_lost = True
+            self.lock_lost = True
             raise
         finally:
             self.watchdog.stop()
             self.stop_request.uninstall()
-            if not lock_lost:  # the folder is another trainer's now: not even a trace goes there
-                self.observer.close()  # a run stopped inside trainer.profile.steps still leaves its trace
-            self.logger.close()
+            try:
+                self.callbacks.close()
+            finally:
+                self.logger.close()
         return exit_code
 
-    def _log_eval(self) -> None:
+    def log_eval(self) -> None:
+        """Validation (and eval.tasks) now, logged at the current step."""
         metrics = self.evaluate()
         self._check_lock()
         self.logger.log(self.step, metrics)
@@ -384,5 +397,10 @@ class Trainer:
                                  skipped_steps=self.skipped_steps, flops_total=self.flops_total, device=self.device,
                                  world=self.world, peak=self.peak if self.is_main else None, warn=self.logger.print,
                                  activation_checkpointing=self.cfg.trainer.activation_checkpointing)
-        m.update(self.observer.window())  # time/*, straggler (one all-reduce), mem/activation_bytes
+        m.update(self._metrics)  # recorded since the last window
+        self._metrics = m  # record_metric from log_window writes into this window
+        try:
+            self.callbacks.log_window(self.step, m)  # StepObservation: time/*, straggler (one all-reduce), mem/
+        finally:
+            self._metrics = {}
         self.logger.log(self.step, m, hist)

@@ -1,0 +1,72 @@
+"""The callback interface of the training loop: one object per feature, told where the loop is.
+
+The trainer calls every callback's hooks in list order (built-ins first, then
+`trainer.callbacks` from the config), on every rank; a hook that runs a collective must do so
+on every rank. `self.trainer` is set before `setup`. Hooks, in the order one run meets them:
+
+    setup()                          after set-up (engine, loader, logger exist; resumed state loaded)
+    fit_start()                      the loop begins (after the set-up stop check)
+    before_step(step)                before optimizer step `step` (1-based) runs
+    after_backward(step, micro)      after the backward of micro-batch `micro` (0-based) of the step
+    before_optimizer_step(step)      after the last backward, before engine.step() updates the weights
+    log_window(step, metrics)        a log window closes: `metrics` is what goes out; add with
+                                     `self.trainer.record_metric(name, value)` (rank 0's values are logged)
+    after_step(step, result)         the step is counted (result: train.step.StepResult), before its logging
+    step_end(step, result)           after the step's logging: checkpoint and evaluation cadence
+    after_save(step, path)           a checkpoint of `step` is complete at `path`
+    fit_end(step)                    the loop reached max_steps (not called on a stop)
+    on_stop(step, signum)            a stop signal was agreed; the trainer saves and exits 75 next
+    close()                          on the way out, always (after an error too)
+
+Every hook does nothing by default: a callback overrides the ones it needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# The trainer and StepResult are typed Any here: train.config checks trainer.callbacks with this
+# package, and the trainer imports train.config (no import circle, type-checking ones included).
+Trainer = Any
+StepResult = Any
+
+
+class Callback:
+    trainer: Trainer
+
+    def setup(self) -> None:
+        pass
+
+    def fit_start(self) -> None:
+        pass
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_backward(self, step: int, micro: int) -> None:
+        pass
+
+    def before_optimizer_step(self, step: int) -> None:
+        pass
+
+    def log_window(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def after_step(self, step: int, result: StepResult) -> None:
+        pass
+
+    def step_end(self, step: int, result: StepResult) -> None:
+        pass
+
+    def after_save(self, step: int, path: Path) -> None:
+        pass
+
+    def fit_end(self, step: int) -> None:
+        pass
+
+    def on_stop(self, step: int, signum: int | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
