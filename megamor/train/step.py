@@ -24,7 +24,6 @@ import torch
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
 from megamor.train.callbacks.hooks import Callbacks
-from megamor.train.faults import Faults, poison_gradients
 from megamor.train.metrics import step_flops
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import StopRequest
@@ -65,7 +64,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 class TrainStep:
     """Runs optimizer steps; holds no progress (the Trainer counts steps and tokens)."""
 
-    def __init__(self, engine: Any, optimizer: Any, loader: Any, layout: Any, schedule: LRSchedule, faults: Faults,
+    def __init__(self, engine: Any, optimizer: Any, loader: Any, layout: Any, schedule: LRSchedule,
                  stop_request: StopRequest, device: torch.device, gas: int, tp: int, dp: int,
                  observe: StepObserver | None = None, callbacks: Callbacks | None = None):
         self.engine, self.optimizer, self.loader, self.layout = engine, optimizer, loader, layout
@@ -73,7 +72,7 @@ class TrainStep:
         self.callbacks = callbacks or Callbacks()  # after_backward, before_optimizer_step
         self.rank = pdist.rank()
         self.model = engine.module
-        self.schedule, self.faults, self.stop_request = schedule, faults, stop_request
+        self.schedule, self.stop_request = schedule, stop_request
         self.device, self.gas = device, gas
         self.tp, self.dp = tp, dp  # tensor- and data-parallel sizes
 
@@ -108,8 +107,6 @@ class TrainStep:
     def _passes(self, micro: list[dict[str, torch.Tensor]], counts: list[int], n_global_f: float,
                 step_no: int) -> _Passes:
         """Forward + backward of every micro-batch; router statistics stay on the device."""
-        inject_nan = self.faults.nan_loss(step_no)
-        inject_inf_grad = self.faults.inf_grad(step_no)
         nr = len(self.model.steps)
         p = _Passes(torch.zeros((), device=self.device), torch.zeros((), device=self.device),
                     torch.zeros(nr + 1, device=self.device))
@@ -117,16 +114,12 @@ class TrainStep:
             with self.observe.phase("data"):
                 mb = to_device(mb, self.device)
             with self.observe.forward():
-                self.faults.before_forward(self.rank)
+                self.callbacks.before_forward(step_no, i)
                 out = self.engine(
                     mb["input_ids"], targets=mb["targets"], position_ids=mb.get("position_ids"),
                     doc_ids=mb.get("doc_ids"), return_logits=False,
                 )
-            lm = out.loss
-            if inject_nan:
-                lm = lm * float("nan")
-            if inject_inf_grad:
-                lm = poison_gradients(lm)
+            lm = self.callbacks.modify_loss(step_no, i, out.loss)  # fault injection's non-finite losses
             # Mean over the global batch's tokens: DeepSpeed divides by accumulation steps and
             # averages over DP ranks, so scale this micro-batch's mean by its share.
             scale = counts[i] * self.gas * self.dp / n_global_f

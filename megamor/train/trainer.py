@@ -8,6 +8,7 @@ checkpointing and compilation are applied from outside (parallelize.py, engine.p
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,17 @@ from megamor.runs.safe_load import load as safe_load
 from megamor.runs.save import CheckpointManager, set_rng_state
 from megamor.runs.tags import list_complete
 from megamor.train.callbacks import Callback, Callbacks
+from megamor.train.callbacks.activation_memory import ActivationMemory
 from megamor.train.callbacks.cadence import Cadence
-from megamor.train.callbacks.observe import StepObservation
+from megamor.train.callbacks.fault_injection import FaultInjection
+from megamor.train.callbacks.phase_timers import PhaseTimers
+from megamor.train.callbacks.profiler import Profiler
+from megamor.train.callbacks.straggler import StragglerDetection
 from megamor.train.callbacks.user import build_user_callbacks
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.downstream import DownstreamEval
 from megamor.train.engine import build_engine
+from megamor.train.faults import ENV as FAULTS_ENV
 from megamor.train.faults import Faults
 from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import PeakFlops, WindowStats
@@ -77,12 +83,11 @@ class Trainer:
         self.run_dir = cfg.run_path
         self.max_steps = cfg.max_steps
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.max_steps)
-        self.faults = Faults.from_env()
         self.stop_request = stop_request or StopRequest()  # __main__ installs it before the process group
         self.run_lock = run_lock  # rank 0's, held by __main__: checked before every write (_check_lock)
         self.watchdog = watchdog or Watchdog(self.rank, self.world, 0.0, None)  # told where the loop is
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last,
-                                      fault_hook=lambda step: self.faults.during_save(step, self.rank))
+                                      fault_hook=lambda step: self.callbacks.during_save(step))
         # Progress (restored on resume).
         self.step = 0
         self.tokens = 0
@@ -94,7 +99,9 @@ class Trainer:
         self.lock_lost = False  # another trainer holds the run folder: nothing more is written there
         self._metrics: dict[str, Any] = {}  # record_metric's, until the next log window
         # Built-ins first (their order is the loop's), then `callbacks` (tests) and trainer.callbacks.
-        self.callbacks = Callbacks([StepObservation(), Cadence(), *(callbacks or []),
+        faults = [FaultInjection(Faults.from_env())] if os.environ.get(FAULTS_ENV) else []  # tests only
+        self.callbacks = Callbacks([*faults, PhaseTimers(), StragglerDetection(), ActivationMemory(), Profiler(), Cadence(),
+                                    *(callbacks or []),
                                     *build_user_callbacks(cfg.trainer.callbacks)])
         self.callbacks.attach(self)
 
@@ -102,7 +109,7 @@ class Trainer:
     def setup(self) -> Trainer:
         cfg = self.cfg
         self.stop_request.install()  # a signal during set-up stops the run before its first step
-        self.faults.at_setup(self.rank)
+        self.callbacks.setup_start()  # fault injection's signal at set-up
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         plan = self._plan_resume()
@@ -122,10 +129,10 @@ class Trainer:
                                          self.layout.dp_rank, self.dp)
         prof = cfg.trainer.profile  # phase timers always; the profiler only over trainer.profile.steps
         self.observer = StepObserver(self.device, self.run_dir, self.rank, self.world, prof.steps, prof.memory, self.model)
-        self.train_step = TrainStep(self.engine, self.optimizer, self.loader, self.layout, self.schedule, self.faults,
+        self.train_step = TrainStep(self.engine, self.optimizer, self.loader, self.layout, self.schedule,
                                     self.stop_request, self.device, self.gas, self.tp, self.dp, self.observer,
                                     callbacks=self.callbacks)
-        self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.faults,
+        self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.callbacks,
                                      self._stop_agreed)
         self.downstream = DownstreamEval(cfg, self.model, self.device, self.layout.dp_rank, self.dp, self.layout.dp_group,
                                          print_fn=lambda text: self.logger.print(text))
@@ -337,8 +344,7 @@ class Trainer:
                     self._log(window)
                     window = WindowStats()
                 self.logger.advance(self.step)
-                self.faults.after_step(self.step, self.rank, self.run_dir)
-                self.callbacks.step_end(self.step, r)  # checkpoint and eval cadence (callbacks/cadence.py)
+                self.callbacks.step_end(self.step, r)  # faults after step K, then checkpoint and eval cadence
                 if r.stop:
                     exit_code = self._stop()
                     break
@@ -400,7 +406,7 @@ class Trainer:
         m.update(self._metrics)  # recorded since the last window
         self._metrics = m  # record_metric from log_window writes into this window
         try:
-            self.callbacks.log_window(self.step, m)  # StepObservation: time/*, straggler (one all-reduce), mem/
+            self.callbacks.log_window(self.step, m)  # time/*, straggler (one all-reduce), mem/activation_bytes
         finally:
             self._metrics = {}
         self.logger.log(self.step, m, hist)

@@ -29,6 +29,9 @@ class HookRecorder(Callback):
     def before_step(self, step: int) -> None:
         self._note("before_step", step)
 
+    def before_forward(self, step: int, micro: int) -> None:
+        self._note("before_forward", step, micro)
+
     def after_backward(self, step: int, micro: int) -> None:
         self._note("after_backward", step, micro)
 
@@ -45,6 +48,9 @@ class HookRecorder(Callback):
 
     def step_end(self, step: int, result: Any) -> None:
         self._note("step_end", step)
+
+    def during_save(self, step: int) -> None:
+        self._note("during_save", step)
 
     def after_save(self, step: int, path: Path) -> None:
         self._note("after_save", step, Path(path).name)

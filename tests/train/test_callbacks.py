@@ -85,10 +85,12 @@ def test_a_user_callback_sees_the_hooks_in_order_and_its_metric_is_logged(tiny_c
     hooks = [tuple(json.loads(line)) for line in notes.read_text().splitlines()]
     expected: list[tuple] = [("setup", 0), ("fit_start",)]
     for step in range(1, 5):
-        expected += [("before_step", step), *(("after_backward", step, i) for i in range(4)),
+        expected += [("before_step", step), *(h for i in range(4) for h in (("before_forward", step, i),
+                                                                                ("after_backward", step, i))),
                      ("before_optimizer_step", step), ("after_step", step)]
         if step % 2 == 0:  # a log window, then the checkpoint cadence, then step_end of the user's callback
-            expected += [("log_window", step, True), ("after_save", step, tag_for(step)), ("step_end", step)]
+            expected += [("log_window", step, True), ("during_save", step), ("after_save", step, tag_for(step)),
+                         ("step_end", step)]
         else:
             expected += [("step_end", step)]
     expected += [("fit_end", 4), ("close",)]

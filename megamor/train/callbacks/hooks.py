@@ -21,6 +21,10 @@ class Callbacks:
         for cb in self.items:
             cb.trainer = trainer
 
+    def setup_start(self) -> None:
+        for cb in self.items:
+            cb.setup_start()
+
     def setup(self) -> None:
         for cb in self.items:
             cb.setup()
@@ -32,6 +36,15 @@ class Callbacks:
     def before_step(self, step: int) -> None:
         for cb in self.items:
             cb.before_step(step)
+
+    def before_forward(self, step: int, micro: int) -> None:
+        for cb in self.items:
+            cb.before_forward(step, micro)
+
+    def modify_loss(self, step: int, micro: int, loss: Any) -> Any:
+        for cb in self.items:
+            loss = cb.modify_loss(step, micro, loss)
+        return loss
 
     def after_backward(self, step: int, micro: int) -> None:
         for cb in self.items:
@@ -53,9 +66,17 @@ class Callbacks:
         for cb in self.items:
             cb.step_end(step, result)
 
+    def during_save(self, step: int) -> None:
+        for cb in self.items:
+            cb.during_save(step)
+
     def after_save(self, step: int, path: Path) -> None:
         for cb in self.items:
             cb.after_save(step, path)
+
+    def before_eval_batch(self) -> None:
+        for cb in self.items:
+            cb.before_eval_batch()
 
     def fit_end(self, step: int) -> None:
         for cb in self.items:
