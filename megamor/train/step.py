@@ -6,10 +6,14 @@
      batch is split over ranks and micro-batches);
   3. forward + backward each micro-batch through the engine (router losses added with their
      configured weights);
-  4. one all-reduce of [loss, non-finite flag, stop request, FLOPs, router statistics]: every
-     rank takes the same decisions (skip a non-finite step, stop on a signal);
-  5. set the scheduled learning rate, `engine.step()` (clipping, ZeRO, AdamW), update the
-     token-choice loss-free bias.
+  4. one all-reduce of [loss, non-finite flag, stop request, FLOPs, router statistics, what
+     callbacks add (router-state sync: expert choice's thresholds)]: every rank takes the same
+     decisions (skip a non-finite step, stop on a signal);
+  5. set the scheduled learning rate, `engine.step()` (clipping, ZeRO, AdamW); the callbacks'
+     after_optimizer_step (router-state sync: the token-choice loss-free bias).
+
+The loop's callbacks (megamor/train/callbacks/) are called at their hooks here: before_forward,
+modify_loss, after_backward, step_reduction/step_reduced, before/after_optimizer_step.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ class TrainStep:
         n_global = pdist.all_reduce_(torch.tensor([float(sum(counts))], device=self.device), group=self.layout.dp_group)
         n_global_f = max(1.0, float(n_global.item()))
         passes = self._passes(micro, counts, n_global_f, step_no)
-        values, thr_values = self._reduce(passes)
+        values = self._reduce(passes, step_no)
         loss = values[0] / n_global_f
         skipped = values[1] > 0 or not math.isfinite(loss)
         stop = values[2] > 0
@@ -96,9 +100,6 @@ class TrainStep:
         nr, k = len(self.model.steps), len(passes.aux_names)
         n_micro = self.gas * self.dp
         aux = {name: values[4 + j] / n_micro for j, name in enumerate(passes.aux_names)}
-        for r, v in enumerate(thr_values):  # the causal cut after this step (a logit)
-            if self.model.cfg.capacities[r] < 1.0:
-                aux[f"router_health/r{r + 1}/threshold"] = v
         routed_l = values[4 + k : 4 + k + nr]
         hist = torch.tensor(values[4 + k + nr :])
         return StepResult(loss, int(n_global_f), skipped, stop, values[3], time.perf_counter() - t0, grad_norm, aux,
@@ -143,8 +144,9 @@ class TrainStep:
                 p.depth_hist.index_add_(0, d, torch.ones_like(d, dtype=p.depth_hist.dtype))
         return p
 
-    def _reduce(self, p: _Passes) -> tuple[list[float], list[float]]:
-        """The step's one all-reduce over the world: (values, the averaged router thresholds)."""
+    def _reduce(self, p: _Passes, step_no: int) -> list[float]:
+        """The step's one all-reduce over the world, the callbacks' contributions included (each
+        gets its slice back: router-state sync averages expert choice's thresholds there)."""
         nr = len(self.model.steps)
         flops = step_flops(self.model.cfg, p.shapes, p.routed_micro)  # the step's one host read of routing
         routed = torch.stack(p.routed_micro).sum(0) if p.routed_micro else torch.zeros(nr, device=self.device)
@@ -153,23 +155,20 @@ class TrainStep:
         if p.aux_sum is not None:
             parts.append(p.aux_sum)
         parts += [routed, p.depth_hist]
-        # Expert choice's learned causal thresholds: each rank tracked its own micro-batches;
-        # the average over ranks goes back into every rank's routers (they route alike).
-        thresholds = self.model.router_thresholds()
-        n_thr = 0 if thresholds is None else thresholds.numel()
-        if thresholds is not None:
-            parts.append(thresholds.float())
+        extra = self.callbacks.step_reductions(step_no)
+        n_own = sum(t.numel() for t in parts)
+        parts += [t.float() for _, t in extra]
         # Over the world (a stop signal on any rank stops all); every TP rank counted the same
-        # tokens, so per-token sums are divided by the TP size.
+        # tokens, so per-token sums (and the callbacks' slices) are divided by the TP size.
         vec = pdist.all_reduce_(torch.cat(parts).double())
         if self.tp > 1:
             vec[0] /= self.tp
             vec[3:] /= self.tp
-        if thresholds is not None:
-            vec[vec.numel() - n_thr :] /= self.dp
-            self.model.set_router_thresholds(vec[vec.numel() - n_thr :])
-        values = vec.tolist()
-        return values[: len(values) - n_thr], values[len(values) - n_thr :]
+        at = n_own
+        for cb, t in extra:
+            cb.step_reduced(step_no, vec[at : at + t.numel()])
+            at += t.numel()
+        return vec[:n_own].tolist()
 
     def _optimizer_step(self, step_no: int, skipped: bool) -> tuple[bool, str | None, float | None]:
         """(skipped, why, grad norm). Every rank has the same `skipped` decision (optim.SkippableStep)."""
@@ -189,10 +188,7 @@ class TrainStep:
         if not skipped and (self.engine.skipped_steps > ds_skipped or self.optimizer.nonfinite_grads):
             # DeepSpeed's overflow check (ZeRO, bf16) or the ZeRO-0 guard (optim.py) skipped the update.
             skipped, why = True, "non-finite gradients"
-        if not skipped:
-            load = self.model.loss_free_load()
-            if load is not None:
-                self.model.update_loss_free_bias(pdist.all_reduce_(load.to(self.device), group=self.layout.dp_group))
+        self.callbacks.after_optimizer_step(step_no, skipped)  # router-state sync: the loss-free bias
         grad_norm = None
         if not skipped:
             g = self.engine.get_global_grad_norm()

@@ -41,6 +41,7 @@ from megamor.train.callbacks.cadence import Cadence
 from megamor.train.callbacks.fault_injection import FaultInjection
 from megamor.train.callbacks.phase_timers import PhaseTimers
 from megamor.train.callbacks.profiler import Profiler
+from megamor.train.callbacks.router_state import RouterStateSync
 from megamor.train.callbacks.straggler import StragglerDetection
 from megamor.train.callbacks.user import build_user_callbacks
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
@@ -100,9 +101,9 @@ class Trainer:
         self._metrics: dict[str, Any] = {}  # record_metric's, until the next log window
         # Built-ins first (their order is the loop's), then `callbacks` (tests) and trainer.callbacks.
         faults = [FaultInjection(Faults.from_env())] if os.environ.get(FAULTS_ENV) else []  # tests only
-        self.callbacks = Callbacks([*faults, PhaseTimers(), StragglerDetection(), ActivationMemory(), Profiler(), Cadence(),
-                                    *(callbacks or []),
-                                    *build_user_callbacks(cfg.trainer.callbacks)])
+        built_in = [*faults, RouterStateSync(), PhaseTimers(), StragglerDetection(), ActivationMemory(), Profiler(),
+                    Cadence()]
+        self.callbacks = Callbacks([*built_in, *(callbacks or []), *build_user_callbacks(cfg.trainer.callbacks)])
         self.callbacks.attach(self)
 
     # -- set-up -----------------------------------------------------------------------

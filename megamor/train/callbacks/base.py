@@ -11,7 +11,10 @@ on every rank. `self.trainer` is set before `setup`. Hooks, in the order one run
     before_forward(step, micro)      before the forward of micro-batch `micro` (0-based) of the step
     modify_loss(step, micro, loss)   returns the loss to backpropagate (fault injection poisons it)
     after_backward(step, micro)      after the backward of micro-batch `micro`
+    step_reduction(step)             a tensor to add to the step's one all-reduce over the world, or None
+    step_reduced(step, values)       its sum over the world (divided by the TP size: TP ranks count alike)
     before_optimizer_step(step)      after the last backward, before engine.step() updates the weights
+    after_optimizer_step(step, skipped)  right after engine.step() (skipped: the update was not applied)
     log_window(step, metrics)        a log window closes: `metrics` is what goes out; add with
                                      `self.trainer.record_metric(name, value)` (rank 0's values are logged)
     after_step(step, result)         the step is counted (result: train.step.StepResult), before its logging
@@ -61,7 +64,16 @@ class Callback:
     def after_backward(self, step: int, micro: int) -> None:
         pass
 
+    def step_reduction(self, step: int) -> Any:
+        return None
+
+    def step_reduced(self, step: int, values: Any) -> None:
+        pass
+
     def before_optimizer_step(self, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int, skipped: bool) -> None:
         pass
 
     def log_window(self, step: int, metrics: dict[str, Any]) -> None:

@@ -50,9 +50,22 @@ class Callbacks:
         for cb in self.items:
             cb.after_backward(step, micro)
 
+    def step_reductions(self, step: int) -> list[tuple[Callback, Any]]:
+        """(callback, tensor) of every callback that adds to the step's all-reduce, in order."""
+        out = []
+        for cb in self.items:
+            t = cb.step_reduction(step)
+            if t is not None:
+                out.append((cb, t))
+        return out
+
     def before_optimizer_step(self, step: int) -> None:
         for cb in self.items:
             cb.before_optimizer_step(step)
+
+    def after_optimizer_step(self, step: int, skipped: bool) -> None:
+        for cb in self.items:
+            cb.after_optimizer_step(step, skipped)
 
     def log_window(self, step: int, metrics: dict[str, Any]) -> None:
         for cb in self.items:
