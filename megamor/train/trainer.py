@@ -3,7 +3,9 @@
 The pieces live beside it: one optimizer step in step.py (global-token loss, router losses,
 the agreement all-reduce), validation in validation.py, what a log line says in step_log.py.
 The loop never holds model code: the model is built plainly and parallelism, activation
-checkpointing and compilation are applied from outside (parallelize.py, engine.py).
+checkpointing and compilation are applied from outside (engine.build_engine). What the loop
+does beside training (timers, profiler, router-state sync, checkpoint/eval cadence, fault
+injection, a user's own) is a callback in callbacks/, called at named hooks.
 """
 
 from __future__ import annotations
