@@ -220,7 +220,7 @@ class TrainerConfig:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
-        check_callbacks(list(self.callbacks), key(path, "callbacks"))
+        check_callbacks(list(self.callbacks), key(path, "callbacks"), imports=False)  # imports: load_experiment
 
 
 @dataclass
@@ -454,6 +454,7 @@ def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence
         config_paths = [config_paths]
     node = merge_experiment(config_paths, overrides)
     cfg = from_node(ExperimentConfig, node)
+    check_callbacks(list(cfg.trainer.callbacks), "trainer.callbacks")  # the run's own: they must import
     # Keys whose default changed that this config leaves to the default: resuming a run trained
     # with the old default keeps it (preflight.check_resumable), instead of refusing.
     model = node.get("model") if OmegaConf.is_dict(node) else None

@@ -62,6 +62,21 @@ def test_a_bad_callback_entry_names_the_key(entry, says):
     assert str(e.value).startswith("config key 'trainer.callbacks[0]': ") and says in str(e.value), str(e.value)
 
 
+def test_a_stored_config_loads_without_its_callback_modules(tmp_path):
+    """A run folder's config.yaml names the callbacks it ran with; reading it later (resume
+    checks, evaluation) must not need their modules, only the form of the entries."""
+    from megamor.train.config import load_stored_experiment, to_yaml
+
+    cfg = load_experiment([DEMO], OK)
+    text = to_yaml(cfg).replace("callbacks: []", "callbacks:\n  - gone_module_xyz:Cb")
+    assert "gone_module_xyz" in text
+    (tmp_path / "config.yaml").write_text(text)
+    assert load_stored_experiment(tmp_path / "config.yaml").trainer.callbacks == ["gone_module_xyz:Cb"]
+    (tmp_path / "bad.yaml").write_text(text.replace("- gone_module_xyz:Cb", "- 3"))
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks\[0\]"):
+        load_stored_experiment(tmp_path / "bad.yaml")
+
+
 def test_bad_kwargs_and_the_cli_exit_2_with_one_line(tmp_path, capsys):
     from megamor.train.__main__ import main
 

@@ -5,8 +5,9 @@
         - mypkg.callbacks:PrintLoss                             # module:Class
         - {target: mypkg.callbacks:Every, kwargs: {n: 10}}      # with keyword arguments
 
-Each entry is checked when the config loads (unimportable module, missing class, not a
-Callback, arguments the class does not take): one ConfigError naming trainer.callbacks[i].
+Each entry of the config a run starts with is checked when it loads (unimportable module,
+missing class, not a Callback, arguments the class does not take): one ConfigError naming
+trainer.callbacks[i], exit 2 before any process starts.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ def resolve(target: str, where: str) -> type[Callback]:
     return cls
 
 
-def check_entries(entries: list[Any], where: str) -> None:
-    """Config-load check of every entry: importable, a Callback, and its kwargs accepted."""
+def check_entries(entries: list[Any], where: str, imports: bool = True) -> None:
+    """Config-load check of every entry: its form, and with `imports` that it imports, is a
+    Callback and takes its kwargs. A stored config (a run folder's) is checked for form only:
+    reading an old run must not need the modules its callbacks came from."""
     for i, entry in enumerate(entries):
         at = f"{where}[{i}]"
         target, kwargs = parse_entry(entry, at)
+        if not imports:
+            continue
         cls = resolve(target, at)
         try:
             inspect.signature(cls).bind(**kwargs)
