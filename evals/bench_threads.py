@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from megamor.cli import ArgumentParser
-from megamor.data.atomic import atomic_open
 from megamor.demo import CONFIG, prepare_data
 from megamor.env import repo_root, usable_cpus
+from megamor.utils.atomic import atomic_open
 
 SETTINGS = {
     "before": {"OMP_NUM_THREADS": "2", "MEGAMOR_THREAD_DEFAULTS": "off"},

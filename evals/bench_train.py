@@ -208,31 +208,20 @@ def plain_row(part: str, size: str, variant: str, compiled: bool, cfg: ModelConf
 
 def deepspeed_row(size: str, variant: str, compiled: bool, cfg: ModelConfig, device: torch.device,
                   B: int, T: int, a: argparse.Namespace, budget: Budget) -> Row:
-    """The model as the trainer builds it: ExperimentConfig -> prepare_model -> the trainer's
-    optimizer -> deepspeed.initialize with the trainer's DeepSpeed config."""
-    import deepspeed
-
-    from megamor.train.compile import compile_layers
+    """The engine as the trainer builds it (megamor.train.engine.build_engine)."""
     from megamor.train.config import experiment_from_dict
-    from megamor.train.ds_config import deepspeed_config
-    from megamor.train.engine import prepare_model
-    from megamor.train.optim import build_optimizer
+    from megamor.train.engine import build_engine
 
     fresh_memory(device)
     exp = experiment_from_dict({
         "model": dataclasses.asdict(cfg), "data": {"train": ["unused"], "seq_len": T},
         "batch": {"global_batch_size": B, "micro_batch_size": B},
-        "trainer": {"max_steps": 1, "compile": "false"},  # compiled below, with the chosen backend
+        "trainer": {"max_steps": 1, "compile": "false"},  # compiled by build_engine, with the chosen backend
         "deepspeed": {"zero_stage": 1, "precision": a.precision},
     })
-    torch.manual_seed(0)
-    model = MoRLM(exp.model)
-    row = Row("trainer", f"{size}/{variant}", f"deepspeed {'compiled' if compiled else 'eager'}", n_params(model))
-    prepare_model(model, exp, device)
-    if compiled:
-        compile_layers(model, backend=a.backend)  # what prepare_model does with trainer.compile=true
-    opt = build_optimizer(model, exp.optim, device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(exp, 1))
+    built = build_engine(exp, device, seed=0, compile_backend=a.backend if compiled else None)
+    engine = built.engine
+    row = Row("trainer", f"{size}/{variant}", f"deepspeed {'compiled' if compiled else 'eager'}", n_params(built.model))
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
     step = make_step(variant, engine, x, engine.backward, engine.step, autocast=False)  # DeepSpeed casts to bf16
     measure(row, step, device, exp.model, B, T, a.warmup, a.steps, budget)

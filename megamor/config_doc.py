@@ -20,8 +20,8 @@ from typing import Any
 
 from megamor.cli import ArgumentParser, run_main
 from megamor.config import list_section_type, section_type
-from megamor.data.atomic import atomic_open
 from megamor.env import repo_root
+from megamor.utils.atomic import atomic_open
 
 DOC = Path("docs") / "config.md"
 

@@ -36,11 +36,11 @@ import torch
 
 from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError, ConfigFileError, from_node, merge_sources
-from megamor.data.atomic import atomic_open, write_json
 from megamor.model.config import ModelConfig
 from megamor.model.mor import MoRLM
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model
+from megamor.utils.atomic import atomic_open, write_json
 
 STRATEGIES = ("stepwise", "average", "lower")
 

@@ -44,7 +44,6 @@ from safetensors.torch import save_file
 
 from megamor.cli import ArgumentParser
 from megamor.config import from_node
-from megamor.data.atomic import replace_dir, temp_path, write_json
 from megamor.data.tokenizer import (
     Tokenizer,
     TokenizerError,
@@ -63,6 +62,7 @@ from megamor.runs.load import trained_tokenizer_hash
 from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.tags import resolve_tag
 from megamor.train.config import load_tag_experiment
+from megamor.utils.atomic import replace_dir, temp_path, write_json
 
 CONSOLIDATED = "megamor.pt"
 MOR_MODEL_TYPE = "megamor"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import nbformat
 
-from megamor.data.atomic import atomic_open
+from megamor.utils.atomic import atomic_open
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("quickstart.py",)

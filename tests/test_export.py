@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megamor.data import atomic
 from megamor.export import load_exported, main
+from megamor.utils import atomic
 from tests.eval.test_checkpoint import training_run
 from tests.model.helpers import mor
 

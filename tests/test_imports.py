@@ -212,9 +212,28 @@ def test_run_folder_package_imports_neither_train_nor_eval():
     bad = {m: sorted(d for d in deps if d.startswith(("megamor.train", "megamor.eval"))) for m, deps in mine.items()}
     assert not any(bad.values()), bad
     allowed = ("megamor.runs", "megamor.model", "megamor.parallel", "megamor.data", "megamor.config", "megamor.env",
-               "megamor.cli")
+               "megamor.cli", "megamor.utils")
     outside = {m: sorted(d for d in deps if not d.startswith(allowed)) for m, deps in mine.items()}
     assert not any(outside.values()), outside
+
+
+def test_utils_import_no_other_megamor_package():
+    """megamor.utils (atomic writes) sits below every package: the nine that write files lean on
+    it, so it may lean on none of them."""
+    graph = import_graph(type_checking=True)
+    mine = {m: deps for m, deps in graph.items() if m.startswith("megamor.utils")}
+    assert "megamor.utils.atomic" in mine
+    bad = {m: sorted(d for d in deps if not d.startswith("megamor.utils")) for m, deps in mine.items()}
+    assert not any(bad.values()), bad
+
+
+def test_parallel_imports_nothing_from_train():
+    """megamor.parallel (process groups, TP/SP layers) is applied to the model by the trainer,
+    never the other way: parallel -> train would make the two one layer."""
+    graph = import_graph(type_checking=True)
+    bad = {m: sorted(d for d in deps if d.startswith("megamor.train"))
+           for m, deps in graph.items() if m.startswith("megamor.parallel")}
+    assert not any(bad.values()), bad
 
 
 @pytest.mark.parametrize("module", [RUNS, "megamor.runs.load", "megamor.runs.resume", "megamor.train.trainer",

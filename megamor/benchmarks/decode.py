@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from megamor.cli import ArgumentParser
-from megamor.data.atomic import atomic_open
 from megamor.inference.calibrate import calibrate_decoding
 from megamor.inference.engine import Engine
 from megamor.inference.generate import generate
 from megamor.inference.graph_step import default_buckets
 from megamor.model import MoRLM, load_model_config
 from megamor.model.hf import llama_config, to_llama_state_dict
+from megamor.utils.atomic import atomic_open
 
 VARIANTS = ("vanilla", "recursive_3", "mor_expert_3", "mor_token_3", "vanilla_eq")
 # vanilla_eq: the vanilla shape with as many layers as recursive_3 has unique ones, i.e. the

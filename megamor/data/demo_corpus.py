@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megamor.data.atomic import atomic_open
+from megamor.utils.atomic import atomic_open
 
 KINDS = ("prose", "facts", "qa", "arithmetic", "sequence")
 KIND_WEIGHTS = (0.25, 0.2, 0.2, 0.25, 0.1)

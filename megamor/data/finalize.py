@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from megamor.data.atomic import remove_temps, write_json
 from megamor.data.errors import DataError
 from megamor.data.manifest import FORMAT, MANIFEST, PLAN, VERSION
 from megamor.data.readers import ReadStats
@@ -31,6 +30,7 @@ from megamor.data.shards import (
 from megamor.data.sources import Unit
 from megamor.data.tokenize_units import SPLITS, part_paths, read_done
 from megamor.data.tokenizer import file_sha256
+from megamor.utils.atomic import remove_temps, write_json
 
 _DOC_CHUNK = 1 << 20
 _TOKEN_CHUNK = 1 << 21

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megamor.data.atomic import is_temp, remove_temps, write_json
 from megamor.data.errors import DataError, OutputExistsError
 from megamor.data.finalize import finalize
 from megamor.data.manifest import MANIFEST, PLAN, REPORT, canonical_hash
@@ -33,6 +32,7 @@ from megamor.data.shards import token_dtype
 from megamor.data.sources import Source, Unit, assign_units, plan_units, resolve_sources
 from megamor.data.tokenize_units import UnitJob, init_worker, read_done, run_unit, set_progress
 from megamor.data.tokenizer import Tokenizer, load_tokenizer
+from megamor.utils.atomic import is_temp, remove_temps, write_json
 
 PLAN_FORMAT = "megamor-plan"
 OUR_FILES = (MANIFEST, PLAN, REPORT)

@@ -16,8 +16,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from megamor.data.atomic import commit, temp_path
 from megamor.data.errors import ShardError
+from megamor.utils.atomic import commit, temp_path
 
 UINT16_MAX_VOCAB = 65535  # ids < vocab_size <= 65,535 fit in uint16
 

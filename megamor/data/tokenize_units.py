@@ -20,11 +20,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from megamor.data.atomic import commit, temp_path, write_json
 from megamor.data.readers import ReadOptions, ReadStats, iter_documents
 from megamor.data.sources import Source, Unit
 from megamor.data.text import to_utf8
 from megamor.data.tokenizer import Tokenizer, load_tokenizer
+from megamor.utils.atomic import commit, temp_path, write_json
 
 SPLITS = ("train", "valid")
 _BATCH_CHARS = 1 << 18

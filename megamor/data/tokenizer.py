@@ -308,7 +308,7 @@ def copy_tokenizer(tok: Tokenizer, dst_dir: str | Path) -> Path:
     finds in a folder; returns the defining file's copy."""
     import shutil
 
-    from megamor.data.atomic import temp_path
+    from megamor.utils.atomic import temp_path
 
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)

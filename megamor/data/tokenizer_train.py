@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megamor.data.atomic import atomic_open, fsync_path, write_json
 from megamor.data.errors import DataError, OutputExistsError
 from megamor.data.readers import ReadOptions, ReadStats, iter_documents
 from megamor.data.sources import plan_units, resolve_sources
@@ -36,6 +35,7 @@ from megamor.data.tokenizer import (
     file_sha256,
     load_tokenizer,
 )
+from megamor.utils.atomic import atomic_open, fsync_path, write_json
 
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")  # at ids UNK, BOS, EOS, PAD: sentencepiece's defaults

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from megamor import cli
 from megamor.cli import BadInput
-from megamor.data.atomic import atomic_open
 from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.env import thread_defaults
+from megamor.utils.atomic import atomic_open
 
 from .errors import EvalInputError
 from .identity import ALLOW_FLAG, check_identity

@@ -66,7 +66,7 @@ def plot(hists: dict[int, list[float]], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megamor.data.atomic import atomic_open
+    from megamor.utils.atomic import atomic_open
 
     from .depth import HTML_COLOURS
 

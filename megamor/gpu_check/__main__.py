@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from megamor.cli import tool_name
-from megamor.data.atomic import atomic_open, write_json
 from megamor.gpu_check.parts import BY_NAME, PARTS
 from megamor.gpu_check.report import as_json, exit_code, markdown
 from megamor.gpu_check.runner import run_all
+from megamor.utils.atomic import atomic_open, write_json
 
 PROG = "python -m megamor.gpu_check"
 DEFAULT_OUT = Path("runs/gpu_check/report.md")

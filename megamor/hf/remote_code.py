@@ -11,10 +11,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from megamor.data.atomic import write_json
 from megamor.model import routing
 from megamor.model.config import ModelConfig
 from megamor.model.routers import routing_settings
+from megamor.utils.atomic import write_json
 
 HERE = Path(__file__).parent
 # file in the export folder -> its source

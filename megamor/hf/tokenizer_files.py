@@ -26,8 +26,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from megamor.data.atomic import write_json
 from megamor.data.tokenizer import Tokenizer, copy_tokenizer
+from megamor.utils.atomic import write_json
 
 # A sample the HF pipeline must encode exactly as sentencepiece before its files are written:
 # leading/double spaces, newlines, digits, non-ASCII and characters the vocabulary may lack.
@@ -136,7 +136,7 @@ def export_tokenizer(out_dir: str | Path, tok: Tokenizer, model_max_length: int 
     if tok.kind == "sentencepiece":
         import shutil
 
-        from megamor.data.atomic import temp_path
+        from megamor.utils.atomic import temp_path
 
         tmp = temp_path(out / "tokenizer.model")
         shutil.copy2(tok.path, tmp)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from megamor.data.atomic import fsync_path, temp_path
+from megamor.utils.atomic import fsync_path, temp_path
 
 PROFILE_DIR = "profile"
 TRACE_SUFFIX = ".pt.trace.json"

@@ -1,14 +1,11 @@
 """What the training loop measures about itself, behind one object the step code calls:
 
-    obs.begin_step(n)                         # the profiler starts at trainer.profile.steps[0]
     with obs.phase("data"): ...               # timed (PhaseTimer) and named in a trace
     with obs.forward(): out = engine(...)     # + the saved-for-backward bytes, once per window
     with obs.phase("backward"): ...
-    obs.end_step(n)
-    metrics.update(obs.window())              # time/*, time/straggler_*, mem/activation_bytes
-    obs.close()                               # on the way out: the trace of what was recorded
 
-window() holds one collective (the straggler all-reduce): every rank calls it at the same point.
+The trainer's callbacks own the windows and the profiler's range: megamor/train/callbacks/
+phase_timers.py, straggler.py, activation_memory.py and profiler.py.
 """
 
 from __future__ import annotations
@@ -36,10 +33,6 @@ class StepObserver:
         self._measure_next = self._meter_cls is not None  # the window's first forward is measured
         self.activation_bytes: int | None = None
 
-    def start(self) -> None:
-        """The loop begins: the first window starts now, not at set-up."""
-        self.timer.restart()
-
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         with self.profiler.phase(name), self.timer.phase(name):
@@ -57,22 +50,9 @@ class StepObserver:
             yield
         self.activation_bytes = max(self.activation_bytes or 0, int(meter.bytes))
 
-    def begin_step(self, step_no: int) -> None:
-        self.profiler.begin_step(step_no)
-
-    def end_step(self, step_no: int) -> None:
-        self.timer.step_done()
-        self.profiler.end_step(step_no)
-
-    def window(self) -> dict[str, float]:
-        out: dict[str, float] = self.timer.window()
-        out.update(self.timer.straggler(self.rank, self.world))
-        if self.activation_bytes is not None:
-            out["mem/activation_bytes"] = self.activation_bytes
-        self.activation_bytes = None
+    def take_activation_bytes(self) -> int | None:
+        """The window's largest measured forward (None when none was), and re-arm the meter for
+        the next window's first forward."""
+        out, self.activation_bytes = self.activation_bytes, None
         self._measure_next = self._meter_cls is not None
         return out
-
-    def close(self) -> list[Path]:
-        return self.profiler.close()
-

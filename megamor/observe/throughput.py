@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megamor.data.atomic import atomic_open
+from megamor.utils.atomic import atomic_open
 
 MODES = ("train", "forward")
 

@@ -23,14 +23,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from megamor.config import from_node
-from megamor.model import ModelConfig, MoRLM
 from megamor.observe.activation_memory import SavedTensorMeter
 from megamor.parallel import collectives
-from megamor.train.compile import compile_layers as compile_all
-from megamor.train.parallelize import build_layout, parallelize
+from megamor.train.config import experiment_from_dict
+from megamor.train.engine import build_model
 
 _COMM = {"s": 0.0}
 _WRAPPED = ("all_reduce", "all_gather", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast")
@@ -57,15 +54,15 @@ def _wrap_collectives(functional: bool = True) -> None:
 
 
 def _build(model_cfg: dict, tp: int, world: int, rank: int, sp: bool, ckpt: bool = False, compile_layers: bool = False):
-    torch.manual_seed(0)
-    cfg = from_node(ModelConfig, OmegaConf.create(model_cfg))
-    layout = build_layout(tp, world, rank, sequence=sp)
-    model = parallelize(MoRLM(cfg), layout)
-    if ckpt:
-        model.enable_activation_checkpointing()
-    if compile_layers:
-        compile_all(model)
-    return cfg, layout, model
+    """The model as the trainer builds it (megamor.train.engine.build_model), without DeepSpeed."""
+    exp = experiment_from_dict({
+        "model": model_cfg, "data": {"train": ["unused"], "seq_len": model_cfg.get("max_seq_len", 2048)},
+        "batch": {"global_batch_size": world // tp, "micro_batch_size": 1},  # unused: no loader here
+        "trainer": {"max_steps": 1, "activation_checkpointing": ckpt, "compile": "true" if compile_layers else "false"},
+        "parallel": {"tensor": tp, "sequence": sp},
+    })
+    model, _, _, _, layout = build_model(exp, torch.device("cpu"), world=world, rank=rank, seed=0)
+    return exp.model, layout, model
 
 
 def activation_bytes_worker(rank: int, world: int, model_cfg: dict, tp: int, sp: bool, ckpt: bool, micro: int,

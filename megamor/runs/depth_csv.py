@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megamor.data.atomic import atomic_open
+from megamor.utils.atomic import atomic_open
 
 if TYPE_CHECKING:  # the depth tool imports this module: its argument errors answer without torch
     import torch

@@ -24,8 +24,8 @@ from typing import Any
 
 import xxhash
 
-from megamor.data.atomic import atomic_open, write_json
 from megamor.runs.layout import LATEST, MARKER, QUARANTINE, UNIVERSAL, QuarantineError, os_error_line
+from megamor.utils.atomic import atomic_open, write_json
 
 HASH_NAME = "xxh3_128"
 BLOCK = 8 << 20  # streamed in 8 MiB blocks: bounded memory, few syscalls

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from megamor.data.atomic import write_json
 from megamor.parallel import dist as pdist
 from megamor.runs import integrity
 from megamor.runs.integrity import check_tag, file_sizes, quarantine, warn
@@ -47,6 +46,7 @@ from megamor.runs.layout import (
 from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.safe_universal import PROG as SAFE_UNIVERSAL
 from megamor.runs.tags import newest_complete
+from megamor.utils.atomic import write_json
 
 
 @dataclass(frozen=True)

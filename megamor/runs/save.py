@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from megamor.data.atomic import atomic_open, fsync_path, write_json
 from megamor.parallel import dist as pdist
 from megamor.runs import integrity
 from megamor.runs.integrity import check_tag, file_sizes, quarantine, warn
@@ -35,6 +34,7 @@ from megamor.runs.layout import (
 )
 from megamor.runs.save_errors import CheckpointSaveError, os_error_in, python_file_saves
 from megamor.runs.tags import newest_complete
+from megamor.utils.atomic import atomic_open, fsync_path, write_json
 
 # What ds_to_universal needs in the client state of a ZeRO-1/2 checkpoint (no TP/PP here).
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megamor.config import ConfigError
-from megamor.data.atomic import write_json
+from megamor.utils.atomic import write_json
 
 if TYPE_CHECKING:  # plan imports torch; the study's `--help` and this module do not need it
     from megamor.study.plan import RunSpec

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from megamor.data.atomic import atomic_open, write_json
 from megamor.study.config import StudyConfig
+from megamor.utils.atomic import atomic_open, write_json
 
 COLUMNS = [  # (header, result key, format)
     ("N_r", "num_recursions", "{:.0f}"),

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from megamor.data.atomic import write_json
 from megamor.env import repo_root
 from megamor.parallel.launch import torchrun_command
 from megamor.parallel.orphan import child_follows_parent
@@ -27,6 +26,7 @@ from megamor.study.data import data_paths
 from megamor.study.evaluate import depth_analysis, fewshot, validation
 from megamor.study.plan import RunSpec
 from megamor.train.config import load_experiment
+from megamor.utils.atomic import write_json
 
 STUDY_LOCK = "study.lock"  # held by the study process training/evaluating the run (megamor.train.runlock)
 

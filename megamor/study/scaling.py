@@ -19,9 +19,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from megamor.data.atomic import atomic_open, write_json
 from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
 from megamor.study.report import _cell, _num, _plots, paired_table, summarize, table
+from megamor.utils.atomic import atomic_open, write_json
 
 Results = list[dict[str, Any]]
 

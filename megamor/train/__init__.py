@@ -3,6 +3,10 @@
     config.py       the experiment schema (model + data + batch/optim/schedule/deepspeed/...)
     preflight.py    every check before any process group starts (launch, data, run folder)
     trainer.py      set-up, resume, the loop, checkpoints, stopping
+    engine.py       build_engine: model + parallelism + optimizer + DeepSpeed engine, in one place
+    callbacks/      the loop's hooks (base.Callback) and its features, one file each: phase
+                    timers, straggler, activation memory, profiler, checkpoint/eval cadence,
+                    fault injection; user callbacks from trainer.callbacks
     step.py         one optimizer step: global-token loss, router losses, agreement all-reduce
     validation.py   validation loss (top-k and causal routing); step_log.py: log-line metrics
     optim.py        AdamW parameter groups; a step that can be skipped (non-finite loss)
@@ -13,5 +17,5 @@
     signals.py      SIGTERM/SIGUSR1 -> save and exit 75; the exit codes
     metrics.py      MoR-aware FLOPs, MFU/HFU, memory, router statistics
     logger.py       console, metrics.jsonl, W&B (run id kept across restarts)
-    faults.py       fault injection for crash-safety tests (MEGAMOR_FAULTS)
+    faults.py       the faults MEGAMOR_FAULTS names (callbacks/fault_injection.py injects them)
 """

@@ -39,6 +39,7 @@ from megamor.model.config import STORED_DEFAULTS, ModelConfig, with_stored_defau
 from megamor.model.flops import BUDGET_COUNTS, CONVENTIONS, budget_flops_per_token, budget_steps
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
+from megamor.train.callbacks.user import check_entries as check_callbacks
 from megamor.train.ds_keys import check_deepspeed_keys
 
 PRECISIONS = ("fp32", "bf16")
@@ -243,6 +244,9 @@ class TrainerConfig:
     # (megamor/train/phase.py). Ignored once this run_dir has checkpoints of its own.
     continue_from: str | None = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # Callbacks added to the loop: 'module:Class' or {target: 'module:Class', kwargs: {...}}
+    # (a subclass of megamor.train.callbacks.Callback; docs/architecture.md lists the hooks).
+    callbacks: list[Any] = field(default_factory=list)
 
     def validate(self, path: str) -> None:
         self.compile = str(self.compile).lower()
@@ -262,6 +266,7 @@ class TrainerConfig:
                                                           "state and step; init_from weights only at step 0. Give one")
         if self.init_from is not None and not Path(self.init_from).exists():
             raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
+        check_callbacks(list(self.callbacks), key(path, "callbacks"), imports=False)  # imports: load_experiment
 
 
 @dataclass
@@ -516,6 +521,7 @@ def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence
         config_paths = [config_paths]
     node = merge_experiment(config_paths, overrides)
     cfg = from_node(ExperimentConfig, node)
+    check_callbacks(list(cfg.trainer.callbacks), "trainer.callbacks")  # the run's own: they must import
     # Keys whose default changed that this config leaves to the default: resuming a run trained
     # with the old default keeps it (preflight.check_resumable), instead of refusing.
     model = node.get("model") if OmegaConf.is_dict(node) else None

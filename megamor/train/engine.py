@@ -1,13 +1,28 @@
-"""What the trainer applies to a plainly built model before DeepSpeed wraps it, in one place
-(the benchmark builds its engines the same way)."""
+"""Model + DeepSpeed engine assembly, in one place: the trainer, the training benchmark and the
+tests that measure engines all build theirs with `build_engine`, so they run the same model
+the same way (the non-finite-gradient guard and DeepSpeed's quieted start-up included).
+
+    seed -> MoRLM(cfg.model) -> [init_from weights] -> parallelize (TP/SP) -> prepare_model
+    (activation checkpointing, per-layer compile, ZeRO-3 registration) -> optimizer ->
+    deepspeed.initialize
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from megamor.model import MoRLM
+from megamor.model.summary import ParamCounts
+from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.train.compile import compile_layers, compile_wanted
 from megamor.train.config import ExperimentConfig
+from megamor.train.ds_config import deepspeed_config
+from megamor.train.init_from import InitReport, load_init_weights
+from megamor.train.optim import build_optimizer, freeze_for
+from megamor.train.parallelize import Layout, build_layout, parallelize
 
 
 def prepare_model(model: MoRLM, cfg: ExperimentConfig, device: torch.device) -> bool:
@@ -27,3 +42,58 @@ def prepare_model(model: MoRLM, cfg: ExperimentConfig, device: torch.device) -> 
 
         register_external_parameter(model, model.lm_head.weight)
     return compiled
+
+
+@dataclass
+class BuiltEngine:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.Optimizer  # ours (SkippableStep), wrapped by DeepSpeed's where it wraps one
+    layout: Layout
+    n_params: ParamCounts  # counted before TP / ZeRO-3 split the parameters
+    compiled: bool
+    init: InitReport | None  # what `init_from` loaded, or None
+
+    @property
+    def model(self) -> MoRLM:
+        return self.engine.module
+
+
+def build_model(cfg: ExperimentConfig, device: torch.device, *, world: int = 1, rank: int = 0,
+                layout: Layout | None = None, seed: int | None = None, init_from: str | None = None,
+                compile_backend: str | None = None) -> tuple[MoRLM, ParamCounts, bool, InitReport | None, Layout]:
+    """The model half of `build_engine` (the TP benchmark times it without DeepSpeed):
+    (model, parameter counts before any split, compiled, what init_from loaded, layout)."""
+    if layout is None:
+        layout = build_layout(cfg.parallel.tensor, world, rank, cfg.parallel.sequence)
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
+    init = load_init_weights(model, init_from) if init_from else None
+    n_params = ParamCounts.of(model)
+    parallelize(model, layout)
+    compiled = prepare_model(model, cfg, device)
+    if compile_backend is not None:
+        compile_layers(model, backend=compile_backend)
+        compiled = True
+    return model, n_params, compiled, init, layout
+
+
+def build_engine(cfg: ExperimentConfig, device: torch.device, *, world: int = 1, rank: int = 0,
+                 layout: Layout | None = None, seed: int | None = None, init_from: str | None = None,
+                 load_universal: bool = False, compile_backend: str | None = None) -> BuiltEngine:
+    """The engine a run of `cfg` trains with, on `world` processes (this one is `rank`; the
+    process group must exist when world > 1). `seed` defaults to cfg.seed; `init_from` loads
+    weights before any parallelism cuts them; `compile_backend` compiles every layer with that
+    torch.compile backend on top of what `trainer.compile` decides (benchmarks compare backends);
+    `load_universal` asks DeepSpeed to load a universal checkpoint next."""
+    model, n_params, compiled, init, layout = build_model(cfg, device, world=world, rank=rank, layout=layout, seed=seed,
+                                                          init_from=init_from, compile_backend=compile_backend)
+    freeze_for(model, cfg.trainer.train_only)  # trainer.train_only: routers freezes the rest
+    optimizer = build_optimizer(model, cfg.optim, device)
+    import deepspeed
+
+    ds_cfg = deepspeed_config(cfg, world, load_universal=load_universal)
+    with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury megamor's lines
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, mpu=layout.mpu)
+    # No DeepSpeed wrapper checks gradients for overflow (ZeRO-0 fp32): our optimizer does.
+    optimizer.guard_nonfinite_grads = engine.optimizer is optimizer  # type: ignore[attr-defined]
+    return BuiltEngine(engine, optimizer, layout, n_params, compiled, init)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from megamor.data.atomic import atomic_open
+from megamor.utils.atomic import atomic_open
 
 ENV = "MEGAMOR_FAULTS"
 

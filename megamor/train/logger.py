@@ -19,10 +19,10 @@ from typing import Any, Protocol
 
 import torch
 
-from megamor.data.atomic import atomic_open
 from megamor.runs.layout import METRICS_FILE
 from megamor.train.config import ExperimentConfig
 from megamor.train.wandb_setup import init_run
+from megamor.utils.atomic import atomic_open
 
 WANDB_ID_FILE = "wandb_id"
 

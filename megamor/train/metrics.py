@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from megamor.data.atomic import write_json
 from megamor.model.config import ModelConfig
 from megamor.model.flops import forward_flops
+from megamor.utils.atomic import write_json
 
 # Dense bf16 peak per device (TFLOP/s), by substring of torch.cuda.get_device_name().
 GPU_PEAK_TFLOPS = {
@@ -229,31 +229,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 @dataclass
-class StepTimer:
-    """Wall time of a step split into data loading and the rest."""
-
-    start: float = field(default_factory=time.perf_counter)
-    data: float = 0.0
-
-    def data_section(self) -> _Section:
-        return _Section(self)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-class _Section:
-    def __init__(self, timer: StepTimer):
-        self.timer = timer
-
-    def __enter__(self) -> None:
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timer.data += time.perf_counter() - self.t
-
-
-@dataclass
 class WindowStats:
     """Sums over the steps since the last log line (rank 0 holds the global, reduced values)."""
 
@@ -262,7 +237,6 @@ class WindowStats:
     tokens: float = 0.0
     flops: float = 0.0  # model FLOPs (3 x forward), all ranks
     time: float = 0.0
-    data_time: float = 0.0
     skipped: int = 0
     grad_norm: float = 0.0
     grad_norm_steps: int = 0

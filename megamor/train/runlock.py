@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megamor.data.atomic import atomic_open
+from megamor.utils.atomic import atomic_open
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from megamor.data.atomic import atomic_open
+from megamor.utils.atomic import atomic_open
 
 if TYPE_CHECKING:
     from typing_extensions import Self

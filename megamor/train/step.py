@@ -6,15 +6,20 @@
      batch is split over ranks and micro-batches);
   3. forward + backward each micro-batch through the engine (router losses added with their
      configured weights);
-  4. one all-reduce of [loss, non-finite flag, stop request, FLOPs, router statistics]: every
-     rank takes the same decisions (skip a non-finite step, stop on a signal);
-  5. set the scheduled learning rate, `engine.step()` (clipping, ZeRO, AdamW), update the
-     token-choice loss-free bias.
+  4. one all-reduce of [loss, non-finite flag, stop request, FLOPs, router statistics, what
+     callbacks add (router-state sync: expert choice's thresholds)]: every rank takes the same
+     decisions (skip a non-finite step, stop on a signal);
+  5. set the scheduled learning rate, `engine.step()` (clipping, ZeRO, AdamW); the callbacks'
+     after_optimizer_step (router-state sync: the token-choice loss-free bias).
+
+The loop's callbacks (megamor/train/callbacks/) are called at their hooks here: before_forward,
+modify_loss, after_backward, step_reduction/step_reduced, before/after_optimizer_step.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +27,8 @@ import torch
 
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
-from megamor.train.faults import Faults, poison_gradients
-from megamor.train.metrics import StepTimer, step_flops
+from megamor.train.callbacks.hooks import Callbacks
+from megamor.train.metrics import step_flops
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import StopRequest
 
@@ -35,8 +40,7 @@ class StepResult:
     skipped: bool
     stop: bool
     flops: float
-    data_time: float
-    time: float
+    time: float  # the step's wall time (data time: the observer's time/data)
     grad_norm: float | None
     aux: dict[str, float]
     tokens_per_step: list[float]
@@ -64,29 +68,30 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 class TrainStep:
     """Runs optimizer steps; holds no progress (the Trainer counts steps and tokens)."""
 
-    def __init__(self, engine: Any, optimizer: Any, loader: Any, layout: Any, schedule: LRSchedule, faults: Faults,
+    def __init__(self, engine: Any, optimizer: Any, loader: Any, layout: Any, schedule: LRSchedule,
                  stop_request: StopRequest, device: torch.device, gas: int, tp: int, dp: int,
-                 observe: StepObserver | None = None):
+                 observe: StepObserver | None = None, callbacks: Callbacks | None = None):
         self.engine, self.optimizer, self.loader, self.layout = engine, optimizer, loader, layout
         self.observe = observe or StepObserver(device, activation_meter=False)  # phase timers, profiler ranges
+        self.callbacks = callbacks or Callbacks()  # after_backward, before_optimizer_step
         self.rank = pdist.rank()
         self.model = engine.module
-        self.schedule, self.faults, self.stop_request = schedule, faults, stop_request
+        self.schedule, self.stop_request = schedule, stop_request
         self.device, self.gas = device, gas
         self.tp, self.dp = tp, dp  # tensor- and data-parallel sizes
 
     def __call__(self, step_no: int) -> StepResult:
         """Optimizer step `step_no` (1-based)."""
         self.model.set_train_step(step_no)  # router warmups (megamor.model.routing); the trainer's step: resume-exact
-        timer = StepTimer()
-        with timer.data_section(), self.observe.phase("data"):
+        t0 = time.perf_counter()
+        with self.observe.phase("data"):
             micro = [self.loader.next_batch() for _ in range(self.gas)]
         counts = [int((mb["targets"] != -100).sum()) for mb in micro]
         # Over the DP group: the ranks of a TP group hold the same tokens (count them once).
         n_global = pdist.all_reduce_(torch.tensor([float(sum(counts))], device=self.device), group=self.layout.dp_group)
         n_global_f = max(1.0, float(n_global.item()))
-        passes = self._passes(micro, counts, n_global_f, step_no, timer)
-        values, thr_values = self._reduce(passes)
+        passes = self._passes(micro, counts, n_global_f, step_no)
+        values = self._reduce(passes, step_no)
         loss = values[0] / n_global_f
         skipped = values[1] > 0 or not math.isfinite(loss)
         stop = values[2] > 0
@@ -95,36 +100,27 @@ class TrainStep:
         nr, k = len(self.model.steps), len(passes.aux_names)
         n_micro = self.gas * self.dp
         aux = {name: values[4 + j] / n_micro for j, name in enumerate(passes.aux_names)}
-        for r, v in enumerate(thr_values):  # the causal cut after this step (a logit)
-            if self.model.cfg.capacities[r] < 1.0:
-                aux[f"router_health/r{r + 1}/threshold"] = v
         routed_l = values[4 + k : 4 + k + nr]
         hist = torch.tensor(values[4 + k + nr :])
-        return StepResult(loss, int(n_global_f), skipped, stop, values[3], timer.data, timer.elapsed(), grad_norm, aux,
+        return StepResult(loss, int(n_global_f), skipped, stop, values[3], time.perf_counter() - t0, grad_norm, aux,
                           routed_l, hist, why)
 
-    def _passes(self, micro: list[dict[str, torch.Tensor]], counts: list[int], n_global_f: float, step_no: int,
-                timer: StepTimer) -> _Passes:
+    def _passes(self, micro: list[dict[str, torch.Tensor]], counts: list[int], n_global_f: float,
+                step_no: int) -> _Passes:
         """Forward + backward of every micro-batch; router statistics stay on the device."""
-        inject_nan = self.faults.nan_loss(step_no)
-        inject_inf_grad = self.faults.inf_grad(step_no)
         nr = len(self.model.steps)
         p = _Passes(torch.zeros((), device=self.device), torch.zeros((), device=self.device),
                     torch.zeros(nr + 1, device=self.device))
         for i, mb in enumerate(micro):
-            with timer.data_section(), self.observe.phase("data"):
+            with self.observe.phase("data"):
                 mb = to_device(mb, self.device)
             with self.observe.forward():
-                self.faults.before_forward(self.rank)
+                self.callbacks.before_forward(step_no, i)
                 out = self.engine(
                     mb["input_ids"], targets=mb["targets"], position_ids=mb.get("position_ids"),
                     doc_ids=mb.get("doc_ids"), return_logits=False,
                 )
-            lm = out.loss
-            if inject_nan:
-                lm = lm * float("nan")
-            if inject_inf_grad:
-                lm = poison_gradients(lm)
+            lm = self.callbacks.modify_loss(step_no, i, out.loss)  # fault injection's non-finite losses
             # Mean over the global batch's tokens: DeepSpeed divides by accumulation steps and
             # averages over DP ranks, so scale this micro-batch's mean by its share.
             scale = counts[i] * self.gas * self.dp / n_global_f
@@ -132,6 +128,7 @@ class TrainStep:
                 self.engine.backward(lm * scale + out.aux_loss)
                 if i < self.gas - 1:
                     self.engine.step()  # DeepSpeed's accumulation bookkeeping; no optimizer step
+            self.callbacks.after_backward(step_no, i)
             p.loss_sum += lm.detach().float() * counts[i]
             p.nonfinite += (~torch.isfinite(lm.detach())).float()
             if not p.aux_names:
@@ -147,8 +144,9 @@ class TrainStep:
                 p.depth_hist.index_add_(0, d, torch.ones_like(d, dtype=p.depth_hist.dtype))
         return p
 
-    def _reduce(self, p: _Passes) -> tuple[list[float], list[float]]:
-        """The step's one all-reduce over the world: (values, the averaged router thresholds)."""
+    def _reduce(self, p: _Passes, step_no: int) -> list[float]:
+        """The step's one all-reduce over the world, the callbacks' contributions included (each
+        gets its slice back: router-state sync averages expert choice's thresholds there)."""
         nr = len(self.model.steps)
         flops = step_flops(self.model.cfg, p.shapes, p.routed_micro)  # the step's one host read of routing
         routed = torch.stack(p.routed_micro).sum(0) if p.routed_micro else torch.zeros(nr, device=self.device)
@@ -157,23 +155,20 @@ class TrainStep:
         if p.aux_sum is not None:
             parts.append(p.aux_sum)
         parts += [routed, p.depth_hist]
-        # Expert choice's learned causal thresholds: each rank tracked its own micro-batches;
-        # the average over ranks goes back into every rank's routers (they route alike).
-        thresholds = self.model.router_thresholds()
-        n_thr = 0 if thresholds is None else thresholds.numel()
-        if thresholds is not None:
-            parts.append(thresholds.float())
+        extra = self.callbacks.step_reductions(step_no)
+        n_own = sum(t.numel() for t in parts)
+        parts += [t.float() for _, t in extra]
         # Over the world (a stop signal on any rank stops all); every TP rank counted the same
-        # tokens, so per-token sums are divided by the TP size.
+        # tokens, so per-token sums (and the callbacks' slices) are divided by the TP size.
         vec = pdist.all_reduce_(torch.cat(parts).double())
         if self.tp > 1:
             vec[0] /= self.tp
             vec[3:] /= self.tp
-        if thresholds is not None:
-            vec[vec.numel() - n_thr :] /= self.dp
-            self.model.set_router_thresholds(vec[vec.numel() - n_thr :])
-        values = vec.tolist()
-        return values[: len(values) - n_thr], values[len(values) - n_thr :]
+        at = n_own
+        for cb, t in extra:
+            cb.step_reduced(step_no, vec[at : at + t.numel()])
+            at += t.numel()
+        return vec[:n_own].tolist()
 
     def _optimizer_step(self, step_no: int, skipped: bool) -> tuple[bool, str | None, float | None]:
         """(skipped, why, grad norm). Every rank has the same `skipped` decision (optim.SkippableStep)."""
@@ -183,6 +178,7 @@ class TrainStep:
         self.optimizer.skip_next_step = skipped
         self.optimizer.nonfinite_grads = False
         ds_skipped = self.engine.skipped_steps
+        self.callbacks.before_optimizer_step(step_no)
         try:
             with self.observe.phase("optimizer"):
                 self.engine.step()
@@ -192,10 +188,7 @@ class TrainStep:
         if not skipped and (self.engine.skipped_steps > ds_skipped or self.optimizer.nonfinite_grads):
             # DeepSpeed's overflow check (ZeRO, bf16) or the ZeRO-0 guard (optim.py) skipped the update.
             skipped, why = True, "non-finite gradients"
-        if not skipped:
-            load = self.model.loss_free_load()
-            if load is not None:
-                self.model.update_loss_free_bias(pdist.all_reduce_(load.to(self.device), group=self.layout.dp_group))
+        self.callbacks.after_optimizer_step(step_no, skipped)  # router-state sync: the loss-free bias
         grad_norm = None
         if not skipped:
             g = self.engine.get_global_grad_norm()

@@ -18,7 +18,6 @@ from megamor.train.step import StepResult
 def accumulate(w: WindowStats, r: StepResult) -> None:
     w.steps += 1
     w.time += r.time
-    w.data_time += r.data_time
     w.tokens += r.tokens
     w.flops += r.flops
     if r.skipped:
@@ -49,7 +48,6 @@ def window_metrics(w: WindowStats, *, lr: float, tokens: int, skipped_steps: int
         "train/skipped_steps": skipped_steps,
         "perf/tokens_per_s": w.tokens / w.time if w.time else 0.0,
         "perf/step_time_s": w.time / w.steps,
-        "perf/data_time_s": w.data_time / w.steps,
         "perf/model_tflops_total": flops_total / 1e12,
         "perf/peak_mem_gb": peak_memory_bytes(device) / 2**30,
     }

@@ -3,25 +3,25 @@
 The pieces live beside it: one optimizer step in step.py (global-token loss, router losses,
 the agreement all-reduce), validation in validation.py, what a log line says in step_log.py.
 The loop never holds model code: the model is built plainly and parallelism, activation
-checkpointing and compilation are applied from outside (parallelize.py, engine.py).
+checkpointing and compilation are applied from outside (engine.build_engine). What the loop
+does beside training (timers, profiler, router-state sync, checkpoint/eval cadence, fault
+injection, a user's own) is a callback in callbacks/, called at named hooks.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megamor.data.atomic import atomic_open
 from megamor.data.loader import build_train_loader
 from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
-from megamor.model.summary import ParamCounts
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
-from megamor.parallel.ds_noise import quiet_deepspeed
 from megamor.parallel.env import LaunchEnv
 from megamor.parallel.watchdog import Watchdog
 from megamor.runs.layout import TRAINER_STATE, CheckpointError
@@ -37,16 +37,23 @@ from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.save import CheckpointManager, set_rng_state
 from megamor.runs.tags import list_complete
+from megamor.train.callbacks import Callback, Callbacks
+from megamor.train.callbacks.activation_memory import ActivationMemory
+from megamor.train.callbacks.cadence import Cadence
+from megamor.train.callbacks.fault_injection import FaultInjection
+from megamor.train.callbacks.phase_timers import PhaseTimers
+from megamor.train.callbacks.profiler import Profiler
+from megamor.train.callbacks.router_state import RouterStateSync
+from megamor.train.callbacks.straggler import StragglerDetection
+from megamor.train.callbacks.user import build_user_callbacks
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.downstream import DownstreamEval
-from megamor.train.ds_config import deepspeed_config
-from megamor.train.engine import prepare_model
+from megamor.train.engine import build_engine
+from megamor.train.faults import ENV as FAULTS_ENV
 from megamor.train.faults import Faults
-from megamor.train.init_from import load_init_weights
 from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import PeakFlops, WindowStats
-from megamor.train.optim import build_optimizer, freeze_for, group_hparams
-from megamor.train.parallelize import build_layout, parallelize
+from megamor.train.optim import group_hparams
 from megamor.train.phase import plan_phase, start_phase
 from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
@@ -54,6 +61,7 @@ from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequ
 from megamor.train.step import TrainStep
 from megamor.train.step_log import accumulate, window_metrics
 from megamor.train.validation import Validation
+from megamor.utils.atomic import atomic_open
 
 # DeepSpeed 0.19 calls collectives torch 2.13 deprecates, once per call: one line per step.
 warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -66,7 +74,7 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, env: LaunchEnv, device: torch.device, tokenizer_info: dict[str, Any],
                  stop_request: StopRequest | None = None, run_lock: RunLock | None = None,
-                 watchdog: Watchdog | None = None):
+                 watchdog: Watchdog | None = None, callbacks: list[Callback] | None = None):
         self.cfg = cfg
         self.env = env
         self.device = device
@@ -79,12 +87,11 @@ class Trainer:
         self.run_dir = cfg.run_path
         self.max_steps = cfg.max_steps
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.max_steps)
-        self.faults = Faults.from_env()
         self.stop_request = stop_request or StopRequest()  # __main__ installs it before the process group
         self.run_lock = run_lock  # rank 0's, held by __main__: checked before every write (_check_lock)
         self.watchdog = watchdog or Watchdog(self.rank, self.world, 0.0, None)  # told where the loop is
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last,
-                                      fault_hook=lambda step: self.faults.during_save(step, self.rank))
+                                      fault_hook=lambda step: self.callbacks.during_save(step))
         # Progress (restored on resume).
         self.step = 0
         self.tokens = 0
@@ -93,12 +100,20 @@ class Trainer:
         self.flops_total = 0.0
         self.wandb_id: str | None = None
         self.last_saved_step = -1
+        self.lock_lost = False  # another trainer holds the run folder: nothing more is written there
+        self._metrics: dict[str, Any] = {}  # record_metric's, until the next log window
+        # Built-ins first (their order is the loop's), then `callbacks` (tests) and trainer.callbacks.
+        faults = [FaultInjection(Faults.from_env())] if os.environ.get(FAULTS_ENV) else []  # tests only
+        built_in = [*faults, RouterStateSync(), PhaseTimers(), StragglerDetection(), ActivationMemory(), Profiler(),
+                    Cadence()]
+        self.callbacks = Callbacks([*built_in, *(callbacks or []), *build_user_callbacks(cfg.trainer.callbacks)])
+        self.callbacks.attach(self)
 
     # -- set-up -----------------------------------------------------------------------
     def setup(self) -> Trainer:
         cfg = self.cfg
         self.stop_request.install()  # a signal during set-up stops the run before its first step
-        self.faults.at_setup(self.rank)
+        self.callbacks.setup_start()  # fault injection's signal at set-up
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         plan = self._plan_resume()
@@ -107,35 +122,22 @@ class Trainer:
             # Denormal floats (tiny gradients, Adam moments early in training) run ~10x slower
             # on x86; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
-        self.layout = build_layout(self.tp, self.world, self.rank, cfg.parallel.sequence)
-        torch.manual_seed(cfg.seed)
-        model = MoRLM(cfg.model)  # the full model on every rank: TP cuts its shards from it
-        init = None
-        if cfg.trainer.init_from and plan is None:  # up-training (megamor.convert) or fine-tuning
-            init = load_init_weights(model, cfg.trainer.init_from)
-        self.n_params = ParamCounts.of(model)  # before TP / ZeRO-3 split them
-        parallelize(model, self.layout)  # tensor parallelism: shards cut from the full model
-        self.compiled = prepare_model(model, cfg, self.device)  # checkpointing, compile, ZeRO-3 needs
-        freeze_for(model, cfg.trainer.train_only)  # trainer.train_only: routers freezes the rest
-        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        init_from = cfg.trainer.init_from if plan is None else None  # up-training (megamor.convert) or fine-tuning
+        built = build_engine(cfg, self.device, world=self.world, rank=self.rank, init_from=init_from,
+                             load_universal=bool((plan or phase) and (plan or phase).universal))
+        self.engine, self.optimizer, self.layout = built.engine, built.optimizer, built.layout
+        self.n_params, self.compiled, init = built.n_params, built.compiled, built.init
         self.group_hparams = group_hparams(self.optimizer.param_groups)
-        import deepspeed
-
-        ds_cfg = deepspeed_config(cfg, self.world, load_universal=bool((plan or phase) and (plan or phase).universal))
-        with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury the banner
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg,
-                                                        mpu=self.layout.mpu)
-        # No DeepSpeed wrapper checks gradients for overflow (ZeRO-0 fp32): our optimizer does.
-        self.optimizer.guard_nonfinite_grads = self.engine.optimizer is self.optimizer
         self.model: MoRLM = self.engine.module
         # The ranks of a TP group read the same batches: the loader only knows the DP grid.
         self.loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
                                          self.layout.dp_rank, self.dp)
         prof = cfg.trainer.profile  # phase timers always; the profiler only over trainer.profile.steps
         self.observer = StepObserver(self.device, self.run_dir, self.rank, self.world, prof.steps, prof.memory, self.model)
-        self.train_step = TrainStep(self.engine, self.optimizer, self.loader, self.layout, self.schedule, self.faults,
-                                    self.stop_request, self.device, self.gas, self.tp, self.dp, self.observer)
-        self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.faults,
+        self.train_step = TrainStep(self.engine, self.optimizer, self.loader, self.layout, self.schedule,
+                                    self.stop_request, self.device, self.gas, self.tp, self.dp, self.observer,
+                                    callbacks=self.callbacks)
+        self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.callbacks,
                                      self._stop_agreed)
         self.downstream = DownstreamEval(cfg, self.model, self.device, self.layout.dp_rank, self.dp, self.layout.dp_group,
                                          print_fn=lambda text: self.logger.print(text))
@@ -163,7 +165,13 @@ class Trainer:
         )
         if init is not None:
             self.logger.print(f"megamor: {init.line()}")
+        self.callbacks.setup()
         return self
+
+    def record_metric(self, name: str, value: Any) -> None:
+        """A metric for the current log window (from `log_window`) or the next one (from any
+        other hook); rank 0's value is the one logged."""
+        self._metrics[name] = value
 
     def _keep_tokenizer(self) -> None:
         """A copy of the tokenizer in the run folder, so evaluation and export find it."""
@@ -253,6 +261,7 @@ class Trainer:
 
     def _stop(self, where: str = "") -> int:
         sig = self.stop_request.signum
+        self.callbacks.on_stop(self.step, sig)
         self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
                           f"{self.step}{where}: saving and exiting with {EXIT_PREEMPTED}")
         if self.last_saved_step != self.step and self.step > 0:
@@ -291,6 +300,7 @@ class Trainer:
                               extra_files={TRAINER_STATE: state})
         self.last_saved_step = self.step
         self.logger.print(f"checkpoint: {path}")
+        self.callbacks.after_save(self.step, path)
         return path
 
     # -- the loop ---------------------------------------------------------------------------
@@ -299,23 +309,25 @@ class Trainer:
         if self.step >= self.max_steps:
             self.logger.print(f"already trained for {self.step} >= {self.max_steps} steps; nothing to do")
             self.stop_request.uninstall()
-            self.logger.close()
+            try:
+                self.callbacks.close()
+            finally:
+                self.logger.close()
             return EXIT_OK
         window = WindowStats()
         exit_code = EXIT_OK
-        lock_lost = False
         self.watchdog.at(self.step, "start")
         self.watchdog.start()
         try:
             if self._stop_agreed():  # a signal during set-up
                 return self._stop()
-            self.observer.start()
+            self.callbacks.fit_start()
             while self.step < self.max_steps:
                 self.watchdog.at(self.step + 1, "train step")
-                self.observer.begin_step(self.step + 1)
+                self.callbacks.before_step(self.step + 1)
                 r = self.train_step(self.step + 1)
                 self.step += 1
-                self.observer.end_step(self.step)
+                self.callbacks.after_step(self.step, r)
                 self.tokens += r.tokens
                 self.flops_total += r.flops
                 accumulate(window, r)
@@ -339,37 +351,28 @@ class Trainer:
                     self._log(window)
                     window = WindowStats()
                 self.logger.advance(self.step)
-                self.faults.after_step(self.step, self.rank, self.run_dir)
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                    if self.consecutive_nonfinite:  # do not let keep_last prune the last good tag for this state
-                        self.logger.print(f"step {self.step}: checkpoint deferred ({self.consecutive_nonfinite} "
-                                          "non-finite steps in a row)")
-                    else:
-                        self.save()
-                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                    self._log_eval()
+                self.callbacks.step_end(self.step, r)  # faults after step K, then checkpoint and eval cadence
                 if r.stop:
                     exit_code = self._stop()
                     break
             else:
-                if cfg.eval.at_end and (not cfg.eval.every_steps or self.step % cfg.eval.every_steps):
-                    self._log_eval()
-                if cfg.checkpoint.save_final and self.last_saved_step != self.step:
-                    self.save()
+                self.callbacks.fit_end(self.step)
         except StopRequested:  # agreed during validation
             exit_code = self._stop(" during validation")
         except RunLockLostError:
-            lock_lost = True
+            self.lock_lost = True
             raise
         finally:
             self.watchdog.stop()
             self.stop_request.uninstall()
-            if not lock_lost:  # the folder is another trainer's now: not even a trace goes there
-                self.observer.close()  # a run stopped inside trainer.profile.steps still leaves its trace
-            self.logger.close()
+            try:
+                self.callbacks.close()
+            finally:
+                self.logger.close()
         return exit_code
 
-    def _log_eval(self) -> None:
+    def log_eval(self) -> None:
+        """Validation (and eval.tasks) now, logged at the current step."""
         metrics = self.evaluate()
         self._check_lock()
         self.logger.log(self.step, metrics)
@@ -407,5 +410,10 @@ class Trainer:
                                  skipped_steps=self.skipped_steps, flops_total=self.flops_total, device=self.device,
                                  world=self.world, peak=self.peak if self.is_main else None, warn=self.logger.print,
                                  activation_checkpointing=self.cfg.trainer.activation_checkpointing)
-        m.update(self.observer.window())  # time/*, straggler (one all-reduce), mem/activation_bytes
+        m.update(self._metrics)  # recorded since the last window
+        self._metrics = m  # record_metric from log_window writes into this window
+        try:
+            self.callbacks.log_window(self.step, m)  # time/*, straggler (one all-reduce), mem/activation_bytes
+        finally:
+            self._metrics = {}
         self.logger.log(self.step, m, hist)

@@ -16,8 +16,8 @@ import torch
 
 from megamor.data.loader import build_eval_sets, iter_eval_batches
 from megamor.parallel import dist as pdist
+from megamor.train.callbacks.hooks import Callbacks
 from megamor.train.config import ExperimentConfig
-from megamor.train.faults import Faults
 from megamor.train.router_eval import RouterValidation
 from megamor.train.signals import StopRequested
 from megamor.train.step import to_device
@@ -25,10 +25,10 @@ from megamor.train.step import to_device
 
 class Validation:
     def __init__(self, cfg: ExperimentConfig, engine: Any, layout: Any, device: torch.device, dp: int, rank: int,
-                 faults: Faults, stop_agreed: Callable[[], bool]):
+                 callbacks: Callbacks, stop_agreed: Callable[[], bool]):
         self.cfg, self.engine, self.layout, self.device = cfg, engine, layout, device
         self.model = engine.module
-        self.dp, self.rank, self.faults, self.stop_agreed = dp, rank, faults, stop_agreed
+        self.dp, self.rank, self.callbacks, self.stop_agreed = dp, rank, callbacks, stop_agreed
 
     def modes(self) -> list[tuple[str, bool]]:
         """(metric suffix, causal routing) of each pass over the data."""
@@ -83,7 +83,7 @@ class Validation:
         first = None
         router_val.start(causal)
         for _ in range(rounds):
-            self.faults.before_eval_batch(self.rank)
+            self.callbacks.before_eval_batch()  # fault injection's signal during validation
             if self.stop_agreed():  # a long validation pass yields to a stop signal
                 raise StopRequested
             batch = next(it, None)

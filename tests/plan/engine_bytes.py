@@ -12,14 +12,8 @@ from torch import Tensor
 
 def build_engine(model_cfg, zero_stage: int, precision: str, world: int, tp: int = 1, micro: int = 2, seq: int = 16,
                  raw: dict | None = None):
-    import deepspeed
-
-    from megamor.model import MoRLM
     from megamor.train.config import experiment_from_dict
-    from megamor.train.ds_config import deepspeed_config
-    from megamor.train.engine import prepare_model
-    from megamor.train.optim import build_optimizer
-    from megamor.train.parallelize import build_layout, parallelize
+    from megamor.train.engine import build_engine
 
     exp = experiment_from_dict({
         "model": dataclasses.asdict(model_cfg), "data": {"train": ["unused"], "seq_len": seq},
@@ -29,13 +23,7 @@ def build_engine(model_cfg, zero_stage: int, precision: str, world: int, tp: int
         "deepspeed": {"zero_stage": zero_stage, "precision": precision, "config": raw or {}},
     })
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    layout = build_layout(tp, world, rank)
-    torch.manual_seed(0)
-    model = MoRLM(exp.model)
-    parallelize(model, layout)
-    prepare_model(model, exp, torch.device("cpu"))
-    opt = build_optimizer(model, exp.optim, torch.device("cpu"))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(exp, world), mpu=layout.mpu)
+    engine = build_engine(exp, torch.device("cpu"), world=world, rank=rank, seed=0).engine
     return engine, exp
 
 

@@ -17,14 +17,8 @@ import torch
 
 
 def losses(stage: int, compiled: bool, backend: str) -> list[float]:
-    import deepspeed
-
-    from megamor.model import MoRLM
-    from megamor.train.compile import compile_layers
     from megamor.train.config import experiment_from_dict
-    from megamor.train.ds_config import deepspeed_config
-    from megamor.train.engine import prepare_model
-    from megamor.train.optim import build_optimizer
+    from megamor.train.engine import build_engine
     from tests.model.helpers import tiny_config
 
     cfg = tiny_config(sharing="middle_cycle", num_recursions=2, n_layers=4, router={"type": "expert_choice"})
@@ -36,13 +30,7 @@ def losses(stage: int, compiled: bool, backend: str) -> list[float]:
         "deepspeed": {"zero_stage": stage, "precision": "fp32",
                       "config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
     })
-    torch.manual_seed(0)
-    model = MoRLM(exp.model)
-    prepare_model(model, exp, torch.device("cpu"))
-    if compiled:
-        compile_layers(model, backend=backend)
-    opt = build_optimizer(model, exp.optim, torch.device("cpu"))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(exp, 1))
+    engine = build_engine(exp, torch.device("cpu"), seed=0, compile_backend=backend if compiled else None).engine
     x = torch.randint(0, cfg.vocab_size, (2, 25), generator=torch.Generator().manual_seed(1))
     out_losses = []
     for _ in range(2):

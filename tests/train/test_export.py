@@ -47,28 +47,20 @@ def test_vanilla_export_loads_as_llama_with_identical_logits(tiny_config, tmp_pa
 def _train_zero3_and_save(rank: int, world: int, run_dir: str) -> None:
     """In each of 2 gloo processes: a ZeRO-3 engine (every tensor partitioned), 3 steps, the
     logits the engine computes, and a checkpoint through megamor's CheckpointManager."""
-    import deepspeed
-
-    from megamor.model import MoRLM
     from megamor.runs.save import CheckpointManager
     from megamor.train.config import experiment_from_dict, to_yaml
-    from megamor.train.ds_config import deepspeed_config
-    from megamor.train.optim import build_optimizer
+    from megamor.train.engine import build_engine
 
     cfg = experiment_from_dict({
         "model": {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
                   "max_seq_len": 64, "sharing": "middle_cycle", "num_recursions": 2, "router": {"type": "expert_choice"}},
         "data": {"train": ["unused"], "seq_len": 32},
         "batch": {"global_batch_size": 4, "micro_batch_size": 2},
-        "trainer": {"max_steps": 3},
+        "trainer": {"max_steps": 3, "activation_checkpointing": True},
         "deepspeed": {"zero_stage": 3, "precision": "fp32",
                       "config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
     })
-    torch.manual_seed(0)
-    model = MoRLM(cfg.model)
-    model.enable_activation_checkpointing()
-    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
+    engine = build_engine(cfg, torch.device("cpu"), world=world, rank=rank, seed=0).engine
     g = torch.Generator().manual_seed(100 + rank)
     for _ in range(3):
         x = torch.randint(0, 512, (2, 32), generator=g)

@@ -1,0 +1,1 @@
+"""Small helpers below every other megamor package (they import only the standard library)."""
