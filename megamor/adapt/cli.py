@@ -82,7 +82,7 @@ def save(model: MoRLM, out: Path, source: str) -> Path:
     from omegaconf import OmegaConf
 
     from megamor.convert import save as save_checkpoint
-    from megamor.data.atomic import atomic_open
+    from megamor.utils.atomic import atomic_open
 
     path = save_checkpoint(model, out, source=source, init="adapt")
     with atomic_open(out / "model.yaml", "w") as f:

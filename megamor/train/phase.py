@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from megamor.config import ConfigError
-from megamor.data.atomic import write_json
+from megamor.utils.atomic import write_json
 from megamor.data.errors import DataError, DataStateError
 from megamor.data.manifest import load_manifest
 from megamor.model.config import flat_model_config
