@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - older torch
 
 DOC_MASK_IMPLS = ("dense", "flex")
 _compiled: Any = None
+_compiled_mask: Any = None
 _noted: set[str] = set()
 
 
@@ -81,8 +82,11 @@ def block_mask_for(q: TokenMeta, kv: TokenMeta) -> Any:
         ok = (q_doc[b, qi] == kv_doc[b, ki]) & (kv_pos[b, ki] <= q_pos[b, qi])
         return ok & kv_valid[b, ki] if kv_valid is not None else ok
 
+    global _compiled_mask
+    if _compiled_mask is None:  # compiled, it never materialises the [B, nq, nk] mask (eager does)
+        _compiled_mask = torch.compile(create_block_mask)
     B, nq = q_pos.shape
-    mask = create_block_mask(mask_mod, B, None, nq, kv_pos.shape[1], device=q_pos.device)
+    mask = _compiled_mask(mask_mod, B, None, nq, kv_pos.shape[1], device=q_pos.device)
     q.block_masks[id(kv)] = (kv, mask)
     return mask
 
