@@ -18,11 +18,11 @@ from tests.model.helpers import mor
 B, T = 2, 96
 
 CASES = {
-    "vanilla": dict(router_type="none", sharing="none", nr=1),
-    "recursive": dict(router_type="none", sharing="cycle", nr=3),
-    "mor_expert": dict(router_type="expert_choice", sharing="middle_cycle", nr=3),
-    "mor_expert_kv_shared": dict(router_type="expert_choice", sharing="cycle", nr=2, kv_mode="shared"),
-    "mor_token": dict(router_type="token_choice", sharing="middle_cycle", nr=3),
+    "vanilla": {"router_type": "none", "sharing": "none", "nr": 1},
+    "recursive": {"router_type": "none", "sharing": "cycle", "nr": 3},
+    "mor_expert": {"router_type": "expert_choice", "sharing": "middle_cycle", "nr": 3},
+    "mor_expert_kv_shared": {"router_type": "expert_choice", "sharing": "cycle", "nr": 2, "kv_mode": "shared"},
+    "mor_token": {"router_type": "token_choice", "sharing": "middle_cycle", "nr": 3},
 }
 
 
