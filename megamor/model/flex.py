@@ -27,13 +27,10 @@ output is the same (tests/model/test_flex.py).
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from megamor.model.layers import TokenMeta
 
 try:  # torch >= 2.5; the GPU image's 2.11 and this machine's 2.13 both have it
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -41,6 +38,16 @@ except ImportError:  # pragma: no cover - older torch
     create_block_mask = flex_attention = None
 
 DOC_MASK_IMPLS = ("dense", "flex")
+
+
+class TokenMeta(Protocol):
+    """What this module reads of `layers.TokenMeta` (which imports this module)."""
+
+    positions: Tensor
+    valid: Tensor | None
+    doc_ids: Tensor | None
+    doc_mask_impl: str
+    block_masks: dict
 _compiled: Any = None
 _compiled_mask: Any = None
 _noted: set[str] = set()
@@ -93,8 +100,21 @@ def block_mask_for(q: TokenMeta, kv: TokenMeta) -> Any:
 
 def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     """q [B, H, n, hd], k/v [B, Hkv, m, hd] (GQA handled by the kernel) -> [B, H, n, hd].
-    Compiled once per process (eager FlexAttention materialises the scores)."""
+    Compiled once per process (eager FlexAttention materialises the scores). Inside a compiled
+    layer (`trainer.compile`) on CUDA it joins the layer's graph; on CPU it stays out of it:
+    torch 2.13's inductor fails to build the CPU flex template inside a larger graph (a C++
+    error, 'cur_qSplitSize5 was not declared'), so the layer graph breaks around it."""
+    if q.device.type == "cpu":
+        return _flex_own_graph(q, k, v, block_mask)
+    return _run_compiled(q, k, v, block_mask)
+
+
+def _run_compiled(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(flex_attention)
     return _compiled(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+# recursive=False: only this frame is skipped, the compiled kernel inside still compiles
+_flex_own_graph = torch.compiler.disable(_run_compiled, recursive=False)

@@ -54,8 +54,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from megamor.model import flex
 from megamor.model.config import ModelConfig
+from megamor.model.flex import block_mask_for, wants_flex
 from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
 from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
@@ -405,8 +405,8 @@ class MoRLM(nn.Module):
         elif cache is not None:
             k, v = layer.kv_for(x, rope)
             context = cache.append(site, k, v, meta)
-        if flex.wants_flex(meta, x.device):  # one block mask per (query set, key set), cached on meta
-            meta = dataclasses.replace(meta, block_mask=flex.block_mask_for(meta, meta if context is None else context.meta))
+        if wants_flex(meta, x.device):  # one block mask per (query set, key set), cached on meta
+            meta = dataclasses.replace(meta, block_mask=block_mask_for(meta, meta if context is None else context.meta))
         if self._checkpoint_fn is not None and torch.is_grad_enabled():
             out, kv = self._checkpoint_fn(layer, x, meta, rope, context)
         else:

@@ -88,6 +88,20 @@ def test_flex_forward_equals_dense_on_cpu(dense_calls):
         assert torch.allclose(logits_f, logits_d, atol=1e-5, rtol=0), (case, (logits_f - logits_d).abs().max())
 
 
+def test_flex_inside_compiled_layers_on_cpu():
+    """trainer.compile=true: flex inside compiled layers. Before the fix inductor failed to build
+    the CPU flex template inside the layer graph (C++ error 'cur_qSplitSize5 was not declared');
+    the CPU kernel now runs in its own graph. A second batch (new block masks) still equals."""
+    from megamor.train.compile import compile_layers
+
+    model = build("mor_expert")
+    dense = [loss_and_grads(model, packed_batch(s), "dense", grads=False)[0] for s in (0, 1)]
+    compile_layers(model)
+    for s in (0, 1):
+        loss_f, _, _ = loss_and_grads(model, packed_batch(s), "flex", grads=False)
+        assert torch.allclose(loss_f, dense[s], atol=1e-5, rtol=0), (s, loss_f, dense[s])
+
+
 def test_flex_masks_documents():
     """The test can fail: without document ids in the block mask the loss changes."""
     model, batch = build("mor_expert"), packed_batch()
