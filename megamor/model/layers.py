@@ -7,13 +7,15 @@ plain causal self-attention over contiguous tokens, it takes the fast `is_causal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megamor.model.config import ModelConfig
+from megamor.model.flex import flex_attend
 
 try:  # optional GPU kernel
     from flash_attn import flash_attn_func  # type: ignore
@@ -69,12 +71,20 @@ class TokenMeta:
     causal_exact: as self-attention, a plain causal mask over the slot order gives every valid
                 query exactly its allowed keys (contiguous unpadded tokens, or gathered tokens
                 left-aligned in positional order with padding slots last, no documents).
+    doc_mask_impl: how document masking runs: dense (a [B, 1, nq, nk] mask) or flex
+                (FlexAttention, `megamor.model.flex`); gathered tokens keep their parent's.
+    block_mask: the FlexAttention BlockMask this call attends with (set by the model for the
+                call's key set, `flex.block_mask_for`); None: SDPA.
     """
 
     positions: Tensor
     valid: Tensor | None = None
     doc_ids: Tensor | None = None
     causal_exact: bool = False
+    doc_mask_impl: str = "dense"
+    block_mask: Any = None
+    # flex.block_mask_for's cache, by key set; shared by dataclasses.replace copies
+    block_masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def take(self, idx: Tensor, valid: Tensor | None) -> TokenMeta:
         """The meta of tokens gathered at idx [B, n]: left-aligned, in positional order, and
@@ -85,7 +95,7 @@ class TokenMeta:
             sv = self.valid.gather(1, idx)
             v = sv if v is None else (v & sv)
         doc = self.doc_ids.gather(1, idx) if self.doc_ids is not None else None
-        return TokenMeta(pos, v, doc, causal_exact=doc is None)
+        return TokenMeta(pos, v, doc, causal_exact=doc is None, doc_mask_impl=self.doc_mask_impl)
 
 
 @dataclass
@@ -175,8 +185,11 @@ class Attention(nn.Module):
         if context is None:
             k, v = self.project_kv(x, cos, sin)
             context = KVBlock(k, v, meta)
-        mask = attention_mask(meta, context.meta)
-        out = sdpa(q, context.k, context.v, mask, is_causal=mask is None)
+        if meta.block_mask is not None:
+            out = flex_attend(q, context.k, context.v, meta.block_mask)
+        else:
+            mask = attention_mask(meta, context.meta)
+            out = sdpa(q, context.k, context.v, mask, is_causal=mask is None)
         out = out.transpose(1, 2).reshape(B, n, self.n_heads * self.head_dim)
         return self.o_proj(out), context
 

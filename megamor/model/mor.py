@@ -44,6 +44,7 @@ with it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -54,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megamor.model.config import ModelConfig
+from megamor.model.flex import block_mask_for, wants_flex
 from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
 from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
@@ -201,6 +203,9 @@ class MoRLM(nn.Module):
         # expert-choice step's (step, logits, candidates, selected).
         self.record_router = False
         self.recursion_hook: RecursionHook | None = None  # see the module docstring
+        # How document masking (doc_ids) runs: dense | flex (`megamor.model.flex`); set from
+        # outside (trainer.doc_mask_impl), a kernel choice that changes no result.
+        self.doc_mask_impl = "dense"
         self.sites = self._number_sites()
         self.reset_parameters()
 
@@ -271,6 +276,7 @@ class MoRLM(nn.Module):
             valid,
             doc_ids,
             causal_exact=valid is None and doc_ids is None and kv_cache is None,
+            doc_mask_impl=self.doc_mask_impl if kv_cache is None else "dense",
         )
         cos, sin = self.rope(position_ids)
         active = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
@@ -401,6 +407,8 @@ class MoRLM(nn.Module):
         elif cache is not None:
             k, v = layer.kv_for(x, rope)
             context = cache.append(site, k, v, meta)
+        if wants_flex(meta, x.device):  # one block mask per (query set, key set), cached on meta
+            meta = dataclasses.replace(meta, block_mask=block_mask_for(meta, meta if context is None else context.meta))
         if self._checkpoint_fn is not None and torch.is_grad_enabled():
             out, kv = self._checkpoint_fn(layer, x, meta, rope, context)
         else:

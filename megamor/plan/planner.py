@@ -80,8 +80,10 @@ def plan_layout(exp: ExperimentConfig, layout: Layout, gpu: GPU, mfu: float, hea
     if layout.zero_stage == 3 and layout.dp > 1:
         peak = zero3_traffic(cfg, layout.checkpointing, zero).peak_gathered_elements
         gathered = (peak + zero.prefetch_bucket_size) * (2 if precision == "bf16" else 4)
+    # trainer.doc_mask_impl flex keeps no [B, 1, n, n] mask on a GPU (megamor.model.flex)
+    dense_mask = exp.data.document_masking and exp.trainer.doc_mask_impl == "dense"
     spec = ActivationSpec(layout.micro_batch, T, precision, layout.checkpointing, layout.tp,
-                          layout.sequence_parallel, attention, document_masking=exp.data.document_masking)
+                          layout.sequence_parallel, attention, document_masking=dense_mask)
     acts = activation_bytes(cfg, spec)
     recompute = recompute_bytes(cfg, spec)
     total = states["params"] + states["grads"] + states["optimizer"] + states["buffers"] + gathered + acts["total"] + recompute

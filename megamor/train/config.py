@@ -36,6 +36,7 @@ from megamor.data.config import DataConfig
 from megamor.env import repo_root
 from megamor.eval.tasks import UnknownTaskError, check_task_names
 from megamor.model.config import STORED_DEFAULTS, ModelConfig, with_stored_defaults
+from megamor.model.flex import DOC_MASK_IMPLS
 from megamor.model.flops import BUDGET_COUNTS, CONVENTIONS, budget_flops_per_token, budget_steps
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
@@ -231,6 +232,9 @@ class TrainerConfig:
     device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once per machine (cached)
     verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
     compile: str = "auto"  # torch.compile each layer: auto (on for CUDA, off for CPU) | true | false
+    # data.document_masking's attention: dense ([B, 1, T, T] mask, SDPA) | flex (FlexAttention
+    # block masks, no dense mask; CPU backward falls back to dense: docs/model.md)
+    doc_mask_impl: str = "dense"
     # Weights to start from at step 0 (a megamor.pt of megamor.convert or megamor.export, an
     # export folder); its network must be `model`'s (router settings, max_seq_len may differ).
     # Ignored when resuming a checkpoint.
@@ -252,6 +256,8 @@ class TrainerConfig:
         self.compile = str(self.compile).lower()
         if self.compile not in ("auto", "true", "false"):
             raise ConfigError(key(path, "compile"), f"must be auto, true or false, got {self.compile!r}")
+        if self.doc_mask_impl not in DOC_MASK_IMPLS:
+            raise ConfigError(key(path, "doc_mask_impl"), f"must be one of {DOC_MASK_IMPLS}, got {self.doc_mask_impl!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(key(path, "max_steps"), "must be >= 1")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -26,8 +26,10 @@ from megamor.train.parallelize import Layout, build_layout, parallelize
 
 
 def prepare_model(model: MoRLM, cfg: ExperimentConfig, device: torch.device) -> bool:
-    """Activation checkpointing, per-layer torch.compile (`trainer.compile`) and the ZeRO-3
-    registration the chunked loss needs. Returns whether the layers were compiled."""
+    """The document-mask kernel (`trainer.doc_mask_impl`), activation checkpointing, per-layer
+    torch.compile (`trainer.compile`) and the ZeRO-3 registration the chunked loss needs.
+    Returns whether the layers were compiled."""
+    model.doc_mask_impl = cfg.trainer.doc_mask_impl
     if cfg.trainer.activation_checkpointing:
         model.enable_activation_checkpointing()  # torch non-reentrant: safe with reused blocks + ZeRO
     compiled = compile_wanted(cfg.trainer.compile, device, cfg.deepspeed.zero_stage, cfg.trainer.activation_checkpointing)

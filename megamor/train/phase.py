@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 from megamor.config import ConfigError
-from megamor.utils.atomic import write_json
 from megamor.data.errors import DataError, DataStateError
 from megamor.data.manifest import load_manifest
 from megamor.model.config import flat_model_config
@@ -57,6 +56,7 @@ from megamor.runs.save import set_rng_state
 from megamor.runs.tags import newest_complete
 from megamor.train.config import ExperimentConfig, load_stored_experiment, to_container
 from megamor.train.init_from import NOT_COMPARED, ROUTER_FORM
+from megamor.utils.atomic import write_json
 
 KEY = "trainer.continue_from"
 PHASES_FILE = "phases.json"  # RUN/phases.json: the phase history

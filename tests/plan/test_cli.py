@@ -246,3 +246,13 @@ def test_ties_are_broken_by_traffic_then_memory():
     # Groups are anchored at their fastest: 98.5 starts a new group with what is within 1% of it.
     near_slower = _fake(97.6, traffic=0.0, total=0.1)
     assert rank([near_slower, slower, fast_heavy])[1:] == [near_slower, slower]
+
+
+def test_flex_document_masking_plans_no_mask(config, capsys):
+    """data.document_masking adds the [B, 1, n, n] masks to the plan; trainer.doc_mask_impl=flex
+    (no dense mask on a GPU) plans them away again."""
+    args = ["--world", "1", "--gpu-mem-gib", "1000", "--peak-tflops", "100"]
+    plain = _json(capsys, config, *args)["per_rank"]["activation_bytes"]
+    dense = _json(capsys, config, "data.document_masking=true", *args)["per_rank"]["activation_bytes"]
+    flex = _json(capsys, config, "data.document_masking=true", "trainer.doc_mask_impl=flex", *args)
+    assert dense > plain and flex["per_rank"]["activation_bytes"] == plain

@@ -47,6 +47,7 @@ def test_model_config_file_then_model_keys_on_top():
     ("schedule.type=linear", "schedule.type"),
     ("model.n_heads=5", "model.n_heads"),
     ("data.seq_len=4096", "data.seq_len"),
+    ("trainer.doc_mask_impl=sparse", "trainer.doc_mask_impl"),
     ("deepspeed.config.train_batch_size=4", "deepspeed.config.train_batch_size"),
 ])
 def test_bad_values_name_their_key(override, key):
