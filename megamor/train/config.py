@@ -300,7 +300,8 @@ class EvalConfig:
     causal_routing: bool = True  # expert choice: also report the loss with causal (threshold) routing
     at_end: bool = True  # also validate after the last step
     # Downstream tasks scored zero-shot at the validation cadence, logged as eval/TASK/acc (needs
-    # data.tokenizer). The scoring is evals/fewshot.py's (megamor/train/downstream.py).
+    # data.tokenizer; ZeRO-3 over several DP ranks holds a whole copy of the weights per rank while
+    # scoring). The scoring is evals/fewshot.py's (megamor/train/downstream.py).
     tasks: list[str] = field(default_factory=list)
     task_limit: int = 200  # the first N examples of each of eval.tasks, split over the data-parallel ranks
 

@@ -79,6 +79,16 @@ def build_model(cfg: ExperimentConfig, device: torch.device, *, world: int = 1, 
     return model, n_params, compiled, init, layout
 
 
+def plain_model(cfg: ExperimentConfig, layout: Layout, device: torch.device) -> MoRLM:
+    """A module of the same structure as the engine's (TP shards included) with no ZeRO hooks:
+    the weights are whatever the caller copies in (megamor.train.downstream fills it from a
+    ZeRO-3 engine). Not compiled, no activation checkpointing: it only runs under no_grad."""
+    model = MoRLM(cfg.model)  # outside any zero.Init: plain tensors, whole on this rank
+    parallelize(model, layout)
+    model.doc_mask_impl = cfg.trainer.doc_mask_impl
+    return model.to(device).eval()
+
+
 def build_engine(cfg: ExperimentConfig, device: torch.device, *, world: int = 1, rank: int = 0,
                  layout: Layout | None = None, seed: int | None = None, init_from: str | None = None,
                  load_universal: bool = False, compile_backend: str | None = None) -> BuiltEngine:

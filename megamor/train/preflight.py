@@ -62,18 +62,12 @@ def check_launch(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError("run_dir", f"{run}: {probe} is not writable")
     check_credentials(cfg.wandb.resolved_mode())
     check_tensorboard(cfg.logging.tensorboard)
-    check_task_files(cfg, world_size)
+    check_task_files(cfg)
     return tokenizer
 
 
-def check_task_files(cfg: ExperimentConfig, world_size: int = 1) -> None:
-    """Every task of eval.tasks has its dataset file (read at the first evaluation, hours in),
-    and the layout can score them (megamor/train/downstream.py: not ZeRO-3 over several ranks)."""
-    dp = world_size // cfg.parallel.tensor
-    if cfg.eval.tasks and cfg.deepspeed.zero_stage == 3 and dp > 1:
-        raise ConfigError("eval.tasks", f"is not supported with deepspeed.zero_stage=3 on {dp} data-parallel ranks "
-                                        "(causal routing runs different modules per rank and ZeRO-3's gathers hang): "
-                                        "use ZeRO 0-2, or evaluate checkpoints with evals/fewshot.py")
+def check_task_files(cfg: ExperimentConfig) -> None:
+    """Every task of eval.tasks has its dataset file (read at the first evaluation, hours in)."""
     for i, name in enumerate(cfg.eval.tasks):
         path = get_task(name).eval_file()
         if not path.is_file():

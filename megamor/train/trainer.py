@@ -48,7 +48,7 @@ from megamor.train.callbacks.straggler import StragglerDetection
 from megamor.train.callbacks.user import build_user_callbacks
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.downstream import DownstreamEval
-from megamor.train.engine import build_engine
+from megamor.train.engine import build_engine, plain_model
 from megamor.train.faults import ENV as FAULTS_ENV
 from megamor.train.faults import Faults
 from megamor.train.logger import RunLogger, wandb_run_id
@@ -140,7 +140,9 @@ class Trainer:
         self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.callbacks,
                                      self._stop_agreed)
         self.downstream = DownstreamEval(cfg, self.model, self.device, self.layout.dp_rank, self.dp, self.layout.dp_group,
-                                         print_fn=lambda text: self.logger.print(text))
+                                         print_fn=lambda text: self.logger.print(text),
+                                         plain_model=lambda: plain_model(cfg, self.layout, self.device),
+                                         release_params=self.engine.empty_partition_cache)
         if plan is not None:
             self._resume(plan)
         elif phase is not None:  # trainer.continue_from: a new phase of another run

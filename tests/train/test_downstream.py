@@ -52,15 +52,6 @@ def test_a_missing_task_dataset_names_the_file(tiny_config, tiny_data, tmp_path,
         check_task_files(cfg)
 
 
-def test_zero3_over_several_ranks_is_refused_at_launch(tiny_config, tiny_data):
-    """It hung (causal routing skips a recursion step on one rank's batch: ZeRO-3's gathers differ)."""
-    cfg = load_experiment([tiny_config], ["eval.tasks=[arc_easy]", f"data.tokenizer={tiny_data / 'tok'}",
-                                          "deepspeed.zero_stage=3"])
-    check_task_files(cfg, 1)
-    with pytest.raises(ConfigError, match=r"eval\.tasks.*zero_stage=3 on 2 data-parallel ranks"):
-        check_task_files(cfg, 2)
-
-
 def harness_numbers(model: torch.nn.Module, tok_path: Path, limit: int, tasks=TASKS) -> dict[str, float]:
     tok = load_tokenizer(tok_path)
     scorer = Scorer(model, pad_id=tok.eos_id)
@@ -114,14 +105,16 @@ def offline(run_dir: Path, limit: int) -> dict[str, float]:
 
 
 @pytest.mark.launch
-def test_a_2_rank_run_logs_the_harness_numbers_of_its_checkpoint(tiny_config, tiny_data, tmp_path):
+@pytest.mark.parametrize("zero", [1, 3])
+def test_a_2_rank_run_logs_the_harness_numbers_of_its_checkpoint(tiny_config, tiny_data, tmp_path, zero):
     """At the eval cadence, to metrics.jsonl and the console, 2 gloo ranks give the single-process
     harness's numbers on the saved checkpoint: the 11 examples are shared 6/5 and
-    the sums all-reduced."""
+    the sums all-reduced. ZeRO-3 scores a plain copy gathered per evaluation (on the engine's
+    module the ranks' gathers differ with causal routing and hang; the launch timeout fails it)."""
     limit = 11
     run = launch(tiny_config, tmp_path / "run", [*OVERRIDES, f"eval.tasks=[{','.join(TASKS)}]", f"eval.task_limit={limit}",
-                                                 f"data.tokenizer={tiny_data / 'tok'}"],
-                 nproc=2)
+                                                 f"data.tokenizer={tiny_data / 'tok'}", f"deepspeed.zero_stage={zero}"],
+                 nproc=2, timeout=240)
     assert_ok(run)
     rows = [r for r in run.records() if "eval/arc_easy/acc" in r]
     assert [r["step"] for r in rows] == [2, 4]
