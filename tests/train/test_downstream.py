@@ -122,3 +122,50 @@ def test_a_2_rank_run_logs_the_harness_numbers_of_its_checkpoint(tiny_config, ti
     assert "eval/hellaswag/acc_norm" in run.output  # the console line
     want = offline(run.run_dir, limit)
     assert {k: v for k, v in rows[-1].items() if k in want} == want
+
+
+def _fill_rank(rank: int, world: int) -> None:
+    """2 ZeRO-3 ranks: after a causal-routing forward on different inputs, released and filled,
+    the plain copy holds the whole seeded weights and buffers; the engine's stay partitioned."""
+    import dataclasses
+
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from megamor.train.config import experiment_from_dict
+    from megamor.train.downstream import drop_weights, fill_from_zero3, zero3_partitioned
+    from megamor.train.engine import build_engine, plain_model
+    from tests.model.helpers import tiny_config
+
+    exp = experiment_from_dict({
+        "model": dataclasses.asdict(tiny_config(router={"type": "expert_choice"}, sharing="middle_cycle",
+                                                num_recursions=2)),
+        "data": {"train": ["unused"], "seq_len": 16}, "batch": {"global_batch_size": 4, "micro_batch_size": 2},
+        "trainer": {"max_steps": 1, "compile": "false"},
+        "deepspeed": {"zero_stage": 3, "precision": "fp32",
+                      "config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+    })
+    cpu = torch.device("cpu")
+    built = build_engine(exp, cpu, world=world, rank=rank, seed=3)
+    torch.manual_seed(3)
+    ref = MoRLM(exp.model).state_dict()
+    assert zero3_partitioned(built.model)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        built.engine(x, causal_routing=True)
+    plain = plain_model(exp, built.layout, cpu)
+    built.engine.empty_partition_cache()
+    fill_from_zero3(plain, built.model)
+    got = plain.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in built.model.parameters())
+    assert not zero3_partitioned(plain)
+    drop_weights(plain)
+    assert all(p.numel() == 0 for p in plain.parameters())
+    built.engine.destroy()
+
+
+@pytest.mark.launch
+def test_a_plain_copy_filled_from_zero3_holds_the_whole_weights():
+    from megamor.testing.distributed import run_distributed
+
+    run_distributed(_fill_rank, world_size=2)
