@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -72,8 +74,26 @@ def launch(config: Path, run_dir: Path, overrides: Sequence[str] = (), nproc: in
     if launcher == "torchrun" and nproc == 1:
         launcher = "python"
     cmd = train_command(config, run_dir, overrides, nproc, launcher, tmp)
-    proc = subprocess.run(cmd, cwd=repo_root(), env=train_env(tmp, env), capture_output=True, text=True, check=False, timeout=timeout)
-    return Run(run_dir, proc)
+    with subprocess.Popen(cmd, cwd=repo_root(), env=train_env(tmp, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hang (a collective some rank never joins): fail, leave no rank behind
+            out, err = _stop(p)
+            raise AssertionError(f"training did not finish in {timeout:.0f}s (stopped):\n{(out + err)[-4000:]}") from None
+    return Run(run_dir, subprocess.CompletedProcess(cmd, p.returncode, out, err))
+
+
+def _stop(p: subprocess.Popen) -> tuple[str, str]:
+    """SIGTERM to the launcher (torchrun stops its ranks, which run in sessions of their own), then
+    SIGKILL to the launcher's session (the python and deepspeed launchers' ranks)."""
+    p.terminate()
+    try:
+        return p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        return p.communicate()
 
 
 def assert_ok(run: Run) -> None:
