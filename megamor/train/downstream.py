@@ -160,8 +160,8 @@ def fill_from_zero3(plain: torch.nn.Module, model: torch.nn.Module, dp_group: An
         with deepspeed.zero.GatheredParameters([p]):  # no modifier_rank: nothing is broadcast back
             dst[name].data = p.data.detach().clone()
     plain_buffers = dict(plain.named_buffers())
-    for name, b in model.named_buffers():  # ZeRO-3 leaves buffers whole (router thresholds)
-        plain_buffers[name].copy_(b)
+    for name, b in model.named_buffers():  # ZeRO-3 leaves buffers whole (router thresholds, RoPE)
+        plain_buffers[name].data = b.detach().clone()  # its dtype too (a bf16 engine casts some)
 
 
 def drop_weights(plain: torch.nn.Module) -> None:

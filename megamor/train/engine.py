@@ -5,6 +5,8 @@ the same way (the non-finite-gradient guard and DeepSpeed's quieted start-up inc
     seed -> MoRLM(cfg.model) -> [init_from weights] -> parallelize (TP/SP) -> prepare_model
     (activation checkpointing, per-layer compile, ZeRO-3 registration) -> optimizer ->
     deepspeed.initialize
+
+`plain_model` builds the same module without an engine (ZeRO-3 in-loop evals fill it).
 """
 
 from __future__ import annotations
