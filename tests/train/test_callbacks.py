@@ -119,3 +119,12 @@ def test_a_user_callback_sees_the_hooks_in_order_and_its_metric_is_logged(tiny_c
     written = [{"step": r["step"], "keys": [k for k in r if k not in ("step", "time") and not k.endswith("/counts")],
                 "histograms": sorted(k[:-len("/counts")] for k in r if k.endswith("/counts"))} for r in run.records()]
     assert mine == written and len(mine) == 3
+
+
+@pytest.mark.launch
+def test_a_checkpoint_due_after_a_non_finite_step_is_deferred_with_one_line(tiny_config, tmp_path):
+    run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=4", "checkpoint.every_steps=2", "eval.at_end=false"],
+                 env={"MEGAMOR_FAULTS": "nan_loss_at_step=2"})
+    assert_ok(run)
+    assert "step 2: checkpoint deferred (1 non-finite steps in a row)" in run.output, run.output[-3000:]
+    assert not (run.run_dir / "checkpoints" / tag_for(2)).exists() and (run.run_dir / "checkpoints" / tag_for(4)).exists()

@@ -20,7 +20,8 @@ on every rank. `self.trainer` is set before `setup`. Hooks, in the order one run
                                      `self.trainer.record_metric(name, value)` (rank 0's values are logged)
     log_metrics(step, metrics, histograms)  a metrics record goes out (after the window's `log_window`
                                      hooks, or an evaluation's results; histograms: name -> (counts, edges)
-                                     or None): the sinks (console, metrics.jsonl, W&B, TensorBoard) write it
+                                     or None): the sinks (console, metrics.jsonl, W&B, TensorBoard) write
+                                     rank 0's (every rank gets its own record)
     after_step(step, result)         the step is counted (result: train.step.StepResult), before its logging
     step_end(step, result)           after the step's logging: checkpoint and evaluation cadence
     during_save(step)                a checkpoint's files are on disk, its completeness marker not yet
