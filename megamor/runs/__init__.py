@@ -4,7 +4,7 @@ it imports only model/, parallel/, data/ and the top-level helpers (megamor.conf
 A run folder as the trainer writes it (`run_dir`, default runs/<name>/):
 
     config.yaml                  the resolved experiment config of the latest launch
-    metrics.jsonl                one JSON record per log line (megamor.train.logger)
+    metrics.jsonl                one JSON record per log line (megamor.train.callbacks.metrics_file)
     wandb_id, wandb/             the W&B run id kept across restarts, W&B's offline files
     trainer.lock                 held while a trainer runs in the folder (megamor.train.runlock)
     tokenizer/                   a copy of the tokenizer (tokenizer.model, tokenizer_info.json; or tokenizer.json + configs)

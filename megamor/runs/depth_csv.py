@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from megamor.utils.atomic import atomic_open
 
@@ -89,8 +89,8 @@ def cut_back_csv(path: Path, step: int) -> int:
 
 
 class DepthCsvSink:
-    """A sink beside the console, metrics.jsonl, W&B and TensorBoard. It sums the per-step
-    histograms itself (on_step), at its own cadence; log() has nothing for it."""
+    """The CSV writer of the depth-CSV callback (train.callbacks.depth_csv): it sums the per-step
+    histograms itself (on_step) and writes them at its own cadence."""
 
     def __init__(self, path: Path, due: Callable[[int], bool], start_step: int):
         self.path, self.due = Path(path), due
@@ -111,9 +111,6 @@ class DepthCsvSink:
             self.file.write(format_rows(step, self.hist.tolist()))  # one write: a step's rows together
             self.file.flush()
             self.hist = None
-
-    def log(self, step: int, metrics: dict[str, Any], histograms: dict[str, tuple[list, list]] | None = None) -> None:
-        pass
 
     def close(self) -> None:
         self.file.close()

@@ -16,6 +16,7 @@
     quarantine, resume, load_model)
     signals.py      SIGTERM/SIGUSR1 -> save and exit 75; the exit codes
     metrics.py      MoR-aware FLOPs, MFU/HFU, memory, router statistics
-    logger.py       console, metrics.jsonl, W&B (run id kept across restarts)
+    callbacks/      what the loop does beside training, the logging sinks included (console,
+                    metrics.jsonl, W&B with its run id kept across restarts, TensorBoard, depth CSV)
     faults.py       the faults MEGAMOR_FAULTS names (callbacks/fault_injection.py injects them)
 """

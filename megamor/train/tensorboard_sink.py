@@ -1,4 +1,4 @@
-"""TensorBoard sink (`logging.tensorboard: true`, rank 0): the run's metrics as event files in
+"""TensorBoard event files (`logging.tensorboard: true`, rank 0; the callback is train.callbacks.tensorboard): the run's metrics as event files in
 RUN/tensorboard/, for the TensorBoard many clusters run beside the job.
 
 Every scalar W&B gets goes in under its own name (train/, perf/, time/, router/, the router
@@ -61,7 +61,8 @@ def _scalar(v: Any) -> float | None:
 
 
 class TensorBoardSink:
-    """One sink beside the console, metrics.jsonl and W&B (logger.Sink): what W&B gets, at the same steps."""
+    """The event-file writer of the TensorBoard callback (train.callbacks.tensorboard): what W&B
+    gets, at the same steps."""
 
     def __init__(self, run_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -69,9 +70,6 @@ class TensorBoardSink:
         self.dir = Path(run_dir) / TENSORBOARD_DIR
         # The resumed run logs steps > start_step again: hide the earlier files' points there.
         self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=start_step + 1)
-
-    def on_step(self, step: int, depth_hist: Any) -> None:
-        pass  # writes at the log cadence only
 
     def log(self, step: int, metrics: dict[str, Any], histograms: dict[str, tuple[list, list]] | None = None) -> None:
         for k, v in metrics.items():

@@ -4,8 +4,8 @@ The pieces live beside it: one optimizer step in step.py (global-token loss, rou
 the agreement all-reduce), validation in validation.py, what a log line says in step_log.py.
 The loop never holds model code: the model is built plainly and parallelism, activation
 checkpointing and compilation are applied from outside (engine.build_engine). What the loop
-does beside training (timers, profiler, router-state sync, checkpoint/eval cadence, fault
-injection, a user's own) is a callback in callbacks/, called at named hooks.
+does beside training (timers, profiler, router-state sync, checkpoint/eval cadence, the logging
+sinks, fault injection, a user's own) is a callback in callbacks/, called at named hooks.
 """
 
 from __future__ import annotations
@@ -40,18 +40,22 @@ from megamor.runs.tags import list_complete
 from megamor.train.callbacks import Callback, Callbacks
 from megamor.train.callbacks.activation_memory import ActivationMemory
 from megamor.train.callbacks.cadence import Cadence
+from megamor.train.callbacks.console import Console
+from megamor.train.callbacks.depth_csv import DepthCsv
 from megamor.train.callbacks.fault_injection import FaultInjection
+from megamor.train.callbacks.metrics_file import MetricsFile
 from megamor.train.callbacks.phase_timers import PhaseTimers
 from megamor.train.callbacks.profiler import Profiler
 from megamor.train.callbacks.router_state import RouterStateSync
 from megamor.train.callbacks.straggler import StragglerDetection
+from megamor.train.callbacks.tensorboard import TensorBoard
 from megamor.train.callbacks.user import build_user_callbacks
+from megamor.train.callbacks.wandb import WandB, wandb_run_id
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.downstream import DownstreamEval
 from megamor.train.engine import build_engine, plain_model
 from megamor.train.faults import ENV as FAULTS_ENV
 from megamor.train.faults import Faults
-from megamor.train.logger import RunLogger, wandb_run_id
 from megamor.train.metrics import PeakFlops, WindowStats
 from megamor.train.optim import group_hparams
 from megamor.train.phase import plan_phase, start_phase
@@ -104,8 +108,12 @@ class Trainer:
         self._metrics: dict[str, Any] = {}  # record_metric's, until the next log window
         # Built-ins first (their order is the loop's), then `callbacks` (tests) and trainer.callbacks.
         faults = [FaultInjection(Faults.from_env())] if os.environ.get(FAULTS_ENV) else []  # tests only
+        # The sinks (rank 0) come last: a metrics record goes out to them in this order. The
+        # console is also the print path every part of the run writes through.
+        self.console = Console()
+        sinks = [self.console, MetricsFile(), WandB(), TensorBoard(), DepthCsv()]
         built_in = [*faults, RouterStateSync(), PhaseTimers(), StragglerDetection(), ActivationMemory(), Profiler(),
-                    Cadence()]
+                    Cadence(), *sinks]
         self.callbacks = Callbacks([*built_in, *(callbacks or []), *build_user_callbacks(cfg.trainer.callbacks)])
         self.callbacks.attach(self)
 
@@ -140,7 +148,7 @@ class Trainer:
         self.validation = Validation(cfg, self.engine, self.layout, self.device, self.dp, self.rank, self.callbacks,
                                      self._stop_agreed)
         self.downstream = DownstreamEval(cfg, self.model, self.device, self.layout.dp_rank, self.dp, self.layout.dp_group,
-                                         print_fn=lambda text: self.logger.print(text),
+                                         print_fn=lambda text: self.console.print(text),
                                          plain_model=lambda: plain_model(cfg, self.layout, self.device),
                                          release_params=self.engine.empty_partition_cache)
         if plan is not None:
@@ -154,8 +162,8 @@ class Trainer:
             self._keep_tokenizer()
         self.peak = PeakFlops.resolve(self.device, cfg.deepspeed.precision, cfg.trainer.peak_tflops,
                                       cfg.trainer.device_tflops_probe)
-        self.logger = RunLogger(cfg, self.run_dir, self.is_main, self.step, self.wandb_id, to_container(cfg))
-        self.logger.print(
+        self.callbacks.setup()  # the sinks open (metrics.jsonl and the depth CSV cut back to self.step)
+        self.console.print(
             f"megamor: {cfg.name} | {self.n_params.describe()} | "
             f"world {self.world}" + (f" = tensor {self.tp} x data {self.dp}" if self.tp > 1 else "")
             + (" + sequence parallel" if self.layout.sequence else "")
@@ -166,8 +174,7 @@ class Trainer:
             + (f" | resumed from step {self.step}" if plan else "")
         )
         if init is not None:
-            self.logger.print(f"megamor: {init.line()}")
-        self.callbacks.setup()
+            self.console.print(f"megamor: {init.line()}")
         return self
 
     def record_metric(self, name: str, value: Any) -> None:
@@ -264,7 +271,7 @@ class Trainer:
     def _stop(self, where: str = "") -> int:
         sig = self.stop_request.signum
         self.callbacks.on_stop(self.step, sig)
-        self.logger.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
+        self.console.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
                           f"{self.step}{where}: saving and exiting with {EXIT_PREEMPTED}")
         if self.last_saved_step != self.step and self.step > 0:
             self.save()
@@ -301,7 +308,7 @@ class Trainer:
         path = self.ckpt.save(self.engine, self.step, {"megamor": state}, to_yaml(self.cfg), meta,
                               extra_files={TRAINER_STATE: state})
         self.last_saved_step = self.step
-        self.logger.print(f"checkpoint: {path}")
+        self.console.print(f"checkpoint: {path}")
         self.callbacks.after_save(self.step, path)
         return path
 
@@ -309,12 +316,9 @@ class Trainer:
     def fit(self) -> int:
         cfg = self.cfg
         if self.step >= self.max_steps:
-            self.logger.print(f"already trained for {self.step} >= {self.max_steps} steps; nothing to do")
+            self.console.print(f"already trained for {self.step} >= {self.max_steps} steps; nothing to do")
             self.stop_request.uninstall()
-            try:
-                self.callbacks.close()
-            finally:
-                self.logger.close()
+            self.callbacks.close()
             return EXIT_OK
         window = WindowStats()
         exit_code = EXIT_OK
@@ -333,13 +337,10 @@ class Trainer:
                 self.tokens += r.tokens
                 self.flops_total += r.flops
                 accumulate(window, r)
-                if cfg.logging.depth_hist_due(self.step, self.max_steps):
-                    self._check_lock()  # the depth CSV is written to now
-                self.logger.on_step(self.step, None if r.skipped or not r.tokens_per_step else r.depth_hist)
                 if r.skipped:
                     self.skipped_steps += 1
                     self.consecutive_nonfinite += 1
-                    self.logger.print(f"step {self.step}: {r.skip_reason}, step skipped "
+                    self.console.print(f"step {self.step}: {r.skip_reason}, step skipped "
                                       f"({self.consecutive_nonfinite} in a row, {self.skipped_steps} in total)")
                     if self.consecutive_nonfinite >= cfg.trainer.max_consecutive_nonfinite:
                         raise NonFiniteLossError(
@@ -352,7 +353,6 @@ class Trainer:
                 if self.step % cfg.logging.every_steps == 0 or self.step == self.max_steps:
                     self._log(window)
                     window = WindowStats()
-                self.logger.advance(self.step)
                 self.callbacks.step_end(self.step, r)  # faults after step K, then checkpoint and eval cadence
                 if r.stop:
                     exit_code = self._stop()
@@ -367,17 +367,14 @@ class Trainer:
         finally:
             self.watchdog.stop()
             self.stop_request.uninstall()
-            try:
-                self.callbacks.close()
-            finally:
-                self.logger.close()
+            self.callbacks.close()
         return exit_code
 
     def log_eval(self) -> None:
         """Validation (and eval.tasks) now, logged at the current step."""
         metrics = self.evaluate()
         self._check_lock()
-        self.logger.log(self.step, metrics)
+        self.callbacks.log_metrics(self.step, metrics)
 
     def close(self) -> None:
         """Release the DeepSpeed engine: its gradient hooks tie parameters, optimizer and
@@ -410,7 +407,7 @@ class Trainer:
         self.watchdog.at(self.step, "logging")
         m, hist = window_metrics(w, lr=self.schedule.lr_at(self.step), tokens=self.tokens,
                                  skipped_steps=self.skipped_steps, flops_total=self.flops_total, device=self.device,
-                                 world=self.world, peak=self.peak if self.is_main else None, warn=self.logger.print,
+                                 world=self.world, peak=self.peak if self.is_main else None, warn=self.console.print,
                                  activation_checkpointing=self.cfg.trainer.activation_checkpointing)
         m.update(self._metrics)  # recorded since the last window
         self._metrics = m  # record_metric from log_window writes into this window
@@ -418,4 +415,4 @@ class Trainer:
             self.callbacks.log_window(self.step, m)  # time/*, straggler (one all-reduce), mem/activation_bytes
         finally:
             self._metrics = {}
-        self.logger.log(self.step, m, hist)
+        self.callbacks.log_metrics(self.step, m, hist)  # the sinks

@@ -1,5 +1,6 @@
 """A user callback, as a user would write one (tests/train/test_callbacks.py adds it from the
-config): rank 0 appends every hook it sees to a JSON-lines file and records a metric."""
+config): rank 0 appends every hook it sees to a JSON-lines file and records a metric. It is a
+sink too: the keys of every metrics record go to PATH.records."""
 
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ class HookRecorder(Callback):
     def log_window(self, step: int, metrics: dict[str, Any]) -> None:
         self._note("log_window", step, "train/loss" in metrics)
         self.trainer.record_metric(f"user/{self.tag}_steps", self.steps)
+
+    def log_metrics(self, step: int, metrics: dict[str, Any], histograms: dict[str, tuple[list, list]] | None) -> None:
+        self._note("log_metrics", step, "train" if "train/loss" in metrics else "val")
+        if self.trainer.is_main:
+            with open(f"{self.path}.records", "a") as f:
+                f.write(json.dumps({"step": step, "keys": list(metrics), "histograms": sorted(histograms or {})}) + "\n")
 
     def step_end(self, step: int, result: Any) -> None:
         self._note("step_end", step)

@@ -1,10 +1,12 @@
 """The loop's callbacks: the dispatcher's order, `trainer.callbacks` checked at the door (one
 line naming the key, exit 2), and a user callback added from the config on a real run seeing
-every hook in order, its record_metric landing in metrics.jsonl."""
+every hook in order, its record_metric landing in metrics.jsonl, and as a sink getting the
+records metrics.jsonl gets."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -104,11 +106,25 @@ def test_a_user_callback_sees_the_hooks_in_order_and_its_metric_is_logged(tiny_c
                                                                                 ("after_backward", step, i))),
                      ("before_optimizer_step", step), ("after_step", step)]
         if step % 2 == 0:  # a log window, then the checkpoint cadence, then step_end of the user's callback
-            expected += [("log_window", step, True), ("during_save", step), ("after_save", step, tag_for(step)),
+            expected += [("log_window", step, True), ("log_metrics", step, "train"), ("during_save", step), ("after_save", step, tag_for(step)),
                          ("step_end", step)]
         else:
             expected += [("step_end", step)]
-    expected += [("fit_end", 4), ("close",)]
+    expected += [("log_metrics", 4, "val"), ("fit_end", 4), ("close",)]  # eval.at_end, in the cadence's fit_end
     assert hooks == expected
     logged = {r["step"]: r["user/mine_steps"] for r in run.records() if "user/mine_steps" in r}
     assert logged == {2: 2, 4: 4}
+    # the user's sink got what metrics.jsonl got: the same records, keys in the same order
+    mine = [json.loads(line) for line in Path(f"{notes}.records").read_text().splitlines()]
+    written = [{"step": r["step"], "keys": [k for k in r if k not in ("step", "time") and not k.endswith("/counts")],
+                "histograms": sorted(k[:-len("/counts")] for k in r if k.endswith("/counts"))} for r in run.records()]
+    assert mine == written and len(mine) == 3
+
+
+@pytest.mark.launch
+def test_a_checkpoint_due_after_a_non_finite_step_is_deferred_with_one_line(tiny_config, tmp_path):
+    run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=4", "checkpoint.every_steps=2", "eval.at_end=false"],
+                 env={"MEGAMOR_FAULTS": "nan_loss_at_step=2"})
+    assert_ok(run)
+    assert "step 2: checkpoint deferred (1 non-finite steps in a row)" in run.output, run.output[-3000:]
+    assert not (run.run_dir / "checkpoints" / tag_for(2)).exists() and (run.run_dir / "checkpoints" / tag_for(4)).exists()

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from megamor.train.logger import cut_back_metrics
+from megamor.train.callbacks.metrics_file import cut_back_metrics
 from megamor.train.optim import skippable
 
 

@@ -278,3 +278,18 @@ def test_trainer_lock_path_that_is_a_directory_exits_2_with_one_line(tiny_config
     want = f"megamor.train: {tmp_path / 'run' / LOCK_FILE} is a directory, not a lock file: move it out of the run folder"
     assert lines == [want], run.output[-3000:]
     assert "Traceback" not in run.output and (tmp_path / "run" / LOCK_FILE).is_dir()
+
+
+@pytest.mark.launch
+def test_depth_csv_is_not_written_after_the_lock_was_taken(tiny_config, tmp_path):
+    """The depth CSV (every step, no other write due at step 4) checks the lock before it writes:
+    the lock taken right after step 3 leaves rows for steps 1-3 only."""
+    from megamor.runs.depth_csv import read_csv
+    from megamor.train.signals import EXIT_CONFIG
+    from tests.train.helpers import launch
+
+    run = launch(tiny_config, tmp_path / "run", ["trainer.max_steps=6", "logging.every_steps=6", "checkpoint.every_steps=6",
+                                                 "logging.depth_hist_csv=depth.csv", "logging.depth_hist_every=1"],
+                 env={"MEGAMOR_FAULTS": "lock_taken_after_step=3"})
+    assert run.rc == EXIT_CONFIG, run.output[-3000:]
+    assert sorted(read_csv(run.run_dir / "depth.csv")) == [1, 2, 3]

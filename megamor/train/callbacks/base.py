@@ -5,7 +5,8 @@ The trainer calls every callback's hooks in list order (built-ins first, then
 on every rank. `self.trainer` is set before `setup`. Hooks, in the order one run meets them:
 
     setup_start()                    set-up begins (signal handlers installed; nothing built yet)
-    setup()                          after set-up (engine, loader, logger exist; resumed state loaded)
+    setup()                          after set-up (engine, loader exist; resumed state loaded), before
+                                     the banner: the sinks open here
     fit_start()                      the loop begins (after the set-up stop check)
     before_step(step)                before optimizer step `step` (1-based) runs
     before_forward(step, micro)      before the forward of micro-batch `micro` (0-based) of the step
@@ -17,6 +18,10 @@ on every rank. `self.trainer` is set before `setup`. Hooks, in the order one run
     after_optimizer_step(step, skipped)  right after engine.step() (skipped: the update was not applied)
     log_window(step, metrics)        a log window closes: `metrics` is what goes out; add with
                                      `self.trainer.record_metric(name, value)` (rank 0's values are logged)
+    log_metrics(step, metrics, histograms)  a metrics record goes out (after the window's `log_window`
+                                     hooks, or an evaluation's results; histograms: name -> (counts, edges)
+                                     or None): the sinks (console, metrics.jsonl, W&B, TensorBoard) write
+                                     rank 0's (every rank gets its own record)
     after_step(step, result)         the step is counted (result: train.step.StepResult), before its logging
     step_end(step, result)           after the step's logging: checkpoint and evaluation cadence
     during_save(step)                a checkpoint's files are on disk, its completeness marker not yet
@@ -77,6 +82,9 @@ class Callback:
         pass
 
     def log_window(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, step: int, metrics: dict[str, Any], histograms: dict[str, tuple[list, list]] | None) -> None:
         pass
 
     def after_step(self, step: int, result: StepResult) -> None:

@@ -14,7 +14,7 @@ class Cadence(Callback):
         t, cfg = self.trainer, self.trainer.cfg
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             if t.consecutive_nonfinite:
-                t.logger.print(f"step {step}: checkpoint deferred ({t.consecutive_nonfinite} non-finite steps in a row)")
+                t.console.print(f"step {step}: checkpoint deferred ({t.consecutive_nonfinite} non-finite steps in a row)")
             else:
                 t.save()
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:

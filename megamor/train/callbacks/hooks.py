@@ -71,6 +71,10 @@ class Callbacks:
         for cb in self.items:
             cb.log_window(step, metrics)
 
+    def log_metrics(self, step: int, metrics: dict[str, Any], histograms: dict[str, tuple[list, list]] | None = None) -> None:
+        for cb in self.items:
+            cb.log_metrics(step, metrics, histograms)
+
     def after_step(self, step: int, result: StepResult) -> None:
         for cb in self.items:
             cb.after_step(step, result)
