@@ -13,6 +13,8 @@ first, and its --help must answer before torch loads.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {"SUPPORTED": "source", "AdaptError": "source", "read_source": "source", "adapt_config": "wrap", "wrap": "wrap"}
@@ -26,6 +28,18 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the submodule megamor.adapt.wrap binds it on this package as `wrap`; here
+        # that name is the function (as when this file imported it eagerly), so keep it.
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:
