@@ -6,7 +6,10 @@ untuned, on a small Llama trained here (megamor/benchmarks/adapt.py says how).
 
 import sys
 
-from megamor.benchmarks.adapt import main
+from megamor.benchmarks.cli import adapt_parser
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = adapt_parser().parse_args()  # before the benchmark (and torch) loads: --help answers at once
+    from megamor.benchmarks.adapt import run
+
+    sys.exit(run(args))

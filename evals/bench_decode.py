@@ -7,7 +7,10 @@ MoR-token; routers calibrated to their capacities) against Hugging Face generate
 
 import sys
 
-from megamor.benchmarks.decode import main
+from megamor.benchmarks.cli import decode_args
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = decode_args()  # before the benchmark (and torch) loads: --help answers at once
+    from megamor.benchmarks.decode import run
+
+    sys.exit(run(args))

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from megamor.benchmarks.docmask import main
+from megamor.benchmarks.cli import docmask_parser
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = docmask_parser().parse_args()  # before the benchmark (and torch) loads: --help answers at once
+    from megamor.benchmarks.docmask import run
+
+    sys.exit(run(args))

@@ -22,21 +22,19 @@ import os
 import platform
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from megamor.cli import ArgumentParser
 from megamor.env import shared_data_dir
-from megamor.eval.cli import default_device, tokenizer_for, write_text
-from megamor.eval.harness import evaluate_task
-from megamor.eval.perplexity import perplexity_of_tokens
-from megamor.eval.scoring import Scorer
-from megamor.eval.tokenizer import SentencePieceTokenizer, load_tokenizer
-from megamor.runs.load import load_model
+
+if TYPE_CHECKING:  # torch loads after the arguments are parsed (--help answers at once)
+    from megamor.eval.tokenizer import SentencePieceTokenizer
 
 
 def train_tokenizer(vocab_size: int, out: str) -> SentencePieceTokenizer:
     import sentencepiece as spm
+
+    from megamor.eval.tokenizer import SentencePieceTokenizer
 
     data = shared_data_dir() / "gutenberg"
     text = "".join((data / f).read_text(encoding="utf-8-sig", errors="replace") for f in ("2600-0.txt", "1342-0.txt", "98-0.txt"))
@@ -70,6 +68,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out")
     a = p.parse_args(argv)
+    import torch
+
+    from megamor.eval.cli import default_device, tokenizer_for, write_text
+    from megamor.eval.harness import evaluate_task
+    from megamor.eval.perplexity import perplexity_of_tokens
+    from megamor.eval.scoring import Scorer
+    from megamor.eval.tokenizer import load_tokenizer
+    from megamor.runs.load import load_model
+
     if a.threads:
         torch.set_num_threads(a.threads)
 

@@ -22,13 +22,11 @@ import statistics
 import sys
 import time
 
-import torch
-
 from megamor.cli import ArgumentParser
-from megamor.inference.generate import generate
-from megamor.model import MoRLM, load_model_config
+from megamor.model import load_model_config
 from megamor.model.flops import forward_flops
-from megamor.observe.throughput import MODES, grid_markdown, throughput_grid, write_grid_csv
+
+# torch loads in the benchmarks' functions, after the arguments are parsed (--help answers at once)
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
@@ -45,6 +43,10 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 
 def bench_training(cfg, seq_len: int, batch: int, repeats: int) -> None:
+    import torch
+
+    from megamor.model import MoRLM
+
     dense_cfg = copy.deepcopy(cfg)
     dense_cfg.router.capacity = [1.0] * cfg.num_recursions
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
@@ -75,6 +77,11 @@ def bench_training(cfg, seq_len: int, batch: int, repeats: int) -> None:
 
 
 def bench_decoding(cfg, prompt_len: int, new_tokens: int, batch: int) -> None:
+    import torch
+
+    from megamor.inference.generate import generate
+    from megamor.model import MoRLM
+
     print(f"\n## Decoding, prompt {prompt_len}, {new_tokens} new tokens, batch {batch}, greedy")
     print("| KV mode | tokens/s | vs no cache |")
     print("|---|---:|---:|")
@@ -105,6 +112,11 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def bench_grid(cfg, seq_lens: list[int], batch_sizes: list[int], mode: str, repeats: int, csv_path: str) -> None:
+    import torch
+
+    from megamor.model import MoRLM
+    from megamor.observe.throughput import grid_markdown, throughput_grid, write_grid_csv
+
     dense_cfg = copy.deepcopy(cfg)
     dense_cfg.router.capacity = [1.0] * cfg.num_recursions
     models = {}
@@ -133,9 +145,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--seq-lens", help="grid: comma list of sequence lengths")
     ap.add_argument("--batch-sizes", help="grid: comma list of batch sizes")
-    ap.add_argument("--grid-mode", choices=MODES, default="train", help="grid: forward+backward or forward only")
+    ap.add_argument("--grid-mode", default="train", help="grid: train (forward+backward) or forward (checked against "
+                    "megamor.observe.throughput.MODES after parsing: that module loads torch)")
     ap.add_argument("--csv", default="evals/results/model_grid.csv", help="grid: CSV output (markdown beside it)")
     args = ap.parse_args()
+    import torch
+
+    from megamor.observe.throughput import MODES
+
+    if args.grid_mode not in MODES:
+        ap.error(f"argument --grid-mode: invalid choice: {args.grid_mode!r} (choose from {', '.join(MODES)})")
     cfg = load_model_config(args.config)
     if cfg.router.type != "expert_choice":
         raise SystemExit(f"{args.config}: the benchmark needs an expert-choice MoR config")

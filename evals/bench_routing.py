@@ -18,20 +18,24 @@ import argparse
 import statistics
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from megamor.cli import ArgumentParser
 from megamor.env import repo_root
-from megamor.model import MoRLM, load_model_config
+from megamor.model import load_model_config
 from megamor.model.flops import forward_flops
-from megamor.model.mor import bucket_length
-from megamor.model.routers import top_k_size
+
+if TYPE_CHECKING:  # torch loads after the arguments are parsed (--help answers at once)
+    import torch
+
+    from megamor.model import MoRLM
 
 
 def timed_steps(model: MoRLM, x: torch.Tensor, repeats: int) -> tuple[float, float, list[int], list[int]]:
     """(median wall s, median CPU s, tokens per recursion step, slots run per step) of
     forward+backward."""
+    from megamor.model.mor import bucket_length
+    from megamor.model.routers import top_k_size
 
     def step() -> tuple[list[int], list[int]]:
         model.zero_grad(set_to_none=True)
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
+    import torch
+
+    from megamor.model import MoRLM
+
     torch.set_flush_denormal(True)
     x = torch.randint(0, 1000, (a.batch, a.seq_len + 1))
     rows = []

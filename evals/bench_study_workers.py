@@ -30,7 +30,6 @@ from pathlib import Path
 from megamor.cli import ArgumentParser
 from megamor.env import repo_root
 from megamor.model.flops import flops_per_token
-from megamor.train.config import load_experiment
 
 EXPERIMENT = "configs/experiments/small_cpu.yaml"
 ROWS = [  # (row, model config, extra overrides): the scaling study's 1x and 3x shapes
@@ -75,6 +74,8 @@ def main() -> int:
                          "configs/studies/scaling_cpu.yaml --plan` makes it")
     ap.add_argument("--out", type=Path, default=Path("evals/results/study_workers.md"))
     args = ap.parse_args()
+    from megamor.train.config import load_experiment  # loads torch: after the arguments are parsed
+
     data = args.data.resolve()
     if not (data / "shards" / "manifest.json").is_file():
         print(f"bench_study_workers: no prepared data in {data} (see --data)", file=sys.stderr)

@@ -23,16 +23,17 @@ from pathlib import Path
 
 from megamor.cli import ArgumentParser
 from megamor.model import load_model_config
-from megamor.parallel.memory import GiB, rank_memory
-from megamor.plan.bench import activation_bytes_worker, layout_step_worker
-from megamor.testing.distributed import run_distributed
-from megamor.train.config import load_experiment
+
+# torch loads in the tables' functions, after the arguments are parsed (--help answers at once)
 
 LAYOUTS = [(1, 1, False), (2, 2, False), (2, 2, True), (4, 1, False), (4, 2, False)]  # (world, tp, sp)
 COMPILED = [(2, 2, False), (2, 2, True)]
 
 
 def timing_table(model_file: str, micro: int, seq: int, steps: int, compiled: bool = False) -> list[str]:
+    from megamor.plan.bench import layout_step_worker
+    from megamor.testing.distributed import run_distributed
+
     cfg = dataclasses.asdict(load_model_config(model_file))
     rows = ["| layout | processes | step (s) | in collectives (s) | comm share | tokens/s (all ranks) |",
             "|---|---|---|---|---|---|"]
@@ -54,6 +55,9 @@ def timing_table(model_file: str, micro: int, seq: int, steps: int, compiled: bo
 
 
 def activation_table(model_file: str, micro: int, seq: int) -> list[str]:
+    from megamor.plan.bench import activation_bytes_worker
+    from megamor.testing.distributed import run_distributed
+
     cfg = dataclasses.asdict(load_model_config(model_file))
     head = ("| layout | checkpointing | activation bytes / rank | vs TP=2 without SP | of which LM loss | "
             "without the LM loss | vs TP=2 without SP |")
@@ -75,6 +79,9 @@ def activation_table(model_file: str, micro: int, seq: int) -> list[str]:
 
 
 def memory_table(config: str, gpus: int = 8) -> list[str]:
+    from megamor.parallel.memory import GiB, rank_memory
+    from megamor.train.config import load_experiment
+
     exp = load_experiment([config], ["data.train=[x]"])
     rows = [f"| TP x DP ({gpus} GPUs) | params/rank | weights | grads | optimizer | activations (ckpt off / on) | total (ckpt off / on) |",
             "|---|---|---|---|---|---|---|"]

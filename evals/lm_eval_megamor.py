@@ -19,12 +19,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lm_eval.__main__ import cli_evaluate
-
-import megamor.eval.lm_eval_adapter  # noqa: F401 - registers "megamor"
 from megamor.cli import one_line_errors_everywhere, run_main, tool_name
 from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.eval.errors import EvalInputError
+
+
+def cli_evaluate() -> None:
+    """lm_eval.__main__.cli_evaluate with the `megamor` model registered after the arguments
+    are parsed: lm-eval's parser needs no torch, so --help and bad arguments answer at once."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    parser = HarnessCLI()
+    args = parser.parse_args()
+    import megamor.eval.lm_eval_adapter  # noqa: F401 - registers "megamor" (loads torch)
+
+    parser.execute(args)
+
 
 if __name__ == "__main__":
     one_line_errors_everywhere(tool_name())  # lm-eval builds its own argparse parser

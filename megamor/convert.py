@@ -31,16 +31,16 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError, ConfigFileError, from_node, merge_sources
-from megamor.model.config import ModelConfig
-from megamor.model.mor import MoRLM
 from megamor.runs.layout import CheckpointError
-from megamor.runs.load import load_model
 from megamor.utils.atomic import atomic_open, write_json
+
+if TYPE_CHECKING:  # torch and the model load after the arguments are parsed (--help answers at once)
+    from megamor.model.config import ModelConfig
+    from megamor.model.mor import MoRLM
 
 STRATEGIES = ("stepwise", "average", "lower")
 
@@ -86,6 +86,8 @@ WEIGHT_KEYS = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff", "tie_em
 def target_config(source: ModelConfig, overrides: Sequence[str], model_config: str | Path | None = None) -> ModelConfig:
     from omegaconf import OmegaConf
 
+    from megamor.model.config import ModelConfig
+
     if model_config is not None:
         cfg = from_node(ModelConfig, merge_sources([model_config], overrides), prefix="model")
         _check_fits(source, cfg, Path(model_config))
@@ -116,9 +118,19 @@ def _check_target(source: ModelConfig, cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-@torch.no_grad()
 def convert(source: MoRLM, cfg: ModelConfig, strategy: str, seed: int = 0) -> MoRLM:
     """A new model of config `cfg` initialised from the vanilla `source`."""
+    import torch
+
+    with torch.no_grad():
+        return _convert(source, cfg, strategy, seed)
+
+
+def _convert(source: MoRLM, cfg: ModelConfig, strategy: str, seed: int) -> MoRLM:
+    import torch
+
+    from megamor.model.mor import MoRLM
+
     if source.cfg.sharing != "none":
         raise ConfigError("SOURCE", f"the source must be a vanilla model (sharing none), got sharing {source.cfg.sharing!r}")
     torch.manual_seed(seed)
@@ -137,6 +149,8 @@ def convert(source: MoRLM, cfg: ModelConfig, strategy: str, seed: int = 0) -> Mo
 
 
 def save(model: MoRLM, out: Path, **meta) -> Path:
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
@@ -159,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="target model config (e.g. configs/model/33m/mor_expert_3.yaml); key=value overrides apply on top")
     p.add_argument("overrides", nargs="*", help="target model keys, e.g. sharing=middle_cycle num_recursions=3 router.type=expert_choice")
     args = p.parse_intermixed_args(argv)
+    import torch
+
+    from megamor.runs.load import load_model
+
     try:
         source = load_model(args.source, dtype=torch.float32)
     except CheckpointError as e:  # the source named on the command line: bad input

@@ -37,10 +37,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from megamor.cli import ArgumentParser
 from megamor.config import from_node
@@ -51,18 +48,14 @@ from megamor.data.tokenizer import (
     check_same_tokenizer,
     load_tokenizer,
 )
-from megamor.hf.remote_code import hf_weights, write_remote_code
 from megamor.hf.tokenizer_files import TokenizerFilesError, export_tokenizer
-from megamor.model import MoRLM
-from megamor.model.config import ModelConfig, with_stored_defaults
-from megamor.model.hf import llama_config, to_llama_state_dict, unexportable_keys
-from megamor.runs.consolidate import consolidated_state_dict
 from megamor.runs.layout import CheckpointError, CheckpointRef
-from megamor.runs.load import trained_tokenizer_hash
-from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.tags import resolve_tag
-from megamor.train.config import load_tag_experiment
 from megamor.utils.atomic import replace_dir, temp_path, write_json
+
+if TYPE_CHECKING:  # torch and the model load after the arguments are parsed (--help answers at once)
+    from megamor.model import MoRLM
+    from megamor.model.config import ModelConfig
 
 CONSOLIDATED = "megamor.pt"
 MOR_MODEL_TYPE = "megamor"
@@ -100,6 +93,10 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     """Export a tag into `out` (default RUN/export/<tag>): written into a hidden sibling folder,
     then swapped in whole (atomic.replace_dir), so a failed or killed export leaves the target
     as it was. A non-empty target is refused unless `overwrite`."""
+    from megamor.model.hf import unexportable_keys
+    from megamor.runs.load import trained_tokenizer_hash
+    from megamor.train.config import load_tag_experiment
+
     if out:
         check_target(Path(out), overwrite)  # before the (long) hash check of the tag
     ref = resolve_tag(run_dir, tag)
@@ -127,6 +124,13 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
 
 
 def _write_export(ref: CheckpointRef, exp: Any, tok: Tokenizer | None, trained_hash: str | None, out_dir: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from megamor.hf.remote_code import hf_weights, write_remote_code
+    from megamor.model.hf import llama_config, to_llama_state_dict
+    from megamor.runs.consolidate import consolidated_state_dict
+
     cfg = exp.model
     sd = consolidated_state_dict(ref)
     if cfg.tie_embeddings:
@@ -160,8 +164,13 @@ def _write_hf_tokenizer(out_dir: Path, tok: Tokenizer, max_length: int) -> None:
         print(f"megamor.export: note: no tokenizer.json written: {e}", file=sys.stderr)
 
 
-def load_exported(path: str | Path):
+def load_exported(path: str | Path) -> tuple[MoRLM, ModelConfig]:
     """(MoRLM, ModelConfig) from an export folder (vanilla or MoR) or its megamor.pt."""
+    import torch
+
+    from megamor.model import MoRLM
+    from megamor.model.config import ModelConfig, with_stored_defaults
+
     p = Path(path)
     f = p / CONSOLIDATED if p.is_dir() else p
     obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -182,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export/<tag>); must be new or empty")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (swapped in whole)")
     args = p.parse_args(argv)
+    from megamor.runs.safe_load import UnsafeCheckpointError
+
     try:
         out = export(args.run_dir, args.out, args.tag, overwrite=args.overwrite)
     except (CheckpointError, UnsafeCheckpointError, TokenizerMismatchError, TokenizerError, ExportTargetError) as e:  # bad input

@@ -31,14 +31,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from megamor.adapt.source import AdaptError, read_source
-from megamor.adapt.wrap import adapt_config, wrap
 from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
-from megamor.model.mor import MoRLM
+
+if TYPE_CHECKING:  # torch and the model load after the arguments are parsed (--help answers at once)
+    from megamor.model.mor import MoRLM
 
 TOOL = "megamor.adapt"
 
@@ -69,6 +68,11 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def build(args: argparse.Namespace) -> MoRLM:
+    import torch
+
+    from megamor.adapt.source import read_source
+    from megamor.adapt.wrap import adapt_config, wrap
+
     src = Path(args.model)
     if is_hf_folder(src):
         source, state, _ = read_source(src)
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("nothing to do: give --out DIR and/or --generate N")
     if args.generate and not (args.prompt or args.prompt_ids):
         p.error("--generate needs --prompt TEXT or --prompt-ids 1,2,3")
+    from megamor.adapt.source import AdaptError
+
     try:
         model = build(args).eval()
     except (AdaptError, ConfigError, FileNotFoundError) as e:

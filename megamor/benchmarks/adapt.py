@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from megamor.adapt import adapt_config, read_source, wrap
-from megamor.cli import ArgumentParser
+from megamor.benchmarks.cli import adapt_parser
 from megamor.env import repo_root
 from megamor.model import ModelConfig, MoRLM
 from megamor.train.config import OptimConfig
@@ -131,19 +131,11 @@ def hf_loss(folder: Path, data: list[torch.Tensor]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("/tmp/megamor-bench-adapt"), help="corpus, tokenizer, checkpoints")
-    p.add_argument("--corpus-mb", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=400, help="training steps of the small Llama")
-    p.add_argument("--tune-steps", type=int, default=200, help="router-only tuning steps")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--tune-lr", type=lambda t: [float(x) for x in t.split(",")], default=[1e-3, 1e-2],
-                   help="router-only tuning learning rates (comma-separated: one tuning from the untuned routers each)")
-    p.add_argument("--valid-batches", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=48, help="decoding throughput: new tokens per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return run(adapt_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark on parsed arguments (evals/bench_adapt.py parses before importing this module)."""
     torch.manual_seed(args.seed)
     seq = SHAPE["max_seq_len"]
     train_s, valid_s = corpus_tokens(args.work, args.corpus_mb)

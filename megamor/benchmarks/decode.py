@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from megamor.cli import ArgumentParser
+from megamor.benchmarks.cli import DECODE_DTYPES, DECODE_VARIANTS, decode_args
 from megamor.inference.calibrate import calibrate_decoding
 from megamor.inference.engine import Engine
 from megamor.inference.generate import generate
@@ -30,11 +30,12 @@ from megamor.model import MoRLM, load_model_config
 from megamor.model.hf import llama_config, to_llama_state_dict
 from megamor.utils.atomic import atomic_open
 
-VARIANTS = ("vanilla", "recursive_3", "mor_expert_3", "mor_token_3", "vanilla_eq")
+VARIANTS = DECODE_VARIANTS
 # vanilla_eq: the vanilla shape with as many layers as recursive_3 has unique ones, i.e. the
 # vanilla model with the shared variants' parameter count (vanilla has their unrolled compute).
 EQUAL_PARAMS_OF = "recursive_3"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+assert sorted(DTYPES) == sorted(DECODE_DTYPES)
 
 
 @dataclass
@@ -271,58 +272,24 @@ def report(args: argparse.Namespace, rows: list[Result], device: torch.device, w
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(prog="python evals/bench_decode.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="33m", help="configs/model/<size>/ (33m, 135m, 360m, ...) or a folder of <variant>.yaml")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--part-timeout", type=float, default=120.0, help="seconds per measured part")
-    p.add_argument("--total-timeout", type=float, default=450.0, help="seconds for the whole run (parts after it are skipped)")
-    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
-    p.add_argument("--modes", nargs="+", choices=["static", "dynamic"], default=None,
-                   help="engine step: static (fixed shapes; a CUDA graph on GPU) and/or dynamic; default both")
-    p.add_argument("--compile", action="store_true", help="torch.compile the static step")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per part (median)")
-    p.add_argument("--calibrate-on", choices=["same", "other"], default="same", help="router calibration prompts")
-    p.add_argument("--bucket-slack", type=float, default=1.25, help="static step: rows per recursion = c_r x batch x slack")
-    p.add_argument("--out", default=None, help="also write the markdown table here (atomically)")
-    paper = p.add_argument_group("--protocol paper (megamor.benchmarks.decode_paper): lockstep vs depth-wise schedule")
-    paper.add_argument("--protocol", choices=["engine", "paper"], default="engine")
-    paper.add_argument("--requests", type=int, default=128, help="requests queued (paper protocol)")
-    paper.add_argument("--gen-mean", type=float, default=256.0, help="generation length mean (paper: 256)")
-    paper.add_argument("--gen-std", type=float, default=32.0, help="generation length standard deviation")
-    paper.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
-    paper.add_argument("--gpu", default="h100", help="GPU whose memory sets the relative maximum batch")
-    paper.add_argument("--kv-seq-len", type=int, default=2048, help="sequence length of the relative maximum batch")
-    paper.add_argument("--profile", action="store_true", help="one more cProfiled run per row: torch linear calls and time")
-    paper.add_argument("--depthwise-slots", type=int, default=1,
-                       help="depthwise: requests in flight = this x batch (2: the exit buffer fills to a batch too)")
-    args = p.parse_args(argv)
-    args.variants_given = "--variants" in (argv if argv is not None else sys.argv[1:])
-    if not Path(args.size).is_dir():
-        args.size = str(Path("configs/model") / args.size)
-    if not Path(args.size).is_dir():
-        p.error(f"--size: no folder {args.size}")
-    args.modes = args.modes or ["static", "dynamic"]
-    if args.protocol == "paper":
-        if args.prompt_len == 64 and "--prompt-len" not in (argv or sys.argv[1:]):
-            args.prompt_len = 1  # no prefix
-        for name in ("requests", "batch", "prompt_len", "repeats", "depthwise_slots"):
-            if getattr(args, name) < 1:
-                p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-        if args.gen_mean < 1 or args.gen_std < 0:
-            p.error("--gen-mean must be >= 1 and --gen-std >= 0")
+    """The arguments (megamor.benchmarks.cli.decode_args) with --device and --dtype resolved."""
+    return resolve(decode_args(argv))
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark on parsed arguments (evals/bench_decode.py parses before importing this module)."""
+    args = resolve(args)
     if args.protocol == "paper":
         from megamor.benchmarks.decode_paper import run_paper
 

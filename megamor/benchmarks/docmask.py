@@ -23,11 +23,12 @@ import sys
 
 import torch
 
+from megamor.benchmarks.cli import DOCMASK_MODES, docmask_parser
 from megamor.model import ModelConfig, MoRLM, RouterConfig
 from megamor.model.flex import flex_unusable
 from megamor.observe.throughput import _median_times, _peak_bytes
 
-MODES = ("eval", "train")
+MODES = DOCMASK_MODES
 
 
 def tiny_model(seq_len: int, device: torch.device) -> MoRLM:
@@ -108,19 +109,16 @@ def _line(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seq-lens", default="2048,8192", help="comma list (default 2048,8192)")
-    p.add_argument("--modes", default="eval,train", help="comma list of eval, train (default both)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--mean-doc", type=int, default=512, help="mean document length in tokens (default 512)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return run(docmask_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark on parsed arguments (evals/bench_docmask.py parses before importing this module)."""
     modes = args.modes.split(",")
     if any(m not in MODES for m in modes):
         print(f"bench_docmask: --modes: each must be one of {MODES}, got {args.modes!r}", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"load average {load:.1f}), torch {torch.__version__}, batch {args.batch}, mean document {args.mean_doc} tokens, "

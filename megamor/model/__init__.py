@@ -1,10 +1,27 @@
 """The MoR language model: config, model, routing policy, KV caches, FLOPs (decoding lives in
-megamor.inference)."""
+megamor.inference).
 
-from megamor.model.config import ModelConfig, RouterConfig, load_model_config
-from megamor.model.kv_cache import KVCache
-from megamor.model.mor import LMOutput, MoRLM, RouterStats, SitePlan
-from megamor.model.routing import RoutingPolicy, RoutingSettings
+The names below load on first use (PEP 562): `megamor.model.config` and `megamor.model.flops`
+need no torch, and importing them (a command line's argument parser, the planner) must not
+load it through this package."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "KVCache": "kv_cache",
+    "LMOutput": "mor",
+    "MoRLM": "mor",
+    "ModelConfig": "config",
+    "RouterConfig": "config",
+    "RouterStats": "mor",
+    "RoutingPolicy": "routing",
+    "RoutingSettings": "routing",
+    "SitePlan": "mor",
+    "load_model_config": "config",
+}
 
 __all__ = [
     "KVCache",
@@ -18,3 +35,18 @@ __all__ = [
     "SitePlan",
     "load_model_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from megamor.model.config import ModelConfig, RouterConfig, load_model_config
+    from megamor.model.kv_cache import KVCache
+    from megamor.model.mor import LMOutput, MoRLM, RouterStats, SitePlan
+    from megamor.model.routing import RoutingPolicy, RoutingSettings

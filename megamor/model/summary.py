@@ -13,15 +13,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from megamor.cli import ArgumentParser
 from megamor.config import ConfigError
 from megamor.env import repo_root
 from megamor.model.config import ModelConfig, load_model_config
 from megamor.model.flops import CONVENTIONS, convention_flops_per_token, kv_cache_bytes_per_token
-from megamor.model.mor import MoRLM
+
+if TYPE_CHECKING:  # torch loads in summarize, after the arguments are parsed
+    from megamor.model.mor import MoRLM
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class ParamCounts:
 
 
 def summarize(cfg: ModelConfig, seq_len: int, convention: str = "exact") -> dict[str, float]:
+    import torch
+
+    from megamor.model.mor import MoRLM
+
     with torch.device("meta"):
         model = MoRLM(cfg)
     counts = ParamCounts.of(model)

@@ -30,6 +30,9 @@ SCRIPTS = ("compile_engines.py",)
 # Flags with which a module above only plans or reports (its argparse makes them exclusive
 # with running anything): such a command is a quick CLI check, not a launch.
 DRY_RUN = {"megamor.study": ("--plan", "--report")}
+# A module asked for its help prints it from argparse and exits before anything starts (every
+# entry point parses first: tests/test_cli_help.py checks that nothing heavy even loads).
+HELP = ("-h", "--help")
 
 
 def launch_kind(args: str | bytes | PathLike | Sequence) -> str | None:
@@ -41,7 +44,7 @@ def launch_kind(args: str | bytes | PathLike | Sequence) -> str | None:
         return words[0].split()[0].rsplit("/", 1)[-1]
     for w in words:
         if any(w == m or w.startswith(m + ".") for m in MODULES) or w.endswith(SCRIPTS):
-            return None if any(flag in words for flag in DRY_RUN.get(w, ())) else w
+            return None if any(flag in words for flag in (*DRY_RUN.get(w, ()), *HELP)) else w
     return None
 
 

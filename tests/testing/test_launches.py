@@ -23,6 +23,9 @@ def test_launch_kind_names_trainers_launchers_and_slurm():
     assert launch_kind([py, "-m", "megamor.study", "s.yaml"]) == "megamor.study"
     assert launch_kind([py, "-m", "megamor.study", "s.yaml", "--plan"]) is None  # only plans
     assert launch_kind([py, "-m", "megamor.export", "run"]) is None
+    assert launch_kind([py, "-m", "megamor.train", "--help"]) is None  # argparse prints and exits
+    assert launch_kind([py, "-m", "megamor.demo", "-h"]) is None
+    assert launch_kind(["torchrun", "--help"]) == "torchrun"  # programs: not ours to reason about
     assert launch_kind(["bash", "slurm/tokenize_array.sbatch", "merge"]) is None  # a script named .sbatch, run by bash
     assert launch_kind([py, "-m", "megamor.training_notes"]) is None  # a prefix is not the module
 
