@@ -12,11 +12,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `-n N` workers share the cores: OMP threads per worker
+    from megamor.env import thread_defaults
+    thread_defaults(local_processes=int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
 
 import pytest
 import torch
 
-from megamor.env import shared_data_dir
+from megamor.env import shared_data_dir, usable_cpus
 from megamor.testing.launches import MARKER, Guard
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -32,6 +35,26 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     _GUARD.uninstall()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the Makefile's default): one worker per usable core (affinity and cgroup quota),
+    at most 8: launch tests start up to 4 processes each."""
+    return min(usable_cpus(), 8)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Work units for pytest-xdist's `--dist loadgroup` (the Makefile runs `-n 2`): a file's tests
+    stay on one worker, so module fixtures (shared reference runs) start once; every file with a
+    test using `slurm_cluster` joins one group, so one cluster serves them all (its jobs derive
+    MASTER_PORT from job ids, which a second cluster would repeat). A test's own `xdist_group` wins."""
+    slurm_files = {item.nodeid.split("::")[0] for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            path = item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group("slurm" if path in slurm_files else path))
 
 
 @pytest.hookimpl(hookwrapper=True)
