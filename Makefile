@@ -28,10 +28,10 @@ $(VENV)/.installed: setup.py constraints.txt
 
 venv: $(VENV)/.installed
 
-# Both tiers run on pytest-xdist workers, one per usable core (tests/conftest.py groups the work;
-# docs/testing.md). TEST_WORKERS=0 runs the tests in one process.
+# Both tiers run on pytest-xdist workers, one per usable core, a test file's tests on one worker
+# (docs/testing.md). TEST_WORKERS=0 runs the tests in one process.
 TEST_WORKERS ?= auto
-XDIST = -n $(TEST_WORKERS) --dist loadgroup
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 test: venv
 	$(VPY) -m pytest -q $(XDIST) tests $(PYTEST_ARGS)

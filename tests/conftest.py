@@ -44,19 +44,6 @@ def pytest_xdist_auto_num_workers(config):
     return min(usable_cpus(), 8)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Work units for pytest-xdist's `--dist loadgroup` (the Makefile runs `-n 2`): a file's tests
-    stay on one worker, so module fixtures (shared reference runs) start once; every file with a
-    test using `slurm_cluster` joins one group, so one cluster serves them all (its jobs derive
-    MASTER_PORT from job ids, which a second cluster would repeat). A test's own `xdist_group` wins."""
-    slurm_files = {item.nodeid.split("::")[0] for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            path = item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group("slurm" if path in slurm_files else path))
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """While a test (and the fixtures it sets up first) runs, a launch from an unmarked test raises."""
@@ -111,7 +98,10 @@ def _slurm_daemons(tmp_path_factory):
         if os.environ.get("MEGAMOR_REQUIRE_SLURM") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    # One cluster per pytest-xdist worker (gw0, gw1, ...): job ids 1, 1001, ... keep their ports apart.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first_job_id = 1 + 1000 * (int(worker[2:]) if worker[2:].isdigit() else 0)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), first_job_id=first_job_id)
     cluster.start()
     try:
         yield cluster
