@@ -28,12 +28,17 @@ $(VENV)/.installed: setup.py constraints.txt
 
 venv: $(VENV)/.installed
 
+# Both tiers run on pytest-xdist workers, one per usable core, a test file's tests on one worker
+# (docs/testing.md). TEST_WORKERS=0 runs the tests in one process.
+TEST_WORKERS ?= auto
+XDIST = -n $(TEST_WORKERS) --dist loadfile
+
 test: venv
-	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
+	$(VPY) -m pytest -q $(XDIST) tests $(PYTEST_ARGS)
 
 # The fast tier: no training process, SLURM daemon or multi-process group (docs/testing.md).
 test-fast: venv
-	$(VPY) -m pytest -q -m "not launch" tests $(PYTEST_ARGS)
+	$(VPY) -m pytest -q $(XDIST) -m "not launch" tests $(PYTEST_ARGS)
 
 demo: venv
 	$(VPY) -m megamor.demo $(DEMO_ARGS)

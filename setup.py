@@ -32,7 +32,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "transformers", "lm-eval>=0.4", "accelerate", "ruff", "tensorboard",
+        "dev": ["pytest", "pytest-xdist", "transformers", "lm-eval>=0.4", "accelerate", "ruff", "tensorboard",
                 "nbclient", "nbformat", "ipykernel"],  # nbclient etc.: tests/test_notebook.py runs notebooks/
         # lm-eval (our `megamor` model, and its `hf` model on an export: accelerate), AutoTokenizer on exports
         "eval": ["transformers", "lm-eval>=0.4", "accelerate"],

@@ -12,11 +12,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `-n N` workers share the cores: OMP threads per worker
+    from megamor.env import thread_defaults
+    thread_defaults(local_processes=int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
 
 import pytest
 import torch
 
-from megamor.env import shared_data_dir
+from megamor.env import shared_data_dir, usable_cpus
 from megamor.testing.launches import MARKER, Guard
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -32,6 +35,13 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     _GUARD.uninstall()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the Makefile's default): one worker per usable core (affinity and cgroup quota),
+    at most 8: launch tests start up to 4 processes each."""
+    return min(usable_cpus(), 8)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -88,7 +98,10 @@ def _slurm_daemons(tmp_path_factory):
         if os.environ.get("MEGAMOR_REQUIRE_SLURM") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    # One cluster per pytest-xdist worker (gw0, gw1, ...): job ids 1, 1001, ... keep their ports apart.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first_job_id = 1 + 1000 * (int(worker[2:]) if worker[2:].isdigit() else 0)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), first_job_id=first_job_id)
     cluster.start()
     try:
         yield cluster

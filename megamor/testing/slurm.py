@@ -50,8 +50,11 @@ def _bin(name: str) -> str:
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, cpus_per_node: int = 2, cred_expire: int = 5):
+    def __init__(self, root: Path, cpus_per_node: int = 2, cred_expire: int = 5, first_job_id: int = 1):
         self.root = Path(root)
+        # Jobs derive MASTER_PORT from their id (slurm/train.sbatch): clusters side by side (one
+        # per pytest-xdist worker) start their ids apart so their ports differ.
+        self.first_job_id = first_job_id
         self.host = socket.gethostname().split(".")[0]
         self.nodes = [self.host, "localhost"]
         self.cpus = cpus_per_node
@@ -111,6 +114,7 @@ class LocalSlurm:
         d = self.root
         lines = [
             "ClusterName=megamorlocal",
+            f"FirstJobId={self.first_job_id}",
             f"SlurmctldHost={self.host}(127.0.0.1)",
             f"SlurmctldPort={ctl_port}",
             "SlurmUser=root",

@@ -90,18 +90,21 @@ def test_a_parity_part_cut_fails_the_run(tmp_path):
     assert "**FAIL** (exit 1)" in out.read_text()
 
 
-@pytest.mark.launch
 @pytest.mark.parametrize("args,says", [
     (["--only", "flash,nope"], "--only: unknown part 'nope'"),
     (["--limit", "flash=abc"], "seconds must be a positive number"),
     (["--limit", "nope=3"], "expected PART=SECONDS"),
     (["--out", "report.txt"], "give a .md path"),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path, args, says):
-    proc = _run(["--tiny", *args], timeout=60)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
-    assert not (repo_root() / "report.txt").exists()
+def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, args, says):
+    """In-process (the exit code of `python -m megamor.gpu_check` itself: tests/test_cli.py's walk)."""
+    from megamor.gpu_check.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("megamor.gpu_check: error: ") and says in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no report.txt
 
 
 def test_part_limits_take_unused_time_but_never_the_later_parts_or_past_the_budget():

@@ -183,9 +183,22 @@ def test_sigusr1_to_one_rank_stops_every_rank(runs, tiny_config):
     assert "exitcode  : 75" in out or "exitcode: 75" in out  # torchrun's report of its workers
 
 
-def test_nonfinite_losses_are_skipped_then_abort(runs, tiny_config):
+@pytest.fixture(scope="module")
+def nonfinite_runs(runs, tiny_config) -> tuple[Run, Run]:
+    """Two short runs with non-finite losses: one skips 2 steps and finishes, one aborts. They also
+    carry the start-up checks (one launch each): the first with DeepSpeed's noise quiet and the
+    CPU peak probe on, the second with MEGAMOR_DS_VERBOSE=1."""
     short = ["trainer.max_steps=8", "checkpoint.every_steps=0", "trainer.max_consecutive_nonfinite=3"]
-    skipped = launch(tiny_config, runs.base / "nan_skip", short, env={"MEGAMOR_FAULTS": "nan_loss_at_step=3:4"})
+    cache = {"MEGAMOR_CACHE_DIR": str(runs.base / "nan_cache")}
+    skipped = launch(tiny_config, runs.base / "nan_skip", [*short, "trainer.device_tflops_probe=true"],
+                     env={**cache, "MEGAMOR_FAULTS": "nan_loss_at_step=3:4"})
+    aborted = launch(tiny_config, runs.base / "nan_abort", short,
+                     env={**cache, "MEGAMOR_FAULTS": "nan_loss_at_step=3:8", "MEGAMOR_DS_VERBOSE": "1"})
+    return skipped, aborted
+
+
+def test_nonfinite_losses_are_skipped_then_abort(nonfinite_runs):
+    skipped, aborted = nonfinite_runs
     assert_ok(skipped)
     recs = [r for r in skipped.records() if "train/loss" in r]
     assert [r["train/skipped_steps"] for r in recs] == [0, 0, 1, 2, 2, 2, 2, 2]
@@ -196,7 +209,6 @@ def test_nonfinite_losses_are_skipped_then_abort(runs, tiny_config):
     state = safe_load(optim)["optimizer_state_dict"]["base_optimizer_state"]
     assert {int(s["step"]) for s in state["state"].values()} == {6}
 
-    aborted = launch(tiny_config, runs.base / "nan_abort", short, env={"MEGAMOR_FAULTS": "nan_loss_at_step=3:8"})
     assert aborted.rc == 1
     assert "3 non-finite steps in a row (steps 3-5, last: non-finite loss); aborting" in aborted.output
 
@@ -229,17 +241,14 @@ def test_token_choice_loss_free_bias_is_updated_from_global_load(runs, tiny_conf
     assert bias.sum().abs() < 1e-6
 
 
-def test_startup_banner_quiet_deepspeed_and_cached_peak(tiny_config, tmp_path):
+def test_startup_banner_quiet_deepspeed_and_cached_peak(nonfinite_runs):
     """The banner gives total and unique parameters; DeepSpeed's start-up noise is hidden unless
-    MEGAMOR_DS_VERBOSE=1; the CPU MFU peak is measured once into the cache folder."""
-    over = ["trainer.max_steps=1", "checkpoint.save_final=false", "eval.at_end=false", "trainer.device_tflops_probe=true"]
-    env = {"MEGAMOR_CACHE_DIR": str(tmp_path / "cache")}
-    quiet = launch(tiny_config, tmp_path / "quiet", over, env=env)
+    MEGAMOR_DS_VERBOSE=1; the CPU MFU peak is measured once into the cache folder. (Checked on
+    the non-finite runs' output: the start-up is the same in every run.)"""
+    quiet, loud = nonfinite_runs
     assert_ok(quiet)
     banner = next(line for line in quiet.output.splitlines() if line.startswith("megamor: tiny |"))
     assert "params in use (" in banner and "unique, shared across recursions)" in banner and "non-embedding unique" in banner
     assert "untested optimizer" not in quiet.output and "built successfully" not in quiet.output, quiet.output
-    assert (tmp_path / "cache" / "peak_tflops.json").is_file()
-    loud = launch(tiny_config, tmp_path / "loud", over, env={**env, "MEGAMOR_DS_VERBOSE": "1"})
-    assert_ok(loud)
+    assert (quiet.run_dir.parent / "nan_cache" / "peak_tflops.json").is_file()
     assert "untested optimizer" in loud.output  # the filter, not DeepSpeed, is what hid it
