@@ -175,7 +175,7 @@ def run_paper(args: argparse.Namespace) -> str:
         if not v.startswith(("vanilla", SAME_LAYERS)) and base in models:  # MoR: its memory buys a larger batch
             settings.append(("relative max", relative_batch(args.size, v, base, args.batch, args.gpu, args.kv_seq_len)))
         for setting, batch in settings:
-            for schedule in ("lockstep", "depthwise"):
+            for schedule in getattr(args, "schedules", ("lockstep", "depthwise")):
                 slots = args.depthwise_slots if schedule == "depthwise" else 1
                 res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots, args.profile)
                 label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
