@@ -41,21 +41,26 @@ class PackedLinears:
         # a linear whose forward someone already replaced (a wrapper, a hook by assignment) is left alone
         self.linears = [m for m in model.modules()
                         if isinstance(m, nn.Linear) and m.out_features >= MIN_OUT and "forward" not in m.__dict__]
-        self._forwards = [self._packed_forward(m) for m in self.linears] if self.enabled else []
         self.repacks = 0  # weights packed so far (each once unless changed)
+        self._forwards = [self._packed_forward(m) for m in self.linears] if self.enabled else []
 
     def _packed_forward(self, lin: nn.Linear) -> Callable[[Tensor], Tensor]:
         state: dict = {"key": None, "w": None}
 
-        def forward(x: Tensor) -> Tensor:
+        def pack() -> Tensor:
             w = lin.weight
             key = (id(w), w.data_ptr(), w._version)  # in-place updates bump _version; a new weight changes id
             if state["key"] != key:
-                state["w"] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), BATCH_HINT)
+                with torch.no_grad():
+                    state["w"] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), BATCH_HINT)
                 state["key"] = key
                 self.repacks += 1
-            return torch.ops.mkldnn._linear_pointwise(x, state["w"], lin.bias, "none", [], "")
+            return state["w"]
 
+        def forward(x: Tensor) -> Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, pack(), lin.bias, "none", [], "")
+
+        pack()  # at construction: an engine packs once, not inside its first decoding steps
         return forward
 
     @contextmanager

@@ -38,6 +38,7 @@ def test_packed_equals_linear_and_restores_modules():
 def test_weight_changed_in_place_is_repacked():
     net, ref = _net(), _net()
     packed = PackedLinears(net)
+    assert packed.repacks == 2  # packed at construction
     x = torch.randn(5, 32)
     with packed.active():
         net(x)
