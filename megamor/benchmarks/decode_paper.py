@@ -37,6 +37,8 @@ from megamor.plan.hardware import gpu_spec
 from megamor.plan.memory import kv_cache_bytes, model_state_bytes
 
 PAPER_VARIANTS = ("vanilla", "mor_expert_2", "mor_expert_3", "mor_expert_4", "vanilla_as_mor_expert_4")
+# torch's linear, and oneDNN's on packed weights (the engine's default on a CPU, megamor.inference.packed_linear)
+LINEAR_OPS = ("<built-in method torch._C._nn.linear>", "<built-in method torch._ops.mkldnn._linear_pointwise>")
 SAME_LAYERS = "vanilla_as_"  # prefix: the vanilla shape with the named variant's number of layers
 
 
@@ -126,8 +128,8 @@ def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int
     prof.disable()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values())
-    lin = [v for k, v in stats.items() if k[2] == "<built-in method torch._C._nn.linear>"]
-    calls, secs = (lin[0][1], lin[0][2]) if lin else (0, 0.0)
+    lin = [v for k, v in stats.items() if k[2] in LINEAR_OPS]
+    calls, secs = sum(v[1] for v in lin), sum(v[2] for v in lin)
     return f"{calls} linear calls, {secs:.2f} s = {secs / max(total, 1e-9):.0%} of the profiled run"
 
 
