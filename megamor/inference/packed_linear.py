@@ -1,10 +1,10 @@
 """oneDNN-packed weights for the engine's linears on a CPU.
 
 At decoding batch sizes torch's default CPU linear (MKL sgemm on the plain [out, in] weight)
-costs a large fixed part per call: on the 33m shapes, 11 rows cost 0.55x of 32 rows where the
-FLOPs are 0.34x, so the recursion steps that run few rows (MoR's deeper steps) save far less
-than their FLOPs (evals/results/decode_paper_lockstep.md). oneDNN's linear on a weight packed
-once into its blocked layout scales with the rows (0.36x) and is faster at every size.
+costs a large fixed part per call: on the 33m MLP shapes, 11 rows cost 0.66x of 32 rows where
+the FLOPs are 0.34x, so the recursion steps that run few rows (MoR's deeper steps) save far less
+than their FLOPs. oneDNN's linear on a weight packed once into its blocked layout costs 0.51x
+and is faster at every size (evals/results/linear_rows.md; the rest is the weight read itself).
 
 `PackedLinears(model).active()` is a context manager: inside it every `nn.Linear` of the model
 (fp32 on a CPU, with at least `MIN_OUT` outputs: a router's 1-output linear is faster unpacked)
