@@ -69,6 +69,10 @@ def decode_args(argv: list[str] | None = None) -> argparse.Namespace:
     paper.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     paper.add_argument("--gpu", default="h100", help="GPU whose memory sets the relative maximum batch")
     paper.add_argument("--kv-seq-len", type=int, default=2048, help="sequence length of the relative maximum batch")
+    paper.add_argument("--schedules", nargs="+", choices=["lockstep", "depthwise"], default=["lockstep", "depthwise"],
+                       help="schedules to measure (default both)")
+    paper.add_argument("--plain-linear", action="store_true",
+                       help="the engine on torch's linear instead of oneDNN-packed weights (CPU fp32 default)")
     paper.add_argument("--profile", action="store_true", help="one more cProfiled run per row: torch linear calls and time")
     paper.add_argument("--depthwise-slots", type=int, default=1,
                        help="depthwise: requests in flight = this x batch (2: the exit buffer fills to a batch too)")

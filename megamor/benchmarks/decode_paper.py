@@ -37,6 +37,8 @@ from megamor.plan.hardware import gpu_spec
 from megamor.plan.memory import kv_cache_bytes, model_state_bytes
 
 PAPER_VARIANTS = ("vanilla", "mor_expert_2", "mor_expert_3", "mor_expert_4", "vanilla_as_mor_expert_4")
+# torch's linear, and oneDNN's on packed weights (the engine's default on a CPU, megamor.inference.packed_linear)
+LINEAR_OPS = ("<built-in method torch._C._nn.linear>", "<built-in method torch._ops.mkldnn._linear_pointwise>")
 SAME_LAYERS = "vanilla_as_"  # prefix: the vanilla shape with the named variant's number of layers
 
 
@@ -86,16 +88,16 @@ class Run:
 
 
 def run_engine(model: MoRLM, requests: list[tuple[list[int], int]], batch: int, schedule: str,
-               time_writes: bool = False, slots: int = 1) -> Run:
+               time_writes: bool = False, slots: int = 1, packed: bool | None = None) -> Run:
     """batch: requests decoding at once (lockstep) or the block's batch (depthwise, with
     slots x batch requests in flight: 2 lets the exit buffer fill to a batch too)."""
     device = model.embed_tokens.weight.device
     longest = max(len(p) + n for p, n in requests)
     if schedule == "depthwise":
         eng = Engine(model, max_batch=slots * batch, max_len=longest, schedule=schedule, block_batch=batch,
-                     flush_batch=batch)
+                     flush_batch=batch, packed_linear=packed)
     else:
-        eng = Engine(model, max_batch=batch, max_len=longest, schedule=schedule)
+        eng = Engine(model, max_batch=batch, max_len=longest, schedule=schedule, packed_linear=packed)
     eng.cache.time_writes = time_writes
     handles = [eng.submit(p, n) for p, n in requests]
     if device.type == "cuda":
@@ -113,7 +115,7 @@ def run_engine(model: MoRLM, requests: list[tuple[list[int], int]], batch: int, 
                shares)
 
 
-def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int = 1) -> str:
+def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int = 1, packed: bool | None = None) -> str:
     """Calls of torch's linear and their share of the run's CPU time (cProfile): on a CPU at
     decoding batch sizes a matmul's cost has a fixed part per call, which is what the two
     schedules trade (fewer, fuller block calls against smaller flushes)."""
@@ -122,22 +124,23 @@ def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int
 
     prof = cProfile.Profile()
     prof.enable()
-    run_engine(model, requests, batch, schedule, slots=slots)
+    run_engine(model, requests, batch, schedule, slots=slots, packed=packed)
     prof.disable()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values())
-    lin = [v for k, v in stats.items() if k[2] == "<built-in method torch._C._nn.linear>"]
-    calls, secs = (lin[0][1], lin[0][2]) if lin else (0, 0.0)
+    lin = [v for k, v in stats.items() if k[2] in LINEAR_OPS]
+    calls, secs = sum(v[1] for v in lin), sum(v[2] for v in lin)
     return f"{calls} linear calls, {secs:.2f} s = {secs / max(total, 1e-9):.0%} of the profiled run"
 
 
 def measure(model: MoRLM, requests, batch: int, schedule: str, warmup: int, repeats: int, slots: int = 1,
-            profile: bool = False) -> dict:
+            profile: bool = False, packed: bool | None = None) -> dict:
+    """packed: the engine's packed_linear (None: its default; False: torch's linear)."""
     for _ in range(warmup):
-        run_engine(model, requests, batch, schedule, slots=slots)
-    runs = [run_engine(model, requests, batch, schedule, slots=slots) for _ in range(repeats)]
-    timed = run_engine(model, requests, batch, schedule, time_writes=True, slots=slots)
-    prof = linear_profile(model, requests, batch, schedule, slots) if profile else ""
+        run_engine(model, requests, batch, schedule, slots=slots, packed=packed)
+    runs = [run_engine(model, requests, batch, schedule, slots=slots, packed=packed) for _ in range(repeats)]
+    timed = run_engine(model, requests, batch, schedule, time_writes=True, slots=slots, packed=packed)
+    prof = linear_profile(model, requests, batch, schedule, slots, packed) if profile else ""
     med = sorted(runs, key=lambda r: r.cpu)[len(runs) // 2]
     wall = sorted(r.wall for r in runs)[len(runs) // 2]
     return {"tokens": med.tokens, "tok_s": med.tokens / wall, "tok_cpu_s": med.tokens / med.cpu,
@@ -175,9 +178,10 @@ def run_paper(args: argparse.Namespace) -> str:
         if not v.startswith(("vanilla", SAME_LAYERS)) and base in models:  # MoR: its memory buys a larger batch
             settings.append(("relative max", relative_batch(args.size, v, base, args.batch, args.gpu, args.kv_seq_len)))
         for setting, batch in settings:
-            for schedule in ("lockstep", "depthwise"):
+            for schedule in getattr(args, "schedules", ("lockstep", "depthwise")):
                 slots = args.depthwise_slots if schedule == "depthwise" else 1
-                res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots, args.profile)
+                res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots, args.profile,
+                              False if getattr(args, "plain_linear", False) else None)
                 label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
                 rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": schedule,
                              "label": label, **res})

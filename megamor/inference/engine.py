@@ -38,6 +38,7 @@ from torch import Tensor
 from megamor.inference.depthwise import DepthwiseScheduler
 from megamor.inference.generate import GenerationOutput, left_pad, sample_next
 from megamor.inference.graph_step import GraphStep
+from megamor.inference.packed_linear import PackedLinears
 from megamor.inference.static_cache import PrefillRecorder, StaticKVCache
 from megamor.inference.step import decode_step
 from megamor.model.mor import MoRLM
@@ -90,13 +91,15 @@ class Engine:
     def __init__(self, model: MoRLM, max_batch: int = 32, max_len: int | None = None, kv_dtype: torch.dtype | None = None,
                  static: bool = False, buckets: list[int] | None = None, cuda_graph: bool | None = None,
                  compile: bool = False, schedule: str = "lockstep", block_batch: int | None = None,
-                 flush_batch: int | None = None):
+                 flush_batch: int | None = None, packed_linear: bool | None = None):
         """max_batch: concurrent requests (cache slots); max_len: prompt + generated tokens a
         request is expected to reach (sizes the caches; they grow if exceeded). static: use the
         fixed-shape step (buckets: rows per recursion step; cuda_graph: default on CUDA; compile:
         torch.compile it). schedule: "lockstep" or "depthwise" (block_batch: tokens per call of
         the recursion block, default max_batch; flush_batch: exited tokens that trigger the
-        coda/head/prelude, default block_batch; dynamic shapes only)."""
+        coda/head/prelude, default block_batch; dynamic shapes only). packed_linear: run the
+        linears on oneDNN-packed weights (megamor.inference.packed_linear; default on a CPU in
+        fp32, where it is faster and scales with the rows of a recursion step)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if schedule == "depthwise" and static:
@@ -120,6 +123,7 @@ class Engine:
         self.static_steps = 0  # decoding steps taken by the static step
         self.overflow_steps = 0  # of which redone on the dynamic path (bucket or capacity overflow)
         self.schedule = schedule
+        self.packed = PackedLinears(model, False if compile and packed_linear is None else packed_linear)
         self.block_calls = self.block_items = 0  # lockstep: calls of recursion steps, rows they ran
         self.steady_calls = self.steady_items = 0  # of which while requests were still queued
         self.depthwise = None
@@ -163,6 +167,10 @@ class Engine:
     # -- one engine step -----------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
+        with self.packed.active():
+            return self._step()
+
+    def _step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         decoding = sorted(self.running)  # requests that already hold a token to feed back
         if self.depthwise is not None:

@@ -71,3 +71,18 @@ def test_paper_protocol_bad_input_exit_2(tmp_path, capsys):
     assert main(base + ["--variants", "mor_expert_9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mor_expert_9" in err[0] and err[0].startswith("bench_decode: ")
+
+
+def test_profile_counts_the_engines_linears():
+    """The engine runs its linears on oneDNN-packed weights on a CPU: the profile column counts
+    those calls too (it read 0 linear calls once they moved off torch's linear)."""
+    import torch
+
+    from megamor.benchmarks.decode_paper import linear_profile
+    from megamor.model import MoRLM
+    from tests.model.helpers import tiny_config
+
+    torch.manual_seed(0)
+    model = MoRLM(tiny_config(n_layers=2)).eval()
+    text = linear_profile(model, paper_requests(4, 1, 3, 1, 100), 2, "lockstep")
+    assert int(text.split()[0]) > 0, text
