@@ -9,10 +9,10 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
-# OpenMP threads sleep instead of spinning when idle (a second process on the cores otherwise
-# slows both many times over); the thread count is picked by megamor.env.thread_defaults from
-# the cores this process may use. Set OMP_NUM_THREADS / OMP_WAIT_POLICY to override.
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP threads spin only briefly when idle (a second process on the cores otherwise slows
+# both many times over): GOMP_SPINCOUNT and the thread count are picked by
+# megamor.env.thread_defaults (every entry point, and each test worker) from the cores this
+# process may use. Set OMP_NUM_THREADS / OMP_WAIT_POLICY / GOMP_SPINCOUNT to override.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MEGAMOR_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 

@@ -8,7 +8,7 @@ Each run is `python -m megamor.train --config configs/experiments/demo.yaml` on 
 corpus (prepared once, as `make demo` does) for --steps steps. Settings:
   before   OMP_NUM_THREADS=2 and OpenMP's own wait policy (the old Makefile's export;
            MEGAMOR_THREAD_DEFAULTS=off keeps megamor from filling anything in)
-  after    nothing set: megamor.env.thread_defaults picks PASSIVE and the usable cores
+  after    nothing set: megamor.env.thread_defaults picks a bounded spin (GOMP_SPINCOUNT) and the usable cores
 For each: one run alone, then two runs at once; the four are run back to back. Tokens/s of a
 run = its logged windows after the first (start-up and warm-up excluded). The machine's load
 (`uptime`) is recorded before and after: other jobs on the cores move every figure.
@@ -36,7 +36,9 @@ SETTINGS = {
     "after": {},
     # what the defaults could be instead, measured side by side (--settings)
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin300": {"GOMP_SPINCOUNT": "300"},
     "spin1k": {"GOMP_SPINCOUNT": "1000"},
+    "spin3k": {"GOMP_SPINCOUNT": "3000"},
     "spin10k": {"GOMP_SPINCOUNT": "10000"},
     "spin100k": {"GOMP_SPINCOUNT": "100000"},
 }

@@ -20,11 +20,15 @@ def repo_root() -> Path:
 
 
 # -- CPU threads ---------------------------------------------------------------------------
-# OpenMP's default lets idle worker threads spin for a while between parallel regions: alone
-# on a machine that is free speed, but two processes sharing the cores burn each other's time
-# spinning (issue 27: `make demo` 18x slower beside one other process). PASSIVE makes them
-# sleep. Both settings must be in the environment before torch loads OpenMP, so entry points
-# call `thread_defaults()` before importing torch; an explicit setting is never overridden.
+# OpenMP's default lets idle worker threads spin for a while between parallel regions (libgomp:
+# 300k spins): alone on a machine that is free speed, but two processes sharing the cores burn
+# each other's time spinning (issue 27: `make demo` 18x slower beside one other process).
+# PASSIVE (no spin) fixed that but cost a demo alone 7-14% (a wake-up at every parallel region);
+# a bounded spin of 3,000 keeps the lone speed (0.98-1.01x) and still runs two demos at once
+# 1.5-1.9x faster each (BENCHMARKS.md "Threads on a shared CPU"; evals/bench_threads.py).
+# The settings must be in the environment before torch loads OpenMP, so entry points call
+# `thread_defaults()` before importing torch; an explicit setting is never overridden.
+SPIN_COUNT = "3000"  # GOMP_SPINCOUNT (libgomp, torch's OpenMP on Linux)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
@@ -89,13 +93,14 @@ def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> in
 
 def thread_defaults(environ: MutableMapping[str, str] | None = None, local_processes: int = 1,
                     root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
-    """Fill OMP_WAIT_POLICY (PASSIVE) and OMP_NUM_THREADS (the usable cores shared among this
-    node's `local_processes`) where the user set neither; returns the thread count.
-    MEGAMOR_THREAD_DEFAULTS=off leaves both to OpenMP (its spinning, torch's core count)."""
+    """Fill GOMP_SPINCOUNT (a bounded spin, unless the user set it or OMP_WAIT_POLICY) and
+    OMP_NUM_THREADS (the usable cores shared among this node's `local_processes`); returns the
+    thread count. MEGAMOR_THREAD_DEFAULTS=off leaves both to OpenMP (its spinning, torch's core
+    count)."""
     env = os.environ if environ is None else environ
     off = env.get("MEGAMOR_THREAD_DEFAULTS", "").strip().lower() in ("off", "0", "false", "no")
-    if not off and "GOMP_SPINCOUNT" not in env:  # an explicit spin count is a wait policy too
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not off and "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:  # either is the user's policy
+        env["GOMP_SPINCOUNT"] = SPIN_COUNT
     mine = max(1, usable_cpus(root, proc_cgroup) // max(1, local_processes))
     given = env.get("OMP_NUM_THREADS", "").strip()
     if not given and not off:

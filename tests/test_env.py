@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from megamor.env import cgroup_cpu_limit, repo_root, thread_defaults, usable_cpus
+from megamor.env import SPIN_COUNT, cgroup_cpu_limit, repo_root, thread_defaults, usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -54,12 +54,18 @@ def test_thread_defaults_fill_only_what_is_unset(tmp_path):
     want = min(4, AFFINITY)
     env: dict[str, str] = {}
     assert thread_defaults(env, root=root, proc_cgroup=proc) == want
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(want)}
+    assert env == {"GOMP_SPINCOUNT": SPIN_COUNT, "OMP_NUM_THREADS": str(want)}
     env = {}
     assert thread_defaults(env, local_processes=want * 2, root=root, proc_cgroup=proc) == 1  # never 0
     env = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
     assert thread_defaults(env, root=root, proc_cgroup=proc) == 3
     assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice stands
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}  # a wait policy given: no spin count added (it would override it)
+    thread_defaults(env, root=root, proc_cgroup=proc)
+    assert "GOMP_SPINCOUNT" not in env
+    env = {"GOMP_SPINCOUNT": "0"}
+    thread_defaults(env, root=root, proc_cgroup=proc)
+    assert env["GOMP_SPINCOUNT"] == "0" and "OMP_WAIT_POLICY" not in env
     env = {"OMP_NUM_THREADS": ""}
     assert thread_defaults(env, root=root, proc_cgroup=proc) == want and env["OMP_NUM_THREADS"] == str(want)
     env = {"MEGAMOR_THREAD_DEFAULTS": "off"}  # OpenMP's own behaviour (the benchmark's baseline)
@@ -68,9 +74,9 @@ def test_thread_defaults_fill_only_what_is_unset(tmp_path):
 
 def test_the_trainer_sets_them_before_torch_starts_its_threads():
     """megamor.train fills the defaults before it imports torch: torch's pool takes the count."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = ("import os\nfrom megamor.train.__main__ import main\nrc = main(['--config', 'missing.yaml'])\n"
-            "import torch\nprint(rc, os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
+            "import torch\nprint(rc, os.environ['GOMP_SPINCOUNT'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
     r = subprocess.run([sys.executable, "-c", code], cwd=repo_root(), env=env, capture_output=True, text=True,
                        timeout=300, check=False)
-    assert r.stdout.split() == ["2", "PASSIVE", str(usable_cpus()), str(usable_cpus())], r.stderr[-2000:]
+    assert r.stdout.split() == ["2", SPIN_COUNT, str(usable_cpus()), str(usable_cpus())], r.stderr[-2000:]
