@@ -5,20 +5,17 @@ weights once), one thread, CPU time per call, best of `--repeats`; ratios agains
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
+from megamor.cli import ArgumentParser
 from megamor.utils.atomic import atomic_open
 
 ROWS = (1, 11, 21, 32, 43)
 
 
-def _time(fn, x: torch.Tensor, n_weights: int, repeats: int) -> float:
+def _time(fn, x, n_weights: int, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         c = time.process_time()
@@ -30,6 +27,9 @@ def _time(fn, x: torch.Tensor, n_weights: int, repeats: int) -> float:
 
 
 def run(d_in: int, d_out: int, n_weights: int, repeats: int) -> list[str]:
+    import torch
+    import torch.nn.functional as F
+
     ws = [torch.randn(d_out, d_in) for _ in range(n_weights)]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in ws]
     kernels = {"torch linear": lambda x, i: F.linear(x, ws[i]),
@@ -43,12 +43,18 @@ def run(d_in: int, d_out: int, n_weights: int, repeats: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(prog="bench_linear_rows.py", description=__doc__)
     p.add_argument("--shapes", nargs="+", default=["512x1664", "1664x512", "512x512"], help="in x out (33m: d 512, d_ff 1664)")
     p.add_argument("--weights", type=int, default=24, help="distinct weights cycled (more than the caches hold)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    for shape in args.shapes:
+        parts = shape.split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            p.error(f"--shapes: {shape!r} must look like IN x OUT, e.g. 512x1664")
+    import torch  # after parsing: --help and bad arguments answer at once
+
     torch.set_num_threads(1)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [f"CPU, 1 thread, torch {torch.__version__}, fp32; load average {load}",

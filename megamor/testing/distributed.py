@@ -32,6 +32,10 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, err
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
+        # Every rank done before any tears the group down: a rank that leaves while its peer is
+        # still inside a collective (ZeRO-3's last gathers) aborts that peer in gloo's C++
+        # ("terminate called without an active exception"), seen once under pytest workers.
+        dist.barrier()
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise
