@@ -14,7 +14,8 @@ export HF_HUB_OFFLINE ?= 1
 # megamor.env.thread_defaults (every entry point, and each test worker) from the cores this
 # process may use. Set OMP_NUM_THREADS / OMP_WAIT_POLICY / GOMP_SPINCOUNT to override.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
-export MEGAMOR_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
+# resolved (a symlinked ../shared too): tests compare resolved paths
+export MEGAMOR_DATA_DIR ?= $(or $(realpath $(CURDIR)/../shared/data),$(abspath $(CURDIR)/../shared/data))
 
 .PHONY: venv test test-fast demo bench lint clean gpu-check gpu-wheels config-doc
 
