@@ -34,6 +34,7 @@ from megamor.runs import integrity
 from megamor.runs.integrity import check_tag, file_sizes, quarantine, warn
 from megamor.runs.layout import (
     MARKER,
+    TRAINER_STATE,
     UNIVERSAL,
     CheckpointError,
     CheckpointRef,
@@ -43,7 +44,8 @@ from megamor.runs.layout import (
     step_of,
     tag_dirs,
 )
-from megamor.runs.safe_load import UnsafeCheckpointError
+from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
+from megamor.runs.safe_load import load as safe_load
 from megamor.runs.safe_universal import PROG as SAFE_UNIVERSAL
 from megamor.runs.tags import newest_complete
 from megamor.utils.atomic import write_json
@@ -222,6 +224,19 @@ def exit_status(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"killed by signal {name} (return code {returncode})"
     return f"exited with return code {returncode}"
+
+
+def load_engine_state(engine: Any, plan: ResumePlan, group_hparams: list[dict[str, Any]], state_dir: Path) -> dict:
+    """Load `plan`'s tag into the DeepSpeed engine (weights and optimizer, not its scheduler),
+    mend the optimizer's hyper-parameters, and return the trainer state saved in `state_dir`
+    (the tag itself on a resume; the source tag when a phase loads a universal conversion)."""
+    with safe_torch_load():  # DeepSpeed unpickles with weights_only=False itself
+        load_path, _ = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
+    restore_optimizer_hparams(engine, group_hparams)
+    return safe_load(Path(state_dir) / TRAINER_STATE, map_location="cpu")
 
 
 def restore_optimizer_hparams(engine: Any, group_hparams: list[dict[str, Any]]) -> None:

@@ -49,8 +49,8 @@ from megamor.runs.layout import (
     tag_dirs,
     tag_for,
 )
-from megamor.runs.resume import ResumePlan, ensure_universal, plan_for, restore_optimizer_hparams
-from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
+from megamor.runs.resume import ResumePlan, ensure_universal, load_engine_state, plan_for
+from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.save import set_rng_state
 from megamor.runs.tags import newest_complete
@@ -216,13 +216,7 @@ def start_phase(t: Any, phase: Phase) -> None:
     whose engine and loader are set up (not imported: the trainer imports this module), start
     the data, and (rank 0) write RUN/phases.json."""
     src, plan = phase.source, phase.plan
-    with safe_torch_load():  # DeepSpeed unpickles with weights_only=False itself
-        load_path, _ = t.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
-    restore_optimizer_hparams(t.engine, t.group_hparams)
-    state = safe_load(src.ref.path / TRAINER_STATE, map_location="cpu")
+    state = load_engine_state(t.engine, plan, t.group_hparams, src.ref.path)
     t.step = t.last_saved_step = int(state["step"])  # nothing of this phase to save before its first step
     t.tokens = int(state["tokens"])
     t.skipped_steps = int(state.get("skipped_steps", 0))

@@ -29,12 +29,11 @@ from megamor.runs.resume import (
     ResumePlan,
     ensure_universal,
     find_resumable,
+    load_engine_state,
     plan_for,
-    restore_optimizer_hparams,
     set_aside_for_restart,
 )
-from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
-from megamor.runs.safe_load import load as safe_load
+from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.save import CheckpointManager, set_rng_state
 from megamor.runs.tags import list_complete
 from megamor.train.callbacks import Callback, Callbacks
@@ -214,13 +213,7 @@ class Trainer:
         return plan
 
     def _resume(self, plan: ResumePlan) -> None:
-        with safe_torch_load():  # DeepSpeed unpickles with weights_only=False itself
-            load_path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
-        restore_optimizer_hparams(self.engine, self.group_hparams)
-        state = safe_load(plan.ref.path / TRAINER_STATE, map_location="cpu")
+        state = load_engine_state(self.engine, plan, self.group_hparams, plan.ref.path)
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
