@@ -17,8 +17,10 @@ A schema renames or retires keys with the class attributes `RENAMED_KEYS` ({old:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import sys
 import types
 import typing
@@ -65,15 +67,9 @@ def error_lines(e: BaseException) -> list[str]:
     return [str(x) for x in e.errors] if isinstance(e, ConfigErrors) else [" ".join(str(e).split())]
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError("base", f"circular 'base' chain through {path}")
-    if path.is_dir():
-        raise ConfigFileError(path, "is a directory, not a YAML file: name a .yaml file inside it")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    raw = path.read_bytes()
+@functools.lru_cache(maxsize=256)
+def _parse_yaml(path: Path, raw: bytes) -> Any:
+    """One YAML file's bytes as an untyped node (its `base:` still in it), cached by content."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -93,6 +89,20 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         node = OmegaConf.create(text)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
         raise ConfigFileError(path, f"cannot parse YAML: {' '.join(str(e).split())}") from None
+    return node
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError("base", f"circular 'base' chain through {path}")
+    if path.is_dir():
+        raise ConfigFileError(path, "is a directory, not a YAML file: name a .yaml file inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    # A study resolves each of its runs' configs twice from the same few files: each content is
+    # parsed once (a copy each time: callers rename keys in place).
+    node = copy.deepcopy(_parse_yaml(path, path.read_bytes()))
     base = node.pop("base", None) if OmegaConf.is_dict(node) else None
     if base is None:
         return node
@@ -144,13 +154,19 @@ def merge_sources(yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str
     node = OmegaConf.create({})
     sources = [(str(p), _read_yaml(Path(p))) for p in yaml_paths]
     sources += [(f"override {item!r}", parse_override(item)) for item in overrides]
-    for where, src in sources:
+    for i, (where, src) in enumerate(sources):
         if schema is not None:
             errors: list[ConfigError] = []
             rename_keys(schema, src, "", errors)
             if errors:
                 raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
-        node = merge_config_nodes(node, src, where=where)
+        try:
+            node.merge_with(src)  # in place: OmegaConf.merge would copy the growing node each time
+        except (TypeError, OmegaConfBaseException):  # again from the start, to name the key and source
+            node = OmegaConf.create({})
+            for w, earlier in sources[: i + 1]:
+                node = merge_config_nodes(node, earlier, where=w)
+            raise
     return node
 
 
@@ -167,6 +183,12 @@ def parse_override(item: str) -> Any:
                                 "quote values with spaces or brackets") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _schema_node(schema: type) -> Any:
+    """A schema's structured node with its defaults, built once (merge copies it, never changes it)."""
+    return OmegaConf.structured(schema)
+
+
 def from_node(schema: type[T], node: Any, prefix: str = "") -> T:
     """Check an OmegaConf node (or plain dict) against a dataclass schema and build it.
 
@@ -177,7 +199,7 @@ def from_node(schema: type[T], node: Any, prefix: str = "") -> T:
     _walk(schema, node, prefix, errors)  # drops the keys it reports
     for _ in range(50):  # each round drops the key OmegaConf refused and tries again
         try:
-            obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+            obj = OmegaConf.to_object(OmegaConf.merge(_schema_node(schema), node))
             break
         except OmegaConfBaseException as e:
             local = getattr(e, "full_key", None) or ""

@@ -236,11 +236,56 @@ def test_parallel_imports_nothing_from_train():
     assert not any(bad.values()), bad
 
 
-@pytest.mark.parametrize("module", [RUNS, "megamor.runs.load", "megamor.runs.resume", "megamor.train.trainer",
-                                    "megamor.train.preflight", "megamor.runs.find", "megamor.model.mor",
-                                    "megamor.inference.generate", "megamor.model.routing", "megamor.train.config", "megamor.train.schedule",
-                                    "megamor.train.schedule_change", "megamor.train.init_from"])
-def test_each_module_imports_first_in_a_fresh_interpreter(module):
-    """Imported first, alone: a circle that import order hides elsewhere fails here."""
-    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False)
+FIRST_IMPORTED = [RUNS, "megamor.runs.load", "megamor.runs.resume", "megamor.train.trainer", "megamor.train.preflight",
+                  "megamor.runs.find", "megamor.model.mor", "megamor.inference.generate", "megamor.model.routing",
+                  "megamor.train.config", "megamor.train.schedule", "megamor.train.schedule_change",
+                  "megamor.train.init_from"]
+
+# One interpreter imports the third-party libraries once (megamor's circles are among megamor's
+# own modules, so they need not be fresh), then forks a child per module that imports it first.
+_FORK_EACH = r"""
+import importlib, json, os, sys, traceback
+for lib in ("numpy", "yaml", "omegaconf", "torch", "torch._dynamo", "deepspeed", "transformers", "sentencepiece", "tokenizers"):
+    try:
+        importlib.import_module(lib)
+    except ImportError:
+        pass
+assert not [m for m in sys.modules if m == "megamor" or m.startswith("megamor.")], "a library imported megamor"
+out = {}
+for module in json.loads(sys.argv[1]):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            importlib.import_module(module)
+            code, msg = 0, ""
+        except BaseException:
+            code, msg = 1, traceback.format_exc()
+        os.write(w, msg.encode())
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    out[module] = {"rc": os.waitstatus_to_exitcode(status), "err": msg}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def first_imports() -> dict[str, dict]:
+    import json
+
+    # the names travel as one JSON word: a module name alone on the command line reads as a launch
+    r = subprocess.run([sys.executable, "-c", _FORK_EACH, json.dumps(FIRST_IMPORTED)], capture_output=True, text=True,
+                       check=False, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", FIRST_IMPORTED)
+def test_each_module_imports_first_in_a_fresh_interpreter(module, first_imports):
+    """Imported first, alone: a circle that import order hides elsewhere fails here."""
+    got = first_imports[module]
+    assert got["rc"] == 0, got["err"][-2000:]

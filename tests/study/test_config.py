@@ -1,9 +1,9 @@
-"""A bad study file stops before anything runs: one line naming the key, exit code 2."""
+"""A bad study file stops before anything runs: one line naming the key, exit code 2.
+
+Checked in-process through the command's main(argv) (the exit code of `python -m megamor.study`
+itself is covered by tests/test_cli.py's walk of every entry point)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 
@@ -22,8 +22,8 @@ from tests.study.conftest import write_study
     ("flops.convention=kaplan", "flops.convention"),  # not exact or paper
     ("data.tokenizer_kind=wordpiece", "data.tokenizer_kind"),  # not a kind train_tokenizer makes
 ])
-def test_bad_study_config_exits_2_naming_the_key(tmp_path, override, key):
-    _check_exits_2(tmp_path, override, key, budgets=None)
+def test_bad_study_config_exits_2_naming_the_key(tmp_path, monkeypatch, capsys, override, key):
+    _check_exits_2(tmp_path, monkeypatch, capsys, override, key, budgets=None)
 
 
 BIG = "flops: 8000000000.0"  # the second budget's, as write_study writes it
@@ -43,11 +43,13 @@ BIG = "flops: 8000000000.0"  # the second budget's, as write_study writes it
     ("model.d_model=96", "model.d_modl=96", "", "model.d_modl"),  # an experiment key that does not exist
     ("variants: [vanilla, mor2]", "variants: [vanilla]", "reference=mor2", "reference"),  # not trained at `big`
 ])
-def test_bad_budgets_exit_2_naming_the_key(tmp_path, old, new, override, key):
-    _check_exits_2(tmp_path, override, key, budgets=8.0e9, edit=(old, new))
+def test_bad_budgets_exit_2_naming_the_key(tmp_path, monkeypatch, capsys, old, new, override, key):
+    _check_exits_2(tmp_path, monkeypatch, capsys, override, key, budgets=8.0e9, edit=(old, new))
 
 
-def _check_exits_2(tmp_path, override, key, budgets, edit=("", "")):
+def _check_exits_2(tmp_path, monkeypatch, capsys, override, key, budgets, edit=("", "")):
+    from megamor.study.__main__ import main
+
     cfg = write_study(tmp_path, tmp_path / "text.raw", budgets=budgets)
     if edit[0]:
         assert edit[0] in cfg.read_text()
@@ -56,8 +58,10 @@ def _check_exits_2(tmp_path, override, key, budgets, edit=("", "")):
     if override.startswith("model_config:"):
         cfg.write_text(cfg.read_text().replace(override.split(": ")[1], "configs/model/33m/nope.yaml"))
         override = "seeds=[7]"
-    r = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg), *override.split(), "--plan"], cwd=repo_root(),
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("megamor.study: configuration error") and f"'{key}'" in lines[0], r.stderr
+    monkeypatch.chdir(repo_root())
+    rc = main([str(cfg), *override.split(), "--plan"])
+    out, err = capsys.readouterr()
+    assert rc == 2, out + err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("megamor.study: configuration error") and f"'{key}'" in lines[0], err
+    assert not any(tmp_path.glob("**/shards")), "nothing prepared before the configuration was checked"
