@@ -1,17 +1,15 @@
 """The report of a study with several budgets: per-budget paired differences and their change
-from the first budget, checked against numbers computed here; and a real tiny two-budget study
-(four `python -m megamor.train` runs of a few steps) whose report is built from its own runs."""
+from the first budget, checked against numbers computed here. A real tiny two-budget study, its
+report built from its own runs, is trained in tests/study/test_study_runs.py (by two study
+processes sharing its runs)."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from megamor.env import repo_root
 from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
 from megamor.study.scaling import (
     budgets_table,
@@ -24,8 +22,6 @@ from megamor.study.scaling import (
     paired_gaps,
     scaling_exponents,
 )
-from tests.study.conftest import write_study
-from tests.train.helpers import train_env
 
 
 def _study() -> StudyConfig:
@@ -153,36 +149,3 @@ def test_corr_over_training_is_read_at_fractions_of_each_run():
                                  "+0.200 ± 0.100"]
     assert rows[("a", "3x")] == ["1", "+0.050", "+0.135", "+0.250", "+0.370", "+0.500"]  # fractions of 3x's own FLOPs
     assert "No routed run" in corr_over_training_table(study, [])
-
-
-@pytest.mark.launch
-def test_a_two_budget_study_trains_each_budget_at_its_width_and_reports_both(tiny_text, tmp_path):
-    cfg = write_study(tmp_path, tiny_text, budgets=8.0e9)
-    env = train_env(tmp_path, {"WANDB_MODE": "disabled"})
-    r = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg)], cwd=repo_root(), env=env,
-                       capture_output=True, text=True, timeout=1500, check=False)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    out = tmp_path / "out"
-    order = [ln.split(":")[0][3:] for ln in r.stdout.splitlines() if ln.startswith("== ") and "steps" in ln]
-    assert order == ["vanilla@small-s7", "mor2@small-s7", "vanilla@big-s7", "mor2@big-s7"]
-    res = {(x["budget"], x["variant"]): x for x in json.loads((out / "results.json").read_text())["results"]}
-    assert set(res) == {(b, v) for b in ("small", "big") for v in ("vanilla", "mor2")}
-    for (b, v), x in res.items():
-        run = out / "runs" / b / f"{v}-s7"
-        assert (run / "study_result.json").is_file() and x["run"] == f"{v}@{b}-s7"
-        assert abs(x["flops"] - {"small": 4.0e9, "big": 8.0e9}[b]) / x["flops"] < 0.5  # within a step
-    for v in ("vanilla", "mor2"):  # the big budget trains the wider model (d_model 96 against 64)
-        assert res[("big", v)]["params_non_embedding"] > 2 * res[("small", v)]["params_non_embedding"]
-    report = (out / "report.md").read_text()
-    for b in ("small", "big"):
-        gap = res[(b, "mor2")]["val_loss"] - res[(b, "vanilla")]["val_loss"]
-        assert f"{gap:+.4f}" in _row(report.split("## Paired differences")[1], "mor2")[("small", "big").index(b)]
-        assert f"## Budget {b}:" in report and (out / b / "val_loss_vs_flops.png").stat().st_size > 0
-    assert (out / "val_loss_vs_flops.png").stat().st_size > 0 and "Pending" not in report
-    assert res[("small", "mor2")]["corr_curve"] and not res[("small", "vanilla")]["corr_curve"]
-    assert _row(report.split("during training")[1], "mor2")[0] == "small"
-    # --report alone rebuilds the same tables from the finished runs, training nothing
-    again = subprocess.run([sys.executable, "-m", "megamor.study", str(cfg), "--report"], cwd=repo_root(), env=env,
-                           capture_output=True, text=True, timeout=300, check=False)
-    assert again.returncode == 0 and "4/4 runs done" in again.stdout and "megamor.train" not in again.stdout
-    assert (out / "report.md").read_text().split("Command:")[1].split("\n", 1)[1] == report.split("Command:")[1].split("\n", 1)[1]

@@ -1,6 +1,7 @@
 """The study end to end at a tiny size (two variants x one seed, a few steps each; real
 `python -m megamor.train` runs): killed mid-study it resumes without redoing finished runs;
-as a SLURM job array on the local cluster it produces the same report."""
+two study processes share out a two-budget study; as a SLURM job array on the local cluster
+it produces the same report."""
 
 from __future__ import annotations
 
@@ -96,21 +97,51 @@ def test_killed_study_resumes_without_redoing_finished_runs(tiny_text, tmp_path)
     assert json.loads((out / "results.json").read_text())["results"] == json.loads(before)["results"]
 
 
-def test_two_study_processes_share_out_the_runs(tiny_text, tmp_path):
-    """Started together, each run is trained by exactly one of them (RUN/study.lock)."""
-    cfg = write_study(tmp_path, tiny_text, flops=2.5e8)
+def test_two_study_processes_share_out_a_two_budget_study_each_budget_at_its_width(tiny_text, tmp_path):
+    """Started together, each run is trained by exactly one of them (RUN/study.lock), each walking
+    the plan in order (budget by budget); the big budget trains the wider model; the report has
+    both budgets' paired differences, and --report alone rebuilds it from the finished runs."""
+    cfg = write_study(tmp_path, tiny_text, budgets=8.0e9)
+    out = tmp_path / "out"
     procs = [subprocess.Popen(study_cmd(cfg), cwd=repo_root(), env=_env(tmp_path), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
+    outs = [p.communicate(timeout=1500)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-    both = "\n".join(outs)
-    for run in ("vanilla-s7", "mor2-s7"):
-        assert both.count(f"== {run}: ") == 2, both[-4000:]  # trained once: its start line and its result line
-    assert "skipped: another study process has it" in both  # the second process met the first one's lock
+    plan = ["vanilla@small-s7", "mor2@small-s7", "vanilla@big-s7", "mor2@big-s7"]
+    started = [[ln.split(":")[0][3:] for ln in o.splitlines() if ln.startswith("== ") and " steps, " in ln] for o in outs]
+    assert sorted(started[0] + started[1]) == sorted(plan), started  # each run trained once
+    for mine in started:  # each process in plan order, skipping what the other one holds
+        assert mine == [r for r in plan if r in mine], started
+    assert "skipped: another study process has it" in "\n".join(outs)  # they met each other's locks
+    assert not list((out / "runs").glob("*/*/study.lock"))  # released
+
+    res = {(x["budget"], x["variant"]): x for x in json.loads((out / "results.json").read_text())["results"]}
+    assert set(res) == {(b, v) for b in ("small", "big") for v in ("vanilla", "mor2")}
+    for (b, v), x in res.items():
+        run = out / "runs" / b / f"{v}-s7"
+        assert (run / "study_result.json").is_file() and x["run"] == f"{v}@{b}-s7"
+        assert abs(x["flops"] - {"small": 4.0e9, "big": 8.0e9}[b]) / x["flops"] < 0.5  # within a step
+    for v in ("vanilla", "mor2"):  # the big budget trains the wider model (d_model 96 against 64)
+        assert res[("big", v)]["params_non_embedding"] > 2 * res[("small", v)]["params_non_embedding"]
+
+    # --report alone (training nothing) writes the report from the finished runs
     r = subprocess.run(study_cmd(cfg, "--report"), cwd=repo_root(), env=_env(tmp_path), capture_output=True, text=True,
                        timeout=300, check=False)
-    assert r.returncode == 0 and "2/2 runs done" in r.stdout, r.stdout + r.stderr
-    assert not list((tmp_path / "out" / "runs").glob("*/study.lock"))  # released
+    assert r.returncode == 0 and "4/4 runs done" in r.stdout and "megamor.train" not in r.stdout, r.stdout + r.stderr
+    report = (out / "report.md").read_text()
+    for b in ("small", "big"):
+        gap = res[(b, "mor2")]["val_loss"] - res[(b, "vanilla")]["val_loss"]
+        assert f"{gap:+.4f}" in _row(report.split("## Paired differences")[1], "mor2")[("small", "big").index(b)]
+        assert f"## Budget {b}:" in report and (out / b / "val_loss_vs_flops.png").stat().st_size > 0
+    assert (out / "val_loss_vs_flops.png").stat().st_size > 0 and "Pending" not in report
+    assert res[("small", "mor2")]["corr_curve"] and not res[("small", "vanilla")]["corr_curve"]
+    assert _row(report.split("during training")[1], "mor2")[0] == "small"
+
+
+def _row(text: str, name: str) -> list[str]:
+    """The cells after the name of the table row that starts with `| name |`."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
 def test_study_as_slurm_job_array(slurm_cluster, tiny_text, tmp_path):

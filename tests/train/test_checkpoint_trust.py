@@ -15,8 +15,6 @@ step_6 (checkpoint every 2, keep_last 2) and metrics up to step 7.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ from megamor.runs.safe_load import load as safe_load
 from megamor.runs.tags import list_complete, resolve_tag
 from megamor.testing.distributed import run_distributed
 from megamor.testing.tmpfs import mounted_tmpfs
-from tests.train.helpers import Run, assert_ok, launch, train_env
+from tests.train.helpers import Run, assert_ok, launch
 from tests.train.trust_helpers import FILE_KINDS, flip_tensor_byte, plant_payload
 
 pytestmark = pytest.mark.launch  # every test here starts from a trained run folder
@@ -247,22 +245,41 @@ def test_planted_payload_in_each_file_is_refused_by_the_resume_loaders(base, kin
 
 
 @pytest.mark.parametrize("kind", ["model", "optim"])
-def test_planted_payload_is_refused_by_export_conversion_and_evaluation(base, kind):
+def test_planted_payload_is_refused_by_export_conversion_and_evaluation(base, kind, capfd):
+    """The tools' own entry points, in this process (their exit codes: what `python -m ...`
+    exits with, via SystemExit; tests/test_cli.py walks the processes' bad-input exits)."""
+    from megamor.eval.cli import run_main
+    from megamor.export import main as export_main
+
     run_dir = copy_run(base, f"payload_tools_{kind}")
     sentinel = run_dir.parent / f"pwned_tools_{kind}"
     plant_payload(run_dir / CHECKPOINTS / tag_for(6) / FILE_KINDS[kind], sentinel)
-    env = train_env(run_dir.parent)
-    export = subprocess.run([sys.executable, "-m", "megamor.export", str(run_dir)], cwd=repo_root(), env=env,
-                            capture_output=True, text=True, check=False)
-    assert export.returncode == 2, export.stderr[-2000:]
-    assert f"{FILE_KINDS[kind]}: refused to load" in export.stderr
-    ppl = subprocess.run([sys.executable, "evals/perplexity.py", "--checkpoint", str(run_dir), "--text",
-                          str(repo_root() / "README.md"), "--max-docs", "1", "--no-progress"],
-                         cwd=repo_root(), env=env, capture_output=True, text=True, check=False)
-    assert ppl.returncode == 2 and "refused to load" in ppl.stderr, ppl.stderr[-2000:]
+    assert export_main([str(run_dir)]) == 2
+    err = capfd.readouterr().err
+    assert f"{FILE_KINDS[kind]}: refused to load" in err, err[-2000:]
+
+    perplexity = _entry_point("evals/perplexity.py")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_main(lambda: perplexity.main(["--checkpoint", str(run_dir), "--text", str(repo_root() / "README.md"),
+                                              "--max-docs", "1", "--no-progress"]))
+    finally:
+        torch.set_num_threads(threads)  # the tool sets this process's threads
+    err = capfd.readouterr().err
+    assert exited.value.code == 2 and "refused to load" in err, err[-2000:]
     with pytest.raises(UnsafeCheckpointError, match=f"{FILE_KINDS[kind]}: refused to load"):
         ensure_universal(resolve_tag(run_dir))  # ds_to_universal, through megamor's safe wrapper
     assert not sentinel.exists()
+
+
+def _entry_point(script: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(script).stem + "_entry", repo_root() / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # -- disk full during a save -----------------------------------------------------------------------
