@@ -32,7 +32,7 @@ venv: $(VENV)/.installed
 # Both tiers run on pytest-xdist workers, one per usable core, a test file's tests on one worker
 # (docs/testing.md). TEST_WORKERS=0 runs the tests in one process.
 TEST_WORKERS ?= auto
-XDIST = -n $(TEST_WORKERS) --dist loadfile
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: venv
 	$(VPY) -m pytest -q $(XDIST) tests $(PYTEST_ARGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 # Before anything imports torch/deepspeed/wandb/datasets.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -42,6 +43,16 @@ def pytest_xdist_auto_num_workers(config):
     """`-n auto` (the Makefile's default): one worker per usable core (affinity and cgroup quota),
     at most 8: launch tests start up to 4 processes each."""
     return min(usable_cpus(), 8)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most launch tests first, the quick files after them (the order within a file
+    kept). xdist hands out whole files (`--dist loadfile`) in this order (`--no-loadscope-reorder`:
+    its own reorder puts files with many tests first, i.e. the quick parametrized files, leaving a
+    long launch file to finish alone on one worker at the end); quick files fill the tail instead."""
+    launches = Counter(item.path for item in items if item.get_closest_marker(MARKER))
+    first_seen = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
+    items.sort(key=lambda item: (-launches[item.path], first_seen[item.path]))
 
 
 @pytest.hookimpl(hookwrapper=True)
