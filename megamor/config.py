@@ -154,7 +154,7 @@ def merge_sources(yaml_paths: Sequence[str | Path] = (), overrides: Sequence[str
     node = OmegaConf.create({})
     sources = [(str(p), _read_yaml(Path(p))) for p in yaml_paths]
     sources += [(f"override {item!r}", parse_override(item)) for item in overrides]
-    for i, (where, src) in enumerate(sources):
+    for i, (_where, src) in enumerate(sources):
         if schema is not None:
             errors: list[ConfigError] = []
             rename_keys(schema, src, "", errors)
@@ -183,7 +183,7 @@ def parse_override(item: str) -> Any:
                                 "quote values with spaces or brackets") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema_node(schema: type) -> Any:
     """A schema's structured node with its defaults, built once (merge copies it, never changes it)."""
     return OmegaConf.structured(schema)

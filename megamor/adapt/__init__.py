@@ -12,34 +12,16 @@ first, and its --help must answer before torch loads.
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from megamor.utils.lazy import keep_exports_over_submodules, lazy_exports
 
 _WHERE = {"SUPPORTED": "source", "AdaptError": "source", "read_source": "source", "adapt_config": "wrap", "wrap": "wrap"}
 
 __all__ = ["SUPPORTED", "AdaptError", "adapt_config", "read_source", "wrap"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Importing the submodule megamor.adapt.wrap binds it on this package as `wrap`; here
-        # that name is the function (as when this file imported it eagerly), so keep it.
-        if name in _WHERE and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+__getattr__ = lazy_exports(__name__, _WHERE)
+keep_exports_over_submodules(__name__, _WHERE)  # `wrap` stays the function after megamor.adapt.wrap loads
 
 
 if TYPE_CHECKING:

@@ -18,7 +18,9 @@ token counts follow: see `paper_flops_per_token`. Iso-FLOP budgets name the one 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from megamor.config import ConfigError, key
 from megamor.model.config import ModelConfig
 
 
@@ -96,6 +98,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, tokens_per_step: Sequence[fl
 
 
 CONVENTIONS = ("exact", "paper")
+
+
+@dataclass
+class FlopsConfig:
+    """`flops:` of an experiment (how its budget.flops is counted) and of a study (how each
+    budget becomes each variant's tokens): one schema for both."""
+
+    # How a FLOP budget is counted: exact (what a forward pass runs: LM head, routers, K/V at GQA's size; MFU
+    # always uses it) / paper (the MoR paper's Appendix D: no LM head, K/V at d x d; its released step counts).
+    # The default is exact so that a config written before this key trains what it trained.
+    convention: str = "exact"
+
+    def validate(self, path: str) -> None:
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(key(path, "convention"), f"must be one of {CONVENTIONS}, got {self.convention!r}")
 
 
 def paper_fractions(cfg: ModelConfig) -> list[float]:

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megamor.config import ConfigError, key, load_config
+from megamor.model.flops import BUDGET_COUNTS, FlopsConfig
 
-BUDGET_COUNTS = ("forward", "training")
-CONVENTIONS = ("exact", "paper")  # megamor.model.flops.CONVENTIONS (not imported: it pulls in torch)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -56,19 +55,7 @@ class BudgetConfig:
             raise ConfigError(key(path, "count"), f"must be one of {BUDGET_COUNTS}, got {self.count!r}")
 
 
-@dataclass
-class StudyFlopsConfig:
-    # How a FLOP budget becomes each variant's tokens (megamor.model.flops):
-    #   exact: megamor's count of what a forward pass runs (LM head, routers, GQA's K/V at their
-    #          real size, int(c T) routed tokens); the count MFU uses.
-    #   paper: the MoR paper's (Appendix D): no embedding, LM head or router, K/V at d x d,
-    #          capacities as fractions; it reproduces the paper's released step and token counts.
-    # The default is exact so that a study written before this key trains what it trained.
-    convention: str = "exact"
-
-    def validate(self, path: str) -> None:
-        if self.convention not in CONVENTIONS:
-            raise ConfigError(key(path, "convention"), f"must be one of {CONVENTIONS}, got {self.convention!r}")
+StudyFlopsConfig = FlopsConfig  # the study's `flops:` (the name kept for imports)
 
 
 @dataclass
@@ -166,7 +153,7 @@ class StudyConfig:
     nproc: int = 1  # processes per run (torchrun when > 1)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     budgets: list[StudyBudgetConfig] = field(default_factory=list)  # several budgets instead of `budget`
-    flops: StudyFlopsConfig = field(default_factory=StudyFlopsConfig)
+    flops: FlopsConfig = field(default_factory=FlopsConfig)
     data: StudyDataConfig = field(default_factory=StudyDataConfig)
     variants: list[VariantConfig] = field(default_factory=list)  # the models compared (see variants[] below)
     eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)

@@ -37,7 +37,7 @@ from megamor.env import repo_root
 from megamor.eval.tasks import UnknownTaskError, check_task_names
 from megamor.model.config import STORED_DEFAULTS, ModelConfig, with_stored_defaults
 from megamor.model.flex import DOC_MASK_IMPLS
-from megamor.model.flops import BUDGET_COUNTS, CONVENTIONS, budget_flops_per_token, budget_steps
+from megamor.model.flops import BUDGET_COUNTS, FlopsConfig, budget_flops_per_token, budget_steps
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
 from megamor.train.callbacks.user import check_entries as check_callbacks
@@ -145,15 +145,7 @@ class RunBudgetConfig:
             raise ConfigError(key(path, "count"), f"must be one of {BUDGET_COUNTS}, got {self.count!r}")
 
 
-@dataclass
-class RunFlopsConfig:
-    # How budget.flops is counted: exact (what a forward pass runs; MFU always uses it) | paper
-    # (the MoR paper's Appendix D: no LM head, K/V at d x d; gives its released step counts).
-    convention: str = "exact"
-
-    def validate(self, path: str) -> None:
-        if self.convention not in CONVENTIONS:
-            raise ConfigError(key(path, "convention"), f"must be one of {CONVENTIONS}, got {self.convention!r}")
+RunFlopsConfig = FlopsConfig  # the experiment's `flops:` (the name kept for imports)
 
 
 @dataclass
@@ -403,7 +395,7 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     budget: RunBudgetConfig = field(default_factory=RunBudgetConfig)  # the length as FLOPs (instead of trainer.*)
-    flops: RunFlopsConfig = field(default_factory=RunFlopsConfig)
+    flops: FlopsConfig = field(default_factory=FlopsConfig)
 
     def validate(self, path: str = "") -> None:
         if not self.name or "/" in self.name:

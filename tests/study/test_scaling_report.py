@@ -5,7 +5,6 @@ processes sharing its runs)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
