@@ -118,3 +118,19 @@ def test_report_with_a_truncated_kept_result_and_no_run_folders_is_one_line(tmp_
     assert err[0].startswith("megamor.study: configuration error:") and str(runs[1].kept_path) in err[0]
     assert "not valid JSON" in err[0]
     assert not (tmp_path / "out").exists() and not list((tmp_path / "report").glob("*.md"))
+
+
+@pytest.mark.parametrize("name", ["scaling_cpu", "token_rule_cpu"])
+def test_committed_kept_results_are_the_runs_their_study_plans_today(name, tmp_path):
+    """A committed study's kept results count its runs as done (`--report` rebuilds the committed
+    report from them): each must still be the run the study file plans, same overrides. A study
+    edit that changes what a run trains without changing its overrides (a shipped config's
+    default, say) needs the study to pin the old value and the records to say so."""
+    study = load_study(f"configs/studies/{name}.yaml", [f"out_dir={tmp_path}/out"])
+    runs = plan_runs(study, tmp_path / "shards", tmp_path / "tok")
+    kept = [r for r in runs if r.kept_path.is_file()]
+    if name == "scaling_cpu":
+        assert len(kept) == len(runs) == 45
+    for r in kept:
+        record = json.loads(r.kept_path.read_text())["identity"]
+        assert record["overrides"] == archive.identity_overrides(r), r.kept_path
