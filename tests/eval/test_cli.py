@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,9 @@ import pytest
 
 from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.env import repo_root
+from megamor.testing.scripts import load_evals_script
 
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"evals_{name}", repo_root() / "evals" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+load = load_evals_script
 
 
 def test_fewshot_cli(mor_checkpoint, spm_path, tmp_path, data_dir):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -11,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megamor.env import repo_root
 from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
+from megamor.testing.scripts import load_evals_script
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak. <b>Café</b> naïve — 日本語."
 
@@ -65,9 +64,7 @@ def test_statistics_and_plots(mor_model, tok, tmp_path):
 
 
 def test_cli(mor_checkpoint, spm_path, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("depth_cli", repo_root() / "evals" / "depth.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_evals_script("depth")
     cli.main(["--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), "--text", TEXT, "--html", str(tmp_path / "d.html"),
               "--plots", str(tmp_path / "p"), "--json", str(tmp_path / "s.json"), "--per-token"])
     out = capsys.readouterr().out

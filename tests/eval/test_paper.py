@@ -4,7 +4,6 @@ MMLU continuation read from the standard CSV layout, and top-k routing (non-caus
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from megamor.env import repo_root
 from megamor.eval.cli import run_main
 from megamor.eval.harness import TaskResult, encode_pair, evaluate_task, markdown_table
 from megamor.eval.paper import PAPER_METRICS, paper_summary, suite_average
 from megamor.eval.scoring import Scorer, ScoreRequest
 from megamor.eval.sweep import average_rows
 from megamor.eval.tasks import SUITES, TaskDataError, expand_suites, get_task
+from megamor.testing.scripts import load_evals_script
 
 # subject -> rows (question, A, B, C, D, answer); a comma and a quote in a field test the CSV reading
 MMLU_ROWS = {
@@ -45,11 +44,7 @@ def write_mmlu(root: Path, rows: dict[str, list[list[str]]] = MMLU_ROWS) -> Path
     return root
 
 
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"evals_{name}", repo_root() / "evals" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+load_tool = load_evals_script
 
 
 # -- MMLU --------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import os
 
 import pytest
@@ -15,6 +14,7 @@ from megamor.cli import BadInput
 from megamor.env import repo_root
 from megamor.eval.sweep import Sweep, SweepConfig, discover
 from megamor.runs.layout import CheckpointError
+from megamor.testing.scripts import load_evals_script
 
 
 def _read_csv(path) -> list[dict[str, str]]:
@@ -93,10 +93,7 @@ def _model(run):
 
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location("sweep_cli", repo_root() / "evals" / "sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_evals_script("sweep")
 
 
 def test_job_array_mode_and_report_only(runs, tmp_path, data_dir, capsys):

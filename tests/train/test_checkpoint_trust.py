@@ -28,6 +28,7 @@ from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.tags import list_complete, resolve_tag
 from megamor.testing.distributed import run_distributed
+from megamor.testing.scripts import load_evals_script
 from megamor.testing.tmpfs import mounted_tmpfs
 from tests.train.helpers import Run, assert_ok, launch
 from tests.train.trust_helpers import FILE_KINDS, flip_tensor_byte, plant_payload
@@ -258,7 +259,7 @@ def test_planted_payload_is_refused_by_export_conversion_and_evaluation(base, ki
     err = capfd.readouterr().err
     assert f"{FILE_KINDS[kind]}: refused to load" in err, err[-2000:]
 
-    perplexity = _entry_point("evals/perplexity.py")
+    perplexity = load_evals_script("perplexity")
     threads = torch.get_num_threads()
     try:
         with pytest.raises(SystemExit) as exited:
@@ -271,15 +272,6 @@ def test_planted_payload_is_refused_by_export_conversion_and_evaluation(base, ki
     with pytest.raises(UnsafeCheckpointError, match=f"{FILE_KINDS[kind]}: refused to load"):
         ensure_universal(resolve_tag(run_dir))  # ds_to_universal, through megamor's safe wrapper
     assert not sentinel.exists()
-
-
-def _entry_point(script: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(Path(script).stem + "_entry", repo_root() / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- disk full during a save -----------------------------------------------------------------------
