@@ -68,8 +68,12 @@ class GraphStep:
             fill = cache.fill_dev[site]
             cap = cache.capacity(site)
             level = fill[idx]
-            overflow |= (write & (level >= cap)).any()
-            at = level.clamp(max=cap - 1)  # a full slot that does not write keeps its last entry
+            full = level >= cap
+            overflow |= (write & full).any()
+            # A full slot never writes (its last entry is a real key: the dynamic redo after an
+            # overflow keeps it); the others that do not write rewrite what they hold.
+            write = write & ~full
+            at = level.clamp(max=cap - 1)
             for store, new in ((cache.k[site], k), (cache.v[site], v)):
                 old = store[idx, :, at]
                 store[idx, :, at] = torch.where(write[:, None, None], new[:, :, 0].to(store.dtype), old)

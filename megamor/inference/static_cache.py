@@ -106,8 +106,10 @@ class StaticKVCache:
         if need <= cap:
             return
         # Grow by a quarter (a routed step rarely overshoots its share by much), and never past
-        # max_len unless a request really is longer.
-        new_cap = max(need, min(max(self.max_len, need), cap + max(16, cap // 4)))
+        # max_len unless a request really is longer; then by a quarter again, not one token at a
+        # time (each growth copies the site and, on a GPU, recaptures the graphs).
+        step = cap + max(16, cap // 4)
+        new_cap = max(need, min(self.max_len, step) if need <= self.max_len else step)
         self.generation += 1
         for store in (self.k, self.v):
             grown = self._alloc(new_cap)

@@ -53,3 +53,22 @@ def test_full_slot_that_does_not_write_keeps_its_entries():
     gs.step_fn()
     assert int(cache.fill_dev[site][1]) == cap and int(cache.fill_dev[site][0]) == 4
     assert torch.equal(cache.k[site][1, :, cap - 1], last)
+
+
+@torch.no_grad()
+def test_overflowing_step_keeps_the_full_slots_last_key():
+    """A request past the caches' length (max_len 4, 23 tokens): the static step overflows and
+    is redone on the dynamic path. The overflowing step must not have written the new key over
+    the full slot's last one (it did: logits off by 2.5e-4, tokens still equal)."""
+    from .test_depthwise import _alone, _model as _dw_model, _trace_logits
+
+    model = _dw_model("mor_expert", "recursion_wise", "middle_cycle")
+    eng = Engine(model, max_batch=2, max_len=4, static=True)
+    seen = _trace_logits(eng)
+    eng.submit([1, 2, 3], 20)
+    eng.submit([5, 6], 20)
+    eng.run()
+    assert eng.overflow_steps > 0  # the case under test happened
+    for i, prompt in enumerate(([1, 2, 3], [5, 6])):
+        for got, want in zip(seen[i], _alone(model, prompt, 20), strict=True):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

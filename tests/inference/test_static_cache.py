@@ -36,3 +36,20 @@ def test_kv_bytes_equal_routed_token_counts(variant, kv, static):
     deepest = owning_steps[-1] if kv == "recursion_wise" else []
     for s in deepest:
         assert eng.cache.capacity(s) < eng.cache.capacity(sites.steps[0][0])
+
+
+def test_a_request_past_max_len_grows_the_caches_a_few_times_not_per_token():
+    """Each growth copies a site (and recaptures CUDA graphs); past max_len the caches used to
+    grow by one token per step (19 growths for this request)."""
+    model = _model("mor_expert", "recursion_wise")
+    eng = Engine(model, max_batch=1, max_len=4)
+    req = eng.submit([1, 2, 3], 40)
+    site = model.sites.prelude[0]
+    caps = {eng.cache.capacity(site)}
+    while not eng.idle():
+        eng.step()
+        caps.add(eng.cache.capacity(site))
+    assert len(req.tokens) == 40
+    assert 2 <= len(caps) <= 4  # grown once or a few times
+    cap = max(caps)
+    assert 43 <= cap <= 43 + 16 + 43 // 4  # holds the request; at most one growth step beyond it
