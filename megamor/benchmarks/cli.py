@@ -71,6 +71,8 @@ def decode_args(argv: list[str] | None = None) -> argparse.Namespace:
     paper.add_argument("--kv-seq-len", type=int, default=2048, help="sequence length of the relative maximum batch")
     paper.add_argument("--schedules", nargs="+", choices=["lockstep", "depthwise"], default=["lockstep", "depthwise"],
                        help="schedules to measure (default both)")
+    paper.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
+                       help="both schedules on the engine's fixed-shape operations (CUDA graphs on GPU); default on GPU")
     paper.add_argument("--plain-linear", action="store_true",
                        help="the engine on torch's linear instead of oneDNN-packed weights (CPU fp32 default)")
     paper.add_argument("--profile", action="store_true", help="one more cProfiled run per row: torch linear calls and time")

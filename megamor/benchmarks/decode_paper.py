@@ -88,16 +88,18 @@ class Run:
 
 
 def run_engine(model: MoRLM, requests: list[tuple[list[int], int]], batch: int, schedule: str,
-               time_writes: bool = False, slots: int = 1, packed: bool | None = None) -> Run:
+               time_writes: bool = False, slots: int = 1, packed: bool | None = None, static: bool = False) -> Run:
     """batch: requests decoding at once (lockstep) or the block's batch (depthwise, with
-    slots x batch requests in flight: 2 lets the exit buffer fill to a batch too)."""
+    slots x batch requests in flight: 2 lets the exit buffer fill to a batch too). static: the
+    engine's fixed-shape operations (CUDA graphs on GPU); their key/value writes happen inside
+    them, so they are not timed apart (the run's figure then includes them)."""
     device = model.embed_tokens.weight.device
     longest = max(len(p) + n for p, n in requests)
     if schedule == "depthwise":
         eng = Engine(model, max_batch=slots * batch, max_len=longest, schedule=schedule, block_batch=batch,
-                     flush_batch=batch, packed_linear=packed)
+                     flush_batch=batch, packed_linear=packed, static=static)
     else:
-        eng = Engine(model, max_batch=batch, max_len=longest, schedule=schedule, packed_linear=packed)
+        eng = Engine(model, max_batch=batch, max_len=longest, schedule=schedule, packed_linear=packed, static=static)
     eng.cache.time_writes = time_writes
     handles = [eng.submit(p, n) for p, n in requests]
     if device.type == "cuda":
@@ -134,12 +136,13 @@ def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int
 
 
 def measure(model: MoRLM, requests, batch: int, schedule: str, warmup: int, repeats: int, slots: int = 1,
-            profile: bool = False, packed: bool | None = None) -> dict:
-    """packed: the engine's packed_linear (None: its default; False: torch's linear)."""
+            profile: bool = False, packed: bool | None = None, static: bool = False) -> dict:
+    """packed: the engine's packed_linear (None: its default; False: torch's linear); static:
+    the fixed-shape operations (see run_engine)."""
     for _ in range(warmup):
-        run_engine(model, requests, batch, schedule, slots=slots, packed=packed)
-    runs = [run_engine(model, requests, batch, schedule, slots=slots, packed=packed) for _ in range(repeats)]
-    timed = run_engine(model, requests, batch, schedule, time_writes=True, slots=slots, packed=packed)
+        run_engine(model, requests, batch, schedule, slots=slots, packed=packed, static=static)
+    runs = [run_engine(model, requests, batch, schedule, slots=slots, packed=packed, static=static) for _ in range(repeats)]
+    timed = run_engine(model, requests, batch, schedule, time_writes=True, slots=slots, packed=packed, static=static)
     prof = linear_profile(model, requests, batch, schedule, slots, packed) if profile else ""
     med = sorted(runs, key=lambda r: r.cpu)[len(runs) // 2]
     wall = sorted(r.wall for r in runs)[len(runs) // 2]
@@ -172,6 +175,7 @@ def run_paper(args: argparse.Namespace) -> str:
             calibrate_decoding(m, [p for p, _ in requests[: 2 * args.batch]], int(args.gen_mean))
         models[v] = m
     rows = []
+    static = device.type == "cuda" if getattr(args, "static", None) is None else args.static
     for v in variants:
         base = baseline_of(v) if baseline_of(v) in models else "vanilla"
         settings = [("fixed", args.batch)]
@@ -181,8 +185,9 @@ def run_paper(args: argparse.Namespace) -> str:
             for schedule in getattr(args, "schedules", ("lockstep", "depthwise")):
                 slots = args.depthwise_slots if schedule == "depthwise" else 1
                 res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots, args.profile,
-                              False if getattr(args, "plain_linear", False) else None)
+                              False if getattr(args, "plain_linear", False) else None, static)
                 label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
+                label += ", static" if static else ""
                 rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": schedule,
                              "label": label, **res})
                 print(f"  {v} {setting} {batch} {schedule}: {res['tok_s']:.1f} tokens/s, {res['tok_s_no_kv']:.1f} "

@@ -26,10 +26,8 @@ per-token state a policy keeps across steps (token choice's depth choice) stays 
 
 Each token runs the same layers, with the same routing, caches and gate update, as in
 `decode_step` (lockstep), so greedy output equals `generate()` on each request alone (tested).
-Shapes are dynamic (CPU, or GPU without graphs). A static-shape version would keep the queue
-and the exit buffer as device index buffers of fixed size, store each step's sites in one
-[sites, slots, Hkv, cap, hd] tensor so attention gathers (site, slot) pairs in one call, and
-decide routing on the device (the host only reads how many items exited).
+Shapes here are dynamic (CPU, or GPU without graphs); `megamor.inference.depthwise_static` is
+the same schedule with fixed shapes and the scheduler's state on the device (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -109,6 +107,7 @@ class DepthwiseScheduler:
         # occupancy: items per block call; steady = calls made while requests were still waiting
         self.block_calls = self.block_items = 0
         self.steady_calls = self.steady_items = 0
+        self.mixed_calls = 0  # block calls that ran items of more than one depth
 
     # -- the two operations ----------------------------------------------------------------
     def tick(self) -> list:
@@ -217,6 +216,7 @@ class DepthwiseScheduler:
         self.depth[slots] = dep + 1
         self.block_calls += 1
         self.block_items += m
+        self.mixed_calls += len(np.unique(dep)) > 1
         np.add.at(self.engine.tokens_per_step_total, dep, 1)  # the lockstep counter, per recursion step
         if self.engine.queue:
             self.steady_calls += 1

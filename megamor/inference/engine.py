@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from megamor.inference.depthwise import DepthwiseScheduler
+from megamor.inference.depthwise_static import StaticDepthwiseScheduler
 from megamor.inference.generate import GenerationOutput, left_pad, sample_next
 from megamor.inference.graph_step import GraphStep
 from megamor.inference.packed_linear import PackedLinears
@@ -97,13 +98,12 @@ class Engine:
         fixed-shape step (buckets: rows per recursion step; cuda_graph: default on CUDA; compile:
         torch.compile it). schedule: "lockstep" or "depthwise" (block_batch: tokens per call of
         the recursion block, default max_batch; flush_batch: exited tokens that trigger the
-        coda/head/prelude, default block_batch; dynamic shapes only). packed_linear: run the
+        coda/head/prelude, default block_batch; with static=True the depth-wise operations have
+        fixed shapes and run as CUDA graphs on CUDA, megamor.inference.depthwise_static). packed_linear: run the
         linears on oneDNN-packed weights (megamor.inference.packed_linear; default on a CPU in
         fp32, where it is faster and scales with the rows of a recursion step)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        if schedule == "depthwise" and static:
-            raise ValueError("schedule='depthwise' has no static (CUDA-graph) step yet; use static=False")
         self.model = model.eval()
         cfg = model.cfg
         w = model.embed_tokens.weight
@@ -129,7 +129,8 @@ class Engine:
         self.depthwise = None
         if schedule == "depthwise":
             bb = block_batch or max_batch
-            sched = DepthwiseScheduler(self, bb, flush_batch or bb)
+            sched = (StaticDepthwiseScheduler(self, bb, flush_batch or bb, cuda_graph, compile) if static
+                     else DepthwiseScheduler(self, bb, flush_batch or bb))
             # No recursion block (vanilla): nothing to schedule by depth, the two schedules are the
             # same computation, and lockstep's step runs it.
             self.depthwise = sched if sched.n_steps else None

@@ -65,27 +65,10 @@ class GraphStep:
         idx = rows if rows is not None else torch.arange(cache.slots, device=x.device)
         if source is None:
             k, v = layer.self_attn.project_kv(xn, cos, sin)
-            fill = cache.fill_dev[site]
-            cap = cache.capacity(site)
-            level = fill[idx]
-            full = level >= cap
-            overflow |= (write & full).any()
-            # A full slot never writes (its last entry is a real key: the dynamic redo after an
-            # overflow keeps it); the others that do not write rewrite what they hold.
-            write = write & ~full
-            at = level.clamp(max=cap - 1)
-            for store, new in ((cache.k[site], k), (cache.v[site], v)):
-                old = store[idx, :, at]
-                store[idx, :, at] = torch.where(write[:, None, None], new[:, :, 0].to(store.dtype), old)
-            fill[idx] = level + write.long()
+            overflow |= cache.write_masked(site, idx, write, k, v)
             source = site
-        store_k, store_v = cache.k[source], cache.v[source]
-        if rows is not None:
-            store_k, store_v = store_k[rows], store_v[rows]
-        lens = cache.fill_dev[source][idx]
-        mask = torch.arange(store_k.shape[2], device=x.device).unsqueeze(0) < lens.unsqueeze(1)
-        mask = mask | (lens == 0).unsqueeze(1)  # rows with nothing cached (free slots): any finite output
-        return layer_attend_and_mlp(layer, x, q, store_k, store_v, mask[:, None, None, :])
+        k, v, mask = cache.view_masked(source, rows)
+        return layer_attend_and_mlp(layer, x, q, k, v, mask)
 
     def step_fn(self) -> tuple[Tensor, Tensor]:
         """(logits [S, V], packed [S + S + 1 + N_r]: greedy next tokens, depths, overflow flag,

@@ -170,6 +170,51 @@ class StaticKVCache:
             fill[slot] = 0
         self.host_changed()
 
+    # -- static-shape writes and reads (no host reads: CUDA-graph capturable) ---------------
+    def full_rows(self, site: int, idx: Tensor) -> Tensor:
+        """[m] bool: the slots `idx` whose storage at `site` is full (a write would overflow)."""
+        return self.fill_dev[site][idx] >= self.capacity(site)
+
+    def write_masked(self, site: int, idx: Tensor, write: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Append k, v [m, Hkv, 1, hd] for the slots idx [m] (distinct) where write [m]; returns
+        whether a writing slot was full (overflow). A full slot never writes: its last entry is a
+        real key, which the redo after an overflow still needs; the rows that do not write
+        rewrite what they hold."""
+        fill = self.fill_dev[site]
+        cap = self.capacity(site)
+        level = fill[idx]
+        full = level >= cap
+        overflow = (write & full).any()
+        write = write & ~full
+        at = level.clamp(max=cap - 1)
+        for store, new in ((self.k[site], k), (self.v[site], v)):
+            old = store[idx, :, at]
+            store[idx, :, at] = torch.where(write[:, None, None], new[:, :, 0].to(store.dtype), old)
+        fill[idx] = level + write.long()
+        return overflow
+
+    def view_masked(self, site: int, idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(k, v [m, Hkv, capacity, hd], mask [m, 1, 1, capacity]) of the slots idx (None: all),
+        masked by fill level; a slot holding nothing attends to anything (a finite, unused output)."""
+        k, v = self.k[site], self.v[site]
+        if idx is not None:
+            k, v = k[idx], v[idx]
+        lens = self.fill_dev[site] if idx is None else self.fill_dev[site][idx]
+        mask = torch.arange(k.shape[2], device=k.device).unsqueeze(0) < lens.unsqueeze(1)
+        mask = mask | (lens == 0).unsqueeze(1)
+        return k, v, mask[:, None, None, :]
+
+    def grow_full(self, sites: Sequence[int]) -> list[int]:
+        """Grow each of `sites` that is full in some slot (after a static step's overflow);
+        returns the sites grown."""
+        grown = []
+        for site in sites:
+            cap = self.capacity(site)
+            if int(self.fill[site].max()) >= cap:
+                self._ensure(site, cap + 1)
+                grown.append(site)
+        return grown
+
     # -- reads -------------------------------------------------------------------------
     def view(self, site: int, rows: np.ndarray, rows_t: Tensor, memo: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(k, v [m, Hkv, L, hd], mask [m, 1, 1, L]) of slots `rows`, L = their longest fill."""

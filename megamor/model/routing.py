@@ -523,6 +523,19 @@ class RoutingPass:
         return StepRouting(selected, self._gate, keeps_all=False,
                            counted=self._reach[r] if self._reach is not None else None, **self._paper_rule(r))
 
+    def carried(self) -> dict[str, Tensor]:
+        """The per-token state this pass's later steps read, decided at step 0 (token choice: the
+        chosen depth, its gate, and H^1 under the paper rule; expert choice: none). The static
+        depth-wise scheduler keeps it per cache slot and hands it to `resume`, so tokens that
+        entered in different passes can take a later step together."""
+        state = {"choice": self._choice, "gate": self._gate, "base": self._base}
+        return {k: v for k, v in state.items() if v is not None}
+
+    def resume(self, carried: dict[str, Tensor]) -> None:
+        """Continue from `carried()` state (rows in the order of this pass's tokens): the next
+        `step(r)` with r >= 1 decides as the pass that made it would have."""
+        self._choice, self._gate, self._base = carried.get("choice"), carried.get("gate"), carried.get("base")
+
     def _token_regularisers(self, logits: Tensor, valid: Tensor) -> None:
         """Token choice's entropy and target-depth terms (unweighted; `losses` weighs them)."""
         s = self.policy.settings

@@ -67,29 +67,15 @@ def _alone(model: MoRLM, prompt: list[int], n: int) -> list[torch.Tensor]:
     return seen[0]
 
 
-class _DepthSpy:
-    """Records the depths of the items each block call runs."""
-
-    def __init__(self, sched):
-        self.mixed = 0
-        self.exits: set[int] = set()
-        run = sched._block
-
-        def spy(slots):
-            dep = sched.depth[slots]
-            self.mixed += len(set(dep.tolist())) > 1
-            return run(slots)
-
-        sched._block = spy
-
-
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("variant,kv,sharing", CASES)
-def test_depthwise_equals_generate_alone(variant, kv, sharing):
+def test_depthwise_equals_generate_alone(variant, kv, sharing, static):
+    """static: the fixed-shape scheduler (megamor.inference.depthwise_static); max_len 12 is
+    shorter than most requests, so its caches overflow and grow mid-run (the redo path)."""
     model = _model(variant, kv, sharing)
     reqs = _requests(9)
-    eng = Engine(model, max_batch=4, max_len=12, schedule="depthwise", block_batch=3, flush_batch=2)
+    eng = Engine(model, max_batch=4, max_len=12, schedule="depthwise", block_batch=3, flush_batch=2, static=static)
     assert (eng.depthwise is None) == (not model.steps)  # vanilla: no block, lockstep's step runs it
-    spy = _DepthSpy(eng.depthwise) if eng.depthwise is not None else None
     logits = _trace_logits(eng)
     handles = [eng.submit(p, n) for p, n in reqs[:5]]
     for _ in range(4):
@@ -111,16 +97,19 @@ def test_depthwise_equals_generate_alone(variant, kv, sharing):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     assert all(f.sum() == 0 for f in eng.cache.fill.values())  # every slot was released
     if model.steps:
-        assert spy.mixed > 0  # the block ran tokens of different depths in one call
+        assert eng.depthwise.mixed_calls > 0  # the block ran tokens of different depths in one call
+        if static:
+            assert eng.depthwise.overflows > 0  # a full site was grown and the operation redone
         depths = {d for h in handles for d in h.depths}
         if variant.startswith("mor"):
             assert len(depths) > 1  # routing really sent tokens to different depths
 
 
-def test_eos_budget_and_seeded_sampling():
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_eos_budget_and_seeded_sampling(static):
     model = _model("mor_expert", "recursion_wise", "middle_cycle")
     first = generate(model, [[1, 2, 3]], 1).tokens[0][0]
-    eng = Engine(model, max_batch=2, max_len=16, schedule="depthwise")
+    eng = Engine(model, max_batch=2, max_len=16, schedule="depthwise", static=static)
     a = eng.submit([1, 2, 3], 10, eos_id=first)
     b = eng.submit([4, 5], 4)
     c = eng.submit([6], 1)
@@ -130,8 +119,8 @@ def test_eos_budget_and_seeded_sampling():
     assert [e.finished for e in events if e.request == a.id] == [True]
     # Seeded sampling does not depend on what else is in the batch, nor on the schedule.
     kw = {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "seed": 3}
-    x = engine_generate(model, [[1, 2], [7, 8, 9], [4]], 6, schedule="depthwise", **kw)
-    y = engine_generate(model, [[1, 2]], 6, schedule="depthwise", **kw)
+    x = engine_generate(model, [[1, 2], [7, 8, 9], [4]], 6, schedule="depthwise", static=static, **kw)
+    y = engine_generate(model, [[1, 2]], 6, schedule="depthwise", static=static, **kw)
     z = engine_generate(model, [[1, 2]], 6, **kw)
     assert x.tokens[0] == y.tokens[0] == z.tokens[0]
 
@@ -142,16 +131,16 @@ def test_occupancy_full_block_vs_lockstep():
     model = _model("mor_expert", "recursion_wise", "middle_cycle")
     prompts = _requests(24, seed=2)
     occ, shares = {}, {}
-    for schedule in ("lockstep", "depthwise"):
-        eng = Engine(model, max_batch=8, max_len=32, schedule=schedule, block_batch=4)
+    for schedule, static in (("lockstep", False), ("depthwise", False), ("depthwise_static", True)):
+        eng = Engine(model, max_batch=8, max_len=32, schedule=schedule.split("_")[0], block_batch=4, static=static)
         for p, _ in prompts:
             eng.submit(p, 10)
         eng.run()
         occ[schedule] = eng.occupancy(steady=True)
         shares[schedule] = eng.tokens_per_step_total.tolist()
         assert eng.occupancy() <= 1.0
-    assert occ["depthwise"] == 1.0
-    assert shares["depthwise"] == shares["lockstep"]  # the same tokens ran each recursion step
+    assert occ["depthwise"] == occ["depthwise_static"] == 1.0
+    assert shares["depthwise"] == shares["lockstep"] == shares["depthwise_static"]  # the same tokens ran each step
     assert occ["lockstep"] < 0.9
 
 
@@ -159,8 +148,8 @@ def test_bad_input_one_line():
     model = _model("mor_expert", "recursion_wise", "middle_cycle")
     with pytest.raises(ValueError, match="schedule must be one of lockstep, depthwise, got 'depth'"):
         Engine(model, schedule="depth")
-    with pytest.raises(ValueError, match="no static"):
-        Engine(model, schedule="depthwise", static=True)
+    with pytest.raises(ValueError, match=r"block_batch must be between 1 and max_batch \(2\) with static=True, got 3"):
+        Engine(model, max_batch=2, schedule="depthwise", static=True, block_batch=3)
     eng = Engine(model, max_batch=2, schedule="depthwise")
     with pytest.raises(ValueError, match="exceeds the model's context"):
         eng.submit([1] * 100, 29)

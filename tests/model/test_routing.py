@@ -178,3 +178,31 @@ def test_bucket_length_rule():
     assert [bucket_length(n, T) for n in (0, 1, 64, 65, 2000, 2048)] == [0, 64, 64, 128, 2048, 2048]
     assert len({bucket_length(n, T) for n in range(1, T + 1)}) == 32
     assert [bucket_length(n, 20) for n in (1, 7, 20)] == [1, 7, 20]  # T <= 32: exact
+
+
+@pytest.mark.parametrize("update", ["gated_residual", "paper"])
+def test_a_resumed_pass_decides_later_steps_as_the_pass_that_carried_its_state(update):
+    """Token choice decides every depth at step 0; the static depth-wise scheduler keeps that
+    state per slot (`carried`) and resumes it in a new pass (rows in another order)."""
+    from megamor.model.routing import CAUSAL
+
+    m = mor("token_choice", router={"type": "token_choice", "token_choice_update": update}).eval()
+    h0, h1 = torch.randn(5, 1, m.cfg.d_model), torch.randn(5, 1, m.cfg.d_model)
+    cand = torch.ones(5, 1, dtype=torch.bool)
+    first = m.routing.start(m, CAUSAL)
+    first.step(0, h0, cand)
+    carried = first.carried()
+    assert sorted(carried) == (["base", "choice", "gate"] if update == "paper" else ["choice", "gate"])
+    order = torch.tensor([3, 0, 4, 1, 2])
+    resumed = m.routing.start(m, CAUSAL)
+    resumed.resume({k: v[order] for k, v in carried.items()})
+    for r in range(1, len(m.steps)):
+        want, got = first.step(r, h1, cand), resumed.step(r, h1[order], cand)
+        assert torch.equal(got.selected, want.selected[order]) and torch.equal(got.gate, want.gate[order])
+        assert (got.exits is None) == (update != "paper")
+        if got.exits is not None:
+            assert torch.equal(got.exits, want.exits[order]) and torch.equal(got.base, want.base[order])
+    expert = mor("expert_choice").eval()
+    rp = expert.routing.start(expert, CAUSAL)
+    rp.step(0, h0, cand)
+    assert rp.carried() == {}  # expert choice decides each step from that step's input: nothing to carry
