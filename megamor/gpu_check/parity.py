@@ -33,7 +33,14 @@ from megamor.gpu_check.common import (
     short_error,
     sync,
 )
-from megamor.gpu_check.parts import BF16_STEPS, bf16_names, compile_names, engine_names, flash_names
+from megamor.gpu_check.parts import (
+    BF16_STEPS,
+    PARITY_VARIANTS,
+    bf16_names,
+    compile_names,
+    engine_checks,
+    flash_names,
+)
 from megamor.inference import Engine, generate
 from megamor.model import layers
 from megamor.train.compile import compile_layers, compile_wanted
@@ -177,24 +184,27 @@ def _first_divergence(model, reqs, refs, handles) -> str | None:
 def engine(ctx: Context) -> None:
 
     slots = 3
-    per_variant = 2 if ctx.on_gpu else 3
-    all_names = engine_names(ctx.on_gpu)
-    for i, variant in enumerate(VARIANTS):
-        names = all_names[i * per_variant : (i + 1) * per_variant]
-        if not ctx.on_gpu:  # [graph, static without graph, dynamic]
-            ctx.check(PARITY, names.pop(0), SKIPPED, target="same greedy tokens and depths",
-                      note="CUDA graphs need a GPU (this run is on CPU); the static step runs without one below")
+    checks = engine_checks(ctx.on_gpu)
+    for label, variant in zip(PARITY_VARIANTS, VARIANTS):
+        runs = []
+        for _, name, static, schedule in (c for c in checks if c[0] == label):
+            if name.startswith("CUDA-graph") and not ctx.on_gpu:
+                ctx.check(PARITY, name, SKIPPED, target="same greedy tokens and depths",
+                          note="CUDA graphs need a GPU (this run is on CPU); the static step runs without one below")
+            else:
+                runs.append((name, static, schedule))
 
-        def one(variant=variant, names=names) -> None:
+        def one(variant=variant, runs=runs) -> None:
             cfg = model_config(SIZE, variant, ctx.tiny)
             model = build_model(cfg, ctx.device, torch.float32, seed=1).eval()
             reqs = _requests(cfg.vocab_size, ctx.tiny)
             t0 = time.perf_counter()
             refs = [generate(model, [p], n) for p, n in reqs]
             ref_s = time.perf_counter() - t0
-            for name, static in zip(names, (True, False)):
+            for name, static, schedule in runs:
                 t0 = time.perf_counter()
-                eng = Engine(model, max_batch=slots, max_len=max(len(p) + n for p, n in reqs), static=static)
+                eng = Engine(model, max_batch=slots, max_len=max(len(p) + n for p, n in reqs), static=static,
+                             schedule=schedule, block_batch=2 if schedule == "depthwise" else None)
                 handles = [eng.submit(p, n) for p, n in reqs]
                 eng.run()
                 sync(ctx.device)
@@ -202,16 +212,22 @@ def engine(ctx: Context) -> None:
                 bad = _first_divergence(model, reqs, refs, handles)
                 notes = [f"{len(reqs)} requests on {slots} slots, fp32; {took:.1f} s (generate() {ref_s:.1f} s)"]
                 graphed = True
-                if static:
+                if static and schedule == "lockstep":
                     notes.append(f"overflow steps {eng.overflow_steps}/{eng.static_steps}")
                     if ctx.on_gpu:
                         graphed = eng.graph_step._graph is not None
-                        notes.append("CUDA graph replayed" if graphed else "no CUDA graph was captured")
+                elif static:
+                    dw = eng.depthwise
+                    notes.append(f"block calls {dw.block_calls} (mixed depths {dw.mixed_calls}), overflows {dw.overflows}")
+                    if ctx.on_gpu:
+                        graphed = sorted(dw._graphs) == ["block", "enter", "flush"]
+                if static and ctx.on_gpu:
+                    notes.append("CUDA graph replayed" if graphed else "no CUDA graph was captured")
                 ok = (bad is None or bad.endswith("(a near tie)")) and graphed
                 n_tok = sum(len(h.tokens) for h in handles)
                 figure = f"{n_tok} tokens equal" if bad is None else bad
                 ctx.check(PARITY, name, PASS if ok else FAIL, figure, "same greedy tokens and depths", "; ".join(notes))
-        _guard(ctx, names, one)
+        _guard(ctx, [name for name, _, _ in runs], one)
 
 
 # -- bf16 training --------------------------------------------------------------------------------

@@ -28,14 +28,25 @@ def compile_names(on_gpu: bool) -> list[str]:
     return [f"compiled vs eager loss+grads: {v}" for v in PARITY_VARIANTS]
 
 
-def engine_names(on_gpu: bool) -> list[str]:
+def engine_checks(on_gpu: bool) -> list[tuple[str, str, bool, str]]:
+    """(variant, check name, static, schedule) of the engine part, in run order. The depth-wise
+    schedule only for MoR (vanilla has no block: it runs lockstep's step). On a CPU the
+    CUDA-graph checks are listed (and skipped) and the static steps run without graphs."""
     out = []
     for v in PARITY_VARIANTS:
-        out.append(f"CUDA-graph static engine vs generate(): {v}")
+        out.append((v, f"CUDA-graph static engine vs generate(): {v}", True, "lockstep"))
         if not on_gpu:
-            out.append(f"static engine (no CUDA graph) vs generate(): {v}")
-        out.append(f"dynamic engine vs generate(): {v}")
+            out.append((v, f"static engine (no CUDA graph) vs generate(): {v}", True, "lockstep"))
+        out.append((v, f"dynamic engine vs generate(): {v}", False, "lockstep"))
+        if v != "vanilla":
+            out.append((v, f"CUDA-graph depth-wise engine vs generate(): {v}", True, "depthwise"))
+            if not on_gpu:
+                out.append((v, f"depth-wise static engine (no CUDA graph) vs generate(): {v}", True, "depthwise"))
     return out
+
+
+def engine_names(on_gpu: bool) -> list[str]:
+    return [name for _, name, _, _ in engine_checks(on_gpu)]
 
 
 BF16_STEPS = 30

@@ -35,7 +35,6 @@ scheduler).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,9 +44,6 @@ from megamor.inference.depthwise import EngineLike, check_servable
 from megamor.inference.step import layer_attend_and_mlp, layer_output, layer_query
 from megamor.model.layers import sdpa
 from megamor.model.routing import CAUSAL, update
-
-if TYPE_CHECKING:
-    from megamor.model.mor import MoRLM
 
 LAST = 2**62  # the ticket of a slot that is not waiting: sorts after every real one
 
@@ -177,10 +173,7 @@ class StaticDepthwiseScheduler:
         run it again. Returns its read-back (numpy), with the flush's logits first."""
         while True:
             _ = self.cache.fill_dev  # the host's fill changes (releases, prefills) reach the device
-            if self.use_graph:
-                out = self._replay(name)
-            else:
-                out = self._fns[name]()
+            out = self._replay(name) if self.use_graph else self._fns[name]()
             self.cache.device_changed()
             packed = out[-1].cpu().numpy()
             if not packed[0]:

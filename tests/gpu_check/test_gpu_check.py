@@ -22,7 +22,7 @@ from megamor.env import repo_root
 from megamor.gpu_check.parts import PARTS
 
 CUT = "train_1_7b"  # cut by its time limit; "decode" runs after it
-CUDA_ONLY = ("flash-attn vs sdpa logits", "CUDA-graph static engine")
+CUDA_ONLY = ("flash-attn vs sdpa logits", "CUDA-graph static engine", "CUDA-graph depth-wise engine")
 
 
 def _run(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_tiny_run_reports_every_part_and_parity_passes(tiny):
             assert r["status"] == "skipped" and "CUDA" in r["note"], r
         else:
             assert r["status"] == "pass", r
-    assert sum(r["status"] == "pass" for r in parity) == 10  # 3 compiled-vs-eager, 6 engine, 1 bf16
+    assert sum(r["status"] == "pass" for r in parity) == 12  # 3 compiled-vs-eager, 6 + 2 depth-wise engine, 1 bf16
     for r in recs:
         if r["kind"] == "speed" and r["part"] != CUT:
             assert r["status"] == "n/a on CPU" and r["figure"] and r["target"].startswith((">=", "<=")), r

@@ -60,7 +60,8 @@ def test_overflowing_step_keeps_the_full_slots_last_key():
     """A request past the caches' length (max_len 4, 23 tokens): the static step overflows and
     is redone on the dynamic path. The overflowing step must not have written the new key over
     the full slot's last one (it did: logits off by 2.5e-4, tokens still equal)."""
-    from .test_depthwise import _alone, _model as _dw_model, _trace_logits
+    from .test_depthwise import _alone, _trace_logits
+    from .test_depthwise import _model as _dw_model
 
     model = _dw_model("mor_expert", "recursion_wise", "middle_cycle")
     eng = Engine(model, max_batch=2, max_len=4, static=True)
