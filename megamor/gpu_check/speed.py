@@ -291,15 +291,23 @@ def decode_paper(ctx: Context) -> None:
             model = build_model(cfg, ctx.device, dtype, seed=1).eval()
             if model.routers is not None or model.depth_router is not None:
                 calibrate_decoding(model, [p for p, _ in requests[: 2 * batch]], int(mean))
-            # on a GPU the engine's fixed-shape operations, replayed as CUDA graphs (both schedules)
-            res = measure(model, requests, rows, schedule, warmup=1, repeats=1, static=ctx.on_gpu)
+            # on a GPU the engine's fixed-shape operations, replayed as CUDA graphs (both schedules);
+            # if they fail there, the row is measured on the dynamic path and the note says why
+            static, fallback = ctx.on_gpu, ""
+            try:
+                res = measure(model, requests, rows, schedule, warmup=1, repeats=1, static=static)
+            except Exception as e:  # reported in the row's note
+                if not static:
+                    raise
+                static, fallback = False, f"; static failed ({short_error(e)}), measured dynamic"
+                res = measure(model, requests, rows, schedule, warmup=1, repeats=1, static=False)
             del model
         except Exception as e:  # noqa: BLE001 -- reported; the other rows still count
             ctx.check(MEASURE, f"paper decode {variant}", ERROR, note=short_error(e))
             continue
         got[variant] = res
         ctx.check(MEASURE, f"paper decode {variant}", "", f"{res[key]:,.1f} {unit}",
-                  note=(f"{schedule}{', static' if ctx.on_gpu else ''}, batch {rows}; with KV writes {res[honest]:,.1f}; occupancy (steady) "
+                  note=(f"{schedule}{', static' if static else ''}{fallback}, batch {rows}; with KV writes {res[honest]:,.1f}; occupancy (steady) "
                         f"{res['steady_occupancy']:.3f}; depth shares {res['shares']}"),
                   value=res[key], batch=rows, schedule=schedule, **{k: res[k] for k in (
                       "tok_s", "tok_s_no_kv", "tok_cpu_s", "tok_cpu_s_no_kv", "steady_occupancy", "occupancy")})
