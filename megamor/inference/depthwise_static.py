@@ -90,6 +90,7 @@ class StaticDepthwiseScheduler:
         self.E = zeros(S, dtype=torch.bool)  # paper rule: that step is its exit
         self.queued, self.exited = zeros(S, dtype=torch.bool), zeros(S, dtype=torch.bool)
         self.ticket, self.counter = zeros(S), zeros((), dtype=torch.long)
+        self.every = torch.arange(S, device=dev)
         # inputs of an enter (host-written)
         F = flush_batch
         self.in_slots, self.in_tokens, self.in_pos = zeros(F), zeros(F), zeros(F)
@@ -211,12 +212,21 @@ class StaticDepthwiseScheduler:
 
     # -- device side: the three operations (fixed shapes, no host reads) ------------------------
     def _take(self, waiting: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        """(rows [n]: the n oldest waiting slots first, distinct; valid [n]) and unmark them."""
+        """(rows [n]: the n oldest waiting slots first, distinct; valid [n]) and unmark them.
+        With n = every slot, everyone waiting goes: rows are the slots in order (`self.every`),
+        and the layers read the caches in place instead of gathering rows."""
+        if n == len(waiting):
+            valid = waiting.clone()
+            waiting.zero_()
+            return self.every, valid
         score = torch.where(waiting, self.ticket, torch.full_like(self.ticket, LAST))
         rows = torch.topk(score, n, largest=False).indices
         valid = waiting[rows]
         waiting[rows] = waiting[rows] & ~valid
         return rows, valid
+
+    def _view(self, site: int, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.cache.view_masked(site, None if rows is self.every else rows)
 
     def _join(self, rows: Tensor, to_queue: Tensor, to_exit: Tensor) -> None:
         """Rows join the block queue or the exit buffer, in row order, with fresh tickets."""
@@ -245,7 +255,7 @@ class StaticDepthwiseScheduler:
             k, v = layer.self_attn.project_kv(xn, cos, sin)
             cache.write_masked(site, rows, valid, k, v)
             source = site
-        k, v, mask = cache.view_masked(source, rows)
+        k, v, mask = self._view(source, rows)
         return layer_attend_and_mlp(layer, h, q, k, v, mask)
 
     def _block_layer(self, j: int, x: Tensor, rows: Tensor, dep: Tensor, valid: Tensor, cos: Tensor,
@@ -274,7 +284,7 @@ class StaticDepthwiseScheduler:
                 by_source.setdefault(source, []).append(r)
             out = None
             for source, rs in by_source.items():
-                k, v, mask = cache.view_masked(source, rows)
+                k, v, mask = self._view(source, rows)
                 o = sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=False)
                 out = o if out is None else torch.where(_any_of(dep, rs)[:, None, None, None], o, out)
             yp = layer_output(layer, x, out)
