@@ -137,20 +137,51 @@ def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int
 
 def measure(model: MoRLM, requests, batch: int, schedule: str, warmup: int, repeats: int, slots: int = 1,
             profile: bool = False, packed: bool | None = None, static: bool = False) -> dict:
-    """packed: the engine's packed_linear (None: its default; False: torch's linear); static:
-    the fixed-shape operations (see run_engine)."""
+    """One row: packed is the engine's packed_linear (None: its default; False: torch's linear);
+    static: the fixed-shape operations (see run_engine)."""
+    spec = RowSpec(model, batch, schedule, slots, packed, static)
+    return measure_rows([spec], requests, warmup, repeats, profile)[0]
+
+
+@dataclass
+class RowSpec:
+    model: MoRLM
+    batch: int
+    schedule: str
+    slots: int = 1
+    packed: bool | None = None
+    static: bool = False
+
+    def run(self, requests, time_writes: bool = False) -> Run:
+        return run_engine(self.model, requests, self.batch, self.schedule, time_writes=time_writes, slots=self.slots,
+                          packed=self.packed, static=self.static)
+
+
+def measure_rows(specs: list[RowSpec], requests, warmup: int, repeats: int, profile: bool = False) -> list[dict]:
+    """Every row's figures, the rows run round-robin (warmup rounds, then `repeats` timed rounds,
+    then one round with the key/value writes timed): a machine whose speed drifts (a shared CPU,
+    a GPU's clocks) moves every row of a round alike, so the ratios between rows hold where
+    rows measured one after another would not (issue 29: a MoR/vanilla ratio moved 1.01x-1.19x
+    between sequential runs)."""
     for _ in range(warmup):
-        run_engine(model, requests, batch, schedule, slots=slots, packed=packed, static=static)
-    runs = [run_engine(model, requests, batch, schedule, slots=slots, packed=packed, static=static) for _ in range(repeats)]
-    timed = run_engine(model, requests, batch, schedule, time_writes=True, slots=slots, packed=packed, static=static)
-    prof = linear_profile(model, requests, batch, schedule, slots, packed) if profile else ""
-    med = sorted(runs, key=lambda r: r.cpu)[len(runs) // 2]
-    wall = sorted(r.wall for r in runs)[len(runs) // 2]
-    return {"tokens": med.tokens, "tok_s": med.tokens / wall, "tok_cpu_s": med.tokens / med.cpu,
-            "tok_s_no_kv": med.tokens / max(1e-9, wall - timed.write_wall),
-            "tok_cpu_s_no_kv": med.tokens / max(1e-9, med.cpu - timed.write_cpu),
-            "kv_write_share": timed.write_cpu / max(1e-9, timed.cpu), "occupancy": med.occupancy,
-            "steady_occupancy": med.steady_occupancy, "shares": med.shares, "profile": prof}
+        for spec in specs:
+            spec.run(requests)
+    runs: list[list[Run]] = [[] for _ in specs]
+    for _ in range(repeats):
+        for i, spec in enumerate(specs):
+            runs[i].append(spec.run(requests))
+    out = []
+    for spec, rs in zip(specs, runs):
+        timed = spec.run(requests, time_writes=True)
+        prof = linear_profile(spec.model, requests, spec.batch, spec.schedule, spec.slots, spec.packed) if profile else ""
+        med = sorted(rs, key=lambda r: r.cpu)[len(rs) // 2]
+        wall = sorted(r.wall for r in rs)[len(rs) // 2]
+        out.append({"tokens": med.tokens, "tok_s": med.tokens / wall, "tok_cpu_s": med.tokens / med.cpu,
+                    "tok_s_no_kv": med.tokens / max(1e-9, wall - timed.write_wall),
+                    "tok_cpu_s_no_kv": med.tokens / max(1e-9, med.cpu - timed.write_cpu),
+                    "kv_write_share": timed.write_cpu / max(1e-9, timed.cpu), "occupancy": med.occupancy,
+                    "steady_occupancy": med.steady_occupancy, "shares": med.shares, "profile": prof})
+    return out
 
 
 def predicted_ratio(base: ModelConfig, cfg: ModelConfig, shares: list[float], context: int) -> float:
@@ -174,8 +205,8 @@ def run_paper(args: argparse.Namespace) -> str:
         if m.routers is not None or m.depth_router is not None:
             calibrate_decoding(m, [p for p, _ in requests[: 2 * args.batch]], int(args.gen_mean))
         models[v] = m
-    rows = []
     static = device.type == "cuda" if getattr(args, "static", None) is None else args.static
+    rows, specs = [], []
     for v in variants:
         base = baseline_of(v) if baseline_of(v) in models else "vanilla"
         settings = [("fixed", args.batch)]
@@ -184,15 +215,17 @@ def run_paper(args: argparse.Namespace) -> str:
         for setting, batch in settings:
             for schedule in getattr(args, "schedules", ("lockstep", "depthwise")):
                 slots = args.depthwise_slots if schedule == "depthwise" else 1
-                res = measure(models[v], requests, batch, schedule, args.warmup, args.repeats, slots, args.profile,
-                              False if getattr(args, "plain_linear", False) else None, static)
                 label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
                 label += ", static" if static else ""
                 rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": schedule,
-                             "label": label, **res})
-                print(f"  {v} {setting} {batch} {schedule}: {res['tok_s']:.1f} tokens/s, {res['tok_s_no_kv']:.1f} "
-                      f"without KV writes, {res['tok_cpu_s']:.1f} tokens/CPU-s, occupancy {res['steady_occupancy']:.2f}",
-                      file=sys.stderr, flush=True)
+                             "label": label})
+                specs.append(RowSpec(models[v], batch, schedule, slots,
+                                     False if getattr(args, "plain_linear", False) else None, static))
+    for row, res in zip(rows, measure_rows(specs, requests, args.warmup, args.repeats, args.profile)):
+        row.update(res)
+        print(f"  {row['variant']} {row['setting']} {row['batch']} {row['schedule']}: {res['tok_s']:.1f} tokens/s, "
+              f"{res['tok_s_no_kv']:.1f} without KV writes, {res['tok_cpu_s']:.1f} tokens/CPU-s, occupancy "
+              f"{res['steady_occupancy']:.2f}", file=sys.stderr, flush=True)
     return paper_report(args, rows, models, device, context, time.perf_counter() - started)
 
 
@@ -209,7 +242,8 @@ def paper_report(args, rows, models, device, context: int, wall: float) -> str:
         f"command: python evals/bench_decode.py {' '.join(sys.argv[1:])}",
         "",
         (f"ratios from {'tokens per CPU second' if on_cpu else 'tokens per second'}, against the baseline's fixed-batch "
-         "row of the same schedule; 'no KV write' subtracts the timed key/value writes (the paper's figure)"),
+         "row of the same schedule, every row timed once per round, round-robin; 'no KV write' subtracts the timed "
+         "key/value writes (the paper's figure)"),
         "",
         ("| model | batch | schedule | tokens/s | tokens/CPU-s | no KV write | KV write share | vs baseline | "
          "no KV write vs baseline | FLOP-predicted | occupancy (steady) | occupancy (all) | depth shares |"
