@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from megamor.inference.depthwise import EngineLike, check_servable
-from megamor.inference.step import layer_attend_and_mlp, layer_output, layer_query
+from megamor.inference.graph_step import fixed_shape_layer
+from megamor.inference.step import layer_output, layer_query
 from megamor.model.layers import sdpa
 from megamor.model.routing import CAUSAL, update
 
@@ -247,16 +248,8 @@ class StaticDepthwiseScheduler:
     def _whole_layer(self, phys: int, site: int, h: Tensor, rows: Tensor, valid: Tensor, cos: Tensor,
                      sin: Tensor) -> Tensor:
         """A prelude or coda layer on every row (valid rows write their key)."""
-        model, cache = self.model, self.cache
-        layer = model.layers[phys]
-        xn, q = layer_query(layer, h, cos, sin)
-        source = model.sites.kv_source.get(site)
-        if source is None:
-            k, v = layer.self_attn.project_kv(xn, cos, sin)
-            cache.write_masked(site, rows, valid, k, v)
-            source = site
-        k, v, mask = self._view(source, rows)
-        return layer_attend_and_mlp(layer, h, q, k, v, mask)
+        return fixed_shape_layer(self.model, self.cache, phys, site, h, rows, valid, cos, sin,
+                                 in_place=rows is self.every)[0]
 
     def _block_layer(self, j: int, x: Tensor, rows: Tensor, dep: Tensor, valid: Tensor, cos: Tensor,
                      sin: Tensor) -> Tensor:

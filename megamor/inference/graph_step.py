@@ -31,6 +31,25 @@ from megamor.model.mor import MoRLM
 from megamor.model.routing import CAUSAL, update
 
 
+def fixed_shape_layer(model: MoRLM, cache: StaticKVCache, phys: int, site: int, x: Tensor, idx: Tensor, write: Tensor,
+                      cos: Tensor, sin: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """Layer `phys` at attention site `site` for one token per row, with fixed shapes and no host
+    read: rows idx [m] (distinct slots) append their key where `write`, attention reads each
+    row's slot masked by fill level (in_place: idx is every slot in order, so the caches are
+    read without gathering rows). Returns (output, whether a writing row found its slot full).
+    The lockstep graph step and the fixed-shape depth-wise scheduler's prelude and coda use it."""
+    layer = model.layers[phys]
+    xn, q = layer_query(layer, x, cos, sin)
+    source = model.sites.kv_source.get(site)
+    full = torch.zeros((), dtype=torch.bool, device=x.device)
+    if source is None:
+        k, v = layer.self_attn.project_kv(xn, cos, sin)
+        full = cache.write_masked(site, idx, write, k, v)
+        source = site
+    k, v, mask = cache.view_masked(source, None if in_place else idx)
+    return layer_attend_and_mlp(layer, x, q, k, v, mask), full
+
+
 def default_buckets(model: MoRLM, slots: int, slack: float = 1.25) -> list[int]:
     """Rows each recursion step runs per step: its capacity share of the slots, with slack."""
     routed = model.routers is not None or model.depth_router is not None
@@ -58,17 +77,10 @@ class GraphStep:
     # -- the step -------------------------------------------------------------------------
     def _attend(self, phys: int, site: int, x: Tensor, rows: Tensor | None, write: Tensor, cos: Tensor, sin: Tensor,
                 overflow: Tensor) -> Tensor:
-        model, cache = self.model, self.cache
-        layer = model.layers[phys]
-        xn, q = layer_query(layer, x, cos, sin)
-        source = model.sites.kv_source.get(site)
-        idx = rows if rows is not None else torch.arange(cache.slots, device=x.device)
-        if source is None:
-            k, v = layer.self_attn.project_kv(xn, cos, sin)
-            overflow |= cache.write_masked(site, idx, write, k, v)
-            source = site
-        k, v, mask = cache.view_masked(source, rows)
-        return layer_attend_and_mlp(layer, x, q, k, v, mask)
+        idx = rows if rows is not None else torch.arange(self.cache.slots, device=x.device)
+        y, full = fixed_shape_layer(self.model, self.cache, phys, site, x, idx, write, cos, sin, in_place=rows is None)
+        overflow |= full
+        return y
 
     def step_fn(self) -> tuple[Tensor, Tensor]:
         """(logits [S, V], packed [S + S + 1 + N_r]: greedy next tokens, depths, overflow flag,
