@@ -23,12 +23,16 @@ VARIANTS = {
                                                router={"type": "token_choice", "token_choice_update": "paper"}),
     "mor_expert_random": lambda kv, sharing: mor("expert_choice", sharing=sharing, kv_mode=kv,
                                                  router={"type": "expert_choice", "rand_router": True}),
+    # causal routing by the auxiliary router (its logit > 0), not the main router's threshold
+    "mor_expert_aux": lambda kv, sharing: mor("expert_choice", sharing=sharing, kv_mode=kv,
+                                              router={"type": "expert_choice", "aux_router": True}),
 }
 CASES = [("vanilla", "recursion_wise", "none")] + [
     (v, kv, sh) for v in ("recursive", "mor_expert", "mor_token") for kv in ("recursion_wise", "shared")
     for sh in ("middle_cycle", "cycle")] + [
     (v, "recursion_wise", sh) for v in ("mor_expert", "mor_token") for sh in ("sequence", "middle_sequence")] + [
-    (v, kv, "middle_cycle") for v in ("mor_token_paper", "mor_expert_random") for kv in ("recursion_wise", "shared")]
+    (v, kv, "middle_cycle") for v in ("mor_token_paper", "mor_expert_random", "mor_expert_aux")
+    for kv in ("recursion_wise", "shared")]
 
 
 def _model(variant: str, kv: str, sharing: str, seed: int = 1) -> MoRLM:
