@@ -8,6 +8,9 @@
 - engine:  the decoding engine's static step (a CUDA graph on GPU) and its dynamic step vs
            `generate()` on each request alone, greedy fp32 tokens and depths, requests joining
            and leaving a pool of fewer slots than requests;
+- docmask: document masking through FlexAttention block masks vs the dense mask, fp32, training
+           routing: loss and every gradient on a GPU (the compiled kernel with its backward),
+           the loss on a CPU (no FlexAttention backward there), vanilla / MoR expert / MoR token;
 - bf16:    30 AdamW steps in bf16 autocast on one batch (compiled on GPU, as the trainer runs):
            every loss finite and the mean of the last five below 0.95 x that of the first five.
 """
@@ -38,6 +41,7 @@ from megamor.gpu_check.parts import (
     PARITY_VARIANTS,
     bf16_names,
     compile_names,
+    docmask_names,
     engine_checks,
     flash_names,
 )
@@ -228,6 +232,82 @@ def engine(ctx: Context) -> None:
                 figure = f"{n_tok} tokens equal" if bad is None else bad
                 ctx.check(PARITY, name, PASS if ok else FAIL, figure, "same greedy tokens and depths", "; ".join(notes))
         _guard(ctx, [name for name, _, _ in runs], one)
+
+
+# -- FlexAttention document masking vs the dense mask (issue 30.5) --------------------------------
+def _packed_documents(vocab: int, B: int, T: int, device) -> dict[str, torch.Tensor]:
+    """Rows of several documents of random lengths (positions restarting at each), as the data
+    loader packs them with `data.document_masking`."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (B, T + 1), generator=g)
+    doc = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for r in range(B):
+        cuts = sorted(torch.randint(1, T, (max(1, T // 128),), generator=g).tolist())
+        start = 0
+        for d, end in enumerate([*cuts, T]):
+            doc[r, start:end] = d
+            pos[r, start:end] = torch.arange(end - start)
+            start = end
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "doc_ids": doc, "position_ids": pos}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def docmask(ctx: Context) -> None:
+    from megamor.model.flex import flex_unusable
+
+    grads = ctx.on_gpu  # torch's FlexAttention has no CPU backward
+    loss_tol, grad_tol = 1e-5, 1e-4
+    B, T = (2, 1024) if not ctx.tiny else (2, 64)
+    names = docmask_names(ctx.on_gpu)
+    target = (f"loss rel <= {loss_tol:g}, logits" + (" and grads" if grads else "") + f" rel <= {grad_tol:g}, "
+              "no dense mask under flex")
+    for name, variant in zip(names, VARIANTS if ctx.on_gpu else VARIANTS[1:2]):
+
+        def one(variant=variant, name=name) -> None:
+            why = flex_unusable(torch.device(ctx.device), grads)
+            if why:
+                ctx.check(PARITY, name, SKIPPED, target=target, note=why)
+                return
+            cfg = model_config(SIZE, variant, ctx.tiny, [f"max_seq_len={T}"])
+            model = build_model(cfg, ctx.device, torch.float32).train()  # training routing: top-k gathers
+            batch = _packed_documents(cfg.vocab_size, B, T, ctx.device)
+            got, dense_masks = {}, {}
+            real_mask = layers.attention_mask
+            t0 = time.perf_counter()
+            for impl in ("dense", "flex"):
+                model.doc_mask_impl = impl
+                model.zero_grad(set_to_none=True)
+                built: list[bool] = []
+                layers.attention_mask = lambda q, kv, built=built: built.append(True) or real_mask(q, kv)
+                try:
+                    with torch.set_grad_enabled(grads):
+                        out = model(batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"],
+                                    doc_ids=batch["doc_ids"], return_logits=True)
+                        loss = out.loss + out.aux_loss
+                        if grads:
+                            loss.backward()
+                finally:
+                    layers.attention_mask = real_mask
+                dense_masks[impl] = len(built)
+                got[impl] = (loss.item(), out.logits.detach().float(),
+                             [p.grad.clone() for p in model.parameters() if p.grad is not None])
+            sync(ctx.device)
+            (ld, xd, gd), (lf, xf, gf) = got["dense"], got["flex"]
+            loss_err = abs(ld - lf) / max(1.0, abs(ld))
+            logit_err = ((xd - xf).abs().max() / xd.abs().max().clamp_min(1e-12)).item()
+            grad_err = 0.0
+            if grads:
+                scale = max(a.abs().max().item() for a in gd)
+                grad_err = max((a - b).abs().max().item() for a, b in zip(gd, gf)) / max(scale, 1e-12)
+            ok = (loss_err <= loss_tol and logit_err <= grad_tol and grad_err <= grad_tol and len(gd) == len(gf)
+                  and dense_masks["flex"] == 0 < dense_masks["dense"])
+            figure = (f"loss rel {loss_err:.1e}, logits rel {logit_err:.1e}" + (f", grads rel {grad_err:.1e}" if grads else "")
+                      + f"; dense masks built: {dense_masks['flex']} (dense path: {dense_masks['dense']})")
+            ctx.check(PARITY, name, PASS if ok else FAIL, figure, target,
+                      f"fp32, {B}x{T}, up to {int(batch['doc_ids'].max()) + 1} documents a row, training routing; "
+                      f"{time.perf_counter() - t0:.1f} s (flex compiles on first use)", value=grad_err)
+        _guard(ctx, [name], one)
 
 
 # -- bf16 training --------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_tiny_run_reports_every_part_and_parity_passes(tiny):
             assert r["status"] == "skipped" and "CUDA" in r["note"], r
         else:
             assert r["status"] == "pass", r
-    assert sum(r["status"] == "pass" for r in parity) == 12  # 3 compiled-vs-eager, 6 + 2 depth-wise engine, 1 bf16
+    assert sum(r["status"] == "pass" for r in parity) == 13  # 3 compiled-vs-eager, 6 + 2 depth-wise engine, 1 docmask, 1 bf16
     for r in recs:
         if r["kind"] == "speed" and r["part"] != CUT:
             assert r["status"] == "n/a on CPU" and r["figure"] and r["target"].startswith((">=", "<=")), r
