@@ -11,7 +11,9 @@ shapes and no host read inside it; on CUDA each is captured once as a CUDA graph
 - Queues without host lists: an item in the block queue or the exit buffer carries a ticket
   (a device counter, bumped when it joins); an operation takes the `block_batch` (or
   `flush_batch`) oldest tickets with one top-k, so both stay FIFO. Rows the top-k fills with
-  slots that are not waiting are masked.
+  slots that are not waiting are masked. With a batch of every slot (`block_batch ==
+  max_batch`, the paper's fixed setting) everyone waiting goes: the rows are the slots in
+  order and the caches are read in place, not gathered.
 - Routing is the model's policy (`model.routing`, causal mode) on the block's rows: after a
   block call, `step(r, ...)` is asked for every step r on the items whose next step is r (the
   others masked as non-candidates), and each item keeps the decision of its own step. Token

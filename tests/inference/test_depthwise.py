@@ -71,9 +71,17 @@ def _alone(model: MoRLM, prompt: list[int], n: int) -> list[torch.Tensor]:
     return seen[0]
 
 
-@pytest.mark.parametrize("static,batches", [(False, (3, 2)), (True, (3, 2)), (True, (4, 4))],
-                         ids=["dynamic", "static", "static_every_slot"])
-@pytest.mark.parametrize("variant,kv,sharing", CASES)
+# the every-slot path (block and flush batches of every slot) on one sharing, each routing kind
+EVERY_SLOT = [(v, kv, "middle_cycle") for v in ("recursive", "mor_expert_aux", "mor_token_paper")
+              for kv in ("recursion_wise", "shared")]
+SCHEDULERS = [(False, (3, 2)), (True, (3, 2))]
+
+
+@pytest.mark.parametrize("variant,kv,sharing,static,batches",
+                         [(*case, *sched) for case in CASES for sched in SCHEDULERS]
+                         + [(*case, True, (4, 4)) for case in EVERY_SLOT],
+                         ids=[f"{'-'.join(c)}-{n}" for c in CASES for n in ("dynamic", "static")]
+                         + [f"{'-'.join(c)}-static_every_slot" for c in EVERY_SLOT])
 def test_depthwise_equals_generate_alone(variant, kv, sharing, static, batches):
     """static: the fixed-shape scheduler (megamor.inference.depthwise_static); max_len 12 is
     shorter than most requests, so its caches overflow and grow mid-run (the redo path).
