@@ -73,6 +73,8 @@ def decode_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="schedules to measure (default both)")
     paper.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
                        help="both schedules on the engine's fixed-shape operations (CUDA graphs on GPU); default on GPU")
+    paper.add_argument("--depth-buckets", type=float, default=0.0, metavar="SLACK",
+                       help="static depth-wise: per-depth buckets of each depth's expected share x SLACK (0: none)")
     paper.add_argument("--plain-linear", action="store_true",
                        help="the engine on torch's linear instead of oneDNN-packed weights (CPU fp32 default)")
     paper.add_argument("--profile", action="store_true", help="one more cProfiled run per row: torch linear calls and time")
@@ -91,6 +93,8 @@ def decode_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name in ("requests", "batch", "prompt_len", "repeats", "depthwise_slots"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+        if args.depth_buckets < 0:
+            p.error(f"--depth-buckets: must be >= 0, got {args.depth_buckets:g}")
         if args.gen_mean < 1 or args.gen_std < 0:
             p.error("--gen-mean must be >= 1 and --gen-std >= 0")
     return args

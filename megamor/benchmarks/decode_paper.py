@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from megamor.inference.calibrate import calibrate_decoding
+from megamor.inference.depthwise_static import default_buckets
 from megamor.inference.engine import Engine
 from megamor.model import MoRLM, load_model_config
 from megamor.model.config import ModelConfig
@@ -88,16 +89,19 @@ class Run:
 
 
 def run_engine(model: MoRLM, requests: list[tuple[list[int], int]], batch: int, schedule: str,
-               time_writes: bool = False, slots: int = 1, packed: bool | None = None, static: bool = False) -> Run:
+               time_writes: bool = False, slots: int = 1, packed: bool | None = None, static: bool = False,
+               bucket_slack: float = 0.0) -> Run:
     """batch: requests decoding at once (lockstep) or the block's batch (depthwise, with
     slots x batch requests in flight: 2 lets the exit buffer fill to a batch too). static: the
     engine's fixed-shape operations (CUDA graphs on GPU); their key/value writes happen inside
-    them, so they are not timed apart (the run's figure then includes them)."""
+    them, so they are not timed apart (the run's figure then includes them). bucket_slack > 0:
+    static depth-wise with per-depth buckets (`depthwise_static.default_buckets`)."""
     device = model.embed_tokens.weight.device
     longest = max(len(p) + n for p, n in requests)
     if schedule == "depthwise":
+        buckets = default_buckets(model, batch, bucket_slack) if static and bucket_slack > 0 else None
         eng = Engine(model, max_batch=slots * batch, max_len=longest, schedule=schedule, block_batch=batch,
-                     flush_batch=batch, packed_linear=packed, static=static)
+                     flush_batch=batch, packed_linear=packed, static=static, buckets=buckets)
     else:
         eng = Engine(model, max_batch=batch, max_len=longest, schedule=schedule, packed_linear=packed, static=static)
     eng.cache.time_writes = time_writes
@@ -136,10 +140,10 @@ def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int
 
 
 def measure(model: MoRLM, requests, batch: int, schedule: str, warmup: int, repeats: int, slots: int = 1,
-            profile: bool = False, packed: bool | None = None, static: bool = False) -> dict:
+            profile: bool = False, packed: bool | None = None, static: bool = False, bucket_slack: float = 0.0) -> dict:
     """One row: packed is the engine's packed_linear (None: its default; False: torch's linear);
-    static: the fixed-shape operations (see run_engine)."""
-    spec = RowSpec(model, batch, schedule, slots, packed, static)
+    static, bucket_slack: the fixed-shape operations (see run_engine)."""
+    spec = RowSpec(model, batch, schedule, slots, packed, static, bucket_slack)
     return measure_rows([spec], requests, warmup, repeats, profile)[0]
 
 
@@ -151,10 +155,11 @@ class RowSpec:
     slots: int = 1
     packed: bool | None = None
     static: bool = False
+    bucket_slack: float = 0.0
 
     def run(self, requests, time_writes: bool = False) -> Run:
         return run_engine(self.model, requests, self.batch, self.schedule, time_writes=time_writes, slots=self.slots,
-                          packed=self.packed, static=self.static)
+                          packed=self.packed, static=self.static, bucket_slack=self.bucket_slack)
 
 
 def measure_rows(specs: list[RowSpec], requests, warmup: int, repeats: int, profile: bool = False) -> list[dict]:
@@ -217,10 +222,13 @@ def run_paper(args: argparse.Namespace) -> str:
                 slots = args.depthwise_slots if schedule == "depthwise" else 1
                 label = schedule if slots == 1 else f"{schedule} ({slots * batch} slots)"
                 label += ", static" if static else ""
+                slack = getattr(args, "depth_buckets", 0.0) if static and schedule == "depthwise" else 0.0
+                slack = slack if slack and default_buckets(models[v], batch, slack) is not None else 0.0
+                label += f", depth buckets x{slack:g}" if slack else ""
                 rows.append({"variant": v, "base": base, "setting": setting, "batch": batch, "schedule": schedule,
                              "label": label})
                 specs.append(RowSpec(models[v], batch, schedule, slots,
-                                     False if getattr(args, "plain_linear", False) else None, static))
+                                     False if getattr(args, "plain_linear", False) else None, static, slack))
     for row, res in zip(rows, measure_rows(specs, requests, args.warmup, args.repeats, args.profile)):
         row.update(res)
         print(f"  {row['variant']} {row['setting']} {row['batch']} {row['schedule']}: {res['tok_s']:.1f} tokens/s, "

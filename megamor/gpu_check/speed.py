@@ -305,12 +305,29 @@ def decode_paper(ctx: Context) -> None:
         except Exception as e:  # noqa: BLE001 -- reported; the other rows still count
             ctx.check(MEASURE, f"paper decode {variant}", ERROR, note=short_error(e))
             continue
-        got[variant] = res
+        got[variant] = {**res, "batch": rows}
         ctx.check(MEASURE, f"paper decode {variant}", "", f"{res[key]:,.1f} {unit}",
                   note=(f"{schedule}{', static' if static else ''}{fallback}, batch {rows}; with KV writes {res[honest]:,.1f}; occupancy (steady) "
                         f"{res['steady_occupancy']:.3f}; depth shares {res['shares']}"),
                   value=res[key], batch=rows, schedule=schedule, **{k: res[k] for k in (
                       "tok_s", "tok_s_no_kv", "tok_cpu_s", "tok_cpu_s_no_kv", "steady_occupancy", "occupancy")})
+    if "mor_expert_3" in got and "vanilla" in got and ctx.left() >= (10 if ctx.tiny else 15):
+        # The static depth-wise block with per-depth buckets (each depth's attention on its own rows,
+        # a depth's overflow deferred): measured beside the unbucketed row, no target of its own.
+        try:
+            _fresh(ctx.device)
+            model = build_model(cfgs["mor_expert_3"], ctx.device, dtype, seed=1).eval()
+            calibrate_decoding(model, [p for p, _ in requests[: 2 * batch]], int(mean))
+            rows = got["mor_expert_3"]["batch"]
+            res = measure(model, requests, rows, "depthwise", warmup=1, repeats=1, static=True, bucket_slack=1.25)
+            del model
+            ratio = res[key] / got["vanilla"][key]
+            ctx.check(MEASURE, "paper decode mor_expert_3, depth buckets x1.25", "", f"{res[key]:,.1f} {unit}",
+                      note=(f"depthwise, static, buckets x1.25, batch {rows}: {ratio:.2f}x vanilla (the mor_expert_3 row above: "
+                            f"{got['mor_expert_3'][key] / got['vanilla'][key]:.2f}x); occupancy (steady) "
+                            f"{res['steady_occupancy']:.3f}"), value=res[key], ratio=ratio, batch=rows)
+        except Exception as e:  # noqa: BLE001 -- reported; the part's checks below still count
+            ctx.check(MEASURE, "paper decode mor_expert_3, depth buckets x1.25", ERROR, note=short_error(e))
     setup = (f"{'toy shape' if ctx.tiny else '360M'}, {n_req} requests, no prefix, generation ~ N({mean:g}, {std:g}), "
              f"{str(dtype).split('.')[-1]}, greedy")
     for variant, (check, base, target) in PAPER_DECODE.items():

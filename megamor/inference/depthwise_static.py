@@ -36,6 +36,7 @@ scheduler).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -59,9 +60,31 @@ def _any_of(values: Tensor, wanted: list[int]) -> Tensor:
     return hit
 
 
+def default_buckets(model, block_batch: int, slack: float = 1.25) -> list[int] | None:
+    """Rows per depth of a block call: each depth's expected share of the block's items (its
+    capacity c_r over the sum of capacities: the tokens that run step r), with slack. Fewer rows
+    at the deep steps' attention (each reads its own site, not every depth's), at the price of
+    deferring a depth's items past its bucket to the next call. None where buckets save
+    nothing: a model without routing (every token runs every depth) or with recursive KV
+    sharing (every depth reads the first recursion's sites)."""
+    if (model.routers is None and model.depth_router is None) or not _own_sites(model):
+        return None
+    caps = model.cfg.capacities
+    share = [round(c / sum(caps) * block_batch * slack, 6) for c in caps]  # round: 1/3 + 2/3 is not 1 in floats
+    return [min(block_batch, math.ceil(x) + 1) for x in share]
+
+
+def _own_sites(model) -> bool:
+    """Whether every depth reads key/value sites of its own (recursion-wise caching)."""
+    sites = model.sites
+    return not any(s in sites.kv_source for ids in sites.steps for s in ids)
+
+
 class StaticDepthwiseScheduler:
     def __init__(self, engine: EngineLike, block_batch: int, flush_batch: int, cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, buckets: list[int] | None = None):
+        """buckets: rows per depth of a block call (see `default_buckets`; None: no buckets, every
+        row at every depth's key/value source)."""
         model = engine.model
         check_servable(model)
         S = engine.max_batch
@@ -73,6 +96,13 @@ class StaticDepthwiseScheduler:
         self.engine, self.model, self.cache = engine, model, engine.cache
         self.block_batch, self.flush_batch = block_batch, flush_batch
         self.n_steps = len(model.steps)
+        if buckets is not None and (len(buckets) != self.n_steps or not all(1 <= b <= block_batch for b in buckets)):
+            raise ValueError(f"buckets must give 1..block_batch ({block_batch}) rows for each of the {self.n_steps} "
+                             f"recursion steps, got {buckets}")
+        if buckets is not None and not _own_sites(model):
+            raise ValueError("buckets need each depth's own key/value sites (kv_mode recursion_wise); under KV "
+                             "sharing every depth reads the first recursion's")
+        self.buckets = buckets
         w = model.embed_tokens.weight
         dev, D = w.device, model.cfg.d_model
         self.device = dev
@@ -102,6 +132,7 @@ class StaticDepthwiseScheduler:
         self.block_calls = self.block_items = self.steady_calls = self.steady_items = 0
         self.mixed_calls = 0  # block calls that ran items of more than one depth
         self.overflows = 0
+        self.deferred = 0  # items a full depth bucket sent back to the queue (they run next call)
         # sites each operation writes (what it may overflow)
         sites, kv = model.sites, model.sites.kv_source
         self._own = {"enter": [s for s in sites.prelude if s not in kv], "flush": [s for s in sites.coda if s not in kv],
@@ -148,6 +179,7 @@ class StaticDepthwiseScheduler:
         p = self._run("block")
         counts = p[2 : 2 + self.n_steps]
         n = int(p[1])
+        self.deferred += int(p[2 + self.n_steps])
         self.n_queue, self.n_exit = int(p[-2]), int(p[-1])
         self.block_calls += 1
         self.block_items += n
@@ -254,9 +286,10 @@ class StaticDepthwiseScheduler:
                                  in_place=rows is self.every)[0]
 
     def _block_layer(self, j: int, x: Tensor, rows: Tensor, dep: Tensor, valid: Tensor, cos: Tensor,
-                     sin: Tensor) -> Tensor:
+                     sin: Tensor, bucket: dict[int, tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Position j of each item's recursion step: projections and MLP once per physical layer
-        on all rows, attention once per key/value source, each row keeping its own depth's."""
+        on all rows, attention once per key/value source, each row keeping its own depth's. With
+        buckets, a source only one depth reads attends only that depth's bucket of rows."""
         model, cache = self.model, self.cache
         steps, sites = model.steps, model.sites
         by_phys: dict[int, list[int]] = {}
@@ -279,6 +312,13 @@ class StaticDepthwiseScheduler:
                 by_source.setdefault(source, []).append(r)
             out = None
             for source, rs in by_source.items():
+                if bucket is not None and len(rs) == 1:  # only this depth's rows read this source
+                    idx, ok = bucket[rs[0]]
+                    k, v, mask = cache.view_masked(source, rows[idx])
+                    o = sdpa(q[idx], k.to(q.dtype), v.to(q.dtype), mask, is_causal=False)
+                    out = torch.zeros_like(q) if out is None else out
+                    out[idx] = torch.where(ok[:, None, None, None], o, out[idx])
+                    continue
                 k, v, mask = self._view(source, rows)
                 o = sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=False)
                 out = o if out is None else torch.where(_any_of(dep, rs)[:, None, None, None], o, out)
@@ -288,20 +328,33 @@ class StaticDepthwiseScheduler:
 
     def block_fn(self) -> tuple[Tensor]:
         """One call of the recursion block on the block_batch oldest queued items. Returns packed
-        [overflow, items, items per depth (N_r), queued, exited]."""
+        [overflow, items, items per depth (N_r), deferred, queued, exited]."""
         model, n = self.model, self.n_steps
         saved = self.queued.clone()
         rows, valid = self._take(self.queued, self.block_batch)
         dep = self.depth[rows]
+        bucket, deferred = None, torch.zeros_like(valid)
+        if self.buckets is not None:  # a depth's items past its bucket wait for the next call (tickets kept)
+            bucket = {}
+            order = torch.arange(len(rows), 0, -1, device=rows.device)  # earlier rows first
+            for r, size in enumerate(self.buckets):
+                mine = valid & (dep == r)
+                deferred = deferred | (mine & (torch.cumsum(mine.long(), 0) > size))
+                idx = torch.topk(torch.where(mine, order, torch.zeros_like(order)), size).indices
+                bucket[r] = (idx, (mine & ~deferred)[idx])
+            valid = valid & ~deferred
+            self.queued[rows] = self.queued[rows] | deferred
         ovf = self._overflow("block", rows, lambda site: valid & _any_of(dep, self._depths_writing(site)))
         valid = valid & ~ovf
         self.queued.copy_(torch.where(ovf, saved, self.queued))  # an overflow takes nobody
+        if bucket is not None:
+            bucket = {r: (idx, ok & ~ovf) for r, (idx, ok) in bucket.items()}
         x = self.H[rows]
         pos = self.pos[rows]
         cos, sin = model.rope(pos.unsqueeze(1))
         y = x
         for j in range(len(model.steps[0])):
-            y = self._block_layer(j, y, rows, dep, valid, cos, sin)
+            y = self._block_layer(j, y, rows, dep, valid, cos, sin, bucket)
         if self.gated:  # the routing's update rule, with the gate (and exits) decided for this step
             y = update(x, y, self.G[rows][:, None], self.E[rows][:, None] if self.paper else None,
                        self.base[rows] if self.paper else None)
@@ -327,7 +380,8 @@ class StaticDepthwiseScheduler:
         self._join(rows, valid & keep, valid & ~keep)
         counts = [(valid & (dep == r)).sum().reshape(1) for r in range(n)]
         packed = torch.cat([ovf.long().reshape(1), valid.sum().reshape(1), *counts,
-                            self.queued.sum().reshape(1), self.exited.sum().reshape(1)])
+                            (deferred & ~ovf).sum().reshape(1), self.queued.sum().reshape(1),
+                            self.exited.sum().reshape(1)])
         return (packed,)
 
     def flush_fn(self) -> tuple[Tensor, Tensor]:

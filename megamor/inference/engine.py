@@ -95,8 +95,8 @@ class Engine:
                  flush_batch: int | None = None, packed_linear: bool | None = None):
         """max_batch: concurrent requests (cache slots); max_len: prompt + generated tokens a
         request is expected to reach (sizes the caches; they grow if exceeded). static: use the
-        fixed-shape step (buckets: rows per recursion step; cuda_graph: default on CUDA; compile:
-        torch.compile it). schedule: "lockstep" or "depthwise" (block_batch: tokens per call of
+        fixed-shape step (buckets: rows per recursion step, or with the depth-wise schedule rows per
+        depth of a block call, default none; cuda_graph: default on CUDA; compile: torch.compile it). schedule: "lockstep" or "depthwise" (block_batch: tokens per call of
         the recursion block, default max_batch; flush_batch: exited tokens that trigger the
         coda/head/prelude, default block_batch; with static=True the depth-wise operations have
         fixed shapes and run as CUDA graphs on CUDA, megamor.inference.depthwise_static). packed_linear: run the
@@ -119,7 +119,8 @@ class Engine:
         self._next_id = 0
         self.steps_run = 0
         self.tokens_per_step_total = np.zeros(len(model.steps), dtype=np.int64)
-        self.graph_step = GraphStep(model, self.cache, buckets, cuda_graph, compile) if static else None
+        lockstep_buckets = buckets if schedule == "lockstep" else None  # depth-wise: the scheduler's
+        self.graph_step = GraphStep(model, self.cache, lockstep_buckets, cuda_graph, compile) if static else None
         self.static_steps = 0  # decoding steps taken by the static step
         self.overflow_steps = 0  # of which redone on the dynamic path (bucket or capacity overflow)
         self.schedule = schedule
@@ -129,7 +130,7 @@ class Engine:
         self.depthwise = None
         if schedule == "depthwise":
             bb = block_batch or max_batch
-            sched = (StaticDepthwiseScheduler(self, bb, flush_batch or bb, cuda_graph, compile) if static
+            sched = (StaticDepthwiseScheduler(self, bb, flush_batch or bb, cuda_graph, compile, buckets) if static
                      else DepthwiseScheduler(self, bb, flush_batch or bb))
             # No recursion block (vanilla): nothing to schedule by depth, the two schedules are the
             # same computation, and lockstep's step runs it.

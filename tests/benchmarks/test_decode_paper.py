@@ -119,6 +119,8 @@ def test_static_rows_are_labelled(tmp_path):
     out = tmp_path / "paper.md"
     assert main(["--protocol", "paper", "--size", str(size), "--device", "cpu", "--requests", "6", "--batch", "2",
                  "--gen-mean", "3", "--gen-std", "1", "--repeats", "1", "--warmup", "0", "--variants", "vanilla",
-                 "mor_expert_3", "--static", "--out", str(out)]) == 0
+                 "mor_expert_3", "--static", "--depth-buckets", "1.25", "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert rows and all(r.split(" | ")[2].endswith(", static") for r in rows)
+    labels = {(r.split(" | ")[0][2:].split(" (")[0], r.split(" | ")[2]) for r in rows}
+    assert labels == {("vanilla", "lockstep, static"), ("vanilla", "depthwise, static"),
+                      ("mor_expert_3", "lockstep, static"), ("mor_expert_3", "depthwise, static, depth buckets x1.25")}

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from megamor.inference import Engine, generate
+from megamor.inference.depthwise_static import default_buckets
 
-from .test_depthwise import _model, _requests
+from .test_depthwise import _alone, _model, _requests, _trace_logits
 
 OPS = ("block", "flush", "enter")
 
@@ -20,9 +21,10 @@ def _engine(variant: str, kv: str, **kw) -> Engine:
     return Engine(model, max_batch=4, max_len=24, schedule="depthwise", static=True, block_batch=3, flush_batch=2, **kw)
 
 
-@pytest.mark.parametrize("variant,kv", [("mor_expert", "recursion_wise"), ("mor_token_paper", "shared")])
-def test_operations_trace_as_one_graph_and_decode_as_generate(variant, kv):
-    eng = _engine(variant, kv, packed_linear=False)  # packed weights are a CPU eager path (compile=True turns them off)
+@pytest.mark.parametrize("variant,kv,buckets", [("mor_expert", "recursion_wise", [2, 2, 1]),
+                                                ("mor_token_paper", "shared", None)])
+def test_operations_trace_as_one_graph_and_decode_as_generate(variant, kv, buckets):
+    eng = _engine(variant, kv, packed_linear=False, buckets=buckets)  # packed weights are a CPU eager path (compile=True turns them off)
     sched = eng.depthwise
     # fullgraph=True fails on any .item(), .cpu(), data-dependent shape or Python branch on a tensor
     sched._fns = {k: torch.compile(f, backend="eager", fullgraph=True) for k, f in sched._fns.items()}
@@ -65,3 +67,36 @@ def test_an_operation_with_nothing_waiting_changes_nothing():
         t.copy_(s)
     eng.run()  # and the run goes on to the end
     assert eng.idle()
+
+
+@pytest.mark.parametrize("variant,sharing", [("mor_expert", "middle_cycle"), ("mor_token_paper", "middle_cycle"),
+                                             ("mor_expert", "sequence")])
+@pytest.mark.parametrize("batches,buckets", [((3, 2), [2, 1, 1]), ((4, 4), [2, 2, 1])])
+def test_depth_buckets_defer_items_and_decode_as_generate(variant, sharing, batches, buckets):
+    """Buckets: each depth's attention runs only its bucket of rows; items past it wait for the
+    next block call (they keep their tickets)."""
+    model = _model(variant, "recursion_wise", sharing)
+    eng = Engine(model, max_batch=4, max_len=12, schedule="depthwise", static=True, block_batch=batches[0],
+                 flush_batch=batches[1], buckets=buckets)
+    seen = _trace_logits(eng)
+    reqs = _requests(9)
+    handles = [eng.submit(p, n) for p, n in reqs]
+    eng.run()
+    assert eng.depthwise.deferred > 0  # the case under test happened
+    for (prompt, n), h in zip(reqs, handles):
+        ref = generate(model, [prompt], n)
+        assert h.tokens == ref.tokens[0] and h.depths == ref.depths[0]
+        for got, want in zip(seen[h.id], _alone(model, prompt, n), strict=True):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_default_buckets_and_bad_buckets():
+    model = _model("mor_expert", "recursion_wise", "middle_cycle")  # capacities 1, 2/3, 1/3: shares 1/2, 1/3, 1/6
+    assert default_buckets(model, 32) == [21, 15, 8]
+    assert default_buckets(_model("recursive", "recursion_wise", "middle_cycle"), 32) is None  # no routing
+    assert default_buckets(_model("mor_expert", "shared", "middle_cycle"), 32) is None  # one site for all depths
+    with pytest.raises(ValueError, match=r"buckets must give 1..block_batch \(4\) rows for each of the 3"):
+        Engine(model, max_batch=4, schedule="depthwise", static=True, buckets=[4, 2])
+    with pytest.raises(ValueError, match="buckets need each depth's own key/value sites"):
+        Engine(_model("mor_expert", "shared", "middle_cycle"), max_batch=4, schedule="depthwise", static=True,
+               buckets=[4, 2, 1])
