@@ -4,6 +4,7 @@ with requests of mixed lengths joining while others decode; the block really run
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -77,6 +78,14 @@ EVERY_SLOT = [(v, kv, "middle_cycle") for v in ("recursive", "mor_expert_aux", "
 SCHEDULERS = [(False, (3, 2)), (True, (3, 2))]
 
 
+@functools.lru_cache(maxsize=None)
+def _references(variant: str, kv: str, sharing: str, prompt: tuple[int, ...], n: int):
+    """`generate()` and the engine's logits for one request alone, computed once per model and
+    request for the schedulers that are compared against them (models are rebuilt from seeds)."""
+    model = _model(variant, kv, sharing)
+    return generate(model, [list(prompt)], n), _alone(model, list(prompt), n)
+
+
 @pytest.mark.parametrize("variant,kv,sharing,static,batches",
                          [(*case, *sched) for case in CASES for sched in SCHEDULERS]
                          + [(*case, True, (4, 4)) for case in EVERY_SLOT],
@@ -102,11 +111,10 @@ def test_depthwise_equals_generate_alone(variant, kv, sharing, static, batches):
         running.add(len(eng.running))
     assert max(running) == 4
     for (prompt, n), h in zip(reqs, handles):
-        ref = generate(model, [prompt], n)
+        ref, alone = _references(variant, kv, sharing, tuple(prompt), n)
         assert h.tokens == ref.tokens[0], (prompt, n)
         assert h.depths == ref.depths[0]
         assert h.prompt_depths == ref.prompt_depths[0]
-        alone = _alone(model, prompt, n)
         assert len(logits[h.id]) == len(alone)
         for got, want in zip(logits[h.id], alone):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
