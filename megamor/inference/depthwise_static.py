@@ -162,7 +162,8 @@ class StaticDepthwiseScheduler:
         eng, F, S = self.engine, self.flush_batch, self.engine.max_batch
         for i in range(0, len(slots), F):
             chunk = slots[i : i + F]
-            pad = [s for s in range(S) if s not in set(chunk)][: F - len(chunk)]  # distinct rows
+            taken = set(chunk)
+            pad = [s for s in range(S) if s not in taken][: F - len(chunk)]  # distinct rows
             reqs = [eng.running[s] for s in chunk]
             self.in_slots.copy_(torch.tensor(chunk + pad))
             self.in_tokens.copy_(torch.tensor([r.tokens[-1] for r in reqs] + [0] * len(pad)))
