@@ -78,7 +78,7 @@ EVERY_SLOT = [(v, kv, "middle_cycle") for v in ("recursive", "mor_expert_aux", "
 SCHEDULERS = [(False, (3, 2)), (True, (3, 2))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _references(variant: str, kv: str, sharing: str, prompt: tuple[int, ...], n: int):
     """`generate()` and the engine's logits for one request alone, computed once per model and
     request for the schedulers that are compared against them (models are rebuilt from seeds)."""
