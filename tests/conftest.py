@@ -135,3 +135,17 @@ def slurm_cluster(request):
         yield cluster
     finally:
         cluster.drain()
+
+
+def pytest_runtest_logreport(report):
+    """MEGAMOR_TEST_TIMELINE=FILE: one JSON line per test phase (worker, phase, start, stop), to
+    see how xdist's workers fill the run (idle tails, the files that finish last). Off by default."""
+    path = os.environ.get("MEGAMOR_TEST_TIMELINE")
+    if not path or not hasattr(report, "start") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # written by the controller alone, which receives every worker's reports
+    node = getattr(report, "node", None)  # xdist: the worker that ran it
+    worker = node.gateway.id if node is not None else "-"
+    line = json.dumps({"test": report.nodeid, "phase": report.when, "worker": worker, "start": report.start,
+                       "stop": report.stop})
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
