@@ -68,8 +68,11 @@ def test_two_ranks_slow_rank_is_the_straggler_and_each_rank_writes_a_trace(tiny_
     # 2 forwards a step (8 = 2 x 2 accum x 2 ranks), each 0.25 s late on rank 1. With two ranks the
     # ratio is 2b / (a + b), b = a + 0.5 s: above 1.5 only while rank 0's own data + forward stay
     # under 0.25 s a step, which a loaded CI machine broke (3 xdist workers on 2 cores); above the
-    # console's 1.1 while they stay under 2.25 s.
-    assert all(r["time/straggler_rank"] == 1 and r["time/straggler_ratio"] > 1.1 for r in rows), rows
+    # console's 1.1 while they stay under 2.25 s. Step 1 also carries each rank's one-time start-up
+    # (first batch, first allocations), which on a loaded machine can outweigh 0.5 s: steps 2-3.
+    straggler = [{k: r[k] for k in r if k.startswith("time/straggler")} for r in rows]
+    steady = [r for r in rows if r["step"] >= 2]
+    assert all(r["time/straggler_rank"] == 1 and r["time/straggler_ratio"] > 1.1 for r in steady), straggler
     assert all(r["time/straggler_s"] >= 0.5 for r in rows)
     assert "slowest rank 1" in run.output
     for rank in (0, 1):
