@@ -121,7 +121,8 @@ def run_engine(model: MoRLM, requests: list[tuple[list[int], int]], batch: int, 
                shares)
 
 
-def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int = 1, packed: bool | None = None) -> str:
+def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int = 1, packed: bool | None = None,
+                   static: bool = False, bucket_slack: float = 0.0) -> str:
     """Calls of torch's linear and their share of the run's CPU time (cProfile): on a CPU at
     decoding batch sizes a matmul's cost has a fixed part per call, which is what the two
     schedules trade (fewer, fuller block calls against smaller flushes)."""
@@ -130,7 +131,7 @@ def linear_profile(model: MoRLM, requests, batch: int, schedule: str, slots: int
 
     prof = cProfile.Profile()
     prof.enable()
-    run_engine(model, requests, batch, schedule, slots=slots, packed=packed)
+    run_engine(model, requests, batch, schedule, slots=slots, packed=packed, static=static, bucket_slack=bucket_slack)
     prof.disable()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values())
@@ -178,7 +179,8 @@ def measure_rows(specs: list[RowSpec], requests, warmup: int, repeats: int, prof
     out = []
     for spec, rs in zip(specs, runs):
         timed = spec.run(requests, time_writes=True)
-        prof = linear_profile(spec.model, requests, spec.batch, spec.schedule, spec.slots, spec.packed) if profile else ""
+        prof = (linear_profile(spec.model, requests, spec.batch, spec.schedule, spec.slots, spec.packed, spec.static,
+                               spec.bucket_slack) if profile else "")
         med = sorted(rs, key=lambda r: r.cpu)[len(rs) // 2]
         wall = sorted(r.wall for r in rs)[len(rs) // 2]
         out.append({"tokens": med.tokens, "tok_s": med.tokens / wall, "tok_cpu_s": med.tokens / med.cpu,
