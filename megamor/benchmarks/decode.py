@@ -129,7 +129,7 @@ def bench_engine(model: MoRLM, prompts: list[list[int]], new: int, static: bool,
     holder: dict = {}
     times = [_timed(lambda: holder.update(eng=run(track=False)), device) for _ in range(repeats)]
     eng = holder["eng"]
-    fed = S * (new - 1)
+    fed = S * new  # decoding feeds each prompt's last token, then every new token but the last
     extra: dict = {}
     shares = [round(n / max(1, fed), 2) for n in first.tokens_per_step_total.tolist()]
     if shares:

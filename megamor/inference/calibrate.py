@@ -102,7 +102,7 @@ def calibrate_decoding(model: MoRLM, prompts: list[list[int]], new_tokens: int, 
         finally:
             for h in handles:
                 h.remove()
-        fed = max(1, len(prompts) * (new_tokens - 1))
+        fed = max(1, len(prompts) * new_tokens)  # decoding feeds each prompt's last token, then new ones but the last
         return [n / fed for n in eng.tokens_per_step_total.tolist()]
 
     if model.routers is not None:

@@ -127,7 +127,7 @@ class DepthwiseScheduler:
         sl = np.asarray(slots, dtype=np.int64)
         sl_t = torch.from_numpy(sl).to(self.device)
         reqs = [eng.running[s] for s in slots]
-        tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)
+        tokens = torch.tensor([r.next_input() for r in reqs], device=self.device)
         pos = torch.tensor([r.position for r in reqs], device=self.device)
         cos, sin = self.model.rope(pos.unsqueeze(1))
         rows, memo = _Rows(sl, sl_t), {}
@@ -283,8 +283,7 @@ class DepthwiseScheduler:
             h = _apply_layer(model, eng.cache, phys, site, h, rows, cos, sin, memo)
         logits = model.lm_head(model.norm(h))[:, 0]
         for s, req in zip(slots.tolist(), reqs):
-            req.depths.append(int(self.depth[s]))
-            req.position += 1
+            req.fed(int(self.depth[s]))
             self.cohort[s] = None
         events = eng._emit(reqs, logits)
         self.enter([s for s, req in zip(slots.tolist(), reqs) if not req.done])

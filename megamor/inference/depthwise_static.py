@@ -166,7 +166,7 @@ class StaticDepthwiseScheduler:
             pad = [s for s in range(S) if s not in taken][: F - len(chunk)]  # distinct rows
             reqs = [eng.running[s] for s in chunk]
             self.in_slots.copy_(torch.tensor(chunk + pad))
-            self.in_tokens.copy_(torch.tensor([r.tokens[-1] for r in reqs] + [0] * len(pad)))
+            self.in_tokens.copy_(torch.tensor([r.next_input() for r in reqs] + [0] * len(pad)))
             self.in_pos.copy_(torch.tensor([r.position for r in reqs] + [0] * len(pad)))
             self.in_valid.copy_(torch.tensor([True] * len(chunk) + [False] * len(pad)))
             packed = self._run("enter")
@@ -199,8 +199,7 @@ class StaticDepthwiseScheduler:
         at = np.flatnonzero(valid)
         reqs = [eng.running[int(rows[i])] for i in at]
         for req, d in zip(reqs, depth[at].tolist()):
-            req.depths.append(int(d))
-            req.position += 1
+            req.fed(int(d))
         events = eng._emit(reqs, logits[torch.from_numpy(at).to(self.device)], greedy[at].tolist())
         self.enter([req.slot for req in reqs if not req.done])
         return events

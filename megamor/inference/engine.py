@@ -2,7 +2,9 @@
 of admitted requests, and continuous depth-wise batching of the decoding steps.
 
 Each `step()` admits queued requests into free slots (one left-padded prefill through the
-model's forward for all of them), then decodes by one of two schedules:
+model's forward of every prompt but its last token; a one-token prompt needs none), then
+decodes by one of two schedules, in which each new request's last prompt token runs with the
+running requests' tokens and makes its first new token:
 
 - `schedule="lockstep"` (default): every running request advances by one token with
   `decode_step`; at recursion r the tokens of all requests that need it run together
@@ -65,6 +67,16 @@ class Request:
     slot: int = -1
     position: int = 0
     generator: torch.Generator | None = None
+
+    def next_input(self) -> int:
+        """The token the next decoding step feeds: the last generated one, else the prompt's last
+        (the prefill runs the prompt up to it, so its first token comes from a decoding step)."""
+        return self.tokens[-1] if self.tokens else self.prompt[-1]
+
+    def fed(self, depth: int) -> None:
+        """The fed token ran `depth` recursion steps (a prompt token's until one was generated)."""
+        (self.depths if self.tokens else self.prompt_depths).append(depth)
+        self.position += 1
 
 
 @dataclass
@@ -174,12 +186,6 @@ class Engine:
 
     def _step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
-        decoding = sorted(self.running)  # requests that already hold a token to feed back
-        if self.depthwise is not None:
-            decoding = []
-            events += self.depthwise.tick()
-        if decoding:
-            events += self._decode([self.running[s] for s in decoding])
         admitted = []
         while self.queue and self.free:
             req = self.queue.popleft()
@@ -187,7 +193,12 @@ class Engine:
             self.running[req.slot] = req
             admitted.append(req)
         if admitted:
-            events += self._prefill(admitted)
+            self._prefill(admitted)
+        if self.depthwise is not None:
+            self.depthwise.enter([r.slot for r in admitted])
+            events += self.depthwise.tick()
+        elif self.running:
+            events += self._decode([self.running[s] for s in sorted(self.running)])
         self.steps_run += 1
         return events
 
@@ -213,21 +224,24 @@ class Engine:
         self.free.sort()
         req.slot = -1
 
-    def _prefill(self, reqs: list[Request]) -> list[TokenEvent]:
-        ids, mask = left_pad([r.prompt for r in reqs], 0, self.device)
-        rec = PrefillRecorder(len(reqs), self.device)
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Run each prompt but its last token through the model's forward and cache its keys and
+        values; the last token is fed by the next decoding step with the running requests, which
+        makes the first new token (a one-token prompt, the paper's "no prefix", needs no forward)."""
+        for r in reqs:
+            r.position = len(r.prompt) - 1
+        long = [r for r in reqs if len(r.prompt) > 1]
+        if not long:
+            return
+        ids, mask = left_pad([r.prompt[:-1] for r in long], 0, self.device)
+        rec = PrefillRecorder(len(long), self.device)
         out = self.model(ids, attention_mask=mask, causal_routing=True, kv_cache=rec)
-        slots = [r.slot for r in reqs]
+        slots = [r.slot for r in long]
         for site, block in rec.entries.items():
             self.cache.write_prefill(site, slots, block.k, block.v, block.meta.valid)
         depth = out.stats.depth
-        for i, r in enumerate(reqs):
+        for i, r in enumerate(long):
             r.prompt_depths = depth[i, mask[i]].tolist()
-            r.position = len(r.prompt)
-        events = self._emit(reqs, out.logits[:, -1])
-        if self.depthwise is not None:
-            self.depthwise.enter([r.slot for r in reqs if not r.done])
-        return events
 
     def _decode(self, reqs: list[Request]) -> list[TokenEvent]:
         if self.graph_step is None:
@@ -235,7 +249,7 @@ class Engine:
         gs, S = self.graph_step, self.max_batch
         tok, pos, act = np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, bool)
         slots = [r.slot for r in reqs]
-        tok[slots] = [r.tokens[-1] for r in reqs]
+        tok[slots] = [r.next_input() for r in reqs]
         pos[slots] = [r.position for r in reqs]
         act[slots] = True
         gs.tokens.copy_(torch.from_numpy(tok))
@@ -253,21 +267,19 @@ class Engine:
         self.tokens_per_step_total += p[2 * S + 1 :]
         self._count_block(p[2 * S + 1 :])
         for r in reqs:
-            r.depths.append(int(p[S + r.slot]))
-            r.position += 1
+            r.fed(int(p[S + r.slot]))
         return self._emit(reqs, logits[slots], [int(p[s]) for s in slots])
 
     def _decode_dynamic(self, reqs: list[Request]) -> list[TokenEvent]:
         slots = np.array([r.slot for r in reqs], dtype=np.int64)
-        tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)
+        tokens = torch.tensor([r.next_input() for r in reqs], device=self.device)
         positions = torch.tensor([r.position for r in reqs], device=self.device)
         res = decode_step(self.model, self.cache, slots, tokens, positions)
         if res.tokens_per_step:
             self.tokens_per_step_total += np.asarray(res.tokens_per_step, dtype=np.int64)
             self._count_block(res.tokens_per_step)
         for r, d in zip(reqs, res.depth.tolist()):
-            r.depths.append(d)
-            r.position += 1
+            r.fed(d)
         return self._emit(reqs, res.logits)
 
     def _count_block(self, rows_per_step) -> None:

@@ -53,6 +53,28 @@ def test_engine_equals_generate_alone(variant, kv):
     assert all(f.sum() == 0 for f in eng.cache.fill.values())  # every slot was released
 
 
+def test_prefill_runs_every_prompt_token_but_the_last():
+    """The last prompt token runs in the decoding step with the running requests (it makes the
+    first new token): a one-token prompt (the paper's protocol, no prefix) costs no forward."""
+    model = _model("mor_expert", "recursion_wise")
+    widths: list[tuple[int, ...]] = []
+    hook = model.register_forward_hook(lambda m, args, out: widths.append(tuple(args[0].shape)))
+    try:
+        eng = Engine(model, max_batch=4, max_len=16)
+        reqs = [([5], 3), ([7, 9, 11, 13, 2], 3), ([4], 3), ([8, 6, 3], 3)]
+        handles = [eng.submit(p, n) for p, n in reqs]
+        eng.run()
+        only_short = Engine(model, max_batch=2, max_len=8)
+        short = [only_short.submit([3], 4), only_short.submit([9], 4)]
+        only_short.run()
+    finally:
+        hook.remove()
+    assert widths == [(2, 4)]  # one prefill: the two longer prompts without their last token
+    for (prompt, n), h in zip(reqs + [([3], 4), ([9], 4)], handles + short):
+        ref = generate(model, [prompt], n)
+        assert (h.tokens, h.depths, h.prompt_depths) == (ref.tokens[0], ref.depths[0], ref.prompt_depths[0])
+
+
 def test_eos_sampling_and_streaming():
     model = _model("mor_expert", "recursion_wise")
     first = generate(model, [[1, 2, 3]], 1).tokens[0][0]
