@@ -235,7 +235,7 @@ class Engine:
             return
         ids, mask = left_pad([r.prompt[:-1] for r in long], 0, self.device)
         rec = PrefillRecorder(len(long), self.device)
-        out = self.model(ids, attention_mask=mask, causal_routing=True, kv_cache=rec)
+        out = self.model(ids, attention_mask=mask, causal_routing=True, kv_cache=rec, return_logits=False)  # keys only
         slots = [r.slot for r in long]
         for site, block in rec.entries.items():
             self.cache.write_prefill(site, slots, block.k, block.v, block.meta.valid)
