@@ -26,16 +26,17 @@ output is the same (tests/model/test_flex.py).
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-try:  # torch >= 2.5; the GPU image's 2.11 and this machine's 2.13 both have it
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - older torch
-    create_block_mask = flex_attention = None
+# torch >= 2.5 has it (the GPU image's 2.11 and this machine's 2.13 both do). Imported on first
+# use, not here: it imports torch._dynamo, about a second of every process's start-up
+# (trainer, evaluation, export CLIs) that most runs never need.
+FLEX_MODULE = "torch.nn.attention.flex_attention"
 
 DOC_MASK_IMPLS = ("dense", "flex")
 
@@ -50,12 +51,20 @@ class TokenMeta(Protocol):
     block_masks: dict
 _compiled: Any = None
 _compiled_mask: Any = None
+_own_graph: Any = None
 _noted: set[str] = set()
+
+
+def _flex_available() -> bool:
+    try:
+        return importlib.util.find_spec(FLEX_MODULE) is not None
+    except ImportError:  # pragma: no cover - torch without torch.nn.attention
+        return False
 
 
 def flex_unusable(device: torch.device, needs_grad: bool) -> str | None:
     """Why FlexAttention cannot run attention here (None when it can)."""
-    if flex_attention is None:
+    if not _flex_available():
         return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (needs >= 2.5)"
     if device.type == "cpu" and needs_grad:
         return "torch's FlexAttention has no CPU backward"
@@ -91,6 +100,8 @@ def block_mask_for(q: TokenMeta, kv: TokenMeta) -> Any:
 
     global _compiled_mask
     if _compiled_mask is None:  # compiled, it never materialises the [B, nq, nk] mask (eager does)
+        from torch.nn.attention.flex_attention import create_block_mask
+
         _compiled_mask = torch.compile(create_block_mask)
     B, nq = q_pos.shape
     mask = _compiled_mask(mask_mod, B, None, nq, kv_pos.shape[1], device=q_pos.device)
@@ -105,16 +116,17 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     torch 2.13's inductor fails to build the CPU flex template inside a larger graph (a C++
     error, 'cur_qSplitSize5 was not declared'), so the layer graph breaks around it."""
     if q.device.type == "cpu":
-        return _flex_own_graph(q, k, v, block_mask)
+        global _own_graph
+        if _own_graph is None:  # recursive=False: only this frame is skipped, the kernel inside still compiles
+            _own_graph = torch.compiler.disable(_run_compiled, recursive=False)
+        return _own_graph(q, k, v, block_mask)
     return _run_compiled(q, k, v, block_mask)
 
 
 def _run_compiled(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     global _compiled
     if _compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
         _compiled = torch.compile(flex_attention)
     return _compiled(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
-
-
-# recursive=False: only this frame is skipped, the compiled kernel inside still compiles
-_flex_own_graph = torch.compiler.disable(_run_compiled, recursive=False)

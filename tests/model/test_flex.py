@@ -179,3 +179,16 @@ def test_decoding_cache_stays_dense():
     with torch.no_grad():
         model(torch.tensor([[5, 6, 7]]), causal_routing=True, kv_cache=cache)
     assert all(not e.meta.block_masks for e in cache.entries.values())
+
+
+def test_importing_the_model_leaves_flex_attention_and_dynamo_unimported():
+    """FlexAttention is imported on first use: its import pulls in torch._dynamo (about a second
+    of every evaluation, export or decoding process that never masks documents)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megamor.model, megamor.inference; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch.nn.attention.flex_attention') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    assert flex.flex_unusable(torch.device("cpu"), needs_grad=False) is None  # still found when asked
