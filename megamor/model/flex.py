@@ -26,6 +26,7 @@ output is the same (tests/model/test_flex.py).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from typing import Any, Protocol
@@ -55,6 +56,7 @@ _own_graph: Any = None
 _noted: set[str] = set()
 
 
+@functools.cache  # asked on every document-masked forward (wants_flex)
 def _flex_available() -> bool:
     try:
         return importlib.util.find_spec(FLEX_MODULE) is not None
