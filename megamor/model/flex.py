@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 # torch >= 2.5 has it (the GPU image's 2.11 and this machine's 2.13 both do). Imported on first
-# use, not here: it imports torch._dynamo, about a second of every process's start-up
+# use, not here: it imports torch._dynamo, a large share of every process's start-up
 # (trainer, evaluation, export CLIs) that most runs never need.
 FLEX_MODULE = "torch.nn.attention.flex_attention"
 

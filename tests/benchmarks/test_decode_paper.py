@@ -86,6 +86,9 @@ def test_profile_counts_the_engines_linears():
     model = MoRLM(tiny_config(n_layers=2)).eval()
     text = linear_profile(model, paper_requests(4, 1, 3, 1, 100), 2, "lockstep")
     assert int(text.split()[0]) > 0, text
+    assert text.endswith("admissions 0%"), text  # one-token prompts: no prefill forward at all
+    longer = linear_profile(model, paper_requests(4, 6, 3, 1, 100), 2, "lockstep")
+    assert int(longer.rsplit(" ", 1)[1].rstrip("%")) > 0, longer  # 5 prompt tokens each through the forward
 
 
 def test_rows_are_timed_round_robin():

@@ -182,8 +182,8 @@ def test_decoding_cache_stays_dense():
 
 
 def test_importing_the_model_leaves_flex_attention_and_dynamo_unimported():
-    """FlexAttention is imported on first use: its import pulls in torch._dynamo (about a second
-    of every evaluation, export or decoding process that never masks documents)."""
+    """FlexAttention is imported on first use: its import pulls in torch._dynamo (a large share of
+    the start-up of every evaluation, export or decoding process that never masks documents)."""
     import subprocess
     import sys
 
