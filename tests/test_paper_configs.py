@@ -79,9 +79,11 @@ def test_each_config_is_the_papers_run(size, variant):
         layers = 2 + -(-(layers - 2) // nr) * nr
     assert m.n_layers == layers
     assert m.kv_mode == ("shared" if variant.endswith("kv_share") else "recursion_wise")
+    assert not m.init_scaled_residual  # Hugging Face Llama's init: every Linear N(0, 0.02)
+    assert m.init_std == 0.02
     if variant.startswith("mor_expert"):
-        assert (r.type, r.activation, r.alpha, r.network, r.temperature, r.gating) == \
-            ("expert_choice", "sigmoid", 0.1, "linear", 1.0, "weighted")
+        assert (r.type, r.activation, r.alpha, r.network, r.temperature, r.gating, r.expert_choice_update) == \
+            ("expert_choice", "sigmoid", 0.1, "linear", 1.0, "weighted", "paper")  # Eq. 1
         assert (r.aux_bce_coef, r.bce_reduction, r.bce_label_smoothing, r.z_loss_coef) == (0.001, "sum", 0.0, 0.0)
         assert not (r.learn_threshold or r.gate_straight_through or r.learn_alpha or r.aux_router or r.rand_router)
         assert r.cap_warmup_step == 0 and list(m.capacities) == pytest.approx([(nr - i) / nr for i in range(nr)])

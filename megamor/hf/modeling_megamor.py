@@ -24,7 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megamor import MegamorConfig
-from .routing import CAUSAL, RoutingPolicy, RoutingSettings, update
+from .routing import CAUSAL, RoutingPolicy, RoutingSettings
 
 
 def _get(m: dict, key: str, default):
@@ -283,7 +283,7 @@ class MegamorForCausalLM(MegamorPreTrainedModel, GenerationMixin):
         y, site = self._run_layers(layer_ids, site, x, pos.gather(1, idx), slots, (take(rope[0]), take(rope[1])), kv)
         if step.gate is not None:
             exits = None if step.exits is None else step.exits.gather(1, idx)
-            y = update(x, y, step.gate.gather(1, idx), exits, None if exits is None else take(step.base))
+            y = self.routing.update(x, y, step.gate.gather(1, idx), exits, None if exits is None else take(step.base))
         y = torch.where(slots.unsqueeze(-1), y, x)
         return h.scatter(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]), y), site
 

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from megamor.inference.step import _apply_layer, _Rows, layer_output, layer_query
 from megamor.model.layers import sdpa
-from megamor.model.routing import CAUSAL, EXPERT, TOKEN, update
+from megamor.model.routing import CAUSAL, EXPERT, TOKEN
 
 if TYPE_CHECKING:
     from megamor.inference.static_cache import StaticKVCache
@@ -207,9 +207,9 @@ class DepthwiseScheduler:
                     out = self._layer(p, j, y[loc_t], slots[loc], dep[loc], cos[loc_t], sin[loc_t], memo)
                     y = y.index_copy(0, loc_t, out)
         gated = self.gated[slots]
-        if gated.any():  # the routing's update rule (megamor.model.routing.update), row by row
+        if gated.any():  # the routing's update rule (RoutingPolicy.update), row by row
             paper = self.paper[slots].any()
-            upd = update(x, y, self.G[sl_t][:, None], self.E[sl_t][:, None] if paper else None,
+            upd = model.routing.update(x, y, self.G[sl_t][:, None], self.E[sl_t][:, None] if paper else None,
                          self.base[sl_t] if paper else None)
             y = upd if gated.all() else torch.where(torch.from_numpy(gated).to(self.device)[:, None, None], upd, y)
         self.H[sl_t] = y

@@ -47,7 +47,7 @@ from megamor.inference.depthwise import EngineLike, check_servable
 from megamor.inference.graph_step import fixed_shape_layer
 from megamor.inference.step import layer_output, layer_query
 from megamor.model.layers import sdpa
-from megamor.model.routing import CAUSAL, update
+from megamor.model.routing import CAUSAL
 
 LAST = 2**62  # the ticket of a slot that is not waiting: sorts after every real one
 
@@ -356,7 +356,7 @@ class StaticDepthwiseScheduler:
         for j in range(len(model.steps[0])):
             y = self._block_layer(j, y, rows, dep, valid, cos, sin, bucket)
         if self.gated:  # the routing's update rule, with the gate (and exits) decided for this step
-            y = update(x, y, self.G[rows][:, None], self.E[rows][:, None] if self.paper else None,
+            y = model.routing.update(x, y, self.G[rows][:, None], self.E[rows][:, None] if self.paper else None,
                        self.base[rows] if self.paper else None)
         new_dep = dep + valid.long()
         # next decisions: the policy's step r on the items whose next step is r

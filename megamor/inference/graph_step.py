@@ -28,7 +28,7 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.inference.step import layer_attend_and_mlp, layer_query
 from megamor.model.mor import MoRLM
-from megamor.model.routing import CAUSAL, update
+from megamor.model.routing import CAUSAL
 
 
 def fixed_shape_layer(model: MoRLM, cache: StaticKVCache, phys: int, site: int, x: Tensor, idx: Tensor, write: Tensor,
@@ -117,7 +117,7 @@ class GraphStep:
             if rows is not None:
                 gate = None if gate is None else gate[rows]
                 exits, base = (None, None) if exits is None else (exits[rows], base[rows])
-            y = update(x, y, None if gate is None else gate[:, None], exits, base)
+            y = model.routing.update(x, y, None if gate is None else gate[:, None], exits, base)
             y = torch.where(valid[:, None, None], y, x)
             h = y if rows is None else h.index_copy(0, rows, y)
             depth = depth + sel.long()

@@ -19,7 +19,7 @@ from torch import Tensor
 from megamor.inference.static_cache import StaticKVCache
 from megamor.model.layers import sdpa
 from megamor.model.mor import MoRLM
-from megamor.model.routing import CAUSAL, update
+from megamor.model.routing import CAUSAL
 
 
 @dataclass
@@ -106,7 +106,7 @@ def decode_step(model: MoRLM, cache: StaticKVCache, slots: np.ndarray, tokens: T
         sub_rows, sub_cos, sub_sin = rows.take(active, active_t), cos[active_t], sin[active_t]
         for phys, site in zip(layer_ids, site_ids):
             y = _apply_layer(model, cache, phys, site, y, sub_rows, sub_cos, sub_sin, memo)
-        y = update(hc, y, *(None if t is None else t.index_select(0, active_t) for t in (step.gate, step.exits, step.base)))
+        y = model.routing.update(hc, y, *(None if t is None else t.index_select(0, active_t) for t in (step.gate, step.exits, step.base)))
         h = h.index_copy(0, active_t, y)
         depth[active] += 1
     tokens_per_step += [0] * (len(model.steps) - len(tokens_per_step))

@@ -16,7 +16,7 @@ from megamor.config import ConfigError, key, load_config
 SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
 ROUTERS = ("none", "expert_choice", "token_choice")
 KV_MODES = ("recursion_wise", "shared")
-TOKEN_UPDATES = ("gated_residual", "paper")
+UPDATE_RULES = ("gated_residual", "paper")  # router.token_choice_update, router.expert_choice_update
 
 
 @dataclass
@@ -76,6 +76,12 @@ class RouterConfig:
     # h <- step(h); at the chosen depth the output is H^1 + g * step(h), H^1 the first
     # recursion's input. Which should be mor_token_N's default is not decided (docs/paper.md).
     token_choice_update: str = "gated_residual"
+    # Expert choice: how a selected token's recursion step updates it. gated_residual
+    # (megamor's): h <- h + g (step(h) - h), the gate scales the step's residual update, and
+    # g -> 0 leaves h as it was. paper: Eq. 1 (and the official code), h <- h + g step(h), where
+    # step(h) includes the block's own residual: the stream grows by (1 + g) at every step a
+    # token runs, and unweighted gating (g = 1) gives h + step(h).
+    expert_choice_update: str = "gated_residual"
     # -- the official code's other router knobs (all off, or today's behaviour, by default) --
     # Token choice's depth probabilities: softmax over the N_r depths, or an independent
     # sigmoid per depth (then alpha defaults to 0.1, as the official code's).
@@ -158,11 +164,16 @@ class RouterConfig:
             raise ConfigError(key(path, "threshold_momentum"), f"must be in [0, 1), got {self.threshold_momentum}")
         if self.alpha is not None and self.alpha <= 0:
             raise ConfigError(key(path, "alpha"), "must be positive")
-        if self.token_choice_update not in TOKEN_UPDATES:
+        if self.token_choice_update not in UPDATE_RULES:
             raise ConfigError(key(path, "token_choice_update"),
-                              f"must be one of {TOKEN_UPDATES}, got {self.token_choice_update!r}")
+                              f"must be one of {UPDATE_RULES}, got {self.token_choice_update!r}")
         if self.token_choice_update != "gated_residual" and self.type != "token_choice":
             raise ConfigError(key(path, "token_choice_update"), "applies to token choice only")
+        if self.expert_choice_update not in UPDATE_RULES:
+            raise ConfigError(key(path, "expert_choice_update"),
+                              f"must be one of {UPDATE_RULES}, got {self.expert_choice_update!r}")
+        if self.expert_choice_update != "gated_residual" and self.type != "expert_choice":
+            raise ConfigError(key(path, "expert_choice_update"), f"applies to expert choice only (router.type is {self.type!r})")
         if self.type != "expert_choice":
             self.gate_straight_through = False  # expert choice only; one value for every other router
 
@@ -205,6 +216,9 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output head shares the embedding matrix
     init_std: float = 0.02  # std of the normal weight initialisation
+    # o_proj and down_proj at init_std / sqrt(2 n_layers) (GPT-2's residual scaling; n_layers of
+    # the unrolled stack). false: every Linear at init_std (Hugging Face Llama's, the paper's).
+    init_scaled_residual: bool = True
     sharing: str = "none"  # none | cycle | sequence | middle_cycle | middle_sequence
     num_recursions: int = 1  # recursion steps N_r of the shared block (1 with sharing none)
     router: RouterConfig = field(default_factory=RouterConfig)

@@ -13,9 +13,10 @@ selected keep their hidden state. With a router, a selected token's update is ga
     h <- h + g * (step(h) - h),      g = alpha * sigmoid(router logit)   (expert choice)
 
 i.e. g scales the step's residual update (not the step's whole output). This is how the
-router receives the language-model gradient. (Token choice with `token_update: paper`: the
-paper's Eq. 2, steps before the chosen depth ungated, H^1 + g * step(h) at it; the rule is
-`routing.update`.)
+router receives the language-model gradient. (Expert choice with `expert_update: paper`: the
+paper's Eq. 1, h <- h + g * step(h). Token choice with `token_update: paper`: the paper's
+Eq. 2, steps before the chosen depth ungated, H^1 + g * step(h) at it. The rule is
+`RoutingPolicy.update`.)
 
 Which tokens run each step, and their gate, is decided by the routing policy
 (`self.routing`, `megamor.model.routing`: the one place the rule lives, shared with the
@@ -60,7 +61,7 @@ from megamor.model.kv_cache import KVCache
 from megamor.model.layers import Block, KVBlock, RMSNorm, RotaryEmbedding, TokenMeta
 from megamor.model.loss import chunked_cross_entropy, cross_entropy_from_logits
 from megamor.model.routers import ExpertChoiceRouter, TokenChoiceRouter, routing_settings
-from megamor.model.routing import CAUSAL, TOPK, RoutingPolicy, StepRouting, update
+from megamor.model.routing import CAUSAL, TOPK, RoutingPolicy, StepRouting
 
 CheckpointFn = Callable[..., object]
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -232,8 +233,9 @@ class MoRLM(nn.Module):
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        # Residual-branch outputs scaled down by the depth of the unrolled stack (GPT-2 style).
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        # Residual-branch outputs scaled down by the depth of the unrolled stack (GPT-2 style),
+        # unless init_scaled_residual is off (Hugging Face Llama's init, the paper's).
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.init_scaled_residual else std
         for name, p in self.named_parameters():
             if name.startswith("routers.") and name.endswith(".alpha"):  # router.learn_alpha
                 nn.init.constant_(p, self.cfg.router.gate_scale)
@@ -382,7 +384,7 @@ class MoRLM(nn.Module):
         if step.gate is not None:
             pick = (lambda t: lay.local(t)) if idx is None else (lambda t: lay.local(t.gather(1, idx)))
             base = None if step.base is None else (step.base if idx is None else lay.take(step.base, idx))
-            y = update(x, y, pick(step.gate), None if step.exits is None else pick(step.exits), base)
+            y = self.routing.update(x, y, pick(step.gate), None if step.exits is None else pick(step.exits), base)
         if idx is None:
             return y
         # Padding slots point at unselected tokens: write their old value back.

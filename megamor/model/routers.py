@@ -50,6 +50,7 @@ def routing_settings(cfg: ModelConfig) -> RoutingSettings:
         learn_threshold=r.learn_threshold,
         loss_free=r.balancing == "loss_free",
         token_update=r.token_choice_update,
+        expert_update=r.expert_choice_update,
         weighted=r.gating == "weighted",
         temperature=r.temperature,
         token_func=r.token_func,

@@ -14,12 +14,14 @@ Modes:
           (expert choice: router logit > the router's `threshold`).
 Token choice is causal in both modes: each token picks its depth once, at the first step.
 
-The gate scales a selected token's residual update, h <- h + g * (step(h) - h); `gate_fn`
-computes it (replace it to try another gate: every path uses the policy's). Token choice's
+The gate scales a selected token's residual update, h <- h + g * (step(h) - h); expert choice's
+`expert_update: paper` is the paper's Eq. 1 instead (its official code's too), h <- h + g *
+step(h): step(h) includes the block's own residual, so the stream itself grows by (1 + g).
+`gate_fn` computes the gate (replace it to try another gate: every path uses the policy's). Token choice's
 `token_update: paper` is the paper's Eq. 2 as its official code runs it: the steps before a
 token's chosen depth are ungated (h <- step(h)), and at its chosen depth i its output is
-H^1 + g * step(h), H^1 the first recursion's input. `update` applies the rule: every path
-gathers the step's tensors the same way and calls it.
+H^1 + g * step(h), H^1 the first recursion's input. `RoutingPolicy.update` applies the rule:
+every path gathers the step's tensors the same way and calls it.
 
 The official code's other router knobs (RoutingSettings below; RouterConfig documents each)
 live here too: capacity and balancing warmups (they read `RoutingPolicy.train_step`, which the
@@ -80,6 +82,7 @@ class RoutingSettings:
     learn_threshold: bool = False
     loss_free: bool = False
     token_update: str = GATED_RESIDUAL  # token choice: gated_residual | paper (Eq. 2)
+    expert_update: str = GATED_RESIDUAL  # expert choice: gated_residual | paper (Eq. 1)
     # The official code's router knobs (megamor/model/config.py RouterConfig says what each does).
     weighted: bool = True  # gating: False = the gate is 1 (no router weight)
     temperature: float = 1.0  # the router sees h / temperature
@@ -134,16 +137,18 @@ GateFn = Callable[[RoutingSettings, str, Tensor, Any], Tensor]
 
 
 def update(x: Tensor, y: Tensor, gate: Tensor | None, exits: Tensor | None = None,
-           base: Tensor | None = None) -> Tensor:
+           base: Tensor | None = None, gate_residual: bool = True) -> Tensor:
     """The new hidden state of the tokens that ran a step: x [..., n, D] their input, y the
-    step's output, gate [..., n] (None: ungated, y). exits/base (token choice's paper rule):
-    the tokens whose chosen depth this is leave with base + gate * y (base = H^1, the first
-    recursion's input); the others continue with y, ungated."""
+    step's output, gate [..., n] (None: ungated, y). gate_residual: x + gate * (y - x), the
+    gate scales the step's residual update; otherwise the paper's Eq. 1, x + gate * y (y holds
+    the block's own residual). exits/base (token choice's paper rule): the tokens whose chosen
+    depth this is leave with base + gate * y (base = H^1, the first recursion's input); the
+    others continue with y, ungated."""
     if gate is None:
         return y
     g = gate.unsqueeze(-1).to(x.dtype)
     if exits is None:
-        return x + g * (y - x)
+        return x + g * (y - x) if gate_residual else x + g * y
     return torch.where(exits.unsqueeze(-1), base + g * y, y)
 
 
@@ -350,6 +355,12 @@ class RoutingPolicy:
 
     def gate(self, kind: str, x: Tensor, scale: Any) -> Tensor:
         return self.gate_fn(self.settings, kind, x, scale)
+
+    def update(self, x: Tensor, y: Tensor, gate: Tensor | None, exits: Tensor | None = None,
+               base: Tensor | None = None) -> Tensor:
+        """This model's update rule (`update`): every path calls it with the step's gathered
+        tensors."""
+        return update(x, y, gate, exits, base, gate_residual=self.settings.expert_update != PAPER)
 
     def start(self, model: Any, mode: str, training: bool = False, record: bool = False,
               count: bool = False, positions: Tensor | None = None) -> RoutingPass:
