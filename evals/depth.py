@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from megamor.cli import ArgumentParser, results, use_colour
+from megamor.cli import ArgumentParser, BadInput, positive_int, results, use_colour
 from megamor.eval.cli import add_identity_arg, default_device, run_main, set_threads, tokenizer_for, write_text
 from megamor.eval.identity import check_identity
 from megamor.eval.text_input import read_text, require_text
@@ -25,8 +25,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to analyse (repeatable)")
     src.add_argument("--file", nargs="+", help="text files (one text per file)")
-    p.add_argument("--max-tokens", type=int, default=None, help="per text")
-    p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="per text")
+    p.add_argument("--max-length", type=positive_int, default=None, help="window length (default: the model's max_seq_len)")
     add_identity_arg(p)
     p.add_argument("--html", help="write an HTML rendering here")
     p.add_argument("--plots", help="folder for depth_histogram.png, depth_vs_frequency.png, depth_vs_loss.png")
@@ -38,6 +38,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
+    if a.text and any(not t.strip() for t in a.text):
+        raise BadInput("--text: an empty text (nothing to analyse)")
     texts = a.text or [require_text(f, read_text(f)) for f in a.file]
     from megamor.eval.depth import depth_statistics, render_html, render_terminal, trace_depth, write_depth_plots
     from megamor.runs.load import load_model_and_meta

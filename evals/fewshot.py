@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megamor.cli import ArgumentParser, pairs
+from megamor.cli import ArgumentParser, nonneg_int, pairs, positive_int
 from megamor.eval.cli import add_model_args, build_scorer, run_main, set_threads, write_json, write_text
 from megamor.eval.paper import ROUTINGS, paper_summary, paper_table, routing_label
 from megamor.eval.tasks import PAPER_TASKS, SUITES, TASKS, check_task_names, expand_suites, get_task
@@ -26,9 +26,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "MMLU included, full sets) (default: the paper's tasks without MMLU)")
     p.add_argument("--task-file", action="append", default=[], metavar="TASK=PATH", help="read TASK from PATH (same format)")
     p.add_argument("--data-dir", type=Path, default=None, help="datasets folder (default $MEGAMOR_DATA_DIR)")
-    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--num-fewshot", type=nonneg_int, default=0)
     p.add_argument("--seed", type=int, default=1234, help="k-shot sampling seed")
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task")
     p.add_argument("--mmlu-dir", type=Path, default=None, help="MMLU folder in the standard CSV layout (test/<subject>_test.csv; "
                    "default $MEGAMOR_MMLU_DIR, else mmlu/ under the data dir)")
     p.add_argument("--routing", default="causal", choices=ROUTINGS,

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megamor.cli import one_line_errors_everywhere, run_main, tool_name
+from megamor.cli import BadInput, one_line_errors_everywhere, run_main, tool_name
 from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.eval.errors import EvalInputError
 
@@ -35,7 +35,12 @@ def cli_evaluate() -> None:
     args = parser.parse_args()
     import megamor.eval.lm_eval_adapter  # noqa: F401 - registers "megamor" (loads torch)
 
-    parser.execute(args)
+    try:
+        parser.execute(args)
+    except ValueError as e:  # lm-eval's own bad input (an unknown task name): one line, exit 2
+        if str(e).startswith("Tasks not found"):
+            raise BadInput(f"--tasks: {e} (local tasks need --include_path evals/tasks)") from None
+        raise
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from megamor.cli import ArgumentParser
+from megamor.cli import ArgumentParser, positive_int
 from megamor.eval.cli import add_model_args, build_scorer, run_main, set_threads, write_json
 from megamor.eval.text_input import ENCODING_ERRORS
 
@@ -33,9 +33,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoding-errors", default="strict", choices=ENCODING_ERRORS,
                    help="bytes that do not decode: an error naming the file and byte offset (strict), or replaced/dropped")
     p.add_argument("--shard-split", default="valid", help="shard name prefix inside a shard folder (tokenize_and_shard writes valid-NNNNN.npy)")
-    p.add_argument("--stride", type=int, default=None, help="tokens each window advances (default: max length, i.e. disjoint windows)")
-    p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
-    p.add_argument("--max-tokens", type=int, default=None, help="only the first N shard tokens")
+    p.add_argument("--stride", type=positive_int, default=None, help="tokens each window advances (default: max length, i.e. disjoint windows)")
+    p.add_argument("--max-docs", type=positive_int, default=None, help="only the first N documents")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="only the first N shard tokens")
     p.add_argument("--out", help="write the JSON here too")
     return p.parse_args(argv)
 

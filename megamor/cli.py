@@ -55,6 +55,26 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count, a length, a limit)."""
+    return _int_at_least(text, 1)
+
+
+def nonneg_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (0 meaning none, e.g. zero-shot)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (argparse prints the whole usage block first), exit 2."""
 

@@ -170,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     train(run_dir, shards, tok, steps, out)
     val = _last_validation(run_dir)
     if val:
-        line = f"validation loss {val['val/loss']:.4f} (perplexity {val.get('val/ppl', float('nan')):.2f}) at step {val['step']}"
-        if "val/loss_causal" in val:
-            line += f"; with causal routing (as in decoding) {val['val/loss_causal']:.4f}"
+        line = f"validation loss {val['val/loss']:.4f} at step {val['step']}"
+        if "val/loss_causal" in val:  # expert choice: top-k above sees later tokens; decoding routes causally
+            line = (f"validation loss {val['val/loss_causal']:.4f} with causal routing (as in decoding), "
+                    f"{val['val/loss']:.4f} with training's top-k routing, at step {val['step']}")
+        line += f"; perplexity {val.get('val/ppl', float('nan')):.2f}"
         print(f"\n== {line}")
     show_samples(run_dir, tok)
     ref = newest_complete(run_dir)

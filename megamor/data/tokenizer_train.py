@@ -150,7 +150,9 @@ def train_tokenizer(
     except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small corpus
         if failure:
             raise failure[0] from None
-        hint = " (lower --vocab-size, or pass --soft-vocab-limit)" if "Vocabulary size" in str(e) else ""
+        msg = str(e)
+        hint = (" (this tool's flags: raise --vocab-size, or lower --character-coverage)" if "required_chars" in msg
+                else " (lower --vocab-size, or pass --soft-vocab-limit)" if "Vocabulary size" in msg else "")
         raise DataError(f"sentencepiece training failed: {e}{hint}") from None
     if failure:
         raise failure[0]

@@ -34,9 +34,9 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = True)
     g.add_argument("--tokenizer", help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face) or their folder (default: one stored beside the checkpoint)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast dtype (default fp32)")
-    g.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
-    g.add_argument("--max-batch-tokens", type=int, default=16384, help="cap on rows x longest row per batch (bounds the logits memory)")
-    g.add_argument("--max-length", type=int, default=None,
+    g.add_argument("--batch-size", type=cli.positive_int, default=16, help="rows per forward pass")
+    g.add_argument("--max-batch-tokens", type=cli.positive_int, default=16384, help="cap on rows x longest row per batch (bounds the logits memory)")
+    g.add_argument("--max-length", type=cli.positive_int, default=None,
                    help="context length; longer requests lose their oldest context tokens (default: the model's max_seq_len)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_identity_arg(g)
@@ -48,9 +48,21 @@ def add_identity_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
 
 
 def default_device(device: str | None) -> str:
+    """--device, checked against this torch build (a CUDA device asked of a CPU-only torch is
+    bad input, not a crash), else cuda when available."""
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise BadInput(f"--device {device}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BadInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def tokenizer_for(source: Any, path: str | None) -> EvalTokenizer:
@@ -97,7 +109,7 @@ def context_length(given: int | None, model: torch.nn.Module) -> tuple[int, str]
     """The evaluation context and where it came from: --max-length, else the model's max_seq_len
     (as Scorer's default). Not the training data.seq_len: few-shot requests are often longer than
     the training windows, and left truncation would cut their questions."""
-    if given:
+    if given is not None:
         return given, "--max-length"
     from .scoring import model_max_length
 

@@ -29,6 +29,7 @@ import torch
 
 from megamor.model.routing import precision_recall, trace_agreement
 
+from .errors import EvalInputError
 from .scoring import model_max_length
 from .tokenizer import EvalTokenizer
 
@@ -90,7 +91,7 @@ def trace_depth(
 ) -> DepthTrace:
     ids = tok.encode(text)[:max_tokens]
     if not ids:
-        raise ValueError("empty text")
+        raise EvalInputError("empty text: nothing to trace")
     L = max_length or model_max_length(model)
     stream = torch.tensor([tok.eos_id] + ids, dtype=torch.long)
     n = len(stream)

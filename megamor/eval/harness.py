@@ -56,7 +56,8 @@ def fewshot_prefix(task: Task, doc_index: int, doc: Doc, pool: Sequence[Doc], k:
     rng = random.Random(f"{seed}:{task.name}:{doc_index}")
     candidates = [i for i in range(len(pool)) if not (same_split and pool[i]["_src"] == doc["_src"])]
     if len(candidates) < k:
-        raise ValueError(f"{task.name}: {k}-shot needs {k} examples, the few-shot pool has {len(candidates)}")
+        raise EvalInputError(f"{task.name}: {k}-shot needs {k} examples, the few-shot pool has {len(candidates)}: "
+                             "lower --num-fewshot")
     shots = [pool[i] for i in rng.sample(candidates, k)]
     return "".join(task.fewshot_example(s) + task.fewshot_delimiter for s in shots)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import EvalInputError
 from .scoring import Scorer, ScoreRequest
 from .tokenizer import EvalTokenizer
 
@@ -36,7 +37,7 @@ def window_spans(n_tokens: int, max_length: int, stride: int | None = None) -> l
     stream[start : b + 1] and it scores tokens [b - n_score, b)."""
     stride = max_length if stride is None else stride
     if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+        raise EvalInputError(f"--stride {stride}: must be in [1, max length {max_length}] (--max-length, or the model's)")
     spans = []
     a, b = 0, min(max_length, n_tokens)
     while a < n_tokens:

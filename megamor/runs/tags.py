@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.runs.integrity import check_tag
-from megamor.runs.layout import CHECKPOINTS, CheckpointError, CheckpointRef, checkpoints_dir, step_of
+from megamor.runs.layout import CHECKPOINTS, CheckpointError, CheckpointRef, checkpoints_dir, step_of, tag_dirs, tag_for
 
 
 def read_complete(tag_dir: Path, verify: str = "size") -> dict[str, Any] | None:
@@ -30,6 +30,12 @@ def list_complete(run_dir: str | Path) -> list[CheckpointRef]:
     return sorted(out, key=lambda c: c.step)
 
 
+def tags_line(run_dir: str | Path) -> str:
+    """`has step_..., ...` (the newest four complete tags), for a message about a missing tag."""
+    tags = [d.name for d in tag_dirs(checkpoints_dir(run_dir)) if check_tag(d, "size")[0] is not None]
+    return f"has {', '.join(tags[-4:])}" if tags else "has no complete checkpoint"
+
+
 def newest_complete(run_dir: str | Path) -> CheckpointRef | None:
     found = list_complete(run_dir)
     return found[-1] if found else None
@@ -49,7 +55,10 @@ def resolve_tag(run_or_ckpt: str | Path, tag: str | None = None, verify: str = "
                 raise CheckpointError(f"{run}: no complete checkpoint in {checkpoints_dir(run)}")
             d = ref.path
         else:
-            d = checkpoints_dir(run) / tag
+            step = step_of(tag)  # step_99 names step_00000099
+            d = checkpoints_dir(run) / (tag_for(step) if step is not None else tag)
+            if not d.is_dir():
+                raise CheckpointError(f"{run}: no checkpoint {tag} in {checkpoints_dir(run)} ({tags_line(run)})")
     meta, why = check_tag(d, verify)
     if meta is None:
         raise CheckpointError(f"{d}: not a usable checkpoint: {why or 'missing'}")

@@ -46,14 +46,13 @@ from megamor.runs.layout import (
     CheckpointRef,
     checkpoints_dir,
     step_of,
-    tag_dirs,
     tag_for,
 )
 from megamor.runs.resume import ResumePlan, ensure_universal, load_engine_state, plan_for
 from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.save import set_rng_state
-from megamor.runs.tags import newest_complete
+from megamor.runs.tags import newest_complete, tags_line
 from megamor.train.config import ExperimentConfig, load_stored_experiment, to_container
 from megamor.train.init_from import NOT_COMPARED, ROUTER_FORM
 from megamor.utils.atomic import write_json
@@ -76,11 +75,6 @@ class PhaseSource:
         return integrity.hash_file(self.ref.path / MARKER)
 
 
-def _tags_line(run: Path) -> str:
-    tags = [d.name for d in tag_dirs(checkpoints_dir(run)) if integrity.check_tag(d, "size")[0] is not None]
-    return f"has {', '.join(tags[-4:])}" if tags else "has no complete checkpoint"
-
-
 def resolve_source(spec: str, verify: str = "size") -> PhaseSource:
     """RUN, RUN/step_N, RUN/checkpoints/step_N (N padded or not) -> the complete, intact tag.
     A missing run or step is one ConfigError naming the key."""
@@ -99,7 +93,7 @@ def resolve_source(spec: str, verify: str = "size") -> PhaseSource:
             raise ConfigError(KEY, f"{spec}: {checkpoints_dir(run)} holds no complete checkpoint")
         tag_dir = ref.path
     if not tag_dir.is_dir():
-        raise ConfigError(KEY, f"{spec}: no checkpoint {tag_dir.name} in {checkpoints_dir(run)} ({_tags_line(run)})")
+        raise ConfigError(KEY, f"{spec}: no checkpoint {tag_dir.name} in {checkpoints_dir(run)} ({tags_line(run)})")
     meta, why = integrity.check_tag(tag_dir, verify)
     if meta is None:
         raise ConfigError(KEY, f"{spec}: {tag_dir} is not a usable checkpoint: {why}")

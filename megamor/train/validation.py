@@ -66,7 +66,9 @@ class Validation:
                 totals[suffix][1] += n
         for suffix, (s, n) in totals.items():
             results[f"val/loss{suffix}"] = s / max(n, 1.0)
-        results["val/ppl"] = math.exp(min(results["val/loss"], 50.0))
+        # Perplexity of the routing a decoder can run: expert choice's top-k pass sees later
+        # tokens of the sequence, so its loss is not a language model's; the causal pass is.
+        results["val/ppl"] = math.exp(min(results.get("val/loss_causal", results["val/loss"]), 50.0))
         results.update(router_val.results(group=self.layout.dp_group))
         return results
 

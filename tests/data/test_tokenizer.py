@@ -67,3 +67,5 @@ def test_training_errors_are_clear(tmp_path):
     assert tok.vocab_size < 5000
     with pytest.raises(DataError, match="input not found"):
         train_tokenizer([str(tmp_path / "nope.txt")], tmp_path / "u", vocab_size=300)
+    with pytest.raises(DataError, match=r"required_chars.*raise --vocab-size, or lower --character-coverage"):
+        train_tokenizer([str(p)], tmp_path / "v", vocab_size=10)  # fewer pieces than the corpus has characters

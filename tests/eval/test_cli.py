@@ -9,6 +9,7 @@ import sys
 
 import lm_eval.evaluator
 import pytest
+import torch
 
 from megamor.data.tokenizer import TokenizerMismatchError
 from megamor.env import repo_root
@@ -156,3 +157,39 @@ def test_perplexity_json_on_stdout_is_clean_and_a_larger_tokenizer_is_one_line(m
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("perplexity.py: error: the tokenizer has") and "the model only 64" in lines[0]
+
+
+@pytest.mark.parametrize("name,args,message", [
+    ("fewshot", ["--tasks", "openbookqa", "--limit", "2", "--num-fewshot", "600"], "openbookqa: 600-shot needs 600 examples"),
+    ("fewshot", ["--tasks", "piqa", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
+    ("fewshot", ["--tasks", "piqa", "--num-fewshot", "-1"], "argument --num-fewshot: must be >= 0, got -1"),
+    ("fewshot", ["--tasks", "piqa", "--device", "cuda"], "--device cuda: this torch"),
+    ("perplexity", ["--text", "{text}", "--stride", "0"], "argument --stride: must be >= 1, got 0"),
+    ("perplexity", ["--text", "{text}", "--max-length", "16", "--stride", "32"], "--stride 32: must be in [1, max length 16]"),
+    ("depth", ["--text", ""], "--text: an empty text"),
+])
+def test_eval_bad_arguments_are_one_line_exit_2(name, args, message, mor_checkpoint, spm_path, tmp_path, data_dir):
+    """Bad numbers, a missing CUDA device, a k-shot larger than the pool: `TOOL.py: error:` and
+    exit 2, never a traceback (and never a silent fallback: --limit 0 scored nan, -1 dropped an
+    example, --num-fewshot -1 ran zero-shot)."""
+    if torch.cuda.is_available() and "cuda" in args:
+        pytest.skip("a CUDA device is present")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    extra = ["--data-dir", str(data_dir)] if name == "fewshot" else []
+    r = run_entry(name, "--checkpoint", str(mor_checkpoint), "--tokenizer", str(spm_path), *extra,
+                  *[a.replace("{text}", str(text)) for a in args])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"{name}.py: error: ") and message in lines[0], lines[0]
+
+
+def test_lm_eval_unknown_task_is_one_line_exit_2(mor_checkpoint, spm_path):
+    r = subprocess.run([sys.executable, str(repo_root() / "evals" / "lm_eval_megamor.py"), "--model", "megamor",
+                        "--model_args", f"checkpoint={mor_checkpoint},tokenizer={spm_path}",
+                        "--include_path", str(repo_root() / "evals" / "tasks"), "--tasks", "megamor_hellaswg",
+                        "--limit", "2"], capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "PYTHONPATH": str(repo_root())})
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lm_eval_megamor.py: error: --tasks: Tasks not found") and "megamor_hellaswg" in last

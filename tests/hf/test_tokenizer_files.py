@@ -1,5 +1,7 @@
-"""Export folders carry tokenizer files: `AutoTokenizer.from_pretrained(DIR)` loads them with no
-remote code (so no trust_remote_code prompt) and encodes text to megamor's ids; lm-eval's `hf`
+"""Export folders carry tokenizer files: `AutoTokenizer.from_pretrained(DIR)` loads them as a
+built-in tokenizer class (a folder without the model's config.json: no remote code at all; an
+export: trust_remote_code=True for the model's config, as the model needs) and encodes text to
+megamor's ids; lm-eval's `hf`
 model loads an export and, with the built-in harness's --no-prefix, scores as it does (issue 27)."""
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def mor_model_and_run(tmp_path_factory) -> tuple:
 def test_export_copies_a_hugging_face_tokenizer(tmp_path, monkeypatch):
     """A run trained with a Hugging Face tokenizer (a byte-level BPE trained here): its export
     holds tokenizer.json and its configs as they were, AutoTokenizer and lm-eval's `hf` model
-    load the folder with no extra arguments, and the identity it records is the tokenizer's."""
+    load the folder with trust_remote_code=True only (which the model needs anyway; transformers 5
+    reads the model's config before the tokenizer), and the identity it records is the tokenizer's."""
     import json
 
     import lm_eval
@@ -141,7 +144,8 @@ def test_export_copies_a_hugging_face_tokenizer(tmp_path, monkeypatch):
     from megamor.runs.find import find_tokenizer
 
     assert find_tokenizer(out) == out / "tokenizer.json"  # what the evals use without --tokenizer
-    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert type(hf_tok).__module__.startswith("transformers.")  # a built-in class: no code of ours for the tokenizer
     text = (d / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:5000]
     assert hf_tok.encode(text) == tok.encode(text) and hf_tok.eos_token_id == tok.eos_id
 

@@ -13,7 +13,7 @@ import torch
 
 from megamor.runs import integrity
 from megamor.runs.consolidate import consolidated_state_dict
-from megamor.runs.layout import NoValidCheckpointError, tag_for
+from megamor.runs.layout import CheckpointError, NoValidCheckpointError, tag_for
 from megamor.runs.resume import find_resumable
 from megamor.runs.safe_load import UnsafeCheckpointError, safe_torch_load
 from megamor.runs.safe_load import load as safe_load
@@ -153,3 +153,14 @@ def test_rng_state_is_plain_and_round_trips_through_the_safe_loader(tmp_path):
     old = {"numpy": np.random.get_state()}  # checkpoints written before: numpy arrays, allow-listed
     torch.save(old, tmp_path / "old.pt")
     assert safe_load(tmp_path / "old.pt")["numpy"][0] == "MT19937"
+
+
+def test_a_missing_tag_names_the_tags_there_and_an_unpadded_step_resolves(tmp_path):
+    """`export RUN --tag step_99` said "no COMPLETE marker (a save that did not finish)" for a tag
+    that does not exist; step_6 now names step_00000006."""
+    real_tag(tmp_path, 6)
+    real_tag(tmp_path, 8)
+    with pytest.raises(CheckpointError, match=r"no checkpoint step_99 in .*checkpoints \(has step_00000006, step_00000008\)"):
+        resolve_tag(tmp_path, "step_99")
+    assert resolve_tag(tmp_path, "step_6").step == 6
+    assert resolve_tag(tmp_path, "step_00000008").step == 8

@@ -7,6 +7,7 @@ Uninterrupted runs are made once per module and shared by the tests that compare
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 
@@ -78,7 +79,8 @@ def test_two_processes_match_one(runs, stage):
     assert last["router/selected_frac_r1"] == 1.0 and last["router/selected_frac_r2"] == 0.5
     assert last["router/mean_depth"] == pytest.approx(1.5)
     assert "train/router_bce" in last and last["perf/tokens_per_s"] > 0
-    assert any("val/loss" in r and "val/loss_causal" in r for r in run.records())
+    val = [r for r in run.records() if "val/loss_causal" in r]
+    assert val and all(r["val/ppl"] == pytest.approx(math.exp(r["val/loss_causal"]), rel=1e-9) for r in val)
     assert newest_complete(run.run_dir).step == 20
     assert [c.step for c in list_complete(run.run_dir)] == [15, 20]  # keep_last 2
     # The learned causal threshold: each rank averaged its own micro-batches' top-k boundaries,
