@@ -52,6 +52,9 @@ def test_phase_times_in_every_log_window(tiny_config, tmp_path):
         assert r["mem/activation_bytes"] > 0
         # the train step's own clock (perf/step_time_s) covers data + forward + backward + optimizer
         assert r["time/data"] + r["time/forward"] + r["time/backward"] + r["time/optimizer"] <= r["perf/step_time_s"] * 1.001
+        # end to end: the same tokens over the window's wall clock (logging, validation, checkpoints in it)
+        assert r["perf/wall_tokens_per_s"] == pytest.approx(r["perf/tokens_per_s"] * r["perf/step_time_s"] / r["time/step"])
+        assert r["perf/wall_tokens_per_s"] <= r["perf/tokens_per_s"] * (1 + 1e-6)
     by_step = {r["step"]: r for r in rows}
     assert by_step[3]["time/checkpoint"] > 0 and by_step[3]["time/eval"] > 0  # saved and validated after step 2
     assert by_step[2]["time/checkpoint"] == 0 and by_step[4]["time/eval"] == 0

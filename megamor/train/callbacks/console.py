@@ -41,7 +41,11 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     if m.get("train/grad_norm") is not None:
         parts.append(f"gnorm {m['train/grad_norm']:.3f}")
     if "perf/tokens_per_s" in m:
-        parts.append(f"{_fmt_si(m['perf/tokens_per_s'])} tok/s")
+        text = f"{_fmt_si(m['perf/tokens_per_s'])} tok/s"
+        wall = m.get("perf/wall_tokens_per_s")
+        if wall is not None and wall < 0.95 * m["perf/tokens_per_s"]:  # the s/step below is wall time: say both
+            text += f" (wall {_fmt_si(wall)})"
+        parts.append(text)
     if m.get("perf/mfu") is not None:
         parts.append(f"MFU {100 * min(m['perf/mfu'], 1.0):.1f}%")  # PeakFlops clamps already; never print more
     if "time/step" in m:
