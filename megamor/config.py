@@ -282,6 +282,8 @@ def _walk(schema: type, node: Any, path: str, errors: list[ConfigError]) -> None
         elif _is_scalar(want) and OmegaConf.is_config(child):
             errors.append(ConfigError(full, f"must be a single value, got {_show(node[k])}"))
             node.pop(k)
+        elif _args(want) == (int,) and _whole_float(child._value()):
+            node[k] = int(child._value())  # max_tokens: 5e9 (how budgets are written) is the int 5000000000
 
 
 def rename_keys(schema: type, node: Any, path: str, errors: list[ConfigError], recurse: bool = True) -> None:
@@ -335,6 +337,11 @@ def _is_mapping(t: Any) -> bool:
 
 def _is_list(t: Any) -> bool:
     return all(typing.get_origin(a) in (list, tuple) or a in (list, tuple) for a in _args(t))
+
+
+def _whole_float(v: Any) -> bool:
+    """A float with an integer value (5e9, 1024.0), as YAML reads scientific notation."""
+    return isinstance(v, float) and v.is_integer()
 
 
 def _is_scalar(t: Any) -> bool:

@@ -108,3 +108,17 @@ def test_mistakes_inside_a_list_of_sections_name_the_item(tmp_path):
         load_config(StudyConfig, f)
     assert [x.key for x in e.value.errors] == ["variants[0].nme", "variants[1]"]
     assert "did you mean variants[0].name?" in str(e.value)
+
+
+def test_whole_numbers_in_scientific_notation_fill_int_keys(tmp_path):
+    """`max_tokens: 5e9` (YAML reads it as a float) and `trainer.max_tokens=1e6` are budgets as
+    researchers write them; a fraction for an int key is still refused, naming the key."""
+    f = tmp_path / "e.yaml"
+    f.write_text("trainer:\n  max_tokens: 5e9\n")
+    cfg = load_experiment([f], ["data.train=[x]", "batch.global_batch_size=1.024e3"])
+    assert cfg.trainer.max_tokens == 5_000_000_000 and isinstance(cfg.trainer.max_tokens, int)
+    assert cfg.batch.global_batch_size == 1024
+    assert load_experiment([], ["data.train=[x]", "trainer.max_tokens=1e6"]).trainer.max_tokens == 1_000_000
+    with pytest.raises(ConfigError) as e:
+        load_experiment([], ["data.train=[x]", "trainer.max_tokens=1.5"])
+    assert e.value.key == "trainer.max_tokens"

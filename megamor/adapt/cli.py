@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     out, speed = decode(model, prompts, args.generate, getattr(tok, "eos_id", None), args.csv)
     depths = [d for row in out.depths for d in row]
     print(f"{TOOL}: {sum(len(t) for t in out.tokens)} tokens generated at {speed:.1f} tokens/s")
-    print(f"{TOOL}: depth histogram of the generated tokens (steps of {cfg.n_layers // cfg.num_recursions} layers):")
+    # A token's depth is that of the pass it was fed to: the last token of each output never ran.
+    print(f"{TOOL}: depth histogram of the {len(depths)} generated tokens fed back through the model "
+          f"(the last of each output never ran; steps of {cfg.n_layers // cfg.num_recursions} layers):")
     print(format_histogram(histogram(depths, cfg.num_recursions)))
     if tok is not None:
         import numpy as np
