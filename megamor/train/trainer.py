@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megamor.data.errors import DataStateError
 from megamor.data.loader import build_train_loader
 from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
@@ -58,6 +59,7 @@ from megamor.train.faults import Faults
 from megamor.train.metrics import PeakFlops, WindowStats
 from megamor.train.optim import group_hparams
 from megamor.train.phase import plan_phase, start_phase
+from megamor.train.preflight import CHANGE_DATA_HINT
 from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested, write_exit_file
@@ -226,7 +228,11 @@ class Trainer:
                                  f"{plan.ref.path} was trained with", "the data's tokenizer")
         except TokenizerMismatchError as e:
             raise CheckpointError(str(e)) from None
-        self.loader.load_state_dict(state["data"])
+        try:  # the preflight checked the newest tag; an older one (the newest failed its hashes) lands here
+            self.loader.load_state_dict(state["data"])
+        except DataStateError as e:
+            raise DataStateError(f"{e}; the checkpoint to resume is {plan.ref.path}; "
+                                 + CHANGE_DATA_HINT.format(ckpt=plan.ref.path)) from None
         rng = state.get("rng") or []
         if len(rng) == self.world:  # one entry per global rank (same layout: check_resume_layout)
             set_rng_state(rng[self.rank])
