@@ -304,8 +304,11 @@ class Trainer:
             "precision": self.cfg.deepspeed.precision,
             "flops": self.flops_total,
         }
+        # Every save (periodic, final, a stop's) during a non-finite streak keeps the newest tag
+        # from before it: keep_last never prunes the last good tag for a state the streak left.
+        good_up_to = self.step - self.consecutive_nonfinite if self.consecutive_nonfinite else None
         path = self.ckpt.save(self.engine, self.step, {"megamor": state}, to_yaml(self.cfg), meta,
-                              extra_files={TRAINER_STATE: state})
+                              extra_files={TRAINER_STATE: state}, good_up_to=good_up_to)
         self.last_saved_step = self.step
         self.console.print(f"checkpoint: {path}")
         self.callbacks.after_save(self.step, path)

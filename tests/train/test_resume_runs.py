@@ -10,25 +10,41 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import assert_ok, launch
+from megamor.runs.tags import list_complete
+from tests.train.helpers import Run, assert_ok, launch
 
 pytestmark = pytest.mark.launch
 
-COMMON = ["trainer.max_steps=2", "checkpoint.every_steps=2", "eval.at_end=false"]
+COMMON = ["trainer.max_steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=1", "eval.at_end=false"]
 
 
 @pytest.fixture(scope="module")
-def base(tiny_config, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("resume_runs") / "base"
-    run = launch(tiny_config, run_dir, COMMON)
+def base_run(tiny_config, tmp_path_factory) -> Run:
+    """3 steps, step 3's gradients non-finite (skipped): step_2 saved on the timer, step_3 by the
+    final save, made during the non-finite streak."""
+    run = launch(tiny_config, tmp_path_factory.mktemp("resume_runs") / "base", COMMON,
+                 env={"MEGAMOR_FAULTS": "inf_grad_at_step=3"})
     assert_ok(run)
-    return run_dir
+    return run
+
+
+@pytest.fixture(scope="module")
+def base(base_run) -> Path:
+    return base_run.run_dir
 
 
 def copy_run(base: Path, name: str) -> Path:
     dst = base.parent / name
     shutil.copytree(base, dst)
     return dst
+
+
+def test_a_save_during_a_nonfinite_streak_never_prunes_the_last_good_tag(base_run):
+    """keep_last=1: the final save of step 3 (a skipped step) keeps step_2, the newest tag from
+    before the streak, and says so."""
+    assert "step 3: " in base_run.output and "step skipped" in base_run.output, base_run.output[-3000:]
+    assert [c.step for c in list_complete(base_run.run_dir)] == [2, 3], base_run.output[-3000:]
+    assert "checkpoint step_00000002 kept beyond checkpoint.keep_last=1" in base_run.output
 
 
 def test_other_training_data_on_resume_is_one_line_and_exit_2(base, tiny_config, tiny_data):
