@@ -15,6 +15,7 @@ directly. Changing the ZeRO stage is attempted through the universal path as wel
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from megamor.runs.layout import (
     NoValidCheckpointError,
     QuarantineError,
     checkpoints_dir,
+    os_error_line,
     step_of,
     tag_dirs,
 )
@@ -164,15 +166,53 @@ def _reject(tag_dir: Path, why: str) -> str:
     return f"{tag_dir.name} ({why})"
 
 
-def set_aside_for_restart(run_dir: str | Path) -> list[Path]:
+RUN_LOGS = "run_logs"  # checkpoints/quarantine/run_logs[.N]/: an earlier run's logs, set aside at a restart
+
+
+def set_aside_for_restart(run_dir: str | Path, logs: Sequence[Path] = ()) -> list[Path]:
     """Rank 0, checkpoint.resume=false: move the existing tags to quarantine/ so the new run's
-    tags never mix with (or prune) the old run's."""
+    tags never mix with (or prune) the old run's, and the old run's per-run logs (`logs`: those
+    a fresh start would cut back or reuse, e.g. metrics.jsonl, the W&B id, TensorBoard event
+    files) with them, into quarantine/run_logs[.N]/ (a record beside it, as for a tag)."""
     moved = []
     for d in tag_dirs(checkpoints_dir(run_dir)):
         moved.append(quarantine(d, integrity.SET_ASIDE))
     if moved:
         warn(f"checkpoint.resume=false: {len(moved)} existing checkpoint(s) moved to {moved[0].parent} (not deleted)")
+    present = [Path(p) for p in logs if Path(p).exists()]
+    if present:
+        dest = _set_aside_logs(checkpoints_dir(run_dir), present, [m.name for m in moved])
+        warn(f"checkpoint.resume=false: the earlier run's {', '.join(p.name for p in present)} moved to {dest} "
+             "(not deleted); this run starts them afresh")
     return moved
+
+
+def _set_aside_logs(ckpt_root: Path, paths: list[Path], tags: list[str]) -> Path:
+    """Move `paths` into a new quarantine/run_logs[.N]/ folder, its record written first (as
+    integrity.quarantine does); each move a rename. Raises QuarantineError when that fails."""
+    qdir = integrity.quarantine_dir(ckpt_root)
+    dest = qdir / RUN_LOGS
+    try:
+        qdir.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while dest.exists() or dest.with_name(dest.name + ".json").exists():
+            dest = qdir / f"{RUN_LOGS}.{n}"
+            n += 1
+        write_json(qdir / f"{dest.name}.json", {"tag": None, "reason": integrity.SET_ASIDE, "time": time.time(),
+                                                 "moved_from": [str(p) for p in paths], "tags_set_aside": tags})
+        dest.mkdir()
+        for p in paths:
+            try:
+                os.replace(p, dest / p.name)
+            except OSError as e:
+                if e.errno != errno.EXDEV:  # another filesystem (an absolute logging path): copied, then removed
+                    raise
+                shutil.move(str(p), str(dest / p.name))
+    except OSError as e:
+        raise QuarantineError(f"cannot set aside the earlier run's logs ({', '.join(p.name for p in paths)}) in "
+                              f"{dest}: {os_error_line(e, qdir)}; free space (or fix the folder's permissions) and "
+                              "rerun") from None
+    return dest
 
 
 def ensure_universal(ref: CheckpointRef, out_root: Path | None = None) -> Path:

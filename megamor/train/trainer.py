@@ -21,11 +21,12 @@ from megamor.data.errors import DataStateError
 from megamor.data.loader import build_train_loader
 from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
+from megamor.observe.profiler import PROFILE_DIR
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
 from megamor.parallel.env import LaunchEnv
 from megamor.parallel.watchdog import Watchdog
-from megamor.runs.layout import TRAINER_STATE, CheckpointError
+from megamor.runs.layout import METRICS_FILE, TRAINER_STATE, CheckpointError
 from megamor.runs.resume import (
     ResumePlan,
     ensure_universal,
@@ -50,7 +51,7 @@ from megamor.train.callbacks.router_state import RouterStateSync
 from megamor.train.callbacks.straggler import StragglerDetection
 from megamor.train.callbacks.tensorboard import TensorBoard
 from megamor.train.callbacks.user import build_user_callbacks
-from megamor.train.callbacks.wandb import WandB, wandb_run_id
+from megamor.train.callbacks.wandb import WANDB_ID_FILE, WandB, wandb_run_id
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.downstream import DownstreamEval
 from megamor.train.engine import build_engine, plain_model
@@ -58,13 +59,14 @@ from megamor.train.faults import ENV as FAULTS_ENV
 from megamor.train.faults import Faults
 from megamor.train.metrics import PeakFlops, WindowStats
 from megamor.train.optim import group_hparams
-from megamor.train.phase import plan_phase, start_phase
+from megamor.train.phase import PHASES_FILE, plan_phase, start_phase
 from megamor.train.preflight import CHANGE_DATA_HINT
 from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
 from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested, write_exit_file
 from megamor.train.step import TrainStep
 from megamor.train.step_log import accumulate, window_metrics
+from megamor.train.tensorboard_sink import TENSORBOARD_DIR
 from megamor.train.validation import Validation
 from megamor.utils.atomic import atomic_open
 
@@ -190,10 +192,18 @@ class Trainer:
             return
         copy_tokenizer(load_tokenizer(src), self.run_dir / "tokenizer")  # either kind, under the names loaders find
 
+    def _run_logs(self) -> list[Path]:
+        """The run folder's per-run logs a fresh start would cut back, reuse or overwrite: set
+        aside with the old tags on checkpoint.resume=false (the W&B id with them: a new W&B run)."""
+        logs = [self.run_dir / name for name in (METRICS_FILE, WANDB_ID_FILE, TENSORBOARD_DIR, PROFILE_DIR, PHASES_FILE,
+                                                 "config.yaml")]
+        depth = self.cfg.logging.depth_hist_path(self.run_dir)
+        return logs + ([depth] if depth is not None else [])
+
     def _plan_resume(self) -> ResumePlan | None:
         if not self.cfg.checkpoint.resume:
             if self.is_main:
-                set_aside_for_restart(self.run_dir)
+                set_aside_for_restart(self.run_dir, self._run_logs())
             pdist.barrier()
             return None
         ds = self.cfg.deepspeed

@@ -59,3 +59,18 @@ def test_other_training_data_on_resume_is_one_line_and_exit_2(base, tiny_config,
     assert len(errors) == 1 and "config key 'data.train'" in errors[0], run.output[-3000:]
     assert "1 train sources then, 2 now" in errors[0] and "trainer.continue_from=" in errors[0]
     assert "megamor: tiny |" not in run.output  # the engine was never built
+
+
+def test_resume_false_keeps_the_old_runs_logs_beside_its_tags_and_starts_a_new_wandb_run(base, tiny_config):
+    """checkpoint.resume=false: the old metrics.jsonl (cut back to step 0 before) and W&B id
+    (reused before) are moved beside the set-aside tags; the new run gets its own."""
+    run_dir = copy_run(base, "restart")
+    old_metrics, old_id = (run_dir / "metrics.jsonl").read_text(), (run_dir / "wandb_id").read_text()
+    run = launch(tiny_config, run_dir, [*COMMON, "checkpoint.resume=false"])
+    assert_ok(run)
+    kept = run_dir / "checkpoints" / "quarantine" / "run_logs"
+    assert kept.is_dir(), run.output[-3000:]
+    assert (kept / "metrics.jsonl").read_text() == old_metrics and (kept / "wandb_id").read_text() == old_id
+    assert (run_dir / "wandb_id").read_text().strip() not in ("", old_id.strip())
+    assert [r["step"] for r in run.records() if "train/loss" in r] == [1, 2, 3]
+    assert sorted(p.name for p in kept.parent.iterdir() if p.is_dir()) == ["run_logs", "step_00000002", "step_00000003"]
