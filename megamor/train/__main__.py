@@ -16,7 +16,7 @@ import traceback
 
 from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
-from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StopRequest
+from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StoppedInSetup, StopRequest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         trainer = Trainer(cfg, env, device, tokenizer, stop_request=stop, run_lock=lock, watchdog=watchdog)
         return trainer.setup().fit()
+    except StoppedInSetup:  # a stop signal during set-up (a universal conversion): its line is printed
+        return EXIT_PREEMPTED
     except RunLockLostError as e:  # another trainer writes this folder now: stop, write nothing more
         if env.rank == 0:
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)

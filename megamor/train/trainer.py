@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -28,14 +28,14 @@ from megamor.parallel.env import LaunchEnv
 from megamor.parallel.watchdog import Watchdog
 from megamor.runs.layout import METRICS_FILE, TRAINER_STATE, CheckpointError
 from megamor.runs.resume import (
+    ConversionStopped,
     ResumePlan,
-    ensure_universal,
+    convert_on_rank0,
     find_resumable,
     load_engine_state,
     plan_for,
     set_aside_for_restart,
 )
-from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.save import CheckpointManager, set_rng_state
 from megamor.runs.tags import list_complete
 from megamor.train.callbacks import Callback, Callbacks
@@ -63,7 +63,14 @@ from megamor.train.phase import PHASES_FILE, plan_phase, start_phase
 from megamor.train.preflight import CHANGE_DATA_HINT
 from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
-from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested, write_exit_file
+from megamor.train.signals import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    StoppedInSetup,
+    StopRequest,
+    StopRequested,
+    write_exit_file,
+)
 from megamor.train.step import TrainStep
 from megamor.train.step_log import accumulate, window_metrics
 from megamor.train.tensorboard_sink import TENSORBOARD_DIR
@@ -127,8 +134,12 @@ class Trainer:
         self.callbacks.setup_start()  # fault injection's signal at set-up
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        plan = self._plan_resume()
-        phase = plan_phase(cfg, self.run_dir, self.dp) if plan is None and cfg.trainer.continue_from else None
+        try:
+            plan = self._plan_resume()
+            phase = plan_phase(cfg, self.run_dir, self.dp, lambda: self.stop_request.requested) \
+                if plan is None and cfg.trainer.continue_from else None
+        except ConversionStopped as e:  # a stop signal during a universal conversion: nothing to save
+            self._stopped_in_setup(str(e))
         if self.device.type == "cpu":
             # Denormal floats (tiny gradients, Adam moments early in training) run ~10x slower
             # on x86; flushing them to zero changes nothing measurable.
@@ -210,18 +221,12 @@ class Trainer:
         ref = find_resumable(self.run_dir, self.cfg.checkpoint.verify)  # collective; quarantines failures
         plan = plan_for(ref, self.dp, ds.zero_stage, ds.precision) if ref is not None else None
         if plan is not None and plan.universal:
-            error = None
             if self.is_main:
                 m = plan.ref.meta
                 print(f"megamor: resuming {plan.ref.path} (DP {m.get('dp_world_size')}, ZeRO-{m.get('zero_stage')}) with DP "
                       f"{self.dp}, ZeRO-{ds.zero_stage}: converting to a universal checkpoint", flush=True)
-                try:
-                    ensure_universal(plan.ref)
-                except (CheckpointError, UnsafeCheckpointError) as e:
-                    error = (isinstance(e, UnsafeCheckpointError), str(e))
-            error = pdist.broadcast_object(error)
-            if error:  # every rank raises the same error (exit 2 for a refused file)
-                raise (UnsafeCheckpointError if error[0] else CheckpointError)(error[1])
+            # every rank raises the same error (exit 2 for a refused file; ConversionStopped: exit 75)
+            convert_on_rank0(plan.ref, should_stop=lambda: self.stop_request.requested)
         return plan
 
     def _resume(self, plan: ResumePlan) -> None:
@@ -286,6 +291,15 @@ class Trainer:
             self.save()
         self._record_exit_status(EXIT_PREEMPTED)
         return EXIT_PREEMPTED
+
+    def _stopped_in_setup(self, what: str) -> NoReturn:
+        """A stop agreed before the engine exists (nothing trained, nothing to save): the stop
+        line, the exit status 75, then StoppedInSetup (every rank)."""
+        sig = self.stop_request.signum
+        self.console.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
+                           f"{self.step} during set-up ({what}): nothing to save, exiting with {EXIT_PREEMPTED}")
+        self._record_exit_status(EXIT_PREEMPTED)
+        raise StoppedInSetup(what)
 
     # -- checkpointing -------------------------------------------------------------------
     def save(self) -> Path:

@@ -5,13 +5,17 @@ for each test."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from megamor.env import repo_root
 from megamor.runs.tags import list_complete
-from tests.train.helpers import Run, assert_ok, launch
+from tests.train.helpers import Run, assert_ok, launch, train_command, train_env
 
 pytestmark = pytest.mark.launch
 
@@ -74,3 +78,28 @@ def test_resume_false_keeps_the_old_runs_logs_beside_its_tags_and_starts_a_new_w
     assert (run_dir / "wandb_id").read_text().strip() not in ("", old_id.strip())
     assert [r["step"] for r in run.records() if "train/loss" in r] == [1, 2, 3]
     assert sorted(p.name for p in kept.parent.iterdir() if p.is_dir()) == ["run_logs", "step_00000002", "step_00000003"]
+
+
+def test_a_stop_signal_during_the_universal_conversion_exits_75(base, tiny_config):
+    """Resuming at another ZeRO stage converts the tag first (a subprocess): SIGTERM to the
+    trainer's process group then (what Ctrl-C or `kill -- -PGID` does) reaches only the trainer,
+    which ends the conversion, removes its partial output and exits 75 with its stop line."""
+    run_dir = copy_run(base, "stop_in_conversion")
+    tmp = run_dir.parent / ".tmp-stop"
+    tmp.mkdir()
+    cmd = train_command(tiny_config, run_dir, [*COMMON, "deepspeed.zero_stage=2"], 1, "python", tmp)
+    with subprocess.Popen(cmd, cwd=repo_root(), env=train_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as p:
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if "converting to a universal checkpoint" in line:
+                os.killpg(p.pid, signal.SIGTERM)
+                break
+        out = "".join(seen) + p.stdout.read()
+        rc = p.wait(timeout=120)
+    assert rc == 75, out[-3000:]
+    assert "stop requested (signal 15)" in out and "exiting with 75" in out, out[-3000:]
+    assert "Traceback" not in out and "failed" not in out
+    universal = run_dir / "checkpoints" / "universal"
+    assert not universal.exists() or not any(universal.iterdir()), list(universal.iterdir())
