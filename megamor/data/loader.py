@@ -140,38 +140,48 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        problem = self.resume_problem(state)
+        if problem is not None:
+            raise DataStateError(f"{problem[0]}: {problem[1]}")
+        self.sample_pos = int(state["tokens_consumed"]) // self.seq_len
+        self.micro_step = int(state.get("micro_step", 0))
+
+    def resume_problem(self, state: dict[str, Any]) -> tuple[str, str] | None:
+        """Why `state` (a checkpoint's loader state) cannot continue on this data, as (the config
+        key that differs, why), or None. The preflight asks before the engine is built."""
         if state.get("version") != STATE_VERSION:
-            raise DataStateError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
+            return "data", f"data loader state version {state.get('version')!r} is not {STATE_VERSION}"
         if state["fingerprint"] != self.fingerprint:
-            raise DataStateError("data fingerprint mismatch: the checkpoint was made on other data "
-                                 f"({self._fingerprint_diff(state)}); resuming would not continue its sample order")
+            key, diff = self._fingerprint_diff(state)
+            return key, (f"data fingerprint mismatch: the checkpoint was made on other data ({diff}); "
+                         "resuming would not continue its sample order")
         for name, mine in (("seed", self.cfg.seed), ("seq_len", self.seq_len)):
             if state[name] != mine:
-                raise DataStateError(f"data.{name} is {mine} but the checkpoint was made with {state[name]}; "
-                                     "the sample order would change")
+                return f"data.{name}", (f"data.{name} is {mine} but the checkpoint was made with {state[name]}; "
+                                        "the sample order would change")
         tokens = int(state["tokens_consumed"])
         if tokens % self.seq_len:
-            raise DataStateError(f"tokens_consumed {tokens} is not a multiple of seq_len {self.seq_len}")
+            return "data.seq_len", f"tokens_consumed {tokens} is not a multiple of seq_len {self.seq_len}"
         micro = int(state.get("micro_step", 0))
         if micro:
             layout = (state["global_batch_size"], state["micro_batch_size"], state["dp_world_size"])
             if layout != (self.global_batch_size, self.micro_batch_size, self.dp_world_size):
-                raise DataStateError(
+                return "batch", (
                     f"the checkpoint was taken {micro} micro-batches into a global batch with (global, micro, dp) = "
                     f"{layout}; it can only resume mid-batch with that layout, not "
                     f"{(self.global_batch_size, self.micro_batch_size, self.dp_world_size)}")
-        self.sample_pos = tokens // self.seq_len
-        self.micro_step = micro
+        return None
 
-    def _fingerprint_diff(self, state: dict[str, Any]) -> str:
+    def _fingerprint_diff(self, state: dict[str, Any]) -> tuple[str, str]:
+        """(the key that differs, how) for a fingerprint mismatch."""
         old_src, old_fp = state.get("sources", []), state.get("source_fingerprints", [])
         if len(old_fp) != len(self.source_fingerprints):
-            return f"{len(old_fp)} train sources then, {len(self.source_fingerprints)} now"
+            return "data.train", f"{len(old_fp)} train sources then, {len(self.source_fingerprints)} now"
         for i, (a, b) in enumerate(zip(old_fp, self.source_fingerprints)):
             if a != b:
                 then = old_src[i] if i < len(old_src) else "?"
-                return f"data.train[{i}] ({self.cfg.train[i]}) differs in shards or tokenizer from {then}"
-        return "the blending weights differ"
+                return "data.train", f"data.train[{i}] ({self.cfg.train[i]}) differs in shards or tokenizer from {then}"
+        return "data.train_weights", "the blending weights differ"
 
 
 def build_train_loader(cfg: DataConfig, global_batch_size: int, micro_batch_size: int,

@@ -15,6 +15,8 @@ directly. Changing the ZeRO stage is attempted through the universal path as wel
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import shutil
@@ -22,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from megamor.runs.layout import (
     NoValidCheckpointError,
     QuarantineError,
     checkpoints_dir,
+    os_error_line,
     step_of,
     tag_dirs,
 )
@@ -164,21 +167,70 @@ def _reject(tag_dir: Path, why: str) -> str:
     return f"{tag_dir.name} ({why})"
 
 
-def set_aside_for_restart(run_dir: str | Path) -> list[Path]:
+RUN_LOGS = "run_logs"  # checkpoints/quarantine/run_logs[.N]/: an earlier run's logs, set aside at a restart
+
+
+def set_aside_for_restart(run_dir: str | Path, logs: Sequence[Path] = ()) -> list[Path]:
     """Rank 0, checkpoint.resume=false: move the existing tags to quarantine/ so the new run's
-    tags never mix with (or prune) the old run's."""
+    tags never mix with (or prune) the old run's, and the old run's per-run logs (`logs`: those
+    a fresh start would cut back or reuse, e.g. metrics.jsonl, the W&B id, TensorBoard event
+    files) with them, into quarantine/run_logs[.N]/ (a record beside it, as for a tag)."""
     moved = []
     for d in tag_dirs(checkpoints_dir(run_dir)):
         moved.append(quarantine(d, integrity.SET_ASIDE))
     if moved:
         warn(f"checkpoint.resume=false: {len(moved)} existing checkpoint(s) moved to {moved[0].parent} (not deleted)")
+    present = [Path(p) for p in logs if Path(p).exists()]
+    if present:
+        dest = _set_aside_logs(checkpoints_dir(run_dir), present, [m.name for m in moved])
+        warn(f"checkpoint.resume=false: the earlier run's {', '.join(p.name for p in present)} moved to {dest} "
+             "(not deleted); this run starts them afresh")
     return moved
 
 
-def ensure_universal(ref: CheckpointRef, out_root: Path | None = None) -> Path:
+def _set_aside_logs(ckpt_root: Path, paths: list[Path], tags: list[str]) -> Path:
+    """Move `paths` into a new quarantine/run_logs[.N]/ folder, its record written first (as
+    integrity.quarantine does); each move a rename. Raises QuarantineError when that fails."""
+    qdir = integrity.quarantine_dir(ckpt_root)
+    dest = qdir / RUN_LOGS
+    try:
+        qdir.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while dest.exists() or dest.with_name(dest.name + ".json").exists():
+            dest = qdir / f"{RUN_LOGS}.{n}"
+            n += 1
+        write_json(qdir / f"{dest.name}.json", {"tag": None, "reason": integrity.SET_ASIDE, "time": time.time(),
+                                                 "moved_from": [str(p) for p in paths], "tags_set_aside": tags})
+        dest.mkdir()
+        for p in paths:
+            try:
+                os.replace(p, dest / p.name)
+            except OSError as e:
+                if e.errno != errno.EXDEV:  # another filesystem (an absolute logging path): copied, then removed
+                    raise
+                shutil.move(str(p), str(dest / p.name))
+    except OSError as e:
+        raise QuarantineError(f"cannot set aside the earlier run's logs ({', '.join(p.name for p in paths)}) in "
+                              f"{dest}: {os_error_line(e, qdir)}; free space (or fix the folder's permissions) and "
+                              "rerun") from None
+    return dest
+
+
+class ConversionStopped(Exception):
+    """A stop signal reached the trainer during a universal conversion: the conversion was
+    ended and its partial output removed (the next start redoes it)."""
+
+
+def ensure_universal(ref: CheckpointRef, out_root: Path | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> Path:
     """Convert a tag to a universal checkpoint once (rank 0 only); returns its folder. out_root:
     where the conversion goes (default checkpoints/universal/ beside the tag; a mid-training
-    phase puts it in its own run folder and leaves the source run's untouched)."""
+    phase puts it in its own run folder and leaves the source run's untouched).
+
+    The converter runs in a session of its own, so a signal to the trainer's process group
+    (Ctrl-C, `kill -- -PGID`) reaches only the trainer; `should_stop()` (the trainer's stop
+    request) is polled while it runs: when true the converter is ended, its partial output
+    removed and ConversionStopped raised (the trainer exits 75; the next start converts again)."""
     out_root = out_root if out_root is not None else ref.root / UNIVERSAL
     out = out_root / ref.tag
     if check_tag(out, "hash")[0] is not None:
@@ -196,7 +248,9 @@ def ensure_universal(ref: CheckpointRef, out_root: Path | None = None) -> Path:
     # Through megamor's wrapper: every torch.load in the conversion is weights-only.
     cmd = [sys.executable, "-m", SAFE_UNIVERSAL, "--input_folder", str(ref.path),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    r = _run_converter(cmd, tmp, out_root, should_stop)
+    if r is None:
+        raise ConversionStopped(f"the universal conversion of {ref.path} was stopped; its partial output was removed")
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
@@ -213,6 +267,63 @@ def ensure_universal(ref: CheckpointRef, out_root: Path | None = None) -> Path:
     write_json(out / MARKER, {"source": ref.tag, "time": time.time(),
                               **integrity.marker_payload(file_sizes(out), {n: integrity.hash_file(out / n) for n in names})})
     return out
+
+
+def convert_on_rank0(ref: CheckpointRef, out_root: Path | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> None:
+    """Every rank: rank 0 runs ensure_universal, the others wait; its failure is raised on every
+    rank alike (UnsafeCheckpointError, CheckpointError, or ConversionStopped on a stop)."""
+    error = None
+    if pdist.rank() == 0:
+        try:
+            ensure_universal(ref, out_root, should_stop)
+        except UnsafeCheckpointError as e:
+            error = ("unsafe", str(e))
+        except CheckpointError as e:
+            error = ("checkpoint", str(e))
+        except ConversionStopped as e:
+            error = ("stopped", str(e))
+    error = pdist.broadcast_object(error)
+    if error:
+        kind = {"unsafe": UnsafeCheckpointError, "checkpoint": CheckpointError, "stopped": ConversionStopped}[error[0]]
+        raise kind(error[1])
+
+
+def _run_converter(cmd: list[str], tmp: Path, out_root: Path,
+                   should_stop: Callable[[], bool] | None) -> subprocess.CompletedProcess | None:
+    """Run the converter in its own session; None when `should_stop()` turned true first (the
+    converter ended: SIGTERM to its session, SIGKILL after 10 s; `tmp`, its output, removed).
+    Any exception here (a second Ctrl-C's KeyboardInterrupt) ends it too."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    done = False
+    try:
+        while True:
+            try:
+                out, err = p.communicate(timeout=0.5)
+                if p.returncode < 0 and should_stop is not None and should_stop():
+                    # a group signal that reached it while it was being started (before its setsid)
+                    return None
+                done = True
+                return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                if should_stop is not None and should_stop():
+                    return None
+    finally:
+        if not done:
+            _end_session(p)
+            shutil.rmtree(tmp, ignore_errors=True)  # only the converter wrote there
+            (out_root / "latest_universal").unlink(missing_ok=True)  # its pointer, if it got that far
+
+
+def _end_session(p: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 30.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, sig)
+        try:
+            p.communicate(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def exit_status(returncode: int) -> str:

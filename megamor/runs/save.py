@@ -29,6 +29,7 @@ from megamor.runs.layout import (
     QuarantineError,
     checkpoints_dir,
     os_error_line,
+    step_of,
     tag_dirs,
     tag_for,
 )
@@ -79,11 +80,13 @@ class CheckpointManager:
         self.fault_hook = fault_hook  # testing: called between the shards and the marker
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any], config_yaml: str, meta: dict[str, Any],
-             extra_files: dict[str, Any] | None = None) -> Path:
+             extra_files: dict[str, Any] | None = None, good_up_to: int | None = None) -> Path:
         """Every rank calls this. `client_state` goes into DeepSpeed's checkpoint (plus every
         rank's RNG states); `extra_files` (name -> object) are torch.saved by rank 0 beside it.
         A failed write (disk full, ...) raises CheckpointSaveError on every rank: no marker, no
-        pruning, the previous tags stay."""
+        pruning, the previous tags stay. `good_up_to`: the state saved may be damaged (steps
+        after it were non-finite), so pruning keeps the newest complete tag at or before this
+        step beyond keep_last (see prune)."""
         tag = tag_for(step)
         path = self.root / tag
         rank, world = pdist.rank(), pdist.world_size()
@@ -103,7 +106,8 @@ class CheckpointManager:
         hashes = {k: v for part in mine for k, v in part.items()}
         if self.fault_hook is not None:
             self.fault_hook(step)
-        self._agree(lambda: self._commit(path, tag, step, config_yaml, meta, hashes) if rank == 0 else None, path)
+        self._agree(lambda: self._commit(path, tag, step, config_yaml, meta, hashes, good_up_to) if rank == 0 else None,
+                    path)
         pdist.barrier()
         return path
 
@@ -120,7 +124,7 @@ class CheckpointManager:
                     torch.save(obj, f)
 
     def _commit(self, path: Path, tag: str, step: int, config_yaml: str, meta: dict[str, Any],
-                hashes: dict[str, str]) -> None:
+                hashes: dict[str, str], good_up_to: int | None = None) -> None:
         with atomic_open(path / CONFIG_FILE, "w") as f:
             f.write(config_yaml)
         hashes = {**hashes, CONFIG_FILE: integrity.hash_file(path / CONFIG_FILE)}
@@ -130,7 +134,7 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: files appeared while saving: {missing}")
         write_json(path / MARKER, {**meta, "step": step, "time": time.time(), **integrity.marker_payload(sizes, hashes)})
         integrity.write_latest(self.root, tag)
-        self.prune(keep=path)
+        self.prune(keep=path, good_up_to=good_up_to)
 
     def _agree(self, fn: Any, path: Path, gather: bool = False) -> Any:
         """Run fn on every rank; an OSError on any rank becomes a CheckpointSaveError on all."""
@@ -149,9 +153,11 @@ class CheckpointManager:
                                       f"({kept}); {path.name} has no COMPLETE marker and is never resumed")
         return [r for r, _ in results] if gather else result
 
-    def prune(self, keep: Path) -> None:
+    def prune(self, keep: Path, good_up_to: int | None = None) -> None:
         """Rank 0, after a save: delete complete tags beyond the newest K; quarantine tags that
-        are not complete (a save killed midway), never delete them."""
+        are not complete (a save killed midway), never delete them. With `good_up_to` (a save
+        made during a non-finite streak: every step since that one was skipped) the newest
+        complete tag at or before that step is the last one known good: it is kept whatever K."""
         complete, broken = [], []
         for d in tag_dirs(self.root):
             if d == keep:
@@ -159,7 +165,12 @@ class CheckpointManager:
             meta, why = check_tag(d, "size")
             (complete if meta is not None else broken).append((d, why))
         n_delete = max(0, len(complete) + 1 - self.keep_last)  # + the tag just saved
+        good = [d for d, _ in complete if (step_of(d.name) or 0) <= good_up_to] if good_up_to is not None else []
         for d, _ in complete[:n_delete]:
+            if good and d == good[-1]:
+                warn(f"checkpoint {d.name} kept beyond checkpoint.keep_last={self.keep_last}: it is the newest from "
+                     f"before the non-finite steps that ended in {keep.name}")
+                continue
             _remove_tag(d)
             shutil.rmtree(self.root / UNIVERSAL / d.name, ignore_errors=True)
         for d, why in broken:

@@ -16,7 +16,7 @@ import traceback
 
 from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
-from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StopRequest
+from megamor.train.signals import EXIT_CONFIG, EXIT_FAILED, StoppedInSetup, StopRequest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     # From here on every phase answers a stop signal (save + 75) and follows the launcher.
     stop = StopRequest().install()
     exit_with_launcher(resolve_launch_env(dict(os.environ)).launcher)
+    from megamor.data.errors import DataStateError
     from megamor.runs.layout import CheckpointError, NoValidCheckpointError
     from megamor.runs.safe_load import UnsafeCheckpointError
     from megamor.runs.save_errors import CheckpointSaveError
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         trainer = Trainer(cfg, env, device, tokenizer, stop_request=stop, run_lock=lock, watchdog=watchdog)
         return trainer.setup().fit()
+    except StoppedInSetup:  # a stop signal during set-up (a universal conversion): its line is printed
+        return EXIT_PREEMPTED
     except RunLockLostError as e:  # another trainer writes this folder now: stop, write nothing more
         if env.rank == 0:
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except (NoValidCheckpointError, UnsafeCheckpointError) as e:  # the run folder is bad input: refuse
         if env.rank == 0 or isinstance(e, UnsafeCheckpointError):
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except DataStateError as e:  # the checkpoint's data order cannot continue on this data: bad input (every rank)
+        if env.rank == 0:
+            print(f"megamor.train: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except (CheckpointSaveError, CheckpointError, NonFiniteLossError) as e:  # raised on every rank alike
         if env.rank == 0:

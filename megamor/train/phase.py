@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,7 @@ from megamor.runs.layout import (
     step_of,
     tag_for,
 )
-from megamor.runs.resume import ResumePlan, ensure_universal, load_engine_state, plan_for
-from megamor.runs.safe_load import UnsafeCheckpointError
+from megamor.runs.resume import ResumePlan, convert_on_rank0, load_engine_state, plan_for
 from megamor.runs.safe_load import load as safe_load
 from megamor.runs.save import set_rng_state
 from megamor.runs.tags import newest_complete, tags_line
@@ -178,7 +178,7 @@ class Phase:
         return self.plan.universal
 
 
-def plan_phase(cfg: ExperimentConfig, run_dir: Path, dp: int) -> Phase:
+def plan_phase(cfg: ExperimentConfig, run_dir: Path, dp: int, should_stop: Callable[[], bool] | None = None) -> Phase:
     """Every rank, before the engine exists: the source tag and how to load it (directly, or
     converted to a universal checkpoint by rank 0 into RUN/phase_source/)."""
     try:
@@ -188,19 +188,12 @@ def plan_phase(cfg: ExperimentConfig, run_dir: Path, dp: int) -> Phase:
     ds = cfg.deepspeed
     plan = plan_for(src.ref, dp, ds.zero_stage, ds.precision)
     if plan.universal:
-        error = None
         out_root = run_dir / PHASE_UNIVERSAL
         if pdist.rank() == 0:
             print(f"megamor: phase source {src.ref.path} (DP {src.ref.meta.get('dp_world_size')}, ZeRO-"
                   f"{src.ref.meta.get('zero_stage')}) loads at DP {dp}, ZeRO-{ds.zero_stage}: converting to a universal "
                   f"checkpoint in {out_root}", flush=True)
-            try:
-                ensure_universal(src.ref, out_root)
-            except (CheckpointError, UnsafeCheckpointError) as e:
-                error = (isinstance(e, UnsafeCheckpointError), str(e))
-        error = pdist.broadcast_object(error)
-        if error:
-            raise (UnsafeCheckpointError if error[0] else CheckpointError)(error[1])
+        convert_on_rank0(src.ref, out_root, should_stop)  # ConversionStopped on a stop signal: the trainer exits 75
         plan = ResumePlan(src.ref, out_root, universal=True)
     return Phase(src, plan)
 

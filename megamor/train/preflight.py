@@ -26,7 +26,7 @@ from megamor.config import ConfigError
 from megamor.eval.tasks import get_task
 from megamor.model.config import STORED_DEFAULTS, flat_model_config
 from megamor.parallel.env import peek_local_world_size, resolve_launch_env
-from megamor.runs.layout import CONFIG_FILE, CheckpointRef
+from megamor.runs.layout import CONFIG_FILE, TRAINER_STATE, CheckpointRef
 from megamor.runs.tags import newest_complete
 from megamor.train.config import (
     ExperimentConfig,
@@ -81,6 +81,7 @@ def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:
     if ref is not None:
         check_resumable(cfg, ref)
         check_resume_layout(cfg, ref, world_size)
+        check_resume_data(cfg, ref, world_size)
     elif cfg.trainer.continue_from:  # a new phase (its own checkpoints, once saved, win: resumed above)
         src = resolve_source(cfg.trainer.continue_from)
         keep_trained_defaults(cfg, src.config, str(src.ref.path))
@@ -141,3 +142,35 @@ def check_resumable(cfg: ExperimentConfig, ref: CheckpointRef) -> None:
     note = check_schedule_change(cfg, saved_cfg, ref.step, str(ref.path))
     if note and resolve_launch_env(dict(os.environ)).rank == 0:
         print(note, file=sys.stderr, flush=True)
+
+
+# How to change the data of a run (docs/operations.md, "Mid-training"): said wherever it is refused.
+CHANGE_DATA_HINT = ("to train on with other data, start a new run folder from this checkpoint (run_dir=NEW "
+                    "trainer.continue_from={ckpt}: a mid-training phase), use another run_dir, or "
+                    "checkpoint.resume=false to start over")
+
+
+def check_resume_data(cfg: ExperimentConfig, ref: CheckpointRef, world_size: int) -> None:
+    """The checkpoint's data-loader state continues on the configured data (the same check the
+    resume makes, minutes later at scale, after the engine is built: megamor.data.loader)."""
+    path = ref.path / TRAINER_STATE
+    if not path.is_file():
+        return
+    try:
+        from megamor.runs.safe_load import load as safe_load
+
+        state = safe_load(path, map_location="cpu")
+        data_state = state.get("data") if isinstance(state, dict) else None
+    except Exception:  # noqa: BLE001  an unreadable or refused file is the resume's to report (with its exit code)
+        return
+    if not isinstance(data_state, dict):
+        return
+    from megamor.data.loader import build_train_loader
+
+    dp = max(1, world_size // cfg.parallel.tensor)
+    loader = build_train_loader(cfg.data, cfg.batch.global_batch_size, cfg.batch.micro_batch_size, 0, dp)
+    problem = loader.resume_problem(data_state)
+    if problem is not None:
+        key, why = problem
+        raise ConfigError(key, f"the checkpoint to resume ({ref.path}) cannot continue on this data: {why}; "
+                               + CHANGE_DATA_HINT.format(ckpt=ref.path))

@@ -63,6 +63,11 @@ class StopRequested(Exception):
     """Raised out of validation when the ranks agreed to stop; the trainer saves and exits 75."""
 
 
+class StoppedInSetup(Exception):
+    """Raised on every rank when a stop signal ended the set-up before training began (e.g. during
+    a universal conversion): the stop line and exit status are written; exit 75."""
+
+
 class StopRequest:
     """Installs handlers for STOP_SIGNALS; `requested` turns true on the first one."""
 

@@ -13,27 +13,29 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
+from megamor.data.errors import DataStateError
 from megamor.data.loader import build_train_loader
 from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
+from megamor.observe.profiler import PROFILE_DIR
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
 from megamor.parallel.env import LaunchEnv
 from megamor.parallel.watchdog import Watchdog
-from megamor.runs.layout import TRAINER_STATE, CheckpointError
+from megamor.runs.layout import METRICS_FILE, TRAINER_STATE, CheckpointError
 from megamor.runs.resume import (
+    ConversionStopped,
     ResumePlan,
-    ensure_universal,
+    convert_on_rank0,
     find_resumable,
     load_engine_state,
     plan_for,
     set_aside_for_restart,
 )
-from megamor.runs.safe_load import UnsafeCheckpointError
 from megamor.runs.save import CheckpointManager, set_rng_state
 from megamor.runs.tags import list_complete
 from megamor.train.callbacks import Callback, Callbacks
@@ -49,7 +51,7 @@ from megamor.train.callbacks.router_state import RouterStateSync
 from megamor.train.callbacks.straggler import StragglerDetection
 from megamor.train.callbacks.tensorboard import TensorBoard
 from megamor.train.callbacks.user import build_user_callbacks
-from megamor.train.callbacks.wandb import WandB, wandb_run_id
+from megamor.train.callbacks.wandb import WANDB_ID_FILE, WandB, wandb_run_id
 from megamor.train.config import ExperimentConfig, check_world, to_container, to_yaml
 from megamor.train.downstream import DownstreamEval
 from megamor.train.engine import build_engine, plain_model
@@ -57,12 +59,21 @@ from megamor.train.faults import ENV as FAULTS_ENV
 from megamor.train.faults import Faults
 from megamor.train.metrics import PeakFlops, WindowStats
 from megamor.train.optim import group_hparams
-from megamor.train.phase import plan_phase, start_phase
+from megamor.train.phase import PHASES_FILE, plan_phase, start_phase
+from megamor.train.preflight import CHANGE_DATA_HINT
 from megamor.train.runlock import RunLock, RunLockLostError
 from megamor.train.schedule import LRSchedule
-from megamor.train.signals import EXIT_OK, EXIT_PREEMPTED, StopRequest, StopRequested, write_exit_file
+from megamor.train.signals import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    StoppedInSetup,
+    StopRequest,
+    StopRequested,
+    write_exit_file,
+)
 from megamor.train.step import TrainStep
 from megamor.train.step_log import accumulate, window_metrics
+from megamor.train.tensorboard_sink import TENSORBOARD_DIR
 from megamor.train.validation import Validation
 from megamor.utils.atomic import atomic_open
 
@@ -123,8 +134,12 @@ class Trainer:
         self.callbacks.setup_start()  # fault injection's signal at set-up
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        plan = self._plan_resume()
-        phase = plan_phase(cfg, self.run_dir, self.dp) if plan is None and cfg.trainer.continue_from else None
+        try:
+            plan = self._plan_resume()
+            phase = plan_phase(cfg, self.run_dir, self.dp, lambda: self.stop_request.requested) \
+                if plan is None and cfg.trainer.continue_from else None
+        except ConversionStopped as e:  # a stop signal during a universal conversion: nothing to save
+            self._stopped_in_setup(str(e))
         if self.device.type == "cpu":
             # Denormal floats (tiny gradients, Adam moments early in training) run ~10x slower
             # on x86; flushing them to zero changes nothing measurable.
@@ -188,28 +203,30 @@ class Trainer:
             return
         copy_tokenizer(load_tokenizer(src), self.run_dir / "tokenizer")  # either kind, under the names loaders find
 
+    def _run_logs(self) -> list[Path]:
+        """The run folder's per-run logs a fresh start would cut back, reuse or overwrite: set
+        aside with the old tags on checkpoint.resume=false (the W&B id with them: a new W&B run)."""
+        logs = [self.run_dir / name for name in (METRICS_FILE, WANDB_ID_FILE, TENSORBOARD_DIR, PROFILE_DIR, PHASES_FILE,
+                                                 "config.yaml")]
+        depth = self.cfg.logging.depth_hist_path(self.run_dir)
+        return logs + ([depth] if depth is not None else [])
+
     def _plan_resume(self) -> ResumePlan | None:
         if not self.cfg.checkpoint.resume:
             if self.is_main:
-                set_aside_for_restart(self.run_dir)
+                set_aside_for_restart(self.run_dir, self._run_logs())
             pdist.barrier()
             return None
         ds = self.cfg.deepspeed
         ref = find_resumable(self.run_dir, self.cfg.checkpoint.verify)  # collective; quarantines failures
         plan = plan_for(ref, self.dp, ds.zero_stage, ds.precision) if ref is not None else None
         if plan is not None and plan.universal:
-            error = None
             if self.is_main:
                 m = plan.ref.meta
                 print(f"megamor: resuming {plan.ref.path} (DP {m.get('dp_world_size')}, ZeRO-{m.get('zero_stage')}) with DP "
                       f"{self.dp}, ZeRO-{ds.zero_stage}: converting to a universal checkpoint", flush=True)
-                try:
-                    ensure_universal(plan.ref)
-                except (CheckpointError, UnsafeCheckpointError) as e:
-                    error = (isinstance(e, UnsafeCheckpointError), str(e))
-            error = pdist.broadcast_object(error)
-            if error:  # every rank raises the same error (exit 2 for a refused file)
-                raise (UnsafeCheckpointError if error[0] else CheckpointError)(error[1])
+            # every rank raises the same error (exit 2 for a refused file; ConversionStopped: exit 75)
+            convert_on_rank0(plan.ref, should_stop=lambda: self.stop_request.requested)
         return plan
 
     def _resume(self, plan: ResumePlan) -> None:
@@ -226,7 +243,11 @@ class Trainer:
                                  f"{plan.ref.path} was trained with", "the data's tokenizer")
         except TokenizerMismatchError as e:
             raise CheckpointError(str(e)) from None
-        self.loader.load_state_dict(state["data"])
+        try:  # the preflight checked the newest tag; an older one (the newest failed its hashes) lands here
+            self.loader.load_state_dict(state["data"])
+        except DataStateError as e:
+            raise DataStateError(f"{e}; the checkpoint to resume is {plan.ref.path}; "
+                                 + CHANGE_DATA_HINT.format(ckpt=plan.ref.path)) from None
         rng = state.get("rng") or []
         if len(rng) == self.world:  # one entry per global rank (same layout: check_resume_layout)
             set_rng_state(rng[self.rank])
@@ -271,6 +292,15 @@ class Trainer:
         self._record_exit_status(EXIT_PREEMPTED)
         return EXIT_PREEMPTED
 
+    def _stopped_in_setup(self, what: str) -> NoReturn:
+        """A stop agreed before the engine exists (nothing trained, nothing to save): the stop
+        line, the exit status 75, then StoppedInSetup (every rank)."""
+        sig = self.stop_request.signum
+        self.console.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
+                           f"{self.step} during set-up ({what}): nothing to save, exiting with {EXIT_PREEMPTED}")
+        self._record_exit_status(EXIT_PREEMPTED)
+        raise StoppedInSetup(what)
+
     # -- checkpointing -------------------------------------------------------------------
     def save(self) -> Path:
         self._check_lock()
@@ -298,8 +328,11 @@ class Trainer:
             "precision": self.cfg.deepspeed.precision,
             "flops": self.flops_total,
         }
+        # Every save (periodic, final, a stop's) during a non-finite streak keeps the newest tag
+        # from before it: keep_last never prunes the last good tag for a state the streak left.
+        good_up_to = self.step - self.consecutive_nonfinite if self.consecutive_nonfinite else None
         path = self.ckpt.save(self.engine, self.step, {"megamor": state}, to_yaml(self.cfg), meta,
-                              extra_files={TRAINER_STATE: state})
+                              extra_files={TRAINER_STATE: state}, good_up_to=good_up_to)
         self.last_saved_step = self.step
         self.console.print(f"checkpoint: {path}")
         self.callbacks.after_save(self.step, path)

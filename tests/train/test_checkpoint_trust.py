@@ -101,7 +101,7 @@ def test_no_valid_tag_refuses_names_each_and_keeps_their_files(base, tiny_config
     fresh = launch(tiny_config, run_dir, [*COMMON, "checkpoint.resume=false"])  # starting over on purpose
     assert_ok(fresh)
     assert "resumed from" not in fresh.output
-    assert train_rows(fresh) == list(range(1, 9))  # one row per step, the old run's rows are gone
+    assert train_rows(fresh) == list(range(1, 9))  # one row per step, the old run's rows set aside
     assert [c.step for c in list_complete(run_dir)] == [6, 8]
     assert {files_of(ck / QUARANTINE / tag_for(t)) == before[t] for t in (4, 6)} == {True}
 

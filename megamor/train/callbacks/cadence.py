@@ -1,6 +1,8 @@
 """Checkpoint and evaluation cadence: `checkpoint.every_steps`, `eval.every_steps`, and at the
 end `eval.at_end` then `checkpoint.save_final`. A due checkpoint waits while the last steps
-were non-finite, so keep_last never prunes the newest good tag for a damaged state."""
+were non-finite (a state the streak left is not saved on a timer). The final save and a stop's
+are made anyway; like every save during a streak they keep the newest tag from before it beyond
+keep_last (Trainer._save, CheckpointManager.prune)."""
 
 from __future__ import annotations
 
