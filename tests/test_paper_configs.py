@@ -24,6 +24,7 @@ SIZES = {  # size: (FLOP budget, variants)
     "360m": (16.5e18, ["vanilla", "recursive_2", "recursive_3", "recursive_4", "mor_expert_2", "mor_expert_3",
                        "mor_expert_4", "mor_token_3", "mor_expert_3_kv_share"]),
     "1_7b": (68.5e18, ["vanilla", "recursive_2", "recursive_3", "mor_expert_2", "mor_expert_3", "mor_token_3"]),
+    "730m": (16.5e18, ["vanilla", "recursive_3", "mor_expert_3"]),  # the isoFLOP study's fourth size
 }
 TOKENS_PER_STEP = 1024 * 2048
 # The released 360M configs: num_warmup_steps and num_train_steps
@@ -74,7 +75,7 @@ def test_each_config_is_the_papers_run(size, variant):
     # model and router as released
     nr = 1 if variant == "vanilla" else int(variant.split("_")[-1] if not variant.endswith("kv_share") else 3)
     assert m.num_recursions == nr and m.sharing == ("none" if nr == 1 else "middle_cycle")
-    layers = {"135m": 30, "360m": 32, "1_7b": 24}[size]
+    layers = {"135m": 30, "360m": 32, "730m": 26, "1_7b": 24}[size]
     if nr > 1 and (layers - 2) % nr:  # the paper adds layers so the middle splits: 1 + base x N_r + 1
         layers = 2 + -(-(layers - 2) // nr) * nr
     assert m.n_layers == layers
@@ -99,7 +100,7 @@ def test_each_config_is_the_papers_run(size, variant):
 
 def test_warmups_by_the_rule():
     got = {size: (_warmup_by_the_papers_rule(size, False), _warmup_by_the_papers_rule(size, True)) for size in SIZES}
-    assert got == {"135m": (154, 220), "360m": (57, 86), "1_7b": (14, 19)}
+    assert got == {"135m": (154, 220), "360m": (57, 86), "730m": (29, 43), "1_7b": (14, 19)}
 
 
 def test_a_missing_tokenizer_placeholder_is_one_line_naming_the_key():
