@@ -2,21 +2,23 @@
 takes the same kind of lock, `RUN/study.lock`, so that several study processes share out runs.)
 
 `RUN/trainer.lock` is created exclusively (O_EXCL) by rank 0 and holds JSON: host, pid, the
-process's start time in clock ticks since boot, start time, heartbeat time and a random token.
-A thread rewrites the heartbeat every `heartbeat_s` seconds. A second trainer on the same folder
-finds the file and refuses, naming the holder, unless the lock is stale:
-  - the holder is on this host: stale only when its process is gone (its pid is free, or now
-    belongs to a process that started later). A live holder keeps the lock however old its
-    heartbeat: a paused process (SIGSTOP, Ctrl-Z, `scontrol suspend`, a debugger, swapping)
-    writes no heartbeat but will go on writing the folder when it resumes;
-  - the holder is on another host (whose processes cannot be seen from here): stale when its
-    heartbeat is older than `stale_s`. A heartbeat in the future means the two hosts' clocks
-    disagree: its age says nothing, so the starter watches the file for up to `stale_s` seconds
-    and takes the lock only if the heartbeat never changes.
+process's start time in clock ticks since boot, start time, heartbeat time, a random token, what
+identifies its PID space (its PID namespace, `/proc/self/ns/pid`, and the kernel's boot id). A
+thread rewrites the heartbeat every `heartbeat_s` seconds. A second trainer on the same folder finds the file and refuses, naming the holder, unless the lock is stale:
+  - the holder is in this process's PID space (same host name, PID namespace and boot id): stale
+    only when its process is gone (its pid is free, or now belongs to a process that started
+    later). A live holder keeps the lock however old its heartbeat: a paused process (SIGSTOP,
+    Ctrl-Z, `scontrol suspend`, a debugger, swapping) writes no heartbeat but will go on writing
+    the folder when it resumes;
+  - otherwise (another host, or the same host name in another PID namespace: a container, whose
+    processes cannot be seen from here; or a lock that does not say, from an older version): stale
+    when its heartbeat is older than `stale_s`. A heartbeat in the future means the two hosts'
+    clocks disagree: its age says nothing, so the starter watches the file for up to `stale_s`
+    seconds and takes the lock only if the heartbeat never changes.
 A stale lock is replaced with a warning. The holder removes the file when it ends; a SIGKILLed
-trainer leaves it behind, and the next trainer on the same host sees the pid is gone. A holder
-whose lock was taken anyway (a holder on another host paused past `stale_s`, or the file
-replaced by hand) finds out from `check()`, which the trainer calls before every write to the
+trainer leaves it behind, and the next trainer in the same PID space sees the pid is gone. A
+holder whose lock was taken anyway (a holder judged by its heartbeat paused past `stale_s`, or the
+file replaced by hand) finds out from `check()`, which the trainer calls before every write to the
 run folder, and stops (exit 2) instead of writing beside the new holder.
 
 MEGAMOR_LOCK_HEARTBEAT_S and MEGAMOR_LOCK_STALE_S override the defaults (5 s, 60 s).
@@ -33,15 +35,17 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from megamor.utils.atomic import atomic_open
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+T = TypeVar("T")
 LOCK_FILE = "trainer.lock"
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
@@ -64,6 +68,8 @@ class Holder:
     heartbeat: float
     token: str
     proc_start: int | None = None  # the pid's start in clock ticks since boot (tells a reused pid apart)
+    pid_ns: str | None = None  # readlink /proc/self/ns/pid: pids mean the same only within one namespace
+    boot_id: str | None = None  # /proc/sys/kernel/random/boot_id: ... and within one boot of one kernel
 
     def describe(self, now: float) -> str:
         start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
@@ -87,6 +93,40 @@ def _proc_start(pid: int) -> int | None:
         return None
 
 
+def _read_first_line(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_ns() -> str | None:
+    """This process's PID namespace, e.g. 'pid:[4026531836]' (None where /proc cannot tell)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    return _read_first_line("/proc/sys/kernel/random/boot_id")
+
+
+def this_process() -> Holder:
+    """A lock held by this process, heartbeat now."""
+    now = time.time()
+    return Holder(socket.gethostname(), os.getpid(), now, now, secrets.token_hex(8), _proc_start(os.getpid()),
+                  _pid_ns(), _boot_id())
+
+
+def same_pid_space(h: Holder) -> bool:
+    """Whether `h`'s pid means a process this one can see: same host name, PID namespace and boot.
+    A lock that does not say (an older version's, or a system without /proc) is not."""
+    ns, boot = _pid_ns(), _boot_id()
+    return (h.host == socket.gethostname() and h.pid > 0 and ns is not None and boot is not None
+            and h.pid_ns == ns and h.boot_id == boot)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -95,6 +135,11 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _opt(d: dict, key: str, kind: Callable[[Any], T]) -> T | None:
+    """An optional field (absent from locks written by older versions)."""
+    return kind(d[key]) if d.get(key) is not None else None
 
 
 def read_holder(path: Path) -> Holder | None:
@@ -106,18 +151,18 @@ def read_holder(path: Path) -> Holder | None:
         return None
     try:
         d = json.loads(text)
-        ps = d.get("proc_start")
-        return Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]), str(d["token"]),
-                      int(ps) if ps is not None else None)
+        h = Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]), str(d["token"]),
+                   _opt(d, "proc_start", int), _opt(d, "pid_ns", str), _opt(d, "boot_id", str))
     except (ValueError, KeyError, TypeError, AttributeError):
         return Holder("?", 0, mtime, mtime, "")
+    return h
 
 
 def stale_reason(h: Holder, now: float, stale_s: float) -> str | None:
-    """Why `h` no longer holds the lock, or None. On this host only a gone process frees it (a
-    paused one keeps it); a holder on another host is judged by its heartbeat's age. A heartbeat
-    in the future is never stale here: the caller watches it (RunLock._watch_skewed)."""
-    if h.host == socket.gethostname() and h.pid > 0:
+    """Why `h` no longer holds the lock, or None. In this PID space only a gone process frees it
+    (a paused one keeps it); any other holder is judged by its heartbeat's age. A heartbeat in
+    the future is never stale here: the caller watches it (RunLock._watch_skewed)."""
+    if same_pid_space(h):
         if not _pid_alive(h.pid):
             return f"its process {h.pid} on this host is gone"
         now_start = _proc_start(h.pid)
@@ -153,8 +198,7 @@ class RunLock:
         """Take the lock or raise RunLockedError naming the live holder."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            now = time.time()
-            me = Holder(socket.gethostname(), os.getpid(), now, now, secrets.token_hex(8), _proc_start(os.getpid()))
+            me = this_process()
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -182,7 +226,7 @@ class RunLock:
             return  # released meanwhile: try again
         now = time.time()
         reason = stale_reason(old, now, self.stale_s)
-        if reason is None and old.heartbeat - now > SKEW_S and old.host != socket.gethostname():
+        if reason is None and old.heartbeat - now > SKEW_S and not same_pid_space(old):
             reason = self._watch_skewed(old, now)
             now = time.time()
         if reason is None:

@@ -3,21 +3,49 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from megamor.train.runlock import LOCK_FILE, RunLock, RunLockedError, RunLockLostError, _proc_start, read_holder
 
+THIS_PID_SPACE = {"pid_ns": os.readlink("/proc/self/ns/pid"),
+                  "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip()}
 
-def _write_lock(run_dir, host, pid, heartbeat_age, proc_start=None, token="someone"):
+
+def _write_lock(run_dir, host, pid, heartbeat_age, proc_start=None, token="someone", **fields):
+    """A lock as a holder would write it; on this host by default in this process's PID space."""
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
+    if host == socket.gethostname():
+        fields = {**THIS_PID_SPACE, **fields}
     (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid, "started": now - 100, "proc_start": proc_start,
-                                                 "heartbeat": now - heartbeat_age, "token": token}))
+                                                 "heartbeat": now - heartbeat_age, "token": token, **fields}))
+
+
+def _unshare_works(*flags: str) -> bool:
+    try:
+        return subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+# A holder in its own process: takes the lock, prints its pid, holds it until stdin closes.
+HOLDER = ("import sys; from megamor.train.runlock import RunLock; lock = RunLock(sys.argv[1], heartbeat_s=0.2).acquire(); "
+          "print(lock.holder.pid, flush=True); sys.stdin.read(); lock.release()")
+
+
+def _start_holder(prefix: list[str], run_dir) -> tuple[subprocess.Popen, int]:
+    p = subprocess.Popen([*prefix, sys.executable, "-c", HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.strip().isdigit(), f"the holder did not start (rc {p.poll()})"
+    return p, int(line)
 
 
 def _dead_pid() -> int:
@@ -90,6 +118,39 @@ def test_reused_pid_on_this_host_is_stale(tmp_path, capsys):
     with RunLock(tmp_path, stale_s=3600):
         pass
     assert "now belongs to another process" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _unshare_works("-Urpf", "--mount-proc"), reason="needs unprivileged PID namespaces (unshare)")
+def test_live_holder_in_another_pid_namespace_on_this_host_keeps_the_lock(tmp_path):
+    """Audit: a trainer in a container sharing the host's name but not its PIDs (enroot/pyxis,
+    docker --uts=host, here `unshare -p`) is pid 1 there; from the host its pid looked reused and
+    a second trainer replaced the live holder's lock. Its heartbeat decides instead."""
+    holder, pid = _start_holder(["unshare", "-Urpf", "--mount-proc"], tmp_path)
+    try:
+        lock = read_holder(tmp_path / LOCK_FILE)
+        assert pid == 1 and lock.host == socket.gethostname()
+        with pytest.raises(RunLockedError, match=f"in use by another trainer \\(host {socket.gethostname()} pid 1,"):
+            RunLock(tmp_path, stale_s=3600).acquire()
+        assert read_holder(tmp_path / LOCK_FILE).token == lock.token
+        assert lock.pid_ns != THIS_PID_SPACE["pid_ns"] and lock.boot_id == THIS_PID_SPACE["boot_id"]
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and not (tmp_path / LOCK_FILE).exists()  # it released its own lock
+
+
+@pytest.mark.parametrize("space", [{}, {"pid_ns": "pid:[4026532999]"}, {"boot_id": "another-boot"}],
+                         ids=["older-version-lock", "other-pid-namespace", "other-boot"])
+def test_lock_from_another_pid_space_on_this_host_name_is_judged_by_its_heartbeat(tmp_path, capsys, space):
+    """A lock on this host name whose PID space differs (or is not recorded: an older version's
+    lock) says nothing about this host's pids: pid 1 is alive here, and was taken for a reused pid."""
+    fields = {**THIS_PID_SPACE, **space} if space else {"pid_ns": None, "boot_id": None}
+    _write_lock(tmp_path, socket.gethostname(), 1, heartbeat_age=5, proc_start=1, **fields)
+    with pytest.raises(RunLockedError, match=f"host {socket.gethostname()} pid 1,"):
+        RunLock(tmp_path, stale_s=60).acquire()
+    _write_lock(tmp_path, socket.gethostname(), 1, heartbeat_age=120, proc_start=1, **fields)
+    with RunLock(tmp_path, stale_s=60):
+        pass
+    assert "no heartbeat for 120 s" in capsys.readouterr().err
 
 
 def test_future_heartbeat_is_clock_skew_watched_for_a_bounded_time(tmp_path, capsys):
