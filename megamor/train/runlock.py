@@ -3,18 +3,26 @@ takes the same kind of lock, `RUN/study.lock`, so that several study processes s
 
 `RUN/trainer.lock` is created exclusively (O_EXCL) by rank 0 and holds JSON: host, pid, the
 process's start time in clock ticks since boot, start time, heartbeat time, a random token, what
-identifies its PID space (its PID namespace, `/proc/self/ns/pid`, and the kernel's boot id). A
-thread rewrites the heartbeat every `heartbeat_s` seconds. A second trainer on the same folder finds the file and refuses, naming the holder, unless the lock is stale:
+identifies its PID space (its PID namespace, `/proc/self/ns/pid`, and the kernel's boot id) and,
+under SLURM, its job (SLURM_JOB_ID, SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID) and
+SLURM_RESTART_COUNT. A thread rewrites the heartbeat every `heartbeat_s` seconds. A second
+trainer on the same folder finds the file and refuses, naming the holder, unless the lock is stale:
   - the holder is in this process's PID space (same host name, PID namespace and boot id): stale
     only when its process is gone (its pid is free, or now belongs to a process that started
     later). A live holder keeps the lock however old its heartbeat: a paused process (SIGSTOP,
     Ctrl-Z, `scontrol suspend`, a debugger, swapping) writes no heartbeat but will go on writing
     the folder when it resumes;
+  - the holder is an earlier restart of this very SLURM job (same job and array task, lower
+    SLURM_RESTART_COUNT): SLURM ended it before requeueing the job (e.g. its node failed), so the
+    lock is stale at once, however fresh its heartbeat;
   - otherwise (another host, or the same host name in another PID namespace: a container, whose
     processes cannot be seen from here; or a lock that does not say, from an older version): stale
     when its heartbeat is older than `stale_s`. A heartbeat in the future means the two hosts'
     clocks disagree: its age says nothing, so the starter watches the file for up to `stale_s`
-    seconds and takes the lock only if the heartbeat never changes.
+    seconds and takes the lock only if the heartbeat never changes;
+  - an empty or unparseable lock file (a starter that crashed between creating and writing it, or
+    a full disk; a live starter writes it microseconds after creating it): stale once it has been
+    so for `EMPTY_S` seconds (its mtime that old, or watched for that long).
 A stale lock is replaced with a warning. The holder removes the file when it ends; a SIGKILLed
 trainer leaves it behind, and the next trainer in the same PID space sees the pid is gone. A
 holder whose lock was taken anyway (a holder judged by its heartbeat paused past `stale_s`, or the
@@ -50,6 +58,7 @@ LOCK_FILE = "trainer.lock"
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
 SKEW_S = 5.0  # a heartbeat up to this far in the future is ordinary clock jitter between hosts
+EMPTY_S = 5.0  # an empty or unparseable lock this old is a starter's crash, not a write in progress
 
 
 class RunLockedError(RuntimeError):
@@ -70,10 +79,16 @@ class Holder:
     proc_start: int | None = None  # the pid's start in clock ticks since boot (tells a reused pid apart)
     pid_ns: str | None = None  # readlink /proc/self/ns/pid: pids mean the same only within one namespace
     boot_id: str | None = None  # /proc/sys/kernel/random/boot_id: ... and within one boot of one kernel
+    slurm_job: str | None = None  # SLURM_JOB_ID
+    slurm_array: str | None = None  # SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID, for an array task
+    slurm_restart: int | None = None  # SLURM_RESTART_COUNT (0 when unset in a SLURM job)
 
     def describe(self, now: float) -> str:
+        if not self.token:  # read_holder's placeholder for an empty or unparseable file
+            return f"an empty or unparseable lock file, last written {max(now - self.heartbeat, 0.0):.0f} s ago"
         start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return f"host {self.host} pid {self.pid}, started {start}, {heartbeat_age(self.heartbeat, now)}"
+        job = f", SLURM job {self.slurm_job} restart {self.slurm_restart}" if self.slurm_job is not None else ""
+        return f"host {self.host} pid {self.pid}{job}, started {start}, {heartbeat_age(self.heartbeat, now)}"
 
 
 def heartbeat_age(heartbeat: float, now: float) -> str:
@@ -112,11 +127,26 @@ def _boot_id() -> str | None:
     return _read_first_line("/proc/sys/kernel/random/boot_id")
 
 
+def _slurm() -> tuple[str | None, str | None, int | None]:
+    """This process's SLURM job, array task and restart count (None, None, None outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID") or None
+    if job is None:
+        return None, None, None
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    array = f"{array_job}_{task}" if array_job and task else None
+    try:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restart = None
+    return job, array, restart
+
+
 def this_process() -> Holder:
     """A lock held by this process, heartbeat now."""
     now = time.time()
+    job, array, restart = _slurm()
     return Holder(socket.gethostname(), os.getpid(), now, now, secrets.token_hex(8), _proc_start(os.getpid()),
-                  _pid_ns(), _boot_id())
+                  _pid_ns(), _boot_id(), job, array, restart)
 
 
 def same_pid_space(h: Holder) -> bool:
@@ -152,16 +182,26 @@ def read_holder(path: Path) -> Holder | None:
     try:
         d = json.loads(text)
         h = Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]), str(d["token"]),
-                   _opt(d, "proc_start", int), _opt(d, "pid_ns", str), _opt(d, "boot_id", str))
+                   _opt(d, "proc_start", int), _opt(d, "pid_ns", str), _opt(d, "boot_id", str),
+                   _opt(d, "slurm_job", str), _opt(d, "slurm_array", str), _opt(d, "slurm_restart", int))
+        if h.token:
+            return h
     except (ValueError, KeyError, TypeError, AttributeError):
-        return Holder("?", 0, mtime, mtime, "")
-    return h
+        pass
+    return Holder("?", 0, mtime, mtime, "")  # no token: empty or unparseable (stale_reason judges it by its mtime)
 
 
-def stale_reason(h: Holder, now: float, stale_s: float) -> str | None:
+def stale_reason(h: Holder, now: float, stale_s: float, empty_s: float = EMPTY_S) -> str | None:
     """Why `h` no longer holds the lock, or None. In this PID space only a gone process frees it
-    (a paused one keeps it); any other holder is judged by its heartbeat's age. A heartbeat in
-    the future is never stale here: the caller watches it (RunLock._watch_skewed)."""
+    (a paused one keeps it); an earlier restart of this SLURM job is stale; any other holder is
+    judged by its heartbeat's age; an empty or unparseable file by its mtime. A heartbeat in the
+    future is never stale here: the caller watches it (RunLock._watch_skewed), and an empty file
+    not yet `empty_s` old too (RunLock._watch_empty)."""
+    if not h.token:
+        if now - h.heartbeat > empty_s:
+            return (f"the file is empty or unparseable, last written {now - h.heartbeat:.0f} s ago (a starter that "
+                    "crashed between creating and writing it, or a full disk)")
+        return None
     if same_pid_space(h):
         if not _pid_alive(h.pid):
             return f"its process {h.pid} on this host is gone"
@@ -169,6 +209,11 @@ def stale_reason(h: Holder, now: float, stale_s: float) -> str | None:
         if h.proc_start is not None and now_start is not None and now_start != h.proc_start:
             return f"its process {h.pid} on this host is gone (the pid now belongs to another process)"
         return None
+    job, array, restart = _slurm()
+    if (h.slurm_job is not None and h.slurm_job == job and h.slurm_array == array and h.slurm_restart is not None
+            and restart is not None and h.slurm_restart < restart):
+        return (f"it was restart {h.slurm_restart} of this SLURM job {job}, which SLURM ended before starting "
+                f"this restart {restart}")
     if now - h.heartbeat > stale_s:
         return f"no heartbeat for {now - h.heartbeat:.0f} s (> {stale_s:.0f} s)"
     return None
@@ -225,7 +270,13 @@ class RunLock:
         if old is None:
             return  # released meanwhile: try again
         now = time.time()
-        reason = stale_reason(old, now, self.stale_s)
+        empty_s = min(EMPTY_S, self.stale_s)
+        reason = stale_reason(old, now, self.stale_s, empty_s)
+        if reason is None and not old.token:
+            reason = self._watch_empty(old, empty_s)
+            if reason is None:
+                return  # written or removed meanwhile: look again
+            now = time.time()
         if reason is None and old.heartbeat - now > SKEW_S and not same_pid_space(old):
             reason = self._watch_skewed(old, now)
             now = time.time()
@@ -245,7 +296,8 @@ class RunLock:
             aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)  # a stale lock is garbage: nothing else refers to it
-        print(f"megamor: replaced a stale lock {self.path} ({old.host} pid {old.pid}: {reason})",
+        who = f"{old.host} pid {old.pid}" if old.token else "no holder named"
+        print(f"megamor: replaced a stale lock {self.path} ({who}: {reason})",
               file=sys.stderr, flush=True)
 
     def _watch_skewed(self, old: Holder, now: float) -> str | None:
@@ -261,6 +313,19 @@ class RunLock:
             if current is None or current.token != old.token or current.heartbeat != old.heartbeat:
                 return None  # alive (or released / replaced meanwhile: the caller looks again)
         return f"its heartbeat is in the future (clock skew) and did not change for {self.stale_s:.0f} s"
+
+    def _watch_empty(self, old: Holder, empty_s: float) -> str | None:
+        """An empty or unparseable lock not `empty_s` old by its mtime (or dated in the future by a
+        file server's clock): watch it until it has been so for `empty_s` seconds here. A starter
+        writes it microseconds after creating it. None: written or removed meanwhile."""
+        deadline = time.monotonic() + min(empty_s, max(empty_s - (time.time() - old.heartbeat), 0.0))
+        while time.monotonic() < deadline:
+            time.sleep(min(0.1, empty_s / 10))
+            current = read_holder(self.path)
+            if current is None or current.token:
+                return None
+        return (f"the file is empty or unparseable and stayed so for {empty_s:.0f} s (a starter that crashed between "
+                "creating and writing it, or a full disk)")
 
     def check(self) -> None:
         """Raise RunLockLostError unless this process still holds the lock (one small read; the

@@ -40,9 +40,9 @@ HOLDER = ("import sys; from megamor.train.runlock import RunLock; lock = RunLock
           "print(lock.holder.pid, flush=True); sys.stdin.read(); lock.release()")
 
 
-def _start_holder(prefix: list[str], run_dir) -> tuple[subprocess.Popen, int]:
+def _start_holder(prefix: list[str], run_dir, env: dict | None = None) -> tuple[subprocess.Popen, int]:
     p = subprocess.Popen([*prefix, sys.executable, "-c", HOLDER, str(run_dir)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     line = p.stdout.readline()
     assert line.strip().isdigit(), f"the holder did not start (rc {p.poll()})"
     return p, int(line)
@@ -151,6 +151,80 @@ def test_lock_from_another_pid_space_on_this_host_name_is_judged_by_its_heartbea
     with RunLock(tmp_path, stale_s=60):
         pass
     assert "no heartbeat for 120 s" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _unshare_works("-Urun"), reason="needs unprivileged UTS namespaces (unshare)")
+def test_requeued_slurm_job_takes_the_lock_of_its_earlier_restart_killed_on_another_node(tmp_path, capsys, monkeypatch):
+    """Audit: SLURM requeued a job whose node failed (its trainer SIGKILLed there, heartbeat still
+    fresh); the restart was refused (exit 2, which train.sbatch does not requeue): the run ended.
+    The holder, on "node017" (its own host name), is restart 0 of job 4242; this is restart 1."""
+    job = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2"}
+    holder, _ = _start_holder(["unshare", "-Urun", "sh", "-c", 'hostname node017 && exec "$@"', "sh"], tmp_path,
+                              {**job, "SLURM_RESTART_COUNT": "0"})
+    holder.kill()  # its node failed
+    holder.communicate(timeout=60)
+    old = json.loads((tmp_path / LOCK_FILE).read_text())
+    refusals = []
+    for env in ({"SLURM_RESTART_COUNT": "0"}, {"SLURM_JOB_ID": "4243", "SLURM_RESTART_COUNT": "1"},
+                {"SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "1"}):
+        # the same restart (another job step), another job, another array task: heartbeat only
+        for k, v in {**job, **env}.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(RunLockedError, match=r"in use by another trainer \(host node017 pid \d+") as e:
+            RunLock(tmp_path, stale_s=60).acquire()
+        refusals.append(str(e.value))
+    for k, v in {**job, "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=60) as lock:
+        assert read_holder(lock.path).slurm_restart == 1
+    assert time.monotonic() - t0 < 5
+    assert "it was restart 0 of this SLURM job 4242, which SLURM ended before starting this restart 1" in (
+        capsys.readouterr().err)
+    assert (old["host"], old["slurm_job"], old["slurm_array"], old["slurm_restart"]) == ("node017", "4242", "4240_2", 0)
+    assert all(", SLURM job 4242 restart 0, started " in r for r in refusals), refusals
+
+
+def _crash_between_create_and_write(path) -> None:
+    """A starter killed right after creating the lock exclusively, before writing it."""
+    code = "import os, sys; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY); os.kill(os.getpid(), 9)"
+    assert subprocess.run([sys.executable, "-c", code, str(path)], check=False).returncode == -9
+
+
+@pytest.mark.parametrize("content", ["", '{"host": "node0'], ids=["empty", "truncated"])
+def test_empty_or_unparseable_lock_is_stale_once_a_few_seconds_old(tmp_path, capsys, content):
+    """Audit: an empty lock (a crash between create and write, a full disk) read as "host ? pid
+    0" with a fresh heartbeat and refused every starter for the whole stale window."""
+    path = tmp_path / LOCK_FILE
+    _crash_between_create_and_write(path)
+    path.write_text(content)
+    os.utime(path, (time.time() - 30, time.time() - 30))
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=3600) as lock:
+        assert read_holder(lock.path).token == lock.holder.token
+    assert time.monotonic() - t0 < 2
+    err = capsys.readouterr().err
+    assert ("replaced a stale lock" in err and "(no holder named: the file is empty or unparseable, last written 30 s ago"
+            in err), err
+
+
+def test_fresh_empty_lock_is_watched_and_taken_unless_it_gets_written(tmp_path, capsys):
+    import threading
+
+    path = tmp_path / LOCK_FILE
+    _crash_between_create_and_write(path)
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=2.0) as lock:  # watched for min(5 s, stale_s)
+        assert read_holder(lock.path).token == lock.holder.token
+    assert 1.5 <= time.monotonic() - t0 < 10
+    assert "empty or unparseable and stayed so for 2 s" in capsys.readouterr().err
+
+    _crash_between_create_and_write(path)  # a starter writes it while we watch: a live holder
+    writer = threading.Timer(0.5, lambda: _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=0))
+    writer.start()
+    with pytest.raises(RunLockedError, match="host elsewhere pid 7"):
+        RunLock(tmp_path, stale_s=60).acquire()
+    writer.join()
 
 
 def test_future_heartbeat_is_clock_skew_watched_for_a_bounded_time(tmp_path, capsys):
