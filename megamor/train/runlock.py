@@ -27,7 +27,10 @@ A stale lock is replaced with a warning. The holder removes the file when it end
 trainer leaves it behind, and the next trainer in the same PID space sees the pid is gone. A
 holder whose lock was taken anyway (a holder judged by its heartbeat paused past `stale_s`, or the
 file replaced by hand) finds out from `check()`, which the trainer calls before every write to the
-run folder, and stops (exit 2) instead of writing beside the new holder.
+run folder, and stops (exit 2) instead of writing beside the new holder. The heartbeat is written
+to a temp file first; the holder then reads the lock and renames the temp file over it at once,
+and reads again if it was paused in between, so a paused holder cannot overwrite a newcomer's
+lock unless the pause falls between that last check and the rename.
 
 MEGAMOR_LOCK_HEARTBEAT_S and MEGAMOR_LOCK_STALE_S override the defaults (5 s, 60 s).
 """
@@ -44,11 +47,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from megamor.utils.atomic import atomic_open
+from megamor.utils.atomic import temp_path
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -59,6 +62,7 @@ HEARTBEAT_S = 5.0
 STALE_S = 60.0
 SKEW_S = 5.0  # a heartbeat up to this far in the future is ordinary clock jitter between hosts
 EMPTY_S = 5.0  # an empty or unparseable lock this old is a starter's crash, not a write in progress
+PAUSE_S = 1.0  # a heartbeat writer that took longer than this (or stale_s / 4) from its read to its rename was paused
 
 
 class RunLockedError(RuntimeError):
@@ -340,21 +344,45 @@ class RunLock:
                                    "stopped without writing more")
 
     def _beat(self) -> None:
-        assert self.holder is not None
         while not self._stop.wait(self.heartbeat_s):
-            current = read_holder(self.path)
-            if current is None or current.token != self.holder.token:
-                self.lost = True
-                print(f"megamor: WARNING: lost the run-folder lock {self.path} (now: "
-                      f"{current.describe(time.time()) if current else 'missing'}); another {self.owner} may write this "
-                      "run folder", file=sys.stderr, flush=True)
+            if not self._write_heartbeat():
                 return
-            self.holder.heartbeat = time.time()
+
+    def _write_heartbeat(self) -> bool:
+        """Rewrite the heartbeat unless the lock is no longer ours (then False). The new file is
+        written first; the lock is read right before the rename, and read again if this process
+        was paused in between (a newcomer may have taken a lock judged by its heartbeat meanwhile,
+        and the rename would overwrite it)."""
+        assert self.holder is not None
+        beat = replace(self.holder, heartbeat=time.time())
+        tmp = temp_path(self.path)
+        try:
             try:
-                with atomic_open(self.path, "w", durable=False) as f:
-                    f.write(json.dumps(asdict(self.holder)))
+                tmp.write_text(json.dumps(asdict(beat)))
             except OSError as e:  # a full disk must not kill training; staleness shows in the file's age
                 print(f"megamor: WARNING: cannot refresh {self.path}: {e}", file=sys.stderr, flush=True)
+                return True
+            pause_s = min(PAUSE_S, self.stale_s / 4)
+            for _ in range(3):  # a filesystem slower than pause_s on every read: rename after the third
+                t0, m0 = time.time(), time.monotonic()
+                current = read_holder(self.path)
+                if current is None or current.token != self.holder.token:
+                    self.lost = True
+                    print(f"megamor: WARNING: lost the run-folder lock {self.path} (now: "
+                          f"{current.describe(time.time()) if current else 'missing'}); another {self.owner} may write "
+                          "this run folder", file=sys.stderr, flush=True)
+                    return False
+                if max(time.time() - t0, time.monotonic() - m0) < pause_s:
+                    break  # not paused since the read: replace it now
+            try:
+                os.replace(tmp, self.path)
+            except OSError as e:
+                print(f"megamor: WARNING: cannot refresh {self.path}: {e}", file=sys.stderr, flush=True)
+                return True
+            self.holder.heartbeat = beat.heartbeat
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         self._stop.set()

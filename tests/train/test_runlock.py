@@ -227,6 +227,39 @@ def test_fresh_empty_lock_is_watched_and_taken_unless_it_gets_written(tmp_path, 
     writer.join()
 
 
+def test_holder_paused_between_reading_and_rewriting_its_lock_does_not_overwrite_a_newcomer(tmp_path, monkeypatch):
+    """A holder judged by its heartbeat (another host) is paused right after its heartbeat thread
+    read the lock (still its own); meanwhile a newcomer takes the lock. On resuming it must not
+    rename its heartbeat over the newcomer's lock but find it lost. (The pause: the heartbeat
+    thread sleeps in its read, as a SIGSTOPped process would stand still.)"""
+    import threading
+
+    from megamor.train import runlock
+
+    real_read = runlock.read_holder
+    paused = threading.Event()
+
+    def read_then_pause(path):
+        h = real_read(path)
+        if threading.current_thread().name == "megamor-run-lock" and not paused.is_set():
+            paused.set()
+            _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=0, token="newcomer")
+            time.sleep(1.5)
+        return h
+
+    monkeypatch.setattr(runlock, "read_holder", read_then_pause)
+    lock = RunLock(tmp_path, heartbeat_s=0.1).acquire()
+    deadline = time.monotonic() + 10
+    while not lock.lost and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert paused.is_set() and lock.lost
+    assert real_read(tmp_path / LOCK_FILE).token == "newcomer"
+    with pytest.raises(RunLockLostError, match="host elsewhere pid 7"):
+        lock.check()
+    lock.release()
+    assert real_read(tmp_path / LOCK_FILE).token == "newcomer" and not list(tmp_path.glob(f".{LOCK_FILE}.tmp-*"))
+
+
 def test_future_heartbeat_is_clock_skew_watched_for_a_bounded_time(tmp_path, capsys):
     _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=-96_970_162)
     t0 = time.monotonic()
