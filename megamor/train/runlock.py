@@ -2,22 +2,35 @@
 takes the same kind of lock, `RUN/study.lock`, so that several study processes share out runs.)
 
 `RUN/trainer.lock` is created exclusively (O_EXCL) by rank 0 and holds JSON: host, pid, the
-process's start time in clock ticks since boot, start time, heartbeat time and a random token.
-A thread rewrites the heartbeat every `heartbeat_s` seconds. A second trainer on the same folder
-finds the file and refuses, naming the holder, unless the lock is stale:
-  - the holder is on this host: stale only when its process is gone (its pid is free, or now
-    belongs to a process that started later). A live holder keeps the lock however old its
-    heartbeat: a paused process (SIGSTOP, Ctrl-Z, `scontrol suspend`, a debugger, swapping)
-    writes no heartbeat but will go on writing the folder when it resumes;
-  - the holder is on another host (whose processes cannot be seen from here): stale when its
-    heartbeat is older than `stale_s`. A heartbeat in the future means the two hosts' clocks
-    disagree: its age says nothing, so the starter watches the file for up to `stale_s` seconds
-    and takes the lock only if the heartbeat never changes.
+process's start time in clock ticks since boot, start time, heartbeat time, a random token, what
+identifies its PID space (its PID namespace, `/proc/self/ns/pid`, and the kernel's boot id) and,
+under SLURM, its job (SLURM_JOB_ID, SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID) and
+SLURM_RESTART_COUNT. A thread rewrites the heartbeat every `heartbeat_s` seconds. A second
+trainer on the same folder finds the file and refuses, naming the holder, unless the lock is stale:
+  - the holder is in this process's PID space (same host name, PID namespace and boot id): stale
+    only when its process is gone (its pid is free, or now belongs to a process that started
+    later). A live holder keeps the lock however old its heartbeat: a paused process (SIGSTOP,
+    Ctrl-Z, `scontrol suspend`, a debugger, swapping) writes no heartbeat but will go on writing
+    the folder when it resumes;
+  - the holder is an earlier restart of this very SLURM job (same job and array task, lower
+    SLURM_RESTART_COUNT): SLURM ended it before requeueing the job (e.g. its node failed), so the
+    lock is stale at once, however fresh its heartbeat;
+  - otherwise (another host, or the same host name in another PID namespace: a container, whose
+    processes cannot be seen from here; or a lock that does not say, from an older version): stale
+    when its heartbeat is older than `stale_s`. A heartbeat in the future means the two hosts'
+    clocks disagree: its age says nothing, so the starter watches the file for up to `stale_s`
+    seconds and takes the lock only if the heartbeat never changes;
+  - an empty or unparseable lock file (a starter that crashed between creating and writing it, or
+    a full disk; a live starter writes it microseconds after creating it): stale once it has been
+    so for `EMPTY_S` seconds (its mtime that old, or watched for that long).
 A stale lock is replaced with a warning. The holder removes the file when it ends; a SIGKILLed
-trainer leaves it behind, and the next trainer on the same host sees the pid is gone. A holder
-whose lock was taken anyway (a holder on another host paused past `stale_s`, or the file
-replaced by hand) finds out from `check()`, which the trainer calls before every write to the
-run folder, and stops (exit 2) instead of writing beside the new holder.
+trainer leaves it behind, and the next trainer in the same PID space sees the pid is gone. A
+holder whose lock was taken anyway (a holder judged by its heartbeat paused past `stale_s`, or the
+file replaced by hand) finds out from `check()`, which the trainer calls before every write to the
+run folder, and stops (exit 2) instead of writing beside the new holder. The heartbeat is written
+to a temp file first; the holder then reads the lock and renames the temp file over it at once,
+and reads again if it was paused in between, so a paused holder cannot overwrite a newcomer's
+lock unless the pause falls between that last check and the rename.
 
 MEGAMOR_LOCK_HEARTBEAT_S and MEGAMOR_LOCK_STALE_S override the defaults (5 s, 60 s).
 """
@@ -33,19 +46,23 @@ import stat
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from megamor.utils.atomic import atomic_open
+from megamor.utils.atomic import temp_path
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+T = TypeVar("T")
 LOCK_FILE = "trainer.lock"
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
 SKEW_S = 5.0  # a heartbeat up to this far in the future is ordinary clock jitter between hosts
+EMPTY_S = 5.0  # an empty or unparseable lock this old is a starter's crash, not a write in progress
+PAUSE_S = 1.0  # a heartbeat writer that took longer than this (or stale_s / 4) from its read to its rename was paused
 
 
 class RunLockedError(RuntimeError):
@@ -64,10 +81,18 @@ class Holder:
     heartbeat: float
     token: str
     proc_start: int | None = None  # the pid's start in clock ticks since boot (tells a reused pid apart)
+    pid_ns: str | None = None  # readlink /proc/self/ns/pid: pids mean the same only within one namespace
+    boot_id: str | None = None  # /proc/sys/kernel/random/boot_id: ... and within one boot of one kernel
+    slurm_job: str | None = None  # SLURM_JOB_ID
+    slurm_array: str | None = None  # SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID, for an array task
+    slurm_restart: int | None = None  # SLURM_RESTART_COUNT (0 when unset in a SLURM job)
 
     def describe(self, now: float) -> str:
+        if not self.token:  # read_holder's placeholder for an empty or unparseable file
+            return f"an empty or unparseable lock file, last written {max(now - self.heartbeat, 0.0):.0f} s ago"
         start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return f"host {self.host} pid {self.pid}, started {start}, {heartbeat_age(self.heartbeat, now)}"
+        job = f", SLURM job {self.slurm_job} restart {self.slurm_restart}" if self.slurm_job is not None else ""
+        return f"host {self.host} pid {self.pid}{job}, started {start}, {heartbeat_age(self.heartbeat, now)}"
 
 
 def heartbeat_age(heartbeat: float, now: float) -> str:
@@ -87,6 +112,55 @@ def _proc_start(pid: int) -> int | None:
         return None
 
 
+def _read_first_line(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_ns() -> str | None:
+    """This process's PID namespace, e.g. 'pid:[4026531836]' (None where /proc cannot tell)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    return _read_first_line("/proc/sys/kernel/random/boot_id")
+
+
+def _slurm() -> tuple[str | None, str | None, int | None]:
+    """This process's SLURM job, array task and restart count (None, None, None outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID") or None
+    if job is None:
+        return None, None, None
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    array = f"{array_job}_{task}" if array_job and task else None
+    try:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restart = None
+    return job, array, restart
+
+
+def this_process() -> Holder:
+    """A lock held by this process, heartbeat now."""
+    now = time.time()
+    job, array, restart = _slurm()
+    return Holder(socket.gethostname(), os.getpid(), now, now, secrets.token_hex(8), _proc_start(os.getpid()),
+                  _pid_ns(), _boot_id(), job, array, restart)
+
+
+def same_pid_space(h: Holder) -> bool:
+    """Whether `h`'s pid means a process this one can see: same host name, PID namespace and boot.
+    A lock that does not say (an older version's, or a system without /proc) is not."""
+    ns, boot = _pid_ns(), _boot_id()
+    return (h.host == socket.gethostname() and h.pid > 0 and ns is not None and boot is not None
+            and h.pid_ns == ns and h.boot_id == boot)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -95,6 +169,11 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _opt(d: dict, key: str, kind: Callable[[Any], T]) -> T | None:
+    """An optional field (absent from locks written by older versions)."""
+    return kind(d[key]) if d.get(key) is not None else None
 
 
 def read_holder(path: Path) -> Holder | None:
@@ -106,24 +185,39 @@ def read_holder(path: Path) -> Holder | None:
         return None
     try:
         d = json.loads(text)
-        ps = d.get("proc_start")
-        return Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]), str(d["token"]),
-                      int(ps) if ps is not None else None)
+        h = Holder(str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]), str(d["token"]),
+                   _opt(d, "proc_start", int), _opt(d, "pid_ns", str), _opt(d, "boot_id", str),
+                   _opt(d, "slurm_job", str), _opt(d, "slurm_array", str), _opt(d, "slurm_restart", int))
+        if h.token:
+            return h
     except (ValueError, KeyError, TypeError, AttributeError):
-        return Holder("?", 0, mtime, mtime, "")
+        pass
+    return Holder("?", 0, mtime, mtime, "")  # no token: empty or unparseable (stale_reason judges it by its mtime)
 
 
-def stale_reason(h: Holder, now: float, stale_s: float) -> str | None:
-    """Why `h` no longer holds the lock, or None. On this host only a gone process frees it (a
-    paused one keeps it); a holder on another host is judged by its heartbeat's age. A heartbeat
-    in the future is never stale here: the caller watches it (RunLock._watch_skewed)."""
-    if h.host == socket.gethostname() and h.pid > 0:
+def stale_reason(h: Holder, now: float, stale_s: float, empty_s: float = EMPTY_S) -> str | None:
+    """Why `h` no longer holds the lock, or None. In this PID space only a gone process frees it
+    (a paused one keeps it); an earlier restart of this SLURM job is stale; any other holder is
+    judged by its heartbeat's age; an empty or unparseable file by its mtime. A heartbeat in the
+    future is never stale here: the caller watches it (RunLock._watch_skewed), and an empty file
+    not yet `empty_s` old too (RunLock._watch_empty)."""
+    if not h.token:
+        if now - h.heartbeat > empty_s:
+            return (f"the file is empty or unparseable, last written {now - h.heartbeat:.0f} s ago (a starter that "
+                    "crashed between creating and writing it, or a full disk)")
+        return None
+    if same_pid_space(h):
         if not _pid_alive(h.pid):
             return f"its process {h.pid} on this host is gone"
         now_start = _proc_start(h.pid)
         if h.proc_start is not None and now_start is not None and now_start != h.proc_start:
             return f"its process {h.pid} on this host is gone (the pid now belongs to another process)"
         return None
+    job, array, restart = _slurm()
+    if (h.slurm_job is not None and h.slurm_job == job and h.slurm_array == array and h.slurm_restart is not None
+            and restart is not None and h.slurm_restart < restart):
+        return (f"it was restart {h.slurm_restart} of this SLURM job {job}, which SLURM ended before starting "
+                f"this restart {restart}")
     if now - h.heartbeat > stale_s:
         return f"no heartbeat for {now - h.heartbeat:.0f} s (> {stale_s:.0f} s)"
     return None
@@ -153,8 +247,7 @@ class RunLock:
         """Take the lock or raise RunLockedError naming the live holder."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            now = time.time()
-            me = Holder(socket.gethostname(), os.getpid(), now, now, secrets.token_hex(8), _proc_start(os.getpid()))
+            me = this_process()
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -181,8 +274,14 @@ class RunLock:
         if old is None:
             return  # released meanwhile: try again
         now = time.time()
-        reason = stale_reason(old, now, self.stale_s)
-        if reason is None and old.heartbeat - now > SKEW_S and old.host != socket.gethostname():
+        empty_s = min(EMPTY_S, self.stale_s)
+        reason = stale_reason(old, now, self.stale_s, empty_s)
+        if reason is None and not old.token:
+            reason = self._watch_empty(old, empty_s)
+            if reason is None:
+                return  # written or removed meanwhile: look again
+            now = time.time()
+        if reason is None and old.heartbeat - now > SKEW_S and not same_pid_space(old):
             reason = self._watch_skewed(old, now)
             now = time.time()
         if reason is None:
@@ -201,7 +300,8 @@ class RunLock:
             aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)  # a stale lock is garbage: nothing else refers to it
-        print(f"megamor: replaced a stale lock {self.path} ({old.host} pid {old.pid}: {reason})",
+        who = f"{old.host} pid {old.pid}" if old.token else "no holder named"
+        print(f"megamor: replaced a stale lock {self.path} ({who}: {reason})",
               file=sys.stderr, flush=True)
 
     def _watch_skewed(self, old: Holder, now: float) -> str | None:
@@ -218,6 +318,19 @@ class RunLock:
                 return None  # alive (or released / replaced meanwhile: the caller looks again)
         return f"its heartbeat is in the future (clock skew) and did not change for {self.stale_s:.0f} s"
 
+    def _watch_empty(self, old: Holder, empty_s: float) -> str | None:
+        """An empty or unparseable lock not `empty_s` old by its mtime (or dated in the future by a
+        file server's clock): watch it until it has been so for `empty_s` seconds here. A starter
+        writes it microseconds after creating it. None: written or removed meanwhile."""
+        deadline = time.monotonic() + min(empty_s, max(empty_s - (time.time() - old.heartbeat), 0.0))
+        while time.monotonic() < deadline:
+            time.sleep(min(0.1, empty_s / 10))
+            current = read_holder(self.path)
+            if current is None or current.token:
+                return None
+        return (f"the file is empty or unparseable and stayed so for {empty_s:.0f} s (a starter that crashed between "
+                "creating and writing it, or a full disk)")
+
     def check(self) -> None:
         """Raise RunLockLostError unless this process still holds the lock (one small read; the
         trainer calls it before every write to the run folder)."""
@@ -231,21 +344,45 @@ class RunLock:
                                    "stopped without writing more")
 
     def _beat(self) -> None:
-        assert self.holder is not None
         while not self._stop.wait(self.heartbeat_s):
-            current = read_holder(self.path)
-            if current is None or current.token != self.holder.token:
-                self.lost = True
-                print(f"megamor: WARNING: lost the run-folder lock {self.path} (now: "
-                      f"{current.describe(time.time()) if current else 'missing'}); another {self.owner} may write this "
-                      "run folder", file=sys.stderr, flush=True)
+            if not self._write_heartbeat():
                 return
-            self.holder.heartbeat = time.time()
+
+    def _write_heartbeat(self) -> bool:
+        """Rewrite the heartbeat unless the lock is no longer ours (then False). The new file is
+        written first; the lock is read right before the rename, and read again if this process
+        was paused in between (a newcomer may have taken a lock judged by its heartbeat meanwhile,
+        and the rename would overwrite it)."""
+        assert self.holder is not None
+        beat = replace(self.holder, heartbeat=time.time())
+        tmp = temp_path(self.path)
+        try:
             try:
-                with atomic_open(self.path, "w", durable=False) as f:
-                    f.write(json.dumps(asdict(self.holder)))
+                tmp.write_text(json.dumps(asdict(beat)))
             except OSError as e:  # a full disk must not kill training; staleness shows in the file's age
                 print(f"megamor: WARNING: cannot refresh {self.path}: {e}", file=sys.stderr, flush=True)
+                return True
+            pause_s = min(PAUSE_S, self.stale_s / 4)
+            for _ in range(3):  # a filesystem slower than pause_s on every read: rename after the third
+                t0, m0 = time.time(), time.monotonic()
+                current = read_holder(self.path)
+                if current is None or current.token != self.holder.token:
+                    self.lost = True
+                    print(f"megamor: WARNING: lost the run-folder lock {self.path} (now: "
+                          f"{current.describe(time.time()) if current else 'missing'}); another {self.owner} may write "
+                          "this run folder", file=sys.stderr, flush=True)
+                    return False
+                if max(time.time() - t0, time.monotonic() - m0) < pause_s:
+                    break  # not paused since the read: replace it now
+            try:
+                os.replace(tmp, self.path)
+            except OSError as e:
+                print(f"megamor: WARNING: cannot refresh {self.path}: {e}", file=sys.stderr, flush=True)
+                return True
+            self.holder.heartbeat = beat.heartbeat
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         self._stop.set()

@@ -3,21 +3,49 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from megamor.train.runlock import LOCK_FILE, RunLock, RunLockedError, RunLockLostError, _proc_start, read_holder
 
+THIS_PID_SPACE = {"pid_ns": os.readlink("/proc/self/ns/pid"),
+                  "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip()}
 
-def _write_lock(run_dir, host, pid, heartbeat_age, proc_start=None, token="someone"):
+
+def _write_lock(run_dir, host, pid, heartbeat_age, proc_start=None, token="someone", **fields):
+    """A lock as a holder would write it; on this host by default in this process's PID space."""
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
+    if host == socket.gethostname():
+        fields = {**THIS_PID_SPACE, **fields}
     (run_dir / LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid, "started": now - 100, "proc_start": proc_start,
-                                                 "heartbeat": now - heartbeat_age, "token": token}))
+                                                 "heartbeat": now - heartbeat_age, "token": token, **fields}))
+
+
+def _unshare_works(*flags: str) -> bool:
+    try:
+        return subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+# A holder in its own process: takes the lock, prints its pid, holds it until stdin closes.
+HOLDER = ("import sys; from megamor.train.runlock import RunLock; lock = RunLock(sys.argv[1], heartbeat_s=0.2).acquire(); "
+          "print(lock.holder.pid, flush=True); sys.stdin.read(); lock.release()")
+
+
+def _start_holder(prefix: list[str], run_dir, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    p = subprocess.Popen([*prefix, sys.executable, "-c", HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    line = p.stdout.readline()
+    assert line.strip().isdigit(), f"the holder did not start (rc {p.poll()})"
+    return p, int(line)
 
 
 def _dead_pid() -> int:
@@ -90,6 +118,146 @@ def test_reused_pid_on_this_host_is_stale(tmp_path, capsys):
     with RunLock(tmp_path, stale_s=3600):
         pass
     assert "now belongs to another process" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _unshare_works("-Urpf", "--mount-proc"), reason="needs unprivileged PID namespaces (unshare)")
+def test_live_holder_in_another_pid_namespace_on_this_host_keeps_the_lock(tmp_path):
+    """Audit: a trainer in a container sharing the host's name but not its PIDs (enroot/pyxis,
+    docker --uts=host, here `unshare -p`) is pid 1 there; from the host its pid looked reused and
+    a second trainer replaced the live holder's lock. Its heartbeat decides instead."""
+    holder, pid = _start_holder(["unshare", "-Urpf", "--mount-proc"], tmp_path)
+    try:
+        lock = read_holder(tmp_path / LOCK_FILE)
+        assert pid == 1 and lock.host == socket.gethostname()
+        with pytest.raises(RunLockedError, match=f"in use by another trainer \\(host {socket.gethostname()} pid 1,"):
+            RunLock(tmp_path, stale_s=3600).acquire()
+        assert read_holder(tmp_path / LOCK_FILE).token == lock.token
+        assert lock.pid_ns != THIS_PID_SPACE["pid_ns"] and lock.boot_id == THIS_PID_SPACE["boot_id"]
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and not (tmp_path / LOCK_FILE).exists()  # it released its own lock
+
+
+@pytest.mark.parametrize("space", [{}, {"pid_ns": "pid:[4026532999]"}, {"boot_id": "another-boot"}],
+                         ids=["older-version-lock", "other-pid-namespace", "other-boot"])
+def test_lock_from_another_pid_space_on_this_host_name_is_judged_by_its_heartbeat(tmp_path, capsys, space):
+    """A lock on this host name whose PID space differs (or is not recorded: an older version's
+    lock) says nothing about this host's pids: pid 1 is alive here, and was taken for a reused pid."""
+    fields = {**THIS_PID_SPACE, **space} if space else {"pid_ns": None, "boot_id": None}
+    _write_lock(tmp_path, socket.gethostname(), 1, heartbeat_age=5, proc_start=1, **fields)
+    with pytest.raises(RunLockedError, match=f"host {socket.gethostname()} pid 1,"):
+        RunLock(tmp_path, stale_s=60).acquire()
+    _write_lock(tmp_path, socket.gethostname(), 1, heartbeat_age=120, proc_start=1, **fields)
+    with RunLock(tmp_path, stale_s=60):
+        pass
+    assert "no heartbeat for 120 s" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _unshare_works("-Urun"), reason="needs unprivileged UTS namespaces (unshare)")
+def test_requeued_slurm_job_takes_the_lock_of_its_earlier_restart_killed_on_another_node(tmp_path, capsys, monkeypatch):
+    """Audit: SLURM requeued a job whose node failed (its trainer SIGKILLed there, heartbeat still
+    fresh); the restart was refused (exit 2, which train.sbatch does not requeue): the run ended.
+    The holder, on "node017" (its own host name), is restart 0 of job 4242; this is restart 1."""
+    job = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2"}
+    holder, _ = _start_holder(["unshare", "-Urun", "sh", "-c", 'hostname node017 && exec "$@"', "sh"], tmp_path,
+                              {**job, "SLURM_RESTART_COUNT": "0"})
+    holder.kill()  # its node failed
+    holder.communicate(timeout=60)
+    old = json.loads((tmp_path / LOCK_FILE).read_text())
+    refusals = []
+    for env in ({"SLURM_RESTART_COUNT": "0"}, {"SLURM_JOB_ID": "4243", "SLURM_RESTART_COUNT": "1"},
+                {"SLURM_ARRAY_TASK_ID": "3", "SLURM_RESTART_COUNT": "1"}):
+        # the same restart (another job step), another job, another array task: heartbeat only
+        for k, v in {**job, **env}.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(RunLockedError, match=r"in use by another trainer \(host node017 pid \d+") as e:
+            RunLock(tmp_path, stale_s=60).acquire()
+        refusals.append(str(e.value))
+    for k, v in {**job, "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=60) as lock:
+        assert read_holder(lock.path).slurm_restart == 1
+    assert time.monotonic() - t0 < 5
+    assert "it was restart 0 of this SLURM job 4242, which SLURM ended before starting this restart 1" in (
+        capsys.readouterr().err)
+    assert (old["host"], old["slurm_job"], old["slurm_array"], old["slurm_restart"]) == ("node017", "4242", "4240_2", 0)
+    assert all(", SLURM job 4242 restart 0, started " in r for r in refusals), refusals
+
+
+def _crash_between_create_and_write(path) -> None:
+    """A starter killed right after creating the lock exclusively, before writing it."""
+    code = "import os, sys; os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY); os.kill(os.getpid(), 9)"
+    assert subprocess.run([sys.executable, "-c", code, str(path)], check=False).returncode == -9
+
+
+@pytest.mark.parametrize("content", ["", '{"host": "node0'], ids=["empty", "truncated"])
+def test_empty_or_unparseable_lock_is_stale_once_a_few_seconds_old(tmp_path, capsys, content):
+    """Audit: an empty lock (a crash between create and write, a full disk) read as "host ? pid
+    0" with a fresh heartbeat and refused every starter for the whole stale window."""
+    path = tmp_path / LOCK_FILE
+    _crash_between_create_and_write(path)
+    path.write_text(content)
+    os.utime(path, (time.time() - 30, time.time() - 30))
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=3600) as lock:
+        assert read_holder(lock.path).token == lock.holder.token
+    assert time.monotonic() - t0 < 2
+    err = capsys.readouterr().err
+    assert ("replaced a stale lock" in err and "(no holder named: the file is empty or unparseable, last written 30 s ago"
+            in err), err
+
+
+def test_fresh_empty_lock_is_watched_and_taken_unless_it_gets_written(tmp_path, capsys):
+    import threading
+
+    path = tmp_path / LOCK_FILE
+    _crash_between_create_and_write(path)
+    t0 = time.monotonic()
+    with RunLock(tmp_path, stale_s=2.0) as lock:  # watched for min(5 s, stale_s)
+        assert read_holder(lock.path).token == lock.holder.token
+    assert 1.5 <= time.monotonic() - t0 < 10
+    assert "empty or unparseable and stayed so for 2 s" in capsys.readouterr().err
+
+    _crash_between_create_and_write(path)  # a starter writes it while we watch: a live holder
+    writer = threading.Timer(0.5, lambda: _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=0))
+    writer.start()
+    with pytest.raises(RunLockedError, match="host elsewhere pid 7"):
+        RunLock(tmp_path, stale_s=60).acquire()
+    writer.join()
+
+
+def test_holder_paused_between_reading_and_rewriting_its_lock_does_not_overwrite_a_newcomer(tmp_path, monkeypatch):
+    """A holder judged by its heartbeat (another host) is paused right after its heartbeat thread
+    read the lock (still its own); meanwhile a newcomer takes the lock. On resuming it must not
+    rename its heartbeat over the newcomer's lock but find it lost. (The pause: the heartbeat
+    thread sleeps in its read, as a SIGSTOPped process would stand still.)"""
+    import threading
+
+    from megamor.train import runlock
+
+    real_read = runlock.read_holder
+    paused = threading.Event()
+
+    def read_then_pause(path):
+        h = real_read(path)
+        if threading.current_thread().name == "megamor-run-lock" and not paused.is_set():
+            paused.set()
+            _write_lock(tmp_path, "elsewhere", 7, heartbeat_age=0, token="newcomer")
+            time.sleep(1.5)
+        return h
+
+    monkeypatch.setattr(runlock, "read_holder", read_then_pause)
+    lock = RunLock(tmp_path, heartbeat_s=0.1).acquire()
+    deadline = time.monotonic() + 10
+    while not lock.lost and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert paused.is_set() and lock.lost
+    assert real_read(tmp_path / LOCK_FILE).token == "newcomer"
+    with pytest.raises(RunLockLostError, match="host elsewhere pid 7"):
+        lock.check()
+    lock.release()
+    assert real_read(tmp_path / LOCK_FILE).token == "newcomer" and not list(tmp_path.glob(f".{LOCK_FILE}.tmp-*"))
 
 
 def test_future_heartbeat_is_clock_skew_watched_for_a_bounded_time(tmp_path, capsys):
