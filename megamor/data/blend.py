@@ -1,7 +1,8 @@
 """Deterministic weighted interleaving of several sources, and the global sample order.
 
 Blend: within each block of `period` samples, source k gets c_k = round(w_k * period) slots
-(largest remainder), spread evenly (its i-th slot at time (i + 0.5) / c_k; ties by source
+(largest remainder; so shares are exact to 1/period, ~1.5e-5, and a weight below that is
+refused), spread evenly (its i-th slot at time (i + 0.5) / c_k; ties by source
 index), so any prefix of the order is within about one sample per source of its target share.
 The block repeats, so sample n's source and its index within that source are O(1) to compute.
 
@@ -34,7 +35,8 @@ class Blend:
         for k in np.argsort(-(ideal - counts), kind="stable")[: period - counts.sum()]:
             counts[k] += 1
         if np.any(counts == 0):
-            raise ValueError(f"a weight is below 1/{period} of the total: {list(weights)}")
+            raise ValueError(f"{list(weights)}: a weight below 1/{period} of the total gets no sample "
+                             f"(each block of {period} samples gives every source at least one)")
         self.period, self.counts = period, counts
         times = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
         src = np.concatenate([np.full(c, k) for k, c in enumerate(counts)])

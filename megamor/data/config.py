@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.config import ConfigError, key
+from megamor.data.blend import Blend
 from megamor.data.dataset import check_split
 from megamor.data.errors import DataError
 from megamor.data.manifest import load_manifest
@@ -45,6 +46,10 @@ class DataConfig:
             for i, x in enumerate(w):
                 if not (math.isfinite(x) and x > 0):
                     raise ConfigError(f"{key(path, 'train_weights')}[{i}]", f"must be a positive number, got {x}")
+            try:
+                Blend(w)  # the loader's own rule: every source gets at least one sample per block
+            except ValueError as e:
+                raise ConfigError(key(path, "train_weights"), str(e)) from None
         for name in ("train_split", "valid_split"):
             if not getattr(self, name):
                 raise ConfigError(key(path, name), "must not be empty")

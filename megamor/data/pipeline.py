@@ -168,6 +168,8 @@ def _foreign(out: Path) -> list[str]:
 
 def prepare_output(out: Path, plan: dict[str, Any], overwrite: bool) -> bool:
     """Make `out` ready for this plan; True if it already holds this run's finished output."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     manifest, old_plan = out / MANIFEST, out / PLAN
     if manifest.is_file():
@@ -185,6 +187,11 @@ def prepare_output(out: Path, plan: dict[str, Any], overwrite: bool) -> bool:
     elif not overwrite and _foreign(out):
         raise OutputExistsError(f"{out} is not empty and is not a tokenize_and_shard folder (holds "
                                 f"{', '.join(_foreign(out)[:3])}); choose an empty folder or pass --overwrite")
+    elif not overwrite and (stale := sorted(p.name for p in out.glob("*.npy") if p.name.startswith(("train-", "valid-")))):
+        # Shards with neither plan.json nor manifest.json: nothing says what they hold, so none
+        # may be reused (a shard of the right size would be, silently mixing old data in).
+        raise OutputExistsError(f"{out} holds shards ({', '.join(stale[:3])}) but no {PLAN} or {MANIFEST}: what they "
+                                "hold is unknown; choose an empty folder or pass --overwrite (which deletes them)")
     if overwrite:
         _clean(out)
     if not old_plan.is_file() or overwrite:

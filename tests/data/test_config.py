@@ -30,6 +30,7 @@ def test_loads_from_yaml_with_overrides(tmp_path, shakespeare_shards):
     ("data.seq_len=0", "data.seq_len", "must be >= 1"),
     ("data.train_weights=[1.0]", "data.train_weights", "has 1 entries for 2 train folders"),
     ("data.train_weights=[1.0,-2.0]", "data.train_weights[1]", "positive"),
+    ("data.train_weights=[1.0,0.000001]", "data.train_weights", "gets no sample"),  # was a traceback at start-up
     ("data.train=[]", "data.train", "at least one"),
     ("data.valid_split=''", "data.valid_split", "must not be empty"),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +176,17 @@ def test_output_folder_of_another_run_is_refused(reference, mixed_inputs, tokeni
     (racing / ".plan.json.tmp-99-abcdef12").write_text("{")
     r = tokenize_and_shard(mixed_inputs, racing, tokenizer_dir, settings, num_tasks=2, task_index=0, **QUIET)
     assert r.units_done > 0
+    # Shards whose plan and manifest are gone: refused (a full shard of the right size was reused,
+    # silently mixing the old corpus into the new one), and --out naming a file is one line.
+    stale = tmp_path / "stale"
+    shutil.copytree(out, stale)
+    for name in ("manifest.json", "plan.json"):
+        (stale / name).unlink()
+    with pytest.raises(OutputExistsError, match=r"holds shards \(train-00000.docs.npy, train-00000.npy.*but no plan.json or manifest.json"):
+        tokenize_and_shard(mixed_inputs[:1], stale, tokenizer_dir, settings, **QUIET)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="afile: exists and is not a folder"):
+        tokenize_and_shard(mixed_inputs, tmp_path / "afile", tokenizer_dir, settings, **QUIET)
 
 
 def test_bad_input_counts_reach_the_manifest(tmp_path, tokenizer_dir):
