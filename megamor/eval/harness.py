@@ -55,10 +55,11 @@ def fewshot_prefix(task: Task, doc_index: int, doc: Doc, pool: Sequence[Doc], k:
         return ""
     rng = random.Random(f"{seed}:{task.name}:{doc_index}")
     candidates = [i for i in range(len(pool)) if not (same_split and pool[i]["_src"] == doc["_src"])]
-    if len(candidates) < k:
-        raise EvalInputError(f"{task.name}: {k}-shot needs {k} examples, the few-shot pool has {len(candidates)}: "
-                             "lower --num-fewshot")
-    shots = [pool[i] for i in rng.sample(candidates, k)]
+    chosen = task.fewshot_choice(doc, pool, candidates, k, rng)
+    if len(chosen) < k:
+        raise EvalInputError(f"{task.name}: {k}-shot needs {k} examples, the few-shot pool has {len(chosen)}"
+                             f"{' for ' + doc['_src'] if len(chosen) < len(candidates) else ''}: lower --num-fewshot")
+    shots = [pool[i] for i in chosen]
     return "".join(task.fewshot_example(s) + task.fewshot_delimiter for s in shots)
 
 

@@ -162,13 +162,20 @@ class MegamorLM(TemplateLM):
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
-            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
-            budget = max(1, self.max_length - max_new)
+            sample = bool(kw.get("do_sample", False))
+            temperature = float(kw.get("temperature", 0.0)) if sample else 0.0
+            top_k, top_p = (kw.get("top_k"), kw.get("top_p")) if sample else (None, None)
+            budget = self.max_length - max_new  # prompt tokens kept (its end), as lm-eval's hf model
+            if budget < 1:
+                raise EvalInputError(f"a generation request asks for max_gen_toks={max_new} new tokens in a context of "
+                                     f"max_length={self.max_length}: no room for its prompt; pass a larger max_length "
+                                     "(up to the model's max_seq_len) or a smaller max_gen_toks in --model_args")
             for start in range(0, len(idx), bs):
                 chunk = idx[start : start + bs]
                 prompts = [self.tok_encode(args[i][0])[-budget:] for i in chunk]
                 with self.scorer.autocast():
-                    gen = generate(self.model, prompts, max_new, temperature=temperature, eos_id=self.tok.eos_id)
+                    gen = generate(self.model, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   eos_id=self.tok.eos_id)
                 for i, toks in zip(chunk, gen.tokens):
                     text = self.tok.decode([t for t in toks if t != self.tok.eos_id])
                     for u in until:

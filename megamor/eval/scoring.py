@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from megamor.config import note_once
+
 from .errors import EvalInputError
 from .paper import ROUTINGS
 
@@ -99,6 +101,9 @@ class Scorer:
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_length = max_length or model_max_length(model)
+        if self.max_length > model_max_length(model):  # allowed (length extrapolation), never silent
+            note_once(f"max length {self.max_length} exceeds the model's max_seq_len {model_max_length(model)}: "
+                      "positions past it were never trained")
         if device is None:
             try:
                 device = next(model.parameters()).device

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from megamor.inference.depthwise import DepthwiseScheduler
 from megamor.inference.depthwise_static import StaticDepthwiseScheduler
-from megamor.inference.generate import GenerationOutput, left_pad, sample_next
+from megamor.inference.generate import GenerationOutput, check_request, left_pad, sample_next
 from megamor.inference.graph_step import GraphStep
 from megamor.inference.packed_linear import PackedLinears
 from megamor.inference.static_cache import PrefillRecorder, StaticKVCache
@@ -150,13 +150,8 @@ class Engine:
 
     # -- queue ---------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], max_new_tokens: int, **sampling) -> Request:
-        if len(prompt) == 0:
-            raise ValueError("every prompt needs at least one token (e.g. BOS)")
-        ctx = self.model.cfg.max_seq_len
-        if len(prompt) + max_new_tokens > ctx:
-            raise ValueError(f"request of {len(prompt)} prompt + {max_new_tokens} new tokens exceeds the model's "
-                             f"context (max_seq_len {ctx})")
         req = Request(list(prompt), max_new_tokens, id=self._next_id, **sampling)
+        check_request(self.model, len(prompt), max_new_tokens, req.temperature, req.top_k, req.top_p)
         if req.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
         self._next_id += 1

@@ -30,6 +30,25 @@ class StepOutput:
     finished: list[bool]
 
 
+def check_request(model: MoRLM, prompt_len: int, max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None) -> None:
+    """One ValueError line for a request no decoder should run: past the model's context (RoPE
+    positions it never trained), or sampling settings outside their range (top_p 0 meant no
+    filter, not near-greedy)."""
+    if prompt_len == 0:
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    ctx = model.cfg.max_seq_len
+    if prompt_len + max_new_tokens > ctx:
+        raise ValueError(f"request of {prompt_len} prompt + {max_new_tokens} new tokens exceeds the model's "
+                         f"context (max_seq_len {ctx})")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: no filter), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no filter), got {top_p}")
+
+
 def sample_next(
     logits: Tensor,
     temperature: float = 0.0,
@@ -47,7 +66,7 @@ def sample_next(
     if top_p is not None and 0 < top_p < 1:
         sorted_logits, order = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
@@ -84,6 +103,8 @@ def stream(
     every step (the reference the caches are checked against)."""
     device = model.embed_tokens.weight.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    for p in prompts:
+        check_request(model, len(p), max_new_tokens, temperature, top_k, top_p)
     ids, mask = left_pad(prompts, 0, device)
     B = ids.shape[0]
     cache = model.new_kv_cache(B) if use_cache else None

@@ -15,6 +15,7 @@ import pytest
 from lm_eval.tasks import TaskManager
 
 from megamor.env import repo_root
+from megamor.eval.errors import EvalInputError
 from megamor.eval.harness import evaluate_task
 from megamor.eval.lm_eval_adapter import MegamorLM
 from megamor.eval.perplexity import perplexity_of_texts, read_texts
@@ -88,3 +89,7 @@ def test_generate_until(lm, tok):
     assert lm.generate_until(reqs) == out
     ids = generate(lm.model, [[tok.eos_id] + tok.encode("The king")], 5, eos_id=tok.eos_id).tokens[0]
     assert out[1] == tok.decode([t for t in ids if t != tok.eos_id]).split("\n")[0]
+    # max_gen_toks filling the whole context left one prompt token (silently); now one line
+    big = Instance("generate_until", {}, ("The king", {"until": ["\n"], "max_gen_toks": lm.max_length}), 0)
+    with pytest.raises(EvalInputError, match="no room for its prompt"):
+        lm.generate_until([big])

@@ -247,3 +247,24 @@ def test_study_fewshot_avg_counts_arc_once(mor_model, spm_path, data_dir):
     arc = (v["arc_easy"] + v["arc_challenge"]) / 2
     assert v["piqa"] != pytest.approx(arc)  # else counting ARC once or twice gives the same average
     assert res["fewshot_avg"] == pytest.approx((v["piqa"] + arc) / 2)
+
+
+def test_mmlu_shots_are_the_first_dev_examples_of_the_documents_subject(tmp_path):
+    """lm-eval's MMLU takes the first k dev examples of the same subject (its first_n sampler); the
+    harness drew k at random from every subject's dev examples, under another subject's header."""
+    import random
+
+    from megamor.eval.harness import fewshot_prefix
+
+    rows = {s: rs + [[f"{s} extra {i}?", "a", "b", "c", "d", "A"] for i in range(3)] for s, rs in MMLU_ROWS.items()}
+    folder = write_mmlu(tmp_path / "mmlu", rows)
+    for split in ("dev",):  # dev: every row of each subject (write_mmlu keeps one)
+        for subject, rs in rows.items():
+            with open(folder / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(rs)
+    task = get_task("mmlu", path=folder)
+    pool, docs = task.load_fewshot(), task.load()
+    for i, doc in enumerate(docs):
+        prefix = fewshot_prefix(task, i, doc, pool, 2, seed=random.randint(0, 99), same_split=False)
+        mine = [d for d in pool if d["subject"] == doc["subject"]][:2]
+        assert prefix == "".join(task.fewshot_example(d) + task.fewshot_delimiter for d in mine)

@@ -53,3 +53,33 @@ def test_sampling_filters():
     a = generate(seeded, [[1, 2]], 6, temperature=1.0, seed=7).tokens
     b = generate(seeded, [[1, 2]], 6, temperature=1.0, seed=7).tokens
     assert a == b
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_even_at_a_tie():
+    """The mass before a token equal to top_p: that token is not needed (it kept one too many);
+    the same set as transformers' TopPLogitsWarper."""
+    transformers = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    for logits, p in ((torch.zeros(1, 4), 0.5), (torch.tensor([[0.5, 0.3, 0.2]]).log(), 0.8)):
+        ours = {sample_next(logits, 1.0, top_p=p, generator=g).item() for _ in range(300)}
+        kept = transformers.TopPLogitsWarper(p)(None, logits.clone()).isfinite()[0]
+        assert len(ours) == int(kept.sum()) == 2, (logits, p, ours)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"max_new_tokens": 40}, "exceeds the model's context"),  # ran to position 138 of a 128-token model
+    ({"temperature": 1.0, "top_p": 0.0}, "top_p must be in"),  # meant: no filter
+    ({"temperature": 1.0, "top_k": -1}, "top_k must be >= 0"),
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+])
+def test_a_request_no_decoder_should_run_is_refused(kw, message):
+    from megamor.inference import engine_generate
+
+    model = mor("expert_choice", seed=1).eval()
+    assert model.cfg.max_seq_len == 128
+    kw = {"max_new_tokens": 4, **kw}
+    prompt = [[1] * 100]
+    for run in (generate, engine_generate):
+        with pytest.raises(ValueError, match=message):
+            run(model, prompt, **kw)
+

@@ -21,7 +21,7 @@ import gzip
 import io
 import json
 import lzma
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,11 @@ class Task:
 
     def partial_continuation(self, doc: Doc) -> str:  # partial tasks only
         raise NotImplementedError
+
+    def fewshot_choice(self, doc: Doc, pool: Sequence[Doc], candidates: list[int], k: int, rng: Any) -> list[int]:
+        """Which of the pool's candidate examples are doc's k shots: k at random (lm-eval's
+        default sampler); rng is the harness's random.Random, seeded per document."""
+        return rng.sample(candidates, k) if len(candidates) >= k else candidates
 
     def fewshot_example(self, doc: Doc) -> str:
         """A solved example as it appears in a k-shot prompt (as lm-eval formats it)."""

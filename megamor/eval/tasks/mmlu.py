@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .base import Doc, Task, TaskDataError, src
 
@@ -67,11 +69,15 @@ class MMLU(Task):
         return read_mmlu(self.eval_file(data_dir), "test")
 
     def load_fewshot(self, data_dir: Path | None = None) -> list[Doc] | None:
-        """k-shot examples from dev/ (all subjects together: the harness draws from one pool)."""
+        """k-shot examples from dev/ (every subject; `fewshot_choice` takes the document's own)."""
         return read_mmlu(Path(self.fewshot_path) if self.fewshot_path else self.eval_file(data_dir), "dev")
 
     def check_available(self, data_dir: Path | None = None) -> None:
         mmlu_files(self.eval_file(data_dir), "test")
+
+    def fewshot_choice(self, doc: Doc, pool: Sequence[Doc], candidates: list[int], k: int, rng: Any) -> list[int]:
+        """lm-eval's MMLU: the first k dev examples of the document's own subject (its first_n sampler)."""
+        return [i for i in candidates if pool[i]["subject"] == doc["subject"]][:k]
 
     def description(self, doc: Doc) -> str:
         return f"The following are questions (with answers) about {doc['subject'].replace('_', ' ')}.\n\n"
