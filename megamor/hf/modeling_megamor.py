@@ -109,11 +109,20 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
 
+class Fp32Linear(nn.Linear):
+    """A router layer computed in fp32 whatever the model's dtype (bf16 weights, autocast):
+    bf16 logits carry 8 bits of mantissa, and top-k boundaries tie; megamor's routers are the same."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 def router_net(d: int, out: int, r: dict) -> nn.Module:
     if _get(r, "network", "linear") == "linear":
-        return nn.Linear(d, out, bias=False)
+        return Fp32Linear(d, out, bias=False)
     hidden = _get(r, "mlp_hidden", 0) or d // 4
-    return nn.Sequential(nn.Linear(d, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out, bias=False))
+    return nn.Sequential(Fp32Linear(d, hidden, bias=False), nn.GELU(), Fp32Linear(hidden, out, bias=False))
 
 
 class GateScale(nn.Module):

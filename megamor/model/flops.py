@@ -93,6 +93,19 @@ def forward_flops(
     return total
 
 
+def recomputed_share(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """The share of a training forward's FLOPs that activation checkpointing runs again in the
+    backward pass: the layers' forward, less each layer application's down projection (torch's
+    non-reentrant checkpoint stops recomputing once it has the tensors backward saved, and the
+    last matmul's output is not one of them); the routers and the LM head are outside."""
+    prelude, steps, coda = cfg.layer_plan()
+    counts = default_tokens_per_step(cfg, seq_len)
+    tokens = (len(prelude) + len(coda)) * seq_len + sum(n * len(ids) for ids, n in zip(steps, counts))
+    total = forward_flops(cfg, seq_len, causal=causal)
+    outside = router_flops(cfg, seq_len) + 2.0 * seq_len * cfg.d_model * cfg.vocab_size
+    return (total - outside - 2.0 * tokens * cfg.d_model * cfg.d_ff) / total
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, tokens_per_step: Sequence[float] | None = None, causal: bool = True) -> float:
     return forward_flops(cfg, seq_len, tokens_per_step, causal) / seq_len
 

@@ -44,7 +44,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
-        n_targets = (targets != IGNORE_INDEX).sum().float()  # stays a tensor: no host sync
+        # At least 1: a micro-batch with every target ignored has loss 0 (its weight in the step is
+        # 0 anyway), not 0/0 = NaN, which would skip the whole step. Stays a tensor: no host sync.
+        n_targets = (targets != IGNORE_INDEX).sum().float().clamp(min=1)
         inv = 1.0 / n_targets
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -100,7 +102,7 @@ def _apply(h: Tensor, weight: Tensor, targets: Tensor, chunk: int, dtype: torch.
     for s in range(0, h.shape[0], chunk):
         _, lse, picked, valid = _chunk_terms(h[s : s + chunk], weight, targets[s : s + chunk])
         total = total + ((lse - picked) * valid).sum()
-    return total / (targets != IGNORE_INDEX).sum().float()
+    return total / (targets != IGNORE_INDEX).sum().float().clamp(min=1)  # none: 0, as in training
 
 
 def cross_entropy_from_logits(logits: Tensor, targets: Tensor, chunk_tokens: int | None = None) -> Tensor:
@@ -113,4 +115,4 @@ def cross_entropy_from_logits(logits: Tensor, targets: Tensor, chunk_tokens: int
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for s in range(0, flat.shape[0], chunk):
         total = total + F.cross_entropy(flat[s : s + chunk].float(), t[s : s + chunk], ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (t != IGNORE_INDEX).sum().float()
+    return total / (t != IGNORE_INDEX).sum().float().clamp(min=1)  # none: 0, as in training

@@ -409,6 +409,10 @@ class ExperimentConfig:
         if self.eval.tasks and self.parallel.sequence:
             raise ConfigError(key(path, "eval.tasks"), "is not supported with parallel.sequence=true (task requests "
                                                        "have lengths the sequence split cannot take): evaluate offline")
+        if self.parallel.sequence and self.model.router.aux_router:
+            raise ConfigError(key(path, "model.router.aux_router"), "is not supported with parallel.sequence=true (the "
+                              "auxiliary router would run on each rank's slice of the sequence against the whole "
+                              "sequence's top-k): turn one of them off")
         tp = self.parallel.tensor
         if tp > 1:
             for k, msg in layout_errors(self.model, tp):

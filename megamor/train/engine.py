@@ -106,8 +106,15 @@ def build_engine(cfg: ExperimentConfig, device: torch.device, *, world: int = 1,
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, world, load_universal=load_universal)
-    with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury megamor's lines
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, mpu=layout.mpu)
+    # ZeRO-0 + bf16: DeepSpeed's wrapper initialises the optimizer's state by a step on zero
+    # gradients, an AdamW step (count 1, a weight decay at the peak LR) before training; skip it,
+    # so the first real step is Adam's first (bias correction) and the weights start as built.
+    optimizer.skip_next_step = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "bf16"
+    try:
+        with quiet_deepspeed(cfg.trainer.verbose_deepspeed):  # its start-up noise would bury megamor's lines
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, mpu=layout.mpu)
+    finally:
+        optimizer.skip_next_step = False
     # No DeepSpeed wrapper checks gradients for overflow (ZeRO-0 fp32): our optimizer does.
     optimizer.guard_nonfinite_grads = engine.optimizer is optimizer  # type: ignore[attr-defined]
     return BuiltEngine(engine, optimizer, layout, n_params, compiled, init)

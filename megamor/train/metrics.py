@@ -198,7 +198,7 @@ class PeakFlops:
     def utilisation(self, achieved_tflops: float, hardware_factor: float = 1.0,
                     warn: Callable[[str], None] | None = None) -> tuple[float, float] | None:
         """(MFU, HFU) of a per-device rate of model FLOPs; hardware_factor: hardware FLOPs per
-        model FLOP (4/3 with activation recomputation). Hardware FLOPs above the peak prove the
+        model FLOP (1 + recomputed_share / 3 with activation checkpointing). Hardware FLOPs above the peak prove the
         peak wrong: a measured one is measured again (once per run); what is still above 100%
         is printed as 100% with one warning, never more."""
         if not self.tflops:

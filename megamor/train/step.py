@@ -178,6 +178,13 @@ class TrainStep:
         self.optimizer.skip_next_step = skipped
         self.optimizer.nonfinite_grads = False
         ds_skipped = self.engine.skipped_steps
+        own_norm = None
+        if self.optimizer.guard_nonfinite_grads and not skipped:
+            # No DeepSpeed wrapper (ZeRO-0 fp32): its clipping computes the norm and drops it, so
+            # take it here, before the step, by the same rule (model-parallel aware, over DP).
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            own_norm = clip_grad_norm_(list(self.engine.module.parameters()), float("inf"), mpu=self.engine.mpu)
         self.callbacks.before_optimizer_step(step_no)
         try:
             with self.observe.phase("optimizer"):
@@ -192,6 +199,7 @@ class TrainStep:
         grad_norm = None
         if not skipped:
             g = self.engine.get_global_grad_norm()
+            g = g if g is not None else own_norm
             grad_norm = float(g) if g is not None else None
             if grad_norm is not None and not math.isfinite(grad_norm):
                 skipped, why, grad_norm = True, "non-finite gradient norm", None

@@ -35,7 +35,7 @@ def accumulate(w: WindowStats, r: StepResult) -> None:
 
 def window_metrics(w: WindowStats, *, lr: float, tokens: int, skipped_steps: int, flops_total: float,
                    device: torch.device, world: int, peak: PeakFlops | None,
-                   activation_checkpointing: bool, warn: Callable[[str], None] | None = None,
+                   recomputed_share: float = 0.0, warn: Callable[[str], None] | None = None,
                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(scalar metrics, histograms or None) of one window; `tokens`, `skipped_steps` and
     `flops_total` are the run's totals so far. MFU/HFU never exceed 1 (PeakFlops.utilisation)."""
@@ -55,7 +55,9 @@ def window_metrics(w: WindowStats, *, lr: float, tokens: int, skipped_steps: int
         m[f"train/{k}"] = v / good if good else float("nan")
     if peak is not None and w.time:
         achieved = w.flops / w.time / world / 1e12  # per device
-        hw = 4.0 / 3.0 if activation_checkpointing else 1.0  # recomputed forwards count as hardware FLOPs
+        # Activation checkpointing runs the layers' forward again (recomputed_share of the forward,
+        # megamor.model.flops.recomputed_share): hardware FLOPs per model FLOP (3 x forward) 1 + share / 3.
+        hw = 1.0 + recomputed_share / 3.0
         u = peak.utilisation(achieved, hw, warn)
         if u is not None:
             m["perf/mfu"], m["perf/hfu"] = u

@@ -21,6 +21,7 @@ from megamor.data.errors import DataStateError
 from megamor.data.loader import build_train_loader
 from megamor.data.tokenizer import TokenizerMismatchError, check_same_tokenizer, copy_tokenizer, load_tokenizer
 from megamor.model import MoRLM
+from megamor.model.flops import recomputed_share
 from megamor.observe.profiler import PROFILE_DIR
 from megamor.observe.step_observer import StepObserver
 from megamor.parallel import dist as pdist
@@ -176,6 +177,7 @@ class Trainer:
             self._keep_tokenizer()
         self.peak = PeakFlops.resolve(self.device, cfg.deepspeed.precision, cfg.trainer.peak_tflops,
                                       cfg.trainer.device_tflops_probe)
+        self._recomputed_share = recomputed_share(cfg.model, cfg.data.seq_len) if cfg.trainer.activation_checkpointing else 0.0
         self.callbacks.setup()  # the sinks open (metrics.jsonl and the depth CSV cut back to self.step)
         self.console.print(
             f"megamor: {cfg.name} | {self.n_params.describe()} | "
@@ -434,7 +436,7 @@ class Trainer:
         m, hist = window_metrics(w, lr=self.schedule.lr_at(self.step), tokens=self.tokens,
                                  skipped_steps=self.skipped_steps, flops_total=self.flops_total, device=self.device,
                                  world=self.world, peak=self.peak if self.is_main else None, warn=self.console.print,
-                                 activation_checkpointing=self.cfg.trainer.activation_checkpointing)
+                                 recomputed_share=self._recomputed_share)
         m.update(self._metrics)  # recorded since the last window
         self._metrics = m  # record_metric from log_window writes into this window
         try:

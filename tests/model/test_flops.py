@@ -129,3 +129,33 @@ def test_kv_sharing_is_cheaper_than_recursion_wise_caching_in_the_paper_count():
     p_cache, p_share = (paper_flops_per_token(load_model_config(cache, overrides=o), 2048) for o in ([], share))
     e_cache, e_share = (flops_per_token(load_model_config(cache, overrides=o), 2048) for o in ([], share))
     assert p_share < p_cache and e_share > e_cache
+
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "token_choice", "none"])
+def test_recomputed_share_is_what_activation_checkpointing_runs_again(router):
+    """HFU's recomputation: torch's FLOP counter over forward + backward with activation
+    checkpointing minus without is the layers' forward only (HFU counted a whole forward, the
+    LM head and routers included: 3-6% high at the shipped shapes)."""
+    from megamor.model.flops import recomputed_share
+
+    m = mor(router, sharing="middle_cycle", vocab_size=512, d_model=128).train()
+    x = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(0))
+
+    def counted(checkpointing: bool | None) -> int:
+        if checkpointing:
+            m.enable_activation_checkpointing()
+        else:
+            m.disable_activation_checkpointing()
+        with FlopCounterMode(display=False) as c, sdpa_kernel(SDPBackend.MATH):
+            if checkpointing is None:
+                with torch.no_grad():
+                    m(x, targets=x)
+            else:
+                m(x, targets=x).loss.backward()
+        return c.get_total_flops()
+
+    forward = counted(None)
+    recomputed = counted(True) - counted(False)
+    assert 0 < recomputed < forward
+    assert recomputed / forward == pytest.approx(recomputed_share(m.cfg, 96, causal=False), rel=0.03)

@@ -90,3 +90,17 @@ def test_lm_loss_is_replaceable_from_outside():
     x = torch.randint(0, m.cfg.vocab_size, (2, 12))
     m(x, targets=x, return_logits=False)
     assert calls == [(torch.Size([2, 12, 64]), True, torch.Size([2, 12]))]
+
+
+def test_a_batch_with_every_target_ignored_has_loss_zero_not_nan():
+    """A micro-batch whose targets are all -100: 0/0 made the loss NaN, and step.py's
+    token-weighted sum (0 x NaN) skipped the whole optimizer step; now 0 in every path."""
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    t = torch.full((2, 5), -100)
+    loss = chunked_cross_entropy(h, w, t)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
+    with torch.no_grad():
+        assert chunked_cross_entropy(h, w, t).item() == 0.0
+    assert cross_entropy_from_logits(torch.randn(2, 5, 11), t).item() == 0.0

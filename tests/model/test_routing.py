@@ -206,3 +206,17 @@ def test_a_resumed_pass_decides_later_steps_as_the_pass_that_carried_its_state(u
     rp = expert.routing.start(expert, CAUSAL)
     rp.step(0, h0, cand)
     assert rp.carried() == {}  # expert choice decides each step from that step's input: nothing to carry
+
+
+def test_router_logits_are_computed_in_fp32_in_a_bf16_model():
+    """bf16 router logits tie at top-k boundaries (8 bits of mantissa): the router's matmul runs
+    in fp32 whatever the model's dtype, also under autocast."""
+    model = mor("expert_choice", d_model=256, d_ff=512).to(torch.bfloat16)
+    router = model.routers[1]
+    h = torch.randn(1, 2048, 256).to(torch.bfloat16)
+    want = torch.nn.functional.linear(h.float(), router.net.weight.float()).squeeze(-1)
+    for ctx in (torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False)):
+        with ctx:
+            got = router(h)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert got.unique().numel() > 0.99 * got.numel()  # bf16 logits: about half were distinct

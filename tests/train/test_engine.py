@@ -14,13 +14,13 @@ from megamor.testing.distributed import run_distributed
 from tests.model.helpers import tiny_config
 
 
-def _exp(stage: int):
+def _exp(stage: int, precision: str = "fp32"):
     from megamor.train.config import experiment_from_dict
 
     return experiment_from_dict({
         "model": dataclasses.asdict(tiny_config()), "data": {"train": ["unused"], "seq_len": 16},
         "batch": {"global_batch_size": 2, "micro_batch_size": 2},
-        "trainer": {"max_steps": 1, "compile": "false"}, "deepspeed": {"zero_stage": stage, "precision": "fp32"},
+        "trainer": {"max_steps": 1, "compile": "false"}, "deepspeed": {"zero_stage": stage, "precision": precision},
     })
 
 
@@ -52,3 +52,36 @@ def _rank(rank: int, world: int) -> None:
 @pytest.mark.launch
 def test_build_engine_guards_nonfinite_gradients_where_deepspeed_does_not():
     run_distributed(_rank, world_size=1)
+
+
+def _first_steps(rank: int, world: int) -> None:
+    """ZeRO-0 + bf16: DeepSpeed's wrapper initialised AdamW's state with a step on zero gradients,
+    so the first real update was Adam's second (0.73 x lr after bias correction); now the first
+    real step is Adam's first: |update| = lr on every weight with a gradient, as ZeRO-1 bf16.
+    ZeRO-0 fp32 logs its gradient norm (DeepSpeed clips with it and drops it): the norm of the
+    gradients it stepped with."""
+    from megamor.train.engine import build_engine
+
+    cpu = torch.device("cpu")
+    x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    for stage in (0, 1):
+        built = build_engine(_exp(stage, "bf16"), cpu, seed=3)
+        assert all(not s for s in built.optimizer.state.values()), f"ZeRO-{stage}: AdamW stepped before training"
+        masters = [p for g in built.optimizer.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in masters]
+        lr = built.optimizer.param_groups[0]["lr"]
+        out = built.engine(x[:, :-1], targets=x[:, 1:], return_logits=False)
+        built.engine.backward(out.loss)
+        built.engine.step()
+        steps = {int(s["step"]) for s in built.optimizer.state.values()}
+        assert steps == {1}, (stage, steps)
+        moved = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(masters, before)])
+        moved = moved[moved > 0]
+        assert moved.median().item() == pytest.approx(lr, rel=0.02), (stage, moved.median().item(), lr)
+        built.engine.destroy()
+
+
+@pytest.mark.launch
+def test_zero0_bf16_first_step_is_adams_first():
+    run_distributed(_first_steps, world_size=1)
+

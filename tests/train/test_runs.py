@@ -73,6 +73,11 @@ def test_two_processes_match_one(runs, stage):
     ref, run = runs("ref"), runs(f"zero{stage}")
     assert sorted(run.losses()) == list(STEPS)
     assert rel_diff(run.losses(), ref.losses(), STEPS) <= TOL_PARALLEL
+    # ZeRO-0 fp32 (the reference) logs its gradient norm too (DeepSpeed clipped with it and
+    # dropped it: train/grad_norm was missing), and it is the ZeRO runs' norm
+    norms = [{r["step"]: r.get("train/grad_norm") for r in x.records() if "train/loss" in r} for x in (ref, run)]
+    assert all(v is not None for v in norms[0].values()) and norms[0].keys() == norms[1].keys()
+    assert all(norms[1][k] == pytest.approx(v, rel=1e-3) for k, v in norms[0].items()), norms
     assert f"ZeRO-{stage} fp32" in run.output and "world 2" in run.output
     # The run logged router statistics and validation, and ended with a complete checkpoint.
     last = [r for r in run.records() if "train/loss" in r][-1]

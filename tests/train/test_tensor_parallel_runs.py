@@ -207,6 +207,8 @@ def test_sequence_parallel_runs_follow_one_process_and_resume_exactly(runs, kill
 @pytest.mark.parametrize("overrides, words", [
     (["parallel.sequence=true"], ["parallel.sequence", "parallel.tensor > 1", "parallel.tensor=1"]),
     ([*TP2, *SP, "data.seq_len=31"], ["data.seq_len", "31 is not divisible by parallel.tensor=2", "parallel.sequence"]),
+    # crashed at step 1 (the auxiliary router's BCE on a rank's slice against the whole sequence's top-k)
+    ([*TP2, *SP, "model.router.aux_router=true"], ["model.router.aux_router", "parallel.sequence=true"]),
 ])
 def test_bad_sequence_parallel_layout_exits_2_with_one_line(tiny_config, tmp_path, capsys, overrides, words):
     from megamor.train.__main__ import main
