@@ -141,15 +141,31 @@ def _write_export(ref: CheckpointRef, exp: Any, tok: Tokenizer | None, trained_h
     torch.save({"model": sd, "config": dataclasses.asdict(cfg), **meta}, out_dir / CONSOLIDATED)
     write_json(out_dir / f"{CONSOLIDATED}.json", meta)
 
+    ids = special_token_ids(tok)
     if _is_vanilla(cfg):
-        llama_config(cfg).save_pretrained(out_dir)
+        hf_cfg = llama_config(cfg)
+        hf_cfg.architectures = ["LlamaForCausalLM"]
+        for name, value in ids.items():
+            setattr(hf_cfg, name, value)
+        hf_cfg.save_pretrained(out_dir)
         weights = to_llama_state_dict(cfg, sd)
     else:
-        write_remote_code(out_dir, cfg, **meta)  # AutoModelForCausalLM(..., trust_remote_code=True)
+        write_remote_code(out_dir, cfg, **meta, **ids)  # AutoModelForCausalLM(..., trust_remote_code=True)
         weights = hf_weights(sd, cfg)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tok is not None:
         _write_hf_tokenizer(out_dir, tok, cfg.max_seq_len)
+
+
+def special_token_ids(tok: Tokenizer | None) -> dict[str, int | None]:
+    """The ids transformers' generation reads from config.json (its EOS stops `generate`): the
+    run's tokenizer's, None without one (LlamaConfig's defaults, 1 and 2, are another vocabulary's)."""
+    def known(i: int | None) -> int | None:
+        return i if i is not None and i >= 0 else None
+
+    if tok is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    return {"bos_token_id": known(tok.bos_id), "eos_token_id": known(tok.eos_id), "pad_token_id": known(tok.pad_id)}
 
 
 def _write_hf_tokenizer(out_dir: Path, tok: Tokenizer, max_length: int) -> None:

@@ -3,6 +3,7 @@ lower), from megamor checkpoints and Hugging Face Llama folders, through the CLI
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -111,6 +112,46 @@ def test_cli_from_hf_llama(tmp_path):
     assert named.returncode == 2 and last.startswith("megamor.convert: configuration error: config file ")
     assert "does not fit the source model: vocab_size 8192 (source 211), d_model 512 (source 64)" in last
 
+
+
+def test_a_source_megamor_would_compute_differently_or_cannot_read_is_one_line(tmp_path):
+    """RoPE scaling and another activation were read as plain RoPE / SwiGLU-silu (the converted
+    model computed something else, silently); a damaged config.json or weights file was a
+    traceback, exit 1. Now one line naming the file and key, exit 2."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    src = _vanilla()
+    hf = transformers.LlamaForCausalLM(llama_config(src.cfg))
+    hf.save_pretrained(tmp_path / "llama")
+    cases = {"rope": ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling 'linear' is not supported"),
+             "gelu": ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+             "nokey": ({"hidden_size": None}, "hidden_size missing or not an integer")}
+    for name, (change, message) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "llama", folder)
+        info = json.loads((folder / "config.json").read_text())
+        info.pop("rope_parameters", None) if name == "rope" else None
+        info.update(change)
+        (folder / "config.json").write_text(json.dumps(info))
+        _refused(folder, tmp_path / f"out-{name}", message)
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "llama", broken)
+    (broken / "config.json").write_text("{not json")
+    _refused(broken, tmp_path / "out-broken", "config.json: unreadable")
+    torn = tmp_path / "torn"
+    shutil.copytree(tmp_path / "llama", torn)
+    (torn / "model.safetensors").write_bytes(b"\xff" * 64)
+    _refused(torn, tmp_path / "out-torn", "cannot load its weights")
+
+
+def _refused(source, out, message: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "megamor.convert", str(source), "--out", str(out), "sharing=cycle",
+                        "num_recursions=2"], capture_output=True, text=True, timeout=300, check=False)
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert last.startswith("megamor.convert: ") and message in last, last
+    assert not out.exists()
 
 
 def test_target_from_a_named_shipped_config():

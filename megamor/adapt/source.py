@@ -53,6 +53,10 @@ def _rope_theta(info: dict[str, Any], path: Path) -> float:
 def model_config(info: dict[str, Any], folder: Path) -> ModelConfig:
     """The vanilla megamor config computing what the checkpoint computes."""
     path = folder / "config.json"
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+               if not isinstance(info.get(k), int)]
+    if missing:
+        raise AdaptError(f"{path}: {', '.join(missing)} missing or not an integer")
     kind = info["model_type"]
     if info.get("hidden_act", "silu") != "silu":
         raise AdaptError(f"{path}: hidden_act {info['hidden_act']!r} is not supported (SwiGLU with silu only)")
@@ -79,11 +83,15 @@ def model_config(info: dict[str, Any], folder: Path) -> ModelConfig:
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors in fp32 under megamor's names (HF's without `model.`)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar per load buries the tool's own lines
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a damaged or incomplete weights file
+        raise AdaptError(f"{folder}: cannot load its weights: {' '.join(str(e).split())[:300]}") from None
     return {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
 
 

@@ -62,22 +62,3 @@ def to_llama_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dic
         else:
             out[f"model.{name}"] = t
     return out
-
-
-def from_llama_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {(k.removeprefix("model.")): v for k, v in state.items()}
-
-
-def model_config_from_llama(hf: Any) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=hf.vocab_size,
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads,
-        d_ff=hf.intermediate_size,
-        max_seq_len=hf.max_position_embeddings,
-        rope_theta=float(getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]),
-        norm_eps=hf.rms_norm_eps,
-        tie_embeddings=bool(hf.tie_word_embeddings),
-    )

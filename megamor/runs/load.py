@@ -26,7 +26,6 @@ from megamor.data.config import DataConfig
 from megamor.env import repo_root
 from megamor.model import ModelConfig, MoRLM
 from megamor.model.config import with_stored_defaults
-from megamor.model.hf import from_llama_state_dict, model_config_from_llama
 from megamor.runs.consolidate import consolidated_state_dict
 from megamor.runs.find import CheckpointInfo, describe, is_deepspeed_tag, is_hf_export, list_checkpoints, read_meta
 from megamor.runs.layout import CONFIG_FILE, EXPORT_FILE, TRAINER_STATE, CheckpointError, CheckpointRef
@@ -143,10 +142,13 @@ def _looks_like_torch_file(path: Path) -> bool:
 
 def load_hf(path: Path):
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers  # noqa: F401
     except ImportError as e:  # pragma: no cover - transformers is a dev extra
         raise CheckpointError(f"{path}: loading a Hugging Face export needs `transformers`") from e
-    info = json.loads((path / "config.json").read_text())
+    try:
+        info = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable: {e}") from None
     if info.get("model_type") == "megamor":  # a MoR export (megamor names) without its megamor.pt
         from safetensors.torch import load_file
 
@@ -155,11 +157,16 @@ def load_hf(path: Path):
             sd.update(load_file(str(f)))
         meta = {k: info.get(k) for k in ("step", "tokens", "flops", "seq_len", "tokenizer_hash") if info.get(k) is not None}
         return build_model(info["megamor"], sd, path), meta
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    if getattr(hf.config, "model_type", None) != "llama":
-        raise CheckpointError(f"{path}: only Llama-architecture exports map onto megamor models, got {hf.config.model_type!r}")
-    cfg = model_config_from_llama(hf.config)
-    return build_model(cfg, from_llama_state_dict(hf.state_dict()), path), {}
+    # One reader for every Hugging Face folder (megamor.adapt's): it refuses, naming the key,
+    # what megamor would compute differently (RoPE scaling, other activations, biases), which
+    # reading the Llama config here silently dropped.
+    from megamor.adapt.source import AdaptError, read_source
+
+    try:
+        cfg, sd, _ = read_source(path)
+    except AdaptError as e:
+        raise CheckpointError(str(e)) from None
+    return build_model(cfg, sd, path), {}
 
 
 def saved_experiment(ref: CheckpointRef) -> Any:

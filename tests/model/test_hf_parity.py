@@ -1,10 +1,13 @@
 """The vanilla model equals Hugging Face LlamaForCausalLM holding the same weights."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from megamor.adapt.source import model_config
 from megamor.model import MoRLM
-from megamor.model.hf import llama_config, model_config_from_llama, to_llama_state_dict
+from megamor.model.hf import llama_config, to_llama_state_dict
 
 from .helpers import tiny_config
 
@@ -32,4 +35,6 @@ def test_vanilla_logits_match_llama(tied):
         a = ours(x, attention_mask=mask).logits
         b = ref(x, attention_mask=mask.long()).logits
     assert (a[mask] - b[mask]).abs().max().item() <= 1e-4
-    assert model_config_from_llama(ref.config).d_model == cfg.d_model
+    back = model_config(ref.config.to_dict(), Path('.'))  # the reader megamor.runs.load and adapt use
+    assert (back.d_model, back.n_kv_heads, back.rope_theta, back.tie_embeddings) == \
+        (cfg.d_model, cfg.n_kv_heads, cfg.rope_theta, cfg.tie_embeddings)

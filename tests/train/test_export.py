@@ -42,6 +42,20 @@ def test_vanilla_export_loads_as_llama_with_identical_logits(tiny_config, tmp_pa
     assert torch.allclose(hf(X).logits, a, atol=1e-5, rtol=0), (hf(X).logits - a).abs().max()
     assert torch.equal(reloaded(X).logits, a)
     assert (tmp_path / "hf" / "megamor.pt.json").is_file()
+    # config.json names the class (tools such as vLLM pick it from `architectures`) and the run's
+    # own special ids, which transformers' generate stops at (it wrote LlamaConfig's 1 and 2)
+    import json
+
+    from megamor.data.tokenizer import load_tokenizer
+    from megamor.export import special_token_ids
+    from megamor.runs.find import find_tokenizer
+
+    info = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert info["architectures"] == ["LlamaForCausalLM"]
+    found = find_tokenizer(tmp_path / "hf")
+    want = special_token_ids(load_tokenizer(found) if found else None)
+    assert {k: info.get(k) for k in want} == want and hf.generation_config.eos_token_id == want["eos_token_id"]
+    assert special_token_ids(None) == {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
 def _train_zero3_and_save(rank: int, world: int, run_dir: str) -> None:
