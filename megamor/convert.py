@@ -115,6 +115,9 @@ def _check_target(source: ModelConfig, cfg: ModelConfig) -> ModelConfig:
     for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff"):
         if getattr(cfg, name) != getattr(source, name):
             raise ConfigError(f"model.{name}", f"must stay the source's {getattr(source, name)} (layers are copied)")
+    if cfg.tie_embeddings and not source.tie_embeddings:  # the source's own LM head would be dropped
+        raise ConfigError("model.tie_embeddings", "true would drop the source's separate LM head (it has untied "
+                                                  "embeddings): keep tie_embeddings=false")
     return cfg
 
 

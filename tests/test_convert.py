@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from megamor.config import ConfigError
 from megamor.convert import convert, layer_sources, target_config
 from megamor.model import MoRLM
 from megamor.model.hf import llama_config, to_llama_state_dict
@@ -170,3 +171,13 @@ def test_target_from_a_named_shipped_config():
                             "config of the source's size, or add the overrides n_layers=5")
     with pytest.raises(ConfigFileError, match=r"d_model 512 \(source 64\), .* add the overrides n_layers=5 vocab_size=211 d_model=64"):
         target_config(src.cfg, [], model_config=shipped)
+
+
+def test_tying_an_untied_source_is_refused():
+    """tie_embeddings=true on a source with its own LM head silently dropped that head."""
+    torch.manual_seed(0)
+    src = MoRLM(tiny_config(n_layers=8, tie_embeddings=False)).eval()
+    with pytest.raises(ConfigError) as e:
+        target_config(src.cfg, ["sharing=middle_cycle", "num_recursions=3", "tie_embeddings=true"])
+    assert e.value.key == "model.tie_embeddings"
+    assert not target_config(src.cfg, ["sharing=middle_cycle", "num_recursions=3"]).tie_embeddings
