@@ -33,7 +33,7 @@ from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.study import archive
 from megamor.study.config import load_study
-from megamor.study.data import data_paths, is_prepared, prepare
+from megamor.study.data import check_settings, data_paths, is_prepared, prepare
 from megamor.study.report import write_report
 from megamor.study.scaling import write_scaling_report
 from megamor.train.runlock import RunLock, RunLockedError, read_holder
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("data", f"not prepared under {data_paths(study)[0].parent}: run "
                                       f"`{_command(args)} --plan` (or --submit) first")
         shards, tok = data_paths(study)
+        check_settings(study)  # data prepared with other settings: refused (--report and --plan too)
         runs = plan_runs(study, shards, tok)  # every run's config checked before any work
         if not args.report and not (args.plan and study.data.shards):  # --plan needs no ready shards
             prepare(study)

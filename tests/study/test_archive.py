@@ -209,3 +209,37 @@ def test_run_folders_from_before_identities_are_trusted(tmp_path, tokenizer):
     run.result_path.write_text(json.dumps({"run": run.name, "variant": run.variant, "val_loss": 4.5}))
     archive.check(run, tokenizer)
     assert load_result(run)["val_loss"] == 4.5
+
+
+@pytest.mark.parametrize("change", [["eval.val_max_batches=5"], ["eval.fewshot_tasks=[piqa]"], ["shards"]])
+def test_a_result_made_with_other_evaluation_settings_or_shards_is_refused(tmp_path, tokenizer, capsys, change):
+    """Issue: the evaluation settings and the data were not part of the identity: changing
+    eval.val_max_batches or eval.fewshot_tasks, or preparing other shards, left every run done."""
+    from megamor.study.__main__ import main
+
+    _shards(tmp_path)
+    study = load_study(_study_args(tmp_path, tokenizer)[0], _study_args(tmp_path, tokenizer)[1:])
+    run = plan_runs(study, tmp_path / "shards", tokenizer)[0]
+    ev = {"val_max_batches": 20, "val_batch_size": 8, "fewshot_tasks": [], "fewshot_limit": 100, "num_fewshot": 0}
+    ident = {"overrides": archive.identity_overrides(run), "tokenizer_sha256": archive.tokenizer_sha256(tokenizer),
+             "eval": ev}
+    if change == ["shards"]:
+        ident["shards_sha256"] = "0" * 64  # the run was trained on other shards than the manifest lists now
+        change = []
+    run.kept_path.parent.mkdir(parents=True)
+    run.kept_path.write_text(json.dumps({"run": run.name, "variant": run.variant, "seed": 1, "val_loss": 4.5, "router": "none",
+                                         "identity": ident}))
+    rc = main(_study_args(tmp_path, tokenizer, *change, "--index", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(run.kept_path) in err[0], err
+    assert (change[0].split("=")[0] if change else "other shards") in err[0]
+
+
+def test_committed_style_kept_results_without_eval_or_shards_still_load(tmp_path, tokenizer):
+    run = _runs(tmp_path)[0]
+    run.kept_path.parent.mkdir(parents=True)
+    ident = {"overrides": archive.identity_overrides(run), "tokenizer_sha256": archive.tokenizer_sha256(tokenizer)}
+    run.kept_path.write_text(json.dumps({"val_loss": 4.5, "identity": ident}))
+    study = load_study("configs/studies/scaling_cpu.yaml", [f"out_dir={tmp_path}/out", f"report_dir={tmp_path}/report",
+                                                           "seeds=[1]", "eval.val_max_batches=3"])
+    archive.check(run, tokenizer, study, _shards(tmp_path))
