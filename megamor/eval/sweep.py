@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -30,6 +30,7 @@ from megamor.model.flops import flops_per_token
 from megamor.runs.find import CheckpointInfo, describe, find_tokenizer, list_checkpoints, skipped_tags
 from megamor.runs.layout import CheckpointError
 from megamor.runs.load import load_model_and_meta
+from megamor.utils.atomic import atomic_open
 
 from .identity import check_identity
 from .paper import ROUTINGS, column_values, suite_average
@@ -101,14 +102,20 @@ def discover(sources: Sequence[str | Path]) -> list[CheckpointInfo]:
             for line in skipped_tags(s):
                 print(f"sweep: skipping {line}", file=sys.stderr, flush=True)
         out.extend([info] if info is not None else list_checkpoints(s))
-    return out
+    seen: set[Path] = set()  # a checkpoint reached through two sources (a run folder given twice) is one row
+    unique = []
+    for ck in out:
+        where = ck.path.resolve()
+        if where not in seen:
+            seen.add(where)
+            unique.append(ck)
+    return unique
 
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 class Sweep:
@@ -202,11 +209,12 @@ class Sweep:
         rows, missing = self.rows(checkpoints)
         self.out.mkdir(parents=True, exist_ok=True)
         cols = ["run", "step", "tokens", "flops", "task", "metric", "value", "stderr", "n", "checkpoint"]
-        with open(self.out / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-        (self.out / "results.md").write_text(markdown_pivot(rows))
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+        _atomic_write(self.out / "results.csv", buf.getvalue())  # a reader never sees half a table
+        _atomic_write(self.out / "results.md", markdown_pivot(rows))
         pngs = write_plots(rows, self.out / "plots") if plots and rows else []
         return {"rows": len(rows), "missing": missing, "csv": str(self.out / "results.csv"), "md": str(self.out / "results.md"), "plots": [str(p) for p in pngs]}
 

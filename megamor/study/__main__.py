@@ -33,7 +33,7 @@ from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
 from megamor.study import archive
 from megamor.study.config import load_study
-from megamor.study.data import data_paths, is_prepared, prepare
+from megamor.study.data import check_settings, data_paths, is_prepared, prepare
 from megamor.study.report import write_report
 from megamor.study.scaling import write_scaling_report
 from megamor.train.runlock import RunLock, RunLockedError, read_holder
@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("data", f"not prepared under {data_paths(study)[0].parent}: run "
                                       f"`{_command(args)} --plan` (or --submit) first")
         shards, tok = data_paths(study)
+        check_settings(study)  # data prepared with other settings: refused (--report and --plan too)
         runs = plan_runs(study, shards, tok)  # every run's config checked before any work
         if not args.report and not (args.plan and study.data.shards):  # --plan needs no ready shards
             prepare(study)
-        if not args.report and tok.exists():  # a kept result counts only for the run it was made for
-            for r in runs:
-                archive.check(r, tok)
+        for r in runs:  # a kept result or run folder counts only for the run it was made for (--report too)
+            archive.check(r, tok, study, shards)
         if args.index is not None and not 0 <= args.index < len(runs):
             raise ConfigError("--index", f"{args.index} is out of range: the study has {len(runs)} runs (0-{len(runs) - 1})")
     except (ConfigError, FileNotFoundError) as e:
@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         for r in todo:
             if is_done(r):
-                run_one(study, r)  # loads it (and keeps a copy beside the report)
+                try:
+                    run_one(study, r)  # loads it (and keeps a copy beside the report)
+                except ConfigError as e:  # its run folder changed since the check above
+                    print(f"megamor.study: configuration error: {e}", file=sys.stderr)
+                    return EXIT_CONFIG
                 continue
             late = too_late(runs, r, deadline)
             if late:

@@ -137,6 +137,12 @@ class StudyEvalConfig:
             raise ConfigError(key(path, "val_max_batches"), "val_max_batches and val_batch_size must be >= 1")
         if self.fewshot_limit is not None and self.fewshot_limit < 1:
             raise ConfigError(key(path, "fewshot_limit"), "must be >= 1 (or null for every example)")
+        from megamor.eval.tasks import SUITES, UnknownTaskError, check_task_names  # light: no torch
+
+        try:  # before any run trains (an unknown name used to fail only at evaluation, after training)
+            check_task_names([t for t in self.fewshot_tasks if t not in SUITES], key(path, "fewshot_tasks"))
+        except UnknownTaskError as e:
+            raise ConfigError(key(path, "fewshot_tasks"), str(e.args[0]).split(": ", 1)[-1]) from None
 
 
 @dataclass

@@ -4,11 +4,17 @@ Runs the same data_prep commands a user would (printed as they run); each step i
 when its output exists, so rerunning a study costs nothing here. Study processes started
 together take turns (a lock on OUT/data/.prepare.lock): the first prepares, the others reuse. Text files with an extension
 the readers do not know (WikiText's .raw) are linked in as .txt.
+
+The settings the data are prepared with (data.text, vocab_size, tokenizer_kind, valid_fraction,
+txt_mode) are written to OUT/data/settings.json before preparing; a later run of the study
+with other ones is a configuration error naming data.<key> (the prepared data would silently
+be reused otherwise). Data prepared before that file existed are trusted.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shlex
 import subprocess
@@ -20,8 +26,11 @@ from megamor.data.tokenizer import HF_FILE, MODEL_FILE
 from megamor.env import repo_root
 from megamor.parallel.orphan import child_follows_parent
 from megamor.study.config import StudyConfig
+from megamor.utils.atomic import write_json
 
 KNOWN = (".txt", ".jsonl", ".gz", ".zst", ".parquet")
+SETTINGS = "settings.json"  # OUT/data/: the settings the data were prepared with
+SETTINGS_KEYS = ("text", "vocab_size", "tokenizer_kind", "valid_fraction", "txt_mode")
 
 
 def data_paths(study: StudyConfig) -> tuple[Path, Path]:
@@ -38,6 +47,33 @@ def is_prepared(study: StudyConfig) -> bool:
     if study.data.shards:
         return (shards / "manifest.json").is_file() and tok.exists()
     return (shards / "manifest.json").is_file() and _tokenizer_file(tok, study.data.tokenizer_kind).is_file()
+
+
+def data_settings(study: StudyConfig) -> dict:
+    d = study.data
+    return {k: (list(getattr(d, k)) if k == "text" else getattr(d, k)) for k in SETTINGS_KEYS}
+
+
+def check_settings(study: StudyConfig) -> None:
+    """ConfigError naming data.<key> when OUT/data was prepared with other settings than the
+    study's (nothing to check with ready shards, or without a settings file)."""
+    if study.data.shards:
+        return
+    path = data_paths(study)[0].parent / SETTINGS
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), f"not valid JSON ({e}); move {path.parent} away to prepare the data again") from None
+    if not isinstance(old, dict):
+        raise ConfigError(str(path), f"is not a JSON object; move {path.parent} away to prepare the data again")
+    now = data_settings(study)
+    for k in SETTINGS_KEYS:
+        if k in old and old[k] != now[k]:
+            raise ConfigError(f"data.{k}", f"is {now[k]!r}, but the study's data in {path.parent} were prepared with "
+                                           f"{old[k]!r} ({path}): restore it, or move {path.parent} (and the runs "
+                                           "trained on it) away to prepare the data again")
 
 
 def _text_folder(study: StudyConfig, folder: Path) -> Path:
@@ -90,6 +126,10 @@ def _prepare_text(study: StudyConfig, shards: Path, tok: Path) -> tuple[Path, Pa
     d = study.data
     py = sys.executable
     trained = _tokenizer_file(tok, d.tokenizer_kind)
+    check_settings(study)
+    settings = shards.parent / SETTINGS
+    if not settings.is_file() and not trained.is_file() and not (shards / "manifest.json").is_file():
+        write_json(settings, data_settings(study))  # before preparing: what these data are (none yet: nothing trusted)
     if not trained.is_file() or not (shards / "manifest.json").is_file():
         text = _text_folder(study, shards.parent / "text")
     if not trained.is_file():

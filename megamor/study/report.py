@@ -54,6 +54,15 @@ def summarize(values: Sequence[Any]) -> tuple[float, float]:
     return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan)
 
 
+def count_label(values: Sequence[Any]) -> str:
+    """How many values a mean is over (the finite ones), with the non-finite ones dropped from it
+    shown: "2 (+1 non-finite)". A missing value (None: not defined for the run) is not counted."""
+    present = [_num(x) for x in values if x is not None]
+    n = sum(math.isfinite(v) for v in present)
+    bad = len(present) - n
+    return f"{n} (+{bad} non-finite)" if bad else str(n)
+
+
 def _cell(fmt: str, mean: float, sd: float, spread: bool) -> str:
     if not math.isfinite(mean):
         return "–"  # noqa: RUF001  en dash: the "no value" cell of the report
@@ -76,7 +85,8 @@ def table(study: StudyConfig, results: list[dict[str, Any]]) -> str:
         for _, k, fmt in COLUMNS:
             m, sd = summarize([r.get(k) for r in rs])
             cells.append(_cell(fmt, m, sd, k in SPREAD))
-        lines.append(f"| {v.name} | {len(rs)} | " + " | ".join(cells) + " |")
+        count = count_label([r.get("val_loss") for r in rs])  # the runs the loss means are over
+        lines.append(f"| {v.name} | {count} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,8 +112,10 @@ def paired_table(study: StudyConfig, results: list[dict[str, Any]]) -> str:
             diffs = [_num(val[(v.name, s)].get(k)) - _num(val[(ref, s)].get(k)) for s in seeds]
             m, sd = summarize(diffs)
             cells.append(_cell("{:+.4f}", m, sd, True))
-        lower = sum(_num(val[(v.name, s)].get("val_loss")) < _num(val[(ref, s)].get("val_loss")) for s in seeds)
-        lines.append(f"| {v.name} | {len(seeds)} | " + " | ".join(cells) + f" | {lower}/{len(seeds)} |")
+        loss_diffs = [_num(val[(v.name, s)].get("val_loss")) - _num(val[(ref, s)].get("val_loss")) for s in seeds]
+        lower = sum(d < 0 for d in loss_diffs)  # nan: neither lower nor counted
+        n = sum(math.isfinite(d) for d in loss_diffs)
+        lines.append(f"| {v.name} | {count_label(loss_diffs)} | " + " | ".join(cells) + f" | {lower}/{n} |")
     return "\n".join(lines) + "\n"
 
 

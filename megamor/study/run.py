@@ -1,7 +1,10 @@
 """One study run: train (a real `python -m megamor.train` process, resumed from its newest
 checkpoint when rerun), evaluate, and write `study_result.json` atomically, with a copy kept
 beside the report (megamor.study.archive). A run with either file is done: nothing is
-recomputed, even when its run folder is gone."""
+recomputed, even when its run folder is gone. The run folder records what it is trained with
+(RUN/study_identity.json, written before training starts; the `identity` of study_result.json)
+and run_one first checks that against the run the study would train now (archive.check): a
+changed study is a configuration error naming the file, never a silent reuse."""
 
 from __future__ import annotations
 
@@ -166,6 +169,7 @@ def load_result(run: RunSpec) -> dict[str, Any]:
         kept.setdefault("budget", run.budget_name)
         return kept
     res = json.loads(run.result_path.read_text())
+    res.pop("identity", None)  # what the result was made for (archive.check), not part of it
     res.setdefault("budget", run.budget_name)  # results written before studies had several budgets
     if "router_max_abs_logit_series" not in res:
         res.update(router_health_over_run(run))
@@ -179,16 +183,18 @@ def load_result(run: RunSpec) -> dict[str, Any]:
 
 
 def run_one(study: StudyConfig, run: RunSpec) -> dict[str, Any]:
-    tokenizer = data_paths(study)[1]
+    shards, tokenizer = data_paths(study)
+    archive.check(run, tokenizer, study, shards)  # a result or checkpoint made for another run: ConfigError
     if is_done(run):
         res = load_result(run)
         if run.result_path.is_file() and archive.load(run) != res:  # kept first, or fields added since
-            archive.save(run, res, tokenizer)
+            archive.save(run, res, tokenizer, study, shards)
         return res
+    archive.write_run_identity(run, tokenizer, study, shards)  # before training: the checkpoints' identity
     seconds = train(study, run)
     res = evaluate_run(study, run, seconds)
-    write_json(run.result_path, res)
-    kept = archive.save(run, res, tokenizer)
+    write_json(run.result_path, {**res, "identity": archive.identity(run, tokenizer, study, shards)})
+    kept = archive.save(run, res, tokenizer, study, shards)
     print(f"== {run.name}: val loss {res['val_loss']:.4f} (causal {res['val_loss_causal']:.4f}) -> {run.result_path}, "
           f"{kept}", flush=True)
     return res

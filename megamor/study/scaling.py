@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.study.config import StudyBudgetConfig, StudyConfig, VariantConfig
-from megamor.study.report import _cell, _num, _plots, paired_table, summarize, table
+from megamor.study.report import _cell, _num, _plots, count_label, paired_table, summarize, table
 from megamor.utils.atomic import atomic_open, write_json
 
 Results = list[dict[str, Any]]
@@ -54,7 +54,7 @@ def loss_table(study: StudyConfig, results: Results, key: str = "val_loss", fmt:
             vals = [r.get(key) for r in by[b.name] if r["variant"] == v.name]
             m, sd = summarize(vals)
             n = sum(math.isfinite(_num(x)) for x in vals)
-            cells.append(f"{_cell(fmt, m, sd, True)} (n={n})" if n else ("pending" if not vals else "–"))  # noqa: RUF001
+            cells.append(f"{_cell(fmt, m, sd, True)} (n={count_label(vals)})" if n else ("pending" if not vals else "–"))  # noqa: RUF001
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -107,7 +107,7 @@ def gap_table(study: StudyConfig, results: Results) -> str:
                 continue
             m, sd = summarize(list(g.values()))
             lower = sum(x < 0 for x in g.values())
-            cells.append(f"{_cell('{:+.4f}', m, sd, True)} ({lower}/{len(g)} lower)")
+            cells.append(f"{_cell('{:+.4f}', m, sd, True)} ({lower}/{len(g)} lower)")  # paired_gaps: finite ones only
         for lo, hi in changes:
             base, g = gaps.get((lo, v.name), {}), gaps.get((hi, v.name), {})
             both = sorted(set(base) & set(g))
@@ -115,7 +115,7 @@ def gap_table(study: StudyConfig, results: Results) -> str:
                 cells.append("–")  # noqa: RUF001
                 continue
             m, sd = summarize([g[s] - base[s] for s in both])
-            cells.append(f"{_cell('{:+.4f}', m, sd, True)} (n={len(both)})")
+            cells.append(f"{_cell('{:+.4f}', m, sd, True)} (n={count_label([g[s] - base[s] for s in both])})")
         if any(c != "–" for c in cells):  # noqa: RUF001
             lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -167,3 +167,31 @@ def test_discover_names_the_tags_it_skips(tmp_path, capsys):
     assert err == [f"sweep: skipping {ck / 'step_00000020'}: {integrity.UNFINISHED}",
                    (f"sweep: skipping {ck / 'quarantine' / 'step_00000010'}: quarantined "
                     "(mp_rank_00_model_states.pt does not match its content hash)")]
+
+
+def test_discover_lists_a_checkpoint_reached_twice_once(runs):
+    """Issue: `evals/sweep.py RUN RUN` wrote every row twice (discover did not de-duplicate)."""
+    a, b, _ = runs
+    found = discover([a, b, a, a / "checkpoints" / "step_10.pt", b / "step_15.pt"])
+    assert [(c.run, c.step) for c in found] == [(c.run, c.step) for c in discover([a, b])]
+    assert len({c.path.resolve() for c in found}) == len(found) == 3
+
+
+def test_report_tables_are_written_atomically(tmp_path, monkeypatch):
+    """Issue: results.csv was opened in place, so a writer that failed (or was killed) part-way
+    left a truncated table where the previous one was."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "results.csv").write_text("the previous table\n")
+
+    def fail(self, rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", fail)
+    with pytest.raises(OSError, match="disk full"):
+        Sweep(SweepConfig(tasks=[]), out).report([], plots=False)
+    assert (out / "results.csv").read_text() == "the previous table\n"
+    monkeypatch.undo()
+    Sweep(SweepConfig(tasks=[]), out).report([], plots=False)
+    assert (out / "results.csv").read_text().startswith("run,step,tokens") and (out / "results.md").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]  # no temp files left

@@ -134,3 +134,112 @@ def test_committed_kept_results_are_the_runs_their_study_plans_today(name, tmp_p
     for r in kept:
         record = json.loads(r.kept_path.read_text())["identity"]
         assert record["overrides"] == archive.identity_overrides(r), r.kept_path
+
+
+# -- the run folder carries the run's identity (a changed study never reuses it silently) ----------
+
+def _shards(tmp: Path, digest: str = "a" * 64) -> Path:
+    """A shards folder whose manifest lists one shard per split (what the fingerprint reads)."""
+    shards = tmp / "shards"
+    shards.mkdir(exist_ok=True)
+    splits = {s: {"shards": [{"file": f"{s}-00000.npy", "sha256": digest, "docs_sha256": "d" * 64}]} for s in ("train", "valid")}
+    (shards / "manifest.json").write_text(json.dumps({"format": "megamor-shards", "splits": splits}))
+    return shards
+
+
+def _study_args(tmp: Path, tokenizer: Path, *extra: str) -> list[str]:
+    return ["configs/studies/scaling_cpu.yaml", f"out_dir={tmp}/out", f"report_dir={tmp}/report", "seeds=[1]",
+            "data.text=[]", f"data.shards={tmp}/shards", f"data.tokenizer={tokenizer}", *extra]
+
+
+def _finished_run_folder(run: RunSpec, tokenizer: Path, study=None, shards: Path | None = None) -> None:
+    """The run folder a study leaves behind: its identity file and its result (with identity)."""
+    run.run_dir.mkdir(parents=True)
+    ident = {"overrides": archive.identity_overrides(run), "tokenizer_sha256": archive.tokenizer_sha256(tokenizer)}
+    if shards is not None:
+        ident["shards_sha256"] = archive.shards_sha256(shards)
+    (run.run_dir / "study_identity.json").write_text(json.dumps(ident))
+    res = {"run": run.name, "variant": run.variant, "seed": run.seed, "val_loss": 4.5, "router": "none",
+           "identity": {**ident, **({"eval": archive.eval_settings(study)} if study is not None else {})}}
+    run.result_path.write_text(json.dumps(res))
+
+
+def test_a_run_folder_trained_with_other_settings_is_refused_not_reused(tmp_path, tokenizer, capsys):
+    """Issue: a changed study counted an old run folder's result as done and kept it with the new
+    overrides (`overrides=[optim.lr=1e-3] report_dir=NEW`: exit 0, NEW's kept copy saying 1e-3)."""
+    from megamor.study.__main__ import main
+
+    shards = _shards(tmp_path)
+    study = load_study(*_study_args(tmp_path, tokenizer)[:1], _study_args(tmp_path, tokenizer)[1:])
+    old = plan_runs(study, shards, tokenizer)[0]
+    _finished_run_folder(old, tokenizer)  # as the unfixed code can be tested too: overrides and tokenizer only
+    rc = main(_study_args(tmp_path, tokenizer, "overrides=[optim.lr=1.0e-3]", f"report_dir={tmp_path}/new", "--index", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert str(old.run_dir) in err[0] and "optim.lr=1.0e-3" in err[0]
+    assert not (tmp_path / "new" / "run_results").exists()  # nothing kept under the new settings
+
+    # the same check on the checkpoints alone (trained, not yet evaluated): no resume, no evaluation
+    old.result_path.unlink()
+    changed = _runs(tmp_path, "overrides=[optim.lr=1.0e-3]")[0]
+    with pytest.raises(ConfigError) as e:
+        archive.check(changed, tokenizer)
+    assert str(old.run_dir / "study_identity.json") in str(e.value) and "optim.lr=1.0e-3" in str(e.value)
+    archive.check(old, tokenizer)  # the run it was made for: accepted
+
+
+def test_report_checks_the_identity_too(tmp_path, tokenizer, capsys):
+    """`--report` used to skip the check and report a changed study's old results as the new ones."""
+    from megamor.study.__main__ import main
+
+    shards = _shards(tmp_path)
+    runs = plan_runs(load_study(_study_args(tmp_path, tokenizer)[0], _study_args(tmp_path, tokenizer)[1:]), shards, tokenizer)
+    archive.save(runs[0], {"run": runs[0].name, "variant": runs[0].variant, "seed": 1, "val_loss": 4.5, "flops": 8e12,
+                           "tokens": 10**6}, tokenizer)
+    rc = main(_study_args(tmp_path, tokenizer, "overrides=[optim.lr=1.0e-3]", "--report"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(runs[0].kept_path) in err[0] and "optim.lr=1.0e-3" in err[0], err
+    assert not list((tmp_path / "report").glob("*.md"))
+    archive.check(runs[0], tokenizer)  # unchanged: accepted
+
+
+def test_run_folders_from_before_identities_are_trusted(tmp_path, tokenizer):
+    run = _runs(tmp_path)[0]
+    run.run_dir.mkdir(parents=True)
+    run.result_path.write_text(json.dumps({"run": run.name, "variant": run.variant, "val_loss": 4.5}))
+    archive.check(run, tokenizer)
+    assert load_result(run)["val_loss"] == 4.5
+
+
+@pytest.mark.parametrize("change", [["eval.val_max_batches=5"], ["eval.fewshot_tasks=[piqa]"], ["shards"]])
+def test_a_result_made_with_other_evaluation_settings_or_shards_is_refused(tmp_path, tokenizer, capsys, change):
+    """Issue: the evaluation settings and the data were not part of the identity: changing
+    eval.val_max_batches or eval.fewshot_tasks, or preparing other shards, left every run done."""
+    from megamor.study.__main__ import main
+
+    _shards(tmp_path)
+    study = load_study(_study_args(tmp_path, tokenizer)[0], _study_args(tmp_path, tokenizer)[1:])
+    run = plan_runs(study, tmp_path / "shards", tokenizer)[0]
+    ev = {"val_max_batches": 20, "val_batch_size": 8, "fewshot_tasks": [], "fewshot_limit": 100, "num_fewshot": 0}
+    ident = {"overrides": archive.identity_overrides(run), "tokenizer_sha256": archive.tokenizer_sha256(tokenizer),
+             "eval": ev}
+    if change == ["shards"]:
+        ident["shards_sha256"] = "0" * 64  # the run was trained on other shards than the manifest lists now
+        change = []
+    run.kept_path.parent.mkdir(parents=True)
+    run.kept_path.write_text(json.dumps({"run": run.name, "variant": run.variant, "seed": 1, "val_loss": 4.5, "router": "none",
+                                         "identity": ident}))
+    rc = main(_study_args(tmp_path, tokenizer, *change, "--index", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(run.kept_path) in err[0], err
+    assert (change[0].split("=")[0] if change else "other shards") in err[0]
+
+
+def test_committed_style_kept_results_without_eval_or_shards_still_load(tmp_path, tokenizer):
+    run = _runs(tmp_path)[0]
+    run.kept_path.parent.mkdir(parents=True)
+    ident = {"overrides": archive.identity_overrides(run), "tokenizer_sha256": archive.tokenizer_sha256(tokenizer)}
+    run.kept_path.write_text(json.dumps({"val_loss": 4.5, "identity": ident}))
+    study = load_study("configs/studies/scaling_cpu.yaml", [f"out_dir={tmp_path}/out", f"report_dir={tmp_path}/report",
+                                                           "seeds=[1]", "eval.val_max_batches=3"])
+    archive.check(run, tokenizer, study, _shards(tmp_path))

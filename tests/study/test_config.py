@@ -65,3 +65,25 @@ def _check_exits_2(tmp_path, monkeypatch, capsys, override, key, budgets, edit=(
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("megamor.study: configuration error") and f"'{key}'" in lines[0], err
     assert not any(tmp_path.glob("**/shards")), "nothing prepared before the configuration was checked"
+
+
+def test_unknown_fewshot_task_is_refused_before_any_run_in_one_line(tmp_path):
+    """Issue: eval.fewshot_tasks=[nosuchtask] was found only at evaluation, after training
+    (a traceback, exit 1)."""
+    import subprocess
+    import sys
+
+    from megamor.config import ConfigError
+    from megamor.env import repo_root
+    from megamor.study.config import load_study
+
+    with pytest.raises(ConfigError) as e:
+        load_study("configs/studies/small_cpu.yaml", ["eval.fewshot_tasks=[piqa,nosuchtask]"])
+    assert e.value.key == "eval.fewshot_tasks" and "nosuchtask" in str(e.value)
+    load_study("configs/studies/small_cpu.yaml", ["eval.fewshot_tasks=[piqa,paper]"])  # tasks and suites: accepted
+    r = subprocess.run([sys.executable, "-m", "megamor.study", "configs/studies/small_cpu.yaml", f"out_dir={tmp_path}/o",
+                        "eval.fewshot_tasks=[nosuchtask]", "--plan"], cwd=repo_root(), capture_output=True, text=True,
+                       timeout=300, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "eval.fewshot_tasks" in lines[0] and "nosuchtask" in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()  # nothing prepared

@@ -113,3 +113,21 @@ def test_the_report_names_the_flops_convention_of_its_budget(tmp_path, conventio
     several = StudyConfig(name="s", experiment="e.yaml", variants=study.variants, budgets=[StudyBudgetConfig(name="1x", flops=1e12)])
     several.flops.convention = convention
     assert f"| 1x | 1e+12 FLOPs (forward, {convention} convention) |" in budgets_table(several, [], [])
+
+
+def test_non_finite_results_are_not_counted_but_shown():
+    """Issue: summarize dropped a NaN loss from the mean while the tables counted it ("3" seeds
+    over a mean of 2)."""
+    from megamor.study.scaling import gap_table, loss_table
+
+    bad = [{**r, "val_loss": math.nan} if (r["variant"], r["seed"]) == ("base", 3) else r for r in RESULTS]
+    row = next(ln for ln in table(_study(), bad).splitlines() if ln.startswith("| base |"))
+    assert row.startswith("| base | 2 (+1 non-finite) |")
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in paired_table(_study(), bad).splitlines()[2:]}
+    assert rows["a"].startswith("| a | 2 (+1 non-finite) |") and rows["a"].endswith("| 2/2 |")
+
+    scaling = StudyConfig(name="t", experiment="e.yaml", seeds=[1, 2, 3], budgets=[StudyBudgetConfig(name="1x", flops=1e12)],
+                          variants=_study().variants)
+    sbad = [{**r, "budget": "1x", "flops": 1e12} for r in bad]
+    assert "(n=2 (+1 non-finite))" in loss_table(scaling, sbad)
+    assert "(2/2 lower)" in gap_table(scaling, sbad)  # paired gaps hold the finite differences only
