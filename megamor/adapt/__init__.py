@@ -2,7 +2,7 @@
 megamor model that routes tokens over the checkpoint's own, unshared layers (`sharing: none`
 with an expert-choice router: the mixture-of-depths form), its weights untouched.
 
-`megamor.adapt.source` reads the checkpoint, `megamor.adapt.wrap` builds the routed model,
+`megamor.adapt.source` reads the checkpoint (`megamor.model.hf_source`), `megamor.adapt.wrap` builds the routed model,
 `python -m megamor.adapt` (`megamor.adapt.cli`) writes it and decodes with it. Router-only
 tuning is the trainer's `trainer.train_only: routers`.
 

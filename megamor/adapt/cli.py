@@ -70,8 +70,8 @@ def is_hf_folder(path: Path) -> bool:
 def build(args: argparse.Namespace) -> MoRLM:
     import torch
 
-    from megamor.adapt.source import read_source
     from megamor.adapt.wrap import adapt_config, wrap
+    from megamor.model.hf_source import read_source
 
     src = Path(args.model)
     if is_hf_folder(src):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("nothing to do: give --out DIR and/or --generate N")
     if args.generate and not (args.prompt or args.prompt_ids):
         p.error("--generate needs --prompt TEXT or --prompt-ids 1,2,3")
-    from megamor.adapt.source import AdaptError
+    from megamor.model.hf_source import AdaptError
 
     try:
         model = build(args).eval()

@@ -14,9 +14,9 @@ import copy
 
 import torch
 
-from megamor.adapt.source import AdaptError
 from megamor.config import ConfigError
 from megamor.model.config import ModelConfig
+from megamor.model.hf_source import AdaptError
 from megamor.model.mor import MoRLM
 
 

@@ -160,7 +160,7 @@ def load_hf(path: Path):
     # One reader for every Hugging Face folder (megamor.adapt's): it refuses, naming the key,
     # what megamor would compute differently (RoPE scaling, other activations, biases), which
     # reading the Llama config here silently dropped.
-    from megamor.adapt.source import AdaptError, read_source
+    from megamor.model.hf_source import AdaptError, read_source
 
     try:
         cfg, sd, _ = read_source(path)

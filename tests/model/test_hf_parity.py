@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamor.adapt.source import model_config
 from megamor.model import MoRLM
 from megamor.model.hf import llama_config, to_llama_state_dict
+from megamor.model.hf_source import model_config
 
 from .helpers import tiny_config
 

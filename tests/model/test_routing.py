@@ -220,3 +220,18 @@ def test_router_logits_are_computed_in_fp32_in_a_bf16_model():
             got = router(h)
         assert got.dtype == torch.float32 and torch.equal(got, want)
     assert got.unique().numel() > 0.99 * got.numel()  # bf16 logits: about half were distinct
+
+
+def test_fp32_router_layer_gradients_equal_a_plain_linear():
+    from megamor.model.routers import Fp32Linear
+
+    torch.manual_seed(0)
+    ours, ref = Fp32Linear(16, 3, bias=False), torch.nn.Linear(16, 3, bias=False)
+    ref.weight.data.copy_(ours.weight.data)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(ours(x), ref(x2))
+    ours(x).square().sum().backward()
+    ref(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
