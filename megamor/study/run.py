@@ -140,7 +140,9 @@ def evaluate_run(study: StudyConfig, run: RunSpec, train_seconds: float) -> dict
     res: dict[str, Any] = {
         "run": run.name, "variant": run.variant, "seed": run.seed, "budget": run.budget_name, "steps": run.budget.steps,
         "tokens": run.budget.tokens, "flops": run.budget.flops, "flops_convention": study.flops.convention,
-        "flops_per_token": run.forward_flops_per_token,
+        # flops (the budget) and budget_flops_per_token are in the study's convention and count;
+        # flops_per_token is the forward FLOPs the hardware runs (exact), as MFU counts them
+        "flops_per_token": run.forward_flops_per_token, "budget_flops_per_token": run.budget.flops_per_token,
         "params": model.num_params(), "params_non_embedding": model.num_params(non_embedding=True),
         "num_recursions": model.cfg.num_recursions, "router": model.cfg.router.type, "kv_mode": model.cfg.kv_mode,
         "train_seconds": train_seconds,

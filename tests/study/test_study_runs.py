@@ -121,6 +121,7 @@ def test_two_study_processes_share_out_a_two_budget_study_each_budget_at_its_wid
         run = out / "runs" / b / f"{v}-s7"
         assert (run / "study_result.json").is_file() and x["run"] == f"{v}@{b}-s7"
         assert abs(x["flops"] - {"small": 4.0e9, "big": 8.0e9}[b]) / x["flops"] < 0.5  # within a step
+        assert x["flops"] == pytest.approx(x["budget_flops_per_token"] * x["tokens"], rel=1e-12)  # one convention (flops_per_token: exact forward)
     for v in ("vanilla", "mor2"):  # the big budget trains the wider model (d_model 96 against 64)
         assert res[("big", v)]["params_non_embedding"] > 2 * res[("small", v)]["params_non_embedding"]
 
