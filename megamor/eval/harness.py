@@ -36,11 +36,11 @@ from .tokenizer import EvalTokenizer
 
 def encode_pair(tok: EvalTokenizer, context: str, continuation: str, prefix_id: int | None) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) with lm-eval's boundary rules (see module docstring)."""
-    if context == "":
-        cont = tok.encode(continuation)
+    if context == "":  # lm-eval conditions on its prefix token then (hf: BOS, else EOT): every token is scored
         if prefix_id is None:
-            return cont[:1], cont[1:]
-        return [prefix_id], cont
+            bos = getattr(tok, "bos_id", -1)
+            prefix_id = bos if bos is not None and bos >= 0 else tok.eos_id
+        return [prefix_id], tok.encode(continuation)
     n_space = len(context) - len(context.rstrip())
     if n_space:
         context, continuation = context[:-n_space], context[-n_space:] + continuation

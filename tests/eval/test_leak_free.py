@@ -62,3 +62,13 @@ def test_scorer_is_independent_of_input_order(mor_model, tok, requests):
     a = s.loglikelihood(pairs)
     b = s.loglikelihood(pairs[::-1] + pairs[:3])[: len(pairs)][::-1]
     assert a == b  # bitwise: the same unique requests always form the same batches
+
+
+def test_an_empty_context_without_the_prefix_scores_every_continuation_token(tok):
+    """--no-prefix (lm-eval's hf model on an export): an empty context is conditioned on the
+    tokenizer's BOS (else EOS), as lm-eval's prefix token; the first continuation token was
+    taken as the context and never scored."""
+    cont = tok.encode(" the whole answer")
+    want = tok.bos_id if getattr(tok, "bos_id", -1) >= 0 else tok.eos_id
+    assert encode_pair(tok, "", " the whole answer", None) == ([want], cont)
+    assert encode_pair(tok, "", " the whole answer", tok.eos_id) == ([tok.eos_id], cont)
