@@ -24,7 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megamor import MegamorConfig
-from .routing import CAUSAL, RoutingPolicy, RoutingSettings
+from .routing import CAUSAL, Fp32Linear, RoutingPolicy, RoutingSettings
 
 
 def _get(m: dict, key: str, default):
@@ -107,34 +107,6 @@ class Block(nn.Module):
         a, kv = self.self_attn(self.input_layernorm(x), pos, valid, rope, context)
         h = x + a
         return h + self.mlp(self.post_attention_layernorm(h)), kv
-
-
-class _Fp32Matmul(torch.autograd.Function):
-    """x @ w.T in fp32 that saves x and w as they are (a bf16 input is not kept again as an fp32
-    copy: the activations the planner counts stay what they were)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, w)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), w.float())
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, w = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            gx = (g.float() @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
-            gw = (g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()).to(w.dtype) \
-                if ctx.needs_input_grad[1] else None
-        return gx, gw
-
-
-class Fp32Linear(nn.Linear):
-    """A router layer (no bias) computed in fp32 whatever the model's dtype (bf16 weights,
-    autocast): bf16 logits carry 8 bits of mantissa, and top-k boundaries tie; megamor's routers are the same."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _Fp32Matmul.apply(x, self.weight)
 
 
 def router_net(d: int, out: int, r: dict) -> nn.Module:

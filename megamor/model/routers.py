@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megamor.model.config import ModelConfig
 from megamor.model.routing import (  # noqa: F401  (names this module has always offered)
+    Fp32Linear,
     RoutingSettings,
     depth_counts,
     expert_choice_aux_losses,
@@ -64,35 +64,6 @@ def routing_settings(cfg: ModelConfig) -> RoutingSettings:
         target_depth=r.target_depth if r.target_depth is not None else 0.0,
         target_depth_coef=r.target_depth_coef,
     )
-
-
-class _Fp32Matmul(torch.autograd.Function):
-    """x @ w.T in fp32 that saves x and w as they are (a bf16 input is not kept again as an fp32
-    copy: the activations the planner counts stay what they were)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, w)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), w.float())
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, w = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            gx = (g.float() @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
-            gw = (g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()).to(w.dtype) \
-                if ctx.needs_input_grad[1] else None
-        return gx, gw
-
-
-class Fp32Linear(nn.Linear):
-    """A router layer (no bias) computed in fp32 whatever the model's dtype (bf16 weights,
-    autocast): bf16 logits carry 8 bits of mantissa, and top-k boundaries tie (half of 2,048
-    logits were distinct at 360M width in bf16; 39% of rows tied at the capacity-1/3 boundary)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _Fp32Matmul.apply(x, self.weight)
 
 
 def router_network(cfg: ModelConfig, out_dim: int) -> nn.Module:

@@ -114,15 +114,9 @@ def write_run_identity(run: RunSpec, tokenizer: Path, study: StudyConfig | None 
 def _read(run: RunSpec) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
     """(result, identity record) of `run`'s kept copy, None when there is none; damaged JSON
     or anything but a JSON object is a ConfigError naming the file."""
-    path = run.kept_path
-    if not path.is_file():
+    record = _read_json(run.kept_path, "restore it from git or delete it to train the run again")
+    if record is None:
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(str(path), f"not valid JSON ({e}); restore it from git or delete it to train the run again") from None
-    if not isinstance(record, dict):
-        raise ConfigError(str(path), "is not a JSON object; restore it from git or delete it to train the run again")
     identity = record.pop("identity", None)
     return record, identity
 
@@ -133,16 +127,16 @@ def load(run: RunSpec) -> dict[str, Any] | None:
     return kept[0] if kept is not None else None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A run folder's JSON object, None when the file is absent; damaged: a ConfigError naming it."""
+def _read_json(path: Path, remedy: str = "move the run folder away to train the run again") -> dict[str, Any] | None:
+    """A JSON object, None when the file is absent; damaged: a ConfigError naming it and `remedy`."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(str(path), f"not valid JSON ({e}); move the run folder away to train the run again") from None
+        raise ConfigError(str(path), f"not valid JSON ({e}); {remedy}") from None
     if not isinstance(record, dict):
-        raise ConfigError(str(path), "is not a JSON object; move the run folder away to train the run again")
+        raise ConfigError(str(path), f"is not a JSON object; {remedy}")
     return record
 
 
