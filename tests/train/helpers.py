@@ -11,10 +11,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megamor.env import repo_root
 from megamor.parallel.env import free_port
 from megamor.parallel.launch import deepspeed_command, torchrun_command
+
+if TYPE_CHECKING:
+    import psutil
 
 
 def train_env(tmp: Path, extra: dict | None = None) -> dict[str, str]:
@@ -119,6 +123,22 @@ def assert_logged_activation_bytes_match_the_plan(run: Run, config: Path, overri
 
 def rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)
+
+
+def workers_by_rank(launcher_pid: int) -> dict[int, psutil.Process]:
+    """RANK -> the trainer process of that rank under a launcher. A worker's own short-lived
+    children (a fork before its exec, a zombie) carry its command line and RANK too: a process
+    whose parent is itself a trainer is not a worker."""
+    import psutil
+
+    candidates: dict[int, tuple[psutil.Process, int, int]] = {}  # pid -> (process, rank, parent pid)
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if "megamor.train" in " ".join(p.cmdline()) and "RANK" in (env := p.environ()):
+                candidates[p.pid] = (p, int(env["RANK"]), p.ppid())
+        except psutil.Error:  # ended, or a zombie, while we looked
+            continue
+    return {rank: p for p, rank, parent in candidates.values() if parent not in candidates}
 
 
 def wait_for_step(run_dir: Path, step: int, proc=None, timeout: float = 180, status=None) -> None:

@@ -333,7 +333,7 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
 
     from megamor.env import repo_root
     from megamor.train.signals import EXIT_CONFIG
-    from tests.train.helpers import launch, train_command, train_env, wait_for_step
+    from tests.train.helpers import launch, train_command, train_env, wait_for_step, workers_by_rank
 
     run_dir = tmp_path / "run"
     cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "checkpoint.every_steps=0"], 2, "torchrun",
@@ -343,10 +343,9 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_step(run_dir, 2, proc)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "megamor.train" in " ".join(p.cmdline())]
-        assert len(workers) == 2
-        rank0 = next(p for p in workers if p.environ().get("RANK") == "0")
+        workers = workers_by_rank(proc.pid)
+        assert sorted(workers) == [0, 1]
+        rank0 = workers[0]
 
         second = launch(tiny_config, run_dir, ["trainer.max_steps=100000"], timeout=240)
         assert second.rc == EXIT_CONFIG, second.output[-3000:]
@@ -356,7 +355,7 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 90
-        alive = workers
+        alive = list(workers.values())
         while alive and time.time() < deadline:
             alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
             time.sleep(0.2)

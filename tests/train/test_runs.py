@@ -11,7 +11,6 @@ import math
 import signal
 import subprocess
 
-import psutil
 import pytest
 import torch
 
@@ -28,6 +27,7 @@ from tests.train.helpers import (
     train_command,
     train_env,
     wait_for_step,
+    workers_by_rank,
 )
 from tests.train.wandb_records import history, run_id
 
@@ -179,9 +179,7 @@ def test_sigusr1_to_one_rank_stops_every_rank(runs, tiny_config):
     proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(runs.base), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for_step(run_dir, 3, proc, timeout=120)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megamor.train" in " ".join(p.cmdline())]
-    by_rank = {int(p.environ()["RANK"]): p for p in workers}
-    by_rank[1].send_signal(signal.SIGUSR1)
+    workers_by_rank(proc.pid)[1].send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
     ref = newest_complete(run_dir)
     assert ref is not None and ref.step == max(Run(run_dir, None).losses()) >= 3  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import pytest
 
 from megamor.env import repo_root
 
-from .helpers import Run, assert_ok, launch, train_command, train_env, wait_for_step
+from .helpers import Run, assert_ok, launch, train_command, train_env, wait_for_step, workers_by_rank
 
 STEPS = ["trainer.max_steps=20", "checkpoint.every_steps=4", "eval.at_end=false", "checkpoint.save_final=false"]
 
@@ -26,8 +26,7 @@ def test_frozen_rank_ends_the_job_within_a_minute_and_the_run_resumes_exactly(ti
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for_step(run_dir, 12, proc, timeout=300)  # a few heartbeats in
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megamor.train" in " ".join(p.cmdline())]
-        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1 = workers_by_rank(proc.pid)[1]
         rank1.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         out, _ = proc.communicate(timeout=180)
@@ -72,8 +71,7 @@ def test_three_ranks_one_frozen_every_live_rank_exits_75_with_one_line(tiny_conf
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for_step(run_dir, 8, proc, timeout=300)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megamor.train" in " ".join(p.cmdline())]
-        next(p for p in workers if p.environ().get("RANK") == "2").send_signal(signal.SIGSTOP)
+        workers_by_rank(proc.pid)[2].send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         out, _ = proc.communicate(timeout=180)
         ended = time.monotonic() - t0
