@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.study.run import STUDY_LOCK, RunFailed, is_done, load_result, run_one
 
     if args.plan:
+        from megamor.study.budget import off_budget_note
         from megamor.study.timing import estimate_minutes
 
         est = estimate_minutes(runs)
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r.index:>3} {r.name:<28} {r.budget.flops_per_token / 1e9:>13.4f} {r.budget.steps:>7} "
                   f"{r.budget.tokens:>13,} {r.budget.flops:>10.3e} {mins}  {'yes' if is_done(r) else 'no'}")
         print(f"GFLOPs/token and FLOPs: {study.flops_label} (the study's flops.convention)")
+        note = off_budget_note([(r.name, r.budget) for r in runs])
+        if note:
+            print(note)
         left = [m for r, m in zip(runs, est) if not is_done(r)]
         if any(m is not None for m in left):
             print(f"runs left: {len(left)}, ~{sum(m or 0.0 for m in left) / 60:.1f} h at the speed of the finished runs "

@@ -28,6 +28,12 @@ class RunBudget:
     steps: int
     tokens: int  # steps x tokens_per_step
     flops: float  # tokens x FLOPs per token, in the budget's count (forward or training)
+    target_flops: float | None = None  # the budget's FLOPs (None for a token budget)
+
+    @property
+    def off_budget(self) -> float:
+        """flops / target - 1: what rounding to whole steps adds or leaves out (0 for tokens)."""
+        return self.flops / self.target_flops - 1.0 if self.target_flops else 0.0
 
 
 def run_budget(budget: BudgetConfig, cfg: ModelConfig, seq_len: int, global_batch_size: int,
@@ -41,4 +47,19 @@ def run_budget(budget: BudgetConfig, cfg: ModelConfig, seq_len: int, global_batc
         steps = max(1, round(budget.tokens / per_step))
     else:  # the rule an experiment's own `budget.flops` follows too (megamor.train.config)
         steps = budget_steps(float(budget.flops), fpt, per_step)
-    return RunBudget(fpt, per_step, steps, steps * per_step, steps * per_step * fpt)
+    target = float(budget.flops) if budget.tokens is None and budget.flops is not None else None
+    return RunBudget(fpt, per_step, steps, steps * per_step, steps * per_step * fpt, target)
+
+
+OFF_BUDGET_NOTE = 0.02  # whole steps this far off a FLOPs budget are pointed out (`--plan`)
+
+
+def off_budget_note(named: list[tuple[str, RunBudget]]) -> str | None:
+    """One line naming the runs whose whole steps spend more than 2% more or less than their
+    FLOPs budget (few, large steps: an iso-FLOP comparison is then off by that much), or None."""
+    off = [(n, b.off_budget) for n, b in named if abs(b.off_budget) > OFF_BUDGET_NOTE]
+    if not off:
+        return None
+    worst = max(off, key=lambda x: abs(x[1]))
+    return (f"note: whole steps put {len(off)} run(s) more than {OFF_BUDGET_NOTE:.0%} off their FLOPs budget "
+            f"(worst {worst[0]}: {worst[1]:+.1%}); a larger budget or a smaller global batch makes finer steps")

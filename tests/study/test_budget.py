@@ -126,3 +126,23 @@ def test_token_budget_and_training_count(tmp_path):
     fwd = plan_runs(load_study(STUDY), tmp_path / "s", tmp_path / "t")[0]
     train = plan_runs(load_study(STUDY, ["budget.count=training"]), tmp_path / "s", tmp_path / "t")[0]
     assert abs(train.budget.steps - fwd.budget.steps / 3) <= 1  # training FLOPs are 3x forward
+
+
+def test_whole_steps_far_off_a_small_budget_are_pointed_out(tmp_path):
+    """A budget of a few steps: rounding to whole steps spends more or less than the budget (an
+    iso-FLOP comparison then is not one); --plan names the worst run. A large budget: no note."""
+    from megamor.study.budget import off_budget_note
+
+    small_cpu, flops = "configs/studies/small_cpu.yaml", 1.3e11  # 8-10 steps
+    small = plan_runs(load_study(small_cpu, [f"budget.flops={flops}"]), tmp_path / "s", tmp_path / "t")
+    spent = {r.name: r.budget.steps * r.budget.tokens_per_step * r.budget.flops_per_token / flops - 1 for r in small}
+    for r in small:
+        assert r.budget.off_budget == pytest.approx(spent[r.name])
+    worst = max(small, key=lambda r: abs(spent[r.name]))
+    assert abs(spent[worst.name]) > 0.05
+    note = off_budget_note([(r.name, r.budget) for r in small])
+    assert note is not None and f"worst {worst.name}: {spent[worst.name]:+.1%}" in note, note
+    committed = plan_runs(load_study(small_cpu), tmp_path / "s", tmp_path / "t")  # ~460-600 steps: within 0.1%
+    assert off_budget_note([(r.name, r.budget) for r in committed]) is None
+    tokens = plan_runs(load_study(small_cpu, ["budget.flops=null", "budget.tokens=3000000"]), tmp_path / "s", tmp_path / "t")
+    assert all(r.budget.off_budget == 0.0 for r in tokens)  # a token budget has no FLOPs target
