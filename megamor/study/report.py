@@ -54,6 +54,29 @@ def summarize(values: Sequence[Any]) -> tuple[float, float]:
     return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan)
 
 
+# Student's t, 97.5th percentile, df 1..30 (two-sided 95%); beyond, the Cornish-Fisher expansion.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with `df` degrees of freedom."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def ci95(values: Sequence[Any]) -> tuple[float, float]:
+    """95% confidence interval of the mean over the finite values (t, n - 1 degrees of freedom):
+    with paired differences, a study's "is it different" at a glance. nan with under two."""
+    xs = [v for v in (_num(x) for x in values) if math.isfinite(v)]
+    if len(xs) < 2:
+        return math.nan, math.nan
+    m, half = float(np.mean(xs)), t975(len(xs) - 1) * float(np.std(xs, ddof=1)) / math.sqrt(len(xs))
+    return m - half, m + half
+
+
 def count_label(values: Sequence[Any]) -> str:
     """How many values a mean is over (the finite ones), with the non-finite ones dropped from it
     shown: "2 (+1 non-finite)". A missing value (None: not defined for the run) is not counted."""
@@ -95,12 +118,12 @@ PAIRED = [("val loss (top-k)", "val_loss"), ("val loss (causal)", "val_loss_caus
 
 def paired_table(study: StudyConfig, results: list[dict[str, Any]]) -> str:
     """Each variant minus the reference variant, seed by seed (same seed: same data order and
-    validation windows), then mean ± standard deviation of those differences, and how many
-    seeds the variant is lower (better loss) in."""
+    validation windows), then mean ± standard deviation of those differences, the 95% confidence
+    interval of the top-k loss difference, and how many seeds the variant is lower (better loss) in."""
     ref = study.reference or study.variants[0].name
     val = {(r["variant"], r["seed"]): r for r in results}
-    head = f"| variant - {ref} | seeds | " + " | ".join(h for h, _ in PAIRED) + " | lower loss (top-k) in |"
-    lines = [head, "|---|---:|" + "---:|" * (len(PAIRED) + 1)]
+    head = f"| variant - {ref} | seeds | " + " | ".join(h for h, _ in PAIRED) + " | 95% CI (top-k) | lower loss (top-k) in |"
+    lines = [head, "|---|---:|" + "---:|" * (len(PAIRED) + 2)]
     for v in study.variants:
         if v.name == ref:
             continue
@@ -115,6 +138,8 @@ def paired_table(study: StudyConfig, results: list[dict[str, Any]]) -> str:
         loss_diffs = [_num(val[(v.name, s)].get("val_loss")) - _num(val[(ref, s)].get("val_loss")) for s in seeds]
         lower = sum(d < 0 for d in loss_diffs)  # nan: neither lower nor counted
         n = sum(math.isfinite(d) for d in loss_diffs)
+        lo, hi = ci95(loss_diffs)
+        cells.append(f"[{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else "–")  # noqa: RUF001  en dash: no value
         lines.append(f"| {v.name} | {count_label(loss_diffs)} | " + " | ".join(cells) + f" | {lower}/{n} |")
     return "\n".join(lines) + "\n"
 
@@ -193,7 +218,8 @@ def write_report(study: StudyConfig, results: list[dict[str, Any]], pending: lis
             f"Command: `{command}`", "", table(study, results)]
     if len(study.variants) > 1 and results:
         note = ("Paired by seed (each seed's difference from the reference variant, then mean ± standard deviation "
-                "over seeds; negative: lower than the reference):")
+                "over seeds, and the 95% confidence interval of the mean top-k difference (Student's t); negative: "
+                "lower than the reference; an interval holding 0: no difference shown at this many seeds):")
         text += ["", note, "", paired_table(study, results)]
     learned = [r for r in sorted(results, key=lambda r: (r["variant"], r["seed"])) if r.get("gate_scales")]
     if learned:

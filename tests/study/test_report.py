@@ -131,3 +131,24 @@ def test_non_finite_results_are_not_counted_but_shown():
     sbad = [{**r, "budget": "1x", "flops": 1e12} for r in bad]
     assert "(n=2 (+1 non-finite))" in loss_table(scaling, sbad)
     assert "(2/2 lower)" in gap_table(scaling, sbad)  # paired gaps hold the finite differences only
+
+
+def test_paired_table_gives_the_95_percent_interval_of_the_loss_difference():
+    """The interval is mean +- t(0.975, n-1) sd / sqrt(n), t checked against scipy's; one seed: none."""
+    from scipy import stats
+
+    from megamor.study.report import ci95, t975
+
+    for df in (1, 2, 3, 7, 30, 31, 50, 200):
+        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-4), df
+    diffs = {1: -0.05, 2: -0.02, 3: -0.11}  # "a" - base per seed
+    noisy = [_result("base", s, 5.0 + SEED[s]) for s in SEED] + [_result("a", s, 5.0 + SEED[s] + d) for s, d in diffs.items()]
+    xs = list(diffs.values())
+    sd = stats.tstd(xs)
+    half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    lo, hi = ci95(xs)
+    assert (lo, hi) == pytest.approx((sum(xs) / 3 - half, sum(xs) / 3 + half), abs=1e-4)  # t to 3 decimals
+    row = paired_table(_study(), noisy).splitlines()[2]
+    assert f"| [{lo:+.4f}, {hi:+.4f}] | 3/3 |" in row, row
+    one = [r for r in noisy if r["seed"] == 1]
+    assert "| – | 1/1 |" in paired_table(_study(), one).splitlines()[2]  # noqa: RUF001
