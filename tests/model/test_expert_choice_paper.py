@@ -10,10 +10,8 @@ import copy
 import pytest
 import torch
 
-from megamor.config import ConfigError, load_config
-from megamor.model import ModelConfig
 from megamor.model.layers import TokenMeta
-from tests.model.helpers import mor
+from tests.model.helpers import assert_decoding_and_export_agree, mor, refused
 
 PAPER_ROUTER = {"type": "expert_choice", "expert_choice_update": "paper", "activation": "sigmoid", "alpha": 0.1,
                 "learn_threshold": False, "gate_straight_through": False}
@@ -103,48 +101,22 @@ def test_unweighted_gating_under_eq1_is_h_plus_step():
 
 @pytest.mark.parametrize("kv", ["recursion_wise", "shared"])
 def test_eq1_decoding_and_export_agree(kv, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from megamor.hf.remote_code import save_model_folder
-    from megamor.inference import engine_generate, generate
-
     model = paper_model(seed=3, kv_mode=kv).eval()
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5], [40, 41, 42, 43]]
-    gen = generate(model, prompts, 6)
-    for p, toks in zip(prompts, gen.tokens):  # decoding with caches = greedy over the full causal forward
-        seq = list(p)
-        for _ in range(6):
-            logits = reference_logits(model, torch.tensor([seq]), causal=True)[0] if kv == "recursion_wise" \
-                else model(torch.tensor([seq]), causal_routing=True).logits
-            seq.append(int(logits[0, -1].argmax()))
-        assert toks == seq[len(p):]
+
+    def next_logits(ids: torch.Tensor) -> torch.Tensor:  # the per-row reference; shared KV: the full forward
+        logits = reference_logits(model, ids, causal=True)[0] if kv == "recursion_wise" \
+            else model(ids, causal_routing=True).logits
+        return logits[0, -1]
+
+    gen = assert_decoding_and_export_agree(model, next_logits, tmp_path)
     assert any(d < 3 for ds in gen.depths for d in ds)  # some tokens exit early: the gated steps are exercised
-    for schedule in ("lockstep", "depthwise"):
-        for static in (False, True):
-            got = engine_generate(model, prompts, 6, max_batch=2, schedule=schedule, static=static)
-            assert got.tokens == gen.tokens and got.depths == gen.depths, (schedule, static)
-    save_model_folder(model, tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
-                                                           dtype=torch.float32).eval()
-    x = torch.randint(1, 200, (2, 20), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, model(x, causal_routing=True).logits, atol=1e-5, rtol=0)
-    for p, toks in zip(prompts, gen.tokens):
-        got = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
-                          attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        assert got[0, len(p):].tolist() == toks
-
-
-def _refused(key: str, **overrides) -> None:
-    with pytest.raises(ConfigError) as e:
-        load_config(ModelConfig, overrides=[f"{k}={v}" for k, v in overrides.items()])
-    assert e.value.key == key, str(e.value)
 
 
 def test_unknown_rule_or_another_router_is_refused():
     base = {"sharing": "cycle", "num_recursions": 3, "n_layers": 6}
-    _refused("router.expert_choice_update", **base, **{"router.type": "expert_choice",
+    refused("router.expert_choice_update", **base, **{"router.type": "expert_choice",
                                                        "router.expert_choice_update": "eq1"})
-    _refused("router.expert_choice_update", **base, **{"router.type": "token_choice",
+    refused("router.expert_choice_update", **base, **{"router.type": "token_choice",
                                                        "router.expert_choice_update": "paper"})
 
 

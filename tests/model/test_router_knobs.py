@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megamor.config import ConfigError, load_config
-from megamor.model import ModelConfig
 from megamor.model.routing import CAUSAL, TOPK, trace_agreement, warm_capacity
-from tests.model.helpers import mor
+from tests.model.helpers import mor, refused
 
 X = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -182,20 +180,15 @@ def _capacity_one_bce(model, x):
 
 
 # -- bad input -------------------------------------------------------------------------------
-def _refused(key: str, **overrides) -> None:
-    with pytest.raises(ConfigError) as e:
-        load_config(ModelConfig, overrides=[f"{k}={v}" for k, v in overrides.items()])
-    assert e.value.key == key, str(e.value)
-
 
 def test_bad_knobs_are_refused_with_their_key():
     base = {"sharing": "cycle", "num_recursions": 3, "n_layers": 6}
-    _refused("router.activation", **base, **{"router.type": "expert_choice", "router.activation": "relu"})
-    _refused("router.token_func", **base, **{"router.type": "token_choice", "router.token_func": "tanh"})
-    _refused("router.gating", **base, **{"router.type": "expert_choice", "router.gating": "additive"})
-    _refused("router.bce_reduction", **base, **{"router.type": "expert_choice", "router.bce_reduction": "max"})
-    _refused("router.temperature", **base, **{"router.type": "expert_choice", "router.temperature": 0})
-    _refused("router.aux_router", **base, **{"router.type": "token_choice", "router.aux_router": True})
+    refused("router.activation", **base, **{"router.type": "expert_choice", "router.activation": "relu"})
+    refused("router.token_func", **base, **{"router.type": "token_choice", "router.token_func": "tanh"})
+    refused("router.gating", **base, **{"router.type": "expert_choice", "router.gating": "additive"})
+    refused("router.bce_reduction", **base, **{"router.type": "expert_choice", "router.bce_reduction": "max"})
+    refused("router.temperature", **base, **{"router.type": "expert_choice", "router.temperature": 0})
+    refused("router.aux_router", **base, **{"router.type": "token_choice", "router.aux_router": True})
 
 
 @pytest.mark.parametrize("override, key", [
@@ -299,8 +292,8 @@ def test_routing_over_distinct_layers():
 
 
 def test_unshared_routing_shapes_are_checked():
-    _refused("n_layers", sharing="none", num_recursions=4, n_layers=6, **{"router.type": "expert_choice"})
-    _refused("num_recursions", sharing="none", num_recursions=3, n_layers=6)  # no router: plain vanilla only
+    refused("n_layers", sharing="none", num_recursions=4, n_layers=6, **{"router.type": "expert_choice"})
+    refused("num_recursions", sharing="none", num_recursions=3, n_layers=6)  # no router: plain vanilla only
 
 
 def test_paper_configs_sum_the_bce_at_the_papers_coefficient():

@@ -9,10 +9,8 @@ import copy
 import pytest
 import torch
 
-from megamor.config import ConfigError, load_config
-from megamor.model import ModelConfig
 from megamor.model.layers import TokenMeta
-from tests.model.helpers import mor
+from tests.model.helpers import assert_decoding_and_export_agree, mor, refused
 
 
 def paper_model(seed: int = 2, **router):
@@ -84,47 +82,21 @@ def test_paper_rule_backward_reaches_the_router():
 
 @pytest.mark.parametrize("kv", ["recursion_wise", "shared"])
 def test_paper_rule_decoding_and_export_agree(kv, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from megamor.hf.remote_code import save_model_folder
-    from megamor.inference import engine_generate, generate
-
     model = paper_model(seed=3)
     model.cfg.kv_mode = kv
-    model = type(model)(model.cfg) if kv == "shared" else model
-    model.eval()
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5], [40, 41, 42, 43]]
-    gen = generate(model, prompts, 6)
-    for p, toks in zip(prompts, gen.tokens):  # decoding with caches = greedy over the plain reference
-        seq = list(p)
-        for _ in range(6):
-            seq.append(int(reference_logits(model, torch.tensor([seq]))[0][0, -1].argmax()) if kv == "recursion_wise"
-                       else int(model(torch.tensor([seq]), causal_routing=True).logits[0, -1].argmax()))
-        assert toks == seq[len(p):]
-    assert engine_generate(model, prompts, 6, max_batch=2).tokens == gen.tokens
-    static = engine_generate(model, prompts, 6, max_batch=2, static=True)
-    assert static.tokens == gen.tokens and static.depths == gen.depths
-    save_model_folder(model, tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
-                                                           dtype=torch.float32).eval()
-    x = torch.randint(1, 200, (2, 20), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, model(x, causal_routing=True).logits, atol=1e-5, rtol=0)
-    for p, toks in zip(prompts, gen.tokens):
-        got = hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
-                          attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        assert got[0, len(p):].tolist() == toks
+    model = (type(model)(model.cfg) if kv == "shared" else model).eval()
 
+    def next_logits(ids: torch.Tensor) -> torch.Tensor:  # the plain reference; shared KV: the full forward
+        logits = reference_logits(model, ids)[0] if kv == "recursion_wise" else model(ids, causal_routing=True).logits
+        return logits[0, -1]
 
-def _refused(key: str, **overrides) -> None:
-    with pytest.raises(ConfigError) as e:
-        load_config(ModelConfig, overrides=[f"{k}={v}" for k, v in overrides.items()])
-    assert e.value.key == key, str(e.value)
+    assert_decoding_and_export_agree(model, next_logits, tmp_path)
 
 
 def test_unknown_update_rule_or_expert_choice_is_refused():
     base = {"sharing": "cycle", "num_recursions": 3, "n_layers": 6}
-    _refused("router.token_choice_update", **base, **{"router.type": "token_choice", "router.token_choice_update": "eq2"})
-    _refused("router.token_choice_update", **base, **{"router.type": "expert_choice", "router.token_choice_update": "paper"})
+    refused("router.token_choice_update", **base, **{"router.type": "token_choice", "router.token_choice_update": "eq2"})
+    refused("router.token_choice_update", **base, **{"router.type": "expert_choice", "router.token_choice_update": "paper"})
 
 
 def test_paper_rule_with_padding_equals_each_row_alone():
