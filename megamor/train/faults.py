@@ -10,6 +10,8 @@ MEGAMOR_FAULTS is a comma-separated list (unset in normal runs):
     signal_at_eval_batch=K:SIG  send signal SIG (TERM, INT, USR1) to this process before its
                              K-th validation batch of the run (a stop during validation)
     signal_at_setup=SIG      send signal SIG to this process as set-up starts
+    signal_before_step=K:SIG send signal SIG to this process before optimizer step K (the
+                             stop is agreed in step K's all-reduce: the run stops at step K)
     abort_in_teardown        SIGABRT while the interpreter finalizes, after the run is over
                              (what a native library's teardown can do to a finished run)
     slow_forward=S           sleep S seconds before every forward pass (a slow node, for the
@@ -48,6 +50,8 @@ class Faults:
     eval_signal_batch: int | None = None
     eval_signal: int | None = None
     setup_signal: int | None = None
+    step_signal_at: int | None = None
+    step_signal: int | None = None
     abort_in_teardown: bool = False
     slow_forward_s: float = 0.0
     lock_taken_after_step: int | None = None
@@ -71,6 +75,9 @@ class Faults:
             elif name == "signal_at_eval_batch":
                 k, _, sig = value.partition(":")
                 f.eval_signal_batch, f.eval_signal = int(k), _signum(sig)
+            elif name == "signal_before_step":
+                k, _, sig = value.partition(":")
+                f.step_signal_at, f.step_signal = int(k), _signum(sig)
             elif name == "signal_at_setup":
                 f.setup_signal = _signum(value)
             elif name == "slow_forward":
@@ -95,6 +102,10 @@ class Faults:
             now = time.time()
             with atomic_open(run_dir / "trainer.lock", "w") as f:
                 json.dump({"host": "elsewhere", "pid": 1, "started": now, "heartbeat": now, "token": "taken"}, f)
+
+    def before_step(self, step: int, rank: int) -> None:
+        if self.step_signal is not None and self.step_signal_at == step and self._mine(rank):
+            os.kill(os.getpid(), self.step_signal)
 
     def during_save(self, step: int, rank: int) -> None:
         if self.sigkill_during_save == step and self._mine(rank):

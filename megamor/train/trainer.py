@@ -115,6 +115,8 @@ class Trainer:
         self.flops_total = 0.0
         self.wandb_id: str | None = None
         self.last_saved_step = -1
+        self.resumed = False  # from this run folder's own checkpoint (not a new phase of another run)
+        self.exit_code: int | None = None  # fit()'s, for the sinks' close (None: an error ended it)
         self.lock_lost = False  # another trainer holds the run folder: nothing more is written there
         self._metrics: dict[str, Any] = {}  # record_metric's, until the next log window
         # Built-ins first (their order is the loop's), then `callbacks` (tests) and trainer.callbacks.
@@ -240,6 +242,7 @@ class Trainer:
         self.flops_total = float(state.get("flops_total", 0.0))
         self.wandb_id = state.get("wandb_id")
         self.last_saved_step = self.step
+        self.resumed = True
         try:
             check_same_tokenizer(state.get("tokenizer_hash"), self.tokenizer_info.get("hash"),
                                  f"{plan.ref.path} was trained with", "the data's tokenizer")
@@ -289,6 +292,7 @@ class Trainer:
         self.callbacks.on_stop(self.step, sig)
         self.console.print(f"stop requested (signal {sig if sig is not None else 'on another rank'}) at step "
                           f"{self.step}{where}: saving and exiting with {EXIT_PREEMPTED}")
+        self.exit_code = EXIT_PREEMPTED
         if self.last_saved_step != self.step and self.step > 0:
             self.save()
         self._record_exit_status(EXIT_PREEMPTED)
@@ -343,11 +347,9 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> int:
         cfg = self.cfg
-        if self.step >= self.max_steps:
+        done = self.step >= self.max_steps
+        if done:  # an evaluation a stop cut short may still be owed (Cadence.fit_start)
             self.console.print(f"already trained for {self.step} >= {self.max_steps} steps; nothing to do")
-            self.stop_request.uninstall()
-            self.callbacks.close()
-            return EXIT_OK
         window = WindowStats()
         exit_code = EXIT_OK
         self.watchdog.at(self.step, "start")
@@ -371,6 +373,7 @@ class Trainer:
                     self.console.print(f"step {self.step}: {r.skip_reason}, step skipped "
                                       f"({self.consecutive_nonfinite} in a row, {self.skipped_steps} in total)")
                     if self.consecutive_nonfinite >= cfg.trainer.max_consecutive_nonfinite:
+                        window = self._log_partial(window)  # the steps since the last log line are logged
                         raise NonFiniteLossError(
                             f"{self.consecutive_nonfinite} non-finite steps in a row (steps "
                             f"{self.step - self.consecutive_nonfinite + 1}-{self.step}, last: {r.skip_reason}); aborting. "
@@ -383,20 +386,32 @@ class Trainer:
                     window = WindowStats()
                 self.callbacks.step_end(self.step, r)  # faults after step K, then checkpoint and eval cadence
                 if r.stop:
+                    window = self._log_partial(window)  # a resumed run starts after them: log them now
                     exit_code = self._stop()
                     break
             else:
-                self.callbacks.fit_end(self.step)
+                if not done:
+                    self.callbacks.fit_end(self.step)
         except StopRequested:  # agreed during validation
+            window = self._log_partial(window)
             exit_code = self._stop(" during validation")
         except RunLockLostError:
             self.lock_lost = True
             raise
+        else:
+            self.exit_code = exit_code
         finally:
             self.watchdog.stop()
             self.stop_request.uninstall()
             self.callbacks.close()
         return exit_code
+
+    def _log_partial(self, window: WindowStats) -> WindowStats:
+        """Log a window the loop leaves before its log step (a stop, an abort): the resumed run
+        starts after these steps, so they are logged now or never. Every rank calls it alike."""
+        if window.steps:
+            self._log(window)
+        return WindowStats()
 
     def log_eval(self) -> None:
         """Validation (and eval.tasks) now, logged at the current step."""

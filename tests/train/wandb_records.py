@@ -64,3 +64,15 @@ def run_id(path: Path) -> str | None:
         if rec.WhichOneof("record_type") == "run":
             return rec.run.run_id
     return None
+
+
+def exit_code(path: Path) -> int | None:
+    """The exit code the run's `finish` recorded (None: no exit record, the file was cut short)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for payload in iter_payloads(path):
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        if rec.WhichOneof("record_type") == "exit":
+            return rec.exit.exit_code
+    return None

@@ -18,6 +18,9 @@ class FaultInjection(Callback):
     def setup_start(self) -> None:
         self.faults.at_setup(self.trainer.rank)
 
+    def before_step(self, step: int) -> None:
+        self.faults.before_step(step, self.trainer.rank)
+
     def before_forward(self, step: int, micro: int) -> None:
         self.faults.before_forward(self.trainer.rank)
 

@@ -43,6 +43,24 @@ def cut_back_metrics(path: Path, step: int) -> int:
     return dropped
 
 
+EVAL_PREFIXES = ("val/", "eval/")  # an evaluation's record (validation, eval.tasks)
+
+
+def eval_logged_at(path: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation's record at `step` (a torn line is skipped)."""
+    if not path.is_file():
+        return False
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step") == step and any(k.startswith(EVAL_PREFIXES) for k in row):
+                return True
+    return False
+
+
 class MetricsFile(Callback):
     def __init__(self) -> None:
         self.file: Any = None

@@ -73,7 +73,12 @@ class WandB(Callback):
             payload[k] = wandb.Histogram(np_histogram=(np.asarray(counts, dtype=float), np.asarray(edges, dtype=float)))
         self.run.log(payload, step=step)
 
+    def on_stop(self, step: int, signum: int | None) -> None:
+        if self.run is not None:
+            self.run.mark_preempting()  # online: the server shows the run as preempted, not crashed
+
     def close(self) -> None:
         if self.run is not None:
-            self.run.finish()
+            code = self.trainer.exit_code
+            self.run.finish(exit_code=1 if code is None else code)  # an error: failed, not finished
             self.run = None
