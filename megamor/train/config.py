@@ -47,6 +47,7 @@ PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("wsd", "cosine", "constant")
 OPTIM_IMPLS = ("auto", "torch", "torch_fused", "deepspeed_fused")
 WANDB_MODES = ("online", "offline", "disabled")
+_WANDB_ALIASES = {"dryrun": "offline", "run": "online"}
 
 
 @dataclass
@@ -365,6 +366,10 @@ class WandbConfig:
     def validate(self, path: str) -> None:
         if self.mode is not None and self.mode not in WANDB_MODES:
             raise ConfigError(key(path, "mode"), f"must be one of {WANDB_MODES}, got {self.mode!r}")
+        env = os.environ.get("WANDB_MODE")
+        if self.mode is None and env and _WANDB_ALIASES.get(env, env) not in WANDB_MODES:  # a typo logged nothing
+            raise ConfigError(key(path, "mode"), f"is not set, and $WANDB_MODE={env!r} is none of {WANDB_MODES} "
+                                                 "(W&B's dryrun and run too): set one of them")
 
         if self.init_timeout is not None and self.init_timeout <= 0:
             raise ConfigError(key(path, "init_timeout"), "must be positive (seconds)")
@@ -372,7 +377,7 @@ class WandbConfig:
     def resolved_mode(self) -> str:
         """A mode set in a config or override wins; else $WANDB_MODE (W&B's aliases too); else disabled."""
         mode = self.mode or os.environ.get("WANDB_MODE") or "disabled"
-        mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
+        mode = _WANDB_ALIASES.get(mode, mode)
         return mode if mode in WANDB_MODES else "disabled"
 
 

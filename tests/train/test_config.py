@@ -265,6 +265,19 @@ def test_shipped_configs_leave_the_wandb_mode_to_the_environment(monkeypatch):
     assert cfg.wandb.resolved_mode() == "disabled"  # written explicitly: wins over the environment
 
 
+@pytest.mark.parametrize("env", ["ofline", "shared"])
+def test_an_unknown_wandb_mode_in_the_environment_is_refused(monkeypatch, env):
+    """It was read as disabled: a typo in $WANDB_MODE logged nothing, silently."""
+    monkeypatch.setenv("WANDB_MODE", env)
+    with pytest.raises(ConfigError) as e:
+        load_experiment([EXPERIMENTS[0]], ["data.train=[x]"])
+    assert e.value.key == "wandb.mode" and repr(env) in str(e.value)
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's alias of offline
+    assert load_experiment([EXPERIMENTS[0]], ["data.train=[x]"]).wandb.resolved_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", env)  # a mode written in the config wins: the variable is not read
+    assert load_experiment([EXPERIMENTS[0]], ["data.train=[x]", "wandb.mode=disabled"]).wandb.resolved_mode() == "disabled"
+
+
 def test_online_without_credentials_fails_before_launch(tiny_config, tmp_path, monkeypatch, capsys):
     for k, v in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
                  "HOME": str(tmp_path), "NETRC": str(tmp_path / "netrc"), "WANDB_MODE": "online"}.items():

@@ -78,3 +78,22 @@ def test_wandb_records_a_failed_run_as_failed(tiny_config, tmp_path):
     assert failed.rc == EXIT_FAILED, failed.output[-3000:]
     assert [exit_code(p) for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")] == [EXIT_FAILED]
     assert [r["train/skipped_steps"] for r in failed.records() if "train/loss" in r] == [2]  # steps 1-3 logged
+
+
+def test_a_resumed_run_sends_wandb_the_rows_a_kill_cut_from_its_file(tiny_config, tmp_path):
+    """W&B's service writes its offline file in 32 KiB blocks: a SIGKILL lost every row of this
+    short run, and the resumed run logged from step 5 on. Now it sends rows 1-4 first."""
+    from tests.train.wandb_records import history
+
+    run_dir = tmp_path / "run"
+    common = [*QUIET, "trainer.max_steps=8", "checkpoint.every_steps=4", "eval.at_end=false", "wandb.mode=offline"]
+    killed = launch(tiny_config, run_dir, common, env={"MEGAMOR_FAULTS": "sigkill_after_step=7"})
+    assert killed.rc != 0 and max(killed.losses()) == 7
+    first = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert not [r for r in history(first) if "train/loss" in r]  # the tail W&B lost: every row
+    resumed = launch(tiny_config, run_dir, common)
+    assert_ok(resumed)
+    assert "4 rows of metrics.jsonl up to step 4 sent again" in resumed.output
+    second = next(p for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb") if p != first)
+    logged = {r["_step"]: r["train/loss"] for r in history(second) if "train/loss" in r}
+    assert logged == pytest.approx(resumed.losses(), rel=1e-6) and sorted(logged) == list(range(1, 9))

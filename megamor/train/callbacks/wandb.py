@@ -3,7 +3,9 @@ disabled): every metric that has a value, and the histograms.
 
 The run id is created once and kept in RUN/wandb_id (and in every checkpoint): a resumed run
 continues the same W&B run (`resume="allow"`). Online failing to reach the server falls back to
-offline with a warning (megamor.train.wandb_setup.init_run)."""
+offline with a warning (megamor.train.wandb_setup.init_run). A resumed run first sends the
+rows of metrics.jsonl up to its checkpoint that W&B never got (a killed run's file loses its
+tail; megamor.train.wandb_offline)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,24 @@ class WandB(Callback):
             dir=str(t.run_dir),
             config=to_container(cfg),
         )
+        if t.resumed:
+            self._send_owed_rows()
+
+    def _send_owed_rows(self) -> None:
+        from megamor.runs.layout import METRICS_FILE
+        from megamor.train.wandb_offline import last_offline_step, rows_owed
+
+        t = self.trainer
+        if self.run.offline:
+            last = last_offline_step(t.run_dir / "wandb", t.wandb_id, skip=Path(self.run.dir).parent)
+        else:  # the server's history ends before the run's starting step
+            last = int(self.run.starting_step) - 1
+        owed = rows_owed(t.run_dir / METRICS_FILE, last, t.step)
+        for step, metrics in owed:
+            self.run.log(metrics, step=step)
+        if owed:
+            t.console.print(f"megamor: W&B: {len(owed)} rows of metrics.jsonl up to step {t.step} sent again "
+                            f"(W&B's record of this run ends at step {max(last, 0)})")
 
     def log_metrics(self, step: int, metrics: dict[str, Any], histograms: dict[str, tuple[list, list]] | None) -> None:
         if self.run is None:
