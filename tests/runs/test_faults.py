@@ -4,6 +4,7 @@ size-limited filesystem, a real subprocess killed by a real signal."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -83,7 +84,8 @@ def test_a_full_disk_when_a_save_finds_an_old_partial_tag_is_a_save_error(tiny_f
 def _children(pid: int) -> list[int]:
     kids: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(c) for c in (task / "children").read_text().split()]
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            kids += [int(c) for c in (task / "children").read_text().split()]
     return kids
 
 
@@ -104,7 +106,10 @@ def test_a_killed_universal_conversion_names_the_signal(tmp_path):
     killed = False
     while t.is_alive() and time.monotonic() < deadline and not killed:
         for pid in _children(os.getpid()):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):  # a child that ended meanwhile
+                continue
             if b"megamor.runs.safe_universal" in cmd:
                 os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer or a user would
                 killed = True

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,6 +123,32 @@ def assert_logged_activation_bytes_match_the_plan(run: Run, config: Path, overri
 
 def rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A launcher in a session of its own, output piped; on the way out (a failed assertion too)
+    its whole process group is killed: a failing test leaves no trainer running for the rest of
+    the session on a 2-core machine."""
+    proc = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def gone(p: psutil.Process) -> bool:
+    """The process has ended (reaped, or a zombie), asked without racing its reaping."""
+    import psutil
+
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def workers_by_rank(launcher_pid: int) -> dict[int, psutil.Process]:

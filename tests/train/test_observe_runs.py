@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 
 import pytest
 
-from megamor.env import repo_root
 from megamor.observe.phase_timer import PHASES
 from megamor.observe.profiler import trace_path, traces
 from megamor.runs.tags import newest_complete
@@ -19,6 +17,7 @@ from .helpers import (
     assert_logged_activation_bytes_match_the_plan,
     assert_ok,
     launch,
+    started,
     train_command,
     train_env,
     wait_for_step,
@@ -94,11 +93,10 @@ def test_sigterm_inside_the_profiled_steps_leaves_a_readable_trace_and_the_resum
     run_dir = tmp_path / "run"
     cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "trainer.profile.steps=[2,100000]",
                                                "checkpoint.every_steps=0"], 1, "python", tmp_path)
-    proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    wait_for_step(run_dir, 3, proc, timeout=180)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
+    with started(cmd, train_env(tmp_path)) as proc:
+        wait_for_step(run_dir, 3, proc, timeout=180)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
     assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
     last = max(Run(run_dir, None).losses())  # type: ignore[arg-type]
     ref = newest_complete(run_dir)

@@ -329,11 +329,9 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
     import os
     import signal
 
-    import psutil
-
     from megamor.env import repo_root
     from megamor.train.signals import EXIT_CONFIG
-    from tests.train.helpers import launch, train_command, train_env, wait_for_step, workers_by_rank
+    from tests.train.helpers import gone, launch, train_command, train_env, wait_for_step, workers_by_rank
 
     run_dir = tmp_path / "run"
     cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "checkpoint.every_steps=0"], 2, "torchrun",
@@ -357,7 +355,7 @@ def test_second_trainer_refused_then_torchrun_sigkill_leaves_no_worker(tiny_conf
         deadline = time.time() + 90
         alive = list(workers.values())
         while alive and time.time() < deadline:
-            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            alive = [p for p in alive if not gone(p)]
             time.sleep(0.2)
         assert not alive, f"workers outlived torchrun: {[p.pid for p in alive]}"
     finally:

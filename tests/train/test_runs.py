@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import math
 import signal
-import subprocess
 
 import pytest
 import torch
 
-from megamor.env import repo_root
 from megamor.runs.integrity import MARKER, QUARANTINE
 from megamor.runs.layout import tag_for
 from megamor.runs.safe_load import load as safe_load
@@ -24,6 +22,7 @@ from tests.train.helpers import (
     assert_ok,
     launch,
     rel_diff,
+    started,
     train_command,
     train_env,
     wait_for_step,
@@ -179,11 +178,10 @@ def test_sigusr1_to_one_rank_stops_every_rank(runs, tiny_config):
     run_dir = runs.base / "sigusr1_one_rank"
     cmd = train_command(tiny_config, run_dir, ["trainer.max_steps=100000", "checkpoint.every_steps=0",
                                                "deepspeed.zero_stage=3"], 2, "torchrun", runs.base)
-    proc = subprocess.Popen(cmd, cwd=repo_root(), env=train_env(runs.base), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    wait_for_step(run_dir, 3, proc, timeout=120)
-    workers_by_rank(proc.pid)[1].send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
+    with started(cmd, train_env(runs.base)) as proc:
+        wait_for_step(run_dir, 3, proc, timeout=120)
+        workers_by_rank(proc.pid)[1].send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
     ref = newest_complete(run_dir)
     assert ref is not None and ref.step == max(Run(run_dir, None).losses()) >= 3  # type: ignore[arg-type]
     assert ref.meta["dp_world_size"] == 2 and len(list(ref.path.glob("*optim_states.pt"))) == 2
