@@ -41,7 +41,7 @@ from megamor.model.flops import BUDGET_COUNTS, FlopsConfig, budget_flops_per_tok
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
 from megamor.train.callbacks.user import check_entries as check_callbacks
-from megamor.train.ds_keys import check_deepspeed_keys
+from megamor.train.ds_keys import check_deepspeed_keys, zero_knobs
 
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -167,6 +167,7 @@ class DeepSpeedSection:
                 raise ConfigError(key(path, f"config.{k}"), "is set by megamor (batch.* / optim.*), not here")
         if self.check_keys:
             check_deepspeed_keys(self.config, key(path, "config"))
+        zero_knobs(self.config, key(path, "config"))  # values: the planner reads these too
 
 
 TP_ZERO_STAGES = (0, 1, 2)

@@ -256,3 +256,37 @@ def test_flex_document_masking_plans_no_mask(config, capsys):
     dense = _json(capsys, config, "data.document_masking=true", *args)["per_rank"]["activation_bytes"]
     flex = _json(capsys, config, "data.document_masking=true", "trainer.doc_mask_impl=flex", *args)
     assert dense > plain and flex["per_rank"]["activation_bytes"] == plain
+
+
+ZO = "deepspeed.config.zero_optimization"
+
+
+def test_auto_zero_knobs_are_deepspeeds_defaults(config, capsys):
+    """`auto` (as HF DeepSpeed configs write it): DeepSpeed drops it outside the HF integration,
+    i.e. its default, and so does the planner; overlap_comm "false" is false, as in DeepSpeed."""
+    base = _json(capsys, config, "deepspeed.zero_stage=3", "--world", "2")
+    auto = _json(capsys, config, "deepspeed.zero_stage=3", "--world", "2", f"{ZO}.reduce_bucket_size=auto",
+                 f"{ZO}.stage3_prefetch_bucket_size=auto", f"{ZO}.stage3_param_persistence_threshold=auto",
+                 f"{ZO}.overlap_comm=auto")
+    assert auto == base
+    off = _json(capsys, config, "deepspeed.zero_stage=3", "--world", "2", f"{ZO}.overlap_comm='false'")
+    assert off == _json(capsys, config, "deepspeed.zero_stage=3", "--world", "2", f"{ZO}.overlap_comm=false")
+    assert off["speed"] != base["speed"]  # not overlapped, unlike ZeRO-3's default
+
+
+@pytest.mark.parametrize("override, key", [
+    (f"{ZO}.reduce_bucket_size=lots", f"{ZO}.reduce_bucket_size"),
+    (f"{ZO}.reduce_bucket_size=0", f"{ZO}.reduce_bucket_size"),
+    (f"{ZO}.stage3_prefetch_bucket_size=1.5", f"{ZO}.stage3_prefetch_bucket_size"),
+    (f"{ZO}.overlap_comm=maybe", f"{ZO}.overlap_comm"),
+    ("deepspeed.config.zero_optimization=3", ZO),
+])
+def test_bad_zero_knobs_are_one_line_in_the_planner_and_in_training(config, capsys, override, key):
+    assert main(["--config", config, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"'{key}'" in err, err
+    from megamor.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:  # what megamor.train loads: the same rule
+        load_experiment([config], [override])
+    assert e.value.key == key
