@@ -4,8 +4,9 @@ Before launching: the bytes per rank (parameters, gradients, optimizer states, a
 the decode KV cache), whether the config's layout fits, its predicted step time and tokens/day
 at an assumed MFU and communication overlap with its data- and tensor-parallel traffic (ZeRO-3's
 parameter gathers replayed as DeepSpeed's coordinator runs them), and the layouts of the same
-world size that fit, ranked by predicted throughput, ties by less traffic, then less memory. The
-speeds are a model until a GPU run measures them. No GPU needed: the model is built on `meta`.
+world size that fit, ranked by predicted throughput, ties (within 1%) by less traffic, then the
+larger micro-batch (up to 16k tokens), then less memory. The speeds are a model until a GPU run
+measures them. No GPU needed: the model is built on `meta`.
 Bad input (unknown GPU, a layout that does not divide, a bad config key) is one line, exit 2.
 """
 

@@ -290,3 +290,20 @@ def test_bad_zero_knobs_are_one_line_in_the_planner_and_in_training(config, caps
     with pytest.raises(ConfigError) as e:  # what megamor.train loads: the same rule
         load_experiment([config], [override])
     assert e.value.key == key
+
+
+def test_ties_prefer_the_larger_micro_batch_before_less_memory_as_the_words_say(config, capsys):
+    """Within a tie at equal traffic the larger micro-batch (up to SATURATION_TOKENS) ranks before
+    the smaller footprint, and the report, --help and docs/observability.md say so."""
+    from megamor.env import repo_root
+    from megamor.plan import __main__ as cli
+    from megamor.plan.layouts import SATURATION_TOKENS, rank
+    from megamor.plan.report import TIE_ORDER
+
+    big, small = _fake(100.0, traffic=1.0, total=5.0, micro=8), _fake(100.0, traffic=1.0, total=1.0, micro=2)
+    assert rank([small, big]) == [big, small]
+    assert f"up to {SATURATION_TOKENS // 1024}k tokens" in TIE_ORDER
+    assert main(["--config", config, "--world", "2"]) == 0
+    assert f"(within 1%: {TIE_ORDER})" in capsys.readouterr().out
+    for text in (cli.__doc__, (repo_root() / "docs" / "observability.md").read_text(encoding="utf-8")):
+        assert TIE_ORDER in " ".join(text.split())
