@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.decode_batch is not None and args.decode_batch < 1:
         raise ConfigError("--decode-batch", f"must be >= 1, got {args.decode_batch}")
     gpu = gpu_spec(args.gpu, args.gpu_mem_gib, args.peak_tflops)
-    exp = load_experiment(args.config, args.overrides)
+    exp = load_experiment(args.config, args.overrides, need_data=False)  # the plan reads no data
     world = args.world if args.world is not None else exp.parallel.tensor
     plan = plan_layout(exp, Layout.of(exp, world), gpu, args.mfu, args.headroom, args.attention, args.decode_batch,
                        overlap)

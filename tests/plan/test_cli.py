@@ -307,3 +307,17 @@ def test_ties_prefer_the_larger_micro_batch_before_less_memory_as_the_words_say(
     assert f"(within 1%: {TIE_ORDER})" in capsys.readouterr().out
     for text in (cli.__doc__, (repo_root() / "docs" / "observability.md").read_text(encoding="utf-8")):
         assert TIE_ORDER in " ".join(text.split())
+
+
+def test_plans_a_config_without_data_paths(capsys):
+    """The planner reads no data: demo.yaml (its data paths filled by megamor.demo) plans as it
+    is; loading it for training still asks for data.train."""
+    from megamor.config import ConfigError
+    from megamor.env import repo_root
+
+    demo = str(repo_root() / "configs" / "experiments" / "demo.yaml")
+    doc = _json(capsys, demo, "--world", "1")
+    assert doc["layout"]["world"] == 1
+    with pytest.raises(ConfigError) as e:
+        load_experiment([demo])
+    assert e.value.key == "data.train"
