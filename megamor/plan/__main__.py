@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from megamor.cli import EXIT_BAD_INPUT, ArgumentParser, report
+from megamor.cli import EXIT_BAD_INPUT, ArgumentParser, positive_int, report
 from megamor.config import ConfigError
 from megamor.plan.hardware import gpu_spec
 from megamor.plan.report import document, render
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--headroom", type=float, default=0.10, help="memory fraction kept free (default 0.1)")
     p.add_argument("--attention", default="sdpa", help="sdpa (KV heads repeated under GQA) | flash (default sdpa)")
     p.add_argument("--decode-batch", type=int, default=None, help="sequences in the KV-cache figure (default micro-batch)")
-    p.add_argument("--top", type=int, default=10, help="ranked layouts shown (default 10)")
+    p.add_argument("--top", type=positive_int, default=10, help="ranked layouts shown (default 10)")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     return p.parse_intermixed_args(argv)
 

@@ -120,11 +120,16 @@ def test_bad_input_is_one_line_and_exit_2(config, capsys, argv, needle):
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
-def test_bad_arguments_are_one_line_too(config, capsys):
+@pytest.mark.parametrize("argv, says", [
+    (["--bogus"], "unrecognized arguments"),
+    (["--top", "0"], "--top: must be >= 1"),  # printed an empty table
+    (["--top", "-1"], "--top: must be >= 1"),  # dropped the last layout
+])
+def test_bad_arguments_are_one_line_too(config, capsys, argv, says):
     with pytest.raises(SystemExit) as e:
-        main(["--config", config, "--bogus"])
+        main(["--config", config, *argv])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "unrecognized arguments" in err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
 
 
 def test_module_entry_point(config):
