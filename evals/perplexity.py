@@ -37,7 +37,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-docs", type=positive_int, default=None, help="only the first N documents")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="only the first N shard tokens")
     p.add_argument("--out", help="write the JSON here too")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.text and args.max_tokens is not None:  # cutting a text would skew its bytes and words
+        p.error("--max-tokens applies to --shards only: limit --text with --max-docs")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from megamor.cli import ArgumentParser
+from megamor.cli import ArgumentParser, positive_int
 from megamor.data.tokenizer import load_tokenizer
 from megamor.env import repo_root, thread_defaults
 from megamor.runs.tags import newest_complete
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="everything goes here (default runs/demo)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: the config's); a run of another length goes to OUT/run-STEPS")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2, help="tokenizing processes (default 2)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo output (OUT) first")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

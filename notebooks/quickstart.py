@@ -14,8 +14,13 @@
 # 4. decode with causal routing, recording each token's recursion depth,
 # 5. plot the depths.
 #
-# Everything runs in this process with plain PyTorch. Real runs use the DeepSpeed trainer,
-# `python -m megamor.train --config configs/experiments/demo.yaml` (or `make demo`; README).
+# Everything runs in this process with plain PyTorch. Real runs use the DeepSpeed trainer:
+# `make demo` (README) trains this model on the demo corpus; by hand, on the data it prepares:
+#
+# ```bash
+# python -m megamor.train --config configs/experiments/demo.yaml \
+#     data.train=[runs/demo/data/shards] data.valid=[runs/demo/data/shards]
+# ```
 
 # %%
 import os

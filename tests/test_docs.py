@@ -79,3 +79,25 @@ def test_the_checker_finds_broken_links_and_anchors(tmp_path):
     assert broken_links(a) == ["a.md: c.md (no such file)", "a.md: b.md#not-a-heading (no heading with that anchor)",
                                "a.md: #nope (no heading with that anchor)"]
     assert anchors("## A, b: `c`\n## A, b: `c`\n") == {"a-b-c", "a-b-c-1"}
+
+
+def _runs(module: str) -> bool:
+    """Whether `python -m module` does something: a package with __main__.py or a module with a main block."""
+    path = repo_root() / Path(*module.split("."))
+    if (path / "__main__.py").is_file():
+        return True
+    file = path.with_suffix(".py")
+    return file.is_file() and 'if __name__ == "__main__":' in file.read_text(encoding="utf-8")
+
+
+def test_documented_commands_exist():
+    """`python -m megamor.X` names a runnable module (one without a main block prints nothing and
+    exits 0) and `python path.py` an existing script."""
+    bad = []
+    for md in _pages():
+        text = md.read_text(encoding="utf-8")
+        bad += [f"{md.name}: python -m {m}" for m in re.findall(r"python -m (megamor(?:\.\w+)+)", text)
+                if m != "megamor.X" and not _runs(m)]
+        bad += [f"{md.name}: python {s}" for s in re.findall(r"python ((?:[\w-]+/)*[\w-]+\.py)\b", text)
+                if not (repo_root() / s).is_file()]
+    assert not bad, "\n".join(bad)

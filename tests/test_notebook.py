@@ -139,3 +139,19 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     plots = [c for c in code if _has_image(c)]
     assert len(plots) == 2, [c.source[:40] for c in plots]
     assert "depth histogram" in plots[1].source
+
+
+def test_the_train_command_the_quickstart_suggests_loads():
+    """The `python -m megamor.train` line the notebook gives loads as an experiment (demo.yaml
+    alone refuses: it has no data paths)."""
+    import shlex
+
+    from megamor.train.__main__ import parse_args
+    from megamor.train.config import load_experiment
+
+    text = (NOTEBOOKS / "quickstart.py").read_text().replace("\\\n#", " ")
+    commands = re.findall(r"python -m megamor\.train ([^`\n]+)", text)
+    assert commands
+    for line in commands:
+        args = parse_args(shlex.split(line))
+        assert load_experiment([repo_root() / c for c in args.config], args.overrides).data.train

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megamor.cli import ArgumentParser, report
+from megamor.cli import ArgumentParser, positive_int, report
 from megamor.config import ConfigError
 
 if TYPE_CHECKING:  # torch and the model load after the arguments are parsed (--help answers at once)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity", type=_floats, default=None, help="kept fraction per step, e.g. 1,0.75,0.5,0.25")
     p.add_argument("--no-skip", action="store_true", help="capacity 1 at every step: the source model exactly")
     p.add_argument("--seed", type=int, default=0, help="seed of the routers' initialisation")
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="decode N tokens per prompt")
+    p.add_argument("--generate", type=positive_int, default=None, metavar="N", help="decode N tokens per prompt")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable); needs a tokenizer")
     p.add_argument("--prompt-ids", type=_ints, action="append", default=[], help="prompt as token ids (repeatable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file/folder (default: the --model folder's)")

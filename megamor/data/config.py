@@ -8,6 +8,7 @@ seconds with the key that holds it (e.g. data.train[0]) instead of after the lau
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from megamor.data.dataset import check_split
 from megamor.data.errors import DataError
 from megamor.data.manifest import load_manifest
 from megamor.data.tokenizer import TokenizerMismatchError, TokenizerNotFoundError, check_same_tokenizer, load_tokenizer
+
+# False while a tool that reads no data (megamor.plan) loads a config: an unset data.train is fine
+# there (megamor.train.config.load_experiment(need_data=False)).
+NEED_TRAIN: ContextVar[bool] = ContextVar("NEED_TRAIN", default=True)
 
 
 @dataclass
@@ -33,7 +38,7 @@ class DataConfig:
     tokenizer: str | None = None  # if set, must be the tokenizer the shards were made with
 
     def validate(self, path: str = "") -> None:
-        if not self.train:
+        if not self.train and NEED_TRAIN.get():
             raise ConfigError(key(path, "train"), "needs at least one shard folder")
         if self.seq_len < 1:
             raise ConfigError(key(path, "seq_len"), f"must be >= 1, got {self.seq_len}")

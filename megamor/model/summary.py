@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megamor.cli import ArgumentParser
+from megamor.cli import ArgumentParser, positive_int
 from megamor.config import ConfigError
 from megamor.env import repo_root
 from megamor.model.config import ModelConfig, load_model_config
@@ -71,12 +71,12 @@ def _fmt_params(n: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m megamor.model.summary", description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*", help="model YAML files (default: all of configs/model)")
-    ap.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs (default 2048)")
+    ap.add_argument("--seq-len", type=positive_int, default=2048, help="sequence length for FLOPs (default 2048)")
     ap.add_argument("--convention", choices=CONVENTIONS, default="exact",
                     help="FLOPs count: exact (megamor's, what MFU uses; default) or paper (the MoR paper's, Appendix D)")
     ap.add_argument("--budget", type=float, default=None, metavar="FLOPS",
                     help="also print the tokens and optimizer steps that spend this many forward FLOPs")
-    ap.add_argument("--batch-size", type=int, default=1024,
+    ap.add_argument("--batch-size", type=positive_int, default=1024,
                     help="sequences per optimizer step, for --budget's steps (default 1024, the paper's)")
     args = ap.parse_args(argv)
     if args.budget is not None and not args.budget > 0:

@@ -4,8 +4,9 @@ Before launching: the bytes per rank (parameters, gradients, optimizer states, a
 the decode KV cache), whether the config's layout fits, its predicted step time and tokens/day
 at an assumed MFU and communication overlap with its data- and tensor-parallel traffic (ZeRO-3's
 parameter gathers replayed as DeepSpeed's coordinator runs them), and the layouts of the same
-world size that fit, ranked by predicted throughput, ties by less traffic, then less memory. The
-speeds are a model until a GPU run measures them. No GPU needed: the model is built on `meta`.
+world size that fit, ranked by predicted throughput, ties (within 1%) by less traffic, then the
+larger micro-batch (up to 16k tokens), then less memory. The speeds are a model until a GPU run
+measures them. No GPU needed: the model is built on `meta`.
 Bad input (unknown GPU, a layout that does not divide, a bad config key) is one line, exit 2.
 """
 
@@ -15,7 +16,7 @@ import argparse
 import json
 import sys
 
-from megamor.cli import EXIT_BAD_INPUT, ArgumentParser, report
+from megamor.cli import EXIT_BAD_INPUT, ArgumentParser, positive_int, report
 from megamor.config import ConfigError
 from megamor.plan.hardware import gpu_spec
 from megamor.plan.report import document, render
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--headroom", type=float, default=0.10, help="memory fraction kept free (default 0.1)")
     p.add_argument("--attention", default="sdpa", help="sdpa (KV heads repeated under GQA) | flash (default sdpa)")
     p.add_argument("--decode-batch", type=int, default=None, help="sequences in the KV-cache figure (default micro-batch)")
-    p.add_argument("--top", type=int, default=10, help="ranked layouts shown (default 10)")
+    p.add_argument("--top", type=positive_int, default=10, help="ranked layouts shown (default 10)")
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     return p.parse_intermixed_args(argv)
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.decode_batch is not None and args.decode_batch < 1:
         raise ConfigError("--decode-batch", f"must be >= 1, got {args.decode_batch}")
     gpu = gpu_spec(args.gpu, args.gpu_mem_gib, args.peak_tflops)
-    exp = load_experiment(args.config, args.overrides)
+    exp = load_experiment(args.config, args.overrides, need_data=False)  # the plan reads no data
     world = args.world if args.world is not None else exp.parallel.tensor
     plan = plan_layout(exp, Layout.of(exp, world), gpu, args.mfu, args.headroom, args.attention, args.decode_batch,
                        overlap)

@@ -3,7 +3,10 @@
 Peaks are NVIDIA's dense (no sparsity) figures: bf16 tensor cores, and TF32 for fp32 runs
 (megamor's fp32 matmuls use TF32 on these GPUs only when allowed; the planner assumes they are).
 Links: NVLink per GPU in one direction inside a node, the network per GPU between nodes
-(one 400 Gb/s NIC per GPU, the usual HGX layout). Memory is what the device reports, in GiB.
+(one 400 Gb/s NIC per GPU, the usual HGX layout). Memory is the capacity in the GPU's name (80 for
+an H100 80GB, 141 for an H200), taken as GiB: the device reports somewhat less (its
+total_memory), which the planner's headroom (--headroom, default 10%) is there to absorb; give
+a measured figure with --gpu-mem-gib.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from megamor.model.config import ModelConfig
 from megamor.model.flops import kv_cache_bytes_per_token
 from megamor.model.mor import MoRLM
 from megamor.parallel.tensor_parallel import shard_dim
+from megamor.train.ds_keys import zero_knobs
 
 PERSISTENCE_DEFAULT = 100_000  # DeepSpeed's stage3_param_persistence_threshold
 REDUCE_BUCKET_DEFAULT = 500_000_000  # DeepSpeed's reduce_bucket_size
@@ -70,14 +71,12 @@ class ZeroSettings:
     overlap_comm: bool | None = None
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any]) -> ZeroSettings:
-        z = raw.get("zero_optimization", {}) or {}
-        overlap = z.get("overlap_comm")
-        return cls(int(float(z.get("stage3_param_persistence_threshold", PERSISTENCE_DEFAULT))),
-                   int(float(z.get("reduce_bucket_size", REDUCE_BUCKET_DEFAULT))),
-                   int(float(z.get("stage3_max_reuse_distance", REUSE_DISTANCE_DEFAULT))),
-                   int(float(z.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET_DEFAULT))),
-                   None if overlap is None else bool(overlap))
+    def from_raw(cls, raw: dict[str, Any], where: str = "deepspeed.config") -> ZeroSettings:
+        """From a raw `deepspeed.config` (`where` names it in errors): training's own check
+        (megamor.train.ds_keys.zero_knobs), so "auto" is DeepSpeed's default here too."""
+        knobs = zero_knobs(raw, where)
+        knobs["persistence_threshold"] = knobs.pop("param_persistence_threshold")
+        return cls(**{k: v for k, v in knobs.items() if v is not None or k == "overlap_comm"})
 
     def overlaps(self, zero_stage: int) -> bool:
         """Whether gradient reduction runs on a side stream during the backward."""

@@ -6,6 +6,10 @@ from typing import Any
 
 from megamor.plan.hardware import GPU, GiB
 
+# megamor.plan.layouts._tie_key's order in words (here: layouts imports torch), as the --help and
+# docs/observability.md say it.
+TIE_ORDER = "less traffic, then the larger micro-batch (up to 16k tokens), then less memory"
+
 
 def _gib(n: float) -> str:
     return f"{n / GiB:8.2f} GiB"
@@ -61,7 +65,7 @@ def render(doc: dict[str, Any], seq_len: int, global_batch: int, params_desc: st
     if not layouts:
         lines.append(f"no layout of {doc['world']} GPUs fits: more GPUs, a larger GPU or a smaller micro-batch / sequence")
     else:
-        lines.append(f"layouts that fit ({len(layouts)}), best predicted first (within 1%: less traffic, then less memory):")
+        lines.append(f"layouts that fit ({len(layouts)}), best predicted first (within 1%: {TIE_ORDER}):")
         lines.append(f"  {'#':>2} {'tokens/day':>10} {'step s':>8} {'traffic GiB':>11} {'GiB/rank':>8}  layout")
         for i, p in enumerate(layouts[:top], 1):
             lp = p["layout"]

@@ -56,8 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="start no run whose estimated time (from the finished runs) would end more than MINUTES "
                         "from now: on a machine or allocation that ends, a run cut short is lost with its folder")
-    p.add_argument("--sbatch", nargs=argparse.REMAINDER, default=[], help="extra sbatch options (with --submit)")
-    return p.parse_args(argv)
+    p.add_argument("--sbatch", nargs=argparse.REMAINDER, default=[],
+                   help="extra sbatch options (with --submit): everything after it, so give it last")
+    # Overrides may come after the options, as in megamor.train and megamor.plan (--sbatch,
+    # an option, still takes the rest of the line).
+    return p.parse_intermixed_args(argv)
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from omegaconf import OmegaConf
 
 from megamor.config import ConfigError, from_node, key, merge_config_nodes, merge_sources
-from megamor.data.config import DataConfig
+from megamor.data.config import NEED_TRAIN, DataConfig
 from megamor.env import repo_root
 from megamor.eval.tasks import UnknownTaskError, check_task_names
 from megamor.model.config import STORED_DEFAULTS, ModelConfig, with_stored_defaults
@@ -41,7 +41,7 @@ from megamor.model.flops import BUDGET_COUNTS, FlopsConfig, budget_flops_per_tok
 from megamor.parallel.tensor_parallel import layout_errors
 from megamor.runs.layout import CONFIG_FILE, CheckpointError, CheckpointRef
 from megamor.train.callbacks.user import check_entries as check_callbacks
-from megamor.train.ds_keys import check_deepspeed_keys
+from megamor.train.ds_keys import check_deepspeed_keys, zero_knobs
 
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -167,6 +167,7 @@ class DeepSpeedSection:
                 raise ConfigError(key(path, f"config.{k}"), "is set by megamor (batch.* / optim.*), not here")
         if self.check_keys:
             check_deepspeed_keys(self.config, key(path, "config"))
+        zero_knobs(self.config, key(path, "config"))  # values: the planner reads these too
 
 
 TP_ZERO_STAGES = (0, 1, 2)
@@ -523,12 +524,18 @@ def _override_wins_length(node: Any, overrides: Sequence[str]) -> None:
                 OmegaConf.update(node, other, None, merge=False)
 
 
-def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Typed, validated config. Raises ConfigError naming the key."""
+def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                    need_data: bool = True) -> ExperimentConfig:
+    """Typed, validated config. Raises ConfigError naming the key. need_data=False: for a tool
+    that reads no data (megamor.plan), data.train may be unset."""
     if isinstance(config_paths, (str, Path)):
         config_paths = [config_paths]
     node = merge_experiment(config_paths, overrides)
-    cfg = from_node(ExperimentConfig, node)
+    token = NEED_TRAIN.set(need_data)
+    try:
+        cfg = from_node(ExperimentConfig, node)
+    finally:
+        NEED_TRAIN.reset(token)
     check_callbacks(list(cfg.trainer.callbacks), "trainer.callbacks")  # the run's own: they must import
     # Keys whose default changed that this config leaves to the default: resuming a run trained
     # with the old default keeps it (preflight.check_resumable), instead of refusing.

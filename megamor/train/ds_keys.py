@@ -75,3 +75,62 @@ def check_deepspeed_keys(config: Mapping[str, Any], where: str = "deepspeed.conf
             for sub in value:
                 if sub not in known:
                     raise _unknown(str(sub), known, f"{where}.{name}")
+
+
+# The ZeRO knobs megamor.plan reads ({field: (DeepSpeed's alias, lower bound)}), checked as DeepSpeed's
+# schema reads them so the planner and training accept the same values (the schema fails only
+# at engine start, after launch). DeepSpeed drops "auto" (a HF Trainer placeholder) outside
+# the HF integration, i.e. the default applies: None here.
+ZERO_INTS = {"param_persistence_threshold": ("stage3_param_persistence_threshold", 0),
+             "reduce_bucket_size": ("reduce_bucket_size", 1),
+             "max_reuse_distance": ("stage3_max_reuse_distance", 0),
+             "prefetch_bucket_size": ("stage3_prefetch_bucket_size", 0)}
+_TRUE, _FALSE = {"true", "t", "yes", "y", "on", "1"}, {"false", "f", "no", "n", "off", "0"}  # pydantic's
+
+
+def zero_knobs(config: Mapping[str, Any], where: str = "deepspeed.config") -> dict[str, Any]:
+    """{field: value or None (DeepSpeed's default)} for ZERO_INTS and overlap_comm, from a raw
+    `deepspeed.config`; ConfigError naming the key for a value DeepSpeed would refuse."""
+    z = config.get("zero_optimization")
+    sec = f"{where}.zero_optimization"
+    if z is None:
+        z = {}
+    if not isinstance(z, Mapping):  # DeepSpeed reads a bool as the pre-0.3 format (ZeRO-1 or off)
+        raise ConfigError(sec, f"must be a section of keys, e.g. {{overlap_comm: true}}, got {z!r} "
+                               "(deepspeed.zero_stage sets the stage)")
+    out: dict[str, Any] = {}
+    for name, (alias, low) in ZERO_INTS.items():
+        given = [k for k in dict.fromkeys((alias, name)) if k in z]
+        if len(given) > 1:
+            raise ConfigError(f"{sec}.{given[1]}", f"repeats {sec}.{given[0]} (the same DeepSpeed setting): keep one")
+        out[name] = _int(z[given[0]], f"{sec}.{given[0]}", low) if given else None
+    out["overlap_comm"] = _bool(z.get("overlap_comm"), f"{sec}.overlap_comm")
+    return out
+
+
+def _int(value: Any, where: str, low: int) -> int | None:
+    if value == "auto":
+        return None
+    n: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif ((isinstance(value, float) and value.is_integer())  # 5.0e8 in YAML
+          or (isinstance(value, str) and value.strip().lstrip("+-").isdigit())):
+        n = int(value)
+    if n is None:
+        raise ConfigError(where, f"must be an integer (elements), e.g. 500000000 or 5.0e8, or auto "
+                                 f"(DeepSpeed's default); got {value!r}")
+    if n < low:
+        raise ConfigError(where, f"must be >= {low}, got {n}")
+    return n
+
+
+def _bool(value: Any, where: str) -> bool | None:
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else ""
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(where, f"must be true or false (or auto: on for ZeRO-3 only), got {value!r}")

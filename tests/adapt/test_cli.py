@@ -73,3 +73,13 @@ def test_bad_settings_exit_2(tmp_path, capsys, args, needle):
     assert main(["--model", str(src), "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_generate_needs_a_positive_count(tmp_path, capsys, n):
+    """--generate -3 decoded nothing and exited 0."""
+    src = make_checkpoint("llama", tmp_path / "hf")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(src), "--generate", n, "--prompt", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--generate: must be >= 1" in err[0], err

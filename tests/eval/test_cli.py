@@ -166,6 +166,7 @@ def test_perplexity_json_on_stdout_is_clean_and_a_larger_tokenizer_is_one_line(m
     ("fewshot", ["--tasks", "piqa", "--device", "cuda"], "--device cuda: this torch"),
     ("perplexity", ["--text", "{text}", "--stride", "0"], "argument --stride: must be >= 1, got 0"),
     ("perplexity", ["--text", "{text}", "--max-length", "16", "--stride", "32"], "--stride 32: must be in [1, max length 16]"),
+    ("perplexity", ["--text", "{text}", "--max-tokens", "8"], "--max-tokens applies to --shards only"),  # was ignored
     ("depth", ["--text", ""], "--text: an empty text"),
 ])
 def test_eval_bad_arguments_are_one_line_exit_2(name, args, message, mor_checkpoint, spm_path, tmp_path, data_dir):

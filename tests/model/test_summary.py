@@ -39,6 +39,9 @@ def test_exact_stays_the_default(capsys):
     (["--convention", "kaplan"], "--convention"),
     (["--budget", "-1"], "--budget"),
     (["configs/model/360m/nope.yaml"], "nope.yaml"),
+    (["--seq-len", "0"], "--seq-len"),  # a division by zero, then nonsense when negative
+    (["--seq-len", "-4"], "--seq-len"),
+    (["--batch-size", "0", "--budget", "1e18"], "--batch-size"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, says):
     try:

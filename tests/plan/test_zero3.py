@@ -158,3 +158,14 @@ def test_settings_come_from_the_deepspeed_config():
     assert ZeroSettings().overlaps(3) and not ZeroSettings().overlaps(1)
     assert ZeroSettings.from_raw({"zero_optimization": {"overlap_comm": True}}).overlaps(1)
     assert dataclasses.replace(ZeroSettings(), overlap_comm=False).overlaps(3) is False
+
+
+def test_settings_read_deepspeeds_field_names_too():
+    """DeepSpeed takes `param_persistence_threshold` as well as its `stage3_` alias; both at
+    once is a mistake named by key."""
+    from megamor.config import ConfigError
+
+    assert ZeroSettings.from_raw({"zero_optimization": {"param_persistence_threshold": 7}}).persistence_threshold == 7
+    with pytest.raises(ConfigError) as e:
+        ZeroSettings.from_raw({"zero_optimization": {"stage3_max_reuse_distance": 1, "max_reuse_distance": 2}})
+    assert e.value.key == "deepspeed.config.zero_optimization.max_reuse_distance"

@@ -87,3 +87,14 @@ def test_unknown_fewshot_task_is_refused_before_any_run_in_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "eval.fewshot_tasks" in lines[0] and "nosuchtask" in lines[0], r.stderr
     assert not (tmp_path / "o").exists()  # nothing prepared
+
+
+def test_overrides_may_follow_the_options():
+    """As in megamor.train and megamor.plan: `--plan out_dir=...` is an override, not an error;
+    `--sbatch` still takes the rest of the line."""
+    from megamor.study.__main__ import parse_args
+
+    a = parse_args(["s.yaml", "seeds=[1]", "--plan", "out_dir=/tmp/x"])
+    assert a.plan and a.overrides == ["seeds=[1]", "out_dir=/tmp/x"]
+    a = parse_args(["s.yaml", "--submit", "out_dir=/tmp/x", "--sbatch", "--partition=gpu", "-t", "60"])
+    assert a.submit and a.overrides == ["out_dir=/tmp/x"] and a.sbatch == ["--partition=gpu", "-t", "60"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from megamor.demo import choose_run_dir, main
 
 
@@ -27,3 +29,12 @@ def test_bad_steps_is_one_line_exit_2_and_deletes_nothing(tmp_path, capsys, monk
     assert main(["--out", str(tmp_path), "--steps", "0", "--fresh"]) == 2
     assert capsys.readouterr().err == "megamor.demo: --steps must be a positive number of steps, got 0\n"
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_no_workers_is_refused_before_any_step(tmp_path, capsys):
+    """--workers 0 failed at step 3 of 4, after the corpus and the tokenizer were made."""
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--workers: must be >= 1" in err[0], err
+    assert not any(tmp_path.iterdir())
