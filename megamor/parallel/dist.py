@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megamor.parallel.ds_noise import quiet_deepspeed
-from megamor.parallel.env import LaunchEnv, peek_local_world_size, resolve_launch_env
+from megamor.parallel.env import LaunchEnv, resolve_launch_env
 
 
 def default_device(local_rank: int) -> torch.device:
@@ -38,8 +38,6 @@ def init_distributed(timeout_minutes: float = 30.0, verbose: bool = False) -> tu
 
     env = resolve_launch_env()
     device = default_device(env.local_rank)
-    if device.type == "cpu":
-        set_cpu_local_size(env)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         with quiet_deepspeed(verbose):
@@ -51,16 +49,6 @@ def init_distributed(timeout_minutes: float = 30.0, verbose: bool = False) -> tu
                 world_size=env.world_size,
             )
     return env, device
-
-
-def set_cpu_local_size(env: LaunchEnv) -> None:
-    """LOCAL_SIZE = the processes on this node, unless already set (the deepspeed launcher sets
-    it). Without it DeepSpeed's CPU accelerator answers `device_count()` by running `numactl
-    --hardware`, a fork of the trainer on every call, and ZeRO-3 calls it in every gradient
-    reduce; its answer (NUMA nodes) is also not the local world size that ZeRO divides by."""
-    if "LOCAL_SIZE" not in os.environ:
-        local = peek_local_world_size() if env.launcher != "single" else 1
-        os.environ["LOCAL_SIZE"] = str(local or 1)
 
 
 def shutdown() -> None:
