@@ -14,11 +14,11 @@ Bad input (no such run, no depth histograms: a model without routing) is one lin
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from megamor.cli import ArgumentParser, BadInput, run_main
 from megamor.runs.depth_csv import read_csv, write_csv
+from megamor.runs.metrics_log import iter_rows
 
 TOOL = "megamor.eval.depth_log"
 HIST_KEY = "router/depth_hist/counts"
@@ -28,14 +28,9 @@ PLOT_FILE = "depth_hist.png"
 def from_metrics(path: Path) -> dict[int, list[float]]:
     """step -> token counts by depth, from metrics.jsonl (a torn or repeated row: the last complete one wins)."""
     out: dict[int, list[float]] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get(HIST_KEY), list) and "step" in row:
-                out[int(row["step"])] = [float(x) for x in row[HIST_KEY]]
+    for row in iter_rows(path):
+        if isinstance(row.get(HIST_KEY), list) and "step" in row:
+            out[int(row["step"])] = [float(x) for x in row[HIST_KEY]]
     return dict(sorted(out.items()))
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from megamor.runs.metrics_log import iter_rows
+
 BLOCK = 32768
 HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -96,17 +98,13 @@ def last_offline_step(wandb_dir: Path, run: str, skip: Path | None = None) -> in
 def rows_owed(metrics: Path, after: int, upto: int) -> list[tuple[int, dict[str, Any]]]:
     """(step, metrics) of metrics.jsonl's rows with after < step <= upto, without the values it
     could not hold (null) and the histograms (their edges are not in the file)."""
-    if not metrics.is_file():
-        return []
     out = []
-    with open(metrics) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                step = int(row["step"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn line
-            if after < step <= upto:
-                out.append((step, {k: v for k, v in row.items()
-                                   if k not in ("step", "time") and v is not None and not k.endswith("/counts")}))
+    for row in iter_rows(metrics):
+        try:
+            step = int(row["step"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if after < step <= upto:
+            out.append((step, {k: v for k, v in row.items()
+                               if k not in ("step", "time") and v is not None and not k.endswith("/counts")}))
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from megamor.runs.layout import METRICS_FILE
+from megamor.runs.metrics_log import iter_rows
 from megamor.train.callbacks.base import Callback
 from megamor.utils.atomic import atomic_open
 
@@ -48,17 +49,7 @@ EVAL_PREFIXES = ("val/", "eval/")  # an evaluation's record (validation, eval.ta
 
 def eval_logged_at(path: Path, step: int) -> bool:
     """Whether metrics.jsonl holds an evaluation's record at `step` (a torn line is skipped)."""
-    if not path.is_file():
-        return False
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("step") == step and any(k.startswith(EVAL_PREFIXES) for k in row):
-                return True
-    return False
+    return any(row.get("step") == step and any(k.startswith(EVAL_PREFIXES) for k in row) for row in iter_rows(path))
 
 
 class MetricsFile(Callback):
