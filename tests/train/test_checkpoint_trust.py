@@ -214,7 +214,9 @@ def test_every_step_overflowing_exits_1_naming_the_last_good_checkpoint(tiny_con
     assert "3 non-finite steps in a row (steps 3-5, last: non-finite gradients); aborting" in run.output
     assert f"newest checkpoint from before these steps is {tmp_path / 'overflow' / CHECKPOINTS / tag_for(2)}" in run.output
     rows = [r for r in run.records() if "train/loss" in r]
-    assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 2]
+    # steps 1-4 logged, then the aborted window (step 5) logged before exiting (Trainer._log_partial)
+    assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [c.step for c in list_complete(run.run_dir)] == [2]  # step 4 (mid-streak) was not saved over it
 
 

@@ -20,7 +20,7 @@ def test_unreachable_server_falls_back_to_offline(tiny_config, tmp_path, monkeyp
     cfg = load_experiment([tiny_config], ["wandb.mode=online", "wandb.init_timeout=3"])
     # the callbacks as the trainer attaches them (rank 0, a fresh run)
     trainer = SimpleNamespace(cfg=cfg, is_main=True, run_dir=tmp_path, wandb_id="fallback1", step=0,
-                              max_steps=cfg.max_steps)
+                              max_steps=cfg.max_steps, resumed=False, exit_code=0)
     trainer.console, sink = Console(), WandB()
     trainer.console.trainer = sink.trainer = trainer
     sink.setup()
