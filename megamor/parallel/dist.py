@@ -48,7 +48,29 @@ def init_distributed(timeout_minutes: float = 30.0, verbose: bool = False) -> tu
                 rank=env.rank,
                 world_size=env.world_size,
             )
+        release_shm_names(env.rank, env.world_size)
     return env, device
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The /dev/shm file DeepSpeed's CPU backend maps for `rank`'s shared-memory all-reduce
+    (named in its shm.cpp after the user id, MASTER_ADDR, MASTER_PORT and the rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_names(rank: int, world_size: int) -> None:
+    """DeepSpeed's CPU backend, when LOCAL_SIZE equals the world size (the deepspeed launcher
+    on one node sets it), maps one 69 MB /dev/shm file per rank for its shared-memory
+    all-reduce and never unlinks it: every run left its ranks' files behind until /dev/shm
+    (RAM) filled. Once every rank has mapped every peer's file (the barrier: each rank maps
+    them inside init_distributed), each rank unlinks its own name; the mappings stay valid and
+    the memory is freed when the last rank exits, so even a killed run leaves nothing."""
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or os.environ.get("LOCAL_SIZE") != str(world_size):
+        return
+    barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer_path(rank))
 
 
 def shutdown() -> None:
