@@ -50,3 +50,16 @@ def test_srun_variables_become_ranks_and_local_world():
     assert peek_local_world_size(env) == 2
     assert peek_local_world_size({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}) == 4
     assert peek_local_world_size({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2,1"}) is None
+
+
+def test_srun_steps_of_one_job_get_different_ports_and_ranks_of_one_step_the_same():
+    """Two srun steps side by side in one allocation must not both bind one port (EADDRINUSE)."""
+    def port(rank: int, step: int) -> int:
+        env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "4", "SLURM_STEP_ID": str(step), "SLURM_JOB_ID": "1234",
+               "SLURM_STEP_NODELIST": "gpu01", "PATH": "/nonexistent"}
+        return resolve_launch_env(env).master_port
+
+    assert {port(r, 3) for r in range(4)} == {port(0, 3)}
+    ports = [port(0, step) for step in range(50)]
+    assert len(set(ports)) == 50 and ports[0] == 20000 + 1234
+    assert all(20000 <= p < 30000 for p in ports)
