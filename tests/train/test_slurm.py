@@ -66,3 +66,20 @@ def test_a_failing_rank_ends_the_job_failed_not_requeued(slurm_cluster, tiny_con
     assert "rank 0: at step 2 (" in out and "rank 1 failed (its traceback is above); exiting 1" in out, out[-3000:]
     assert f"megamor: job {job} failed (exit 1); not requeued" in out
 
+
+
+def test_deepspeed_sh_in_a_one_node_job_starts_its_ranks_without_ssh(slurm_cluster, tiny_config, tmp_path):
+    """launch/deepspeed.sh inside sbatch on one node: no hostfile (the runner would ssh to this
+    host), GPUS_PER_NODE processes here."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "job.out"
+    env = train_env(tmp_path, {"PYTHON": __import__("sys").executable, "GPUS_PER_NODE": "2", "WANDB_MODE": "disabled"})
+    cmd = f"launch/deepspeed.sh --config {tiny_config} run_dir={run_dir} trainer.max_steps=2 checkpoint.every_steps=0"
+    job = slurm_cluster.sbatch(
+        ["--nodes=1", "--ntasks=1", "--cpus-per-task=2", f"--output={log}", "--wrap", f"{cmd} eval.at_end=false"],
+        env=env, cwd=repo_root())
+    state = slurm_cluster.wait(job, timeout=300)
+    out = log.read_text()
+    assert state == "COMPLETED", out[-3000:]
+    assert "world 2" in out and "ssh" not in out
+    assert newest_complete(run_dir).step == 2
