@@ -94,3 +94,18 @@ def test_deepspeed_env_file_carries_what_the_runner_would_not_forward(tmp_path, 
     finally:
         monkeypatch.delenv("DS_ENV_FILE")
         importlib.reload(runner)
+
+
+def test_hostfile_script_writes_a_relative_path_where_it_was_called(tmp_path):
+    """launch/hostfile_from_slurm.sh changes to the repository to run Python: a relative output
+    path still means the caller's folder."""
+    import sys
+
+    from megamor.env import repo_root
+
+    env = {**os.environ, "PYTHON": sys.executable, "SLURM_JOB_NODELIST": "gpu[01-02]", "PATH": "/usr/bin:/bin"}
+    env.pop("SLURM_CONF", None)  # no cluster: the built-in node-list parser answers
+    subprocess.run(["bash", str(repo_root() / "launch" / "hostfile_from_slurm.sh"), "hf", "4"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True)
+    assert (tmp_path / "hf").read_text() == "gpu01 slots=4\ngpu02 slots=4\n"
+    assert not (repo_root() / "hf").exists()
