@@ -2,5 +2,8 @@
 # Write a DeepSpeed hostfile (`host slots=N` per node) for the current SLURM allocation.
 #   launch/hostfile_from_slurm.sh hostfile [slots]
 set -euo pipefail
+OUT=${1:-hostfile}
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called, not the repository
 cd "$(dirname "$0")/.."
-exec ${PYTHON:-.venv/bin/python} -m megamor.parallel.launch hostfile --out "${1:-hostfile}" ${2:+--slots $2}
+PY=${PYTHON:-.venv/bin/python}
+exec "$PY" -m megamor.parallel.launch hostfile --out "$OUT" ${2:+--slots "$2"}

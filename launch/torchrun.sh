@@ -5,12 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-NPROC=${NPROC:-$($PY -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+NPROC=${NPROC:-$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')}
 NNODES=${NNODES:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$NNODES" -gt 1 ]; then
-  exec $PY -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" \
+  exec "$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" \
     --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR to the first node}:${MASTER_PORT:-29500}" \
     -m megamor.train "$@"
 fi
-exec $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m megamor.train "$@"
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m megamor.train "$@"

@@ -44,6 +44,14 @@ def first_slurm_host(nodelist: str) -> str:
     return slurm_hosts(nodelist)[0]
 
 
+def slurm_master_port(job_id: int, step_id: int) -> int:
+    """The rendezvous port of one srun step: the same on every task without talking (job and
+    step id), different for the steps of one job, which may run side by side in one allocation
+    (one port for all of them: EADDRINUSE). Step 0 keeps the job's port (20000 + job id % 10000);
+    5003 is coprime to 10000, so steps 0..9999 of a job all get different ports."""
+    return DEFAULT_SLURM_PORT_BASE + (job_id + 5003 * step_id) % 10000
+
+
 def resolve_launch_env(env: MutableMapping[str, str] | None = None) -> LaunchEnv:
     """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in `env` (default os.environ)."""
     env = os.environ if env is None else env
@@ -61,8 +69,7 @@ def resolve_launch_env(env: MutableMapping[str, str] | None = None) -> LaunchEnv
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
             env["MASTER_ADDR"] = first_slurm_host(nodelist)
         if "MASTER_PORT" not in env:
-            # Same on every task without talking: derived from the job id.
-            env["MASTER_PORT"] = str(DEFAULT_SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 10000)
+            env["MASTER_PORT"] = str(slurm_master_port(int(env.get("SLURM_JOB_ID", "0")), int(env["SLURM_STEP_ID"])))
     else:
         launcher = "single"
         env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = "0", "0", "1"

@@ -1,6 +1,8 @@
 """Launch commands for megamor.train, one place for every launcher.
 
     python -m megamor.parallel.launch hostfile --out hostfile [--slots 8]   # from SLURM's node list
+    python -m megamor.parallel.launch slots [--slots 8]                     # processes per node
+    python -m megamor.parallel.launch deepspeed-env --out FILE              # variables for other nodes
 
 The wrappers in launch/ call these; tests use them to start real multi-process runs.
 """
@@ -120,6 +122,34 @@ def write_hostfile(path: str | Path, hosts: Sequence[str], slots: int) -> Path:
     return p
 
 
+# The deepspeed runner starts the other nodes' processes over ssh/pdsh and forwards only the
+# variables named in its EXPORT_ENVS (PYTHON*, NCCL*, ...) plus those of a .deepspeed_env file:
+# without these the remote ranks would run with other threads, another accelerator, no W&B
+# settings and no MEGAMOR_* settings than the first node's.
+DEEPSPEED_ENV_PREFIXES = ("OMP_", "MKL_", "DS_", "MEGAMOR_", "WANDB_", "HF_", "TRANSFORMERS_", "TORCH_", "TRITON_",
+                          "TOKENIZERS_")
+
+
+def deepspeed_env_lines(env: dict[str, str], home: Path | None = None, cwd: Path | None = None) -> list[str]:
+    """KEY=VALUE lines for a DS_ENV_FILE: this environment's variables with those prefixes, then
+    the lines of ~/.deepspeed_env and ./.deepspeed_env (the runner reads neither once DS_ENV_FILE
+    names another file; read last, they win as they would have)."""
+    # The runner reads the file line by line: a value with a line break cannot travel.
+    lines = [f"{k}={v}" for k, v in sorted(env.items())
+             if k.startswith(DEEPSPEED_ENV_PREFIXES) and k != "DS_ENV_FILE" and "\n" not in v]
+    for d in (home or Path.home(), cwd or Path.cwd()):
+        f = d / ".deepspeed_env"
+        if f.is_file():
+            lines += [ln for ln in f.read_text().splitlines() if "=" in ln]
+    return lines
+
+
+def slots_per_node(slots: int | None = None, env: dict[str, str] | None = None) -> int:
+    """Processes per node: `slots` when given, else SLURM_GPUS_ON_NODE, else the GPUs here (>= 1)."""
+    env = os.environ if env is None else env
+    return slots or int(env.get("SLURM_GPUS_ON_NODE") or 0) or _gpus_here()
+
+
 def _gpus_here() -> int:
     try:
         import torch
@@ -135,11 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("hostfile", help="write a DeepSpeed hostfile from the SLURM allocation")
     h.add_argument("--out", required=True)
     h.add_argument("--slots", type=int, default=None, help="processes per node (default: SLURM_GPUS_ON_NODE or GPUs here)")
+    n = sub.add_parser("slots", help="print the processes per node (as hostfile's --slots default)")
+    n.add_argument("--slots", type=int, default=None, help="this number, when given")
+    e = sub.add_parser("deepspeed-env", help="write the variables the deepspeed runner must forward to other nodes")
+    e.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "hostfile":
-        slots = args.slots or int(os.environ.get("SLURM_GPUS_ON_NODE") or 0) or _gpus_here()
-        path = write_hostfile(args.out, slurm_hosts(), slots)
+        path = write_hostfile(args.out, slurm_hosts(), slots_per_node(args.slots))
         print(path)
+    elif args.cmd == "slots":
+        print(slots_per_node(args.slots))
+    elif args.cmd == "deepspeed-env":
+        Path(args.out).write_text("".join(f"{ln}\n" for ln in deepspeed_env_lines(dict(os.environ))))
     return 0
 
 

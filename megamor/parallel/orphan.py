@@ -68,8 +68,10 @@ def exit_with_launcher(launcher: str, grace_s: float | None = None) -> bool:
             grace_s = GRACE_S
     parent = os.getppid()
     set_parent_death_signal(signal.SIGTERM)
-    if parent == 1:  # the launcher died before we got here: the watchdog acts at once
-        parent = -1
+    # A parent of 1 is not taken for a dead launcher: in a container whose entrypoint is torchrun
+    # (or `unshare --pid`), the launcher is pid 1. Watched like any parent, it cannot change (when
+    # a namespace's pid 1 exits the kernel kills the rest). Missed: a launcher that died in the
+    # moment before this line (neither the watch nor PDEATHSIG can tell it from that container).
     threading.Thread(target=_watch, args=(parent, grace_s), name="megamor-orphan-watchdog", daemon=True).start()
     return True
 

@@ -20,7 +20,10 @@ therefore runs a side thread that
       * every rank answers and is at the same place (a long first step while compiling, a
         slow save on every rank): nothing is wrong with the peers; one warning, and it waits.
 A rank whose collective fails because another rank's process ended (it fired first, or died)
-follows with the same exit code and one line of its own (`peer_lost`, from megamor.train).
+follows with the same exit code and one line of its own (`peer_lost`, from megamor.train),
+unless that rank ended on an error: a failing rank records itself in the store first
+(`record_failure`), and the ranks it cut off then exit EXIT_FAILED too. A requeue would only
+repeat the error, forever.
 The main thread is never interrupted from here: a rank that fires ends its process with
 os._exit, because its main thread is blocked inside a C++ collective that nothing else ends.
 A single process (world 1) has no peers to wait for: no thread is started.
@@ -43,10 +46,12 @@ from typing import Any
 from megamor.parallel import dist as pdist
 
 KEY = "megamor/watchdog/{rank}"
+FAILED_KEY = "megamor/failed"  # the rank that ended on an error (record_failure)
 # What a collective raises when another rank's process ended (gloo, NCCL): that rank's watchdog
 # fired first, or it died; this rank follows with the same exit instead of a traceback.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe")
 EXIT_STALLED = 75  # EX_TEMPFAIL, = megamor.train.signals.EXIT_PREEMPTED: requeue and resume
+EXIT_FAILED = 1  # = megamor.train.signals.EXIT_FAILED
 
 
 def interval_for(limit_s: float) -> float:
@@ -236,17 +241,38 @@ class Watchdog:
                          + ", ".join(f"at {p.describe()}" for p in list(away.values())[:3]))
         return f"{here}: " + "; ".join(parts)
 
-    def peer_lost(self, error: BaseException) -> str | None:
-        """The one line for a collective of the loop that failed because another rank's process
-        ended (None for any other error, or outside the loop)."""
+    def record_failure(self) -> None:
+        """This rank ends on an error: say so in the store before its exit closes the other ranks'
+        connections, so that they fail as well (peer_lost) instead of exiting 75 for a requeue."""
+        if not self.enabled:
+            return
+
+        def record() -> None:
+            self.store.set(FAILED_KEY, str(self.rank))
+            self.store.get(FAILED_KEY)  # a set is not acknowledged: a round trip makes it visible to all
+
+        with contextlib.suppress(Exception):  # the store's host is gone: the exit file still says 1
+            self._bounded(record)
+
+    def peer_lost(self, error: BaseException) -> tuple[int, str] | None:
+        """(exit code, one line) for a collective of the loop that failed because another rank's
+        process ended: EXIT_FAILED if a rank recorded a failure, else EXIT_STALLED (its watchdog
+        fired, or it was killed: requeue). None for any other error, or outside the loop."""
         where = self._where
         text = str(error)
         if not self.enabled or where is None or not any(m in text for m in PEER_LOST):
             return None
         first = text.splitlines()[0] if text else type(error).__name__
-        return (f"rank {self.rank}: at step {where[0]} ({where[1]}) a collective failed because another rank's process "
-                f"ended ({first[:200]}); exiting {EXIT_STALLED} (the job is requeued and resumes from its newest "
-                "checkpoint)")
+        here = f"rank {self.rank}: at step {where[0]} ({where[1]}) a collective failed because another rank's process"
+        try:
+            failed = self._bounded(lambda: self.store.get(FAILED_KEY).decode() if self.store.check([FAILED_KEY]) else None)
+        except Exception:  # noqa: BLE001  the store went with rank 0: its own exit file says whether it failed
+            failed = None
+        if failed is not None:
+            return EXIT_FAILED, (f"{here} ended: rank {failed} failed (its traceback is above); exiting {EXIT_FAILED} "
+                                 "(not requeued: a rerun would repeat the error)")
+        return EXIT_STALLED, (f"{here} ended ({first[:200]}); exiting {EXIT_STALLED} (the job is requeued and resumes "
+                              "from its newest checkpoint)")
 
     def _collective(self, phase: str) -> str:
         coll = pdist.current_collective()

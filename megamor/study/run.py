@@ -8,11 +8,14 @@ changed study is a configuration error naming the file, never a silent reuse."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +68,30 @@ def train(study: StudyConfig, run: RunSpec) -> float:
     print(f"\n== {run.name}: {run.budget.steps} steps, {run.budget.tokens:,} tokens, {run.budget.flops:.3e} FLOPs\n$ "
           + " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.time()
-    rc = subprocess.run(cmd, cwd=repo_root(), check=False, preexec_fn=child_follows_parent()).returncode  # no orphan trainer
+    proc = subprocess.Popen(cmd, cwd=repo_root(), preexec_fn=child_follows_parent())  # no orphan trainer
+    with _stops_passed_to(proc):
+        rc = proc.wait()
     if rc != 0 or not is_trained(run):
         raise RunFailed(run, rc or 1)
     return time.time() - t0
+
+
+@contextlib.contextmanager
+def _stops_passed_to(proc: subprocess.Popen) -> Iterator[None]:
+    """While the trainer runs, a stop signal to the study (slurm/study.sbatch passes SLURM's USR1
+    on to it) goes to the trainer, which saves and exits 75; the study then exits 75 too
+    (RunFailed) instead of dying by the signal. SIGINT goes on as SIGTERM: a Ctrl-C reaches the
+    trainer by itself, and a second SIGINT would make it abandon its save."""
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def metrics_records(run: RunSpec) -> list[dict[str, Any]]:

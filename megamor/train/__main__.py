@@ -109,14 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:  # a second SIGINT: the user abandons the save
         print(f"megamor.train: rank {env.rank}: interrupted twice, stopped without a checkpoint", file=sys.stderr, flush=True)
+        _failed(watchdog)
         return EXIT_FAILED
     except Exception as e:  # noqa: BLE001  top-level handler: report the traceback, exit EXIT_FAILED, release the lock
         lost = watchdog.peer_lost(e)
-        if lost:  # another rank ended mid-collective (its watchdog fired, or it died): follow it
-            print(f"megamor.train: {lost}", file=sys.stderr, flush=True)
-            write_exit_file(EXIT_PREEMPTED)
-            return EXIT_PREEMPTED
+        if lost:  # another rank ended mid-collective (it failed, its watchdog fired, or it died): follow it
+            code, line = lost
+            print(f"megamor.train: {line}", file=sys.stderr, flush=True)
+            write_exit_file(code)
+            return code
         print(f"megamor.train: rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        _failed(watchdog)
         return EXIT_FAILED
     finally:
         watchdog.stop()
@@ -128,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001  releasing memory must not hide the run's own exit code
                 print(f"megamor.train: rank {env.rank}: releasing the engine failed: {e!r}", file=sys.stderr, flush=True)
         pdist.shutdown()
+
+
+def _failed(watchdog) -> None:
+    """This rank alone ends on an error. Before its exit (the `finally`) closes the other ranks'
+    connections: the store tells them (they fail too, not 75), and the exit file says 1, which
+    no later 75 on this node replaces (slurm/train.sbatch must not requeue a failure)."""
+    from megamor.train.signals import write_exit_file
+
+    watchdog.record_failure()
+    write_exit_file(EXIT_FAILED)
 
 
 def _cuda_available() -> bool:

@@ -52,11 +52,20 @@ EXIT_FILE_ENV = "MEGAMOR_EXIT_FILE"
 
 def write_exit_file(code: int) -> None:
     """$MEGAMOR_EXIT_FILE gets `code` (slurm/train.sbatch decides on a requeue from it: under
-    `srun --kill-on-bad-exit` srun's own status may be a killed rank's, not the reason)."""
+    `srun --kill-on-bad-exit` srun's own status may be a killed rank's, not the reason). A
+    failure already there is kept: the ranks a failing rank cut off may still write 75."""
     path = os.environ.get(EXIT_FILE_ENV)
-    if path:
-        with atomic_open(Path(path), "w") as f:
-            f.write(f"{code}\n")
+    if not path:
+        return
+    if code == EXIT_PREEMPTED:
+        try:
+            before = int(Path(path).read_text().strip())
+        except (OSError, ValueError):
+            before = None
+        if before not in (None, EXIT_OK, EXIT_PREEMPTED):
+            return
+    with atomic_open(Path(path), "w") as f:
+        f.write(f"{code}\n")
 
 
 class StopRequested(Exception):

@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+import pytest
+
 from megamor.data.dataset import ShardSet
 
 from .conftest import run_tool
@@ -99,3 +101,26 @@ def test_valid_files_flag(tmp_path, tokenizer_dir):
     r = run_tool("tokenize_and_shard.py", str(a), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "y"),
                  "--valid-files", str(a), "--valid-fraction", "0.1", check=False)
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+@pytest.mark.launch
+def test_slurm_array_submit_takes_sbatch_options(slurm_cluster, tmp_path, small_books, tokenizer_dir):
+    """`submit N OPTIONS -- ARGS`: the options reach sbatch for the array and the merge job (the
+    script's own --cpus-per-task=16 fits no node of the local cluster's 2 CPUs)."""
+    import subprocess
+
+    from .conftest import REPO
+
+    out = tmp_path / "arr"
+    env = {**slurm_cluster.env, "PYTHON": sys.executable, "LOG_DIR": str(tmp_path / "logs")}
+    p = subprocess.run(["bash", "slurm/tokenize_array.sbatch", "submit", "2", "--cpus-per-task=1", "--partition=high",
+                        "--", small_books[0], "--tokenizer", str(tokenizer_dir), "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    array, merge = int(p.stdout.split("submitted array ")[1].split()[0]), int(p.stdout.split("merge job ")[1].split(";")[0])
+    assert slurm_cluster.job_state(array).get("CPUs/Task") == "1", p.stdout  # not the script's 16: it would never start
+    state = slurm_cluster.wait(merge, timeout=240)
+    logs = "\n".join(f.read_text() for f in sorted((tmp_path / "logs").glob("*.out")))
+    assert state == "COMPLETED", logs
+    assert slurm_cluster.job_state(merge)["Partition"] == "high"
+    assert "task 0 of 2 done" in logs and "task 1 of 2 done" in logs and (out / "manifest.json").is_file()

@@ -3,9 +3,13 @@ new or changed checkpoints are the only new work, job-array mode, clear errors."
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -121,12 +125,26 @@ def test_sweep_errors(tmp_path):
         discover([tmp_path / "nope"])
 
 
+@contextlib.contextmanager
+def _partition_state(cluster, **states: str):
+    """Partitions of the session's cluster set to these states (INACTIVE: refuses submissions;
+    DRAIN: refuses new ones, runs those queued) for the test, UP again after it."""
+    def update(name: str, state: str) -> None:
+        subprocess.run(["scontrol", "update", f"PartitionName={name}", f"State={state}"], env=cluster.env, check=True)
+
+    try:
+        for name, state in states.items():
+            update(name, state)
+        yield update
+    finally:
+        for name in states:
+            update(name, "UP")
+
+
 @pytest.mark.launch
 def test_slurm_job_array(slurm_cluster, runs, tmp_path, data_dir):
-    """slurm/eval_sweep.sbatch on a real local SLURM cluster: 3 array tasks + the report job."""
-    import subprocess
-    import sys
-
+    """slurm/eval_sweep.sbatch on a real local SLURM cluster: 3 array tasks + the report job, in
+    the array's partition (the default one takes no jobs here: the report job must not go there)."""
     a, b, _ = runs
     out = tmp_path / "sw"
     args = [str(a), str(b), "--out", str(out), "--tasks", "winogrande", "--limit", "4", "--data-dir", str(data_dir)]
@@ -134,20 +152,45 @@ def test_slurm_job_array(slurm_cluster, runs, tmp_path, data_dir):
     n = len(listing.stdout.splitlines())
     assert n == 3
     env = {"PYTHON": sys.executable, "MEGAMOR_REPORT_LOG": str(tmp_path / "report.out"), "OMP_NUM_THREADS": "1"}
-    job = slurm_cluster.sbatch([f"--array=0-{n - 1}", f"--output={tmp_path}/eval-%a.out", "slurm/eval_sweep.sbatch", *args], env=env, cwd=repo_root())
-    import time
-
-    deadline = time.time() + 300
-    report = tmp_path / "report.out"
-    while not (report.is_file() and '"rows"' in report.read_text()):  # the report job's final summary
-        if time.time() > deadline:
-            logs = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
-            raise AssertionError(f"no report after 300 s; job {job}\n{logs}\n{slurm_cluster.log_tail()}")
-        time.sleep(1)
+    with _partition_state(slurm_cluster, debug="INACTIVE"):
+        job = slurm_cluster.sbatch([f"--array=0-{n - 1}", "--partition=high", f"--output={tmp_path}/eval-%a.out",
+                                    "slurm/eval_sweep.sbatch", *args], env=env, cwd=repo_root())
+        _wait_for_report(slurm_cluster, job, tmp_path)
     rows = _read_csv(out / "results.csv")
     assert sorted((r["run"], r["step"]) for r in rows) == [("mor_a", "10"), ("mor_a", "20"), ("mor_b", "15")]
     for i in range(3):
         assert "array task" in (tmp_path / f"eval-{i}.out").read_text()
+
+
+@pytest.mark.launch
+def test_slurm_report_job_refused_is_a_warning_and_task_0_evaluates(slurm_cluster, runs, tmp_path, data_dir):
+    a, b, _ = runs
+    args = [str(a), str(b), "--out", str(tmp_path / "sw"), "--tasks", "winogrande", "--limit", "4", "--data-dir",
+            str(data_dir)]
+    env = {"PYTHON": sys.executable, "MEGAMOR_REPORT_LOG": str(tmp_path / "report.out"), "OMP_NUM_THREADS": "1"}
+    with _partition_state(slurm_cluster, debug="INACTIVE") as update:
+        job = slurm_cluster.sbatch(["--array=0-0", "--partition=high", f"--output={tmp_path}/eval-%a.out",
+                                    "slurm/eval_sweep.sbatch", *args], env=env, cwd=repo_root())
+        update("high", "DRAIN")  # the queued task still runs; the report job it submits is refused
+        try:
+            state = slurm_cluster.wait(job, timeout=300)
+        finally:
+            update("high", "UP")
+    log = (tmp_path / "eval-0.out").read_text()
+    assert state == "COMPLETED", log
+    assert "eval_sweep.sbatch: warning: the report job could not be submitted" in log and "array task 0" in log
+    assert not (tmp_path / "report.out").exists()
+
+
+def _wait_for_report(slurm_cluster, job, tmp_path) -> None:
+    deadline = time.time() + 300
+    report = tmp_path / "report.out"
+    while not (report.is_file() and '"rows"' in report.read_text()):  # the report job's final summary
+        task0 = tmp_path / "eval-0.out"
+        if time.time() > deadline or (task0.is_file() and "submission failed" in task0.read_text()):
+            logs = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+            raise AssertionError(f"no report; job {job}\n{logs}\n{slurm_cluster.log_tail()}")
+        time.sleep(1)
 
 
 def test_discover_names_the_tags_it_skips(tmp_path, capsys):

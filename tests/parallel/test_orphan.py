@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import psutil
+import pytest
 
 CHILD = """
 import signal, sys, time
@@ -106,3 +108,30 @@ def test_a_child_started_with_child_follows_parent_dies_with_it():
         if not gone:
             os.kill(child, signal.SIGKILL)
     assert _child_after_tool_killed("armed")[1], "the armed child outlived the tool that started it"
+
+
+# A launcher that is pid 1 (a container whose entrypoint is torchrun): its worker's parent is 1
+# from the start, which is not a dead launcher. The worker arms, then reports after a few polls.
+PID1_LAUNCHER = """
+import subprocess, sys
+worker = '''
+import os, signal, sys, time
+from megamor.parallel.orphan import POLL_S, exit_with_launcher
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append(1))
+exit_with_launcher("torch", grace_s=60.0)
+time.sleep(3 * POLL_S)
+print("ppid", os.getppid(), "sigterm", bool(got), flush=True)
+'''
+sys.exit(subprocess.run([sys.executable, "-c", worker]).returncode)
+"""
+
+
+def test_a_launcher_that_is_pid_1_is_not_taken_for_dead():
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root for a new pid namespace")
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID1_LAUNCHER],
+                       capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ppid", "1", "sigterm", "False"], r.stdout + r.stderr

@@ -177,3 +177,18 @@ def test_unreachable_store_is_one_warning_line_and_no_watchdog(capsys):
     assert store is None and not Watchdog(0, 2, LIMIT, store).start().enabled
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("megamor: watchdog:")]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "frame #" not in lines[0]
+
+
+def test_peer_lost_follows_a_recorded_failure_with_1_else_75():
+    """A rank cut off by a peer's exit fails too when that peer recorded a failure (a requeue
+    would repeat the error), and exits 75 when it did not (a watchdog fired, or it was killed)."""
+    _srv, port = _server()  # held: the store lives as long as this
+    w0, w1 = (Watchdog(r, 2, LIMIT, open_store("127.0.0.1", port, 1.0), exit_fn=Exits()) for r in (0, 1))
+    w0.at(7, "train step")
+    closed = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+    code, line = w0.peer_lost(closed)
+    assert code == 75 and "exiting 75 (the job is requeued" in line
+    assert w0.peer_lost(ValueError("some other error")) is None
+    w1.record_failure()
+    code, line = w0.peer_lost(closed)
+    assert code == 1 and "rank 0: at step 7 (train step)" in line and "rank 1 failed" in line and "exiting 1" in line

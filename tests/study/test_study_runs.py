@@ -201,3 +201,25 @@ def test_index_gives_up_with_75_while_a_live_process_holds_the_run(tiny_text, tm
     assert r.returncode == 75, (r.stdout + r.stderr)[-3000:]
     assert f"pid {os.getpid()}" in r.stderr and not (run_dir / "study_result.json").exists()
     assert "megamor.train" not in r.stdout  # nothing was trained
+
+
+def test_study_task_stopped_by_usr1_saves_and_is_requeued(slurm_cluster, tiny_text, tmp_path):
+    """What --signal=B:USR1@300 does before the time limit: the batch shell gets USR1, the study
+    passes it to its trainer (save, 75), the script requeues the task and the rerun finishes the run."""
+    cfg = write_study(tmp_path, tiny_text, flops=1.6e10)
+    env = {**_env(tmp_path), **slurm_cluster.env, "PYTHON": sys.executable, "MEGAMOR_ROOT": str(repo_root())}
+    subprocess.run(study_cmd(cfg, "--plan"), cwd=repo_root(), env=env, capture_output=True, timeout=300, check=True)
+    log = tmp_path / "task.out"
+    job = slurm_cluster.sbatch(["--array=0-0", "--ntasks=1", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={log}",
+                                "slurm/study.sbatch", str(cfg)], env=env, cwd=repo_root())
+    run_dir = tmp_path / "out" / "runs" / "vanilla-s7"
+    from tests.train.helpers import slurm_status, wait_for_step
+
+    wait_for_step(run_dir, 3, timeout=240, status=slurm_status(slurm_cluster, f"{job}_0", log))
+    slurm_cluster.signal(f"{job}_0", "USR1", batch_only=True)  # the batch shell alone, as B: does
+    state = slurm_cluster.wait(f"{job}_0", timeout=400)
+    out = log.read_text()
+    assert state == "COMPLETED", out[-3000:]
+    assert "stop requested (signal 10)" in out and "requeueing job" in out, out[-3000:]
+    assert slurm_cluster.job_state(f"{job}_0").get("Restarts") == "1"
+    assert "resumed from step " in out and newest_complete(run_dir) is not None

@@ -79,3 +79,17 @@ def test_exit_file_is_written_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.setenv(EXIT_FILE_ENV, str(tmp_path / "exit"))
     write_exit_file(75)
     assert (tmp_path / "exit").read_text() == "75\n" and [p.name for p in tmp_path.iterdir()] == ["exit"]
+
+
+def test_exit_file_keeps_a_failure_over_a_later_75(tmp_path, monkeypatch):
+    """A failing rank writes 1; the ranks it cut off may write 75 after it: 1 must stay, or
+    slurm/train.sbatch requeues a failure forever. A 75 still replaces a 0 or a 75."""
+    from megamor.train.signals import EXIT_FILE_ENV, write_exit_file
+
+    monkeypatch.setenv(EXIT_FILE_ENV, str(tmp_path / "exit"))
+    write_exit_file(1)
+    write_exit_file(75)
+    assert (tmp_path / "exit").read_text() == "1\n"
+    write_exit_file(0)
+    write_exit_file(75)
+    assert (tmp_path / "exit").read_text() == "75\n"
