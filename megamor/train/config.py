@@ -149,6 +149,23 @@ class RunBudgetConfig:
 RunFlopsConfig = FlopsConfig  # the experiment's `flops:` (the name kept for imports)
 
 
+# Raw DeepSpeed keys megamor derives from its own config (megamor.train.ds_config): setting them
+# in `deepspeed.config` is refused, since the merge would silently win over what megamor's own
+# code (the ZeRO-3 paths, the planner, the LR schedule, the bf16 guard) assumes.
+OWNED_DS_KEYS = {
+    "train_batch_size": "batch.global_batch_size",
+    "train_micro_batch_size_per_gpu": "batch.micro_batch_size",
+    "gradient_accumulation_steps": "batch.* (derived)",
+    "optimizer": "optim.*",
+    "scheduler": "optim.* and schedule.*",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "bf16.enabled": "deepspeed.precision",
+    "bfloat16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision",
+}
+
+
 @dataclass
 class DeepSpeedSection:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3 (what is sharded over data-parallel ranks)
@@ -162,9 +179,13 @@ class DeepSpeedSection:
             raise ConfigError(key(path, "zero_stage"), f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
             raise ConfigError(key(path, "precision"), f"must be one of {PRECISIONS}, got {self.precision!r}")
-        for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer"):
-            if k in self.config:
-                raise ConfigError(key(path, f"config.{k}"), "is set by megamor (batch.* / optim.*), not here")
+        for raw, owner in OWNED_DS_KEYS.items():
+            section, _, name = raw.rpartition(".")
+            holder = self.config.get(section, {}) if section else self.config
+            if isinstance(holder, dict) and name in holder:
+                raise ConfigError(key(path, f"config.{raw}"), f"is set by megamor from {owner}, not here "
+                                                              "(a second value would train something else than "
+                                                              "megamor plans, logs and checkpoints)")
         if self.check_keys:
             check_deepspeed_keys(self.config, key(path, "config"))
         zero_knobs(self.config, key(path, "config"))  # values: the planner reads these too

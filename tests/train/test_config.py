@@ -49,6 +49,12 @@ def test_model_config_file_then_model_keys_on_top():
     ("data.seq_len=4096", "data.seq_len"),
     ("trainer.doc_mask_impl=sparse", "trainer.doc_mask_impl"),
     ("deepspeed.config.train_batch_size=4", "deepspeed.config.train_batch_size"),
+    # raw keys megamor derives: the merge would override them behind the planner's and ZeRO-3 code's back
+    ("deepspeed.config.zero_optimization.stage=3", "deepspeed.config.zero_optimization.stage"),
+    ("deepspeed.config.gradient_clipping=0.5", "deepspeed.config.gradient_clipping"),
+    ("deepspeed.config.bf16.enabled=false", "deepspeed.config.bf16.enabled"),
+    ("deepspeed.config.fp16.enabled=true", "deepspeed.config.fp16.enabled"),
+    ("deepspeed.config.scheduler.type=WarmupLR", "deepspeed.config.scheduler"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as e:
