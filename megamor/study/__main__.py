@@ -23,14 +23,17 @@ another live study process still holds the run after waiting for its lock to go 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megamor.cli import ArgumentParser, report
 from megamor.config import ConfigError
+from megamor.env import repo_root
 from megamor.study import archive
 from megamor.study.config import load_study
 from megamor.study.data import check_settings, data_paths, is_prepared, prepare
@@ -201,16 +204,21 @@ def too_late(runs: list[RunSpec], run: RunSpec, deadline: float | None) -> str |
 
 
 def submit(args: argparse.Namespace, n_runs: int) -> int:
+    """Submit from any folder: the script by its absolute path, the study file absolute, and the
+    jobs run this interpreter (PYTHON, unless set) in this folder (sbatch's submit dir), as
+    `--plan` ran here."""
+    script = str(repo_root() / "slurm" / "study.sbatch")
     base = ["sbatch", "--parsable", *args.sbatch]
-    cfg = [args.config, *args.overrides]
-    r = subprocess.run([*base, f"--array=0-{n_runs - 1}", "slurm/study.sbatch", *cfg],
-                       capture_output=True, text=True, check=False)
+    cfg = [str(Path(args.config).resolve()), *args.overrides]
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    r = subprocess.run([*base, f"--array=0-{n_runs - 1}", script, *cfg],
+                       capture_output=True, text=True, check=False, env=env)
     if r.returncode != 0:
         print(f"megamor.study: sbatch failed: {r.stderr.strip()}", file=sys.stderr)
         return 1
     job = r.stdout.strip().split(";")[0]
-    r2 = subprocess.run([*base, f"--dependency=afterany:{job}", "slurm/study.sbatch", *cfg],
-                        capture_output=True, text=True, check=False)
+    r2 = subprocess.run([*base, f"--dependency=afterany:{job}", script, *cfg],
+                        capture_output=True, text=True, check=False, env=env)
     if r2.returncode != 0:
         print(f"megamor.study: sbatch (report) failed: {r2.stderr.strip()}", file=sys.stderr)
         return 1

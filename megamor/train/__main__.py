@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from megamor.runs.layout import CheckpointError, NoValidCheckpointError
     from megamor.runs.safe_load import UnsafeCheckpointError
     from megamor.runs.save_errors import CheckpointSaveError
+    from megamor.train.callbacks.restart_guard import NoProgressError
     from megamor.train.trainer import NonFiniteLossError, Trainer
 
     env, device = pdist.init_distributed(verbose=cfg.trainer.verbose_deepspeed)
@@ -103,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(f"megamor.train: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    except (CheckpointSaveError, CheckpointError, NonFiniteLossError) as e:  # raised on every rank alike
+    except (CheckpointSaveError, CheckpointError, NonFiniteLossError, NoProgressError) as e:  # every rank alike
         if env.rank == 0:
             print(f"megamor.train: {e}", file=sys.stderr, flush=True)
+        write_exit_file(EXIT_FAILED)  # a job script must not requeue it
         return EXIT_FAILED
     except KeyboardInterrupt:  # a second SIGINT: the user abandons the save
         print(f"megamor.train: rank {env.rank}: interrupted twice, stopped without a checkpoint", file=sys.stderr, flush=True)

@@ -243,6 +243,9 @@ class TrainerConfig:
     max_tokens: int | None = None  # converted to steps of global_batch_size * seq_len tokens
     activation_checkpointing: bool = False  # recompute every layer application (non-reentrant)
     max_consecutive_nonfinite: int = 5  # non-finite losses skip the step; this many in a row abort
+    # Automatic restarts (SLURM requeue, torchrun --max-restarts) in a row from one checkpoint
+    # before the run refuses with exit 1 instead of looping (0: no limit; callbacks/restart_guard.py).
+    max_restarts_without_progress: int = 3
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs' bf16 peak, or measured on CPU
     device_tflops_probe: bool = True  # on CPU without peak_tflops: time a matmul once per machine (cached)
     verbose_deepspeed: bool = False  # show DeepSpeed's start-up warnings (also MEGAMOR_DS_VERBOSE=1)
@@ -279,6 +282,8 @@ class TrainerConfig:
             raise ConfigError(key(path, "max_tokens"), "must be >= 1")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError(key(path, "max_consecutive_nonfinite"), "must be >= 1")
+        if self.max_restarts_without_progress < 0:
+            raise ConfigError(key(path, "max_restarts_without_progress"), "must be >= 0 (0: no limit)")
         if self.train_only not in TRAIN_ONLY:
             raise ConfigError(key(path, "train_only"), f"must be one of {TRAIN_ONLY}, got {self.train_only!r}")
         if self.init_from is not None and self.continue_from is not None:

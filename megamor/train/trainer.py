@@ -48,6 +48,7 @@ from megamor.train.callbacks.fault_injection import FaultInjection
 from megamor.train.callbacks.metrics_file import MetricsFile
 from megamor.train.callbacks.phase_timers import PhaseTimers
 from megamor.train.callbacks.profiler import Profiler
+from megamor.train.callbacks.restart_guard import RestartGuard
 from megamor.train.callbacks.router_state import RouterStateSync
 from megamor.train.callbacks.straggler import StragglerDetection
 from megamor.train.callbacks.tensorboard import TensorBoard
@@ -125,7 +126,7 @@ class Trainer:
         # console is also the print path every part of the run writes through.
         self.console = Console()
         sinks = [self.console, MetricsFile(), WandB(), TensorBoard(), DepthCsv()]
-        built_in = [*faults, RouterStateSync(), PhaseTimers(), StragglerDetection(), ActivationMemory(), Profiler(),
+        built_in = [*faults, RestartGuard(), RouterStateSync(), PhaseTimers(), StragglerDetection(), ActivationMemory(), Profiler(),
                     Cadence(), *sinks]
         self.callbacks = Callbacks([*built_in, *(callbacks or []), *build_user_callbacks(cfg.trainer.callbacks)])
         self.callbacks.attach(self)
