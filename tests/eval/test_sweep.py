@@ -160,6 +160,9 @@ def test_slurm_job_array(slurm_cluster, runs, tmp_path, data_dir):
     assert sorted((r["run"], r["step"]) for r in rows) == [("mor_a", "10"), ("mor_a", "20"), ("mor_b", "15")]
     for i in range(3):
         assert "array task" in (tmp_path / f"eval-{i}.out").read_text()
+    report_job = (tmp_path / "eval-0.out").read_text().split("report job: ")[1].split()[0]
+    state = slurm_cluster.job_state(int(report_job))
+    assert state.get("Partition") == "high" and state.get("TimeLimit") == "00:30:00", state  # not the default's
 
 
 @pytest.mark.launch
