@@ -8,7 +8,6 @@ Exceptions in any rank are re-raised in the caller with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -16,11 +15,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megamor.parallel.env import free_port
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple, errors) -> None:
