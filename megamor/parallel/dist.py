@@ -65,7 +65,8 @@ def release_shm_names(rank: int, world_size: int) -> None:
     all-reduce and never unlinks it: every run left its ranks' files behind until /dev/shm
     (RAM) filled. Once every rank has mapped every peer's file (the barrier: each rank maps
     them inside init_distributed), each rank unlinks its own name; the mappings stay valid and
-    the memory is freed when the last rank exits, so even a killed run leaves nothing."""
+    the memory is freed when the last rank exits, so a run killed after start-up leaves nothing
+    (one killed during the process group's start still can)."""
     if os.environ.get("DS_ACCELERATOR") != "cpu" or os.environ.get("LOCAL_SIZE") != str(world_size):
         return
     barrier()

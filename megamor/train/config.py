@@ -151,7 +151,9 @@ RunFlopsConfig = FlopsConfig  # the experiment's `flops:` (the name kept for imp
 
 # Raw DeepSpeed keys megamor derives from its own config (megamor.train.ds_config): setting them
 # in `deepspeed.config` is refused, since the merge would silently win over what megamor's own
-# code (the ZeRO-3 paths, the planner, the LR schedule, the bf16 guard) assumes.
+# code (the ZeRO-3 paths, the planner, the LR schedule, the bf16 guard, universal resumes)
+# assumes. Checked on the configs a user gives (load_experiment), not on the ones runs saved:
+# a run started before a key joined this table still resumes and exports.
 OWNED_DS_KEYS = {
     "train_batch_size": "batch.global_batch_size",
     "train_micro_batch_size_per_gpu": "batch.micro_batch_size",
@@ -163,7 +165,25 @@ OWNED_DS_KEYS = {
     "bf16.enabled": "deepspeed.precision",
     "bfloat16.enabled": "deepspeed.precision",
     "fp16.enabled": "deepspeed.precision",
+    "torch_autocast.enabled": "deepspeed.precision",
+    "zero_allow_untested_optimizer": "megamor (its AdamW under ZeRO)",
+    "checkpoint.load_universal": "megamor (set on a resume with another layout)",
 }
+PRECISION_SECTIONS = ("bf16", "bfloat16", "fp16", "torch_autocast")
+
+
+def check_owned_ds_keys(config: dict[str, Any], where: str = "deepspeed.config") -> None:
+    """ConfigError naming the first raw DeepSpeed key of OWNED_DS_KEYS that `config` sets."""
+    for name in PRECISION_SECTIONS:  # a bare value (`bf16: false`) replaces megamor's whole section
+        if name in config and not isinstance(config[name], dict):
+            raise ConfigError(f"{where}.{name}", f"must be a section of keys, got {config[name]!r}; the precision "
+                                                 "is deepspeed.precision")
+    for raw, owner in OWNED_DS_KEYS.items():
+        section, _, name = raw.rpartition(".")
+        holder = config.get(section, {}) if section else config
+        if isinstance(holder, dict) and name in holder:
+            raise ConfigError(f"{where}.{raw}", f"is set by megamor from {owner}, not here (a second value would "
+                                                "train something else than megamor plans, logs and checkpoints)")
 
 
 @dataclass
@@ -179,13 +199,6 @@ class DeepSpeedSection:
             raise ConfigError(key(path, "zero_stage"), f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
             raise ConfigError(key(path, "precision"), f"must be one of {PRECISIONS}, got {self.precision!r}")
-        for raw, owner in OWNED_DS_KEYS.items():
-            section, _, name = raw.rpartition(".")
-            holder = self.config.get(section, {}) if section else self.config
-            if isinstance(holder, dict) and name in holder:
-                raise ConfigError(key(path, f"config.{raw}"), f"is set by megamor from {owner}, not here "
-                                                              "(a second value would train something else than "
-                                                              "megamor plans, logs and checkpoints)")
         if self.check_keys:
             check_deepspeed_keys(self.config, key(path, "config"))
         zero_knobs(self.config, key(path, "config"))  # values: the planner reads these too
@@ -563,6 +576,7 @@ def load_experiment(config_paths: Sequence[str | Path] = (), overrides: Sequence
     finally:
         NEED_TRAIN.reset(token)
     check_callbacks(list(cfg.trainer.callbacks), "trainer.callbacks")  # the run's own: they must import
+    check_owned_ds_keys(cfg.deepspeed.config)  # a user's config only (OWNED_DS_KEYS)
     # Keys whose default changed that this config leaves to the default: resuming a run trained
     # with the old default keeps it (preflight.check_resumable), instead of refusing.
     model = node.get("model") if OmegaConf.is_dict(node) else None

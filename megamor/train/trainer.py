@@ -48,7 +48,7 @@ from megamor.train.callbacks.fault_injection import FaultInjection
 from megamor.train.callbacks.metrics_file import MetricsFile
 from megamor.train.callbacks.phase_timers import PhaseTimers
 from megamor.train.callbacks.profiler import Profiler
-from megamor.train.callbacks.restart_guard import RestartGuard
+from megamor.train.callbacks.restart_guard import RESTARTS_FILE, RestartGuard
 from megamor.train.callbacks.router_state import RouterStateSync
 from megamor.train.callbacks.straggler import StragglerDetection
 from megamor.train.callbacks.tensorboard import TensorBoard
@@ -212,7 +212,7 @@ class Trainer:
         """The run folder's per-run logs a fresh start would cut back, reuse or overwrite: set
         aside with the old tags on checkpoint.resume=false (the W&B id with them: a new W&B run)."""
         logs = [self.run_dir / name for name in (METRICS_FILE, WANDB_ID_FILE, TENSORBOARD_DIR, PROFILE_DIR, PHASES_FILE,
-                                                 "config.yaml")]
+                                                 RESTARTS_FILE, "config.yaml")]
         depth = self.cfg.logging.depth_hist_path(self.run_dir)
         return logs + ([depth] if depth is not None else [])
 
@@ -221,9 +221,11 @@ class Trainer:
             if self.is_main:
                 set_aside_for_restart(self.run_dir, self._run_logs())
             pdist.barrier()
+            self.callbacks.resume_planned(0)
             return None
         ds = self.cfg.deepspeed
         ref = find_resumable(self.run_dir, self.cfg.checkpoint.verify)  # collective; quarantines failures
+        self.callbacks.resume_planned(ref.step if ref is not None else 0)  # before a conversion, engine, load
         plan = plan_for(ref, self.dp, ds.zero_stage, ds.precision) if ref is not None else None
         if plan is not None and plan.universal:
             if self.is_main:

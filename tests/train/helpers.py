@@ -33,7 +33,7 @@ def train_env(tmp: Path, extra: dict | None = None) -> dict[str, str]:
         TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(repo_root() / ".cache" / "torch_extensions")),
     )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-              "SLURM_STEP_ID", "MEGAMOR_FAULTS"):
+              "SLURM_STEP_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT", "MEGAMOR_FAULTS"):
         env.pop(k, None)
     env.update(extra or {})
     return env

@@ -13,7 +13,7 @@ from megamor.config import ConfigError
 from megamor.env import repo_root
 from megamor.parallel.env import resolve_launch_env
 from megamor.train.__main__ import main
-from megamor.train.config import check_world, load_experiment
+from megamor.train.config import check_world, load_experiment, load_stored_experiment, to_yaml
 from megamor.train.ds_config import deepspeed_config
 from megamor.train.preflight import preflight
 from megamor.train.signals import EXIT_CONFIG
@@ -55,11 +55,27 @@ def test_model_config_file_then_model_keys_on_top():
     ("deepspeed.config.bf16.enabled=false", "deepspeed.config.bf16.enabled"),
     ("deepspeed.config.fp16.enabled=true", "deepspeed.config.fp16.enabled"),
     ("deepspeed.config.scheduler.type=WarmupLR", "deepspeed.config.scheduler"),
+    ("deepspeed.config.checkpoint.load_universal=true", "deepspeed.config.checkpoint.load_universal"),
+    ("deepspeed.config.bf16=false", "deepspeed.config.bf16"),
+    ("deepspeed.config.zero_allow_untested_optimizer=false", "deepspeed.config.zero_allow_untested_optimizer"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_experiment([], ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8", override])
     assert e.value.key == key, str(e.value)
+
+
+def test_a_saved_config_with_a_raw_key_megamor_now_owns_still_loads(tmp_path):
+    """A run started before `gradient_clipping` joined OWNED_DS_KEYS must still resume and export:
+    its tag's experiment.yaml (covered by the tag's hashes) cannot be edited."""
+    cfg = load_experiment([], ["trainer.max_steps=10", "data.train=[x]", "batch.global_batch_size=8"])
+    cfg.deepspeed.config = {"gradient_clipping": 0.5, "bf16": {"enabled": True}}  # as an older megamor saved it
+    saved = tmp_path / "experiment.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_stored_experiment(saved).deepspeed.config["gradient_clipping"] == 0.5
+    with pytest.raises(ConfigError) as e:  # given by a user now: refused
+        load_experiment([saved])
+    assert e.value.key == "deepspeed.config.gradient_clipping"
 
 
 def test_profile_steps_scalar_suggests_a_list_that_is_accepted():

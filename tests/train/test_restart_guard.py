@@ -76,6 +76,10 @@ def test_a_restart_loop_before_the_first_checkpoint_ends_with_exit_1(tiny_config
     assert ("megamor.train: 2 automatic restarts in a row resumed from the start (no checkpoint yet) and none "
             "saved a newer one: not retrying") in refused.output
     assert refused.records() == rows  # refused before training or logging anything
-    by_hand = launch(tiny_config, run_dir, common)  # the cause fixed, resubmitted by hand: the count starts again
-    assert_ok(by_hand)
+    assert json.loads((run_dir / RESTARTS_FILE).read_text()) == {"step": 0, "attempts": 0}  # cleared
+    fixed = launch(tiny_config, run_dir, common, env={"SLURM_RESTART_COUNT": "3"})  # `scontrol requeue` after a fix
+    assert_ok(fixed)
+    assert json.loads((run_dir / RESTARTS_FILE).read_text()) == {"step": 0, "attempts": 1}
+    rerun = launch(tiny_config, run_dir, common, env={"SLURM_RESTART_COUNT": "4"})  # complete: nothing counted
+    assert_ok(rerun)
     assert json.loads((run_dir / RESTARTS_FILE).read_text()) == {"step": 0, "attempts": 1}

@@ -5,6 +5,8 @@ The trainer calls every callback's hooks in list order (built-ins first, then
 on every rank. `self.trainer` is set before `setup`. Hooks, in the order one run meets them:
 
     setup_start()                    set-up begins (signal handlers installed; nothing built yet)
+    resume_planned(step)             the run folder's checkpoint this attempt resumes from is known
+                                     (`step`; 0: none), before anything is converted, built or loaded
     setup()                          after set-up (engine, loader exist; resumed state loaded), before
                                      the banner: the sinks open here
     fit_start()                      the loop begins (after the set-up stop check)
@@ -49,6 +51,9 @@ class Callback:
     trainer: Trainer
 
     def setup_start(self) -> None:
+        pass
+
+    def resume_planned(self, step: int) -> None:
         pass
 
     def setup(self) -> None:

@@ -25,6 +25,10 @@ class Callbacks:
         for cb in self.items:
             cb.setup_start()
 
+    def resume_planned(self, step: int) -> None:
+        for cb in self.items:
+            cb.resume_planned(step)
+
     def setup(self) -> None:
         for cb in self.items:
             cb.setup()

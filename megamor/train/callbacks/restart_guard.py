@@ -7,7 +7,8 @@ node that keeps failing) would be restarted forever, burning the allocation. Ran
 RUN/restarts.json the checkpoint step an attempt resumed from and how many attempts in a row
 resumed from it. An automatic restart (SLURM_RESTART_COUNT or TORCHELASTIC_RESTART_COUNT > 0)
 that is more than `trainer.max_restarts_without_progress` restarts in a row from one checkpoint
-ends with exit 1 (FAILED: train.sbatch does not requeue it) and one line saying so.
+ends with exit 1 (FAILED: train.sbatch does not requeue it) and one line saying so; the count
+is then cleared, so requeueing the job by hand (`scontrol requeue`) after fixing the cause trains.
 
 Attempts ended by a stop signal (preemption, the time limit) do not count: the scheduler
 stopped them, and one after progress saves a newer checkpoint anyway. A run started by hand
@@ -83,20 +84,23 @@ def refusal(step: int, attempts: int, limit: int) -> str | None:
 
 
 class RestartGuard(Callback):
-    """Counts this attempt after set-up (the resumed step is known) and refuses a restart loop."""
+    """Counts this attempt once the checkpoint to resume is known (before a universal conversion,
+    the engine or the load, any of which may be what kills every attempt) and refuses a loop."""
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.environ = os.environ if environ is None else environ
         self.counted_at: int | None = None
 
-    def setup(self) -> None:
+    def resume_planned(self, step: int) -> None:
         t = self.trainer
         line = None
-        if t.is_main and not t.lock_lost:
+        if t.is_main and step < t.max_steps:  # a complete run rerun (its final evaluation) is no attempt
             restarted = is_automatic_restart(self.environ)
-            attempts = record_attempt(t.run_dir, t.step, restarted)
-            self.counted_at = t.step
-            line = refusal(t.step, attempts, t.cfg.trainer.max_restarts_without_progress) if restarted else None
+            attempts = record_attempt(t.run_dir, step, restarted)
+            self.counted_at = step
+            line = refusal(step, attempts, t.cfg.trainer.max_restarts_without_progress) if restarted else None
+            if line:  # the job ends here; a requeue by hand (scontrol requeue) after the fix trains again
+                _write(t.run_dir / RESTARTS_FILE, {"step": step, "attempts": 0})
         line = pdist.broadcast_object(line)
         if line:
             raise NoProgressError(line)
