@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -68,7 +69,11 @@ def train(study: StudyConfig, run: RunSpec) -> float:
     print(f"\n== {run.name}: {run.budget.steps} steps, {run.budget.tokens:,} tokens, {run.budget.flops:.3e} FLOPs\n$ "
           + " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=repo_root(), preexec_fn=child_follows_parent())  # no orphan trainer
+    # In the study's own folder: its relative paths (out_dir, the runs' run_dir=) mean the same to
+    # the trainer; megamor importable from there even when it is not installed.
+    path = os.pathsep.join([str(repo_root()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    proc = subprocess.Popen(cmd, cwd=Path.cwd(), env={**os.environ, "PYTHONPATH": path},
+                            preexec_fn=child_follows_parent())  # no orphan trainer
     with _stops_passed_to(proc):
         rc = proc.wait()
     if rc != 0 or not is_trained(run):

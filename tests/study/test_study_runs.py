@@ -148,10 +148,11 @@ def _row(text: str, name: str) -> list[str]:
 def test_study_as_slurm_job_array(slurm_cluster, tiny_text, tmp_path):
     cfg = write_study(tmp_path, tiny_text, flops=2.5e8)
     out = tmp_path / "out"
-    # submitted from outside the repository, with no PYTHON / MEGAMOR_ROOT: the jobs find the
-    # script, the study file and this interpreter by themselves
+    # submitted from outside the repository, with no PYTHON / MEGAMOR_ROOT and a relative out_dir:
+    # the jobs find the script, the study file and this interpreter, and the trainers write where
+    # the study looks (relative to the submit folder)
     env = {k: v for k, v in {**_env(tmp_path), **slurm_cluster.env}.items() if k not in ("PYTHON", "MEGAMOR_ROOT")}
-    r = subprocess.run(study_cmd(cfg, "--submit", "--sbatch", "--ntasks=1", "--cpus-per-task=1", "--gpus-per-node=0",
+    r = subprocess.run(study_cmd(cfg, "out_dir=out", "--submit", "--sbatch", "--ntasks=1", "--cpus-per-task=1", "--gpus-per-node=0",
                                  f"--output={tmp_path}/slurm-%A_%a.out"),
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
