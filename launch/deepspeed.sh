@@ -7,7 +7,7 @@
 #   NPROC=8 launch/deepspeed.sh --config configs/experiments/360m.yaml [key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # else the active environment
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # the deepspeed launcher does not set it
 if [ -z "${HOSTFILE:-}" ] && [ "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}" -gt 1 ]; then
   HOSTFILE=$(mktemp -t megamor-hostfile.XXXXXX)

@@ -5,5 +5,5 @@ set -euo pipefail
 OUT=${1:-hostfile}
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called, not the repository
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # else the active environment
 exec "$PY" -m megamor.parallel.launch hostfile --out "$OUT" ${2:+--slots "$2"}

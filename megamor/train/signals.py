@@ -17,7 +17,9 @@ KeyboardInterrupt at once (no checkpoint; exit 1) for when the save itself must 
 
 Exit codes (`python -m megamor.train`), for launchers and sbatch scripts:
     0   finished (max steps reached, final checkpoint saved)
-    1   failed (an exception, too many non-finite steps in a row, a checkpoint write failed)
+    1   failed (an exception, too many non-finite steps in a row, a checkpoint write failed, a
+        checkpoint that cannot be used, more than trainer.max_restarts_without_progress automatic
+        restarts in a row from one checkpoint); the full list: docs/operations.md, "Exit codes"
     2   bad configuration, or the run folder is locked by another trainer (nothing started), or
         another trainer took the lock while this one ran (it stops before writing more), or a
         run folder that cannot be trusted (tags exist but none validates; a file the
