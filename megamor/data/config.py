@@ -46,7 +46,7 @@ class DataConfig:
             raise ConfigError(key(path, "seed"), f"must be >= 0, got {self.seed}")
         if self.train_weights is not None:
             w = list(self.train_weights)
-            if len(w) != len(self.train):
+            if len(w) != len(self.train) and (self.train or NEED_TRAIN.get()):  # the planner: no folders given
                 raise ConfigError(key(path, "train_weights"), f"has {len(w)} entries for {len(self.train)} train folders")
             for i, x in enumerate(w):
                 if not (math.isfinite(x) and x > 0):

@@ -328,6 +328,20 @@ def test_plans_a_config_without_data_paths(capsys):
     assert e.value.key == "data.train"
 
 
+def test_plans_a_blend_whose_folders_are_given_at_launch(capsys):
+    """data.train_weights in the file, the folders on the training command line: the planner
+    (no data) planned nothing ("has 2 entries for 0 train folders"); training still checks."""
+    from megamor.config import ConfigError
+    from megamor.env import repo_root
+
+    demo = str(repo_root() / "configs" / "experiments" / "demo.yaml")
+    doc = _json(capsys, demo, "--world", "1", "data.train_weights=[0.7,0.3]")
+    assert doc["layout"]["world"] == 1
+    with pytest.raises(ConfigError) as e:
+        load_experiment([demo], ["data.train=[a]", "data.train_weights=[0.7,0.3]"])
+    assert e.value.key == "data.train_weights"
+
+
 def test_the_1_7b_configs_zero3_figures_are_the_planners(capsys):
     """configs/experiments/1_7b.yaml quotes how ZeRO-3's best layout ranks against the first
     choice; the comment said 2.6% slower after the planner had moved to 2.74%."""
