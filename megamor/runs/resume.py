@@ -76,6 +76,23 @@ def plan_for(ref: CheckpointRef, dp_size: int, zero_stage: int, precision: str) 
     return ResumePlan(ref, ref.root / UNIVERSAL, universal=True)
 
 
+def universal_refusal(ref: CheckpointRef, dp_size: int, zero_stage: int, precision: str) -> str | None:
+    """Why `ref` cannot be loaded at this layout, or None. A tag that needs a universal conversion
+    loads only into ZeRO 1-3 (DeepSpeed's ZeRO-0 has no universal load: it failed after the
+    conversion), and a ZeRO-0 tag cannot be converted at all."""
+    if not plan_for(ref, dp_size, zero_stage, precision).universal:
+        return None
+    m = ref.meta
+    then = f"ZeRO-{m.get('zero_stage')} {m.get('precision')} with data-parallel size {m.get('dp_world_size')}"
+    if m.get("zero_stage") == 0:
+        return (f"{ref.path} was saved with {then}, which cannot be resharded: use that data-parallel size and "
+                "precision, or ZeRO-0 fp32")
+    if zero_stage == 0:
+        return (f"is 0 but {ref.path} was saved with {then}: another layout loads through a universal checkpoint, "
+                "which ZeRO-0 cannot load; use deepspeed.zero_stage 1-3, or the checkpoint's own layout")
+    return None
+
+
 def plan_resume(run_dir: str | Path, dp_size: int, zero_stage: int, precision: str) -> ResumePlan | None:
     """How to resume from the newest tag that passes the size check (one process, moves
     nothing), or None. The trainer uses find_resumable, which also checks hashes."""

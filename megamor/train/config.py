@@ -303,8 +303,7 @@ class TrainerConfig:
             raise ConfigError(key(path, "continue_from"), f"and trainer.init_from are both set ({self.continue_from}, "
                                                           f"{self.init_from}): continue_from takes weights, optimizer "
                                                           "state and step; init_from weights only at step 0. Give one")
-        if self.init_from is not None and not Path(self.init_from).exists():
-            raise ConfigError(key(path, "init_from"), f"{self.init_from} not found")
+        # init_from's existence: checked by the preflight only when no checkpoint is resumed
         check_callbacks(list(self.callbacks), key(path, "callbacks"), imports=False)  # imports: load_experiment
 
 

@@ -15,9 +15,9 @@ the sample order continues where the source stopped; otherwise the new mix start
 sample 0, a pure function of (data.seed, data), and phases.json says why.
 
 Nothing is written to the source run folder: the checkpoint is read in place, and a universal
-conversion (another data-parallel size or ZeRO stage) goes into this run folder. Once the
-phase has saved checkpoints of its own it resumes from them like any run (continue_from is
-then ignored), so a killed phase resumes exactly.
+conversion (another data-parallel size or ZeRO stage, ZeRO 1-3 on both sides) goes into this
+run folder. Once the phase has saved checkpoints of its own it resumes from them like any run
+(the preflight refuses another continue_from then), so a killed phase resumes exactly.
 """
 
 from __future__ import annotations
@@ -143,16 +143,12 @@ def check_continue_from(cfg: ExperimentConfig, src: PhaseSource | None = None) -
         raise ConfigError(KEY, f"{where} was saved with parallel.tensor={src.config.parallel.tensor}, this run has "
                                f"{cfg.parallel.tensor}: a phase keeps the tensor-parallel size (export the source and "
                                "use trainer.init_from to change it, weights only)")
-    if src.config.trainer.train_only != cfg.trainer.train_only:
-        # the optimizer state holds the parameters the source trained: DeepSpeed cannot load it
-        # into groups of another set
-        raise ConfigError("trainer.train_only", f"{cfg.trainer.train_only} differs from the source's "
-                                                f"{src.config.trainer.train_only} ({where}): a phase keeps the trained "
-                                                "parameters (use trainer.init_from to start router-only tuning from "
-                                                "weights)")
-    if cfg.trainer.max_tokens is not None:
-        raise ConfigError("trainer.max_tokens", f"cannot be used with {KEY}: the step counter continues from the "
-                                                f"source's step {src.ref.step}; give trainer.max_steps (the total)")
+    check_same_param_groups(cfg, src.config, where, "a phase keeps the trained parameters and their groups "
+                                                    "(use trainer.init_from to start from weights only)")
+    for length, value in (("trainer.max_tokens", cfg.trainer.max_tokens), ("budget.flops", cfg.budget.flops)):
+        if value is not None:  # they count from step 0, not from the source's step
+            raise ConfigError(length, f"cannot be used with {KEY}: the step counter continues from the source's step "
+                                      f"{src.ref.step}; give trainer.max_steps (the total)")
     if cfg.max_steps <= src.ref.step:
         raise ConfigError("trainer.max_steps", f"{cfg.max_steps} is not past the source checkpoint's step "
                                                f"{src.ref.step} ({where}): nothing to train")
@@ -165,6 +161,16 @@ def check_continue_from(cfg: ExperimentConfig, src: PhaseSource | None = None) -
         raise ConfigError(KEY, f"{where} was trained with another tokenizer (hash {state['tokenizer_hash'][:12]}) than "
                                f"data.train's (hash {data_hash[:12]})")
     return src
+
+
+def check_same_param_groups(cfg: ExperimentConfig, saved: ExperimentConfig, where: str, hint: str) -> None:
+    """The keys that decide the optimizer's parameter groups (megamor.train.optim.param_groups)
+    match the checkpoint's: DeepSpeed cannot load its optimizer state into other groups (it fails
+    with a parameter-alignment traceback, minutes in)."""
+    for name, now, then in (("trainer.train_only", cfg.trainer.train_only, saved.trainer.train_only),
+                            ("optim.decay_embeddings", cfg.optim.decay_embeddings, saved.optim.decay_embeddings)):
+        if now != then:
+            raise ConfigError(name, f"is {now!r} but {where} was trained with {then!r}: {hint}")
 
 
 # -- in the trainer ---------------------------------------------------------------------------

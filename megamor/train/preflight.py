@@ -27,6 +27,7 @@ from megamor.eval.tasks import get_task
 from megamor.model.config import STORED_DEFAULTS, flat_model_config
 from megamor.parallel.env import peek_local_world_size, resolve_launch_env
 from megamor.runs.layout import CONFIG_FILE, TRAINER_STATE, CheckpointRef
+from megamor.runs.resume import universal_refusal
 from megamor.runs.tags import newest_complete
 from megamor.train.config import (
     ExperimentConfig,
@@ -35,7 +36,7 @@ from megamor.train.config import (
     load_stored_experiment,
 )
 from megamor.train.init_from import check_init_from
-from megamor.train.phase import check_continue_from, resolve_source
+from megamor.train.phase import check_continue_from, check_same_param_groups, resolve_source
 from megamor.train.schedule_change import check_schedule_change
 from megamor.train.tensorboard_sink import check_available as check_tensorboard
 from megamor.train.wandb_setup import check_credentials
@@ -81,13 +82,37 @@ def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:
     if ref is not None:
         check_resumable(cfg, ref)
         check_resume_layout(cfg, ref, world_size)
+        check_loadable(cfg, ref, world_size)
         check_resume_data(cfg, ref, world_size)
     elif cfg.trainer.continue_from:  # a new phase (its own checkpoints, once saved, win: resumed above)
         src = resolve_source(cfg.trainer.continue_from)
         keep_trained_defaults(cfg, src.config, str(src.ref.path))
         check_continue_from(cfg, src)
-    if cfg.trainer.init_from:
+        check_loadable(cfg, src.ref, world_size)
+    if cfg.trainer.init_from and ref is None:  # a resume takes its own checkpoint's weights instead
+        if not Path(cfg.trainer.init_from).exists():
+            raise ConfigError("trainer.init_from", f"{cfg.trainer.init_from} not found")
         check_init_from(cfg.trainer.init_from, cfg.model)
+
+
+def check_loadable(cfg: ExperimentConfig, ref: CheckpointRef, world_size: int) -> None:
+    """The tag loads at this launch's layout (megamor.runs.resume.universal_refusal)."""
+    ds = cfg.deepspeed
+    why = universal_refusal(ref, world_size // cfg.parallel.tensor, ds.zero_stage, ds.precision)
+    if why:
+        raise ConfigError("deepspeed.zero_stage", why)
+
+
+def check_same_phase(cfg: ExperimentConfig, saved_cfg: ExperimentConfig, ref: CheckpointRef) -> None:
+    """A run folder with checkpoints of its own resumes them: a trainer.continue_from other than
+    the one it was started with would be ignored while config.yaml recorded it (another source)."""
+    now, then = cfg.trainer.continue_from, saved_cfg.trainer.continue_from
+    if now is None or (then is not None and Path(now).resolve() == Path(then).resolve()):
+        return
+    started = f"started from {then}" if then else "not a phase"
+    raise ConfigError("trainer.continue_from", f"is {now} but {cfg.run_path} already holds checkpoints of its own "
+                                               f"({started}; newest {ref.path}), which a rerun resumes: use a new run_dir "
+                                               f"for a phase from {now}, or drop trainer.continue_from to resume")
 
 
 def check_resume_layout(cfg: ExperimentConfig, ref: CheckpointRef, world_size: int) -> None:
@@ -139,6 +164,10 @@ def check_resumable(cfg: ExperimentConfig, ref: CheckpointRef) -> None:
             raise ConfigError(f"data.{name}", f"is {now_v} but the checkpoint to resume ({ref.path}) was trained with "
                                               f"{then_v}: the sample order would change; use another run_dir, or "
                                               "checkpoint.resume=false to start over")
+    check_same_param_groups(cfg, saved_cfg, f"the checkpoint to resume ({ref.path})",
+                            "use another run_dir, or start a new one from it (trainer.continue_from keeps them too; "
+                            "trainer.init_from takes weights only)")
+    check_same_phase(cfg, saved_cfg, ref)
     note = check_schedule_change(cfg, saved_cfg, ref.step, str(ref.path))
     if note and resolve_launch_env(dict(os.environ)).rank == 0:
         print(note, file=sys.stderr, flush=True)

@@ -179,6 +179,37 @@ def test_killed_phase_resumes_exactly_from_its_own_checkpoint_at_another_zero_st
 
 
 @pytest.mark.launch
+def test_a_run_folder_with_checkpoints_refuses_what_its_resume_would_ignore_or_fail_on(source, tmp_path):
+    """The source run resumed: another trainer.continue_from was ignored (config.yaml recorded
+    it), other parameter groups failed in DeepSpeed minutes in; a moved trainer.init_from file,
+    which a resume does not read, refused the requeue."""
+    from megamor.train.preflight import check_run_folder
+
+    src = source["run"]
+
+    def check(*overrides: str) -> None:
+        check_run_folder(load_experiment([source["config"]], [f"run_dir={src}", *SOURCE, *overrides]), 1)
+
+    with pytest.raises(ConfigError) as e:
+        check(f"trainer.continue_from={tmp_path / 'other'}")
+    assert e.value.key == "trainer.continue_from" and "already holds checkpoints of its own (not a phase" in e.value.reason
+    for override, key in (("trainer.train_only=routers", "trainer.train_only"),
+                          ("optim.decay_embeddings=true", "optim.decay_embeddings")):
+        with pytest.raises(ConfigError) as e:
+            check(override)
+        assert e.value.key == key and "the checkpoint to resume" in e.value.reason
+    with pytest.raises(ConfigError) as e:  # ZeRO-1 -> ZeRO-0 needs a universal load, which ZeRO-0 lacks
+        check("deepspeed.zero_stage=0")
+    assert e.value.key == "deepspeed.zero_stage" and "which ZeRO-0 cannot load" in e.value.reason
+    check(f"trainer.init_from={tmp_path / 'moved.pt'}")  # not read by a resume: no refusal
+    with pytest.raises(ConfigError) as e:  # a fresh run folder reads it
+        check_run_folder(load_experiment([source["config"]], [f"run_dir={tmp_path / 'fresh'}", *SOURCE,
+                                                              f"trainer.init_from={tmp_path / 'moved.pt'}"]), 1)
+    assert e.value.key == "trainer.init_from" and "not found" in e.value.reason
+    assert folder_hash(src) == source["hash"]
+
+
+@pytest.mark.launch
 def test_bad_sources_are_one_line_with_exit_2(source, tmp_path):
     from megamor.train.preflight import check_run_folder
     from tests.train.helpers import launch
@@ -214,6 +245,16 @@ def test_bad_sources_are_one_line_with_exit_2(source, tmp_path):
     with pytest.raises(ConfigError) as e2:
         check_continue_from(cfg, routers_only)
     assert e2.value.key == "trainer.train_only" and "a phase keeps the trained parameters" in e2.value.reason
+    # ... and their groups: decay_embeddings moves the embeddings to the other group (DeepSpeed
+    # failed with a parameter-alignment traceback, exit 1)
+    assert refused(f"trainer.continue_from={src}", "optim.decay_embeddings=true").key == "optim.decay_embeddings"
+    # a phase at ZeRO-0 converted the source, then failed in DeepSpeed's load (exit 1, traceback)
+    assert "which ZeRO-0 cannot load" in refused(f"trainer.continue_from={src}", "deepspeed.zero_stage=0").reason
+    # a budget counts from step 0, not from the source's step (it trained for the wrong length)
+    cfg = load_experiment([cfg_file], [f"run_dir={tmp_path / 'p'}", f"trainer.continue_from={src}", "budget.flops=2e10"])
+    with pytest.raises(ConfigError) as e3:
+        check_run_folder(cfg, 1)
+    assert e3.value.key == "budget.flops" and "give trainer.max_steps (the total)" in e3.value.reason
 
     run = launch(cfg_file, tmp_path / "p", [f"trainer.continue_from={src}", "trainer.max_steps=10", "model.d_ff=256"])
     assert run.rc == 2 and not list((tmp_path / "p").glob("*"))
