@@ -88,6 +88,7 @@ def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:
         src = resolve_source(cfg.trainer.continue_from)
         keep_trained_defaults(cfg, src.config, str(src.ref.path))
         check_continue_from(cfg, src)
+        check_resume_layout(cfg, src.ref, world_size)  # TP shards load only at their own TP x DP layout
         check_loadable(cfg, src.ref, world_size)
     if cfg.trainer.init_from and ref is None:  # a resume takes its own checkpoint's weights instead
         if not Path(cfg.trainer.init_from).exists():

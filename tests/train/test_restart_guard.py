@@ -73,8 +73,8 @@ def test_a_restart_loop_before_the_first_checkpoint_ends_with_exit_1(tiny_config
     rows = again.records()
     refused = launch(tiny_config, run_dir, common, env={**killed, "SLURM_RESTART_COUNT": "2"})
     assert refused.rc == EXIT_FAILED, refused.output[-3000:]
-    assert ("megamor.train: 2 automatic restarts in a row resumed from the start (no checkpoint yet) and none "
-            "saved a newer one: not retrying") in refused.output
+    assert ("megamor.train: 2 automatic restarts in a row resumed from the start (no checkpoint of this run folder "
+            "yet) and none saved a newer one: not retrying") in refused.output
     assert refused.records() == rows  # refused before training or logging anything
     assert json.loads((run_dir / RESTARTS_FILE).read_text()) == {"step": 0, "attempts": 0}  # cleared
     fixed = launch(tiny_config, run_dir, common, env={"SLURM_RESTART_COUNT": "3"})  # `scontrol requeue` after a fix

@@ -76,7 +76,7 @@ def refusal(step: int, attempts: int, limit: int) -> str | None:
     restarts = attempts - 1
     if limit <= 0 or restarts <= limit:
         return None
-    where = f"the checkpoint of step {step}" if step > 0 else "the start (no checkpoint yet)"
+    where = f"the checkpoint of step {step}" if step > 0 else "the start (no checkpoint of this run folder yet)"
     return (f"{restarts} automatic restarts in a row resumed from {where} and none saved a newer one: "
             "not retrying (exit 1: the job ends FAILED instead of being requeued again). Find the cause in the "
             "earlier attempts' output (a rank that stopped answering, a failing node), then resubmit; "
