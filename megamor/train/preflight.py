@@ -37,7 +37,7 @@ from megamor.train.config import (
 )
 from megamor.train.init_from import check_init_from
 from megamor.train.phase import check_continue_from, check_same_param_groups, resolve_source
-from megamor.train.schedule_change import check_schedule_change
+from megamor.train.schedule_change import check_schedule_change, phase_lr_note
 from megamor.train.tensorboard_sink import check_available as check_tensorboard
 from megamor.train.wandb_setup import check_credentials
 
@@ -90,6 +90,8 @@ def check_run_folder(cfg: ExperimentConfig, world_size: int) -> None:
         check_continue_from(cfg, src)
         check_resume_layout(cfg, src.ref, world_size)  # TP shards load only at their own TP x DP layout
         check_loadable(cfg, src.ref, world_size)
+        if resolve_launch_env(dict(os.environ)).rank == 0:
+            print(phase_lr_note(cfg, src.config, src.ref.step, str(src.ref.path)), file=sys.stderr, flush=True)
     if cfg.trainer.init_from and ref is None:  # a resume takes its own checkpoint's weights instead
         if not Path(cfg.trainer.init_from).exists():
             raise ConfigError("trainer.init_from", f"{cfg.trainer.init_from} not found")

@@ -47,3 +47,13 @@ def check_schedule_change(now: ExperimentConfig, then: ExperimentConfig, step: i
                                        f"schedule ({what}); with schedule.allow_change=true {effect}. See docs/operations.md, "
                                        "'Extending a run'")
     return f"megamor.train: schedule changed on resume ({what}): {effect}"
+
+
+def phase_lr_note(now: ExperimentConfig, source: ExperimentConfig, step: int, where: str) -> str:
+    """A new phase (trainer.continue_from) takes its own schedule at the source's step: the line
+    that says where its learning rate starts against where the source's would have gone on."""
+    old = LRSchedule.from_config(source.schedule, source.optim.lr, source.max_steps)
+    new = LRSchedule.from_config(now.schedule, now.optim.lr, now.max_steps)
+    return (f"megamor.train: phase from {where}: the learning rate goes from {old.lr_at(step):.3g} at step {step} "
+            f"(the source's schedule; it would have gone on at {old.lr_at(step + 1):.3g}) to {new.lr_at(step + 1):.3g} "
+            f"at step {step + 1} (this phase's {now.schedule.type} schedule over {now.max_steps} steps)")

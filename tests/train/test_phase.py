@@ -210,6 +210,26 @@ def test_a_run_folder_with_checkpoints_refuses_what_its_resume_would_ignore_or_f
 
 
 @pytest.mark.launch
+def test_a_phase_says_where_its_learning_rate_starts(source, tmp_path, capsys):
+    """A wsd phase's decay set in right after a constant source's peak (with the default
+    decay_fraction the rate fell to half the peak at once), and nothing said so."""
+    from megamor.train.preflight import check_run_folder
+
+    cfg = load_experiment([source["config"]], [f"run_dir={tmp_path / 'p'}", f"trainer.continue_from={source['run']}",
+                                               "trainer.max_steps=10", "schedule.type=wsd", "schedule.warmup_steps=2",
+                                               "schedule.decay_steps=4"])
+    check_run_folder(cfg, 1)
+    src_cfg = load_experiment([source["config"]], [f"run_dir={source['run']}", *SOURCE])
+    old = LRSchedule.from_config(src_cfg.schedule, src_cfg.optim.lr, src_cfg.max_steps)
+    new = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, 10)
+    err = capsys.readouterr().err
+    assert (f"the learning rate goes from {old.lr_at(SOURCE_STEP):.3g} at step {SOURCE_STEP} (the source's schedule; it "
+            f"would have gone on at {old.lr_at(SOURCE_STEP + 1):.3g}) to {new.lr_at(SOURCE_STEP + 1):.3g} at step "
+            f"{SOURCE_STEP + 1} (this phase's wsd schedule over 10 steps)") in err, err
+    assert new.lr_at(SOURCE_STEP + 1) < old.lr_at(SOURCE_STEP + 1)  # the decay: a drop the line makes visible
+
+
+@pytest.mark.launch
 def test_bad_sources_are_one_line_with_exit_2(source, tmp_path):
     from megamor.train.preflight import check_run_folder
     from tests.train.helpers import launch
