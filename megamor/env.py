@@ -19,6 +19,13 @@ def repo_root() -> Path:
     return _REPO_ROOT
 
 
+def pythonpath_with_repo() -> str:
+    """$PYTHONPATH with the folder holding the megamor package first: a child process started in
+    another folder imports this megamor even when it is not installed."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(_REPO_ROOT), *rest])
+
+
 # -- CPU threads ---------------------------------------------------------------------------
 # OpenMP's default lets idle worker threads spin for a while between parallel regions (libgomp:
 # 300k spins): alone on a machine that is free speed, but two processes sharing the cores burn

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from megamor.env import pythonpath_with_repo
 from megamor.gpu_check.common import ERROR, META, PARITY, SKIPPED, SPEED, TIMED_OUT, Record, read_records
 from megamor.gpu_check.parts import Part
 
@@ -78,9 +79,7 @@ def run_part(part: Part, limit: float, child_args: list[str], rows: Path, log: I
     started = time.time()
     cmd = [sys.executable, "-m", "megamor.gpu_check.child", "--part", part.name, "--rows", str(rows),
            "--deadline", f"{started + limit:.3f}", *child_args]
-    root = str(Path(__file__).resolve().parents[2])  # the folder holding the megamor package
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath_with_repo()}
     log.write(f"\n===== part {part.name} (limit {seconds_text(limit)} s): {' '.join(cmd)}\n")
     log.flush()
     start = log.tell()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from megamor.env import repo_root
+from megamor.env import pythonpath_with_repo
 from megamor.parallel.launch import torchrun_command
 from megamor.parallel.orphan import child_follows_parent
 from megamor.runs.load import load_model_from_run
@@ -71,8 +71,7 @@ def train(study: StudyConfig, run: RunSpec) -> float:
     t0 = time.time()
     # In the study's own folder: its relative paths (out_dir, the runs' run_dir=) mean the same to
     # the trainer; megamor importable from there even when it is not installed.
-    path = os.pathsep.join([str(repo_root()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    proc = subprocess.Popen(cmd, cwd=Path.cwd(), env={**os.environ, "PYTHONPATH": path},
+    proc = subprocess.Popen(cmd, cwd=Path.cwd(), env={**os.environ, "PYTHONPATH": pythonpath_with_repo()},
                             preexec_fn=child_follows_parent())  # no orphan trainer
     with _stops_passed_to(proc):
         rc = proc.wait()
